@@ -1,0 +1,224 @@
+"""The composition root: configuration -> objects -> running servers.
+
+One process serves requests with one event loop, one PKCS#11 thread and one group
+commit thread. A single Python process saturates one core well before the token does,
+so `serve` runs `server.workers` such processes on the same port (SO_REUSEPORT); each
+has its own PKCS#11 initialisation and login, as the module requires. The parent only
+validates the set-up, starts the workers, restarts one that dies and forwards signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ca_daemon import config as config_module
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2_grpc
+from ca_daemon.authority import Authority, load_active_ca
+from ca_daemon.config import Config
+from ca_daemon.errors import CaError, FailedPrecondition
+from ca_daemon.hsm import Hsm
+from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor
+from ca_daemon.store import SqlStore, open_store
+
+log = logging.getLogger("ca_daemon")
+
+_PR_SET_PDEATHSIG = 1
+_HEALTH_INTERVAL_S = 1.0
+
+
+def prepare_environment(config: Config) -> None:
+    """Point SoftHSM at the configured token directory before the module is loaded."""
+    if config.hsm.softhsm2_conf is not None:
+        os.environ["SOFTHSM2_CONF"] = str(config.hsm.softhsm2_conf)
+
+
+def connect_hsm(config: Config) -> Hsm:
+    prepare_environment(config)
+    return Hsm.open(config.hsm.module, config.hsm.token, config.hsm.pin.read())
+
+
+def connect_store(config: Config) -> SqlStore:
+    return open_store(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous)
+
+
+@dataclass
+class Worker:
+    """The objects one serving process holds."""
+
+    hsm: Hsm
+    store: SqlStore
+    authority: Authority
+    server: grpc.aio.Server
+    port: int
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+        self.authority.close()
+        self.hsm.close()
+        self.store.close()
+
+
+async def start_worker(config: Config, listen: str | None = None) -> Worker:
+    """Open token and store, load the CA and start serving gRPC on listen (default: config)."""
+    hsm = connect_hsm(config)
+    try:
+        store = connect_store(config)
+        authority = Authority.load(config, hsm, store)
+    except BaseException:
+        hsm.close()
+        raise
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", config.server.max_csr_bytes + 64 * 1024),
+        ],
+    )
+    identity = config.server.local_identity
+    ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(CertificateAuthorityServicer(authority, lambda _ctx: identity), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(listen or config.server.listen)
+    await server.start()
+    await _set_health(health_servicer, authority.healthy)
+    asyncio.get_running_loop().create_task(_watch_health(health_servicer, lambda: authority.healthy))
+    return Worker(hsm, store, authority, server, port)
+
+
+async def _set_health(servicer: health.aio.HealthServicer, healthy: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+async def _watch_health(servicer: health.aio.HealthServicer, healthy: Callable[[], bool]) -> None:
+    last: bool | None = None
+    while True:
+        now = healthy()
+        if now != last:
+            await _set_health(servicer, now)
+            last = now
+        await asyncio.sleep(_HEALTH_INTERVAL_S)
+
+
+async def _serve_forever(config: Config) -> None:
+    worker = await start_worker(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
+    await stop.wait()
+    await worker.stop()
+
+
+def worker_main(config_path: str) -> None:
+    """Entry point of a spawned worker process; dies with its parent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    configure_logging()
+    config = config_module.load(config_path)
+    try:
+        asyncio.run(_serve_forever(config))
+    except CaError as exc:
+        log.error("worker %d cannot serve: %s", os.getpid(), exc.message)
+        sys.exit(1)
+
+
+def check_ready(config: Config) -> None:
+    """Fail fast with a one-line reason: token, PIN, store and CA certificate must all be there."""
+    hsm = connect_hsm(config)
+    try:
+        store = connect_store(config)
+        try:
+            load_active_ca(config, hsm, store)
+        finally:
+            store.close()
+    finally:
+        hsm.close()
+
+
+def _claim(config: Config) -> int:
+    """Refuse to start a second daemon on the same state or the same port.
+
+    Workers share the port through SO_REUSEPORT, which would equally let a second daemon
+    join it and answer half of the calls; so the parent holds a lock on the state
+    directory and checks that nothing listens on the port yet. Returns the lock's fd.
+    """
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.state_dir / "ca-daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FailedPrecondition(f"another ca-daemon is already running on state directory {config.state_dir}") from None
+    host, _, port = config.server.listen.rpartition(":")
+    with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as probe:
+        probe.settimeout(0.5)
+        if probe.connect_ex((host.strip("[]"), int(port))) == 0:
+            raise FailedPrecondition(f"something is already listening on {config.server.listen}")
+    return fd
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
+    configure_logging()
+    _claim(config)
+    check_ready(config)
+    if config.server.workers == 1:
+        asyncio.run(_serve_forever(config))
+        return 0
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def _stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    workers = [context.Process(target=worker_main, args=(str(config.path),), daemon=False) for _ in range(config.server.workers)]
+    for process in workers:
+        process.start()
+    log.info("ca-daemon serving gRPC on %s with %d worker processes (development mode)", config.server.listen, len(workers))
+    failures = 0
+    while not stopping:
+        time.sleep(0.2)
+        for index, process in enumerate(workers):
+            if process.is_alive() or stopping:
+                continue
+            failures += 1
+            if failures > 10 * len(workers):
+                log.error("workers keep exiting; stopping (see the log lines above)")
+                stopping = True
+                break
+            log.warning("worker %d exited with %s; restarting it", process.pid, process.exitcode)
+            workers[index] = context.Process(target=worker_main, args=(str(config.path),), daemon=False)
+            workers[index].start()
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
+    for process in workers:
+        process.join(timeout=15)
+    return 1 if failures > 10 * len(workers) else 0
+
+
+def configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -1,0 +1,295 @@
+"""The use cases: policy -> issuer -> hsm -> store, each ending in one transaction.
+
+`Authority` serves requests; the functions below it are the security officer's set-up
+steps (create a CA key, self-sign a root, make a CSR for a parent, import its answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca_daemon import issuer, policy
+from ca_daemon.config import Config, ProfileConfig
+from ca_daemon.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
+from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
+from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
+from ca_daemon.store import IssuanceOutcome, SqlStore, serial_hex
+from ca_daemon.store.group_commit import GroupCommitter
+from ca_daemon.store.sql import replay_or_conflict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SignResult:
+    certificate: IssuedCertificate
+    chain_pem: str
+    replayed: bool
+
+    @property
+    def certificate_pem(self) -> str:
+        return x509.load_der_x509_certificate(self.certificate.der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+@dataclass(frozen=True)
+class ActiveCa:
+    """The CA key that signs new certificates, loaded once at start-up."""
+
+    key: CaKey
+    certificate: x509.Certificate
+    private_key: HsmPrivateKey
+    chain_pem: str
+
+
+def key_id_for(uri: Pkcs11Uri) -> str:
+    """The store's name for a token key: its label, or its CKA_ID in hex."""
+    return uri.label or uri.key_id.hex()
+
+
+def chain_pem(certificate_der: bytes, parents: tuple[bytes, ...]) -> str:
+    return "".join(
+        x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+        for der in (certificate_der, *parents)
+    )
+
+
+def profiles_from_config(config: Config) -> dict[str, policy.Profile]:
+    return {name: _profile(p) for name, p in config.profiles.items()}
+
+
+def _profile(p: ProfileConfig) -> policy.Profile:
+    return policy.Profile(
+        name=p.name,
+        rules=policy.default_rules(p.device_id_pattern),
+        validity=p.validity,
+        max_validity=p.max_validity,
+        description=p.description,
+    )
+
+
+class Authority:
+    """Signs device CSRs with the active CA key and records every issuance."""
+
+    def __init__(self, config: Config, hsm: Hsm, store: SqlStore, active: ActiveCa) -> None:
+        self._config = config
+        self._hsm = hsm
+        self._store = store
+        self.active = active
+        self.profiles = profiles_from_config(config)
+        self._urls = issuer.LeafUrls(config.ca.crl_distribution_points, config.ca.ca_issuers_urls)
+        self._committer: GroupCommitter[tuple[IssuedCertificate, AuditEvent], IssuanceOutcome] = GroupCommitter(
+            store.record_issuances, config.store.commit_batch_max
+        )
+
+    @classmethod
+    def load(cls, config: Config, hsm: Hsm, store: SqlStore) -> Authority:
+        return cls(config, hsm, store, load_active_ca(config, hsm, store))
+
+    def close(self) -> None:
+        self._committer.close()
+
+    @property
+    def healthy(self) -> bool:
+        return self._hsm.healthy
+
+    async def sign(self, request: CertificateRequest) -> SignResult:
+        """Check, sign and durably record one CSR; replay the first answer for a repeated request_id."""
+        policy.check_request_fields(request)
+        profile = self._profile(request.profile)
+        existing = await asyncio.to_thread(self._store.find_by_request_id, request.request_id)
+        if existing is not None:
+            parsed_digest = _csr_digest_or_raw(request.csr, self._config.server.max_csr_bytes)
+            return self._result(replay_or_conflict(existing, parsed_digest))
+        certificate = await self._hsm.run_async(lambda: self._issue(request, profile))
+        audit = AuditEvent(
+            time=certificate.created_at,
+            actor=request.caller,
+            action="certificate.issue",
+            outcome="issued",
+            serial=certificate.serial,
+            device_id=certificate.device_id,
+            key_id=certificate.issuer_key_id,
+            request_digest=certificate.csr_sha256,
+            details={"profile": certificate.profile, "request_id": request.request_id},
+        )
+        return self._result(await self._committer.submit((certificate, audit)))
+
+    def _issue(self, request: CertificateRequest, profile: policy.Profile) -> IssuedCertificate:
+        """Parse, decide, build and sign: CPU and token work, run on the token's thread."""
+        parsed = policy.parse_csr(request.csr, self._config.server.max_csr_bytes)
+        decision = policy.decide(parsed, profile)
+        now = datetime.now(UTC).replace(microsecond=0)
+        serial = issuer.new_serial()
+        builder = issuer.build_leaf(decision, self.active.certificate, serial, now, self._config.ca.backdate, self._urls)
+        cert = builder.sign(self.active.private_key, issuer.signature_hash(self.active.private_key))
+        return IssuedCertificate(
+            serial=serial,
+            issuer_key_id=self.active.key.key_id,
+            device_id=decision.device_id,
+            profile=decision.profile,
+            subject=cert.subject.rfc4514_string(),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            der=cert.public_bytes(serialization.Encoding.DER),
+            csr_sha256=decision.csr_sha256,
+            public_key_sha256=decision.public_key_sha256,
+            request_id=request.request_id,
+            created_at=now,
+        )
+
+    def _profile(self, name: str) -> policy.Profile:
+        profile = self.profiles.get(name or self._config.default_profile)
+        if profile is None:
+            raise PermissionDenied(
+                f"profile {name!r} does not exist or is not allowed for this caller; allowed: {sorted(self.profiles)}",
+                rule="profile",
+                field="profile",
+                expected=" or ".join(sorted(self.profiles)),
+            )
+        return profile
+
+    def _result(self, outcome: IssuanceOutcome | AlreadyExists) -> SignResult:
+        if isinstance(outcome, AlreadyExists):
+            raise outcome
+        cert = outcome.certificate
+        key = self.active.key if cert.issuer_key_id == self.active.key.key_id else self._store.get_ca_key(cert.issuer_key_id)
+        if key is None or key.certificate_der is None:
+            raise FailedPrecondition(f"CA key {cert.issuer_key_id} of certificate {serial_hex(cert.serial)} has no certificate")
+        return SignResult(cert, chain_pem(key.certificate_der, key.chain_der), replayed=not outcome.created)
+
+    async def get_certificate(self, serial_text: str) -> IssuedCertificate:
+        serial = parse_serial(serial_text)
+        cert = await asyncio.to_thread(self._store.get_certificate, serial)
+        if cert is None:
+            raise NotFound(f"no certificate with serial {serial_hex(serial)} was issued by this CA")
+        return cert
+
+    async def ca_certificates(self) -> list[CaKey]:
+        keys = await asyncio.to_thread(self._store.list_ca_keys)
+        return [k for k in keys if k.certificate_der is not None and k.status != KeyStatus.PENDING]
+
+
+def parse_serial(text: str) -> int:
+    """A serial number as hex text ('0A:1b' or '0a1b'); refuse anything else with the reason."""
+    cleaned = text.strip().replace(":", "").lower().removeprefix("0x")
+    if not cleaned or len(cleaned) > 40 or any(c not in "0123456789abcdef" for c in cleaned):
+        raise InvalidRequest(
+            f"serial {text[:64]!r} is not a hexadecimal serial number of at most 20 bytes",
+            rule="serial",
+            field="serial",
+            expected="hexadecimal, 1 to 40 digits",
+        )
+    serial = int(cleaned, 16)
+    if serial == 0:
+        raise InvalidRequest("serial 0 is never issued (serials are positive)", rule="serial", field="serial", expected="a positive serial")
+    return serial
+
+
+def _csr_digest_or_raw(csr: bytes, max_bytes: int) -> bytes:
+    """The digest a replayed request is compared by: the SHA-256 of the CSR's DER."""
+    try:
+        return policy.parse_csr(csr, max_bytes).sha256
+    except InvalidRequest:
+        return hashlib.sha256(csr).digest()
+
+
+# ---------------------------------------------------------------------------
+# Set-up use cases (security officers, via the CLI)
+# ---------------------------------------------------------------------------
+
+
+def load_active_ca(config: Config, hsm: Hsm, store: SqlStore) -> ActiveCa:
+    """Find the configured CA key in the token and its installed certificate in the store."""
+    uri = Pkcs11Uri.parse(config.ca.key_uri)
+    key_id = key_id_for(uri)
+    public_der = hsm.public_key_der(uri)
+    key = store.get_ca_key(key_id)
+    if key is None or key.certificate_der is None:
+        raise FailedPrecondition(
+            f"CA key {key_id} has no certificate installed; run `ca-daemon init` for a self-signed root or "
+            "`ca-daemon ca csr` and `ca-daemon ca import-cert` for an intermediate"
+        )
+    certificate = x509.load_der_x509_certificate(key.certificate_der)
+    if _spki(certificate) != public_der:
+        raise FailedPrecondition(f"the installed certificate of CA key {key_id} does not match the key in the token")
+    if key.status != KeyStatus.ACTIVE:
+        key = CaKey(**{**key.__dict__, "status": KeyStatus.ACTIVE})
+        store.save_ca_key(key)
+    return ActiveCa(key, certificate, hsm.private_key(uri), chain_pem(key.certificate_der, key.chain_der))
+
+
+def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str) -> CaKey:
+    """Generate a CA key pair in the token and record it (pending until it has a certificate)."""
+    if not hsm.supports(spec):
+        raise FailedPrecondition(f"the token does not offer the mechanisms for {spec.value} keys")
+    generated = hsm.generate_key(spec, label)
+    key = CaKey(
+        key_id=key_id_for(generated.uri),
+        pkcs11_uri=str(generated.uri),
+        spec=spec,
+        public_key_der=generated.public_key_der,
+        status=KeyStatus.PENDING,
+        created_at=datetime.now(UTC),
+    )
+    store.save_ca_key(key)
+    return key
+
+
+def self_sign_root(hsm: Hsm, store: SqlStore, key: CaKey, subject: x509.Name, validity: timedelta) -> CaKey:
+    """Make the key a self-signed root and install the certificate."""
+    private = hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri))
+    builder = issuer.build_root(subject, private.public_key(), datetime.now(UTC), validity)  # type: ignore[attr-defined]
+    certificate = builder.sign(private, issuer.signature_hash(private))  # type: ignore[arg-type]
+    installed = CaKey(**{**key.__dict__, "certificate_der": certificate.public_bytes(serialization.Encoding.DER), "chain_der": ()})
+    store.save_ca_key(installed)
+    return installed
+
+
+def ca_csr(hsm: Hsm, key: CaKey, subject: x509.Name) -> bytes:
+    """A PEM CSR, signed in the token, for an outside parent CA to certify this key."""
+    private = hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri))
+    csr = issuer.build_ca_csr(subject).sign(private, issuer.signature_hash(private))  # type: ignore[arg-type]
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def import_ca_certificate(store: SqlStore, key: CaKey, certificate: x509.Certificate, parents: list[x509.Certificate]) -> CaKey:
+    """Install a parent-signed certificate for a CA key after checking it really certifies that key."""
+    if _spki(certificate) != key.public_key_der:
+        raise FailedPrecondition(
+            f"the certificate's public key does not match CA key {key.key_id} in the token; was it issued for another CSR?"
+        )
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise FailedPrecondition("the certificate is not a CA certificate (BasicConstraints CA:true is missing)")
+    issuer_cert = certificate
+    for parent in parents:
+        try:
+            issuer_cert.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, Exception) as exc:
+            raise FailedPrecondition(
+                f"chain does not link: {issuer_cert.subject.rfc4514_string()} is not signed by {parent.subject.rfc4514_string()} ({exc})"
+            ) from None
+        issuer_cert = parent
+    installed = CaKey(
+        **{
+            **key.__dict__,
+            "certificate_der": certificate.public_bytes(serialization.Encoding.DER),
+            "chain_der": tuple(p.public_bytes(serialization.Encoding.DER) for p in parents),
+        }
+    )
+    store.save_ca_key(installed)
+    return installed
+
+
+def _spki(certificate: x509.Certificate) -> bytes:
+    return certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -1,0 +1,329 @@
+"""`ca-daemon` command line: init, serve, key, ca, client, db.
+
+PINs are never accepted as arguments: they come from the files or environment variables
+the configuration names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from cryptography import x509
+import grpc
+
+from ca_daemon import app, authority, config as config_module, issuer
+from ca_daemon.errors import CaError
+from ca_daemon.model import KeySpec, KeyStatus
+
+DEFAULT_CONFIG = "state/ca-daemon.toml"
+KEY_TYPES_HELP = (
+    "ec-p256 (default), ec-p384, rsa-2048, rsa-3072, rsa-4096, ed25519. Ed25519 needs a token that offers "
+    "CKM_EC_EDWARDS_KEY_PAIR_GEN and CKM_EDDSA (SoftHSM 2.6 with OpenSSL 1.1.1+ does); the command refuses "
+    "a type the token lacks"
+)
+DEV_TOKEN = "ca-daemon"
+DEV_KEY_LABEL = "ca-root-1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.handler(args)
+        return result
+    except CaError as exc:
+        print(f"ca-daemon: {exc.message}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:
+        print(f"ca-daemon: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(f"ca-daemon: the daemon answered {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ca-daemon", description="A certificate authority whose keys live in a PKCS#11 HSM.")
+    parser.add_argument("--config", default=os.environ.get("CA_DAEMON_CONFIG", DEFAULT_CONFIG), help="configuration file (TOML)")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create token, CA key, root certificate and database (reuses what exists)")
+    p.add_argument("--dev", action="store_true", help="create a SoftHSM token, PIN files and a development configuration if missing")
+    p.add_argument("--key-type", default="ec-p256", choices=[s.value for s in KeySpec], help=KEY_TYPES_HELP)
+    p.add_argument("--subject", default="CN=ca-daemon development root CA", help="subject of the CA certificate (RFC 4514)")
+    p.add_argument("--validity-days", type=int, default=3650)
+    p.add_argument("--csr-out", help="instead of a self-signed root, write a CSR for a parent CA to this file")
+    p.set_defaults(handler=_init)
+
+    p = sub.add_parser("serve", help="serve gRPC until SIGTERM")
+    p.set_defaults(handler=lambda a: app.serve(config_module.load(a.config)))
+
+    key = sub.add_parser("key", help="CA keys in the HSM").add_subparsers(metavar="ACTION")
+    p = key.add_parser("generate", help="generate a key pair inside the token (never exported)")
+    p.add_argument("--type", default="ec-p256", choices=[s.value for s in KeySpec], help=KEY_TYPES_HELP)
+    p.add_argument("--label", required=True, help="CKA_LABEL of the new key; also its key ID in the store")
+    p.set_defaults(handler=_key_generate)
+    p = key.add_parser("list", help="CA keys known to the store")
+    p.set_defaults(handler=_key_list)
+
+    ca = sub.add_parser("ca", help="CA certificates").add_subparsers(metavar="ACTION")
+    p = ca.add_parser("csr", help="write a CSR (signed in the token) for a parent CA to certify a key")
+    p.add_argument("--label", required=True)
+    p.add_argument("--subject", required=True, help="RFC 4514 subject, e.g. 'CN=Factory CA 1,O=Example'")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=_ca_csr)
+    p = ca.add_parser("import-cert", help="install the parent-signed certificate of a key (checked against the token)")
+    p.add_argument("--label", required=True)
+    p.add_argument("--cert", required=True, help="PEM file: the CA certificate, optionally followed by its parents")
+    p.add_argument("--chain", help="PEM file with the parents, nearest first, up to the root")
+    p.set_defaults(handler=_ca_import)
+    p = ca.add_parser("export", help="write the active CA chain (PEM or DER)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["pem", "der"], default="pem")
+    p.set_defaults(handler=_ca_export)
+
+    db = sub.add_parser("db", help="database").add_subparsers(metavar="ACTION")
+    p = db.add_parser("migrate", help="apply schema migrations")
+    p.set_defaults(handler=_db_migrate)
+
+    client = sub.add_parser("client", help="talk to a running daemon as a programming service").add_subparsers(metavar="ACTION")
+    p = client.add_parser("sign", help="send a CSR file, write the certificate and chain")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--csr", required=True, help="CSR file, PEM or DER")
+    p.add_argument("--out", required=True, help="where to write the certificate followed by its chain (PEM)")
+    p.add_argument("--request-id", default="", help="idempotency key (default: a fresh UUID)")
+    p.add_argument("--profile", default="")
+    p.set_defaults(handler=_client_sign)
+    p = client.add_parser("ca-certs", help="print the CA certificates (PEM)")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.set_defaults(handler=_client_ca_certs)
+    p = client.add_parser("get", help="print an issued certificate by serial")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--serial", required=True)
+    p.set_defaults(handler=_client_get)
+    return parser
+
+
+# -- init ------------------------------------------------------------------
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    if args.dev and not path.exists():
+        write_dev_setup(path.parent, path)
+    config = config_module.load(path)
+    app.prepare_environment(config)
+    spec = KeySpec(args.key_type)
+    hsm = app.connect_hsm(config)
+    store = app.connect_store(config)
+    try:
+        uri = authority.Pkcs11Uri.parse(config.ca.key_uri)
+        key_id = authority.key_id_for(uri)
+        key = store.get_ca_key(key_id)
+        if key is None:
+            try:
+                hsm.public_key_der(uri)
+            except CaError:
+                key = authority.create_ca_key(hsm, store, spec, uri.label or key_id)
+                print(f"generated {spec.value} CA key in the token: {key.pkcs11_uri}")
+            else:
+                raise CaError(f"the token holds key {uri} but the store does not know it; import it with `ca-daemon key` tools")
+        if key.certificate_der is not None:
+            print(f"CA key {key.key_id} already has a certificate; nothing to do")
+            return 0
+        subject = issuer.parse_subject(args.subject)
+        if args.csr_out:
+            Path(args.csr_out).write_bytes(authority.ca_csr(hsm, key, subject))
+            print(f"wrote CSR for CA key {key.key_id} to {args.csr_out}; install the answer with `ca-daemon ca import-cert`")
+            return 0
+        installed = authority.self_sign_root(hsm, store, key, subject, timedelta(days=args.validity_days))
+        cert = x509.load_der_x509_certificate(installed.certificate_der or b"")
+        print(f"self-signed root CA {cert.subject.rfc4514_string()} installed for key {key.key_id}")
+        return 0
+    finally:
+        hsm.close()
+        store.close()
+
+
+def write_dev_setup(
+    state_dir: Path,
+    config_path: Path,
+    *,
+    token: str = DEV_TOKEN,
+    listen: str = "127.0.0.1:50051",
+    workers: int = 2,
+    softhsm2_conf: Path | None = None,
+) -> None:
+    """First run of the embedded default: SoftHSM token directory, PIN files (0600), configuration.
+
+    softhsm2_conf names an existing SoftHSM configuration to add the token to (tests share
+    one token directory); by default the token directory lives in the state directory.
+    """
+    from ca_daemon.hsm import initialize_token
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    if softhsm2_conf is None:
+        tokens = state_dir / "tokens"
+        tokens.mkdir(mode=0o700, exist_ok=True)
+        softhsm2_conf = state_dir / "softhsm2.conf"
+        softhsm2_conf.write_text(f"directories.tokendir = {tokens.resolve()}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    pins = state_dir / "pins"
+    pins.mkdir(mode=0o700, exist_ok=True)
+    user_pin = _write_secret(pins / "user.pin")
+    so_pin = _write_secret(pins / "so.pin")
+    os.environ["SOFTHSM2_CONF"] = str(softhsm2_conf.resolve())
+    initialize_token(config_module.DEFAULT_SOFTHSM_MODULE, token, so_pin, user_pin)
+    config_path.write_text(
+        config_module.default_dev_config(
+            token=token, key_label=DEV_KEY_LABEL, listen=listen, workers=workers, softhsm2_conf=softhsm2_conf.resolve()
+        )
+    )
+    print(f"created SoftHSM token {token!r} ({softhsm2_conf}), PIN files in {pins}, configuration {config_path}")
+
+
+def _write_secret(path: Path) -> str:
+    value = secrets.token_hex(16)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+# -- keys and CA certificates ----------------------------------------------
+
+
+def _open(args: argparse.Namespace) -> tuple[config_module.Config, app.Hsm, app.SqlStore]:
+    config = config_module.load(args.config)
+    hsm = app.connect_hsm(config)
+    return config, hsm, app.connect_store(config)
+
+
+def _key_generate(args: argparse.Namespace) -> int:
+    _, hsm, store = _open(args)
+    try:
+        key = authority.create_ca_key(hsm, store, KeySpec(args.type), args.label)
+        print(key.pkcs11_uri)
+        return 0
+    finally:
+        hsm.close()
+        store.close()
+
+
+def _key_list(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    store = app.connect_store(config)
+    try:
+        for key in store.list_ca_keys():
+            has_cert = "certificate installed" if key.certificate_der else "no certificate"
+            print(f"{key.key_id}\t{key.spec.value}\t{key.status.value}\t{has_cert}\t{key.pkcs11_uri}")
+        return 0
+    finally:
+        store.close()
+
+
+def _ca_csr(args: argparse.Namespace) -> int:
+    _, hsm, store = _open(args)
+    try:
+        key = _known_key(store, args.label)
+        Path(args.out).write_bytes(authority.ca_csr(hsm, key, issuer.parse_subject(args.subject)))
+        print(f"wrote {args.out}")
+        return 0
+    finally:
+        hsm.close()
+        store.close()
+
+
+def _ca_import(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    store = app.connect_store(config)
+    try:
+        key = _known_key(store, args.label)
+        certs = x509.load_pem_x509_certificates(Path(args.cert).read_bytes())
+        if args.chain:
+            certs += x509.load_pem_x509_certificates(Path(args.chain).read_bytes())
+        authority.import_ca_certificate(store, key, certs[0], certs[1:])
+        print(f"installed certificate {certs[0].subject.rfc4514_string()} for CA key {key.key_id}")
+        return 0
+    finally:
+        store.close()
+
+
+def _ca_export(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    store = app.connect_store(config)
+    try:
+        active = [k for k in store.list_ca_keys() if k.status == KeyStatus.ACTIVE and k.certificate_der]
+        if not active:
+            raise CaError("no active CA key with a certificate; run `ca-daemon init` first")
+        key = active[0]
+        assert key.certificate_der is not None
+        if args.format == "der":
+            Path(args.out).write_bytes(key.certificate_der)
+        else:
+            Path(args.out).write_text(authority.chain_pem(key.certificate_der, key.chain_der))
+        print(f"wrote {args.out}")
+        return 0
+    finally:
+        store.close()
+
+
+def _known_key(store: app.SqlStore, label: str) -> authority.CaKey:
+    key = store.get_ca_key(label)
+    if key is None:
+        raise CaError(f"no CA key {label!r} in the store; `ca-daemon key list` shows the known keys")
+    return key
+
+
+def _db_migrate(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    store = app.SqlStore(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous)
+    try:
+        applied = store.migrate()
+        print(f"schema at version {store.schema_version()}" + (f" (applied {applied})" if applied else " (up to date)"))
+        return 0
+    finally:
+        store.close()
+
+
+# -- client ----------------------------------------------------------------
+
+
+def _client_sign(args: argparse.Namespace) -> int:
+    from ca_daemon.client import CaClient
+
+    with CaClient(args.target) as ca:
+        issued = ca.sign(Path(args.csr).read_bytes(), request_id=args.request_id, profile=args.profile)
+    Path(args.out).write_text(issued.certificate_pem + issued.chain_pem)
+    print(f"issued serial {issued.serial} for device {issued.device_id}; wrote {args.out}")
+    return 0
+
+
+def _client_ca_certs(args: argparse.Namespace) -> int:
+    from ca_daemon.client import CaClient
+
+    with CaClient(args.target) as ca:
+        for cert in ca.ca_certificates():
+            sys.stdout.write(cert.certificate_pem)
+    return 0
+
+
+def _client_get(args: argparse.Namespace) -> int:
+    from ca_daemon.client import CaClient
+
+    with CaClient(args.target) as ca:
+        sys.stdout.write(ca.certificate(args.serial).certificate_pem)
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+

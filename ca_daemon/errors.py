@@ -1,0 +1,58 @@
+"""Domain errors. Each names what went wrong and what a person can do about it.
+
+The gRPC layer maps each class to exactly one status code (see service.py); nothing
+below the gRPC layer knows about status codes.
+"""
+
+from __future__ import annotations
+
+
+class CaError(Exception):
+    """Base of every error the daemon reports to a caller."""
+
+    def __init__(self, message: str, *, rule: str = "", field: str = "", expected: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.rule = rule
+        self.field = field
+        self.expected = expected
+
+
+class InvalidRequest(CaError):
+    """The request is malformed: not a CSR, a missing field, a bad serial (INVALID_ARGUMENT)."""
+
+
+class PolicyViolation(InvalidRequest):
+    """The request is well-formed but the issuance policy refuses it (INVALID_ARGUMENT)."""
+
+
+class PermissionDenied(CaError):
+    """The caller may not do this (PERMISSION_DENIED)."""
+
+
+class AlreadyExists(CaError):
+    """A conflicting record exists: request_id reused with another CSR, a duplicate device (ALREADY_EXISTS)."""
+
+
+class NotFound(CaError):
+    """The named object does not exist (NOT_FOUND)."""
+
+
+class FailedPrecondition(CaError):
+    """The system is not in a state that allows this (FAILED_PRECONDITION)."""
+
+
+class HsmUnavailable(CaError):
+    """The token cannot be reached or refused the operation; retrying later may succeed (UNAVAILABLE)."""
+
+
+class StoreUnavailable(CaError):
+    """The database cannot be reached or is busy; retrying later may succeed (UNAVAILABLE)."""
+
+
+class ConfigError(CaError):
+    """The configuration is invalid; raised at start-up or reload, never mid-request."""
+
+
+class LintFailure(CaError):
+    """A certificate built by the CA failed its pre-issuance lint: a CA bug, not the caller's (INTERNAL)."""

@@ -1,0 +1,160 @@
+"""Builds certificates from decisions. No I/O: the private key passed in does the signing.
+
+The issuer sees only a fully decided request (like Boulder's CA component): the subject,
+key, validity and extensions are settled before it runs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ca_daemon.policy import Decision
+
+SERIAL_BYTES = 20
+
+
+def new_serial() -> int:
+    """A positive serial of 159 random bits from the OS CSPRNG (RFC 5280: at most 20 octets)."""
+    while True:
+        serial = int.from_bytes(secrets.token_bytes(SERIAL_BYTES), "big") >> 1
+        if serial.bit_length() > 128:
+            return serial
+
+
+def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
+    """The hash paired with a CA key: SHA-384 for P-384, none for Ed25519, else SHA-256."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+@dataclass(frozen=True)
+class LeafUrls:
+    crl_distribution_points: Sequence[str] = ()
+    ca_issuers: Sequence[str] = ()
+
+
+def build_leaf(
+    decision: Decision,
+    issuer_certificate: x509.Certificate,
+    serial: int,
+    now: datetime,
+    backdate: timedelta,
+    urls: LeafUrls,
+) -> x509.CertificateBuilder:
+    """A device certificate: CA:false, digitalSignature, clientAuth, SKI/AKI, CDP and AIA."""
+    public_key = serialization.load_der_public_key(decision.public_key_der)
+    assert isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey))
+    not_before = now - backdate
+    not_after = min(now + decision.validity, issuer_certificate.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(decision.subject)
+        .issuer_name(issuer_certificate.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_authority_key_identifier(issuer_certificate), critical=False)
+    )
+    if urls.crl_distribution_points:
+        builder = builder.add_extension(
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint(
+                        full_name=[x509.UniformResourceIdentifier(url) for url in urls.crl_distribution_points],
+                        relative_name=None,
+                        reasons=None,
+                        crl_issuer=None,
+                    )
+                ]
+            ),
+            critical=False,
+        )
+    if urls.ca_issuers:
+        builder = builder.add_extension(
+            x509.AuthorityInformationAccess(
+                [x509.AccessDescription(x509.AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(u)) for u in urls.ca_issuers]
+            ),
+            critical=False,
+        )
+    return builder
+
+
+def build_root(
+    subject: x509.Name, public_key: x509.Certificate | object, now: datetime, validity: timedelta
+) -> x509.CertificateBuilder:
+    """A self-signed root CA certificate for the key (CA:true critical, keyCertSign and cRLSign)."""
+    assert isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey))
+    ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(new_serial())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+    )
+
+
+def build_ca_csr(subject: x509.Name) -> x509.CertificateSigningRequestBuilder:
+    """A CSR for an outside parent CA to certify this CA key as an intermediate."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+    )
+
+
+def parse_subject(text: str) -> x509.Name:
+    """An RFC 4514 string such as 'CN=Factory CA,O=Example' as an x509.Name."""
+    try:
+        name = x509.Name.from_rfc4514_string(text)
+    except ValueError as exc:
+        raise ValueError(f"not an RFC 4514 distinguished name: {text!r} ({exc})") from None
+    if not name.get_attributes_for_oid(NameOID.COMMON_NAME):
+        raise ValueError(f"the CA subject {text!r} needs a CN")
+    return name
+
+
+def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.public_key())  # type: ignore[arg-type]

@@ -1,0 +1,136 @@
+"""The tables and their versioned migrations, one definition for SQLite and PostgreSQL.
+
+Migrations are a linear list of steps, each applied once in its own transaction and
+recorded in `schema_migrations`. Alembic would add a second configuration system and a
+migration-script directory for what is, here, a short ordered list of DDL statements
+that must run identically on both dialects; this stays in one file instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Connection
+
+metadata = MetaData()
+
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("description", String(200), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+ca_keys = Table(
+    "ca_keys",
+    metadata,
+    Column("key_id", String(128), primary_key=True),
+    Column("pkcs11_uri", String(512), nullable=False),
+    Column("spec", String(32), nullable=False),
+    Column("public_key_der", LargeBinary, nullable=False, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("certificate_der", LargeBinary),
+    # Concatenated DER of the parents, nearest first (see model.CaKey.chain_der).
+    Column("chain_der", LargeBinary, nullable=False, default=b""),
+)
+
+# Serials are stored as lowercase hex without leading zeros: they exceed 64 bits.
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("serial", String(64), primary_key=True),
+    Column("issuer_key_id", String(128), ForeignKey("ca_keys.key_id"), nullable=False),
+    Column("device_id", String(256), nullable=False),
+    Column("profile", String(128), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("not_before", DateTime(timezone=True), nullable=False),
+    Column("not_after", DateTime(timezone=True), nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("csr_sha256", LargeBinary, nullable=False),
+    Column("public_key_sha256", LargeBinary, nullable=False),
+    Column("request_id", String(256), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("request_id", name="uq_certificates_request_id"),
+    Index("ix_certificates_device_id", "device_id"),
+    Index("ix_certificates_public_key", "public_key_sha256"),
+    Index("ix_certificates_issuer_not_after", "issuer_key_id", "not_after"),
+)
+
+revocations = Table(
+    "revocations",
+    metadata,
+    Column("serial", String(64), ForeignKey("certificates.serial"), primary_key=True),
+    Column("issuer_key_id", String(128), ForeignKey("ca_keys.key_id"), nullable=False),
+    Column("reason", Integer, nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=False),
+    Column("invalidity_date", DateTime(timezone=True)),
+    Column("revoked_by", String(256), nullable=False, default=""),
+    # Set when a certificateHold is lifted; the row stays so the next delta can say removeFromCRL.
+    Column("lifted_at", DateTime(timezone=True)),
+    # A per-issuer change counter: a delta CRL covers the changes after its base.
+    Column("change_seq", BigInteger, nullable=False, default=0),
+    Index("ix_revocations_issuer_change", "issuer_key_id", "change_seq"),
+)
+
+crls = Table(
+    "crls",
+    metadata,
+    Column("issuer_key_id", String(128), ForeignKey("ca_keys.key_id"), primary_key=True),
+    Column("crl_number", BigInteger, primary_key=True),
+    Column("is_delta", Boolean, nullable=False),
+    Column("base_crl_number", BigInteger),
+    Column("this_update", DateTime(timezone=True), nullable=False),
+    Column("next_update", DateTime(timezone=True), nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    # INTEGER on SQLite so the column is the rowid and autoincrements.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("outcome", String(32), nullable=False),
+    Column("serial", String(64)),
+    Column("device_id", String(256), nullable=False, default=""),
+    Column("key_id", String(128), nullable=False, default=""),
+    Column("request_digest", LargeBinary, nullable=False, default=b""),
+    Column("reason", Text, nullable=False, default=""),
+    Column("details", Text, nullable=False, default="{}"),
+    # Filled by the hash-chained audit log; NULL until then.
+    Column("prev_hash", LargeBinary),
+    Column("hash", LargeBinary),
+    Index("ix_audit_events_time", "time"),
+)
+
+
+def _create_v1(conn: Connection) -> None:
+    for table in (ca_keys, certificates, revocations, crls, audit_events):
+        table.create(conn)
+
+
+# (version, description, step). Append only: a released step is never edited.
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
+]
+LATEST_VERSION = MIGRATIONS[-1][0]

@@ -1,0 +1,209 @@
+"""Shared fixtures: a real SoftHSM token directory, CA environments and daemon processes.
+
+The test process loads the PKCS#11 module once with one SoftHSM configuration, so all
+tokens of a test session live in one session-scoped token directory; each CA
+environment gets its own token (label) in it, its own PIN files and its own database.
+Daemons run as real `ca-daemon serve` processes on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ca_daemon import cli
+
+REPO = Path(__file__).resolve().parent.parent
+CA_DAEMON = str(Path(sys.executable).parent / "ca-daemon")
+_token_numbers = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def softhsm_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("softhsm")
+    tokens = base / "tokens"
+    tokens.mkdir()
+    conf = base / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    return conf
+
+
+@dataclass
+class CaEnv:
+    """One CA set-up: a token, PIN files, configuration and database."""
+
+    state_dir: Path
+    config_path: Path
+    token: str
+    port: int
+    softhsm_conf: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def user_pin(self) -> str:
+        return (self.state_dir / "pins" / "user.pin").read_text().strip()
+
+    def edit_config(self, old: str, new: str) -> None:
+        text = self.config_path.read_text()
+        assert old in text, old
+        self.config_path.write_text(text.replace(old, new))
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [CA_DAEMON, "--config", str(self.config_path), *args], capture_output=True, text=True, env=daemon_environment(), timeout=120
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"ca-daemon {' '.join(args)} failed: {result.stdout}{result.stderr}")
+        return result
+
+
+def daemon_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SOFTHSM2_CONF", None)  # the configuration names it
+    return env
+
+
+def make_env(base: Path, softhsm_conf: Path, *, key_type: str = "ec-p256", workers: int = 1, init: bool = True) -> CaEnv:
+    """Create a token, PIN files and configuration; with init, also the CA key and root."""
+    token = f"test-{os.getpid()}-{next(_token_numbers)}"
+    state = base / token
+    config_path = state / "ca-daemon.toml"
+    port = free_port()
+    with contextlib.redirect_stdout(None):
+        cli.write_dev_setup(state, config_path, token=token, listen=f"127.0.0.1:{port}", workers=workers, softhsm2_conf=softhsm_conf)
+    env = CaEnv(state, config_path, token, port, softhsm_conf)
+    if init:
+        env.cli("init", "--key-type", key_type)
+    return env
+
+
+@pytest.fixture(scope="session")
+def ca_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> CaEnv:
+    """A shared EC P-256 CA for tests that only read or add independent certificates."""
+    return make_env(tmp_path_factory.mktemp("ca"), softhsm_conf)
+
+
+class Daemon:
+    """A `ca-daemon serve` process."""
+
+    def __init__(self, env: CaEnv, log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Daemon:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [CA_DAEMON, "--config", str(self.env.config_path), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=daemon_environment(),
+            start_new_session=True,
+        )
+        wait_serving(self.env.target, timeout, self.process, self.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole daemon (parent and workers), as a crash would."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_serving(target: str, timeout: float, process: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise AssertionError(f"daemon exited with {process.returncode}: {log_path.read_text() if log_path else ''}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"daemon on {target} did not become SERVING within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def daemon(ca_env: CaEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(ca_env, tmp_path_factory.mktemp("log") / "daemon.log").start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def channel(daemon: Daemon) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(daemon.env.target) as ch:
+        yield ch
+
+
+_device_numbers = itertools.count(1)
+
+
+def device_csr(device_id: str | None = None, key: ec.EllipticCurvePrivateKey | None = None, *, pem: bool = True) -> bytes:
+    """A CSR as a device would make it: its own key, its device ID as CN."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    device_id = device_id or f"dev-{os.getpid()}-{next(_device_numbers)}"
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER)
+
+
+def openssl_verify(tmp_path: Path, leaf_pem: str, chain_pem: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Verify a leaf against its chain with `openssl verify` (the last chain certificate is the trust anchor)."""
+    certs = x509.load_pem_x509_certificates(chain_pem.encode())
+    root = tmp_path / f"root-{time.monotonic_ns()}.pem"
+    root.write_bytes(certs[-1].public_bytes(serialization.Encoding.PEM))
+    untrusted = tmp_path / f"untrusted-{time.monotonic_ns()}.pem"
+    untrusted.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs[:-1]))
+    leaf = tmp_path / f"leaf-{time.monotonic_ns()}.pem"
+    leaf.write_text(leaf_pem)
+    args = ["openssl", "verify", "-x509_strict", "-CAfile", str(root)]
+    if certs[:-1]:
+        args += ["-untrusted", str(untrusted)]
+    return subprocess.run([*args, *extra, str(leaf)], capture_output=True, text=True, check=False)
