@@ -80,7 +80,7 @@ def parse_csr(data: bytes, max_bytes: int) -> ParsedRequest:
             expected=f"at most {max_bytes} bytes",
         )
     stripped = data.strip()
-    if stripped.startswith(b"-----BEGIN"):
+    if b"-----BEGIN" in stripped and not data.startswith(b"\x30"):  # DER starts with SEQUENCE
         match = _PEM_CSR.fullmatch(stripped)
         if match is None:
             raise InvalidRequest(

@@ -1,0 +1,162 @@
+"""Keys are made and used inside a real SoftHSM token and never leave it."""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import NameOID
+
+from ca_daemon import config as config_module
+from ca_daemon.errors import HsmUnavailable
+from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.model import KeySpec
+from tests.conftest import CaEnv, make_env
+
+MODULE = config_module.DEFAULT_SOFTHSM_MODULE
+
+
+@pytest.fixture(scope="module")
+def token_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> CaEnv:
+    return make_env(tmp_path_factory.mktemp("hsm"), softhsm_conf, init=False)
+
+
+@pytest.fixture(scope="module")
+def hsm(token_env: CaEnv) -> Iterator[Hsm]:
+    with Hsm.open(MODULE, token_env.token, token_env.user_pin) as h:
+        yield h
+
+
+@pytest.mark.parametrize("spec", list(KeySpec), ids=lambda s: s.value)
+def test_generated_key_is_sensitive_and_signs_verifiable_certificates(hsm: Hsm, spec: KeySpec) -> None:
+    assert hsm.supports(spec)
+    generated = hsm.generate_key(spec, f"key-{spec.value}")
+    assert hsm.private_key_attributes(generated.uri) == {"token": True, "private": True, "sensitive": True, "extractable": False}
+    key = hsm.private_key(generated.uri)
+    assert hsm.key_spec(generated.uri) == spec
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.value)])
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(7)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, None if spec is KeySpec.ED25519 else hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert.verify_directly_issued_by(cert)
+    assert cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == generated.public_key_der
+    with pytest.raises(TypeError, match="lives in the HSM"):
+        key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())  # type: ignore[attr-defined]
+
+
+def test_raw_signatures_verify_with_the_public_key(hsm: Hsm) -> None:
+    ec_key = hsm.private_key(hsm.generate_key(KeySpec.EC_P384, "raw-ec").uri)
+    signature = ec_key.sign(b"message", ec.ECDSA(hashes.SHA384()))  # type: ignore[attr-defined]
+    ec_key.public_key().verify(signature, b"message", ec.ECDSA(hashes.SHA384()))  # type: ignore[attr-defined]
+    rsa_key = hsm.private_key(hsm.generate_key(KeySpec.RSA_2048, "raw-rsa").uri)
+    signature = rsa_key.sign(b"message", padding.PKCS1v15(), hashes.SHA256())  # type: ignore[attr-defined]
+    rsa_key.public_key().verify(signature, b"message", padding.PKCS1v15(), hashes.SHA256())  # type: ignore[attr-defined]
+    assert isinstance(rsa_key, rsa.RSAPrivateKey)
+    ed_key = hsm.private_key(hsm.generate_key(KeySpec.ED25519, "raw-ed").uri)
+    assert isinstance(ed_key, ed25519.Ed25519PrivateKey)
+    ed_key.public_key().verify(ed_key.sign(b"message"), b"message")
+
+
+def test_pkcs11_tool_sees_the_key_and_cannot_read_its_value(hsm: Hsm, token_env: CaEnv) -> None:
+    generated = hsm.generate_key(KeySpec.EC_P256, "visible-to-pkcs11-tool")
+    # The test PIN goes through the environment ("env:"), never argv.
+    env = {"SOFTHSM2_CONF": str(token_env.softhsm_conf), "PATH": "/usr/bin:/bin", "PKCS11_PIN": token_env.user_pin}
+    base = ["pkcs11-tool", "--module", MODULE, "--token-label", token_env.token, "--login", "--pin", "env:PKCS11_PIN"]
+    listing = subprocess.run([*base, "--list-objects", "--type", "privkey"], capture_output=True, text=True, env=env, check=False)
+    assert listing.returncode == 0, listing.stderr
+    objects = listing.stdout.split("Private Key Object")
+    ours = [o for o in objects if "label:      visible-to-pkcs11-tool" in o]
+    assert len(ours) == 1, listing.stdout
+    assert f"ID:         {generated.uri.key_id.hex()}" in ours[0]
+    assert "Access:     sensitive, always sensitive, never extractable, local" in ours[0]
+    read = subprocess.run(
+        [*base, "--read-object", "--type", "privkey", "--id", generated.uri.key_id.hex()],
+        capture_output=True, env=env, check=False,
+    )
+    assert read.stdout == b""
+    # Asking the token directly for CKA_VALUE is refused as sensitive.
+    probe = subprocess.run(
+        [sys.executable, "-c", _READ_VALUE, MODULE, token_env.token, "visible-to-pkcs11-tool"],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    assert probe.stdout.strip() == "AttributeSensitive", probe.stderr
+
+
+_READ_VALUE = """
+import os, sys, pkcs11
+from pkcs11 import Attribute, ObjectClass
+token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
+with token.open(user_pin=os.environ["PKCS11_PIN"]) as session:
+    key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=sys.argv[3])
+    try:
+        key[Attribute.VALUE]
+        print("READABLE")
+    except pkcs11.exceptions.AttributeSensitive:
+        print("AttributeSensitive")
+"""
+
+
+def test_missing_token_is_refused_with_a_reason(token_env: CaEnv) -> None:
+    with pytest.raises(HsmUnavailable, match="not found"):
+        Hsm.open(MODULE, "no-such-token", token_env.user_pin)
+
+
+def test_uri_round_trip() -> None:
+    uri = Pkcs11Uri(token="factory ca", label="key;1", key_id=b"\x01\xff")
+    assert Pkcs11Uri.parse(str(uri)) == uri
+    assert str(uri) == "pkcs11:token=factory%20ca;object=key%3B1;id=%01%ff"
+
+
+def test_service_resumes_after_the_token_comes_back(hsm: Hsm, token_env: CaEnv, softhsm_conf: Path) -> None:
+    generated = hsm.generate_key(KeySpec.EC_P256, "comes-and-goes")
+    digest = b"\x11" * 32
+    assert len(hsm.sign_raw(generated.uri, digest, "ecdsa")) == 64
+    token_dirs = [d for d in glob.glob(str(softhsm_conf.parent / "tokens" / "*")) if _token_label(Path(d)) == token_env.token]
+    assert len(token_dirs) == 1
+    away = token_dirs[0] + ".away"
+    shutil.move(token_dirs[0], away)
+    try:
+        with pytest.raises(HsmUnavailable):
+            hsm.sign_raw(generated.uri, digest, "ecdsa")
+        assert not hsm.healthy
+    finally:
+        shutil.move(away, token_dirs[0])
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert len(hsm.sign_raw(generated.uri, digest, "ecdsa")) == 64
+            break
+        except HsmUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert hsm.healthy
+
+
+def _token_label(directory: Path) -> str:
+    data = (directory / "token.object").read_bytes() if (directory / "token.object").exists() else b""
+    for label in (part for part in data.split(b"\x00") if part):
+        text = label.decode(errors="ignore").strip()
+        if text.startswith("test-"):
+            return text[: text.find(" ") if " " in text else len(text)]
+    return ""

@@ -1,0 +1,78 @@
+"""Configuration is validated at load time and names the bad setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ca_daemon import config
+from ca_daemon.errors import ConfigError
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ca.toml"
+    path.write_text(text)
+    return path
+
+
+def _dev(tmp_path: Path, **overrides: str) -> str:
+    text = config.default_dev_config(
+        token="t", key_label="k", listen="127.0.0.1:50051", workers=2, softhsm2_conf=tmp_path / "softhsm2.conf"
+    )
+    for old, new in overrides.items():
+        assert old in text
+        text = text.replace(old, new)
+    return text
+
+
+def test_the_development_configuration_loads(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, _dev(tmp_path)))
+    assert cfg.server.dev_mode
+    assert cfg.hsm.token == "t"
+    assert cfg.hsm.pin.file == tmp_path / "pins" / "user.pin"
+    assert cfg.store.url == f"sqlite:///{tmp_path / 'ca.db'}"
+    assert cfg.profile("").name == "device"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('listen = "127.0.0.1:50051"', 'listen = "0.0.0.0:50051"', "not a loopback address"),
+        ("dev_mode = true", "dev_mode = false", "needs mTLS"),
+        ('pin_file = "pins/user.pin"', 'pin_file = "pins/user.pin"\npin_env = "X"', "exactly one of pin_file or pin_env"),
+        ('key = "pkcs11:', 'key = "file:', "pkcs11: URI"),
+        ("workers = 2", "workers = 0", "server.workers = 0 is out of range"),
+        ("workers = 2", 'workers = "two"', "server.workers must be an integer"),
+        ('url = "sqlite:///ca.db"', 'url = "mysql://x"', "use sqlite:///PATH or postgresql://"),
+        ("validity_days = 365", "validity_days = 365\nmax_validity_days = 30", "exceeds max_validity_days"),
+        ('default_profile = "device"', 'default_profile = "nope"', "is not one of the profiles"),
+    ],
+)
+def test_invalid_settings_are_refused_by_name(tmp_path: Path, old: str, new: str, message: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
+    assert message in excinfo.value.message
+
+
+def test_not_toml_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(_write(tmp_path, "[server\n"))
+
+
+def test_pin_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    pin = tmp_path / "pin"
+    pin.write_text("1234\n")
+    pin.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        config.SecretSource(file=pin).read()
+    pin.chmod(0o600)
+    assert config.SecretSource(file=pin).read() == "1234"
+
+
+def test_pin_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CA_TEST_PIN", "9876")
+    assert config.SecretSource(env="CA_TEST_PIN").read() == "9876"
+    monkeypatch.delenv("CA_TEST_PIN")
+    with pytest.raises(ConfigError, match="CA_TEST_PIN"):
+        config.SecretSource(env="CA_TEST_PIN").read()
