@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,8 +32,10 @@ from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2_grpc
 from ca_daemon.authority import Authority, load_active_ca
 from ca_daemon.config import Config
+from ca_daemon.crl import CrlServices, watch_health
 from ca_daemon.errors import CaError, FailedPrecondition
 from ca_daemon.hsm import Hsm
+from ca_daemon.revocation import Revocations
 from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor
 from ca_daemon.store import SqlStore, open_store
 
@@ -66,16 +69,25 @@ class Worker:
     authority: Authority
     server: grpc.aio.Server
     port: int
+    # CRL schedule, files and HTTP: only in the primary process (see serve()).
+    crl: CrlServices | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
+        if self.crl is not None:
+            await self.crl.stop()
         self.authority.close()
         self.hsm.close()
         self.store.close()
 
 
-async def start_worker(config: Config, listen: str | None = None) -> Worker:
-    """Open token and store, load the CA and start serving gRPC on listen (default: config)."""
+async def start_worker(config: Config, listen: str | None = None, *, primary: bool = False) -> Worker:
+    """Open token and store, load the CA and start serving gRPC on listen (default: config).
+
+    The primary worker also publishes CRLs and serves them over HTTP, with this process's
+    own HSM connection (one PKCS#11 thread per process); every worker answers GetCRL and
+    Revoke from the store.
+    """
     hsm = connect_hsm(config)
     try:
         store = connect_store(config)
@@ -91,15 +103,22 @@ async def start_worker(config: Config, listen: str | None = None) -> Worker:
         ],
     )
     identity = config.server.local_identity
-    ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(CertificateAuthorityServicer(authority, lambda _ctx: identity), server)
+    revocations = Revocations(store, authority.active.key.key_id)
+    ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
+        CertificateAuthorityServicer(authority, lambda _ctx: identity, revocations), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(listen or config.server.listen)
+    crl = CrlServices(config, hsm, store) if primary else None
+    if crl is not None:
+        await crl.start()  # before serving, so the first CRLs exist once the server reports SERVING
     await server.start()
     await _set_health(health_servicer, authority.healthy)
     asyncio.get_running_loop().create_task(_watch_health(health_servicer, lambda: authority.healthy))
-    return Worker(hsm, store, authority, server, port)
+    asyncio.get_running_loop().create_task(watch_health(health_servicer, store, crl.healthy_check if crl else lambda: True))
+    return Worker(hsm, store, authority, server, port, crl)
 
 
 async def _set_health(servicer: health.aio.HealthServicer, healthy: bool) -> None:
@@ -118,25 +137,39 @@ async def _watch_health(servicer: health.aio.HealthServicer, healthy: Callable[[
         await asyncio.sleep(_HEALTH_INTERVAL_S)
 
 
-async def _serve_forever(config: Config) -> None:
-    worker = await start_worker(config)
+async def _serve_forever(config: Config, primary: bool = False) -> None:
+    worker = await start_worker(config, primary=primary)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_worker, worker.authority, config.path)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
     await stop.wait()
     await worker.stop()
 
 
-def worker_main(config_path: str) -> None:
-    """Entry point of a spawned worker process; dies with its parent."""
+def reload_worker(authority: Authority, config_path: Path) -> bool:
+    """Re-read the configuration and put its policy in force; on any error keep the old one."""
+    try:
+        authority.reload(config_module.load(config_path))
+    except CaError as exc:
+        log.error("reload refused, the previous configuration stays in force: %s", exc.message)
+        return False
+    return True
+
+
+def worker_main(config_path: str, primary: bool = False) -> None:
+    """Entry point of a spawned worker process; dies with its parent. Worker 0 is the primary."""
+    # A reload signal that arrives while the worker starts must not kill it (SIGHUP's default);
+    # the configuration it is about to read is the new one anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     configure_logging()
     config = config_module.load(config_path)
     try:
-        asyncio.run(_serve_forever(config))
+        asyncio.run(_serve_forever(config, primary))
     except CaError as exc:
         log.error("worker %d cannot serve: %s", os.getpid(), exc.message)
         sys.exit(1)
@@ -181,8 +214,28 @@ def serve(config: Config) -> int:
     configure_logging()
     _claim(config)
     check_ready(config)
+    pid_file = write_pid_file(config)
+    try:
+        return _serve(config)
+    finally:
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+
+
+def pid_file_path(config: Config) -> Path:
+    """Where `serve` writes its pid, for `ca-daemon reload` to signal."""
+    return config.state_dir / "ca-daemon.pid"
+
+
+def write_pid_file(config: Config) -> Path:
+    path = pid_file_path(config)
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
+def _serve(config: Config) -> int:
     if config.server.workers == 1:
-        asyncio.run(_serve_forever(config))
+        asyncio.run(_serve_forever(config, primary=True))
         return 0
     context = multiprocessing.get_context("spawn")
     stopping = False
@@ -191,15 +244,28 @@ def serve(config: Config) -> int:
         nonlocal stopping
         stopping = True
 
+    reload_requested = False
+
+    def _reload(_signum: int, _frame: object) -> None:
+        nonlocal reload_requested
+        reload_requested = True
+
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    workers = [context.Process(target=worker_main, args=(str(config.path),), daemon=False) for _ in range(config.server.workers)]
+    signal.signal(signal.SIGHUP, _reload)
+    # Worker 0 is the primary: the one process that publishes CRLs and serves HTTP.
+    workers = [
+        context.Process(target=worker_main, args=(str(config.path), index == 0), daemon=False) for index in range(config.server.workers)
+    ]
     for process in workers:
         process.start()
     log.info("ca-daemon serving gRPC on %s with %d worker processes (development mode)", config.server.listen, len(workers))
     failures = 0
     while not stopping:
         time.sleep(0.2)
+        if reload_requested:
+            reload_requested = False
+            forward_reload(config.path, [p.pid for p in workers if p.is_alive() and p.pid is not None])
         for index, process in enumerate(workers):
             if process.is_alive() or stopping:
                 continue
@@ -209,7 +275,7 @@ def serve(config: Config) -> int:
                 stopping = True
                 break
             log.warning("worker %d exited with %s; restarting it", process.pid, process.exitcode)
-            workers[index] = context.Process(target=worker_main, args=(str(config.path),), daemon=False)
+            workers[index] = context.Process(target=worker_main, args=(str(config.path), index == 0), daemon=False)
             workers[index].start()
     for process in workers:
         if process.is_alive():
@@ -217,6 +283,20 @@ def serve(config: Config) -> int:
     for process in workers:
         process.join(timeout=15)
     return 1 if failures > 10 * len(workers) else 0
+
+
+def forward_reload(config_path: Path, pids: list[int]) -> bool:
+    """Check the new configuration, then have every worker reload it (each re-checks it too)."""
+    try:
+        config_module.load(config_path)
+    except CaError as exc:
+        log.error("reload refused, the previous configuration stays in force: %s", exc.message)
+        return False
+    log.info("reloading the configuration in %d worker(s)", len(pids))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
+    return True
 
 
 def configure_logging() -> None:

@@ -9,16 +9,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from ca_daemon import issuer, policy
-from ca_daemon.config import Config, ProfileConfig
-from ca_daemon.errors import AlreadyExists, FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
+from ca_daemon.config import Config
+from ca_daemon.errors import (
+    AlreadyExists,
+    CaError,
+    ConfigError,
+    FailedPrecondition,
+    InvalidRequest,
+    LintFailure,
+    NotFound,
+    PermissionDenied,
+    PolicyViolation,
+)
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
+from ca_daemon.lint import Linter
 from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
 from ca_daemon.store import IssuanceOutcome, SqlStore, serial_hex
 from ca_daemon.store.group_commit import GroupCommitter
@@ -55,23 +68,77 @@ def key_id_for(uri: Pkcs11Uri) -> str:
 
 def chain_pem(certificate_der: bytes, parents: tuple[bytes, ...]) -> str:
     return "".join(
-        x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
-        for der in (certificate_der, *parents)
+        x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode() for der in (certificate_der, *parents)
     )
 
 
 def profiles_from_config(config: Config) -> dict[str, policy.Profile]:
-    return {name: _profile(p) for name, p in config.profiles.items()}
+    return {name: policy.build_profile(p) for name, p in config.profiles.items()}
 
 
-def _profile(p: ProfileConfig) -> policy.Profile:
-    return policy.Profile(
-        name=p.name,
-        rules=policy.default_rules(p.device_id_pattern),
-        validity=p.validity,
-        max_validity=p.max_validity,
-        description=p.description,
+@dataclass(frozen=True)
+class PolicySet:
+    """The reloadable part of the configuration, as the authority applies it.
+
+    Replaced as a whole on reload (one attribute assignment), so a request sees either
+    the old set or the new one, never a mixture.
+    """
+
+    profiles: dict[str, policy.Profile]
+    default_profile: str
+    callers: dict[str, tuple[str, ...]]
+    linter: Linter
+    source: Config
+
+    def profile_for(self, caller: str, name: str) -> policy.Profile:
+        """The profile a caller asked for (empty: the default), or PermissionDenied."""
+        chosen = name or self.default_profile
+        policy.authorize(caller, chosen, self.callers)
+        profile = self.profiles.get(chosen)
+        if profile is None:  # config.parse guarantees callers name existing profiles
+            raise PermissionDenied(f"profile {chosen!r} does not exist", rule="caller-profiles", field="profile")
+        return profile
+
+
+def build_policy_set(config: Config, ca_certificate: x509.Certificate, throwaway: CertificateIssuerPrivateKeyTypes) -> PolicySet:
+    """Profiles, callers and linter from config; each profile's template is linted in full first.
+
+    A profile whose certificate would fail the lint is a configuration error: it is
+    refused at start-up or reload, before any request could reach it.
+    """
+    linter = Linter(config.lint.mode)
+    profiles = profiles_from_config(config)
+    if linter.mode != "off":
+        template_linter = Linter("full")
+        for profile in profiles.values():
+            decision = _template_decision(profile, throwaway)
+            builder = issuer.build_leaf(decision, ca_certificate, issuer.new_serial(), datetime.now(UTC), config.ca.backdate, _urls(config))
+            try:
+                issuer.sign_linted(builder, throwaway, throwaway, template_linter)
+            except LintFailure as exc:
+                raise ConfigError(f"profiles.{profile.name}: its certificates would fail the pre-issuance lint: {exc.message}") from None
+    return PolicySet(profiles, config.default_profile, dict(config.callers), linter, config)
+
+
+def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> policy.Decision:
+    device_id = "lint-template-device"
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return policy.Decision(
+        device_id=device_id,
+        profile=profile.name,
+        subject=x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, device_id)]),
+        public_key_der=spki,
+        validity=profile.validity,
+        csr_sha256=b"",
+        public_key_sha256=b"",
+        sans=tuple(x509.UniformResourceIdentifier(t.replace("{device_id}", device_id)) for t in profile.san_templates),
+        key_usage=profile.key_usage,
+        extended_key_usage=profile.extended_key_usage,
     )
+
+
+def _urls(config: Config) -> issuer.LeafUrls:
+    return issuer.LeafUrls(config.ca.crl_distribution_points, config.ca.ca_issuers_urls)
 
 
 class Authority:
@@ -82,11 +149,14 @@ class Authority:
         self._hsm = hsm
         self._store = store
         self.active = active
-        self.profiles = profiles_from_config(config)
         self._urls = issuer.LeafUrls(config.ca.crl_distribution_points, config.ca.ca_issuers_urls)
-        self._committer: GroupCommitter[tuple[IssuedCertificate, AuditEvent], IssuanceOutcome] = GroupCommitter(
-            store.record_issuances, config.store.commit_batch_max
+        # Lint-before-sign builds each certificate first with this software key (see issuer.sign_linted).
+        self._throwaway = issuer.throwaway_key_like(active.private_key)  # type: ignore[arg-type]
+        self.policy = build_policy_set(config, active.certificate, self._throwaway)
+        self._committer: GroupCommitter[tuple[IssuedCertificate, AuditEvent, bool], IssuanceOutcome] = GroupCommitter(
+            store.record_unique_issuances, config.store.commit_batch_max
         )
+        self._refusals: GroupCommitter[AuditEvent, None] = GroupCommitter(_append_audit_batch(store), config.store.commit_batch_max)
 
     @classmethod
     def load(cls, config: Config, hsm: Hsm, store: SqlStore) -> Authority:
@@ -94,20 +164,62 @@ class Authority:
 
     def close(self) -> None:
         self._committer.close()
+        self._refusals.close()
+
+    @property
+    def profiles(self) -> dict[str, policy.Profile]:
+        return self.policy.profiles
+
+    def reload(self, config: Config) -> PolicySet:
+        """Put new profiles, callers and lint mode in force; on ConfigError the old ones stay.
+
+        Only the policy is reloadable: listen address, token, CA key and store need a
+        restart, and a change to them is logged, not applied.
+        """
+        new = build_policy_set(config, self.active.certificate, self._throwaway)
+        for section in ("server", "hsm", "ca", "store"):
+            if getattr(config, section) != getattr(self._config, section):
+                log.warning("reload: [%s] changed; that takes effect only after a restart", section)
+        self.policy = new
+        log.info("reload: %d profile(s) in force: %s; lint %s", len(new.profiles), ", ".join(sorted(new.profiles)), new.linter.mode)
+        return new
 
     @property
     def healthy(self) -> bool:
         return self._hsm.healthy
 
     async def sign(self, request: CertificateRequest) -> SignResult:
-        """Check, sign and durably record one CSR; replay the first answer for a repeated request_id."""
-        policy.check_request_fields(request)
-        profile = self._profile(request.profile)
-        existing = await asyncio.to_thread(self._store.find_by_request_id, request.request_id)
+        """Check, sign and durably record one CSR; replay the first answer for a repeated request_id.
+
+        Order: caller and profile, CSR parsing and the profile's rules (pure, no I/O),
+        then one store round trip for the request_id and the uniqueness facts, the fact
+        rules, lint-before-sign on the token's thread, and a commit that re-checks
+        uniqueness. Every refusal is recorded as an audit event before it is returned.
+        """
+        rules = self.policy  # one request sees one configuration, even across a reload
+        max_bytes = self._config.server.max_csr_bytes
+        try:
+            policy.check_request_fields(request)
+            profile = rules.profile_for(request.caller, request.profile)
+            parsed = policy.parse_csr(request.csr, max_bytes)
+            device_id = policy.check_rules(parsed, profile)
+        except CaError as refusal:
+            existing = None
+            if request.request_id and not isinstance(refusal, PermissionDenied):
+                existing = await asyncio.to_thread(self._store.find_by_request_id, request.request_id)
+            if existing is not None:  # a retry of a request answered before this policy was in force
+                return self._result(replay_or_conflict(existing, _csr_digest_or_raw(request.csr, max_bytes)))
+            await self._record_refusal(request, refusal, "", hashlib.sha256(request.csr).digest())
+            raise
+        existing, facts = await asyncio.to_thread(self._lookup, request.request_id, device_id, parsed.public_key_sha256)
         if existing is not None:
-            parsed_digest = _csr_digest_or_raw(request.csr, self._config.server.max_csr_bytes)
-            return self._result(replay_or_conflict(existing, parsed_digest))
-        certificate = await self._hsm.run_async(lambda: self._issue(request, profile))
+            return self._result(replay_or_conflict(existing, parsed.sha256))
+        try:
+            decision = policy.decide(parsed, profile, facts)
+            certificate = await self._hsm.run_async(lambda: self._issue(request, decision, rules.linter))
+        except (PolicyViolation, AlreadyExists, LintFailure) as refusal:
+            await self._record_refusal(request, refusal, device_id, parsed.sha256)
+            raise
         audit = AuditEvent(
             time=certificate.created_at,
             actor=request.caller,
@@ -119,16 +231,52 @@ class Authority:
             request_digest=certificate.csr_sha256,
             details={"profile": certificate.profile, "request_id": request.request_id},
         )
-        return self._result(await self._committer.submit((certificate, audit)))
+        return self._result(await self._committer.submit((certificate, audit, decision.allow_reissue)))
 
-    def _issue(self, request: CertificateRequest, profile: policy.Profile) -> IssuedCertificate:
-        """Parse, decide, build and sign: CPU and token work, run on the token's thread."""
-        parsed = policy.parse_csr(request.csr, self._config.server.max_csr_bytes)
-        decision = policy.decide(parsed, profile)
+    def _lookup(self, request_id: str, device_id: str, public_key_sha256: bytes) -> tuple[IssuedCertificate | None, policy.IssuanceFacts]:
+        existing = self._store.find_by_request_id(request_id)
+        if existing is not None:
+            return existing, policy.NO_FACTS
+        active, others = self._store.issuance_facts(device_id, public_key_sha256, datetime.now(UTC))
+        return None, policy.IssuanceFacts(active_serials_for_device=active, devices_with_public_key=others)
+
+    async def _record_refusal(self, request: CertificateRequest, refusal: CaError, device_id: str, digest: bytes) -> None:
+        """Append the refusal to the audit log (group-committed); a store failure is logged, not raised."""
+        outcome = "lint-failed" if isinstance(refusal, LintFailure) else "refused"
+        if isinstance(refusal, LintFailure):
+            log.error(
+                "pre-issuance lint refused a certificate for device %r (profile %r, request %r): %s",
+                device_id,
+                request.profile,
+                request.request_id,
+                refusal.message,
+            )
+        event = AuditEvent(
+            time=datetime.now(UTC),
+            actor=request.caller,
+            action="certificate.issue",
+            outcome=outcome,
+            device_id=device_id[:256],
+            request_digest=digest,
+            reason=refusal.rule or type(refusal).__name__,
+            details={
+                "profile": request.profile[:128],
+                "request_id": request.request_id[:256],
+                "field": refusal.field,
+                "message": refusal.message[:512],
+            },
+        )
+        try:
+            await self._refusals.submit(event)
+        except CaError as exc:
+            log.error("could not record the refusal of request %r in the audit log: %s", request.request_id, exc.message)
+
+    def _issue(self, request: CertificateRequest, decision: policy.Decision, linter: Linter) -> IssuedCertificate:
+        """Build, lint and sign: CPU and token work, run on the token's thread."""
         now = datetime.now(UTC).replace(microsecond=0)
         serial = issuer.new_serial()
         builder = issuer.build_leaf(decision, self.active.certificate, serial, now, self._config.ca.backdate, self._urls)
-        cert = builder.sign(self.active.private_key, issuer.signature_hash(self.active.private_key))
+        cert = issuer.sign_linted(builder, self.active.private_key, self._throwaway, linter)  # type: ignore[arg-type]
         return IssuedCertificate(
             serial=serial,
             issuer_key_id=self.active.key.key_id,
@@ -143,17 +291,6 @@ class Authority:
             request_id=request.request_id,
             created_at=now,
         )
-
-    def _profile(self, name: str) -> policy.Profile:
-        profile = self.profiles.get(name or self._config.default_profile)
-        if profile is None:
-            raise PermissionDenied(
-                f"profile {name!r} does not exist or is not allowed for this caller; allowed: {sorted(self.profiles)}",
-                rule="profile",
-                field="profile",
-                expected=" or ".join(sorted(self.profiles)),
-            )
-        return profile
 
     def _result(self, outcome: IssuanceOutcome | AlreadyExists) -> SignResult:
         if isinstance(outcome, AlreadyExists):
@@ -190,6 +327,14 @@ def parse_serial(text: str) -> int:
     if serial == 0:
         raise InvalidRequest("serial 0 is never issued (serials are positive)", rule="serial", field="serial", expected="a positive serial")
     return serial
+
+
+def _append_audit_batch(store: SqlStore) -> Callable[[Sequence[AuditEvent]], list[None]]:
+    def commit(events: Sequence[AuditEvent]) -> list[None]:
+        store.append_audit(events)
+        return [None] * len(events)
+
+    return commit
 
 
 def _csr_digest_or_raw(csr: bytes, max_bytes: int) -> bytes:

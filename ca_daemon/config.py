@@ -86,13 +86,92 @@ class StoreConfig:
     commit_batch_max: int = 256
 
 
+# Names a profile may use in its settings, mapped to what the policy layer understands.
+SUBJECT_ATTRIBUTES = ("CN", "O", "OU", "C", "L", "ST", "serialNumber", "DC", "UID")
+EC_CURVES = ("P-256", "P-384", "P-521", "secp256k1")
+CSR_SIGNATURE_ALGORITHMS = (
+    "ecdsa-with-SHA256",
+    "ecdsa-with-SHA384",
+    "ecdsa-with-SHA512",
+    "sha256WithRSAEncryption",
+    "sha384WithRSAEncryption",
+    "sha512WithRSAEncryption",
+    "rsassa-pss",
+    "ed25519",
+)
+# Never allowed, whatever a profile says: collisions are practical (SHA-1) or trivial (MD5).
+WEAK_CSR_SIGNATURE_ALGORITHMS = ("sha1WithRSAEncryption", "ecdsa-with-SHA1", "md5WithRSAEncryption", "dsa-with-sha1")
+SAN_TYPES = ("dns", "uri", "email", "ip")
+LEAF_KEY_USAGES = ("digitalSignature", "contentCommitment", "keyEncipherment", "dataEncipherment", "keyAgreement")
+EXTENDED_KEY_USAGES = ("clientAuth", "serverAuth", "codeSigning", "emailProtection", "timeStamping")
+LINT_MODES = ("template", "full", "off")
+DEVICE_ID_PLACEHOLDER = "{device_id}"
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
+    """One `[profiles.NAME]` table: the rules a CSR must pass and what the certificate gets.
+
+    The defaults are the secure device profile: EC P-256/P-384, RSA 2048-8192 with e=65537,
+    Ed25519; subject = exactly one CN matching device_id_pattern and nothing else; no SANs
+    but those the templates add; requested extensions other than SAN dropped; one active
+    certificate per device ID.
+    """
+
     name: str
     description: str = ""
     device_id_pattern: str = DEFAULT_DEVICE_ID_PATTERN
     validity: timedelta = timedelta(days=365)
     max_validity: timedelta = timedelta(days=365 * 3)
+    ec_curves: tuple[str, ...] = ("P-256", "P-384")
+    rsa_min_bits: int = 2048
+    rsa_max_bits: int = 8192
+    ed25519: bool = True
+    csr_signature_algorithms: tuple[str, ...] = CSR_SIGNATURE_ALGORITHMS
+    subject_required: tuple[str, ...] = ("CN",)
+    # Attribute (other than CN, whose pattern is device_id_pattern) -> regular expression.
+    subject_allowed: tuple[tuple[str, str], ...] = ()
+    subject_max_length: int = 64
+    # SAN type (dns, uri, email, ip) -> regular expression; "{device_id}" stands for the escaped device ID.
+    san_allowed: tuple[tuple[str, str], ...] = ()
+    # SANs every certificate gets, e.g. "urn:dev:ops:{device_id}" (a URI).
+    san_templates: tuple[str, ...] = ()
+    # What happens to requested extensions other than SAN: "drop" or "refuse".
+    requested_extensions: str = "drop"
+    key_usage: tuple[str, ...] = ("digitalSignature",)
+    extended_key_usage: tuple[str, ...] = ("clientAuth",)
+    allow_reissue: bool = False
+
+
+@dataclass(frozen=True)
+class LintConfig:
+    """Pre-issuance linting: "template" (pkilint once per certificate shape, fast checks of
+    what varies per certificate), "full" (pkilint on every certificate) or "off"."""
+
+    mode: str = "template"
+
+
+@dataclass(frozen=True)
+class CrlConfig:
+    """`[crl]`: when full (base) and delta CRLs are published, how long each is valid, and where.
+
+    A CRL must stay valid until its successor is due, with room for a missed run, so each
+    validity is checked to exceed its interval. Delta CRLs are optional (delta = false).
+    """
+
+    full_interval: timedelta = timedelta(hours=24)
+    full_validity: timedelta = timedelta(days=7)
+    delta: bool = True
+    delta_interval: timedelta = timedelta(minutes=5)
+    delta_validity: timedelta = timedelta(hours=1)
+    # Publish a delta as soon as a revocation is seen (within check_interval) instead of on the schedule.
+    publish_on_revoke: bool = True
+    check_interval: timedelta = timedelta(seconds=1)
+    # Where every published CRL is also written, atomically; None: files are not written.
+    directory: Path | None = None
+    # Where the delta is published, named in the base's Freshest CRL; default derived from
+    # ca.crl_distribution_points ("x.crl" -> "x-delta.crl").
+    delta_distribution_points: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +184,10 @@ class Config:
     store: StoreConfig
     profiles: dict[str, ProfileConfig] = field(default_factory=dict)
     default_profile: str = "device"
+    # Caller identity -> the profiles it may ask for (`[callers."IDENTITY"] profiles = [...]`).
+    callers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    lint: LintConfig = field(default_factory=LintConfig)
+    crl: CrlConfig = field(default_factory=CrlConfig)
 
     def profile(self, name: str) -> ProfileConfig:
         return self.profiles[name or self.default_profile]
@@ -137,6 +220,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         http_listen=server_raw.string("http_listen", ""),
     )
     host = _host_of(server.listen, "server.listen")
+    if server.http_listen:
+        _host_of(server.http_listen, "server.http_listen")  # CRLs are public: any address may serve them
     if not server.dev_mode:
         raise ConfigError(
             "server.dev_mode = false needs mTLS, which this version does not provide yet; "
@@ -195,29 +280,17 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
 
     profiles: dict[str, ProfileConfig] = {}
     profiles_raw = reader.table("profiles")
-    for name in profiles_raw.keys():
-        p = profiles_raw.table(name)
-        pattern = p.string("device_id_pattern", DEFAULT_DEVICE_ID_PATTERN)
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ConfigError(f"profiles.{name}.device_id_pattern is not a valid regular expression: {exc}") from None
-        validity = timedelta(days=p.integer("validity_days", 365, minimum=1, maximum=36500))
-        max_validity = timedelta(days=p.integer("max_validity_days", max(validity.days, 365 * 3), minimum=1, maximum=36500))
-        if validity > max_validity:
-            raise ConfigError(f"profiles.{name}: validity_days exceeds max_validity_days")
-        profiles[name] = ProfileConfig(
-            name=name,
-            description=p.string("description", ""),
-            device_id_pattern=pattern,
-            validity=validity,
-            max_validity=max_validity,
-        )
+    for name in profiles_raw.keys():  # noqa: SIM118 - _Reader is not a dict
+        profiles[name] = _parse_profile(name, profiles_raw.table(name))
     if not profiles:
         profiles["device"] = ProfileConfig(name="device", description="Device identity certificate (clientAuth)")
     default_profile = reader.string("default_profile", "device")
     if default_profile not in profiles:
         raise ConfigError(f"default_profile {default_profile!r} is not one of the profiles: {sorted(profiles)}")
+    callers = _parse_callers(reader.table("callers"), profiles, server.local_identity)
+    lint_mode = reader.table("lint").string("mode", "template")
+    if lint_mode not in LINT_MODES:
+        raise ConfigError(f"lint.mode = {lint_mode!r}: use one of {', '.join(LINT_MODES)}")
     return Config(
         path=path,
         state_dir=state_dir,
@@ -227,7 +300,148 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         store=store,
         profiles=profiles,
         default_profile=default_profile,
+        callers=callers,
+        lint=LintConfig(mode=lint_mode),
+        crl=_parse_crl(reader.table("crl"), base, state_dir, ca),
     )
+
+
+def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
+    """One `[profiles.NAME]` table, with every pattern compiled and every name checked."""
+    where = f"profiles.{name}"
+    pattern = p.string("device_id_pattern", DEFAULT_DEVICE_ID_PATTERN)
+    _check_regex(pattern, f"{where}.device_id_pattern")
+    validity = timedelta(days=p.integer("validity_days", 365, minimum=1, maximum=36500))
+    max_validity = timedelta(days=p.integer("max_validity_days", max(validity.days, 365 * 3), minimum=1, maximum=36500))
+    if validity > max_validity:
+        raise ConfigError(f"{where}: validity_days exceeds max_validity_days")
+    curves = tuple(p.string_list("ec_curves", ["P-256", "P-384"]))
+    _check_names(curves, EC_CURVES, f"{where}.ec_curves")
+    rsa_min = p.integer("rsa_min_bits", 2048, minimum=2048, maximum=16384)
+    rsa_max = p.integer("rsa_max_bits", 8192, minimum=0, maximum=16384)
+    if rsa_max and rsa_max < rsa_min:
+        raise ConfigError(f"{where}: rsa_max_bits is below rsa_min_bits (set rsa_max_bits = 0 to refuse RSA keys)")
+    algorithms = tuple(p.string_list("csr_signature_algorithms", list(CSR_SIGNATURE_ALGORITHMS)))
+    for algorithm in algorithms:
+        if algorithm in WEAK_CSR_SIGNATURE_ALGORITHMS:
+            raise ConfigError(f"{where}.csr_signature_algorithms: {algorithm} is never allowed (SHA-1 and MD5 are broken)")
+    _check_names(algorithms, CSR_SIGNATURE_ALGORITHMS, f"{where}.csr_signature_algorithms")
+    required = tuple(p.string_list("subject_required", ["CN"]))
+    _check_names(required, SUBJECT_ATTRIBUTES, f"{where}.subject_required")
+    allowed_raw = p.table("subject_allowed")
+    subject_allowed: list[tuple[str, str]] = []
+    for attribute in allowed_raw.keys():  # noqa: SIM118 - _Reader is not a dict
+        if attribute == "CN":
+            raise ConfigError(f"{where}.subject_allowed.CN: the CN is the device ID; set its pattern with device_id_pattern")
+        _check_names((attribute,), SUBJECT_ATTRIBUTES, f"{where}.subject_allowed")
+        regex = allowed_raw.string(attribute, "")
+        _check_regex(regex, f"{where}.subject_allowed.{attribute}")
+        subject_allowed.append((attribute, regex))
+    for attribute in required:
+        if attribute != "CN" and attribute not in dict(subject_allowed):
+            raise ConfigError(f"{where}.subject_required names {attribute}, which subject_allowed does not allow")
+    san_raw = p.table("san_allowed")
+    san_allowed: list[tuple[str, str]] = []
+    for kind in san_raw.keys():  # noqa: SIM118 - _Reader is not a dict
+        _check_names((kind,), SAN_TYPES, f"{where}.san_allowed")
+        regex = san_raw.string(kind, "")
+        _check_regex(regex.replace(DEVICE_ID_PLACEHOLDER, "device"), f"{where}.san_allowed.{kind}")
+        san_allowed.append((kind, regex))
+    templates = tuple(p.string_list("san_templates", []))
+    for template in templates:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:[!-~]+", template.replace(DEVICE_ID_PLACEHOLDER, "device")):
+            raise ConfigError(
+                f"{where}.san_templates: {template!r} is not a URI (templates make URI SANs such as urn:dev:ops:{{device_id}})"
+            )
+    extensions = p.string("requested_extensions", "drop")
+    if extensions not in ("drop", "refuse"):
+        raise ConfigError(f'{where}.requested_extensions must be "drop" or "refuse"')
+    key_usage = tuple(p.string_list("key_usage", ["digitalSignature"]))
+    if not key_usage:
+        raise ConfigError(f"{where}.key_usage must name at least one usage")
+    _check_names(key_usage, LEAF_KEY_USAGES, f"{where}.key_usage (keyCertSign and cRLSign are for CAs only)")
+    eku = tuple(p.string_list("extended_key_usage", ["clientAuth"]))
+    for usage in eku:
+        if usage not in EXTENDED_KEY_USAGES and not re.fullmatch(r"[0-2](\.[0-9]+)+", usage):
+            raise ConfigError(f"{where}.extended_key_usage: {usage!r} is neither one of {', '.join(EXTENDED_KEY_USAGES)} nor a dotted OID")
+    return ProfileConfig(
+        name=name,
+        description=p.string("description", ""),
+        device_id_pattern=pattern,
+        validity=validity,
+        max_validity=max_validity,
+        ec_curves=curves,
+        rsa_min_bits=rsa_min,
+        rsa_max_bits=rsa_max,
+        ed25519=p.boolean("ed25519", True),
+        csr_signature_algorithms=algorithms,
+        subject_required=required,
+        subject_allowed=tuple(subject_allowed),
+        subject_max_length=p.integer("subject_max_length", 64, minimum=1, maximum=1024),
+        san_allowed=tuple(san_allowed),
+        san_templates=templates,
+        requested_extensions=extensions,
+        key_usage=key_usage,
+        extended_key_usage=eku,
+        allow_reissue=p.boolean("allow_reissue", False),
+    )
+
+
+def _parse_callers(raw: _Reader, profiles: dict[str, ProfileConfig], local_identity: str) -> dict[str, tuple[str, ...]]:
+    """`[callers."IDENTITY"] profiles = [...]`; without the table the local identity may use every profile."""
+    if not raw.keys():
+        return {local_identity: tuple(sorted(profiles))}
+    callers: dict[str, tuple[str, ...]] = {}
+    for identity in raw.keys():  # noqa: SIM118 - _Reader is not a dict
+        allowed = tuple(raw.table(identity).string_list("profiles", []))
+        _check_names(allowed, tuple(profiles), f"callers.{identity}.profiles")
+        callers[identity] = allowed
+    return callers
+
+
+def _check_regex(pattern: str, setting: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{setting} is not a valid regular expression: {exc}") from None
+
+
+def _check_names(values: tuple[str, ...], known: tuple[str, ...], setting: str) -> None:
+    for value in values:
+        if value not in known:
+            raise ConfigError(f"{setting}: unknown name {value!r}; use one of {', '.join(known)}")
+
+
+def _parse_crl(raw: _Reader, base: Path, state_dir: Path, ca: CaConfig) -> CrlConfig:
+    """`[crl]`, with every interval checked against its validity."""
+    day = 86400
+    crl = CrlConfig(
+        full_interval=timedelta(seconds=raw.integer("full_interval_seconds", day, minimum=60, maximum=366 * day)),
+        full_validity=timedelta(seconds=raw.integer("full_validity_seconds", 7 * day, minimum=120, maximum=366 * day)),
+        delta=raw.boolean("delta", True),
+        delta_interval=timedelta(seconds=raw.integer("delta_interval_seconds", 300, minimum=1, maximum=31 * day)),
+        delta_validity=timedelta(seconds=raw.integer("delta_validity_seconds", 3600, minimum=2, maximum=366 * day)),
+        publish_on_revoke=raw.boolean("publish_on_revoke", True),
+        check_interval=timedelta(milliseconds=raw.integer("check_interval_ms", 1000, minimum=50, maximum=60_000)),
+        directory=_resolve(base, raw.string("directory", "")) if raw.string("directory", "") else state_dir / "crl",
+        delta_distribution_points=tuple(raw.string_list("delta_distribution_points", [_delta_url(u) for u in ca.crl_distribution_points])),
+    )
+    if crl.full_validity <= crl.full_interval:
+        raise ConfigError("crl.full_validity_seconds must exceed crl.full_interval_seconds, or relying parties see gaps")
+    if crl.delta:
+        if crl.delta_validity <= crl.delta_interval:
+            raise ConfigError("crl.delta_validity_seconds must exceed crl.delta_interval_seconds, or relying parties see gaps")
+        if crl.delta_interval >= crl.full_interval:
+            raise ConfigError("crl.delta_interval_seconds must be shorter than crl.full_interval_seconds")
+    for url in crl.delta_distribution_points:
+        if not re.match(r"^https?://[^\s]+$", url):
+            raise ConfigError(f"crl.delta_distribution_points: {url!r} is not an http:// or https:// URL")
+    return crl
+
+
+def _delta_url(full_url: str) -> str:
+    """Where the delta of a CRL published at full_url goes: "x.crl" -> "x-delta.crl"."""
+    return full_url[: -len(".crl")] + "-delta.crl" if full_url.endswith(".crl") else full_url + "-delta"
 
 
 def _uri_token(uri: str) -> str:
@@ -321,6 +535,8 @@ dev_mode = true
 workers = {workers}
 max_csr_bytes = 65536
 local_identity = "local-developer"
+# Plain HTTP for CRLs and the CA certificate at the URLs the certificates carry ([ca] below).
+http_listen = "127.0.0.1:8080"
 
 [hsm]
 module = "{DEFAULT_SOFTHSM_MODULE}"
@@ -338,10 +554,47 @@ backdate_seconds = 60
 url = "sqlite:///ca.db"
 sqlite_synchronous = "FULL"
 
+# Full (base) CRL every 24 h valid 7 days; delta CRL every 5 minutes valid 1 hour, and at once
+# after a revocation. Published over HTTP (server.http_listen), GetCRL, and as files in `directory`.
+[crl]
+full_interval_seconds = 86400
+full_validity_seconds = 604800
+delta = true
+delta_interval_seconds = 300
+delta_validity_seconds = 3600
+publish_on_revoke = true
+directory = "crl"
+
+# A profile is the issuance policy for one kind of certificate; `ca-daemon reload` (or SIGHUP)
+# re-reads this section without a restart. See README.md ("Profiles") for every setting.
 [profiles.device]
 description = "Device identity certificate for TLS client authentication"
 device_id_pattern = '{DEFAULT_DEVICE_ID_PATTERN}'
 validity_days = 365
+# max_validity_days defaults to the longer of validity_days and 3 years.
+ec_curves = ["P-256", "P-384"]
+rsa_min_bits = 2048
+rsa_max_bits = 8192
+ed25519 = true
+subject_required = ["CN"]
+# SANs every certificate gets, bound to the device ID, e.g. ["urn:dev:ops:{{device_id}}"]. (Note that
+# pkilint's lint_pkix_cert flags URNs as invalid URIs; the daemon's own lint knows RFC 8141 URNs.)
+san_templates = []
+requested_extensions = "drop"
+key_usage = ["digitalSignature"]
+extended_key_usage = ["clientAuth"]
+allow_reissue = false
+
+[profiles.device.san_allowed]
+uri = '^urn:dev:ops:{{device_id}}$'
+
+# Which profiles each caller identity may ask for (in development mode: server.local_identity).
+[callers."local-developer"]
+profiles = ["device"]
+
+[lint]
+# "template": pkilint once per certificate shape, fast checks of what varies; "full": pkilint every certificate.
+mode = "template"
 """
 
 

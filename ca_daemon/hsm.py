@@ -14,6 +14,7 @@ and `CertificateRevocationListBuilder` sign with a key they never see.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 import pkcs11
 from cryptography.hazmat.primitives import hashes, serialization
@@ -109,12 +110,6 @@ class Pkcs11Uri:
         if self.key_id:
             parts.append("id=" + "".join(f"%{b:02x}" for b in self.key_id))
         return "pkcs11:" + ";".join(parts)
-
-
-def unquote_to_bytes(value: str) -> bytes:
-    from urllib.parse import unquote_to_bytes as _unquote
-
-    return _unquote(value)
 
 
 # ---------------------------------------------------------------------------
@@ -212,9 +207,7 @@ class Hsm:
                 self._lib.reinitialize()
             token = self._lib.get_token(token_label=self._token_label)
         except pkcs11.exceptions.NoSuchToken:
-            raise HsmUnavailable(
-                f"PKCS#11 token {self._token_label!r} not found in module {self._module_path}"
-            ) from None
+            raise HsmUnavailable(f"PKCS#11 token {self._token_label!r} not found in module {self._module_path}") from None
         except pkcs11.exceptions.PKCS11Error as exc:
             raise HsmUnavailable(f"cannot reach PKCS#11 token {self._token_label!r}: {type(exc).__name__}") from None
         try:
@@ -235,10 +228,8 @@ class Hsm:
         session, self._session = self._session, None
         self._keys.clear()
         if session is not None:
-            try:
+            with contextlib.suppress(pkcs11.exceptions.PKCS11Error):
                 session.close()
-            except pkcs11.exceptions.PKCS11Error:
-                pass
 
     def _guarded(self, operation: str, fn: Callable[[], T]) -> T:
         """Run fn on this thread, reconnecting first if the token went away earlier.
@@ -295,9 +286,7 @@ class Hsm:
                     key_type, oid, mechanism = KeyType.EC, _CURVE_OIDS[spec], Mechanism.EC_KEY_PAIR_GEN
                 else:
                     key_type, oid, mechanism = KeyType.EC_EDWARDS, _ED25519_OID, Mechanism.EC_EDWARDS_KEY_PAIR_GEN
-                params = session.create_domain_parameters(
-                    key_type, {Attribute.EC_PARAMS: encode_named_curve_parameters(oid)}, local=True
-                )
+                params = session.create_domain_parameters(key_type, {Attribute.EC_PARAMS: encode_named_curve_parameters(oid)}, local=True)
                 public, private = params.generate_keypair(
                     id=key_id,
                     label=label,

@@ -15,8 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
+from ca_daemon.errors import LintFailure
+from ca_daemon.lint import Linter
 from ca_daemon.policy import Decision
 
 SERIAL_BYTES = 20
@@ -39,6 +41,45 @@ def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorith
     return hashes.SHA256()
 
 
+def throwaway_key_like(key: CertificateIssuerPrivateKeyTypes) -> CertificateIssuerPrivateKeyTypes:
+    """A software key whose signatures carry the same AlgorithmIdentifier as key's.
+
+    The certificate is built and linted with it first (like Boulder's lint certificate);
+    because the algorithm matches, the to-be-signed bytes are the same as the real ones.
+    """
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return ec.generate_private_key(key.curve)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return ed25519.Ed25519PrivateKey.generate()
+    raise TypeError(f"no throwaway key for a {type(key).__name__} CA key")
+
+
+def sign_linted(
+    builder: x509.CertificateBuilder,
+    key: CertificateIssuerPrivateKeyTypes,
+    throwaway: CertificateIssuerPrivateKeyTypes,
+    linter: Linter,
+) -> x509.Certificate:
+    """Lint-before-sign: build with the throwaway key, lint, sign the same contents with the real key.
+
+    The real signature is made only after the lint passed, and the two to-be-signed
+    encodings are compared, so what was linted is exactly what was signed.
+    """
+    if linter.mode == "off":
+        return builder.sign(key, signature_hash(key))  # type: ignore[arg-type]
+    draft = builder.sign(throwaway, signature_hash(throwaway))  # type: ignore[arg-type]
+    linter.check(draft)
+    certificate = builder.sign(key, signature_hash(key))  # type: ignore[arg-type]
+    if certificate.tbs_certificate_bytes != draft.tbs_certificate_bytes:
+        raise LintFailure(
+            "the signed certificate differs from the linted one (throwaway key of another algorithm?); nothing was issued",
+            rule="lint",
+        )
+    return certificate
+
+
 @dataclass(frozen=True)
 class LeafUrls:
     crl_distribution_points: Sequence[str] = ()
@@ -53,7 +94,7 @@ def build_leaf(
     backdate: timedelta,
     urls: LeafUrls,
 ) -> x509.CertificateBuilder:
-    """A device certificate: CA:false, digitalSignature, clientAuth, SKI/AKI, CDP and AIA."""
+    """A device certificate: CA:false, the profile's key usage (critical) and EKU, SANs, SKI/AKI, CDP and AIA."""
     public_key = serialization.load_der_public_key(decision.public_key_der)
     assert isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey))
     not_before = now - backdate
@@ -67,11 +108,14 @@ def build_leaf(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(_leaf_key_usage(decision.key_usage), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(list(decision.extended_key_usage)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_authority_key_identifier(issuer_certificate), critical=False)
     )
+    if decision.sans:
+        # Non-critical: the subject is never empty (it holds at least the device ID).
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(decision.sans)), critical=False)
     if urls.crl_distribution_points:
         builder = builder.add_extension(
             x509.CRLDistributionPoints(
@@ -89,16 +133,17 @@ def build_leaf(
     if urls.ca_issuers:
         builder = builder.add_extension(
             x509.AuthorityInformationAccess(
-                [x509.AccessDescription(x509.AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(u)) for u in urls.ca_issuers]
+                [
+                    x509.AccessDescription(x509.AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(u))
+                    for u in urls.ca_issuers
+                ]
             ),
             critical=False,
         )
     return builder
 
 
-def build_root(
-    subject: x509.Name, public_key: x509.Certificate | object, now: datetime, validity: timedelta
-) -> x509.CertificateBuilder:
+def build_root(subject: x509.Name, public_key: x509.Certificate | object, now: datetime, validity: timedelta) -> x509.CertificateBuilder:
     """A self-signed root CA certificate for the key (CA:true critical, keyCertSign and cRLSign)."""
     assert isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey))
     ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
@@ -136,6 +181,21 @@ def parse_subject(text: str) -> x509.Name:
     if not name.get_attributes_for_oid(NameOID.COMMON_NAME):
         raise ValueError(f"the CA subject {text!r} needs a CN")
     return name
+
+
+def _leaf_key_usage(names: frozenset[str]) -> x509.KeyUsage:
+    """The profile's key usages (names as in RFC 5280); a leaf never gets keyCertSign or cRLSign."""
+    return x509.KeyUsage(
+        digital_signature="digitalSignature" in names,
+        content_commitment="contentCommitment" in names,
+        key_encipherment="keyEncipherment" in names,
+        data_encipherment="dataEncipherment" in names,
+        key_agreement="keyAgreement" in names,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:

@@ -19,7 +19,7 @@ class KeySpec(enum.Enum):
 
     @property
     def family(self) -> str:
-        """"ec", "rsa" or "ed25519"."""
+        """ "ec", "rsa" or "ed25519"."""
         return self.value.split("-")[0]
 
     @property
@@ -118,3 +118,23 @@ class AuditEvent:
     request_digest: bytes = b""
     reason: str = ""
     details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PublishedCrl:
+    """A CRL as signed, checked and recorded: a full (base) CRL or a delta on a base."""
+
+    issuer_key_id: str
+    crl_number: int
+    base_crl_number: int | None
+    this_update: datetime
+    next_update: datetime
+    # The revocation change counter the CRL is complete up to (see store.schema.revocations).
+    change_seq: int
+    entries: int
+    der: bytes
+    published_at: datetime
+
+    @property
+    def is_delta(self) -> bool:
+        return self.base_crl_number is not None

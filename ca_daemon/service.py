@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -23,7 +23,8 @@ from grpc_status import rpc_status
 from ca_daemon import errors
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.authority import Authority, chain_pem
-from ca_daemon.model import CertificateRequest
+from ca_daemon.model import CertificateRequest, Revocation
+from ca_daemon.revocation import Revocations
 from ca_daemon.store import serial_hex
 
 log = logging.getLogger("ca_daemon.rpc")
@@ -116,9 +117,15 @@ def _pem(der: bytes) -> str:
 class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
     """The CertificateAuthority service over an Authority."""
 
-    def __init__(self, authority: Authority, caller_identity: Callable[[grpc.aio.ServicerContext], str]) -> None:
+    def __init__(
+        self,
+        authority: Authority,
+        caller_identity: Callable[[grpc.aio.ServicerContext], str],
+        revocations: Revocations | None = None,
+    ) -> None:
         self._authority = authority
         self._caller = caller_identity
+        self._revocations = revocations
 
     async def Sign(self, request: ca_pb2.SignRequest, context: grpc.aio.ServicerContext) -> ca_pb2.SignResponse:
         result = await self._authority.sign(
@@ -160,6 +167,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
         self, request: ca_pb2.GetCertificateRequest, context: grpc.aio.ServicerContext
     ) -> ca_pb2.GetCertificateResponse:
         cert = await self._authority.get_certificate(request.serial)
+        revocation = await self._revoker().revocation_of(cert.serial) if self._revocations is not None else None
         return ca_pb2.GetCertificateResponse(
             certificate_pem=_pem(cert.der),
             serial=serial_hex(cert.serial),
@@ -168,7 +176,78 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
             issuer_key_id=cert.issuer_key_id,
             not_before=_timestamp(cert.not_before),
             not_after=_timestamp(cert.not_after),
+            revocation=_revocation(revocation) if revocation is not None else None,
         )
+
+    # -- revocation and CRLs (issue 5) ----------------------------------------
+
+    def _revoker(self) -> Revocations:
+        if self._revocations is None:
+            raise errors.FailedPrecondition("revocation is not enabled in this server")
+        return self._revocations
+
+    async def Revoke(self, request: ca_pb2.RevokeRequest, context: grpc.aio.ServicerContext) -> ca_pb2.RevokeResponse:
+        revocation = await self._revoker().revoke(
+            request.serial, request.reason, _optional_time(request, "invalidity_date"), self._caller(context)
+        )
+        return ca_pb2.RevokeResponse(revoked_at=_timestamp(revocation.revoked_at))
+
+    async def Unrevoke(self, request: ca_pb2.UnrevokeRequest, context: grpc.aio.ServicerContext) -> ca_pb2.UnrevokeResponse:
+        await self._revoker().unrevoke(request.serial, self._caller(context))
+        return ca_pb2.UnrevokeResponse()
+
+    async def RevokeBulk(self, request: ca_pb2.RevokeBulkRequest, context: grpc.aio.ServicerContext) -> ca_pb2.RevokeBulkResponse:
+        revoked = await self._revoker().revoke_bulk(
+            list(request.serials), request.device_id, request.reason, _optional_time(request, "invalidity_date"), self._caller(context)
+        )
+        return ca_pb2.RevokeBulkResponse(revoked_serials=[serial_hex(r.serial) for r in revoked])
+
+    async def GetCRL(self, request: ca_pb2.GetCRLRequest, context: grpc.aio.ServicerContext) -> ca_pb2.GetCRLResponse:
+        if request.kind not in (ca_pb2.CRL_KIND_FULL, ca_pb2.CRL_KIND_DELTA):
+            raise errors.InvalidRequest(
+                f"CRL kind {request.kind} is unknown", rule="kind", field="kind", expected="CRL_KIND_FULL or CRL_KIND_DELTA"
+            )
+        answer = await self._revoker().get_crl(
+            delta=request.kind == ca_pb2.CRL_KIND_DELTA, issuer_key_id=request.issuer_key_id, if_newer_than=request.if_newer_than
+        )
+        crl = answer.crl
+        return ca_pb2.GetCRLResponse(
+            crl_der=b"" if answer.not_modified else crl.der,
+            crl_number=crl.crl_number,
+            not_modified=answer.not_modified,
+            this_update=_timestamp(crl.this_update),
+            next_update=_timestamp(crl.next_update),
+        )
+
+    async def ListProfiles(self, request: ca_pb2.ListProfilesRequest, context: grpc.aio.ServicerContext) -> ca_pb2.ListProfilesResponse:
+        profiles = self._authority.policy.profiles
+        return ca_pb2.ListProfilesResponse(
+            profiles=[
+                ca_pb2.Profile(
+                    name=p.name,
+                    description=p.description,
+                    rules=p.describe_rules(),
+                    default_validity_seconds=int(p.validity.total_seconds()),
+                    max_validity_seconds=int(p.max_validity.total_seconds()),
+                )
+                for p in sorted(profiles.values(), key=lambda p: p.name)
+            ]
+        )
+
+
+def _optional_time(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    value: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
+    return value
+
+
+def _revocation(revocation: Revocation) -> ca_pb2.Revocation:
+    return ca_pb2.Revocation(
+        reason=int(revocation.reason),  # type: ignore[arg-type]
+        revoked_at=_timestamp(revocation.revoked_at),
+        invalidity_date=_timestamp(revocation.invalidity_date) if revocation.invalidity_date else None,
+    )
 
 
 __all__ = ["CertificateAuthorityServicer", "ErrorInterceptor", "SERVICE_NAME"]

@@ -86,9 +86,15 @@ revocations = Table(
     Column("lifted_at", DateTime(timezone=True)),
     # A per-issuer change counter: a delta CRL covers the changes after its base.
     Column("change_seq", BigInteger, nullable=False, default=0),
+    # The certificate's notAfter, copied so the base CRL can drop expired entries without a join.
+    Column("not_after", DateTime(timezone=True), nullable=False),
+    # The revokedCertificate entry, DER-encoded once at revocation: a full CRL is their concatenation.
+    Column("entry_der", LargeBinary, nullable=False),
     Index("ix_revocations_issuer_change", "issuer_key_id", "change_seq"),
 )
 
+# Every published CRL of every issuer (the last few are kept; see SqlStore.store_crl).
+# One CRL number sequence per issuer, shared by full and delta CRLs.
 crls = Table(
     "crls",
     metadata,
@@ -98,8 +104,23 @@ crls = Table(
     Column("base_crl_number", BigInteger),
     Column("this_update", DateTime(timezone=True), nullable=False),
     Column("next_update", DateTime(timezone=True), nullable=False),
+    # The revocations.change_seq this CRL is complete up to (a delta after it lists what is newer).
+    Column("change_seq", BigInteger, nullable=False, default=0),
+    Column("entries", Integer, nullable=False, default=0),
     Column("der", LargeBinary, nullable=False),
     Column("published_at", DateTime(timezone=True), nullable=False),
+    Index("ix_crls_issuer_kind_number", "issuer_key_id", "is_delta", "crl_number"),
+)
+
+# The outcome of the last CRL publication attempt per issuer, so every worker's health
+# check can show a CRL that failed its self-check (only one process publishes).
+crl_publish_status = Table(
+    "crl_publish_status",
+    metadata,
+    Column("issuer_key_id", String(128), ForeignKey("ca_keys.key_id"), primary_key=True),
+    Column("ok", Boolean, nullable=False),
+    Column("message", Text, nullable=False, default=""),
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
 )
 
 audit_events = Table(
@@ -125,7 +146,7 @@ audit_events = Table(
 
 
 def _create_v1(conn: Connection) -> None:
-    for table in (ca_keys, certificates, revocations, crls, audit_events):
+    for table in (ca_keys, certificates, revocations, crls, crl_publish_status, audit_events):
         table.create(conn)
 
 

@@ -8,20 +8,24 @@ certificates, each with its audit event.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, insert, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from ca_daemon.errors import AlreadyExists, StoreUnavailable
-from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus
+from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, StoreUnavailable
+from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import schema
-from ca_daemon.store.schema import audit_events, ca_keys, certificates, schema_migrations
+from ca_daemon.store.schema import audit_events, ca_keys, certificates, crl_publish_status, crls, schema_migrations
+from ca_daemon.store.schema import revocations as revocations_table
+
+# removeFromCRL (RFC 5280 5.3.1): how a delta CRL says a lifted hold is no longer revoked.
+REMOVE_FROM_CRL = 8
 
 
 def serial_hex(serial: int) -> str:
@@ -84,15 +88,11 @@ class SqlStore:
             schema_migrations.create(conn, checkfirst=True)
         for version, description, step in schema.MIGRATIONS:
             with self._begin() as conn:
-                done = conn.execute(
-                    select(schema_migrations.c.version).where(schema_migrations.c.version == version)
-                ).first()
+                done = conn.execute(select(schema_migrations.c.version).where(schema_migrations.c.version == version)).first()
                 if done:
                     continue
                 step(conn)
-                conn.execute(
-                    insert(schema_migrations).values(version=version, description=description, applied_at=_now())
-                )
+                conn.execute(insert(schema_migrations).values(version=version, description=description, applied_at=_now()))
                 applied_now.append(version)
         return applied_now
 
@@ -151,9 +151,7 @@ class SqlStore:
         with self._connect() as conn:
             return [int(s, 16) for s in conn.execute(select(certificates.c.serial)).scalars()]
 
-    def record_issuances(
-        self, batch: Sequence[tuple[IssuedCertificate, AuditEvent]]
-    ) -> list[IssuanceOutcome | AlreadyExists]:
+    def record_issuances(self, batch: Sequence[tuple[IssuedCertificate, AuditEvent]]) -> list[IssuanceOutcome | AlreadyExists]:
         """Store a batch of issued certificates and their audit events in one transaction.
 
         A request_id seen before (in an earlier commit or earlier in this batch) stores
@@ -163,11 +161,7 @@ class SqlStore:
         outcomes: list[IssuanceOutcome | AlreadyExists] = []
         with self._begin() as conn:
             for cert, audit in batch:
-                stmt = (
-                    self._insert(certificates)
-                    .values(**_certificate_values(cert))
-                    .on_conflict_do_nothing(index_elements=["request_id"])
-                )
+                stmt = self._insert(certificates).values(**_certificate_values(cert)).on_conflict_do_nothing(index_elements=["request_id"])
                 if conn.execute(stmt).rowcount == 1:
                     conn.execute(insert(audit_events).values(**_audit_values(audit)))
                     outcomes.append(IssuanceOutcome(cert, created=True))
@@ -175,6 +169,84 @@ class SqlStore:
                 row = conn.execute(select(certificates).where(certificates.c.request_id == cert.request_id)).one()
                 existing = _certificate(row)
                 outcomes.append(_replay(existing, cert.csr_sha256))
+        return outcomes
+
+    # -- uniqueness (issue 4) ------------------------------------------------
+    #
+    # The policy decides on facts the authority fetches with issuance_facts; the same
+    # facts are checked again inside the issuing transaction (record_unique_issuances),
+    # which SQLite serialises (BEGIN IMMEDIATE) and PostgreSQL serialises per device ID
+    # and key with transaction-scoped advisory locks, so two concurrent Signs for one
+    # device cannot both be stored.
+
+    def issuance_facts(self, device_id: str, public_key_sha256: bytes, now: datetime) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(serials of active certificates for device_id, other device IDs certified for the key)."""
+        with self._connect() as conn:
+            return self._issuance_facts(conn, device_id, public_key_sha256, now)
+
+    def _issuance_facts(
+        self, conn: Connection, device_id: str, public_key_sha256: bytes, now: datetime
+    ) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        revoked = select(revocations_table.c.serial).where(revocations_table.c.lifted_at.is_(None))
+        active = conn.execute(
+            select(certificates.c.serial).where(
+                certificates.c.device_id == device_id,
+                certificates.c.not_after > now,
+                certificates.c.serial.not_in(revoked),
+            )
+        ).scalars()
+        others = conn.execute(
+            select(certificates.c.device_id)
+            .where(certificates.c.public_key_sha256 == public_key_sha256, certificates.c.device_id != device_id)
+            .distinct()
+            .limit(5)
+        ).scalars()
+        return tuple(int(s, 16) for s in active), tuple(others)
+
+    def record_unique_issuances(self, batch: Sequence[tuple[IssuedCertificate, AuditEvent, bool]]) -> list[IssuanceOutcome | AlreadyExists]:
+        """record_issuances, re-checking uniqueness in the same transaction.
+
+        Each item is (certificate, audit event, allow_reissue). A certificate whose device
+        ID gained an active certificate, or whose key was certified for another device,
+        since the policy decided is not stored: its outcome is AlreadyExists and an audit
+        event records that the signed certificate was discarded.
+        """
+        outcomes: list[IssuanceOutcome | AlreadyExists] = []
+        with self._begin() as conn:
+            for cert, audit, allow_reissue in batch:
+                existing = conn.execute(select(certificates).where(certificates.c.request_id == cert.request_id)).first()
+                if existing is not None:
+                    outcomes.append(_replay(_certificate(existing), cert.csr_sha256))
+                    continue
+                if self.dialect == "postgresql":
+                    for text in (cert.device_id, cert.public_key_sha256.hex()):
+                        conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(text))))
+                active, others = self._issuance_facts(conn, cert.device_id, cert.public_key_sha256, _now())
+                conflict = _uniqueness_conflict(cert, active if not allow_reissue else (), others)
+                if conflict is not None:
+                    conn.execute(
+                        insert(audit_events).values(
+                            **_audit_values(
+                                AuditEvent(
+                                    time=_now(),
+                                    actor=audit.actor,
+                                    action="certificate.issue",
+                                    outcome="refused",
+                                    serial=cert.serial,
+                                    device_id=cert.device_id,
+                                    key_id=cert.issuer_key_id,
+                                    request_digest=cert.csr_sha256,
+                                    reason=conflict.rule,
+                                    details={**audit.details, "note": "signed concurrently with a conflicting request; discarded"},
+                                )
+                            )
+                        )
+                    )
+                    outcomes.append(conflict)
+                    continue
+                conn.execute(insert(certificates).values(**_certificate_values(cert)))
+                conn.execute(insert(audit_events).values(**_audit_values(audit)))
+                outcomes.append(IssuanceOutcome(cert, created=True))
         return outcomes
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
@@ -186,6 +258,300 @@ class SqlStore:
     def audit_events(self) -> list[dict[str, Any]]:
         with self._connect() as conn:
             return [dict(r._mapping) for r in conn.execute(select(audit_events).order_by(audit_events.c.seq))]
+
+    # -- revocations and CRLs (issue 5) --------------------------------------
+    #
+    # Each revocation row carries its revokedCertificate entry, DER-encoded once by the
+    # caller (`encode_entry`), so a full CRL is a concatenation of stored bytes and a
+    # revocation costs a few indexed statements no matter how many rows exist.
+
+    def record_revocations(
+        self,
+        *,
+        serials: Sequence[int],
+        device_id: str,
+        reason: int,
+        revoked_at: datetime,
+        invalidity_date: datetime | None,
+        actor: str,
+        encode_entry: Callable[[int, datetime, int, datetime | None], bytes],
+    ) -> list[Revocation]:
+        """Revoke the listed serials and every unrevoked certificate of device_id, in one transaction.
+
+        A listed serial that is unknown is NotFound and one already revoked is
+        FailedPrecondition naming the first revocation; either way nothing is revoked.
+        A certificateHold may be turned into a final reason. Certificates of the device
+        that are already revoked are skipped. The commit is durable when this returns.
+        """
+        revocations: list[Revocation] = []
+        with self._begin() as conn:
+            targets: dict[str, Row[Any]] = {}
+            for serial in serials:
+                row = conn.execute(
+                    select(certificates.c.serial, certificates.c.issuer_key_id, certificates.c.not_after, certificates.c.device_id).where(
+                        certificates.c.serial == serial_hex(serial)
+                    )
+                ).first()
+                if row is None:
+                    raise NotFound(f"no certificate with serial {serial_hex(serial)} was issued by this CA", rule="serial", field="serial")
+                targets[row.serial] = row
+            explicit = set(targets)
+            if device_id:
+                rows = conn.execute(
+                    select(certificates.c.serial, certificates.c.issuer_key_id, certificates.c.not_after, certificates.c.device_id).where(
+                        certificates.c.device_id == device_id
+                    )
+                ).all()
+                if not rows and not serials:
+                    raise NotFound(f"no certificate was issued for device {device_id!r}", rule="device_id", field="device_id")
+                for row in rows:
+                    targets.setdefault(row.serial, row)
+            existing = (
+                {r.serial: r for r in conn.execute(select(revocations_table).where(revocations_table.c.serial.in_(list(targets)))).all()}
+                if targets
+                else {}
+            )
+            next_seq: dict[str, int] = {}
+            for serial_text, cert in targets.items():
+                previous = existing.get(serial_text)
+                if previous is not None and previous.lifted_at is None:
+                    upgrade = previous.reason == RevocationReason.CERTIFICATE_HOLD and reason != RevocationReason.CERTIFICATE_HOLD
+                    if not upgrade:
+                        if serial_text in explicit:
+                            raise FailedPrecondition(
+                                f"certificate {serial_text} is already revoked: {RevocationReason(previous.reason).name.lower()} "
+                                f"at {_utc(previous.revoked_at).isoformat()}",
+                                rule="already-revoked",
+                                field="serial",
+                                expected="a certificate that is not revoked (only certificateHold can be changed)",
+                            )
+                        continue
+                issuer = cert.issuer_key_id
+                if issuer not in next_seq:
+                    next_seq[issuer] = self._max_change_seq(conn, issuer) + 1
+                serial = int(serial_text, 16)
+                values = {
+                    "issuer_key_id": issuer,
+                    "reason": int(reason),
+                    "revoked_at": revoked_at,
+                    "invalidity_date": invalidity_date,
+                    "revoked_by": actor,
+                    "lifted_at": None,
+                    "change_seq": next_seq[issuer],
+                    "not_after": _utc(cert.not_after),
+                    "entry_der": encode_entry(serial, revoked_at, int(reason), invalidity_date),
+                }
+                if previous is None:
+                    conn.execute(insert(revocations_table).values(serial=serial_text, **values))
+                else:
+                    conn.execute(update(revocations_table).where(revocations_table.c.serial == serial_text).values(**values))
+                conn.execute(
+                    insert(audit_events).values(
+                        **_audit_values(
+                            AuditEvent(
+                                time=revoked_at,
+                                actor=actor,
+                                action="certificate.revoke",
+                                outcome="revoked",
+                                serial=serial,
+                                device_id=cert.device_id,
+                                key_id=issuer,
+                                reason=RevocationReason(reason).name.lower(),
+                                details={"invalidity_date": invalidity_date.isoformat()} if invalidity_date else {},
+                            )
+                        )
+                    )
+                )
+                revocations.append(Revocation(serial, issuer, RevocationReason(reason), revoked_at, invalidity_date))
+        return revocations
+
+    def lift_hold(
+        self, serial: int, *, lifted_at: datetime, actor: str, encode_entry: Callable[[int, datetime, int, datetime | None], bytes]
+    ) -> Revocation:
+        """Lift a certificateHold: the row stays, as a removeFromCRL entry for the next delta."""
+        serial_text = serial_hex(serial)
+        with self._begin() as conn:
+            row = conn.execute(select(revocations_table).where(revocations_table.c.serial == serial_text)).first()
+            if row is None or row.lifted_at is not None:
+                exists = conn.execute(select(certificates.c.serial).where(certificates.c.serial == serial_text)).first()
+                if exists is None:
+                    raise NotFound(f"no certificate with serial {serial_text} was issued by this CA", rule="serial", field="serial")
+                raise FailedPrecondition(
+                    f"certificate {serial_text} is not on hold, so there is nothing to lift",
+                    rule="not-on-hold",
+                    field="serial",
+                    expected="a certificate revoked with reason certificateHold",
+                )
+            if row.reason != RevocationReason.CERTIFICATE_HOLD:
+                raise FailedPrecondition(
+                    f"certificate {serial_text} was revoked for {RevocationReason(row.reason).name.lower()} at "
+                    f"{_utc(row.revoked_at).isoformat()}; only certificateHold can be lifted",
+                    rule="revocation-final",
+                    field="serial",
+                    expected="a certificate revoked with reason certificateHold",
+                )
+            revoked_at = _utc(row.revoked_at)
+            conn.execute(
+                update(revocations_table)
+                .where(revocations_table.c.serial == serial_text)
+                .values(
+                    lifted_at=lifted_at,
+                    change_seq=self._max_change_seq(conn, row.issuer_key_id) + 1,
+                    entry_der=encode_entry(serial, revoked_at, REMOVE_FROM_CRL, None),
+                )
+            )
+            conn.execute(
+                insert(audit_events).values(
+                    **_audit_values(
+                        AuditEvent(
+                            time=lifted_at,
+                            actor=actor,
+                            action="certificate.unrevoke",
+                            outcome="hold-lifted",
+                            serial=serial,
+                            key_id=row.issuer_key_id,
+                        )
+                    )
+                )
+            )
+        return Revocation(serial, row.issuer_key_id, RevocationReason(row.reason), revoked_at, None)
+
+    def get_revocation(self, serial: int) -> Revocation | None:
+        """The revocation in force for a serial (a lifted hold is none)."""
+        with self._connect() as conn:
+            row = conn.execute(
+                select(revocations_table).where(revocations_table.c.serial == serial_hex(serial), revocations_table.c.lifted_at.is_(None))
+            ).first()
+        if row is None:
+            return None
+        return Revocation(
+            serial,
+            row.issuer_key_id,
+            RevocationReason(row.reason),
+            _utc(row.revoked_at),
+            _utc(row.invalidity_date) if row.invalidity_date is not None else None,
+        )
+
+    def max_change_seq(self, issuer_key_id: str) -> int:
+        with self._connect() as conn:
+            return self._max_change_seq(conn, issuer_key_id)
+
+    @staticmethod
+    def _max_change_seq(conn: Connection, issuer_key_id: str) -> int:
+        value = conn.execute(
+            select(func.max(revocations_table.c.change_seq)).where(revocations_table.c.issuer_key_id == issuer_key_id)
+        ).scalar()
+        return int(value or 0)
+
+    def crl_entries(self, issuer_key_id: str, *, after_seq: int | None, drop_expired: tuple[datetime, int] | None) -> CrlEntries:
+        """Concatenated revokedCertificate entries from one consistent snapshot.
+
+        after_seq None: the entries of a full CRL (holds lifted are left out; with
+        drop_expired=(time, seq), entries of certificates expired before `time` that were
+        already complete at change `seq`, i.e. on the previous base, are left out too).
+        after_seq set: the entries of a delta, every change after that sequence number,
+        lifted holds included as their removeFromCRL entries.
+        """
+        body = bytearray()
+        count = 0
+        with self._connect() as conn:
+            upto = self._max_change_seq(conn, issuer_key_id)
+            stmt = select(revocations_table.c.entry_der).where(
+                revocations_table.c.issuer_key_id == issuer_key_id, revocations_table.c.change_seq <= upto
+            )
+            if after_seq is not None:
+                stmt = stmt.where(revocations_table.c.change_seq > after_seq)
+            else:
+                stmt = stmt.where(revocations_table.c.lifted_at.is_(None))
+                if drop_expired is not None:
+                    before, seq = drop_expired
+                    stmt = stmt.where(or_(revocations_table.c.not_after >= before, revocations_table.c.change_seq > seq))
+            result = conn.execute(stmt.execution_options(yield_per=20000))
+            for partition in result.scalars().partitions():
+                body += b"".join(partition)
+                count += len(partition)
+        return CrlEntries(body, count, upto)
+
+    def latest_crl(self, issuer_key_id: str, *, delta: bool, with_der: bool = True) -> PublishedCrl | None:
+        columns = [c for c in crls.c if with_der or c.name != "der"]
+        with self._connect() as conn:
+            row = conn.execute(
+                select(*columns)
+                .where(crls.c.issuer_key_id == issuer_key_id, crls.c.is_delta == delta)
+                .order_by(crls.c.crl_number.desc())
+                .limit(1)
+            ).first()
+        return _published_crl(row, with_der) if row else None
+
+    def max_crl_number(self, issuer_key_id: str) -> int:
+        with self._connect() as conn:
+            return self._max_crl_number(conn, issuer_key_id)
+
+    @staticmethod
+    def _max_crl_number(conn: Connection, issuer_key_id: str) -> int:
+        value = conn.execute(select(func.max(crls.c.crl_number)).where(crls.c.issuer_key_id == issuer_key_id)).scalar()
+        return int(value or 0)
+
+    def store_crl(self, crl: PublishedCrl, audit: AuditEvent | None = None, *, keep: int = 3) -> None:
+        """Record a CRL as published (with its audit event), refusing a number that is not above every earlier one.
+
+        The check runs inside the write transaction (like Boulder's CRL storer), so a
+        restarted or second publisher can never publish a number twice or go backwards.
+        Only the newest `keep` CRLs of each kind are kept.
+        """
+        with self._begin() as conn:
+            last = self._max_crl_number(conn, crl.issuer_key_id)
+            if crl.crl_number <= last:
+                raise FailedPrecondition(
+                    f"CRL number {crl.crl_number} of issuer {crl.issuer_key_id} is not above the last published {last}; not published",
+                    rule="crl-number-monotonic",
+                )
+            conn.execute(
+                insert(crls).values(
+                    issuer_key_id=crl.issuer_key_id,
+                    crl_number=crl.crl_number,
+                    is_delta=crl.is_delta,
+                    base_crl_number=crl.base_crl_number,
+                    this_update=crl.this_update,
+                    next_update=crl.next_update,
+                    change_seq=crl.change_seq,
+                    entries=crl.entries,
+                    der=crl.der,
+                    published_at=crl.published_at,
+                )
+            )
+            kept = (
+                select(crls.c.crl_number)
+                .where(crls.c.issuer_key_id == crl.issuer_key_id, crls.c.is_delta == crl.is_delta)
+                .order_by(crls.c.crl_number.desc())
+                .limit(keep)
+            )
+            conn.execute(
+                delete(crls).where(
+                    crls.c.issuer_key_id == crl.issuer_key_id, crls.c.is_delta == crl.is_delta, crls.c.crl_number.not_in(kept)
+                )
+            )
+            if audit is not None:
+                conn.execute(insert(audit_events).values(**_audit_values(audit)))
+            self._set_crl_status(conn, crl.issuer_key_id, ok=True, message="", at=crl.published_at)
+
+    def set_crl_status(self, issuer_key_id: str, *, ok: bool, message: str) -> None:
+        with self._begin() as conn:
+            self._set_crl_status(conn, issuer_key_id, ok=ok, message=message, at=_now())
+
+    def _set_crl_status(self, conn: Connection, issuer_key_id: str, *, ok: bool, message: str, at: datetime) -> None:
+        stmt = self._insert(crl_publish_status).values(issuer_key_id=issuer_key_id, ok=ok, message=message[:2000], attempted_at=at)
+        conn.execute(
+            stmt.on_conflict_do_update(index_elements=["issuer_key_id"], set_={"ok": ok, "message": message[:2000], "attempted_at": at})
+        )
+
+    def crl_failures(self) -> list[tuple[str, str]]:
+        """(issuer, message) of every issuer whose last CRL publication failed."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                select(crl_publish_status.c.issuer_key_id, crl_publish_status.c.message).where(crl_publish_status.c.ok.is_(False))
+            ).all()
+        return [(r.issuer_key_id, r.message) for r in rows]
 
     # -- plumbing ----------------------------------------------------------
 
@@ -200,6 +566,49 @@ class SqlStore:
             return self.engine.begin()
         except (OperationalError, DBAPIError) as exc:
             raise StoreUnavailable(f"the database is unavailable: {_brief(exc)}") from None
+
+
+@dataclass(frozen=True)
+class CrlEntries:
+    """The entries of a CRL to be built: concatenated DER, how many, and the change they reach."""
+
+    der: bytearray
+    count: int
+    change_seq: int
+
+
+def _published_crl(row: Row[Any], with_der: bool) -> PublishedCrl:
+    m = row._mapping
+    return PublishedCrl(
+        issuer_key_id=m["issuer_key_id"],
+        crl_number=int(m["crl_number"]),
+        base_crl_number=int(m["base_crl_number"]) if m["base_crl_number"] is not None else None,
+        this_update=_utc(m["this_update"]),
+        next_update=_utc(m["next_update"]),
+        change_seq=int(m["change_seq"]),
+        entries=int(m["entries"]),
+        der=bytes(m["der"]) if with_der else b"",
+        published_at=_utc(m["published_at"]),
+    )
+
+
+def _uniqueness_conflict(cert: IssuedCertificate, active: tuple[int, ...], others: tuple[str, ...]) -> AlreadyExists | None:
+    if active:
+        return AlreadyExists(
+            f"device {cert.device_id!r} already has an active certificate ({serial_hex(active[0])}); "
+            "revoke it first or use a profile that allows re-issue",
+            rule="device-unique",
+            field="subject.CN",
+            expected="a device ID without an active certificate",
+        )
+    if others:
+        return AlreadyExists(
+            f"this public key is already certified for another device ({others[0]!r}); every device needs its own key",
+            rule="public-key-unique",
+            field="csr.public_key",
+            expected="a key pair not certified for another device ID",
+        )
+    return None
 
 
 def replay_or_conflict(existing: IssuedCertificate, csr_sha256: bytes) -> IssuanceOutcome | AlreadyExists:
@@ -319,4 +728,4 @@ def _audit_values(event_: AuditEvent) -> dict[str, Any]:
     }
 
 
-__all__ = ["SqlStore", "IssuanceOutcome", "serial_hex", "IntegrityError"]
+__all__ = ["CrlEntries", "SqlStore", "IssuanceOutcome", "serial_hex", "IntegrityError"]

@@ -80,8 +80,13 @@ class _ParentCa:
         now = datetime.now(UTC)
         ski = x509.SubjectKeyIdentifier.from_public_key(self.key.public_key())
         self.cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=3650))
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(ski, critical=False)
@@ -93,8 +98,13 @@ class _ParentCa:
         assert csr.is_signature_valid
         now = datetime.now(UTC)
         return (
-            x509.CertificateBuilder().subject_name(csr.subject).issuer_name(self.cert.subject).public_key(csr.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1825))
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=1825))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)  # type: ignore[arg-type]
@@ -114,7 +124,9 @@ def test_intermediate_signed_by_an_outside_parent(tmp_path: Path, softhsm_conf: 
 
     # A certificate for another key is refused: its public key must match the HSM key.
     stranger = _ParentCa().certify(
-        x509.CertificateSigningRequestBuilder().subject_name(intermediate.subject).sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(intermediate.subject)
+        .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
         .public_bytes(serialization.Encoding.PEM)
     )
     cert_path.write_bytes(stranger.public_bytes(serialization.Encoding.PEM))
@@ -128,14 +140,30 @@ def test_intermediate_signed_by_an_outside_parent(tmp_path: Path, softhsm_conf: 
         csr_file, out = tmp_path / "device.csr", tmp_path / "device.pem"
         csr_file.write_bytes(device_csr("line-7-device-42"))
         result = subprocess.run(
-            [CA_DAEMON, "client", "sign", "--target", env.target, "--csr", str(csr_file), "--out", str(out), "--request-id", str(uuid.uuid4())],
-            capture_output=True, text=True, check=False,
+            [
+                CA_DAEMON,
+                "client",
+                "sign",
+                "--target",
+                env.target,
+                "--csr",
+                str(csr_file),
+                "--out",
+                str(out),
+                "--request-id",
+                str(uuid.uuid4()),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         assert "for device line-7-device-42" in result.stdout
         certs = x509.load_pem_x509_certificates(out.read_bytes())
         assert [c.subject.rfc4514_string() for c in certs] == [
-            "CN=line-7-device-42", "CN=Factory Issuing CA 1,O=Example Devices", "CN=Outside Root CA"
+            "CN=line-7-device-42",
+            "CN=Factory Issuing CA 1,O=Example Devices",
+            "CN=Outside Root CA",
         ]
         leaf_pem = certs[0].public_bytes(serialization.Encoding.PEM).decode()
         chain_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs[1:])
@@ -154,7 +182,9 @@ def test_other_ca_key_types_issue_verifiable_certificates(tmp_path: Path, sofths
         csr_file.write_bytes(device_csr(pem=False))
         result = subprocess.run(
             [CA_DAEMON, "client", "sign", "--target", env.target, "--csr", str(csr_file), "--out", str(out)],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         certs = x509.load_pem_x509_certificates(out.read_bytes())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import glob
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,8 +45,6 @@ def test_generated_key_is_sensitive_and_signs_verifiable_certificates(hsm: Hsm, 
     key = hsm.private_key(generated.uri)
     assert hsm.key_spec(generated.uri) == spec
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec.value)])
-    import datetime
-
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -57,7 +57,10 @@ def test_generated_key_is_sensitive_and_signs_verifiable_certificates(hsm: Hsm, 
         .sign(key, None if spec is KeySpec.ED25519 else hashes.SHA256())  # type: ignore[arg-type]
     )
     cert.verify_directly_issued_by(cert)
-    assert cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == generated.public_key_der
+    assert (
+        cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        == generated.public_key_der
+    )
     with pytest.raises(TypeError, match="lives in the HSM"):
         key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())  # type: ignore[attr-defined]
 
@@ -89,13 +92,18 @@ def test_pkcs11_tool_sees_the_key_and_cannot_read_its_value(hsm: Hsm, token_env:
     assert "Access:     sensitive, always sensitive, never extractable, local" in ours[0]
     read = subprocess.run(
         [*base, "--read-object", "--type", "privkey", "--id", generated.uri.key_id.hex()],
-        capture_output=True, env=env, check=False,
+        capture_output=True,
+        env=env,
+        check=False,
     )
     assert read.stdout == b""
     # Asking the token directly for CKA_VALUE is refused as sensitive.
     probe = subprocess.run(
         [sys.executable, "-c", _READ_VALUE, MODULE, token_env.token, "visible-to-pkcs11-tool"],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert probe.stdout.strip() == "AttributeSensitive", probe.stderr
 
@@ -139,8 +147,6 @@ def test_service_resumes_after_the_token_comes_back(hsm: Hsm, token_env: CaEnv, 
         assert not hsm.healthy
     finally:
         shutil.move(away, token_dirs[0])
-    import time
-
     deadline = time.monotonic() + 5
     while True:
         try:

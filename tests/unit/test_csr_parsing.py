@@ -18,7 +18,11 @@ LIMIT = 64 * 1024
 
 def _csr(cn: str = "device-1") -> x509.CertificateSigningRequest:
     key = ec.generate_private_key(ec.SECP256R1())
-    return x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])).sign(key, hashes.SHA256())
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .sign(key, hashes.SHA256())
+    )
 
 
 def test_pem_and_der_give_the_same_request() -> None:

@@ -1,0 +1,298 @@
+"""Sign throughput: raw HSM signing, the in-process issuance ceiling, and the served rate.
+
+All three come from the same run on the same machine, so the ratios are meaningful even
+when the absolute numbers move with the machine's load. The load generator runs in its
+own process (grpc.aio, a fixed number of requests in flight, CSRs made before the clock
+starts) so it does not share the daemon's interpreter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Served:
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    completed: int
+
+
+def make_csrs(count: int, prefix: str) -> list[bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csrs = []
+    for index in range(count):
+        if index % 50 == 0:  # a fresh key every 50 devices keeps set-up short; the daemon never sees private keys
+            key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{prefix}-{index}")])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        csrs.append(csr.public_bytes(serialization.Encoding.DER))
+    return csrs
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BenchCa:
+    """A throwaway CA environment (token, PINs, configuration, database) in a temp dir."""
+
+    def __init__(self, root: Path, key_type: str, workers: int, extra: dict[str, str] | None = None) -> None:
+        from ca_daemon import cli
+
+        self.root = root / f"{key_type}-{uuid.uuid4().hex[:6]}"
+        self.config = self.root / "ca-daemon.toml"
+        self.port = free_port()
+        self.softhsm_conf = root / "softhsm2.conf"
+        with contextlib.redirect_stdout(None):
+            cli.write_dev_setup(
+                self.root,
+                self.config,
+                token=f"bench-{uuid.uuid4().hex[:8]}",
+                listen=f"127.0.0.1:{self.port}",
+                workers=workers,
+                softhsm2_conf=self.softhsm_conf,
+            )
+        text = self.config.read_text()
+        for old, new in (extra or {}).items():
+            text = text.replace(old, new)
+        self.config.write_text(text)
+        subprocess.run(
+            [str(BIN / "ca-daemon"), "--config", str(self.config), "init", "--key-type", key_type],
+            check=True,
+            capture_output=True,
+            env=_env(),
+        )
+
+    def serve(self) -> subprocess.Popen[bytes]:
+        log = (self.root / "daemon.log").open("ab")
+        process = subprocess.Popen(
+            [str(BIN / "ca-daemon"), "--config", str(self.config), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            start_new_session=True,
+        )
+        log.close()
+        _wait_serving(f"127.0.0.1:{self.port}", process)
+        return process
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SOFTHSM2_CONF", None)
+    return env
+
+
+def _wait_serving(target: str, process: subprocess.Popen[bytes]) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError("daemon exited during start-up")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    time.sleep(1.0)  # let every worker finish starting
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError("daemon did not start")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+# -- in-process measurements (the HSM and the issuance pipeline without gRPC) ------------
+
+
+def raw_sign_rate(ca: BenchCa, seconds: float) -> float:
+    """Signatures per second, one thread, with the CA key: the token's own ceiling."""
+    from ca_daemon import app, config
+    from ca_daemon.hsm import Pkcs11Uri
+
+    cfg = config.load(ca.config)
+    hsm = app.connect_hsm(cfg)
+    try:
+        uri = Pkcs11Uri.parse(cfg.ca.key_uri)
+        spec = hsm.key_spec(uri)
+        mechanism, data = ("ecdsa", b"\x5a" * 32) if spec.family == "ec" else ("sha256-rsa", b"m" * 300)
+
+        def loop() -> float:
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                hsm.sign_raw(uri, data, mechanism)
+                count += 1
+            return count / (time.perf_counter() - start)
+
+        return hsm.run(loop)
+    finally:
+        hsm.close()
+
+
+def issuance_ceiling(ca: BenchCa, csrs: list[bytes], seconds: float) -> float:
+    """Parse + proof of possession + policy + build + HSM sign, one thread, no gRPC, no store."""
+    from ca_daemon import app, config
+    from ca_daemon.authority import Authority
+    from ca_daemon.model import CertificateRequest
+
+    cfg = config.load(ca.config)
+    hsm = app.connect_hsm(cfg)
+    store = app.connect_store(cfg)
+    authority = Authority.load(cfg, hsm, store)
+    try:
+        profile = authority.profiles[cfg.default_profile]
+
+        def loop() -> float:
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds and count < len(csrs):
+                authority._issue(CertificateRequest(csrs[count], "", f"ceiling-{count}", "bench"), profile)
+                count += 1
+            return count / (time.perf_counter() - start)
+
+        return hsm.run(loop)
+    finally:
+        authority.close()
+        hsm.close()
+        store.close()
+
+
+# -- served rate (separate load-generator process) ----------------------------------
+
+
+def _load_main(target: str, csrs: list[bytes], concurrency: int, seconds: float, queue: multiprocessing.Queue[Served]) -> None:
+    queue.put(asyncio.run(_load(target, csrs, concurrency, seconds)))
+
+
+async def _load(target: str, csrs: list[bytes], concurrency: int, seconds: float) -> Served:
+    from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+
+    latencies: list[float] = []
+    errors = 0
+    next_index = 0
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+    stubs = [ca_pb2_grpc.CertificateAuthorityStub(ch) for ch in channels]
+    warmup_end = time.perf_counter() + 1.0
+    end = warmup_end + seconds
+
+    async def worker(n: int) -> None:
+        nonlocal next_index, errors
+        stub = stubs[n % len(stubs)]
+        while True:
+            now = time.perf_counter()
+            if now >= end or next_index >= len(csrs):
+                return
+            csr = csrs[next_index]
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                await stub.Sign(ca_pb2.SignRequest(csr=csr, request_id=uuid.uuid4().hex), timeout=30)
+            except grpc.aio.AioRpcError:
+                if started >= warmup_end:
+                    errors += 1
+                continue
+            if started >= warmup_end:
+                latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    for ch in channels:
+        await ch.close()
+    elapsed = min(time.perf_counter(), end) - warmup_end
+    latencies.sort()
+    if not latencies:
+        return Served(0.0, 0.0, 0.0, errors, 0)
+    return Served(
+        rate=len(latencies) / elapsed,
+        p50_ms=statistics.median(latencies) * 1000,
+        p99_ms=latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        errors=errors,
+        completed=len(latencies),
+    )
+
+
+def served_rate(ca: BenchCa, csrs: list[bytes], concurrency: int, seconds: float) -> Served:
+    process = ca.serve()
+    try:
+        context = multiprocessing.get_context("spawn")
+        queue: multiprocessing.Queue[Served] = context.Queue()
+        loader = context.Process(target=_load_main, args=(f"127.0.0.1:{ca.port}", csrs, concurrency, seconds, queue))
+        loader.start()
+        result = queue.get(timeout=seconds + 120)
+        loader.join()
+        return result
+    finally:
+        stop(process)
+
+
+def main(seconds: float = 8.0, concurrency: int = 32) -> None:
+    workers = int(os.environ.get("BENCH_WORKERS", "2"))
+    with tempfile.TemporaryDirectory(prefix="ca-bench-") as tmp:
+        root = Path(tmp)
+        (root / "tokens").mkdir()
+        (root / "softhsm2.conf").write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+        os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+        print(f"# Sign benchmark: {seconds:.0f} s windows, {concurrency} requests in flight, {workers} worker processes, {os.cpu_count()} cores")
+        need = int(seconds * 4000) + 2000
+        t0 = time.perf_counter()
+        csrs = make_csrs(need, f"bench-{uuid.uuid4().hex[:6]}")
+        print(f"prepared {len(csrs)} device CSRs in {time.perf_counter() - t0:.1f} s (not timed)")
+
+        ec_ca = BenchCa(root, "ec-p256", workers)
+        raw_ec = raw_sign_rate(ec_ca, 3.0)
+        ceiling = issuance_ceiling(ec_ca, csrs[:20000], 3.0)
+        served = served_rate(ec_ca, csrs, concurrency, seconds)
+        print("\n## EC P-256 CA")
+        print(f"raw HSM sign rate (1 thread)            {raw_ec:10.0f} /s")
+        print(f"in-process issuance ceiling (1 thread)  {ceiling:10.0f} /s   ({ceiling / raw_ec:.2f} x raw sign)")
+        print(f"served Sign rate over gRPC, durable     {served.rate:10.0f} /s   ({served.rate / ceiling:.2f} x ceiling; target >= 0.50)")
+        print(f"latency p50 / p99                       {served.p50_ms:7.1f} / {served.p99_ms:.1f} ms   (target p99 <= 50 ms)")
+        print(f"completed / errors                      {served.completed} / {served.errors}")
+
+        rsa_ca = BenchCa(root, "rsa-2048", workers)
+        raw_rsa = raw_sign_rate(rsa_ca, 3.0)
+        rsa_csrs = make_csrs(int(seconds * 2500) + 1000, f"bench-rsa-{uuid.uuid4().hex[:6]}")
+        served_rsa = served_rate(rsa_ca, rsa_csrs, concurrency, seconds)
+        print("\n## RSA-2048 CA")
+        print(f"raw HSM sign rate (1 thread)            {raw_rsa:10.0f} /s")
+        print(f"served Sign rate over gRPC, durable     {served_rsa.rate:10.0f} /s   ({served_rsa.rate / raw_rsa:.2f} x raw sign; target >= 0.80)")
+        print(f"latency p50 / p99                       {served_rsa.p50_ms:7.1f} / {served_rsa.p99_ms:.1f} ms")
+        print(f"completed / errors                      {served_rsa.completed} / {served_rsa.errors}")
+
+
+if __name__ == "__main__":
+    main()

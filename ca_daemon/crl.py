@@ -1,0 +1,254 @@
+"""The schedule for full and delta CRLs, run by exactly one process of the daemon.
+
+Every `check_interval` the scheduler looks at each issuer and publishes:
+- a full (base) CRL when there is none or the last one is `full_interval` old, then at
+  once a delta on it, so the Freshest CRL pointer never names a delta on an older base;
+- a delta CRL when the last one is `delta_interval` old, or, with `publish_on_revoke`,
+  as soon as the store holds a revocation newer than the last delta (revocations can be
+  made by any worker process, so the store is the signal, not a message).
+
+A failed publication is logged, recorded in the store (so every worker's health shows
+it under CRL_HEALTH_SERVICE) and retried after a back-off; the last good CRL stays
+published. After each publication the bytes are handed to the HTTP server and written
+atomically to `crl.directory`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health_pb2
+
+from ca_daemon.config import Config
+from ca_daemon.errors import CaError
+from ca_daemon.hsm import Hsm
+from ca_daemon.http import CRL_CONTENT_TYPE, DistributionServer, Resource, url_path
+from ca_daemon.model import PublishedCrl
+from ca_daemon.revocation import CrlIssuer, CrlPublisher
+from ca_daemon.store import SqlStore
+
+log = logging.getLogger(__name__)
+
+# The gRPC health service name that reports CRL publication: NOT_SERVING while the last
+# attempt of any issuer failed (e.g. its self-check), SERVING otherwise. The overall ("")
+# status is not affected: signing still works while a CRL is late.
+CRL_HEALTH_SERVICE = "ca_daemon.v1.CRLPublisher"
+_RETRY_AFTER = timedelta(seconds=10)
+_HEALTH_INTERVAL_S = 1.0
+
+Listener = Callable[[CrlIssuer, PublishedCrl], None]
+
+
+class CrlScheduler:
+    """Publishes each issuer's CRLs on the configured schedule; keeps the last published in memory."""
+
+    def __init__(self, config: Config, publisher: CrlPublisher, store: SqlStore) -> None:
+        self._config = config
+        self._publisher = publisher
+        self._store = store
+        self._listeners: list[Listener] = []
+        self._retry_at: dict[str, datetime] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.last: dict[tuple[str, bool], PublishedCrl] = {}
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call listener (on the event loop) with every CRL published from now on, and the latest ones at start."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        """Hand out what the store already holds (a crash may have come between commit and file write), then run."""
+        now = datetime.now(UTC)
+        for issuer in await asyncio.to_thread(self._publisher.issuers, now):
+            for delta in (False, True):
+                crl = await asyncio.to_thread(self._store.latest_crl, issuer.key_id, delta=delta)
+                if crl is not None:
+                    self._announce(issuer, crl)
+        await self.run_once()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="crl-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def poke(self) -> None:
+        """Check now rather than at the next interval (e.g. after a revocation in this process)."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        interval = self._config.crl.check_interval.total_seconds()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            self._wake.clear()
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("CRL schedule check failed; retrying")
+
+    async def run_once(self, now: datetime | None = None) -> list[PublishedCrl]:
+        """Publish whatever is due for every issuer; return what was published."""
+        now = now or datetime.now(UTC)
+        published: list[PublishedCrl] = []
+        for issuer in await asyncio.to_thread(self._publisher.issuers, now):
+            retry_at = self._retry_at.get(issuer.key_id)
+            if retry_at is not None and now < retry_at:
+                continue
+            try:
+                published += await self._publish_due(issuer, now)
+                self._retry_at.pop(issuer.key_id, None)
+            except CaError:
+                self._retry_at[issuer.key_id] = now + _RETRY_AFTER  # logged and recorded by the publisher
+        return published
+
+    async def _publish_due(self, issuer: CrlIssuer, now: datetime) -> list[PublishedCrl]:
+        cfg = self._config.crl
+        published: list[PublishedCrl] = []
+        full = await asyncio.to_thread(lambda: self._store.latest_crl(issuer.key_id, delta=False, with_der=False))
+        if full is None or now >= full.this_update + cfg.full_interval:
+            full = await self._publish(issuer, delta=False)
+            published.append(full)
+        if not cfg.delta:
+            return published
+        last_delta = await asyncio.to_thread(lambda: self._store.latest_crl(issuer.key_id, delta=True, with_der=False))
+        due = last_delta is None or last_delta.base_crl_number != full.crl_number or now >= last_delta.this_update + cfg.delta_interval
+        if not due and cfg.publish_on_revoke and last_delta is not None:
+            newest_change = await asyncio.to_thread(self._store.max_change_seq, issuer.key_id)
+            due = newest_change > last_delta.change_seq
+        if due:
+            published.append(await self._publish(issuer, delta=True))
+        return published
+
+    async def _publish(self, issuer: CrlIssuer, *, delta: bool) -> PublishedCrl:
+        crl = await asyncio.to_thread(lambda: self._publisher.publish(issuer, delta=delta))
+        self._announce(issuer, crl)
+        return crl
+
+    def _announce(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
+        self.last[(issuer.key_id, crl.is_delta)] = crl
+        for listener in self._listeners:
+            try:
+                listener(issuer, crl)
+            except Exception:
+                log.exception("a CRL listener failed for CRL %d of %s", crl.crl_number, issuer.key_id)
+
+
+def crl_file_name(key_id: str, *, delta: bool) -> str:
+    return f"{key_id}-delta.crl" if delta else f"{key_id}.crl"
+
+
+class CrlFileWriter:
+    """Writes each published CRL to `directory` atomically: temporary file, fsync, rename, fsync the directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
+        write_atomically(self.directory / crl_file_name(issuer.key_id, delta=crl.is_delta), crl.der)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a part; after return it survives a power loss."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def http_routes(config: Config, issuer: CrlIssuer, crl: PublishedCrl) -> list[tuple[str, Resource]]:
+    """Where a CRL is served: the URL paths the certificates carry (active key) and /crl/KEY[-delta].crl."""
+    urls = issuer.scope.delta_urls if crl.is_delta else issuer.scope.distribution_points
+    paths = {url_path(u) for u in urls} | {"/crl/" + crl_file_name(issuer.key_id, delta=crl.is_delta)}
+    interval = config.crl.delta_interval if crl.is_delta else config.crl.full_interval
+    max_age = int(max(0, min((crl.next_update - datetime.now(UTC)).total_seconds(), interval.total_seconds())))
+    resource = Resource(crl.der, CRL_CONTENT_TYPE, f'"{issuer.key_id}-{crl.crl_number}"', crl.this_update, max_age)
+    return [(path, resource) for path in sorted(paths)]
+
+
+def ca_routes(config: Config, issuer: CrlIssuer) -> list[tuple[str, Resource]]:
+    """The CA certificate at the AIA caIssuers paths the certificates carry and at /ca/KEY.der."""
+    der = issuer.certificate.public_bytes(serialization.Encoding.DER)
+    resource = Resource.certificate(der, issuer.certificate.not_valid_before_utc)
+    paths = {f"/ca/{issuer.key_id}.der"}
+    if issuer.scope.distribution_points == config.ca.crl_distribution_points:  # the active key
+        paths |= {url_path(u) for u in config.ca.ca_issuers_urls}
+    return [(path, resource) for path in sorted(paths)]
+
+
+class CrlServices:
+    """What the one publishing process runs: scheduler, file writer, HTTP server and CRL health."""
+
+    def __init__(self, config: Config, hsm: Hsm, store: SqlStore) -> None:
+        self.scheduler = CrlScheduler(config, CrlPublisher(config, hsm, store), store)
+        self.http = DistributionServer(config.server.http_listen) if config.server.http_listen else None
+        if config.crl.directory is not None:
+            self.scheduler.subscribe(CrlFileWriter(config.crl.directory))
+        if self.http is not None:
+            server = self.http
+
+            def serve(issuer: CrlIssuer, crl: PublishedCrl) -> None:
+                for path, resource in [*http_routes(config, issuer, crl), *ca_routes(config, issuer)]:
+                    server.set(path, resource)
+
+            self.scheduler.subscribe(serve)
+
+    async def start(self) -> None:
+        if self.http is not None:
+            await self.http.start()
+        await self.scheduler.start()
+
+    def healthy_check(self) -> bool:
+        """False while the HTTP port could not be bound (the store holds the publication outcome)."""
+        return self.http is None or self.http.bound
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+        if self.http is not None:
+            await self.http.stop()
+
+
+async def watch_health(servicer: Any, store: SqlStore, local_ok: Callable[[], bool] = lambda: True) -> None:
+    """Keep CRL_HEALTH_SERVICE current in this process from the store's record of the last attempts.
+
+    servicer is a grpc_health `health.aio.HealthServicer` (untyped package, hence Any).
+    """
+    last: bool | None = None
+    while True:
+        try:
+            failures = await asyncio.to_thread(store.crl_failures)
+            ok = not failures and local_ok()
+        except CaError:
+            ok = False
+        if ok != last:
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            await servicer.set(CRL_HEALTH_SERVICE, status)
+            last = ok
+        await asyncio.sleep(_HEALTH_INTERVAL_S)
+
+
+__all__ = ["CRL_HEALTH_SERVICE", "CrlFileWriter", "CrlScheduler", "CrlServices", "crl_file_name", "watch_health", "write_atomically"]

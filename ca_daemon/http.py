@@ -1,0 +1,176 @@
+"""CRL and CA certificate distribution over plain HTTP (RFC 5280 CDP/AIA URLs are http://).
+
+Stdlib asyncio only: the server answers GET and HEAD for a handful of fixed paths from
+bytes already in memory (the last published CRLs, the CA certificates), so it needs no
+framework; it never builds anything per request. Each resource carries an ETag (issuer
+and CRL number) and Last-Modified (thisUpdate); If-None-Match and If-Modified-Since
+give 304. One request per connection keeps the parser small and the server hard to tie up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+_MAX_HEAD_BYTES = 8192
+_READ_TIMEOUT_S = 10.0
+_RETRY_BIND_S = 5.0
+CRL_CONTENT_TYPE = "application/pkix-crl"
+CERT_CONTENT_TYPE = "application/pkix-cert"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One immutable response body with its validators."""
+
+    body: bytes
+    content_type: str
+    etag: str
+    last_modified: datetime
+    # Seconds a cache may keep it (up to the CRL's nextUpdate); 0 means revalidate.
+    max_age: int = 0
+
+    @classmethod
+    def certificate(cls, der: bytes, not_before: datetime) -> Resource:
+        return cls(der, CERT_CONTENT_TYPE, '"' + hashlib.sha256(der).hexdigest()[:32] + '"', not_before, max_age=3600)
+
+
+def url_path(url: str) -> str:
+    return urlsplit(url).path or "/"
+
+
+class DistributionServer:
+    """Serves the resources set with `set`; binds on start and keeps retrying if the port is taken."""
+
+    def __init__(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._host = host.strip("[]")
+        self._port = int(port)
+        self._resources: dict[str, Resource] = {}
+        self._server: asyncio.Server | None = None
+        self._binder: asyncio.Task[None] | None = None
+        self.error = ""
+
+    @property
+    def bound(self) -> bool:
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def set(self, path: str, resource: Resource) -> None:
+        self._resources[path] = resource
+
+    async def start(self) -> None:
+        """Bind now if possible; otherwise log, report unhealthy and keep trying in the background."""
+        if not await self._try_bind():
+            self._binder = asyncio.get_running_loop().create_task(self._keep_binding(), name="http-bind")
+
+    async def _try_bind(self) -> bool:
+        try:
+            self._server = await asyncio.start_server(self._handle, self._host, self._port, reuse_address=True)
+        except OSError as exc:
+            message = f"cannot serve CRLs over HTTP on {self._host}:{self._port}: {exc.strerror}"
+            if message != self.error:
+                log.error("%s; retrying every %.0f s", message, _RETRY_BIND_S)
+            self.error = message
+            return False
+        self.error = ""
+        log.info("serving CRLs and CA certificates over HTTP on %s:%d", self._host, self.port)
+        return True
+
+    async def _keep_binding(self) -> None:
+        while not await self._try_bind():
+            await asyncio.sleep(_RETRY_BIND_S)
+
+    async def stop(self) -> None:
+        if self._binder is not None:
+            self._binder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._binder
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=_READ_TIMEOUT_S)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            writer.close()
+            return
+        try:
+            status, headers, body = self._respond(head)
+            lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers), "Connection: close", "", ""]
+            writer.write("\r\n".join(lines).encode("latin-1"))
+            if body:
+                writer.write(body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _respond(self, head: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+        if len(head) > _MAX_HEAD_BYTES:
+            return _plain("431 Request Header Fields Too Large")
+        try:
+            request_line, *header_lines = head.decode("latin-1").split("\r\n")
+            method, target, _version = request_line.split(" ")
+        except ValueError:
+            return _plain("400 Bad Request")
+        headers = {}
+        for line in header_lines:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if method not in ("GET", "HEAD"):
+            status, out, body = _plain("405 Method Not Allowed")
+            return status, [*out, ("Allow", "GET, HEAD")], body
+        resource = self._resources.get(urlsplit(target).path)
+        if resource is None:
+            return _plain("404 Not Found")
+        out = [
+            ("Content-Type", resource.content_type),
+            ("ETag", resource.etag),
+            ("Last-Modified", format_datetime(resource.last_modified.astimezone(UTC), usegmt=True)),
+            ("Cache-Control", f"public, max-age={resource.max_age}" if resource.max_age else "no-cache"),
+        ]
+        if _not_modified(resource, headers):
+            return "304 Not Modified", out, b""
+        out.append(("Content-Length", str(len(resource.body))))
+        return "200 OK", out, b"" if method == "HEAD" else resource.body
+
+
+def _not_modified(resource: Resource, headers: dict[str, str]) -> bool:
+    if "if-none-match" in headers:  # RFC 9110 13.1.3: If-None-Match takes precedence
+        tags = [t.strip().removeprefix("W/") for t in headers["if-none-match"].split(",")]
+        return "*" in tags or resource.etag in tags
+    since = headers.get("if-modified-since")
+    if since:
+        try:
+            return resource.last_modified.replace(microsecond=0) <= parsedate_to_datetime(since)
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def _plain(status: str) -> tuple[str, list[tuple[str, str]], bytes]:
+    body = (status + "\n").encode()
+    return status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))], body
+
+
+__all__ = ["CERT_CONTENT_TYPE", "CRL_CONTENT_TYPE", "DistributionServer", "Resource", "url_path"]

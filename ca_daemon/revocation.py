@@ -1,0 +1,365 @@
+"""The revocation use cases: revoke, lift a hold, revoke in bulk, and build, sign, check and record CRLs.
+
+Kept beside authority.py (same layer: it uses issuer-level encoding, the HSM and the
+store) so the issuance path and the revocation path can change independently.
+
+A revocation is one short transaction: the certificate's revokedCertificate entry is
+DER-encoded once, here, and stored with the row, so revoking costs the same with ten or
+ten million revocations, and a full CRL is a concatenation of stored entries
+(see crl_der.py). CRLs are built from the store only by `CrlPublisher`, which runs in the
+one process that schedules them (crl.py); every other process reads the last published
+bytes from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+from ca_daemon import crl_der
+from ca_daemon.authority import parse_serial
+from ca_daemon.config import Config
+from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFailure, NotFound
+from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocation, RevocationReason
+from ca_daemon.store import SqlStore
+
+log = logging.getLogger(__name__)
+
+# An invalidity date a little ahead of our clock is the caller's clock skew, not a prediction.
+_CLOCK_SKEW = timedelta(minutes=5)
+MAX_BULK_SERIALS = 100_000
+
+
+def parse_reason(value: int) -> RevocationReason:
+    """A CRLReason the caller may ask for: RFC 5280 codes 0-6 and 9 (7 is unused, 8 is delta-only)."""
+    try:
+        return RevocationReason(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"revocation reason {value} is not one of the RFC 5280 reasons a caller may use",
+            rule="reason",
+            field="reason",
+            expected=", ".join(f"{r.value} ({r.name.lower()})" for r in RevocationReason),
+        ) from None
+
+
+def check_invalidity_date(value: datetime | None, now: datetime) -> datetime | None:
+    if value is None:
+        return None
+    if value > now + _CLOCK_SKEW:
+        raise InvalidRequest(
+            f"invalidity_date {value.isoformat()} is in the future; it says when the key was (suspected) compromised",
+            rule="invalidity-date",
+            field="invalidity_date",
+            expected="a time not after now",
+        )
+    return value.replace(microsecond=0)
+
+
+def encode_entry(serial: int, revoked_at: datetime, reason: int, invalidity_date: datetime | None) -> bytes:
+    return crl_der.revoked_entry(serial, revoked_at, reason, invalidity_date)
+
+
+@dataclass(frozen=True)
+class CrlAnswer:
+    """GetCRL's answer: the last published CRL, or only its metadata when the caller has it."""
+
+    crl: PublishedCrl
+    not_modified: bool
+
+
+class Revocations:
+    """Revoke and unrevoke certificates; answer GetCRL from the last published CRLs."""
+
+    def __init__(self, store: SqlStore, active_key_id: str) -> None:
+        self._store = store
+        self._active_key_id = active_key_id
+        self._cache: dict[tuple[str, bool], PublishedCrl] = {}
+
+    async def revoke(self, serial_text: str, reason: int, invalidity_date: datetime | None, actor: str) -> Revocation:
+        """Revoke one certificate; durable when this returns."""
+        serial = parse_serial(serial_text)
+        revoked = await self._record([serial], "", reason, invalidity_date, actor)
+        return revoked[0]
+
+    async def revoke_bulk(
+        self, serial_texts: list[str], device_id: str, reason: int, invalidity_date: datetime | None, actor: str
+    ) -> list[Revocation]:
+        """Revoke every listed serial and every unrevoked certificate of device_id in one transaction."""
+        if not serial_texts and not device_id:
+            raise InvalidRequest(
+                "name the certificates to revoke: serials, device_id or both", rule="bulk", field="serials", expected="at least one"
+            )
+        if len(serial_texts) > MAX_BULK_SERIALS:
+            raise InvalidRequest(
+                f"{len(serial_texts)} serials in one request; split it",
+                rule="bulk",
+                field="serials",
+                expected=f"at most {MAX_BULK_SERIALS}",
+            )
+        serials = list(dict.fromkeys(parse_serial(s) for s in serial_texts))
+        return await self._record(serials, device_id, reason, invalidity_date, actor)
+
+    async def _record(
+        self, serials: list[int], device_id: str, reason: int, invalidity_date: datetime | None, actor: str
+    ) -> list[Revocation]:
+        checked_reason = parse_reason(reason)
+        now = datetime.now(UTC).replace(microsecond=0)
+        checked_date = check_invalidity_date(invalidity_date, now)
+        return await asyncio.to_thread(
+            lambda: self._store.record_revocations(
+                serials=serials,
+                device_id=device_id,
+                reason=checked_reason,
+                revoked_at=now,
+                invalidity_date=checked_date,
+                actor=actor,
+                encode_entry=encode_entry,
+            )
+        )
+
+    async def unrevoke(self, serial_text: str, actor: str) -> Revocation:
+        """Lift a certificateHold; the next delta CRL lists the certificate as removeFromCRL."""
+        serial = parse_serial(serial_text)
+        now = datetime.now(UTC).replace(microsecond=0)
+        return await asyncio.to_thread(lambda: self._store.lift_hold(serial, lifted_at=now, actor=actor, encode_entry=encode_entry))
+
+    async def revocation_of(self, serial: int) -> Revocation | None:
+        return await asyncio.to_thread(self._store.get_revocation, serial)
+
+    async def get_crl(self, *, delta: bool, issuer_key_id: str, if_newer_than: int) -> CrlAnswer:
+        """The last published CRL of a kind; only its metadata when if_newer_than is not older."""
+        issuer = issuer_key_id or self._active_key_id
+        meta = await asyncio.to_thread(lambda: self._store.latest_crl(issuer, delta=delta, with_der=False))
+        if meta is None:
+            known = await asyncio.to_thread(self._store.get_ca_key, issuer)
+            if known is None:
+                raise NotFound(f"no CA key {issuer!r}", rule="issuer", field="issuer_key_id")
+            kind = "delta" if delta else "full"
+            raise NotFound(f"no {kind} CRL of CA key {issuer} has been published yet", rule="crl", field="kind")
+        if if_newer_than and meta.crl_number <= if_newer_than:
+            return CrlAnswer(meta, not_modified=True)
+        cached = self._cache.get((issuer, delta))
+        if cached is None or cached.crl_number != meta.crl_number:
+            fresh = await asyncio.to_thread(lambda: self._store.latest_crl(issuer, delta=delta, with_der=True))
+            assert fresh is not None  # CRLs are only pruned below the newest
+            cached = self._cache[(issuer, delta)] = fresh
+        return CrlAnswer(cached, not_modified=False)
+
+
+# ---------------------------------------------------------------------------
+# Building and publishing CRLs
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrlIssuer:
+    """One CA key that signs CRLs: its certificate, its key in the token and what its CRLs say."""
+
+    key_id: str
+    certificate: x509.Certificate
+    private_key: CertificateIssuerPrivateKeyTypes
+    scope: crl_der.CrlScope
+
+
+class CrlPublisher:
+    """Builds, signs (in the HSM), self-checks and records full and delta CRLs. Blocking: run it off the event loop."""
+
+    def __init__(self, config: Config, hsm: Hsm, store: SqlStore) -> None:
+        self._config = config
+        self._hsm = hsm
+        self._store = store
+        self._issuers: dict[str, CrlIssuer] = {}
+
+    def issuers(self, now: datetime) -> list[CrlIssuer]:
+        """Every CA key whose certificates may still be valid: the active one and retired ones until their certificate expires."""
+        found: list[CrlIssuer] = []
+        for key in self._store.list_ca_keys():
+            if key.status == KeyStatus.PENDING or key.certificate_der is None:
+                continue
+            certificate = x509.load_der_x509_certificate(key.certificate_der)
+            if certificate.not_valid_after_utc < now:
+                continue
+            issuer = self._issuers.get(key.key_id)
+            if issuer is None:
+                issuer = self._issuers[key.key_id] = self._load(key, certificate)
+            found.append(issuer)
+        return found
+
+    def _load(self, key: CaKey, certificate: x509.Certificate) -> CrlIssuer:
+        active_label = Pkcs11Uri.parse(self._config.ca.key_uri).label
+
+        # The configured URLs name the active key; a retired key's CRLs live beside them under its own name.
+        def rename(urls: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(u.replace(active_label, key.key_id) for u in urls) if active_label else urls
+
+        scope = crl_der.CrlScope.for_ca(
+            certificate, rename(self._config.ca.crl_distribution_points), rename(self._config.crl.delta_distribution_points)
+        )
+        private_key = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri))
+        return CrlIssuer(key.key_id, certificate, private_key, scope)  # type: ignore[arg-type]
+
+    def publish(self, issuer: CrlIssuer, *, delta: bool, now: datetime | None = None) -> PublishedCrl:
+        """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why."""
+        now = (now or datetime.now(UTC)).replace(microsecond=0)
+        try:
+            crl = self.build(issuer, delta=delta, now=now)
+            self.check(issuer, crl)
+            self._store.store_crl(crl, _audit(crl))
+        except CaError as exc:
+            log.error("CRL of %s not published: %s", issuer.key_id, exc.message)
+            self._store.set_crl_status(issuer.key_id, ok=False, message=exc.message)
+            raise
+        except Exception as exc:
+            log.exception("CRL of %s not published", issuer.key_id)
+            self._store.set_crl_status(issuer.key_id, ok=False, message=f"{type(exc).__name__}: {exc}")
+            raise FailedPrecondition(f"CRL of {issuer.key_id} not published: {type(exc).__name__}") from exc
+        kind = "delta" if crl.is_delta else "full"
+        log.info("published %s CRL %d of %s with %d entries (%d bytes)", kind, crl.crl_number, issuer.key_id, crl.entries, len(crl.der))
+        return crl
+
+    def build(self, issuer: CrlIssuer, *, delta: bool, now: datetime) -> PublishedCrl:
+        """The next full or delta CRL of an issuer, signed; not yet checked or recorded."""
+        cfg = self._config.crl
+        number = self._store.max_crl_number(issuer.key_id) + 1
+        base: PublishedCrl | None = self._store.latest_crl(issuer.key_id, delta=False, with_der=False)
+        if delta:
+            if base is None:
+                raise FailedPrecondition(f"no full CRL of {issuer.key_id} yet, so no delta can refer to one")
+            entries = self._store.crl_entries(issuer.key_id, after_seq=base.change_seq, drop_expired=None)
+            validity = cfg.delta_validity
+        else:
+            drop = (base.this_update, base.change_seq) if base is not None else None
+            entries = self._store.crl_entries(issuer.key_id, after_seq=None, drop_expired=drop)
+            validity = cfg.full_validity
+        return sign_crl(
+            issuer,
+            number=number,
+            base_number=base.crl_number if delta and base is not None else None,
+            this_update=now,
+            next_update=now + validity,
+            entries=entries.der,
+            count=entries.count,
+            change_seq=entries.change_seq,
+        )
+
+    def check(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
+        """Parse our own CRL and verify it against the CA certificate before anyone sees it."""
+        check_crl(issuer.certificate, crl)
+
+
+def sign_crl(
+    issuer: CrlIssuer,
+    *,
+    number: int,
+    base_number: int | None,
+    this_update: datetime,
+    next_update: datetime,
+    entries: bytes | bytearray,
+    count: int,
+    change_seq: int,
+) -> PublishedCrl:
+    """Assemble the TBSCertList around the entries and sign it with the issuer's key (in the HSM)."""
+    algorithm, _ = crl_der.signature_algorithm(issuer.private_key)
+    kind = "delta" if base_number is not None else "full"
+    tbs = crl_der.tbs_cert_list(
+        issuer.scope,
+        algorithm_identifier=algorithm,
+        this_update=this_update,
+        next_update=next_update,
+        entries=entries,
+        crl_number=number,
+        base_crl_number=base_number,
+    )
+    # Audit bracket (as Boulder does): what is about to be signed, then the result (log line and audit event).
+    log.info(
+        "signing %s CRL %d of %s: %d entries, thisUpdate %s, TBS sha256 %s",
+        kind,
+        number,
+        issuer.key_id,
+        count,
+        this_update.isoformat(),
+        hashlib.sha256(tbs).hexdigest(),
+    )
+    der = crl_der.sign_crl(tbs, algorithm, issuer.private_key)
+    del tbs
+    return PublishedCrl(
+        issuer_key_id=issuer.key_id,
+        crl_number=number,
+        base_crl_number=base_number,
+        this_update=this_update,
+        next_update=next_update,
+        change_seq=change_seq,
+        entries=count,
+        der=der,
+        published_at=datetime.now(UTC),
+    )
+
+
+def check_crl(ca_certificate: x509.Certificate, crl: PublishedCrl) -> None:
+    """The self-check before publishing: it parses, the CA's key verifies it, and it says what we meant."""
+    try:
+        parsed = x509.load_der_x509_crl(crl.der)
+    except ValueError as exc:
+        raise LintFailure(f"CRL {crl.crl_number} of {crl.issuer_key_id} does not parse: {exc}", rule="crl-self-check") from None
+    problems: list[str] = []
+    if not parsed.is_signature_valid(ca_certificate.public_key()):  # type: ignore[arg-type]
+        problems.append("its signature does not verify with the CA certificate's key")
+    if parsed.issuer != ca_certificate.subject:
+        problems.append("its issuer is not the CA certificate's subject")
+    try:
+        number = parsed.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = None
+    if number != crl.crl_number:
+        problems.append(f"its CRL number is {number}, expected {crl.crl_number}")
+    try:
+        base: int | None = parsed.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number
+    except x509.ExtensionNotFound:
+        base = None
+    if base != crl.base_crl_number:
+        problems.append(f"its delta CRL indicator is {base}, expected {crl.base_crl_number}")
+    if parsed.next_update_utc != crl.next_update or parsed.last_update_utc != crl.this_update:
+        problems.append("its thisUpdate/nextUpdate are not the ones it was built with")
+    if problems:
+        raise LintFailure(
+            f"CRL {crl.crl_number} of {crl.issuer_key_id} failed its self-check: {'; '.join(problems)}", rule="crl-self-check"
+        )
+
+
+def _audit(crl: PublishedCrl) -> AuditEvent:
+    return AuditEvent(
+        time=crl.published_at,
+        actor="crl-scheduler",
+        action="crl.publish",
+        outcome="published",
+        key_id=crl.issuer_key_id,
+        details={
+            "crl_number": str(crl.crl_number),
+            "kind": "delta" if crl.is_delta else "full",
+            "base_crl_number": str(crl.base_crl_number or ""),
+            "entries": str(crl.entries),
+            "this_update": crl.this_update.isoformat(),
+            "next_update": crl.next_update.isoformat(),
+            "sha256": hashlib.sha256(crl.der).hexdigest(),
+        },
+    )
+
+
+__all__ = [
+    "CrlAnswer",
+    "CrlIssuer",
+    "CrlPublisher",
+    "Revocations",
+    "check_crl",
+    "encode_entry",
+    "parse_reason",
+    "sign_crl",
+]

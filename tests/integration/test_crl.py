@@ -1,0 +1,395 @@
+"""Full and delta CRLs from a real daemon, judged by openssl, pkilint and cryptography; HTTP and file distribution."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ca_daemon import app, crl_der
+from ca_daemon import config as config_module
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2
+from ca_daemon.crl import CRL_HEALTH_SERVICE
+from ca_daemon.errors import FailedPrecondition, LintFailure
+from ca_daemon.revocation import CrlIssuer, CrlPublisher
+from ca_daemon.store import SqlStore
+from tests.conftest import BIN, CaEnv, Daemon, openssl_verify
+from tests.integration.crl_helpers import crl_env, get_crl, serials_in, sign, start, stub, wait_for_crl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> tuple[CaEnv, int]:
+    return crl_env(tmp_path_factory.mktemp("crl"), softhsm_conf)
+
+
+@pytest.fixture(scope="module")
+def daemon(setup: tuple[CaEnv, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start(setup[0], tmp_path_factory.mktemp("log"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def channel(daemon: Daemon) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(daemon.env.target) as ch:
+        yield ch
+
+
+def _pem(der: bytes) -> bytes:
+    return x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
+
+
+def _crl_file(tmp_path: Path, *ders: bytes) -> str:
+    path = tmp_path / f"crls-{uuid.uuid4().hex}.pem"
+    path.write_bytes(b"".join(_pem(d) for d in ders))
+    return str(path)
+
+
+def _revoke(channel: grpc.Channel, serial: str) -> None:
+    stub(channel).Revoke(ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+
+
+def _lint(path: Path) -> list[str]:
+    result = subprocess.run(
+        [str(BIN / "lint_crl"), "lint", "-t", "CRL", "-p", "PKIX", "-s", "ALL", "-f", "JSON", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = json.loads(result.stdout)
+    findings = [(r["validator"], f) for r in report["results"] for f in r["finding_descriptions"]]
+    # The linter really parsed the CRL: with -s ALL it lists every validator it ran, findings or not.
+    assert any(r["validator"] == "CrlNumberPresenceValidator" for r in report["results"]), result.stdout
+    return [f"{validator}: {f['code']}" for validator, f in findings if f["severity"] in {"ERROR", "FATAL"}]
+
+
+def url_path_of(url: str) -> str:
+    return "/" + url.split("://", 1)[1].split("/", 1)[1]
+
+
+def _http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def test_delta_crl_semantics_with_openssl(channel: grpc.Channel, tmp_path: Path) -> None:
+    """Revoked after the base: rejected with base + delta (-use_deltas), accepted with the base alone."""
+    base = get_crl(channel)
+    cert = sign(channel)
+    _revoke(channel, cert.serial)
+    delta = wait_for_crl(channel, lambda crl: int(cert.serial, 16) in serials_in(crl))
+    parsed_base = x509.load_der_x509_crl(base.crl_der)
+    parsed_delta = x509.load_der_x509_crl(delta.crl_der)
+    assert int(cert.serial, 16) not in serials_in(parsed_base)
+    indicator = parsed_delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number
+    assert indicator == base.crl_number < delta.crl_number
+    only_base = openssl_verify(tmp_path, cert.certificate_pem, cert.chain_pem, "-crl_check", "-CRLfile", _crl_file(tmp_path, base.crl_der))
+    assert only_base.returncode == 0, only_base.stdout + only_base.stderr
+    with_delta = openssl_verify(
+        tmp_path,
+        cert.certificate_pem,
+        cert.chain_pem,
+        "-crl_check",
+        "-use_deltas",
+        "-CRLfile",
+        _crl_file(tmp_path, base.crl_der, delta.crl_der),
+    )
+    assert with_delta.returncode != 0
+    assert "certificate revoked" in with_delta.stdout + with_delta.stderr
+
+
+def test_crl_structure_and_pkilint(channel: grpc.Channel, tmp_path: Path) -> None:
+    cert = sign(channel)
+    _revoke(channel, cert.serial)
+    delta = wait_for_crl(channel, lambda crl: int(cert.serial, 16) in serials_in(crl))
+    base = get_crl(channel)
+    leaf = x509.load_pem_x509_certificate(cert.certificate_pem.encode())
+    ca = x509.load_pem_x509_certificates(cert.chain_pem.encode())[0]
+    cdp = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    for response in (base, delta):
+        crl = x509.load_der_x509_crl(response.crl_der)
+        assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+        assert crl.issuer == ca.subject
+        aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        assert aki.key_identifier == ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+        assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == response.crl_number
+        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
+        assert idp.critical and idp.value.only_contains_user_certs
+        assert idp.value.full_name == cdp[0].full_name  # the URL the leaves carry
+        assert crl.next_update_utc == response.next_update.ToDatetime(tzinfo=UTC)
+        path = tmp_path / f"{response.crl_number}.crl"
+        path.write_bytes(response.crl_der)
+        assert _lint(path) == []
+    freshest = x509.load_der_x509_crl(base.crl_der).extensions.get_extension_for_class(x509.FreshestCRL).value
+    delta_url = str(freshest[0].full_name[0].value) if freshest[0].full_name else ""
+    assert delta_url.endswith("-delta.crl")
+    with pytest.raises(x509.ExtensionNotFound):
+        x509.load_der_x509_crl(delta.crl_der).extensions.get_extension_for_class(x509.FreshestCRL)
+
+
+def test_get_crl_if_newer_than(channel: grpc.Channel) -> None:
+    full = get_crl(channel)
+    same = get_crl(channel, if_newer_than=full.crl_number)
+    assert same.not_modified and same.crl_der == b"" and same.crl_number == full.crl_number
+    older = get_crl(channel, if_newer_than=full.crl_number - 1)
+    assert not older.not_modified and older.crl_der == full.crl_der
+    with pytest.raises(grpc.RpcError) as info:
+        stub(channel).GetCRL(ca_pb2.GetCRLRequest(issuer_key_id="no-such-key"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        stub(channel).GetCRL(ca_pb2.GetCRLRequest(kind=7), timeout=10)  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_http_serves_exactly_what_get_crl_returns(channel: grpc.Channel, setup: tuple[CaEnv, int]) -> None:
+    env, port = setup
+    cert = sign(channel)
+    _revoke(channel, cert.serial)
+    wait_for_crl(channel, lambda crl: int(cert.serial, 16) in serials_in(crl))
+    leaf = x509.load_pem_x509_certificate(cert.certificate_pem.encode())
+    cdp_url = str(leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value)  # type: ignore[index]
+    aia_url = str(leaf.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value[0].access_location.value)
+    assert cdp_url.startswith(f"http://127.0.0.1:{port}/")
+    full, delta = get_crl(channel), get_crl(channel, delta=True)
+    delta_url = str(
+        x509.load_der_x509_crl(full.crl_der).extensions.get_extension_for_class(x509.FreshestCRL).value[0].full_name[0].value  # type: ignore[index]
+    )
+    for url, expected in ((cdp_url, full), (delta_url, delta)):
+        status, headers, body = _http_get(port, url.split(str(port), 1)[1])
+        assert status == 200
+        assert headers["content-type"] == "application/pkix-crl"
+        assert body == expected.crl_der
+        assert headers["etag"] and headers["last-modified"]
+        status, _, body = _http_get(port, url.split(str(port), 1)[1], {"If-None-Match": headers["etag"]})
+        assert (status, body) == (304, b"")
+        status, _, _ = _http_get(port, url.split(str(port), 1)[1], {"If-Modified-Since": headers["last-modified"]})
+        assert status == 304
+    status, headers, body = _http_get(port, aia_url.split(str(port), 1)[1])
+    assert status == 200 and headers["content-type"] == "application/pkix-cert"
+    assert body == x509.load_pem_x509_certificates(cert.chain_pem.encode())[0].public_bytes(serialization.Encoding.DER)
+    assert _http_get(port, "/crl/nothing-here.crl")[0] == 404
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("HEAD", url_path_of(cdp_url))
+        head = conn.getresponse()
+        assert head.status == 200 and int(head.getheader("Content-Length") or 0) == len(full.crl_der) and head.read() == b""
+    finally:
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", url_path_of(cdp_url), body=b"x")
+        assert conn.getresponse().status == 405
+    finally:
+        conn.close()
+    # The files in the CRL directory hold the same bytes.
+    directory = config_module.load(env.config_path).crl.directory
+    assert directory is not None
+    key_id = cdp_url.rsplit("/", 1)[1].removesuffix(".crl")
+    assert (directory / f"{key_id}.crl").read_bytes() == full.crl_der
+    assert (directory / f"{key_id}-delta.crl").read_bytes() == delta.crl_der
+
+
+def test_crl_health_is_serving(channel: grpc.Channel) -> None:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=CRL_HEALTH_SERVICE), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_crl_numbers_hold_across_a_restart_and_the_base_crl_rejects_revoked(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path, tmp_path: Path
+) -> None:
+    """A daemon that crashes and restarts continues above the highest CRL number; a new base lists earlier revocations."""
+    env, _ = crl_env(tmp_path_factory.mktemp("restart"), softhsm_conf)
+    # Full CRL every 60 s (the minimum) so the restarted daemon publishes a new base soon.
+    env.edit_config("full_interval_seconds = 86400", "full_interval_seconds = 60")
+    env.edit_config("delta_interval_seconds = 300", "delta_interval_seconds = 30")
+    log_dir = tmp_path_factory.mktemp("log")
+    daemon = start(env, log_dir)
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            revoked, good = sign(channel), sign(channel)
+            _revoke(channel, revoked.serial)
+            before = wait_for_crl(channel, lambda crl: int(revoked.serial, 16) in serials_in(crl))
+        daemon.kill()
+        store = SqlStore(config_module.load(env.config_path).store.url)
+        try:
+            highest = store.max_crl_number(revoked.issuer_key_id)
+        finally:
+            store.close()
+        assert highest >= before.crl_number
+        # Make the restarted daemon's first full CRL due at once: age the stored one (as if the daemon was down a day).
+        store = SqlStore(config_module.load(env.config_path).store.url)
+        try:
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql("UPDATE crls SET this_update = '2000-01-01 00:00:00.000000'")
+        finally:
+            store.close()
+        daemon = start(env, log_dir)
+        with grpc.insecure_channel(env.target) as channel:
+            base = get_crl(channel)
+            assert base.crl_number > highest
+            assert int(revoked.serial, 16) in serials_in(x509.load_der_x509_crl(base.crl_der))
+            delta = get_crl(channel, delta=True)
+            assert delta.crl_number > base.crl_number
+            rejected = openssl_verify(
+                tmp_path, revoked.certificate_pem, revoked.chain_pem, "-crl_check", "-CRLfile", _crl_file(tmp_path, base.crl_der)
+            )
+            assert rejected.returncode != 0 and "certificate revoked" in rejected.stdout + rejected.stderr
+            accepted = openssl_verify(
+                tmp_path, good.certificate_pem, good.chain_pem, "-crl_check", "-CRLfile", _crl_file(tmp_path, base.crl_der)
+            )
+            assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    finally:
+        daemon.stop()
+
+
+def test_store_refuses_a_crl_number_that_does_not_increase(channel: grpc.Channel, setup: tuple[CaEnv, int]) -> None:
+    env, _ = setup
+    full = get_crl(channel)
+    store = SqlStore(config_module.load(env.config_path).store.url)
+    try:
+        issuer_key_id = stub(channel).GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=10).certificates[0].key_id
+        latest = store.latest_crl(issuer_key_id, delta=False)
+        assert latest is not None and latest.crl_number == full.crl_number
+        replay = type(latest)(**{**latest.__dict__, "crl_number": store.max_crl_number(issuer_key_id)})
+        with pytest.raises(FailedPrecondition, match="not above"):
+            store.store_crl(replay)
+    finally:
+        store.close()
+
+
+def test_a_crl_that_fails_its_self_check_is_not_published_and_health_shows_it(channel: grpc.Channel, setup: tuple[CaEnv, int]) -> None:
+    """Sign with the CA key in the token but check against another CA certificate: a real verification failure."""
+    env, _ = setup
+    config = config_module.load(env.config_path)
+    hsm = app.connect_hsm(config)
+    store = SqlStore(config.store.url)
+    health = health_pb2_grpc.HealthStub(channel)
+    try:
+        publisher = CrlPublisher(config, hsm, store)
+        issuer = publisher.issuers(datetime.now(UTC))[0]
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        impostor = (
+            x509.CertificateBuilder()
+            .subject_name(issuer.certificate.subject)
+            .issuer_name(issuer.certificate.subject)
+            .public_key(other_key.public_key())
+            .serial_number(1)
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=1))
+            .sign(other_key, hashes.SHA256())
+        )
+        wrong = CrlIssuer(issuer.key_id, impostor, issuer.private_key, crl_der.CrlScope.for_ca(issuer.certificate, (), ()))
+        before = store.max_crl_number(issuer.key_id)
+        with pytest.raises(LintFailure, match="signature does not verify"):
+            publisher.publish(wrong, delta=True)
+        assert store.max_crl_number(issuer.key_id) == before
+        assert [key for key, _ in store.crl_failures()] == [issuer.key_id]
+        _wait_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert get_crl(channel, delta=True).crl_number <= before  # GetCRL still serves the last good one
+        # The daemon's next good publication (a revocation triggers one) clears it.
+        _revoke(channel, sign(channel).serial)
+        _wait_health(health, health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        store.close()
+        hsm.close()
+
+
+def _wait_health(health: health_pb2_grpc.HealthStub, status: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if health.Check(health_pb2.HealthCheckRequest(service=CRL_HEALTH_SERVICE), timeout=5).status == status:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{CRL_HEALTH_SERVICE} did not become {status} within {timeout}s")
+
+
+def test_expired_entries_leave_the_base_after_appearing_once(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """In-process with the real token and store: an expired certificate's entry is on one base CRL, then dropped."""
+    from ca_daemon.authority import load_active_ca
+    from ca_daemon.model import AuditEvent, IssuedCertificate
+    from ca_daemon.revocation import encode_entry
+
+    env, _ = crl_env(tmp_path_factory.mktemp("expiry"), softhsm_conf)
+    config = config_module.load(env.config_path)
+    hsm = app.connect_hsm(config)
+    store = app.connect_store(config)
+    try:
+        active = load_active_ca(config, hsm, store)
+        now = datetime.now(UTC).replace(microsecond=0)
+
+        def record(serial: int, not_after: datetime) -> None:
+            cert = IssuedCertificate(
+                serial=serial,
+                issuer_key_id=active.key.key_id,
+                device_id=f"d{serial}",
+                profile="device",
+                subject="CN=x",
+                not_before=not_after - timedelta(days=30),
+                not_after=not_after,
+                der=b"\x30\x00",
+                csr_sha256=b"",
+                public_key_sha256=serial.to_bytes(32, "big"),
+                request_id=f"r{serial}",
+                created_at=now,
+            )
+            store.record_issuances([(cert, AuditEvent(time=now, actor="test", action="certificate.issue", outcome="issued"))])
+
+        expired, valid = 0x1001, 0x1002
+        record(expired, now - timedelta(days=1))
+        record(valid, now + timedelta(days=30))
+        store.record_revocations(
+            serials=[expired, valid], device_id="", reason=1, revoked_at=now, invalidity_date=None, actor="test", encode_entry=encode_entry
+        )
+        publisher = CrlPublisher(config, hsm, store)
+        issuer = publisher.issuers(now)[0]
+        first = publisher.publish(issuer, delta=False, now=now)
+        second = publisher.publish(issuer, delta=False, now=now + timedelta(seconds=1))
+        assert set(serials_in(x509.load_der_x509_crl(first.der))) == {expired, valid}
+        assert set(serials_in(x509.load_der_x509_crl(second.der))) == {valid}
+        assert second.crl_number == first.crl_number + 1
+        events = [e for e in store.audit_events() if e["action"] == "crl.publish"]
+        assert [json.loads(e["details"])["crl_number"] for e in events] == [str(first.crl_number), str(second.crl_number)]
+    finally:
+        store.close()
+        hsm.close()
+
+
+def test_with_two_workers_one_publishes_and_every_worker_answers(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    env, port = crl_env(tmp_path_factory.mktemp("workers"), softhsm_conf, workers=2)
+    daemon = start(env, tmp_path_factory.mktemp("log"))
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            cert = sign(channel)
+            _revoke(channel, cert.serial)
+            delta = wait_for_crl(channel, lambda crl: int(cert.serial, 16) in serials_in(crl))
+        # New connections land on either worker (SO_REUSEPORT): all serve the same last published CRL.
+        for _ in range(6):
+            with grpc.insecure_channel(env.target, options=[("grpc.use_local_subchannel_pool", 1)]) as fresh:
+                assert get_crl(fresh, delta=True).crl_number >= delta.crl_number
+        status, _, body = _http_get(port, "/crl/ca-root-1-delta.crl")
+        assert status == 200 and x509.load_der_x509_crl(body).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number >= (
+            delta.crl_number
+        )
+        time.sleep(0.5)
+        published = [line for line in daemon.log().splitlines() if "published full CRL" in line]
+        assert len(published) == 1, published  # only the primary worker publishes
+    finally:
+        daemon.stop()

@@ -1,0 +1,132 @@
+"""Reload: `ca-daemon reload` (SIGHUP) puts a valid new configuration in force in every worker
+without a restart; an invalid one is refused with a message and the old profiles stay."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from tests.conftest import Daemon, device_csr
+from tests.integration.policy_env import make_policy_env
+
+NEW_PROFILE = """
+[profiles.sensor]
+description = "Added by reload"
+validity_days = 30
+"""
+
+
+@pytest.fixture
+def reload_daemon(tmp_path: Path, softhsm_conf: Path) -> Iterator[Daemon]:
+    env = make_policy_env(tmp_path, softhsm_conf, workers=2)
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    yield daemon
+    daemon.stop()
+
+
+def _profile_views(target: str, samples: int = 12) -> list[set[str]]:
+    """ListProfiles over fresh connections, so both SO_REUSEPORT workers get asked."""
+    views = []
+    for _ in range(samples):
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            reply = ca_pb2_grpc.CertificateAuthorityStub(channel).ListProfiles(ca_pb2.ListProfilesRequest(), timeout=10)
+            views.append({p.name for p in reply.profiles})
+    return views
+
+
+def _wait_for(target: str, predicate: object, timeout: float = 15.0) -> list[set[str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        views = _profile_views(target)
+        if all(predicate(v) for v in views):  # type: ignore[operator]
+            return views
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers did not converge: {views}")
+        time.sleep(0.2)
+
+
+def _sign(target: str, profile: str) -> ca_pb2.SignResponse:
+    with grpc.insecure_channel(target) as channel:
+        response: ca_pb2.SignResponse = ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(
+            ca_pb2.SignRequest(csr=device_csr(), profile=profile, request_id=str(uuid.uuid4())), timeout=10
+        )
+        return response
+
+
+def test_valid_change_takes_effect_in_every_worker_without_restart(reload_daemon: Daemon) -> None:
+    env = reload_daemon.env
+    assert process_ids_unchanged_after(reload_daemon, lambda: _add_sensor_and_reload(reload_daemon))
+    _wait_for(env.target, lambda v: "sensor" in v)
+    response = _sign(env.target, "sensor")
+    assert response.profile == "sensor"
+    lifetime = response.not_after.ToDatetime() - response.not_before.ToDatetime()
+    assert 29 <= lifetime.days <= 30
+    listed = env.cli("profiles", "list").stdout
+    assert "sensor\tAdded by reload" in listed and "device-id-format" in listed
+
+
+def _add_sensor_and_reload(daemon: Daemon) -> None:
+    env = daemon.env
+    env.config_path.write_text(env.config_path.read_text() + NEW_PROFILE)
+    env.edit_config(
+        'profiles = ["device", "fleet", "open-cn", "renewable"]', 'profiles = ["device", "fleet", "open-cn", "renewable", "sensor"]'
+    )
+    result = env.cli("reload")
+    assert "asked ca-daemon" in result.stdout
+
+
+def process_ids_unchanged_after(daemon: Daemon, action: object) -> bool:
+    assert daemon.process is not None
+    before = _children(daemon.process.pid)
+    action()  # type: ignore[operator]
+    time.sleep(0.5)
+    return daemon.process.poll() is None and _children(daemon.process.pid) == before
+
+
+def _children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(x) for x in path.read_text().split()} if path.exists() else set()
+
+
+def test_invalid_change_is_refused_and_the_old_profiles_stay(reload_daemon: Daemon) -> None:
+    env = reload_daemon.env
+    good = env.config_path.read_text()
+    env.config_path.write_text(good + "\n[profiles.broken]\ndevice_id_pattern = '([unclosed'\n")
+    result = env.cli("reload", check=False)
+    assert result.returncode != 0
+    assert "profiles.broken.device_id_pattern is not a valid regular expression" in result.stderr
+    # A SIGHUP sent by hand gets the same checks in the daemon: refused and logged, nothing changes.
+    assert reload_daemon.process is not None
+    os.kill(reload_daemon.process.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload refused" not in reload_daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "reload refused, the previous configuration stays in force" in reload_daemon.log()
+    assert reload_daemon.process.poll() is None
+    views = _profile_views(env.target)
+    assert all(v == {"device", "fleet", "open-cn", "renewable", "restricted"} for v in views)
+    assert _sign(env.target, "device").profile == "device"
+
+
+def test_a_profile_that_fails_the_template_lint_is_refused_by_the_workers(reload_daemon: Daemon) -> None:
+    env = reload_daemon.env
+    env.config_path.write_text(env.config_path.read_text() + '\n[profiles.bad-san]\nsan_templates = ["thing:{device_id}"]\n')
+    result = env.cli("reload", check=False)
+    assert result.returncode != 0
+    assert "profiles.bad-san: its certificates would fail the pre-issuance lint" in result.stderr
+    assert "pkix.invalid_uri_syntax" in result.stderr
+    assert reload_daemon.process is not None
+    os.kill(reload_daemon.process.pid, signal.SIGHUP)  # the workers run the same check
+    deadline = time.monotonic() + 10
+    while reload_daemon.log().count("would fail the pre-issuance lint") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert reload_daemon.log().count("would fail the pre-issuance lint") == 2  # both workers refused
+    assert all("bad-san" not in v for v in _profile_views(env.target))
