@@ -5,16 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE ?= state
 CONFIG ?= $(STATE)/ca-daemon.toml
-APT_PACKAGES := softhsm2 opensc openssl postgresql mosquitto
+# Debian packages: the HSM (SoftHSM2), pkcs11-tool (opensc) and openssl to run; PostgreSQL and
+# Mosquitto too for the tests, which start private instances of them: the tests start their own
+# throwaway PostgreSQL cluster from /usr/lib/postgresql/*/bin (as the `postgres` user when run as
+# root); set CA_DAEMON_TEST_PG_URL=postgresql://... to use a running server instead.
+RUN_PACKAGES := softhsm2 opensc openssl
+TEST_PACKAGES := $(RUN_PACKAGES) postgresql mosquitto
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint proto proto-check bench deps system-deps clean
+.PHONY: run test lint proto proto-check bench deps test-deps system-deps clean
 
 run: deps
 	$(BIN)/ca-daemon --config $(CONFIG) init --dev
 	$(BIN)/ca-daemon --config $(CONFIG) serve
 
-test: deps
+test: test-deps
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/pytest -q
 
@@ -29,15 +34,19 @@ proto: deps
 proto-check: deps
 	$(BIN)/python scripts/gen_proto.py --check
 
-bench: deps
+bench: test-deps
 	$(BIN)/python -m bench
 
+deps: PACKAGES = $(RUN_PACKAGES)
 deps: system-deps $(STAMP)
 
-# Debian packages: the HSM (SoftHSM2), pkcs11-tool (opensc), openssl, and the PostgreSQL and
-# Mosquitto packages the tests start private instances from. Installed only when missing.
+test-deps: PACKAGES = $(TEST_PACKAGES)
+test-deps: system-deps $(STAMP)
+
+# Installs only what is missing, so a second run is quick and offline.
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(PYTHON) -c "import ensurepip" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

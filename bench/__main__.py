@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SECTIONS = ["bench.sign", "bench.policy", "bench.crl"]
+SECTIONS = ["bench.sign", "bench.policy", "bench.crl", "bench.factory", "bench.replicas", "bench.audit"]
 
 
 def main() -> None:

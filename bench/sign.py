@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -40,11 +41,10 @@ class Served:
 
 
 def make_csrs(count: int, prefix: str) -> list[bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
+    """Device CSRs, each with its own key and device ID (the profile refuses a reused key or ID)."""
     csrs = []
     for index in range(count):
-        if index % 50 == 0:  # a fresh key every 50 devices keeps set-up short; the daemon never sees private keys
-            key = ec.generate_private_key(ec.SECP256R1())
+        key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{prefix}-{index}")])
         csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
         csrs.append(csr.public_bytes(serialization.Encoding.DER))
@@ -78,7 +78,8 @@ class BenchCa:
                 workers=workers,
                 softhsm2_conf=self.softhsm_conf,
             )
-        text = self.config.read_text()
+        # Its own HTTP port too, so a benchmark never collides with a daemon already on 8080.
+        text = self.config.read_text().replace('http_listen = "127.0.0.1:8080"', f'http_listen = "127.0.0.1:{free_port()}"')
         for old, new in (extra or {}).items():
             text = text.replace(old, new)
         self.config.write_text(text)
@@ -165,9 +166,14 @@ def raw_sign_rate(ca: BenchCa, seconds: float) -> float:
         hsm.close()
 
 
-def issuance_ceiling(ca: BenchCa, csrs: list[bytes], seconds: float) -> float:
-    """Parse + proof of possession + policy + build + HSM sign, one thread, no gRPC, no store."""
-    from ca_daemon import app, config
+def issuance_ceilings(ca: BenchCa, csrs: list[bytes], seconds: float) -> tuple[float, float]:
+    """Two one-thread ceilings, no gRPC and no commit.
+
+    bare: parse + proof of possession + build + HSM sign (the issue's definition);
+    pipeline: everything the daemon does before its commit (caller and profile, parse,
+    profile rules, the store look-up, lint-before-sign, build, HSM sign).
+    """
+    from ca_daemon import app, config, issuer, policy
     from ca_daemon.authority import Authority
     from ca_daemon.model import CertificateRequest
 
@@ -177,15 +183,30 @@ def issuance_ceiling(ca: BenchCa, csrs: list[bytes], seconds: float) -> float:
     authority = Authority.load(cfg, hsm, store)
     try:
         profile = authority.profiles[cfg.default_profile]
+        half = len(csrs) // 2
 
-        def loop() -> float:
+        def bare() -> float:
             count, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds and count < len(csrs):
-                authority._issue(CertificateRequest(csrs[count], "", f"ceiling-{count}", "bench"), profile)
+            while time.perf_counter() - start < seconds and count < half:
+                parsed = policy.parse_csr(csrs[count], cfg.server.max_csr_bytes)
+                decision = policy.decide(parsed, profile)
+                builder = issuer.build_leaf(
+                    decision, authority.active.certificate, issuer.new_serial(), datetime.now(UTC), cfg.ca.backdate, authority._urls
+                )
+                builder.sign(authority.active.private_key, issuer.signature_hash(authority.active.private_key))  # type: ignore[arg-type]
                 count += 1
             return count / (time.perf_counter() - start)
 
-        return hsm.run(loop)
+        def pipeline() -> float:
+            rules = authority.policy
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds and half + count < len(csrs):
+                request = CertificateRequest(csrs[half + count], "", f"ceiling-{count}", cfg.server.local_identity)
+                authority._prepare(request, rules)
+                count += 1
+            return count / (time.perf_counter() - start)
+
+        return hsm.run(bare), hsm.run(pipeline)
     finally:
         authority.close()
         hsm.close()
@@ -266,32 +287,37 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         (root / "tokens").mkdir()
         (root / "softhsm2.conf").write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
         os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
-        print(f"# Sign benchmark: {seconds:.0f} s windows, {concurrency} requests in flight, {workers} worker processes, {os.cpu_count()} cores")
-        need = int(seconds * 4000) + 2000
+        print(f"# Sign benchmark: {seconds:.0f} s windows, {concurrency} requests in flight,", end=" ")
+        print(f"{workers} worker processes, {os.cpu_count()} cores")
+        need = int(seconds * 2500) + 2000 + 24000
         t0 = time.perf_counter()
         csrs = make_csrs(need, f"bench-{uuid.uuid4().hex[:6]}")
         print(f"prepared {len(csrs)} device CSRs in {time.perf_counter() - t0:.1f} s (not timed)")
 
         ec_ca = BenchCa(root, "ec-p256", workers)
         raw_ec = raw_sign_rate(ec_ca, 3.0)
-        ceiling = issuance_ceiling(ec_ca, csrs[:20000], 3.0)
-        served = served_rate(ec_ca, csrs, concurrency, seconds)
+        bare, pipeline = issuance_ceilings(ec_ca, csrs[-24000:], 3.0)
+        served = served_rate(ec_ca, csrs[: len(csrs) - 24000], concurrency, seconds)
         print("\n## EC P-256 CA")
-        print(f"raw HSM sign rate (1 thread)            {raw_ec:10.0f} /s")
-        print(f"in-process issuance ceiling (1 thread)  {ceiling:10.0f} /s   ({ceiling / raw_ec:.2f} x raw sign)")
-        print(f"served Sign rate over gRPC, durable     {served.rate:10.0f} /s   ({served.rate / ceiling:.2f} x ceiling; target >= 0.50)")
-        print(f"latency p50 / p99                       {served.p50_ms:7.1f} / {served.p99_ms:.1f} ms   (target p99 <= 50 ms)")
-        print(f"completed / errors                      {served.completed} / {served.errors}")
+        print(f"raw HSM sign rate (1 thread)                 {raw_ec:8.0f} /s")
+        print(f"issuance ceiling, bare (1 thread)            {bare:8.0f} /s   parse + POP + build + HSM sign")
+        print(f"issuance ceiling, full pipeline (1 thread)   {pipeline:8.0f} /s   + policy, store look-up, lint-before-sign")
+        print(f"served Sign rate over gRPC, durable commits  {served.rate:8.0f} /s")
+        print(f"  served / bare ceiling                      {served.rate / bare:8.2f}      (target >= 0.50)")
+        print(f"  served / full-pipeline ceiling             {served.rate / pipeline:8.2f}")
+        print(f"latency p50 / p99                            {served.p50_ms:6.1f} / {served.p99_ms:.1f} ms   (target p99 <= 50 ms)")
+        print(f"completed / errors                           {served.completed} / {served.errors}")
 
         rsa_ca = BenchCa(root, "rsa-2048", workers)
         raw_rsa = raw_sign_rate(rsa_ca, 3.0)
-        rsa_csrs = make_csrs(int(seconds * 2500) + 1000, f"bench-rsa-{uuid.uuid4().hex[:6]}")
+        rsa_csrs = make_csrs(int(seconds * 2000) + 1000, f"bench-rsa-{uuid.uuid4().hex[:6]}")
         served_rsa = served_rate(rsa_ca, rsa_csrs, concurrency, seconds)
         print("\n## RSA-2048 CA")
-        print(f"raw HSM sign rate (1 thread)            {raw_rsa:10.0f} /s")
-        print(f"served Sign rate over gRPC, durable     {served_rsa.rate:10.0f} /s   ({served_rsa.rate / raw_rsa:.2f} x raw sign; target >= 0.80)")
-        print(f"latency p50 / p99                       {served_rsa.p50_ms:7.1f} / {served_rsa.p99_ms:.1f} ms")
-        print(f"completed / errors                      {served_rsa.completed} / {served_rsa.errors}")
+        print(f"raw HSM sign rate (1 thread)                 {raw_rsa:8.0f} /s")
+        print(f"served Sign rate over gRPC, durable commits  {served_rsa.rate:8.0f} /s")
+        print(f"  served / raw RSA sign                      {served_rsa.rate / raw_rsa:8.2f}      (target >= 0.80)")
+        print(f"latency p50 / p99                            {served_rsa.p50_ms:6.1f} / {served_rsa.p99_ms:.1f} ms")
+        print(f"completed / errors                           {served_rsa.completed} / {served_rsa.errors}")
 
 
 if __name__ == "__main__":

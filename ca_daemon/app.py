@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -22,24 +23,33 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ca_daemon import config as config_module
-from ca_daemon._proto.ca_daemon.v1 import ca_pb2_grpc
+from ca_daemon import logs, metrics, tls
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.access import Authenticator
+from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
 from ca_daemon.authority import Authority, load_active_ca
 from ca_daemon.config import Config
 from ca_daemon.crl import CrlServices, watch_health
 from ca_daemon.errors import CaError, FailedPrecondition
-from ca_daemon.hsm import Hsm
+from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.model import AuditEvent
+from ca_daemon.registration import VerificationCertificates
 from ca_daemon.revocation import Revocations
-from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor
+from ca_daemon.rotation import KeyCeremony
+from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor, KeyCeremonyServicer, caller_of
 from ca_daemon.store import SqlStore, open_store
 
 log = logging.getLogger("ca_daemon")
+KEY_CEREMONY_SERVICE = ca_pb2.DESCRIPTOR.services_by_name["KeyCeremony"].full_name
 
 _PR_SET_PDEATHSIG = 1
 _HEALTH_INTERVAL_S = 1.0
@@ -71,12 +81,21 @@ class Worker:
     port: int
     # CRL schedule, files and HTTP: only in the primary process (see serve()).
     crl: CrlServices | None = None
+    audit_log: AuditLog | None = None
+    checkpointer: Checkpointer | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
         if self.crl is not None:
             await self.crl.stop()
         self.authority.close()
+        if self.audit_log is not None:
+            self.audit_log.close()
+        if self.checkpointer is not None:  # at shutdown: sign the head this worker leaves behind
+            try:
+                await asyncio.to_thread(self.checkpointer.checkpoint)
+            except CaError as exc:
+                log.error("audit checkpoint at shutdown failed: %s", exc.message)
         self.hsm.close()
         self.store.close()
 
@@ -91,43 +110,73 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     hsm = connect_hsm(config)
     try:
         store = connect_store(config)
+        store.audit_chain = config.audit.chain
         authority = Authority.load(config, hsm, store)
+        checkpointer = Checkpointer(hsm, store, config.audit.key_uri)
+        credentials = tls.server_credentials(config) if config.tls.enabled else None
+        authenticator = Authenticator.from_config(config)
     except BaseException:
         hsm.close()
         raise
+    request_metrics = metrics.RequestMetrics()
+    if request_metrics.enabled:
+        hsm.sign_observer = request_metrics.hsm_sign
+    audit_log = AuditLog(store, config.store.commit_batch_max)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(authenticator, audit_log.record, request_metrics)],
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", config.server.max_csr_bytes + 64 * 1024),
         ],
     )
-    identity = config.server.local_identity
-    revocations = Revocations(store, authority.active.key.key_id)
+    revocations = Revocations(store, lambda: authority.active.key.key_id)
     ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
-        CertificateAuthorityServicer(authority, lambda _ctx: identity, revocations), server
+        CertificateAuthorityServicer(
+            authority, caller_of, revocations, VerificationCertificates(hsm, store, lambda: authority.active), AuditReader(store)
+        ),
+        server,
     )
-    health_servicer = health.aio.HealthServicer()
+    ca_pb2_grpc.add_KeyCeremonyServicer_to_server(
+        KeyCeremonyServicer(KeyCeremony(config, hsm, store), caller_of, authority.follow_active_key), server
+    )
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(listen or config.server.listen)
+    reflection.enable_server_reflection([SERVICE_NAME, KEY_CEREMONY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    address = listen or config.server.listen
+    port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     crl = CrlServices(config, hsm, store) if primary else None
     if crl is not None:
         await crl.start()  # before serving, so the first CRLs exist once the server reports SERVING
     await server.start()
     await _set_health(health_servicer, authority.healthy)
     asyncio.get_running_loop().create_task(_watch_health(health_servicer, lambda: authority.healthy))
+    asyncio.get_running_loop().create_task(_follow_active_key(authority, config.rotation.poll_interval.total_seconds()), name="key-follow")
     asyncio.get_running_loop().create_task(watch_health(health_servicer, store, crl.healthy_check if crl else lambda: True))
-    return Worker(hsm, store, authority, server, port, crl)
+    if primary:
+        interval = config.audit.checkpoint_interval.total_seconds()
+        asyncio.get_running_loop().create_task(checkpointer.run(interval), name="audit-checkpoints")
+    return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer)
 
 
-async def _set_health(servicer: health.aio.HealthServicer, healthy: bool) -> None:
+async def _follow_active_key(authority: Authority, interval: float) -> None:
+    """Key rotation without a restart: switch to the key the store marks active (see rotation.py)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await authority.follow_active_key()
+        except CaError as exc:
+            log.error("could not switch to the newly activated CA key (retrying): %s", exc.message)
+        except Exception:
+            log.exception("could not switch to the newly activated CA key (retrying)")
+
+
+async def _set_health(servicer: health_aio.HealthServicer, healthy: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await servicer.set(name, status)
 
 
-async def _watch_health(servicer: health.aio.HealthServicer, healthy: Callable[[], bool]) -> None:
+async def _watch_health(servicer: health_aio.HealthServicer, healthy: Callable[[], bool]) -> None:
     last: bool | None = None
     while True:
         now = healthy()
@@ -143,20 +192,44 @@ async def _serve_forever(config: Config, primary: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_worker, worker.authority, config.path)
+    loop.add_signal_handler(signal.SIGHUP, reload_worker, worker.authority, config.path, worker.store)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
     await stop.wait()
     await worker.stop()
 
 
-def reload_worker(authority: Authority, config_path: Path) -> bool:
-    """Re-read the configuration and put its policy in force; on any error keep the old one."""
+def reload_worker(authority: Authority, config_path: Path, store: SqlStore | None = None) -> bool:
+    """Re-read the configuration and put its policy in force; on any error keep the old one. Audited."""
     try:
         authority.reload(config_module.load(config_path))
     except CaError as exc:
         log.error("reload refused, the previous configuration stays in force: %s", exc.message)
+        _audit_reload(store, config_path, "refused", exc.message)
         return False
+    _audit_reload(store, config_path, "applied", "")
     return True
+
+
+def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reason: str) -> None:
+    if store is None:
+        return
+    try:
+        digest = hashlib.sha256(config_path.read_bytes()).digest()
+    except OSError:
+        digest = b""
+    event = AuditEvent(
+        time=datetime.now(UTC),
+        actor=f"worker-{os.getpid()}",
+        action="config.reload",
+        outcome=outcome,
+        request_digest=digest,
+        reason=reason[:512],
+        details={"path": str(config_path)},
+    )
+    try:
+        store.append_audit([event])
+    except CaError as exc:
+        log.error("could not record the configuration reload in the audit log: %s", exc.message)
 
 
 def worker_main(config_path: str, primary: bool = False) -> None:
@@ -182,6 +255,15 @@ def check_ready(config: Config) -> None:
         store = connect_store(config)
         try:
             load_active_ca(config, hsm, store)
+            try:
+                hsm.public_key_der(Pkcs11Uri.parse(config.audit.key_uri))
+            except CaError:
+                raise FailedPrecondition(
+                    f"the audit checkpoint key {config.audit.key_uri} is not in the token; run `ca-daemon init` to create it"
+                ) from None
+            if config.tls.enabled:
+                tls.server_credentials(config)
+                Authenticator.from_config(config)  # loads and checks the client CA bundle and CRL
         finally:
             store.close()
     finally:
@@ -215,9 +297,20 @@ def serve(config: Config) -> int:
     _claim(config)
     check_ready(config)
     pid_file = write_pid_file(config)
+    metrics_server, metrics_store = None, None
+    if config.metrics.listen:
+        # Before any worker starts (they inherit the directory) and before prometheus_client is imported.
+        metrics.prepare_directory(config.state_dir)
+        metrics_store = connect_store(config)
+        metrics_server = metrics.serve(config.metrics.listen, metrics_store)
+        log.info("Prometheus metrics on http://%s/metrics", config.metrics.listen)
     try:
         return _serve(config)
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        if metrics_store is not None:
+            metrics_store.close()
         with contextlib.suppress(OSError):
             pid_file.unlink()
 
@@ -259,7 +352,8 @@ def _serve(config: Config) -> int:
     ]
     for process in workers:
         process.start()
-    log.info("ca-daemon serving gRPC on %s with %d worker processes (development mode)", config.server.listen, len(workers))
+    mode = "mTLS" if config.tls.enabled else "development mode, plaintext"
+    log.info("ca-daemon serving gRPC on %s with %d worker processes (%s)", config.server.listen, len(workers), mode)
     failures = 0
     while not stopping:
         time.sleep(0.2)
@@ -275,6 +369,8 @@ def _serve(config: Config) -> int:
                 stopping = True
                 break
             log.warning("worker %d exited with %s; restarting it", process.pid, process.exitcode)
+            if process.pid is not None:
+                metrics.mark_dead(process.pid)
             workers[index] = context.Process(target=worker_main, args=(str(config.path), index == 0), daemon=False)
             workers[index].start()
     for process in workers:
@@ -300,5 +396,5 @@ def forward_reload(config_path: Path, pids: list[int]) -> bool:
 
 
 def configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """One JSON object per line on stderr (see logs.py)."""
+    logs.configure()

@@ -35,6 +35,7 @@ from ca_daemon.lint import Linter
 from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
 from ca_daemon.store import IssuanceOutcome, SqlStore, serial_hex
 from ca_daemon.store.group_commit import GroupCommitter
+from ca_daemon.store.rotation_store import RotationStore
 from ca_daemon.store.sql import replay_or_conflict
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ def build_policy_set(config: Config, ca_certificate: x509.Certificate, throwaway
         template_linter = Linter("full")
         for profile in profiles.values():
             decision = _template_decision(profile, throwaway)
-            builder = issuer.build_leaf(decision, ca_certificate, issuer.new_serial(), datetime.now(UTC), config.ca.backdate, _urls(config))
+            builder = issuer.build_leaf(
+                decision, ca_certificate, issuer.new_serial(), datetime.now(UTC), config.ca.backdate, _urls(config, "")
+            )
             try:
                 issuer.sign_linted(builder, throwaway, throwaway, template_linter)
             except LintFailure as exc:
@@ -137,8 +140,32 @@ def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKey
     )
 
 
-def _urls(config: Config) -> issuer.LeafUrls:
-    return issuer.LeafUrls(config.ca.crl_distribution_points, config.ca.ca_issuers_urls)
+def _urls(config: Config, key_id: str = "") -> issuer.LeafUrls:
+    """The CRL and caIssuers URLs a leaf of key_id carries.
+
+    The configured URLs name the configured (first) key by its label; every other key's CRL
+    and certificate are published beside them under its own name (see revocation.CrlPublisher).
+    """
+    return issuer.LeafUrls(
+        rename_urls(config, config.ca.crl_distribution_points, key_id), rename_urls(config, config.ca.ca_issuers_urls, key_id)
+    )
+
+
+def rename_urls(config: Config, urls: tuple[str, ...], key_id: str) -> tuple[str, ...]:
+    label = Pkcs11Uri.parse(config.ca.key_uri).label
+    if not key_id or not label or key_id == label:
+        return urls
+    return tuple(u.replace(label, key_id) for u in urls)
+
+
+class _Refusal(Exception):
+    """Carries a refusal out of the issuance thread with what its audit event needs."""
+
+    def __init__(self, error: CaError, device_id: str, digest: bytes) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.device_id = device_id
+        self.digest = digest
 
 
 class Authority:
@@ -149,12 +176,12 @@ class Authority:
         self._hsm = hsm
         self._store = store
         self.active = active
-        self._urls = issuer.LeafUrls(config.ca.crl_distribution_points, config.ca.ca_issuers_urls)
+        self._urls = _urls(config, active.key.key_id)
         # Lint-before-sign builds each certificate first with this software key (see issuer.sign_linted).
         self._throwaway = issuer.throwaway_key_like(active.private_key)  # type: ignore[arg-type]
         self.policy = build_policy_set(config, active.certificate, self._throwaway)
         self._committer: GroupCommitter[tuple[IssuedCertificate, AuditEvent, bool], IssuanceOutcome] = GroupCommitter(
-            store.record_unique_issuances, config.store.commit_batch_max
+            store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
         self._refusals: GroupCommitter[AuditEvent, None] = GroupCommitter(_append_audit_batch(store), config.store.commit_batch_max)
 
@@ -188,38 +215,58 @@ class Authority:
     def healthy(self) -> bool:
         return self._hsm.healthy
 
+    async def follow_active_key(self) -> bool:
+        """Switch to the key the store marks active, if another one was activated (rotation.py).
+
+        Every worker polls this (app.py): one indexed read of a few rows when nothing
+        changed. The new key is opened in this process's own Hsm, and the switch runs as a
+        job on the token's thread, the thread every issuance runs on, so one certificate is
+        built, signed and attributed with one key: the old one or the new one.
+        """
+        active_id = await asyncio.to_thread(self._store.active_key_id)
+        if active_id is None or active_id == self.active.key.key_id:
+            return False
+        await self._hsm.run_async(lambda: self._switch(active_id))
+        return True
+
+    def _switch(self, key_id: str) -> None:
+        key = self._store.get_ca_key(key_id)
+        if key is None or key.status != KeyStatus.ACTIVE or key.certificate_der is None:
+            return  # changed again meanwhile; the next poll sees the new state
+        certificate = x509.load_der_x509_certificate(key.certificate_der)
+        private = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri))
+        if _spki(certificate) != self._hsm.public_key_der(Pkcs11Uri.parse(key.pkcs11_uri)):
+            log.error("CA key %s is active in the store but its certificate does not match the token key; not switching", key_id)
+            return
+        throwaway = issuer.throwaway_key_like(private)  # type: ignore[arg-type]
+        policy_set = build_policy_set(self.policy.source, certificate, throwaway)
+        previous = self.active.key.key_id
+        self.active = ActiveCa(key, certificate, private, chain_pem(key.certificate_der, key.chain_der))
+        self._throwaway = throwaway
+        self._urls = _urls(self._config, key.key_id)
+        self.policy = policy_set
+        log.info("switched the signing CA key from %s to %s", previous, key_id)
+
     async def sign(self, request: CertificateRequest) -> SignResult:
         """Check, sign and durably record one CSR; replay the first answer for a repeated request_id.
 
         Order: caller and profile, CSR parsing and the profile's rules (pure, no I/O),
-        then one store round trip for the request_id and the uniqueness facts, the fact
-        rules, lint-before-sign on the token's thread, and a commit that re-checks
-        uniqueness. Every refusal is recorded as an audit event before it is returned.
+        then one store read for the request_id and the uniqueness facts, the fact rules,
+        lint-before-sign, and a group commit that re-checks uniqueness. Everything before
+        the commit is one job on the token's thread: one hop per request instead of one
+        per step, which measured faster than spreading the steps over the event loop and
+        a thread pool (they all contend for one GIL). Every refusal is recorded as an audit
+        event before it is returned.
         """
         rules = self.policy  # one request sees one configuration, even across a reload
-        max_bytes = self._config.server.max_csr_bytes
         try:
-            policy.check_request_fields(request)
-            profile = rules.profile_for(request.caller, request.profile)
-            parsed = policy.parse_csr(request.csr, max_bytes)
-            device_id = policy.check_rules(parsed, profile)
-        except CaError as refusal:
-            existing = None
-            if request.request_id and not isinstance(refusal, PermissionDenied):
-                existing = await asyncio.to_thread(self._store.find_by_request_id, request.request_id)
-            if existing is not None:  # a retry of a request answered before this policy was in force
-                return self._result(replay_or_conflict(existing, _csr_digest_or_raw(request.csr, max_bytes)))
-            await self._record_refusal(request, refusal, "", hashlib.sha256(request.csr).digest())
-            raise
-        existing, facts = await asyncio.to_thread(self._lookup, request.request_id, device_id, parsed.public_key_sha256)
-        if existing is not None:
-            return self._result(replay_or_conflict(existing, parsed.sha256))
-        try:
-            decision = policy.decide(parsed, profile, facts)
-            certificate = await self._hsm.run_async(lambda: self._issue(request, decision, rules.linter))
-        except (PolicyViolation, AlreadyExists, LintFailure) as refusal:
-            await self._record_refusal(request, refusal, device_id, parsed.sha256)
-            raise
+            prepared = await self._hsm.run_async(lambda: self._prepare(request, rules))
+        except _Refusal as refused:
+            await self._record_refusal(request, refused.error, refused.device_id, refused.digest)
+            raise refused.error from None
+        if isinstance(prepared, SignResult):
+            return prepared
+        certificate, allow_reissue = prepared
         audit = AuditEvent(
             time=certificate.created_at,
             actor=request.caller,
@@ -231,13 +278,35 @@ class Authority:
             request_digest=certificate.csr_sha256,
             details={"profile": certificate.profile, "request_id": request.request_id},
         )
-        return self._result(await self._committer.submit((certificate, audit, decision.allow_reissue)))
+        return self._result(await self._committer.submit((certificate, audit, allow_reissue)))
+
+    def _prepare(self, request: CertificateRequest, rules: PolicySet) -> SignResult | tuple[IssuedCertificate, bool]:
+        """Everything before the commit, on the token's thread: a replayed answer, or a signed certificate."""
+        max_bytes = self._config.server.max_csr_bytes
+        try:
+            policy.check_request_fields(request)
+            profile = rules.profile_for(request.caller, request.profile)
+            parsed = policy.parse_csr(request.csr, max_bytes)
+            device_id = policy.check_rules(parsed, profile)
+        except CaError as refusal:
+            if request.request_id and not isinstance(refusal, PermissionDenied):
+                existing = self._store.find_by_request_id(request.request_id)
+                if existing is not None:  # a retry of a request answered before this policy was in force
+                    return self._result(replay_or_conflict(existing, _csr_digest_or_raw(request.csr, max_bytes)))
+            raise _Refusal(refusal, "", hashlib.sha256(request.csr).digest()) from None
+        existing, facts = self._lookup(request.request_id, device_id, parsed.public_key_sha256)
+        if existing is not None:
+            return self._result(replay_or_conflict(existing, parsed.sha256))
+        try:
+            decision = policy.decide(parsed, profile, facts)
+            return self._issue(request, decision, rules.linter), decision.allow_reissue
+        except (PolicyViolation, AlreadyExists, LintFailure) as refusal:
+            raise _Refusal(refusal, device_id, parsed.sha256) from None
 
     def _lookup(self, request_id: str, device_id: str, public_key_sha256: bytes) -> tuple[IssuedCertificate | None, policy.IssuanceFacts]:
-        existing = self._store.find_by_request_id(request_id)
+        existing, active, others = self._store.precheck(request_id, device_id, public_key_sha256, datetime.now(UTC))
         if existing is not None:
             return existing, policy.NO_FACTS
-        active, others = self._store.issuance_facts(device_id, public_key_sha256, datetime.now(UTC))
         return None, policy.IssuanceFacts(active_serials_for_device=active, devices_with_public_key=others)
 
     async def _record_refusal(self, request: CertificateRequest, refusal: CaError, device_id: str, digest: bytes) -> None:
@@ -275,11 +344,12 @@ class Authority:
         """Build, lint and sign: CPU and token work, run on the token's thread."""
         now = datetime.now(UTC).replace(microsecond=0)
         serial = issuer.new_serial()
-        builder = issuer.build_leaf(decision, self.active.certificate, serial, now, self._config.ca.backdate, self._urls)
-        cert = issuer.sign_linted(builder, self.active.private_key, self._throwaway, linter)  # type: ignore[arg-type]
+        active = self.active  # read once: a key switch (follow_active_key) runs on this same thread
+        builder = issuer.build_leaf(decision, active.certificate, serial, now, self._config.ca.backdate, self._urls)
+        cert = issuer.sign_linted(builder, active.private_key, self._throwaway, linter)  # type: ignore[arg-type]
         return IssuedCertificate(
             serial=serial,
-            issuer_key_id=self.active.key.key_id,
+            issuer_key_id=active.key.key_id,
             device_id=decision.device_id,
             profile=decision.profile,
             subject=cert.subject.rfc4514_string(),
@@ -296,7 +366,9 @@ class Authority:
         if isinstance(outcome, AlreadyExists):
             raise outcome
         cert = outcome.certificate
-        key = self.active.key if cert.issuer_key_id == self.active.key.key_id else self._store.get_ca_key(cert.issuer_key_id)
+        if cert.issuer_key_id == self.active.key.key_id:
+            return SignResult(cert, self.active.chain_pem, replayed=not outcome.created)
+        key = self._store.get_ca_key(cert.issuer_key_id)
         if key is None or key.certificate_der is None:
             raise FailedPrecondition(f"CA key {cert.issuer_key_id} of certificate {serial_hex(cert.serial)} has no certificate")
         return SignResult(cert, chain_pem(key.certificate_der, key.chain_der), replayed=not outcome.created)
@@ -309,8 +381,18 @@ class Authority:
         return cert
 
     async def ca_certificates(self) -> list[CaKey]:
+        """Every CA certificate a relying party may meet: pre-published (pending), active, superseded, retired."""
         keys = await asyncio.to_thread(self._store.list_ca_keys)
-        return [k for k in keys if k.certificate_der is not None and k.status != KeyStatus.PENDING]
+        return [k for k in keys if k.certificate_der is not None and k.status != KeyStatus.DESTROYED]
+
+    async def link_certificates(self) -> dict[str, list[bytes]]:
+        """Link certificates (DER) by the key they certify: chain alternatives after a root roll-over."""
+        links = await asyncio.to_thread(RotationStore(self._store).links)
+        found: dict[str, list[bytes]] = {}
+        for link in links:
+            if link.not_after > datetime.now(UTC):
+                found.setdefault(link.device_id.removeprefix("ca-link:"), []).append(link.der)
+        return found
 
 
 def parse_serial(text: str) -> int:
@@ -351,9 +433,20 @@ def _csr_digest_or_raw(csr: bytes, max_bytes: int) -> bytes:
 
 
 def load_active_ca(config: Config, hsm: Hsm, store: SqlStore) -> ActiveCa:
-    """Find the configured CA key in the token and its installed certificate in the store."""
-    uri = Pkcs11Uri.parse(config.ca.key_uri)
-    key_id = key_id_for(uri)
+    """The CA key that signs: the store's active key; on first start, the configured `[ca] key`.
+
+    After a rotation (rotation.py) the store names the active key, and `[ca] key` only names
+    the first key (and the label in the configured URLs).
+    """
+    active_id = store.active_key_id()
+    if active_id is not None:
+        stored = store.get_ca_key(active_id)
+        assert stored is not None
+        uri = Pkcs11Uri.parse(stored.pkcs11_uri)
+        key_id = active_id
+    else:
+        uri = Pkcs11Uri.parse(config.ca.key_uri)
+        key_id = key_id_for(uri)
     public_der = hsm.public_key_der(uri)
     key = store.get_ca_key(key_id)
     if key is None or key.certificate_der is None:
@@ -364,13 +457,17 @@ def load_active_ca(config: Config, hsm: Hsm, store: SqlStore) -> ActiveCa:
     certificate = x509.load_der_x509_certificate(key.certificate_der)
     if _spki(certificate) != public_der:
         raise FailedPrecondition(f"the installed certificate of CA key {key_id} does not match the key in the token")
+    if key.status not in (KeyStatus.ACTIVE, KeyStatus.PENDING):
+        raise FailedPrecondition(
+            f"CA key {key_id} is {key.status.value} and no other key is active; activate a key with `ca-daemon key approve`"
+        )
     if key.status != KeyStatus.ACTIVE:
         key = CaKey(**{**key.__dict__, "status": KeyStatus.ACTIVE})
-        store.save_ca_key(key)
-    return ActiveCa(key, certificate, hsm.private_key(uri), chain_pem(key.certificate_der, key.chain_der))
+        store.save_ca_key(key, key_event(key, "key.activate", "active", "ca-daemon"))
+    return ActiveCa(key, certificate, hsm.private_key(uri), chain_pem(key.certificate_der or b"", key.chain_der))
 
 
-def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str) -> CaKey:
+def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str, actor: str = "ca-daemon-cli") -> CaKey:
     """Generate a CA key pair in the token and record it (pending until it has a certificate)."""
     if not hsm.supports(spec):
         raise FailedPrecondition(f"the token does not offer the mechanisms for {spec.value} keys")
@@ -383,8 +480,13 @@ def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str) -> CaKey
         status=KeyStatus.PENDING,
         created_at=datetime.now(UTC),
     )
-    store.save_ca_key(key)
+    store.save_ca_key(key, key_event(key, "key.generate", "generated", actor, {"spec": spec.value, "uri": key.pkcs11_uri}))
     return key
+
+
+def key_event(key: CaKey, action: str, outcome: str, actor: str, details: dict[str, str] | None = None) -> AuditEvent:
+    """The audit record of a CA key event (generation, certificate installation, activation)."""
+    return AuditEvent(time=datetime.now(UTC), actor=actor, action=action, outcome=outcome, key_id=key.key_id, details=details or {})
 
 
 def self_sign_root(hsm: Hsm, store: SqlStore, key: CaKey, subject: x509.Name, validity: timedelta) -> CaKey:
@@ -393,7 +495,8 @@ def self_sign_root(hsm: Hsm, store: SqlStore, key: CaKey, subject: x509.Name, va
     builder = issuer.build_root(subject, private.public_key(), datetime.now(UTC), validity)  # type: ignore[attr-defined]
     certificate = builder.sign(private, issuer.signature_hash(private))  # type: ignore[arg-type]
     installed = CaKey(**{**key.__dict__, "certificate_der": certificate.public_bytes(serialization.Encoding.DER), "chain_der": ()})
-    store.save_ca_key(installed)
+    details = {"subject": certificate.subject.rfc4514_string(), "kind": "self-signed root"}
+    store.save_ca_key(installed, key_event(installed, "key.certificate", "installed", "ca-daemon-cli", details))
     return installed
 
 
@@ -404,7 +507,9 @@ def ca_csr(hsm: Hsm, key: CaKey, subject: x509.Name) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def import_ca_certificate(store: SqlStore, key: CaKey, certificate: x509.Certificate, parents: list[x509.Certificate]) -> CaKey:
+def import_ca_certificate(
+    store: SqlStore, key: CaKey, certificate: x509.Certificate, parents: list[x509.Certificate], actor: str = "ca-daemon-cli"
+) -> CaKey:
     """Install a parent-signed certificate for a CA key after checking it really certifies that key."""
     if _spki(certificate) != key.public_key_der:
         raise FailedPrecondition(
@@ -432,7 +537,8 @@ def import_ca_certificate(store: SqlStore, key: CaKey, certificate: x509.Certifi
             "chain_der": tuple(p.public_bytes(serialization.Encoding.DER) for p in parents),
         }
     )
-    store.save_ca_key(installed)
+    details = {"subject": certificate.subject.rfc4514_string(), "issuer": certificate.issuer.rfc4514_string(), "kind": "imported"}
+    store.save_ca_key(installed, key_event(installed, "key.certificate", "installed", actor, details))
     return installed
 
 

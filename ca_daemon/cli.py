@@ -10,17 +10,20 @@ import argparse
 import os
 import secrets
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
-from ca_daemon import app, authority, issuer
+from ca_daemon import app, authority, cli_access, cli_factory, cli_rotation, issuer
 from ca_daemon import config as config_module
 from ca_daemon.errors import CaError
-from ca_daemon.model import KeySpec, KeyStatus
+from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.model import CaKey, KeySpec, KeyStatus
+from ca_daemon.store import SqlStore
+from ca_daemon.store.rotation_store import RotationStore
 
 DEFAULT_CONFIG = "state/ca-daemon.toml"
 KEY_TYPES_HELP = (
@@ -75,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_key_generate)
     p = key.add_parser("list", help="CA keys known to the store")
     p.set_defaults(handler=_key_list)
+    cli_rotation.add_commands(key)
 
     ca = sub.add_parser("ca", help="CA certificates").add_subparsers(metavar="ACTION")
     p = ca.add_parser("csr", help="write a CSR (signed in the token) for a parent CA to certify a key")
@@ -103,21 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     p = db.add_parser("migrate", help="apply schema migrations")
     p.set_defaults(handler=_db_migrate)
 
+    p = sub.add_parser("check-config", help="validate the configuration and reach token and database, without serving")
+    p.set_defaults(handler=_check_config)
+
     client = sub.add_parser("client", help="talk to a running daemon as a programming service").add_subparsers(metavar="ACTION")
-    p = client.add_parser("sign", help="send a CSR file, write the certificate and chain")
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--csr", required=True, help="CSR file, PEM or DER")
-    p.add_argument("--out", required=True, help="where to write the certificate followed by its chain (PEM)")
-    p.add_argument("--request-id", default="", help="idempotency key (default: a fresh UUID)")
-    p.add_argument("--profile", default="")
-    p.set_defaults(handler=_client_sign)
-    p = client.add_parser("ca-certs", help="print the CA certificates (PEM)")
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.set_defaults(handler=_client_ca_certs)
-    p = client.add_parser("get", help="print an issued certificate by serial")
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--serial", required=True)
-    p.set_defaults(handler=_client_get)
+    cli_factory.add_client_commands(client)
+    cli_factory.add_commands(sub, ca)
+    cli_access.add_commands(sub)
     return parser
 
 
@@ -134,7 +130,11 @@ def _init(args: argparse.Namespace) -> int:
     hsm = app.connect_hsm(config)
     store = app.connect_store(config)
     try:
-        uri = authority.Pkcs11Uri.parse(config.ca.key_uri)
+        from ca_daemon import audit
+
+        if audit.ensure_audit_key(hsm, store, config.audit.key_uri, "ca-daemon-cli"):
+            print(f"generated the audit checkpoint key in the token: {config.audit.key_uri}")
+        uri = Pkcs11Uri.parse(config.ca.key_uri)
         key_id = authority.key_id_for(uri)
         key = store.get_ca_key(key_id)
         if key is None:
@@ -210,7 +210,7 @@ def _write_secret(path: Path) -> str:
 # -- keys and CA certificates ----------------------------------------------
 
 
-def _open(args: argparse.Namespace) -> tuple[config_module.Config, app.Hsm, app.SqlStore]:
+def _open(args: argparse.Namespace) -> tuple[config_module.Config, Hsm, SqlStore]:
     config = config_module.load(args.config)
     hsm = app.connect_hsm(config)
     return config, hsm, app.connect_store(config)
@@ -260,6 +260,7 @@ def _ca_import(args: argparse.Namespace) -> int:
         if args.chain:
             certs += x509.load_pem_x509_certificates(Path(args.chain).read_bytes())
         authority.import_ca_certificate(store, key, certs[0], certs[1:])
+        RotationStore(store).mark_published(key.key_id, datetime.now(UTC))  # starts its pre-publication (key rotation)
         print(f"installed certificate {certs[0].subject.rfc4514_string()} for CA key {key.key_id}")
         return 0
     finally:
@@ -285,52 +286,29 @@ def _ca_export(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _known_key(store: app.SqlStore, label: str) -> authority.CaKey:
+def _known_key(store: SqlStore, label: str) -> CaKey:
     key = store.get_ca_key(label)
     if key is None:
         raise CaError(f"no CA key {label!r} in the store; `ca-daemon key list` shows the known keys")
     return key
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    from ca_daemon import preflight
+
+    results = preflight.run(args.config, emit=lambda check: print(check.line(), flush=True))
+    return 0 if all(check.ok for check in results) else 1
+
+
 def _db_migrate(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
-    store = app.SqlStore(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous)
+    store = SqlStore(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous)
     try:
         applied = store.migrate()
         print(f"schema at version {store.schema_version()}" + (f" (applied {applied})" if applied else " (up to date)"))
         return 0
     finally:
         store.close()
-
-
-# -- client ----------------------------------------------------------------
-
-
-def _client_sign(args: argparse.Namespace) -> int:
-    from ca_daemon.client import CaClient
-
-    with CaClient(args.target) as ca:
-        issued = ca.sign(Path(args.csr).read_bytes(), request_id=args.request_id, profile=args.profile)
-    Path(args.out).write_text(issued.certificate_pem + issued.chain_pem)
-    print(f"issued serial {issued.serial} for device {issued.device_id}; wrote {args.out}")
-    return 0
-
-
-def _client_ca_certs(args: argparse.Namespace) -> int:
-    from ca_daemon.client import CaClient
-
-    with CaClient(args.target) as ca:
-        for cert in ca.ca_certificates():
-            sys.stdout.write(cert.certificate_pem)
-    return 0
-
-
-def _client_get(args: argparse.Namespace) -> int:
-    from ca_daemon.client import CaClient
-
-    with CaClient(args.target) as ca:
-        sys.stdout.write(ca.certificate(args.serial).certificate_pem)
-    return 0
 
 
 # -- profiles and reload ---------------------------------------------------

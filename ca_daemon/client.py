@@ -1,22 +1,75 @@
-"""A small client for programming services: sign a CSR, fetch CA certificates and certificates.
+"""A small client for programming services and relying parties: sign, revoke, fetch the chain and CRLs.
 
-    from ca_daemon.client import CaClient
-    with CaClient("127.0.0.1:50051") as ca:
+    from ca_daemon.client import CaClient, TlsOptions
+    tls = TlsOptions(ca_bundle="ca-daemon-server-ca.pem", cert="line3.pem", key="line3.key")
+    with CaClient("ca.factory.example:50051", tls=tls) as ca:
         issued = ca.sign(csr_pem, request_id="line3-000123")
         open("device.pem", "w").write(issued.certificate_pem + issued.chain_pem)
+        ca.revoke(issued.serial, reason="key-compromise")
+        full, delta = ca.crl(), ca.crl(delta=True)
 
-Retries on UNAVAILABLE are safe because Sign is idempotent by request_id.
+Without `tls` the channel is plaintext, for a daemon in development mode on a loopback address.
+
+Retries: a call that fails with UNAVAILABLE (daemon restarting, token briefly gone, store busy)
+is retried with exponential back-off. That is safe because every retried call is idempotent:
+Sign by request_id (the same request_id and CSR return the same certificate, never a second
+one), Revoke by serial (a retry that finds the certificate already revoked by its first attempt
+returns that revocation), and the reads are reads.
+
+A leaf module for users: it imports only the generated protocol code, never the server side.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+
+T = TypeVar("T")
+
+# RFC 5280 CRLReason names (as in `openssl ca -crl_reason`, with dashes) -> protocol values.
+REASONS: dict[str, int] = {
+    "unspecified": ca_pb2.REVOCATION_REASON_UNSPECIFIED,
+    "key-compromise": ca_pb2.REVOCATION_REASON_KEY_COMPROMISE,
+    "ca-compromise": ca_pb2.REVOCATION_REASON_CA_COMPROMISE,
+    "affiliation-changed": ca_pb2.REVOCATION_REASON_AFFILIATION_CHANGED,
+    "superseded": ca_pb2.REVOCATION_REASON_SUPERSEDED,
+    "cessation-of-operation": ca_pb2.REVOCATION_REASON_CESSATION_OF_OPERATION,
+    "certificate-hold": ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD,
+    "privilege-withdrawn": ca_pb2.REVOCATION_REASON_PRIVILEGE_WITHDRAWN,
+}
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """mTLS settings: the CA bundle that signed the daemon's server certificate, and this client's certificate and key.
+
+    cert and key are optional only for a daemon that does not ask for a client certificate.
+    server_name overrides the name checked in the server certificate (default: the target's host).
+    """
+
+    ca_bundle: str | Path
+    cert: str | Path | None = None
+    key: str | Path | None = None
+    server_name: str = ""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("TLS: give both the client certificate and its key, or neither")
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca_bundle).read_bytes(),
+            private_key=Path(self.key).read_bytes() if self.key is not None else None,
+            certificate_chain=Path(self.cert).read_bytes() if self.cert is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -28,14 +81,63 @@ class Issued:
     request_id: str
 
 
-class CaClient:
-    """A blocking client over one gRPC channel (plaintext in development mode)."""
+@dataclass(frozen=True)
+class Crl:
+    """One published CRL as GetCRL returns it; der is empty when not_modified."""
 
-    def __init__(self, target: str, *, timeout: float = 10.0, retries: int = 5) -> None:
-        self._channel = grpc.insecure_channel(target)
+    der: bytes
+    number: int
+    not_modified: bool
+    this_update: datetime
+    next_update: datetime
+    delta: bool
+
+
+@dataclass(frozen=True)
+class VerificationCertificate:
+    certificate_pem: str
+    certificate_der: bytes
+    serial: str
+    issuer_key_id: str
+
+
+def reason_value(reason: str | int) -> int:
+    """A revocation reason by RFC 5280 name ("key-compromise") or number."""
+    if isinstance(reason, int):
+        return reason
+    try:
+        return REASONS[reason.strip().lower().replace("_", "-")]
+    except KeyError:
+        raise ValueError(f"unknown revocation reason {reason!r}; use one of {', '.join(REASONS)}") from None
+
+
+class CaClient:
+    """A blocking client over one gRPC channel: mTLS with `tls`, plaintext (development mode) without.
+
+    Thread-safe: a simulator or a programming station may share one client between threads.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: TlsOptions | None = None,
+        timeout: float = 10.0,
+        retries: int = 5,
+        max_backoff: float = 2.0,
+    ) -> None:
+        options: list[tuple[str, str | int]] = []
+        if tls is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
         self._stub = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
         self._timeout = timeout
         self._retries = retries
+        self._max_backoff = max_backoff
+        self.retried = 0  # UNAVAILABLE answers retried so far (for summaries and tests)
 
     def __enter__(self) -> CaClient:
         return self
@@ -46,28 +148,115 @@ class CaClient:
     def close(self) -> None:
         self._channel.close()
 
-    def sign(self, csr: bytes | str, *, request_id: str = "", profile: str = "") -> Issued:
-        """Sign a CSR; retries UNAVAILABLE with the same request_id, so at most one certificate results."""
-        request_id = request_id or str(uuid.uuid4())
-        data = csr.encode() if isinstance(csr, str) else csr
-        request = ca_pb2.SignRequest(csr=data, profile=profile, request_id=request_id)
+    def _call(self, call: Callable[[], T]) -> T:
+        """Run an idempotent call, retrying UNAVAILABLE with exponential back-off."""
         delay = 0.1
         for attempt in range(self._retries + 1):
             try:
-                response = self._stub.Sign(request, timeout=self._timeout)
-                return Issued(response.certificate_pem, response.chain_pem, response.serial, response.device_id, request_id)
+                return call()
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self._retries:
                     raise
+                self.retried += 1
                 time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, self._max_backoff)
         raise AssertionError("unreachable")
 
+    # -- programming service ------------------------------------------------
+
+    def sign(self, csr: bytes | str, *, request_id: str = "", profile: str = "") -> Issued:
+        """Sign a CSR (PEM or DER); retries UNAVAILABLE with the same request_id, so at most one certificate results."""
+        request_id = request_id or str(uuid.uuid4())
+        data = csr.encode() if isinstance(csr, str) else csr
+        request = ca_pb2.SignRequest(csr=data, profile=profile, request_id=request_id)
+        response: ca_pb2.SignResponse = self._call(lambda: self._stub.Sign(request, timeout=self._timeout))
+        return Issued(response.certificate_pem, response.chain_pem, response.serial, response.device_id, request_id)
+
+    def revoke(self, serial: str, *, reason: str | int = "unspecified", invalidity_date: datetime | None = None) -> datetime:
+        """Revoke one certificate; returns when it was revoked (durable in the daemon's store)."""
+        request = ca_pb2.RevokeRequest(serial=serial, reason=reason_value(reason), invalidity_date=_ts(invalidity_date))  # type: ignore[arg-type]
+        retried_before = self.retried
+        try:
+            response: ca_pb2.RevokeResponse = self._call(lambda: self._stub.Revoke(request, timeout=self._timeout))
+        except grpc.RpcError as exc:
+            # A retry after an UNAVAILABLE whose first attempt did commit finds the certificate revoked: that is our revocation.
+            if self.retried == retried_before or exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            existing = self.certificate(serial)
+            if not existing.HasField("revocation") or existing.revocation.reason != request.reason:
+                raise
+            return existing.revocation.revoked_at.ToDatetime(tzinfo=UTC)
+        return response.revoked_at.ToDatetime(tzinfo=UTC)
+
+    def revoke_device(self, device_id: str, *, reason: str | int = "unspecified", serials: Sequence[str] = ()) -> list[str]:
+        """Revoke every unrevoked certificate of a device (and any listed serials) in one transaction."""
+        request = ca_pb2.RevokeBulkRequest(serials=list(serials), device_id=device_id, reason=reason_value(reason))  # type: ignore[arg-type]
+        response: ca_pb2.RevokeBulkResponse = self._call(lambda: self._stub.RevokeBulk(request, timeout=self._timeout))
+        return list(response.revoked_serials)
+
+    def unrevoke(self, serial: str) -> None:
+        """Lift a certificate-hold."""
+        self._call(lambda: self._stub.Unrevoke(ca_pb2.UnrevokeRequest(serial=serial), timeout=self._timeout))
+
+    # -- relying parties and operators ----------------------------------------
+
     def ca_certificates(self) -> list[ca_pb2.CACertificate]:
-        return list(self._stub.GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=self._timeout).certificates)
+        """Every CA certificate relying parties should trust or chain through, newest first."""
+        response: ca_pb2.GetCACertificatesResponse = self._call(
+            lambda: self._stub.GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=self._timeout)
+        )
+        return list(response.certificates)
+
+    def chain_pem(self) -> str:
+        """The active CA certificate followed by its parents up to the root (PEM): what a trust store needs."""
+        for cert in self.ca_certificates():
+            if cert.status == "active":
+                return cert.chain_pem
+        raise LookupError("the daemon reports no active CA certificate")
 
     def certificate(self, serial: str) -> ca_pb2.GetCertificateResponse:
-        response: ca_pb2.GetCertificateResponse = self._stub.GetCertificate(
-            ca_pb2.GetCertificateRequest(serial=serial), timeout=self._timeout
+        response: ca_pb2.GetCertificateResponse = self._call(
+            lambda: self._stub.GetCertificate(ca_pb2.GetCertificateRequest(serial=serial), timeout=self._timeout)
         )
         return response
+
+    def crl(self, *, delta: bool = False, issuer_key_id: str = "", if_newer_than: int = 0) -> Crl:
+        """The last published full (or delta) CRL; with if_newer_than, only its number if it is not newer."""
+        request = ca_pb2.GetCRLRequest(
+            kind=ca_pb2.CRL_KIND_DELTA if delta else ca_pb2.CRL_KIND_FULL, issuer_key_id=issuer_key_id, if_newer_than=if_newer_than
+        )
+        response: ca_pb2.GetCRLResponse = self._call(lambda: self._stub.GetCRL(request, timeout=self._timeout))
+        return Crl(
+            der=response.crl_der,
+            number=response.crl_number,
+            not_modified=response.not_modified,
+            this_update=response.this_update.ToDatetime(tzinfo=UTC),
+            next_update=response.next_update.ToDatetime(tzinfo=UTC),
+            delta=delta,
+        )
+
+    def profiles(self) -> list[ca_pb2.Profile]:
+        request = ca_pb2.ListProfilesRequest()
+        response: ca_pb2.ListProfilesResponse = self._call(lambda: self._stub.ListProfiles(request, timeout=self._timeout))
+        return list(response.profiles)
+
+    # -- security officers ----------------------------------------------------
+
+    def verification_certificate(self, code: str, *, validity_seconds: int = 0) -> VerificationCertificate:
+        """Have the CA key sign a certificate with subject CN = code (cloud CA registration). Officer role."""
+        request = ca_pb2.IssueVerificationCertificateRequest(code=code, validity_seconds=validity_seconds)
+        response: ca_pb2.IssueVerificationCertificateResponse = self._call(
+            lambda: self._stub.IssueVerificationCertificate(request, timeout=self._timeout)
+        )
+        return VerificationCertificate(response.certificate_pem, response.certificate_der, response.serial, response.issuer_key_id)
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+__all__ = ["REASONS", "CaClient", "Crl", "Issued", "TlsOptions", "VerificationCertificate", "reason_value"]

@@ -33,20 +33,32 @@ class SecretSource:
 
     def read(self) -> str:
         if self.file is not None:
+            file = self.path()
             try:
-                mode = self.file.stat().st_mode
-                text = self.file.read_text().strip()
+                mode = file.stat().st_mode
+                text = file.read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read PIN file {self.file}: {exc.strerror}") from None
+                raise ConfigError(f"cannot read PIN file {file}: {exc.strerror}") from None
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigError(f"PIN file {self.file} is readable by group or others; chmod 600 it")
+                raise ConfigError(f"PIN file {file} is readable by group or others; chmod 600 it")
             if not text:
-                raise ConfigError(f"PIN file {self.file} is empty")
+                raise ConfigError(f"PIN file {file} is empty")
             return text
         value = os.environ.get(self.env, "")
         if not value:
             raise ConfigError(f"environment variable {self.env} (the PIN source) is not set")
         return value
+
+    def path(self) -> Path:
+        """The PIN file, with $VARIABLES expanded when read: "$CREDENTIALS_DIRECTORY/user.pin" is a systemd credential."""
+        assert self.file is not None
+        expanded = os.path.expandvars(str(self.file))
+        if "$" in expanded:
+            raise ConfigError(
+                f"PIN file {self.file}: {expanded[expanded.index('$') :].split('/')[0]} is not set "
+                "(CREDENTIALS_DIRECTORY is set by systemd for a unit with LoadCredential=)"
+            )
+        return Path(expanded)
 
     def describe(self) -> str:
         return f"file {self.file}" if self.file is not None else f"environment variable {self.env}"
@@ -84,6 +96,8 @@ class StoreConfig:
     # SQLite: FULL makes every commit durable against power loss, not only crashes.
     sqlite_synchronous: str = "FULL"
     commit_batch_max: int = 256
+    # How long the group commit waits for more records before committing (see store/group_commit.py).
+    commit_linger_ms: int = 5
 
 
 # Names a profile may use in its settings, mapped to what the policy layer understands.
@@ -174,6 +188,70 @@ class CrlConfig:
     delta_distribution_points: tuple[str, ...] = ()
 
 
+ROLES = ("programmer", "officer", "auditor", "admin")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """`[tls]`: the gRPC server's certificate and key (PEM files), the client CAs and their CRLs.
+
+    The server key is a file, not an HSM key: grpcio's TLS stack takes the key as PEM bytes
+    and has no PKCS#11 hook. It is a short-lived TLS key that `ca-daemon mtls init` makes on
+    this host; the key that matters (the internal mTLS CA that certifies server and clients,
+    `ca_key`) stays in the HSM. Files are checked when the daemon starts, not here, so
+    `ca-daemon mtls init` can run with a configuration that names files it will create.
+    """
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    client_crl_file: Path | None = None
+    # The internal mTLS CA key in the HSM that `ca-daemon mtls` issues server and client certificates with.
+    ca_key_uri: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class RoleGrant:
+    """Who holds a role: an exact identity, or a pattern over the certificate's SAN URIs ("uri:") or OUs ("ou:")."""
+
+    role: str
+    kind: str  # "identity", "uri" or "ou"
+    value: str
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """`[audit]`: the HSM key that signs chain checkpoints, and how often they are written."""
+
+    key_uri: str
+    checkpoint_interval: timedelta = timedelta(minutes=5)
+    # Hash-chain events; false is refused outside development mode (benchmarks compare the two).
+    chain: bool = True
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: where Prometheus scrapes (empty: no metrics endpoint)."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """`[rotation]`: CA key roll-over under dual control (see rotation.py and README "Key rotation")."""
+
+    # Two distinct officers must approve an action within this window; older approvals lapse.
+    approval_window: timedelta = timedelta(hours=24)
+    # A new key's certificate is published this long before the key may be activated.
+    prepublication: timedelta = timedelta(days=7)
+    # How often every worker checks the store for a newly activated key.
+    poll_interval: timedelta = timedelta(seconds=1)
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -188,6 +266,11 @@ class Config:
     callers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     lint: LintConfig = field(default_factory=LintConfig)
     crl: CrlConfig = field(default_factory=CrlConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    roles: tuple[RoleGrant, ...] = ()
+    audit: AuditConfig = field(default_factory=lambda: AuditConfig(key_uri=""))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
 
     def profile(self, name: str) -> ProfileConfig:
         return self.profiles[name or self.default_profile]
@@ -222,15 +305,18 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     host = _host_of(server.listen, "server.listen")
     if server.http_listen:
         _host_of(server.http_listen, "server.http_listen")  # CRLs are public: any address may serve them
-    if not server.dev_mode:
+    tls = _parse_tls(reader.table("tls"), base)
+    if not server.dev_mode and not tls.enabled:
         raise ConfigError(
-            "server.dev_mode = false needs mTLS, which this version does not provide yet; "
-            "set server.dev_mode = true to serve plaintext gRPC on a loopback address"
+            "server.dev_mode = false needs mTLS: set tls.cert, tls.key, tls.client_ca and tls.client_crl "
+            "(`ca-daemon mtls init` makes all four), or set server.dev_mode = true for plaintext gRPC on loopback"
         )
-    if not _is_loopback(host):
+    if server.dev_mode and tls.enabled:
+        raise ConfigError("server.dev_mode = true serves plaintext gRPC; remove [tls] cert/key or set server.dev_mode = false")
+    if not tls.enabled and not _is_loopback(host):
         raise ConfigError(
-            f"server.listen = {server.listen!r} is not a loopback address; development mode serves "
-            "plaintext gRPC, so it may only bind 127.0.0.0/8, ::1 or localhost"
+            f"server.listen = {server.listen!r} is not a loopback address; without TLS (development mode) gRPC is "
+            "plaintext, so it may only bind 127.0.0.0/8, ::1 or localhost; configure [tls] to serve other addresses"
         )
 
     hsm_raw = reader.table("hsm")
@@ -246,7 +332,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     token = hsm_raw.string("token", "") or _uri_token(key_uri)
     hsm = HsmConfig(
         module=hsm_raw.string("module", DEFAULT_SOFTHSM_MODULE),
-        pin=SecretSource(file=_resolve(base, pin_file) if pin_file else None, env=pin_env),
+        # A path starting with $VARIABLE (e.g. $CREDENTIALS_DIRECTORY/user.pin) is expanded when the PIN is read.
+        pin=SecretSource(file=_pin_path(base, pin_file), env=pin_env),
         token=token,
         softhsm2_conf=_resolve(base, softhsm2_conf) if softhsm2_conf else None,
     )
@@ -276,6 +363,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         url=url,
         sqlite_synchronous=synchronous,
         commit_batch_max=store_raw.integer("commit_batch_max", 256, minimum=1, maximum=10000),
+        commit_linger_ms=store_raw.integer("commit_linger_ms", 5, minimum=0, maximum=100),
     )
 
     profiles: dict[str, ProfileConfig] = {}
@@ -288,6 +376,13 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     if default_profile not in profiles:
         raise ConfigError(f"default_profile {default_profile!r} is not one of the profiles: {sorted(profiles)}")
     callers = _parse_callers(reader.table("callers"), profiles, server.local_identity)
+    roles = _parse_roles(reader.table("roles"))
+    audit = _parse_audit(reader.table("audit"), token, server.dev_mode)
+    metrics = MetricsConfig(listen=reader.table("metrics").string("listen", ""))
+    if metrics.listen:
+        _host_of(metrics.listen, "metrics.listen")
+    if not tls.ca_key_uri:
+        tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": f"pkcs11:token={token};object=mtls-ca-1"})
     lint_mode = reader.table("lint").string("mode", "template")
     if lint_mode not in LINT_MODES:
         raise ConfigError(f"lint.mode = {lint_mode!r}: use one of {', '.join(LINT_MODES)}")
@@ -303,6 +398,67 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         callers=callers,
         lint=LintConfig(mode=lint_mode),
         crl=_parse_crl(reader.table("crl"), base, state_dir, ca),
+        tls=tls,
+        roles=roles,
+        audit=audit,
+        metrics=metrics,
+        rotation=_parse_rotation(reader.table("rotation")),
+    )
+
+
+def _parse_tls(raw: _Reader, base: Path) -> TlsConfig:
+    """`[tls]`: all of cert, key, client_ca and client_crl, or none of them."""
+    names = ("cert", "key", "client_ca", "client_crl")
+    values = {name: raw.string(name, "") for name in names}
+    given = [name for name in names if values[name]]
+    if given and len(given) != len(names):
+        missing = ", ".join(f"tls.{n}" for n in names if not values[n])
+        raise ConfigError(f"[tls] is incomplete: set {missing} too (server certificate, its key, the client CAs and their CRL)")
+    ca_key = raw.string("ca_key", "")
+    if ca_key and not ca_key.startswith("pkcs11:"):
+        raise ConfigError("tls.ca_key must be a pkcs11: URI naming the internal mTLS CA key in the HSM")
+
+    def path(name: str) -> Path | None:
+        return _resolve(base, values[name]) if values[name] else None
+
+    return TlsConfig(path("cert"), path("key"), path("client_ca"), path("client_crl"), ca_key)
+
+
+def _parse_roles(raw: _Reader) -> tuple[RoleGrant, ...]:
+    """`[roles]`: role -> list of "IDENTITY", "uri:REGEX" (SAN URI) or "ou:REGEX" (subject OU)."""
+    grants: list[RoleGrant] = []
+    for role in raw.keys():  # noqa: SIM118 - _Reader is not a dict
+        if role not in ROLES:
+            raise ConfigError(f"roles.{role}: unknown role; use one of {', '.join(ROLES)}")
+        for entry in raw.string_list(role, []):
+            kind, sep, value = entry.partition(":")
+            if sep and kind in ("uri", "ou"):
+                _check_regex(value, f"roles.{role} entry {entry!r}")
+                grants.append(RoleGrant(role, kind, value))
+            elif not entry:
+                raise ConfigError(f"roles.{role}: an empty identity matches nobody")
+            else:
+                grants.append(RoleGrant(role, "identity", entry))
+    return tuple(grants)
+
+
+def _parse_audit(raw: _Reader, token: str, dev_mode: bool) -> AuditConfig:
+    key = raw.string("key", "") or f"pkcs11:token={token};object=audit-1"
+    if not key.startswith("pkcs11:"):
+        raise ConfigError("audit.key must be a pkcs11: URI naming the audit checkpoint key in the HSM")
+    chain = raw.boolean("chain", True)
+    if not chain and not dev_mode:
+        raise ConfigError("audit.chain = false is for benchmarks in development mode only")
+    interval = raw.integer("checkpoint_interval_seconds", 300, minimum=1, maximum=7 * 86400)
+    return AuditConfig(key_uri=key, checkpoint_interval=timedelta(seconds=interval), chain=chain)
+
+
+def _parse_rotation(raw: _Reader) -> RotationConfig:
+    day = 86400
+    return RotationConfig(
+        approval_window=timedelta(seconds=raw.integer("approval_window_seconds", day, minimum=10, maximum=30 * day)),
+        prepublication=timedelta(seconds=raw.integer("prepublication_seconds", 7 * day, minimum=0, maximum=366 * day)),
+        poll_interval=timedelta(milliseconds=raw.integer("poll_interval_ms", 1000, minimum=50, maximum=60_000)),
     )
 
 
@@ -312,6 +468,10 @@ def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
     pattern = p.string("device_id_pattern", DEFAULT_DEVICE_ID_PATTERN)
     _check_regex(pattern, f"{where}.device_id_pattern")
     validity = timedelta(days=p.integer("validity_days", 365, minimum=1, maximum=36500))
+    # validity_seconds (when set) overrides validity_days: short-lived certificates and tests of expiry.
+    validity_seconds = p.integer("validity_seconds", 0, minimum=0, maximum=36500 * 86400)
+    if validity_seconds:
+        validity = timedelta(seconds=validity_seconds)
     max_validity = timedelta(days=p.integer("max_validity_days", max(validity.days, 365 * 3), minimum=1, maximum=36500))
     if validity > max_validity:
         raise ConfigError(f"{where}: validity_days exceeds max_validity_days")
@@ -451,6 +611,12 @@ def _uri_token(uri: str) -> str:
     from urllib.parse import unquote
 
     return unquote(match.group(1))
+
+
+def _pin_path(base: Path, value: str) -> Path | None:
+    if not value:
+        return None
+    return Path(value) if value.startswith("$") else _resolve(base, value)
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -595,6 +761,27 @@ profiles = ["device"]
 [lint]
 # "template": pkilint once per certificate shape, fast checks of what varies; "full": pkilint every certificate.
 mode = "template"
+
+# Hash-chained audit log: a checkpoint (chain head and event count) is signed with this HSM key
+# every interval and at shutdown. `ca-daemon init` creates the key; `ca-daemon audit public-key`
+# exports its public half for `ca-daemon audit verify`.
+[audit]
+key = "pkcs11:token={token};object=audit-1"
+checkpoint_interval_seconds = 300
+
+# Prometheus metrics endpoint (empty: off), e.g. "127.0.0.1:9464". See README.md ("Metrics").
+[metrics]
+listen = ""
+
+# CA key rotation (README.md, "Key rotation"): two distinct officers must approve activation,
+# retirement and destruction of a CA key within the window; a new key is published this long
+# before it may be activated.
+[rotation]
+approval_window_seconds = 86400
+prepublication_seconds = 604800
+
+# Outside development mode: mTLS ([tls]) and roles ([roles]); `ca-daemon mtls init` writes both.
+# See README.md ("mTLS and roles"). In development mode server.local_identity has every role.
 """
 
 

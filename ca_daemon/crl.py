@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -25,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2
 
@@ -32,9 +34,11 @@ from ca_daemon.config import Config
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Hsm
 from ca_daemon.http import CRL_CONTENT_TYPE, DistributionServer, Resource, url_path
-from ca_daemon.model import PublishedCrl
+from ca_daemon.model import KeyStatus, PublishedCrl
 from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
+from ca_daemon.store.locks import Leadership
+from ca_daemon.store.rotation_store import RotationStore
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +55,19 @@ Listener = Callable[[CrlIssuer, PublishedCrl], None]
 class CrlScheduler:
     """Publishes each issuer's CRLs on the configured schedule; keeps the last published in memory."""
 
-    def __init__(self, config: Config, publisher: CrlPublisher, store: SqlStore) -> None:
+    def __init__(self, config: Config, publisher: CrlPublisher, store: SqlStore, leadership: Leadership | None = None) -> None:
         self._config = config
         self._publisher = publisher
         self._store = store
+        # With several replicas only the holder of the database's leadership lock publishes;
+        # the others follow: they hand out what the leader stored (see run_once).
+        self._leadership = leadership
         self._listeners: list[Listener] = []
         self._retry_at: dict[str, datetime] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.last: dict[tuple[str, bool], PublishedCrl] = {}
+        self._final: set[tuple[str, bool]] = set()
 
     def subscribe(self, listener: Listener) -> None:
         """Call listener (on the event loop) with every CRL published from now on, and the latest ones at start."""
@@ -101,6 +109,10 @@ class CrlScheduler:
         """Publish whatever is due for every issuer; return what was published."""
         now = now or datetime.now(UTC)
         published: list[PublishedCrl] = []
+        if self._leadership is not None and not await asyncio.to_thread(self._leadership.poll):
+            await self._follow(now)
+            return published
+        await self._adopt_final_crls(now)
         for issuer in await asyncio.to_thread(self._publisher.issuers, now):
             retry_at = self._retry_at.get(issuer.key_id)
             if retry_at is not None and now < retry_at:
@@ -116,12 +128,18 @@ class CrlScheduler:
         cfg = self._config.crl
         published: list[PublishedCrl] = []
         full = await asyncio.to_thread(lambda: self._store.latest_crl(issuer.key_id, delta=False, with_der=False))
-        if full is None or now >= full.this_update + cfg.full_interval:
+        rescoped = issuer.key_id in self._publisher.rescoped
+        if full is None or now >= full.this_update + cfg.full_interval or rescoped:
+            self._publisher.rescoped.discard(issuer.key_id)  # a new base in the new scope, then a delta on it
             full = await self._publish(issuer, delta=False)
             published.append(full)
+        else:
+            await self._adopt(issuer, full)
         if not cfg.delta:
             return published
         last_delta = await asyncio.to_thread(lambda: self._store.latest_crl(issuer.key_id, delta=True, with_der=False))
+        if last_delta is not None:
+            await self._adopt(issuer, last_delta)
         due = last_delta is None or last_delta.base_crl_number != full.crl_number or now >= last_delta.this_update + cfg.delta_interval
         if not due and cfg.publish_on_revoke and last_delta is not None:
             newest_change = await asyncio.to_thread(self._store.max_change_seq, issuer.key_id)
@@ -129,6 +147,38 @@ class CrlScheduler:
         if due:
             published.append(await self._publish(issuer, delta=True))
         return published
+
+    async def _adopt_final_crls(self, now: datetime) -> None:
+        """Hand out the final CRL of each retired key (published by the key ceremony, in any process)."""
+        for issuer in await asyncio.to_thread(self._publisher.retired, now):
+            if (issuer.key_id, False) in self._final:
+                continue
+            stored = await asyncio.to_thread(functools.partial(self._store.latest_crl, issuer.key_id, delta=False, with_der=False))
+            if stored is not None:
+                await self._adopt(issuer, stored)
+                self._final.add((issuer.key_id, False))
+
+    async def _follow(self, now: datetime) -> None:
+        """Not the leader: serve the newest CRLs the leader stored, checked every check_interval."""
+        await self._adopt_final_crls(now)
+        for issuer in await asyncio.to_thread(self._publisher.issuers, now):
+            for delta in (False, True):
+                stored = await asyncio.to_thread(functools.partial(self._store.latest_crl, issuer.key_id, delta=delta, with_der=False))
+                if stored is not None:
+                    await self._adopt(issuer, stored)
+
+    async def _adopt(self, issuer: CrlIssuer, stored: PublishedCrl) -> None:
+        """Hand out a CRL another process published (`ca-daemon crl publish`, another replica).
+
+        Without this the HTTP server would keep the older base while serving a delta on the
+        newer one, and a relying party could not combine them.
+        """
+        known = self.last.get((issuer.key_id, stored.is_delta))
+        if known is not None and known.crl_number >= stored.crl_number:
+            return
+        crl = await asyncio.to_thread(lambda: self._store.latest_crl(issuer.key_id, delta=stored.is_delta))
+        if crl is not None:
+            self._announce(issuer, crl)
 
     async def _publish(self, issuer: CrlIssuer, *, delta: bool) -> PublishedCrl:
         crl = await asyncio.to_thread(lambda: self._publisher.publish(issuer, delta=delta))
@@ -204,7 +254,15 @@ class CrlServices:
     """What the one publishing process runs: scheduler, file writer, HTTP server and CRL health."""
 
     def __init__(self, config: Config, hsm: Hsm, store: SqlStore) -> None:
-        self.scheduler = CrlScheduler(config, CrlPublisher(config, hsm, store), store)
+        # One candidate process per daemon (this one); across daemons sharing a PostgreSQL
+        # database the leadership lock elects the publisher (see store/locks.py).
+        self.leadership = Leadership(store.url)
+        self._config = config
+        self._store = store
+        self._ca_task: asyncio.Task[None] | None = None
+        publisher = CrlPublisher(config, hsm, store)
+        publisher.fence = self.leadership
+        self.scheduler = CrlScheduler(config, publisher, store, self.leadership)
         self.http = DistributionServer(config.server.http_listen) if config.server.http_listen else None
         if config.crl.directory is not None:
             self.scheduler.subscribe(CrlFileWriter(config.crl.directory))
@@ -221,13 +279,49 @@ class CrlServices:
         if self.http is not None:
             await self.http.start()
         await self.scheduler.start()
+        if self.http is not None:
+            await self._publish_ca_certificates()
+            self._ca_task = asyncio.get_running_loop().create_task(self._keep_ca_certificates(), name="ca-certificates")
+
+    async def _keep_ca_certificates(self) -> None:
+        interval = self._config.crl.check_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._publish_ca_certificates()
+            except Exception:
+                log.exception("publishing the CA certificates over HTTP failed; retrying")
+
+    async def _publish_ca_certificates(self) -> None:
+        """Every CA certificate a relying party may need, at /ca/KEY.der, as soon as it is installed.
+
+        A new key is served here from the moment its certificate is installed: its
+        pre-publication (rotation.py), before it signs anything. Link certificates are at
+        /ca/links/ISSUER-signs-SUBJECT.der.
+        """
+        assert self.http is not None
+        keys = await asyncio.to_thread(self._store.list_ca_keys)
+        links = await asyncio.to_thread(RotationStore(self._store).links)
+        for key in keys:
+            if key.certificate_der is None or key.status == KeyStatus.DESTROYED:
+                continue
+            not_before = x509.load_der_x509_certificate(key.certificate_der).not_valid_before_utc
+            self.http.set(f"/ca/{key.key_id}.der", Resource.certificate(key.certificate_der, not_before))
+        for link in links:
+            subject = link.device_id.removeprefix("ca-link:")
+            self.http.set(f"/ca/links/{link.issuer_key_id}-signs-{subject}.der", Resource.certificate(link.der, link.not_before))
 
     def healthy_check(self) -> bool:
         """False while the HTTP port could not be bound (the store holds the publication outcome)."""
         return self.http is None or self.http.bound
 
     async def stop(self) -> None:
+        if self._ca_task is not None:
+            self._ca_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ca_task
         await self.scheduler.stop()
+        await asyncio.to_thread(self.leadership.release)  # another replica takes over at its next check
         if self.http is not None:
             await self.http.stop()
 

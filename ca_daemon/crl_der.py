@@ -125,6 +125,9 @@ class CrlScope:
     distribution_points: tuple[str, ...]
     # Where the delta CRL is published; named in the base CRL's Freshest CRL extension.
     delta_urls: tuple[str, ...]
+    # False once the CA has issued a CA certificate (a link certificate of a key rotation):
+    # its CRLs then cover CA certificates too, so onlyContainsUserCerts must not be set.
+    only_user_certs: bool = True
 
     @classmethod
     def for_ca(cls, ca_certificate: x509.Certificate, distribution_points: Iterable[str], delta_urls: Iterable[str]) -> CrlScope:
@@ -144,7 +147,7 @@ class CrlScope:
         return x509.IssuingDistributionPoint(
             full_name=[x509.UniformResourceIdentifier(u) for u in self.distribution_points] or None,
             relative_name=None,
-            only_contains_user_certs=True,
+            only_contains_user_certs=self.only_user_certs,
             only_contains_ca_certs=False,
             only_some_reasons=None,
             indirect_crl=False,
@@ -195,8 +198,12 @@ def tbs_cert_list(
     return b"".join((header(0x30, length), head, revoked, entries, tail))
 
 
-def sign_crl(tbs: bytes, algorithm_identifier: bytes, key: CertificateIssuerPrivateKeyTypes) -> bytes:
-    """CertificateList: the TBS, the algorithm, and the key's signature (DER ECDSA for EC keys)."""
+def sign_tbs(tbs: bytes, algorithm_identifier: bytes, key: CertificateIssuerPrivateKeyTypes) -> bytes:
+    """SEQUENCE { tbs, algorithm, BIT STRING signature }: a signed CertificateList or Certificate.
+
+    Both X.509 structures wrap their to-be-signed part the same way, so the issuer uses this
+    too: it signs exactly the TBS bytes that were linted, without building them again.
+    """
     _, algorithm = signature_algorithm(key)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         signature = key.sign(tbs)
@@ -213,6 +220,8 @@ def sign_crl(tbs: bytes, algorithm_identifier: bytes, key: CertificateIssuerPriv
     return b"".join((header(0x30, length), tbs, algorithm_identifier, bit_string))
 
 
+sign_crl = sign_tbs
+
 __all__ = [
     "REMOVE_FROM_CRL",
     "CrlScope",
@@ -220,6 +229,7 @@ __all__ = [
     "integer",
     "revoked_entry",
     "sign_crl",
+    "sign_tbs",
     "signature_algorithm",
     "tbs_cert_list",
     "time",

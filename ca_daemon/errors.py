@@ -26,6 +26,10 @@ class PolicyViolation(InvalidRequest):
     """The request is well-formed but the issuance policy refuses it (INVALID_ARGUMENT)."""
 
 
+class Unauthenticated(CaError):
+    """The caller presented no acceptable client certificate: none, revoked, or over TLS < 1.3 (UNAUTHENTICATED)."""
+
+
 class PermissionDenied(CaError):
     """The caller may not do this (PERMISSION_DENIED)."""
 

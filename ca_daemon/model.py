@@ -34,7 +34,11 @@ class KeyStatus(enum.Enum):
 
     PENDING = "pending"
     ACTIVE = "active"
+    # Replaced by a newer key: signs no certificates, still signs its own CRLs (see rotation.py).
+    SUPERSEDED = "superseded"
     RETIRED = "retired"
+    # Deleted from the token after retirement; its certificates and CRLs stay in the store.
+    DESTROYED = "destroyed"
 
 
 class RevocationReason(enum.IntEnum):

@@ -14,8 +14,10 @@ bytes from the store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -29,6 +31,8 @@ from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFa
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import SqlStore
+from ca_daemon.store.locks import Leadership
+from ca_daemon.store.rotation_store import RotationStore
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +82,10 @@ class CrlAnswer:
 class Revocations:
     """Revoke and unrevoke certificates; answer GetCRL from the last published CRLs."""
 
-    def __init__(self, store: SqlStore, active_key_id: str) -> None:
+    def __init__(self, store: SqlStore, active_key_id: str | Callable[[], str]) -> None:
         self._store = store
-        self._active_key_id = active_key_id
+        # A callable follows key rotation: the worker's current signing key (Authority.active).
+        self._active_key_id = active_key_id if callable(active_key_id) else (lambda: active_key_id)
         self._cache: dict[tuple[str, bool], PublishedCrl] = {}
 
     async def revoke(self, serial_text: str, reason: int, invalidity_date: datetime | None, actor: str) -> Revocation:
@@ -136,7 +141,7 @@ class Revocations:
 
     async def get_crl(self, *, delta: bool, issuer_key_id: str, if_newer_than: int) -> CrlAnswer:
         """The last published CRL of a kind; only its metadata when if_newer_than is not older."""
-        issuer = issuer_key_id or self._active_key_id
+        issuer = issuer_key_id or self._active_key_id()
         meta = await asyncio.to_thread(lambda: self._store.latest_crl(issuer, delta=delta, with_der=False))
         if meta is None:
             known = await asyncio.to_thread(self._store.get_ca_key, issuer)
@@ -165,7 +170,8 @@ class CrlIssuer:
 
     key_id: str
     certificate: x509.Certificate
-    private_key: CertificateIssuerPrivateKeyTypes
+    # None for a retired key: its final CRL is only handed out, never re-signed.
+    private_key: CertificateIssuerPrivateKeyTypes | None
     scope: crl_der.CrlScope
 
 
@@ -177,23 +183,81 @@ class CrlPublisher:
         self._hsm = hsm
         self._store = store
         self._issuers: dict[str, CrlIssuer] = {}
+        # Set by the scheduler of a replicated daemon: the commit is refused unless this process still leads.
+        self.fence: Leadership | None = None
+        # Issuers whose CRL scope changed (see issuers()); the scheduler publishes a new full CRL for them.
+        self.rescoped: set[str] = set()
 
     def issuers(self, now: datetime) -> list[CrlIssuer]:
-        """Every CA key whose certificates may still be valid: the active one and retired ones until their certificate expires."""
+        """Every CA key that still signs CRLs: the active one and superseded ones until they are retired.
+
+        A pending key signs nothing before its activation (it is only pre-published); a
+        retired key published its final CRL (rotation.py) and signs no more.
+        """
         found: list[CrlIssuer] = []
-        for key in self._store.list_ca_keys():
-            if key.status == KeyStatus.PENDING or key.certificate_der is None:
+        keys = self._store.list_ca_keys()
+        link_issuers = {link.issuer_key_id for link in RotationStore(self._store).links(keys)}
+        for key in keys:
+            if key.status not in (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED) or key.certificate_der is None:
                 continue
             certificate = x509.load_der_x509_certificate(key.certificate_der)
             if certificate.not_valid_after_utc < now:
                 continue
             issuer = self._issuers.get(key.key_id)
+            if issuer is not None and issuer.scope.only_user_certs and key.key_id in link_issuers:
+                issuer = None  # it has just issued a link certificate: from now on its CRLs cover CA certificates
+                self.rescoped.add(key.key_id)
             if issuer is None:
-                issuer = self._issuers[key.key_id] = self._load(key, certificate)
+                issuer = self._issuers[key.key_id] = self._load(key, certificate, only_user_certs=key.key_id not in link_issuers)
             found.append(issuer)
         return found
 
-    def _load(self, key: CaKey, certificate: x509.Certificate) -> CrlIssuer:
+    def retired(self, now: datetime) -> list[CrlIssuer]:
+        """Retired (and destroyed) keys whose certificate is still valid: their final CRL is still handed out."""
+        found: list[CrlIssuer] = []
+        for key in self._store.list_ca_keys():
+            if key.status not in (KeyStatus.RETIRED, KeyStatus.DESTROYED) or key.certificate_der is None:
+                continue
+            certificate = x509.load_der_x509_certificate(key.certificate_der)
+            if certificate.not_valid_after_utc >= now:
+                found.append(self._load(key, certificate, with_key=False))
+        return found
+
+    def issuer_of(self, key: CaKey) -> CrlIssuer:
+        """The CRL issuer of one key, whatever its status (for its final CRL)."""
+        assert key.certificate_der is not None
+        links = RotationStore(self._store).links(self._store.list_ca_keys())
+        only_user_certs = key.key_id not in {link.issuer_key_id for link in links}
+        return self._load(key, x509.load_der_x509_certificate(key.certificate_der), only_user_certs=only_user_certs)
+
+    def publish_final(self, issuer: CrlIssuer, now: datetime | None = None) -> PublishedCrl:
+        """The key's last full CRL: every entry, valid until the CA certificate expires (RFC 5280 5.1.2.5).
+
+        No entry is dropped for expiry, so a relying party holding only this CRL still sees
+        every revocation the key ever made.
+        """
+        now = (now or datetime.now(UTC)).replace(microsecond=0)
+        issuer = dataclasses.replace(issuer, scope=dataclasses.replace(issuer.scope, delta_urls=()))  # no delta will follow
+        entries = self._store.crl_entries(issuer.key_id, after_seq=None, drop_expired=None)
+        next_update = max(issuer.certificate.not_valid_after_utc, now + self._config.crl.full_validity)
+        crl = sign_crl(
+            issuer,
+            number=self._store.max_crl_number(issuer.key_id) + 1,
+            base_number=None,
+            this_update=now,
+            next_update=next_update,
+            entries=entries.der,
+            count=entries.count,
+            change_seq=entries.change_seq,
+        )
+        self.check(issuer, crl)
+        event = _audit(crl)
+        event = AuditEvent(**{**event.__dict__, "actor": "key-ceremony", "details": {**event.details, "final": "true"}})
+        self._store.store_crl(crl, event, fence=self.fence)
+        log.info("published the final CRL %d of %s with %d entries", crl.crl_number, issuer.key_id, crl.entries)
+        return crl
+
+    def _load(self, key: CaKey, certificate: x509.Certificate, *, only_user_certs: bool = True, with_key: bool = True) -> CrlIssuer:
         active_label = Pkcs11Uri.parse(self._config.ca.key_uri).label
 
         # The configured URLs name the active key; a retired key's CRLs live beside them under its own name.
@@ -203,7 +267,8 @@ class CrlPublisher:
         scope = crl_der.CrlScope.for_ca(
             certificate, rename(self._config.ca.crl_distribution_points), rename(self._config.crl.delta_distribution_points)
         )
-        private_key = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri))
+        scope = dataclasses.replace(scope, only_user_certs=only_user_certs)
+        private_key = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri)) if with_key else None
         return CrlIssuer(key.key_id, certificate, private_key, scope)  # type: ignore[arg-type]
 
     def publish(self, issuer: CrlIssuer, *, delta: bool, now: datetime | None = None) -> PublishedCrl:
@@ -212,7 +277,7 @@ class CrlPublisher:
         try:
             crl = self.build(issuer, delta=delta, now=now)
             self.check(issuer, crl)
-            self._store.store_crl(crl, _audit(crl))
+            self._store.store_crl(crl, _audit(crl), fence=self.fence)
         except CaError as exc:
             log.error("CRL of %s not published: %s", issuer.key_id, exc.message)
             self._store.set_crl_status(issuer.key_id, ok=False, message=exc.message)
@@ -267,6 +332,8 @@ def sign_crl(
     change_seq: int,
 ) -> PublishedCrl:
     """Assemble the TBSCertList around the entries and sign it with the issuer's key (in the HSM)."""
+    if issuer.private_key is None:
+        raise FailedPrecondition(f"CA key {issuer.key_id} is retired: it published its final CRL and signs no more")
     algorithm, _ = crl_der.signature_algorithm(issuer.private_key)
     kind = "delta" if base_number is not None else "full"
     tbs = crl_der.tbs_cert_list(

@@ -1,20 +1,24 @@
 """grpc.aio servicers: protobuf <-> domain, nothing else.
 
-`ErrorInterceptor` is the one place that turns domain errors into gRPC status codes,
-with a google.rpc.ErrorInfo detail naming the rule, field and expectation.
+`ErrorInterceptor` is the one request pipeline: it authenticates the caller and checks
+the method's role rule (access.py), turns domain errors into gRPC status codes with a
+google.rpc.ErrorInfo detail naming the rule, field and expectation, writes one JSON log
+line per request (method, caller, status, latency) and counts it in the metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
@@ -22,9 +26,15 @@ from grpc_status import rpc_status
 
 from ca_daemon import errors
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.access import Authenticator, Principal, authorize
+from ca_daemon.audit import AuditQuery, AuditReader
 from ca_daemon.authority import Authority, chain_pem
-from ca_daemon.model import CertificateRequest, Revocation
+from ca_daemon.issuer import parse_subject
+from ca_daemon.metrics import RequestMetrics
+from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, Revocation
+from ca_daemon.registration import VerificationCertificates
 from ca_daemon.revocation import Revocations
+from ca_daemon.rotation import KeyCeremony
 from ca_daemon.store import serial_hex
 
 log = logging.getLogger("ca_daemon.rpc")
@@ -32,6 +42,7 @@ log = logging.getLogger("ca_daemon.rpc")
 SERVICE_NAME = ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"].full_name
 
 _STATUS: list[tuple[type[errors.CaError], grpc.StatusCode]] = [
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
@@ -64,40 +75,143 @@ def to_status(error: errors.CaError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+DenialRecorder = Callable[[AuditEvent], Awaitable[None]]
+
+# The authenticated caller of the request being served (set by ErrorInterceptor).
+_PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("ca_daemon_principal")
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to status codes and logs one line per request."""
+def caller_of(_context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The identity ErrorInterceptor authenticated for the current request."""
+    return _PRINCIPAL.get().identity
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates and authorises, maps domain errors to status codes, logs and counts one line per request.
+
+    Without an authenticator (tests of the servicer alone) every caller is let through
+    and the servicer's own caller function names them.
+    """
+
+    def __init__(
+        self,
+        authenticator: Authenticator | None = None,
+        record_denial: DenialRecorder | None = None,
+        metrics: RequestMetrics | None = None,
+    ) -> None:
+        self._authenticator = authenticator
+        self._record_denial = record_denial
+        self._metrics = metrics
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner: Handler = handler.unary_unary
         method = handler_call_details.method
+        if handler.unary_unary is not None:
+            inner: Handler = handler.unary_unary  # type: ignore[assignment]
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            try:
-                return await inner(request, context)
-            except errors.CaError as exc:
-                status = to_status(exc)
-                log.info("rpc %s -> %s: %s (%.1f ms)", method, status.code.name, exc.message, _ms(started))
-                await context.abort_with_status(status)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                log.exception("rpc %s failed unexpectedly", method)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
+            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                started = time.perf_counter()
+                caller = "-"
+                try:
+                    caller = await self._admit(method, context)
+                    response = await inner(request, context)
+                except errors.CaError as exc:
+                    await self._refuse(method, caller, exc, context, started)
+                except grpc.aio.AbortError:
+                    self._done(method, caller, "ABORTED_BY_HANDLER", started)
+                    raise
+                except Exception:
+                    log.exception("rpc %s failed unexpectedly", method)
+                    self._done(method, caller, "INTERNAL", started)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
+                self._done(method, caller, "OK", started)
+                return response
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            return grpc.unary_unary_rpc_method_handler(
+                guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream: StreamHandler = handler.unary_stream  # type: ignore[assignment]
+
+            async def guarded_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                caller = "-"
+                try:
+                    caller = await self._admit(method, context)
+                    async for item in stream(request, context):
+                        yield item
+                except errors.CaError as exc:
+                    await self._refuse(method, caller, exc, context, started)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    log.exception("rpc %s failed unexpectedly", method)
+                    self._done(method, caller, "INTERNAL", started)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
+                self._done(method, caller, "OK", started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                guarded_stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+        return handler
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Steps 3-5 of client authentication (the handshake did 1-2); the caller's identity."""
+        if self._authenticator is None:
+            return "-"
+        try:
+            principal = self._authenticator.authenticate(context.auth_context())
+        except errors.Unauthenticated as exc:
+            await self._deny("unauthenticated", "-", method, exc)
+            raise
+        _PRINCIPAL.set(principal)
+        try:
+            authorize(principal, method)
+        except errors.PermissionDenied as exc:
+            await self._deny("permission-denied", principal.identity, method, exc)
+            raise
+        return principal.identity
+
+    async def _deny(self, outcome: str, actor: str, method: str, exc: errors.CaError) -> None:
+        if self._record_denial is None:
+            return
+        await self._record_denial(
+            AuditEvent(
+                time=datetime.now(UTC),
+                actor=actor[:256],
+                action="access.deny",
+                outcome=outcome,
+                reason=exc.rule,
+                details={"method": method, "needed": exc.expected, "message": exc.message[:512]},
+            )
         )
+
+    async def _refuse(
+        self, method: str, caller: str, exc: errors.CaError, context: grpc.aio.ServicerContext[Any, Any], started: float
+    ) -> None:
+        status = to_status(exc)
+        self._done(method, caller, status.code.name, started, exc.message)
+        await context.abort_with_status(status)  # type: ignore[attr-defined]
+
+    def _done(self, method: str, caller: str, code: str, started: float, message: str = "") -> None:
+        seconds = time.perf_counter() - started
+        if caller == "-":  # refused after authentication, before _admit returned
+            principal = _PRINCIPAL.get(None)
+            caller = principal.identity if principal is not None else caller
+        fields = {"method": method, "caller": caller, "status": code, "latency_ms": round(seconds * 1000, 2)}
+        if message:
+            fields["error"] = message
+        log.info("rpc %s %s", method, code, extra={"fields": fields})
+        if self._metrics is not None:
+            self._metrics.request(method, code, seconds)
 
 
 def _ms(started: float) -> float:
@@ -111,7 +225,10 @@ def _timestamp(value: datetime) -> Timestamp:
 
 
 def _pem(der: bytes) -> str:
-    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
+    """PEM of a DER certificate we stored ourselves (no re-parse: this runs on every Sign)."""
+    body = base64.encodebytes(der).decode().replace("\n", "")
+    lines = "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
 
 
 class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
@@ -120,14 +237,18 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
     def __init__(
         self,
         authority: Authority,
-        caller_identity: Callable[[grpc.aio.ServicerContext], str],
+        caller_identity: Callable[[grpc.aio.ServicerContext[Any, Any]], str],
         revocations: Revocations | None = None,
+        verification: VerificationCertificates | None = None,
+        audit: AuditReader | None = None,
     ) -> None:
         self._authority = authority
         self._caller = caller_identity
         self._revocations = revocations
+        self._verification = verification
+        self._audit = audit
 
-    async def Sign(self, request: ca_pb2.SignRequest, context: grpc.aio.ServicerContext) -> ca_pb2.SignResponse:
+    async def Sign(self, request: ca_pb2.SignRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.SignResponse:
         result = await self._authority.sign(
             CertificateRequest(csr=request.csr, profile=request.profile, request_id=request.request_id, caller=self._caller(context))
         )
@@ -144,9 +265,10 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
         )
 
     async def GetCACertificates(
-        self, request: ca_pb2.GetCACertificatesRequest, context: grpc.aio.ServicerContext
+        self, request: ca_pb2.GetCACertificatesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.GetCACertificatesResponse:
         keys = await self._authority.ca_certificates()
+        links = await self._authority.link_certificates()
         response = ca_pb2.GetCACertificatesResponse()
         for key in keys:
             assert key.certificate_der is not None
@@ -159,12 +281,13 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
                     status=key.status.value,
                     not_before=_timestamp(cert.not_valid_before_utc),
                     not_after=_timestamp(cert.not_valid_after_utc),
+                    link_certificates_pem=[_pem(der) for der in links.get(key.key_id, [])],
                 )
             )
         return response
 
     async def GetCertificate(
-        self, request: ca_pb2.GetCertificateRequest, context: grpc.aio.ServicerContext
+        self, request: ca_pb2.GetCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.GetCertificateResponse:
         cert = await self._authority.get_certificate(request.serial)
         revocation = await self._revoker().revocation_of(cert.serial) if self._revocations is not None else None
@@ -186,23 +309,23 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
             raise errors.FailedPrecondition("revocation is not enabled in this server")
         return self._revocations
 
-    async def Revoke(self, request: ca_pb2.RevokeRequest, context: grpc.aio.ServicerContext) -> ca_pb2.RevokeResponse:
+    async def Revoke(self, request: ca_pb2.RevokeRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.RevokeResponse:
         revocation = await self._revoker().revoke(
             request.serial, request.reason, _optional_time(request, "invalidity_date"), self._caller(context)
         )
         return ca_pb2.RevokeResponse(revoked_at=_timestamp(revocation.revoked_at))
 
-    async def Unrevoke(self, request: ca_pb2.UnrevokeRequest, context: grpc.aio.ServicerContext) -> ca_pb2.UnrevokeResponse:
+    async def Unrevoke(self, request: ca_pb2.UnrevokeRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.UnrevokeResponse:
         await self._revoker().unrevoke(request.serial, self._caller(context))
         return ca_pb2.UnrevokeResponse()
 
-    async def RevokeBulk(self, request: ca_pb2.RevokeBulkRequest, context: grpc.aio.ServicerContext) -> ca_pb2.RevokeBulkResponse:
+    async def RevokeBulk(self, request: ca_pb2.RevokeBulkRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.RevokeBulkResponse:
         revoked = await self._revoker().revoke_bulk(
             list(request.serials), request.device_id, request.reason, _optional_time(request, "invalidity_date"), self._caller(context)
         )
         return ca_pb2.RevokeBulkResponse(revoked_serials=[serial_hex(r.serial) for r in revoked])
 
-    async def GetCRL(self, request: ca_pb2.GetCRLRequest, context: grpc.aio.ServicerContext) -> ca_pb2.GetCRLResponse:
+    async def GetCRL(self, request: ca_pb2.GetCRLRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.GetCRLResponse:
         if request.kind not in (ca_pb2.CRL_KIND_FULL, ca_pb2.CRL_KIND_DELTA):
             raise errors.InvalidRequest(
                 f"CRL kind {request.kind} is unknown", rule="kind", field="kind", expected="CRL_KIND_FULL or CRL_KIND_DELTA"
@@ -219,7 +342,44 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
             next_update=_timestamp(crl.next_update),
         )
 
-    async def ListProfiles(self, request: ca_pb2.ListProfilesRequest, context: grpc.aio.ServicerContext) -> ca_pb2.ListProfilesResponse:
+    async def IssueVerificationCertificate(
+        self, request: ca_pb2.IssueVerificationCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.IssueVerificationCertificateResponse:
+        if self._verification is None:
+            raise errors.FailedPrecondition("verification certificates are not enabled in this server")
+        verification = self._verification
+        validity = timedelta(seconds=request.validity_seconds) if request.validity_seconds else None
+        caller = self._caller(context)
+        result = await asyncio.to_thread(verification.issue, request.code, validity, caller)
+        return ca_pb2.IssueVerificationCertificateResponse(
+            certificate_pem=result.pem,
+            certificate_der=result.der,
+            serial=result.serial,
+            issuer_key_id=result.issuer_key_id,
+            not_after=_timestamp(result.certificate.not_valid_after_utc),
+        )
+
+    async def StreamAuditEvents(
+        self, request: ca_pb2.StreamAuditEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[ca_pb2.AuditEventsPage]:
+        if self._audit is None:
+            raise errors.FailedPrecondition("the audit log is not served by this server")
+        query = AuditQuery(
+            after_seq=request.after_seq,
+            from_time=_optional_time(request, "from_time"),
+            actions=tuple(request.actions),
+            device_id=request.device_id,
+            serial=request.serial,
+            page_size=request.page_size,
+            max_events=request.max_events,
+            page_token=request.page_token,
+        )
+        async for rows, token in self._audit.pages(query):
+            yield ca_pb2.AuditEventsPage(events=[_audit_event(r) for r in rows], next_page_token=token)
+
+    async def ListProfiles(
+        self, request: ca_pb2.ListProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.ListProfilesResponse:
         profiles = self._authority.policy.profiles
         return ca_pb2.ListProfilesResponse(
             profiles=[
@@ -235,11 +395,121 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
         )
 
 
+class KeyCeremonyServicer(ca_pb2_grpc.KeyCeremonyServicer):
+    """The KeyCeremony service over rotation.KeyCeremony (blocking: run in a thread)."""
+
+    def __init__(
+        self,
+        ceremony: KeyCeremony,
+        caller_identity: Callable[[grpc.aio.ServicerContext[Any, Any]], str],
+        on_activation: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self._ceremony = ceremony
+        self._caller = caller_identity
+        self._on_activation = on_activation
+
+    async def GenerateKey(
+        self, request: ca_pb2.GenerateKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.GenerateKeyResponse:
+        spec = _key_spec(request.key_type or KeySpec.EC_P256.value)
+        key = await asyncio.to_thread(self._ceremony.generate, self._caller(context), spec, request.label)
+        return ca_pb2.GenerateKeyResponse(key_id=key.key_id, pkcs11_uri=key.pkcs11_uri)
+
+    async def SelfSignKey(
+        self, request: ca_pb2.SelfSignKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.SelfSignKeyResponse:
+        subject = _subject(request.subject)
+        validity = timedelta(days=request.validity_days or 3650)
+        result = await asyncio.to_thread(self._ceremony.self_sign, self._caller(context), request.key_id, subject, validity)
+        return ca_pb2.SelfSignKeyResponse(
+            certificate_pem=_pem(result.key.certificate_der or b""), link_certificates_pem=[_pem(link.der) for link in result.links]
+        )
+
+    async def GetKeyCSR(self, request: ca_pb2.GetKeyCSRRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.GetKeyCSRResponse:
+        csr = await asyncio.to_thread(self._ceremony.csr, self._caller(context), request.key_id, _subject(request.subject))
+        return ca_pb2.GetKeyCSRResponse(csr_pem=csr.decode())
+
+    async def InstallKeyCertificate(
+        self, request: ca_pb2.InstallKeyCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.InstallKeyCertificateResponse:
+        try:
+            certificates = x509.load_pem_x509_certificates(request.certificate_pem.encode())
+        except ValueError:
+            raise errors.InvalidRequest(
+                "certificate_pem is not PEM certificates", rule="certificate", field="certificate_pem", expected="PEM"
+            ) from None
+        await asyncio.to_thread(self._ceremony.install, self._caller(context), request.key_id, certificates[0], certificates[1:])
+        return ca_pb2.InstallKeyCertificateResponse()
+
+    async def ListKeys(self, request: ca_pb2.ListKeysRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.ListKeysResponse:
+        infos = await asyncio.to_thread(self._ceremony.list_keys)
+        response = ca_pb2.ListKeysResponse()
+        for info in infos:
+            item = ca_pb2.CAKeyInfo(
+                key_id=info.key.key_id,
+                pkcs11_uri=info.key.pkcs11_uri,
+                key_type=info.key.spec.value,
+                status=info.key.status.value,
+                has_certificate=info.key.certificate_der is not None,
+            )
+            times = {**info.lifecycle.times, "activatable_at": info.activatable_at}
+            for name, value in times.items():
+                if value is not None:
+                    getattr(item, name).CopyFrom(_timestamp(value))
+            response.keys.append(item)
+        return response
+
+    async def ApproveKeyAction(
+        self, request: ca_pb2.ApproveKeyActionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.ApproveKeyActionResponse:
+        result = await asyncio.to_thread(
+            self._ceremony.approve, self._caller(context), request.action, request.key_id, request.successor_key_id
+        )
+        if result.executed and self._on_activation is not None:
+            await self._on_activation()  # this worker switches at once; the others at their next poll
+        return ca_pb2.ApproveKeyActionResponse(executed=result.executed, officers=list(result.officers), message=result.message)
+
+
+def _key_spec(value: str) -> KeySpec:
+    try:
+        return KeySpec(value)
+    except ValueError:
+        raise errors.InvalidRequest(
+            f"key type {value!r} is unknown", rule="key-type", field="key_type", expected=", ".join(s.value for s in KeySpec)
+        ) from None
+
+
+def _subject(text: str) -> x509.Name:
+    try:
+        return parse_subject(text)
+    except ValueError as exc:
+        raise errors.InvalidRequest(str(exc), rule="subject", field="subject", expected="an RFC 4514 name with a CN") from None
+
+
 def _optional_time(message: Any, field: str) -> datetime | None:
     if not message.HasField(field):
         return None
     value: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
     return value
+
+
+def _audit_event(row: dict[str, Any]) -> ca_pb2.AuditEvent:
+    time_value: datetime = row["time"] if row["time"].tzinfo else row["time"].replace(tzinfo=UTC)
+    return ca_pb2.AuditEvent(
+        seq=int(row["seq"]),
+        time=_timestamp(time_value),
+        actor=row["actor"],
+        action=row["action"],
+        outcome=row["outcome"],
+        serial=row["serial"] or "",
+        device_id=row["device_id"] or "",
+        key_id=row["key_id"] or "",
+        request_digest=bytes(row["request_digest"] or b""),
+        reason=row["reason"] or "",
+        details_json=row["details"] or "{}",
+        prev_hash=bytes(row["prev_hash"] or b""),
+        hash=bytes(row["hash"] or b""),
+    )
 
 
 def _revocation(revocation: Revocation) -> ca_pb2.Revocation:
@@ -250,4 +520,4 @@ def _revocation(revocation: Revocation) -> ca_pb2.Revocation:
     )
 
 
-__all__ = ["CertificateAuthorityServicer", "ErrorInterceptor", "SERVICE_NAME"]
+__all__ = ["CertificateAuthorityServicer", "ErrorInterceptor", "KeyCeremonyServicer", "SERVICE_NAME", "caller_of"]

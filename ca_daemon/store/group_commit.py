@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -27,9 +28,10 @@ _STOP = object()
 class GroupCommitter(Generic[Item, Result]):
     """Batches items for `commit_batch` on one thread and hands each caller its result."""
 
-    def __init__(self, commit_batch: Callable[[Sequence[Item]], Sequence[Result | CaError]], batch_max: int) -> None:
+    def __init__(self, commit_batch: Callable[[Sequence[Item]], Sequence[Result | CaError]], batch_max: int, linger_s: float = 0.0) -> None:
         self._commit_batch = commit_batch
         self._batch_max = batch_max
+        self._linger = linger_s
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
@@ -52,9 +54,13 @@ class GroupCommitter(Generic[Item, Result]):
                 return
             pending = [first]
             stop = False
+            # Linger a moment for company: when signing is the slower stage, records arrive
+            # one at a time and a commit per record costs more CPU than the signing itself.
+            deadline = time.monotonic() + self._linger
             while len(pending) < self._batch_max:
                 try:
-                    nxt = self._queue.get_nowait()
+                    remaining = deadline - time.monotonic()
+                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is _STOP:

@@ -150,8 +150,97 @@ def _create_v1(conn: Connection) -> None:
         table.create(conn)
 
 
+# -- version 2: the hash-chained audit log (issue 6) ------------------------
+
+# Signed checkpoints of the audit chain: the head (seq, hash) and the event count,
+# signed with the audit key in the HSM (see ca_daemon/audit_hash.py for the encoding).
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("head_hash", LargeBinary, nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("key_id", String(128), nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+    Index("ix_audit_checkpoints_seq", "seq"),
+)
+
+# Client certificates for the gRPC interface, issued by the internal mTLS CA (`ca-daemon mtls`).
+# Only certificates: their private keys are made by the client side and never stored.
+mtls_certificates = Table(
+    "mtls_certificates",
+    metadata,
+    Column("serial", String(64), primary_key=True),
+    Column("name", String(256), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("not_after", DateTime(timezone=True), nullable=False),
+    Column("der", LargeBinary, nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("revocation_reason", Integer),
+)
+
+
+def _create_v2(conn: Connection) -> None:
+    """New tables, then chain the audit events written before the chain existed (in seq order)."""
+    from sqlalchemy import select, update
+
+    from ca_daemon.audit_hash import GENESIS, event_hash
+
+    audit_checkpoints.create(conn)
+    mtls_certificates.create(conn)
+    prev = GENESIS
+    rows = conn.execute(select(audit_events).order_by(audit_events.c.seq)).all()
+    for row in rows:
+        digest = event_hash(dict(row._mapping), row.seq, prev)
+        conn.execute(update(audit_events).where(audit_events.c.seq == row.seq).values(prev_hash=prev, hash=digest))
+        prev = digest
+
+
+# -- version 3: CA key rotation under dual control (issue 7) -------------------
+
+# One row per officer approval of a key action ("activate", "retire", "destroy", "emergency").
+# An action runs once two distinct officers approved the same (action, key_id, successor_key_id)
+# within the configured window; executed_at then marks the approvals it consumed.
+key_approvals = Table(
+    "key_approvals",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("action", String(16), nullable=False),
+    Column("key_id", String(128), ForeignKey("ca_keys.key_id"), nullable=False),
+    Column("successor_key_id", String(128), nullable=False, default=""),
+    Column("officer", String(256), nullable=False),
+    Column("approved_at", DateTime(timezone=True), nullable=False),
+    Column("executed_at", DateTime(timezone=True)),
+    Index("ix_key_approvals_action_key", "action", "key_id", "executed_at"),
+)
+
+# When each CA key was published (certificate installed), activated, superseded, retired, destroyed.
+ca_key_lifecycle = Table(
+    "ca_key_lifecycle",
+    metadata,
+    Column("key_id", String(128), ForeignKey("ca_keys.key_id"), primary_key=True),
+    Column("published_at", DateTime(timezone=True)),
+    Column("activated_at", DateTime(timezone=True)),
+    Column("superseded_at", DateTime(timezone=True)),
+    Column("retired_at", DateTime(timezone=True)),
+    Column("destroyed_at", DateTime(timezone=True)),
+    Column("compromised_at", DateTime(timezone=True)),
+)
+
+
+def _create_v3(conn: Connection) -> None:
+    key_approvals.create(conn)
+    ca_key_lifecycle.create(conn)
+
+
 # (version, description, step). Append only: a released step is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
+    (2, "audit chain checkpoints, mTLS client certificates; chain existing audit events", _create_v2),
+    (3, "key rotation: officer approvals and CA key life-cycle times", _create_v3),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]

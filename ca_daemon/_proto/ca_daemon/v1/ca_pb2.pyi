@@ -71,6 +71,338 @@ CRL_KIND_DELTA: CRLKind.ValueType  # 1
 Global___CRLKind: _TypeAlias = CRLKind  # noqa: Y015
 
 @_typing.final
+class GenerateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    KEY_TYPE_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """CKA_LABEL of the new key, also its key_id: 1-64 of [A-Za-z0-9-_.]."""
+    key_type: _builtins.str
+    """"ec-p256" (default when empty), "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519"."""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        key_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_type", b"key_type", "label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateKeyRequest: _TypeAlias = GenerateKeyRequest  # noqa: Y015
+
+@_typing.final
+class GenerateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PKCS11_URI_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    pkcs11_uri: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        pkcs11_uri: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "pkcs11_uri", b"pkcs11_uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateKeyResponse: _TypeAlias = GenerateKeyResponse  # noqa: Y015
+
+@_typing.final
+class SelfSignKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    subject: _builtins.str
+    """RFC 4514 subject, e.g. "CN=Factory Root CA 2,O=Example"."""
+    validity_days: _builtins.int
+    """Validity in days; 0 selects 3650."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        validity_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "subject", b"subject", "validity_days", b"validity_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SelfSignKeyRequest: _TypeAlias = SelfSignKeyRequest  # noqa: Y015
+
+@_typing.final
+class SelfSignKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    LINK_CERTIFICATES_PEM_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.str
+    @_builtins.property
+    def link_certificates_pem(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The link certificates issued with it (empty for the first root)."""
+
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.str = ...,
+        link_certificates_pem: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "link_certificates_pem", b"link_certificates_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SelfSignKeyResponse: _TypeAlias = SelfSignKeyResponse  # noqa: Y015
+
+@_typing.final
+class GetKeyCSRRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    subject: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyCSRRequest: _TypeAlias = GetKeyCSRRequest  # noqa: Y015
+
+@_typing.final
+class GetKeyCSRResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    csr_pem: _builtins.str
+    def __init__(
+        self,
+        *,
+        csr_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyCSRResponse: _TypeAlias = GetKeyCSRResponse  # noqa: Y015
+
+@_typing.final
+class InstallKeyCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    certificate_pem: _builtins.str
+    """The key's certificate, PEM, optionally followed by its parents up to the root."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        certificate_pem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstallKeyCertificateRequest: _TypeAlias = InstallKeyCertificateRequest  # noqa: Y015
+
+@_typing.final
+class InstallKeyCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstallKeyCertificateResponse: _TypeAlias = InstallKeyCertificateResponse  # noqa: Y015
+
+@_typing.final
+class ListKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeysRequest: _TypeAlias = ListKeysRequest  # noqa: Y015
+
+@_typing.final
+class CAKeyInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PKCS11_URI_FIELD_NUMBER: _builtins.int
+    KEY_TYPE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    HAS_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    PUBLISHED_AT_FIELD_NUMBER: _builtins.int
+    ACTIVATABLE_AT_FIELD_NUMBER: _builtins.int
+    ACTIVATED_AT_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_AT_FIELD_NUMBER: _builtins.int
+    RETIRED_AT_FIELD_NUMBER: _builtins.int
+    DESTROYED_AT_FIELD_NUMBER: _builtins.int
+    COMPROMISED_AT_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    pkcs11_uri: _builtins.str
+    key_type: _builtins.str
+    status: _builtins.str
+    """"pending", "active", "superseded", "retired", "destroyed"."""
+    has_certificate: _builtins.bool
+    @_builtins.property
+    def published_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def activatable_at(self) -> _timestamp_pb2.Timestamp:
+        """When pre-publication ends and the key may be activated."""
+
+    @_builtins.property
+    def activated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def superseded_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def retired_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def destroyed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def compromised_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        pkcs11_uri: _builtins.str = ...,
+        key_type: _builtins.str = ...,
+        status: _builtins.str = ...,
+        has_certificate: _builtins.bool = ...,
+        published_at: _timestamp_pb2.Timestamp | None = ...,
+        activatable_at: _timestamp_pb2.Timestamp | None = ...,
+        activated_at: _timestamp_pb2.Timestamp | None = ...,
+        superseded_at: _timestamp_pb2.Timestamp | None = ...,
+        retired_at: _timestamp_pb2.Timestamp | None = ...,
+        destroyed_at: _timestamp_pb2.Timestamp | None = ...,
+        compromised_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activatable_at", b"activatable_at", "activated_at", b"activated_at", "compromised_at", b"compromised_at", "destroyed_at", b"destroyed_at", "published_at", b"published_at", "retired_at", b"retired_at", "superseded_at", b"superseded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activatable_at", b"activatable_at", "activated_at", b"activated_at", "compromised_at", b"compromised_at", "destroyed_at", b"destroyed_at", "has_certificate", b"has_certificate", "key_id", b"key_id", "key_type", b"key_type", "pkcs11_uri", b"pkcs11_uri", "published_at", b"published_at", "retired_at", b"retired_at", "status", b"status", "superseded_at", b"superseded_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CAKeyInfo: _TypeAlias = CAKeyInfo  # noqa: Y015
+
+@_typing.final
+class ListKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___CAKeyInfo]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___CAKeyInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeysResponse: _TypeAlias = ListKeysResponse  # noqa: Y015
+
+@_typing.final
+class ApproveKeyActionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SUCCESSOR_KEY_ID_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """"activate", "retire", "destroy" or "emergency"."""
+    key_id: _builtins.str
+    successor_key_id: _builtins.str
+    """emergency only: the pending key (with its certificate installed) to switch
+    to; key_id is then the compromised key, whose certificates are all revoked.
+    """
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        successor_key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "key_id", b"key_id", "successor_key_id", b"successor_key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveKeyActionRequest: _TypeAlias = ApproveKeyActionRequest  # noqa: Y015
+
+@_typing.final
+class ApproveKeyActionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTED_FIELD_NUMBER: _builtins.int
+    OFFICERS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    executed: _builtins.bool
+    """True when this approval completed the dual control and the action ran."""
+    message: _builtins.str
+    @_builtins.property
+    def officers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The distinct officers whose approvals are live (or were consumed)."""
+
+    def __init__(
+        self,
+        *,
+        executed: _builtins.bool = ...,
+        officers: _abc.Iterable[_builtins.str] | None = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executed", b"executed", "message", b"message", "officers", b"officers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveKeyActionResponse: _TypeAlias = ApproveKeyActionResponse  # noqa: Y015
+
+@_typing.final
 class SignRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -176,17 +508,28 @@ class CACertificate(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    LINK_CERTIFICATES_PEM_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     certificate_pem: _builtins.str
     """The CA certificate, PEM."""
     chain_pem: _builtins.str
     """The certificate followed by its parents up to the root, PEM."""
     status: _builtins.str
-    """"active", "pending", "retired"."""
+    """"pending" (pre-published: trust it now, it signs nothing yet), "active",
+    "superseded" (signs only its CRLs), "retired" (final CRL published).
+    """
     @_builtins.property
     def not_before(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def link_certificates_pem(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Chain alternatives for a self-signed root after a roll-over: link
+        certificates carrying this key and name, signed by another generation's
+        root (PEM, one per element). A relying party that trusts only the other
+        generation chains through one of these to reach this key.
+        """
+
     def __init__(
         self,
         *,
@@ -196,10 +539,11 @@ class CACertificate(_message.Message):
         status: _builtins.str = ...,
         not_before: _timestamp_pb2.Timestamp | None = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
+        link_certificates_pem: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "chain_pem", b"chain_pem", "key_id", b"key_id", "not_after", b"not_after", "not_before", b"not_before", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "chain_pem", b"chain_pem", "key_id", b"key_id", "link_certificates_pem", b"link_certificates_pem", "not_after", b"not_after", "not_before", b"not_before", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,3 +925,206 @@ class ListProfilesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListProfilesResponse: _TypeAlias = ListProfilesResponse  # noqa: Y015
+
+@_typing.final
+class IssueVerificationCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    VALIDITY_SECONDS_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The verification (registration) code from the cloud service; it becomes the
+    subject CN. 1 to 64 printable ASCII characters.
+    """
+    validity_seconds: _builtins.int
+    """Validity in seconds; 0 selects the default (1 day). At most 30 days."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        validity_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "validity_seconds", b"validity_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueVerificationCertificateRequest: _TypeAlias = IssueVerificationCertificateRequest  # noqa: Y015
+
+@_typing.final
+class IssueVerificationCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_DER_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    ISSUER_KEY_ID_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.str
+    """The verification certificate, PEM (upload this to the cloud service)."""
+    certificate_der: _builtins.bytes
+    """The certificate, DER."""
+    serial: _builtins.str
+    issuer_key_id: _builtins.str
+    """The CA key that signed it."""
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.str = ...,
+        certificate_der: _builtins.bytes = ...,
+        serial: _builtins.str = ...,
+        issuer_key_id: _builtins.str = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_der", b"certificate_der", "certificate_pem", b"certificate_pem", "issuer_key_id", b"issuer_key_id", "not_after", b"not_after", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueVerificationCertificateResponse: _TypeAlias = IssueVerificationCertificateResponse  # noqa: Y015
+
+@_typing.final
+class StreamAuditEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    FROM_TIME_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    after_seq: _builtins.int
+    """Start after this sequence number (0: from the first event)."""
+    device_id: _builtins.str
+    """Only events about this device ID / this serial (lowercase hex)."""
+    serial: _builtins.str
+    page_size: _builtins.int
+    """Events per page: 1 to 5000; 0 selects 500."""
+    max_events: _builtins.int
+    """Stop after this many events in total (0: until the newest event)."""
+    page_token: _builtins.str
+    """Resume where an earlier stream stopped: its last next_page_token. The
+    filters must be the same as in that request; after_seq and from_time are
+    then ignored.
+    """
+    @_builtins.property
+    def from_time(self) -> _timestamp_pb2.Timestamp:
+        """Only events at or after this time."""
+
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these actions (e.g. "certificate.issue", "certificate.revoke",
+        "crl.publish", "access.deny"); empty: every action.
+        """
+
+    def __init__(
+        self,
+        *,
+        after_seq: _builtins.int = ...,
+        from_time: _timestamp_pb2.Timestamp | None = ...,
+        actions: _abc.Iterable[_builtins.str] | None = ...,
+        device_id: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        max_events: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_time", b"from_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "after_seq", b"after_seq", "device_id", b"device_id", "from_time", b"from_time", "max_events", b"max_events", "page_size", b"page_size", "page_token", b"page_token", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamAuditEventsRequest: _TypeAlias = StreamAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    actor: _builtins.str
+    """The authenticated caller (certificate identity) or daemon component."""
+    action: _builtins.str
+    outcome: _builtins.str
+    serial: _builtins.str
+    device_id: _builtins.str
+    key_id: _builtins.str
+    request_digest: _builtins.bytes
+    """SHA-256 of the request (the CSR's DER for issuance), empty if none."""
+    reason: _builtins.str
+    details_json: _builtins.str
+    """The event's details as stored: a JSON object of strings."""
+    prev_hash: _builtins.bytes
+    """The chain: the previous event's hash and this event's hash (SHA-256 of the
+    canonical encoding described in README.md, "Audit log").
+    """
+    hash: _builtins.bytes
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        action: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        request_digest: _builtins.bytes = ...,
+        reason: _builtins.str = ...,
+        details_json: _builtins.str = ...,
+        prev_hash: _builtins.bytes = ...,
+        hash: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "details_json", b"details_json", "device_id", b"device_id", "hash", b"hash", "key_id", b"key_id", "outcome", b"outcome", "prev_hash", b"prev_hash", "reason", b"reason", "request_digest", b"request_digest", "seq", b"seq", "serial", b"serial", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class AuditEventsPage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token (with the same filters) to continue after this page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEventsPage: _TypeAlias = AuditEventsPage  # noqa: Y015

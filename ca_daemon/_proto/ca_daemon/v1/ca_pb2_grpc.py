@@ -77,6 +77,16 @@ class CertificateAuthorityStub:
                 request_serializer=ca__daemon_dot_v1_dot_ca__pb2.ListProfilesRequest.SerializeToString,
                 response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.ListProfilesResponse.FromString,
                 _registered_method=True)
+        self.IssueVerificationCertificate = channel.unary_unary(
+                '/ca_daemon.v1.CertificateAuthority/IssueVerificationCertificate',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.IssueVerificationCertificateRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.IssueVerificationCertificateResponse.FromString,
+                _registered_method=True)
+        self.StreamAuditEvents = channel.unary_stream(
+                '/ca_daemon.v1.CertificateAuthority/StreamAuditEvents',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.StreamAuditEventsRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.AuditEventsPage.FromString,
+                _registered_method=True)
 
 
 class CertificateAuthorityServicer:
@@ -144,6 +154,27 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueVerificationCertificate(self, request, context):
+        """IssueVerificationCertificate proves possession of the active CA key to a
+        cloud provisioning service (Azure DPS / IoT Hub, AWS IoT): it signs, with
+        the CA key in the HSM, a certificate whose subject CN is the verification
+        code the service handed out. Security officers only (role "officer").
+        Audited; the certificate is not a device certificate and is never on a CRL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamAuditEvents(self, request, context):
+        """StreamAuditEvents streams the hash-chained audit log in pages, oldest first,
+        from a sequence number or a time, filtered on the server. The stream ends at
+        the newest event; resume later with the last page's next_page_token.
+        Auditors only (role "auditor").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +217,16 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.ListProfiles,
                     request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.ListProfilesRequest.FromString,
                     response_serializer=ca__daemon_dot_v1_dot_ca__pb2.ListProfilesResponse.SerializeToString,
+            ),
+            'IssueVerificationCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueVerificationCertificate,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.IssueVerificationCertificateRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.IssueVerificationCertificateResponse.SerializeToString,
+            ),
+            'StreamAuditEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamAuditEvents,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.StreamAuditEventsRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.AuditEventsPage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +447,378 @@ class CertificateAuthority:
             '/ca_daemon.v1.CertificateAuthority/ListProfiles',
             ca__daemon_dot_v1_dot_ca__pb2.ListProfilesRequest.SerializeToString,
             ca__daemon_dot_v1_dot_ca__pb2.ListProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueVerificationCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ca_daemon.v1.CertificateAuthority/IssueVerificationCertificate',
+            ca__daemon_dot_v1_dot_ca__pb2.IssueVerificationCertificateRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.IssueVerificationCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ca_daemon.v1.CertificateAuthority/StreamAuditEvents',
+            ca__daemon_dot_v1_dot_ca__pb2.StreamAuditEventsRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.AuditEventsPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class KeyCeremonyStub:
+    """KeyCeremony is the security officers' CA key rotation (role "officer"; ListKeys
+    also "auditor" and "admin"). Generating a key, self-signing it, writing its CSR
+    and installing its certificate take one officer. Activating, retiring and
+    destroying a key, and the emergency switch after a compromise, take approvals
+    from two distinct officer identities within [rotation] approval_window_seconds:
+    each calls ApproveKeyAction; the first approval changes nothing but the audit
+    log. See README.md, "Key rotation".
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GenerateKey = channel.unary_unary(
+                '/ca_daemon.v1.KeyCeremony/GenerateKey',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.GenerateKeyRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.GenerateKeyResponse.FromString,
+                _registered_method=True)
+        self.SelfSignKey = channel.unary_unary(
+                '/ca_daemon.v1.KeyCeremony/SelfSignKey',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.SelfSignKeyRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.SelfSignKeyResponse.FromString,
+                _registered_method=True)
+        self.GetKeyCSR = channel.unary_unary(
+                '/ca_daemon.v1.KeyCeremony/GetKeyCSR',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.GetKeyCSRRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.GetKeyCSRResponse.FromString,
+                _registered_method=True)
+        self.InstallKeyCertificate = channel.unary_unary(
+                '/ca_daemon.v1.KeyCeremony/InstallKeyCertificate',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.InstallKeyCertificateRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.InstallKeyCertificateResponse.FromString,
+                _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/ca_daemon.v1.KeyCeremony/ListKeys',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.ApproveKeyAction = channel.unary_unary(
+                '/ca_daemon.v1.KeyCeremony/ApproveKeyAction',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.ApproveKeyActionRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.ApproveKeyActionResponse.FromString,
+                _registered_method=True)
+
+
+class KeyCeremonyServicer:
+    """KeyCeremony is the security officers' CA key rotation (role "officer"; ListKeys
+    also "auditor" and "admin"). Generating a key, self-signing it, writing its CSR
+    and installing its certificate take one officer. Activating, retiring and
+    destroying a key, and the emergency switch after a compromise, take approvals
+    from two distinct officer identities within [rotation] approval_window_seconds:
+    each calls ApproveKeyAction; the first approval changes nothing but the audit
+    log. See README.md, "Key rotation".
+    """
+
+    def GenerateKey(self, request, context):
+        """GenerateKey generates a CA key pair inside the token (status "pending").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SelfSignKey(self, request, context):
+        """SelfSignKey makes a pending key a self-signed root and publishes it. If the
+        active key is a self-signed root, the two link certificates (old signs new,
+        new signs old) are issued too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyCSR(self, request, context):
+        """GetKeyCSR returns a CSR, signed in the token, for a parent CA to certify a pending key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InstallKeyCertificate(self, request, context):
+        """InstallKeyCertificate installs the parent's certificate for a pending key
+        (checked against the key in the token) and publishes the key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeys(self, request, context):
+        """ListKeys lists the CA keys with their status and life-cycle times.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveKeyAction(self, request, context):
+        """ApproveKeyAction records one officer's approval of an action on a key; the
+        second distinct officer's approval within the window executes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KeyCeremonyServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GenerateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateKey,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.GenerateKeyRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.GenerateKeyResponse.SerializeToString,
+            ),
+            'SelfSignKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.SelfSignKey,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.SelfSignKeyRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.SelfSignKeyResponse.SerializeToString,
+            ),
+            'GetKeyCSR': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyCSR,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.GetKeyCSRRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.GetKeyCSRResponse.SerializeToString,
+            ),
+            'InstallKeyCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstallKeyCertificate,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.InstallKeyCertificateRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.InstallKeyCertificateResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.ListKeysRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'ApproveKeyAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveKeyAction,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.ApproveKeyActionRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.ApproveKeyActionResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ca_daemon.v1.KeyCeremony', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ca_daemon.v1.KeyCeremony', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KeyCeremony:
+    """KeyCeremony is the security officers' CA key rotation (role "officer"; ListKeys
+    also "auditor" and "admin"). Generating a key, self-signing it, writing its CSR
+    and installing its certificate take one officer. Activating, retiring and
+    destroying a key, and the emergency switch after a compromise, take approvals
+    from two distinct officer identities within [rotation] approval_window_seconds:
+    each calls ApproveKeyAction; the first approval changes nothing but the audit
+    log. See README.md, "Key rotation".
+    """
+
+    @staticmethod
+    def GenerateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ca_daemon.v1.KeyCeremony/GenerateKey',
+            ca__daemon_dot_v1_dot_ca__pb2.GenerateKeyRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.GenerateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SelfSignKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ca_daemon.v1.KeyCeremony/SelfSignKey',
+            ca__daemon_dot_v1_dot_ca__pb2.SelfSignKeyRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.SelfSignKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyCSR(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ca_daemon.v1.KeyCeremony/GetKeyCSR',
+            ca__daemon_dot_v1_dot_ca__pb2.GetKeyCSRRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.GetKeyCSRResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallKeyCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ca_daemon.v1.KeyCeremony/InstallKeyCertificate',
+            ca__daemon_dot_v1_dot_ca__pb2.InstallKeyCertificateRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.InstallKeyCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ca_daemon.v1.KeyCeremony/ListKeys',
+            ca__daemon_dot_v1_dot_ca__pb2.ListKeysRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveKeyAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ca_daemon.v1.KeyCeremony/ApproveKeyAction',
+            ca__daemon_dot_v1_dot_ca__pb2.ApproveKeyActionRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.ApproveKeyActionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,19 @@ class CertificateAuthorityStub:
     """GetCRL returns the last published full or delta CRL (DER)."""
     ListProfiles: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]
     """ListProfiles lists the certificate profiles in force."""
+    IssueVerificationCertificate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.IssueVerificationCertificateRequest, _ca_pb2.IssueVerificationCertificateResponse]
+    """IssueVerificationCertificate proves possession of the active CA key to a
+    cloud provisioning service (Azure DPS / IoT Hub, AWS IoT): it signs, with
+    the CA key in the HSM, a certificate whose subject CN is the verification
+    code the service handed out. Security officers only (role "officer").
+    Audited; the certificate is not a device certificate and is never on a CRL.
+    """
+    StreamAuditEvents: _grpc.UnaryStreamMultiCallable[_ca_pb2.StreamAuditEventsRequest, _ca_pb2.AuditEventsPage]
+    """StreamAuditEvents streams the hash-chained audit log in pages, oldest first,
+    from a sequence number or a time, filtered on the server. The stream ends at
+    the newest event; resume later with the last page's next_page_token.
+    Auditors only (role "auditor").
+    """
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -96,6 +109,19 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     """GetCRL returns the last published full or delta CRL (DER)."""
     ListProfiles: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]  # type: ignore[assignment]
     """ListProfiles lists the certificate profiles in force."""
+    IssueVerificationCertificate: _aio.UnaryUnaryMultiCallable[_ca_pb2.IssueVerificationCertificateRequest, _ca_pb2.IssueVerificationCertificateResponse]  # type: ignore[assignment]
+    """IssueVerificationCertificate proves possession of the active CA key to a
+    cloud provisioning service (Azure DPS / IoT Hub, AWS IoT): it signs, with
+    the CA key in the HSM, a certificate whose subject CN is the verification
+    code the service handed out. Security officers only (role "officer").
+    Audited; the certificate is not a device certificate and is never on a CRL.
+    """
+    StreamAuditEvents: _aio.UnaryStreamMultiCallable[_ca_pb2.StreamAuditEventsRequest, _ca_pb2.AuditEventsPage]  # type: ignore[assignment]
+    """StreamAuditEvents streams the hash-chained audit log in pages, oldest first,
+    from a sequence number or a time, filtered on the server. The stream ends at
+    the newest event; resume later with the last page's next_page_token.
+    Auditors only (role "auditor").
+    """
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     """CertificateAuthority is called by factory programming services (Sign, Revoke,
@@ -173,4 +199,162 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ca_pb2.ListProfilesResponse, _abc.Awaitable[_ca_pb2.ListProfilesResponse]]:
         """ListProfiles lists the certificate profiles in force."""
 
+    @_abc_1.abstractmethod
+    def IssueVerificationCertificate(
+        self,
+        request: _ca_pb2.IssueVerificationCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.IssueVerificationCertificateResponse, _abc.Awaitable[_ca_pb2.IssueVerificationCertificateResponse]]:
+        """IssueVerificationCertificate proves possession of the active CA key to a
+        cloud provisioning service (Azure DPS / IoT Hub, AWS IoT): it signs, with
+        the CA key in the HSM, a certificate whose subject CN is the verification
+        code the service handed out. Security officers only (role "officer").
+        Audited; the certificate is not a device certificate and is never on a CRL.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamAuditEvents(
+        self,
+        request: _ca_pb2.StreamAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ca_pb2.AuditEventsPage], _abc.AsyncIterator[_ca_pb2.AuditEventsPage]]:
+        """StreamAuditEvents streams the hash-chained audit log in pages, oldest first,
+        from a sequence number or a time, filtered on the server. The stream ends at
+        the newest event; resume later with the last page's next_page_token.
+        Auditors only (role "auditor").
+        """
+
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class KeyCeremonyStub:
+    """KeyCeremony is the security officers' CA key rotation (role "officer"; ListKeys
+    also "auditor" and "admin"). Generating a key, self-signing it, writing its CSR
+    and installing its certificate take one officer. Activating, retiring and
+    destroying a key, and the emergency switch after a compromise, take approvals
+    from two distinct officer identities within [rotation] approval_window_seconds:
+    each calls ApproveKeyAction; the first approval changes nothing but the audit
+    log. See README.md, "Key rotation".
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> KeyCeremonyAsyncStub: ...
+    GenerateKey: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GenerateKeyRequest, _ca_pb2.GenerateKeyResponse]
+    """GenerateKey generates a CA key pair inside the token (status "pending")."""
+    SelfSignKey: _grpc.UnaryUnaryMultiCallable[_ca_pb2.SelfSignKeyRequest, _ca_pb2.SelfSignKeyResponse]
+    """SelfSignKey makes a pending key a self-signed root and publishes it. If the
+    active key is a self-signed root, the two link certificates (old signs new,
+    new signs old) are issued too.
+    """
+    GetKeyCSR: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetKeyCSRRequest, _ca_pb2.GetKeyCSRResponse]
+    """GetKeyCSR returns a CSR, signed in the token, for a parent CA to certify a pending key."""
+    InstallKeyCertificate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.InstallKeyCertificateRequest, _ca_pb2.InstallKeyCertificateResponse]
+    """InstallKeyCertificate installs the parent's certificate for a pending key
+    (checked against the key in the token) and publishes the key.
+    """
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListKeysRequest, _ca_pb2.ListKeysResponse]
+    """ListKeys lists the CA keys with their status and life-cycle times."""
+    ApproveKeyAction: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ApproveKeyActionRequest, _ca_pb2.ApproveKeyActionResponse]
+    """ApproveKeyAction records one officer's approval of an action on a key; the
+    second distinct officer's approval within the window executes it.
+    """
+
+@_typing.type_check_only
+class KeyCeremonyAsyncStub(KeyCeremonyStub):
+    """KeyCeremony is the security officers' CA key rotation (role "officer"; ListKeys
+    also "auditor" and "admin"). Generating a key, self-signing it, writing its CSR
+    and installing its certificate take one officer. Activating, retiring and
+    destroying a key, and the emergency switch after a compromise, take approvals
+    from two distinct officer identities within [rotation] approval_window_seconds:
+    each calls ApproveKeyAction; the first approval changes nothing but the audit
+    log. See README.md, "Key rotation".
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GenerateKey: _aio.UnaryUnaryMultiCallable[_ca_pb2.GenerateKeyRequest, _ca_pb2.GenerateKeyResponse]  # type: ignore[assignment]
+    """GenerateKey generates a CA key pair inside the token (status "pending")."""
+    SelfSignKey: _aio.UnaryUnaryMultiCallable[_ca_pb2.SelfSignKeyRequest, _ca_pb2.SelfSignKeyResponse]  # type: ignore[assignment]
+    """SelfSignKey makes a pending key a self-signed root and publishes it. If the
+    active key is a self-signed root, the two link certificates (old signs new,
+    new signs old) are issued too.
+    """
+    GetKeyCSR: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetKeyCSRRequest, _ca_pb2.GetKeyCSRResponse]  # type: ignore[assignment]
+    """GetKeyCSR returns a CSR, signed in the token, for a parent CA to certify a pending key."""
+    InstallKeyCertificate: _aio.UnaryUnaryMultiCallable[_ca_pb2.InstallKeyCertificateRequest, _ca_pb2.InstallKeyCertificateResponse]  # type: ignore[assignment]
+    """InstallKeyCertificate installs the parent's certificate for a pending key
+    (checked against the key in the token) and publishes the key.
+    """
+    ListKeys: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListKeysRequest, _ca_pb2.ListKeysResponse]  # type: ignore[assignment]
+    """ListKeys lists the CA keys with their status and life-cycle times."""
+    ApproveKeyAction: _aio.UnaryUnaryMultiCallable[_ca_pb2.ApproveKeyActionRequest, _ca_pb2.ApproveKeyActionResponse]  # type: ignore[assignment]
+    """ApproveKeyAction records one officer's approval of an action on a key; the
+    second distinct officer's approval within the window executes it.
+    """
+
+class KeyCeremonyServicer(metaclass=_abc_1.ABCMeta):
+    """KeyCeremony is the security officers' CA key rotation (role "officer"; ListKeys
+    also "auditor" and "admin"). Generating a key, self-signing it, writing its CSR
+    and installing its certificate take one officer. Activating, retiring and
+    destroying a key, and the emergency switch after a compromise, take approvals
+    from two distinct officer identities within [rotation] approval_window_seconds:
+    each calls ApproveKeyAction; the first approval changes nothing but the audit
+    log. See README.md, "Key rotation".
+    """
+
+    @_abc_1.abstractmethod
+    def GenerateKey(
+        self,
+        request: _ca_pb2.GenerateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.GenerateKeyResponse, _abc.Awaitable[_ca_pb2.GenerateKeyResponse]]:
+        """GenerateKey generates a CA key pair inside the token (status "pending")."""
+
+    @_abc_1.abstractmethod
+    def SelfSignKey(
+        self,
+        request: _ca_pb2.SelfSignKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.SelfSignKeyResponse, _abc.Awaitable[_ca_pb2.SelfSignKeyResponse]]:
+        """SelfSignKey makes a pending key a self-signed root and publishes it. If the
+        active key is a self-signed root, the two link certificates (old signs new,
+        new signs old) are issued too.
+        """
+
+    @_abc_1.abstractmethod
+    def GetKeyCSR(
+        self,
+        request: _ca_pb2.GetKeyCSRRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.GetKeyCSRResponse, _abc.Awaitable[_ca_pb2.GetKeyCSRResponse]]:
+        """GetKeyCSR returns a CSR, signed in the token, for a parent CA to certify a pending key."""
+
+    @_abc_1.abstractmethod
+    def InstallKeyCertificate(
+        self,
+        request: _ca_pb2.InstallKeyCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.InstallKeyCertificateResponse, _abc.Awaitable[_ca_pb2.InstallKeyCertificateResponse]]:
+        """InstallKeyCertificate installs the parent's certificate for a pending key
+        (checked against the key in the token) and publishes the key.
+        """
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _ca_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.ListKeysResponse, _abc.Awaitable[_ca_pb2.ListKeysResponse]]:
+        """ListKeys lists the CA keys with their status and life-cycle times."""
+
+    @_abc_1.abstractmethod
+    def ApproveKeyAction(
+        self,
+        request: _ca_pb2.ApproveKeyActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.ApproveKeyActionResponse, _abc.Awaitable[_ca_pb2.ApproveKeyActionResponse]]:
+        """ApproveKeyAction records one officer's approval of an action on a key; the
+        second distinct officer's approval within the window executes it.
+        """
+
+def add_KeyCeremonyServicer_to_server(servicer: KeyCeremonyServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

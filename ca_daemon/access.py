@@ -1,0 +1,281 @@
+"""Who is calling, and may they: the relying-party steps for mTLS clients, and the role rules.
+
+The TLS handshake (grpcio, `require_client_auth=True`) already did steps 1 and 2: the client
+proved possession of its key and its certificate chains to a configured client CA (with
+validity dates checked). grpcio has no CRL hook, so step 3, "not on that CA's CRL", is done
+here from the peer certificate in the call's auth context, against the configured CRL file
+(re-read when it changes, its signature checked against the client CA bundle). Step 4 takes
+the identity from the subject CN (else the first SAN URI, else the first DNS name); step 5 maps
+it to roles (`[roles]`) and checks the method's rule.
+
+grpcio cannot be told to refuse TLS 1.2 at the handshake, but it reports the negotiated
+version (`ssl_tls_version`): a call over anything but TLS 1.3 is refused here.
+
+Pure except for reading the CRL file; no gRPC types: the interceptor passes the auth context
+as a plain dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from ca_daemon.config import ROLES, Config, RoleGrant
+from ca_daemon.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+SERVICE = "/ca_daemon.v1.CertificateAuthority/"
+KEY_CEREMONY = "/ca_daemon.v1.KeyCeremony/"
+ANY_ROLE = frozenset(ROLES)
+# Every RPC's rule: the roles that may call it. A method not listed is refused to everyone.
+RULES: dict[str, frozenset[str]] = {
+    SERVICE + "Sign": frozenset({"programmer"}),
+    SERVICE + "Revoke": frozenset({"programmer", "officer"}),
+    SERVICE + "Unrevoke": frozenset({"officer"}),
+    SERVICE + "RevokeBulk": frozenset({"officer"}),
+    SERVICE + "GetCertificate": frozenset({"programmer", "officer", "auditor", "admin"}),
+    SERVICE + "GetCACertificates": ANY_ROLE,
+    SERVICE + "GetCRL": ANY_ROLE,
+    SERVICE + "ListProfiles": frozenset({"programmer", "officer", "admin"}),
+    SERVICE + "IssueVerificationCertificate": frozenset({"officer"}),
+    SERVICE + "StreamAuditEvents": frozenset({"auditor"}),
+    # Key rotation (rotation.py): officers; dual control is enforced by the use case, not here.
+    KEY_CEREMONY + "GenerateKey": frozenset({"officer"}),
+    KEY_CEREMONY + "SelfSignKey": frozenset({"officer"}),
+    KEY_CEREMONY + "GetKeyCSR": frozenset({"officer"}),
+    KEY_CEREMONY + "InstallKeyCertificate": frozenset({"officer"}),
+    KEY_CEREMONY + "ApproveKeyAction": frozenset({"officer"}),
+    KEY_CEREMONY + "ListKeys": frozenset({"officer", "auditor", "admin"}),
+}
+# Infrastructure any authenticated caller may use (health for load balancers, reflection for grpcurl).
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: its identity, roles and the certificate it used."""
+
+    identity: str
+    roles: frozenset[str]
+    serial: str = ""
+    uris: tuple[str, ...] = ()
+    ous: tuple[str, ...] = ()
+
+
+def required_roles(method: str) -> frozenset[str] | None:
+    """The roles that may call method; None for infrastructure methods any authenticated caller may use."""
+    if method.startswith(OPEN_PREFIXES):
+        return None
+    return RULES.get(method, frozenset())
+
+
+def authorize(principal: Principal, method: str) -> None:
+    """Step 5: PermissionDenied naming the role the method needs, unless the principal holds one."""
+    needed = required_roles(method)
+    if needed is None or principal.roles & needed:
+        return
+    names = " or ".join(r for r in ROLES if r in needed) or "no role (the method is not callable)"
+    held = ", ".join(sorted(principal.roles)) or "none"
+    raise PermissionDenied(
+        f"{method.rsplit('/', 1)[-1]} needs role {names}; caller {principal.identity!r} has roles: {held}",
+        rule="role",
+        field="role",
+        expected=names,
+    )
+
+
+class RoleMap:
+    """`[roles]` as a function of identity, SAN URIs and OUs."""
+
+    def __init__(self, grants: Sequence[RoleGrant]) -> None:
+        self._exact: dict[str, set[str]] = {}
+        self._patterns: list[tuple[str, str, re.Pattern[str]]] = []
+        for grant in grants:
+            if grant.kind == "identity":
+                self._exact.setdefault(grant.value, set()).add(grant.role)
+            else:
+                self._patterns.append((grant.role, grant.kind, re.compile(grant.value)))
+
+    def roles_of(self, identity: str, uris: Sequence[str], ous: Sequence[str]) -> frozenset[str]:
+        roles = set(self._exact.get(identity, ()))
+        for role, kind, pattern in self._patterns:
+            values = uris if kind == "uri" else ous
+            if any(pattern.fullmatch(v) for v in values):
+                roles.add(role)
+        return frozenset(roles)
+
+
+class ClientCrl:
+    """The revoked serials of the client CAs, from the configured CRL file(s) (PEM or DER).
+
+    Every CRL must be signed by one of the client CAs and not be past its nextUpdate;
+    otherwise nobody is let in (fail closed) and the reason is logged and reported.
+    The file is re-read when its mtime or size changes (checked at most once a second).
+    """
+
+    def __init__(self, crl_file: Path, client_ca_file: Path) -> None:
+        self._crl_file = crl_file
+        self._cas = x509.load_pem_x509_certificates(client_ca_file.read_bytes())
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, int] | None = None
+        self._checked_at = 0.0
+        self._revoked: frozenset[int] = frozenset()
+        self._next_update: datetime | None = None
+        self._problem = ""
+        self.generation = 0
+        self._load()
+
+    def check(self, serial: int, now: datetime | None = None) -> None:
+        """Unauthenticated if the CRL is unusable or lists serial."""
+        self._refresh()
+        now = now or datetime.now(UTC)
+        if self._problem:
+            raise Unauthenticated(f"client certificates cannot be checked: {self._problem}", rule="client-crl")
+        if self._next_update is not None and now > self._next_update:
+            raise Unauthenticated(
+                f"the client CA CRL {self._crl_file} expired at {self._next_update.isoformat()}; "
+                "refresh it (`ca-daemon mtls crl` for the internal CA)",
+                rule="client-crl",
+            )
+        if serial in self._revoked:
+            raise Unauthenticated(f"client certificate {serial:x} is revoked (on the client CA's CRL)", rule="client-revoked")
+
+    def _refresh(self) -> None:
+        now = _monotonic()
+        if now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        self._load()
+
+    def _load(self) -> None:
+        with self._lock:
+            try:
+                st = os.stat(self._crl_file)
+            except OSError as exc:
+                self._problem = f"cannot read the client CA CRL {self._crl_file}: {exc.strerror}"
+                self._stamp = None
+                return
+            stamp = (st.st_mtime, st.st_size)
+            if stamp == self._stamp:
+                return
+            try:
+                revoked, next_update = _read_crls(self._crl_file.read_bytes(), self._cas)
+            except ValueError as exc:
+                self._problem = f"client CA CRL {self._crl_file}: {exc}"
+                log.error("%s; refusing every client until it is fixed", self._problem)
+                self._stamp = stamp
+                return
+            self._revoked, self._next_update, self._problem, self._stamp = revoked, next_update, "", stamp
+            self.generation += 1
+            log.info("client CA CRL %s loaded: %d revoked certificate(s)", self._crl_file, len(revoked))
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _read_crls(data: bytes, cas: Sequence[x509.Certificate]) -> tuple[frozenset[int], datetime | None]:
+    if b"-----BEGIN X509 CRL-----" in data:
+        blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", data, re.S)
+        crls = [x509.load_pem_x509_crl(b) for b in blocks]
+    else:
+        crls = [x509.load_der_x509_crl(data)]
+    revoked: set[int] = set()
+    next_update: datetime | None = None
+    for crl in crls:
+        issuer = next((ca for ca in cas if ca.subject == crl.issuer), None)
+        if issuer is None:
+            raise ValueError(f"a CRL is issued by {crl.issuer.rfc4514_string()}, which is not one of the client CAs")
+        public = issuer.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not crl.is_signature_valid(public):
+            raise ValueError(f"the CRL of {crl.issuer.rfc4514_string()} does not verify with that CA's key")
+        revoked |= {entry.serial_number for entry in crl}
+        if crl.next_update_utc is not None and (next_update is None or crl.next_update_utc < next_update):
+            next_update = crl.next_update_utc
+    return frozenset(revoked), next_update
+
+
+class Authenticator:
+    """Turns a call's auth context into a Principal (steps 3-4 and the role lookup), with a small cache.
+
+    The cache is keyed by the peer certificate PEM and cleared whenever the CRL changes, so
+    a revocation takes effect within a second of the CRL file being replaced.
+    """
+
+    def __init__(self, roles: RoleMap, crl: ClientCrl | None, *, local_identity: str = "", require_tls13: bool = True) -> None:
+        self._roles = roles
+        self._crl = crl
+        self._local = Principal(local_identity, ANY_ROLE) if local_identity else None
+        self._require_tls13 = require_tls13
+        self._cache: OrderedDict[bytes, tuple[int, Principal, datetime]] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, config: Config) -> Authenticator:
+        if not config.tls.enabled:
+            # Development mode: plaintext on loopback, one local caller with every role.
+            return cls(RoleMap(()), None, local_identity=config.server.local_identity)
+        tls = config.tls
+        assert tls.client_crl_file is not None and tls.client_ca_file is not None
+        return cls(RoleMap(config.roles), ClientCrl(tls.client_crl_file, tls.client_ca_file))
+
+    def authenticate(self, auth_context: Mapping[str, Iterable[bytes]], now: datetime | None = None) -> Principal:
+        if self._local is not None:
+            return self._local
+        if self._require_tls13:
+            version = b"".join(auth_context.get("ssl_tls_version", ())).decode(errors="replace")
+            if version != "TLSv1.3":
+                raise Unauthenticated(f"TLS 1.3 is required; this connection uses {version or 'no TLS'}", rule="tls-version")
+        pems = list(auth_context.get("x509_pem_cert", ()))
+        if not pems:
+            raise Unauthenticated("a client certificate is required (mTLS); none was presented", rule="client-certificate")
+        pem = pems[0]
+        now = now or datetime.now(UTC)
+        generation = self._crl.generation if self._crl is not None else 0
+        cached = self._cache.get(pem)
+        if cached is not None and cached[0] == generation and now <= cached[2]:
+            principal = cached[1]
+            if self._crl is not None:
+                self._crl.check(int(principal.serial, 16), now)
+            return principal
+        certificate = x509.load_pem_x509_certificate(pem)
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise Unauthenticated(f"client certificate {certificate.serial_number:x} is not valid now", rule="client-certificate")
+        if self._crl is not None:
+            self._crl.check(certificate.serial_number, now)
+        principal = principal_of(certificate, self._roles)
+        self._cache[pem] = (self._crl.generation if self._crl is not None else 0, principal, certificate.not_valid_after_utc)
+        while len(self._cache) > 1024:
+            self._cache.popitem(last=False)
+        return principal
+
+
+def principal_of(certificate: x509.Certificate, roles: RoleMap) -> Principal:
+    """Step 4: identity from the subject CN, else the first SAN URI, else the first DNS name."""
+    cns = [str(a.value) for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    ous = tuple(str(a.value) for a in certificate.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATIONAL_UNIT_NAME))
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+        dns = tuple(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        uris, dns = (), ()
+    identity = (cns or list(uris) or list(dns) or [""])[0]
+    if not identity:
+        raise Unauthenticated("the client certificate names no identity (no subject CN, SAN URI or DNS name)", rule="client-identity")
+    return Principal(identity, roles.roles_of(identity, uris, ous), format(certificate.serial_number, "x"), uris, ous)
+
+
+__all__ = ["ANY_ROLE", "Authenticator", "ClientCrl", "Principal", "RULES", "RoleMap", "Unauthenticated", "authorize", "principal_of"]

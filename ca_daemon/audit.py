@@ -1,0 +1,481 @@
+"""The tamper-evident audit log: appends, signed checkpoints, JSON Lines export and verify().
+
+Events are chained by the store inside each writer's transaction (see
+`SqlStore._insert_audit` and `audit_hash` for the canonical encoding). This module adds
+what sits above the store:
+
+- `AuditLog`: group-committed appends for events that have no other transaction to ride
+  in (role denials, configuration reloads);
+- `Checkpointer`: signs (seq, count, head hash) with the audit key in the HSM, at an
+  interval and at shutdown, and stores the checkpoint;
+- `export` / `verify`: a JSON Lines file an auditor can check offline with only the audit
+  public key (PEM). verify() names the first bad event and the kind of damage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca_daemon.audit_hash import GENESIS, canonical_time, checkpoint_message, event_hash
+from ca_daemon.errors import CaError, FailedPrecondition
+from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
+from ca_daemon.model import AuditEvent, KeySpec
+from ca_daemon.store import SqlStore
+from ca_daemon.store.audit_store import AuditStore, Checkpoint
+from ca_daemon.store.group_commit import GroupCommitter
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "ca-daemon-audit-export"
+EVENT_FIELDS = ("seq", "time", "actor", "action", "outcome", "serial", "device_id", "key_id", "request_digest", "reason", "details")
+
+
+class AuditLog:
+    """Appends events that are not part of another transaction, group-committed on one thread."""
+
+    def __init__(self, store: SqlStore, batch_max: int = 256) -> None:
+        self._committer: GroupCommitter[AuditEvent, None] = GroupCommitter(_append(store), batch_max)
+
+    async def record(self, event: AuditEvent) -> None:
+        """Append durably; a store failure is logged (the caller's answer does not depend on it)."""
+        try:
+            await self._committer.submit(event)
+        except CaError as exc:
+            log.error("could not append %s to the audit log: %s", event.action, exc.message)
+
+    def close(self) -> None:
+        self._committer.close()
+
+
+def _append(store: SqlStore) -> Callable[[Sequence[AuditEvent]], list[None]]:
+    def commit(events: Sequence[AuditEvent]) -> list[None]:
+        store.append_audit(events)
+        return [None] * len(events)
+
+    return commit
+
+
+# ---------------------------------------------------------------------------
+# The audit key and checkpoints
+# ---------------------------------------------------------------------------
+
+
+def audit_key_id(uri: str) -> str:
+    parsed = Pkcs11Uri.parse(uri)
+    return parsed.label or parsed.key_id.hex()
+
+
+def ensure_audit_key(hsm: Hsm, store: SqlStore, uri: str, actor: str) -> bool:
+    """Create the EC P-256 audit key in the token unless it exists; True if created (a key event)."""
+    parsed = Pkcs11Uri.parse(uri)
+    with contextlib.suppress(CaError):
+        hsm.public_key_der(parsed)
+        return False
+    if not parsed.label:
+        raise FailedPrecondition(f"audit key {uri} does not exist; name it by label (object=...) so `ca-daemon init` can create it")
+    generated = hsm.generate_key(KeySpec.EC_P256, parsed.label)
+    store.append_audit(
+        [
+            AuditEvent(
+                time=datetime.now(UTC),
+                actor=actor,
+                action="key.generate",
+                outcome="generated",
+                key_id=parsed.label,
+                details={"purpose": "audit-checkpoints", "spec": KeySpec.EC_P256.value, "uri": str(generated.uri)},
+            )
+        ]
+    )
+    return True
+
+
+def audit_public_key_pem(hsm: Hsm, uri: str) -> bytes:
+    public = serialization.load_der_public_key(hsm.public_key_der(Pkcs11Uri.parse(uri)))
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class Checkpointer:
+    """Signs the chain head with the audit key; skips when nothing was appended since the last checkpoint."""
+
+    def __init__(self, hsm: Hsm, store: SqlStore, key_uri: str) -> None:
+        self._audit = AuditStore(store)
+        self._key_id = audit_key_id(key_uri)
+        try:
+            self._key: HsmPrivateKey = hsm.private_key(Pkcs11Uri.parse(key_uri))
+        except CaError as exc:
+            raise FailedPrecondition(f"audit key {key_uri} is not usable ({exc.message}); run `ca-daemon init` to create it") from None
+        self._last_seq: int | None = None
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Blocking (store and token): sign and store a checkpoint of the current head."""
+        head = self._audit.head()
+        if head is None:
+            return None
+        if self._last_seq is None:
+            last = self._audit.last_checkpoint()
+            self._last_seq = last.seq if last is not None else 0
+        if head.seq <= self._last_seq:
+            return None
+        now = datetime.now(UTC)
+        message = checkpoint_message(seq=head.seq, count=head.count, head=head.hash, time=now, key_id=self._key_id)
+        assert isinstance(self._key, ec.EllipticCurvePrivateKey)
+        signature = self._key.sign(message, ec.ECDSA(hashes.SHA256()))
+        checkpoint = Checkpoint(head.seq, head.count, head.hash, now, self._key_id, signature)
+        self._audit.add_checkpoint(checkpoint)
+        self._last_seq = head.seq
+        log.info("audit checkpoint: %d events, head %s at seq %d", head.count, head.hash.hex()[:16], head.seq)
+        return checkpoint
+
+    async def run(self, interval_seconds: float) -> None:
+        while True:
+            await asyncio.sleep(interval_seconds)
+            try:
+                await asyncio.to_thread(self.checkpoint)
+            except CaError as exc:
+                log.error("audit checkpoint failed: %s", exc.message)
+
+
+# ---------------------------------------------------------------------------
+# Export and verification
+# ---------------------------------------------------------------------------
+
+
+def event_record(row: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form of one stored event (export lines and StreamAuditEvents share it)."""
+    return {
+        "type": "event",
+        "seq": int(row["seq"]),
+        "time": canonical_time(row["time"]),
+        "actor": row["actor"],
+        "action": row["action"],
+        "outcome": row["outcome"],
+        "serial": row["serial"],
+        "device_id": row["device_id"] or "",
+        "key_id": row["key_id"] or "",
+        "request_digest": bytes(row["request_digest"] or b"").hex(),
+        "reason": row["reason"] or "",
+        "details": row["details"] or "{}",
+        "prev_hash": bytes(row["prev_hash"]).hex() if row["prev_hash"] is not None else None,
+        "hash": bytes(row["hash"]).hex() if row["hash"] is not None else None,
+    }
+
+
+def checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {
+        "type": "checkpoint",
+        "seq": checkpoint.seq,
+        "count": checkpoint.count,
+        "head": checkpoint.head_hash.hex(),
+        "time": canonical_time(checkpoint.time),
+        "key_id": checkpoint.key_id,
+        "signature": base64.b64encode(checkpoint.signature).decode(),
+    }
+
+
+def export(store: SqlStore, out: TextIO) -> tuple[int, int]:
+    """Write the whole log as JSON Lines: a header, every event, and each checkpoint after the event it covers.
+
+    Returns (events, checkpoints) written.
+    """
+    audit = AuditStore(store)
+    checkpoints = audit.checkpoints()
+    header = {"type": "header", "format": EXPORT_FORMAT, "version": 1, "exported_at": canonical_time(datetime.now(UTC))}
+    out.write(json.dumps(header) + "\n")
+    events = 0
+    pending = list(checkpoints)
+    for row in audit.iter_events():
+        out.write(json.dumps(event_record(row), sort_keys=True) + "\n")
+        events += 1
+        while pending and pending[0].seq <= int(row["seq"]):
+            out.write(json.dumps(checkpoint_record(pending.pop(0)), sort_keys=True) + "\n")
+    for checkpoint in pending:  # checkpoints beyond the last event: the verifier reports the truncation
+        out.write(json.dumps(checkpoint_record(checkpoint), sort_keys=True) + "\n")
+    return events, len(checkpoints)
+
+
+@dataclass
+class Report:
+    """What verify() found. ok is True only with no problem at all."""
+
+    events: int = 0
+    checkpoints: int = 0
+    last_checkpoint_seq: int = 0
+    uncovered_events: int = 0
+    problems: list[str] = field(default_factory=list)
+    first_bad_seq: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def fail(self, seq: int | None, message: str) -> None:
+        if self.first_bad_seq is None and seq is not None:
+            self.first_bad_seq = seq
+        self.problems.append(message)
+
+    def summary(self) -> str:
+        if self.ok:
+            tail = f"; {self.uncovered_events} event(s) after the last checkpoint are not covered by a signature yet"
+            tail = tail if self.uncovered_events else ""
+            return f"OK: {self.events} events, {self.checkpoints} valid checkpoint(s), last at seq {self.last_checkpoint_seq}{tail}"
+        where = f"first bad event: seq {self.first_bad_seq}; " if self.first_bad_seq is not None else ""
+        return f"FAILED: {where}{self.problems[0]}" + (f" (+{len(self.problems) - 1} more problem(s))" if len(self.problems) > 1 else "")
+
+
+def read_export(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Parse an export; a line that is not a JSON object becomes {"type": "unparseable"}."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        yield record if isinstance(record, dict) else {"type": "unparseable", "line": number}
+
+
+def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> Report:
+    """Check an export (or the live database as records) against the audit public key.
+
+    Detects: a changed field (hash mismatch), a deleted event (seq gap / broken link), an
+    inserted event (duplicate seq / broken link), reordering (seq going backwards), and
+    truncation (a checkpoint naming an event the log no longer has, or a checkpoint's
+    count/head disagreeing with the log, which also catches a rewritten chain).
+    Events after the last checkpoint are reported as uncovered: nothing signed vouches for them.
+    """
+    public = serialization.load_pem_public_key(public_key_pem)
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise FailedPrecondition("the audit public key must be an EC key")
+    report = Report()
+    prev_hash = GENESIS
+    expected_seq = 1
+    hashes_by_seq: dict[int, bytes] = {}
+    max_checkpoint = 0
+    for record in records:
+        kind = record.get("type")
+        if kind == "header":
+            if record.get("format") != EXPORT_FORMAT:
+                report.fail(None, f"not a {EXPORT_FORMAT} file")
+            continue
+        if kind == "event":
+            _verify_event(record, report, expected_seq, prev_hash)
+            seq = _int(record.get("seq"))
+            try:
+                computed = event_hash(_fields(record), seq if seq is not None else expected_seq, prev_hash)
+            except (KeyError, ValueError, TypeError):
+                computed = b""
+            if seq is not None:
+                hashes_by_seq.setdefault(seq, computed)
+                expected_seq = seq + 1
+            prev_hash = computed
+            report.events += 1
+            continue
+        if kind == "checkpoint":
+            seq = _int(record.get("seq")) or 0
+            if _verify_checkpoint(record, public, hashes_by_seq, report):
+                report.checkpoints += 1
+                report.last_checkpoint_seq = max(report.last_checkpoint_seq, seq)
+            max_checkpoint = max(max_checkpoint, seq)
+            continue
+        report.fail(None, f"line {record.get('line', '?')} is not a valid export record")
+    last_seq = expected_seq - 1
+    if max_checkpoint > last_seq:
+        report.fail(last_seq + 1, f"truncated: a checkpoint covers up to seq {max_checkpoint} but the log ends at seq {last_seq}")
+    report.uncovered_events = max(0, last_seq - report.last_checkpoint_seq)
+    return report
+
+
+def _fields(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "time": datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
+        "actor": record["actor"],
+        "action": record["action"],
+        "outcome": record["outcome"],
+        "serial": record.get("serial"),
+        "device_id": record.get("device_id", ""),
+        "key_id": record.get("key_id", ""),
+        "request_digest": bytes.fromhex(record.get("request_digest", "")),
+        "reason": record.get("reason", ""),
+        "details": record.get("details", "{}"),
+    }
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _verify_event(record: dict[str, Any], report: Report, expected_seq: int, prev_hash: bytes) -> None:
+    seq = _int(record.get("seq"))
+    if seq is None:
+        report.fail(expected_seq, f"an event after seq {expected_seq - 1} has no valid seq")
+        return
+    if seq < expected_seq:
+        report.fail(seq, f"event seq {seq} appears after seq {expected_seq - 1}: reordered or inserted")
+    elif seq > expected_seq:
+        report.fail(expected_seq, f"event(s) {expected_seq}..{seq - 1} are missing: deleted")
+    if record.get("prev_hash") != prev_hash.hex():
+        report.fail(seq, f"event {seq} does not link to the event before it (prev_hash differs): deleted, inserted or reordered")
+    try:
+        computed = event_hash(_fields(record), seq, prev_hash)
+    except (KeyError, ValueError, TypeError) as exc:
+        report.fail(seq, f"event {seq} is malformed: {exc}")
+        return
+    if record.get("hash") != computed.hex():
+        # Recompute against its own claimed predecessor: a mismatch there means the event itself was changed.
+        try:
+            own = event_hash(_fields(record), seq, bytes.fromhex(record.get("prev_hash") or ""))
+        except ValueError:
+            own = b""
+        if record.get("hash") != own.hex():
+            report.fail(seq, f"event {seq} was changed: its content does not match its hash")
+
+
+def _verify_checkpoint(record: dict[str, Any], public: ec.EllipticCurvePublicKey, hashes_by_seq: dict[int, bytes], report: Report) -> bool:
+    seq = _int(record.get("seq")) or 0
+    try:
+        message = checkpoint_message(
+            seq=seq,
+            count=int(record["count"]),
+            head=bytes.fromhex(record["head"]),
+            time=datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
+            key_id=record["key_id"],
+        )
+        public.verify(base64.b64decode(record["signature"]), message, ec.ECDSA(hashes.SHA256()))
+    except (KeyError, ValueError, TypeError, InvalidSignature):
+        report.fail(None, f"the checkpoint at seq {seq} has no valid signature by the audit key")
+        return False
+    if seq not in hashes_by_seq:
+        return True  # reported as truncation at the end
+    if int(record["count"]) != seq:
+        report.fail(seq, f"the checkpoint at seq {seq} counts {record['count']} events, but seq numbers start at 1")
+    if hashes_by_seq[seq].hex() != record["head"]:
+        report.fail(
+            _first_divergence(hashes_by_seq, seq),
+            f"the signed checkpoint at seq {seq} names head {record['head'][:16]}..., the log's chain gives "
+            f"{hashes_by_seq[seq].hex()[:16]}...: the events up to seq {seq} were altered",
+        )
+    return True
+
+
+def _first_divergence(hashes_by_seq: dict[int, bytes], seq: int) -> int:
+    return min((s for s in hashes_by_seq if s <= seq), default=seq)
+
+
+def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:
+    """The live database as export records (events in order, each checkpoint after its event)."""
+    audit = AuditStore(store)
+    pending = audit.checkpoints()
+    for row in audit.iter_events():
+        yield event_record(row)
+        while pending and pending[0].seq <= int(row["seq"]):
+            yield checkpoint_record(pending.pop(0))
+    for checkpoint in pending:
+        yield checkpoint_record(checkpoint)
+
+
+__all__ = [
+    "AuditLog",
+    "Checkpointer",
+    "Report",
+    "audit_public_key_pem",
+    "ensure_audit_key",
+    "event_record",
+    "export",
+    "live_records",
+    "read_export",
+    "verify",
+]
+
+
+# ---------------------------------------------------------------------------
+# Reading the log for auditors (StreamAuditEvents)
+# ---------------------------------------------------------------------------
+
+DEFAULT_PAGE = 500
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """A StreamAuditEvents request as the domain sees it."""
+
+    after_seq: int = 0
+    from_time: datetime | None = None
+    actions: tuple[str, ...] = ()
+    device_id: str = ""
+    serial: str = ""
+    page_size: int = 0
+    max_events: int = 0
+    page_token: str = ""
+
+
+class AuditReader:
+    """Pages of the audit log, resumable by an opaque token bound to the filters."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self._audit = AuditStore(store)
+
+    async def pages(self, query: AuditQuery) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
+        from ca_daemon.errors import InvalidRequest
+        from ca_daemon.store.audit_store import MAX_PAGE, EventFilter
+
+        if query.page_size > MAX_PAGE:
+            raise InvalidRequest(f"page_size {query.page_size} is too large", field="page_size", expected=f"at most {MAX_PAGE}")
+        size = query.page_size or DEFAULT_PAGE
+        serial = query.serial.lower().lstrip("0") if query.serial else ""
+        digest = _filter_digest(query.actions, query.device_id, serial)
+        after, from_time = query.after_seq, query.from_time
+        if query.page_token:
+            after = _parse_token(query.page_token, digest)
+            from_time = None
+        sent = 0
+        while True:
+            limit = size if not query.max_events else min(size, query.max_events - sent)
+            if limit <= 0:
+                return
+            flt = EventFilter(after_seq=after, from_time=from_time, actions=query.actions, device_id=query.device_id, serial=serial)
+            rows = await asyncio.to_thread(self._audit.events, flt, limit)
+            if rows:
+                after = int(rows[-1]["seq"])
+            sent += len(rows)
+            yield rows, _token(after, digest)
+            if len(rows) < limit:
+                return
+
+
+def _filter_digest(actions: tuple[str, ...], device_id: str, serial: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([sorted(actions), device_id, serial]).encode()).hexdigest()[:16]
+
+
+def _token(after: int, digest: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": after, "f": digest}).encode()).decode().rstrip("=")
+
+
+def _parse_token(token: str, digest: str) -> int:
+    from ca_daemon.errors import InvalidRequest
+
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after, filters = int(data["after"]), str(data["f"])
+    except (ValueError, KeyError, TypeError):
+        raise InvalidRequest("page_token is not a token this server issued", field="page_token") from None
+    if filters != digest:
+        raise InvalidRequest(
+            "page_token was issued for other filters; resume with the same actions, device_id and serial",
+            field="page_token",
+            expected="the filters of the request that returned the token",
+        )
+    return after

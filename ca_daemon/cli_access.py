@@ -1,0 +1,314 @@
+"""`ca-daemon mtls ...` and `ca-daemon audit ...`: set up mTLS and roles; export and verify the audit log.
+
+Same layer as cli.py. Private keys of the server and of clients are generated here, in the
+CLI process, and written to files (0600) on the side that will hold them; the daemon's
+store records only their certificates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from ca_daemon import app, audit, tls
+from ca_daemon import config as config_module
+from ca_daemon.errors import CaError, ConfigError
+from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.store import SqlStore
+from ca_daemon.store.audit_store import AuditStore
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mtls = sub.add_parser("mtls", help="mTLS for the gRPC interface: internal CA, server and client certificates").add_subparsers(
+        metavar="ACTION"
+    )
+    p = mtls.add_parser("init", help="one command: mTLS CA key in the HSM, server certificate, client certificates, CRL, config")
+    p.add_argument("--out", required=True, help="directory for ca.pem, server.pem/.key, client-ca.crl, clients/NAME.pem/.key")
+    p.add_argument("--client", action="append", default=[], metavar="NAME:ROLE", help="a client and its role (repeatable)")
+    p.add_argument("--host", action="append", default=[], help="server DNS name or IP (repeatable; default localhost and 127.0.0.1)")
+    p.add_argument("--days", type=int, default=365, help="validity of server and client certificates")
+    p.add_argument("--apply", action="store_true", help="also switch the configuration to mTLS: [tls], [roles], [callers]")
+    p.set_defaults(handler=_mtls_init)
+    p = mtls.add_parser("issue", help="issue more client certificates (keys made here, never sent to the daemon)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--client", action="append", required=True, metavar="NAME:ROLE")
+    p.add_argument("--days", type=int, default=365)
+    p.set_defaults(handler=_mtls_issue)
+    p = mtls.add_parser("revoke", help="revoke a client or server certificate and rewrite the client CA CRL")
+    p.add_argument("--serial", required=True, help="hexadecimal serial (`ca-daemon mtls list`)")
+    p.add_argument("--reason", type=int, default=0, help="RFC 5280 reason code (default 0, unspecified)")
+    p.add_argument("--crl-out", default="", help="where to write the CRL (default: tls.client_crl of the configuration)")
+    p.set_defaults(handler=_mtls_revoke)
+    p = mtls.add_parser("crl", help="re-sign the client CA CRL (e.g. before its nextUpdate)")
+    p.add_argument("--out", default="", help="default: tls.client_crl of the configuration")
+    p.set_defaults(handler=_mtls_crl)
+    p = mtls.add_parser("list", help="certificates issued by the mTLS CA")
+    p.set_defaults(handler=_mtls_list)
+
+    aud = sub.add_parser("audit", help="the hash-chained audit log").add_subparsers(metavar="ACTION")
+    p = aud.add_parser("public-key", help="write the audit public key (PEM) that verifies checkpoints")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=_audit_public_key)
+    p = aud.add_parser("checkpoint", help="sign a checkpoint of the current chain head now")
+    p.set_defaults(handler=_audit_checkpoint)
+    p = aud.add_parser("export", help="write the log with its checkpoints as JSON Lines")
+    p.add_argument("--out", required=True, help="file to write ('-' for stdout)")
+    p.add_argument("--checkpoint", action="store_true", help="sign a checkpoint of the current head first, so every event is covered")
+    p.set_defaults(handler=_audit_export)
+    p = aud.add_parser("verify", help="check an export (or the live database) with only the audit public key")
+    p.add_argument("--public-key", required=True, help="PEM from `ca-daemon audit public-key`")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", help="a JSON Lines export")
+    src.add_argument("--live", action="store_true", help="the database named by the configuration")
+    p.set_defaults(handler=_audit_verify)
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _clients(specs: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for spec in specs:
+        name, sep, role = spec.rpartition(":")
+        if not sep or not name or role not in config_module.ROLES:
+            raise ConfigError(f"--client {spec!r}: use NAME:ROLE with ROLE one of {', '.join(config_module.ROLES)}")
+        pairs.append((name, role))
+    return pairs
+
+
+def _open(args: argparse.Namespace) -> tuple[config_module.Config, Hsm, SqlStore]:
+    config = config_module.load(args.config)
+    hsm = app.connect_hsm(config)
+    try:
+        store = app.connect_store(config)
+    except BaseException:
+        hsm.close()
+        raise
+    return config, hsm, store
+
+
+def _issue_clients(ca: tls.MtlsCa, store: SqlStore, out: Path, clients: list[tuple[str, str]], days: int) -> None:
+    from datetime import timedelta
+
+    for name, role in clients:
+        key = tls.new_key()
+        cert = tls.issue(
+            ca, store, tls.make_csr(key, name), name=name, role=role, kind="client", actor=_actor(), validity=timedelta(days=days)
+        )
+        tls.write_private(out / "clients" / f"{name}.key", tls.key_pem(key))
+        (out / "clients" / f"{name}.pem").write_bytes(tls.pem(cert))
+        print(f"client {name} ({role}): {out / 'clients' / (name + '.pem')}, serial {cert.serial_number:x}")
+
+
+def _mtls_init(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    clients = _clients(args.client)
+    config, hsm, store = _open(args)
+    out = Path(args.out).resolve()
+    try:
+        ca, created = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
+        print(("created" if created else "using") + f" mTLS CA {ca.certificate.subject.rfc4514_string()} (key {config.tls.ca_key_uri})")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ca.pem").write_bytes(tls.pem(ca.certificate))
+        key = tls.new_key()
+        server = tls.issue(
+            ca,
+            store,
+            tls.make_csr(key, "ca-daemon"),
+            name="ca-daemon",
+            role="",
+            kind="server",
+            actor=_actor(),
+            hosts=args.host,
+            validity=timedelta(days=args.days),
+        )
+        tls.write_private(out / "server.key", tls.key_pem(key))
+        (out / "server.pem").write_bytes(tls.pem(server))
+        _issue_clients(ca, store, out, clients, args.days)
+        (out / "client-ca.crl").write_bytes(tls.build_crl(ca, store).public_bytes(serialization.Encoding.PEM))
+        snippet = _snippet(out, clients)
+        (out / "mtls.toml").write_text(snippet)
+        if args.apply:
+            _apply(config.path, snippet)
+            print(f"configuration {config.path} switched to mTLS (server.dev_mode = false); restart the daemon")
+        else:
+            print(f"wrote {out}; add {out / 'mtls.toml'} to the configuration and set server.dev_mode = false (or rerun with --apply)")
+        return 0
+    finally:
+        hsm.close()
+        store.close()
+
+
+def _snippet(out: Path, clients: list[tuple[str, str]]) -> str:
+    lines = [
+        '# Written by `ca-daemon mtls init`. See README.md, "mTLS and roles".',
+        "[tls]",
+        f'cert = "{out / "server.pem"}"',
+        f'key = "{out / "server.key"}"',
+        f'client_ca = "{out / "ca.pem"}"',
+        f'client_crl = "{out / "client-ca.crl"}"',
+        "",
+        '# role -> identities (certificate CN), "uri:REGEX" (SAN URI) or "ou:REGEX" (subject OU).',
+        "[roles]",
+    ]
+    for role in config_module.ROLES:
+        names = [name for name, r in clients if r == role]
+        lines.append(f"{role} = [{', '.join(_quote(n) for n in names)}]")
+    for name, role in clients:
+        if role == "programmer":
+            lines += ["", f"[callers.{_quote(name)}]", 'profiles = ["device"]']
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _apply(path: Path, snippet: str) -> None:
+    text = path.read_text()
+    if "\n[tls]" in text or "\n[roles]" in text:
+        raise ConfigError(f"{path} already has [tls] or [roles]; merge {snippet.splitlines()[0]} by hand")
+    if "dev_mode = true" not in text:
+        raise ConfigError(f"{path}: expected `dev_mode = true` to switch off")
+    text = text.replace("dev_mode = true", "dev_mode = false", 1)
+    new = text.rstrip("\n") + "\n\n" + snippet
+    config_module.parse(__import__("tomllib").loads(new), path)  # refuse to write a configuration that would not load
+    path.write_text(new)
+
+
+def _mtls_issue(args: argparse.Namespace) -> int:
+    clients = _clients(args.client)
+    config, hsm, store = _open(args)
+    try:
+        ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
+        _issue_clients(ca, store, Path(args.out).resolve(), clients, args.days)
+        for name, role in clients:
+            print(f"grant it in the configuration: [roles] {role} = [..., {_quote(name)}]")
+        return 0
+    finally:
+        hsm.close()
+        store.close()
+
+
+def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str) -> Path:
+    target = Path(out) if out else config.tls.client_crl_file
+    if target is None:
+        raise ConfigError("no tls.client_crl in the configuration; name the file with --out")
+    ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
+    crl = tls.build_crl(ca, store)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    temporary.replace(target)  # the daemon reads the old CRL or the new one, never a part
+    print(f"wrote {target}: {len(list(crl))} revoked, next update {crl.next_update_utc}")
+    return target
+
+
+def _mtls_revoke(args: argparse.Namespace) -> int:
+    config, hsm, store = _open(args)
+    try:
+        ca_key_id = Pkcs11Uri.parse(config.tls.ca_key_uri).label
+        tls.revoke(store, args.serial, args.reason, _actor(), ca_key_id)
+        _write_crl(config, hsm, store, args.crl_out)
+        return 0
+    finally:
+        hsm.close()
+        store.close()
+
+
+def _mtls_crl(args: argparse.Namespace) -> int:
+    config, hsm, store = _open(args)
+    try:
+        _write_crl(config, hsm, store, args.out)
+        return 0
+    finally:
+        hsm.close()
+        store.close()
+
+
+def _mtls_list(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    store = app.connect_store(config)
+    try:
+        for c in AuditStore(store).mtls_certificates():
+            state = f"revoked {c.revoked_at.isoformat()}" if c.revoked_at else "valid"
+            print(f"{c.serial}\t{c.kind}\t{c.name}\t{c.role or '-'}\tnot after {c.not_after.isoformat()}\t{state}")
+        return 0
+    finally:
+        store.close()
+
+
+def _audit_public_key(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    hsm = app.connect_hsm(config)
+    try:
+        Path(args.out).write_bytes(audit.audit_public_key_pem(hsm, config.audit.key_uri))
+        print(f"wrote {args.out}")
+        return 0
+    finally:
+        hsm.close()
+
+
+def _checkpoint(config: config_module.Config) -> None:
+    hsm = app.connect_hsm(config)
+    store = app.connect_store(config)
+    try:
+        made = audit.Checkpointer(hsm, store, config.audit.key_uri).checkpoint()
+        print(
+            f"checkpoint at seq {made.seq} ({made.count} events)" if made else "the last checkpoint already covers the head",
+            file=sys.stderr,
+        )
+    finally:
+        hsm.close()
+        store.close()
+
+
+def _audit_checkpoint(args: argparse.Namespace) -> int:
+    _checkpoint(config_module.load(args.config))
+    return 0
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    if args.checkpoint:
+        _checkpoint(config)
+    store = app.connect_store(config)
+    try:
+        if args.out == "-":
+            events, checkpoints = audit.export(store, sys.stdout)
+        else:
+            with open(args.out, "w", encoding="utf-8") as out:
+                events, checkpoints = audit.export(store, out)
+        print(f"exported {events} events and {checkpoints} checkpoints", file=sys.stderr)
+        return 0
+    finally:
+        store.close()
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    public = Path(args.public_key).read_bytes()
+    if args.file:
+        with open(args.file, encoding="utf-8", errors="replace") as lines:
+            report = audit.verify(audit.read_export(lines), public)
+    else:
+        config = config_module.load(args.config)
+        store = app.connect_store(config)
+        try:
+            report = audit.verify(audit.live_records(store), public)
+        finally:
+            store.close()
+    print(report.summary())
+    for problem in report.problems[1:20]:
+        print(f"  also: {problem}")
+    return 0 if report.ok else 1
+
+
+__all__ = ["add_commands", "CaError"]

@@ -1,0 +1,323 @@
+"""The factory-to-cloud commands of `ca-daemon`: client, simulate-factory, verify-device,
+ca verification-cert and crl publish. Registered by cli.py; kept apart so the set-up commands
+and these user-facing ones can change independently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca_daemon.client import REASONS, CaClient, TlsOptions
+from ca_daemon.errors import CaError
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+# -- shared client options -------------------------------------------------------------
+
+
+def add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"daemon address (default {DEFAULT_TARGET})")
+    p.add_argument("--tls-ca", default="", help="CA bundle (PEM) for the daemon's server certificate; enables TLS")
+    p.add_argument("--tls-cert", default="", help="this client's certificate (PEM) for mTLS")
+    p.add_argument("--tls-key", default="", help="this client's private key (PEM) for mTLS")
+    p.add_argument("--tls-server-name", default="", help="name to check in the server certificate (default: the target host)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    p.add_argument("--retries", type=int, default=5, help="retries of a call answered UNAVAILABLE (default 5)")
+
+
+def client_from_args(args: argparse.Namespace) -> CaClient:
+    tls = None
+    if args.tls_ca:
+        tls = TlsOptions(args.tls_ca, args.tls_cert or None, args.tls_key or None, args.tls_server_name)
+    elif args.tls_cert or args.tls_key:
+        raise ValueError("--tls-cert/--tls-key need --tls-ca (the CA that signed the daemon's server certificate)")
+    return CaClient(args.target, tls=tls, timeout=args.timeout, retries=args.retries)
+
+
+def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`ca-daemon client ACTION`: what a programming service or an operator does over gRPC."""
+    p = client.add_parser("sign", help="send a CSR file, write the certificate and chain")
+    add_client_options(p)
+    p.add_argument("--csr", required=True, help="CSR file, PEM or DER")
+    p.add_argument("--out", required=True, help="where to write the certificate followed by its chain (PEM)")
+    p.add_argument("--request-id", default="", help="idempotency key (default: a fresh UUID); reuse it to retry safely")
+    p.add_argument("--profile", default="")
+    p.set_defaults(handler=_client_sign)
+
+    p = client.add_parser("ca-certs", help="print the CA certificates (PEM)")
+    add_client_options(p)
+    p.set_defaults(handler=_client_ca_certs)
+
+    p = client.add_parser("chain", help="write the active CA chain, PEM (whole chain) or DER (the issuing CA certificate)")
+    add_client_options(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["pem", "der"], default="pem")
+    p.set_defaults(handler=_client_chain)
+
+    p = client.add_parser("get", help="print an issued certificate by serial")
+    add_client_options(p)
+    p.add_argument("--serial", required=True)
+    p.set_defaults(handler=_client_get)
+
+    p = client.add_parser("revoke", help="revoke a certificate by serial, or every certificate of a device")
+    add_client_options(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", help="hexadecimal serial number")
+    which.add_argument("--device-id", help="revoke every unrevoked certificate of this device")
+    p.add_argument("--reason", default="unspecified", choices=sorted(REASONS))
+    p.set_defaults(handler=_client_revoke)
+
+    p = client.add_parser("crl", help="fetch the last published full or delta CRL (GetCRL)")
+    add_client_options(p)
+    p.add_argument("--delta", action="store_true", help="the delta CRL instead of the full one")
+    p.add_argument("--out", required=True, help="where to write it")
+    p.add_argument("--format", choices=["der", "pem"], default="der")
+    p.add_argument("--issuer-key-id", default="", help="CA key (default: the active one)")
+    p.set_defaults(handler=_client_crl)
+
+    p = client.add_parser("verification-cert", help="have the CA sign a cloud verification certificate (officer role)")
+    add_client_options(p)
+    p.add_argument("--code", required=True, help="the verification code the cloud service shows")
+    p.add_argument("--out", required=True, help="where to write the certificate (PEM; .der/.cer: DER)")
+    p.set_defaults(handler=_client_verification_cert)
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Top-level simulate-factory, verify-device and crl; `ca verification-cert`."""
+    from ca_daemon.simulate import DEFAULT_SAN_URI, KEY_TYPES
+
+    p = sub.add_parser("simulate-factory", help="provision simulated devices: key on the device, CSR, Sign, install")
+    add_client_options(p)
+    p.add_argument("--devices", type=int, required=True, help="how many devices")
+    p.add_argument("--out", default="devices", help="directory for the per-device directories (default ./devices)")
+    p.add_argument("--no-install", action="store_true", help="do not write the devices' files (benchmarking)")
+    p.add_argument("--concurrency", type=int, default=8, help="devices in flight at once (default 8)")
+    p.add_argument("--key-type", default="ec-p256", choices=KEY_TYPES)
+    p.add_argument("--profile", default="", help="certificate profile (default: the daemon's default profile)")
+    p.add_argument("--prefix", default="", help="device ID prefix (default: sim-RANDOM); IDs are PREFIX-000000...")
+    p.add_argument("--san-uri", default=DEFAULT_SAN_URI, help=f"SAN URI template, '' for none (default {DEFAULT_SAN_URI})")
+    p.add_argument("--pregenerate", action="store_true", help="make every key first, to report the rate without key generation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_simulate)
+
+    p = sub.add_parser("verify-device", help="decide as a cloud service would whether to trust a device certificate")
+    p.add_argument("--cert", required=True, help="the device certificate (PEM; may be followed by intermediates)")
+    p.add_argument("--chain", default="", help="intermediate CA certificates (PEM)")
+    p.add_argument("--trust", required=True, help="trusted CA certificates (PEM), e.g. from `ca-daemon ca export`")
+    p.add_argument("--key", default="", help="act as the device: sign a fresh challenge with this key (PEM)")
+    p.add_argument("--challenge", default="", help="the challenge sent to the device (hex), with --signature")
+    p.add_argument("--signature", default="", help="file with the device's signature over the challenge")
+    p.add_argument("--identity", choices=["san-uri", "cn"], default="san-uri", help="where the device ID is (default san-uri)")
+    p.add_argument("--uri-template", default="urn:dev:ops:{device_id}")
+    p.add_argument("--device-id-pattern", default=r"^[A-Za-z0-9._-]{1,64}$")
+    p.add_argument("--no-crl", action="store_true", help="skip the revocation step (a CA without CRLs)")
+    p.set_defaults(handler=_verify_device)
+
+    p = ca.add_parser("verification-cert", help="sign a cloud CA-registration (proof of possession) certificate with the CA key")
+    p.add_argument("--code", required=True, help="the verification code from Azure DPS / IoT Hub or AWS IoT")
+    p.add_argument("--out", required=True, help="where to write the certificate (PEM; .der/.cer: DER)")
+    p.add_argument("--validity-days", type=int, default=1)
+    p.set_defaults(handler=_ca_verification_cert)
+
+    crl = sub.add_parser("crl", help="CRLs").add_subparsers(metavar="ACTION")
+    p = crl.add_parser("publish", help="publish a full (or delta) CRL now, e.g. for a broker that reads only full CRLs")
+    p.add_argument("--delta", action="store_true")
+    p.set_defaults(handler=_crl_publish)
+
+
+# -- client handlers ---------------------------------------------------------------------
+
+
+def _client_sign(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca:
+        issued = ca.sign(Path(args.csr).read_bytes(), request_id=args.request_id, profile=args.profile)
+    Path(args.out).write_text(issued.certificate_pem + issued.chain_pem)
+    print(f"issued serial {issued.serial} for device {issued.device_id}; wrote {args.out}")
+    return 0
+
+
+def _client_ca_certs(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca:
+        for cert in ca.ca_certificates():
+            sys.stdout.write(cert.certificate_pem)
+    return 0
+
+
+def _client_chain(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca:
+        chain = ca.chain_pem()
+    _write_certificates(Path(args.out), x509.load_pem_x509_certificates(chain.encode()), args.format)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _client_get(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca:
+        sys.stdout.write(ca.certificate(args.serial).certificate_pem)
+    return 0
+
+
+def _client_revoke(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca:
+        if args.serial:
+            at = ca.revoke(args.serial, reason=args.reason)
+            print(f"revoked {args.serial} ({args.reason}) at {at.isoformat()}")
+        else:
+            serials = ca.revoke_device(args.device_id, reason=args.reason)
+            print(f"revoked {len(serials)} certificate(s) of device {args.device_id}: {' '.join(serials)}")
+    return 0
+
+
+def _client_crl(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca:
+        crl = ca.crl(delta=args.delta, issuer_key_id=args.issuer_key_id)
+    data = crl.der if args.format == "der" else x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
+    Path(args.out).write_bytes(data)
+    kind = "delta" if args.delta else "full"
+    validity = f"thisUpdate {crl.this_update.isoformat()}, nextUpdate {crl.next_update.isoformat()}"
+    print(f"wrote {kind} CRL {crl.number} ({validity}) to {args.out}")
+    return 0
+
+
+def _client_verification_cert(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca:
+        result = ca.verification_certificate(args.code)
+    cert = x509.load_der_x509_certificate(result.certificate_der)
+    _write_certificates(Path(args.out), [cert], _format_for(args.out))
+    print(f"wrote verification certificate {result.serial} (CN={args.code}, signed by CA key {result.issuer_key_id}) to {args.out}")
+    return 0
+
+
+# -- simulator, verifier, officer commands ---------------------------------------------------
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ca_daemon.simulate import Progress, simulate
+
+    out = None if args.no_install else Path(args.out)
+    with client_from_args(args) as ca:
+        summary = simulate(
+            ca,
+            devices=args.devices,
+            out_dir=out,
+            prefix=args.prefix,
+            concurrency=args.concurrency,
+            key_type=args.key_type,
+            profile=args.profile,
+            san_uri_template=args.san_uri,
+            pregenerate=args.pregenerate,
+            progress=None if args.quiet else Progress(args.devices),
+        )
+    for line in summary.lines():
+        print(line)
+    if out is not None and summary.issued:
+        print(f"installed {summary.issued} device(s) under {out}/DEVICE_ID/ (device.key 0600, device.crt, chain.pem, fullchain.pem)")
+    return 0 if summary.failed == 0 and summary.refused == 0 else 1
+
+
+def _verify_device(args: argparse.Namespace) -> int:
+    from ca_daemon.verify import DeviceVerifier, IdentityRule, sign_challenge
+
+    certs = x509.load_pem_x509_certificates(Path(args.cert).read_bytes())
+    intermediates = certs[1:] + (x509.load_pem_x509_certificates(Path(args.chain).read_bytes()) if args.chain else [])
+    trusted = x509.load_pem_x509_certificates(Path(args.trust).read_bytes())
+    verifier = DeviceVerifier(
+        trusted,
+        IdentityRule(args.identity, args.uri_template, args.device_id_pattern),
+        check_revocation=not args.no_crl,
+    )
+    if args.key:
+        if args.challenge or args.signature:
+            raise ValueError("give either --key (sign a fresh challenge as the device) or --challenge with --signature")
+        key = serialization.load_pem_private_key(Path(args.key).read_bytes(), password=None)
+        challenge = verifier.challenge()
+        signature = sign_challenge(key, challenge)  # type: ignore[arg-type]
+    elif args.challenge and args.signature:
+        challenge = bytes.fromhex(args.challenge)
+        signature = Path(args.signature).read_bytes()
+    else:
+        raise ValueError("proof of possession needs --key, or --challenge and --signature")
+    decision = verifier.verify(certs[0], intermediates, challenge, signature)
+    print(decision)
+    return 0 if decision.granted else 1
+
+
+def _ca_verification_cert(args: argparse.Namespace) -> int:
+    from ca_daemon import app
+    from ca_daemon import config as config_module
+    from ca_daemon.authority import load_active_ca
+    from ca_daemon.registration import VerificationCertificates
+
+    config = config_module.load(args.config)
+    hsm = app.connect_hsm(config)
+    try:
+        store = app.connect_store(config)
+        try:
+            active = load_active_ca(config, hsm, store)
+            actor = f"cli:{_local_user()}"
+            result = VerificationCertificates(hsm, store, lambda: active).issue(args.code, timedelta(days=args.validity_days), actor)
+        finally:
+            store.close()
+    finally:
+        hsm.close()
+    _write_certificates(Path(args.out), [result.certificate], _format_for(args.out))
+    print(f"wrote verification certificate {result.serial} (CN={args.code}, signed by CA key {result.issuer_key_id}) to {args.out}")
+    return 0
+
+
+def _crl_publish(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from ca_daemon import app
+    from ca_daemon import config as config_module
+    from ca_daemon.revocation import CrlPublisher
+
+    config = config_module.load(args.config)
+    hsm = app.connect_hsm(config)
+    try:
+        store = app.connect_store(config)
+        try:
+            publisher = CrlPublisher(config, hsm, store)
+            issuers = publisher.issuers(datetime.now(UTC))
+            if not issuers:
+                raise CaError("no CA key with a valid certificate; nothing to publish")
+            for issuer in issuers:
+                crl = hsm.run(lambda issuer=issuer: publisher.publish(issuer, delta=args.delta))  # type: ignore[misc]
+                kind = "delta" if crl.is_delta else "full"
+                print(f"published {kind} CRL {crl.crl_number} of {issuer.key_id} ({crl.entries} entries)")
+        finally:
+            store.close()
+    finally:
+        hsm.close()
+    print("GetCRL returns it now; a running daemon also serves it over HTTP within its crl.check_interval")
+    return 0
+
+
+def _local_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _format_for(path: str) -> str:
+    return "der" if path.endswith((".der", ".cer")) else "pem"
+
+
+def _write_certificates(path: Path, certs: list[x509.Certificate], fmt: str) -> None:
+    if fmt == "der":
+        path.write_bytes(certs[0].public_bytes(serialization.Encoding.DER))  # DER holds one certificate
+    else:
+        path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+
+
+__all__ = ["add_client_commands", "add_commands", "add_client_options", "client_from_args"]

@@ -1,0 +1,121 @@
+"""Prometheus metrics, in prometheus-client's multiprocess mode.
+
+The daemon serves from several worker processes on one port, so each worker writes its
+counters and histograms to files in `state_dir/metrics` (PROMETHEUS_MULTIPROC_DIR, set by
+the parent before any worker starts and before prometheus_client is imported), and the
+parent serves one endpoint (`metrics.listen`) that sums them. Values that live in the
+store (CRL number and age, audit chain length, last checkpoint age) are read at scrape
+time by the parent, so they are right whichever worker changed them.
+
+prometheus_client is imported lazily: the multiprocess value class is chosen when the
+module is first imported, which must come after the directory is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def prepare_directory(state_dir: Path) -> Path:
+    """Empty the metrics directory and point this process (and the workers it spawns) at it."""
+    directory = state_dir / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[_ENV] = str(directory)
+    return directory
+
+
+class RequestMetrics:
+    """A worker's request and HSM metrics (no-ops unless the metrics directory is set)."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get(_ENV))
+        if not self.enabled:
+            return
+        from prometheus_client import Counter, Histogram
+
+        self._requests = Counter("ca_daemon_requests", "gRPC requests by method and status code", ["method", "code"])
+        self._latency = Histogram(
+            "ca_daemon_request_duration_seconds", "gRPC request latency by method and status code", ["method", "code"], buckets=_BUCKETS
+        )
+        self._hsm_sign = Histogram("ca_daemon_hsm_sign_duration_seconds", "Latency of one signature in the HSM", buckets=_BUCKETS)
+
+    def request(self, method: str, code: str, seconds: float) -> None:
+        if self.enabled:
+            self._requests.labels(method, code).inc()
+            self._latency.labels(method, code).observe(seconds)
+
+    def hsm_sign(self, seconds: float) -> None:
+        if self.enabled:
+            self._hsm_sign.observe(seconds)
+
+
+class StoreCollector:
+    """Gauges read from the store at scrape time: CRL number and age, audit chain length."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from ca_daemon.store.audit_store import AuditStore
+
+        number = GaugeMetricFamily("ca_daemon_crl_number", "Number of the last published CRL", labels=["issuer", "kind"])
+        age = GaugeMetricFamily("ca_daemon_crl_age_seconds", "Seconds since the last published CRL's thisUpdate", labels=["issuer", "kind"])
+        chain = GaugeMetricFamily("ca_daemon_audit_chain_length", "Events in the hash-chained audit log")
+        checkpoint = GaugeMetricFamily("ca_daemon_audit_checkpoint_age_seconds", "Seconds since the last signed audit checkpoint")
+        now = datetime.now(UTC)
+        try:
+            for key in self._store.list_ca_keys():
+                for delta in (False, True):
+                    crl = self._store.latest_crl(key.key_id, delta=delta, with_der=False)
+                    if crl is not None:
+                        kind = "delta" if delta else "full"
+                        number.add_metric([key.key_id, kind], crl.crl_number)
+                        age.add_metric([key.key_id, kind], (now - crl.this_update).total_seconds())
+            audit = AuditStore(self._store)
+            head = audit.head()
+            chain.add_metric([], head.count if head is not None else 0)
+            last = audit.last_checkpoint()
+            if last is not None:
+                checkpoint.add_metric([], (now - last.time).total_seconds())
+        except Exception:  # noqa: S110 - a scrape must not fail because the store is briefly busy
+            pass
+        yield from (number, age, chain, checkpoint)
+
+
+def serve(listen: str, store: Any) -> Any:
+    """Start the endpoint in this (parent) process: multiprocess sums plus the store gauges."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(StoreCollector(store))
+    host, _, port = listen.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    return server
+
+
+def mark_dead(pid: int) -> None:
+    if os.environ.get(_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def monotonic() -> float:
+    return time.perf_counter()
+
+
+__all__ = ["RequestMetrics", "StoreCollector", "mark_dead", "prepare_directory", "serve"]

@@ -1,0 +1,135 @@
+"""`ca-daemon check-config`: validate a configuration and reach its token and database, serving nothing.
+
+Each check prints one line, "ok" or "FAIL", with what was checked and, on failure, what
+to do. A check that depends on an earlier one (the CA key needs the token) is skipped
+when that one failed. The exit code is 0 only when every check passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from ca_daemon import app
+from ca_daemon import config as config_module
+from ca_daemon.authority import load_active_ca
+from ca_daemon.config import Config
+from ca_daemon.errors import CaError
+from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.store import SqlStore, schema
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+
+
+def run(config_path: str | Path, emit: Callable[[Check], None] = lambda _c: None) -> list[Check]:
+    """Run every check in order, handing each result to emit as soon as it is known."""
+    results: list[Check] = []
+
+    def record(name: str, ok: bool, detail: str) -> bool:
+        results.append(Check(name, ok, detail))
+        emit(results[-1])
+        return ok
+
+    try:
+        config = config_module.load(config_path)
+    except CaError as exc:
+        record("configuration", False, exc.message)
+        return results
+    record("configuration", True, f"{config.path}: {len(config.profiles)} profile(s), {config.server.workers} worker(s)")
+    _check_files(config, record)
+    store = _check_store(config, record)
+    hsm = _check_token(config, record)
+    try:
+        if hsm is not None and store is not None:
+            try:
+                active = load_active_ca(config, hsm, store)
+                subject = active.certificate.subject.rfc4514_string()
+                record("CA key", True, f"{active.key.key_id} in the token matches its certificate {subject}")
+            except CaError as exc:
+                record("CA key", False, exc.message)
+    finally:
+        if hsm is not None:
+            hsm.close()
+        if store is not None:
+            store.close()
+    return results
+
+
+def _check_files(config: Config, record: Callable[[str, bool, str], bool]) -> None:
+    module = Path(config.hsm.module)
+    record("PKCS#11 module", module.is_file(), str(module) if module.is_file() else f"{module} does not exist")
+    try:
+        config.hsm.pin.read()
+        record("PIN", True, f"readable from {config.hsm.pin.describe()}")
+    except CaError as exc:
+        record("PIN", False, exc.message)
+    tls = config.tls
+    if tls.enabled:
+        for name, path in (
+            ("cert", tls.cert_file),
+            ("key", tls.key_file),
+            ("client_ca", tls.client_ca_file),
+            ("client_crl", tls.client_crl_file),
+        ):
+            readable = path is not None and path.is_file()
+            record(f"tls.{name}", readable, str(path) if readable else f"{path} is missing (`ca-daemon mtls init` makes it)")
+    else:
+        record("tls", True, "off: development mode, plaintext gRPC on loopback")
+
+
+def _check_store(config: Config, record: Callable[[str, bool, str], bool]) -> SqlStore | None:
+    shown = make_url(config.store.url).render_as_string(hide_password=True)
+    store = SqlStore(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous)
+    try:
+        version = store.schema_version()
+    except CaError as exc:
+        store.close()
+        record("database", False, f"{shown}: {exc.message}")
+        return None
+    except Exception as exc:  # a fresh database has no schema_migrations table yet
+        text = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+        if "schema_migrations" not in text:
+            store.close()
+            record("database", False, f"{shown}: {text}")
+            return None
+        version = 0
+    if version < schema.LATEST_VERSION:
+        needed = schema.LATEST_VERSION
+        record("database", False, f"{shown}: schema version {version}, this release needs {needed}; run `ca-daemon db migrate`")
+        store.close()
+        return None
+    replicas = "replicas may share it" if store.dialect == "postgresql" else "one daemon only; replicas need postgresql://"
+    record("database", True, f"{shown}: reachable, schema version {version}, {store.dialect} ({replicas})")
+    return store
+
+
+def _check_token(config: Config, record: Callable[[str, bool, str], bool]) -> Hsm | None:
+    try:
+        hsm = app.connect_hsm(config)
+    except CaError as exc:
+        record("token", False, exc.message)
+        return None
+    try:
+        label = Pkcs11Uri.parse(config.ca.key_uri).label
+        record("token", True, f"{config.hsm.token!r} via {config.hsm.module}: logged in; CA key label {label!r}")
+    except CaError as exc:
+        with contextlib.suppress(CaError):
+            hsm.close()
+        record("token", False, exc.message)
+        return None
+    return hsm
+
+
+__all__ = ["Check", "run"]

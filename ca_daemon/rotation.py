@@ -1,0 +1,402 @@
+"""CA key rotation: the security officers' key ceremony, under dual control.
+
+Same layer as authority.py. The steps and who may take them:
+
+- one officer: generate a key in the token (`pending`), self-sign it as a root (with the two
+  link certificates when the active key is a self-signed root too) or write a CSR for the
+  parent and install the parent's answer. Installing the certificate publishes the key
+  (GetCACertificates, HTTP /ca/KEY.der) and starts its pre-publication period.
+- two distinct officers within `[rotation] approval_window_seconds`, each calling `approve`:
+  `activate` (the key signs new certificates; the old active key is `superseded` and keeps
+  signing its CRLs), `retire` (final CRL, then no more signatures), `destroy` (delete a
+  retired key from the token) and `emergency` (revoke everything a compromised key signed
+  and everything that certifies it, and activate the successor at once). The first
+  approval is recorded and audited and changes nothing else.
+
+Every worker notices a new active key within `[rotation] poll_interval_ms`
+(Authority.follow_active_key) and opens it in its own Hsm: no restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from ca_daemon import authority, issuer
+from ca_daemon.config import Config
+from ca_daemon.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
+from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, RevocationReason
+from ca_daemon.revocation import CrlPublisher, encode_entry
+from ca_daemon.store import SqlStore
+from ca_daemon.store.rotation_store import LINK_PROFILE, Lifecycle, RotationStore, StatusChange, link_device_id
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("activate", "retire", "destroy", "emergency")
+REQUIRED_APPROVALS = 2
+
+
+@dataclass(frozen=True)
+class ApprovalResult:
+    """What one approval did: recorded only, or recorded and executed (with the approving officers)."""
+
+    action: str
+    key_id: str
+    successor_key_id: str
+    officers: tuple[str, ...]
+    executed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key: CaKey
+    lifecycle: Lifecycle
+    # When the key may be activated (published_at + pre-publication); None before publication.
+    activatable_at: datetime | None
+
+
+@dataclass(frozen=True)
+class SelfSigned:
+    key: CaKey
+    links: tuple[IssuedCertificate, ...]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class KeyCeremony:
+    """The officers' use cases. Blocking (token and store): call from a thread, not the event loop."""
+
+    def __init__(self, config: Config, hsm: Hsm, store: SqlStore) -> None:
+        self._config = config
+        self._hsm = hsm
+        self._store = store
+        self._rotation = RotationStore(store)
+
+    # -- one officer ---------------------------------------------------------
+
+    def generate(self, officer: str, spec: KeySpec, label: str) -> CaKey:
+        _check_officer(officer)
+        if not label or len(label) > 64 or not all(c.isalnum() or c in "-_." for c in label):
+            raise InvalidRequest(f"key label {label[:80]!r} is not usable", rule="label", field="label", expected="1-64 of [A-Za-z0-9-_.]")
+        if self._store.get_ca_key(label) is not None:
+            raise FailedPrecondition(f"a CA key named {label!r} exists already", rule="label", field="label")
+        try:  # another key (audit, mTLS CA) with that label would make both ambiguous
+            self._hsm.public_key_der(Pkcs11Uri(token=self._config.hsm.token, label=label))
+        except (NotFound, FailedPrecondition):
+            pass
+        else:
+            raise FailedPrecondition(f"the token already holds a key labelled {label!r}; choose another label", rule="label", field="label")
+        return authority.create_ca_key(self._hsm, self._store, spec, label, actor=officer)
+
+    def self_sign(self, officer: str, key_id: str, subject: x509.Name, validity: timedelta) -> SelfSigned:
+        """Make a pending key a self-signed root; link it with the active root both ways; publish it."""
+        _check_officer(officer)
+        key = self._pending_without_certificate(key_id)
+        private = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri))
+        now = _now()
+        builder = issuer.build_root(subject, private.public_key(), now, validity)  # type: ignore[attr-defined]
+        certificate = builder.sign(private, issuer.signature_hash(private))  # type: ignore[arg-type]
+        installed = CaKey(**{**key.__dict__, "certificate_der": certificate.public_bytes(serialization.Encoding.DER), "chain_der": ()})
+        details = {"subject": certificate.subject.rfc4514_string(), "kind": "self-signed root"}
+        self._store.save_ca_key(installed, authority.key_event(installed, "key.certificate", "installed", officer, details))
+        links: list[IssuedCertificate] = []
+        current = self._active()
+        if current is not None and current.certificate_der is not None and not current.chain_der:
+            old_certificate = x509.load_der_x509_certificate(current.certificate_der)
+            if old_certificate.issuer == old_certificate.subject:
+                links.append(
+                    self._link(officer, subject_key=installed, subject_cert=certificate, signer=current, signer_cert=old_certificate)
+                )
+                links.append(
+                    self._link(officer, subject_key=current, subject_cert=old_certificate, signer=installed, signer_cert=certificate)
+                )
+        self._rotation.mark_published(key_id, now)
+        return SelfSigned(installed, tuple(links))
+
+    def csr(self, officer: str, key_id: str, subject: x509.Name) -> bytes:
+        _check_officer(officer)
+        key = self._pending_without_certificate(key_id)
+        return authority.ca_csr(self._hsm, key, subject)
+
+    def install(self, officer: str, key_id: str, certificate: x509.Certificate, parents: list[x509.Certificate]) -> CaKey:
+        """Install the parent's answer to `csr` (checked against the token key) and publish the key."""
+        _check_officer(officer)
+        key = self._pending_without_certificate(key_id)
+        installed = authority.import_ca_certificate(self._store, key, certificate, parents, actor=officer)
+        self._rotation.mark_published(key_id, _now())
+        return installed
+
+    def list_keys(self) -> list[KeyInfo]:
+        found = []
+        for key in self._store.list_ca_keys():
+            lifecycle = self._rotation.lifecycle(key.key_id)
+            published = lifecycle.get("published_at")
+            found.append(KeyInfo(key, lifecycle, published + self._config.rotation.prepublication if published else None))
+        return found
+
+    def links(self) -> list[IssuedCertificate]:
+        return self._rotation.links()
+
+    # -- two officers --------------------------------------------------------
+
+    def approve(self, officer: str, action: str, key_id: str, successor_key_id: str = "") -> ApprovalResult:
+        """Record one officer's approval; when it is the second distinct officer's, execute the action."""
+        _check_officer(officer)
+        if action not in ACTIONS:
+            raise InvalidRequest(f"unknown key action {action!r}", rule="action", field="action", expected=", ".join(ACTIONS))
+        if action == "emergency" and not successor_key_id:
+            raise InvalidRequest("an emergency switch names the successor key", rule="successor", field="successor_key_id")
+        if action != "emergency" and successor_key_id:
+            raise InvalidRequest(f"{action} takes no successor key", rule="successor", field="successor_key_id")
+        now = _now()
+        self._precheck(action, key_id, successor_key_id, now)  # refuse before recording an approval that could never run
+        window = self._config.rotation.approval_window
+        event = AuditEvent(
+            time=now,
+            actor=officer,
+            action="key.approve",
+            outcome="approved",
+            key_id=key_id,
+            details={"action": action, "successor_key_id": successor_key_id, "window_seconds": str(int(window.total_seconds()))},
+        )
+        officers = self._rotation.approve(action, key_id, successor_key_id, officer, now, window, event)
+        if len(officers) < REQUIRED_APPROVALS:
+            message = (
+                f"approval of {action} {key_id} recorded ({len(officers)} of {REQUIRED_APPROVALS} distinct officers); nothing changed yet"
+            )
+            log.info("%s (by %s)", message, officer)
+            return ApprovalResult(action, key_id, successor_key_id, tuple(officers), False, message)
+        message = self._execute(officer, action, key_id, successor_key_id, officers, now)
+        log.warning("%s (approved by %s)", message, ", ".join(officers))
+        return ApprovalResult(action, key_id, successor_key_id, tuple(officers), True, message)
+
+    def _precheck(self, action: str, key_id: str, successor_key_id: str, now: datetime) -> None:
+        key = self._key(key_id)
+        if action == "activate":
+            self._check_activatable(key, now, emergency=False)
+        elif action == "emergency":
+            if key.status not in (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED):
+                raise FailedPrecondition(
+                    f"CA key {key_id} is {key.status.value}; only an active or superseded key's generation can be revoked"
+                )
+            if successor_key_id == key_id:
+                raise InvalidRequest("the successor must be another key", rule="successor", field="successor_key_id")
+            self._check_activatable(self._key(successor_key_id), now, emergency=True)
+        elif action == "retire":
+            if key.status == KeyStatus.ACTIVE:
+                raise FailedPrecondition(f"CA key {key_id} is the active key; activate its successor first", rule="key-status")
+            if key.status not in (KeyStatus.SUPERSEDED, KeyStatus.PENDING):
+                raise FailedPrecondition(
+                    f"CA key {key_id} is {key.status.value}; only a superseded or pending key can be retired", rule="key-status"
+                )
+            live = self._rotation.unexpired_unrevoked(key_id, now)
+            if live:
+                raise FailedPrecondition(
+                    f"CA key {key_id} still has {len(live)} valid unrevoked certificate(s); it keeps signing its CRLs until the last "
+                    "one expires (or revoke them)",
+                    rule="unexpired-certificates",
+                )
+        elif action == "destroy" and key.status != KeyStatus.RETIRED:
+            raise FailedPrecondition(f"CA key {key_id} is {key.status.value}; only a retired key can be destroyed", rule="key-status")
+
+    def _check_activatable(self, key: CaKey, now: datetime, *, emergency: bool) -> None:
+        if key.status != KeyStatus.PENDING or key.certificate_der is None:
+            raise FailedPrecondition(
+                f"CA key {key.key_id} is {key.status.value}"
+                + ("" if key.certificate_der else " without a certificate")
+                + "; only a pending key with an installed certificate can be activated",
+                rule="key-status",
+            )
+        published = self._rotation.lifecycle(key.key_id).get("published_at")
+        if published is None:
+            raise FailedPrecondition(
+                f"CA key {key.key_id} was never published; install its certificate with the key ceremony", rule="prepublication"
+            )
+        ready = published + self._config.rotation.prepublication
+        if not emergency and now < ready:
+            raise FailedPrecondition(
+                f"CA key {key.key_id} is pre-published until {ready.isoformat()} so relying parties can add it; activate it after that",
+                rule="prepublication",
+            )
+        current = self._active()
+        if emergency or current is None or current.certificate_der is None:
+            return
+        new_cert = x509.load_der_x509_certificate(key.certificate_der)
+        old_cert = x509.load_der_x509_certificate(current.certificate_der)
+        both_roots = new_cert.issuer == new_cert.subject and old_cert.issuer == old_cert.subject
+        if both_roots:
+            devices = {c.device_id for c in self._rotation.links()}
+            if link_device_id(key.key_id) not in devices or link_device_id(current.key_id) not in devices:
+                raise FailedPrecondition(
+                    f"the link certificates between {current.key_id} and {key.key_id} are missing; self-sign {key.key_id} "
+                    "while the old root is active so both are issued",
+                    rule="link-certificates",
+                )
+
+    def _execute(self, officer: str, action: str, key_id: str, successor_key_id: str, officers: list[str], now: datetime) -> str:
+        """Run an approved action; its audit event names the officer whose approval completed it (and all approvers)."""
+        window = self._config.rotation.approval_window
+        details = {"officers": ",".join(officers), "successor_key_id": successor_key_id}
+        self._precheck(action, key_id, successor_key_id, now)
+        if action == "activate":
+            current = self._active()
+            changes = [StatusChange(key_id, (KeyStatus.PENDING,), KeyStatus.ACTIVE, "activated_at")]
+            if current is not None:
+                changes.insert(0, StatusChange(current.key_id, (KeyStatus.ACTIVE,), KeyStatus.SUPERSEDED, "superseded_at"))
+                details["superseded_key_id"] = current.key_id
+            event = AuditEvent(time=now, actor=officer, action="key.activate", outcome="executed", key_id=key_id, details=details)
+            self._rotation.execute(action, key_id, successor_key_id, now, window, changes, event)
+            return f"CA key {key_id} is active" + (f"; {current.key_id} is superseded and keeps signing its CRLs" if current else "")
+        if action == "retire":
+            key = self._key(key_id)
+            if key.status == KeyStatus.SUPERSEDED and key.certificate_der is not None:
+                publisher = CrlPublisher(self._config, self._hsm, self._store)
+                final = publisher.publish_final(publisher.issuer_of(key), now)
+                details["final_crl_number"] = str(final.crl_number)
+            change = StatusChange(key_id, (KeyStatus.SUPERSEDED, KeyStatus.PENDING), KeyStatus.RETIRED, "retired_at")
+            event = AuditEvent(time=now, actor=officer, action="key.retire", outcome="executed", key_id=key_id, details=details)
+            self._rotation.execute(action, key_id, successor_key_id, now, window, [change], event)
+            return f"CA key {key_id} is retired" + (f" (final CRL {details['final_crl_number']})" if "final_crl_number" in details else "")
+        if action == "destroy":
+            if len(self._rotation.live_officers(action, key_id, successor_key_id, now, window)) < REQUIRED_APPROVALS:
+                raise FailedPrecondition("the approvals lapsed before the key was destroyed", rule="dual-control")
+            key = self._key(key_id)
+            self._hsm.destroy_key(Pkcs11Uri.parse(key.pkcs11_uri))
+            details["uri"] = key.pkcs11_uri
+            change = StatusChange(key_id, (KeyStatus.RETIRED,), KeyStatus.DESTROYED, "destroyed_at")
+            event = AuditEvent(time=now, actor=officer, action="key.destroy", outcome="executed", key_id=key_id, details=details)
+            self._rotation.execute(action, key_id, successor_key_id, now, window, [change], event)
+            return f"CA key {key_id} is destroyed: deleted from the token"
+        return self._emergency(officer, key_id, successor_key_id, now, details)
+
+    def _emergency(self, actor: str, key_id: str, successor_key_id: str, now: datetime, details: dict[str, str]) -> str:
+        """Revoke the compromised generation, then switch to the successor.
+
+        Revocations first (each one transaction, idempotent on a retry: already revoked
+        certificates are skipped), then the switch that consumes the approvals. A crash in
+        between leaves the approvals live, so the second officer's retry completes it.
+        Workers keep signing with the old key until they notice the switch (one poll
+        interval), so once every worker must have switched, a second pass revokes what
+        the old key signed meanwhile.
+        """
+        issued = self._rotation.unexpired_unrevoked(key_id, now, leaves_only=False)
+        revoked = self._revoke(issued, RevocationReason.CA_COMPROMISE, actor)
+        # Where we are the parent: the link certificates that certify the compromised key, on their issuers' CRLs.
+        certifying = [c.serial for c in self._rotation.links_certifying(key_id)]
+        live = set(self._rotation_unrevoked(certifying))
+        revoked_links = self._revoke([s for s in certifying if s in live], RevocationReason.KEY_COMPROMISE, actor)
+        details |= {"revoked_certificates": str(revoked), "revoked_link_certificates": str(revoked_links)}
+        key = self._key(key_id)
+        changes = [
+            StatusChange(key_id, (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED), KeyStatus.SUPERSEDED, "compromised_at"),
+            StatusChange(successor_key_id, (KeyStatus.PENDING,), KeyStatus.ACTIVE, "activated_at"),
+        ]
+        if key.status == KeyStatus.SUPERSEDED:  # the active key is another one: it is superseded by the successor too
+            current = self._active()
+            if current is not None and current.key_id != successor_key_id:
+                changes.insert(0, StatusChange(current.key_id, (KeyStatus.ACTIVE,), KeyStatus.SUPERSEDED, "superseded_at"))
+        event = AuditEvent(time=now, actor=actor, action="key.emergency", outcome="executed", key_id=key_id, details=details)
+        self._rotation.execute("emergency", key_id, successor_key_id, now, self._config.rotation.approval_window, changes, event)
+        time.sleep(2 * self._config.rotation.poll_interval.total_seconds() + 0.5)
+        revoked += self._revoke(
+            self._rotation.unexpired_unrevoked(key_id, _now(), leaves_only=False), RevocationReason.CA_COMPROMISE, actor
+        )
+        return (
+            f"CA key {key_id} is compromised: {revoked} certificate(s) it signed and {revoked_links} link certificate(s) "
+            f"certifying it are revoked; {successor_key_id} is active"
+        )
+
+    def _rotation_unrevoked(self, serials: list[int]) -> list[int]:
+        return [s for s in serials if self._store.get_revocation(s) is None]
+
+    def _revoke(self, serials: list[int], reason: RevocationReason, actor: str) -> int:
+        if not serials:
+            return 0
+        revoked = self._store.record_revocations(
+            serials=serials,
+            device_id="",
+            reason=reason,
+            revoked_at=_now(),
+            invalidity_date=None,
+            actor=actor,
+            encode_entry=encode_entry,
+        )
+        return len(revoked)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _key(self, key_id: str) -> CaKey:
+        key = self._store.get_ca_key(key_id)
+        if key is None:
+            raise NotFound(f"no CA key {key_id!r}; `ca-daemon key list` shows the known keys", rule="key", field="key_id")
+        return key
+
+    def _pending_without_certificate(self, key_id: str) -> CaKey:
+        key = self._key(key_id)
+        if key.status != KeyStatus.PENDING or key.certificate_der is not None:
+            raise FailedPrecondition(
+                f"CA key {key_id} is {key.status.value}"
+                + (" with a certificate" if key.certificate_der else "")
+                + "; a certificate is installed once, on a pending key",
+                rule="key-status",
+            )
+        return key
+
+    def _active(self) -> CaKey | None:
+        active_id = self._store.active_key_id()
+        return self._store.get_ca_key(active_id) if active_id else None
+
+    def _link(
+        self, officer: str, *, subject_key: CaKey, subject_cert: x509.Certificate, signer: CaKey, signer_cert: x509.Certificate
+    ) -> IssuedCertificate:
+        now = _now()
+        private = self._hsm.private_key(Pkcs11Uri.parse(signer.pkcs11_uri))
+        crl_urls = authority.rename_urls(self._config, self._config.ca.crl_distribution_points, signer.key_id)
+        builder = issuer.build_link(subject_cert, signer_cert, now, crl_urls)
+        certificate = builder.sign(private, issuer.signature_hash(private))  # type: ignore[arg-type]
+        certificate.verify_directly_issued_by(signer_cert)
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        link = IssuedCertificate(
+            serial=certificate.serial_number,
+            issuer_key_id=signer.key_id,
+            device_id=link_device_id(subject_key.key_id),
+            profile=LINK_PROFILE,
+            subject=certificate.subject.rfc4514_string(),
+            not_before=certificate.not_valid_before_utc,
+            not_after=certificate.not_valid_after_utc,
+            der=der,
+            csr_sha256=b"",
+            public_key_sha256=hashlib.sha256(subject_key.public_key_der).digest(),
+            request_id=f"ca-link:{signer.key_id}:{subject_key.key_id}",
+            created_at=now,
+        )
+        event = AuditEvent(
+            time=now,
+            actor=officer,
+            action="key.link",
+            outcome="issued",
+            serial=link.serial,
+            key_id=signer.key_id,
+            device_id=link.device_id,
+            details={"subject_key_id": subject_key.key_id, "issuer_key_id": signer.key_id},
+        )
+        self._rotation.record_link(link, event)
+        return link
+
+
+def _check_officer(officer: str) -> None:
+    if not officer or officer == "-":
+        raise PermissionDenied("key ceremony steps need an authenticated officer identity", rule="role", expected="officer")
+
+
+__all__ = ["ACTIONS", "ApprovalResult", "KeyCeremony", "KeyInfo", "SelfSigned"]

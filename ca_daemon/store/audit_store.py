@@ -1,0 +1,200 @@
+"""Queries of the audit chain, its checkpoints, and the internal mTLS CA's client certificates.
+
+Kept beside sql.py (it uses the same engine and transactions) so the hot issuance path in
+sql.py and the auditors' read path can change independently. Events are appended only by
+`SqlStore._insert_audit`, which assigns the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+
+from ca_daemon.errors import FailedPrecondition, NotFound
+from ca_daemon.model import AuditEvent
+from ca_daemon.store.schema import audit_checkpoints, audit_events, mtls_certificates
+from ca_daemon.store.sql import SqlStore
+
+MAX_PAGE = 5000
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    seq: int
+    hash: bytes
+    count: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    seq: int
+    count: int
+    head_hash: bytes
+    time: datetime
+    key_id: str
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Server-side filters of StreamAuditEvents; empty fields match everything."""
+
+    after_seq: int = 0
+    from_time: datetime | None = None
+    actions: tuple[str, ...] = ()
+    device_id: str = ""
+    serial: str = ""
+
+
+@dataclass(frozen=True)
+class MtlsCertificate:
+    serial: str
+    name: str
+    role: str
+    kind: str
+    not_after: datetime
+    der: bytes
+    issued_at: datetime
+    revoked_at: datetime | None
+    revocation_reason: int | None
+
+
+class AuditStore:
+    """The audit log's reads and checkpoint writes over a SqlStore."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+
+    def head(self) -> ChainHead | None:
+        """The last chained event, and how many chained events there are."""
+        with self._store._connect() as conn:
+            row = conn.execute(
+                select(audit_events.c.seq, audit_events.c.hash)
+                .where(audit_events.c.hash.is_not(None))
+                .order_by(audit_events.c.seq.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            count = conn.execute(select(func.count()).select_from(audit_events).where(audit_events.c.seq <= row.seq)).scalar()
+        return ChainHead(int(row.seq), bytes(row.hash), int(count or 0))
+
+    def events(self, query: EventFilter, limit: int) -> list[dict[str, Any]]:
+        """Up to limit events after query.after_seq that match, in chain order."""
+        stmt = select(audit_events).where(audit_events.c.seq > query.after_seq)
+        if query.from_time is not None:
+            stmt = stmt.where(audit_events.c.time >= query.from_time.astimezone(UTC))
+        if query.actions:
+            stmt = stmt.where(audit_events.c.action.in_(query.actions))
+        if query.device_id:
+            stmt = stmt.where(audit_events.c.device_id == query.device_id)
+        if query.serial:
+            stmt = stmt.where(audit_events.c.serial == query.serial)
+        stmt = stmt.order_by(audit_events.c.seq).limit(max(1, min(limit, MAX_PAGE)))
+        with self._store._connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def iter_events(self, batch: int = 5000) -> Iterator[dict[str, Any]]:
+        """Every event in chain order, read in batches (an export of any size in constant memory)."""
+        after = 0
+        while True:
+            rows = self.events(EventFilter(after_seq=after), batch)
+            if not rows:
+                return
+            yield from rows
+            after = int(rows[-1]["seq"])
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        with self._store._begin() as conn:
+            conn.execute(
+                insert(audit_checkpoints).values(
+                    seq=checkpoint.seq,
+                    count=checkpoint.count,
+                    head_hash=checkpoint.head_hash,
+                    time=checkpoint.time,
+                    key_id=checkpoint.key_id,
+                    signature=checkpoint.signature,
+                )
+            )
+
+    def checkpoints(self) -> list[Checkpoint]:
+        with self._store._connect() as conn:
+            rows = conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.seq, audit_checkpoints.c.id)).all()
+        return [_checkpoint(r._mapping) for r in rows]
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        with self._store._connect() as conn:
+            row = conn.execute(
+                select(audit_checkpoints).order_by(audit_checkpoints.c.seq.desc(), audit_checkpoints.c.id.desc()).limit(1)
+            ).first()
+        return _checkpoint(row._mapping) if row is not None else None
+
+    # -- the internal mTLS CA's certificates -----------------------------------
+
+    def record_mtls_certificate(self, cert: MtlsCertificate, audit: AuditEvent) -> None:
+        with self._store._begin() as conn:
+            conn.execute(
+                insert(mtls_certificates).values(
+                    serial=cert.serial,
+                    name=cert.name,
+                    role=cert.role,
+                    kind=cert.kind,
+                    not_after=cert.not_after,
+                    der=cert.der,
+                    issued_at=cert.issued_at,
+                )
+            )
+            self._store._insert_audit(conn, [audit])
+
+    def revoke_mtls_certificate(self, serial: str, reason: int, at: datetime, audit: AuditEvent) -> None:
+        with self._store._begin() as conn:
+            row = conn.execute(select(mtls_certificates).where(mtls_certificates.c.serial == serial)).first()
+            if row is None:
+                raise NotFound(f"no client or server certificate with serial {serial} was issued by the mTLS CA", field="serial")
+            if row.revoked_at is not None:
+                raise FailedPrecondition(f"certificate {serial} ({row.name}) is already revoked", field="serial")
+            conn.execute(
+                update(mtls_certificates).where(mtls_certificates.c.serial == serial).values(revoked_at=at, revocation_reason=reason)
+            )
+            self._store._insert_audit(conn, [audit])
+
+    def mtls_certificates(self) -> list[MtlsCertificate]:
+        with self._store._connect() as conn:
+            rows = conn.execute(select(mtls_certificates).order_by(mtls_certificates.c.issued_at)).all()
+        return [_mtls(r._mapping) for r in rows]
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _checkpoint(m: Any) -> Checkpoint:
+    return Checkpoint(
+        seq=int(m["seq"]),
+        count=int(m["count"]),
+        head_hash=bytes(m["head_hash"]),
+        time=_utc(m["time"]),
+        key_id=m["key_id"],
+        signature=bytes(m["signature"]),
+    )
+
+
+def _mtls(m: Any) -> MtlsCertificate:
+    return MtlsCertificate(
+        serial=m["serial"],
+        name=m["name"],
+        role=m["role"],
+        kind=m["kind"],
+        not_after=_utc(m["not_after"]),
+        der=bytes(m["der"]),
+        issued_at=_utc(m["issued_at"]),
+        revoked_at=_utc(m["revoked_at"]) if m["revoked_at"] is not None else None,
+        revocation_reason=m["revocation_reason"],
+    )
+
+
+__all__ = ["AuditStore", "ChainHead", "Checkpoint", "EventFilter", "MtlsCertificate"]

@@ -1,0 +1,208 @@
+"""CA key rotation records: officer approvals, key life-cycle times and link certificates.
+
+Kept beside sql.py (same engine, same transactions, audit events appended by
+`SqlStore._insert_audit` in the same transaction as the change they describe) so the hot
+issuance path in sql.py and the rare ceremony path can change independently.
+
+Link certificates (one root generation certifying the other's key) are stored in the
+`certificates` table with profile `LINK_PROFILE` and device ID `ca-link:SUBJECT_KEY`, so
+they can be revoked and appear on their issuer's CRL like any certificate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, insert, select, update
+
+from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
+from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeyStatus
+from ca_daemon.store.schema import ca_key_lifecycle, ca_keys, certificates, key_approvals, revocations
+from ca_daemon.store.sql import SqlStore, _certificate, _certificate_values, serial_hex
+
+LINK_PROFILE = "ca-link"
+LIFECYCLE_FIELDS = ("published_at", "activated_at", "superseded_at", "retired_at", "destroyed_at", "compromised_at")
+
+
+def link_device_id(subject_key_id: str) -> str:
+    return f"ca-link:{subject_key_id}"
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One key's move from one status to another, and the life-cycle time it sets."""
+
+    key_id: str
+    expected: tuple[KeyStatus, ...]
+    new_status: KeyStatus
+    lifecycle_field: str
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    key_id: str
+    times: dict[str, datetime | None]
+
+    def get(self, name: str) -> datetime | None:
+        return self.times.get(name)
+
+
+class RotationStore:
+    """Approvals, life-cycle times and link certificates over a SqlStore."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+
+    # -- life cycle ----------------------------------------------------------
+
+    def lifecycle(self, key_id: str) -> Lifecycle:
+        with self._store._connect() as conn:
+            row = conn.execute(select(ca_key_lifecycle).where(ca_key_lifecycle.c.key_id == key_id)).first()
+        times = {f: _utc(row._mapping[f]) if row is not None else None for f in LIFECYCLE_FIELDS}
+        return Lifecycle(key_id, times)
+
+    def mark_published(self, key_id: str, at: datetime) -> None:
+        """Start the key's pre-publication period (its certificate is now served), once."""
+        with self._store._begin() as conn:
+            _set_time(conn, key_id, "published_at", at, overwrite=False)
+
+    # -- approvals -----------------------------------------------------------
+
+    def approve(
+        self, action: str, key_id: str, successor_key_id: str, officer: str, now: datetime, window: timedelta, audit: AuditEvent
+    ) -> list[str]:
+        """Record one officer's approval (and its audit event); return the distinct officers whose approvals are live."""
+        with self._store._begin() as conn:
+            if conn.execute(select(ca_keys.c.key_id).where(ca_keys.c.key_id == key_id)).first() is None:
+                raise NotFound(f"no CA key {key_id!r}; `ca-daemon key list` shows the known keys", rule="key", field="key_id")
+            conn.execute(
+                insert(key_approvals).values(
+                    action=action, key_id=key_id, successor_key_id=successor_key_id, officer=officer, approved_at=now, executed_at=None
+                )
+            )
+            self._store._insert_audit(conn, [audit])
+            return _live_officers(conn, action, key_id, successor_key_id, now, window)
+
+    def live_officers(self, action: str, key_id: str, successor_key_id: str, now: datetime, window: timedelta) -> list[str]:
+        with self._store._connect() as conn:
+            return _live_officers(conn, action, key_id, successor_key_id, now, window)
+
+    def execute(
+        self,
+        action: str,
+        key_id: str,
+        successor_key_id: str,
+        now: datetime,
+        window: timedelta,
+        changes: Sequence[StatusChange],
+        audit: AuditEvent,
+        *,
+        required: int = 2,
+    ) -> None:
+        """Consume the live approvals and apply the status changes in one transaction.
+
+        Refused (nothing changes) unless `required` distinct officers still have live,
+        unconsumed approvals, and every key is in a status its change expects: a second
+        process executing the same approvals at the same moment finds them consumed.
+        """
+        with self._store._begin() as conn:
+            officers = _live_officers(conn, action, key_id, successor_key_id, now, window)
+            if len(officers) < required:
+                raise FailedPrecondition(
+                    f"{action} of {key_id} needs approvals from {required} distinct officers within the window; live: {len(officers)}",
+                    rule="dual-control",
+                )
+            for change in changes:
+                row = conn.execute(select(ca_keys.c.status).where(ca_keys.c.key_id == change.key_id)).first()
+                if row is None:
+                    raise NotFound(f"no CA key {change.key_id!r}", rule="key", field="key_id")
+                if KeyStatus(row.status) not in change.expected:
+                    raise FailedPrecondition(
+                        f"CA key {change.key_id} is {row.status}; {action} needs it " + " or ".join(s.value for s in change.expected),
+                        rule="key-status",
+                    )
+                conn.execute(update(ca_keys).where(ca_keys.c.key_id == change.key_id).values(status=change.new_status.value))
+                _set_time(conn, change.key_id, change.lifecycle_field, now, overwrite=True)
+            # Lapsed approvals of the same action are consumed too: a later, longer window must not revive them.
+            conn.execute(update(key_approvals).where(_live(action, key_id, successor_key_id, now, None)).values(executed_at=now))
+            self._store._insert_audit(conn, [audit])
+
+    # -- certificates of a key -----------------------------------------------
+
+    def unexpired_unrevoked(self, key_id: str, now: datetime, *, leaves_only: bool = True) -> list[int]:
+        """Serials of the key's certificates still valid at now and not (finally) revoked."""
+        stmt = (
+            select(certificates.c.serial)
+            .select_from(certificates.outerjoin(revocations, revocations.c.serial == certificates.c.serial))
+            .where(certificates.c.issuer_key_id == key_id)
+            .where(certificates.c.not_after > self._store._bind_time(now))
+            .where((revocations.c.serial.is_(None)) | (revocations.c.lifted_at.is_not(None)))
+        )
+        if leaves_only:
+            stmt = stmt.where(certificates.c.profile != LINK_PROFILE)
+        with self._store._connect() as conn:
+            return [int(r.serial, 16) for r in conn.execute(stmt)]
+
+    def record_link(self, link: IssuedCertificate, audit: AuditEvent) -> None:
+        with self._store._begin() as conn:
+            if conn.execute(select(certificates.c.serial).where(certificates.c.request_id == link.request_id)).first():
+                raise AlreadyExists(f"link certificate {link.request_id} exists", rule="link")
+            conn.execute(insert(certificates).values(**_certificate_values(link)))
+            self._store._insert_audit(conn, [audit])
+
+    def links(self, keys: Sequence[CaKey] | None = None) -> list[IssuedCertificate]:
+        """Every link certificate, oldest first (by device ID, indexed: this runs on every CRL check)."""
+        key_ids = [k.key_id for k in keys] if keys is not None else [k.key_id for k in self._store.list_ca_keys()]
+        return self._links([link_device_id(k) for k in key_ids])
+
+    def links_certifying(self, subject_key_id: str) -> list[IssuedCertificate]:
+        return self._links([link_device_id(subject_key_id)])
+
+    def _links(self, device_ids: list[str]) -> list[IssuedCertificate]:
+        if not device_ids:
+            return []
+        stmt = (
+            select(certificates)
+            .where(certificates.c.device_id.in_(device_ids))
+            .where(certificates.c.profile == LINK_PROFILE)
+            .order_by(certificates.c.created_at)
+        )
+        with self._store._connect() as conn:
+            return [_certificate(r) for r in conn.execute(stmt)]
+
+
+def _live(action: str, key_id: str, successor_key_id: str, now: datetime, window: timedelta | None) -> Any:
+    """Unconsumed approvals of one action; with a window, only those inside it."""
+    return and_(
+        key_approvals.c.action == action,
+        key_approvals.c.key_id == key_id,
+        key_approvals.c.successor_key_id == successor_key_id,
+        key_approvals.c.executed_at.is_(None),
+        key_approvals.c.approved_at >= (now - window if window is not None else datetime.min.replace(tzinfo=UTC)),
+    )
+
+
+def _live_officers(conn: Any, action: str, key_id: str, successor_key_id: str, now: datetime, window: timedelta) -> list[str]:
+    rows = conn.execute(select(key_approvals.c.officer).where(_live(action, key_id, successor_key_id, now, window)).distinct())
+    return sorted(str(r.officer) for r in rows)
+
+
+def _set_time(conn: Any, key_id: str, name: str, at: datetime, *, overwrite: bool) -> None:
+    assert name in LIFECYCLE_FIELDS
+    row = conn.execute(select(ca_key_lifecycle).where(ca_key_lifecycle.c.key_id == key_id)).first()
+    if row is None:
+        conn.execute(insert(ca_key_lifecycle).values(key_id=key_id, **{name: at}))
+    elif overwrite or row._mapping[name] is None:
+        conn.execute(update(ca_key_lifecycle).where(ca_key_lifecycle.c.key_id == key_id).values(**{name: at}))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+__all__ = ["LINK_PROFILE", "Lifecycle", "RotationStore", "StatusChange", "link_device_id", "serial_hex"]

@@ -1,0 +1,405 @@
+"""The relying party's side: the five checks a cloud service makes before it trusts a device.
+
+    verifier = DeviceVerifier(trusted=[root], identity=IdentityRule())
+    challenge = verifier.challenge()                       # sent to the device
+    signature = sign_challenge(device_key, challenge)      # computed on the device
+    decision = verifier.verify(leaf, intermediates, challenge, signature)
+    if not decision.granted: print(decision.step, decision.reason)
+
+1. possession: the certificate is valid now and the device signed our fresh challenge with its key;
+2. chain: the certificate chains to a trusted CA certificate (cryptography's X.509 path
+   validation, `PolicyBuilder(...).build_client_verifier()`: RFC 5280 and CA/B-style profile
+   checks, EKU clientAuth, path building through the given intermediates);
+3. revocation: it is not on the issuing CA's CRL, base plus delta, fetched over HTTP from the
+   certificate's CRL distribution point and cached by CRL number;
+4. identity: the device ID is read from the SAN URI (or the subject CN) as the profile puts it;
+5. decision: grant, or refuse naming the step and the reason.
+
+Why step 3 is written by hand: cryptography's verifier does path validation only; it has no
+revocation checking at all (no CRL, no OCSP, no delta CRLs), so fetching, authenticating,
+caching and merging base and delta CRLs is done here, with cryptography parsing the CRLs and
+checking their signatures. Only the leaf's revocation is checked: an intermediate would need
+its parent's CRL, which this CA does not publish.
+
+A leaf module for users: no server-side imports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509 import verification
+
+# The device signs this prefix plus the challenge, never a bare server-chosen value, so a
+# challenge cannot be used to make a device sign something that means anything elsewhere.
+CHALLENGE_CONTEXT = b"ca-daemon device possession challenge v1\x00"
+REMOVE_FROM_CRL = x509.ReasonFlags.remove_from_crl
+DEFAULT_URI_TEMPLATE = "urn:dev:ops:{device_id}"
+DEFAULT_DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+STEPS = ("possession", "chain", "revocation", "identity", "decision")
+
+
+class Refused(Exception):
+    """One step said no; carries the step name and the reason."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Step 5: grant or refuse, and why."""
+
+    granted: bool
+    step: str
+    reason: str
+    device_id: str = ""
+    serial: int | None = None
+    # The CRL numbers consulted (full, delta or None), for logs.
+    crl_numbers: tuple[int | None, int | None] = (None, None)
+
+    def __str__(self) -> str:
+        if self.granted:
+            return f"GRANTED device {self.device_id} (serial {self.serial:x})" if self.serial is not None else "GRANTED"
+        return f"REFUSED at step {self.step}: {self.reason}"
+
+
+# -- step 1: possession ------------------------------------------------------------------
+
+
+def sign_challenge(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey, challenge: bytes) -> bytes:
+    """What the device computes: a signature over CHALLENGE_CONTEXT + challenge with its own key."""
+    message = CHALLENGE_CONTEXT + challenge
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(_hash_for(key.curve)))
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(message)
+    return key.sign(message, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH), hashes.SHA256())
+
+
+def check_possession(certificate: x509.Certificate, challenge: bytes, signature: bytes) -> None:
+    message = CHALLENGE_CONTEXT + challenge
+    public = certificate.public_key()
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, message, ec.ECDSA(_hash_for(public.curve)))
+        elif isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature, message)
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(signature, message, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.AUTO), hashes.SHA256())
+        else:
+            raise Refused("possession", f"unsupported device key type {type(public).__name__}")
+    except InvalidSignature:
+        raise Refused("possession", "the challenge signature does not verify with the certificate's public key") from None
+
+
+def _hash_for(curve: ec.EllipticCurve) -> hashes.HashAlgorithm:
+    return hashes.SHA384() if curve.key_size >= 384 else hashes.SHA256()
+
+
+# -- step 3: CRLs over HTTP, cached by number ----------------------------------------------
+
+
+@dataclass
+class _Cached:
+    crl: x509.CertificateRevocationList
+    number: int
+    etag: str
+    checked_at: float
+
+
+@dataclass
+class CrlStats:
+    downloads: int = 0
+    not_modified: int = 0
+    cache_hits: int = 0
+    rollbacks_refused: int = 0
+
+
+Fetcher = Callable[[str, str], tuple[int, bytes, str]]
+
+
+def http_fetch(url: str, etag: str, timeout: float = 5.0) -> tuple[int, bytes, str]:
+    """GET url (with If-None-Match when we hold a copy); returns (status, body, ETag)."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"CRL URL {url!r} is not http(s)")
+    request = urllib.request.Request(url, headers={"If-None-Match": etag} if etag else {})  # noqa: S310 - scheme checked above
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+            return int(response.status), response.read(), response.headers.get("ETag", "")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 304:
+            return 304, b"", etag
+        raise
+
+
+class CrlCache:
+    """CRLs by URL. An entry is revalidated (conditional GET) once it is max_age seconds old or
+    past its nextUpdate; a downloaded CRL replaces the cached one only if its CRL number is
+    higher, so a stale mirror or a replayed old CRL can never un-revoke a certificate.
+    """
+
+    def __init__(self, *, max_age: float = 60.0, fetch: Fetcher | None = None) -> None:
+        self._max_age = max_age
+        self._fetch = fetch or http_fetch
+        self._entries: dict[str, _Cached] = {}
+        self._lock = threading.Lock()
+        self.stats = CrlStats()
+
+    def get(self, url: str, issuer: x509.Certificate, now: datetime) -> x509.CertificateRevocationList:
+        with self._lock:
+            cached = self._entries.get(url)
+            if cached is not None and time.monotonic() - cached.checked_at < self._max_age and _current(cached.crl, now):
+                self.stats.cache_hits += 1
+                return cached.crl
+            try:
+                status, body, etag = self._fetch(url, cached.etag if cached else "")
+            except (OSError, ValueError) as exc:
+                if cached is not None and _current(cached.crl, now):
+                    return cached.crl  # the server is down but our copy is still within its validity
+                raise Refused("revocation", f"cannot fetch the CRL at {url}: {exc}") from None
+            if status == 304 and cached is not None:
+                self.stats.not_modified += 1
+                cached.checked_at = time.monotonic()
+                return cached.crl
+            if status != 200:
+                raise Refused("revocation", f"the CRL at {url} answered HTTP {status}")
+            self.stats.downloads += 1
+            crl = _authenticated_crl(body, issuer, url)
+            number = _crl_number(crl)
+            if cached is not None and number < cached.number:
+                self.stats.rollbacks_refused += 1
+                cached.checked_at = time.monotonic()
+                return cached.crl
+            self._entries[url] = _Cached(crl, number, etag, time.monotonic())
+            return crl
+
+
+def _current(crl: x509.CertificateRevocationList, now: datetime) -> bool:
+    next_update = crl.next_update_utc
+    return crl.last_update_utc <= now and (next_update is None or now < next_update)
+
+
+def _authenticated_crl(body: bytes, issuer: x509.Certificate, url: str) -> x509.CertificateRevocationList:
+    try:
+        crl = x509.load_pem_x509_crl(body) if body.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(body)
+    except ValueError as exc:
+        raise Refused("revocation", f"the CRL at {url} does not parse: {exc}") from None
+    if crl.issuer != issuer.subject:
+        raise Refused("revocation", f"the CRL at {url} is issued by {crl.issuer.rfc4514_string()}, not by the certificate's issuer")
+    if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+        raise Refused("revocation", f"the CRL at {url} is not signed by the issuing CA")
+    return crl
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return -1
+
+
+def _delta_base(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _uris(names: Sequence[x509.DistributionPoint]) -> list[str]:
+    return [n.value for dp in names for n in (dp.full_name or []) if isinstance(n, x509.UniformResourceIdentifier)]
+
+
+def _extension_uris(holder: x509.Certificate | x509.CertificateRevocationList, kind: type[x509.ExtensionType]) -> list[str]:
+    try:
+        value = holder.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return []
+    return _uris(list(value))  # type: ignore[call-overload]
+
+
+# -- step 4: identity -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdentityRule:
+    """Where the device ID is, as the issuing profile puts it.
+
+    source "san-uri": the SAN URI matching uri_template (e.g. urn:dev:ops:{device_id}); if the
+    subject has a CN it must be the same ID. source "cn": the subject CN. Either way the ID
+    must match device_id_pattern.
+    """
+
+    source: str = "san-uri"
+    uri_template: str = DEFAULT_URI_TEMPLATE
+    device_id_pattern: str = DEFAULT_DEVICE_ID_PATTERN
+
+    def __post_init__(self) -> None:
+        if self.source not in ("san-uri", "cn"):
+            raise ValueError(f"identity source {self.source!r}: use san-uri or cn")
+        if self.source == "san-uri" and "{device_id}" not in self.uri_template:
+            raise ValueError(f"URI template {self.uri_template!r} has no {{device_id}}")
+        re.compile(self.device_id_pattern)
+
+    def device_id(self, certificate: x509.Certificate) -> str:
+        cns = [a.value for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+        cn = str(cns[0]) if len(cns) == 1 else None
+        if self.source == "cn":
+            if cn is None:
+                raise Refused("identity", f"the subject has {len(cns)} CNs; exactly one is the device ID")
+            device_id = cn
+        else:
+            prefix, _, suffix = self.uri_template.partition("{device_id}")
+            pattern = re.compile(re.escape(prefix) + "(.+)" + re.escape(suffix))
+            found = [m.group(1) for uri in _san_uris(certificate) if (m := pattern.fullmatch(uri))]
+            if len(found) != 1:
+                raise Refused("identity", f"expected exactly one SAN URI like {self.uri_template}, found {len(found)}")
+            device_id = found[0]
+            if cn is not None and cn != device_id:
+                raise Refused("identity", f"the subject CN {cn!r} and the SAN device ID {device_id!r} disagree")
+        if not re.search(self.device_id_pattern, device_id):
+            raise Refused("identity", f"device ID {device_id!r} does not match {self.device_id_pattern}")
+        return device_id
+
+
+def _san_uris(certificate: x509.Certificate) -> list[str]:
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+# -- the verifier ----------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceVerifier:
+    """A cloud service's trust decision about a device certificate.
+
+    trusted: the CA certificates (roots, or an intermediate registered as a trust anchor).
+    check_revocation False skips step 3 (only for a CA that publishes no CRLs).
+    """
+
+    trusted: Sequence[x509.Certificate]
+    identity: IdentityRule = field(default_factory=IdentityRule)
+    crls: CrlCache = field(default_factory=CrlCache)
+    check_revocation: bool = True
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        if not self.trusted:
+            raise ValueError("a verifier needs at least one trusted CA certificate")
+        self._store = verification.Store(list(self.trusted))
+
+    @staticmethod
+    def challenge() -> bytes:
+        """A fresh random challenge for the device to sign (use each once)."""
+        return os.urandom(32)
+
+    def verify(
+        self, certificate: x509.Certificate, intermediates: Sequence[x509.Certificate], challenge: bytes, signature: bytes
+    ) -> Decision:
+        """Run the five steps; never raises for a bad device, returns a refusal naming the step."""
+        now = self.clock()
+        numbers: tuple[int | None, int | None] = (None, None)
+        try:
+            # 1. valid now, and possession of the key
+            if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+                raise Refused(
+                    "possession",
+                    f"the certificate is valid from {certificate.not_valid_before_utc.isoformat()} "
+                    f"to {certificate.not_valid_after_utc.isoformat()}, not now ({now.isoformat()})",
+                )
+            check_possession(certificate, challenge, signature)
+            # 2. chains to a trusted CA
+            chain = self._chain(certificate, intermediates, now)
+            # 3. not revoked (base + delta CRL of the issuing CA)
+            if self.check_revocation:
+                numbers = self._check_revocation(certificate, chain[1], now)
+            # 4. identity
+            device_id = self.identity.device_id(certificate)
+        except Refused as refusal:
+            return Decision(False, refusal.step, refusal.reason, serial=certificate.serial_number, crl_numbers=numbers)
+        # 5. decision
+        return Decision(True, "decision", "all checks passed", device_id, certificate.serial_number, numbers)
+
+    def _chain(self, certificate: x509.Certificate, intermediates: Sequence[x509.Certificate], now: datetime) -> list[x509.Certificate]:
+        verifier = verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
+        try:
+            verified = verifier.verify(certificate, list(intermediates))
+        except verification.VerificationError as exc:
+            raise Refused("chain", f"does not chain to a trusted CA: {exc}") from None
+        if len(verified.chain) < 2:
+            raise Refused("chain", "the certificate is itself a trust anchor, not a device certificate")
+        return list(verified.chain)
+
+    def _check_revocation(self, certificate: x509.Certificate, issuer: x509.Certificate, now: datetime) -> tuple[int | None, int | None]:
+        urls = _extension_uris(certificate, x509.CRLDistributionPoints)
+        if not urls:
+            raise Refused("revocation", "the certificate names no CRL distribution point, so its status cannot be checked")
+        base = self.crls.get(urls[0], issuer, now)
+        if _delta_base(base) is not None:
+            raise Refused("revocation", f"the CRL at {urls[0]} is a delta CRL, expected a full one")
+        if not _current(base, now):
+            raise Refused("revocation", f"the CRL at {urls[0]} is not current (nextUpdate {base.next_update_utc})")
+        base_number = _crl_number(base)
+        status = _entry_status(base, certificate.serial_number)
+        delta_number: int | None = None
+        delta_urls = _extension_uris(base, x509.FreshestCRL) or _extension_uris(certificate, x509.FreshestCRL)
+        if delta_urls:
+            delta = self.crls.get(delta_urls[0], issuer, now)
+            delta_of = _delta_base(delta)
+            if delta_of is None:
+                raise Refused("revocation", f"the CRL at {delta_urls[0]} is not a delta CRL")
+            if not _current(delta, now):
+                raise Refused("revocation", f"the delta CRL at {delta_urls[0]} is not current (nextUpdate {delta.next_update_utc})")
+            # RFC 5280 5.2.4: a delta applies to a complete CRL numbered at least its base and older than itself.
+            if delta_of <= base_number < _crl_number(delta):
+                delta_number = _crl_number(delta)
+                delta_status = _entry_status(delta, certificate.serial_number)
+                if delta_status == REMOVE_FROM_CRL:
+                    status = None
+                elif delta_status is not None:
+                    status = delta_status
+        if status is not None:
+            raise Refused("revocation", f"certificate {certificate.serial_number:x} is revoked ({status.name})")
+        return base_number, delta_number
+
+
+def _entry_status(crl: x509.CertificateRevocationList, serial: int) -> x509.ReasonFlags | None:
+    entry = crl.get_revoked_certificate_by_serial_number(serial)
+    if entry is None:
+        return None
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return x509.ReasonFlags.unspecified
+
+
+__all__ = [
+    "CHALLENGE_CONTEXT",
+    "CrlCache",
+    "Decision",
+    "DeviceVerifier",
+    "IdentityRule",
+    "Refused",
+    "check_possession",
+    "http_fetch",
+    "sign_challenge",
+]

@@ -1,0 +1,429 @@
+"""Issue 7: CA key rotation by two officers, against a real daemon, token, database and openssl.
+
+One daemon (two worker processes, SoftHSM, SQLite, mTLS on loopback) set up with
+`ca-daemon mtls init --apply` for two officers, a programmer and an auditor. The test walks
+one life cycle in order: issue under key 1; generate, self-sign (with link certificates)
+and pre-publish key 2; a single officer cannot activate it; two can, while a Sign stream
+keeps running; issue under key 2; revoke one leaf of each generation and let openssl judge
+each leaf with its own generation's CRLs, and each trust store validate both generations
+through the link certificates; key 1 retires (final CRL) once its leaves expired; key 1 is
+destroyed and pkcs11-tool no longer finds it. Every dual-controlled step is first tried by
+one officer alone, and that changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, free_port, make_env
+
+pytestmark = pytest.mark.slow
+
+KEY1 = "ca-root-1"
+KEY2 = "ca-root-2"
+LEAF_VALIDITY_S = 30
+PREPUBLICATION_S = 3
+PKCS11_TOOL = ("pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so")
+CLIENTS = {"off1": "officer", "off2": "officer", "prog": "programmer", "aud": "auditor"}
+
+
+@dataclass
+class RotationDaemon:
+    env: CaEnv
+    tls_dir: Path
+    http_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def channel(self, name: str) -> grpc.Channel:
+        clients = self.tls_dir / "clients"
+        credentials = grpc.ssl_channel_credentials(
+            (self.tls_dir / "ca.pem").read_bytes(), (clients / f"{name}.key").read_bytes(), (clients / f"{name}.pem").read_bytes()
+        )
+        return grpc.secure_channel(f"localhost:{self.env.port}", credentials)
+
+    def cli_as(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        clients = self.tls_dir / "clients"
+        tls = ["--target", f"localhost:{self.env.port}", "--tls-ca", str(self.tls_dir / "ca.pem")]
+        tls += ["--tls-cert", str(clients / f"{name}.pem"), "--tls-key", str(clients / f"{name}.key")]
+        return self.env.cli(*args, *tls, check=check)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def rotation_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[RotationDaemon]:
+    env = make_env(tmp_path_factory.mktemp("rotation"), softhsm_conf, workers=2)
+    http_port = free_port()
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{http_port}")
+    env.edit_config("publish_on_revoke = true\n", "publish_on_revoke = true\ncheck_interval_ms = 100\n")
+    env.edit_config("validity_days = 365\n", f"validity_days = 365\nvalidity_seconds = {LEAF_VALIDITY_S}\n")
+    env.edit_config("allow_reissue = false", "allow_reissue = true")
+    env.edit_config("prepublication_seconds = 604800", f"prepublication_seconds = {PREPUBLICATION_S}\npoll_interval_ms = 200")
+    tls_dir = env.state_dir / "tls"
+    clients = [arg for name, role in CLIENTS.items() for arg in ("--client", f"{name}:{role}")]
+    env.cli("mtls", "init", "--out", str(tls_dir), *clients, "--apply")
+    log_path = env.state_dir / "daemon.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [CA_DAEMON, "--config", str(env.config_path), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=daemon_environment(),
+            start_new_session=True,
+        )
+    daemon = RotationDaemon(env, tls_dir, http_port, process, log_path)
+    try:
+        _wait_serving(daemon)
+        yield daemon
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+def _wait_serving(daemon: RotationDaemon) -> None:
+    deadline = time.monotonic() + 40
+    with daemon.channel("aud") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if daemon.process.poll() is not None:
+                raise AssertionError(f"daemon exited: {daemon.log()}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    time.sleep(1.0)  # both workers
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"daemon did not start: {daemon.log()}")
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def sign(channel: grpc.Channel) -> ca_pb2.SignResponse:
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+    response: ca_pb2.SignResponse = stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=20)
+    return response
+
+
+def approve(channel: grpc.Channel, action: str, key_id: str, successor: str = "") -> ca_pb2.ApproveKeyActionResponse:
+    stub = ca_pb2_grpc.KeyCeremonyStub(channel)
+    request = ca_pb2.ApproveKeyActionRequest(action=action, key_id=key_id, successor_key_id=successor)
+    response: ca_pb2.ApproveKeyActionResponse = stub.ApproveKeyAction(request, timeout=60)
+    return response
+
+
+def key_status(channel: grpc.Channel) -> dict[str, str]:
+    reply = ca_pb2_grpc.KeyCeremonyStub(channel).ListKeys(ca_pb2.ListKeysRequest(), timeout=10)
+    return {k.key_id: k.status for k in reply.keys}
+
+
+def ca_certificates(channel: grpc.Channel) -> dict[str, ca_pb2.CACertificate]:
+    reply = ca_pb2_grpc.CertificateAuthorityStub(channel).GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=10)
+    return {c.key_id: c for c in reply.certificates}
+
+
+def get_crl(channel: grpc.Channel, key_id: str, *, delta: bool) -> bytes:
+    kind = ca_pb2.CRL_KIND_DELTA if delta else ca_pb2.CRL_KIND_FULL
+    reply = ca_pb2_grpc.CertificateAuthorityStub(channel).GetCRL(ca_pb2.GetCRLRequest(kind=kind, issuer_key_id=key_id), timeout=10)
+    return bytes(reply.crl_der)
+
+
+def wait_revoked_in_delta(channel: grpc.Channel, key_id: str, serial: int) -> bytes:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with_entry = get_crl(channel, key_id, delta=True)
+        if any(e.serial_number == serial for e in x509.load_der_x509_crl(with_entry)):
+            return with_entry
+        time.sleep(0.1)
+    raise AssertionError(f"serial {serial:x} never appeared in the delta CRL of {key_id}")
+
+
+def write(path: Path, data: bytes | str) -> str:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return str(path)
+
+
+def crl_pem(der: bytes) -> bytes:
+    return x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
+
+
+def openssl_verify(root_pem: str, leaf_pem: str, tmp: Path, *extra: str, untrusted: str = "") -> subprocess.CompletedProcess[str]:
+    name = uuid.uuid4().hex[:8]
+    args = ["openssl", "verify", "-x509_strict", "-CAfile", write(tmp / f"root-{name}.pem", root_pem)]
+    if untrusted:
+        args += ["-untrusted", write(tmp / f"untrusted-{name}.pem", untrusted)]
+    return subprocess.run([*args, *extra, write(tmp / f"leaf-{name}.pem", leaf_pem)], capture_output=True, text=True, check=False)
+
+
+def pkcs11_labels(env: CaEnv) -> str:
+    """The token's objects as pkcs11-tool lists them (the PIN from the environment, never argv)."""
+    result = subprocess.run(
+        [*PKCS11_TOOL, "--token-label", env.token, "--login", "--pin", "env:ROTATION_TEST_PIN", "--list-objects"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOFTHSM2_CONF": str(env.softhsm_conf), "ROTATION_TEST_PIN": env.user_pin},
+        check=True,
+    )
+    return result.stdout
+
+
+def issuer_certificates(channel: grpc.Channel) -> dict[str, x509.Certificate]:
+    return {k: x509.load_pem_x509_certificate(c.certificate_pem.encode()) for k, c in ca_certificates(channel).items()}
+
+
+class SignStream:
+    """A programming station signing without pause in a thread, recording every answer and error."""
+
+    def __init__(self, daemon: RotationDaemon) -> None:
+        self._daemon = daemon
+        self.issued: list[ca_pb2.SignResponse] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SignStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        with self._daemon.channel("prog") as channel:
+            while not self._stop.is_set():
+                try:
+                    self.issued.append(sign(channel))
+                except grpc.RpcError as exc:
+                    self.errors.append(f"{exc.code().name}: {exc.details()}")
+
+
+# -- the life cycle ----------------------------------------------------------------------------
+
+
+def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) -> None:
+    d = rotation_daemon
+    with d.channel("prog") as prog, d.channel("off1") as off1, d.channel("off2") as off2, d.channel("aud") as aud:
+        # Generation 1.
+        a_good, a_revoked = sign(prog), sign(prog)
+        assert {a_good.issuer_key_id, a_revoked.issuer_key_id} == {KEY1}
+
+        # Key 2: generated and self-signed by one officer (CLI over the RPCs), with the two link certificates.
+        d.cli_as("off1", "key", "create", "--label", KEY2)
+        out = d.cli_as(
+            "off1", "key", "self-sign", "--key-id", KEY2, "--subject", "CN=Rotation Root CA 2", "--out", str(tmp_path / "k2.pem")
+        )
+        assert "2 link certificate(s)" in out.stdout, out.stdout
+        status = d.cli_as("aud", "key", "status").stdout
+        assert f"{KEY2}\tec-p256\tpending\tpublished_at=" in status and f"{KEY1}\tec-p256\tactive" in status, status
+        # Pre-published: listed and served over HTTP before it signs anything; Sign still uses key 1.
+        listed = ca_certificates(aud)
+        assert listed[KEY2].status == "pending" and listed[KEY1].status == "active"
+        assert len(listed[KEY2].link_certificates_pem) == 1 and len(listed[KEY1].link_certificates_pem) == 1
+        root2_der = x509.load_pem_x509_certificate(listed[KEY2].certificate_pem.encode()).public_bytes(serialization.Encoding.DER)
+        assert _http_get(d.http_port, f"/ca/{KEY2}.der") == root2_der
+        assert sign(prog).issuer_key_id == KEY1
+
+        # Before the pre-publication period ends, activation is refused outright.
+        with pytest.raises(grpc.RpcError) as early:
+            approve(off1, "activate", KEY2)
+        assert early.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "pre-published" in (early.value.details() or "")
+        time.sleep(PREPUBLICATION_S + 0.5)
+
+        # One officer, even twice, changes nothing (once with the CLI, once over gRPC).
+        cli = d.cli_as("off1", "key", "approve", "activate", "--key-id", KEY2)
+        assert "recorded (1 of 2 distinct officers); nothing changed yet" in cli.stdout, cli.stdout + cli.stderr
+        single = approve(off1, "activate", KEY2)
+        assert not single.executed and list(single.officers) == ["off1"]
+        assert key_status(aud)[KEY2] == "pending"
+        assert sign(prog).issuer_key_id == KEY1
+
+        # The second officer activates it while a programming station keeps signing.
+        with SignStream(d) as stream:
+            time.sleep(1.0)
+            done = approve(off2, "activate", KEY2)
+            assert done.executed and list(done.officers) == ["off1", "off2"], done
+            time.sleep(2.0)  # both workers switch (poll every 200 ms) and keep signing under key 2
+        assert stream.errors == []
+        assert {r.issuer_key_id for r in stream.issued} == {KEY1, KEY2}
+        assert key_status(aud) == {KEY1: "superseded", KEY2: "active"}
+        roots = issuer_certificates(aud)
+        for response in stream.issued:
+            leaf = x509.load_pem_x509_certificate(response.certificate_pem.encode())
+            leaf.verify_directly_issued_by(roots[response.issuer_key_id])  # signed by the key it names
+
+        # Every worker switched (each opened key 2 in its own HSM connection), without a restart.
+        deadline = time.monotonic() + 10
+        while d.log().count(f"switched the signing CA key from {KEY1} to {KEY2}") < 2:
+            assert time.monotonic() < deadline, d.log()[-3000:]
+            time.sleep(0.2)
+        assert d.process.poll() is None
+
+        # Generation 2, over fresh connections (SO_REUSEPORT spreads them over both workers).
+        b = []
+        for _ in range(6):
+            with d.channel("prog") as fresh:
+                b.append(sign(fresh))
+        assert {r.issuer_key_id for r in b} == {KEY2}
+        b_good, b_revoked = b[0], b[1]
+
+        # Revoke one leaf of each generation; each key lists it in its own CRLs.
+        revoke = ca_pb2_grpc.CertificateAuthorityStub(off1).Revoke
+        for response in (a_revoked, b_revoked):
+            revoke(ca_pb2.RevokeRequest(serial=response.serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+        delta1 = wait_revoked_in_delta(aud, KEY1, int(a_revoked.serial, 16))
+        delta2 = wait_revoked_in_delta(aud, KEY2, int(b_revoked.serial, 16))
+        base1, base2 = get_crl(aud, KEY1, delta=False), get_crl(aud, KEY2, delta=False)
+        assert int(a_revoked.serial, 16) not in {e.serial_number for e in x509.load_der_x509_crl(delta2)}
+
+        root1_pem, root2_pem = listed[KEY1].certificate_pem, listed[KEY2].certificate_pem
+        gen1_crls = ["-crl_check", "-use_deltas", "-CRLfile", write(tmp_path / "b1.pem", crl_pem(base1))]
+        gen1_crls += ["-CRLfile", write(tmp_path / "d1.pem", crl_pem(delta1))]
+        gen2_crls = ["-crl_check", "-use_deltas", "-CRLfile", write(tmp_path / "b2.pem", crl_pem(base2))]
+        gen2_crls += ["-CRLfile", write(tmp_path / "d2.pem", crl_pem(delta2))]
+        for checked, root, crls, ok in (
+            (a_good, root1_pem, gen1_crls, True),
+            (a_revoked, root1_pem, gen1_crls, False),
+            (b_good, root2_pem, gen2_crls, True),
+            (b_revoked, root2_pem, gen2_crls, False),
+        ):
+            result = openssl_verify(root, checked.certificate_pem, tmp_path, *crls)
+            assert (result.returncode == 0) == ok, (checked.serial, result.stdout, result.stderr)
+            if not ok:
+                assert "certificate revoked" in result.stdout + result.stderr
+
+        # Both trust stores validate both generations: through the link certificates.
+        old_signs_new = listed[KEY2].link_certificates_pem[0]
+        new_signs_old = listed[KEY1].link_certificates_pem[0]
+        assert openssl_verify(root1_pem, b_good.certificate_pem, tmp_path, untrusted=old_signs_new).returncode == 0
+        assert openssl_verify(root2_pem, a_good.certificate_pem, tmp_path, untrusted=new_signs_old).returncode == 0
+        assert openssl_verify(root1_pem, b_good.certificate_pem, tmp_path).returncode != 0  # the link is what does it
+        assert openssl_verify(root2_pem, a_good.certificate_pem, tmp_path).returncode != 0
+
+        # Key 1 keeps signing its CRLs while any of its leaves is valid: retiring it now is refused.
+        with pytest.raises(grpc.RpcError) as busy:
+            approve(off1, "retire", KEY1)
+        assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION, busy.value.details()
+
+        # Once they expired, two officers retire it; it publishes a final CRL.
+        last_not_after = max(
+            x509.load_pem_x509_certificate(r.certificate_pem.encode()).not_valid_after_utc
+            for r in [a_good, a_revoked, *stream.issued]
+            if r.issuer_key_id == KEY1
+        )
+        time.sleep(max(0.0, last_not_after.timestamp() - time.time()) + 1.5)
+        crl_before = x509.load_der_x509_crl(get_crl(aud, KEY1, delta=False))
+        assert not approve(off2, "retire", KEY1).executed
+        assert key_status(aud)[KEY1] == "superseded"
+        retired = approve(off1, "retire", KEY1)
+        assert retired.executed, retired
+        assert key_status(aud)[KEY1] == "retired"
+        final = x509.load_der_x509_crl(get_crl(aud, KEY1, delta=False))
+        crl_number = final.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        assert crl_number > crl_before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        assert int(a_revoked.serial, 16) in {e.serial_number for e in final}
+        assert final.next_update_utc is not None and final.next_update_utc >= roots[KEY1].not_valid_after_utc
+        assert final.is_signature_valid(roots[KEY1].public_key())  # type: ignore[arg-type]
+        # Key 1 issued a link certificate, so its CRLs cover CA certificates; no delta follows the final CRL.
+        idp = final.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+        assert not idp.only_contains_user_certs
+        with pytest.raises(x509.ExtensionNotFound):
+            final.extensions.get_extension_for_class(x509.FreshestCRL)
+        deadline = time.monotonic() + 10
+        while _http_get(d.http_port, f"/crl/{KEY1}.crl") != final.public_bytes(serialization.Encoding.DER):
+            assert time.monotonic() < deadline, "the final CRL is not served over HTTP"
+            time.sleep(0.2)
+        link_path = f"/ca/links/{KEY1}-signs-{KEY2}.der"
+        assert x509.load_der_x509_certificate(_http_get(d.http_port, link_path)) == x509.load_pem_x509_certificate(old_signs_new.encode())
+
+        # Destroying: one officer changes nothing; the second deletes it from the token.
+        assert f"label:      {KEY1}" in pkcs11_labels(d.env)
+        assert not approve(off1, "destroy", KEY1).executed
+        assert key_status(aud)[KEY1] == "retired"
+        assert f"label:      {KEY1}" in pkcs11_labels(d.env)
+        assert approve(off2, "destroy", KEY1).executed
+        assert key_status(aud)[KEY1] == "destroyed"
+        labels = pkcs11_labels(d.env)
+        assert f"label:      {KEY1}" not in labels and f"label:      {KEY2}" in labels
+
+        # Issuance goes on under key 2, and the audit log holds every approval.
+        assert sign(prog).issuer_key_id == KEY2
+    approvals = _audit_actions(d, "key.approve")
+    assert [(e.actor, _detail(e, "action")) for e in approvals] == [
+        ("off1", "activate"),
+        ("off1", "activate"),
+        ("off2", "activate"),
+        ("off2", "retire"),
+        ("off1", "retire"),
+        ("off1", "destroy"),
+        ("off2", "destroy"),
+    ]
+    ceremony = _audit_actions(d, "key.activate", "key.retire", "key.destroy")
+    executed = [(e.action, e.key_id, e.actor) for e in ceremony if e.outcome == "executed"]
+    assert executed == [("key.activate", KEY2, "off2"), ("key.retire", KEY1, "off1"), ("key.destroy", KEY1, "off2")]
+
+
+def test_key_ceremony_role_matrix(rotation_daemon: RotationDaemon) -> None:
+    """Officers may call every KeyCeremony method; auditors only ListKeys; programmers none."""
+    service = ca_pb2.DESCRIPTOR.services_by_name["KeyCeremony"]
+    allowed = {"off1": {m.name for m in service.methods}, "aud": {"ListKeys"}, "prog": set()}
+    for name, methods in allowed.items():
+        with rotation_daemon.channel(name) as channel:
+            stub = ca_pb2_grpc.KeyCeremonyStub(channel)
+            for method in service.methods:
+                request = getattr(ca_pb2, method.input_type.name)()  # empty: refused as invalid, never executed
+                try:
+                    getattr(stub, method.name)(request, timeout=10)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                denied = code == grpc.StatusCode.PERMISSION_DENIED
+                assert denied == (method.name not in methods), (name, method.name, code)
+
+
+def _audit_actions(daemon: RotationDaemon, *actions: str) -> list[ca_pb2.AuditEvent]:
+    with daemon.channel("aud") as channel:
+        stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+        pages = stub.StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(actions=list(actions)), timeout=20)
+        return [event for page in pages for event in page.events]
+
+
+def _detail(event: ca_pb2.AuditEvent, name: str) -> str:
+    import json
+
+    value: str = json.loads(event.details_json).get(name, "")
+    return value
+
+
+def _http_get(port: int, path: str) -> bytes:
+    import urllib.request
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                body: bytes = response.read()
+                return body
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

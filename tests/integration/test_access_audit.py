@@ -1,0 +1,406 @@
+"""Issue 6: mTLS roles over real TLS, and the hash-chained audit log, against a real daemon.
+
+One daemon (two worker processes, real SoftHSM, SQLite, TLS on loopback) set up with
+`ca-daemon mtls init --apply`; many clients: one per role, one without any role, one
+revoked, one expired, and one without a certificate. The matrix walks every RPC for each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ca_daemon import access, app, config, tls
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, make_env
+
+pytestmark = pytest.mark.slow
+
+ROLE_CLIENTS = {"prog": "programmer", "off": "officer", "aud": "auditor", "adm": "admin"}
+SERVICE = ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"]
+METHODS = sorted(m.name for m in SERVICE.methods)
+CALLERS = [*ROLE_CLIENTS, "nobody", "revoked", "expired", "no-certificate"]
+
+
+@dataclass
+class TlsDaemon:
+    env: CaEnv
+    tls_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def channel(self, name: str | None) -> grpc.Channel:
+        root = (self.tls_dir / "ca.pem").read_bytes()
+        if name is None:
+            credentials = grpc.ssl_channel_credentials(root)
+        else:
+            key = (self.tls_dir / "clients" / f"{name}.key").read_bytes()
+            cert = (self.tls_dir / "clients" / f"{name}.pem").read_bytes()
+            credentials = grpc.ssl_channel_credentials(root, key, cert)
+        return grpc.secure_channel(f"localhost:{self.env.port}", credentials)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+def _issue_expired(env: CaEnv, tls_dir: Path) -> None:
+    """A client certificate that expired yesterday, from the real mTLS CA key in the HSM."""
+    cfg = config.load(env.config_path)
+    hsm = app.connect_hsm(cfg)
+    store = app.connect_store(cfg)
+    try:
+        ca, _ = tls.ensure_mtls_ca(hsm, store, cfg.tls.ca_key_uri, "test")
+        key = tls.new_key()
+        cert = tls.issue(
+            ca,
+            store,
+            tls.make_csr(key, "expired"),
+            name="expired",
+            role="programmer",
+            kind="client",
+            actor="test",
+            validity=timedelta(days=1),
+            not_before=datetime.now(UTC) - timedelta(days=2),
+        )
+        tls.write_private(tls_dir / "clients" / "expired.key", tls.key_pem(key))
+        (tls_dir / "clients" / "expired.pem").write_bytes(tls.pem(cert))
+    finally:
+        hsm.close()
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[TlsDaemon]:
+    env = make_env(tmp_path_factory.mktemp("mtls"), softhsm_conf, workers=2)
+    env.edit_config("checkpoint_interval_seconds = 300", "checkpoint_interval_seconds = 1")
+    tls_dir = env.state_dir / "tls"
+    clients = [arg for name, role in {**ROLE_CLIENTS, "revoked": "programmer"}.items() for arg in ("--client", f"{name}:{role}")]
+    env.cli("mtls", "init", "--out", str(tls_dir), *clients, "--apply")
+    # A certificate from the right CA whose identity no role names.
+    env.cli("mtls", "issue", "--out", str(tls_dir), "--client", "nobody:admin")
+    _issue_expired(env, tls_dir)
+    revoked = x509_serial(tls_dir / "clients" / "revoked.pem")
+    env.cli("mtls", "revoke", "--serial", revoked)
+    log_path = env.state_dir / "daemon.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [CA_DAEMON, "--config", str(env.config_path), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=daemon_environment(),
+            start_new_session=True,
+        )
+    daemon = TlsDaemon(env, tls_dir, process, log_path)
+    _wait_tls_serving(daemon)
+    yield daemon
+    daemon.stop()
+
+
+def x509_serial(path: Path) -> str:
+    from cryptography import x509
+
+    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
+
+
+def _wait_tls_serving(daemon: TlsDaemon) -> None:
+    deadline = time.monotonic() + 40
+    with daemon.channel("adm") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if daemon.process.poll() is not None:
+                raise AssertionError(f"daemon exited: {daemon.log()}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    time.sleep(1.0)  # both workers
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"TLS daemon did not start: {daemon.log()}")
+
+
+@pytest.fixture(scope="module")
+def channels(tls_daemon: TlsDaemon) -> Iterator[dict[str, grpc.Channel]]:
+    opened = {name: tls_daemon.channel(None if name == "no-certificate" else name) for name in CALLERS}
+    yield opened
+    for channel in opened.values():
+        channel.close()
+
+
+def _call(channel: grpc.Channel, method: str) -> grpc.StatusCode:
+    """Call method with an empty request; the status code it ends with."""
+    descriptor = SERVICE.methods_by_name[method]
+    request_type = getattr(ca_pb2, descriptor.input_type.name)
+    response_type = getattr(ca_pb2, descriptor.output_type.name)
+    path = f"/{SERVICE.full_name}/{method}"
+    try:
+        if descriptor.server_streaming:
+            stream = channel.unary_stream(
+                path, request_serializer=request_type.SerializeToString, response_deserializer=response_type.FromString
+            )
+            for _ in stream(request_type(), timeout=10):
+                pass
+        else:
+            unary = channel.unary_unary(
+                path, request_serializer=request_type.SerializeToString, response_deserializer=response_type.FromString
+            )
+            unary(request_type(), timeout=10)
+    except grpc.RpcError as exc:
+        _call.last_details = exc.details() or ""  # type: ignore[attr-defined]
+        return exc.code()
+    _call.last_details = ""  # type: ignore[attr-defined]
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_role_matrix(channels: dict[str, grpc.Channel], method: str, caller: str) -> None:
+    code = _call(channels[caller], method)
+    details: str = _call.last_details  # type: ignore[attr-defined]
+    if caller in ("no-certificate", "expired"):
+        # Refused in the TLS handshake (require_client_auth: no certificate, or one not valid now): no RPC is served.
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        return
+    if caller == "revoked":
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
+        assert "revoked" in details
+        return
+    needed = access.RULES[f"/{SERVICE.full_name}/{method}"]
+    role = ROLE_CLIENTS.get(caller)
+    if role in needed:
+        assert code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED), (code, details)
+    else:
+        assert code == grpc.StatusCode.PERMISSION_DENIED, (code, details)
+        assert f"{method} needs role " in details
+        assert all(r in details for r in needed)
+
+
+def test_every_rpc_has_a_role_rule() -> None:
+    services = ca_pb2.DESCRIPTOR.services_by_name.values()  # CertificateAuthority and KeyCeremony (issue 7)
+    assert {f"/{service.full_name}/{m.name}" for service in services for m in service.methods} == set(access.RULES)
+
+
+def test_programmer_signs_and_denials_are_audited(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel]) -> None:
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channels["prog"])
+    issued = stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
+    with pytest.raises(grpc.RpcError) as denied:
+        ca_pb2_grpc.CertificateAuthorityStub(channels["aud"]).Sign(ca_pb2.SignRequest(csr=device_csr(), request_id="x"), timeout=10)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    events = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(actions=["access.deny"]))
+    assert any(e.actor == "aud" and e.outcome == "permission-denied" and "Sign" in e.details_json for e in events)
+    issues = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(serial=issued.serial))
+    assert [(e.action, e.outcome, e.actor) for e in issues] == [("certificate.issue", "issued", "prog")]
+    # One JSON line per request with method, caller, status and latency.
+    lines = [json.loads(line) for line in tls_daemon.log().splitlines() if line.startswith("{") and '"ca_daemon.rpc"' in line]
+    signs = [line for line in lines if line.get("method", "").endswith("/Sign") and line.get("caller") == "prog" and line["status"] == "OK"]
+    assert signs and isinstance(signs[0]["latency_ms"], float)
+    assert any(line.get("caller") == "aud" and line["status"] == "PERMISSION_DENIED" for line in lines)
+
+
+def _stream(channel: grpc.Channel, request: ca_pb2.StreamAuditEventsRequest) -> list[ca_pb2.AuditEvent]:
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+    return [event for page in stub.StreamAuditEvents(request, timeout=10) for event in page.events]
+
+
+def test_stream_is_paged_filtered_and_resumable(channels: dict[str, grpc.Channel]) -> None:
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channels["aud"])
+    everything = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(page_size=1000))
+    assert [e.seq for e in everything] == list(range(1, len(everything) + 1))
+    assert all(e.prev_hash == p.hash for p, e in itertools.pairwise(everything))
+    pages = list(stub.StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(page_size=3, max_events=7), timeout=10))
+    assert [len(p.events) for p in pages] == [3, 3, 1]
+    rest = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(page_size=4, page_token=pages[-1].next_page_token))
+    assert [e.seq for e in rest] == [e.seq for e in everything[7:]]
+    later = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(after_seq=everything[-3].seq))
+    assert [e.seq for e in later][:2] == [e.seq for e in everything[-2:]]
+    since = everything[-2].time.ToDatetime(tzinfo=UTC)
+    by_time = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(from_time=everything[-2].time))
+    assert by_time and all(e.time.ToDatetime(tzinfo=UTC) >= since for e in by_time)
+    keys = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(actions=["key.generate", "mtls.revoke"]))
+    assert {e.action for e in keys} == {"key.generate", "mtls.revoke"}
+    with pytest.raises(grpc.RpcError) as other_filters:
+        _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(actions=["crl.publish"], page_token=pages[-1].next_page_token))
+    assert other_filters.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_revoking_a_client_takes_effect_without_restart(tls_daemon: TlsDaemon) -> None:
+    with tls_daemon.channel("adm") as channel:
+        assert _call(channel, "ListProfiles") == grpc.StatusCode.OK
+    tls_daemon.env.cli("mtls", "revoke", "--serial", x509_serial(tls_daemon.tls_dir / "clients" / "adm.pem"))
+    deadline = time.monotonic() + 10
+    code = grpc.StatusCode.OK
+    while time.monotonic() < deadline:
+        with tls_daemon.channel("adm") as channel:
+            code = _call(channel, "ListProfiles")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            break
+        time.sleep(0.3)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel], tmp_path: Path) -> None:
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channels["prog"])
+    serials = [stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial for _ in range(12)]
+    stub.Revoke(ca_pb2.RevokeRequest(serial=serials[0], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+    time.sleep(2.5)  # a checkpoint interval (1 s) and the delta CRL published on revocation
+    env = tls_daemon.env
+    public = tmp_path / "audit.pem"
+    env.cli("audit", "public-key", "--out", str(public))
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public))
+    assert live.stdout.startswith("OK:"), live.stdout
+    export = tmp_path / "audit.jsonl"
+    env.cli("audit", "export", "--out", str(export), "--checkpoint")
+    ok = env.cli("audit", "verify", "--file", str(export), "--public-key", str(public))
+    assert ok.stdout.startswith("OK:") and "not covered" not in ok.stdout, ok.stdout
+    lines = export.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    actions = {r.get("action") for r in records}
+    assert {"certificate.issue", "certificate.revoke", "crl.publish", "key.generate", "mtls.issue", "mtls.revoke", "access.deny"} <= actions
+    events = [i for i, r in enumerate(records) if r["type"] == "event"]
+    checkpoints = [i for i, r in enumerate(records) if r["type"] == "checkpoint"]
+    assert len(checkpoints) >= 2
+    target = events[len(events) // 2]
+    seq = records[target]["seq"]
+
+    def check(name: str, changed: list[str], expect: str, first_bad: int | None) -> None:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(changed) + "\n")
+        result = env.cli("audit", "verify", "--file", str(path), "--public-key", str(public), check=False)
+        assert result.returncode == 1, (name, result.stdout)
+        assert expect in result.stdout, (name, result.stdout)
+        if first_bad is not None:
+            assert f"first bad event: seq {first_bad};" in result.stdout, (name, result.stdout)
+
+    # a changed byte inside an event (its actor)
+    changed = list(lines)
+    changed[target] = changed[target].replace(f'"actor": "{records[target]["actor"]}"', f'"actor": "{records[target]["actor"]}x"')
+    assert changed[target] != lines[target]
+    check("changed", changed, f"event {seq} was changed", seq)
+    # a deleted event
+    check("deleted", [line for i, line in enumerate(lines) if i != target], "missing: deleted", seq)
+    # an inserted event (a copy of another, placed here)
+    inserted = list(lines)
+    inserted.insert(target, lines[events[1]])
+    check("inserted", inserted, "reordered or inserted", records[events[1]]["seq"])
+    # two events swapped
+    swapped = list(lines)
+    swapped[target], swapped[target + 1] = lines[target + 1], lines[target]
+    if records[target + 1]["type"] == "event":
+        check("reordered", swapped, "", None)
+    # truncation: drop every event after the first checkpoint's event, keep the later checkpoints
+    first_cp = records[checkpoints[-1]]["seq"]
+    truncated = [line for line, r in zip(lines, records, strict=True) if r["type"] != "event" or r["seq"] < first_cp - 2]
+    check("truncated", truncated, "truncated", first_cp - 2)
+    # a rewritten chain (hashes recomputed after a change) is caught by the signed checkpoint
+    from ca_daemon.audit_hash import event_hash
+
+    rewritten, prev = [], None
+    for original in records:
+        r = dict(original)
+        if r["type"] == "event":
+            if r["seq"] == seq:
+                r["reason"] = "forged"
+            fields = {
+                **r,
+                "time": datetime.strptime(r["time"], "%Y-%m-%dT%H:%M:%S.%fZ"),
+                "request_digest": bytes.fromhex(r["request_digest"]),
+            }
+            prev_hash = bytes.fromhex(prev) if prev else b"\x00" * 32
+            r["prev_hash"] = prev_hash.hex()
+            r["hash"] = event_hash(fields, r["seq"], prev_hash).hex()
+            prev = r["hash"]
+        rewritten.append(json.dumps(r, sort_keys=True))
+    check("rewritten", rewritten, "were altered", None)
+    # a forged checkpoint signature
+    forged = list(lines)
+    cp = dict(records[checkpoints[0]])
+    cp["count"] += 1
+    forged[checkpoints[0]] = json.dumps(cp)
+    check("forged-checkpoint", forged, "no valid signature", None)
+
+
+def test_secrets_never_in_logs_events_or_export(tls_daemon: TlsDaemon, tmp_path: Path) -> None:
+    env = tls_daemon.env
+    pins = [(env.state_dir / "pins" / name).read_text().strip() for name in ("user.pin", "so.pin")]
+    export = tmp_path / "all.jsonl"
+    env.cli("audit", "export", "--out", str(export))
+    database = sqlite3.connect(env.state_dir / "ca.db")
+    try:
+        dump = "\n".join(database.iterdump())
+    finally:
+        database.close()
+    haystacks = {"daemon log": tls_daemon.log(), "export": export.read_text(), "database": dump}
+    for pin in pins:
+        assert len(pin) >= 16
+        for name, text in haystacks.items():
+            assert pin not in text, f"a PIN appears in the {name}"
+            assert pin.encode().hex() not in text, f"a PIN (hex) appears in the {name}"
+
+
+def test_tls13_only_and_no_certificate_rules() -> None:
+    authenticator = access.Authenticator(access.RoleMap(()), None)
+    with pytest.raises(access.Unauthenticated, match=r"TLS 1\.3 is required"):
+        authenticator.authenticate({"ssl_tls_version": [b"TLSv1.2"], "x509_pem_cert": [b"x"]})
+    with pytest.raises(access.Unauthenticated, match="client certificate is required"):
+        authenticator.authenticate({"ssl_tls_version": [b"TLSv1.3"]})
+
+
+def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """Plaintext on loopback: the local identity has every role; metrics; reloads and shutdown are audited."""
+    from tests.conftest import Daemon, free_port
+
+    env = make_env(tmp_path_factory.mktemp("dev-metrics"), softhsm_conf, workers=2)
+    metrics_port = free_port()
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            issued = stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
+            stub.Revoke(ca_pb2.RevokeRequest(serial=issued.serial), timeout=10)
+            events = [e for page in stub.StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(), timeout=10) for e in page.events]
+            assert any(e.action == "certificate.issue" and e.actor == "local-developer" for e in events)
+        env.cli("reload")
+        time.sleep(1.5)
+        import urllib.request
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'ca_daemon_requests_total{code="OK",method="/ca_daemon.v1.CertificateAuthority/Sign"} 1.0' in body
+        assert "ca_daemon_request_duration_seconds_bucket" in body
+        assert "ca_daemon_hsm_sign_duration_seconds_count" in body
+        assert 'ca_daemon_crl_number{issuer="ca-root-1",kind="full"}' in body
+        assert "ca_daemon_crl_age_seconds" in body
+        chain = [line for line in body.splitlines() if line.startswith("ca_daemon_audit_chain_length ")]
+        assert chain and float(chain[0].split()[1]) >= 5
+    finally:
+        daemon.stop()
+    public = env.state_dir / "audit.pem"
+    env.cli("audit", "public-key", "--out", str(public))
+    result = env.cli("audit", "verify", "--live", "--public-key", str(public))
+    # The workers signed a checkpoint of the head at shutdown: every event is covered.
+    assert result.stdout.startswith("OK:") and "not covered" not in result.stdout, result.stdout
+    database = sqlite3.connect(env.state_dir / "ca.db")
+    try:
+        reloads = database.execute("SELECT outcome FROM audit_events WHERE action = 'config.reload'").fetchall()
+    finally:
+        database.close()
+    assert reloads == [("applied",), ("applied",)]  # one per worker

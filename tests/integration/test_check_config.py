@@ -1,0 +1,45 @@
+"""`ca-daemon check-config` and `ca-daemon db migrate` against a real token, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import make_env
+
+
+def _lines(stdout: str) -> dict[str, str]:
+    return {line.split(":", 1)[0][6:]: line[:4] for line in stdout.splitlines()}
+
+
+def test_check_config_reports_each_check_and_fails_on_any(tmp_path: Path, softhsm_conf: Path, pg_database: Callable[[], str]) -> None:
+    env = make_env(tmp_path, softhsm_conf)
+    ok = env.cli("check-config")
+    assert _lines(ok.stdout) == {
+        "configuration": "ok  ",
+        "PKCS#11 module": "ok  ",
+        "PIN": "ok  ",
+        "tls": "ok  ",
+        "database": "ok  ",
+        "token": "ok  ",
+        "CA key": "ok  ",
+    }, ok.stdout
+    assert env.user_pin not in ok.stdout + ok.stderr
+
+    # A fresh PostgreSQL database: reachable, but needs `db migrate`; then the CA key is unknown to it.
+    url = pg_database()
+    env.edit_config('url = "sqlite:///ca.db"', f'url = "{url}"')
+    fresh = env.cli("check-config", check=False)
+    assert fresh.returncode == 1 and "FAIL  database" in fresh.stdout and "db migrate" in fresh.stdout, fresh.stdout
+    migrated = env.cli("db", "migrate")
+    assert "schema at version" in migrated.stdout
+    assert env.cli("db", "migrate").stdout.endswith("(up to date)\n")
+    after = env.cli("check-config", check=False)
+    assert after.returncode == 1 and _lines(after.stdout)["database"] == "ok  " and _lines(after.stdout)["CA key"] == "FAIL", after.stdout
+    assert "postgresql" in after.stdout
+
+    # A wrong PIN fails the token check with a reason, and never prints the PIN.
+    pin_file = env.state_dir / "pins" / "user.pin"
+    pin_file.write_text("0000\n")
+    wrong = env.cli("check-config", check=False)
+    assert wrong.returncode == 1 and _lines(wrong.stdout)["token"] == "FAIL", wrong.stdout

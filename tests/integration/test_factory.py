@@ -1,0 +1,335 @@
+"""The factory-to-cloud path against a real daemon: client, simulator, verification certificate, verifier.
+
+Real parts only: a `ca-daemon serve` process with SoftHSM, SQLite and HTTP CRLs on loopback
+ports; openssl judges what the daemon signs.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca_daemon import app
+from ca_daemon import config as config_module
+from ca_daemon.client import CaClient
+from ca_daemon.registration import AUDIT_ACTION
+from ca_daemon.simulate import Device, Progress, simulate
+from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, http_fetch, sign_challenge
+from tests.conftest import CaEnv, Daemon, make_env, openssl_verify
+from tests.factory_helpers import ForeignCa, private_key_needles
+from tests.integration.crl_helpers import crl_env, start
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> tuple[CaEnv, int]:
+    return crl_env(tmp_path_factory.mktemp("factory"), softhsm_conf)
+
+
+@pytest.fixture(scope="module")
+def daemon(setup: tuple[CaEnv, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start(setup[0], tmp_path_factory.mktemp("log"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[CaClient]:
+    with CaClient(daemon.env.target) as ca:
+        yield ca
+
+
+def _root(client: CaClient) -> x509.Certificate:
+    return x509.load_pem_x509_certificates(client.chain_pem().encode())[-1]
+
+
+def _provision(client: CaClient, out: Path | None = None) -> tuple[Device, str, str]:
+    """One simulated device through the simulator: its key, certificate PEM and chain PEM."""
+    got: list[tuple[Device, str, str]] = []
+    summary = simulate(client, devices=1, out_dir=out, on_issued=lambda d, i: got.append((d, i.certificate_pem, i.chain_pem)))
+    assert summary.issued == 1, summary.lines()
+    return got[0]
+
+
+# -- programming-service client ------------------------------------------------------------
+
+
+def test_sign_retries_unavailable_until_the_daemon_is_up_and_stays_idempotent(tmp_path: Path, softhsm_conf: Path) -> None:
+    env = make_env(tmp_path, softhsm_conf)
+    daemon = Daemon(env, tmp_path / "daemon.log")
+    csr = Device.make(f"late-{uuid.uuid4().hex[:8]}").csr_pem
+    starter = threading.Timer(1.0, daemon.start)
+    starter.start()
+    try:
+        with CaClient(env.target, retries=30) as ca:
+            first = ca.sign(csr, request_id="line-1-0001")  # the daemon is not listening yet: UNAVAILABLE, retried
+            assert ca.retried > 0
+            again = ca.sign(csr, request_id="line-1-0001")  # a retry after success: the same certificate
+            assert again.serial == first.serial and again.certificate_pem == first.certificate_pem
+            with pytest.raises(grpc.RpcError) as info:
+                ca.sign(Device.make("another").csr_pem, request_id="line-1-0001")
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        starter.join()
+        daemon.stop()
+    store = app.connect_store(config_module.load(env.config_path))
+    try:
+        assert store.count_certificates() == 1
+    finally:
+        store.close()
+
+
+def test_revoke_and_crls_through_client_and_cli(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    env, _ = setup
+    _, cert_pem, _ = _provision(client)
+    serial = f"{x509.load_pem_x509_certificate(cert_pem.encode()).serial_number:x}"
+    env.cli("client", "revoke", "--target", env.target, "--serial", serial, "--reason", "key-compromise")
+    info = client.certificate(serial)
+    assert info.revocation.reason == 1
+    deadline = time.monotonic() + 15
+    while True:
+        delta = client.crl(delta=True)
+        crl = x509.load_der_x509_crl(delta.der)
+        if crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None:
+            break
+        assert time.monotonic() < deadline, "the delta CRL never listed the revoked certificate"
+        time.sleep(0.1)
+    assert client.crl(delta=True, if_newer_than=delta.number).not_modified
+    full = client.crl()
+    assert not full.delta and full.number < delta.number
+    out = tmp_path / "delta.pem"
+    env.cli("client", "crl", "--target", env.target, "--delta", "--out", str(out), "--format", "pem")
+    assert x509.load_pem_x509_crl(out.read_bytes()).get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+    # A repeated revocation is refused with the reason, not silently accepted.
+    with pytest.raises(grpc.RpcError) as failed:
+        client.revoke(serial, reason="key-compromise")
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_chain_export_pem_and_der(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    env, _ = setup
+    env.cli("client", "chain", "--target", env.target, "--out", str(tmp_path / "chain.pem"))
+    env.cli("client", "chain", "--target", env.target, "--out", str(tmp_path / "ca.der"), "--format", "der")
+    env.cli("ca", "export", "--out", str(tmp_path / "export.der"), "--format", "der")
+    pem = x509.load_pem_x509_certificates((tmp_path / "chain.pem").read_bytes())
+    assert x509.load_der_x509_certificate((tmp_path / "ca.der").read_bytes()) == pem[0]
+    assert (tmp_path / "export.der").read_bytes() == (tmp_path / "ca.der").read_bytes()
+
+
+# -- device simulator ----------------------------------------------------------------------
+
+
+def test_simulator_installs_devices_and_no_private_key_reaches_the_daemon(
+    client: CaClient, daemon: Daemon, setup: tuple[CaEnv, int], tmp_path: Path
+) -> None:
+    env, _ = setup
+    devices: list[Device] = []
+    progress_out = tmp_path / "progress.txt"
+    with progress_out.open("w") as stream:
+        summary = simulate(
+            client,
+            devices=24,
+            out_dir=tmp_path / "devices",
+            concurrency=4,
+            progress=Progress(24, stream),
+            on_issued=lambda d, _i: devices.append(d),
+        )
+    assert (summary.issued, summary.refused, summary.failed) == (24, 0, 0), summary.lines()
+    assert summary.rate > 0 and "24/24 100%" in progress_out.read_text()
+    for device in devices:
+        home = tmp_path / "devices" / device.device_id
+        assert stat.S_IMODE((home / "device.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        leaf = x509.load_pem_x509_certificate((home / "device.crt").read_bytes())
+        key = serialization.load_pem_private_key((home / "device.key").read_bytes(), None)
+        assert leaf.public_key() == key.public_key()
+        assert leaf.subject.rfc4514_string() == f"CN={device.device_id}"
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [f"urn:dev:ops:{device.device_id}"]
+        result = openssl_verify(tmp_path, (home / "device.crt").read_text(), (home / "chain.pem").read_text(), "-purpose", "sslclient")
+        assert result.returncode == 0, result.stderr
+
+    # Every byte the daemon keeps: database (with its WAL and shared memory), its log, its CRL files.
+    time.sleep(0.5)  # the log line of the last request
+    haystacks = {p.name: p.read_bytes() for p in env.state_dir.rglob("*") if p.is_file() and p.suffix != ".pin" and "tokens" not in p.parts}
+    haystacks["daemon.log"] = daemon.log_path.read_bytes()
+    assert any(name.startswith("ca.db") for name in haystacks), sorted(haystacks)
+    # Positive control: the scan sees what the daemon does store (each device's certificate).
+    stored = b"".join(haystacks.values())
+    for device in devices:
+        leaf_der = x509.load_pem_x509_certificate((tmp_path / "devices" / device.device_id / "device.crt").read_bytes()).public_bytes(
+            serialization.Encoding.DER
+        )
+        assert leaf_der in stored, f"the scan does not see {device.device_id}'s certificate: is the database elsewhere?"
+        assert isinstance(device.key, ec.EllipticCurvePrivateKey)
+        for form, needle in private_key_needles(device.key).items():
+            for name, data in haystacks.items():
+                assert needle not in data, f"{device.device_id}'s private key ({form}) is in {name}"
+
+
+def test_simulate_factory_command(daemon: Daemon, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    env, _ = setup
+    out = tmp_path / "line"
+    result = env.cli("simulate-factory", "--target", env.target, "--devices", "6", "--concurrency", "3", "--out", str(out), "--pregenerate")
+    assert "6 issued, 0 refused, 0 failed" in result.stdout
+    assert "devices/s end to end (device key generation included)" in result.stdout
+    assert "devices/s excluding device key generation" in result.stdout
+    assert "6/6 100%" in result.stderr  # the progress bar
+    assert len(list(out.iterdir())) == 6
+    # Refusals are counted, not fatal: a profile the caller may not use.
+    refused = env.cli("simulate-factory", "--target", env.target, "--devices", "2", "--no-install", "--profile", "nope", check=False)
+    assert refused.returncode == 1 and "0 issued, 2 refused" in refused.stdout and "PERMISSION_DENIED" in refused.stdout
+
+
+# -- cloud registration ----------------------------------------------------------------------
+
+
+def test_verification_certificate_over_grpc_and_cli(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    env, _ = setup
+    root = _root(client)
+    code = uuid.uuid4().hex.upper() + "0A1B2C3D"
+    issued = client.verification_certificate(code)
+    env.cli("ca", "verification-cert", "--code", code, "--out", str(tmp_path / "verification.cer"))
+    for cert in (
+        x509.load_der_x509_certificate(issued.certificate_der),
+        x509.load_der_x509_certificate((tmp_path / "verification.cer").read_bytes()),
+    ):
+        assert cert.subject.rfc4514_string() == f"CN={code}"
+        cert.verify_directly_issued_by(root)  # signed by the CA key in the HSM
+        assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+        assert cert.not_valid_after_utc - cert.not_valid_before_utc <= timedelta(days=1, minutes=1)
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        result = openssl_verify(tmp_path, pem, root.public_bytes(serialization.Encoding.PEM).decode())
+        assert result.returncode == 0, result.stderr
+    with pytest.raises(grpc.RpcError) as info:
+        client.verification_certificate("has spaces in it")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "verification code" in (info.value.details() or "")
+    store = app.connect_store(config_module.load(env.config_path))
+    try:
+        events = [e for e in store.audit_events() if e["action"] == AUDIT_ACTION]
+    finally:
+        store.close()
+    assert len(events) == 2
+    for event in events:
+        details = event["details"] if isinstance(event["details"], dict) else json.loads(event["details"])
+        assert details["code"] == code and details["certificate_der_b64"]
+    assert {e["actor"] for e in events} == {"local-developer", f"cli:{_user()}"}
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+# -- relying-party verifier -------------------------------------------------------------------
+
+
+def test_verifier_five_steps(client: CaClient, setup: tuple[CaEnv, int]) -> None:
+    root = _root(client)
+    device, cert_pem, chain_pem = _provision(client)
+    leaf = x509.load_pem_x509_certificate(cert_pem.encode())
+    intermediates = x509.load_pem_x509_certificates(chain_pem.encode())[:-1]
+    cache = CrlCache(max_age=0)  # revalidate every time: a revocation shows at once
+    verifier = DeviceVerifier([root], IdentityRule(), cache)
+    assert isinstance(device.key, ec.EllipticCurvePrivateKey)
+
+    def decide(v: DeviceVerifier = verifier, cert: x509.Certificate = leaf, key: ec.EllipticCurvePrivateKey = device.key) -> str:
+        challenge = v.challenge()
+        return str(v.verify(cert, intermediates, challenge, sign_challenge(key, challenge)))
+
+    granted = verifier.verify(leaf, intermediates, c := verifier.challenge(), sign_challenge(device.key, c))
+    assert granted.granted and granted.device_id == device.device_id and granted.crl_numbers[0] is not None, granted
+    # 1: someone with the certificate but not the key; a certificate not valid now
+    assert decide(key=ec.generate_private_key(ec.SECP256R1())).startswith("REFUSED at step possession: the challenge signature")
+    later = DeviceVerifier([root], IdentityRule(), cache, clock=lambda: datetime.now(UTC) + timedelta(days=400))
+    assert "not now" in decide(v=later)
+    # 2: a certificate of the same shape from another CA
+    other = ForeignCa.create()
+    foreign_key = ec.generate_private_key(ec.SECP256R1())
+    assert decide(cert=other.issue(foreign_key.public_key(), device.device_id), key=foreign_key).startswith("REFUSED at step chain")
+    # 4: identity read as another profile would put it
+    strict = DeviceVerifier([root], IdentityRule(device_id_pattern=r"^factory-[0-9]+$"), cache)
+    assert decide(v=strict).startswith("REFUSED at step identity")
+    assert decide(v=DeviceVerifier([root], IdentityRule(source="cn"), cache)).startswith("GRANTED")
+    # 3: revoked -> refused as soon as the delta CRL lists it, via base + delta over HTTP
+    client.revoke(f"{leaf.serial_number:x}", reason="key-compromise")
+    deadline = time.monotonic() + 15
+    while (answer := decide()).startswith("GRANTED"):
+        assert time.monotonic() < deadline, "the verifier never saw the revocation"
+        time.sleep(0.1)
+    assert answer.startswith("REFUSED at step revocation") and "key_compromise" in answer, answer
+    assert cache.stats.downloads >= 2 and cache.stats.not_modified >= 1
+
+
+def test_crl_cache_keeps_the_highest_crl_number(client: CaClient, setup: tuple[CaEnv, int]) -> None:
+    """A server (or a stale mirror) that goes back to an older CRL cannot un-revoke a certificate."""
+    root = _root(client)
+    _, cert_pem, _ = _provision(client)
+    leaf = x509.load_pem_x509_certificate(cert_pem.encode())
+    cdp = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value  # type: ignore[index]
+    _status, old_body, _etag = http_fetch(cdp, "")
+    env, _ = setup
+    env.cli("crl", "publish")  # a newer full CRL, published out of band
+    responses = [http_fetch(cdp, "")]
+    deadline = time.monotonic() + 10
+    while x509.load_der_x509_crl(responses[-1][1]).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == (
+        x509.load_der_x509_crl(old_body).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    ):
+        assert time.monotonic() < deadline, "the daemon's HTTP server never served the CRL published by `crl publish`"
+        time.sleep(0.1)
+        responses = [http_fetch(cdp, "")]
+    served = iter([responses[-1], (200, old_body, '"old"')])
+    cache = CrlCache(max_age=0, fetch=lambda _url, _etag: next(served))
+    now = datetime.now(UTC)
+    newer = cache.get(cdp, root, now)
+    again = cache.get(cdp, root, now)
+    assert again is newer and cache.stats.rollbacks_refused == 1
+
+
+def test_verify_device_command(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    env, _ = setup
+    device, _, _ = _provision(client, tmp_path / "devices")
+    home = tmp_path / "devices" / device.device_id
+    (tmp_path / "trust.pem").write_text(client.chain_pem())
+    ok = env.cli(
+        "verify-device", "--cert", str(home / "fullchain.pem"), "--trust", str(tmp_path / "trust.pem"), "--key", str(home / "device.key")
+    )
+    assert ok.stdout.startswith(f"GRANTED device {device.device_id}")
+    other = tmp_path / "other.key"
+    other.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    bad = env.cli(
+        "verify-device", "--cert", str(home / "device.crt"), "--trust", str(tmp_path / "trust.pem"), "--key", str(other), check=False
+    )
+    assert bad.returncode == 1 and bad.stdout.startswith("REFUSED at step possession")
+
+
+def test_crl_publish_makes_a_full_crl_for_full_crl_only_consumers(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    """openssl (like Mosquitto) reads full CRLs only: after `crl publish` the full CRL lists a revocation at once."""
+    env, _ = setup
+    _, cert_pem, chain_pem = _provision(client)
+    serial = int(x509.load_pem_x509_certificate(cert_pem.encode()).serial_number)
+    client.revoke(f"{serial:x}", reason="superseded")
+    assert x509.load_der_x509_crl(client.crl().der).get_revoked_certificate_by_serial_number(serial) is None
+    env.cli("crl", "publish")
+    full = x509.load_der_x509_crl(client.crl().der)
+    assert full.get_revoked_certificate_by_serial_number(serial) is not None
+    crl_file = tmp_path / "crl.pem"
+    crl_file.write_bytes(full.public_bytes(serialization.Encoding.PEM))
+    result = openssl_verify(tmp_path, cert_pem, chain_pem, "-crl_check", "-CRLfile", str(crl_file))
+    assert result.returncode != 0 and "certificate revoked" in result.stdout + result.stderr

@@ -1,0 +1,200 @@
+"""Issue 7: the key ceremony use cases (rotation.KeyCeremony) on a real token and database, without a server.
+
+Covers what the life-cycle test in tests/e2e/test_rotation.py does not: approvals lapse
+after the window, one identity never counts twice, the emergency switch revokes the whole
+compromised generation (leaves on its own CRL, the link certificates that certify it on
+their issuers' CRLs), an intermediate key installed from a parent's answer, and refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca_daemon import app, config, issuer
+from ca_daemon.authority import Authority
+from ca_daemon.config import RotationConfig
+from ca_daemon.errors import FailedPrecondition, InvalidRequest, PermissionDenied
+from ca_daemon.hsm import Hsm
+from ca_daemon.model import CertificateRequest, KeySpec, KeyStatus, RevocationReason
+from ca_daemon.revocation import CrlPublisher
+from ca_daemon.rotation import KeyCeremony
+from ca_daemon.store import SqlStore
+from ca_daemon.store.rotation_store import RotationStore
+from tests.conftest import device_csr, make_env
+
+
+@dataclasses.dataclass
+class Setup:
+    config: config.Config
+    hsm: Hsm
+    store: SqlStore
+    authority: Authority
+
+    def ceremony(self, window_s: float = 60, prepublication_s: float = 0) -> KeyCeremony:
+        rotation = RotationConfig(approval_window=timedelta(seconds=window_s), prepublication=timedelta(seconds=prepublication_s))
+        return KeyCeremony(dataclasses.replace(self.config, rotation=rotation), self.hsm, self.store)
+
+    def sign(self) -> int:
+        request = CertificateRequest(csr=device_csr(), profile="", request_id=str(uuid.uuid4()), caller="local-developer")
+        return asyncio.run(self.authority.sign(request)).certificate.serial
+
+    def follow(self) -> None:
+        asyncio.run(self.authority.follow_active_key())
+
+    def new_root(self, ceremony: KeyCeremony, label: str) -> None:
+        ceremony.generate("alice", KeySpec.EC_P256, label)
+        ceremony.self_sign("alice", label, issuer.parse_subject(f"CN={label}"), timedelta(days=30))
+
+
+@pytest.fixture
+def setup(tmp_path: Path, softhsm_conf: Path) -> Iterator[Setup]:
+    env = make_env(tmp_path, softhsm_conf)
+    cfg = config.load(env.config_path)
+    hsm = app.connect_hsm(cfg)
+    store = app.connect_store(cfg)
+    authority = Authority.load(cfg, hsm, store)
+    try:
+        yield Setup(cfg, hsm, store, authority)
+    finally:
+        authority.close()
+        store.close()
+        hsm.close()
+
+
+def test_approvals_lapse_after_the_window_and_one_identity_counts_once(setup: Setup) -> None:
+    ceremony = setup.ceremony(window_s=2)
+    setup.new_root(ceremony, "root-2")
+    assert not ceremony.approve("alice", "activate", "root-2").executed
+    assert not ceremony.approve("alice", "activate", "root-2").executed  # the same identity again
+    time.sleep(3.2)  # approval times are whole seconds
+    late = ceremony.approve("bob", "activate", "root-2")
+    assert not late.executed and late.officers == ("bob",)  # alice's approvals lapsed
+    assert setup.store.get_ca_key("root-2").status == KeyStatus.PENDING  # type: ignore[union-attr]
+    done = ceremony.approve("alice", "activate", "root-2")
+    assert done.executed and done.officers == ("alice", "bob")
+    assert setup.store.active_key_id() == "root-2"
+    setup.follow()
+    assert setup.authority.active.key.key_id == "root-2"
+    # Consumed: the same approvals do not run a second action.
+    assert RotationStore(setup.store).live_officers("activate", "root-2", "", datetime.now(UTC), timedelta(seconds=60)) == []
+
+
+def test_prepublication_period_and_links_are_required(setup: Setup) -> None:
+    ceremony = setup.ceremony(prepublication_s=3600)
+    setup.new_root(ceremony, "root-2")
+    with pytest.raises(FailedPrecondition, match="pre-published"):
+        ceremony.approve("alice", "activate", "root-2")
+    # A root made outside the ceremony (no link certificates) cannot be activated over an active root.
+    no_links = setup.ceremony()
+    no_links.generate("alice", KeySpec.EC_P256, "root-3")
+    key = setup.store.get_ca_key("root-3")
+    assert key is not None
+    from ca_daemon import authority
+
+    authority.self_sign_root(setup.hsm, setup.store, key, issuer.parse_subject("CN=root-3"), timedelta(days=30))
+    RotationStore(setup.store).mark_published("root-3", datetime.now(UTC) - timedelta(days=1))
+    with pytest.raises(FailedPrecondition, match="link certificates"):
+        no_links.approve("alice", "activate", "root-3")
+
+
+def test_refusals_record_nothing(setup: Setup) -> None:
+    ceremony = setup.ceremony()
+    with pytest.raises(PermissionDenied):
+        ceremony.approve("", "activate", "ca-root-1")
+    with pytest.raises(InvalidRequest):
+        ceremony.approve("alice", "rotate", "ca-root-1")
+    with pytest.raises(FailedPrecondition, match="active key"):
+        ceremony.approve("alice", "retire", "ca-root-1")
+    with pytest.raises(FailedPrecondition, match="only a retired key"):
+        ceremony.approve("alice", "destroy", "ca-root-1")
+    assert [e for e in setup.store.audit_events() if e["action"] == "key.approve"] == []
+
+
+def test_emergency_revokes_the_generation_and_switches_at_once(setup: Setup) -> None:
+    ceremony = setup.ceremony()
+    setup.new_root(ceremony, "root-2")
+    ceremony.approve("alice", "activate", "root-2")
+    ceremony.approve("bob", "activate", "root-2")
+    setup.follow()
+    leaves = [setup.sign() for _ in range(3)]
+    setup.new_root(ceremony, "root-3")  # links root-2 <-> root-3
+    rotation = RotationStore(setup.store)
+    certifying_2 = {c.issuer_key_id: c.serial for c in rotation.links_certifying("root-2")}
+    assert set(certifying_2) == {"ca-root-1", "root-3"}
+
+    first = ceremony.approve("alice", "emergency", "root-2", "root-3")
+    assert not first.executed
+    assert all(setup.store.get_revocation(s) is None for s in leaves)  # one officer: nothing revoked
+
+    done = ceremony.approve("bob", "emergency", "root-2", "root-3")
+    assert done.executed, done
+    assert setup.store.active_key_id() == "root-3"
+    assert setup.store.get_ca_key("root-2").status == KeyStatus.SUPERSEDED  # type: ignore[union-attr]
+    assert rotation.lifecycle("root-2").get("compromised_at") is not None
+    for serial in leaves:
+        revocation = setup.store.get_revocation(serial)
+        assert revocation is not None and revocation.reason == RevocationReason.CA_COMPROMISE
+    for parent, serial in certifying_2.items():
+        revocation = setup.store.get_revocation(serial)
+        assert revocation is not None and revocation.issuer_key_id == parent and revocation.reason == RevocationReason.KEY_COMPROMISE
+
+    # Each CRL says so: root-2's lists its leaves, root-3's and ca-root-1's the link certifying root-2.
+    publisher = CrlPublisher(setup.config, setup.hsm, setup.store)
+    for key_id, expected in (("root-2", set(leaves)), ("root-3", {certifying_2["root-3"]}), ("ca-root-1", {certifying_2["ca-root-1"]})):
+        key = setup.store.get_ca_key(key_id)
+        assert key is not None
+        crl = x509.load_der_x509_crl(publisher.publish(publisher.issuer_of(key), delta=False).der)
+        assert expected <= {e.serial_number for e in crl}, key_id
+        # These keys issued link (CA) certificates: their CRLs must not claim to cover only user certificates.
+        assert not crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.only_contains_user_certs
+
+    setup.follow()
+    assert setup.authority.active.key.key_id == "root-3"
+    assert setup.store.get_certificate(setup.sign()).issuer_key_id == "root-3"  # type: ignore[union-attr]
+    # Every certificate root-2 signed is revoked, so it can retire at once (final CRL).
+    ceremony.approve("alice", "retire", "root-2")
+    assert ceremony.approve("bob", "retire", "root-2").executed
+    assert setup.store.get_ca_key("root-2").status == KeyStatus.RETIRED  # type: ignore[union-attr]
+
+
+def test_an_intermediate_key_from_the_parents_answer(setup: Setup) -> None:
+    ceremony = setup.ceremony()
+    ceremony.generate("alice", KeySpec.EC_P256, "sub-2")
+    csr = x509.load_pem_x509_csr(ceremony.csr("alice", "sub-2", issuer.parse_subject("CN=Factory CA 2")))
+    parent_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    parent = issuer.build_root(issuer.parse_subject("CN=Outside Root"), parent_key.public_key(), now, timedelta(days=30))
+    parent_cert = parent.sign(parent_key, hashes.SHA256())
+    answer = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(parent_cert.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=10))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(parent_key, hashes.SHA256())
+    )
+    ceremony.install("alice", "sub-2", answer, [parent_cert])
+    info = next(i for i in ceremony.list_keys() if i.key.key_id == "sub-2")
+    assert info.key.status == KeyStatus.PENDING and info.lifecycle.get("published_at") is not None
+    with pytest.raises(FailedPrecondition, match="installed once"):
+        ceremony.install("bob", "sub-2", answer, [parent_cert])
+    ceremony.approve("alice", "activate", "sub-2")
+    assert ceremony.approve("bob", "activate", "sub-2").executed  # not both roots: no links needed
+    setup.follow()
+    serial = setup.sign()
+    leaf = x509.load_der_x509_certificate(setup.store.get_certificate(serial).der)  # type: ignore[union-attr]
+    leaf.verify_directly_issued_by(answer)

@@ -1,0 +1,415 @@
+"""The Store on both backends: the same tests on SQLite and on a real PostgreSQL.
+
+Each test gets its own database (a file, or CREATE DATABASE on the test server; see
+tests/pg.py). "Replicas" are separate SqlStore instances, each with its own connection
+pool, writing from several threads at once: what keeps them correct must be the
+database (constraints, transactions, locks), since they share no memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+
+from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
+from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, RevocationReason
+from ca_daemon.store import SqlStore, open_store, schema
+from ca_daemon.store.locks import Leadership, LockSpace, lock_id, xact_lock
+
+ISSUER = "ca-test-1"
+_numbers = itertools.count(1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ca.db'}"
+    make: Callable[[], str] = request.getfixturevalue("pg_database")
+    return make()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[SqlStore]:
+    s = open_store(store_url)
+    s.save_ca_key(_ca_key())
+    yield s
+    s.close()
+
+
+def _ca_key(key_id: str = ISSUER, status: KeyStatus = KeyStatus.ACTIVE) -> CaKey:
+    return CaKey(
+        key_id=key_id,
+        pkcs11_uri=f"pkcs11:token=t;object={key_id}",
+        spec=KeySpec.EC_P256,
+        public_key_der=b"pk-" + key_id.encode(),
+        status=status,
+        created_at=datetime.now(UTC).replace(microsecond=0),
+        certificate_der=b"\x30\x03\x02\x01\x01",
+    )
+
+
+def _cert(
+    device_id: str | None = None, *, key: bytes | None = None, request_id: str | None = None, csr: bytes | None = None
+) -> IssuedCertificate:
+    n = next(_numbers)
+    now = datetime.now(UTC).replace(microsecond=0)
+    return IssuedCertificate(
+        serial=secrets.randbits(159) | 1 << 158,
+        issuer_key_id=ISSUER,
+        device_id=device_id or f"dev-{n}",
+        profile="device",
+        subject=f"CN={device_id or n}",
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(days=30),
+        der=b"der-%d" % n,
+        csr_sha256=hashlib.sha256(csr or b"csr-%d" % n).digest(),
+        public_key_sha256=hashlib.sha256(key or b"key-%d" % n).digest(),
+        request_id=request_id or f"req-{n}-{secrets.token_hex(4)}",
+        created_at=now,
+    )
+
+
+def _audit(cert: IssuedCertificate) -> AuditEvent:
+    return AuditEvent(time=cert.created_at, actor="test", action="certificate.issue", outcome="issued", serial=cert.serial)
+
+
+def _issue(store: SqlStore, *certs: IssuedCertificate, allow_reissue: bool = False) -> list[object]:
+    return list(store.record_unique_issuances([(c, _audit(c), allow_reissue) for c in certs]))
+
+
+def _entry(serial: int, _revoked_at: datetime, _reason: int, _invalidity: datetime | None) -> bytes:
+    """A fixed-width stand-in for the DER entry, so a test can split the concatenation."""
+    return serial.to_bytes(20, "big")
+
+
+def _revoke(store: SqlStore, serial: int, reason: int = RevocationReason.KEY_COMPROMISE) -> None:
+    store.record_revocations(
+        serials=[serial],
+        device_id="",
+        reason=reason,
+        revoked_at=datetime.now(UTC).replace(microsecond=0),
+        invalidity_date=None,
+        actor="test",
+        encode_entry=_entry,
+    )
+
+
+def _serials(der: bytes | bytearray) -> set[int]:
+    return {int.from_bytes(der[i : i + 20], "big") for i in range(0, len(der), 20)}
+
+
+def _crl(number: int, *, base: int | None = None, seq: int = 0) -> PublishedCrl:
+    now = datetime.now(UTC).replace(microsecond=0)
+    return PublishedCrl(ISSUER, number, base, now, now + timedelta(hours=1), seq, 0, b"crl-%d" % number, now)
+
+
+def _run_threads(count: int, target: Callable[[int], None]) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            target(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return errors
+
+
+# -- schema ----------------------------------------------------------------------
+
+
+def test_migrations_run_once_even_when_replicas_start_together(store_url: str) -> None:
+    stores = [SqlStore(store_url) for _ in range(4)]
+    applied: list[list[int]] = []
+    try:
+        errors = _run_threads(4, lambda i: applied.append(stores[i].migrate()))
+        assert not errors, errors
+        assert sorted(v for versions in applied for v in versions) == [v for v, _, _ in schema.MIGRATIONS]
+        assert all(s.schema_version() == schema.LATEST_VERSION for s in stores)
+        assert stores[0].migrate() == []
+    finally:
+        for s in stores:
+            s.close()
+
+
+# -- CA keys ---------------------------------------------------------------------
+
+
+def test_ca_keys_are_saved_updated_and_listed(store: SqlStore) -> None:
+    got = store.get_ca_key(ISSUER)
+    assert got == _ca_key()
+    store.save_ca_key(_ca_key("ca-test-2", KeyStatus.PENDING))
+    store.save_ca_key(_ca_key(ISSUER, KeyStatus.RETIRED))
+    keys = {k.key_id: k.status for k in store.list_ca_keys()}
+    assert keys == {ISSUER: KeyStatus.RETIRED, "ca-test-2": KeyStatus.PENDING}
+    assert store.get_ca_key("nope") is None
+
+
+# -- issuance --------------------------------------------------------------------
+
+
+def test_issuance_batch_is_stored_with_its_audit_events(store: SqlStore) -> None:
+    certs = [_cert() for _ in range(5)]
+    outcomes = _issue(store, *certs)
+    assert [getattr(o, "created", None) for o in outcomes] == [True] * 5
+    for cert in certs:
+        assert store.get_certificate(cert.serial) == cert
+        assert store.find_by_request_id(cert.request_id) == cert
+    assert store.count_certificates() == 5
+    assert {e["serial"] for e in store.audit_events() if e["outcome"] == "issued"} == {format(c.serial, "x") for c in certs}
+
+
+def test_request_id_is_idempotent_within_and_across_batches(store: SqlStore) -> None:
+    first = _cert(request_id="r-1", csr=b"csr-a")
+    same_again = _cert(request_id="r-1", csr=b"csr-a")
+    other_csr = _cert(request_id="r-1", csr=b"csr-b")
+    outcomes = _issue(store, first, same_again, other_csr)
+    assert outcomes[0].certificate == first and outcomes[0].created  # type: ignore[attr-defined]
+    assert outcomes[1].certificate == first and not outcomes[1].created  # type: ignore[attr-defined]
+    assert isinstance(outcomes[2], AlreadyExists) and outcomes[2].rule == "idempotency"
+    later = _issue(store, _cert(request_id="r-1", csr=b"csr-a"))
+    assert later[0].certificate == first and not later[0].created  # type: ignore[attr-defined]
+    assert store.count_certificates() == 1
+
+
+def test_one_active_certificate_per_device_and_one_device_per_key(store: SqlStore) -> None:
+    first = _cert("device-a", key=b"k1")
+    assert _issue(store, first)[0].created  # type: ignore[attr-defined]
+    again = _issue(store, _cert("device-a", key=b"k2"))[0]
+    assert isinstance(again, AlreadyExists) and again.rule == "device-unique"
+    stolen_key = _issue(store, _cert("device-b", key=b"k1"))[0]
+    assert isinstance(stolen_key, AlreadyExists) and stolen_key.rule == "public-key-unique"
+    assert _issue(store, _cert("device-a", key=b"k3"), allow_reissue=True)[0].created  # type: ignore[attr-defined]
+    assert store.issuance_facts("device-a", hashlib.sha256(b"k9").digest(), datetime.now(UTC))[0]
+    # Once its certificates are revoked, the device may get a new one.
+    store.record_revocations(
+        serials=[],
+        device_id="device-a",
+        reason=RevocationReason.SUPERSEDED,
+        revoked_at=datetime.now(UTC),
+        invalidity_date=None,
+        actor="t",
+        encode_entry=_entry,
+    )
+    assert _issue(store, _cert("device-a", key=b"k4"))[0].created  # type: ignore[attr-defined]
+    refused = [e for e in store.audit_events() if e["outcome"] == "refused"]
+    assert {e["reason"] for e in refused} == {"device-unique", "public-key-unique"}
+
+
+def test_replicas_issuing_at_once_keep_every_uniqueness_rule(store: SqlStore, store_url: str) -> None:
+    """Three replicas x four committers, each batch racing for the same device IDs, keys and request_ids."""
+    replicas = [SqlStore(store_url) for _ in range(3)]
+    devices = [f"race-{i}" for i in range(12)]
+    outcomes: list[object] = []
+    lock = threading.Lock()
+
+    def committer(index: int) -> None:
+        replica = replicas[index % len(replicas)]
+        for round_ in range(6):
+            batch = []
+            for d, device in enumerate(devices[::-1] if index % 2 else devices):
+                if (d + round_) % 3 == 0:  # same device, a key of its own per writer
+                    batch.append(_cert(device, key=f"{device}-{index}-{round_}".encode()))
+                elif (d + round_) % 3 == 1:  # same request_id and CSR from every writer
+                    batch.append(
+                        _cert(
+                            f"idem-{device}-{round_}",
+                            key=f"idem-{device}-{round_}".encode(),
+                            request_id=f"rid-{device}-{round_}",
+                            csr=b"same",
+                        )
+                    )
+                else:  # one key claimed for many devices
+                    batch.append(_cert(f"{device}-{index}-{round_}", key=f"shared-{round_}".encode()))
+            got = _issue(replica, *batch)
+            with lock:
+                outcomes.extend(got)
+
+    try:
+        errors = _run_threads(12, committer)
+        assert not errors, errors  # no deadlock, no unique-violation escaping as an error
+    finally:
+        for r in replicas:
+            r.close()
+    with store.engine.connect() as conn:
+        from ca_daemon.store.schema import certificates as c
+
+        per_device = conn.execute(select(c.c.device_id, func.count()).group_by(c.c.device_id).having(func.count() > 1)).all()
+        per_key = conn.execute(
+            select(c.c.public_key_sha256, func.count(func.distinct(c.c.device_id))).group_by(c.c.public_key_sha256)
+        ).all()
+        per_request = conn.execute(select(c.c.request_id, func.count()).group_by(c.c.request_id).having(func.count() > 1)).all()
+    assert per_device == []
+    assert all(count == 1 for _, count in per_key)
+    assert per_request == []
+    created = [o for o in outcomes if getattr(o, "created", False)]
+    replayed = [o for o in outcomes if getattr(o, "created", None) is False]
+    assert len(created) == store.count_certificates()
+    assert replayed, "the writers that lost a request_id race get the stored answer"
+    for outcome in replayed:
+        assert store.get_certificate(outcome.certificate.serial) == outcome.certificate  # type: ignore[attr-defined]
+
+
+# -- revocations -----------------------------------------------------------------
+
+
+def test_revocation_rules(store: SqlStore) -> None:
+    held, other = _cert(), _cert()
+    _issue(store, held, other)
+    _revoke(store, held.serial, RevocationReason.CERTIFICATE_HOLD)
+    first_seq = store.max_change_seq(ISSUER)
+    assert store.get_revocation(held.serial).reason == RevocationReason.CERTIFICATE_HOLD  # type: ignore[union-attr]
+    with pytest.raises(FailedPrecondition):
+        _revoke(store, held.serial, RevocationReason.CERTIFICATE_HOLD)
+    with pytest.raises(NotFound):
+        _revoke(store, 12345)
+    store.lift_hold(held.serial, lifted_at=datetime.now(UTC), actor="t", encode_entry=_entry)
+    assert store.get_revocation(held.serial) is None
+    assert store.max_change_seq(ISSUER) == first_seq + 1
+    _revoke(store, other.serial)
+    with pytest.raises(FailedPrecondition) as info:
+        _revoke(store, other.serial)
+    assert info.value.rule == "already-revoked"
+    full = store.crl_entries(ISSUER, after_seq=None, drop_expired=None)
+    assert _serials(full.der) == {other.serial} and full.change_seq == first_seq + 2
+    delta = store.crl_entries(ISSUER, after_seq=first_seq, drop_expired=None)
+    assert _serials(delta.der) == {held.serial, other.serial}  # the lifted hold as removeFromCRL
+
+
+def test_concurrent_revocations_leave_no_gap_for_a_delta(store: SqlStore, store_url: str) -> None:
+    """A reader that asks "what changed after the last N" while replicas revoke sees every revocation.
+
+    This fails when two transactions can take the same change_seq, or commit a lower one
+    after a reader has seen a higher one.
+    """
+    certs = [_cert() for _ in range(240)]
+    for i in range(0, len(certs), 60):
+        _issue(store, *certs[i : i + 60])
+    replicas = [SqlStore(store_url) for _ in range(3)]
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def reader() -> None:
+        upto = 0
+        while True:
+            finished = done.is_set()
+            entries = store.crl_entries(ISSUER, after_seq=upto, drop_expired=None)
+            seen.update(_serials(entries.der))
+            upto = entries.change_seq
+            if finished:
+                return
+
+    reading = threading.Thread(target=reader)
+    reading.start()
+    try:
+        errors = _run_threads(8, lambda i: [_revoke(replicas[i % 3], c.serial) for c in certs[i::8]])
+    finally:
+        done.set()
+        reading.join()
+        for r in replicas:
+            r.close()
+    assert not errors, errors
+    assert seen == {c.serial for c in certs}
+    with store.engine.connect() as conn:
+        from ca_daemon.store.schema import revocations
+
+        distinct = conn.execute(select(func.count(func.distinct(revocations.c.change_seq)))).scalar()
+    assert distinct == len(certs), "every revoking transaction got its own change_seq"
+
+
+# -- CRL numbers -----------------------------------------------------------------
+
+
+def test_crl_numbers_only_go_up(store: SqlStore) -> None:
+    store.store_crl(_crl(1))
+    store.store_crl(_crl(2, base=1))
+    for number in (2, 1):
+        with pytest.raises(FailedPrecondition) as info:
+            store.store_crl(_crl(number))
+        assert info.value.rule == "crl-number-monotonic"
+    for n in range(3, 9):
+        store.store_crl(_crl(n, base=1))
+    assert store.max_crl_number(ISSUER) == 8
+    assert store.latest_crl(ISSUER, delta=True).crl_number == 8  # type: ignore[union-attr]
+    assert store.latest_crl(ISSUER, delta=False).crl_number == 1  # type: ignore[union-attr]
+
+
+def test_racing_publishers_never_store_a_number_twice(store: SqlStore, store_url: str) -> None:
+    replicas = [SqlStore(store_url) for _ in range(4)]
+    won: list[int] = []
+
+    def publisher(index: int) -> None:
+        replica = replicas[index]
+        for _ in range(15):
+            number = replica.max_crl_number(ISSUER) + 1
+            try:
+                replica.store_crl(_crl(number))
+                won.append(number)
+            except FailedPrecondition:
+                pass  # lost the race: the database said so, not a unique-violation error
+
+    try:
+        errors = _run_threads(4, publisher)
+    finally:
+        for r in replicas:
+            r.close()
+    assert not errors, errors
+    assert len(won) == len(set(won)) and max(won) == store.max_crl_number(ISSUER)
+
+
+# -- leadership and locks --------------------------------------------------------
+
+
+def test_one_leader_at_a_time_and_a_fence_for_the_one_that_lost(store: SqlStore, store_url: str) -> None:
+    first, second = Leadership(store_url), Leadership(store_url)
+    try:
+        assert first.poll() is True
+        assert second.poll() is False
+        assert first.poll() is True  # stays leader
+        store.store_crl(_crl(1), fence=first)
+        if store.dialect == "postgresql":
+            with pytest.raises(FailedPrecondition) as info:
+                store.store_crl(_crl(2), fence=second)
+            assert info.value.rule == "leader-fence"
+            # The leader's connection dies (a crash, a partition): the lock goes with it.
+            with store.engine.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": first.backend_pid})
+                conn.commit()
+            with pytest.raises(FailedPrecondition):
+                store.store_crl(_crl(2), fence=first)  # fenced before it even notices
+            assert first.poll() is False
+        else:
+            first.release()
+        assert second.poll() is True
+        store.store_crl(_crl(2), fence=second)
+        assert first.poll() is False
+    finally:
+        first.release()
+        second.release()
+
+
+def test_transaction_lock_is_held_until_commit(store: SqlStore) -> None:
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite serialises every write transaction with BEGIN IMMEDIATE; the helper is a no-op there")
+    classid, objid = lock_id(LockSpace.AUDIT_CHAIN)
+    probe = text("SELECT pg_try_advisory_xact_lock(:c, :o)")
+    with store.engine.connect() as holder, store.engine.connect() as other:
+        with holder.begin():
+            xact_lock(holder, LockSpace.AUDIT_CHAIN)
+            with other.begin():
+                assert other.execute(probe, {"c": classid, "o": objid}).scalar() is False
+        with other.begin():
+            assert other.execute(probe, {"c": classid, "o": objid}).scalar() is True
