@@ -44,6 +44,10 @@ def store(store_url: str) -> Iterator[SqlStore]:
     s.close()
 
 
+# One fixed time, so a key saved by the fixture equals the one a test builds a second later.
+_KEY_CREATED = datetime.now(UTC).replace(microsecond=0)
+
+
 def _ca_key(key_id: str = ISSUER, status: KeyStatus = KeyStatus.ACTIVE) -> CaKey:
     return CaKey(
         key_id=key_id,
@@ -51,7 +55,7 @@ def _ca_key(key_id: str = ISSUER, status: KeyStatus = KeyStatus.ACTIVE) -> CaKey
         spec=KeySpec.EC_P256,
         public_key_der=b"pk-" + key_id.encode(),
         status=status,
-        created_at=datetime.now(UTC).replace(microsecond=0),
+        created_at=_KEY_CREATED,
         certificate_der=b"\x30\x03\x02\x01\x01",
     )
 
