@@ -13,9 +13,8 @@ import statistics
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
-from bench.sign import BenchCa, make_csrs, served_rate
+from bench.sign import BenchCa, make_csrs, scratch_softhsm, served_rate
 
 NO_CHAIN = {"checkpoint_interval_seconds = 300": "checkpoint_interval_seconds = 300\nchain = false"}
 
@@ -54,11 +53,7 @@ def store_cost(events: int = 3200, batch: int = 32) -> tuple[float, float]:
 def main(seconds: float = 5.0, concurrency: int = 32) -> None:
     """Alternates chain off / on twice (load from other processes on a shared machine drifts) and reports the medians."""
     workers = int(os.environ.get("BENCH_WORKERS", "2"))
-    with tempfile.TemporaryDirectory(prefix="ca-bench-audit-") as tmp:
-        root = Path(tmp)
-        (root / "tokens").mkdir()
-        (root / "softhsm2.conf").write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-        os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+    with scratch_softhsm("ca-bench-audit-") as root:
         print(f"# Audit chain cost: {seconds:.0f} s windows, {concurrency} requests in flight, {workers} worker processes")
         plain, chained = store_cost()
         per_event_us = (1 / chained - 1 / plain) * 1e6

@@ -15,12 +15,10 @@ capacity one programming station can use.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
-from bench.sign import BenchCa, make_csrs, served_rate, stop
+from bench.sign import BenchCa, make_csrs, scratch_softhsm, served_rate, stop
 
 
 def main(seconds: float = 6.0, devices: int = 1500, concurrency: int = 16) -> None:
@@ -28,11 +26,7 @@ def main(seconds: float = 6.0, devices: int = 1500, concurrency: int = 16) -> No
     from ca_daemon.simulate import simulate
 
     workers = int(os.environ.get("BENCH_WORKERS", "2"))
-    with tempfile.TemporaryDirectory(prefix="ca-bench-factory-") as tmp:
-        root = Path(tmp)
-        (root / "tokens").mkdir()
-        (root / "softhsm2.conf").write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-        os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+    with scratch_softhsm("ca-bench-factory-") as root:
         print(
             f"# factory benchmark: {devices} devices per simulator run, {concurrency} in flight, "
             f"{workers} daemon worker processes, {os.cpu_count()} cores"

@@ -13,18 +13,16 @@ certificate per device and a key certified for another device.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bench.sign import BenchCa, Served, served_rate
+from bench.sign import BenchCa, Served, scratch_softhsm, served_rate
 
 
 def unique_csrs(count: int, prefix: str) -> list[bytes]:
@@ -74,11 +72,7 @@ def main(seconds: float = 6.0, concurrency: int = 32) -> None:
     print(f"# Policy and lint: {seconds:.0f} s windows, {concurrency} in flight, {workers} worker processes, {os.cpu_count()} cores")
     print(f"pkilint, full lint of one certificate      {full_ms:8.2f} ms")
     print(f"template-mode check of a known shape       {template_ms:8.2f} ms")
-    with tempfile.TemporaryDirectory(prefix="ca-bench-policy-") as tmp:
-        root = Path(tmp)
-        (root / "tokens").mkdir()
-        (root / "softhsm2.conf").write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-        os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+    with scratch_softhsm("ca-bench-policy-") as root:
         started = time.perf_counter()
         csrs = unique_csrs(int(seconds * 2500) + 2000, f"bench-policy-{uuid.uuid4().hex[:6]}")
         print(f"prepared {len(csrs)} CSRs, each with its own key, in {time.perf_counter() - started:.1f} s (not timed)")

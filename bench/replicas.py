@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
-from bench.sign import BenchCa, Served, _load_main, make_csrs, served_rate, stop
+from bench.sign import BenchCa, Served, _load_main, make_csrs, scratch_softhsm, served_rate, stop
 
 
 def _replica_configs(first: BenchCa, count: int) -> list[BenchCa]:
@@ -79,13 +77,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
     cluster = None if os.environ.get(ENV_URL) else ThrowawayCluster()
     server = os.environ.get(ENV_URL) or cluster.start()  # type: ignore[union-attr]
     try:
-        with tempfile.TemporaryDirectory(prefix="ca-bench-replicas-") as tmp:
-            root = Path(tmp)
-            (root / "tokens").mkdir()
-            (root / "softhsm2.conf").write_text(
-                f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
-            )
-            os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+        with scratch_softhsm("ca-bench-replicas-") as root:
             print(f"# Replicas: {seconds:.0f} s windows, {concurrency} requests in flight, 1 worker per replica, {os.cpu_count()} cores")
             t0 = time.perf_counter()
             csrs = make_csrs(int(seconds * 3000) + 2000, f"bench-rep-{uuid.uuid4().hex[:6]}")

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,17 @@ def make_csrs(count: int, prefix: str) -> list[bytes]:
         csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
         csrs.append(csr.public_bytes(serialization.Encoding.DER))
     return csrs
+
+
+@contextlib.contextmanager
+def scratch_softhsm(prefix: str) -> Iterator[Path]:
+    """A throwaway SoftHSM token directory for one benchmark process (SOFTHSM2_CONF points at it)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        root = Path(tmp)
+        (root / "tokens").mkdir()
+        (root / "softhsm2.conf").write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+        os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+        yield root
 
 
 def free_port() -> int:
@@ -282,11 +294,7 @@ def served_rate(ca: BenchCa, csrs: list[bytes], concurrency: int, seconds: float
 
 def main(seconds: float = 8.0, concurrency: int = 32) -> None:
     workers = int(os.environ.get("BENCH_WORKERS", "2"))
-    with tempfile.TemporaryDirectory(prefix="ca-bench-") as tmp:
-        root = Path(tmp)
-        (root / "tokens").mkdir()
-        (root / "softhsm2.conf").write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-        os.environ["SOFTHSM2_CONF"] = str(root / "softhsm2.conf")
+    with scratch_softhsm("ca-bench-") as root:
         print(f"# Sign benchmark: {seconds:.0f} s windows, {concurrency} requests in flight,", end=" ")
         print(f"{workers} worker processes, {os.cpu_count()} cores")
         need = int(seconds * 2500) + 2000 + 24000
