@@ -65,6 +65,11 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     pkcs11.exceptions.NoSuchKey,
 )
 _RECONNECT_INTERVAL_S = 0.5
+_OPEN_ATTEMPTS = 4
+
+
+class _TransientHsmError(HsmUnavailable):
+    """A failure to reach the token that may pass (not a wrong PIN, not a missing token)."""
 
 
 # ---------------------------------------------------------------------------
@@ -153,8 +158,21 @@ class Hsm:
         if not os.path.exists(module_path):
             raise ConfigError(f"PKCS#11 module not found: {module_path}")
         hsm = cls(module_path, token_label, pin)
-        hsm.run(hsm._connect)
-        return hsm
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                hsm.run(hsm._connect)
+                return hsm
+            except _TransientHsmError:
+                # Several processes opening one SoftHSM token at the same instant have
+                # seen CKR_GENERAL_ERROR; a wrong PIN or a missing token is not retried.
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    hsm.close()
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+            except BaseException:
+                hsm.close()
+                raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Log out and release the module; further calls raise HsmUnavailable."""
@@ -212,7 +230,7 @@ class Hsm:
         except pkcs11.exceptions.NoSuchToken:
             raise HsmUnavailable(f"PKCS#11 token {self._token_label!r} not found in module {self._module_path}") from None
         except pkcs11.exceptions.PKCS11Error as exc:
-            raise HsmUnavailable(f"cannot reach PKCS#11 token {self._token_label!r}: {type(exc).__name__}") from None
+            raise _TransientHsmError(f"cannot reach PKCS#11 token {self._token_label!r}: {type(exc).__name__}") from None
         try:
             self._session = token.open(user_pin=self._pin, rw=True)
         except pkcs11.exceptions.UserAlreadyLoggedIn:
@@ -223,7 +241,7 @@ class Hsm:
         except pkcs11.exceptions.PinLocked:
             raise HsmUnavailable(f"the user PIN of PKCS#11 token {self._token_label!r} is locked") from None
         except pkcs11.exceptions.PKCS11Error as exc:
-            raise HsmUnavailable(f"cannot log in to PKCS#11 token {self._token_label!r}: {type(exc).__name__}") from None
+            raise _TransientHsmError(f"cannot log in to PKCS#11 token {self._token_label!r}: {type(exc).__name__}") from None
         self._keys.clear()
         self._broken = False
 
