@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,20 +158,35 @@ class Daemon:
 
 
 def wait_serving(target: str, timeout: float, process: subprocess.Popen[bytes] | None = None, log_path: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
+    """Wait until a plaintext (development mode) daemon reports SERVING."""
     with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise AssertionError(f"daemon exited with {process.returncode}: {log_path.read_text() if log_path else ''}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"daemon on {target} did not become SERVING within {timeout}s")
+        wait_channel_serving(channel, timeout, process, lambda: log_path.read_text() if log_path else "")
+
+
+def wait_channel_serving(
+    channel: grpc.Channel,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Callable[[], str] = lambda: "",
+    settle: float = 0.0,
+) -> None:
+    """Poll grpc.health.v1 over channel (plaintext or mTLS) until SERVING; fail early if the daemon exits.
+
+    settle waits a little longer once it answers, so every worker process has started too.
+    """
+    deadline = time.monotonic() + timeout
+    stub = health_pb2_grpc.HealthStub(channel)
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"daemon exited with {process.returncode}: {log()}")
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                time.sleep(settle)
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"daemon did not become SERVING within {timeout}s: {log()}")
 
 
 @pytest.fixture(scope="session")

@@ -39,11 +39,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon.client import CaClient, TlsOptions
 from ca_daemon.simulate import Device, simulate
-from tests.conftest import CA_DAEMON, CaEnv, Daemon, daemon_environment, free_port
+from tests.conftest import CA_DAEMON, CaEnv, Daemon, daemon_environment, free_port, wait_channel_serving
 from tests.factory_helpers import ForeignCa
 from tests.integration.crl_helpers import crl_env
 
@@ -135,20 +134,8 @@ def _tls(tls_dir: Path, name: str) -> TlsOptions:
 
 def _wait_serving(daemon: Daemon, tls: TlsOptions) -> None:
     """conftest.wait_serving speaks plaintext; this daemon answers only mTLS clients."""
-    process = daemon.process
-    assert process is not None
-    deadline = time.monotonic() + 40
     with grpc.secure_channel(daemon.env.target, tls.credentials()) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"daemon exited with {process.returncode}: {daemon.log()}"
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError(f"daemon did not start: {daemon.log()}")
+        wait_channel_serving(channel, 40, daemon.process, daemon.log)
 
 
 def _rotate(ca: Ca, subject: str) -> None:

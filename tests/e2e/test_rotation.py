@@ -27,10 +27,9 @@ import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, free_port, make_env
+from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, free_port, make_env, wait_channel_serving
 
 pytestmark = pytest.mark.slow
 
@@ -99,20 +98,8 @@ def rotation_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 
 
 def _wait_serving(daemon: RotationDaemon) -> None:
-    deadline = time.monotonic() + 40
     with daemon.channel("aud") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if daemon.process.poll() is not None:
-                raise AssertionError(f"daemon exited: {daemon.log()}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    time.sleep(1.0)  # both workers
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError(f"daemon did not start: {daemon.log()}")
+        wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)  # settle: both workers
 
 
 # -- helpers -------------------------------------------------------------------------------
