@@ -278,7 +278,11 @@ class Authority:
             request_digest=certificate.csr_sha256,
             details={"profile": certificate.profile, "request_id": request.request_id},
         )
-        return self._result(await self._committer.submit((certificate, audit, allow_reissue)))
+        outcome = await self._committer.submit((certificate, audit, allow_reissue))
+        if isinstance(outcome, IssuanceOutcome) and outcome.certificate.issuer_key_id != self.active.key.key_id:
+            # Signed by the key active a moment ago (a switch happened meanwhile): its chain is read from the store.
+            return await asyncio.to_thread(self._result, outcome)
+        return self._result(outcome)
 
     def _prepare(self, request: CertificateRequest, rules: PolicySet) -> SignResult | tuple[IssuedCertificate, bool]:
         """Everything before the commit, on the token's thread: a replayed answer, or a signed certificate."""
