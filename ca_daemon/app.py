@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +64,20 @@ def prepare_environment(config: Config) -> None:
 def connect_hsm(config: Config) -> Hsm:
     prepare_environment(config)
     return Hsm.open(config.hsm.module, config.hsm.token, config.hsm.pin.read())
+
+
+@contextlib.contextmanager
+def connected(config: Config) -> Iterator[tuple[Hsm, SqlStore]]:
+    """The token and the store for one command-line job; both are closed however it ends."""
+    hsm = connect_hsm(config)
+    try:
+        store = connect_store(config)
+        try:
+            yield hsm, store
+        finally:
+            store.close()
+    finally:
+        hsm.close()
 
 
 def connect_store(config: Config) -> SqlStore:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from ca_daemon import app, authority, cli_access, cli_factory, cli_rotation, issuer
 from ca_daemon import config as config_module
 from ca_daemon.errors import CaError
-from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.hsm import Pkcs11Uri
 from ca_daemon.model import CaKey, KeySpec, KeyStatus
 from ca_daemon.store import SqlStore
 from ca_daemon.store.rotation_store import RotationStore
@@ -210,21 +210,11 @@ def _write_secret(path: Path) -> str:
 # -- keys and CA certificates ----------------------------------------------
 
 
-def _open(args: argparse.Namespace) -> tuple[config_module.Config, Hsm, SqlStore]:
-    config = config_module.load(args.config)
-    hsm = app.connect_hsm(config)
-    return config, hsm, app.connect_store(config)
-
-
 def _key_generate(args: argparse.Namespace) -> int:
-    _, hsm, store = _open(args)
-    try:
+    with app.connected(config_module.load(args.config)) as (hsm, store):
         key = authority.create_ca_key(hsm, store, KeySpec(args.type), args.label)
         print(key.pkcs11_uri)
         return 0
-    finally:
-        hsm.close()
-        store.close()
 
 
 def _key_list(args: argparse.Namespace) -> int:
@@ -240,15 +230,11 @@ def _key_list(args: argparse.Namespace) -> int:
 
 
 def _ca_csr(args: argparse.Namespace) -> int:
-    _, hsm, store = _open(args)
-    try:
+    with app.connected(config_module.load(args.config)) as (hsm, store):
         key = _known_key(store, args.label)
         Path(args.out).write_bytes(authority.ca_csr(hsm, key, issuer.parse_subject(args.subject)))
         print(f"wrote {args.out}")
         return 0
-    finally:
-        hsm.close()
-        store.close()
 
 
 def _ca_import(args: argparse.Namespace) -> int:

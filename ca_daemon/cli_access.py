@@ -8,8 +8,10 @@ store records only their certificates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -84,15 +86,11 @@ def _clients(specs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _open(args: argparse.Namespace) -> tuple[config_module.Config, Hsm, SqlStore]:
+@contextlib.contextmanager
+def _open(args: argparse.Namespace) -> Iterator[tuple[config_module.Config, Hsm, SqlStore]]:
     config = config_module.load(args.config)
-    hsm = app.connect_hsm(config)
-    try:
-        store = app.connect_store(config)
-    except BaseException:
-        hsm.close()
-        raise
-    return config, hsm, store
+    with app.connected(config) as (hsm, store):
+        yield config, hsm, store
 
 
 def _issue_clients(ca: tls.MtlsCa, store: SqlStore, out: Path, clients: list[tuple[str, str]], days: int) -> None:
@@ -112,9 +110,8 @@ def _mtls_init(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     clients = _clients(args.client)
-    config, hsm, store = _open(args)
     out = Path(args.out).resolve()
-    try:
+    with _open(args) as (config, hsm, store):
         ca, created = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
         print(("created" if created else "using") + f" mTLS CA {ca.certificate.subject.rfc4514_string()} (key {config.tls.ca_key_uri})")
         out.mkdir(parents=True, exist_ok=True)
@@ -143,9 +140,6 @@ def _mtls_init(args: argparse.Namespace) -> int:
         else:
             print(f"wrote {out}; add {out / 'mtls.toml'} to the configuration and set server.dev_mode = false (or rerun with --apply)")
         return 0
-    finally:
-        hsm.close()
-        store.close()
 
 
 def _snippet(out: Path, clients: list[tuple[str, str]]) -> str:
@@ -187,16 +181,12 @@ def _apply(path: Path, snippet: str) -> None:
 
 def _mtls_issue(args: argparse.Namespace) -> int:
     clients = _clients(args.client)
-    config, hsm, store = _open(args)
-    try:
+    with _open(args) as (config, hsm, store):
         ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
         _issue_clients(ca, store, Path(args.out).resolve(), clients, args.days)
         for name, role in clients:
             print(f"grant it in the configuration: [roles] {role} = [..., {_quote(name)}]")
         return 0
-    finally:
-        hsm.close()
-        store.close()
 
 
 def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str) -> Path:
@@ -213,25 +203,17 @@ def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str
 
 
 def _mtls_revoke(args: argparse.Namespace) -> int:
-    config, hsm, store = _open(args)
-    try:
+    with _open(args) as (config, hsm, store):
         ca_key_id = Pkcs11Uri.parse(config.tls.ca_key_uri).label
         tls.revoke(store, args.serial, args.reason, _actor(), ca_key_id)
         _write_crl(config, hsm, store, args.crl_out)
         return 0
-    finally:
-        hsm.close()
-        store.close()
 
 
 def _mtls_crl(args: argparse.Namespace) -> int:
-    config, hsm, store = _open(args)
-    try:
+    with _open(args) as (config, hsm, store):
         _write_crl(config, hsm, store, args.out)
         return 0
-    finally:
-        hsm.close()
-        store.close()
 
 
 def _mtls_list(args: argparse.Namespace) -> int:
@@ -258,17 +240,12 @@ def _audit_public_key(args: argparse.Namespace) -> int:
 
 
 def _checkpoint(config: config_module.Config) -> None:
-    hsm = app.connect_hsm(config)
-    store = app.connect_store(config)
-    try:
+    with app.connected(config) as (hsm, store):
         made = audit.Checkpointer(hsm, store, config.audit.key_uri).checkpoint()
         print(
             f"checkpoint at seq {made.seq} ({made.count} events)" if made else "the last checkpoint already covers the head",
             file=sys.stderr,
         )
-    finally:
-        hsm.close()
-        store.close()
 
 
 def _audit_checkpoint(args: argparse.Namespace) -> int:

@@ -256,17 +256,10 @@ def _ca_verification_cert(args: argparse.Namespace) -> int:
     from ca_daemon.registration import VerificationCertificates
 
     config = config_module.load(args.config)
-    hsm = app.connect_hsm(config)
-    try:
-        store = app.connect_store(config)
-        try:
-            active = load_active_ca(config, hsm, store)
-            actor = f"cli:{_local_user()}"
-            result = VerificationCertificates(hsm, store, lambda: active).issue(args.code, timedelta(days=args.validity_days), actor)
-        finally:
-            store.close()
-    finally:
-        hsm.close()
+    with app.connected(config) as (hsm, store):
+        active = load_active_ca(config, hsm, store)
+        actor = f"cli:{_local_user()}"
+        result = VerificationCertificates(hsm, store, lambda: active).issue(args.code, timedelta(days=args.validity_days), actor)
     _write_certificates(Path(args.out), [result.certificate], _format_for(args.out))
     print(f"wrote verification certificate {result.serial} (CN={args.code}, signed by CA key {result.issuer_key_id}) to {args.out}")
     return 0
@@ -280,22 +273,15 @@ def _crl_publish(args: argparse.Namespace) -> int:
     from ca_daemon.revocation import CrlPublisher
 
     config = config_module.load(args.config)
-    hsm = app.connect_hsm(config)
-    try:
-        store = app.connect_store(config)
-        try:
-            publisher = CrlPublisher(config, hsm, store)
-            issuers = publisher.issuers(datetime.now(UTC))
-            if not issuers:
-                raise CaError("no CA key with a valid certificate; nothing to publish")
-            for issuer in issuers:
-                crl = hsm.run(lambda issuer=issuer: publisher.publish(issuer, delta=args.delta))  # type: ignore[misc]
-                kind = "delta" if crl.is_delta else "full"
-                print(f"published {kind} CRL {crl.crl_number} of {issuer.key_id} ({crl.entries} entries)")
-        finally:
-            store.close()
-    finally:
-        hsm.close()
+    with app.connected(config) as (hsm, store):
+        publisher = CrlPublisher(config, hsm, store)
+        issuers = publisher.issuers(datetime.now(UTC))
+        if not issuers:
+            raise CaError("no CA key with a valid certificate; nothing to publish")
+        for issuer in issuers:
+            crl = hsm.run(lambda issuer=issuer: publisher.publish(issuer, delta=args.delta))  # type: ignore[misc]
+            kind = "delta" if crl.is_delta else "full"
+            print(f"published {kind} CRL {crl.crl_number} of {issuer.key_id} ({crl.entries} entries)")
     print("GetCRL returns it now; a running daemon also serves it over HTTP within its crl.check_interval")
     return 0
 
