@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -30,6 +31,30 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A client's view of mTLS: the server's CA, and the client's certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def channel(self, target: str, *, aio: bool) -> grpc.Channel | grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes())
+        options = [("grpc.ssl_target_name_override", "localhost"), ("grpc.use_local_subchannel_pool", 1)]
+        if aio:
+            return grpc.aio.secure_channel(target, credentials, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
+
+
+def open_channel(target: str, tls: TlsFiles | None, *, aio: bool) -> Any:
+    """A channel to the daemon: plaintext (development mode) or mTLS."""
+    if tls is not None:
+        return tls.channel(target, aio=aio)
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    return grpc.aio.insecure_channel(target, options=options) if aio else grpc.insecure_channel(target, options=options)
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,7 @@ class BenchCa:
         self.config = self.root / "ca-daemon.toml"
         self.port = free_port()
         self.softhsm_conf = root / "softhsm2.conf"
+        self.tls: TlsFiles | None = None
         with contextlib.redirect_stdout(None):
             cli.write_dev_setup(
                 self.root,
@@ -102,6 +128,29 @@ class BenchCa:
             env=_env(),
         )
 
+    def enable_mtls(self) -> TlsFiles:
+        """Switch this CA to mTLS (`ca-daemon mtls init --apply`) with one programmer client."""
+        tls_dir = self.root / "tls"
+        subprocess.run(
+            [
+                str(BIN / "ca-daemon"),
+                "--config",
+                str(self.config),
+                "mtls",
+                "init",
+                "--out",
+                str(tls_dir),
+                "--client",
+                "bench:programmer",
+                "--apply",
+            ],
+            check=True,
+            capture_output=True,
+            env=_env(),
+        )
+        self.tls = TlsFiles(tls_dir / "ca.pem", tls_dir / "clients" / "bench.pem", tls_dir / "clients" / "bench.key")
+        return self.tls
+
     def serve(self) -> subprocess.Popen[bytes]:
         log = (self.root / "daemon.log").open("ab")
         process = subprocess.Popen(
@@ -112,7 +161,7 @@ class BenchCa:
             start_new_session=True,
         )
         log.close()
-        _wait_serving(f"127.0.0.1:{self.port}", process)
+        _wait_serving(f"127.0.0.1:{self.port}", process, self.tls)
         return process
 
 
@@ -122,11 +171,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _wait_serving(target: str, process: subprocess.Popen[bytes]) -> None:
+def _wait_serving(target: str, process: subprocess.Popen[bytes], tls: TlsFiles | None = None) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + 60
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, tls, aio=False) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -228,17 +277,19 @@ def issuance_ceilings(ca: BenchCa, csrs: list[bytes], seconds: float) -> tuple[f
 # -- served rate (separate load-generator process) ----------------------------------
 
 
-def _load_main(target: str, csrs: list[bytes], concurrency: int, seconds: float, queue: multiprocessing.Queue[Served]) -> None:
-    queue.put(asyncio.run(_load(target, csrs, concurrency, seconds)))
+def _load_main(
+    target: str, csrs: list[bytes], concurrency: int, seconds: float, queue: multiprocessing.Queue[Served], tls: TlsFiles | None = None
+) -> None:
+    queue.put(asyncio.run(_load(target, csrs, concurrency, seconds, tls)))
 
 
-async def _load(target: str, csrs: list[bytes], concurrency: int, seconds: float) -> Served:
+async def _load(target: str, csrs: list[bytes], concurrency: int, seconds: float, tls: TlsFiles | None = None) -> Served:
     from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 
     latencies: list[float] = []
     errors = 0
     next_index = 0
-    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+    channels = [open_channel(target, tls, aio=True) for _ in range(4)]
     stubs = [ca_pb2_grpc.CertificateAuthorityStub(ch) for ch in channels]
     warmup_end = time.perf_counter() + 1.0
     end = warmup_end + seconds
@@ -283,7 +334,7 @@ def served_rate(ca: BenchCa, csrs: list[bytes], concurrency: int, seconds: float
     try:
         context = multiprocessing.get_context("spawn")
         queue: multiprocessing.Queue[Served] = context.Queue()
-        loader = context.Process(target=_load_main, args=(f"127.0.0.1:{ca.port}", csrs, concurrency, seconds, queue))
+        loader = context.Process(target=_load_main, args=(f"127.0.0.1:{ca.port}", csrs, concurrency, seconds, queue, ca.tls))
         loader.start()
         result = queue.get(timeout=seconds + 120)
         loader.join()
@@ -315,6 +366,16 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print(f"  served / full-pipeline ceiling             {served.rate / pipeline:8.2f}")
         print(f"latency p50 / p99                            {served.p50_ms:6.1f} / {served.p99_ms:.1f} ms   (target p99 <= 50 ms)")
         print(f"completed / errors                           {served.completed} / {served.errors}")
+
+        # The same CA switched to mTLS: each worker terminates TLS 1.3 itself and relays to gRPC (tls_front.py).
+        ec_ca.enable_mtls()
+        mtls_csrs = make_csrs(int(seconds * 2000) + 1000, f"bench-mtls-{uuid.uuid4().hex[:6]}")
+        served_mtls = served_rate(ec_ca, mtls_csrs, concurrency, seconds)
+        print("\n## EC P-256 CA over mTLS (TLS 1.3 front end in each worker)")
+        print(f"served Sign rate over mTLS, durable commits  {served_mtls.rate:8.0f} /s")
+        print(f"  mTLS / plaintext served rate               {served_mtls.rate / served.rate:8.2f}")
+        print(f"latency p50 / p99                            {served_mtls.p50_ms:6.1f} / {served_mtls.p99_ms:.1f} ms")
+        print(f"completed / errors                           {served_mtls.completed} / {served_mtls.errors}")
 
         rsa_ca = BenchCa(root, "rsa-2048", workers)
         raw_rsa = raw_sign_rate(rsa_ca, 3.0)

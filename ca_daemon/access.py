@@ -1,15 +1,15 @@
 """Who is calling, and may they: the relying-party steps for mTLS clients, and the role rules.
 
-The TLS handshake (grpcio, `require_client_auth=True`) already did steps 1 and 2: the client
-proved possession of its key and its certificate chains to a configured client CA (with
-validity dates checked). grpcio has no CRL hook, so step 3, "not on that CA's CRL", is done
-here from the peer certificate in the call's auth context, against the configured CRL file
-(re-read when it changes, its signature checked against the client CA bundle). Step 4 takes
-the identity from the subject CN (else the first SAN URI, else the first DNS name); step 5 maps
-it to roles (`[roles]`) and checks the method's rule.
-
-grpcio cannot be told to refuse TLS 1.2 at the handshake, but it reports the negotiated
-version (`ssl_tls_version`): a call over anything but TLS 1.3 is refused here.
+The TLS handshake (tls_front.py: TLS 1.3 only, a client certificate asked for but not
+required) did step 1 and the signature half of step 2: the client proved possession of its
+key and its certificate chains to a configured client CA. The handshake does not check
+dates, so that a caller without a certificate or with an expired one reaches us and gets
+UNAUTHENTICATED with the reason instead of a cut connection; here we check that a
+certificate was presented, that it and the client CAs it chains to are valid now, step 3
+("not on that CA's CRL", from the configured CRL file, re-read when it changes, its
+signature checked against the client CA bundle), step 4 (the identity from the subject CN,
+else the first SAN URI, else the first DNS name) and step 5 (roles from `[roles]` and the
+method's rule). The negotiated protocol is checked again: anything but TLS 1.3 is refused.
 
 Pure except for reading the CRL file; no gRPC types: the interceptor passes the auth context
 as a plain dict.
@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.config import ROLES, Config, RoleGrant
@@ -215,9 +216,18 @@ class Authenticator:
     a revocation takes effect within a second of the CRL file being replaced.
     """
 
-    def __init__(self, roles: RoleMap, crl: ClientCrl | None, *, local_identity: str = "", require_tls13: bool = True) -> None:
+    def __init__(
+        self,
+        roles: RoleMap,
+        crl: ClientCrl | None,
+        *,
+        client_cas: Sequence[x509.Certificate] = (),
+        local_identity: str = "",
+        require_tls13: bool = True,
+    ) -> None:
         self._roles = roles
         self._crl = crl
+        self._client_cas = tuple(client_cas)
         self._local = Principal(local_identity, ANY_ROLE) if local_identity else None
         self._require_tls13 = require_tls13
         self._cache: OrderedDict[bytes, tuple[int, Principal, datetime]] = OrderedDict()
@@ -229,7 +239,8 @@ class Authenticator:
             return cls(RoleMap(()), None, local_identity=config.server.local_identity)
         tls = config.tls
         assert tls.client_crl_file is not None and tls.client_ca_file is not None
-        return cls(RoleMap(config.roles), ClientCrl(tls.client_crl_file, tls.client_ca_file))
+        client_cas = x509.load_pem_x509_certificates(tls.client_ca_file.read_bytes())
+        return cls(RoleMap(config.roles), ClientCrl(tls.client_crl_file, tls.client_ca_file), client_cas=client_cas)
 
     def authenticate(self, auth_context: Mapping[str, Iterable[bytes]], now: datetime | None = None) -> Principal:
         if self._local is not None:
@@ -251,15 +262,61 @@ class Authenticator:
                 self._crl.check(int(principal.serial, 16), now)
             return principal
         certificate = x509.load_pem_x509_certificate(pem)
-        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-            raise Unauthenticated(f"client certificate {certificate.serial_number:x} is not valid now", rule="client-certificate")
+        _check_dates(certificate, "client certificate", now)
+        valid_until = min([certificate.not_valid_after_utc, *(ca.not_valid_after_utc for ca in self._issuers_of(certificate, now))])
         if self._crl is not None:
             self._crl.check(certificate.serial_number, now)
         principal = principal_of(certificate, self._roles)
-        self._cache[pem] = (self._crl.generation if self._crl is not None else 0, principal, certificate.not_valid_after_utc)
+        self._cache[pem] = (self._crl.generation if self._crl is not None else 0, principal, valid_until)
         while len(self._cache) > 1024:
             self._cache.popitem(last=False)
         return principal
+
+    def _issuers_of(self, certificate: x509.Certificate, now: datetime) -> list[x509.Certificate]:
+        """The client CAs from certificate up to a self-signed one, each checked to be valid now.
+
+        The handshake verified the chain without dates; here every CA on it must come from the
+        configured bundle (so that we can check its dates) and be valid now.
+        """
+        if not self._client_cas:
+            return []
+        chain: list[x509.Certificate] = []
+        current = certificate
+        while len(chain) < 8:
+            issuer = next((ca for ca in self._client_cas if ca.subject == current.issuer and _issued_by(current, ca)), None)
+            if issuer is None:
+                raise Unauthenticated(
+                    f"client certificate {certificate.serial_number:x} is not issued by a CA in tls.client_ca "
+                    f"(issuer {current.issuer.rfc4514_string()}); put every intermediate CA in that bundle",
+                    rule="client-certificate",
+                )
+            _check_dates(issuer, f"client CA {issuer.subject.rfc4514_string()!r}", now)
+            chain.append(issuer)
+            if issuer.subject == issuer.issuer:
+                break
+            current = issuer
+        return chain
+
+
+def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _check_dates(certificate: x509.Certificate, what: str, now: datetime) -> None:
+    if now > certificate.not_valid_after_utc:
+        raise Unauthenticated(
+            f"{what} {certificate.serial_number:x} expired at {certificate.not_valid_after_utc.isoformat()}; ask for a new one",
+            rule="client-certificate-expired",
+        )
+    if now < certificate.not_valid_before_utc:
+        raise Unauthenticated(
+            f"{what} {certificate.serial_number:x} is not valid before {certificate.not_valid_before_utc.isoformat()}",
+            rule="client-certificate-not-yet-valid",
+        )
 
 
 def principal_of(certificate: x509.Certificate, roles: RoleMap) -> Principal:

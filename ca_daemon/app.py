@@ -5,6 +5,8 @@ commit thread. A single Python process saturates one core well before the token 
 so `serve` runs `server.workers` such processes on the same port (SO_REUSEPORT); each
 has its own PKCS#11 initialisation and login, as the module requires. The parent only
 validates the set-up, starts the workers, restarts one that dies and forwards signals.
+With mTLS, each worker's TLS front end (tls_front.py) terminates TLS on the public port
+and relays to the worker's gRPC server on a private loopback port.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ca_daemon import config as config_module
-from ca_daemon import logs, metrics, tls
+from ca_daemon import logs, metrics, tls, tls_front
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.access import Authenticator
 from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
@@ -97,9 +99,14 @@ class Worker:
     crl: CrlServices | None = None
     audit_log: AuditLog | None = None
     checkpointer: Checkpointer | None = None
+    front: tls_front.TlsFrontEnd | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.front is not None:
+            self.front.stop_accepting()  # calls in flight still get their answers during the grace period
         await self.server.stop(grace)
+        if self.front is not None:
+            await self.front.stop()
         if self.crl is not None:
             await self.crl.stop()
         self.authority.close()
@@ -127,7 +134,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         store.audit_chain = config.audit.chain
         authority = Authority.load(config, hsm, store)
         checkpointer = Checkpointer(hsm, store, config.audit.key_uri)
-        credentials = tls.server_credentials(config) if config.tls.enabled else None
+        front = tls_front.TlsFrontEnd(tls.server_context(config)) if config.tls.enabled else None
         authenticator = Authenticator.from_config(config)
     except BaseException:
         hsm.close()
@@ -137,7 +144,11 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         hsm.sign_observer = request_metrics.hsm_sign
     audit_log = AuditLog(store, config.store.commit_batch_max)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(authenticator, audit_log.record, request_metrics)],
+        interceptors=[
+            ErrorInterceptor(
+                authenticator, audit_log.record, request_metrics, (lambda context: front.auth_context_of(context.peer())) if front else None
+            )
+        ],
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", config.server.max_csr_bytes + 64 * 1024),
@@ -157,11 +168,15 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, KEY_CEREMONY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = listen or config.server.listen
-    port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
+    # With mTLS, gRPC listens in plaintext on a private loopback port behind the TLS front end.
+    port = server.add_insecure_port("127.0.0.1:0" if front is not None else address)
     crl = CrlServices(config, hsm, store) if primary else None
     if crl is not None:
         await crl.start()  # before serving, so the first CRLs exist once the server reports SERVING
     await server.start()
+    if front is not None:
+        host, _, public_port = address.rpartition(":")
+        port = await front.start(host.strip("[]"), int(public_port), backend_port=port)
     await _set_health(health_servicer, authority.healthy)
     asyncio.get_running_loop().create_task(_watch_health(health_servicer, lambda: authority.healthy))
     asyncio.get_running_loop().create_task(_follow_active_key(authority, config.rotation.poll_interval.total_seconds()), name="key-follow")
@@ -169,7 +184,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     if primary:
         interval = config.audit.checkpoint_interval.total_seconds()
         asyncio.get_running_loop().create_task(checkpointer.run(interval), name="audit-checkpoints")
-    return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer)
+    return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front)
 
 
 async def _follow_active_key(authority: Authority, interval: float) -> None:
@@ -276,7 +291,7 @@ def check_ready(config: Config) -> None:
                     f"the audit checkpoint key {config.audit.key_uri} is not in the token; run `ca-daemon init` to create it"
                 ) from None
             if config.tls.enabled:
-                tls.server_credentials(config)
+                tls.server_context(config)
                 Authenticator.from_config(config)  # loads and checks the client CA bundle and CRL
         finally:
             store.close()

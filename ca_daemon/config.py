@@ -195,8 +195,8 @@ ROLES = ("programmer", "officer", "auditor", "admin")
 class TlsConfig:
     """`[tls]`: the gRPC server's certificate and key (PEM files), the client CAs and their CRLs.
 
-    The server key is a file, not an HSM key: grpcio's TLS stack takes the key as PEM bytes
-    and has no PKCS#11 hook. It is a short-lived TLS key that `ca-daemon mtls init` makes on
+    The server key is a file, not an HSM key: the TLS front end (tls_front.py, Python's ssl)
+    loads it from a file and has no PKCS#11 hook. It is a short-lived TLS key that `ca-daemon mtls init` makes on
     this host; the key that matters (the internal mTLS CA that certifies server and clients,
     `ca_key`) stays in the HSM. Files are checked when the daemon starts, not here, so
     `ca-daemon mtls init` can run with a configuration that names files it will create.

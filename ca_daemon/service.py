@@ -13,7 +13,7 @@ import base64
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -100,8 +100,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         authenticator: Authenticator | None = None,
         record_denial: DenialRecorder | None = None,
         metrics: RequestMetrics | None = None,
+        auth_context_of: Callable[[grpc.aio.ServicerContext[Any, Any]], Mapping[str, Iterable[bytes]]] | None = None,
     ) -> None:
         self._authenticator = authenticator
+        # Behind the TLS front end (tls_front.py) the handshake's results are looked up by peer address.
+        self._auth_context_of = auth_context_of or (lambda context: context.auth_context())
         self._record_denial = record_denial
         self._metrics = metrics
 
@@ -168,7 +171,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if self._authenticator is None:
             return "-"
         try:
-            principal = self._authenticator.authenticate(context.auth_context())
+            principal = self._authenticator.authenticate(self._auth_context_of(context))
         except errors.Unauthenticated as exc:
             await self._deny("unauthenticated", "-", method, exc)
             raise

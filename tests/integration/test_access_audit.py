@@ -163,9 +163,13 @@ def _call(channel: grpc.Channel, method: str) -> grpc.StatusCode:
 def test_role_matrix(channels: dict[str, grpc.Channel], method: str, caller: str) -> None:
     code = _call(channels[caller], method)
     details: str = _call.last_details  # type: ignore[attr-defined]
-    if caller in ("no-certificate", "expired"):
-        # Refused in the TLS handshake (require_client_auth: no certificate, or one not valid now): no RPC is served.
-        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+    if caller == "no-certificate":
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
+        assert "client certificate is required" in details
+        return
+    if caller == "expired":
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
+        assert "expired at" in details
         return
     if caller == "revoked":
         assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
@@ -341,6 +345,27 @@ def test_secrets_never_in_logs_events_or_export(tls_daemon: TlsDaemon, tmp_path:
         for name, text in haystacks.items():
             assert pin not in text, f"a PIN appears in the {name}"
             assert pin.encode().hex() not in text, f"a PIN (hex) appears in the {name}"
+
+
+def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> None:
+    import socket
+    import ssl
+
+    client = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", tls_daemon.env.port), timeout=10) as raw, pytest.raises(ssl.SSLError):
+        client.wrap_socket(raw, server_hostname="localhost")
+    client = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
+    client.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", tls_daemon.env.port), timeout=10) as raw,
+        client.wrap_socket(raw, server_hostname="localhost") as tls13,
+    ):
+        assert (tls13.version(), tls13.selected_alpn_protocol()) == ("TLSv1.3", "h2")
+    deadline = time.monotonic() + 5
+    while "TLS handshake with 127.0.0.1:" not in tls_daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "TLS handshake with 127.0.0.1:" in tls_daemon.log()
 
 
 def test_tls13_only_and_no_certificate_rules() -> None:

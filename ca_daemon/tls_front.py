@@ -1,0 +1,160 @@
+"""TLS 1.3 termination in front of a worker's gRPC server, so that mTLS refusals are gRPC statuses.
+
+Why not grpcio's own TLS: `grpc.ssl_server_credentials` offers only "require and verify a
+client certificate" or "do not ask for one", and no minimum protocol version. With the
+first, a caller without a certificate (or with an expired one) is cut off in the handshake
+and sees UNAVAILABLE, with nothing in our log or audit trail; a TLS 1.2 caller is only
+refused per call. Python's `ssl` can do what we need: ask for a certificate without
+requiring one (CERT_OPTIONAL), accept TLS 1.3 only, and leave validity dates to us
+(X509_V_FLAG_NO_CHECK_TIME), so the authenticator can answer UNAUTHENTICATED with the reason.
+
+Each client connection is handshaken here and then relayed byte for byte to the worker's
+plaintext gRPC port on loopback, over a connection of its own. The backend connection's
+local port is the key under which we keep the client's certificate and protocol version;
+the interceptor finds them from the call's peer address (`ipv4:127.0.0.1:PORT`). A
+connection to the backend port that did not come through here has no entry and is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake checks signatures and the chain, and
+# access.Authenticator checks the dates of the certificate and of the client CAs it chains to.
+_NO_CHECK_TIME = 0x200000
+_HANDSHAKE_TIMEOUT_S = 10.0
+_CHUNK = 256 * 1024
+
+AuthContext = Mapping[str, Iterable[bytes]]
+_NO_CONTEXT: AuthContext = {}
+
+
+def server_context(cert_file: Path, key_file: Path, client_ca_file: Path) -> ssl.SSLContext:
+    """TLS 1.3 only, HTTP/2 by ALPN, client certificates asked for and chain-verified when sent."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(cert_file, key_file)
+    context.load_verify_locations(cafile=client_ca_file)
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.verify_flags = ssl.VerifyFlags(context.verify_flags | _NO_CHECK_TIME)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+class TlsFrontEnd:
+    """Accepts TLS on the public address and relays each connection to the gRPC backend."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self._context = context
+        self._backend_port = 0
+        self._peers: dict[int, AuthContext] = {}
+        self._server: asyncio.Server | None = None
+        self._relays: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int, *, backend_port: int) -> int:
+        """Listen on host:port (shared with the other workers: SO_REUSEPORT); the port bound."""
+        self._backend_port = backend_port
+        self._server = await asyncio.start_server(self._accept, host, port, reuse_port=True, backlog=1024)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def stop(self) -> None:
+        """Cut the connections still open (after the gRPC server's grace period)."""
+        self.stop_accepting()
+        for task in list(self._relays):
+            task.cancel()
+        if self._relays:
+            await asyncio.gather(*self._relays, return_exceptions=True)
+
+    def auth_context_of(self, peer: str) -> AuthContext:
+        """What the TLS handshake of the client behind a backend peer address established.
+
+        Empty (no TLS, no certificate) for an address that is not one of our relays.
+        """
+        host, _, port = peer.rpartition(":")
+        if not host.startswith(("ipv4:127.0.0.1", "ipv6:[::1]")) or not port.isdigit():
+            return _NO_CONTEXT
+        return self._peers.get(int(port), _NO_CONTEXT)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        try:
+            await self._serve_connection(reader, writer)
+        finally:
+            self._relays.discard(task)
+            writer.close()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = writer.get_extra_info("peername")
+        try:
+            await writer.start_tls(self._context, ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            log.info("TLS handshake with %s refused: %s", _address(client), _reason(exc))
+            return
+        auth = _auth_context(writer.get_extra_info("ssl_object"))
+        try:
+            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", self._backend_port)
+        except OSError as exc:
+            log.error("cannot reach this worker's gRPC backend on 127.0.0.1:%d: %s", self._backend_port, exc)
+            return
+        local_port = int(backend_writer.get_extra_info("sockname")[1])
+        self._peers[local_port] = auth  # before the first byte reaches the backend
+        try:
+            upstream = asyncio.create_task(_relay(reader, backend_writer))
+            downstream = asyncio.create_task(_relay(backend_reader, writer))
+            try:
+                await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                upstream.cancel()
+                downstream.cancel()
+                await asyncio.gather(upstream, downstream, return_exceptions=True)
+        finally:
+            if self._peers.get(local_port) is auth:
+                del self._peers[local_port]
+            backend_writer.close()
+
+
+async def _relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Copy bytes until end of stream or a broken connection."""
+    with contextlib.suppress(OSError, ConnectionError):
+        while data := await source.read(_CHUNK):
+            sink.write(data)
+            await sink.drain()
+
+
+def _auth_context(ssl_object: ssl.SSLObject | None) -> AuthContext:
+    """The same keys grpcio's auth context uses, so access.Authenticator reads either."""
+    if ssl_object is None:
+        return _NO_CONTEXT
+    context: dict[str, tuple[bytes, ...]] = {"ssl_tls_version": ((ssl_object.version() or "").encode(),)}
+    der = ssl_object.getpeercert(binary_form=True)
+    if der:
+        context["x509_pem_cert"] = (ssl.DER_cert_to_PEM_cert(der).encode(),)
+    return context
+
+
+def _address(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__
+
+
+__all__ = ["AuthContext", "TlsFrontEnd", "server_context"]

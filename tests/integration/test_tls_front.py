@@ -1,0 +1,279 @@
+"""The TLS front end (tls_front.py) in front of a real grpc.aio server, with real TLS over loopback.
+
+Certificates are made here with `cryptography` so that each case (expired client, expired
+client CA, unknown CA) is one line; the daemon-level matrix is in test_access_audit.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ca_daemon import access, tls_front
+from ca_daemon.config import RoleGrant
+from ca_daemon.service import ErrorInterceptor
+
+SIGN = "/ca_daemon.v1.CertificateAuthority/Sign"
+NOW = datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Issued:
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    def pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _issue(
+    name: str,
+    issuer: Issued | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+    not_before: datetime = NOW - timedelta(days=1),
+    not_after: datetime = NOW + timedelta(days=30),
+) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.certificate.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+    else:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+    certificate = builder.sign(issuer.key if issuer else key, hashes.SHA256())
+    return Issued(certificate, key)
+
+
+@dataclass
+class Pki:
+    ca: Issued
+    old_ca: Issued  # a client CA that has expired (its client certificate has not)
+    server: Issued
+    clients: dict[str, Issued]
+    directory: Path
+
+    @property
+    def client_ca_file(self) -> Path:
+        return self.directory / "client-ca.pem"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("front-pki")
+    ca = _issue("test client CA", None, ca=True, not_before=NOW - timedelta(days=10), not_after=NOW + timedelta(days=3650))
+    old_ca = _issue("retired client CA", None, ca=True, not_before=NOW - timedelta(days=400), not_after=NOW - timedelta(days=1))
+    stranger_ca = _issue("unknown CA", None, ca=True)
+    clients = {
+        "alice": _issue("alice", ca),
+        "bob": _issue("bob", ca),
+        "expired": _issue("expired", ca, not_before=NOW - timedelta(days=3), not_after=NOW - timedelta(days=1)),
+        "early": _issue("early", ca, not_before=NOW + timedelta(days=1), not_after=NOW + timedelta(days=30)),
+        "orphan": _issue("orphan", old_ca, not_before=NOW - timedelta(days=3), not_after=NOW + timedelta(days=30)),
+        "stranger": _issue("stranger", stranger_ca),
+    }
+    server = _issue("localhost", ca, server=True)
+    for name, issued in {**clients, "server": server}.items():
+        (directory / f"{name}.pem").write_bytes(issued.pem())
+        key_path = directory / f"{name}.key"
+        key_path.write_bytes(issued.key_pem())
+        key_path.chmod(0o600)
+    (directory / "client-ca.pem").write_bytes(ca.pem() + old_ca.pem())
+    return Pki(ca, old_ca, server, clients, directory)
+
+
+class FrontEndServer:
+    """A grpc.aio server with our interceptor and health, behind a TlsFrontEnd, on its own loop thread."""
+
+    def __init__(self, pki: Pki) -> None:
+        directory = pki.directory
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        context = tls_front.server_context(directory / "server.pem", directory / "server.key", pki.client_ca_file)
+        self.front = tls_front.TlsFrontEnd(context)
+        authenticator = access.Authenticator(
+            access.RoleMap([RoleGrant("programmer", "identity", "alice")]), None, client_cas=[pki.ca.certificate, pki.old_ca.certificate]
+        )
+        self.port, self.backend_port = self._run(self._start(authenticator))
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
+
+    async def _start(self, authenticator: access.Authenticator) -> tuple[int, int]:
+        front = self.front
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(authenticator, auth_context_of=lambda context: front.auth_context_of(context.peer()))]
+        )
+
+        async def sign(request: bytes, _context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            return b"signed:" + request
+
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("ca_daemon.v1.CertificateAuthority", {"Sign": grpc.unary_unary_rpc_method_handler(sign)})]
+        )
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, self.server)
+        backend_port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return await front.start("127.0.0.1", 0, backend_port=backend_port), backend_port
+
+    async def _stop(self) -> None:
+        self.front.stop_accepting()
+        await self.server.stop(1)
+        await self.front.stop()
+
+    def close(self) -> None:
+        self._run(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def front(pki: Pki) -> Iterator[FrontEndServer]:
+    server = FrontEndServer(pki)
+    yield server
+    server.close()
+
+
+def _channel(pki: Pki, front: FrontEndServer, client: str | None) -> grpc.Channel:
+    root = pki.ca.pem()
+    if client is None:
+        credentials = grpc.ssl_channel_credentials(root)
+    else:
+        issued = pki.clients[client]
+        credentials = grpc.ssl_channel_credentials(root, issued.key_pem(), issued.pem())
+    return grpc.secure_channel(f"localhost:{front.port}", credentials)
+
+
+def _sign(channel: grpc.Channel, payload: bytes = b"x") -> bytes:
+    result: bytes = channel.unary_unary(SIGN)(payload, timeout=10)
+    return result
+
+
+def _refusal(channel: grpc.Channel) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as refused:
+        _sign(channel)
+    return refused.value.code(), refused.value.details() or ""
+
+
+def test_a_client_with_the_role_is_served(pki: Pki, front: FrontEndServer) -> None:
+    with _channel(pki, front, "alice") as channel:
+        assert _sign(channel, b"csr") == b"signed:csr"
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [
+        (None, "a client certificate is required (mTLS); none was presented"),
+        ("expired", "client certificate"),
+        ("early", "is not valid before"),
+        ("orphan", "client CA 'CN=retired client CA'"),
+    ],
+)
+def test_refusals_that_reach_us_are_unauthenticated_with_the_reason(
+    pki: Pki, front: FrontEndServer, client: str | None, reason: str
+) -> None:
+    with _channel(pki, front, client) as channel:
+        code, details = _refusal(channel)
+    assert code == grpc.StatusCode.UNAUTHENTICATED, details
+    assert reason in details
+    if client in ("expired", "orphan"):
+        assert "expired at" in details
+
+
+def test_each_connection_is_its_own_caller(pki: Pki, front: FrontEndServer) -> None:
+    """Many calls over two clients' connections at once: each call is judged by its own connection's certificate."""
+    errors: list[str] = []
+
+    def hammer(client: str) -> None:
+        with _channel(pki, front, client) as channel:
+            for _ in range(40):
+                try:
+                    _sign(channel)
+                    outcome = "served"
+                except grpc.RpcError as exc:
+                    outcome = f"{exc.code().name}: {exc.details()}"
+                if client == "alice" and outcome != "served":
+                    errors.append(f"alice: {outcome}")
+                if client == "bob" and not (outcome.startswith("PERMISSION_DENIED") and "caller 'bob'" in outcome):
+                    errors.append(f"bob: {outcome}")
+
+    threads = [threading.Thread(target=hammer, args=(name,)) for name in ("alice", "bob", "alice", "bob")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+
+
+def test_an_unknown_ca_and_tls12_are_refused_in_the_handshake(
+    pki: Pki, front: FrontEndServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ca_daemon.tls_front")
+    with _channel(pki, front, "stranger") as channel:
+        code, _ = _refusal(channel)
+    assert code == grpc.StatusCode.UNAVAILABLE  # the chain does not verify: no TLS session, so no RPC
+
+    tls12 = ssl.create_default_context(cafile=None)
+    tls12.load_verify_locations(cadata=pki.ca.pem().decode())
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", front.port), timeout=10) as raw, pytest.raises(ssl.SSLError):
+        tls12.wrap_socket(raw, server_hostname="localhost")
+
+    tls13 = ssl.create_default_context()
+    tls13.load_verify_locations(cadata=pki.ca.pem().decode())
+    tls13.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", front.port), timeout=10) as raw, tls13.wrap_socket(raw, server_hostname="localhost") as s:
+        assert (s.version(), s.selected_alpn_protocol()) == ("TLSv1.3", "h2")
+    refused = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
+    assert sum("TLS handshake with 127.0.0.1:" in m and "refused" in m for m in refused) >= 2, refused
+
+
+def test_the_plaintext_backend_serves_nobody_directly(front: FrontEndServer) -> None:
+    """A local process that connects to the loopback backend port, bypassing TLS, is not anyone."""
+    with grpc.insecure_channel(f"127.0.0.1:{front.backend_port}") as channel:
+        code, details = _refusal(channel)
+        with pytest.raises(grpc.RpcError) as health:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert health.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "this connection uses no TLS" in details
