@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -29,12 +30,13 @@ from ca_daemon.errors import (
     NotFound,
     PermissionDenied,
     PolicyViolation,
+    StoreUnavailable,
 )
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.lint import Linter
 from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
 from ca_daemon.store import IssuanceOutcome, SqlStore, serial_hex
-from ca_daemon.store.group_commit import GroupCommitter
+from ca_daemon.store.group_commit import GroupCommitter, resolve_all
 from ca_daemon.store.rotation_store import RotationStore
 from ca_daemon.store.sql import replay_or_conflict
 
@@ -168,6 +170,10 @@ class _Refusal(Exception):
         self.digest = digest
 
 
+# A Sign request waiting for the token's thread: the request, the policy it is judged by, and its answer.
+_Waiting = tuple[CertificateRequest, "PolicySet", "asyncio.Future[Any]"]
+
+
 class Authority:
     """Signs device CSRs with the active CA key and records every issuance."""
 
@@ -184,6 +190,10 @@ class Authority:
             store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
         self._refusals: GroupCommitter[AuditEvent, None] = GroupCommitter(_append_audit_batch(store), config.store.commit_batch_max)
+        # Requests waiting for the token's thread, and whether a batch of them is on it now (see sign()).
+        self._waiting: list[_Waiting] = []
+        self._preparing = False
+        self._batch_max = min(64, config.store.commit_batch_max)
 
     @classmethod
     def load(cls, config: Config, hsm: Hsm, store: SqlStore) -> Authority:
@@ -253,36 +263,76 @@ class Authority:
         Order: caller and profile, CSR parsing and the profile's rules (pure, no I/O),
         then one store read for the request_id and the uniqueness facts, the fact rules,
         lint-before-sign, and a group commit that re-checks uniqueness. Everything before
-        the commit is one job on the token's thread: one hop per request instead of one
-        per step, which measured faster than spreading the steps over the event loop and
-        a thread pool (they all contend for one GIL). Every refusal is recorded as an audit
-        event before it is returned.
+        the commit runs on the token's thread, in batches: the requests that arrive while
+        one batch is being signed go together as the next one, and its certificates go to
+        the group commit together. So under load a request costs a fraction of a thread hop
+        instead of four (there and back, twice), and the threads, which share one GIL,
+        hand it over far less often. Every refusal is recorded as an audit event before it
+        is returned.
         """
-        rules = self.policy  # one request sees one configuration, even across a reload
+        future: asyncio.Future[SignResult | IssuanceOutcome | AlreadyExists] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, self.policy, future))  # one request sees one configuration, even across a reload
+        if not self._preparing:
+            self._prepare_next_batch()
         try:
-            prepared = await self._hsm.run_async(lambda: self._prepare(request, rules))
+            outcome = await future
         except _Refusal as refused:
             await self._record_refusal(request, refused.error, refused.device_id, refused.digest)
             raise refused.error from None
-        if isinstance(prepared, SignResult):
-            return prepared
-        certificate, allow_reissue = prepared
-        audit = AuditEvent(
-            time=certificate.created_at,
-            actor=request.caller,
-            action="certificate.issue",
-            outcome="issued",
-            serial=certificate.serial,
-            device_id=certificate.device_id,
-            key_id=certificate.issuer_key_id,
-            request_digest=certificate.csr_sha256,
-            details={"profile": certificate.profile, "request_id": request.request_id},
-        )
-        outcome = await self._committer.submit((certificate, audit, allow_reissue))
+        if isinstance(outcome, SignResult):
+            return outcome
         if isinstance(outcome, IssuanceOutcome) and outcome.certificate.issuer_key_id != self.active.key.key_id:
             # Signed by the key active a moment ago (a switch happened meanwhile): its chain is read from the store.
             return await asyncio.to_thread(self._result, outcome)
         return self._result(outcome)
+
+    def _prepare_next_batch(self) -> None:
+        """On the loop: send the waiting requests to the token's thread as one job."""
+        batch, self._waiting = self._waiting[: self._batch_max], self._waiting[self._batch_max :]
+        loop = asyncio.get_running_loop()
+        try:
+            job = self._hsm.run_async(lambda: self._prepare_batch(batch, loop))
+        except CaError as exc:  # the token connection is closed
+            resolve_all([(future, exc) for _, _, future in batch])
+            return
+        self._preparing = True
+        job.add_done_callback(lambda done: self._batch_prepared(batch, done))
+
+    def _batch_prepared(self, batch: list[_Waiting], job: asyncio.Future[list[tuple[asyncio.Future[Any], Any]]]) -> None:
+        self._preparing = False
+        if job.cancelled() or job.exception() is not None:
+            error = StoreUnavailable("the signing job failed; retry") if job.cancelled() else job.exception()
+            resolve_all([(future, error) for _, _, future in batch])
+        else:
+            resolve_all(job.result())
+        if self._waiting:
+            self._prepare_next_batch()
+
+    def _prepare_batch(self, batch: list[_Waiting], loop: asyncio.AbstractEventLoop) -> list[tuple[asyncio.Future[Any], Any]]:
+        """On the token's thread: prepare each request; issued certificates go to the group commit.
+
+        Returns the answers known now (replays, refusals, failures), for the loop to deliver.
+        """
+        settled: list[tuple[asyncio.Future[Any], Any]] = []
+        to_commit: list[tuple[IssuedCertificate, AuditEvent, bool]] = []
+        waiting: list[asyncio.Future[Any]] = []
+        for request, rules, future in batch:
+            if future.done():  # the caller went away (cancelled) while it waited
+                continue
+            try:
+                prepared = self._prepare(request, rules)
+            except Exception as exc:  # _Refusal, HsmUnavailable, StoreUnavailable, or a bug (logged by the interceptor)
+                settled.append((future, exc))
+                continue
+            if isinstance(prepared, SignResult):
+                settled.append((future, prepared))
+                continue
+            certificate, allow_reissue = prepared
+            to_commit.append((certificate, _issue_event(request, certificate), allow_reissue))
+            waiting.append(future)
+        if to_commit:
+            self._committer.enqueue(to_commit, waiting, loop)
+        return settled
 
     def _prepare(self, request: CertificateRequest, rules: PolicySet) -> SignResult | tuple[IssuedCertificate, bool]:
         """Everything before the commit, on the token's thread: a replayed answer, or a signed certificate."""
@@ -413,6 +463,20 @@ def parse_serial(text: str) -> int:
     if serial == 0:
         raise InvalidRequest("serial 0 is never issued (serials are positive)", rule="serial", field="serial", expected="a positive serial")
     return serial
+
+
+def _issue_event(request: CertificateRequest, certificate: IssuedCertificate) -> AuditEvent:
+    return AuditEvent(
+        time=certificate.created_at,
+        actor=request.caller,
+        action="certificate.issue",
+        outcome="issued",
+        serial=certificate.serial,
+        device_id=certificate.device_id,
+        key_id=certificate.issuer_key_id,
+        request_digest=certificate.csr_sha256,
+        details={"profile": certificate.profile, "request_id": request.request_id},
+    )
 
 
 def _append_audit_batch(store: SqlStore) -> Callable[[Sequence[AuditEvent]], list[None]]:

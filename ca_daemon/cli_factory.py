@@ -38,7 +38,9 @@ def client_from_args(args: argparse.Namespace) -> CaClient:
         tls = TlsOptions(args.tls_ca, args.tls_cert or None, args.tls_key or None, args.tls_server_name)
     elif args.tls_cert or args.tls_key:
         raise ValueError("--tls-cert/--tls-key need --tls-ca (the CA that signed the daemon's server certificate)")
-    return CaClient(args.target, tls=tls, timeout=args.timeout, retries=args.retries)
+    # The simulator spreads its devices over several connections, as several stations would (see CaClient).
+    connections = max(1, min(getattr(args, "concurrency", 1), 8))
+    return CaClient(args.target, tls=tls, timeout=args.timeout, retries=args.retries, connections=connections)
 
 
 def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -21,6 +21,7 @@ A leaf module for users: it imports only the generated protocol code, never the 
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -112,9 +113,12 @@ def reason_value(reason: str | int) -> int:
 
 
 class CaClient:
-    """A blocking client over one gRPC channel: mTLS with `tls`, plaintext (development mode) without.
+    """A blocking client: mTLS with `tls`, plaintext (development mode) without.
 
     Thread-safe: a simulator or a programming station may share one client between threads.
+    `connections` > 1 opens that many HTTP/2 connections and spreads Sign calls over them:
+    the daemon's worker processes share its port by connection (SO_REUSEPORT), so the calls
+    of one connection are all served by one worker.
     """
 
     def __init__(
@@ -125,15 +129,26 @@ class CaClient:
         timeout: float = 10.0,
         retries: int = 5,
         max_backoff: float = 2.0,
+        connections: int = 1,
     ) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
         options: list[tuple[str, str | int]] = []
-        if tls is None:
-            self._channel = grpc.insecure_channel(target)
-        else:
-            if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
-            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
-        self._stub = ca_pb2_grpc.CertificateAuthorityStub(self._channel)
+        if connections > 1:
+            options.append(("grpc.use_local_subchannel_pool", 1))  # else channels to one target share a connection
+        if tls is not None and tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        credentials = tls.credentials() if tls is not None else None
+
+        def open_channel() -> grpc.Channel:
+            if credentials is None:
+                return grpc.insecure_channel(target, options=options)
+            return grpc.secure_channel(target, credentials, options=options)
+
+        self._channels = [open_channel() for _ in range(connections)]
+        self._stubs = [ca_pb2_grpc.CertificateAuthorityStub(channel) for channel in self._channels]
+        self._stub = self._stubs[0]
+        self._turn = itertools.count()
         self._timeout = timeout
         self._retries = retries
         self._max_backoff = max_backoff
@@ -146,7 +161,8 @@ class CaClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def _call(self, call: Callable[[], T]) -> T:
         """Run an idempotent call, retrying UNAVAILABLE with exponential back-off."""
@@ -169,7 +185,8 @@ class CaClient:
         request_id = request_id or str(uuid.uuid4())
         data = csr.encode() if isinstance(csr, str) else csr
         request = ca_pb2.SignRequest(csr=data, profile=profile, request_id=request_id)
-        response: ca_pb2.SignResponse = self._call(lambda: self._stub.Sign(request, timeout=self._timeout))
+        stub = self._stubs[next(self._turn) % len(self._stubs)]
+        response: ca_pb2.SignResponse = self._call(lambda: stub.Sign(request, timeout=self._timeout))
         return Issued(response.certificate_pem, response.chain_pem, response.serial, response.device_id, request_id)
 
     def revoke(self, serial: str, *, reason: str | int = "unspecified", invalidity_date: datetime | None = None) -> datetime:

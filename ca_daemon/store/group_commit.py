@@ -1,9 +1,11 @@
 """Group commit: many concurrent issuances share one transaction and one fsync.
 
 A single writer thread takes whatever records are waiting (up to a batch limit), stores
-them in one transaction, and only then resolves each caller's future. So a certificate
-is returned only after its record is durable, and under load one commit covers many
-certificates instead of one.
+them in one transaction, and only then resolves each caller's future. Records come one
+at a time (`submit`, from the event loop) or a batch at a time from another thread
+(`enqueue`: the Sign batches of authority.py), and a batch's answers go back in one hop.
+So a certificate is returned only after its record is durable, and under load one commit
+covers many certificates instead of one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ca_daemon.errors import CaError, StoreUnavailable
 
@@ -22,7 +24,10 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 log = logging.getLogger(__name__)
-_STOP = object()
+
+
+# (items, the futures that wait for them, their event loop)
+_Entry = tuple[list[Any], list["asyncio.Future[Any]"], asyncio.AbstractEventLoop]
 
 
 class GroupCommitter(Generic[Item, Result]):
@@ -32,7 +37,7 @@ class GroupCommitter(Generic[Item, Result]):
         self._commit_batch = commit_batch
         self._batch_max = batch_max
         self._linger = linger_s
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()  # None: stop
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
 
@@ -40,47 +45,63 @@ class GroupCommitter(Generic[Item, Result]):
         """Queue item for the next commit and wait until it is durable."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._queue.put((item, future, loop))
+        self._queue.put(([item], [future], loop))
         return await future
 
+    def enqueue(self, items: Sequence[Item], futures: Sequence[asyncio.Future[Any]], loop: asyncio.AbstractEventLoop) -> None:
+        """From any thread: commit items, then resolve futures[i] with item i's result, on loop, in one hop."""
+        self._queue.put((list(items), list(futures), loop))
+
     def close(self) -> None:
-        self._queue.put(_STOP)
+        self._queue.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while True:
             first = self._queue.get()
-            if first is _STOP:
+            if first is None:
                 return
             pending = [first]
+            count = len(first[0])
             stop = False
             # Linger a moment for company: when signing is the slower stage, records arrive
             # one at a time and a commit per record costs more CPU than the signing itself.
             deadline = time.monotonic() + self._linger
-            while len(pending) < self._batch_max:
+            while count < self._batch_max:
                 try:
                     remaining = deadline - time.monotonic()
                     nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is _STOP:
+                if nxt is None:
                     stop = True
                     break
                 pending.append(nxt)
-            self._commit(pending)  # type: ignore[arg-type]
+                count += len(nxt[0])
+            self._commit(pending)
             if stop:
                 return
 
-    def _commit(self, pending: list[tuple[Item, asyncio.Future[Result], asyncio.AbstractEventLoop]]) -> None:
+    def _commit(self, pending: list[_Entry]) -> None:
+        items = [item for entry_items, _, _ in pending for item in entry_items]
         try:
-            results: Sequence[Result | BaseException] = self._commit_batch([item for item, _, _ in pending])
+            results: Sequence[Any] = self._commit_batch(items)
         except CaError as exc:
-            results = [exc] * len(pending)
+            results = [exc] * len(items)
         except Exception as exc:
-            log.exception("group commit of %d records failed", len(pending))
-            results = [StoreUnavailable(f"the database refused the commit ({type(exc).__name__}); retry")] * len(pending)
-        for (_, future, loop), result in zip(pending, results, strict=True):
-            loop.call_soon_threadsafe(_resolve, future, result)
+            log.exception("group commit of %d records failed", len(items))
+            results = [StoreUnavailable(f"the database refused the commit ({type(exc).__name__}); retry")] * len(items)
+        start = 0
+        for entry_items, futures, loop in pending:
+            answers = list(zip(futures, results[start : start + len(entry_items)], strict=True))
+            start += len(entry_items)
+            loop.call_soon_threadsafe(resolve_all, answers)
+
+
+def resolve_all(answers: Sequence[tuple[asyncio.Future[Any], Any]]) -> None:
+    """On the loop: give each future its result, or its exception if the result is one."""
+    for future, result in answers:
+        _resolve(future, result)
 
 
 def _resolve(future: asyncio.Future[Result], result: Result | BaseException) -> None:

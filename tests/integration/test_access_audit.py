@@ -347,6 +347,23 @@ def test_secrets_never_in_logs_events_or_export(tls_daemon: TlsDaemon, tmp_path:
             assert pin.encode().hex() not in text, f"a PIN (hex) appears in the {name}"
 
 
+def test_a_client_with_several_connections_is_served_by_every_worker(tls_daemon: TlsDaemon) -> None:
+    """SO_REUSEPORT spreads connections, not calls: CaClient(connections=N) is how one service uses all workers."""
+    from ca_daemon.client import CaClient, TlsOptions
+
+    clients = tls_daemon.tls_dir / "clients"
+    options = TlsOptions(tls_daemon.tls_dir / "ca.pem", clients / "prog.pem", clients / "prog.key", "localhost")
+    with CaClient(f"127.0.0.1:{tls_daemon.env.port}", tls=options, connections=16) as client:
+        serials = {client.sign(device_csr()).serial for _ in range(32)}
+    assert len(serials) == 32
+    signers = {
+        entry["pid"]
+        for entry in (json.loads(line) for line in tls_daemon.log().splitlines() if line.startswith("{"))
+        if entry.get("method", "").endswith("/Sign") and entry.get("status") == "OK" and entry.get("caller") == "prog"
+    }
+    assert len(signers) == 2, signers  # both worker processes signed (16 connections all on one: p = 2^-15)
+
+
 def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> None:
     import socket
     import ssl
