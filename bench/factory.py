@@ -37,7 +37,7 @@ def main(seconds: float = 6.0, devices: int = 1500, concurrency: int = 16) -> No
 
         process = ca.serve()
         try:
-            with CaClient(f"127.0.0.1:{ca.port}", timeout=30) as client:
+            with CaClient(f"127.0.0.1:{ca.port}", timeout=30, connections=8) as client:  # as `ca-daemon factory simulate` does
                 simulate(client, devices=50, out_dir=None, concurrency=concurrency)  # warm-up: channel, workers, caches
                 t0 = time.perf_counter()
                 pipelined = simulate(client, devices=devices, out_dir=None, concurrency=concurrency)

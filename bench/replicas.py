@@ -32,6 +32,7 @@ def _replica_configs(first: BenchCa, count: int) -> list[BenchCa]:
         clone.config = clone.root / "ca-daemon.toml"
         clone.port = free_port()
         clone.softhsm_conf = first.softhsm_conf
+        clone.tls = None
         text = template.replace(f"127.0.0.1:{first.port}", f"127.0.0.1:{clone.port}")
         text = text.replace('http_listen = "127.0.0.1:8080"', 'http_listen = ""')
         clone.config.write_text(text)
