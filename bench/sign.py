@@ -65,6 +65,34 @@ class Served:
     p99_ms: float
     errors: int
     completed: int
+    # CPU per completed call in the measured window: the serving processes (all workers), the load generator.
+    server_cpu_ms: float = 0.0
+    loader_cpu_ms: float = 0.0
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (the daemon's parent and worker processes), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(stat[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree.extend(frontier)
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by these processes (a process that is gone counts 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(stat[11]) + int(stat[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def make_csrs(count: int, prefix: str) -> list[bytes]:
@@ -279,12 +307,20 @@ def issuance_ceilings(ca: BenchCa, csrs: list[bytes], seconds: float) -> tuple[f
 
 
 def _load_main(
-    target: str, csrs: list[bytes], concurrency: int, seconds: float, queue: multiprocessing.Queue[Served], tls: TlsFiles | None = None
+    target: str,
+    csrs: list[bytes],
+    concurrency: int,
+    seconds: float,
+    queue: multiprocessing.Queue[Served],
+    tls: TlsFiles | None = None,
+    server_pids: list[int] | None = None,
 ) -> None:
-    queue.put(asyncio.run(_load(target, csrs, concurrency, seconds, tls)))
+    queue.put(asyncio.run(_load(target, csrs, concurrency, seconds, tls, server_pids or [])))
 
 
-async def _load(target: str, csrs: list[bytes], concurrency: int, seconds: float, tls: TlsFiles | None = None) -> Served:
+async def _load(
+    target: str, csrs: list[bytes], concurrency: int, seconds: float, tls: TlsFiles | None = None, server_pids: list[int] | None = None
+) -> Served:
     from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 
     latencies: list[float] = []
@@ -317,7 +353,17 @@ async def _load(target: str, csrs: list[bytes], concurrency: int, seconds: float
             if started >= warmup_end:
                 latencies.append(time.perf_counter() - started)
 
-    await asyncio.gather(*(worker(n) for n in range(concurrency)))
+    cpu: dict[str, float] = {}
+
+    async def sample_cpu() -> None:
+        """The window's CPU: the servers' from /proc, this process's own."""
+        await asyncio.sleep(max(0.0, warmup_end - time.perf_counter()))
+        cpu["server"], cpu["loader"] = -cpu_seconds(server_pids or []), -time.process_time()
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        cpu["server"] += cpu_seconds(server_pids or [])
+        cpu["loader"] += time.process_time()
+
+    await asyncio.gather(sample_cpu(), *(worker(n) for n in range(concurrency)))
     for ch in channels:
         await ch.close()
     elapsed = min(time.perf_counter(), end) - warmup_end
@@ -330,6 +376,8 @@ async def _load(target: str, csrs: list[bytes], concurrency: int, seconds: float
         p99_ms=latencies[int(len(latencies) * 0.99) - 1] * 1000,
         errors=errors,
         completed=len(latencies),
+        server_cpu_ms=1000 * cpu["server"] / len(latencies) if server_pids else 0.0,
+        loader_cpu_ms=1000 * cpu["loader"] / len(latencies),
     )
 
 
@@ -338,13 +386,66 @@ def served_rate(ca: BenchCa, csrs: list[bytes], concurrency: int, seconds: float
     try:
         context = multiprocessing.get_context("spawn")
         queue: multiprocessing.Queue[Served] = context.Queue()
-        loader = context.Process(target=_load_main, args=(f"127.0.0.1:{ca.port}", csrs, concurrency, seconds, queue, ca.tls))
+        loader = context.Process(
+            target=_load_main, args=(f"127.0.0.1:{ca.port}", csrs, concurrency, seconds, queue, ca.tls, process_tree(process.pid))
+        )
         loader.start()
         result = queue.get(timeout=seconds + 120)
         loader.join()
         return result
     finally:
         stop(process)
+
+
+# -- the gRPC floor: what the same load costs with no CA behind it ----------------------
+
+
+def _echo_main(port: int) -> None:
+    """A grpc.aio server whose Sign answers at once with a response the size of a real one."""
+    from ca_daemon._proto.ca_daemon.v1 import ca_pb2
+
+    reply = ca_pb2.SignResponse(certificate_pem="c" * 900, chain_pem="p" * 700, serial="5a" * 16, device_id="bench-device")
+
+    async def sign(request: ca_pb2.SignRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.SignResponse:
+        return reply
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        sign, request_deserializer=ca_pb2.SignRequest.FromString, response_serializer=ca_pb2.SignResponse.SerializeToString
+    )
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("ca_daemon.v1.CertificateAuthority", {"Sign": handler})])
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def grpc_floor(csrs: list[bytes], concurrency: int, seconds: float, workers: int) -> Served:
+    """The same load generator against `workers` echo processes sharing one port, as the daemon's workers do."""
+    port = free_port()
+    context = multiprocessing.get_context("spawn")
+    servers = [context.Process(target=_echo_main, args=(port,), daemon=True) for _ in range(workers)]
+    for server in servers:
+        server.start()
+    try:
+        deadline = time.monotonic() + 30
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=max(1.0, deadline - time.monotonic()))
+        time.sleep(1.0)  # every process listening
+        queue: multiprocessing.Queue[Served] = context.Queue()
+        pids = [s.pid for s in servers if s.pid is not None]
+        loader = context.Process(target=_load_main, args=(f"127.0.0.1:{port}", csrs, concurrency, seconds, queue, None, pids))
+        loader.start()
+        result = queue.get(timeout=seconds + 120)
+        loader.join()
+        return result
+    finally:
+        for server in servers:
+            server.terminate()
+            server.join(timeout=10)
 
 
 def main(seconds: float = 8.0, concurrency: int = 32) -> None:
@@ -371,6 +472,22 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print(f"latency p50 / p99                            {served.p50_ms:6.1f} / {served.p99_ms:.1f} ms   (target p99 <= 50 ms)")
         print(f"completed / errors                           {served.completed} / {served.errors}")
 
+        # Where the CPU goes: the same load generator against servers that do nothing (the gRPC floor).
+        floor = grpc_floor(make_csrs(int(seconds * 4000) + 2000, f"bench-floor-{uuid.uuid4().hex[:6]}"), concurrency, seconds, workers)
+        cores = os.cpu_count() or 1
+        per_call = served.server_cpu_ms + served.loader_cpu_ms
+        print("\n## CPU per completed call (ms), EC P-256, from /proc over the measured window")
+        print(f"daemon workers {served.server_cpu_ms:6.2f}   load generator {served.loader_cpu_ms:5.2f}")
+        print(
+            f"gRPC floor: echo workers {floor.server_cpu_ms:6.2f}   load generator {floor.loader_cpu_ms:5.2f}   ({floor.rate:.0f} calls/s)"
+        )
+        print(f"full pipeline, one thread {1000 / pipeline:6.2f}   bare {1000 / bare:5.2f}")
+        print(
+            f"bound from CPU alone: {cores} cores / {per_call:.2f} ms = {cores * 1000 / per_call:.0f} /s; "
+            f"at floor + full pipeline: {cores * 1000 / (floor.server_cpu_ms + floor.loader_cpu_ms + 1000 / pipeline):.0f} /s; "
+            f"target 0.5 x bare = {0.5 * bare:.0f} /s"
+        )
+
         # The same CA switched to mTLS: each worker terminates TLS 1.3 itself and relays to gRPC (tls_front.py).
         ec_ca.enable_mtls()
         mtls_csrs = make_csrs(int(seconds * 2000) + 1000, f"bench-mtls-{uuid.uuid4().hex[:6]}")
@@ -378,6 +495,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print("\n## EC P-256 CA over mTLS (TLS 1.3 front end in each worker)")
         print(f"served Sign rate over mTLS, durable commits  {served_mtls.rate:8.0f} /s")
         print(f"  mTLS / plaintext served rate               {served_mtls.rate / served.rate:8.2f}")
+        print(f"CPU per call: daemon workers {served_mtls.server_cpu_ms:.2f} ms (plaintext {served.server_cpu_ms:.2f})")
         print(f"latency p50 / p99                            {served_mtls.p50_ms:6.1f} / {served_mtls.p99_ms:.1f} ms")
         print(f"completed / errors                           {served_mtls.completed} / {served_mtls.errors}")
 

@@ -331,7 +331,8 @@ class Authority:
             to_commit.append((certificate, _issue_event(request, certificate), allow_reissue))
             waiting.append(future)
         if to_commit:
-            self._committer.enqueue(to_commit, waiting, loop)
+            # More requests waiting for this thread means more certificates soon: the commit may wait for them.
+            self._committer.enqueue(to_commit, waiting, loop, more_coming=bool(self._waiting))
         return settled
 
     def _prepare(self, request: CertificateRequest, rules: PolicySet) -> SignResult | tuple[IssuedCertificate, bool]:

@@ -26,8 +26,10 @@ Result = TypeVar("Result")
 log = logging.getLogger(__name__)
 
 
-# (items, the futures that wait for them, their event loop)
-_Entry = tuple[list[Any], list["asyncio.Future[Any]"], asyncio.AbstractEventLoop]
+# (items, the futures that wait for them, their event loop, whether the sender has more on the way)
+_Entry = tuple[list[Any], list["asyncio.Future[Any]"], asyncio.AbstractEventLoop, bool]
+# While a sender says more is on the way, a commit waits this many lingers for it.
+BUSY_LINGER_FACTOR = 5
 
 
 class GroupCommitter(Generic[Item, Result]):
@@ -45,12 +47,19 @@ class GroupCommitter(Generic[Item, Result]):
         """Queue item for the next commit and wait until it is durable."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._queue.put(([item], [future], loop))
+        self._queue.put(([item], [future], loop, False))
         return await future
 
-    def enqueue(self, items: Sequence[Item], futures: Sequence[asyncio.Future[Any]], loop: asyncio.AbstractEventLoop) -> None:
-        """From any thread: commit items, then resolve futures[i] with item i's result, on loop, in one hop."""
-        self._queue.put((list(items), list(futures), loop))
+    def enqueue(
+        self, items: Sequence[Item], futures: Sequence[asyncio.Future[Any]], loop: asyncio.AbstractEventLoop, *, more_coming: bool = False
+    ) -> None:
+        """From any thread: commit items, then resolve futures[i] with item i's result, on loop, in one hop.
+
+        more_coming: the sender already holds more work that will follow (requests queued for
+        signing); the commit then waits a little longer for it, so that under load one commit
+        covers several signed batches, while a lone request is committed without delay.
+        """
+        self._queue.put((list(items), list(futures), loop, more_coming))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -62,14 +71,16 @@ class GroupCommitter(Generic[Item, Result]):
             if first is None:
                 return
             pending = [first]
-            count = len(first[0])
+            count, more_coming = len(first[0]), first[3]
             stop = False
             # Linger a moment for company: when signing is the slower stage, records arrive
-            # one at a time and a commit per record costs more CPU than the signing itself.
-            deadline = time.monotonic() + self._linger
+            # one at a time and a commit per record costs more CPU than the signing itself
+            # (a commit's fixed cost is several statements; each further record adds little).
+            started = time.monotonic()
             while count < self._batch_max:
+                limit = self._linger * (BUSY_LINGER_FACTOR if more_coming else 1)
+                remaining = started + limit - time.monotonic()
                 try:
-                    remaining = deadline - time.monotonic()
                     nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
@@ -77,13 +88,13 @@ class GroupCommitter(Generic[Item, Result]):
                     stop = True
                     break
                 pending.append(nxt)
-                count += len(nxt[0])
+                count, more_coming = count + len(nxt[0]), nxt[3]
             self._commit(pending)
             if stop:
                 return
 
     def _commit(self, pending: list[_Entry]) -> None:
-        items = [item for entry_items, _, _ in pending for item in entry_items]
+        items = [item for entry_items, _, _, _ in pending for item in entry_items]
         try:
             results: Sequence[Any] = self._commit_batch(items)
         except CaError as exc:
@@ -92,7 +103,7 @@ class GroupCommitter(Generic[Item, Result]):
             log.exception("group commit of %d records failed", len(items))
             results = [StoreUnavailable(f"the database refused the commit ({type(exc).__name__}); retry")] * len(items)
         start = 0
-        for entry_items, futures, loop in pending:
+        for entry_items, futures, loop, _ in pending:
             answers = list(zip(futures, results[start : start + len(entry_items)], strict=True))
             start += len(entry_items)
             loop.call_soon_threadsafe(resolve_all, answers)
