@@ -448,6 +448,12 @@ def grpc_floor(csrs: list[bytes], concurrency: int, seconds: float, workers: int
             server.join(timeout=10)
 
 
+def print_latency(served: Served, *, target: bool = False) -> None:
+    suffix = "   (target p99 <= 50 ms)" if target else ""
+    print(f"latency p50 / p99                            {served.p50_ms:6.1f} / {served.p99_ms:.1f} ms{suffix}")
+    print(f"completed / errors                           {served.completed} / {served.errors}")
+
+
 def main(seconds: float = 8.0, concurrency: int = 32) -> None:
     workers = int(os.environ.get("BENCH_WORKERS", "2"))
     with scratch_softhsm("ca-bench-") as root:
@@ -469,8 +475,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print(f"served Sign rate over gRPC, durable commits  {served.rate:8.0f} /s")
         print(f"  served / bare ceiling                      {served.rate / bare:8.2f}      (target >= 0.50)")
         print(f"  served / full-pipeline ceiling             {served.rate / pipeline:8.2f}")
-        print(f"latency p50 / p99                            {served.p50_ms:6.1f} / {served.p99_ms:.1f} ms   (target p99 <= 50 ms)")
-        print(f"completed / errors                           {served.completed} / {served.errors}")
+        print_latency(served, target=True)
 
         # Where the CPU goes: the same load generator against servers that do nothing (the gRPC floor).
         floor = grpc_floor(make_csrs(int(seconds * 4000) + 2000, f"bench-floor-{uuid.uuid4().hex[:6]}"), concurrency, seconds, workers)
@@ -496,8 +501,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print(f"served Sign rate over mTLS, durable commits  {served_mtls.rate:8.0f} /s")
         print(f"  mTLS / plaintext served rate               {served_mtls.rate / served.rate:8.2f}")
         print(f"CPU per call: daemon workers {served_mtls.server_cpu_ms:.2f} ms (plaintext {served.server_cpu_ms:.2f})")
-        print(f"latency p50 / p99                            {served_mtls.p50_ms:6.1f} / {served_mtls.p99_ms:.1f} ms")
-        print(f"completed / errors                           {served_mtls.completed} / {served_mtls.errors}")
+        print_latency(served_mtls)
 
         rsa_ca = BenchCa(root, "rsa-2048", workers)
         raw_rsa = raw_sign_rate(rsa_ca, 3.0)
@@ -507,8 +511,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print(f"raw HSM sign rate (1 thread)                 {raw_rsa:8.0f} /s")
         print(f"served Sign rate over gRPC, durable commits  {served_rsa.rate:8.0f} /s")
         print(f"  served / raw RSA sign                      {served_rsa.rate / raw_rsa:8.2f}      (target >= 0.80)")
-        print(f"latency p50 / p99                            {served_rsa.p50_ms:6.1f} / {served_rsa.p99_ms:.1f} ms")
-        print(f"completed / errors                           {served_rsa.completed} / {served_rsa.errors}")
+        print_latency(served_rsa)
 
 
 if __name__ == "__main__":
