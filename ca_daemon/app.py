@@ -331,8 +331,10 @@ def serve(config: Config) -> int:
         # Before any worker starts (they inherit the directory) and before prometheus_client is imported.
         metrics.prepare_directory(config.state_dir)
         metrics_store = connect_store(config)
-        metrics_server = metrics.serve(config.metrics.listen, metrics_store)
-        log.info("Prometheus metrics on http://%s/metrics", config.metrics.listen)
+        tls_context = tls.metrics_context(config) if config.tls.enabled else None
+        metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context)
+        scheme = "https" if tls_context else "http"
+        log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
     try:
         return _serve(config)
     finally:

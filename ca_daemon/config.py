@@ -235,7 +235,11 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """`[metrics]`: where Prometheus scrapes (empty: no metrics endpoint)."""
+    """`[metrics]`: where Prometheus scrapes (empty: no metrics endpoint).
+
+    With [tls], the endpoint is HTTPS, TLS 1.3 only, and requires a client certificate from
+    tls.client_ca (the scraper's); in development mode it is plaintext on loopback only.
+    """
 
     listen: str = ""
 
@@ -380,7 +384,12 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     audit = _parse_audit(reader.table("audit"), token, server.dev_mode)
     metrics = MetricsConfig(listen=reader.table("metrics").string("listen", ""))
     if metrics.listen:
-        _host_of(metrics.listen, "metrics.listen")
+        metrics_host = _host_of(metrics.listen, "metrics.listen")
+        if not tls.enabled and not _is_loopback(metrics_host):
+            raise ConfigError(
+                f"metrics.listen = {metrics.listen!r} is not a loopback address; without TLS (development mode) the "
+                "metrics endpoint is plaintext, so it may only bind loopback; with [tls] it is served over mTLS"
+            )
     if not tls.ca_key_uri:
         tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": f"pkcs11:token={token};object=mtls-ca-1"})
     lint_mode = reader.table("lint").string("mode", "template")

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -94,16 +97,37 @@ class StoreCollector:
         yield from (number, age, chain, checkpoint)
 
 
-def serve(listen: str, store: Any) -> Any:
-    """Start the endpoint in this (parent) process: multiprocess sums plus the store gauges."""
-    from prometheus_client import CollectorRegistry, start_http_server
+def serve(listen: str, store: Any, tls_context: ssl.SSLContext | None = None) -> Any:
+    """Start the endpoint in this (parent) process: multiprocess sums plus the store gauges.
+
+    With tls_context (see tls.metrics_context) the endpoint is HTTPS with client certificates.
+    prometheus-client's own TLS option has no minimum protocol version, so the server is
+    built here from its WSGI app, as its start_http_server does.
+    """
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
     from prometheus_client.multiprocess import MultiProcessCollector
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """Scrapes are not worth a log line each."""
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(StoreCollector(store))
     host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    host = host.strip("[]")
+    family = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    server = make_server(host, int(port), make_wsgi_app(registry), Server, handler_class=QuietHandler)
+    if tls_context is not None:
+        server.socket = tls_context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 
 

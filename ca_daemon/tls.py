@@ -263,6 +263,25 @@ def server_context(config: Config) -> ssl.SSLContext:
         raise ConfigError(f"[tls]: the server certificate, key or client CA bundle is not usable: {exc}") from None
 
 
+def metrics_context(config: Config) -> ssl.SSLContext:
+    """HTTPS for the metrics endpoint: TLS 1.3 only, a client certificate from tls.client_ca required.
+
+    The scraper is authenticated at the handshake (dates included); metrics carry no secrets,
+    so there is no role rule or CRL look-up per scrape as there is for gRPC calls.
+    """
+    tls = config.tls
+    assert tls.cert_file is not None and tls.key_file is not None and tls.client_ca_file is not None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        context.load_verify_locations(cafile=tls.client_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[tls]: the metrics endpoint cannot use the server certificate, key or client CA bundle: {exc}") from None
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def _host_name(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
@@ -290,4 +309,16 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-__all__ = ["MtlsCa", "build_crl", "ensure_mtls_ca", "issue", "key_pem", "make_csr", "new_key", "pem", "revoke", "server_context"]
+__all__ = [
+    "MtlsCa",
+    "build_crl",
+    "ensure_mtls_ca",
+    "issue",
+    "key_pem",
+    "make_csr",
+    "metrics_context",
+    "new_key",
+    "pem",
+    "revoke",
+    "server_context",
+]

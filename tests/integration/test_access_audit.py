@@ -25,7 +25,7 @@ import pytest
 
 from ca_daemon import access, app, config, tls
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, make_env, wait_channel_serving
+from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, free_port, make_env, wait_channel_serving
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +41,7 @@ class TlsDaemon:
     tls_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    metrics_port: int
 
     def channel(self, name: str | None) -> grpc.Channel:
         root = (self.tls_dir / "ca.pem").read_bytes()
@@ -99,6 +100,8 @@ def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> 
     _issue_expired(env, tls_dir)
     revoked = x509_serial(tls_dir / "clients" / "revoked.pem")
     env.cli("mtls", "revoke", "--serial", revoked)
+    metrics_port = free_port()
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
     log_path = env.state_dir / "daemon.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -108,7 +111,7 @@ def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> 
             env=daemon_environment(),
             start_new_session=True,
         )
-    daemon = TlsDaemon(env, tls_dir, process, log_path)
+    daemon = TlsDaemon(env, tls_dir, process, log_path, metrics_port)
     _wait_tls_serving(daemon)
     yield daemon
     daemon.stop()
@@ -364,6 +367,30 @@ def test_a_client_with_several_connections_is_served_by_every_worker(tls_daemon:
     assert len(signers) == 2, signers  # both worker processes signed (16 connections all on one: p = 2^-15)
 
 
+def test_metrics_are_served_over_mtls_only(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel]) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ca_pb2_grpc.CertificateAuthorityStub(channels["aud"]).GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=10)
+    url = f"https://localhost:{tls_daemon.metrics_port}/metrics"
+    clients = tls_daemon.tls_dir / "clients"
+    scraper = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
+    scraper.load_cert_chain(clients / "aud.pem", clients / "aud.key")
+    body = urllib.request.urlopen(url, context=scraper, timeout=10).read().decode()
+    assert "ca_daemon_requests_total" in body and "GetCACertificates" in body
+    anonymous = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(url, context=anonymous, timeout=10).read()
+    tls12 = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
+    tls12.load_cert_chain(clients / "aud.pem", clients / "aud.key")
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises((ssl.SSLError, urllib.error.URLError)):
+        urllib.request.urlopen(url, context=tls12, timeout=10)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{tls_daemon.metrics_port}/metrics", timeout=10).read()
+
+
 def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> None:
     import socket
     import ssl
@@ -395,7 +422,7 @@ def test_tls13_only_and_no_certificate_rules() -> None:
 
 def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
     """Plaintext on loopback: the local identity has every role; metrics; reloads and shutdown are audited."""
-    from tests.conftest import Daemon, free_port
+    from tests.conftest import Daemon
 
     env = make_env(tmp_path_factory.mktemp("dev-metrics"), softhsm_conf, workers=2)
     metrics_port = free_port()

@@ -39,6 +39,7 @@ def test_the_development_configuration_loads(tmp_path: Path) -> None:
     ("old", "new", "message"),
     [
         ('listen = "127.0.0.1:50051"', 'listen = "0.0.0.0:50051"', "not a loopback address"),
+        ('[metrics]\nlisten = ""', '[metrics]\nlisten = "0.0.0.0:9464"', "metrics.listen = '0.0.0.0:9464' is not a loopback address"),
         ("dev_mode = true", "dev_mode = false", "needs mTLS"),
         ('pin_file = "pins/user.pin"', 'pin_file = "pins/user.pin"\npin_env = "X"', "exactly one of pin_file or pin_env"),
         ('key = "pkcs11:', 'key = "file:', "pkcs11: URI"),
