@@ -190,7 +190,11 @@ class BenchCa:
             start_new_session=True,
         )
         log.close()
-        _wait_serving(f"127.0.0.1:{self.port}", process, self.tls)
+        try:
+            _wait_serving(f"127.0.0.1:{self.port}", process, self.tls)
+        except BaseException:
+            stop(process)  # never leave a daemon behind a failed start
+            raise
         return process
 
 
