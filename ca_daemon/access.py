@@ -137,6 +137,11 @@ class ClientCrl:
         self.generation = 0
         self._load()
 
+    @property
+    def cas(self) -> tuple[x509.Certificate, ...]:
+        """The client CAs (tls.client_ca), as read at start-up."""
+        return tuple(self._cas)
+
     def check(self, serial: int, now: datetime | None = None) -> None:
         """Unauthenticated if the CRL is unusable or lists serial."""
         self._refresh()
@@ -239,8 +244,8 @@ class Authenticator:
             return cls(RoleMap(()), None, local_identity=config.server.local_identity)
         tls = config.tls
         assert tls.client_crl_file is not None and tls.client_ca_file is not None
-        client_cas = x509.load_pem_x509_certificates(tls.client_ca_file.read_bytes())
-        return cls(RoleMap(config.roles), ClientCrl(tls.client_crl_file, tls.client_ca_file), client_cas=client_cas)
+        crl = ClientCrl(tls.client_crl_file, tls.client_ca_file)
+        return cls(RoleMap(config.roles), crl, client_cas=crl.cas)
 
     def authenticate(self, auth_context: Mapping[str, Iterable[bytes]], now: datetime | None = None) -> Principal:
         if self._local is not None:
