@@ -150,7 +150,8 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
             )
         ],
         options=[
-            ("grpc.so_reuseport", 1),
+            # Workers share the public port; behind the TLS front end each has a private port of its own.
+            ("grpc.so_reuseport", 0 if front else 1),
             ("grpc.max_receive_message_length", config.server.max_csr_bytes + 64 * 1024),
         ],
     )
