@@ -271,11 +271,8 @@ def metrics_context(config: Config) -> ssl.SSLContext:
     """
     tls = config.tls
     assert tls.cert_file is not None and tls.key_file is not None and tls.client_ca_file is not None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-        context.load_verify_locations(cafile=tls.client_ca_file)
+        context = tls_front.tls13_server_context(tls.cert_file, tls.key_file, tls.client_ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"[tls]: the metrics endpoint cannot use the server certificate, key or client CA bundle: {exc}") from None
     context.verify_mode = ssl.CERT_REQUIRED

@@ -36,12 +36,18 @@ AuthContext = Mapping[str, Iterable[bytes]]
 _NO_CONTEXT: AuthContext = {}
 
 
-def server_context(cert_file: Path, key_file: Path, client_ca_file: Path) -> ssl.SSLContext:
-    """TLS 1.3 only, HTTP/2 by ALPN, client certificates asked for and chain-verified when sent."""
+def tls13_server_context(cert_file: Path, key_file: Path, client_ca_file: Path) -> ssl.SSLContext:
+    """A server context that accepts TLS 1.3 only and trusts client_ca_file for client certificates."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(cert_file, key_file)
     context.load_verify_locations(cafile=client_ca_file)
+    return context
+
+
+def server_context(cert_file: Path, key_file: Path, client_ca_file: Path) -> ssl.SSLContext:
+    """TLS 1.3 only, HTTP/2 by ALPN, client certificates asked for and chain-verified when sent."""
+    context = tls13_server_context(cert_file, key_file, client_ca_file)
     context.verify_mode = ssl.CERT_OPTIONAL
     context.verify_flags = ssl.VerifyFlags(context.verify_flags | _NO_CHECK_TIME)
     context.set_alpn_protocols(["h2"])
@@ -157,4 +163,4 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["AuthContext", "TlsFrontEnd", "server_context"]
+__all__ = ["AuthContext", "TlsFrontEnd", "server_context", "tls13_server_context"]

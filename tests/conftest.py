@@ -118,6 +118,18 @@ def ca_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> CaEn
     return make_env(tmp_path_factory.mktemp("ca"), softhsm_conf)
 
 
+def spawn_daemon(env: CaEnv, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `ca-daemon serve` in its own process group, its output appended to log_path."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [CA_DAEMON, "--config", str(env.config_path), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=daemon_environment(),
+            start_new_session=True,
+        )
+
+
 class Daemon:
     """A `ca-daemon serve` process."""
 
@@ -127,14 +139,7 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Daemon:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [CA_DAEMON, "--config", str(self.env.config_path), "serve"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=daemon_environment(),
-                start_new_session=True,
-            )
+        self.process = spawn_daemon(self.env, self.log_path)
         wait_serving(self.env.target, timeout, self.process, self.log_path)
         return self
 

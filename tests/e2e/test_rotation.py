@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, free_port, make_env, wait_channel_serving
+from tests.conftest import CaEnv, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving
 
 pytestmark = pytest.mark.slow
 
@@ -79,14 +79,7 @@ def rotation_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
     clients = [arg for name, role in CLIENTS.items() for arg in ("--client", f"{name}:{role}")]
     env.cli("mtls", "init", "--out", str(tls_dir), *clients, "--apply")
     log_path = env.state_dir / "daemon.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [CA_DAEMON, "--config", str(env.config_path), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=daemon_environment(),
-            start_new_session=True,
-        )
+    process = spawn_daemon(env, log_path)
     daemon = RotationDaemon(env, tls_dir, http_port, process, log_path)
     try:
         _wait_serving(daemon)

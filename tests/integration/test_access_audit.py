@@ -25,7 +25,7 @@ import pytest
 
 from ca_daemon import access, app, config, tls
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, free_port, make_env, wait_channel_serving
+from tests.conftest import CaEnv, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving
 
 pytestmark = pytest.mark.slow
 
@@ -103,14 +103,7 @@ def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> 
     metrics_port = free_port()
     env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
     log_path = env.state_dir / "daemon.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [CA_DAEMON, "--config", str(env.config_path), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=daemon_environment(),
-            start_new_session=True,
-        )
+    process = spawn_daemon(env, log_path)
     daemon = TlsDaemon(env, tls_dir, process, log_path, metrics_port)
     _wait_tls_serving(daemon)
     yield daemon

@@ -13,7 +13,7 @@ import pytest
 
 from ca_daemon.client import CaClient, TlsOptions
 from ca_daemon.simulate import simulate
-from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, make_env
+from tests.conftest import CaEnv, make_env, spawn_daemon
 
 
 @dataclass
@@ -40,14 +40,7 @@ def tls_setup(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> I
     tls_dir = env.state_dir / "tls"
     env.cli("mtls", "init", "--out", str(tls_dir), "--client", "line3:programmer", "--client", "alice:officer", "--apply")
     log_path = env.state_dir / "daemon.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [CA_DAEMON, "--config", str(env.config_path), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=daemon_environment(),
-            start_new_session=True,
-        )
+    process = spawn_daemon(env, log_path)
     setup = TlsSetup(env, tls_dir, process)
     try:
         deadline = time.monotonic() + 40
