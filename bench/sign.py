@@ -480,6 +480,11 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print(f"  served / bare ceiling                      {served.rate / bare:8.2f}      (target >= 0.50)")
         print(f"  served / full-pipeline ceiling             {served.rate / pipeline:8.2f}")
         print_latency(served, target=True)
+        # Little's law: with a fixed number in flight, the mean latency is that number over the rate.
+        print(
+            f"  {concurrency} in flight: mean latency = {concurrency} / rate = {1000 * concurrency / served.rate:.0f} ms; "
+            f"p99 <= 50 ms needs at least {concurrency / 0.050:.0f} calls/s"
+        )
 
         # Where the CPU goes: the same load generator against servers that do nothing (the gRPC floor).
         floor = grpc_floor(make_csrs(int(seconds * 4000) + 2000, f"bench-floor-{uuid.uuid4().hex[:6]}"), concurrency, seconds, workers)

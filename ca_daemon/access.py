@@ -51,6 +51,7 @@ RULES: dict[str, frozenset[str]] = {
     SERVICE + "ListProfiles": frozenset({"programmer", "officer", "admin"}),
     SERVICE + "IssueVerificationCertificate": frozenset({"officer"}),
     SERVICE + "StreamAuditEvents": frozenset({"auditor"}),
+    SERVICE + "ListAuditCheckpoints": frozenset({"auditor"}),
     # Key rotation (rotation.py): officers; dual control is enforced by the use case, not here.
     KEY_CEREMONY + "GenerateKey": frozenset({"officer"}),
     KEY_CEREMONY + "SelfSignKey": frozenset({"officer"}),
@@ -246,6 +247,14 @@ class Authenticator:
         assert tls.client_crl_file is not None and tls.client_ca_file is not None
         crl = ClientCrl(tls.client_crl_file, tls.client_ca_file)
         return cls(RoleMap(config.roles), crl, client_cas=crl.cas)
+
+    def replace_roles(self, grants: Sequence[RoleGrant]) -> None:
+        """Put a reloaded `[roles]` in force for the next call (the cached principals carry the old roles)."""
+        if self._local is not None:
+            return  # development mode: the one local caller has every role whatever [roles] says
+        self._roles = RoleMap(grants)
+        self._cache.clear()
+        log.info("reload: %d role rule(s) in force", len(grants))
 
     def authenticate(self, auth_context: Mapping[str, Iterable[bytes]], now: datetime | None = None) -> Principal:
         if self._local is not None:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import gc
 import hashlib
 import logging
 import multiprocessing
@@ -100,6 +101,7 @@ class Worker:
     audit_log: AuditLog | None = None
     checkpointer: Checkpointer | None = None
     front: tls_front.TlsFrontEnd | None = None
+    authenticator: Authenticator | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         if self.front is not None:
@@ -134,7 +136,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         store.audit_chain = config.audit.chain
         authority = Authority.load(config, hsm, store)
         checkpointer = Checkpointer(hsm, store, config.audit.key_uri)
-        front = tls_front.TlsFrontEnd(tls.server_context(config)) if config.tls.enabled else None
+        front = tls_front.TlsFrontEnd(tls.server_context(config), config.server.max_connections) if config.tls.enabled else None
         authenticator = Authenticator.from_config(config)
     except BaseException:
         hsm.close()
@@ -185,7 +187,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     if primary:
         interval = config.audit.checkpoint_interval.total_seconds()
         asyncio.get_running_loop().create_task(checkpointer.run(interval), name="audit-checkpoints")
-    return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front)
+    return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front, authenticator)
 
 
 async def _follow_active_key(authority: Authority, interval: float) -> None:
@@ -218,24 +220,44 @@ async def _watch_health(servicer: health_aio.HealthServicer, healthy: Callable[[
 
 async def _serve_forever(config: Config, primary: bool = False) -> None:
     worker = await start_worker(config, primary=primary)
+    _settle_garbage_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_worker, worker.authority, config.path, worker.store)
+    loop.add_signal_handler(signal.SIGHUP, reload_worker, worker.authority, config.path, worker.store, worker.authenticator)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
     await stop.wait()
     await worker.stop()
 
 
-def reload_worker(authority: Authority, config_path: Path, store: SqlStore | None = None) -> bool:
-    """Re-read the configuration and put its policy in force; on any error keep the old one. Audited."""
+# A Sign call allocates thousands of short-lived objects; with the default first-generation
+# threshold (700) the collector ran many times per call, and its full collections rescanned
+# every start-up object. Measured with the Sign benchmark, three interleaved pairs: p99
+# 205/269/218 ms -> 146/178/171 ms, CPU per call 4.71 -> 4.47 ms (medians).
+_GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def _settle_garbage_collector() -> None:
+    """After start-up: keep the long-lived objects out of every later collection, and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
+
+
+def reload_worker(
+    authority: Authority, config_path: Path, store: SqlStore | None = None, authenticator: Authenticator | None = None
+) -> bool:
+    """Re-read the configuration and put its policy and roles in force; on any error keep the old ones. Audited."""
     try:
-        authority.reload(config_module.load(config_path))
+        new_config = config_module.load(config_path)
+        authority.reload(new_config)
     except CaError as exc:
         log.error("reload refused, the previous configuration stays in force: %s", exc.message)
         _audit_reload(store, config_path, "refused", exc.message)
         return False
+    if authenticator is not None:
+        authenticator.replace_roles(new_config.roles)
     _audit_reload(store, config_path, "applied", "")
     return True
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -28,17 +29,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_daemon.audit_hash import GENESIS, canonical_time, checkpoint_message, event_hash
-from ca_daemon.errors import CaError, FailedPrecondition
+from ca_daemon.audit_format import EXPORT_FORMAT, checkpoint_record, event_record, interleave, write_export
+from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
+from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.model import AuditEvent, KeySpec
 from ca_daemon.store import SqlStore
-from ca_daemon.store.audit_store import AuditStore, Checkpoint
+from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, Checkpoint
 from ca_daemon.store.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "ca-daemon-audit-export"
 EVENT_FIELDS = ("seq", "time", "actor", "action", "outcome", "serial", "device_id", "key_id", "request_digest", "reason", "details")
 
 
@@ -152,57 +153,16 @@ class Checkpointer:
 # ---------------------------------------------------------------------------
 
 
-def event_record(row: dict[str, Any]) -> dict[str, Any]:
-    """The JSON form of one stored event (export lines and StreamAuditEvents share it)."""
-    return {
-        "type": "event",
-        "seq": int(row["seq"]),
-        "time": canonical_time(row["time"]),
-        "actor": row["actor"],
-        "action": row["action"],
-        "outcome": row["outcome"],
-        "serial": row["serial"],
-        "device_id": row["device_id"] or "",
-        "key_id": row["key_id"] or "",
-        "request_digest": bytes(row["request_digest"] or b"").hex(),
-        "reason": row["reason"] or "",
-        "details": row["details"] or "{}",
-        "prev_hash": bytes(row["prev_hash"]).hex() if row["prev_hash"] is not None else None,
-        "hash": bytes(row["hash"]).hex() if row["hash"] is not None else None,
-    }
-
-
-def checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
-    return {
-        "type": "checkpoint",
-        "seq": checkpoint.seq,
-        "count": checkpoint.count,
-        "head": checkpoint.head_hash.hex(),
-        "time": canonical_time(checkpoint.time),
-        "key_id": checkpoint.key_id,
-        "signature": base64.b64encode(checkpoint.signature).decode(),
-    }
+def stored_checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
+    """A stored checkpoint as an export record."""
+    return checkpoint_record(**dataclasses.asdict(checkpoint))
 
 
 def export(store: SqlStore, out: TextIO) -> tuple[int, int]:
-    """Write the whole log as JSON Lines: a header, every event, and each checkpoint after the event it covers.
-
-    Returns (events, checkpoints) written.
-    """
+    """Write the whole log as JSON Lines (audit_format.py); returns (events, checkpoints) written."""
     audit = AuditStore(store)
-    checkpoints = audit.checkpoints()
-    header = {"type": "header", "format": EXPORT_FORMAT, "version": 1, "exported_at": canonical_time(datetime.now(UTC))}
-    out.write(json.dumps(header) + "\n")
-    events = 0
-    pending = list(checkpoints)
-    for row in audit.iter_events():
-        out.write(json.dumps(event_record(row), sort_keys=True) + "\n")
-        events += 1
-        while pending and pending[0].seq <= int(row["seq"]):
-            out.write(json.dumps(checkpoint_record(pending.pop(0)), sort_keys=True) + "\n")
-    for checkpoint in pending:  # checkpoints beyond the last event: the verifier reports the truncation
-        out.write(json.dumps(checkpoint_record(checkpoint), sort_keys=True) + "\n")
-    return events, len(checkpoints)
+    checkpoints = [stored_checkpoint_record(c) for c in audit.checkpoints()]
+    return write_export(out, (event_record(row) for row in audit.iter_events()), checkpoints)
 
 
 @dataclass
@@ -376,13 +336,8 @@ def _first_divergence(hashes_by_seq: dict[int, bytes], seq: int) -> int:
 def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:
     """The live database as export records (events in order, each checkpoint after its event)."""
     audit = AuditStore(store)
-    pending = audit.checkpoints()
-    for row in audit.iter_events():
-        yield event_record(row)
-        while pending and pending[0].seq <= int(row["seq"]):
-            yield checkpoint_record(pending.pop(0))
-    for checkpoint in pending:
-        yield checkpoint_record(checkpoint)
+    checkpoints = [stored_checkpoint_record(c) for c in audit.checkpoints()]
+    return interleave((event_record(row) for row in audit.iter_events()), checkpoints)
 
 
 __all__ = [
@@ -404,6 +359,7 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 DEFAULT_PAGE = 500
+DEFAULT_CHECKPOINT_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -426,9 +382,14 @@ class AuditReader:
     def __init__(self, store: SqlStore) -> None:
         self._audit = AuditStore(store)
 
+    async def checkpoints(self, after_seq: int = 0, page_size: int = 0) -> list[Checkpoint]:
+        """One page of signed checkpoints after after_seq (ListAuditCheckpoints)."""
+        if page_size > MAX_PAGE:
+            raise InvalidRequest(f"page_size {page_size} is too large", field="page_size", expected=f"at most {MAX_PAGE}")
+        return await asyncio.to_thread(self._audit.checkpoints, after_seq, page_size or DEFAULT_CHECKPOINT_PAGE)
+
     async def pages(self, query: AuditQuery) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
-        from ca_daemon.errors import InvalidRequest
-        from ca_daemon.store.audit_store import MAX_PAGE, EventFilter
+        from ca_daemon.store.audit_store import EventFilter
 
         if query.page_size > MAX_PAGE:
             raise InvalidRequest(f"page_size {query.page_size} is too large", field="page_size", expected=f"at most {MAX_PAGE}")
@@ -465,7 +426,6 @@ def _token(after: int, digest: str) -> str:
 
 
 def _parse_token(token: str, digest: str) -> int:
-    from ca_daemon.errors import InvalidRequest
 
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))

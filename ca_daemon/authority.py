@@ -210,11 +210,12 @@ class Authority:
     def reload(self, config: Config) -> PolicySet:
         """Put new profiles, callers and lint mode in force; on ConfigError the old ones stay.
 
-        Only the policy is reloadable: listen address, token, CA key and store need a
-        restart, and a change to them is logged, not applied.
+        Only the policy (and, in app.reload_worker, the [roles]) is reloadable: listen
+        address, token, CA key, store and TLS files need a restart, and a change to them is
+        logged, not applied.
         """
         new = build_policy_set(config, self.active.certificate, self._throwaway)
-        for section in ("server", "hsm", "ca", "store"):
+        for section in ("server", "hsm", "ca", "store", "tls"):
             if getattr(config, section) != getattr(self._config, section):
                 log.warning("reload: [%s] changed; that takes effect only after a restart", section)
         self.policy = new

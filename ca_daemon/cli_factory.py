@@ -84,6 +84,11 @@ def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--issuer-key-id", default="", help="CA key (default: the active one)")
     p.set_defaults(handler=_client_crl)
 
+    p = client.add_parser("audit-export", help="write the audit log and its signed checkpoints for `ca-daemon audit verify` (auditor role)")
+    add_client_options(p)
+    p.add_argument("--out", required=True, help="JSON Lines file to write")
+    p.set_defaults(handler=_client_audit_export)
+
     p = client.add_parser("verification-cert", help="have the CA sign a cloud verification certificate (officer role)")
     add_client_options(p)
     p.add_argument("--code", required=True, help="the verification code the cloud service shows")
@@ -185,6 +190,14 @@ def _client_crl(args: argparse.Namespace) -> int:
     kind = "delta" if args.delta else "full"
     validity = f"thisUpdate {crl.this_update.isoformat()}, nextUpdate {crl.next_update.isoformat()}"
     print(f"wrote {kind} CRL {crl.number} ({validity}) to {args.out}")
+    return 0
+
+
+def _client_audit_export(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca, Path(args.out).open("w") as out:
+        events, checkpoints = ca.audit_export(out)
+    print(f"wrote {events} audit events and {checkpoints} signed checkpoints to {args.out}")
+    print(f"check it with: ca-daemon audit verify --file {args.out} --public-key AUDIT-PUBLIC-KEY.pem")
     return 0
 
 

@@ -16,26 +16,35 @@ Sign by request_id (the same request_id and CSR return the same certificate, nev
 one), Revoke by serial (a retry that finds the certificate already revoked by its first attempt
 returns that revocation), and the reads are reads.
 
-A leaf module for users: it imports only the generated protocol code, never the server side.
+Auditors: `audit_export` writes the audit log with its signed checkpoints in the file format
+that `ca-daemon audit verify` checks, from the daemon's API alone (no database access).
+
+A leaf module for users: it imports only the generated protocol code and the pure export
+format (audit_format.py), never the server side.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TextIO, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.audit_format import checkpoint_record, event_record, write_export
 
 T = TypeVar("T")
+
+# Events per StreamAuditEvents call of audit_export: each call is bounded, so one deadline fits any log.
+_AUDIT_EVENTS_PER_CALL = 20_000
 
 # RFC 5280 CRLReason names (as in `openssl ca -crl_reason`, with dashes) -> protocol values.
 REASONS: dict[str, int] = {
@@ -266,6 +275,76 @@ class CaClient:
             lambda: self._stub.IssueVerificationCertificate(request, timeout=self._timeout)
         )
         return VerificationCertificate(response.certificate_pem, response.certificate_der, response.serial, response.issuer_key_id)
+
+    # -- auditors ---------------------------------------------------------------
+
+    def audit_checkpoints(self) -> list[ca_pb2.AuditCheckpoint]:
+        """Every signed checkpoint of the audit chain, oldest first (ListAuditCheckpoints, paged). Auditor role."""
+        checkpoints: list[ca_pb2.AuditCheckpoint] = []
+        page_size = 1000
+        while True:
+            request = ca_pb2.ListAuditCheckpointsRequest(after_seq=checkpoints[-1].seq if checkpoints else 0, page_size=page_size)
+            response: ca_pb2.ListAuditCheckpointsResponse = self._call(
+                functools.partial(self._stub.ListAuditCheckpoints, request, timeout=self._timeout)
+            )
+            checkpoints.extend(response.checkpoints)
+            if len(response.checkpoints) < page_size:
+                return checkpoints
+
+    def audit_events(self) -> Iterator[ca_pb2.AuditEvent]:
+        """Every audit event, oldest first (StreamAuditEvents, unfiltered, in bounded calls resumed by page token)."""
+        token = ""
+        while True:
+            request = ca_pb2.StreamAuditEventsRequest(page_size=5000, max_events=_AUDIT_EVENTS_PER_CALL, page_token=token)
+            pages = self._call(functools.partial(self._event_pages, request))
+            received = 0
+            for page in pages:
+                yield from page.events
+                received += len(page.events)
+                token = page.next_page_token or token
+            if received < _AUDIT_EVENTS_PER_CALL:
+                return
+
+    def _event_pages(self, request: ca_pb2.StreamAuditEventsRequest) -> list[ca_pb2.AuditEventsPage]:
+        return list(self._stub.StreamAuditEvents(request, timeout=self._timeout))
+
+    def audit_export(self, out: TextIO) -> tuple[int, int]:
+        """Write the audit log and its checkpoints as `ca-daemon audit export` does; (events, checkpoints).
+
+        The checkpoints are fetched first, so every one of them covers events that the
+        stream that follows returns: a checkpoint past the end of the file is real truncation.
+        """
+        checkpoints = [
+            checkpoint_record(
+                seq=c.seq,
+                count=c.count,
+                head_hash=c.head_hash,
+                time=c.time.ToDatetime(tzinfo=UTC),
+                key_id=c.key_id,
+                signature=c.signature,
+            )
+            for c in self.audit_checkpoints()
+        ]
+        return write_export(out, (event_record(_event_row(e)) for e in self.audit_events()), checkpoints)
+
+
+def _event_row(event: ca_pb2.AuditEvent) -> dict[str, Any]:
+    """An event from the API in the shape of its stored row (empty fields are the store's NULLs)."""
+    return {
+        "seq": event.seq,
+        "time": event.time.ToDatetime(tzinfo=UTC),
+        "actor": event.actor,
+        "action": event.action,
+        "outcome": event.outcome,
+        "serial": event.serial or None,
+        "device_id": event.device_id,
+        "key_id": event.key_id,
+        "request_digest": event.request_digest,
+        "reason": event.reason,
+        "details": event.details_json,
+        "prev_hash": event.prev_hash or None,
+        "hash": event.hash or None,
+    }
 
 
 def _ts(value: datetime | None) -> Timestamp | None:

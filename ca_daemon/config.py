@@ -70,6 +70,8 @@ class ServerConfig:
     dev_mode: bool = False
     workers: int = 2
     max_csr_bytes: int = 64 * 1024
+    # Open client connections one worker's TLS front end accepts (handshaking ones included).
+    max_connections: int = 1024
     local_identity: str = "local-developer"
     http_listen: str = ""
 
@@ -303,6 +305,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         dev_mode=server_raw.boolean("dev_mode", False),
         workers=server_raw.integer("workers", 2, minimum=1, maximum=64),
         max_csr_bytes=server_raw.integer("max_csr_bytes", 64 * 1024, minimum=256, maximum=1024 * 1024),
+        max_connections=server_raw.integer("max_connections", 1024, minimum=1, maximum=1_000_000),
         local_identity=server_raw.string("local_identity", "local-developer"),
         http_listen=server_raw.string("http_listen", ""),
     )

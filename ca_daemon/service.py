@@ -380,6 +380,21 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
         async for rows, token in self._audit.pages(query):
             yield ca_pb2.AuditEventsPage(events=[_audit_event(r) for r in rows], next_page_token=token)
 
+    async def ListAuditCheckpoints(
+        self, request: ca_pb2.ListAuditCheckpointsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ca_pb2.ListAuditCheckpointsResponse:
+        if self._audit is None:
+            raise errors.FailedPrecondition("the audit log is not served by this server")
+        checkpoints = await self._audit.checkpoints(request.after_seq, request.page_size)
+        return ca_pb2.ListAuditCheckpointsResponse(
+            checkpoints=[
+                ca_pb2.AuditCheckpoint(
+                    seq=c.seq, count=c.count, head_hash=c.head_hash, time=_timestamp(c.time), key_id=c.key_id, signature=c.signature
+                )
+                for c in checkpoints
+            ]
+        )
+
     async def ListProfiles(
         self, request: ca_pb2.ListProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.ListProfilesResponse:

@@ -13,6 +13,10 @@ plaintext gRPC port on loopback, over a connection of its own. The backend conne
 local port is the key under which we keep the client's certificate and protocol version;
 the interceptor finds them from the call's peer address (`ipv4:127.0.0.1:PORT`). A
 connection to the backend port that did not come through here has no entry and is refused.
+
+A worker holds at most `max_connections` client connections (handshaking ones included);
+one more is closed at once, so a flood of idle or half-open connections costs a bounded
+amount of memory and file descriptors.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -31,6 +36,9 @@ log = logging.getLogger(__name__)
 _NO_CHECK_TIME = 0x200000
 _HANDSHAKE_TIMEOUT_S = 10.0
 _CHUNK = 256 * 1024
+# Connections refused for the limit are logged at most this often, with how many there were.
+_REFUSAL_LOG_INTERVAL_S = 10.0
+DEFAULT_MAX_CONNECTIONS = 1024
 
 AuthContext = Mapping[str, Iterable[bytes]]
 _NO_CONTEXT: AuthContext = {}
@@ -57,8 +65,11 @@ def server_context(cert_file: Path, key_file: Path, client_ca_file: Path) -> ssl
 class TlsFrontEnd:
     """Accepts TLS on the public address and relays each connection to the gRPC backend."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self._context = context
+        self._max_connections = max_connections
+        self._refused_since_log = 0
+        self._last_refusal_log = -_REFUSAL_LOG_INTERVAL_S
         self._backend_port = 0
         self._peers: dict[int, AuthContext] = {}
         self._server: asyncio.Server | None = None
@@ -93,6 +104,9 @@ class TlsFrontEnd:
         return self._peers.get(int(port), _NO_CONTEXT)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._relays) >= self._max_connections:
+            self._refuse_over_limit(writer)
+            return
         task = asyncio.current_task()
         assert task is not None
         self._relays.add(task)
@@ -101,6 +115,22 @@ class TlsFrontEnd:
         finally:
             self._relays.discard(task)
             writer.close()
+
+    def _refuse_over_limit(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection beyond the limit; say so in the log, at most once per interval."""
+        writer.close()
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL_S:
+            log.warning(
+                "connection limit reached (server.max_connections = %d open connections in this worker): "
+                "closed %d new connection(s), the last from %s",
+                self._max_connections,
+                self._refused_since_log,
+                _address(writer.get_extra_info("peername")),
+            )
+            self._refused_since_log = 0
+            self._last_refusal_log = now
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = writer.get_extra_info("peername")
@@ -163,4 +193,4 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["AuthContext", "TlsFrontEnd", "server_context", "tls13_server_context"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "AuthContext", "TlsFrontEnd", "server_context", "tls13_server_context"]

@@ -121,9 +121,21 @@ class AuditStore:
                 )
             )
 
-    def checkpoints(self) -> list[Checkpoint]:
+    def checkpoints(self, after_seq: int = 0, limit: int = 0) -> list[Checkpoint]:
+        """Checkpoints of events after after_seq, oldest first; at most about limit (0: all).
+
+        A page never splits the checkpoints of one seq (two workers stopping at once may
+        both sign the same head), so the next page starts strictly after the last seq.
+        """
+        columns = audit_checkpoints.c
+        stmt = select(audit_checkpoints).where(columns.seq > after_seq).order_by(columns.seq, columns.id)
         with self._store._connect() as conn:
-            rows = conn.execute(select(audit_checkpoints).order_by(audit_checkpoints.c.seq, audit_checkpoints.c.id)).all()
+            rows = conn.execute(stmt.limit(limit) if limit else stmt).all()
+            if limit and len(rows) == limit:
+                last = rows[-1]._mapping
+                rows += conn.execute(
+                    select(audit_checkpoints).where(columns.seq == last["seq"], columns.id > last["id"]).order_by(columns.id)
+                ).all()
         return [_checkpoint(r._mapping) for r in rows]
 
     def last_checkpoint(self) -> Checkpoint | None:

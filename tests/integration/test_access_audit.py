@@ -413,6 +413,75 @@ def test_tls13_only_and_no_certificate_rules() -> None:
         authenticator.authenticate({"ssl_tls_version": [b"TLSv1.3"]})
 
 
+def test_an_auditor_exports_the_log_over_the_api_and_verifies_it(
+    tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel], tmp_path: Path
+) -> None:
+    """`ca-daemon client audit-export` (auditor, mTLS, no database access) writes what `audit verify` checks."""
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channels["prog"])
+    for _ in range(3):
+        stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
+    time.sleep(2.5)  # checkpoint_interval_seconds = 1 in this daemon: a checkpoint covers these events
+    env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
+    remote = tmp_path / "remote.jsonl"
+    tls_args = ["--tls-ca", str(tls_dir / "ca.pem"), "--tls-cert", str(tls_dir / "clients" / "aud.pem")]
+    tls_args += ["--tls-key", str(tls_dir / "clients" / "aud.key"), "--target", f"localhost:{env.port}"]
+    exported = env.cli("client", "audit-export", *tls_args, "--out", str(remote))
+    assert "signed checkpoints to" in exported.stdout, exported.stdout
+    public = tmp_path / "audit.pem"
+    env.cli("audit", "public-key", "--out", str(public))
+    verified = env.cli("audit", "verify", "--file", str(remote), "--public-key", str(public))
+    assert verified.stdout.startswith("OK:") and "valid checkpoint(s)" in verified.stdout, verified.stdout
+    assert " 0 valid checkpoint(s)" not in verified.stdout, verified.stdout
+
+    # Record for record what the database export holds (up to the shorter of the two: the log may have grown).
+    local = tmp_path / "local.jsonl"
+    env.cli("audit", "export", "--out", str(local))
+    remote_records = [json.loads(line) for line in remote.read_text().splitlines()[1:]]
+    local_records = [json.loads(line) for line in local.read_text().splitlines()[1:]]
+    shorter = min(len(remote_records), len(local_records))
+    assert shorter > 10
+    assert remote_records[:shorter] == local_records[:shorter]
+
+    # The remote file is checked for real: one changed byte in an event covered by a checkpoint is found.
+    lines = remote.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if '"outcome": "issued"' in line)
+    lines[index] = lines[index].replace('"outcome": "issued"', '"outcome": "issueD"', 1)
+    remote.write_text("\n".join(lines) + "\n")
+    tampered = env.cli("audit", "verify", "--file", str(remote), "--public-key", str(public), check=False)
+    assert tampered.returncode != 0 and "hash" in tampered.stdout + tampered.stderr, tampered.stdout + tampered.stderr
+
+
+def _codes_over_fresh_connections(daemon: TlsDaemon, client: str, method: str, connections: int = 8) -> set[grpc.StatusCode]:
+    """The status of one call on each of several new connections, so that every worker answers."""
+    codes = set()
+    for _ in range(connections):
+        with daemon.channel(client) as channel:
+            codes.add(_call(channel, method))
+    return codes
+
+
+def _wait_codes(daemon: TlsDaemon, client: str, method: str, expected: grpc.StatusCode) -> None:
+    deadline = time.monotonic() + 15
+    while (codes := _codes_over_fresh_connections(daemon, client, method)) != {expected}:
+        assert time.monotonic() < deadline, f"{client} {method}: {codes}, expected only {expected.name}"
+        time.sleep(0.3)
+
+
+def test_a_reload_puts_new_roles_in_force_in_every_worker(tls_daemon: TlsDaemon) -> None:
+    """[roles] is reloadable: a grant added by `ca-daemon reload` lets the caller in, and taking it away shuts it out again."""
+    assert _codes_over_fresh_connections(tls_daemon, "nobody", "ListProfiles") == {grpc.StatusCode.PERMISSION_DENIED}
+    tls_daemon.env.edit_config('admin = ["adm"]', 'admin = ["adm", "nobody"]')
+    try:
+        tls_daemon.env.cli("reload")
+        _wait_codes(tls_daemon, "nobody", "ListProfiles", grpc.StatusCode.OK)
+        assert _codes_over_fresh_connections(tls_daemon, "nobody", "Sign") == {grpc.StatusCode.PERMISSION_DENIED}  # admin only
+    finally:
+        tls_daemon.env.edit_config('admin = ["adm", "nobody"]', 'admin = ["adm"]')
+        tls_daemon.env.cli("reload")
+    _wait_codes(tls_daemon, "nobody", "ListProfiles", grpc.StatusCode.PERMISSION_DENIED)
+    assert tls_daemon.log().count("role rule(s) in force") >= 4  # both workers, both reloads
+
+
 def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
     """Plaintext on loopback: the local identity has every role; metrics; reloads and shutdown are audited."""
     from tests.conftest import Daemon

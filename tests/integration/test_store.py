@@ -417,3 +417,22 @@ def test_transaction_lock_is_held_until_commit(store: SqlStore) -> None:
                 assert other.execute(probe, {"c": classid, "o": objid}).scalar() is False
         with other.begin():
             assert other.execute(probe, {"c": classid, "o": objid}).scalar() is True
+
+
+def test_checkpoint_pages_never_split_one_head(store: SqlStore) -> None:
+    """ListAuditCheckpoints pages by seq: the checkpoints of one head (two workers stopping at once) stay together."""
+    from ca_daemon.store.audit_store import AuditStore, Checkpoint
+
+    audit = AuditStore(store)
+    seqs = [1, 2, 2, 2, 3, 5]
+    for index, seq in enumerate(seqs):
+        audit.add_checkpoint(Checkpoint(seq, seq, bytes([index]) * 32, datetime.now(UTC), "audit-1", b"sig-%d" % index))
+    pages, after = [], 0
+    while True:
+        page = audit.checkpoints(after, limit=2)
+        pages.append([c.seq for c in page])
+        if len(page) < 2:
+            break
+        after = page[-1].seq
+    assert pages == [[1, 2, 2, 2], [3, 5], []]
+    assert [c.signature for c in audit.checkpoints()] == [b"sig-%d" % i for i in range(len(seqs))]

@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -119,13 +120,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 class FrontEndServer:
     """A grpc.aio server with our interceptor and health, behind a TlsFrontEnd, on its own loop thread."""
 
-    def __init__(self, pki: Pki) -> None:
+    def __init__(self, pki: Pki, max_connections: int = tls_front.DEFAULT_MAX_CONNECTIONS) -> None:
         directory = pki.directory
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         context = tls_front.server_context(directory / "server.pem", directory / "server.key", pki.client_ca_file)
-        self.front = tls_front.TlsFrontEnd(context)
+        self.front = tls_front.TlsFrontEnd(context, max_connections)
         authenticator = access.Authenticator(
             access.RoleMap([RoleGrant("programmer", "identity", "alice")]), None, client_cas=[pki.ca.certificate, pki.old_ca.certificate]
         )
@@ -277,3 +278,34 @@ def test_the_plaintext_backend_serves_nobody_directly(front: FrontEndServer) -> 
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert health.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "this connection uses no TLS" in details
+
+
+def test_connections_beyond_the_limit_are_closed_and_logged(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """Two idle TCP connections (never handshaking) fill a limit of 2: a third is closed at once; room again once one goes."""
+    caplog.set_level(logging.WARNING, logger="ca_daemon.tls_front")
+    server = FrontEndServer(pki, max_connections=2)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        time.sleep(0.3)  # both accepted by the front end
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as third:
+            third.settimeout(5)
+            assert third.recv(1) == b""  # closed by the server, long before the 10 s handshake timeout
+        with _channel(pki, server, "alice") as channel, pytest.raises(grpc.RpcError) as full:
+            _sign(channel)
+        assert full.value.code() == grpc.StatusCode.UNAVAILABLE
+        idle[0].close()
+        deadline = time.monotonic() + 10
+        while True:  # the front end notices the closed connection, then has room for one more
+            with _channel(pki, server, "alice") as channel:
+                try:
+                    assert _sign(channel, b"csr") == b"signed:csr"
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.2)
+        idle[1].close()
+    finally:
+        server.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
+    assert any("connection limit reached (server.max_connections = 2" in m for m in warnings), warnings

@@ -87,6 +87,11 @@ class CertificateAuthorityStub:
                 request_serializer=ca__daemon_dot_v1_dot_ca__pb2.StreamAuditEventsRequest.SerializeToString,
                 response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.AuditEventsPage.FromString,
                 _registered_method=True)
+        self.ListAuditCheckpoints = channel.unary_unary(
+                '/ca_daemon.v1.CertificateAuthority/ListAuditCheckpoints',
+                request_serializer=ca__daemon_dot_v1_dot_ca__pb2.ListAuditCheckpointsRequest.SerializeToString,
+                response_deserializer=ca__daemon_dot_v1_dot_ca__pb2.ListAuditCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class CertificateAuthorityServicer:
@@ -175,6 +180,18 @@ class CertificateAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditCheckpoints(self, request, context):
+        """ListAuditCheckpoints returns the signed checkpoints of the audit chain (head
+        seq, event count, head hash, time, signature by the audit key in the HSM),
+        oldest first, after a sequence number. With an unfiltered StreamAuditEvents
+        it lets an auditor rebuild the export that `ca-daemon audit verify` checks
+        without access to the database (`ca-daemon client audit-export`); fetch the
+        checkpoints first, then the events. Auditors only (role "auditor").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +244,11 @@ def add_CertificateAuthorityServicer_to_server(servicer, server):
                     servicer.StreamAuditEvents,
                     request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.StreamAuditEventsRequest.FromString,
                     response_serializer=ca__daemon_dot_v1_dot_ca__pb2.AuditEventsPage.SerializeToString,
+            ),
+            'ListAuditCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditCheckpoints,
+                    request_deserializer=ca__daemon_dot_v1_dot_ca__pb2.ListAuditCheckpointsRequest.FromString,
+                    response_serializer=ca__daemon_dot_v1_dot_ca__pb2.ListAuditCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -501,6 +523,33 @@ class CertificateAuthority:
             '/ca_daemon.v1.CertificateAuthority/StreamAuditEvents',
             ca__daemon_dot_v1_dot_ca__pb2.StreamAuditEventsRequest.SerializeToString,
             ca__daemon_dot_v1_dot_ca__pb2.AuditEventsPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ca_daemon.v1.CertificateAuthority/ListAuditCheckpoints',
+            ca__daemon_dot_v1_dot_ca__pb2.ListAuditCheckpointsRequest.SerializeToString,
+            ca__daemon_dot_v1_dot_ca__pb2.ListAuditCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

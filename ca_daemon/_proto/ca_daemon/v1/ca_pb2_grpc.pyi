@@ -78,6 +78,14 @@ class CertificateAuthorityStub:
     the newest event; resume later with the last page's next_page_token.
     Auditors only (role "auditor").
     """
+    ListAuditCheckpoints: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListAuditCheckpointsRequest, _ca_pb2.ListAuditCheckpointsResponse]
+    """ListAuditCheckpoints returns the signed checkpoints of the audit chain (head
+    seq, event count, head hash, time, signature by the audit key in the HSM),
+    oldest first, after a sequence number. With an unfiltered StreamAuditEvents
+    it lets an auditor rebuild the export that `ca-daemon audit verify` checks
+    without access to the database (`ca-daemon client audit-export`); fetch the
+    checkpoints first, then the events. Auditors only (role "auditor").
+    """
 
 @_typing.type_check_only
 class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
@@ -121,6 +129,14 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     from a sequence number or a time, filtered on the server. The stream ends at
     the newest event; resume later with the last page's next_page_token.
     Auditors only (role "auditor").
+    """
+    ListAuditCheckpoints: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListAuditCheckpointsRequest, _ca_pb2.ListAuditCheckpointsResponse]  # type: ignore[assignment]
+    """ListAuditCheckpoints returns the signed checkpoints of the audit chain (head
+    seq, event count, head hash, time, signature by the audit key in the HSM),
+    oldest first, after a sequence number. With an unfiltered StreamAuditEvents
+    it lets an auditor rebuild the export that `ca-daemon audit verify` checks
+    without access to the database (`ca-daemon client audit-export`); fetch the
+    checkpoints first, then the events. Auditors only (role "auditor").
     """
 
 class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
@@ -222,6 +238,20 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         from a sequence number or a time, filtered on the server. The stream ends at
         the newest event; resume later with the last page's next_page_token.
         Auditors only (role "auditor").
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditCheckpoints(
+        self,
+        request: _ca_pb2.ListAuditCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ca_pb2.ListAuditCheckpointsResponse, _abc.Awaitable[_ca_pb2.ListAuditCheckpointsResponse]]:
+        """ListAuditCheckpoints returns the signed checkpoints of the audit chain (head
+        seq, event count, head hash, time, signature by the audit key in the HSM),
+        oldest first, after a sequence number. With an unfiltered StreamAuditEvents
+        it lets an auditor rebuild the export that `ca-daemon audit verify` checks
+        without access to the database (`ca-daemon client audit-export`); fetch the
+        checkpoints first, then the events. Auditors only (role "auditor").
         """
 
 def add_CertificateAuthorityServicer_to_server(servicer: CertificateAuthorityServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

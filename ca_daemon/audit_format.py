@@ -1,0 +1,80 @@
+"""The audit log's JSON Lines export: one header, the events in order, each checkpoint after the event it covers.
+
+Two writers share it, so that `ca-daemon audit verify` checks either file the same way:
+`ca-daemon audit export` reads the database (audit.py), `ca-daemon client audit-export`
+rebuilds the same records from StreamAuditEvents and ListAuditCheckpoints (client.py),
+for an auditor who has no access to the database. Pure data: no store, no token.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from ca_daemon.audit_hash import canonical_time
+
+EXPORT_FORMAT = "ca-daemon-audit-export"
+
+
+def event_record(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON form of one event, from its stored columns (None and "" are both absent text)."""
+    return {
+        "type": "event",
+        "seq": int(row["seq"]),
+        "time": canonical_time(row["time"]),
+        "actor": row["actor"],
+        "action": row["action"],
+        "outcome": row["outcome"],
+        "serial": row["serial"],
+        "device_id": row["device_id"] or "",
+        "key_id": row["key_id"] or "",
+        "request_digest": bytes(row["request_digest"] or b"").hex(),
+        "reason": row["reason"] or "",
+        "details": row["details"] or "{}",
+        "prev_hash": bytes(row["prev_hash"]).hex() if row["prev_hash"] is not None else None,
+        "hash": bytes(row["hash"]).hex() if row["hash"] is not None else None,
+    }
+
+
+def checkpoint_record(*, seq: int, count: int, head_hash: bytes, time: datetime, key_id: str, signature: bytes) -> dict[str, Any]:
+    """The JSON form of one signed checkpoint."""
+    return {
+        "type": "checkpoint",
+        "seq": seq,
+        "count": count,
+        "head": head_hash.hex(),
+        "time": canonical_time(time),
+        "key_id": key_id,
+        "signature": base64.b64encode(signature).decode(),
+    }
+
+
+def interleave(events: Iterable[dict[str, Any]], checkpoints: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Event records with each checkpoint record right after the event it covers (both ordered by seq).
+
+    Checkpoints beyond the last event come at the end: the verifier reports that truncation
+    instead of the writer hiding it.
+    """
+    pending = list(checkpoints)
+    for record in events:
+        yield record
+        while pending and pending[0]["seq"] <= record["seq"]:
+            yield pending.pop(0)
+    yield from pending
+
+
+def write_export(out: TextIO, events: Iterable[dict[str, Any]], checkpoints: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """Write the header and the interleaved records; (events, checkpoints) written."""
+    header = {"type": "header", "format": EXPORT_FORMAT, "version": 1, "exported_at": canonical_time(datetime.now(UTC))}
+    out.write(json.dumps(header) + "\n")
+    written = 0
+    for record in interleave(events, checkpoints):
+        out.write(json.dumps(record, sort_keys=True) + "\n")
+        written += record["type"] == "event"
+    return written, len(checkpoints)
+
+
+__all__ = ["EXPORT_FORMAT", "checkpoint_record", "event_record", "interleave", "write_export"]
