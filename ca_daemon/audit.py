@@ -426,7 +426,6 @@ def _token(after: int, digest: str) -> str:
 
 
 def _parse_token(token: str, digest: str) -> int:
-
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         after, filters = int(data["after"]), str(data["f"])

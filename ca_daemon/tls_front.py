@@ -38,7 +38,6 @@ _HANDSHAKE_TIMEOUT_S = 10.0
 _CHUNK = 256 * 1024
 # Connections refused for the limit are logged at most this often, with how many there were.
 _REFUSAL_LOG_INTERVAL_S = 10.0
-DEFAULT_MAX_CONNECTIONS = 1024
 
 AuthContext = Mapping[str, Iterable[bytes]]
 _NO_CONTEXT: AuthContext = {}
@@ -65,7 +64,7 @@ def server_context(cert_file: Path, key_file: Path, client_ca_file: Path) -> ssl
 class TlsFrontEnd:
     """Accepts TLS on the public address and relays each connection to the gRPC backend."""
 
-    def __init__(self, context: ssl.SSLContext, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+    def __init__(self, context: ssl.SSLContext, max_connections: int) -> None:
         self._context = context
         self._max_connections = max_connections
         self._refused_since_log = 0
@@ -193,4 +192,4 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "AuthContext", "TlsFrontEnd", "server_context", "tls13_server_context"]
+__all__ = ["AuthContext", "TlsFrontEnd", "server_context", "tls13_server_context"]

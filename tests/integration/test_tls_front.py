@@ -120,7 +120,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 class FrontEndServer:
     """A grpc.aio server with our interceptor and health, behind a TlsFrontEnd, on its own loop thread."""
 
-    def __init__(self, pki: Pki, max_connections: int = tls_front.DEFAULT_MAX_CONNECTIONS) -> None:
+    def __init__(self, pki: Pki, max_connections: int = 64) -> None:
         directory = pki.directory
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
