@@ -442,6 +442,13 @@ def test_an_auditor_exports_the_log_over_the_api_and_verifies_it(
     assert shorter > 10
     assert remote_records[:shorter] == local_records[:shorter]
 
+    auditor = ca_pb2_grpc.CertificateAuthorityStub(channels["aud"])
+    with pytest.raises(grpc.RpcError) as too_big:
+        auditor.ListAuditCheckpoints(ca_pb2.ListAuditCheckpointsRequest(page_size=1_000_000), timeout=10)
+    assert too_big.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in (too_big.value.details() or "")
+    beyond = auditor.ListAuditCheckpoints(ca_pb2.ListAuditCheckpointsRequest(after_seq=10**12), timeout=10)
+    assert list(beyond.checkpoints) == []
+
     # The remote file is checked for real: one changed byte in an event covered by a checkpoint is found.
     lines = remote.read_text().splitlines()
     index = next(i for i, line in enumerate(lines) if '"outcome": "issued"' in line)
