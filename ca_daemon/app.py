@@ -187,7 +187,30 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     if primary:
         interval = config.audit.checkpoint_interval.total_seconds()
         asyncio.get_running_loop().create_task(checkpointer.run(interval), name="audit-checkpoints")
+        if config.tls.enabled and config.tls.client_crl_refresh.total_seconds() > 0:
+            asyncio.get_running_loop().create_task(_keep_client_crl_fresh(config, hsm, store), name="client-crl-refresh")
     return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front, authenticator)
+
+
+# How often the primary worker looks at the client CA CRL's nextUpdate (and once at start).
+_CLIENT_CRL_CHECK_S = 3600.0
+
+
+async def _keep_client_crl_fresh(config: Config, hsm: Hsm, store: SqlStore) -> None:
+    """Re-sign the internal mTLS CA's CRL before it expires: every mTLS call would be refused after (see tls.py)."""
+    settings = config.tls
+    assert settings.client_crl_file is not None
+    crl_file = settings.client_crl_file
+    while True:
+        try:
+            crl = await hsm.run_async(
+                lambda: tls.refresh_client_crl(hsm, store, settings.ca_key_uri, crl_file, settings.client_crl_refresh, datetime.now(UTC))
+            )
+            if crl is not None:
+                log.info("re-signed the client CA CRL %s: %d revoked, next update %s", crl_file, len(crl), crl.next_update_utc)
+        except CaError as exc:
+            log.error("could not re-sign the client CA CRL %s (next attempt in an hour): %s", crl_file, exc.message)
+        await asyncio.sleep(_CLIENT_CRL_CHECK_S)
 
 
 async def _follow_active_key(authority: Authority, interval: float) -> None:

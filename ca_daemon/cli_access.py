@@ -194,10 +194,7 @@ def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str
     if target is None:
         raise ConfigError("no tls.client_crl in the configuration; name the file with --out")
     ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
-    crl = tls.build_crl(ca, store)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    temporary.replace(target)  # the daemon reads the old CRL or the new one, never a part
+    crl = tls.write_crl(ca, store, target)
     print(f"wrote {target}: {len(list(crl))} revoked, next update {crl.next_update_utc}")
     return target
 

@@ -208,6 +208,8 @@ class TlsConfig:
     key_file: Path | None = None
     client_ca_file: Path | None = None
     client_crl_file: Path | None = None
+    # The primary worker re-signs client_crl when it is the internal CA's and expires within this.
+    client_crl_refresh: timedelta = timedelta(days=30)
     # The internal mTLS CA key in the HSM that `ca-daemon mtls` issues server and client certificates with.
     ca_key_uri: str = ""
 
@@ -430,10 +432,12 @@ def _parse_tls(raw: _Reader, base: Path) -> TlsConfig:
     if ca_key and not ca_key.startswith("pkcs11:"):
         raise ConfigError("tls.ca_key must be a pkcs11: URI naming the internal mTLS CA key in the HSM")
 
+    refresh_days = raw.integer("client_crl_refresh_days", 30, minimum=0, maximum=80)
+
     def path(name: str) -> Path | None:
         return _resolve(base, values[name]) if values[name] else None
 
-    return TlsConfig(path("cert"), path("key"), path("client_ca"), path("client_crl"), ca_key)
+    return TlsConfig(path("cert"), path("key"), path("client_ca"), path("client_crl"), timedelta(days=refresh_days), ca_key_uri=ca_key)
 
 
 def _parse_roles(raw: _Reader) -> tuple[RoleGrant, ...]:

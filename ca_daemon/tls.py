@@ -49,14 +49,24 @@ class MtlsCa:
     key_id: str
 
 
+def load_mtls_ca(hsm: Hsm, store: SqlStore, key_uri: str) -> MtlsCa | None:
+    """The internal mTLS CA if `ca-daemon mtls init` created it, else None (the daemon never creates it)."""
+    uri = Pkcs11Uri.parse(key_uri)
+    key_id = uri.label or uri.key_id.hex()
+    existing = [c for c in AuditStore(store).mtls_certificates() if c.kind == "ca" and c.name == key_id]
+    if not existing:
+        return None
+    return MtlsCa(x509.load_der_x509_certificate(existing[-1].der), hsm.private_key(uri), key_id)
+
+
 def ensure_mtls_ca(hsm: Hsm, store: SqlStore, key_uri: str, actor: str, subject: str = "CN=ca-daemon mTLS CA") -> tuple[MtlsCa, bool]:
     """Load the mTLS CA, or create its key in the token and self-sign it; (ca, created)."""
+    existing = load_mtls_ca(hsm, store, key_uri)
+    if existing is not None:
+        return existing, False
     uri = Pkcs11Uri.parse(key_uri)
     key_id = uri.label or uri.key_id.hex()
     audit = AuditStore(store)
-    existing = [c for c in audit.mtls_certificates() if c.kind == "ca" and c.name == key_id]
-    if existing:
-        return MtlsCa(x509.load_der_x509_certificate(existing[-1].der), hsm.private_key(uri), key_id), False
     try:
         hsm.public_key_der(uri)
     except CaError:
@@ -213,6 +223,57 @@ def build_crl(ca: MtlsCa, store: SqlStore, validity: timedelta = CRL_VALIDITY) -
         ],
     )
     return builder.sign(ca.private_key, hashes.SHA256())  # type: ignore[arg-type]
+
+
+def write_crl(ca: MtlsCa, store: SqlStore, target: Path) -> x509.CertificateRevocationList:
+    """Sign the mTLS CA's CRL and replace target with it atomically (the daemon reads the old or the new one)."""
+    crl = build_crl(ca, store)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    temporary.replace(target)
+    return crl
+
+
+def refresh_client_crl(
+    hsm: Hsm, store: SqlStore, key_uri: str, target: Path, refresh_before: timedelta, now: datetime
+) -> x509.CertificateRevocationList | None:
+    """Re-sign the client CRL file if it is the internal CA's own and its nextUpdate is within refresh_before.
+
+    Run by the daemon's primary worker, so that the CRL every mTLS call is checked against
+    (access.ClientCrl, which fails closed once it expires) never runs out. A file that
+    holds anything else (another CA's CRL, several CRLs, nothing readable) is left alone:
+    replacing it would drop what an operator put there. Returns the new CRL, or None.
+    """
+    ca = load_mtls_ca(hsm, store, key_uri)
+    if ca is None:
+        return None
+    try:
+        data = target.read_bytes()
+        if data.count(b"-----BEGIN X509 CRL-----") != 1:  # the loader would read the first CRL and ignore the rest
+            return None
+        current = x509.load_pem_x509_crl(data)
+    except (OSError, ValueError):
+        return None
+    if current.issuer != ca.certificate.subject or not current.is_signature_valid(ca.certificate.public_key()):  # type: ignore[arg-type]
+        return None
+    next_update = current.next_update_utc
+    if next_update is not None and next_update - now > refresh_before:
+        return None
+    crl = write_crl(ca, store, target)
+    store.append_audit(
+        [
+            AuditEvent(
+                time=now,
+                actor="client-crl-refresh",
+                action="mtls.crl",
+                outcome="published",
+                key_id=ca.key_id,
+                reason="next update within the refresh window",
+                details={"next_update": str(crl.next_update_utc), "revoked": str(len(crl)), "path": str(target)},
+            )
+        ]
+    )
+    return crl
 
 
 def write_private(path: Path, data: bytes) -> None:

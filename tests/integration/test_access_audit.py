@@ -22,6 +22,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon import access, app, config, tls
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
@@ -487,6 +490,97 @@ def test_a_reload_puts_new_roles_in_force_in_every_worker(tls_daemon: TlsDaemon)
         tls_daemon.env.cli("reload")
     _wait_codes(tls_daemon, "nobody", "ListProfiles", grpc.StatusCode.PERMISSION_DENIED)
     assert tls_daemon.log().count("role rule(s) in force") >= 4  # both workers, both reloads
+
+
+def _write_client_crl(env: CaEnv, validity: timedelta) -> None:
+    """Replace the client CRL file with the internal mTLS CA's CRL valid for `validity` (signed in the token)."""
+    cfg = config.load(env.config_path)
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    try:
+        ca = tls.load_mtls_ca(hsm, store, cfg.tls.ca_key_uri)
+        assert ca is not None and cfg.tls.client_crl_file is not None
+        cfg.tls.client_crl_file.write_bytes(tls.build_crl(ca, store, validity).public_bytes(serialization.Encoding.PEM))
+    finally:
+        hsm.close()
+        store.close()
+
+
+def _client_crl_next_update(env: CaEnv) -> datetime:
+    crl_file = config.load(env.config_path).tls.client_crl_file
+    assert crl_file is not None
+    next_update = x509.load_pem_x509_crl(crl_file.read_bytes()).next_update_utc
+    assert next_update is not None
+    return next_update
+
+
+def test_the_refresh_re_signs_only_an_expiring_crl_of_the_internal_ca(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    env = make_env(tmp_path_factory.mktemp("crl-refresh-unit"), softhsm_conf)
+    env.cli("mtls", "init", "--out", str(env.state_dir / "tls"), "--client", "prog:programmer", "--apply")
+    cfg = config.load(env.config_path)
+    crl_file = cfg.tls.client_crl_file
+    assert crl_file is not None
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    try:
+
+        def refresh() -> x509.CertificateRevocationList | None:
+            return tls.refresh_client_crl(hsm, store, cfg.tls.ca_key_uri, crl_file, timedelta(days=30), datetime.now(UTC))
+
+        assert refresh() is None  # the 90-day CRL of `mtls init` is far from its nextUpdate
+        _write_client_crl(env, timedelta(days=2))
+        fresh = refresh()
+        assert fresh is not None and fresh.next_update_utc is not None
+        assert fresh.next_update_utc > datetime.now(UTC) + timedelta(days=80)
+        assert _client_crl_next_update(env) == fresh.next_update_utc  # the file itself was replaced
+        # Another CA's CRL in the file is left alone, however close its nextUpdate.
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        foreign = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "outside client CA")]))
+            .last_update(now)
+            .next_update(now + timedelta(days=1))
+            .sign(other_key, hashes.SHA256())
+        )
+        crl_file.write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
+        assert refresh() is None
+        assert crl_file.read_bytes() == foreign.public_bytes(serialization.Encoding.PEM)
+        # So is a bundle that starts with an expiring internal CRL but holds another CA's CRL too.
+        _write_client_crl(env, timedelta(days=2))
+        bundle = crl_file.read_bytes() + foreign.public_bytes(serialization.Encoding.PEM)
+        crl_file.write_bytes(bundle)
+        assert refresh() is None
+        assert crl_file.read_bytes() == bundle
+    finally:
+        hsm.close()
+        store.close()
+
+
+def test_the_daemon_re_signs_a_client_crl_about_to_expire(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """A client CRL two days from its nextUpdate is re-signed at start-up: mTLS callers never meet an expired CRL."""
+    env = make_env(tmp_path_factory.mktemp("crl-refresh"), softhsm_conf)
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "adm:admin", "--client", "prog:programmer", "--apply")
+    _write_client_crl(env, timedelta(days=2))
+    log_path = env.state_dir / "daemon.log"
+    daemon = TlsDaemon(env, tls_dir, spawn_daemon(env, log_path), log_path, 0)
+    try:
+        _wait_tls_serving(daemon)
+        deadline = time.monotonic() + 20
+        while _client_crl_next_update(env) < datetime.now(UTC) + timedelta(days=80):
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.2)
+        assert "re-signed the client CA CRL" in daemon.log()
+        with daemon.channel("prog") as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
+    finally:
+        daemon.stop()
+    database = sqlite3.connect(env.state_dir / "ca.db")
+    try:
+        events = database.execute("SELECT actor, outcome FROM audit_events WHERE action = 'mtls.crl'").fetchall()
+    finally:
+        database.close()
+    assert events == [("client-crl-refresh", "published")]
 
 
 def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
