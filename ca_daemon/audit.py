@@ -160,9 +160,7 @@ def stored_checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def export(store: SqlStore, out: TextIO) -> tuple[int, int]:
     """Write the whole log as JSON Lines (audit_format.py); returns (events, checkpoints) written."""
-    audit = AuditStore(store)
-    checkpoints = [stored_checkpoint_record(c) for c in audit.checkpoints()]
-    return write_export(out, (event_record(row) for row in audit.iter_events()), checkpoints)
+    return write_export(out, live_records(store))
 
 
 @dataclass

@@ -66,15 +66,15 @@ def interleave(events: Iterable[dict[str, Any]], checkpoints: Sequence[dict[str,
     yield from pending
 
 
-def write_export(out: TextIO, events: Iterable[dict[str, Any]], checkpoints: Sequence[dict[str, Any]]) -> tuple[int, int]:
-    """Write the header and the interleaved records; (events, checkpoints) written."""
+def write_export(out: TextIO, records: Iterable[dict[str, Any]]) -> tuple[int, int]:
+    """Write the header and the records (as `interleave` orders them); (events, checkpoints) written."""
     header = {"type": "header", "format": EXPORT_FORMAT, "version": 1, "exported_at": canonical_time(datetime.now(UTC))}
     out.write(json.dumps(header) + "\n")
-    written = 0
-    for record in interleave(events, checkpoints):
+    written = {"event": 0, "checkpoint": 0}
+    for record in records:
         out.write(json.dumps(record, sort_keys=True) + "\n")
-        written += record["type"] == "event"
-    return written, len(checkpoints)
+        written[record["type"]] += 1
+    return written["event"], written["checkpoint"]
 
 
 __all__ = ["EXPORT_FORMAT", "checkpoint_record", "event_record", "interleave", "write_export"]

@@ -39,7 +39,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from ca_daemon.audit_format import checkpoint_record, event_record, write_export
+from ca_daemon.audit_format import checkpoint_record, event_record, interleave, write_export
 
 T = TypeVar("T")
 
@@ -325,7 +325,7 @@ class CaClient:
             )
             for c in self.audit_checkpoints()
         ]
-        return write_export(out, (event_record(_event_row(e)) for e in self.audit_events()), checkpoints)
+        return write_export(out, interleave((event_record(_event_row(e)) for e in self.audit_events()), checkpoints))
 
 
 def _event_row(event: ca_pb2.AuditEvent) -> dict[str, Any]:
