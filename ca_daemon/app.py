@@ -41,7 +41,7 @@ from ca_daemon.access import Authenticator
 from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
 from ca_daemon.authority import Authority, load_active_ca
 from ca_daemon.config import Config
-from ca_daemon.crl import CrlServices, watch_health
+from ca_daemon.crl import CrlServices, await_first_crls, watch_health
 from ca_daemon.errors import CaError, FailedPrecondition
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent
@@ -56,6 +56,8 @@ KEY_CEREMONY_SERVICE = ca_pb2.DESCRIPTOR.services_by_name["KeyCeremony"].full_na
 
 _PR_SET_PDEATHSIG = 1
 _HEALTH_INTERVAL_S = 1.0
+# How long a non-primary worker waits for the primary's first CRLs before it serves anyway.
+_FIRST_CRL_WAIT_S = 30.0
 
 
 def prepare_environment(config: Config) -> None:
@@ -176,6 +178,12 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     crl = CrlServices(config, hsm, store) if primary else None
     if crl is not None:
         await crl.start()  # before serving, so the first CRLs exist once the server reports SERVING
+    elif not await await_first_crls(config, store, authority.active.key.key_id, _FIRST_CRL_WAIT_S):
+        log.warning(
+            "worker %d: no CRL of %s in the store yet; serving, GetCRL says NOT_FOUND until one is",
+            os.getpid(),
+            authority.active.key.key_id,
+        )
     await server.start()
     if front is not None:
         host, _, public_port = address.rpartition(":")

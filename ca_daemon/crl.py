@@ -326,6 +326,23 @@ class CrlServices:
             await self.http.stop()
 
 
+async def await_first_crls(config: Config, store: SqlStore, key_id: str, timeout: float) -> bool:
+    """Wait until the store holds CA key key_id's first full (and delta) CRL; False after timeout.
+
+    A worker that is not the primary calls it before serving: otherwise it could report
+    SERVING and answer GetCRL with NOT_FOUND while the primary is still publishing.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    kinds = (False, True) if config.crl.delta else (False,)
+    while True:
+        found = [await asyncio.to_thread(functools.partial(store.latest_crl, key_id, delta=delta, with_der=False)) for delta in kinds]
+        if all(crl is not None for crl in found):
+            return True
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+
+
 async def watch_health(servicer: Any, store: SqlStore, local_ok: Callable[[], bool] = lambda: True) -> None:
     """Keep CRL_HEALTH_SERVICE current in this process from the store's record of the last attempts.
 
@@ -345,4 +362,13 @@ async def watch_health(servicer: Any, store: SqlStore, local_ok: Callable[[], bo
         await asyncio.sleep(_HEALTH_INTERVAL_S)
 
 
-__all__ = ["CRL_HEALTH_SERVICE", "CrlFileWriter", "CrlScheduler", "CrlServices", "crl_file_name", "watch_health", "write_atomically"]
+__all__ = [
+    "CRL_HEALTH_SERVICE",
+    "CrlFileWriter",
+    "CrlScheduler",
+    "CrlServices",
+    "await_first_crls",
+    "crl_file_name",
+    "watch_health",
+    "write_atomically",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import subprocess
@@ -21,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ca_daemon import app, crl_der
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from ca_daemon.crl import CRL_HEALTH_SERVICE
+from ca_daemon.authority import load_active_ca
+from ca_daemon.crl import CRL_HEALTH_SERVICE, await_first_crls
 from ca_daemon.errors import FailedPrecondition, LintFailure
 from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
@@ -323,7 +325,6 @@ def _wait_health(health: health_pb2_grpc.HealthStub, status: int, timeout: float
 
 def test_expired_entries_leave_the_base_after_appearing_once(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
     """In-process with the real token and store: an expired certificate's entry is on one base CRL, then dropped."""
-    from ca_daemon.authority import load_active_ca
     from ca_daemon.model import AuditEvent, IssuedCertificate
     from ca_daemon.revocation import encode_entry
 
@@ -393,3 +394,32 @@ def test_with_two_workers_one_publishes_and_every_worker_answers(tmp_path_factor
         assert len(published) == 1, published  # only the primary worker publishes
     finally:
         daemon.stop()
+
+
+def test_a_worker_that_does_not_publish_waits_for_the_first_full_and_delta_crl(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """A non-primary worker serves only once GetCRL can answer (CI saw NOT_FOUND from one that did not wait)."""
+    env, _ = crl_env(tmp_path_factory.mktemp("first-crl"), softhsm_conf)
+    config = config_module.load(env.config_path)
+    hsm = app.connect_hsm(config)
+    store = app.connect_store(config)
+    try:
+        load_active_ca(config, hsm, store)  # as a worker does first
+        publisher = CrlPublisher(config, hsm, store)
+        issuer = publisher.issuers(datetime.now(UTC))[0]
+        assert not asyncio.run(await_first_crls(config, store, issuer.key_id, timeout=0.3))
+        publisher.publish(issuer, delta=False)
+        assert not asyncio.run(await_first_crls(config, store, issuer.key_id, timeout=0.3))  # the delta is still missing
+
+        async def publish_delta_while_waiting() -> bool:
+            waiting = asyncio.create_task(await_first_crls(config, store, issuer.key_id, timeout=10))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            await asyncio.to_thread(lambda: publisher.publish(issuer, delta=True))
+            return await waiting
+
+        assert asyncio.run(publish_delta_while_waiting())
+    finally:
+        store.close()
+        hsm.close()
