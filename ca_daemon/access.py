@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.config import ROLES, Config, RoleGrant
-from ca_daemon.errors import PermissionDenied, Unauthenticated
+from ca_daemon.errors import ConfigError, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class RoleMap:
     """`[roles]` as a function of identity, SAN URIs and OUs."""
 
     def __init__(self, grants: Sequence[RoleGrant]) -> None:
+        self._count = len(grants)
         self._exact: dict[str, set[str]] = {}
         self._patterns: list[tuple[str, str, re.Pattern[str]]] = []
         for grant in grants:
@@ -108,6 +109,9 @@ class RoleMap:
                 self._exact.setdefault(grant.value, set()).add(grant.role)
             else:
                 self._patterns.append((grant.role, grant.kind, re.compile(grant.value)))
+
+    def __len__(self) -> int:
+        return self._count
 
     def roles_of(self, identity: str, uris: Sequence[str], ous: Sequence[str]) -> frozenset[str]:
         roles = set(self._exact.get(identity, ()))
@@ -245,16 +249,25 @@ class Authenticator:
             return cls(RoleMap(()), None, local_identity=config.server.local_identity)
         tls = config.tls
         assert tls.client_crl_file is not None and tls.client_ca_file is not None
-        crl = ClientCrl(tls.client_crl_file, tls.client_ca_file)
+        try:
+            crl = ClientCrl(tls.client_crl_file, tls.client_ca_file)
+        except OSError as exc:
+            raise ConfigError(f"[tls]: cannot read {exc.filename}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError(f"tls.client_ca {tls.client_ca_file} is not a PEM certificate bundle: {exc}") from None
         return cls(RoleMap(config.roles), crl, client_cas=crl.cas)
 
-    def replace_roles(self, grants: Sequence[RoleGrant]) -> None:
-        """Put a reloaded `[roles]` in force for the next call (the cached principals carry the old roles)."""
-        if self._local is not None:
-            return  # development mode: the one local caller has every role whatever [roles] says
-        self._roles = RoleMap(grants)
-        self._cache.clear()
-        log.info("reload: %d role rule(s) in force", len(grants))
+    def adopt(self, reloaded: Authenticator) -> None:
+        """Put a reloaded configuration's roles, client CAs and client CRL file in force for the next call.
+
+        reloaded is built (and its files checked) before anything is replaced, so a bad
+        reload changes nothing; here the swap cannot fail.
+        """
+        if self._local is not None or reloaded._local is not None:
+            return  # switching between development mode and mTLS needs a restart (app.reload_worker says so)
+        self._roles, self._crl, self._client_cas = reloaded._roles, reloaded._crl, reloaded._client_cas
+        self._cache.clear()  # the cached principals carry the old roles
+        log.info("reload: %d role rule(s) and %d client CA(s) in force", len(self._roles), len(self._client_cas))
 
     def authenticate(self, auth_context: Mapping[str, Iterable[bytes]], now: datetime | None = None) -> Principal:
         if self._local is not None:

@@ -22,11 +22,12 @@ import multiprocessing
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -197,6 +198,8 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         asyncio.get_running_loop().create_task(checkpointer.run(interval), name="audit-checkpoints")
         if config.tls.enabled and config.tls.client_crl_refresh.total_seconds() > 0:
             asyncio.get_running_loop().create_task(_keep_client_crl_fresh(config, hsm, store), name="client-crl-refresh")
+        if config.tls.cert_file is not None:
+            asyncio.get_running_loop().create_task(_warn_before_server_certificate_expires(config.tls.cert_file), name="server-cert-expiry")
     return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front, authenticator)
 
 
@@ -219,6 +222,25 @@ async def _keep_client_crl_fresh(config: Config, hsm: Hsm, store: SqlStore) -> N
         except CaError as exc:
             log.error("could not re-sign the client CA CRL %s (next attempt in an hour): %s", crl_file, exc.message)
         await asyncio.sleep(_CLIENT_CRL_CHECK_S)
+
+
+# The primary worker warns, hourly, once the TLS server certificate expires within this.
+_SERVER_CERT_WARNING = timedelta(days=30)
+_SERVER_CERT_CHECK_S = 3600.0
+
+
+async def _warn_before_server_certificate_expires(cert_file: Path) -> None:
+    """Log a warning, hourly, from 30 days before tls.cert expires: after that every client's handshake fails."""
+    while True:
+        not_after = await asyncio.to_thread(tls.server_certificate_expiry, cert_file)
+        if not_after is not None and not_after - datetime.now(UTC) < _SERVER_CERT_WARNING:
+            log.warning(
+                "the TLS server certificate %s expires at %s; renew it with `ca-daemon mtls renew-server --reload` "
+                "(or with the PKI that issued it, then `ca-daemon reload`)",
+                cert_file,
+                not_after.isoformat(),
+            )
+        await asyncio.sleep(_SERVER_CERT_CHECK_S)
 
 
 async def _follow_active_key(authority: Authority, interval: float) -> None:
@@ -256,7 +278,7 @@ async def _serve_forever(config: Config, primary: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_worker, worker.authority, config.path, worker.store, worker.authenticator)
+    loop.add_signal_handler(signal.SIGHUP, reload_worker, worker.authority, config.path, worker.store, worker.authenticator, worker.front)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
     await stop.wait()
     await worker.stop()
@@ -277,20 +299,46 @@ def _settle_garbage_collector() -> None:
 
 
 def reload_worker(
-    authority: Authority, config_path: Path, store: SqlStore | None = None, authenticator: Authenticator | None = None
+    authority: Authority,
+    config_path: Path,
+    store: SqlStore | None = None,
+    authenticator: Authenticator | None = None,
+    front: tls_front.TlsFrontEnd | None = None,
 ) -> bool:
-    """Re-read the configuration and put its policy and roles in force; on any error keep the old ones. Audited."""
+    """Re-read the configuration and put it in force; on any error keep all of the old one. Audited.
+
+    In force at once: the policy, [roles], and with mTLS the server certificate and key,
+    the client CA bundle and the client CRL file (renewed credentials need no restart).
+    Everything new is built and checked before anything is replaced.
+    """
     try:
         new_config = config_module.load(config_path)
+        context, access = _reloaded_tls(new_config, authority.config, front)
         authority.reload(new_config)
     except CaError as exc:
         log.error("reload refused, the previous configuration stays in force: %s", exc.message)
         _audit_reload(store, config_path, "refused", exc.message)
         return False
-    if authenticator is not None:
-        authenticator.replace_roles(new_config.roles)
+    if authenticator is not None and access is not None:
+        authenticator.adopt(access)
+    if front is not None and context is not None:
+        front.replace_context(context)
+        expiry = tls.server_certificate_expiry(new_config.tls.cert_file) if new_config.tls.cert_file else None
+        log.info("reload: TLS server certificate %s in force (expires %s)", new_config.tls.cert_file, expiry)
     _audit_reload(store, config_path, "applied", "")
     return True
+
+
+def _reloaded_tls(new: Config, running: Config, front: tls_front.TlsFrontEnd | None) -> tuple[ssl.SSLContext | None, Authenticator | None]:
+    """The TLS context and the authenticator of a reloaded [tls] and [roles], built and checked; (None, None) in development mode."""
+    if new.tls.enabled != running.tls.enabled:
+        log.warning("reload: switching between mTLS and development mode takes effect only after a restart")
+        return None, None
+    if (new.tls.ca_key_uri, new.tls.client_crl_refresh) != (running.tls.ca_key_uri, running.tls.client_crl_refresh):
+        log.warning("reload: tls.ca_key and tls.client_crl_refresh_days take effect only after a restart")
+    if not new.tls.enabled:
+        return None, None
+    return (tls.server_context(new) if front is not None else None), Authenticator.from_config(new)
 
 
 def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reason: str) -> None:
@@ -344,13 +392,18 @@ def check_ready(config: Config) -> None:
                 raise FailedPrecondition(
                     f"the audit checkpoint key {config.audit.key_uri} is not in the token; run `ca-daemon init` to create it"
                 ) from None
-            if config.tls.enabled:
-                tls.server_context(config)
-                Authenticator.from_config(config)  # loads and checks the client CA bundle and CRL
+            check_tls_files(config)
         finally:
             store.close()
     finally:
         hsm.close()
+
+
+def check_tls_files(config: Config) -> None:
+    """With mTLS: server certificate and key, client CA bundle and CRL must load (ConfigError otherwise)."""
+    if config.tls.enabled:
+        tls.server_context(config)
+        Authenticator.from_config(config)
 
 
 def _claim(config: Config) -> int:
@@ -403,6 +456,17 @@ def serve(config: Config) -> int:
 def pid_file_path(config: Config) -> Path:
     """Where `serve` writes its pid, for `ca-daemon reload` to signal."""
     return config.state_dir / "ca-daemon.pid"
+
+
+def signal_reload(config: Config) -> int:
+    """Ask the running daemon (SIGHUP to the pid in its pid file) to reload; its pid."""
+    pid_file = pid_file_path(config)
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        raise CaError(f"no running ca-daemon found (pid file {pid_file})") from None
+    return pid
 
 
 def write_pid_file(config: Config) -> Path:

@@ -204,18 +204,23 @@ class Authority:
         self._refusals.close()
 
     @property
+    def config(self) -> Config:
+        """The configuration this worker started with; a reload's restart-only sections are compared with it."""
+        return self._config
+
+    @property
     def profiles(self) -> dict[str, policy.Profile]:
         return self.policy.profiles
 
     def reload(self, config: Config) -> PolicySet:
         """Put new profiles, callers and lint mode in force; on ConfigError the old ones stay.
 
-        Only the policy (and, in app.reload_worker, the [roles]) is reloadable: listen
-        address, token, CA key, store and TLS files need a restart, and a change to them is
-        logged, not applied.
+        Here only the policy is reloaded (app.reload_worker does [roles] and [tls]): listen
+        address, token, CA key and store need a restart, and a change to them is logged,
+        not applied.
         """
         new = build_policy_set(config, self.active.certificate, self._throwaway)
-        for section in ("server", "hsm", "ca", "store", "tls"):
+        for section in ("server", "hsm", "ca", "store"):
             if getattr(config, section) != getattr(self._config, section):
                 log.warning("reload: [%s] changed; that takes effect only after a restart", section)
         self.policy = new

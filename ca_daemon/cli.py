@@ -306,9 +306,8 @@ def _reload(args: argparse.Namespace) -> int:
     A configuration the daemon would refuse is reported here and never signalled; the
     daemon re-checks it anyway (a SIGHUP sent by hand gets the same checks).
     """
-    import signal
-
     config = config_module.load(args.config)
+    app.check_tls_files(config)
     store = app.connect_store(config)
     try:
         active = [k for k in store.list_ca_keys() if k.status == KeyStatus.ACTIVE and k.certificate_der]
@@ -318,12 +317,10 @@ def _reload(args: argparse.Namespace) -> int:
         certificate = x509.load_der_x509_certificate(active[0].certificate_der)
         throwaway = issuer.throwaway_key_like(_software_key_like(certificate))
         authority.build_policy_set(config, certificate, throwaway)
-    pid_file = app.pid_file_path(config)
     try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        raise CaError(f"no running ca-daemon found (pid file {pid_file}); the configuration is valid") from None
+        pid = app.signal_reload(config)
+    except CaError as exc:
+        raise CaError(f"{exc.message}; the configuration is valid") from None
     print(f"configuration valid; asked ca-daemon (pid {pid}) to reload it: {', '.join(sorted(config.profiles))} in force")
     return 0
 

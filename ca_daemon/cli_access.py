@@ -48,6 +48,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = mtls.add_parser("crl", help="re-sign the client CA CRL (e.g. before its nextUpdate)")
     p.add_argument("--out", default="", help="default: tls.client_crl of the configuration")
     p.set_defaults(handler=_mtls_crl)
+    p = mtls.add_parser(
+        "renew-server", help="a new server key and certificate in place of tls.cert and tls.key; the daemon takes them at a reload"
+    )
+    p.add_argument("--host", action="append", default=[], help="server DNS name or IP (repeatable; default: the current certificate's)")
+    p.add_argument("--days", type=int, default=365, help="validity of the new certificate")
+    p.add_argument("--reload", action="store_true", help="then have the running daemon put it in force (as `ca-daemon reload`)")
+    p.set_defaults(handler=_mtls_renew_server)
     p = mtls.add_parser("list", help="certificates issued by the mTLS CA")
     p.set_defaults(handler=_mtls_list)
 
@@ -211,6 +218,33 @@ def _mtls_crl(args: argparse.Namespace) -> int:
     with _open(args) as (config, hsm, store):
         _write_crl(config, hsm, store, args.out)
         return 0
+
+
+def _mtls_renew_server(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    if args.days < 1:
+        raise ConfigError("--days must be at least 1")
+    with _open(args) as (config, hsm, store):
+        settings = config.tls
+        if settings.cert_file is None or settings.key_file is None:
+            raise ConfigError("the configuration has no [tls] section; set up mTLS first with `ca-daemon mtls init`")
+        ca = tls.load_mtls_ca(hsm, store, settings.ca_key_uri)
+        if ca is None:
+            raise ConfigError(f"no internal mTLS CA ({settings.ca_key_uri}) in the store; `ca-daemon mtls init` creates it")
+        server = tls.renew_server(
+            ca, store, settings.cert_file, settings.key_file, hosts=args.host, validity=timedelta(days=args.days), actor=_actor()
+        )
+        print(
+            f"wrote {settings.cert_file} and {settings.key_file}: serial {server.serial_number:x}, "
+            f"for {', '.join(tls.server_hosts(server))}, expires {server.not_valid_after_utc.isoformat()}"
+        )
+    if not args.reload:
+        print("the running daemon uses it after `ca-daemon reload` (or a restart)")
+        return 0
+    pid = app.signal_reload(config)
+    print(f"asked ca-daemon (pid {pid}) to reload: new connections get the new certificate")
+    return 0
 
 
 def _mtls_list(args: argparse.Namespace) -> int:

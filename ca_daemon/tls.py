@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -274,6 +275,67 @@ def refresh_client_crl(
         ]
     )
     return crl
+
+
+def server_hosts(certificate: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a server certificate is for, to renew it for the same ones."""
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*sans.get_values_for_type(x509.DNSName), *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]
+
+
+def renew_server(
+    ca: MtlsCa, store: SqlStore, cert_file: Path, key_file: Path, *, hosts: Sequence[str], validity: timedelta, actor: str
+) -> x509.Certificate:
+    """A new server key and certificate from the internal CA, in place of cert_file and key_file.
+
+    Refused when cert_file holds a certificate the internal CA did not issue: that one
+    comes from another PKI, whose clients would not trust ours. hosts default to the
+    current certificate's. The key is replaced before the certificate, each atomically, so
+    a reader sees the old pair, the new pair, or a mismatch that it refuses (a reload then
+    keeps the credentials in force); never a certificate with someone else's key.
+    """
+    current: x509.Certificate | None = None
+    if cert_file.exists():
+        try:
+            current = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+        except ValueError:
+            raise FailedPrecondition(f"tls.cert {cert_file} is not a PEM certificate; fix or remove it first") from None
+        if current.issuer != ca.certificate.subject or not _signed_by(current, ca.certificate):
+            raise FailedPrecondition(
+                f"tls.cert {cert_file} was issued by {current.issuer.rfc4514_string()}, not by the internal mTLS CA; "
+                "renew it with the PKI that issued it"
+            )
+    names = list(hosts) or (server_hosts(current) if current is not None else [])
+    key = new_key()
+    certificate = issue(
+        ca, store, make_csr(key, "ca-daemon"), name="ca-daemon", role="", kind="server", actor=actor, hosts=names, validity=validity
+    )
+    key_tmp = key_file.with_name(key_file.name + ".tmp")
+    write_private(key_tmp, key_pem(key))
+    cert_tmp = cert_file.with_name(cert_file.name + ".tmp")
+    cert_tmp.write_bytes(pem(certificate))
+    key_tmp.replace(key_file)
+    cert_tmp.replace(cert_file)
+    return certificate
+
+
+def _signed_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def server_certificate_expiry(cert_file: Path) -> datetime | None:
+    """When the server certificate in cert_file expires; None if it cannot be read."""
+    try:
+        return x509.load_pem_x509_certificates(cert_file.read_bytes())[0].not_valid_after_utc
+    except (OSError, ValueError):
+        return None
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -80,6 +80,13 @@ class TlsFrontEnd:
         self._server = await asyncio.start_server(self._accept, host, port, reuse_port=True, backlog=1024)
         return int(self._server.sockets[0].getsockname()[1])
 
+    def replace_context(self, context: ssl.SSLContext) -> None:
+        """Handshake new connections with context (a reloaded certificate, key or client CA bundle).
+
+        Connections already open keep the session they negotiated.
+        """
+        self._context = context
+
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -489,7 +489,7 @@ def test_a_reload_puts_new_roles_in_force_in_every_worker(tls_daemon: TlsDaemon)
         tls_daemon.env.edit_config('admin = ["adm", "nobody"]', 'admin = ["adm"]')
         tls_daemon.env.cli("reload")
     _wait_codes(tls_daemon, "nobody", "ListProfiles", grpc.StatusCode.PERMISSION_DENIED)
-    assert tls_daemon.log().count("role rule(s) in force") >= 4  # both workers, both reloads
+    assert tls_daemon.log().count("role rule(s) and") >= 4  # both workers, both reloads
 
 
 def _write_client_crl(env: CaEnv, validity: timedelta) -> None:
