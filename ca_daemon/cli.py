@@ -17,7 +17,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
-from ca_daemon import app, authority, cli_access, cli_factory, cli_rotation, issuer
+from ca_daemon import app, authority, cli_access, cli_factory, cli_rotation, cli_store, issuer
 from ca_daemon import config as config_module
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Pkcs11Uri
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database").add_subparsers(metavar="ACTION")
     p = db.add_parser("migrate", help="apply schema migrations")
     p.set_defaults(handler=_db_migrate)
+    cli_store.add_commands(db)
 
     p = sub.add_parser("check-config", help="validate the configuration and reach token and database, without serving")
     p.set_defaults(handler=_check_config)

@@ -76,7 +76,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler=_audit_verify)
 
 
-def _actor() -> str:
+def operator_actor() -> str:
     try:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
@@ -106,7 +106,7 @@ def _issue_clients(ca: tls.MtlsCa, store: SqlStore, out: Path, clients: list[tup
     for name, role in clients:
         key = tls.new_key()
         cert = tls.issue(
-            ca, store, tls.make_csr(key, name), name=name, role=role, kind="client", actor=_actor(), validity=timedelta(days=days)
+            ca, store, tls.make_csr(key, name), name=name, role=role, kind="client", actor=operator_actor(), validity=timedelta(days=days)
         )
         tls.write_private(out / "clients" / f"{name}.key", tls.key_pem(key))
         (out / "clients" / f"{name}.pem").write_bytes(tls.pem(cert))
@@ -119,7 +119,7 @@ def _mtls_init(args: argparse.Namespace) -> int:
     clients = _clients(args.client)
     out = Path(args.out).resolve()
     with _open(args) as (config, hsm, store):
-        ca, created = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
+        ca, created = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, operator_actor())
         print(("created" if created else "using") + f" mTLS CA {ca.certificate.subject.rfc4514_string()} (key {config.tls.ca_key_uri})")
         out.mkdir(parents=True, exist_ok=True)
         (out / "ca.pem").write_bytes(tls.pem(ca.certificate))
@@ -131,7 +131,7 @@ def _mtls_init(args: argparse.Namespace) -> int:
             name="ca-daemon",
             role="",
             kind="server",
-            actor=_actor(),
+            actor=operator_actor(),
             hosts=args.host,
             validity=timedelta(days=args.days),
         )
@@ -189,7 +189,7 @@ def _apply(path: Path, snippet: str) -> None:
 def _mtls_issue(args: argparse.Namespace) -> int:
     clients = _clients(args.client)
     with _open(args) as (config, hsm, store):
-        ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
+        ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, operator_actor())
         _issue_clients(ca, store, Path(args.out).resolve(), clients, args.days)
         for name, role in clients:
             print(f"grant it in the configuration: [roles] {role} = [..., {_quote(name)}]")
@@ -200,7 +200,7 @@ def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str
     target = Path(out) if out else config.tls.client_crl_file
     if target is None:
         raise ConfigError("no tls.client_crl in the configuration; name the file with --out")
-    ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, _actor())
+    ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, operator_actor())
     crl = tls.write_crl(ca, store, target)
     print(f"wrote {target}: {len(list(crl))} revoked, next update {crl.next_update_utc}")
     return target
@@ -209,7 +209,7 @@ def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str
 def _mtls_revoke(args: argparse.Namespace) -> int:
     with _open(args) as (config, hsm, store):
         ca_key_id = Pkcs11Uri.parse(config.tls.ca_key_uri).label
-        tls.revoke(store, args.serial, args.reason, _actor(), ca_key_id)
+        tls.revoke(store, args.serial, args.reason, operator_actor(), ca_key_id)
         _write_crl(config, hsm, store, args.crl_out)
         return 0
 
@@ -233,7 +233,7 @@ def _mtls_renew_server(args: argparse.Namespace) -> int:
         if ca is None:
             raise ConfigError(f"no internal mTLS CA ({settings.ca_key_uri}) in the store; `ca-daemon mtls init` creates it")
         server = tls.renew_server(
-            ca, store, settings.cert_file, settings.key_file, hosts=args.host, validity=timedelta(days=args.days), actor=_actor()
+            ca, store, settings.cert_file, settings.key_file, hosts=args.host, validity=timedelta(days=args.days), actor=operator_actor()
         )
         print(
             f"wrote {settings.cert_file} and {settings.key_file}: serial {server.serial_number:x}, "

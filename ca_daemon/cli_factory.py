@@ -137,6 +137,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
     p = crl.add_parser("publish", help="publish a full (or delta) CRL now, e.g. for a broker that reads only full CRLs")
     p.add_argument("--delta", action="store_true")
     p.set_defaults(handler=_crl_publish)
+    p = crl.add_parser(
+        "raise-number", help="number every later CRL of a CA key above N (after a restore, N = the newest CRL number relying parties saw)"
+    )
+    p.add_argument("--issuer", required=True, help="the CA key id (`ca-daemon key list`), e.g. ca-root-1")
+    p.add_argument("--above", type=int, required=True, help="e.g. from `openssl crl -in CRL -noout -crlnumber` of the newest published CRL")
+    p.set_defaults(handler=_crl_raise_number)
 
 
 # -- client handlers ---------------------------------------------------------------------
@@ -299,6 +305,12 @@ def _crl_publish(args: argparse.Namespace) -> int:
             print(f"published {kind} CRL {crl.crl_number} of {issuer.key_id} ({crl.entries} entries)")
     print("GetCRL returns it now; a running daemon also serves it over HTTP within its crl.check_interval")
     return 0
+
+
+def _crl_raise_number(args: argparse.Namespace) -> int:
+    from ca_daemon import cli_store
+
+    return cli_store.raise_crl_number(args.config, args.issuer, args.above)
 
 
 def _local_user() -> str:

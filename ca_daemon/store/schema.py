@@ -237,10 +237,30 @@ def _create_v3(conn: Connection) -> None:
     ca_key_lifecycle.create(conn)
 
 
+# -- version 4: CRL number floors (restores from older backups) ------------------
+
+# The number every later CRL of an issuer must exceed, besides those in `crls`: after a
+# restore from an older backup, relying parties may hold CRLs numbered above anything the
+# restored database has published, and RFC 5280 CRL numbers never go back.
+crl_number_floors = Table(
+    "crl_number_floors",
+    metadata,
+    Column("issuer_key_id", String(128), primary_key=True),
+    Column("floor", BigInteger, nullable=False),
+    Column("set_at", DateTime(timezone=True), nullable=False),
+    Column("set_by", String(256), nullable=False),
+)
+
+
+def _create_v4(conn: Connection) -> None:
+    crl_number_floors.create(conn)
+
+
 # (version, description, step). Append only: a released step is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
     (2, "audit chain checkpoints, mTLS client certificates; chain existing audit events", _create_v2),
     (3, "key rotation: officer approvals and CA key life-cycle times", _create_v3),
+    (4, "CRL number floors, so CRL numbers never go back after a restore", _create_v4),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -27,7 +27,7 @@ from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, StoreU
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import schema
 from ca_daemon.store.locks import Leadership, LockSpace, xact_lock, xact_locks
-from ca_daemon.store.schema import audit_events, ca_keys, certificates, crl_publish_status, crls, schema_migrations
+from ca_daemon.store.schema import audit_events, ca_keys, certificates, crl_number_floors, crl_publish_status, crls, schema_migrations
 from ca_daemon.store.schema import revocations as revocations_table
 
 # removeFromCRL (RFC 5280 5.3.1): how a delta CRL says a lifted hold is no longer revoked.
@@ -615,8 +615,21 @@ class SqlStore:
 
     @staticmethod
     def _max_crl_number(conn: Connection, issuer_key_id: str) -> int:
-        value = conn.execute(select(func.max(crls.c.crl_number)).where(crls.c.issuer_key_id == issuer_key_id)).scalar()
-        return int(value or 0)
+        """The number the next CRL must exceed: the highest published, or the issuer's floor if higher."""
+        published = conn.execute(select(func.max(crls.c.crl_number)).where(crls.c.issuer_key_id == issuer_key_id)).scalar()
+        floor = conn.execute(select(crl_number_floors.c.floor).where(crl_number_floors.c.issuer_key_id == issuer_key_id)).scalar()
+        return max(int(published or 0), int(floor or 0))
+
+    def raise_crl_number_floor(self, issuer_key_id: str, above: int, audit: AuditEvent) -> int:
+        """Make every later CRL of the issuer numbered above `above`; returns the floor now in force (never lowered)."""
+        with self._begin() as conn:
+            xact_lock(conn, LockSpace.CRL_NUMBER, issuer_key_id)
+            current = self._max_crl_number(conn, issuer_key_id)
+            if above > current:
+                conn.execute(delete(crl_number_floors).where(crl_number_floors.c.issuer_key_id == issuer_key_id))
+                conn.execute(insert(crl_number_floors).values(issuer_key_id=issuer_key_id, floor=above, set_at=_now(), set_by=audit.actor))
+                self._insert_audit(conn, [audit])
+            return max(current, above)
 
     def store_crl(self, crl: PublishedCrl, audit: AuditEvent | None = None, *, keep: int = 3, fence: Leadership | None = None) -> None:
         """Record a CRL as published (with its audit event), refusing a number that is not above every earlier one.

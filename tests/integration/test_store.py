@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -349,6 +350,25 @@ def test_crl_numbers_only_go_up(store: SqlStore) -> None:
     assert store.max_crl_number(ISSUER) == 8
     assert store.latest_crl(ISSUER, delta=True).crl_number == 8  # type: ignore[union-attr]
     assert store.latest_crl(ISSUER, delta=False).crl_number == 1  # type: ignore[union-attr]
+
+
+def test_a_crl_number_floor_is_never_lowered_and_the_next_crl_goes_above_it(store: SqlStore) -> None:
+    """After a restore from an older backup: relying parties may have seen higher numbers than the store holds."""
+
+    def floor_event(above: int) -> AuditEvent:
+        return AuditEvent(time=datetime.now(UTC), actor="test", action="crl.number-floor", outcome="raised", details={"above": str(above)})
+
+    store.store_crl(_crl(3))
+    assert store.raise_crl_number_floor(ISSUER, 40, floor_event(40)) == 40
+    assert store.max_crl_number(ISSUER) == 40
+    assert store.raise_crl_number_floor(ISSUER, 10, floor_event(10)) == 40  # never lowered
+    with pytest.raises(FailedPrecondition):
+        store.store_crl(_crl(40))
+    store.store_crl(_crl(41))
+    assert store.latest_crl(ISSUER, delta=False).crl_number == 41  # type: ignore[union-attr]
+    assert store.raise_crl_number_floor(ISSUER, 41, floor_event(41)) == 41  # not above what is published: nothing changes
+    raised = [e for e in store.audit_events() if e["action"] == "crl.number-floor"]
+    assert [json.loads(e["details"])["above"] for e in raised] == ["40"]  # only the floor that took effect is recorded
 
 
 def test_racing_publishers_never_store_a_number_twice(store: SqlStore, store_url: str) -> None:

@@ -1,0 +1,282 @@
+"""Backups of the embedded SQLite store: a consistent copy taken while the daemon serves, checked before it is kept.
+
+The store is what a CA cannot rebuild: which serials it issued (so it can revoke them),
+its revocations and CRL numbers, and the audit log. SQLite's online backup API
+(`sqlite3.Connection.backup`) copies the database as of one read transaction, so an
+issuance committed meanwhile is in the copy whole or not at all, and the daemon is not
+paused. The copy is kept only after the checks a restore relies on: SQLite's integrity
+check, a known schema version, and the audit hash chain with its checkpoint signatures.
+
+A restore (daemon stopped) checks the backup the same way and moves the current database
+aside rather than deleting it. When that database can still be read and knows what the
+backup does not (certificates it could no longer revoke, revocations that would come off
+the next CRL, CRL numbers that would go back), the restore is refused unless the operator
+accepts the loss.
+
+PostgreSQL deployments back up with PostgreSQL's own tools (pg_dump, or base backups with
+WAL archiving); nothing here would do better.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ca_daemon import audit
+from ca_daemon.errors import ConfigError, FailedPrecondition
+from ca_daemon.store import open_store
+
+_COMPANIONS = ("-wal", "-shm", ".writelock")
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    """What a checked backup holds."""
+
+    path: Path
+    sha256: str
+    schema_version: int
+    certificates: int
+    revocations: int
+    audit: audit.Report
+
+    def describe(self) -> str:
+        return (
+            f"{self.path}: schema {self.schema_version}, {self.certificates} certificate(s), {self.revocations} revocation(s), "
+            f"audit log {self.audit.summary()}; sha256 {self.sha256}"
+        )
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What the database in place knows and a backup does not: what restoring the backup forgets."""
+
+    certificate_serials: tuple[str, ...] = ()
+    revocation_serials: tuple[str, ...] = ()
+    # Per issuer: (the backup's highest CRL number, the database in place's), where the latter is higher.
+    crl_numbers: tuple[tuple[str, int, int], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.certificate_serials or self.revocation_serials or self.crl_numbers)
+
+    def describe(self) -> str:
+        parts = []
+        if self.certificate_serials:
+            parts.append(f"{len(self.certificate_serials)} certificate(s) (the daemon could not revoke them by serial)")
+        if self.revocation_serials:
+            parts.append(f"{len(self.revocation_serials)} revocation(s) (those certificates would come off the next CRL)")
+        for issuer, restored, current in self.crl_numbers:
+            parts.append(f"CRLs of {issuer} numbered up to {current} (the backup's end at {restored}; numbers must never go back)")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class RestoreSummary:
+    restored: BackupSummary
+    # Where the database that was in place went (None: there was none).
+    moved_aside: Path | None
+    # What the database in place held beyond the backup (empty when it could not be read).
+    lost: Loss
+
+
+def sqlite_file(store_url: str) -> Path:
+    """The database file of a SQLite store URL; ConfigError for PostgreSQL (its own tools back it up)."""
+    if not store_url.startswith("sqlite:///") or ":memory:" in store_url:
+        raise ConfigError(
+            "store.url is not a SQLite file: back PostgreSQL up with its own tools "
+            "(pg_dump --serializable-deferrable, or base backups with WAL archiving); see README.md"
+        )
+    return Path(store_url.removeprefix("sqlite:///"))
+
+
+def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSummary:
+    """Copy the live database to out (mode 0600) as of one transaction, check the copy, then keep it."""
+    source = sqlite_file(store_url)
+    if not source.exists():
+        raise FailedPrecondition(f"no database at {source}; nothing to back up")
+    if out.exists():
+        raise FailedPrecondition(f"{out} exists; a backup never overwrites a file: name a new one")
+    partial = out.with_name(out.name + ".partial")
+    _remove_with_companions(partial)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        # Opened read-write but only read: a read-only open of a WAL database fails without its -shm file.
+        with contextlib.closing(sqlite3.connect(source, timeout=30)) as live, contextlib.closing(sqlite3.connect(partial)) as copy:
+            live.backup(copy)  # all pages in one step: one read transaction, one consistent snapshot
+        summary = _check_copy(partial, audit_public_key_pem)
+        _make_self_contained(partial)
+        _fsync(partial)
+        partial.replace(out)
+        _fsync(out.parent)
+    except BaseException:
+        _remove_with_companions(partial)
+        raise
+    return BackupSummary(out, _sha256(out), summary.schema_version, summary.certificates, summary.revocations, summary.audit)
+
+
+def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
+    """Integrity, schema and audit chain of a database file; FailedPrecondition naming the first problem.
+
+    Only ever run on a working copy: opening it as a store switches it to WAL mode.
+    """
+    if not path.is_file():
+        raise FailedPrecondition(f"{path} is not a file")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            result = db.execute("PRAGMA integrity_check").fetchone()
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise FailedPrecondition(f"{path} is not a usable SQLite database: {exc}") from None
+    if result is None or result[0] != "ok":
+        raise FailedPrecondition(f"{path} fails SQLite's integrity check: {result[0] if result else 'no answer'}")
+    if not {"schema_migrations", "certificates", "revocations", "crls", "audit_events"} <= tables:
+        raise FailedPrecondition(f"{path} is not a ca-daemon database (no certificates or audit_events table)")
+    store = open_store(f"sqlite:///{path}", migrate=False)
+    try:
+        version = store.schema_version()
+        report = audit.verify(audit.live_records(store), audit_public_key_pem)
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            issued = int(db.execute("SELECT count(*) FROM certificates").fetchone()[0])
+            revoked = int(db.execute("SELECT count(*) FROM revocations").fetchone()[0])
+    finally:
+        store.close()
+        with contextlib.suppress(OSError):
+            Path(f"{path}.writelock").unlink()
+    if not report.ok:
+        raise FailedPrecondition(f"{path}: the audit log does not verify: {report.summary()}")
+    return BackupSummary(path, _sha256(path), version, issued, revoked, report)
+
+
+def restore(
+    backup_path: Path, store_url: str, state_dir: Path, audit_public_key_pem: bytes, *, accept_loss: bool = False
+) -> RestoreSummary:
+    """Put a checked backup in place of the store's database, with the daemon stopped.
+
+    The database in place (if any) is moved aside with its WAL, never deleted. If it can
+    still be read and holds certificates, revocations or CRL numbers the backup lacks, the
+    restore is refused unless accept_loss: restoring would forget them.
+    """
+    target = sqlite_file(store_url)
+    if not backup_path.is_file():
+        raise FailedPrecondition(f"{backup_path} is not a file")
+    with _daemon_stopped(state_dir):
+        working = target.with_name(target.name + ".restoring")
+        _remove_with_companions(working)
+        os.close(os.open(working, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            working.write_bytes(backup_path.read_bytes())  # the backup file itself is never opened for writing
+            summary = _check_copy(working, audit_public_key_pem)
+            with contextlib.closing(sqlite3.connect(working)) as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            _fsync(working)
+        except BaseException:
+            _remove_with_companions(working)
+            raise
+        moved: Path | None = None
+        lost = Loss()
+        if target.exists():
+            lost = _lost_by_restoring(target, working)
+            if lost and not accept_loss:
+                _remove_with_companions(working)
+                raise FailedPrecondition(
+                    f"the database in place ({target}) can be read and holds what the backup lacks: {lost.describe()}. "
+                    "Nothing was changed. If it is nonetheless unusable, rerun with --accept-loss"
+                )
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            moved = target.with_name(f"{target.name}.before-restore-{stamp}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{target}{suffix}").exists():
+                    Path(f"{target}{suffix}").replace(f"{moved}{suffix}")
+        for suffix in ("-wal", "-shm"):
+            if Path(f"{working}{suffix}").exists():
+                Path(f"{working}{suffix}").replace(f"{target}{suffix}")
+        working.replace(target)
+        _fsync(target.parent)
+    summary = BackupSummary(
+        backup_path, _sha256(backup_path), summary.schema_version, summary.certificates, summary.revocations, summary.audit
+    )
+    return RestoreSummary(summary, moved, lost)
+
+
+@contextlib.contextmanager
+def _daemon_stopped(state_dir: Path) -> Iterator[None]:
+    """Hold the state directory's lock (the one `serve` holds): refuse while a daemon runs on it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "ca-daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FailedPrecondition(f"a ca-daemon is running on {state_dir}; stop it before restoring") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lost_by_restoring(current: Path, restored: Path) -> Loss:
+    """What current holds that restored lacks; nothing when current cannot be read (the usual reason to restore)."""
+    try:
+        with contextlib.closing(sqlite3.connect(current, timeout=30)) as db:
+            db.execute("ATTACH DATABASE ? AS restored", (str(restored),))
+            certificate_serials = _column(
+                db, "SELECT serial FROM main.certificates WHERE serial NOT IN (SELECT serial FROM restored.certificates)"
+            )
+            revocation_serials = _column(
+                db,
+                "SELECT serial FROM main.revocations WHERE lifted_at IS NULL AND serial NOT IN "
+                "(SELECT serial FROM restored.revocations WHERE lifted_at IS NULL)",
+            )
+            crl_numbers = db.execute(
+                "SELECT c.issuer_key_id, coalesce(r.top, 0), c.top FROM "
+                "(SELECT issuer_key_id, max(crl_number) AS top FROM main.crls GROUP BY issuer_key_id) AS c "
+                "LEFT JOIN (SELECT issuer_key_id, max(crl_number) AS top FROM restored.crls GROUP BY issuer_key_id) AS r "
+                "ON r.issuer_key_id = c.issuer_key_id WHERE c.top > coalesce(r.top, 0) ORDER BY c.issuer_key_id"
+            ).fetchall()
+    except sqlite3.DatabaseError:
+        return Loss()
+    return Loss(certificate_serials, revocation_serials, tuple((str(i), int(r), int(c)) for i, r, c in crl_numbers))
+
+
+def _column(db: sqlite3.Connection, query: str) -> tuple[str, ...]:
+    return tuple(sorted(str(row[0]) for row in db.execute(query)))
+
+
+def _make_self_contained(path: Path) -> None:
+    """One file, no WAL: the copy can be moved, checksummed and restored on its own."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("PRAGMA journal_mode=DELETE")
+    for suffix in _COMPANIONS:
+        with contextlib.suppress(OSError):
+            Path(f"{path}{suffix}").unlink()
+
+
+def _remove_with_companions(path: Path) -> None:
+    for suffix in ("", *_COMPANIONS):
+        with contextlib.suppress(OSError):
+            Path(f"{path}{suffix}").unlink()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        while chunk := data.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["BackupSummary", "Loss", "RestoreSummary", "backup", "restore", "sqlite_file"]

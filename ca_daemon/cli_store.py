@@ -1,0 +1,143 @@
+"""`ca-daemon db backup` and `ca-daemon db restore`: the embedded store's backups (see backup.py).
+
+Same layer as cli.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ca_daemon import app, audit, backup
+from ca_daemon import config as config_module
+from ca_daemon.cli_access import operator_actor
+from ca_daemon.errors import ConfigError, NotFound
+from ca_daemon.model import AuditEvent
+from ca_daemon.store import SqlStore
+
+
+def add_commands(db: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = db.add_parser("backup", help="a consistent copy of the SQLite store, taken while the daemon serves; kept only once it checks out")
+    p.add_argument("--out", required=True, help="the backup file to write (never overwritten; mode 0600)")
+    p.set_defaults(handler=_backup)
+    p = db.add_parser("restore", help="with the daemon stopped: put a checked backup in place; the current database is moved aside")
+    p.add_argument("--from", dest="source", required=True, help="a file written by `ca-daemon db backup`")
+    p.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="restore even though the database in place holds certificates, revocations or CRL numbers the backup lacks",
+    )
+    p.set_defaults(handler=_restore)
+
+
+def raise_crl_number(config_path: str, issuer: str, above: int) -> int:
+    """`ca-daemon crl raise-number`: for a restore whose previous database is lost, from the newest published CRL."""
+    if above < 1:
+        raise ConfigError("--above must be a positive CRL number")
+    config = config_module.load(config_path)
+    store = app.connect_store(config)
+    try:
+        if store.get_ca_key(issuer) is None:
+            raise NotFound(f"no CA key {issuer!r}; `ca-daemon key list` shows the keys")
+        floor = _raise_floor(store, issuer, above, "set by an operator")
+    finally:
+        store.close()
+    print(f"the next CRL of {issuer} will be numbered above {floor}")
+    return 0
+
+
+def _raise_floor(store: SqlStore, issuer: str, above: int, reason: str) -> int:
+    event = AuditEvent(
+        time=datetime.now(UTC),
+        actor=operator_actor(),
+        action="crl.number-floor",
+        outcome="raised",
+        key_id=issuer,
+        reason=reason,
+        details={"above": str(above)},
+    )
+    return store.raise_crl_number_floor(issuer, above, event)
+
+
+def _audit_public_key(config: config_module.Config) -> bytes:
+    """The key that verifies the audit checkpoints in a copy: read from the token, as `audit public-key` does."""
+    hsm = app.connect_hsm(config)
+    try:
+        return audit.audit_public_key_pem(hsm, config.audit.key_uri)
+    finally:
+        hsm.close()
+
+
+def _backup(args: argparse.Namespace) -> int:
+    """Sign a checkpoint of the log's head first, so that the copy's log is covered by a signature up to there."""
+    config = config_module.load(args.config)
+    backup.sqlite_file(config.store.url)  # PostgreSQL: refused before the token is opened
+    with app.connected(config) as (hsm, store):
+        audit.Checkpointer(hsm, store, config.audit.key_uri).checkpoint()
+        summary = backup.backup(config.store.url, Path(args.out).resolve(), audit.audit_public_key_pem(hsm, config.audit.key_uri))
+        store.append_audit(
+            [
+                AuditEvent(
+                    time=datetime.now(UTC),
+                    actor=operator_actor(),
+                    action="db.backup",
+                    outcome="written",
+                    details={
+                        "path": str(summary.path),
+                        "sha256": summary.sha256,
+                        "certificates": str(summary.certificates),
+                        "audit_events": str(summary.audit.events),
+                    },
+                )
+            ]
+        )
+    print(f"wrote {summary.describe()}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    config = config_module.load(args.config)
+    backup.sqlite_file(config.store.url)
+    outcome = backup.restore(
+        Path(args.source).resolve(), config.store.url, config.state_dir, _audit_public_key(config), accept_loss=args.accept_loss
+    )
+    print(f"restored {outcome.restored.describe()}")
+    if outcome.moved_aside is not None:
+        print(f"the previous database is kept at {outcome.moved_aside}")
+    if outcome.lost:
+        print(f"WARNING: forgotten by this restore (--accept-loss): {outcome.lost.describe()}")
+        if outcome.lost.certificate_serials:
+            print(f"  certificates no longer known: {', '.join(outcome.lost.certificate_serials)}")
+    print(
+        "before relying parties see a new CRL, check that its number will be above every one they have seen "
+        "(deploy/README.md, Backup and restore)"
+    )
+    # Recorded in the restored log: who put it in place, and from what.
+    store = app.connect_store(config)
+    try:
+        for issuer, _, current in outcome.lost.crl_numbers:
+            _raise_floor(store, issuer, current, "restore from an older backup")
+            print(f"the next CRL of {issuer} will be numbered above {current}, the highest the previous database published")
+        store.append_audit(
+            [
+                AuditEvent(
+                    time=datetime.now(UTC),
+                    actor=operator_actor(),
+                    action="db.restore",
+                    outcome="restored",
+                    details={
+                        "from": str(outcome.restored.path),
+                        "sha256": outcome.restored.sha256,
+                        "previous": str(outcome.moved_aside or ""),
+                        "lost": outcome.lost.describe(),
+                    },
+                )
+            ]
+        )
+    finally:
+        store.close()
+    return 0
+
+
+__all__ = ["add_commands"]

@@ -1,0 +1,193 @@
+"""Backups of the SQLite store: taken while Sign calls commit, checked, and restored with the daemon stopped.
+
+Real daemon, real token, real SQLite; the copies are read with Python's sqlite3 and the
+daemon's own CLI (`audit verify --live`) after the restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import stat
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ca_daemon import config as config_module
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2
+from tests.conftest import CaEnv, Daemon, make_env
+from tests.integration.crl_helpers import sign, stub, wait_for_crl
+
+pytestmark = pytest.mark.slow
+
+
+def database(env: CaEnv) -> Path:
+    return Path(config_module.load(env.config_path).store.url.removeprefix("sqlite:///"))
+
+
+def serials_in(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {row[0] for row in db.execute("SELECT serial FROM certificates")}
+
+
+def audit_actions(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT action FROM audit_events ORDER BY seq")]
+
+
+def max_crl_number(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT max(crl_number) FROM crls").fetchone()[0] or 0)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_backup_taken_while_signing_holds_every_answered_certificate_and_restores(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    env = make_env(tmp_path_factory.mktemp("backup"), softhsm_conf)
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    out = tmp_path_factory.mktemp("backups") / "ca-backup.db"
+    answered: list[str] = []
+    answered_before_backup: list[str] = []
+    stop = threading.Event()
+
+    def keep_signing() -> None:
+        with grpc.insecure_channel(env.target) as channel:
+            while not stop.is_set():
+                answered.append(sign(channel).serial)
+
+    try:
+        signer = threading.Thread(target=keep_signing)
+        signer.start()
+        while len(answered) < 20:
+            assert signer.is_alive()
+            stop.wait(0.05)
+        answered_before_backup = list(answered)
+        result = env.cli("db", "backup", "--out", str(out))
+        while len(answered) < len(answered_before_backup) + 20:  # more issued after the copy
+            stop.wait(0.05)
+        stop.set()
+        signer.join()
+
+        # The copy: every certificate answered before the backup began, in one self-contained 0600 file.
+        in_backup = serials_in(out)
+        assert set(answered_before_backup) <= in_backup
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        with sqlite3.connect(out) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert not list(out.parent.glob("*-wal")) and not list(out.parent.glob("*.partial"))
+        assert sha256(out) in result.stdout and "audit log OK" in result.stdout, result.stdout
+        assert "db.backup" in audit_actions(database(env))  # recorded in the live log
+
+        with grpc.insecure_channel(env.target) as channel:  # a revocation after the copy, and the CRL it brings
+            stub(channel).Revoke(
+                ca_pb2.RevokeRequest(serial=answered_before_backup[1], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10
+            )
+            wait_for_crl(channel, lambda crl: int(answered_before_backup[1], 16) in {e.serial_number for e in crl})
+
+        refused = env.cli("db", "restore", "--from", str(out), check=False)
+        assert refused.returncode != 0 and "stop it before restoring" in refused.stderr, refused.stderr
+    finally:
+        stop.set()
+        daemon.stop()
+
+    live = database(env)
+    issued_after = serials_in(live) - in_backup
+    assert issued_after  # the stream went on after the copy
+    backup_digest, live_before = sha256(out), (serials_in(live), audit_actions(live))
+    highest_crl = max_crl_number(live)
+    # The database in place is readable and knows more than the backup: refused unless the loss is accepted.
+    refused = env.cli("db", "restore", "--from", str(out), check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert f"{len(issued_after)} certificate(s)" in refused.stderr and "1 revocation(s)" in refused.stderr, refused.stderr
+    assert "CRLs of ca-root-1 numbered up to" in refused.stderr and "--accept-loss" in refused.stderr, refused.stderr
+    assert (serials_in(live), audit_actions(live)) == live_before and not list(live.parent.glob("*.restoring*"))
+    restored = env.cli("db", "restore", "--from", str(out), "--accept-loss")
+    assert "forgotten by this restore" in restored.stdout and sorted(issued_after)[0] in restored.stdout, restored.stdout
+    assert sha256(out) == backup_digest  # the backup file itself is never written to
+    assert f"the next CRL of ca-root-1 will be numbered above {highest_crl}" in restored.stdout, restored.stdout
+    assert max_crl_number(live) < highest_crl  # the backup's own CRLs are older
+    moved = list(live.parent.glob(live.name + ".before-restore-*"))
+    assert [p for p in moved if not p.name.endswith(("-wal", "-shm"))], "the previous database was not kept"
+    assert serials_in(live) == in_backup
+    assert audit_actions(live)[-1] == "db.restore"
+
+    daemon = Daemon(env, env.state_dir / "daemon-restored.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            kept = stub(channel).GetCertificate(ca_pb2.GetCertificateRequest(serial=answered_before_backup[0]), timeout=10)
+            assert kept.serial == answered_before_backup[0]
+            with pytest.raises(grpc.RpcError) as lost:
+                stub(channel).GetCertificate(ca_pb2.GetCertificateRequest(serial=sorted(issued_after)[0]), timeout=10)
+            assert lost.value.code() == grpc.StatusCode.NOT_FOUND
+            sign(channel)  # the restored store issues again, its audit chain continuing the backup's
+            # CRL numbers go on above what relying parties may have seen from the previous database.
+            stub(channel).Revoke(ca_pb2.RevokeRequest(serial=kept.serial), timeout=10)
+            assert wait_for_crl(channel, lambda crl: int(kept.serial, 16) in {e.serial_number for e in crl}).crl_number > highest_crl
+    finally:
+        daemon.stop()
+    public_key = env.state_dir / "audit.pem"
+    env.cli("audit", "public-key", "--out", str(public_key))
+    verified = env.cli("audit", "verify", "--public-key", str(public_key), "--live")
+    assert verified.stdout.startswith("OK"), verified.stdout
+
+
+def test_a_tampered_backup_is_refused_and_the_database_in_place_is_untouched(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    env = make_env(tmp_path_factory.mktemp("tamper"), softhsm_conf)
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            for _ in range(3):
+                sign(channel)
+    finally:
+        daemon.stop()
+    backups = tmp_path_factory.mktemp("tampered")
+    good = backups / "good.db"
+    env.cli("db", "backup", "--out", str(good))
+    again = env.cli("db", "backup", "--out", str(good), check=False)
+    assert again.returncode != 0 and "never overwrites" in again.stderr, again.stderr
+
+    tampered = backups / "tampered.db"
+    tampered.write_bytes(good.read_bytes())
+    with sqlite3.connect(tampered) as db:
+        db.execute("UPDATE audit_events SET actor = 'someone-else' WHERE seq = (SELECT max(seq) FROM audit_events)")
+    live = database(env)
+    before = sha256(live)
+    refused = env.cli("db", "restore", "--from", str(tampered), check=False)
+    assert refused.returncode != 0 and "the audit log does not verify" in refused.stderr, refused.stderr
+    assert sha256(live) == before
+    assert not list(live.parent.glob("*.restoring*")) and not list(live.parent.glob("*.before-restore-*"))
+
+    # The previous database is lost: the operator sets the floor from the newest CRL relying parties saw.
+    highest = max_crl_number(live)
+    assert "numbered above 1000" in env.cli("crl", "raise-number", "--issuer", "ca-root-1", "--above", "1000").stdout
+    assert "numbered above 1000" in env.cli("crl", "raise-number", "--issuer", "ca-root-1", "--above", str(highest)).stdout
+    assert "published full CRL 1001 of ca-root-1" in env.cli("crl", "publish").stdout
+    unknown = env.cli("crl", "raise-number", "--issuer", "no-such-key", "--above", "5", check=False)
+    assert unknown.returncode != 0 and "no CA key 'no-such-key'" in unknown.stderr, unknown.stderr
+    before = sha256(live)
+
+    not_a_database = backups / "notes.txt"
+    not_a_database.write_text("not a database\n")
+    refused = env.cli("db", "restore", "--from", str(not_a_database), check=False)
+    assert refused.returncode != 0 and "not a usable SQLite database" in refused.stderr, refused.stderr
+    assert sha256(live) == before
+
+
+def test_postgresql_stores_are_pointed_at_their_own_tools(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    env = make_env(tmp_path_factory.mktemp("pg"), softhsm_conf, init=False)
+    text = env.config_path.read_text()
+    start = text.index('url = "sqlite:///')
+    end = text.index("\n", start)
+    env.config_path.write_text(text[:start] + 'url = "postgresql://ca@127.0.0.1:5432/ca"' + text[end:])
+    result = env.cli("db", "backup", "--out", str(env.state_dir / "b.db"), check=False)
+    assert result.returncode != 0 and "pg_dump" in result.stderr, result.stderr
+    assert not (env.state_dir / "b.db").exists()
