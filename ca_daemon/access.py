@@ -310,7 +310,7 @@ class Authenticator:
         chain: list[x509.Certificate] = []
         current = certificate
         while len(chain) < 8:
-            issuer = next((ca for ca in self._client_cas if ca.subject == current.issuer and _issued_by(current, ca)), None)
+            issuer = next((ca for ca in self._client_cas if ca.subject == current.issuer and issued_by(current, ca)), None)
             if issuer is None:
                 raise Unauthenticated(
                     f"client certificate {certificate.serial_number:x} is not issued by a CA in tls.client_ca "
@@ -325,7 +325,8 @@ class Authenticator:
         return chain
 
 
-def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+def issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ca's key signed certificate (and the names chain); False for any other outcome."""
     try:
         certificate.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
@@ -362,4 +363,15 @@ def principal_of(certificate: x509.Certificate, roles: RoleMap) -> Principal:
     return Principal(identity, roles.roles_of(identity, uris, ous), format(certificate.serial_number, "x"), uris, ous)
 
 
-__all__ = ["ANY_ROLE", "Authenticator", "ClientCrl", "Principal", "RULES", "RoleMap", "Unauthenticated", "authorize", "principal_of"]
+__all__ = [
+    "ANY_ROLE",
+    "Authenticator",
+    "ClientCrl",
+    "Principal",
+    "RULES",
+    "RoleMap",
+    "Unauthenticated",
+    "authorize",
+    "issued_by",
+    "principal_of",
+]

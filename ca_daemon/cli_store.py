@@ -48,16 +48,14 @@ def raise_crl_number(config_path: str, issuer: str, above: int) -> int:
 
 
 def _raise_floor(store: SqlStore, issuer: str, above: int, reason: str) -> int:
-    event = AuditEvent(
-        time=datetime.now(UTC),
-        actor=operator_actor(),
-        action="crl.number-floor",
-        outcome="raised",
-        key_id=issuer,
-        reason=reason,
-        details={"above": str(above)},
-    )
+    event = _operator_event("crl.number-floor", "raised", key_id=issuer, reason=reason, details={"above": str(above)})
     return store.raise_crl_number_floor(issuer, above, event)
+
+
+def _operator_event(action: str, outcome: str, *, key_id: str = "", reason: str = "", details: dict[str, str]) -> AuditEvent:
+    return AuditEvent(
+        time=datetime.now(UTC), actor=operator_actor(), action=action, outcome=outcome, key_id=key_id, reason=reason, details=details
+    )
 
 
 def _audit_public_key(config: config_module.Config) -> bytes:
@@ -76,22 +74,8 @@ def _backup(args: argparse.Namespace) -> int:
     with app.connected(config) as (hsm, store):
         audit.Checkpointer(hsm, store, config.audit.key_uri).checkpoint()
         summary = backup.backup(config.store.url, Path(args.out).resolve(), audit.audit_public_key_pem(hsm, config.audit.key_uri))
-        store.append_audit(
-            [
-                AuditEvent(
-                    time=datetime.now(UTC),
-                    actor=operator_actor(),
-                    action="db.backup",
-                    outcome="written",
-                    details={
-                        "path": str(summary.path),
-                        "sha256": summary.sha256,
-                        "certificates": str(summary.certificates),
-                        "audit_events": str(summary.audit.events),
-                    },
-                )
-            ]
-        )
+        details = {"path": str(summary.path), "sha256": summary.sha256, "certificates": str(summary.certificates)}
+        store.append_audit([_operator_event("db.backup", "written", details=details)])
     print(f"wrote {summary.describe()}")
     return 0
 
@@ -119,22 +103,13 @@ def _restore(args: argparse.Namespace) -> int:
         for issuer, _, current in outcome.lost.crl_numbers:
             _raise_floor(store, issuer, current, "restore from an older backup")
             print(f"the next CRL of {issuer} will be numbered above {current}, the highest the previous database published")
-        store.append_audit(
-            [
-                AuditEvent(
-                    time=datetime.now(UTC),
-                    actor=operator_actor(),
-                    action="db.restore",
-                    outcome="restored",
-                    details={
-                        "from": str(outcome.restored.path),
-                        "sha256": outcome.restored.sha256,
-                        "previous": str(outcome.moved_aside or ""),
-                        "lost": outcome.lost.describe(),
-                    },
-                )
-            ]
-        )
+        details = {
+            "from": str(outcome.restored.path),
+            "sha256": outcome.restored.sha256,
+            "previous": str(outcome.moved_aside or ""),
+            "lost": outcome.lost.describe(),
+        }
+        store.append_audit([_operator_event("db.restore", "restored", details=details)])
     finally:
         store.close()
     return 0

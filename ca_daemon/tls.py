@@ -22,12 +22,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca_daemon import issuer, tls_front
+from ca_daemon.access import issued_by
 from ca_daemon.config import ROLES, Config
 from ca_daemon.errors import CaError, ConfigError, FailedPrecondition, InvalidRequest
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
@@ -303,7 +303,7 @@ def renew_server(
             current = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
         except ValueError:
             raise FailedPrecondition(f"tls.cert {cert_file} is not a PEM certificate; fix or remove it first") from None
-        if current.issuer != ca.certificate.subject or not _signed_by(current, ca.certificate):
+        if current.issuer != ca.certificate.subject or not issued_by(current, ca.certificate):
             raise FailedPrecondition(
                 f"tls.cert {cert_file} was issued by {current.issuer.rfc4514_string()}, not by the internal mTLS CA; "
                 "renew it with the PKI that issued it"
@@ -320,14 +320,6 @@ def renew_server(
     key_tmp.replace(key_file)
     cert_tmp.replace(cert_file)
     return certificate
-
-
-def _signed_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def server_certificate_expiry(cert_file: Path) -> datetime | None:

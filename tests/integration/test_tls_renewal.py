@@ -20,12 +20,12 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import CaEnv, device_csr, make_env, openssl_verify, spawn_daemon, wait_channel_serving
+from tests.factory_helpers import ForeignCa
 from tests.integration.test_access_audit import TlsDaemon, x509_serial
 
 pytestmark = pytest.mark.slow
@@ -143,35 +143,9 @@ def test_a_broken_server_key_is_refused_and_the_old_credentials_stay(tls_daemon:
 def test_a_client_ca_added_to_the_bundle_is_trusted_after_reload(tls_daemon: TlsDaemon, tmp_path: Path) -> None:
     """A second factory's own client PKI joins without a restart: its CA appended to tls.client_ca, its client given a role."""
     env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
-    now = datetime.now(UTC)
-    outside_key = ec.generate_private_key(ec.SECP256R1())
-    outside_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "factory two client CA")])
-    outside_ca = (
-        x509.CertificateBuilder()
-        .subject_name(outside_name)
-        .issuer_name(outside_name)
-        .public_key(outside_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(outside_key.public_key()), critical=False)
-        .sign(outside_key, hashes.SHA256())
-    )
+    outside = ForeignCa.create("factory two client CA")
     client_key = ec.generate_private_key(ec.SECP256R1())
-    client = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "line9")]))
-        .issuer_name(outside_name)
-        .public_key(client_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=10))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(outside_key, hashes.SHA256())
-    )
+    client = outside.issue(client_key.public_key(), "line9")
     credentials = grpc.ssl_channel_credentials(
         (tls_dir / "ca.pem").read_bytes(),
         client_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
@@ -187,7 +161,7 @@ def test_a_client_ca_added_to_the_bundle_is_trusted_after_reload(tls_daemon: Tls
         return grpc.StatusCode.OK
 
     assert sign_as_line9() != grpc.StatusCode.OK  # an unknown CA: refused at the handshake
-    bundle = (tls_dir / "ca.pem").read_bytes() + outside_ca.public_bytes(serialization.Encoding.PEM)
+    bundle = (tls_dir / "ca.pem").read_bytes() + outside.certificate.public_bytes(serialization.Encoding.PEM)
     (tmp_path / "bundle.pem").write_bytes(bundle)
     env.edit_config(f'client_ca = "{tls_dir / "ca.pem"}"', f'client_ca = "{tmp_path / "bundle.pem"}"')
     env.edit_config('programmer = ["prog"]', 'programmer = ["prog", "line9"]')
@@ -203,19 +177,7 @@ def test_a_client_ca_added_to_the_bundle_is_trusted_after_reload(tls_daemon: Tls
 
 def test_renew_server_refuses_a_certificate_from_another_pki(tls_daemon: TlsDaemon) -> None:
     env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ca.factory.example")])
-    now = datetime.now(UTC)
-    foreign = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    foreign = ForeignCa.create("ca.factory.example").certificate
     original = (tls_dir / "server.pem").read_bytes(), (tls_dir / "server.key").read_bytes()
     (tls_dir / "server.pem").write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
     try:
