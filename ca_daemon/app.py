@@ -439,7 +439,7 @@ def serve(config: Config) -> int:
         metrics.prepare_directory(config.state_dir)
         metrics_store = connect_store(config)
         tls_context = tls.metrics_context(config) if config.tls.enabled else None
-        metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context)
+        metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context, config.tls.cert_file)
         scheme = "https" if tls_context else "http"
         log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
     try:

@@ -13,6 +13,7 @@ module is first imported, which must come after the directory is set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -24,7 +25,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
+from ca_daemon.model import KeyStatus
+
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
+# CA keys whose certificate expiry matters: they sign, or are about to, or still sign CRLs.
+_SIGNING_OR_ABOUT_TO = (KeyStatus.PENDING, KeyStatus.ACTIVE, KeyStatus.SUPERSEDED)
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -63,10 +70,15 @@ class RequestMetrics:
 
 
 class StoreCollector:
-    """Gauges read from the store at scrape time: CRL number and age, audit chain length."""
+    """Gauges read at scrape time: CRL number and age, audit chain, and when certificates expire.
 
-    def __init__(self, store: Any) -> None:
+    The expiry gauges exist to be alerted on: a CA certificate that runs out stops issuance
+    and every chain built on it, a TLS server certificate that runs out stops every client.
+    """
+
+    def __init__(self, store: Any, tls_cert_file: Path | None = None) -> None:
         self._store = store
+        self._tls_cert_file = tls_cert_file
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -77,9 +89,24 @@ class StoreCollector:
         age = GaugeMetricFamily("ca_daemon_crl_age_seconds", "Seconds since the last published CRL's thisUpdate", labels=["issuer", "kind"])
         chain = GaugeMetricFamily("ca_daemon_audit_chain_length", "Events in the hash-chained audit log")
         checkpoint = GaugeMetricFamily("ca_daemon_audit_checkpoint_age_seconds", "Seconds since the last signed audit checkpoint")
+        ca_expiry = GaugeMetricFamily(
+            "ca_daemon_ca_certificate_expiry_seconds",
+            "Seconds until the certificate of a CA key that is pending, active or superseded expires",
+            labels=["issuer", "status"],
+        )
+        tls_expiry = GaugeMetricFamily(
+            "ca_daemon_tls_certificate_expiry_seconds", "Seconds until the TLS server certificate (tls.cert) expires"
+        )
         now = datetime.now(UTC)
+        if self._tls_cert_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                not_after = x509.load_pem_x509_certificates(self._tls_cert_file.read_bytes())[0].not_valid_after_utc
+                tls_expiry.add_metric([], (not_after - now).total_seconds())
         try:
             for key in self._store.list_ca_keys():
+                if key.certificate_der is not None and key.status in _SIGNING_OR_ABOUT_TO:
+                    not_after = x509.load_der_x509_certificate(key.certificate_der).not_valid_after_utc
+                    ca_expiry.add_metric([key.key_id, key.status.value], (not_after - now).total_seconds())
                 for delta in (False, True):
                     crl = self._store.latest_crl(key.key_id, delta=delta, with_der=False)
                     if crl is not None:
@@ -94,10 +121,10 @@ class StoreCollector:
                 checkpoint.add_metric([], (now - last.time).total_seconds())
         except Exception:  # noqa: S110 - a scrape must not fail because the store is briefly busy
             pass
-        yield from (number, age, chain, checkpoint)
+        yield from (number, age, chain, checkpoint, ca_expiry, tls_expiry)
 
 
-def serve(listen: str, store: Any, tls_context: ssl.SSLContext | None = None) -> Any:
+def serve(listen: str, store: Any, tls_context: ssl.SSLContext | None = None, tls_cert_file: Path | None = None) -> Any:
     """Start the endpoint in this (parent) process: multiprocess sums plus the store gauges.
 
     With tls_context (see tls.metrics_context) the endpoint is HTTPS with client certificates.
@@ -116,7 +143,7 @@ def serve(listen: str, store: Any, tls_context: ssl.SSLContext | None = None) ->
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    registry.register(StoreCollector(store))
+    registry.register(StoreCollector(store, tls_cert_file))
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]

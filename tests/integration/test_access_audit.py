@@ -375,6 +375,11 @@ def test_metrics_are_served_over_mtls_only(tls_daemon: TlsDaemon, channels: dict
     scraper.load_cert_chain(clients / "aud.pem", clients / "aud.key")
     body = urllib.request.urlopen(url, context=scraper, timeout=10).read().decode()
     assert "ca_daemon_requests_total" in body and "GetCACertificates" in body
+    # When the certificates run out, for alerts: the TLS server certificate (365 days) and the CA's.
+    tls_left = _gauge(body, "ca_daemon_tls_certificate_expiry_seconds")
+    assert 364 * 86400 < tls_left <= 365 * 86400
+    ca_left = _gauge(body, 'ca_daemon_ca_certificate_expiry_seconds{issuer="ca-root-1",status="active"}')
+    assert ca_left > 365 * 86400
     anonymous = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(url, context=anonymous, timeout=10).read()
@@ -385,6 +390,13 @@ def test_metrics_are_served_over_mtls_only(tls_daemon: TlsDaemon, channels: dict
         urllib.request.urlopen(url, context=tls12, timeout=10)
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"http://127.0.0.1:{tls_daemon.metrics_port}/metrics", timeout=10).read()
+
+
+def _gauge(body: str, sample: str) -> float:
+    """The value of one sample (name with its labels, as exposed) in a Prometheus text exposition."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.rsplit(" ", 1)[0] == sample]
+    assert len(values) == 1, f"{sample} not exposed once in:\n{body}"
+    return values[0]
 
 
 def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> None:
@@ -610,6 +622,8 @@ def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factor
         assert "ca_daemon_crl_age_seconds" in body
         chain = [line for line in body.splitlines() if line.startswith("ca_daemon_audit_chain_length ")]
         assert chain and float(chain[0].split()[1]) >= 5
+        assert _gauge(body, 'ca_daemon_ca_certificate_expiry_seconds{issuer="ca-root-1",status="active"}') > 0
+        assert not [line for line in body.splitlines() if line.startswith("ca_daemon_tls_certificate_expiry_seconds")]  # no TLS
     finally:
         daemon.stop()
     public = env.state_dir / "audit.pem"
