@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-from ca_daemon import app
+from ca_daemon import app, tls
 from ca_daemon import config as config_module
 from ca_daemon.authority import load_active_ca
 from ca_daemon.config import Config
@@ -85,8 +86,23 @@ def _check_files(config: Config, record: Callable[[str, bool, str], bool]) -> No
         ):
             readable = path is not None and path.is_file()
             record(f"tls.{name}", readable, str(path) if readable else f"{path} is missing (`ca-daemon mtls init` makes it)")
+        _check_tls_credentials(config, record)
     else:
         record("tls", True, "off: development mode, plaintext gRPC on loopback")
+
+
+def _check_tls_credentials(config: Config, record: Callable[[str, bool, str], bool]) -> None:
+    """What the daemon will load: certificate and key pair, client CA bundle and CRL; and how long the certificate lasts."""
+    try:
+        app.check_tls_files(config)
+    except CaError as exc:
+        record("TLS credentials", False, exc.message)
+        return
+    assert config.tls.cert_file is not None
+    not_after = tls.server_certificate_expiry(config.tls.cert_file)
+    left = (not_after - datetime.now(UTC)).days if not_after is not None else 0
+    renew = "; renew it soon: `ca-daemon mtls renew-server --reload`" if left < 30 else ""
+    record("TLS credentials", True, f"server certificate and key load, valid until {not_after} ({left} days){renew}")
 
 
 def _check_store(config: Config, record: Callable[[str, bool, str], bool]) -> SqlStore | None:

@@ -117,6 +117,8 @@ def test_a_renewed_server_certificate_is_served_after_reload_without_restart(tls
     )
     assert sum(1 for e in events if e["action"] == "config.reload" and e["outcome"] == "applied") == 2
     assert env.cli("mtls", "list").stdout.count("\tserver\t") == 2
+    checked = env.cli("check-config").stdout
+    assert "ok    TLS credentials:" in checked and "(29 days); renew it soon" in checked, checked
 
 
 def test_a_broken_server_key_is_refused_and_the_old_credentials_stay(tls_daemon: TlsDaemon) -> None:
@@ -125,6 +127,8 @@ def test_a_broken_server_key_is_refused_and_the_old_credentials_stay(tls_daemon:
     good_key = (tls_dir / "server.key").read_bytes()
     (tls_dir / "server.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
     try:
+        checked = env.cli("check-config", check=False)
+        assert checked.returncode == 1 and "FAIL  TLS credentials: [tls]" in checked.stdout, checked.stdout
         refused = env.cli("reload", check=False)  # the CLI checks the files before it signals anything
         assert refused.returncode != 0 and "[tls]" in refused.stderr, refused.stderr
         assert tls_daemon.process.poll() is None
