@@ -30,12 +30,13 @@ from ca_daemon.errors import (
     NotFound,
     PermissionDenied,
     PolicyViolation,
+    QuotaExceeded,
     StoreUnavailable,
 )
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.lint import Linter
 from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
-from ca_daemon.store import IssuanceOutcome, SqlStore, serial_hex
+from ca_daemon.store import IssuanceItem, IssuanceOutcome, SqlStore, serial_hex
 from ca_daemon.store.group_commit import GroupCommitter, resolve_all
 from ca_daemon.store.rotation_store import RotationStore
 from ca_daemon.store.sql import replay_or_conflict
@@ -92,6 +93,8 @@ class PolicySet:
     callers: dict[str, tuple[str, ...]]
     linter: Linter
     source: Config
+    # Caller identity -> certificates per hour (config `max_certificates_per_hour`); absent: no quota.
+    caller_quotas: dict[str, int]
 
     def profile_for(self, caller: str, name: str) -> policy.Profile:
         """The profile a caller asked for (empty: the default), or PermissionDenied."""
@@ -122,7 +125,7 @@ def build_policy_set(config: Config, ca_certificate: x509.Certificate, throwaway
                 issuer.sign_linted(builder, throwaway, throwaway, template_linter)
             except LintFailure as exc:
                 raise ConfigError(f"profiles.{profile.name}: its certificates would fail the pre-issuance lint: {exc.message}") from None
-    return PolicySet(profiles, config.default_profile, dict(config.callers), linter, config)
+    return PolicySet(profiles, config.default_profile, dict(config.callers), linter, config, dict(config.caller_quotas))
 
 
 def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> policy.Decision:
@@ -186,7 +189,7 @@ class Authority:
         # Lint-before-sign builds each certificate first with this software key (see issuer.sign_linted).
         self._throwaway = issuer.throwaway_key_like(active.private_key)  # type: ignore[arg-type]
         self.policy = build_policy_set(config, active.certificate, self._throwaway)
-        self._committer: GroupCommitter[tuple[IssuedCertificate, AuditEvent, bool], IssuanceOutcome] = GroupCommitter(
+        self._committer: GroupCommitter[IssuanceItem, IssuanceOutcome] = GroupCommitter(
             store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
         self._refusals: GroupCommitter[AuditEvent, None] = GroupCommitter(_append_audit_batch(store), config.store.commit_batch_max)
@@ -320,7 +323,7 @@ class Authority:
         Returns the answers known now (replays, refusals, failures), for the loop to deliver.
         """
         settled: list[tuple[asyncio.Future[Any], Any]] = []
-        to_commit: list[tuple[IssuedCertificate, AuditEvent, bool]] = []
+        to_commit: list[IssuanceItem] = []
         waiting: list[asyncio.Future[Any]] = []
         for request, rules, future in batch:
             if future.done():  # the caller went away (cancelled) while it waited
@@ -333,16 +336,20 @@ class Authority:
             if isinstance(prepared, SignResult):
                 settled.append((future, prepared))
                 continue
-            certificate, allow_reissue = prepared
-            to_commit.append((certificate, _issue_event(request, certificate), allow_reissue))
+            certificate, allow_reissue, quota = prepared
+            to_commit.append((certificate, _issue_event(request, certificate), allow_reissue, quota))
             waiting.append(future)
         if to_commit:
             # More requests waiting for this thread means more certificates soon: the commit may wait for them.
             self._committer.enqueue(to_commit, waiting, loop, more_coming=bool(self._waiting))
         return settled
 
-    def _prepare(self, request: CertificateRequest, rules: PolicySet) -> SignResult | tuple[IssuedCertificate, bool]:
-        """Everything before the commit, on the token's thread: a replayed answer, or a signed certificate."""
+    def _prepare(self, request: CertificateRequest, rules: PolicySet) -> SignResult | tuple[IssuedCertificate, bool, int]:
+        """Everything before the commit, on the token's thread: a replayed answer, or a signed certificate.
+
+        Returns the certificate with its allow_reissue and its caller's hourly quota (0: none),
+        which the group commit checks again. A replay is answered even past the quota.
+        """
         max_bytes = self._config.server.max_csr_bytes
         try:
             policy.check_request_fields(request)
@@ -358,10 +365,15 @@ class Authority:
         existing, facts = self._lookup(request.request_id, device_id, parsed.public_key_sha256)
         if existing is not None:
             return self._result(replay_or_conflict(existing, parsed.sha256))
+        quota = rules.caller_quotas.get(request.caller, 0)
         try:
+            if quota:
+                issued = self._store.caller_issued_last_hour(request.caller, datetime.now(UTC))
+                if issued + 1 > quota:
+                    raise QuotaExceeded.for_caller(request.caller, quota, issued)
             decision = policy.decide(parsed, profile, facts)
-            return self._issue(request, decision, rules.linter), decision.allow_reissue
-        except (PolicyViolation, AlreadyExists, LintFailure) as refusal:
+            return self._issue(request, decision, rules.linter), decision.allow_reissue, quota
+        except (PolicyViolation, AlreadyExists, LintFailure, QuotaExceeded) as refusal:
             raise _Refusal(refusal, device_id, parsed.sha256) from None
 
     def _lookup(self, request_id: str, device_id: str, public_key_sha256: bytes) -> tuple[IssuedCertificate | None, policy.IssuanceFacts]:
@@ -423,8 +435,8 @@ class Authority:
             created_at=now,
         )
 
-    def _result(self, outcome: IssuanceOutcome | AlreadyExists) -> SignResult:
-        if isinstance(outcome, AlreadyExists):
+    def _result(self, outcome: IssuanceOutcome | AlreadyExists | QuotaExceeded) -> SignResult:
+        if isinstance(outcome, AlreadyExists | QuotaExceeded):
             raise outcome
         cert = outcome.certificate
         if cert.issuer_key_id == self.active.key.key_id:

@@ -272,6 +272,8 @@ class Config:
     default_profile: str = "device"
     # Caller identity -> the profiles it may ask for (`[callers."IDENTITY"] profiles = [...]`).
     callers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Caller identity -> certificates it may have issued per hour (`max_certificates_per_hour`); absent: no limit.
+    caller_quotas: dict[str, int] = field(default_factory=dict)
     lint: LintConfig = field(default_factory=LintConfig)
     crl: CrlConfig = field(default_factory=CrlConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -384,7 +386,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     default_profile = reader.string("default_profile", "device")
     if default_profile not in profiles:
         raise ConfigError(f"default_profile {default_profile!r} is not one of the profiles: {sorted(profiles)}")
-    callers = _parse_callers(reader.table("callers"), profiles, server.local_identity)
+    callers, caller_quotas = _parse_callers(reader.table("callers"), profiles, server.local_identity)
     roles = _parse_roles(reader.table("roles"))
     audit = _parse_audit(reader.table("audit"), token, server.dev_mode)
     metrics = MetricsConfig(listen=reader.table("metrics").string("listen", ""))
@@ -410,6 +412,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         profiles=profiles,
         default_profile=default_profile,
         callers=callers,
+        caller_quotas=caller_quotas,
         lint=LintConfig(mode=lint_mode),
         crl=_parse_crl(reader.table("crl"), base, state_dir, ca),
         tls=tls,
@@ -563,16 +566,26 @@ def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
     )
 
 
-def _parse_callers(raw: _Reader, profiles: dict[str, ProfileConfig], local_identity: str) -> dict[str, tuple[str, ...]]:
-    """`[callers."IDENTITY"] profiles = [...]`; without the table the local identity may use every profile."""
+def _parse_callers(
+    raw: _Reader, profiles: dict[str, ProfileConfig], local_identity: str
+) -> tuple[dict[str, tuple[str, ...]], dict[str, int]]:
+    """`[callers."IDENTITY"]`: `profiles = [...]` and `max_certificates_per_hour`; (profiles, quotas).
+
+    Without the table the local identity may use every profile, without a quota.
+    """
     if not raw.keys():
-        return {local_identity: tuple(sorted(profiles))}
+        return {local_identity: tuple(sorted(profiles))}, {}
     callers: dict[str, tuple[str, ...]] = {}
+    quotas: dict[str, int] = {}
     for identity in raw.keys():  # noqa: SIM118 - _Reader is not a dict
-        allowed = tuple(raw.table(identity).string_list("profiles", []))
+        table = raw.table(identity)
+        allowed = tuple(table.string_list("profiles", []))
         _check_names(allowed, tuple(profiles), f"callers.{identity}.profiles")
         callers[identity] = allowed
-    return callers
+        quota = table.integer("max_certificates_per_hour", 0, minimum=0, maximum=10_000_000)
+        if quota:
+            quotas[identity] = quota
+    return callers, quotas
 
 
 def _check_regex(pattern: str, setting: str) -> None:

@@ -46,6 +46,20 @@ class FailedPrecondition(CaError):
     """The system is not in a state that allows this (FAILED_PRECONDITION)."""
 
 
+class QuotaExceeded(CaError):
+    """The caller has had as many certificates this hour as its quota allows; later ones are refused (RESOURCE_EXHAUSTED)."""
+
+    @classmethod
+    def for_caller(cls, caller: str, limit: int, issued: float) -> QuotaExceeded:
+        return cls(
+            f"caller {caller!r} has had {issued:.0f} certificate(s) in the last hour, its quota is {limit} per hour; "
+            f'retry later, or raise [callers."{caller}"] max_certificates_per_hour if the line really runs faster',
+            rule="caller-quota",
+            field="caller",
+            expected=f"at most {limit} certificates per hour",
+        )
+
+
 class HsmUnavailable(CaError):
     """The token cannot be reached or refused the operation; retrying later may succeed (UNAVAILABLE)."""
 

@@ -48,6 +48,7 @@ _STATUS: list[tuple[type[errors.CaError], grpc.StatusCode]] = [
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.HsmUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.LintFailure, grpc.StatusCode.INTERNAL),

@@ -60,6 +60,8 @@ class LockSpace(IntEnum):
     REQUEST_ID = 0x43410007
     # Session-level: the one replica that publishes CRLs.
     CRL_LEADER = 0x43410008
+    # Per caller: its issuance count for the quota (read, then raised, in the issuing transaction).
+    CALLER_QUOTA = 0x43410009
 
 
 def lock_id(space: LockSpace, key: str = "") -> tuple[int, int]:

@@ -256,11 +256,30 @@ def _create_v4(conn: Connection) -> None:
     crl_number_floors.create(conn)
 
 
+# -- version 5: per-caller issuance quotas ---------------------------------------
+
+# Certificates issued per caller per clock hour (hour = Unix time // 3600). A quota is
+# checked against the current hour's count plus the previous hour's, weighted by how much
+# of the previous hour still lies within the last 60 minutes (a sliding-window estimate).
+caller_issuance = Table(
+    "caller_issuance",
+    metadata,
+    Column("caller", String(256), primary_key=True),
+    Column("hour", BigInteger, primary_key=True),
+    Column("issued", BigInteger, nullable=False),
+)
+
+
+def _create_v5(conn: Connection) -> None:
+    caller_issuance.create(conn)
+
+
 # (version, description, step). Append only: a released step is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
     (2, "audit chain checkpoints, mTLS client certificates; chain existing audit events", _create_v2),
     (3, "key rotation: officer approvals and CA key life-cycle times", _create_v3),
     (4, "CRL number floors, so CRL numbers never go back after a restore", _create_v4),
+    (5, "per-caller issuance counts for quotas", _create_v5),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]

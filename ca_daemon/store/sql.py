@@ -23,11 +23,20 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ca_daemon.audit_hash import CHAIN_LOCK_KEY, GENESIS, details_text, event_hash
-from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, StoreUnavailable
+from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import schema
 from ca_daemon.store.locks import Leadership, LockSpace, xact_lock, xact_locks
-from ca_daemon.store.schema import audit_events, ca_keys, certificates, crl_number_floors, crl_publish_status, crls, schema_migrations
+from ca_daemon.store.schema import (
+    audit_events,
+    ca_keys,
+    caller_issuance,
+    certificates,
+    crl_number_floors,
+    crl_publish_status,
+    crls,
+    schema_migrations,
+)
 from ca_daemon.store.schema import revocations as revocations_table
 
 # removeFromCRL (RFC 5280 5.3.1): how a delta CRL says a lifted hold is no longer revoked.
@@ -37,6 +46,11 @@ REMOVE_FROM_CRL = 8
 def serial_hex(serial: int) -> str:
     """The canonical text form of a serial number: lowercase hex, no leading zeros."""
     return format(serial, "x")
+
+
+# One issuance for the group commit: certificate, its audit event (the actor is the caller),
+# allow_reissue, and the caller's hourly quota (0: none).
+IssuanceItem = tuple[IssuedCertificate, AuditEvent, bool, int]
 
 
 @dataclass(frozen=True)
@@ -276,31 +290,38 @@ class SqlStore:
         """A datetime as this dialect's DateTime column stores it (SQLite keeps text)."""
         return self._time_processor(value) if self._time_processor else value
 
-    def record_unique_issuances(self, batch: Sequence[tuple[IssuedCertificate, AuditEvent, bool]]) -> list[IssuanceOutcome | AlreadyExists]:
-        """Store a batch of issuances in one transaction, re-checking idempotency and uniqueness there.
+    def record_unique_issuances(self, batch: Sequence[IssuanceItem]) -> list[IssuanceOutcome | AlreadyExists | QuotaExceeded]:
+        """Store a batch of issuances in one transaction, re-checking idempotency, uniqueness and quotas there.
 
-        Each item is (certificate, audit event, allow_reissue). The checks are set-based (a
-        few statements per batch, not per certificate), and items earlier in the batch
-        count as stored for the ones after them. A request_id answered before replays that
-        answer. A certificate whose device ID gained an active certificate, or whose key was
-        certified for another device, since the policy decided is not stored: its outcome
-        is AlreadyExists and an audit event records that the signed certificate was discarded.
+        Each item is (certificate, audit event, allow_reissue, hourly quota of the caller,
+        0 for none; the caller is the event's actor). The checks are set-based (a few
+        statements per batch, not per certificate), and items earlier in the batch count as
+        stored for the ones after them. A request_id answered before replays that answer. A
+        certificate whose device ID gained an active certificate, or whose key was certified
+        for another device, since the policy decided is not stored, nor one past its
+        caller's quota (requests in flight together all passed the earlier check): its
+        outcome is the refusal, and an audit event records that the signed certificate was
+        discarded.
         """
         now = _now()
-        outcomes: list[IssuanceOutcome | AlreadyExists] = []
+        outcomes: list[IssuanceOutcome | AlreadyExists | QuotaExceeded] = []
+        limited = sorted({audit.actor for _, audit, _, quota in batch if quota})
         with self._begin() as conn:
-            # Serialise concurrent replicas per device ID, key and request_id (a no-op on SQLite);
-            # taken in one global order, so two batches cannot deadlock.
+            # Serialise concurrent replicas per device ID, key, request_id and quota (a no-op on
+            # SQLite); taken in one global order, so two batches cannot deadlock.
             xact_locks(
                 conn,
-                [(LockSpace.DEVICE, c.device_id) for c, _, _ in batch]
-                + [(LockSpace.PUBLIC_KEY, c.public_key_sha256.hex()) for c, _, _ in batch]
-                + [(LockSpace.REQUEST_ID, c.request_id) for c, _, _ in batch],
+                [(LockSpace.DEVICE, c.device_id) for c, _, _, _ in batch]
+                + [(LockSpace.PUBLIC_KEY, c.public_key_sha256.hex()) for c, _, _, _ in batch]
+                + [(LockSpace.REQUEST_ID, c.request_id) for c, _, _, _ in batch]
+                + [(LockSpace.CALLER_QUOTA, caller) for caller in limited],
             )
-            request_ids = [c.request_id for c, _, _ in batch]
+            issued_last_hour = {caller: self._issued_last_hour(conn, caller, now) for caller in limited}
+            counted: dict[str, int] = {}
+            request_ids = [c.request_id for c, _, _, _ in batch]
             answered = {row.request_id: _certificate(row) for row in conn.execute(_ANSWERED, {"request_ids": request_ids})}
-            devices = list({c.device_id for c, _, _ in batch})
-            keys = list({c.public_key_sha256 for c, _, _ in batch})
+            devices = list({c.device_id for c, _, _, _ in batch})
+            keys = list({c.public_key_sha256 for c, _, _, _ in batch})
             active: dict[str, list[int]] = {}
             for serial, device in conn.execute(_ACTIVE_OF_DEVICES, {"devices": devices, "now": now}):
                 active.setdefault(device, []).append(int(serial, 16))
@@ -309,17 +330,24 @@ class SqlStore:
                 key_devices.setdefault(bytes(key), set()).add(device)
             new_certificates: list[dict[str, Any]] = []
             new_events: list[AuditEvent] = []
-            for cert, audit, allow_reissue in batch:
+            for cert, audit, allow_reissue, quota in batch:
                 earlier = answered.get(cert.request_id)
                 if earlier is not None:
                     outcomes.append(_replay(earlier, cert.csr_sha256))
                     continue
                 others = tuple(sorted(d for d in key_devices.get(cert.public_key_sha256, ()) if d != cert.device_id))
-                conflict = _uniqueness_conflict(cert, () if allow_reissue else tuple(active.get(cert.device_id, ())), others)
+                conflict: AlreadyExists | QuotaExceeded | None = _uniqueness_conflict(
+                    cert, () if allow_reissue else tuple(active.get(cert.device_id, ())), others
+                )
+                if conflict is None and quota and issued_last_hour[audit.actor] + 1 > quota:
+                    conflict = QuotaExceeded.for_caller(audit.actor, quota, issued_last_hour[audit.actor])
                 if conflict is not None:
                     new_events.append(_discarded(cert, audit, conflict))
                     outcomes.append(conflict)
                     continue
+                if quota:
+                    issued_last_hour[audit.actor] += 1
+                    counted[audit.actor] = counted.get(audit.actor, 0) + 1
                 new_certificates.append(_certificate_values(cert))
                 new_events.append(audit)
                 answered[cert.request_id] = cert
@@ -328,8 +356,33 @@ class SqlStore:
                 outcomes.append(IssuanceOutcome(cert, created=True))
             if new_certificates:
                 conn.execute(_INSERT_CERTIFICATES, new_certificates)
+            for caller, count in counted.items():
+                self._count_issued(conn, caller, now, count)
             self._insert_audit(conn, new_events)
         return outcomes
+
+    def caller_issued_last_hour(self, caller: str, now: datetime) -> float:
+        """The caller's certificates in the last 60 minutes, as the quota counts them (see schema.caller_issuance)."""
+        with _driver_errors(), self._connect() as conn:
+            return self._issued_last_hour(conn, caller, now)
+
+    @staticmethod
+    def _issued_last_hour(conn: Connection, caller: str, now: datetime) -> float:
+        hour, into = divmod(now.timestamp(), 3600.0)
+        this, last = int(hour), int(hour) - 1
+        counts = {int(h): int(n) for h, n in conn.execute(_ISSUED_IN_HOURS, {"caller": caller, "hours": [this, last]})}
+        return counts.get(this, 0) + counts.get(last, 0) * (1.0 - into / 3600.0)
+
+    def _count_issued(self, conn: Connection, caller: str, now: datetime, count: int) -> None:
+        hour = int(now.timestamp() // 3600)
+        statement = self._insert(caller_issuance).values(caller=caller, hour=hour, issued=count)
+        conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[caller_issuance.c.caller, caller_issuance.c.hour],
+                set_={"issued": caller_issuance.c.issued + statement.excluded.issued},
+            )
+        )
+        conn.execute(delete(caller_issuance).where(caller_issuance.c.caller == caller, caller_issuance.c.hour < hour - 1))
 
     def _insert_audit(self, conn: Connection, events: Sequence[AuditEvent]) -> None:
         """Append audit events inside the caller's transaction, in order: the only writer of audit_events.
@@ -741,6 +794,9 @@ class SqlStore:
 # The statements of every group commit, built once: constructing a Core statement and its
 # cache key costs more than running it, and a commit runs several (measured: about a third
 # of a small commit's CPU). Lists bind through expanding parameters.
+_ISSUED_IN_HOURS = select(caller_issuance.c.hour, caller_issuance.c.issued).where(
+    caller_issuance.c.caller == bindparam("caller"), caller_issuance.c.hour.in_(bindparam("hours", expanding=True))
+)
 _ANSWERED = select(certificates).where(certificates.c.request_id.in_(bindparam("request_ids", expanding=True)))
 _ACTIVE_OF_DEVICES = select(certificates.c.serial, certificates.c.device_id).where(
     certificates.c.device_id.in_(bindparam("devices", expanding=True)),
@@ -794,7 +850,7 @@ def _published_crl(row: Row[Any], with_der: bool) -> PublishedCrl:
     )
 
 
-def _discarded(cert: IssuedCertificate, audit: AuditEvent, conflict: AlreadyExists) -> AuditEvent:
+def _discarded(cert: IssuedCertificate, audit: AuditEvent, conflict: AlreadyExists | QuotaExceeded) -> AuditEvent:
     return AuditEvent(
         time=_now(),
         actor=audit.actor,

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
+from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, RevocationReason
-from ca_daemon.store import SqlStore, open_store, schema
+from ca_daemon.store import IssuanceOutcome, SqlStore, open_store, schema, serial_hex
 from ca_daemon.store.locks import Leadership, LockSpace, lock_id, xact_lock
 
 ISSUER = "ca-test-1"
@@ -87,7 +87,7 @@ def _audit(cert: IssuedCertificate) -> AuditEvent:
 
 
 def _issue(store: SqlStore, *certs: IssuedCertificate, allow_reissue: bool = False) -> list[object]:
-    return list(store.record_unique_issuances([(c, _audit(c), allow_reissue) for c in certs]))
+    return list(store.record_unique_issuances([(c, _audit(c), allow_reissue, 0) for c in certs]))
 
 
 def _entry(serial: int, _revoked_at: datetime, _reason: int, _invalidity: datetime | None) -> bytes:
@@ -350,6 +350,37 @@ def test_crl_numbers_only_go_up(store: SqlStore) -> None:
     assert store.max_crl_number(ISSUER) == 8
     assert store.latest_crl(ISSUER, delta=True).crl_number == 8  # type: ignore[union-attr]
     assert store.latest_crl(ISSUER, delta=False).crl_number == 1  # type: ignore[union-attr]
+
+
+def test_a_caller_quota_counts_the_last_hour_and_is_enforced_in_the_commit(store: SqlStore) -> None:
+    """Requests in flight together all pass the check before signing; the commit keeps the quota exact."""
+
+    def item(cert: IssuedCertificate, caller: str, quota: int) -> tuple[IssuedCertificate, AuditEvent, bool, int]:
+        event = AuditEvent(time=datetime.now(UTC), actor=caller, action="certificate.issue", outcome="issued", serial=cert.serial)
+        return cert, event, False, quota
+
+    now = datetime.now(UTC)
+    assert store.caller_issued_last_hour("line1", now) == 0
+    first = [_cert(f"q-{n}") for n in range(4)]
+    outcomes = store.record_unique_issuances([item(c, "line1", 3) for c in first])
+    assert [type(o).__name__ for o in outcomes] == ["IssuanceOutcome"] * 3 + ["QuotaExceeded"]
+    refused = outcomes[3]
+    assert isinstance(refused, QuotaExceeded) and refused.rule == "caller-quota" and "quota is 3 per hour" in refused.message
+    assert store.get_certificate(first[3].serial) is None  # signed, discarded, never stored
+    assert store.caller_issued_last_hour("line1", datetime.now(UTC)) == 3
+    # Another caller has its own count; a caller without a quota is not counted at all.
+    other = _cert("q-other")
+    assert isinstance(store.record_unique_issuances([item(other, "line2", 3)])[0], IssuanceOutcome)
+    unlimited = _cert("q-free")
+    assert isinstance(store.record_unique_issuances([item(unlimited, "line3", 0)])[0], IssuanceOutcome)
+    assert store.caller_issued_last_hour("line3", datetime.now(UTC)) == 0
+    # The previous hour weighs by how much of it lies within the last 60 minutes.
+    assert store.caller_issued_last_hour("line1", now + timedelta(hours=1)) == pytest.approx(
+        3 * (1 - (now.timestamp() % 3600) / 3600), abs=0.01
+    )
+    assert store.caller_issued_last_hour("line1", now + timedelta(hours=2)) == 0
+    discarded = [e for e in store.audit_events() if e["outcome"] == "refused" and e["reason"] == "caller-quota"]
+    assert [e["serial"] for e in discarded] == [serial_hex(first[3].serial)]
 
 
 def test_a_crl_number_floor_is_never_lowered_and_the_next_crl_goes_above_it(store: SqlStore) -> None:
