@@ -271,14 +271,19 @@ async def _watch_health(servicer: health_aio.HealthServicer, healthy: Callable[[
         await asyncio.sleep(_HEALTH_INTERVAL_S)
 
 
-async def _serve_forever(config: Config, primary: bool = False) -> None:
+async def _serve_forever(config: Config, primary: bool = False, after_reload: Callable[[], None] = lambda: None) -> None:
     worker = await start_worker(config, primary=primary)
     _settle_garbage_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_worker, worker.authority, config.path, worker.store, worker.authenticator, worker.front)
+
+    def reload() -> None:
+        if reload_worker(worker.authority, config.path, worker.store, worker.authenticator, worker.front):
+            after_reload()
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
     await stop.wait()
     await worker.stop()
@@ -443,7 +448,7 @@ def serve(config: Config) -> int:
         scheme = "https" if tls_context else "http"
         log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
     try:
-        return _serve(config)
+        return _serve(config, lambda: _reload_metrics_tls(config, metrics_server))
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -451,6 +456,22 @@ def serve(config: Config) -> int:
             metrics_store.close()
         with contextlib.suppress(OSError):
             pid_file.unlink()
+
+
+def _reload_metrics_tls(config: Config, metrics_server: object | None) -> None:
+    """After a reload the workers applied: the metrics endpoint takes the reloaded [tls] files too."""
+    if metrics_server is None or not config.tls.enabled:
+        return
+    try:
+        reloaded = config_module.load(config.path)
+        if not reloaded.tls.enabled:
+            return  # switching to development mode needs a restart (the workers say so)
+        context = tls.metrics_context(reloaded)
+    except CaError as exc:
+        log.error("reload: the metrics endpoint keeps its TLS credentials: %s", exc.message)
+        return
+    metrics.use_tls(metrics_server, context)
+    log.info("reload: the metrics endpoint uses the reloaded TLS credentials")
 
 
 def pid_file_path(config: Config) -> Path:
@@ -475,9 +496,9 @@ def write_pid_file(config: Config) -> Path:
     return path
 
 
-def _serve(config: Config) -> int:
+def _serve(config: Config, after_reload: Callable[[], None]) -> int:
     if config.server.workers == 1:
-        asyncio.run(_serve_forever(config, primary=True))
+        asyncio.run(_serve_forever(config, primary=True, after_reload=after_reload))
         return 0
     context = multiprocessing.get_context("spawn")
     stopping = False
@@ -508,7 +529,8 @@ def _serve(config: Config) -> int:
         time.sleep(0.2)
         if reload_requested:
             reload_requested = False
-            forward_reload(config.path, [p.pid for p in workers if p.is_alive() and p.pid is not None])
+            if forward_reload(config.path, [p.pid for p in workers if p.is_alive() and p.pid is not None]):
+                after_reload()
         for index, process in enumerate(workers):
             if process.is_alive() or stopping:
                 continue

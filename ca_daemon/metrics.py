@@ -30,6 +30,7 @@ from cryptography import x509
 from ca_daemon.model import KeyStatus
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
+_HANDSHAKE_TIMEOUT_S = 10.0
 # CA keys whose certificate expiry matters: they sign, or are about to, or still sign CRLs.
 _SIGNING_OR_ABOUT_TO = (KeyStatus.PENDING, KeyStatus.ACTIVE, KeyStatus.SUPERSEDED)
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -150,12 +151,24 @@ def serve(listen: str, store: Any, tls_context: ssl.SSLContext | None = None, tl
 
     class Server(ThreadingWSGIServer):
         address_family = family
+        # Replaced by a reload (see use_tls): each connection is wrapped with the context in force.
+        tls: ssl.SSLContext | None = tls_context
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            connection, address = self.socket.accept()
+            if self.tls is None:
+                return connection, address
+            connection.settimeout(_HANDSHAKE_TIMEOUT_S)  # a silent client must not hold the accept loop
+            return self.tls.wrap_socket(connection, server_side=True), address
 
     server = make_server(host, int(port), make_wsgi_app(registry), Server, handler_class=QuietHandler)
-    if tls_context is not None:
-        server.socket = tls_context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+def use_tls(server: Any, tls_context: ssl.SSLContext) -> None:
+    """Hand later scrapes a reloaded server certificate and client CA bundle (server from serve())."""
+    server.tls = tls_context
 
 
 def mark_dead(pid: int) -> None:

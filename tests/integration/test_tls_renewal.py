@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CaEnv, device_csr, make_env, openssl_verify, spawn_daemon, wait_channel_serving
+from tests.conftest import CaEnv, device_csr, free_port, make_env, openssl_verify, spawn_daemon, wait_channel_serving
 from tests.factory_helpers import ForeignCa
 from tests.integration.test_access_audit import TlsDaemon, x509_serial
 
@@ -36,20 +36,24 @@ def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> 
     env = make_env(tmp_path_factory.mktemp("renew"), softhsm_conf, workers=2)
     tls_dir = env.state_dir / "tls"
     env.cli("mtls", "init", "--out", str(tls_dir), "--client", "prog:programmer", "--host", "localhost", "--apply")
+    metrics_port = free_port()
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
     log_path = env.state_dir / "daemon.log"
-    daemon = TlsDaemon(env, tls_dir, spawn_daemon(env, log_path), log_path, 0)
+    daemon = TlsDaemon(env, tls_dir, spawn_daemon(env, log_path), log_path, metrics_port)
     with daemon.channel("prog") as channel:
         wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)
     yield daemon
     daemon.stop()
 
 
-def served_serials(daemon: TlsDaemon, connections: int = 8) -> set[int]:
-    """The serials of the server certificates that fresh TLS connections are handed (either worker)."""
+def served_serials(daemon: TlsDaemon, connections: int = 8, *, metrics: bool = False) -> set[int]:
+    """The serials of the server certificates that fresh TLS connections are handed (either worker, or the metrics endpoint)."""
     context = ssl.create_default_context(cafile=daemon.tls_dir / "ca.pem")
+    if metrics:  # the metrics endpoint requires a client certificate
+        context.load_cert_chain(daemon.tls_dir / "clients" / "prog.pem", daemon.tls_dir / "clients" / "prog.key")
     serials = set()
     for _ in range(connections):
-        raw = socket.create_connection(("127.0.0.1", daemon.env.port), timeout=5)
+        raw = socket.create_connection(("127.0.0.1", daemon.metrics_port if metrics else daemon.env.port), timeout=5)
         with context.wrap_socket(raw, server_hostname="localhost") as connection:
             der = connection.getpeercert(binary_form=True)
             assert der is not None
@@ -57,9 +61,9 @@ def served_serials(daemon: TlsDaemon, connections: int = 8) -> set[int]:
     return serials
 
 
-def wait_served(daemon: TlsDaemon, expected: set[int], timeout: float = 15.0) -> None:
+def wait_served(daemon: TlsDaemon, expected: set[int], timeout: float = 15.0, *, metrics: bool = False) -> None:
     deadline = time.monotonic() + timeout
-    while (seen := served_serials(daemon)) != expected:
+    while (seen := served_serials(daemon, metrics=metrics)) != expected:
         assert time.monotonic() < deadline, f"fresh connections see {seen}, expected {expected}"
         time.sleep(0.3)
 
@@ -86,6 +90,7 @@ def test_a_renewed_server_certificate_is_served_after_reload_without_restart(tls
     env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
     old_serial = int(x509_serial(tls_dir / "server.pem"), 16)
     assert served_serials(tls_daemon) == {old_serial}
+    assert served_serials(tls_daemon, 1, metrics=True) == {old_serial}
     pids = worker_pids(tls_daemon)
     with tls_daemon.channel("prog") as open_before:
         sign_over(open_before)
@@ -94,6 +99,7 @@ def test_a_renewed_server_certificate_is_served_after_reload_without_restart(tls
         new = x509.load_pem_x509_certificate((tls_dir / "server.pem").read_bytes())
         assert new.serial_number != old_serial
         wait_served(tls_daemon, {new.serial_number})  # both workers hand out the new one
+        wait_served(tls_daemon, {new.serial_number}, metrics=True)  # and so does the metrics endpoint
         sign_over(open_before)  # a connection made before the reload keeps working
     with tls_daemon.channel("prog") as fresh:
         issued = sign_over(fresh)
@@ -138,6 +144,8 @@ def test_a_broken_server_key_is_refused_and_the_old_credentials_stay(tls_daemon:
             assert time.monotonic() < deadline, tls_daemon.log()[-2000:]
             time.sleep(0.2)
         assert served_serials(tls_daemon) == {old_serial}
+        assert served_serials(tls_daemon, 1, metrics=True) == {old_serial}
+        assert "the metrics endpoint keeps its TLS credentials" in tls_daemon.log()
         with tls_daemon.channel("prog") as channel:
             sign_over(channel)
     finally:
