@@ -411,6 +411,18 @@ def check_tls_files(config: Config) -> None:
         Authenticator.from_config(config)
 
 
+def try_lock_state_directory(state_dir: Path) -> int | None:
+    """The state directory's lock, which a running daemon holds for its lifetime: its fd, or None if held."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "ca-daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _claim(config: Config) -> int:
     """Refuse to start a second daemon on the same state or the same port.
 
@@ -418,12 +430,9 @@ def _claim(config: Config) -> int:
     join it and answer half of the calls; so the parent holds a lock on the state
     directory and checks that nothing listens on the port yet. Returns the lock's fd.
     """
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(config.state_dir / "ca-daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise FailedPrecondition(f"another ca-daemon is already running on state directory {config.state_dir}") from None
+    fd = try_lock_state_directory(config.state_dir)
+    if fd is None:
+        raise FailedPrecondition(f"another ca-daemon is already running on state directory {config.state_dir}")
     host, _, port = config.server.listen.rpartition(":")
     with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as probe:
         probe.settimeout(0.5)

@@ -20,11 +20,9 @@ WAL archiving); nothing here would do better.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,10 +152,8 @@ def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
     return BackupSummary(path, _sha256(path), version, issued, revoked, report)
 
 
-def restore(
-    backup_path: Path, store_url: str, state_dir: Path, audit_public_key_pem: bytes, *, accept_loss: bool = False
-) -> RestoreSummary:
-    """Put a checked backup in place of the store's database, with the daemon stopped.
+def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, accept_loss: bool = False) -> RestoreSummary:
+    """Put a checked backup in place of the store's database; the caller holds the state directory's lock (daemon stopped).
 
     The database in place (if any) is moved aside with its WAL, never deleted. If it can
     still be read and holds certificates, revocations or CRL numbers the backup lacks, the
@@ -166,58 +162,42 @@ def restore(
     target = sqlite_file(store_url)
     if not backup_path.is_file():
         raise FailedPrecondition(f"{backup_path} is not a file")
-    with _daemon_stopped(state_dir):
-        working = target.with_name(target.name + ".restoring")
+    working = target.with_name(target.name + ".restoring")
+    _remove_with_companions(working)
+    os.close(os.open(working, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        working.write_bytes(backup_path.read_bytes())  # the backup file itself is never opened for writing
+        summary = _check_copy(working, audit_public_key_pem)
+        with contextlib.closing(sqlite3.connect(working)) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _fsync(working)
+    except BaseException:
         _remove_with_companions(working)
-        os.close(os.open(working, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        try:
-            working.write_bytes(backup_path.read_bytes())  # the backup file itself is never opened for writing
-            summary = _check_copy(working, audit_public_key_pem)
-            with contextlib.closing(sqlite3.connect(working)) as db:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            _fsync(working)
-        except BaseException:
+        raise
+    moved: Path | None = None
+    lost = Loss()
+    if target.exists():
+        lost = _lost_by_restoring(target, working)
+        if lost and not accept_loss:
             _remove_with_companions(working)
-            raise
-        moved: Path | None = None
-        lost = Loss()
-        if target.exists():
-            lost = _lost_by_restoring(target, working)
-            if lost and not accept_loss:
-                _remove_with_companions(working)
-                raise FailedPrecondition(
-                    f"the database in place ({target}) can be read and holds what the backup lacks: {lost.describe()}. "
-                    "Nothing was changed. If it is nonetheless unusable, rerun with --accept-loss"
-                )
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            moved = target.with_name(f"{target.name}.before-restore-{stamp}")
-            for suffix in ("", "-wal", "-shm"):
-                if Path(f"{target}{suffix}").exists():
-                    Path(f"{target}{suffix}").replace(f"{moved}{suffix}")
-        for suffix in ("-wal", "-shm"):
-            if Path(f"{working}{suffix}").exists():
-                Path(f"{working}{suffix}").replace(f"{target}{suffix}")
-        working.replace(target)
-        _fsync(target.parent)
+            raise FailedPrecondition(
+                f"the database in place ({target}) can be read and holds what the backup lacks: {lost.describe()}. "
+                "Nothing was changed. If it is nonetheless unusable, rerun with --accept-loss"
+            )
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        moved = target.with_name(f"{target.name}.before-restore-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{target}{suffix}").exists():
+                Path(f"{target}{suffix}").replace(f"{moved}{suffix}")
+    for suffix in ("-wal", "-shm"):
+        if Path(f"{working}{suffix}").exists():
+            Path(f"{working}{suffix}").replace(f"{target}{suffix}")
+    working.replace(target)
+    _fsync(target.parent)
     summary = BackupSummary(
         backup_path, _sha256(backup_path), summary.schema_version, summary.certificates, summary.revocations, summary.audit
     )
     return RestoreSummary(summary, moved, lost)
-
-
-@contextlib.contextmanager
-def _daemon_stopped(state_dir: Path) -> Iterator[None]:
-    """Hold the state directory's lock (the one `serve` holds): refuse while a daemon runs on it."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "ca-daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FailedPrecondition(f"a ca-daemon is running on {state_dir}; stop it before restoring") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _lost_by_restoring(current: Path, restored: Path) -> Loss:

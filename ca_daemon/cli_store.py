@@ -6,13 +6,14 @@ Same layer as cli.py.
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ca_daemon import app, audit, backup
 from ca_daemon import config as config_module
 from ca_daemon.cli_access import operator_actor
-from ca_daemon.errors import ConfigError, NotFound
+from ca_daemon.errors import ConfigError, FailedPrecondition, NotFound
 from ca_daemon.model import AuditEvent
 from ca_daemon.store import SqlStore
 
@@ -82,10 +83,18 @@ def _backup(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
-    backup.sqlite_file(config.store.url)
-    outcome = backup.restore(
-        Path(args.source).resolve(), config.store.url, config.state_dir, _audit_public_key(config), accept_loss=args.accept_loss
-    )
+    backup.sqlite_file(config.store.url)  # PostgreSQL: refused before the token is opened
+    lock = app.try_lock_state_directory(config.state_dir)  # the daemon holds it while it runs
+    if lock is None:
+        raise FailedPrecondition(f"a ca-daemon is running on {config.state_dir}; stop it before restoring")
+    try:
+        return _restore_stopped(args, config)
+    finally:
+        os.close(lock)
+
+
+def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> int:
+    outcome = backup.restore(Path(args.source).resolve(), config.store.url, _audit_public_key(config), accept_loss=args.accept_loss)
     print(f"restored {outcome.restored.describe()}")
     if outcome.moved_aside is not None:
         print(f"the previous database is kept at {outcome.moved_aside}")
