@@ -20,6 +20,7 @@ WAL archiving); nothing here would do better.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import sqlite3
@@ -116,16 +117,15 @@ def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSumm
     except BaseException:
         _remove_with_companions(partial)
         raise
-    return BackupSummary(out, _sha256(out), summary.schema_version, summary.certificates, summary.revocations, summary.audit)
+    return dataclasses.replace(summary, path=out, sha256=_sha256(out))
 
 
 def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
     """Integrity, schema and audit chain of a database file; FailedPrecondition naming the first problem.
 
-    Only ever run on a working copy: opening it as a store switches it to WAL mode.
+    Only ever run on a working copy: opening it as a store switches it to WAL mode. Its
+    checksum is left empty: the caller takes that of the file it keeps or was given.
     """
-    if not path.is_file():
-        raise FailedPrecondition(f"{path} is not a file")
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             result = db.execute("PRAGMA integrity_check").fetchone()
@@ -149,7 +149,7 @@ def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
             Path(f"{path}.writelock").unlink()
     if not report.ok:
         raise FailedPrecondition(f"{path}: the audit log does not verify: {report.summary()}")
-    return BackupSummary(path, _sha256(path), version, issued, revoked, report)
+    return BackupSummary(path, "", version, issued, revoked, report)
 
 
 def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, accept_loss: bool = False) -> RestoreSummary:
@@ -194,10 +194,7 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
             Path(f"{working}{suffix}").replace(f"{target}{suffix}")
     working.replace(target)
     _fsync(target.parent)
-    summary = BackupSummary(
-        backup_path, _sha256(backup_path), summary.schema_version, summary.certificates, summary.revocations, summary.audit
-    )
-    return RestoreSummary(summary, moved, lost)
+    return RestoreSummary(dataclasses.replace(summary, path=backup_path, sha256=_sha256(backup_path)), moved, lost)
 
 
 def _lost_by_restoring(current: Path, restored: Path) -> Loss:
