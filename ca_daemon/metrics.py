@@ -13,7 +13,6 @@ module is first imported, which must come after the directory is set.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -85,6 +84,7 @@ class StoreCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         from ca_daemon.store.audit_store import AuditStore
+        from ca_daemon.tls import server_certificate_expiry
 
         number = GaugeMetricFamily("ca_daemon_crl_number", "Number of the last published CRL", labels=["issuer", "kind"])
         age = GaugeMetricFamily("ca_daemon_crl_age_seconds", "Seconds since the last published CRL's thisUpdate", labels=["issuer", "kind"])
@@ -99,10 +99,9 @@ class StoreCollector:
             "ca_daemon_tls_certificate_expiry_seconds", "Seconds until the TLS server certificate (tls.cert) expires"
         )
         now = datetime.now(UTC)
-        if self._tls_cert_file is not None:
-            with contextlib.suppress(OSError, ValueError):
-                not_after = x509.load_pem_x509_certificates(self._tls_cert_file.read_bytes())[0].not_valid_after_utc
-                tls_expiry.add_metric([], (not_after - now).total_seconds())
+        tls_not_after = server_certificate_expiry(self._tls_cert_file) if self._tls_cert_file is not None else None
+        if tls_not_after is not None:
+            tls_expiry.add_metric([], (tls_not_after - now).total_seconds())
         try:
             for key in self._store.list_ca_keys():
                 if key.certificate_der is not None and key.status in _SIGNING_OR_ABOUT_TO:
