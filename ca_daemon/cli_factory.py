@@ -274,12 +274,13 @@ def _ca_verification_cert(args: argparse.Namespace) -> int:
     from ca_daemon import app
     from ca_daemon import config as config_module
     from ca_daemon.authority import load_active_ca
+    from ca_daemon.cli_access import operator_actor
     from ca_daemon.registration import VerificationCertificates
 
     config = config_module.load(args.config)
     with app.connected(config) as (hsm, store):
         active = load_active_ca(config, hsm, store)
-        actor = f"cli:{_local_user()}"
+        actor = operator_actor()
         result = VerificationCertificates(hsm, store, lambda: active).issue(args.code, timedelta(days=args.validity_days), actor)
     _write_certificates(Path(args.out), [result.certificate], _format_for(args.out))
     print(f"wrote verification certificate {result.serial} (CN={args.code}, signed by CA key {result.issuer_key_id}) to {args.out}")
@@ -311,15 +312,6 @@ def _crl_raise_number(args: argparse.Namespace) -> int:
     from ca_daemon import cli_store
 
     return cli_store.raise_crl_number(args.config, args.issuer, args.above)
-
-
-def _local_user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def _format_for(path: str) -> str:
