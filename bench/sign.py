@@ -296,7 +296,7 @@ def issuance_ceilings(ca: BenchCa, csrs: list[bytes], seconds: float) -> tuple[f
             count, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds and half + count < len(csrs):
                 request = CertificateRequest(csrs[half + count], "", f"ceiling-{count}", cfg.server.local_identity)
-                authority._prepare(request, rules)
+                authority.prepare_one(request, rules)
                 count += 1
             return count / (time.perf_counter() - start)
 

@@ -66,17 +66,30 @@ def sign_linted(
     throwaway: CertificateIssuerPrivateKeyTypes,
     linter: Linter,
 ) -> x509.Certificate:
-    """Lint-before-sign: build once with the throwaway key, lint, then sign those same TBS bytes with the real key.
-
-    As in Boulder, the real key signs only after the lint passed, and what it signs is
-    byte for byte what was linted: the real signature replaces the throwaway one around
-    the unchanged to-be-signed bytes (the throwaway key has the CA key's algorithm, so the
-    signature algorithm inside the TBS is already right).
-    """
+    """Lint-before-sign in one call: draft_linted, then sign_draft."""
     if linter.mode == "off":
         return builder.sign(key, signature_hash(key))  # type: ignore[arg-type]
+    return sign_draft(draft_linted(builder, throwaway, linter), key)
+
+
+def draft_linted(builder: x509.CertificateBuilder, throwaway: CertificateIssuerPrivateKeyTypes, linter: Linter) -> x509.Certificate:
+    """The certificate built and signed with the throwaway key, after the lint passed (LintFailure otherwise).
+
+    As in Boulder, the real key signs only after the lint passed (sign_draft), and what it
+    signs is byte for byte what was linted. With lint off the draft is made all the same,
+    so issuance has one path: build and check first, then sign with the CA key.
+    """
     draft = builder.sign(throwaway, signature_hash(throwaway))  # type: ignore[arg-type]
     linter.check(draft)
+    return draft
+
+
+def sign_draft(draft: x509.Certificate, key: CertificateIssuerPrivateKeyTypes) -> x509.Certificate:
+    """The real certificate: the CA key's signature around the draft's unchanged to-be-signed bytes.
+
+    The throwaway key has the CA key's algorithm, so the signature algorithm inside the TBS
+    is already right; a mismatch is refused as a LintFailure and nothing is issued.
+    """
     algorithm_identifier, _ = crl_der.signature_algorithm(key)
     certificate = x509.load_der_x509_certificate(crl_der.sign_tbs(draft.tbs_certificate_bytes, algorithm_identifier, key))
     if certificate.signature_algorithm_oid != draft.signature_algorithm_oid:
