@@ -20,6 +20,7 @@ pkilint; `off` skips linting. An ERROR or FATAL finding refuses issuance (LintFa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -27,12 +28,11 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import validators  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.errors import LintFailure
 
@@ -46,6 +46,10 @@ _MAX_SERIAL = (1 << 159) - 1
 _URN = re.compile(r"urn:[A-Za-z0-9][A-Za-z0-9-]{0,31}:[A-Za-z0-9()+,\-.:=@;$_!*'%/?#]+", re.IGNORECASE)
 _PRINTABLE = re.compile(r"[A-Za-z0-9 '()+,\-./:=?]*")
 _UPPER_BOUNDS = {"2.5.4.3": 64, "2.5.4.10": 64, "2.5.4.11": 64, "2.5.4.6": 2, "2.5.4.7": 128, "2.5.4.8": 128, "2.5.4.5": 64}
+# DER of the SAN and SKI extension OIDs, and the content of the rsaEncryption OID.
+_SAN_OID = bytes.fromhex("0603551d11")
+_SKI_OID = bytes.fromhex("0603551d0e")
+_RSA_OID = bytes.fromhex("06092a864886f70d010101")
 _FORBIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"}
 
 
@@ -154,34 +158,84 @@ def pkilint_findings(der: bytes) -> list[Finding]:
 
 
 def certificate_shape(certificate: x509.Certificate) -> Hashable:
-    """Everything pkilint judges except the values that vary from one certificate to the next."""
-    key = certificate.public_key()
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        key_shape: tuple[str, ...] = ("ec", key.curve.name)
-    elif isinstance(key, rsa.RSAPublicKey):
-        key_shape = ("rsa", str(key.key_size), str(key.public_numbers().e))
-    else:
-        key_shape = (type(key).__name__,)
-    extensions: list[tuple[str, bool, Hashable]] = []
-    for extension in certificate.extensions:
-        value = extension.value
-        if isinstance(value, x509.SubjectAlternativeName):
-            detail: Hashable = tuple(type(name).__name__ for name in value)
-        elif isinstance(value, x509.SubjectKeyIdentifier):
-            detail = len(value.digest)
-        else:
-            detail = value.public_bytes()
-        extensions.append((extension.oid.dotted_string, extension.critical, detail))
+    """Everything pkilint judges except the values that vary from one certificate to the next.
+
+    Read from the to-be-signed DER: version, signature algorithm and issuer as they are;
+    the validity's time encodings; the subject's attribute types and string types, RDN by
+    RDN; the key's algorithm and size (and an RSA key's exponent); every extension's OID,
+    criticality and value, but for the SAN only its name types and for the SKI only its length.
+    """
+    fields = _tbs_fields(certificate)
+    version, _serial, signature, issuer, validity, subject, spki = fields[:7]
+    extensions: list[tuple[bytes, bytes, Hashable]] = []
+    for extension in next((_children(_children(f.content)[0].content) for f in fields[7:] if f.tag == 0xA3), []):
+        parts = _children(extension.content)  # extnID, critical (absent when false), extnValue
+        oid, value = parts[0].der, parts[-1].content
+        detail: Hashable = value
+        if oid == _SAN_OID:
+            detail = tuple(name.tag for name in _children(_children(value)[0].content))
+        elif oid == _SKI_OID:
+            detail = len(value)
+        extensions.append((oid, parts[1].der if len(parts) == 3 else b"", detail))
     return (
-        certificate.signature_algorithm_oid.dotted_string,
-        certificate.issuer.public_bytes(),
-        key_shape,
-        tuple((len(rdn), tuple((a.oid.dotted_string, a._type.name) for a in rdn)) for rdn in certificate.subject.rdns),
+        version.der,
+        signature.der,
+        issuer.der,
+        tuple(time.tag for time in _children(validity.content)),
+        tuple(
+            tuple((atv[0].der, atv[1].tag) for atv in (_children(a.content) for a in _children(rdn.content)))
+            for rdn in _children(subject.content)
+        ),
+        _key_shape(spki),
         tuple(extensions),
-        certificate.not_valid_before_utc.year >= 2050,
-        certificate.not_valid_after_utc.year >= 2050,
-        certificate.version.name,
     )
+
+
+class _Tlv(NamedTuple):
+    tag: int
+    der: bytes  # the whole TLV
+    content: bytes
+
+
+def _children(der: bytes) -> list[_Tlv]:
+    """The TLVs one after another in der (the contents of a SEQUENCE or SET).
+
+    Hand-written: cryptography parses certificates but does not show their DER structure,
+    and the shape is read from the very bytes that will be signed, cheaply (it runs on
+    every Sign). Only for drafts that cryptography built: one-byte tags, definite lengths.
+    """
+    found = []
+    at = 0
+    while at < len(der):
+        tag, length, header = der[at], der[at + 1], 2
+        if length & 0x80:
+            header += length & 0x7F
+            length = int.from_bytes(der[at + 2 : at + header], "big")
+        end = at + header + length
+        if end > len(der):
+            raise ValueError("DER value runs past its container")
+        found.append(_Tlv(tag, der[at:end], der[at + header : end]))
+        at = end
+    return found
+
+
+def _tbs_fields(certificate: x509.Certificate) -> list[_Tlv]:
+    """The TBSCertificate's fields: version, serial, signature, issuer, validity, subject, key, then extensions."""
+    return _children(_children(certificate.tbs_certificate_bytes)[0].content)
+
+
+def _key_shape(spki: _Tlv) -> Hashable:
+    algorithm, key = _children(spki.content)
+    if _RSA_OID in algorithm.content:
+        modulus, exponent = _children(_children(key.content[1:])[0].content)
+        return algorithm.der, len(modulus.content.lstrip(b"\x00")), exponent.content
+    return algorithm.der, len(key.content)
+
+
+def _subject_key_sha1(certificate: x509.Certificate) -> bytes:
+    """RFC 5280 method 1: the SHA-1 of the subjectPublicKey BIT STRING's value (without its unused-bits octet)."""
+    _algorithm, key = _children(_tbs_fields(certificate)[6].content)
+    return hashlib.sha1(key.content[1:], usedforsecurity=False).digest()
 
 
 def varying_field_problems(certificate: x509.Certificate) -> list[str]:
@@ -206,13 +260,9 @@ def varying_field_problems(certificate: x509.Certificate) -> list[str]:
         value = extension.value
         if isinstance(value, x509.SubjectAlternativeName):
             problems.extend(_san_problems(value))
-        elif isinstance(value, x509.SubjectKeyIdentifier) and value.digest != _ski(certificate):
+        elif isinstance(value, x509.SubjectKeyIdentifier) and value.digest != _subject_key_sha1(certificate):
             problems.append("subjectKeyIdentifier is not the SHA-1 of the subject public key (RFC 5280 method 1)")
     return problems
-
-
-def _ski(certificate: x509.Certificate) -> bytes:
-    return x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest
 
 
 def _san_problems(san: x509.SubjectAlternativeName) -> list[str]:
@@ -222,7 +272,8 @@ def _san_problems(san: x509.SubjectAlternativeName) -> list[str]:
             if validators.domain(name.value) is not True:
                 problems.append(f"dNSName {name.value!r} is not a valid domain name")
         elif isinstance(name, x509.UniformResourceIdentifier):
-            if validators.url(name.value) is not True and _URN.fullmatch(name.value) is None:
+            # The URN test first: it is a regular expression, and validators' decorator inspects its function on every call.
+            if _URN.fullmatch(name.value) is None and validators.url(name.value) is not True:
                 problems.append(f"URI {name.value!r} is not a valid URI")
         elif isinstance(name, x509.RFC822Name):
             if validators.email(name.value) is not True:

@@ -202,6 +202,60 @@ def test_lint_before_sign_signs_exactly_what_was_linted_and_caches_the_shape() -
     first.verify_directly_issued_by(root)
 
 
+def test_the_shape_separates_what_pkilint_judges_and_ignores_what_varies() -> None:
+    """The template cache key: one full lint per shape, so a different structure must be a different shape."""
+    key, root = _ca()
+    profile = policy.build_profile(
+        ProfileConfig(name="device", san_templates=("urn:dev:ops:{device_id}",), subject_allowed=(("O", "Acme.*"),))
+    )
+
+    def shape(request: policy.ParsedRequest, *, extra: x509.ExtensionType | None = None, critical: bool = False, days: int = 30) -> object:
+        decision = policy.decide(request, profile)
+        builder = issuer.build_leaf(
+            decision, root, issuer.new_serial(), datetime.now(UTC), timedelta(minutes=1), issuer.LeafUrls(["http://ca.example/ca.crl"])
+        )
+        if extra is not None:
+            builder = builder.add_extension(extra, critical=critical)
+        return certificate_shape(builder.sign(key, hashes.SHA256()))
+
+    base = shape(cn("dev-1"))
+    # What varies per certificate: device ID (subject and SAN values), key, serial, validity values.
+    assert shape(cn("another-device-0042", key=ec.generate_private_key(ec.SECP256R1()))) == base
+    # What pkilint judges: the key's algorithm and size, the subject's structure and string types, the extensions.
+    assert shape(cn(key=ec.generate_private_key(ec.SECP384R1()))) != base
+    assert shape(cn(key=rsa.generate_private_key(65537, 2048))) != shape(cn(key=rsa.generate_private_key(65537, 3072)))
+    with_o = shape(parsed((NameOID.COMMON_NAME, "dev-1"), (NameOID.ORGANIZATION_NAME, "Acme")))
+    assert with_o != base
+    assert shape(parsed((NameOID.COMMON_NAME, "dev-2"), (NameOID.ORGANIZATION_NAME, "Acme Widgets"))) == with_o
+    ocsp_no_check = x509.OCSPNoCheck()
+    assert shape(cn(), extra=ocsp_no_check) != base
+    assert shape(cn(), extra=ocsp_no_check, critical=True) != shape(cn(), extra=ocsp_no_check)
+    dns = shape(cn(), extra=x509.IssuerAlternativeName([x509.DNSName("ca.example")]))
+    assert dns != shape(cn(), extra=x509.IssuerAlternativeName([x509.DNSName("ca.example.org")]))
+
+
+def test_the_template_lint_refuses_a_subject_key_identifier_not_made_by_method_1() -> None:
+    key, root = _ca()
+    decision = policy.decide(cn(), policy.build_profile(ProfileConfig(name="device")))
+    linter = Linter("template")
+    issuer.sign_linted(_leaf(decision, root), key, issuer.throwaway_key_like(key), linter)  # the shape, linted in full
+    builder = x509.CertificateBuilder(
+        issuer_name=root.subject,
+        subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")]),
+        public_key=serialization.load_der_public_key(decision.public_key_der),  # type: ignore[arg-type]
+        serial_number=issuer.new_serial(),
+        not_valid_before=datetime.now(UTC) - timedelta(minutes=1),
+        not_valid_after=datetime.now(UTC) + timedelta(days=30),
+    )
+    for extension in _leaf(decision, root).sign(key, hashes.SHA256()).extensions:
+        value = x509.SubjectKeyIdentifier(b"\x01" * 20) if isinstance(extension.value, x509.SubjectKeyIdentifier) else extension.value
+        builder = builder.add_extension(value, critical=extension.critical)
+    with pytest.raises(LintFailure) as excinfo:
+        issuer.sign_linted(builder, key, issuer.throwaway_key_like(key), linter)
+    assert "subjectKeyIdentifier" in excinfo.value.message
+    assert linter.full_lints == 1  # same shape as the good certificate: refused by the per-certificate check
+
+
 def test_lint_failure_refuses_issuance() -> None:
     key, root = _ca()
     decision = policy.decide(cn(), policy.build_profile(ProfileConfig(name="device")))
