@@ -51,6 +51,10 @@ def serial_hex(serial: int) -> str:
 # One issuance for the group commit: certificate, its audit event (the actor is the caller),
 # allow_reissue, and the caller's hourly quota (0: none).
 IssuanceItem = tuple[IssuedCertificate, AuditEvent, bool, int]
+# (request_id, device_id, public key SHA-256, now) -> the request_id's earlier answer, the device's active serials,
+# the other devices certified with that key: what Sign reads before it signs.
+PrecheckResult = tuple[IssuedCertificate | None, tuple[int, ...], tuple[str, ...]]
+Precheck = Callable[[str, str, bytes, datetime], PrecheckResult]
 
 
 @dataclass(frozen=True)
@@ -260,26 +264,37 @@ class SqlStore:
     )
     _PRECHECK_KEY = "SELECT DISTINCT device_id FROM certificates WHERE public_key_sha256 = ? AND device_id <> ? LIMIT 5"
 
-    def precheck(
-        self, request_id: str, device_id: str, public_key_sha256: bytes, now: datetime
-    ) -> tuple[IssuedCertificate | None, tuple[int, ...], tuple[str, ...]]:
+    def precheck(self, request_id: str, device_id: str, public_key_sha256: bytes, now: datetime) -> PrecheckResult:
         """What Sign needs before it signs: the request_id's earlier answer, else the uniqueness facts."""
+        with self.prechecks() as precheck:
+            return precheck(request_id, device_id, public_key_sha256, now)
+
+    @contextlib.contextmanager
+    def prechecks(self) -> Iterator[Precheck]:
+        """precheck for a batch of requests over one pooled connection (a pool check-out costs more than the look-ups)."""
         placeholder = self._placeholder
+        by_request, active_of_device, devices_of_key = (
+            statement.replace("?", placeholder) for statement in (self._PRECHECK_REQUEST, self._PRECHECK_ACTIVE, self._PRECHECK_KEY)
+        )
         with _driver_errors(), self.engine.connect() as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+            def precheck(request_id: str, device_id: str, public_key_sha256: bytes, now: datetime) -> PrecheckResult:
+                with _driver_errors():
+                    cursor.execute(by_request, (request_id,))
+                    if cursor.fetchone() is not None:
+                        existing = self.find_by_request_id(request_id)
+                        if existing is not None:
+                            return existing, (), ()
+                    cursor.execute(active_of_device, (device_id, self._bind_time(now)))
+                    active = tuple(int(row[0], 16) for row in cursor.fetchall())
+                    cursor.execute(devices_of_key, (public_key_sha256, device_id))
+                    return None, active, tuple(row[0] for row in cursor.fetchall())
+
             try:
-                cursor.execute(self._PRECHECK_REQUEST.replace("?", placeholder), (request_id,))
-                if cursor.fetchone() is not None:
-                    existing = self.find_by_request_id(request_id)
-                    if existing is not None:
-                        return existing, (), ()
-                cursor.execute(self._PRECHECK_ACTIVE.replace("?", placeholder), (device_id, self._bind_time(now)))
-                active = tuple(int(row[0], 16) for row in cursor.fetchall())
-                cursor.execute(self._PRECHECK_KEY.replace("?", placeholder), (public_key_sha256, device_id))
-                others = tuple(row[0] for row in cursor.fetchall())
+                yield precheck
             finally:
                 cursor.close()
-        return None, active, others
 
     @property
     def _placeholder(self) -> str:
