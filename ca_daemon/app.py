@@ -49,7 +49,7 @@ from ca_daemon.model import AuditEvent
 from ca_daemon.registration import VerificationCertificates
 from ca_daemon.revocation import Revocations
 from ca_daemon.rotation import KeyCeremony
-from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor, KeyCeremonyServicer, caller_of
+from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor, KeyCeremonyServicer, RequestLog, caller_of
 from ca_daemon.store import SqlStore, open_store
 
 log = logging.getLogger("ca_daemon")
@@ -105,11 +105,14 @@ class Worker:
     checkpointer: Checkpointer | None = None
     front: tls_front.TlsFrontEnd | None = None
     authenticator: Authenticator | None = None
+    request_log: RequestLog | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         if self.front is not None:
             self.front.stop_accepting()  # calls in flight still get their answers during the grace period
         await self.server.stop(grace)
+        if self.request_log is not None:
+            self.request_log.flush()
         if self.front is not None:
             await self.front.stop()
         if self.crl is not None:
@@ -148,12 +151,11 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     if request_metrics.enabled:
         hsm.sign_observer = request_metrics.hsm_sign
     audit_log = AuditLog(store, config.store.commit_batch_max)
+    interceptor = ErrorInterceptor(
+        authenticator, audit_log.record, request_metrics, (lambda context: front.auth_context_of(context.peer())) if front else None
+    )
     server = grpc.aio.server(
-        interceptors=[
-            ErrorInterceptor(
-                authenticator, audit_log.record, request_metrics, (lambda context: front.auth_context_of(context.peer())) if front else None
-            )
-        ],
+        interceptors=[interceptor],
         options=[
             # Workers share the public port; behind the TLS front end each has a private port of its own.
             ("grpc.so_reuseport", 0 if front else 1),
@@ -200,7 +202,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
             asyncio.get_running_loop().create_task(_keep_client_crl_fresh(config, hsm, store), name="client-crl-refresh")
         if config.tls.cert_file is not None:
             asyncio.get_running_loop().create_task(_warn_before_server_certificate_expires(config.tls.cert_file), name="server-cert-expiry")
-    return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front, authenticator)
+    return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front, authenticator, interceptor.request_log)
 
 
 # How often the primary worker looks at the client CA CRL's nextUpdate (and once at start).

@@ -199,7 +199,8 @@ def test_programmer_signs_and_denials_are_audited(tls_daemon: TlsDaemon, channel
     assert any(e.actor == "aud" and e.outcome == "permission-denied" and "Sign" in e.details_json for e in events)
     issues = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(serial=issued.serial))
     assert [(e.action, e.outcome, e.actor) for e in issues] == [("certificate.issue", "issued", "prog")]
-    # One JSON line per request with method, caller, status and latency.
+    # One JSON line per request with method, caller, status and latency (written in batches, within 20 ms).
+    time.sleep(0.2)
     lines = [json.loads(line) for line in tls_daemon.log().splitlines() if line.startswith("{") and '"ca_daemon.rpc"' in line]
     signs = [line for line in lines if line.get("method", "").endswith("/Sign") and line.get("caller") == "prog" and line["status"] == "OK"]
     assert signs and isinstance(signs[0]["latency_ms"], float)
