@@ -36,7 +36,7 @@ from ca_daemon.errors import (
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.lint import Linter
 from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
-from ca_daemon.store import IssuanceItem, IssuanceOutcome, Precheck, SqlStore, serial_hex
+from ca_daemon.store import IssuanceItem, IssuanceOutcome, SignReads, SqlStore, serial_hex
 from ca_daemon.store.group_commit import GroupCommitter, resolve_all
 from ca_daemon.store.rotation_store import RotationStore
 from ca_daemon.store.sql import replay_or_conflict
@@ -361,8 +361,8 @@ class Authority:
         settled: list[tuple[asyncio.Future[Any], Any]] = []
         live = [(future, (request, rules)) for request, rules, future in batch if not future.done()]  # done: caller went away
         parsed = _each(live, lambda item: self._parse(*item), settled)
-        with self._store.prechecks() as precheck:
-            judged = _each(parsed, lambda item: self._judge(item, precheck), settled)
+        with self._store.sign_reads() as reads:
+            judged = _each(parsed, lambda item: self._judge(item, reads), settled)
         drafts = _each(judged, lambda item: self._draft(*item), settled)
         signed = _each(drafts, self._sign, settled)
         if signed:
@@ -378,8 +378,8 @@ class Authority:
         parsed = self._parse(request, rules)
         if isinstance(parsed, SignResult):
             return parsed
-        with self._store.prechecks() as precheck:
-            judged = self._judge(parsed, precheck)
+        with self._store.sign_reads() as reads:
+            judged = self._judge(parsed, reads)
         return judged if isinstance(judged, SignResult) else self._sign(self._draft(*judged))[1]
 
     def _parse(self, request: CertificateRequest, rules: PolicySet) -> SignResult | _Parsed:
@@ -397,17 +397,17 @@ class Authority:
                     return self._result(replay_or_conflict(existing, _csr_digest_or_raw(request.csr, max_bytes)))
             raise _Refusal(refusal, "", hashlib.sha256(request.csr).digest()) from None
 
-    def _judge(self, parsed: _Parsed, precheck: Precheck) -> SignResult | tuple[_Parsed, policy.Decision, int]:
+    def _judge(self, parsed: _Parsed, reads: SignReads) -> SignResult | tuple[_Parsed, policy.Decision, int]:
         """The store's facts: the request_id's earlier answer (replayed even past a quota), else the decision and quota."""
         request = parsed.request
-        existing, active, others = precheck(request.request_id, parsed.device_id, parsed.csr.public_key_sha256, datetime.now(UTC))
+        existing, active, others = reads.precheck(request.request_id, parsed.device_id, parsed.csr.public_key_sha256, datetime.now(UTC))
         if existing is not None:
             return self._result(replay_or_conflict(existing, parsed.csr.sha256))
         facts = policy.IssuanceFacts(active_serials_for_device=active, devices_with_public_key=others)
         quota = parsed.rules.caller_quotas.get(request.caller, 0)
         try:
             if quota:
-                issued = self._store.caller_issued_last_hour(request.caller, datetime.now(UTC))
+                issued = reads.issued_last_hour(request.caller, datetime.now(UTC))
                 if issued + 1 > quota:
                     raise QuotaExceeded.for_caller(request.caller, quota, issued)
             return parsed, policy.decide(parsed.csr, parsed.profile, facts), quota

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ca_daemon.store.sql import IssuanceItem, IssuanceOutcome, Precheck, SqlStore, serial_hex
+from ca_daemon.store.sql import IssuanceItem, IssuanceOutcome, SignReads, SqlStore, serial_hex
 
 Store = SqlStore
 
@@ -15,4 +15,4 @@ def open_store(url: str, *, sqlite_synchronous: str = "FULL", migrate: bool = Tr
     return store
 
 
-__all__ = ["IssuanceItem", "IssuanceOutcome", "Precheck", "SqlStore", "Store", "open_store", "serial_hex"]
+__all__ = ["IssuanceItem", "IssuanceOutcome", "SignReads", "SqlStore", "Store", "open_store", "serial_hex"]

@@ -58,6 +58,15 @@ Precheck = Callable[[str, str, bytes, datetime], PrecheckResult]
 
 
 @dataclass(frozen=True)
+class SignReads:
+    """What Sign reads before it signs, over one connection for a batch (SqlStore.sign_reads)."""
+
+    precheck: Precheck
+    # (caller, now) -> the caller's certificates in the last 60 minutes, as the quota counts them.
+    issued_last_hour: Callable[[str, datetime], float]
+
+
+@dataclass(frozen=True)
 class IssuanceOutcome:
     """What recording one issuance did: stored it, or found the request_id already used."""
 
@@ -266,12 +275,15 @@ class SqlStore:
 
     def precheck(self, request_id: str, device_id: str, public_key_sha256: bytes, now: datetime) -> PrecheckResult:
         """What Sign needs before it signs: the request_id's earlier answer, else the uniqueness facts."""
-        with self.prechecks() as precheck:
-            return precheck(request_id, device_id, public_key_sha256, now)
+        with self.sign_reads() as reads:
+            return reads.precheck(request_id, device_id, public_key_sha256, now)
 
     @contextlib.contextmanager
-    def prechecks(self) -> Iterator[Precheck]:
-        """precheck for a batch of requests over one pooled connection (a pool check-out costs more than the look-ups)."""
+    def sign_reads(self) -> Iterator[SignReads]:
+        """precheck and the quota count for a batch of requests over one pooled connection.
+
+        A pool check-out costs more than the look-ups themselves.
+        """
         placeholder = self._placeholder
         by_request, active_of_device, devices_of_key = (
             statement.replace("?", placeholder) for statement in (self._PRECHECK_REQUEST, self._PRECHECK_ACTIVE, self._PRECHECK_KEY)
@@ -291,8 +303,12 @@ class SqlStore:
                     cursor.execute(devices_of_key, (public_key_sha256, device_id))
                     return None, active, tuple(row[0] for row in cursor.fetchall())
 
+            def issued_last_hour(caller: str, now: datetime) -> float:
+                with _driver_errors():
+                    return self._issued_last_hour(conn, caller, now)
+
             try:
-                yield precheck
+                yield SignReads(precheck, issued_last_hour)
             finally:
                 cursor.close()
 

@@ -368,6 +368,9 @@ def test_a_caller_quota_counts_the_last_hour_and_is_enforced_in_the_commit(store
     assert isinstance(refused, QuotaExceeded) and refused.rule == "caller-quota" and "quota is 3 per hour" in refused.message
     assert store.get_certificate(first[3].serial) is None  # signed, discarded, never stored
     assert store.caller_issued_last_hour("line1", datetime.now(UTC)) == 3
+    with store.sign_reads() as reads:  # what Sign reads for a batch, over one connection
+        assert reads.issued_last_hour("line1", datetime.now(UTC)) == 3
+        assert reads.precheck(first[0].request_id, first[0].device_id, first[0].public_key_sha256, datetime.now(UTC))[0] == first[0]
     # Another caller has its own count; a caller without a quota is not counted at all.
     other = _cert("q-other")
     assert isinstance(store.record_unique_issuances([item(other, "line2", 3)])[0], IssuanceOutcome)
