@@ -378,7 +378,8 @@ class SqlStore:
                     continue
                 if quota:
                     issued_last_hour[audit.actor] += 1
-                    counted[audit.actor] = counted.get(audit.actor, 0) + 1
+                # Every caller is counted, so a quota added later (by a reload) applies to the last hour at once.
+                counted[audit.actor] = counted.get(audit.actor, 0) + 1
                 new_certificates.append(_certificate_values(cert))
                 new_events.append(audit)
                 answered[cert.request_id] = cert

@@ -75,6 +75,29 @@ def test_a_caller_gets_no_more_certificates_per_hour_than_its_quota(tmp_path_fac
         daemon.stop()
 
 
+def test_a_quota_added_by_reload_counts_what_the_caller_was_issued_before(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """An officer who caps a suspicious caller mid-incident caps the last hour, not from now on."""
+    env = make_env(tmp_path_factory.mktemp("quota-later"), softhsm_conf, workers=2)
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        assert [_sign(env.target, str(uuid.uuid4()), device_csr())[0] for _ in range(3)] == [grpc.StatusCode.OK] * 3
+        env.edit_config(
+            '[callers."local-developer"]\nprofiles = ["device"]',
+            '[callers."local-developer"]\nprofiles = ["device"]\nmax_certificates_per_hour = 4',
+        )
+        env.cli("reload")
+        deadline = time.monotonic() + 15
+        while daemon.log().count("profile(s) in force") < 2:  # both workers
+            assert time.monotonic() < deadline, daemon.log()[-2000:]
+            time.sleep(0.1)
+        codes = [_sign(env.target, str(uuid.uuid4()), device_csr())[0] for _ in range(3)]
+        assert codes == [grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED], codes
+    finally:
+        daemon.stop()
+
+
 def test_a_quota_must_be_a_whole_number(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
     env = make_env(tmp_path_factory.mktemp("quota-config"), softhsm_conf, init=False)
     env.edit_config(

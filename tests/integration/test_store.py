@@ -371,12 +371,12 @@ def test_a_caller_quota_counts_the_last_hour_and_is_enforced_in_the_commit(store
     with store.sign_reads() as reads:  # what Sign reads for a batch, over one connection
         assert reads.issued_last_hour("line1", datetime.now(UTC)) == 3
         assert reads.precheck(first[0].request_id, first[0].device_id, first[0].public_key_sha256, datetime.now(UTC))[0] == first[0]
-    # Another caller has its own count; a caller without a quota is not counted at all.
+    # Another caller has its own count; a caller without a quota is counted too, so a quota given to it later applies at once.
     other = _cert("q-other")
     assert isinstance(store.record_unique_issuances([item(other, "line2", 3)])[0], IssuanceOutcome)
     unlimited = _cert("q-free")
     assert isinstance(store.record_unique_issuances([item(unlimited, "line3", 0)])[0], IssuanceOutcome)
-    assert store.caller_issued_last_hour("line3", datetime.now(UTC)) == 0
+    assert store.caller_issued_last_hour("line3", datetime.now(UTC)) == 1
     # The previous hour weighs by how much of it lies within the last 60 minutes.
     assert store.caller_issued_last_hour("line1", now + timedelta(hours=1)) == pytest.approx(
         3 * (1 - (now.timestamp() % 3600) / 3600), abs=0.01
