@@ -197,3 +197,58 @@ def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
 def test_reserved_rpcs_exist_in_the_contract() -> None:
     methods = set(ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"].methods_by_name)
     assert {"Sign", "GetCACertificates", "GetCertificate", "Revoke", "GetCRL"} <= methods
+
+
+def test_requests_in_flight_together_each_get_their_own_answer(channel: grpc.Channel, daemon: Daemon, tmp_path: Path) -> None:
+    """The token's thread takes waiting requests as one batch, stage by stage: a refusal or replay leaves it, the rest go on.
+
+    Sixty calls are sent at once over one connection to the one worker, so most of them
+    wait together and are prepared as a batch; each must still get exactly its own answer.
+    """
+    store = _store(daemon)
+    before = store.count_certificates()
+    retried_csr, retried_id = device_csr(), str(uuid.uuid4())
+    duplicate_device = f"dup-{uuid.uuid4().hex[:8]}"
+    calls: list[tuple[str, bytes, str, str]] = (
+        [("good", device_csr(), str(uuid.uuid4()), "") for _ in range(30)]
+        + [("garbage", b"not a CSR", str(uuid.uuid4()), "") for _ in range(8)]
+        + [("bad-cn", device_csr("not a device id!"), str(uuid.uuid4()), "") for _ in range(6)]
+        + [("no-profile", device_csr(), str(uuid.uuid4()), "web-server") for _ in range(6)]
+        + [("same-device", device_csr(duplicate_device), str(uuid.uuid4()), "") for _ in range(4)]
+        + [("retried", retried_csr, retried_id, "") for _ in range(2)]
+        + [("reused-id", device_csr(), retried_id, "") for _ in range(4)]
+    )
+    futures = [
+        _stub(channel).Sign.future(ca_pb2.SignRequest(csr=csr, request_id=request_id, profile=profile), timeout=30)
+        for _, csr, request_id, profile in calls
+    ]
+    outcomes: dict[str, list[tuple[grpc.StatusCode, ca_pb2.SignResponse | None]]] = {}
+    for (kind, _, _, _), future in zip(calls, futures, strict=True):
+        try:
+            outcomes.setdefault(kind, []).append((grpc.StatusCode.OK, future.result()))
+        except grpc.RpcError as error:
+            outcomes.setdefault(kind, []).append((error.code(), None))  # type: ignore[attr-defined]
+
+    def codes(kind: str) -> list[grpc.StatusCode]:
+        return [code for code, _ in outcomes[kind]]
+
+    assert codes("good") == [grpc.StatusCode.OK] * 30
+    serials = {reply.serial for _, reply in outcomes["good"] if reply is not None}
+    assert len(serials) == 30
+    for _, reply in outcomes["good"][:3]:
+        assert reply is not None and openssl_verify(tmp_path, reply.certificate_pem, reply.chain_pem).returncode == 0
+    assert codes("garbage") == [grpc.StatusCode.INVALID_ARGUMENT] * 8
+    assert codes("bad-cn") == [grpc.StatusCode.INVALID_ARGUMENT] * 6
+    assert codes("no-profile") == [grpc.StatusCode.PERMISSION_DENIED] * 6
+    # One certificate per device ID: of four keys for one device in flight together, exactly one is certified.
+    assert sorted(codes("same-device"), key=str) == sorted([grpc.StatusCode.OK] + [grpc.StatusCode.ALREADY_EXISTS] * 3, key=str)
+    # One request_id is one certificate: the CSR whose call is committed first wins it; the same request
+    # again (same CSR) gets that certificate once more, any other CSR under that request_id ALREADY_EXISTS.
+    winners = [(kind, reply.serial) for kind in ("retried", "reused-id") for code, reply in outcomes[kind] if reply is not None]
+    if codes("retried") == [grpc.StatusCode.OK] * 2:  # the usual order: first sent, first committed
+        assert winners[0][1] == winners[1][1] and len(winners) == 2
+        assert codes("reused-id") == [grpc.StatusCode.ALREADY_EXISTS] * 4
+    else:
+        assert [kind for kind, _ in winners] == ["reused-id"], outcomes
+        assert codes("retried") == [grpc.StatusCode.ALREADY_EXISTS] * 2
+    assert store.count_certificates() == before + 30 + 1 + 1  # nothing else was stored
