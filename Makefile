@@ -26,7 +26,7 @@ test: test-deps
 lint: deps
 	$(BIN)/ruff check ca_daemon tests bench scripts
 	$(BIN)/ruff format --check ca_daemon tests bench scripts
-	$(BIN)/mypy ca_daemon
+	$(BIN)/mypy --strict ca_daemon tests bench
 
 proto: deps
 	$(BIN)/python scripts/gen_proto.py

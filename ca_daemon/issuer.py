@@ -33,7 +33,7 @@ def new_serial() -> int:
             return serial
 
 
-def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm | None:
+def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | hashes.SHA384 | None:
     """The hash paired with a CA key: SHA-384 for P-384, none for Ed25519, else SHA-256."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None
@@ -68,7 +68,7 @@ def sign_linted(
 ) -> x509.Certificate:
     """Lint-before-sign in one call: draft_linted, then sign_draft."""
     if linter.mode == "off":
-        return builder.sign(key, signature_hash(key))  # type: ignore[arg-type]
+        return builder.sign(key, signature_hash(key))
     return sign_draft(draft_linted(builder, throwaway, linter), key)
 
 
@@ -79,7 +79,7 @@ def draft_linted(builder: x509.CertificateBuilder, throwaway: CertificateIssuerP
     signs is byte for byte what was linted. With lint off the draft is made all the same,
     so issuance has one path: build and check first, then sign with the CA key.
     """
-    draft = builder.sign(throwaway, signature_hash(throwaway))  # type: ignore[arg-type]
+    draft = builder.sign(throwaway, signature_hash(throwaway))
     linter.check(draft)
     return draft
 

@@ -166,13 +166,11 @@ def test_http_serves_exactly_what_get_crl_returns(channel: grpc.Channel, setup: 
     _revoke(channel, cert.serial)
     wait_for_crl(channel, lambda crl: int(cert.serial, 16) in serials_in(crl))
     leaf = x509.load_pem_x509_certificate(cert.certificate_pem.encode())
-    cdp_url = str(leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value)  # type: ignore[index]
+    cdp_url = str(leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value)
     aia_url = str(leaf.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value[0].access_location.value)
     assert cdp_url.startswith(f"http://127.0.0.1:{port}/")
     full, delta = get_crl(channel), get_crl(channel, delta=True)
-    delta_url = str(
-        x509.load_der_x509_crl(full.crl_der).extensions.get_extension_for_class(x509.FreshestCRL).value[0].full_name[0].value  # type: ignore[index]
-    )
+    delta_url = str(x509.load_der_x509_crl(full.crl_der).extensions.get_extension_for_class(x509.FreshestCRL).value[0].full_name[0].value)
     for url, expected in ((cdp_url, full), (delta_url, delta)):
         status, headers, body = _http_get(port, url.split(str(port), 1)[1])
         assert status == 200

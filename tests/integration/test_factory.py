@@ -278,7 +278,7 @@ def test_crl_cache_keeps_the_highest_crl_number(client: CaClient, setup: tuple[C
     root = _root(client)
     _, cert_pem, _ = _provision(client)
     leaf = x509.load_pem_x509_certificate(cert_pem.encode())
-    cdp = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value  # type: ignore[index]
+    cdp = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value
     _status, old_body, _etag = http_fetch(cdp, "")
     env, _ = setup
     env.cli("crl", "publish")  # a newer full CRL, published out of band

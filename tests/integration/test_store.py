@@ -317,10 +317,14 @@ def test_concurrent_revocations_leave_no_gap_for_a_delta(store: SqlStore, store_
             if finished:
                 return
 
+    def revoke_share(i: int) -> None:
+        for c in certs[i::8]:
+            _revoke(replicas[i % 3], c.serial)
+
     reading = threading.Thread(target=reader)
     reading.start()
     try:
-        errors = _run_threads(8, lambda i: [_revoke(replicas[i % 3], c.serial) for c in certs[i::8]])
+        errors = _run_threads(8, revoke_share)
     finally:
         done.set()
         reading.join()

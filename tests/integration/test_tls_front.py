@@ -184,7 +184,7 @@ def _channel(pki: Pki, front: FrontEndServer, client: str | None) -> grpc.Channe
 
 
 def _sign(channel: grpc.Channel, payload: bytes = b"x") -> bytes:
-    result: bytes = channel.unary_unary(SIGN)(payload, timeout=10)
+    result: bytes = channel.unary_unary(SIGN, request_serializer=None, response_deserializer=None)(payload, timeout=10)
     return result
 
 

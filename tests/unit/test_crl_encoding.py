@@ -54,9 +54,7 @@ def _builder_equivalent(
 ) -> x509.CertificateRevocationList:
     scope = crl_der.CrlScope.for_ca(ca, CDP, DELTA)
     builder = (
-        x509.CertificateRevocationListBuilder(
-            revoked_certificates=[_cryptography_entry(*entry) for entry in revoked]  # type: ignore[call-arg]
-        )
+        x509.CertificateRevocationListBuilder(revoked_certificates=[_cryptography_entry(*entry) for entry in revoked])
         .issuer_name(ca.subject)
         .last_update(NOW)
         .next_update(NOW + timedelta(days=7))

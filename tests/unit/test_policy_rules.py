@@ -32,7 +32,7 @@ def parsed(
     for value, critical in extensions or []:
         builder = builder.add_extension(value, critical=critical)
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    der = builder.sign(key, algorithm).public_bytes(serialization.Encoding.DER)  # type: ignore[arg-type]
+    der = builder.sign(key, algorithm).public_bytes(serialization.Encoding.DER)
     return policy.parse_csr(der, 65536)
 
 
