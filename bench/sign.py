@@ -521,6 +521,15 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print(f"served Sign rate over gRPC, durable commits  {served_rsa.rate:8.0f} /s")
         print(f"  served / raw RSA sign                      {served_rsa.rate / raw_rsa:8.2f}      (target >= 0.80)")
         print_latency(served_rsa)
+        rsa_per_call = served_rsa.server_cpu_ms + served_rsa.loader_cpu_ms
+        print(
+            f"CPU per call: daemon workers {served_rsa.server_cpu_ms:.2f} ms (of which one RSA signature {1000 / raw_rsa:.2f} ms), "
+            f"load generator {served_rsa.loader_cpu_ms:.2f} ms"
+        )
+        print(
+            f"bound from CPU alone: {cores} cores / {rsa_per_call:.2f} ms = {cores * 1000 / rsa_per_call:.0f} /s; "
+            f"target 0.8 x raw = {0.8 * raw_rsa:.0f} /s"
+        )
 
 
 if __name__ == "__main__":

@@ -114,6 +114,13 @@ class SqlStore:
         if self.dialect == "sqlite" and database and ":memory:" not in database:
             self._lock_fd = os.open(database + ".writelock", os.O_RDWR | os.O_CREAT, 0o600)
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
+        counted = self._insert(caller_issuance).values(caller=bindparam("caller"), hour=bindparam("hour"), issued=bindparam("issued"))
+        self._count_statement = counted.on_conflict_do_update(
+            index_elements=[caller_issuance.c.caller, caller_issuance.c.hour],
+            set_={"issued": caller_issuance.c.issued + counted.excluded.issued},
+        )
+        # caller -> the hour whose older counts this process last removed (see _count_issued).
+        self._cleaned_hour: dict[str, int] = {}
         # Hash-chain audit events (issue 6); false only for benchmarks (config audit.chain).
         self.audit_chain = True
 
@@ -406,15 +413,16 @@ class SqlStore:
         return counts.get(this, 0) + counts.get(last, 0) * (1.0 - into / 3600.0)
 
     def _count_issued(self, conn: Connection, caller: str, now: datetime, count: int) -> None:
+        """Add count to the caller's current hour; drop its hours older than the previous one, once an hour.
+
+        Runs in every group commit for every caller in it: the upsert is built once
+        (_count_statement), and the clean-up runs once per caller and hour, not per commit.
+        """
         hour = int(now.timestamp() // 3600)
-        statement = self._insert(caller_issuance).values(caller=caller, hour=hour, issued=count)
-        conn.execute(
-            statement.on_conflict_do_update(
-                index_elements=[caller_issuance.c.caller, caller_issuance.c.hour],
-                set_={"issued": caller_issuance.c.issued + statement.excluded.issued},
-            )
-        )
-        conn.execute(delete(caller_issuance).where(caller_issuance.c.caller == caller, caller_issuance.c.hour < hour - 1))
+        conn.execute(self._count_statement, {"caller": caller, "hour": hour, "issued": count})
+        if self._cleaned_hour.get(caller) != hour:
+            conn.execute(delete(caller_issuance).where(caller_issuance.c.caller == caller, caller_issuance.c.hour < hour - 1))
+            self._cleaned_hour[caller] = hour
 
     def _insert_audit(self, conn: Connection, events: Sequence[AuditEvent]) -> None:
         """Append audit events inside the caller's transaction, in order: the only writer of audit_events.
