@@ -200,11 +200,18 @@ def test_programmer_signs_and_denials_are_audited(tls_daemon: TlsDaemon, channel
     issues = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(serial=issued.serial))
     assert [(e.action, e.outcome, e.actor) for e in issues] == [("certificate.issue", "issued", "prog")]
     # One JSON line per request with method, caller, status and latency (written in batches, within 20 ms).
-    time.sleep(0.2)
-    lines = [json.loads(line) for line in tls_daemon.log().splitlines() if line.startswith("{") and '"ca_daemon.rpc"' in line]
-    signs = [line for line in lines if line.get("method", "").endswith("/Sign") and line.get("caller") == "prog" and line["status"] == "OK"]
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in tls_daemon.log().splitlines() if line.startswith("{") and '"ca_daemon.rpc"' in line]
+        signs = [
+            line for line in lines if line.get("method", "").endswith("/Sign") and line.get("caller") == "prog" and line["status"] == "OK"
+        ]
+        denial_lines = [line for line in lines if line.get("caller") == "aud" and line["status"] == "PERMISSION_DENIED"]
+        if (signs and denial_lines) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert signs and isinstance(signs[0]["latency_ms"], float)
-    assert any(line.get("caller") == "aud" and line["status"] == "PERMISSION_DENIED" for line in lines)
+    assert denial_lines
 
 
 def _stream(channel: grpc.Channel, request: ca_pb2.StreamAuditEventsRequest) -> list[ca_pb2.AuditEvent]:
