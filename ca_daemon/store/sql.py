@@ -280,11 +280,6 @@ class SqlStore:
     )
     _PRECHECK_KEY = "SELECT DISTINCT device_id FROM certificates WHERE public_key_sha256 = ? AND device_id <> ? LIMIT 5"
 
-    def precheck(self, request_id: str, device_id: str, public_key_sha256: bytes, now: datetime) -> PrecheckResult:
-        """What Sign needs before it signs: the request_id's earlier answer, else the uniqueness facts."""
-        with self.sign_reads() as reads:
-            return reads.precheck(request_id, device_id, public_key_sha256, now)
-
     @contextlib.contextmanager
     def sign_reads(self) -> Iterator[SignReads]:
         """precheck and the quota count for a batch of requests over one pooled connection.
@@ -399,11 +394,6 @@ class SqlStore:
                 self._count_issued(conn, caller, now, count)
             self._insert_audit(conn, new_events)
         return outcomes
-
-    def caller_issued_last_hour(self, caller: str, now: datetime) -> float:
-        """The caller's certificates in the last 60 minutes, as the quota counts them (see schema.caller_issuance)."""
-        with _driver_errors(), self._connect() as conn:
-            return self._issued_last_hour(conn, caller, now)
 
     @staticmethod
     def _issued_last_hour(conn: Connection, caller: str, now: datetime) -> float:

@@ -363,29 +363,30 @@ def test_a_caller_quota_counts_the_last_hour_and_is_enforced_in_the_commit(store
         event = AuditEvent(time=datetime.now(UTC), actor=caller, action="certificate.issue", outcome="issued", serial=cert.serial)
         return cert, event, False, quota
 
+    def issued_last_hour(caller: str, now: datetime) -> float:
+        with store.sign_reads() as reads:  # what Sign reads for a batch, over one connection
+            return reads.issued_last_hour(caller, now)
+
     now = datetime.now(UTC)
-    assert store.caller_issued_last_hour("line1", now) == 0
+    assert issued_last_hour("line1", now) == 0
     first = [_cert(f"q-{n}") for n in range(4)]
     outcomes = store.record_unique_issuances([item(c, "line1", 3) for c in first])
     assert [type(o).__name__ for o in outcomes] == ["IssuanceOutcome"] * 3 + ["QuotaExceeded"]
     refused = outcomes[3]
     assert isinstance(refused, QuotaExceeded) and refused.rule == "caller-quota" and "quota is 3 per hour" in refused.message
     assert store.get_certificate(first[3].serial) is None  # signed, discarded, never stored
-    assert store.caller_issued_last_hour("line1", datetime.now(UTC)) == 3
-    with store.sign_reads() as reads:  # what Sign reads for a batch, over one connection
-        assert reads.issued_last_hour("line1", datetime.now(UTC)) == 3
+    assert issued_last_hour("line1", datetime.now(UTC)) == 3
+    with store.sign_reads() as reads:
         assert reads.precheck(first[0].request_id, first[0].device_id, first[0].public_key_sha256, datetime.now(UTC))[0] == first[0]
     # Another caller has its own count; a caller without a quota is counted too, so a quota given to it later applies at once.
     other = _cert("q-other")
     assert isinstance(store.record_unique_issuances([item(other, "line2", 3)])[0], IssuanceOutcome)
     unlimited = _cert("q-free")
     assert isinstance(store.record_unique_issuances([item(unlimited, "line3", 0)])[0], IssuanceOutcome)
-    assert store.caller_issued_last_hour("line3", datetime.now(UTC)) == 1
+    assert issued_last_hour("line3", datetime.now(UTC)) == 1
     # The previous hour weighs by how much of it lies within the last 60 minutes.
-    assert store.caller_issued_last_hour("line1", now + timedelta(hours=1)) == pytest.approx(
-        3 * (1 - (now.timestamp() % 3600) / 3600), abs=0.01
-    )
-    assert store.caller_issued_last_hour("line1", now + timedelta(hours=2)) == 0
+    assert issued_last_hour("line1", now + timedelta(hours=1)) == pytest.approx(3 * (1 - (now.timestamp() % 3600) / 3600), abs=0.01)
+    assert issued_last_hour("line1", now + timedelta(hours=2)) == 0
     discarded = [e for e in store.audit_events() if e["outcome"] == "refused" and e["reason"] == "caller-quota"]
     assert [e["serial"] for e in discarded] == [serial_hex(first[3].serial)]
 
