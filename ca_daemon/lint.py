@@ -84,7 +84,8 @@ class Linter:
         if self.mode == "full":
             self._full(certificate)
             return
-        shape = certificate_shape(certificate)
+        fields = _tbs_fields(certificate)
+        shape = certificate_shape(certificate, fields)
         with self._lock:
             known = shape in self._shapes
             if known:
@@ -95,7 +96,7 @@ class Linter:
                 self._shapes[shape] = None
                 while len(self._shapes) > _SHAPE_CACHE_SIZE:
                     self._shapes.popitem(last=False)
-        problems = varying_field_problems(certificate)
+        problems = varying_field_problems(certificate, fields)
         if problems:
             raise LintFailure("pre-issuance lint refused the certificate: " + "; ".join(problems), rule="lint")
 
@@ -157,15 +158,16 @@ def pkilint_findings(der: bytes) -> list[Finding]:
     return findings
 
 
-def certificate_shape(certificate: x509.Certificate) -> Hashable:
+def certificate_shape(certificate: x509.Certificate, fields: list[_Tlv] | None = None) -> Hashable:
     """Everything pkilint judges except the values that vary from one certificate to the next.
 
     Read from the to-be-signed DER: version, signature algorithm and issuer as they are;
     the validity's time encodings; the subject's attribute types and string types, RDN by
     RDN; the key's algorithm and size (and an RSA key's exponent); every extension's OID,
     criticality and value, but for the SAN only its name types and for the SKI only its length.
+    fields: the certificate's _tbs_fields, when the caller has them already.
     """
-    fields = _tbs_fields(certificate)
+    fields = fields or _tbs_fields(certificate)
     version, _serial, signature, issuer, validity, subject, spki = fields[:7]
     extensions: list[tuple[bytes, bytes, Hashable]] = []
     for extension in next((_children(_children(f.content)[0].content) for f in fields[7:] if f.tag == 0xA3), []):
@@ -232,14 +234,14 @@ def _key_shape(spki: _Tlv) -> Hashable:
     return algorithm.der, len(key.content)
 
 
-def _subject_key_sha1(certificate: x509.Certificate) -> bytes:
+def _subject_key_sha1(fields: list[_Tlv]) -> bytes:
     """RFC 5280 method 1: the SHA-1 of the subjectPublicKey BIT STRING's value (without its unused-bits octet)."""
-    _algorithm, key = _children(_tbs_fields(certificate)[6].content)
+    _algorithm, key = _children(fields[6].content)
     return hashlib.sha1(key.content[1:], usedforsecurity=False).digest()
 
 
-def varying_field_problems(certificate: x509.Certificate) -> list[str]:
-    """The checks pkilint makes on the fields that vary per certificate, made directly."""
+def varying_field_problems(certificate: x509.Certificate, fields: list[_Tlv] | None = None) -> list[str]:
+    """The checks pkilint makes on the fields that vary per certificate, made directly (fields: as in certificate_shape)."""
     problems: list[str] = []
     if not 1 <= certificate.serial_number <= _MAX_SERIAL:
         problems.append("serial number out of range (1 to 2^159-1)")
@@ -260,7 +262,7 @@ def varying_field_problems(certificate: x509.Certificate) -> list[str]:
         value = extension.value
         if isinstance(value, x509.SubjectAlternativeName):
             problems.extend(_san_problems(value))
-        elif isinstance(value, x509.SubjectKeyIdentifier) and value.digest != _subject_key_sha1(certificate):
+        elif isinstance(value, x509.SubjectKeyIdentifier) and value.digest != _subject_key_sha1(fields or _tbs_fields(certificate)):
             problems.append("subjectKeyIdentifier is not the SHA-1 of the subject public key (RFC 5280 method 1)")
     return problems
 
