@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from tests.conftest import Daemon, device_csr, make_env
+from tests.conftest import CaEnv, Daemon, device_csr, make_env
 from tests.integration.crl_helpers import stub
 
 pytestmark = pytest.mark.slow
@@ -30,6 +30,16 @@ def _sign(target: str, request_id: str, csr: bytes) -> tuple[grpc.StatusCode, st
         except grpc.RpcError as error:
             return error.code(), "", error.details() or ""
     return grpc.StatusCode.OK, reply.serial, ""
+
+
+def _reload(env: CaEnv, daemon: Daemon) -> None:
+    """`ca-daemon reload`, then wait until both workers put the new configuration in force."""
+    reloads = daemon.log().count("profile(s) in force")
+    env.cli("reload")
+    deadline = time.monotonic() + 15
+    while daemon.log().count("profile(s) in force") < reloads + 2:
+        assert time.monotonic() < deadline, daemon.log()[-2000:]
+        time.sleep(0.1)
 
 
 def test_a_caller_gets_no_more_certificates_per_hour_than_its_quota(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
@@ -64,11 +74,7 @@ def test_a_caller_gets_no_more_certificates_per_hour_than_its_quota(tmp_path_fac
 
         # The quota is reloadable: raised, the caller may go on.
         env.edit_config("max_certificates_per_hour = 3", "max_certificates_per_hour = 5")
-        env.cli("reload")
-        deadline = time.monotonic() + 15
-        while daemon.log().count("profile(s) in force") < 2:  # both workers
-            assert time.monotonic() < deadline, daemon.log()[-2000:]
-            time.sleep(0.1)
+        _reload(env, daemon)
         codes = [_sign(env.target, str(uuid.uuid4()), device_csr())[0] for _ in range(6)]
         assert codes.count(grpc.StatusCode.OK) == 2 and codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED, codes
     finally:
@@ -87,11 +93,7 @@ def test_a_quota_added_by_reload_counts_what_the_caller_was_issued_before(
             '[callers."local-developer"]\nprofiles = ["device"]',
             '[callers."local-developer"]\nprofiles = ["device"]\nmax_certificates_per_hour = 4',
         )
-        env.cli("reload")
-        deadline = time.monotonic() + 15
-        while daemon.log().count("profile(s) in force") < 2:  # both workers
-            assert time.monotonic() < deadline, daemon.log()[-2000:]
-            time.sleep(0.1)
+        _reload(env, daemon)
         codes = [_sign(env.target, str(uuid.uuid4()), device_csr())[0] for _ in range(3)]
         assert codes == [grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.RESOURCE_EXHAUSTED], codes
     finally:
