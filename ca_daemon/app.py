@@ -160,6 +160,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
             # Workers share the public port; behind the TLS front end each has a private port of its own.
             ("grpc.so_reuseport", 0 if front else 1),
             ("grpc.max_receive_message_length", config.server.max_csr_bytes + 64 * 1024),
+            *_connection_age_options(config.server.max_connection_age_seconds),
         ],
     )
     revocations = Revocations(store, lambda: authority.active.key.key_id)
@@ -203,6 +204,22 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         if config.tls.cert_file is not None:
             asyncio.get_running_loop().create_task(_warn_before_server_certificate_expires(config.tls.cert_file), name="server-cert-expiry")
     return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front, authenticator, interceptor.request_log)
+
+
+# Calls in flight on a connection past its age get this long to finish before it closes.
+_CONNECTION_AGE_GRACE_MS = 30_000
+
+
+def _connection_age_options(age_seconds: int) -> list[tuple[str, int]]:
+    """gRPC's connection age: the client is told (GOAWAY) to open a new connection, transparently.
+
+    Connections are spread over the workers (SO_REUSEPORT) and over replicas (a load
+    balancer) only when they are opened; without an age a factory line's long-lived
+    connection stays where it landed, also after a worker restart left the other with them all.
+    """
+    if age_seconds == 0:
+        return []
+    return [("grpc.max_connection_age_ms", age_seconds * 1000), ("grpc.max_connection_age_grace_ms", _CONNECTION_AGE_GRACE_MS)]
 
 
 # How often the primary worker looks at the client CA CRL's nextUpdate (and once at start).

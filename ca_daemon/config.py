@@ -77,6 +77,8 @@ class ServerConfig:
     max_csr_bytes: int = 64 * 1024
     # Open client connections one worker's TLS front end accepts (handshaking ones included).
     max_connections: int = 1024
+    # A client connection is asked to reconnect (HTTP/2 GOAWAY) after this long, 0 for never (see app.start_worker).
+    max_connection_age_seconds: int = 1800
     local_identity: str = "local-developer"
     http_listen: str = ""
 
@@ -316,6 +318,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         cpu_affinity=server_raw.string("cpu_affinity", "auto"),
         max_csr_bytes=server_raw.integer("max_csr_bytes", 64 * 1024, minimum=256, maximum=1024 * 1024),
         max_connections=server_raw.integer("max_connections", 1024, minimum=1, maximum=1_000_000),
+        max_connection_age_seconds=server_raw.integer("max_connection_age_seconds", 1800, minimum=0, maximum=7 * 86400),
         local_identity=server_raw.string("local_identity", "local-developer"),
         http_listen=server_raw.string("http_listen", ""),
     )

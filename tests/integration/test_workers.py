@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -77,5 +79,41 @@ def test_with_a_worker_per_cpu_each_worker_keeps_to_its_own_cpu_unless_turned_of
                 ca_pb2.SignRequest(csr=device_csr(), request_id=f"affinity-{mode}"), timeout=10
             )
         assert issued.serial
+    finally:
+        _stop(process)
+
+
+def _client_ports(server_port: int) -> set[int]:
+    """Local ports of the established connections to server_port (from /proc/net/tcp and tcp6: gRPC uses dual-stack sockets)."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if state == "01" and int(remote.split(":")[1], 16) == server_port:  # 01: ESTABLISHED
+                ports.add(int(local.split(":")[1], 16))
+    return ports
+
+
+def test_a_connection_older_than_its_age_is_replaced_without_failing_a_call(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """`max_connection_age_seconds`: the client is told to reconnect (GOAWAY) and does, so connections spread again."""
+    env = make_env(tmp_path_factory.mktemp("connection-age"), softhsm_conf, workers=2)
+    env.edit_config("workers = 2", "workers = 2\nmax_connection_age_seconds = 1")
+    log_path = env.config_path.parent / "daemon.log"
+    process = _serve_on_two_cpus(env, log_path)
+    try:
+        seen: set[int] = set()
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            deadline = time.monotonic() + 5
+            calls = 0
+            while time.monotonic() < deadline:
+                stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)  # raises on any failure
+                calls += 1
+                seen |= _client_ports(env.port)
+                time.sleep(0.05)
+        assert calls > 20
+        assert len(seen) >= 3, seen  # one channel, several connections one after another
     finally:
         _stop(process)
