@@ -142,7 +142,11 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         store.audit_chain = config.audit.chain
         authority = Authority.load(config, hsm, store)
         checkpointer = Checkpointer(hsm, store, config.audit.key_uri)
-        front = tls_front.TlsFrontEnd(tls.server_context(config), config.server.max_connections) if config.tls.enabled else None
+        front = (
+            tls_front.TlsFrontEnd(tls.server_context(config), config.server.max_connections, config.tls.cert_file)
+            if config.tls.enabled
+            else None
+        )
         authenticator = Authenticator.from_config(config)
     except BaseException:
         hsm.close()
@@ -201,8 +205,8 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         asyncio.get_running_loop().create_task(checkpointer.run(interval), name="audit-checkpoints")
         if config.tls.enabled and config.tls.client_crl_refresh.total_seconds() > 0:
             asyncio.get_running_loop().create_task(_keep_client_crl_fresh(config, hsm, store), name="client-crl-refresh")
-        if config.tls.cert_file is not None:
-            asyncio.get_running_loop().create_task(_warn_before_server_certificate_expires(config.tls.cert_file), name="server-cert-expiry")
+        if front is not None:
+            asyncio.get_running_loop().create_task(_warn_before_server_certificate_expires(front), name="server-cert-expiry")
     return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front, authenticator, interceptor.request_log)
 
 
@@ -248,18 +252,29 @@ _SERVER_CERT_WARNING = timedelta(days=30)
 _SERVER_CERT_CHECK_S = 3600.0
 
 
-async def _warn_before_server_certificate_expires(cert_file: Path) -> None:
-    """Log a warning, hourly, from 30 days before tls.cert expires: after that every client's handshake fails."""
+async def _warn_before_server_certificate_expires(front: tls_front.TlsFrontEnd) -> None:
+    """Log a warning, hourly, from 30 days before tls.cert expires: after that every client's handshake fails.
+
+    The file is the one the front end serves now, so after a reload that names another
+    tls.cert the warnings are about the new certificate.
+    """
     while True:
-        not_after = await asyncio.to_thread(tls.server_certificate_expiry, cert_file)
-        if not_after is not None and not_after - datetime.now(UTC) < _SERVER_CERT_WARNING:
-            log.warning(
-                "the TLS server certificate %s expires at %s; renew it with `ca-daemon mtls renew-server --reload` "
-                "(or with the PKI that issued it, then `ca-daemon reload`)",
-                cert_file,
-                not_after.isoformat(),
-            )
+        if front.cert_file is not None:
+            await asyncio.to_thread(_warn_if_server_certificate_expires_soon, front.cert_file)
         await asyncio.sleep(_SERVER_CERT_CHECK_S)
+
+
+def _warn_if_server_certificate_expires_soon(cert_file: Path) -> datetime | None:
+    """The certificate's expiry, after a warning if that is less than 30 days away."""
+    not_after = tls.server_certificate_expiry(cert_file)
+    if not_after is not None and not_after - datetime.now(UTC) < _SERVER_CERT_WARNING:
+        log.warning(
+            "the TLS server certificate %s expires at %s; renew it with `ca-daemon mtls renew-server --reload` "
+            "(or with the PKI that issued it, then `ca-daemon reload`)",
+            cert_file,
+            not_after.isoformat(),
+        )
+    return not_after
 
 
 async def _follow_active_key(authority: Authority, interval: float) -> None:
@@ -346,8 +361,8 @@ def reload_worker(
     if authenticator is not None and access is not None:
         authenticator.adopt(access)
     if front is not None and context is not None:
-        front.replace_context(context)
-        expiry = tls.server_certificate_expiry(new_config.tls.cert_file) if new_config.tls.cert_file else None
+        front.replace_context(context, new_config.tls.cert_file)
+        expiry = _warn_if_server_certificate_expires_soon(new_config.tls.cert_file) if new_config.tls.cert_file else None
         log.info("reload: TLS server certificate %s in force (expires %s)", new_config.tls.cert_file, expiry)
     _audit_reload(store, config_path, "applied", "")
     return True

@@ -64,8 +64,10 @@ def server_context(cert_file: Path, key_file: Path, client_ca_file: Path) -> ssl
 class TlsFrontEnd:
     """Accepts TLS on the public address and relays each connection to the gRPC backend."""
 
-    def __init__(self, context: ssl.SSLContext, max_connections: int) -> None:
+    def __init__(self, context: ssl.SSLContext, max_connections: int, cert_file: Path | None = None) -> None:
         self._context = context
+        # The server certificate file that context was made from (the expiry warning reads it).
+        self.cert_file = cert_file
         self._max_connections = max_connections
         self._refused_since_log = 0
         self._last_refusal_log = -_REFUSAL_LOG_INTERVAL_S
@@ -80,12 +82,13 @@ class TlsFrontEnd:
         self._server = await asyncio.start_server(self._accept, host, port, reuse_port=True, backlog=1024)
         return int(self._server.sockets[0].getsockname()[1])
 
-    def replace_context(self, context: ssl.SSLContext) -> None:
+    def replace_context(self, context: ssl.SSLContext, cert_file: Path | None = None) -> None:
         """Handshake new connections with context (a reloaded certificate, key or client CA bundle).
 
         Connections already open keep the session they negotiated.
         """
         self._context = context
+        self.cert_file = cert_file
 
     def stop_accepting(self) -> None:
         if self._server is not None:

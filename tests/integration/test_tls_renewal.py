@@ -187,6 +187,32 @@ def test_a_client_ca_added_to_the_bundle_is_trusted_after_reload(tls_daemon: Tls
         sign_over(channel)  # the internal CA's clients are still in
 
 
+def test_after_a_reload_to_another_server_certificate_file_the_expiry_warning_is_about_that_file(
+    tls_daemon: TlsDaemon, tmp_path: Path
+) -> None:
+    """A reload that names another tls.cert moves the expiry warning to it (it used to keep watching the first file)."""
+    env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
+    original = (tls_dir / "server.pem").read_bytes(), (tls_dir / "server.key").read_bytes()
+    env.cli("mtls", "renew-server", "--days", "20")  # writes server.pem/.key in place; moved aside below
+    new_cert, new_key = tmp_path / "server-2.pem", tmp_path / "server-2.key"
+    new_cert.write_bytes((tls_dir / "server.pem").read_bytes())
+    new_key.write_bytes((tls_dir / "server.key").read_bytes())
+    new_key.chmod(0o600)
+    (tls_dir / "server.pem").write_bytes(original[0])
+    (tls_dir / "server.key").write_bytes(original[1])
+    assert "expires at" not in tls_daemon.log()  # the first certificate has a year to go
+    env.edit_config(f'cert = "{tls_dir / "server.pem"}"', f'cert = "{new_cert}"')
+    env.edit_config(f'key = "{tls_dir / "server.key"}"', f'key = "{new_key}"')
+    env.cli("reload")
+    wait_served(tls_daemon, {x509.load_pem_x509_certificate(new_cert.read_bytes()).serial_number})
+    warning = f"the TLS server certificate {new_cert} expires at"
+    deadline = time.monotonic() + 15
+    while tls_daemon.log().count(warning) < 2:  # each worker, at its reload
+        assert time.monotonic() < deadline, tls_daemon.log()[-2000:]
+        time.sleep(0.2)
+    assert f"the TLS server certificate {tls_dir / 'server.pem'} expires at" not in tls_daemon.log()
+
+
 def test_renew_server_refuses_a_certificate_from_another_pki(tls_daemon: TlsDaemon) -> None:
     env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
     foreign = ForeignCa.create("ca.factory.example").certificate
