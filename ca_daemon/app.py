@@ -402,6 +402,21 @@ def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reaso
         log.error("could not record the configuration reload in the audit log: %s", exc.message)
 
 
+def _schedule_as_batch() -> None:
+    """Run this worker, and every thread it starts after this, under SCHED_BATCH: a thread woken up does not pre-empt the running one.
+
+    A worker's event loop, token thread and commit thread wake each other many times a
+    call; under the default policy each wake-up pre-empted the running thread at once
+    (with a worker on one CPU, 13,500 pre-emptions of the event loop in 8 s under load,
+    2,700 under SCHED_BATCH), and each switch cost cache refills. Measured here in 15
+    alternating pairs of runs: 11 faster, Sign rate +7 % on average (see README).
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (OSError, AttributeError) as exc:  # not Linux, or refused by a seccomp profile
+        log.warning("cannot run the worker under SCHED_BATCH (%s); it runs under the default policy", exc)
+
+
 def worker_cpus(mode: str, workers: int, allowed: set[int]) -> list[int | None]:
     """The CPU each worker keeps to (None: wherever the kernel places it).
 
@@ -429,6 +444,8 @@ def worker_main(config_path: str, primary: bool = False, cpu: int | None = None)
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     configure_logging()
     config = config_module.load(config_path)
+    if config.server.cpu_scheduling == "batch":
+        _schedule_as_batch()
     try:
         asyncio.run(_serve_forever(config, primary))
     except CaError as exc:

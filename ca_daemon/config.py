@@ -65,6 +65,7 @@ class SecretSource:
 
 
 CPU_AFFINITY_MODES = ("auto", "off")
+CPU_SCHEDULING_MODES = ("batch", "normal")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class ServerConfig:
     workers: int = 2
     # "auto": with at least as many workers as CPUs, worker i keeps to CPU i (see app.worker_cpus); "off": the kernel places them.
     cpu_affinity: str = "auto"
+    # "batch": the workers' threads run under Linux SCHED_BATCH (see app.worker_main); "normal": SCHED_OTHER.
+    cpu_scheduling: str = "batch"
     max_csr_bytes: int = 64 * 1024
     # Open client connections one worker's TLS front end accepts (handshaking ones included).
     max_connections: int = 1024
@@ -316,6 +319,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         dev_mode=server_raw.boolean("dev_mode", False),
         workers=server_raw.integer("workers", 2, minimum=1, maximum=64),
         cpu_affinity=server_raw.string("cpu_affinity", "auto"),
+        cpu_scheduling=server_raw.string("cpu_scheduling", "batch"),
         max_csr_bytes=server_raw.integer("max_csr_bytes", 64 * 1024, minimum=256, maximum=1024 * 1024),
         max_connections=server_raw.integer("max_connections", 1024, minimum=1, maximum=1_000_000),
         max_connection_age_seconds=server_raw.integer("max_connection_age_seconds", 1800, minimum=0, maximum=7 * 86400),
@@ -324,6 +328,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     )
     if server.cpu_affinity not in CPU_AFFINITY_MODES:
         raise ConfigError(f"server.cpu_affinity = {server.cpu_affinity!r}: use one of {', '.join(CPU_AFFINITY_MODES)}")
+    if server.cpu_scheduling not in CPU_SCHEDULING_MODES:
+        raise ConfigError(f"server.cpu_scheduling = {server.cpu_scheduling!r}: use one of {', '.join(CPU_SCHEDULING_MODES)}")
     host = _host_of(server.listen, "server.listen")
     if server.http_listen:
         _host_of(server.http_listen, "server.http_listen")  # CRLs are public: any address may serve them

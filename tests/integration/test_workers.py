@@ -1,4 +1,4 @@
-"""Worker processes and the CPUs they run on (`[server] cpu_affinity`)."""
+"""Worker processes, the CPUs they run on and how they are scheduled (`[server] cpu_affinity`, `cpu_scheduling`)."""
 
 from __future__ import annotations
 
@@ -53,12 +53,13 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=20)
 
 
-@pytest.mark.parametrize("mode", ["auto", "off"])
+@pytest.mark.parametrize(("mode", "scheduling"), [("auto", None), ("off", "normal")])
 def test_with_a_worker_per_cpu_each_worker_keeps_to_its_own_cpu_unless_turned_off(
-    mode: str, tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+    mode: str, scheduling: str | None, tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 ) -> None:
+    """Each mode with a scheduling policy: the defaults (auto, SCHED_BATCH), and both turned off."""
     env = make_env(tmp_path_factory.mktemp(f"affinity-{mode}"), softhsm_conf, workers=2)
-    env.edit_config("workers = 2", f'workers = 2\ncpu_affinity = "{mode}"')
+    env.edit_config("workers = 2", f'workers = 2\ncpu_affinity = "{mode}"' + (f'\ncpu_scheduling = "{scheduling}"' if scheduling else ""))
     log_path = env.config_path.parent / "daemon.log"
     process = _serve_on_two_cpus(env, log_path)
     try:
@@ -67,6 +68,9 @@ def test_with_a_worker_per_cpu_each_worker_keeps_to_its_own_cpu_unless_turned_of
         cpus = [os.sched_getaffinity(pid) for pid in workers]
         # Every thread of a worker (event loop, token, commit, gRPC's) inherits the worker's CPU.
         threads = {frozenset(os.sched_getaffinity(int(t))) for pid in workers for t in os.listdir(f"/proc/{pid}/task")}
+        # And every thread (gRPC's included) runs under the worker's scheduling policy.
+        policies = {os.sched_getscheduler(int(t)) for pid in workers for t in os.listdir(f"/proc/{pid}/task")}
+        assert policies == {os.SCHED_OTHER if scheduling == "normal" else os.SCHED_BATCH}, policies
         if mode == "auto":
             assert sorted(next(iter(c)) for c in cpus) == ALLOWED[:2] and all(len(c) == 1 for c in cpus)
             assert threads == {frozenset({ALLOWED[0]}), frozenset({ALLOWED[1]})}

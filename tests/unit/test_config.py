@@ -46,6 +46,7 @@ def test_the_development_configuration_loads(tmp_path: Path) -> None:
         ("workers = 2", "workers = 0", "server.workers = 0 is out of range"),
         ("workers = 2", 'workers = "two"', "server.workers must be an integer"),
         ("workers = 2", 'workers = 2\ncpu_affinity = "always"', "server.cpu_affinity = 'always': use one of auto, off"),
+        ("workers = 2", 'workers = 2\ncpu_scheduling = "fifo"', "server.cpu_scheduling = 'fifo': use one of batch, normal"),
         ('url = "sqlite:///ca.db"', 'url = "mysql://x"', "use sqlite:///PATH or postgresql://"),
         ("validity_days = 365", "validity_days = 365\nmax_validity_days = 30", "exceeds max_validity_days"),
         ('default_profile = "device"', 'default_profile = "nope"', "is not one of the profiles"),
