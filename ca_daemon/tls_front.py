@@ -82,8 +82,8 @@ class TlsFrontEnd:
         self._server = await asyncio.start_server(self._accept, host, port, reuse_port=True, backlog=1024)
         return int(self._server.sockets[0].getsockname()[1])
 
-    def replace_context(self, context: ssl.SSLContext, cert_file: Path | None = None) -> None:
-        """Handshake new connections with context (a reloaded certificate, key or client CA bundle).
+    def replace_context(self, context: ssl.SSLContext, cert_file: Path | None) -> None:
+        """Handshake new connections with context (a reloaded certificate, key or client CA bundle) made from cert_file.
 
         Connections already open keep the session they negotiated.
         """
