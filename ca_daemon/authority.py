@@ -410,7 +410,7 @@ class Authority:
                 issued = reads.issued_last_hour(request.caller, datetime.now(UTC))
                 if issued + 1 > quota:
                     raise QuotaExceeded.for_caller(request.caller, quota, issued)
-            return parsed, policy.decide(parsed.csr, parsed.profile, facts), quota
+            return parsed, policy.settle(parsed.csr, parsed.profile, parsed.device_id, facts), quota
         except (PolicyViolation, AlreadyExists, QuotaExceeded) as refusal:
             raise parsed.refusal(refusal) from None
 

@@ -798,7 +798,21 @@ def decide(
     request: ParsedRequest, profile: Profile, facts: IssuanceFacts = NO_FACTS, requested_validity: timedelta | None = None
 ) -> Decision:
     """Apply every rule of the profile, then settle what the certificate will hold."""
-    device_id = check_rules(request, profile)
+    return settle(request, profile, check_rules(request, profile), facts, requested_validity)
+
+
+def settle(
+    request: ParsedRequest,
+    profile: Profile,
+    device_id: str,
+    facts: IssuanceFacts = NO_FACTS,
+    requested_validity: timedelta | None = None,
+) -> Decision:
+    """decide() for a request whose request rules already passed (check_rules gave device_id): the fact rules, then the content.
+
+    The Sign path checks the request rules before its store read, to refuse early without
+    one, and decides after it: the rules need not run twice (about 10 us of a request's 1 ms).
+    """
     for fact_rule in profile.fact_rules:
         fact_rule.check_facts(device_id, facts)
     validity = profile.validity

@@ -140,6 +140,18 @@ def test_decision_carries_template_sans_and_profile_usages() -> None:
     assert excinfo.value.rule == "validity"
 
 
+def test_settle_after_check_rules_is_decide_and_still_applies_the_fact_rules() -> None:
+    """The Sign path: check_rules before the store read, settle (no second run of the request rules) after it."""
+    profile = policy.build_profile(ProfileConfig(name="p", san_templates=("urn:dev:ops:{device_id}",)))
+    request = cn()
+    settled = policy.settle(request, profile, policy.check_rules(request, profile))
+    decided = policy.decide(request, profile)
+    assert settled == decided and settled.device_id == "dev-1"
+    with pytest.raises(AlreadyExists) as excinfo:
+        policy.settle(request, profile, "dev-1", policy.IssuanceFacts(active_serials_for_device=(0x1234,)))
+    assert excinfo.value.rule == "device-unique"
+
+
 def test_callers_may_use_only_their_profiles() -> None:
     policy.authorize("a", "device", {"a": ("device",)})
     with pytest.raises(PermissionDenied) as excinfo:
