@@ -477,6 +477,11 @@ class Round:
         return self.served.rate / (self.bare or self.plaintext or self.raw)
 
 
+def median(rounds: list[Round]) -> Round:
+    """The round with the median ratio (the upper one of an even count)."""
+    return sorted(rounds, key=lambda r: r.ratio)[len(rounds) // 2]
+
+
 def median_round(rounds: list[Round], ratio_name: str) -> Round:
     """Print every round, return the one with the median ratio (all its numbers are then from one round)."""
     for number, r in enumerate(rounds, 1):
@@ -485,7 +490,7 @@ def median_round(rounds: list[Round], ratio_name: str) -> Round:
             f"  round {number}: raw {r.raw:6.0f} /s  {ceiling}served {r.served.rate:6.0f} /s  "
             f"{ratio_name} {r.ratio:5.2f}  p99 {r.served.p99_ms:6.1f} ms"
         )
-    return sorted(rounds, key=lambda r: r.ratio)[len(rounds) // 2]
+    return median(rounds)
 
 
 def main(seconds: float = 8.0, concurrency: int = 32) -> None:
@@ -549,7 +554,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         print("\n## EC P-256 CA over mTLS (TLS 1.3 front end in each worker), each round right after the plaintext one")
         for number, r in enumerate(mtls_rounds, 1):
             print(f"  round {number}: plaintext {r.plaintext:6.0f} /s  mTLS {r.served.rate:6.0f} /s  mTLS / plaintext {r.ratio:5.2f}")
-        mtls_median = sorted(mtls_rounds, key=lambda r: r.ratio)[len(mtls_rounds) // 2]
+        mtls_median = median(mtls_rounds)
         served_mtls = mtls_median.served
         print("the median round:")
         print(f"served Sign rate over mTLS, durable commits  {served_mtls.rate:8.0f} /s")
