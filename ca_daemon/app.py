@@ -142,8 +142,14 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         store.audit_chain = config.audit.chain
         authority = Authority.load(config, hsm, store)
         checkpointer = Checkpointer(hsm, store, config.audit.key_uri)
+        request_metrics = metrics.RequestMetrics()
         front = (
-            tls_front.TlsFrontEnd(tls.server_context(config), config.server.max_connections, config.tls.cert_file)
+            tls_front.TlsFrontEnd(
+                tls.server_context(config),
+                config.server.max_connections,
+                config.tls.cert_file,
+                count_refused_handshake=request_metrics.tls_handshake_refused,
+            )
             if config.tls.enabled
             else None
         )
@@ -151,7 +157,6 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     except BaseException:
         hsm.close()
         raise
-    request_metrics = metrics.RequestMetrics()
     if request_metrics.enabled:
         hsm.sign_observer = request_metrics.hsm_sign
     audit_log = AuditLog(store, config.store.commit_batch_max)

@@ -58,6 +58,7 @@ class RequestMetrics:
             "ca_daemon_request_duration_seconds", "gRPC request latency by method and status code", ["method", "code"], buckets=_BUCKETS
         )
         self._hsm_sign = Histogram("ca_daemon_hsm_sign_duration_seconds", "Latency of one signature in the HSM", buckets=_BUCKETS)
+        self._tls_refused = Counter("ca_daemon_tls_handshakes_refused", "TLS handshakes the mTLS front end refused, by reason", ["reason"])
 
     def request(self, method: str, code: str, seconds: float) -> None:
         if self.enabled:
@@ -67,6 +68,10 @@ class RequestMetrics:
     def hsm_sign(self, seconds: float) -> None:
         if self.enabled:
             self._hsm_sign.observe(seconds)
+
+    def tls_handshake_refused(self, reason: str) -> None:
+        if self.enabled:
+            self._tls_refused.labels(reason).inc()
 
 
 class StoreCollector:

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,44 @@ log = logging.getLogger(__name__)
 _NO_CHECK_TIME = 0x200000
 _HANDSHAKE_TIMEOUT_S = 10.0
 _CHUNK = 256 * 1024
-# Connections refused for the limit are logged at most this often, with how many there were.
+# Connections refused for the limit are logged at most this often, with how many there were;
+# so are refused handshakes, per reason (see handshake_refusal_reason).
 _REFUSAL_LOG_INTERVAL_S = 10.0
+# OpenSSL X509_V_ERR_* codes meaning "the chain does not lead to a client CA we trust": unable to
+# get the issuer (2, 20), self-signed leaf (18), self-signed certificate in chain (19), and unable
+# to verify the leaf's signature (21, a lone certificate whose issuer is unknown).
+_UNKNOWN_ISSUER_CODES = frozenset({2, 18, 19, 20, 21})
+# OpenSSL reason names of a TLS version or protocol we do not speak (TLS 1.2 and older, plaintext
+# HTTP or gRPC to the TLS port, no common ALPN protocol or cipher).
+_PROTOCOL_REASONS = frozenset(
+    {
+        "UNSUPPORTED_PROTOCOL",
+        "WRONG_VERSION_NUMBER",
+        "VERSION_TOO_LOW",
+        "HTTP_REQUEST",
+        "HTTPS_PROXY_REQUEST",
+        "NO_SHARED_CIPHER",
+        "NO_APPLICATION_PROTOCOL",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "TLSV1_ALERT_NO_APPLICATION_PROTOCOL",
+        "PACKET_LENGTH_TOO_LONG",
+        "RECORD_LENGTH_MISMATCH",
+    }
+)
+# The alerts a client sends when it does not accept the server's certificate.
+_SERVER_CERTIFICATE_ALERTS = frozenset(
+    {
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+    }
+)
+# Refusals that say nothing about a client's credentials or software (a port probe, a client
+# that gave up): logged at INFO; every other reason is a misconfigured client or server, WARNING.
+_QUIET_REASONS = frozenset({"closed", "timeout"})
 
 AuthContext = Mapping[str, Iterable[bytes]]
 _NO_CONTEXT: AuthContext = {}
@@ -64,13 +100,25 @@ def server_context(cert_file: Path, key_file: Path, client_ca_file: Path) -> ssl
 class TlsFrontEnd:
     """Accepts TLS on the public address and relays each connection to the gRPC backend."""
 
-    def __init__(self, context: ssl.SSLContext, max_connections: int, cert_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        max_connections: int,
+        cert_file: Path | None = None,
+        *,
+        count_refused_handshake: Callable[[str], None] = lambda reason: None,
+        log_interval: float = _REFUSAL_LOG_INTERVAL_S,
+    ) -> None:
         self._context = context
         # The server certificate file that context was made from (the expiry warning reads it).
         self.cert_file = cert_file
         self._max_connections = max_connections
+        self._count_refused_handshake = count_refused_handshake
+        self._log_interval = log_interval
         self._refused_since_log = 0
-        self._last_refusal_log = -_REFUSAL_LOG_INTERVAL_S
+        self._last_refusal_log = -log_interval
+        # reason -> (handshakes refused for it since its last log line, when that line was written)
+        self._handshake_refusals: dict[str, tuple[int, float]] = {}
         self._backend_port = 0
         self._peers: dict[int, AuthContext] = {}
         self._server: asyncio.Server | None = None
@@ -130,7 +178,7 @@ class TlsFrontEnd:
         writer.close()
         self._refused_since_log += 1
         now = time.monotonic()
-        if now - self._last_refusal_log >= _REFUSAL_LOG_INTERVAL_S:
+        if now - self._last_refusal_log >= self._log_interval:
             log.warning(
                 "connection limit reached (server.max_connections = %d open connections in this worker): "
                 "closed %d new connection(s), the last from %s",
@@ -146,7 +194,7 @@ class TlsFrontEnd:
         try:
             await writer.start_tls(self._context, ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            log.info("TLS handshake with %s refused: %s", _address(client), _reason(exc))
+            self._handshake_refused(client, exc)
             return
         auth = _auth_context(writer.get_extra_info("ssl_object"))
         try:
@@ -169,6 +217,58 @@ class TlsFrontEnd:
             if self._peers.get(local_port) is auth:
                 del self._peers[local_port]
             backend_writer.close()
+
+    def _handshake_refused(self, client: object, exc: BaseException) -> None:
+        """Count a refused handshake by reason (a metric to alert on); log it, at most one line per reason per interval.
+
+        Not an audit event: the caller is not authenticated yet, and anyone who can reach the
+        port could otherwise grow the tamper-evident log at will. The first refusal for a
+        reason is logged at once, later ones with the number left out since its last line.
+        """
+        reason = handshake_refusal_reason(exc)
+        self._count_refused_handshake(reason)
+        unlogged, last = self._handshake_refusals.get(reason, (0, -self._log_interval))
+        now = time.monotonic()
+        if now - last < self._log_interval:
+            self._handshake_refusals[reason] = (unlogged + 1, last)
+            return
+        self._handshake_refusals[reason] = (0, now)
+        log.log(
+            logging.INFO if reason in _QUIET_REASONS else logging.WARNING,
+            "TLS handshake with %s refused (%s): %s%s",
+            _address(client),
+            reason,
+            _reason(exc),
+            f" ({unlogged} more refused for this reason since the last such line)" if unlogged else "",
+        )
+
+
+def handshake_refusal_reason(exc: BaseException) -> str:
+    """Why a server-side TLS handshake failed, as one of a few stable names (the metric's label).
+
+    unknown-ca: the client's certificate does not chain to `tls.client_ca`;
+    bad-client-certificate: it chains, but fails another check (signature, purpose, ...);
+    server-certificate-rejected: the client refused *our* certificate (expired, or not signed by
+    the CA the client trusts): every client of that kind is locked out until tls.cert is fixed;
+    protocol: not TLS 1.3 with HTTP/2 (an old TLS version, plaintext, no common protocol);
+    timeout: no handshake within 10 s; closed: the client went away mid-handshake; other.
+    """
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "unknown-ca" if exc.verify_code in _UNKNOWN_ISSUER_CODES else "bad-client-certificate"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        if reason in _PROTOCOL_REASONS:
+            return "protocol"
+        if reason in _SERVER_CERTIFICATE_ALERTS:
+            return "server-certificate-rejected"
+        if reason == "UNEXPECTED_EOF_WHILE_READING" or isinstance(exc, ssl.SSLEOFError):
+            return "closed"
+        return "other"
+    if isinstance(exc, ConnectionError | EOFError):
+        return "closed"
+    return "other"
 
 
 async def _relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -197,9 +297,11 @@ def _address(peer: object) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason}: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason)
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["AuthContext", "TlsFrontEnd", "server_context", "tls13_server_context"]
+__all__ = ["AuthContext", "TlsFrontEnd", "handshake_refusal_reason", "server_context", "tls13_server_context"]

@@ -379,10 +379,11 @@ def test_metrics_are_served_over_mtls_only(tls_daemon: TlsDaemon, channels: dict
     ca_pb2_grpc.CertificateAuthorityStub(channels["aud"]).GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=10)
     url = f"https://localhost:{tls_daemon.metrics_port}/metrics"
     clients = tls_daemon.tls_dir / "clients"
-    scraper = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
-    scraper.load_cert_chain(clients / "aud.pem", clients / "aud.key")
-    body = urllib.request.urlopen(url, context=scraper, timeout=10).read().decode()
-    assert "ca_daemon_requests_total" in body and "GetCACertificates" in body
+    deadline = time.monotonic() + 5
+    while "GetCACertificates" not in (body := _scrape(tls_daemon)):  # request metrics are written up to 20 ms after the call
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    assert "ca_daemon_requests_total" in body
     # When the certificates run out, for alerts: the TLS server certificate (365 days) and the CA's.
     tls_left = _gauge(body, "ca_daemon_tls_certificate_expiry_seconds")
     assert 364 * 86400 < tls_left <= 365 * 86400
@@ -400,6 +401,17 @@ def test_metrics_are_served_over_mtls_only(tls_daemon: TlsDaemon, channels: dict
         urllib.request.urlopen(f"http://127.0.0.1:{tls_daemon.metrics_port}/metrics", timeout=10).read()
 
 
+def _scrape(tls_daemon: TlsDaemon) -> str:
+    """The metrics page, fetched over mTLS as the auditor."""
+    import ssl
+    import urllib.request
+
+    clients = tls_daemon.tls_dir / "clients"
+    scraper = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
+    scraper.load_cert_chain(clients / "aud.pem", clients / "aud.key")
+    return str(urllib.request.urlopen(f"https://localhost:{tls_daemon.metrics_port}/metrics", context=scraper, timeout=10).read().decode())
+
+
 def _gauge(body: str, sample: str) -> float:
     """The value of one sample (name with its labels, as exposed) in a Prometheus text exposition."""
     values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.rsplit(" ", 1)[0] == sample]
@@ -408,9 +420,16 @@ def _gauge(body: str, sample: str) -> float:
 
 
 def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> None:
+    """Refused in the handshake, logged, and counted in ca_daemon_tls_handshakes_refused_total (to alert on)."""
     import socket
     import ssl
 
+    def refused_for_protocol() -> float:
+        body = _scrape(tls_daemon)
+        sample = 'ca_daemon_tls_handshakes_refused_total{reason="protocol"}'
+        return _gauge(body, sample) if sample in body else 0.0
+
+    before = refused_for_protocol()
     client = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
     client.maximum_version = ssl.TLSVersion.TLSv1_2
     with socket.create_connection(("127.0.0.1", tls_daemon.env.port), timeout=10) as raw, pytest.raises(ssl.SSLError):
@@ -426,6 +445,8 @@ def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> Non
     while "TLS handshake with 127.0.0.1:" not in tls_daemon.log() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "TLS handshake with 127.0.0.1:" in tls_daemon.log()
+    assert "refused (protocol): UNSUPPORTED_PROTOCOL" in tls_daemon.log()
+    assert refused_for_protocol() == before + 1  # the good TLS 1.3 connection is not counted
 
 
 def test_tls13_only_and_no_certificate_rules() -> None:

@@ -7,6 +7,7 @@ client CA, unknown CA) is one line; the daemon-level matrix is in test_access_au
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -120,13 +121,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 class FrontEndServer:
     """A grpc.aio server with our interceptor and health, behind a TlsFrontEnd, on its own loop thread."""
 
-    def __init__(self, pki: Pki, max_connections: int = 64) -> None:
+    def __init__(self, pki: Pki, max_connections: int = 64, **front_options: Any) -> None:
         directory = pki.directory
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         context = tls_front.server_context(directory / "server.pem", directory / "server.key", pki.client_ca_file)
-        self.front = tls_front.TlsFrontEnd(context, max_connections)
+        self.front = tls_front.TlsFrontEnd(context, max_connections, **front_options)
         authenticator = access.Authenticator(
             access.RoleMap([RoleGrant("programmer", "identity", "alice")]), None, client_cas=[pki.ca.certificate, pki.old_ca.certificate]
         )
@@ -267,6 +268,66 @@ def test_an_unknown_ca_and_tls12_are_refused_in_the_handshake(
         assert (s.version(), s.selected_alpn_protocol()) == ("TLSv1.3", "h2")
     refused = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
     assert sum("TLS handshake with 127.0.0.1:" in m and "refused" in m for m in refused) >= 2, refused
+
+
+def _handshake(pki: Pki, port: int, *, client: str | None = None, trust: Issued | None = None, tls12: bool = False) -> None:
+    """One raw TLS connection that the front end refuses: the client side's error is expected and ignored."""
+    context = ssl.create_default_context(cadata=(trust or pki.ca).pem().decode())
+    context.set_alpn_protocols(["h2"])
+    if client is not None:
+        context.load_cert_chain(pki.directory / f"{client}.pem", pki.directory / f"{client}.key")
+    if tls12:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        contextlib.suppress(ssl.SSLError, ConnectionError),
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.recv(1) == b""  # TLS 1.3: the server judges the client certificate after the client's Finished
+
+
+def test_refused_handshakes_are_counted_by_reason_and_logged_once_per_reason_per_interval(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each kind of handshake failure has its own reason (the metric's label); the log has one line per reason per interval."""
+    caplog.set_level(logging.INFO, logger="ca_daemon.tls_front")
+    refusals: list[str] = []
+    server = FrontEndServer(pki, count_refused_handshake=refusals.append, log_interval=3.0)
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(refusals) < count:
+            assert time.monotonic() < deadline, refusals
+            time.sleep(0.02)
+
+    try:
+        _handshake(pki, server.port, client="stranger")  # a certificate from a CA we do not trust
+        _handshake(pki, server.port, client="stranger")
+        wait_for(2)
+        first_two_at = time.monotonic()
+        _handshake(pki, server.port, client="alice", tls12=True)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:  # plaintext HTTP to the TLS port
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            raw.recv(100)
+        _handshake(pki, server.port, client="alice", trust=pki.old_ca)  # the client does not trust our server certificate
+        socket.create_connection(("127.0.0.1", server.port), timeout=10).close()  # a port probe
+        with _channel(pki, server, "alice") as channel:
+            assert _sign(channel) == b"signed:x"  # a good client is not counted
+        wait_for(6)
+        time.sleep(max(0.0, first_two_at + 3.2 - time.monotonic()))
+        _handshake(pki, server.port, client="stranger")
+        wait_for(7)
+    finally:
+        server.close()
+    assert sorted(refusals) == sorted(["unknown-ca"] * 3 + ["protocol"] * 2 + ["server-certificate-rejected", "closed"])
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "ca_daemon.tls_front"]
+    unknown = [message for level, message in lines if "(unknown-ca)" in message]
+    assert len(unknown) == 2, lines  # the second stranger within the interval was counted, not logged
+    assert "more refused" not in unknown[0] and unknown[1].endswith("(1 more refused for this reason since the last such line)")
+    assert all(message.startswith("TLS handshake with 127.0.0.1:") for _, message in lines), lines
+    assert [level for level, message in lines if "(protocol)" in message] == [logging.WARNING], lines
+    assert [level for level, message in lines if "(server-certificate-rejected)" in message] == [logging.WARNING], lines
+    assert [level for level, message in lines if "(closed)" in message] == [logging.INFO], lines
 
 
 def test_the_plaintext_backend_serves_nobody_directly(front: FrontEndServer) -> None:
