@@ -319,7 +319,7 @@ async def _serve_forever(config: Config, primary: bool = False, after_reload: Ca
         loop.add_signal_handler(sig, stop.set)
 
     def reload() -> None:
-        if reload_worker(worker.authority, config.path, worker.store, worker.authenticator, worker.front):
+        if reload_worker(worker.authority, config.path, worker.store, worker.authenticator, worker.front, primary=primary):
             after_reload()
 
     loop.add_signal_handler(signal.SIGHUP, reload)
@@ -348,12 +348,16 @@ def reload_worker(
     store: SqlStore | None = None,
     authenticator: Authenticator | None = None,
     front: tls_front.TlsFrontEnd | None = None,
+    *,
+    primary: bool = True,
 ) -> bool:
     """Re-read the configuration and put it in force; on any error keep all of the old one. Audited.
 
     In force at once: the policy, [roles], and with mTLS the server certificate and key,
     the client CA bundle and the client CRL file (renewed credentials need no restart).
-    Everything new is built and checked before anything is replaced.
+    Everything new is built and checked before anything is replaced. Each worker reloads
+    and audits for itself; only the primary warns of a server certificate about to expire,
+    as its hourly check does, so the warning appears once, not once per worker.
     """
     try:
         new_config = config_module.load(config_path)
@@ -367,8 +371,14 @@ def reload_worker(
         authenticator.adopt(access)
     if front is not None and context is not None:
         front.replace_context(context, new_config.tls.cert_file)
-        expiry = _warn_if_server_certificate_expires_soon(new_config.tls.cert_file) if new_config.tls.cert_file else None
-        log.info("reload: TLS server certificate %s in force (expires %s)", new_config.tls.cert_file, expiry)
+        cert_file = new_config.tls.cert_file
+        if cert_file is None:
+            expiry = None
+        elif primary:
+            expiry = _warn_if_server_certificate_expires_soon(cert_file)
+        else:
+            expiry = tls.server_certificate_expiry(cert_file)
+        log.info("reload: TLS server certificate %s in force (expires %s)", cert_file, expiry)
     _audit_reload(store, config_path, "applied", "")
     return True
 
