@@ -11,21 +11,25 @@
    validation, `PolicyBuilder(...).build_client_verifier()`: RFC 5280 and CA/B-style profile
    checks, EKU clientAuth, path building through the given intermediates);
 3. revocation: it is not on the issuing CA's CRL, base plus delta, fetched over HTTP from the
-   certificate's CRL distribution point and cached by CRL number;
+   certificate's CRL distribution point and cached by CRL number; nor is any intermediate CA
+   certificate of the chain that names a CRL distribution point (an outside parent's CRL for
+   our intermediate, an older root's CRL for a rotation's link certificate) on its issuer's;
 4. identity: the device ID is read from the SAN URI (or the subject CN) as the profile puts it;
 5. decision: grant, or refuse naming the step and the reason.
 
 Why step 3 is written by hand: cryptography's verifier does path validation only; it has no
 revocation checking at all (no CRL, no OCSP, no delta CRLs), so fetching, authenticating,
 caching and merging base and delta CRLs is done here, with cryptography parsing the CRLs and
-checking their signatures. Only the leaf's revocation is checked: an intermediate would need
-its parent's CRL, which this CA does not publish.
+checking their signatures. The leaf must name a CRL distribution point; an intermediate that
+names none is not checked (nothing says where its status is published), as in RFC 5280 path
+validation with CRLs from distribution points only.
 
 A leaf module for users: no server-side imports.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -329,9 +333,10 @@ class DeviceVerifier:
             check_possession(certificate, challenge, signature)
             # 2. chains to a trusted CA
             chain = self._chain(certificate, intermediates, now)
-            # 3. not revoked (base + delta CRL of the issuing CA)
+            # 3. not revoked (base + delta CRL of the issuing CA), nor any intermediate on its issuer's
             if self.check_revocation:
                 numbers = self._check_revocation(certificate, chain[1], now)
+                self._check_intermediates(chain, now)
             # 4. identity
             device_id = self.identity.device_id(certificate)
         except Refused as refusal:
@@ -349,7 +354,19 @@ class DeviceVerifier:
             raise Refused("chain", "the certificate is itself a trust anchor, not a device certificate")
         return list(verified.chain)
 
-    def _check_revocation(self, certificate: x509.Certificate, issuer: x509.Certificate, now: datetime) -> tuple[int | None, int | None]:
+    def _check_intermediates(self, chain: Sequence[x509.Certificate], now: datetime) -> None:
+        """Each CA certificate between the leaf and the trust anchor that names a CRL distribution point, on its issuer's CRL."""
+        for certificate, issuer in itertools.pairwise(chain[1:]):
+            if _extension_uris(certificate, x509.CRLDistributionPoints):
+                name = certificate.subject.rfc4514_string()
+                self._check_revocation(
+                    certificate, issuer, now, f"the intermediate CA certificate {name!r} (serial {certificate.serial_number:x})"
+                )
+
+    def _check_revocation(
+        self, certificate: x509.Certificate, issuer: x509.Certificate, now: datetime, what: str = ""
+    ) -> tuple[int | None, int | None]:
+        """The certificate against its issuer's base and delta CRLs; what names it in a refusal (default: the leaf by serial)."""
         urls = _extension_uris(certificate, x509.CRLDistributionPoints)
         if not urls:
             raise Refused("revocation", "the certificate names no CRL distribution point, so its status cannot be checked")
@@ -378,7 +395,7 @@ class DeviceVerifier:
                 elif delta_status is not None:
                     status = delta_status
         if status is not None:
-            raise Refused("revocation", f"certificate {certificate.serial_number:x} is revoked ({status.name})")
+            raise Refused("revocation", f"{what or f'certificate {certificate.serial_number:x}'} is revoked ({status.name})")
         return base_number, delta_number
 
 

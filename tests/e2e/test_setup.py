@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
+import threading
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.simulate import make_csr
+from ca_daemon.verify import CrlCache, DeviceVerifier, sign_challenge
 from tests.conftest import CA_DAEMON, Daemon, device_csr, make_env, openssl_verify
+from tests.integration.crl_helpers import crl_env
 
 
 def test_init_dev_creates_everything_once_and_reuses_it(tmp_path: Path) -> None:
@@ -93,11 +101,11 @@ class _ParentCa:
             .sign(self.key, hashes.SHA384())
         )
 
-    def certify(self, csr_pem: bytes) -> x509.Certificate:
+    def certify(self, csr_pem: bytes, crl_url: str = "") -> x509.Certificate:
         csr = x509.load_pem_x509_csr(csr_pem)
         assert csr.is_signature_valid
         now = datetime.now(UTC)
-        return (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(csr.subject)
             .issuer_name(self.cert.subject)
@@ -109,8 +117,61 @@ class _ParentCa:
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA384())
         )
+        if crl_url:
+            point = x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+        return builder.sign(self.key, hashes.SHA384())
+
+    def crl(self, number: int, revoked: tuple[int, ...] = ()) -> bytes:
+        """The parent's CRL (DER), revoking the given serials for key compromise."""
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - timedelta(minutes=1))
+            .next_update(now + timedelta(days=1))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+        )
+        for serial in revoked:
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now - timedelta(seconds=30))
+                .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False)
+                .build()
+            )
+            builder = builder.add_revoked_certificate(entry)
+        return builder.sign(self.key, hashes.SHA384()).public_bytes(serialization.Encoding.DER)
+
+
+class _CrlServer:
+    """The parent CA's CRL over real HTTP on loopback: path -> body, changed by the test; other paths are 404."""
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, bytes] = {}
+        bodies = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = bodies.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Type", "application/pkix-crl")
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def test_intermediate_signed_by_an_outside_parent(tmp_path: Path, softhsm_conf: Path) -> None:
@@ -203,3 +264,71 @@ def test_second_daemon_on_the_same_state_is_refused(tmp_path: Path, softhsm_conf
         assert "already running" in second.stderr or "already listening" in second.stderr
     finally:
         daemon.stop()
+
+
+def test_the_verifier_refuses_devices_under_an_intermediate_its_parent_revoked(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The relying party checks the whole chain: our intermediate on the outside parent's CRL refuses its devices.
+
+    Real HTTP for both CRLs (the daemon's and the parent's), and `openssl verify -crl_check_all` agrees at each step.
+    """
+    env, _http_port = crl_env(tmp_path, softhsm_conf, init=False)
+    csr_path = tmp_path / "ca.csr"
+    env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA 1,O=Example Devices")
+    parent, crls = _ParentCa(), _CrlServer()
+    intermediate = parent.certify(csr_path.read_bytes(), crl_url=f"{crls.url}/parent.crl")
+    (tmp_path / "intermediate.pem").write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "root.pem").write_bytes(parent.cert.public_bytes(serialization.Encoding.PEM))
+    env.cli(
+        "ca", "import-cert", "--label", "ca-root-1", "--cert", str(tmp_path / "intermediate.pem"), "--chain", str(tmp_path / "root.pem")
+    )
+    crls.bodies["/parent.crl"] = parent.crl(1)
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    try:
+        device_key = ec.generate_private_key(ec.SECP256R1())
+        with grpc.insecure_channel(env.target) as channel:
+            request = ca_pb2.SignRequest(csr=make_csr(device_key, "line-7-device-43"), request_id=str(uuid.uuid4()))  # CN and SAN URI
+            response = ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(request, timeout=10)
+        leaf = x509.load_pem_x509_certificate(response.certificate_pem.encode())
+        verifier = DeviceVerifier([parent.cert], crls=CrlCache(max_age=0))  # revalidate every time: a new CRL shows at once
+
+        def decide() -> str:
+            challenge = verifier.challenge()
+            return str(verifier.verify(leaf, [intermediate], challenge, sign_challenge(device_key, challenge)))
+
+        our_crl_url = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value
+        ours = tmp_path / "ours.crl.pem"
+        ours.write_bytes(
+            x509.load_der_x509_crl(urllib.request.urlopen(our_crl_url, timeout=10).read()).public_bytes(serialization.Encoding.PEM)
+        )
+
+        def openssl_with_crls() -> subprocess.CompletedProcess[str]:
+            theirs = tmp_path / "parent.crl.pem"
+            theirs.write_bytes(x509.load_der_x509_crl(crls.bodies["/parent.crl"]).public_bytes(serialization.Encoding.PEM))
+            chain_pem = (
+                intermediate.public_bytes(serialization.Encoding.PEM) + parent.cert.public_bytes(serialization.Encoding.PEM)
+            ).decode()
+            return openssl_verify(
+                tmp_path, response.certificate_pem, chain_pem, "-crl_check_all", "-CRLfile", str(ours), "-CRLfile", str(theirs)
+            )
+
+        assert decide().startswith("GRANTED device line-7-device-43"), decide()
+        assert openssl_with_crls().returncode == 0, openssl_with_crls().stdout + openssl_with_crls().stderr
+
+        crls.bodies["/parent.crl"] = parent.crl(2, revoked=(intermediate.serial_number,))
+        refused = decide()
+        assert refused.startswith("REFUSED at step revocation"), refused
+        assert "the intermediate CA certificate 'CN=Factory Issuing CA 1,O=Example Devices'" in refused
+        assert "is revoked (key_compromise)" in refused
+        verified = openssl_with_crls()
+        assert verified.returncode != 0 and "certificate revoked" in verified.stdout + verified.stderr, verified.stdout + verified.stderr
+
+        # Fail closed: a relying party that cannot get the parent's CRL (and holds no current copy) refuses.
+        del crls.bodies["/parent.crl"]
+        verifier = DeviceVerifier([parent.cert], crls=CrlCache(max_age=0))
+        unreachable = decide()
+        assert unreachable.startswith("REFUSED at step revocation") and "cannot fetch the CRL at" in unreachable and "404" in unreachable, (
+            unreachable
+        )
+    finally:
+        daemon.stop()
+        crls.close()

@@ -14,9 +14,9 @@ from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import CaEnv, Daemon, device_csr, free_port, make_env
 
 
-def crl_env(base: Path, softhsm_conf: Path, *, workers: int = 1) -> tuple[CaEnv, int]:
+def crl_env(base: Path, softhsm_conf: Path, *, workers: int = 1, init: bool = True) -> tuple[CaEnv, int]:
     """A CA whose HTTP server, CDP and AIA URLs use a free port, checking for new revocations every 100 ms."""
-    env = make_env(base, softhsm_conf, workers=workers)
+    env = make_env(base, softhsm_conf, workers=workers, init=init)
     http_port = free_port()
     env.edit_config("127.0.0.1:8080", f"127.0.0.1:{http_port}")
     env.edit_config("publish_on_revoke = true\n", "publish_on_revoke = true\ncheck_interval_ms = 100\n")
