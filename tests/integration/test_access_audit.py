@@ -449,6 +449,34 @@ def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> Non
     assert refused_for_protocol() == before + 1  # the good TLS 1.3 connection is not counted
 
 
+def test_every_metric_the_alert_rules_use_is_exposed(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel]) -> None:
+    """deploy/prometheus-alerts.yml names only samples this daemon serves (labelled ones once their event happened)."""
+    import re
+    import socket
+    import ssl
+
+    import yaml
+
+    rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "prometheus-alerts.yml").read_text())
+    used = {name for group in rules["groups"] for rule in group["rules"] for name in re.findall(r"\bca_daemon_\w+", rule["expr"])}
+    assert len(used) >= 7, used
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channels["prog"])
+    stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
+    old_tls = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
+    old_tls.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", tls_daemon.env.port), timeout=10) as raw, pytest.raises(ssl.SSLError):
+        old_tls.wrap_socket(raw, server_hostname="localhost")
+    tls_daemon.env.cli("db", "backup", "--out", str(tls_daemon.env.state_dir / f"backup-{uuid.uuid4().hex[:6]}.db"))  # signs a checkpoint
+    deadline = time.monotonic() + 10
+    while True:
+        body = _scrape(tls_daemon)
+        served = {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line and not line.startswith("#")}
+        if used <= served or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert used <= served, f"not served: {sorted(used - served)}"
+
+
 def test_tls13_only_and_no_certificate_rules() -> None:
     authenticator = access.Authenticator(access.RoleMap(()), None)
     with pytest.raises(access.Unauthenticated, match=r"TLS 1\.3 is required"):

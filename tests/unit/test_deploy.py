@@ -6,7 +6,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import promql_parser
 import pytest
+import yaml
 
 from ca_daemon import config
 from ca_daemon.errors import ConfigError
@@ -50,3 +52,17 @@ def test_unit_is_hardened_and_loads_the_pin_as_a_credential() -> None:
     if analyze:  # not on every CI machine; when present it is the judge
         result = subprocess.run([analyze, "verify", str(DEPLOY / "ca-daemon.service")], capture_output=True, text=True, check=False)
         assert "Unknown key" not in result.stderr and "Invalid" not in result.stderr, result.stderr
+
+
+def test_the_alert_rules_parse_as_promql_and_say_what_to_do() -> None:
+    """deploy/prometheus-alerts.yml: every expression is valid PromQL, every alert has a severity and a summary."""
+    rules = yaml.safe_load((DEPLOY / "prometheus-alerts.yml").read_text())
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert len({rule["alert"] for rule in alerts}) == len(alerts) >= 10
+    for rule in alerts:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        promql_parser.parse(rule["expr"])  # ValueError on a syntax error
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule
+        assert rule["annotations"]["summary"], rule
+    with pytest.raises(ValueError, match="parenthesis"):
+        promql_parser.parse("sum(rate(ca_daemon_requests_total[5m])")  # the check above can fail
