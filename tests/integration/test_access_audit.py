@@ -258,6 +258,9 @@ def test_revoking_a_client_takes_effect_without_restart(tls_daemon: TlsDaemon) -
 def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel], tmp_path: Path) -> None:
     stub = ca_pb2_grpc.CertificateAuthorityStub(channels["prog"])
     serials = [stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial for _ in range(12)]
+    with pytest.raises(grpc.RpcError) as denied:  # an access.deny of this test's own, not one left by an earlier test
+        ca_pb2_grpc.CertificateAuthorityStub(channels["aud"]).Sign(ca_pb2.SignRequest(csr=device_csr(), request_id="x"), timeout=10)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     stub.Revoke(ca_pb2.RevokeRequest(serial=serials[0], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
     time.sleep(2.5)  # a checkpoint interval (1 s) and the delta CRL published on revocation
     env = tls_daemon.env
