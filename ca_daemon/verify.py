@@ -237,6 +237,11 @@ def _extension_uris(holder: x509.Certificate | x509.CertificateRevocationList, k
     return _uris(list(value))  # type: ignore[call-overload]
 
 
+def _http_only(urls: list[str]) -> list[str]:
+    """The URLs this verifier can fetch: a parent CA may list an ldap:// distribution point before its http:// one."""
+    return [url for url in urls if url.lower().startswith(("http://", "https://"))]
+
+
 # -- step 4: identity -----------------------------------------------------------------------
 
 
@@ -367,9 +372,12 @@ class DeviceVerifier:
         self, certificate: x509.Certificate, issuer: x509.Certificate, now: datetime, what: str = ""
     ) -> tuple[int | None, int | None]:
         """The certificate against its issuer's base and delta CRLs; what names it in a refusal (default: the leaf by serial)."""
-        urls = _extension_uris(certificate, x509.CRLDistributionPoints)
-        if not urls:
+        named = _extension_uris(certificate, x509.CRLDistributionPoints)
+        if not named:
             raise Refused("revocation", "the certificate names no CRL distribution point, so its status cannot be checked")
+        urls = _http_only(named)
+        if not urls:
+            raise Refused("revocation", f"{what or 'the certificate'} names no http(s) CRL distribution point ({', '.join(named)})")
         base = self.crls.get(urls[0], issuer, now)
         if _delta_base(base) is not None:
             raise Refused("revocation", f"the CRL at {urls[0]} is a delta CRL, expected a full one")
@@ -378,7 +386,7 @@ class DeviceVerifier:
         base_number = _crl_number(base)
         status = _entry_status(base, certificate.serial_number)
         delta_number: int | None = None
-        delta_urls = _extension_uris(base, x509.FreshestCRL) or _extension_uris(certificate, x509.FreshestCRL)
+        delta_urls = _http_only(_extension_uris(base, x509.FreshestCRL) or _extension_uris(certificate, x509.FreshestCRL))
         if delta_urls:
             delta = self.crls.get(delta_urls[0], issuer, now)
             delta_of = _delta_base(delta)

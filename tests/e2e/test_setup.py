@@ -101,7 +101,7 @@ class _ParentCa:
             .sign(self.key, hashes.SHA384())
         )
 
-    def certify(self, csr_pem: bytes, crl_url: str = "") -> x509.Certificate:
+    def certify(self, csr_pem: bytes, crl_urls: tuple[str, ...] = ()) -> x509.Certificate:
         csr = x509.load_pem_x509_csr(csr_pem)
         assert csr.is_signature_valid
         now = datetime.now(UTC)
@@ -118,8 +118,8 @@ class _ParentCa:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
-        if crl_url:
-            point = x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)
+        if crl_urls:
+            point = x509.DistributionPoint([x509.UniformResourceIdentifier(url) for url in crl_urls], None, None, None)
             builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
         return builder.sign(self.key, hashes.SHA384())
 
@@ -275,7 +275,9 @@ def test_the_verifier_refuses_devices_under_an_intermediate_its_parent_revoked(t
     csr_path = tmp_path / "ca.csr"
     env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA 1,O=Example Devices")
     parent, crls = _ParentCa(), _CrlServer()
-    intermediate = parent.certify(csr_path.read_bytes(), crl_url=f"{crls.url}/parent.crl")
+    # As enterprise CAs often do, an LDAP distribution point first: the verifier fetches the HTTP one.
+    ldap = "ldap:///CN=Outside%20Root%20CA,CN=CDP?certificateRevocationList"
+    intermediate = parent.certify(csr_path.read_bytes(), crl_urls=(ldap, f"{crls.url}/parent.crl"))
     (tmp_path / "intermediate.pem").write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "root.pem").write_bytes(parent.cert.public_bytes(serialization.Encoding.PEM))
     env.cli(
@@ -329,6 +331,12 @@ def test_the_verifier_refuses_devices_under_an_intermediate_its_parent_revoked(t
         assert unreachable.startswith("REFUSED at step revocation") and "cannot fetch the CRL at" in unreachable and "404" in unreachable, (
             unreachable
         )
+
+        # An intermediate whose only distribution point is LDAP cannot be checked here: refused, saying why.
+        ldap_only = parent.certify(csr_path.read_bytes(), crl_urls=(ldap,))
+        challenge = verifier.challenge()
+        refused_ldap = str(verifier.verify(leaf, [ldap_only], challenge, sign_challenge(device_key, challenge)))
+        assert "names no http(s) CRL distribution point (ldap:///" in refused_ldap, refused_ldap
     finally:
         daemon.stop()
         crls.close()
