@@ -108,7 +108,11 @@ def audit_public_key_pem(hsm: Hsm, uri: str) -> bytes:
 
 
 class Checkpointer:
-    """Signs the chain head with the audit key; skips when nothing was appended since the last checkpoint."""
+    """Signs the chain head with the audit key; skips when the last checkpoint in the store already covers it.
+
+    The store is asked each time, not this process's memory: the daemon's workers (and
+    replicas) share one log, and a head another one signed needs no second signature.
+    """
 
     def __init__(self, hsm: Hsm, store: SqlStore, key_uri: str) -> None:
         self._audit = AuditStore(store)
@@ -117,25 +121,22 @@ class Checkpointer:
             self._key: HsmPrivateKey = hsm.private_key(Pkcs11Uri.parse(key_uri))
         except CaError as exc:
             raise FailedPrecondition(f"audit key {key_uri} is not usable ({exc.message}); run `ca-daemon init` to create it") from None
-        self._last_seq: int | None = None
 
     def checkpoint(self) -> Checkpoint | None:
-        """Blocking (store and token): sign and store a checkpoint of the current head."""
+        """Blocking (store and token): sign and store a checkpoint of the current head; None if one already covers it."""
         head = self._audit.head()
         if head is None:
             return None
-        if self._last_seq is None:
-            last = self._audit.last_checkpoint()
-            self._last_seq = last.seq if last is not None else 0
-        if head.seq <= self._last_seq:
+        last = self._audit.last_checkpoint()
+        if last is not None and head.seq <= last.seq:
             return None
         now = datetime.now(UTC)
         message = checkpoint_message(seq=head.seq, count=head.count, head=head.hash, time=now, key_id=self._key_id)
         assert isinstance(self._key, ec.EllipticCurvePrivateKey)
         signature = self._key.sign(message, ec.ECDSA(hashes.SHA256()))
         checkpoint = Checkpoint(head.seq, head.count, head.hash, now, self._key_id, signature)
-        self._audit.add_checkpoint(checkpoint)
-        self._last_seq = head.seq
+        if not self._audit.add_checkpoint(checkpoint):
+            return None  # another worker signed this head a moment ago
         log.info("audit checkpoint: %d events, head %s at seq %d", head.count, head.hash.hex()[:16], head.seq)
         return checkpoint
 

@@ -16,6 +16,7 @@ from sqlalchemy import func, insert, select, update
 
 from ca_daemon.errors import FailedPrecondition, NotFound
 from ca_daemon.model import AuditEvent
+from ca_daemon.store.locks import LockSpace, xact_lock
 from ca_daemon.store.schema import audit_checkpoints, audit_events, mtls_certificates
 from ca_daemon.store.sql import SqlStore
 
@@ -108,8 +109,17 @@ class AuditStore:
             yield from rows
             after = int(rows[-1]["seq"])
 
-    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
+        """Store a checkpoint unless one of this head (or a later one) is already stored; whether it was stored.
+
+        Every worker signs the head it leaves behind when it stops, and they stop together:
+        without the check, the log held one checkpoint per worker of the same head.
+        """
         with self._store._begin() as conn:
+            xact_lock(conn, LockSpace.AUDIT_CHECKPOINTS)  # replicas on PostgreSQL; SQLite's write lock already serialises
+            latest = conn.execute(select(func.max(audit_checkpoints.c.seq))).scalar()
+            if latest is not None and int(latest) >= checkpoint.seq:
+                return False
             conn.execute(
                 insert(audit_checkpoints).values(
                     seq=checkpoint.seq,
@@ -120,12 +130,13 @@ class AuditStore:
                     signature=checkpoint.signature,
                 )
             )
+        return True
 
     def checkpoints(self, after_seq: int = 0, limit: int = 0) -> list[Checkpoint]:
         """Checkpoints of events after after_seq, oldest first; at most about limit (0: all).
 
-        A page never splits the checkpoints of one seq (two workers stopping at once may
-        both sign the same head), so the next page starts strictly after the last seq.
+        A page never splits the checkpoints of one seq (a log written before add_checkpoint
+        kept one per head may hold several), so the next page starts strictly after the last seq.
         """
         columns = audit_checkpoints.c
         stmt = select(audit_checkpoints).where(columns.seq > after_seq).order_by(columns.seq, columns.id)

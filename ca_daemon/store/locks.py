@@ -62,6 +62,8 @@ class LockSpace(IntEnum):
     CRL_LEADER = 0x43410008
     # Per caller: its issuance count for the quota (read, then raised, in the issuing transaction).
     CALLER_QUOTA = 0x43410009
+    # The audit checkpoints: one per chain head, whichever worker or replica signs it first.
+    AUDIT_CHECKPOINTS = 0x4341000A
 
 
 def lock_id(space: LockSpace, key: str = "") -> tuple[int, int]:

@@ -694,6 +694,9 @@ def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factor
     database = sqlite3.connect(env.state_dir / "ca.db")
     try:
         reloads = database.execute("SELECT outcome FROM audit_events WHERE action = 'config.reload'").fetchall()
+        per_head = database.execute("SELECT seq, count(*) FROM audit_checkpoints GROUP BY seq HAVING count(*) > 1").fetchall()
+        heads = database.execute("SELECT count(*) FROM audit_checkpoints").fetchone()
     finally:
         database.close()
     assert reloads == [("applied",), ("applied",)]  # one per worker
+    assert per_head == [] and heads[0] >= 1  # both workers stopped at once: the head they left was signed once

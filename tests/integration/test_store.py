@@ -478,14 +478,42 @@ def test_transaction_lock_is_held_until_commit(store: SqlStore) -> None:
             assert other.execute(probe, {"c": classid, "o": objid}).scalar() is True
 
 
-def test_checkpoint_pages_never_split_one_head(store: SqlStore) -> None:
-    """ListAuditCheckpoints pages by seq: the checkpoints of one head (two workers stopping at once) stay together."""
+def test_one_checkpoint_per_head(store: SqlStore) -> None:
+    """A checkpoint of a head already covered (another worker signed it first) is not stored."""
     from ca_daemon.store.audit_store import AuditStore, Checkpoint
 
     audit = AuditStore(store)
+    last = audit.last_checkpoint()
+    start = last.seq if last is not None else 0
+
+    def signed(seq: int, tag: bytes) -> Checkpoint:
+        return Checkpoint(seq, seq, b"h" * 32, datetime.now(UTC), "audit-1", tag)
+
+    assert audit.add_checkpoint(signed(start + 10, b"first")) is True
+    assert audit.add_checkpoint(signed(start + 10, b"second worker")) is False
+    assert audit.add_checkpoint(signed(start + 9, b"late")) is False
+    assert audit.add_checkpoint(signed(start + 11, b"next head")) is True
+    assert [c.signature for c in audit.checkpoints(after_seq=start)] == [b"first", b"next head"]
+
+
+def test_checkpoint_pages_never_split_one_head(store: SqlStore) -> None:
+    """ListAuditCheckpoints pages by seq: several checkpoints of one head (a log written before there was one
+    per head) stay together."""
+    from sqlalchemy import delete, insert
+
+    from ca_daemon.store.audit_store import AuditStore
+    from ca_daemon.store.schema import audit_checkpoints
+
+    audit = AuditStore(store)
     seqs = [1, 2, 2, 2, 3, 5]
-    for index, seq in enumerate(seqs):
-        audit.add_checkpoint(Checkpoint(seq, seq, bytes([index]) * 32, datetime.now(UTC), "audit-1", b"sig-%d" % index))
+    with store.engine.begin() as conn:
+        conn.execute(delete(audit_checkpoints))
+        for index, seq in enumerate(seqs):
+            conn.execute(
+                insert(audit_checkpoints).values(
+                    seq=seq, count=seq, head_hash=bytes([index]) * 32, time=datetime.now(UTC), key_id="audit-1", signature=b"sig-%d" % index
+                )
+            )
     pages, after = [], 0
     while True:
         page = audit.checkpoints(after, limit=2)
