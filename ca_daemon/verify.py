@@ -21,8 +21,7 @@ Why step 3 is written by hand: cryptography's verifier does path validation only
 revocation checking at all (no CRL, no OCSP, no delta CRLs), so fetching, authenticating,
 caching and merging base and delta CRLs is done here, with cryptography parsing the CRLs and
 checking their signatures. The leaf must name a CRL distribution point; an intermediate that
-names none is not checked (nothing says where its status is published), as in RFC 5280 path
-validation with CRLs from distribution points only.
+names none is not checked, because nothing says where its status is published.
 
 A leaf module for users: no server-side imports.
 """

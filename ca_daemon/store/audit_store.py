@@ -136,7 +136,8 @@ class AuditStore:
         """Checkpoints of events after after_seq, oldest first; at most about limit (0: all).
 
         A page never splits the checkpoints of one seq (a log written before add_checkpoint
-        kept one per head may hold several), so the next page starts strictly after the last seq.
+        refused a second checkpoint of a head may hold several), so the next page starts
+        strictly after the last seq.
         """
         columns = audit_checkpoints.c
         stmt = select(audit_checkpoints).where(columns.seq > after_seq).order_by(columns.seq, columns.id)
