@@ -32,12 +32,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.config import ROLES, Config, RoleGrant
-from ca_daemon.errors import ConfigError, PermissionDenied, Unauthenticated
+from ca_daemon.errors import CaError, ConfigError, PermissionDenied, Unauthenticated
+from ca_daemon.model import AuditEvent
 
 log = logging.getLogger(__name__)
 
 SERVICE = "/ca_daemon.v1.CertificateAuthority/"
 KEY_CEREMONY = "/ca_daemon.v1.KeyCeremony/"
+# The Prometheus endpoint ([metrics] listen), judged by the same steps as an RPC.
+METRICS = "/metrics"
 ANY_ROLE = frozenset(ROLES)
 # Every RPC's rule: the roles that may call it. A method not listed is refused to everyone.
 RULES: dict[str, frozenset[str]] = {
@@ -58,6 +61,7 @@ RULES: dict[str, frozenset[str]] = {
     KEY_CEREMONY + "GetKeyCSR": frozenset({"officer"}),
     KEY_CEREMONY + "InstallKeyCertificate": frozenset({"officer"}),
     KEY_CEREMONY + "ApproveKeyAction": frozenset({"officer"}),
+    METRICS: frozenset({"auditor", "admin"}),
     KEY_CEREMONY + "ListKeys": frozenset({"officer", "auditor", "admin"}),
 }
 # Infrastructure any authenticated caller may use (health for load balancers, reflection for grpcurl).
@@ -94,6 +98,18 @@ def authorize(principal: Principal, method: str) -> None:
         rule="role",
         field="role",
         expected=names,
+    )
+
+
+def denial_event(outcome: str, actor: str, method: str, refusal: CaError) -> AuditEvent:
+    """The access.deny audit event of a refused caller (outcome "unauthenticated" or "permission-denied")."""
+    return AuditEvent(
+        time=datetime.now(UTC),
+        actor=actor[:256],
+        action="access.deny",
+        outcome=outcome,
+        reason=refusal.rule,
+        details={"method": method, "needed": refusal.expected, "message": refusal.message[:512]},
     )
 
 
@@ -367,11 +383,13 @@ __all__ = [
     "ANY_ROLE",
     "Authenticator",
     "ClientCrl",
+    "METRICS",
     "Principal",
     "RULES",
     "RoleMap",
     "Unauthenticated",
     "authorize",
+    "denial_event",
     "issued_by",
     "principal_of",
 ]

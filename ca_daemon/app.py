@@ -38,12 +38,12 @@ from grpc_reflection.v1alpha import reflection
 from ca_daemon import config as config_module
 from ca_daemon import logs, metrics, tls, tls_front
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from ca_daemon.access import Authenticator
+from ca_daemon.access import METRICS, Authenticator, authorize, denial_event
 from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
 from ca_daemon.authority import Authority, load_active_ca
 from ca_daemon.config import Config
 from ca_daemon.crl import CrlServices, await_first_crls, watch_health
-from ca_daemon.errors import CaError, FailedPrecondition
+from ca_daemon.errors import CaError, FailedPrecondition, PermissionDenied, Unauthenticated
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent
 from ca_daemon.registration import VerificationCertificates
@@ -531,17 +531,19 @@ def serve(config: Config) -> int:
     _claim(config)
     check_ready(config)
     pid_file = write_pid_file(config)
-    metrics_server, metrics_store = None, None
+    metrics_server, metrics_store, scrapers = None, None, None
     if config.metrics.listen:
         # Before any worker starts (they inherit the directory) and before prometheus_client is imported.
         metrics.prepare_directory(config.state_dir)
         metrics_store = connect_store(config)
         tls_context = tls.metrics_context(config) if config.tls.enabled else None
-        metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context, config.tls.cert_file)
+        scrapers = Authenticator.from_config(config) if config.tls.enabled else None
+        admit = _metrics_admission(scrapers, metrics_store) if scrapers is not None else None
+        metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context, config.tls.cert_file, admit)
         scheme = "https" if tls_context else "http"
         log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
     try:
-        return _serve(config, lambda: _reload_metrics_tls(config, metrics_server))
+        return _serve(config, lambda: _reload_metrics_tls(config, metrics_server, scrapers))
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -551,8 +553,32 @@ def serve(config: Config) -> int:
             pid_file.unlink()
 
 
-def _reload_metrics_tls(config: Config, metrics_server: object | None) -> None:
-    """After a reload the workers applied: the metrics endpoint takes the reloaded [tls] files too."""
+def _metrics_admission(scrapers: Authenticator, store: SqlStore) -> Callable[[ssl.SSLSocket], str | None]:
+    """Steps 3-5 of client authentication for each scrape, as for an RPC (client CRL, dates, role auditor or admin).
+
+    None admits the scraper; otherwise the reason, which is also an access.deny audit event.
+    """
+
+    def admit(connection: ssl.SSLSocket) -> str | None:
+        actor = "-"
+        try:
+            principal = scrapers.authenticate(tls_front.auth_context(connection))
+            actor = principal.identity
+            authorize(principal, METRICS)
+        except (Unauthenticated, PermissionDenied) as refusal:
+            outcome = "unauthenticated" if isinstance(refusal, Unauthenticated) else "permission-denied"
+            try:
+                store.append_audit([denial_event(outcome, actor, METRICS, refusal)])
+            except CaError as exc:
+                log.error("could not record a refused metrics scrape in the audit log: %s", exc.message)
+            return refusal.message
+        return None
+
+    return admit
+
+
+def _reload_metrics_tls(config: Config, metrics_server: object | None, scrapers: Authenticator | None) -> None:
+    """After a reload the workers applied: the metrics endpoint takes the reloaded [tls] files and [roles] too."""
     if metrics_server is None or not config.tls.enabled:
         return
     try:
@@ -560,11 +586,14 @@ def _reload_metrics_tls(config: Config, metrics_server: object | None) -> None:
         if not reloaded.tls.enabled:
             return  # switching to development mode needs a restart (the workers say so)
         context = tls.metrics_context(reloaded)
+        access = Authenticator.from_config(reloaded)
     except CaError as exc:
-        log.error("reload: the metrics endpoint keeps its TLS credentials: %s", exc.message)
+        log.error("reload: the metrics endpoint keeps its TLS credentials and roles: %s", exc.message)
         return
     metrics.use_tls(metrics_server, context)
-    log.info("reload: the metrics endpoint uses the reloaded TLS credentials")
+    if scrapers is not None:
+        scrapers.adopt(access)
+    log.info("reload: the metrics endpoint uses the reloaded TLS credentials and roles")
 
 
 def pid_file_path(config: Config) -> Path:

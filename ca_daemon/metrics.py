@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _HANDSHAKE_TIMEOUT_S = 10.0
 # CA keys whose certificate expiry matters: they sign, or are about to, or still sign CRLs.
 _SIGNING_OR_ABOUT_TO = (KeyStatus.PENDING, KeyStatus.ACTIVE, KeyStatus.SUPERSEDED)
+# The WSGI environ key under which a refused scraper's reason travels to the app.
+_REFUSAL = "ca_daemon.metrics_refusal"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -129,10 +131,17 @@ class StoreCollector:
         yield from (number, age, chain, checkpoint, ca_expiry, tls_expiry)
 
 
-def serve(listen: str, store: Any, tls_context: ssl.SSLContext | None = None, tls_cert_file: Path | None = None) -> Any:
+def serve(
+    listen: str,
+    store: Any,
+    tls_context: ssl.SSLContext | None = None,
+    tls_cert_file: Path | None = None,
+    admit: Callable[[ssl.SSLSocket], str | None] | None = None,
+) -> Any:
     """Start the endpoint in this (parent) process: multiprocess sums plus the store gauges.
 
-    With tls_context (see tls.metrics_context) the endpoint is HTTPS with client certificates.
+    With tls_context (see tls.metrics_context) the endpoint is HTTPS with client certificates,
+    and admit judges each request's client (None: served; else the reason, answered 403).
     prometheus-client's own TLS option has no minimum protocol version, so the server is
     built here from its WSGI app, as its start_http_server does.
     """
@@ -146,9 +155,25 @@ def serve(listen: str, store: Any, tls_context: ssl.SSLContext | None = None, tl
         def log_message(self, format: str, *args: Any) -> None:
             """Scrapes are not worth a log line each."""
 
+        def get_environ(self) -> dict[str, Any]:
+            """The request, with the verdict on the client behind its TLS connection (wsgiref exposes no certificate)."""
+            environ: dict[str, Any] = super().get_environ()
+            if admit is not None and isinstance(self.connection, ssl.SSLSocket):
+                environ[_REFUSAL] = admit(self.connection)
+            return environ
+
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(StoreCollector(store, tls_cert_file))
+    metrics_app = make_wsgi_app(registry)
+
+    def guarded_app(environ: dict[str, Any], start_response: Any) -> Any:
+        refusal = environ.get(_REFUSAL)
+        if refusal is not None:
+            start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"{refusal}\n".encode()]
+        return metrics_app(environ, start_response)
+
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
@@ -165,7 +190,7 @@ def serve(listen: str, store: Any, tls_context: ssl.SSLContext | None = None, tl
             connection.settimeout(_HANDSHAKE_TIMEOUT_S)  # a silent client must not hold the accept loop
             return self.tls.wrap_socket(connection, server_side=True), address
 
-    server = make_server(host, int(port), make_wsgi_app(registry), Server, handler_class=QuietHandler)
+    server = make_server(host, int(port), guarded_app, Server, handler_class=QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 

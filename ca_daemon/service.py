@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 
 from ca_daemon import errors
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from ca_daemon.access import Authenticator, Principal, authorize
+from ca_daemon.access import Authenticator, Principal, authorize, denial_event
 from ca_daemon.audit import AuditQuery, AuditReader
 from ca_daemon.authority import Authority, chain_pem
 from ca_daemon.issuer import parse_subject
@@ -229,16 +229,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     async def _deny(self, outcome: str, actor: str, method: str, exc: errors.CaError) -> None:
         if self._record_denial is None:
             return
-        await self._record_denial(
-            AuditEvent(
-                time=datetime.now(UTC),
-                actor=actor[:256],
-                action="access.deny",
-                outcome=outcome,
-                reason=exc.rule,
-                details={"method": method, "needed": exc.expected, "message": exc.message[:512]},
-            )
-        )
+        await self._record_denial(denial_event(outcome, actor, method, exc))
 
     async def _refuse(
         self, method: str, caller: str, exc: errors.CaError, context: grpc.aio.ServicerContext[Any, Any], started: float

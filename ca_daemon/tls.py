@@ -381,8 +381,8 @@ def server_context(config: Config) -> ssl.SSLContext:
 def metrics_context(config: Config) -> ssl.SSLContext:
     """HTTPS for the metrics endpoint: TLS 1.3 only, a client certificate from tls.client_ca required.
 
-    The scraper is authenticated at the handshake (dates included); metrics carry no secrets,
-    so there is no role rule or CRL look-up per scrape as there is for gRPC calls.
+    The handshake checks the chain and dates; each scrape then goes through the same client
+    CRL and role rule as an RPC (app._metrics_admission: auditor or admin).
     """
     tls = config.tls
     assert tls.cert_file is not None and tls.key_file is not None and tls.client_ca_file is not None

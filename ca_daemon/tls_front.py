@@ -196,7 +196,7 @@ class TlsFrontEnd:
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self._handshake_refused(client, exc)
             return
-        auth = _auth_context(writer.get_extra_info("ssl_object"))
+        auth = auth_context(writer.get_extra_info("ssl_object"))
         try:
             backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", self._backend_port)
         except OSError as exc:
@@ -279,8 +279,8 @@ async def _relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> No
             await sink.drain()
 
 
-def _auth_context(ssl_object: ssl.SSLObject | None) -> AuthContext:
-    """The same keys grpcio's auth context uses, so access.Authenticator reads either."""
+def auth_context(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> AuthContext:
+    """The same keys grpcio's auth context uses, so access.Authenticator reads either (the metrics endpoint too)."""
     if ssl_object is None:
         return _NO_CONTEXT
     context: dict[str, tuple[bytes, ...]] = {"ssl_tls_version": ((ssl_object.version() or "").encode(),)}
@@ -304,4 +304,4 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["AuthContext", "TlsFrontEnd", "handshake_refusal_reason", "server_context", "tls13_server_context"]
+__all__ = ["AuthContext", "TlsFrontEnd", "auth_context", "handshake_refusal_reason", "server_context", "tls13_server_context"]

@@ -186,7 +186,8 @@ def test_role_matrix(channels: dict[str, grpc.Channel], method: str, caller: str
 
 def test_every_rpc_has_a_role_rule() -> None:
     services = ca_pb2.DESCRIPTOR.services_by_name.values()  # CertificateAuthority and KeyCeremony (issue 7)
-    assert {f"/{service.full_name}/{m.name}" for service in services for m in service.methods} == set(access.RULES)
+    rpcs = {f"/{service.full_name}/{m.name}" for service in services for m in service.methods}
+    assert rpcs == set(access.RULES) - {access.METRICS}  # the one other rule is the metrics endpoint's
 
 
 def test_programmer_signs_and_denials_are_audited(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel]) -> None:
@@ -404,15 +405,39 @@ def test_metrics_are_served_over_mtls_only(tls_daemon: TlsDaemon, channels: dict
         urllib.request.urlopen(f"http://127.0.0.1:{tls_daemon.metrics_port}/metrics", timeout=10).read()
 
 
-def _scrape(tls_daemon: TlsDaemon) -> str:
-    """The metrics page, fetched over mTLS as the auditor."""
+def _scrape(tls_daemon: TlsDaemon, client: str = "aud") -> str:
+    """The metrics page, fetched over mTLS as client (the auditor by default)."""
     import ssl
     import urllib.request
 
     clients = tls_daemon.tls_dir / "clients"
     scraper = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
-    scraper.load_cert_chain(clients / "aud.pem", clients / "aud.key")
+    scraper.load_cert_chain(clients / f"{client}.pem", clients / f"{client}.key")
     return str(urllib.request.urlopen(f"https://localhost:{tls_daemon.metrics_port}/metrics", context=scraper, timeout=10).read().decode())
+
+
+def test_metrics_scrapers_need_the_auditor_or_admin_role_and_an_unrevoked_certificate(tls_daemon: TlsDaemon) -> None:
+    """As for an RPC: a programmer, a certificate no role names and a revoked one get 403 with the reason, audited."""
+    import urllib.error
+
+    refusals = {}
+    for client in ("prog", "nobody", "revoked"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _scrape(tls_daemon, client)
+        assert refused.value.code == 403
+        refusals[client] = refused.value.read().decode()
+    assert "metrics needs role auditor or admin; caller 'prog' has roles: programmer" in refusals["prog"]
+    assert "caller 'nobody' has roles: none" in refusals["nobody"]
+    assert "revoked" in refusals["revoked"], refusals["revoked"]
+    assert "ca_daemon_requests_total" in _scrape(tls_daemon, "aud")
+    database = sqlite3.connect(tls_daemon.env.state_dir / "ca.db")
+    try:
+        denials = database.execute(
+            "SELECT actor, outcome FROM audit_events WHERE action = 'access.deny' AND details LIKE '%\"method\": \"/metrics\"%'"
+        ).fetchall()
+    finally:
+        database.close()
+    assert sorted(denials) == [("-", "unauthenticated"), ("nobody", "permission-denied"), ("prog", "permission-denied")]
 
 
 def _gauge(body: str, sample: str) -> float:

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import CaEnv, device_csr, free_port, make_env, openssl_verify, spawn_daemon, wait_channel_serving
 from tests.factory_helpers import ForeignCa
-from tests.integration.test_access_audit import TlsDaemon, x509_serial
+from tests.integration.test_access_audit import TlsDaemon, _scrape, x509_serial
 
 pytestmark = pytest.mark.slow
 
@@ -248,3 +248,22 @@ def test_the_daemon_warns_when_its_server_certificate_expires_within_30_days(
         assert str(tls_dir / "server.pem") in daemon.log()
     finally:
         daemon.stop()
+
+
+def test_a_role_given_by_reload_opens_the_metrics_endpoint(tls_daemon: TlsDaemon) -> None:
+    """The metrics endpoint judges scrapers by the [roles] in force: a reload that makes prog an auditor lets it scrape."""
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _scrape(tls_daemon, "prog")
+    assert refused.value.code == 403 and b"needs role auditor or admin" in refused.value.read()
+    tls_daemon.env.edit_config("auditor = []", 'auditor = ["prog"]')
+    tls_daemon.env.cli("reload")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert "ca_daemon_requests_total" in _scrape(tls_daemon, "prog")
+            break
+        except urllib.error.HTTPError as still:
+            assert still.code == 403 and time.monotonic() < deadline, still
+            time.sleep(0.2)
