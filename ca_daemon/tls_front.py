@@ -114,11 +114,7 @@ class TlsFrontEnd:
         self.cert_file = cert_file
         self._max_connections = max_connections
         self._count_refused_handshake = count_refused_handshake
-        self._log_interval = log_interval
-        self._refused_since_log = 0
-        self._last_refusal_log = -log_interval
-        # reason -> (handshakes refused for it since its last log line, when that line was written)
-        self._handshake_refusals: dict[str, tuple[int, float]] = {}
+        self._refusal_lines = _LogThrottle(log_interval)
         self._backend_port = 0
         self._peers: dict[int, AuthContext] = {}
         self._server: asyncio.Server | None = None
@@ -176,18 +172,15 @@ class TlsFrontEnd:
     def _refuse_over_limit(self, writer: asyncio.StreamWriter) -> None:
         """Close a connection beyond the limit; say so in the log, at most once per interval."""
         writer.close()
-        self._refused_since_log += 1
-        now = time.monotonic()
-        if now - self._last_refusal_log >= self._log_interval:
+        held_back = self._refusal_lines.admit("connection-limit")
+        if held_back is not None:
             log.warning(
                 "connection limit reached (server.max_connections = %d open connections in this worker): "
                 "closed %d new connection(s), the last from %s",
                 self._max_connections,
-                self._refused_since_log,
+                held_back + 1,
                 _address(writer.get_extra_info("peername")),
             )
-            self._refused_since_log = 0
-            self._last_refusal_log = now
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = writer.get_extra_info("peername")
@@ -227,20 +220,36 @@ class TlsFrontEnd:
         """
         reason = handshake_refusal_reason(exc)
         self._count_refused_handshake(reason)
-        unlogged, last = self._handshake_refusals.get(reason, (0, -self._log_interval))
-        now = time.monotonic()
-        if now - last < self._log_interval:
-            self._handshake_refusals[reason] = (unlogged + 1, last)
+        held_back = self._refusal_lines.admit(reason)
+        if held_back is None:
             return
-        self._handshake_refusals[reason] = (0, now)
         log.log(
             logging.INFO if reason in _QUIET_REASONS else logging.WARNING,
             "TLS handshake with %s refused (%s): %s%s",
             _address(client),
             reason,
             _reason(exc),
-            f" ({unlogged} more refused for this reason since the last such line)" if unlogged else "",
+            f" ({held_back} more refused for this reason since the last such line)" if held_back else "",
         )
+
+
+class _LogThrottle:
+    """At most one log line per kind per interval, counting the ones it holds back in between."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        # kind -> (lines held back since its last line, when that line was written)
+        self._kinds: dict[str, tuple[int, float]] = {}
+
+    def admit(self, kind: str) -> int | None:
+        """None: hold this line back (it is counted); else write it now, with how many were held back before it."""
+        held_back, last = self._kinds.get(kind, (0, -self._interval))
+        now = time.monotonic()
+        if now - last < self._interval:
+            self._kinds[kind] = (held_back + 1, last)
+            return None
+        self._kinds[kind] = (0, now)
+        return held_back
 
 
 def handshake_refusal_reason(exc: BaseException) -> str:
