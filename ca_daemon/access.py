@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.config import ROLES, Config, RoleGrant
-from ca_daemon.errors import CaError, ConfigError, PermissionDenied, Unauthenticated
+from ca_daemon.errors import ConfigError, PermissionDenied, Unauthenticated
 from ca_daemon.model import AuditEvent
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,13 @@ def authorize(principal: Principal, method: str) -> None:
     )
 
 
-def denial_event(outcome: str, actor: str, method: str, refusal: CaError) -> AuditEvent:
-    """The access.deny audit event of a refused caller (outcome "unauthenticated" or "permission-denied")."""
+def denial_event(actor: str, method: str, refusal: Unauthenticated | PermissionDenied) -> AuditEvent:
+    """The access.deny audit event of a refused caller; its outcome ("unauthenticated" or "permission-denied") is the refusal's kind."""
     return AuditEvent(
         time=datetime.now(UTC),
         actor=actor[:256],
         action="access.deny",
-        outcome=outcome,
+        outcome="unauthenticated" if isinstance(refusal, Unauthenticated) else "permission-denied",
         reason=refusal.rule,
         details={"method": method, "needed": refusal.expected, "message": refusal.message[:512]},
     )

@@ -566,9 +566,8 @@ def _metrics_admission(scrapers: Authenticator, store: SqlStore) -> Callable[[ss
             actor = principal.identity
             authorize(principal, METRICS)
         except (Unauthenticated, PermissionDenied) as refusal:
-            outcome = "unauthenticated" if isinstance(refusal, Unauthenticated) else "permission-denied"
             try:
-                store.append_audit([denial_event(outcome, actor, METRICS, refusal)])
+                store.append_audit([denial_event(actor, METRICS, refusal)])
             except CaError as exc:
                 log.error("could not record a refused metrics scrape in the audit log: %s", exc.message)
             return refusal.message

@@ -216,20 +216,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         try:
             principal = self._authenticator.authenticate(self._auth_context_of(context))
         except errors.Unauthenticated as exc:
-            await self._deny("unauthenticated", "-", method, exc)
+            await self._deny("-", method, exc)
             raise
         _PRINCIPAL.set(principal)
         try:
             authorize(principal, method)
         except errors.PermissionDenied as exc:
-            await self._deny("permission-denied", principal.identity, method, exc)
+            await self._deny(principal.identity, method, exc)
             raise
         return principal.identity
 
-    async def _deny(self, outcome: str, actor: str, method: str, exc: errors.CaError) -> None:
+    async def _deny(self, actor: str, method: str, exc: errors.Unauthenticated | errors.PermissionDenied) -> None:
         if self._record_denial is None:
             return
-        await self._record_denial(denial_event(outcome, actor, method, exc))
+        await self._record_denial(denial_event(actor, method, exc))
 
     async def _refuse(
         self, method: str, caller: str, exc: errors.CaError, context: grpc.aio.ServicerContext[Any, Any], started: float
