@@ -535,7 +535,16 @@ def _subject(text: str) -> x509.Name:
 def _optional_time(message: Any, field: str) -> datetime | None:
     if not message.HasField(field):
         return None
-    value: datetime = getattr(message, field).ToDatetime(tzinfo=UTC)
+    stamp: Timestamp = getattr(message, field)
+    try:
+        value: datetime = stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise errors.InvalidRequest(
+            f"{field} is not a valid timestamp (seconds {stamp.seconds}, nanos {stamp.nanos})",
+            rule="timestamp",
+            field=field,
+            expected="a google.protobuf.Timestamp from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z, nanos 0-999999999",
+        ) from None
     return value
 
 

@@ -1,0 +1,89 @@
+"""Hostile or malformed input to the gRPC services, against a real daemon (SoftHSM, SQLite, loopback gRPC).
+
+Each input here once ended in INTERNAL or UNKNOWN (with a traceback in the daemon's log), in
+RESOURCE_EXHAUSTED from gRPC's own limits, or was taken although the documented limits refuse it.
+A caller must get a status it can act on (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, ...)
+whose message names the field at fault, and nothing may be changed by a refused request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2
+from tests.conftest import CaEnv, Daemon
+from tests.integration.crl_helpers import crl_env, sign, start, stub
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> CaEnv:
+    return crl_env(tmp_path_factory.mktemp("hostile-rpc"), softhsm_conf)[0]
+
+
+@pytest.fixture(scope="module")
+def daemon(env: CaEnv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start(env, tmp_path_factory.mktemp("hostile-rpc-log"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def channel(daemon: Daemon) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(daemon.env.target) as ch:
+        yield ch
+
+
+def _error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call()
+        if isinstance(result, Iterator):
+            list(result)
+    return info.value
+
+
+def _details(error: grpc.RpcError) -> str:
+    return error.details() or ""
+
+
+# -- timestamps outside google.protobuf.Timestamp's range ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "invalidity_date",
+    [Timestamp(seconds=10**12), Timestamp(seconds=0, nanos=-1)],
+    ids=["seconds-past-year-9999", "negative-nanos"],
+)
+def test_revoke_refuses_an_out_of_range_invalidity_date_naming_it_and_revokes_nothing(
+    channel: grpc.Channel, invalidity_date: Timestamp
+) -> None:
+    cert = sign(channel)
+    request = ca_pb2.RevokeRequest(serial=cert.serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE, invalidity_date=invalidity_date)
+    error = _error(lambda: stub(channel).Revoke(request, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert "invalidity_date is not a valid timestamp" in _details(error)
+    got = stub(channel).GetCertificate(ca_pb2.GetCertificateRequest(serial=cert.serial), timeout=10)
+    assert not got.HasField("revocation")
+
+
+def test_revoke_bulk_refuses_an_out_of_range_invalidity_date_naming_it_and_revokes_nothing(channel: grpc.Channel) -> None:
+    cert = sign(channel)
+    request = ca_pb2.RevokeBulkRequest(
+        serials=[cert.serial], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE, invalidity_date=Timestamp(seconds=10**12)
+    )
+    error = _error(lambda: stub(channel).RevokeBulk(request, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert "invalidity_date is not a valid timestamp" in _details(error)
+    got = stub(channel).GetCertificate(ca_pb2.GetCertificateRequest(serial=cert.serial), timeout=10)
+    assert not got.HasField("revocation")
+
+
+def test_stream_audit_events_refuses_an_out_of_range_from_time_naming_it(channel: grpc.Channel) -> None:
+    request = ca_pb2.StreamAuditEventsRequest(from_time=Timestamp(seconds=-(10**13)))
+    error = _error(lambda: stub(channel).StreamAuditEvents(request, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert "from_time is not a valid timestamp" in _details(error)
