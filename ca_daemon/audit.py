@@ -359,6 +359,13 @@ __all__ = [
 
 DEFAULT_PAGE = 500
 DEFAULT_CHECKPOINT_PAGE = 1000
+# The largest sequence number the stores can hold (SQLite INTEGER, PostgreSQL bigint). A request's
+# after_seq is a uint64: one beyond this is "after the last event there can be", an empty answer.
+MAX_SEQ = 2**63 - 1
+
+
+def _after(seq: int) -> int:
+    return min(seq, MAX_SEQ)
 
 
 @dataclass(frozen=True)
@@ -385,7 +392,7 @@ class AuditReader:
         """One page of signed checkpoints after after_seq (ListAuditCheckpoints)."""
         if page_size > MAX_PAGE:
             raise InvalidRequest(f"page_size {page_size} is too large", field="page_size", expected=f"at most {MAX_PAGE}")
-        return await asyncio.to_thread(self._audit.checkpoints, after_seq, page_size or DEFAULT_CHECKPOINT_PAGE)
+        return await asyncio.to_thread(self._audit.checkpoints, _after(after_seq), page_size or DEFAULT_CHECKPOINT_PAGE)
 
     async def pages(self, query: AuditQuery) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
         from ca_daemon.store.audit_store import EventFilter
@@ -395,7 +402,7 @@ class AuditReader:
         size = query.page_size or DEFAULT_PAGE
         serial = query.serial.lower().lstrip("0") if query.serial else ""
         digest = _filter_digest(query.actions, query.device_id, serial)
-        after, from_time = query.after_seq, query.from_time
+        after, from_time = _after(query.after_seq), query.from_time
         if query.page_token:
             after = _parse_token(query.page_token, digest)
             from_time = None
@@ -428,8 +435,10 @@ def _parse_token(token: str, digest: str) -> int:
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         after, filters = int(data["after"]), str(data["f"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: {"after": 1e400} is infinity
         raise InvalidRequest("page_token is not a token this server issued", field="page_token") from None
+    if not 0 <= after <= MAX_SEQ:
+        raise InvalidRequest("page_token is not a token this server issued", field="page_token")
     if filters != digest:
         raise InvalidRequest(
             "page_token was issued for other filters; resume with the same actions, device_id and serial",

@@ -8,6 +8,8 @@ whose message names the field at fault, and nothing may be changed by a refused 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,3 +89,32 @@ def test_stream_audit_events_refuses_an_out_of_range_from_time_naming_it(channel
     error = _error(lambda: stub(channel).StreamAuditEvents(request, timeout=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
     assert "from_time is not a valid timestamp" in _details(error)
+
+
+# -- uint64 sequence numbers beyond the stores' signed 64-bit integers ---------------------------
+
+
+@pytest.mark.parametrize("after_seq", [2**63, 2**64 - 1])
+def test_stream_audit_events_after_a_sequence_number_beyond_int64_is_an_empty_stream(channel: grpc.Channel, after_seq: int) -> None:
+    """No event can have such a number, so nothing comes after it."""
+    pages = list(stub(channel).StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(after_seq=after_seq), timeout=10))
+    assert [len(page.events) for page in pages] == [0]
+    # The page's token resumes after the largest sequence number there can be: still nothing.
+    resumed = ca_pb2.StreamAuditEventsRequest(page_token=pages[0].next_page_token)
+    assert [len(page.events) for page in stub(channel).StreamAuditEvents(resumed, timeout=10)] == [0]
+
+
+@pytest.mark.parametrize("after_seq", [2**63, 2**64 - 1])
+def test_list_audit_checkpoints_after_a_sequence_number_beyond_int64_is_empty(channel: grpc.Channel, after_seq: int) -> None:
+    reply = stub(channel).ListAuditCheckpoints(ca_pb2.ListAuditCheckpointsRequest(after_seq=after_seq), timeout=10)
+    assert not reply.checkpoints
+
+
+@pytest.mark.parametrize("after", ["1e400", str(2**70), "-1"], ids=["infinity", "beyond-int64", "negative"])
+def test_a_forged_page_token_is_refused_as_not_issued_by_this_server(channel: grpc.Channel, after: str) -> None:
+    # A token is base64 of {"after": N, "f": the first 16 hex digits of SHA-256 over the JSON [actions, device_id, serial]}.
+    digest = hashlib.sha256(b'[[], "", ""]').hexdigest()[:16]
+    token = base64.urlsafe_b64encode(f'{{"after": {after}, "f": "{digest}"}}'.encode()).decode().rstrip("=")
+    error = _error(lambda: stub(channel).StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(page_token=token), timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert "page_token is not a token this server issued" in _details(error)
