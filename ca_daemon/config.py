@@ -7,6 +7,7 @@ PINs are never in the file: it names a file or an environment variable holding t
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -419,7 +420,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     lint_mode = reader.table("lint").string("mode", "template")
     if lint_mode not in LINT_MODES:
         raise ConfigError(f"lint.mode = {lint_mode!r}: use one of {', '.join(LINT_MODES)}")
-    return Config(
+    config = Config(
         path=path,
         state_dir=state_dir,
         server=server,
@@ -438,6 +439,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         metrics=metrics,
         rotation=_parse_rotation(reader.table("rotation")),
     )
+    reader.refuse_unknown()  # after every section is read: the keys read are the keys known
+    return config
 
 
 def _parse_tls(raw: _Reader, base: Path) -> TlsConfig:
@@ -687,38 +690,73 @@ def _is_loopback(host: str) -> bool:
 
 
 class _Reader:
-    """Typed access to one TOML table that names the full setting in every error."""
+    """Typed access to one TOML table that names the full setting in every error.
+
+    Every key asked for, present or not, is remembered (with the reader of each sub-table), so
+    once parsing is done `refuse_unknown` can name whatever the file holds that no code reads:
+    the known keys are the keys the parse functions read, not a second list to keep in step.
+    """
 
     def __init__(self, raw: dict[str, Any], prefix: str) -> None:
         self._raw = raw
         self._prefix = prefix
+        self._read: set[str] = set()
+        self._tables: dict[str, _Reader] = {}
 
     def _name(self, key: str) -> str:
         return f"{self._prefix}{key}"
+
+    def _get(self, key: str, default: Any) -> Any:
+        self._read.add(key)
+        return self._raw.get(key, default)
 
     def keys(self) -> list[str]:
         return list(self._raw)
 
     def table(self, key: str) -> _Reader:
-        value = self._raw.get(key, {})
+        value = self._get(key, {})
         if not isinstance(value, dict):
             raise ConfigError(f"{self._name(key)} must be a table")
-        return _Reader(value, f"{self._name(key)}.")
+        if key not in self._tables:
+            self._tables[key] = _Reader(value, f"{self._name(key)}.")
+        return self._tables[key]
+
+    def refuse_unknown(self) -> None:
+        """Raise ConfigError naming the keys of this table, then of its sub-tables, that were never read.
+
+        A misspelled setting would otherwise be ignored silently and its default used.
+        """
+        unknown = [self._unknown(key) for key in self._raw if key not in self._read]
+        if unknown:
+            raise ConfigError("; ".join(unknown))
+        for child in self._tables.values():
+            child.refuse_unknown()
+
+    def _unknown(self, key: str) -> str:
+        """`unknown setting `server.workerz`; did you mean `server.workers`?` (or table [x])."""
+        is_table = isinstance(self._raw[key], dict)
+
+        def show(name: str) -> str:
+            return f"[{self._name(name)}]" if is_table else f"`{self._name(name)}`"
+
+        message = f"unknown {'table' if is_table else 'setting'} {show(key)}"
+        close = difflib.get_close_matches(key, sorted(self._read), n=1)
+        return f"{message}; did you mean {show(close[0])}?" if close else f'{message}; see README.md, "Configuration"'
 
     def string(self, key: str, default: str) -> str:
-        value = self._raw.get(key, default)
+        value = self._get(key, default)
         if not isinstance(value, str):
             raise ConfigError(f"{self._name(key)} must be a string")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self._raw.get(key, default)
+        value = self._get(key, default)
         if not isinstance(value, bool):
             raise ConfigError(f"{self._name(key)} must be true or false")
         return value
 
     def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
-        value = self._raw.get(key, default)
+        value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{self._name(key)} must be an integer")
         if not minimum <= value <= maximum:
@@ -726,7 +764,7 @@ class _Reader:
         return value
 
     def string_list(self, key: str, default: list[str]) -> list[str]:
-        value = self._raw.get(key, default)
+        value = self._get(key, default)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{self._name(key)} must be a list of strings")
         return list(value)

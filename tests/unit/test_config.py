@@ -89,3 +89,38 @@ def test_workers_keep_to_one_cpu_each_only_when_every_cpu_has_a_worker() -> None
     assert worker_cpus("auto", 2, {0, 1, 2, 3}) == [None, None]  # idle CPUs stay usable by every worker's threads
     assert worker_cpus("auto", 4, {7}) == [None] * 4
     assert worker_cpus("off", 2, {0, 1}) == [None, None]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "unknown", "known"),
+    [
+        # A whole table at top level, and a top-level key.
+        ("[metrics]", "[metricz]", "table [metricz]", "[metrics]"),
+        ('default_profile = "device"', 'default_profile = "device"\ndefault_profil = "x"', "setting `default_profil`", "`default_profile`"),
+        # A key in a section.
+        ("workers = 2", "workerz = 3", "setting `server.workerz`", "`server.workers`"),
+        ('mode = "template"', 'modee = "x"', "setting `lint.modee`", "`lint.mode`"),
+        # A key in a profile, in a caller, and a table nested in a profile.
+        ("validity_days = 365", "validity_dayz = 30", "setting `profiles.device.validity_dayz`", "`profiles.device.validity_days`"),
+        ('profiles = ["device"]', 'profile = ["d"]', "setting `callers.local-developer.profile`", "`callers.local-developer.profiles`"),
+        ("device.san_allowed]", "device.san_alowed]", "table [profiles.device.san_alowed]", "[profiles.device.san_allowed]"),
+    ],
+)
+def test_a_misspelled_setting_is_refused_with_a_suggestion(tmp_path: Path, old: str, new: str, unknown: str, known: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
+    assert excinfo.value.message == f"unknown {unknown}; did you mean {known}?"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "unknown"),
+    [
+        ("[rotation]", "[colours]\nsky = 1\n\n[rotation]", "table [colours]"),
+        ("workers = 2", 'workers = 2\ncolour = "blue"', "setting `server.colour`"),
+        ("allow_reissue = false", "allow_reissue = false\nflavour = 1", "setting `profiles.device.flavour`"),
+    ],
+)
+def test_an_unknown_setting_without_a_close_name_is_refused(tmp_path: Path, old: str, new: str, unknown: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
+    assert excinfo.value.message == f'unknown {unknown}; see README.md, "Configuration"'
