@@ -72,17 +72,31 @@ def check_code(code: str) -> str:
     return code
 
 
+def validity_of_seconds(seconds: int) -> timedelta | None:
+    """A request's validity_seconds (a uint64) as a timedelta, None for 0 (the default).
+
+    Range-checked as an integer first: timedelta(seconds=2**63) overflows before check_validity could refuse it.
+    """
+    if seconds > MAX_VALIDITY.total_seconds():
+        raise _validity_out_of_range(f"{seconds} seconds")
+    return timedelta(seconds=seconds) if seconds else None
+
+
 def check_validity(validity: timedelta | None) -> timedelta:
     if validity is None or validity == timedelta(0):
         return DEFAULT_VALIDITY
     if not timedelta(minutes=5) <= validity <= MAX_VALIDITY:
-        raise InvalidRequest(
-            f"validity {validity} is out of range",
-            rule="verification-validity",
-            field="validity_seconds",
-            expected=f"between 300 and {int(MAX_VALIDITY.total_seconds())} seconds (0: one day)",
-        )
+        raise _validity_out_of_range(str(validity))
     return validity
+
+
+def _validity_out_of_range(shown: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"validity {shown} is out of range",
+        rule="verification-validity",
+        field="validity_seconds",
+        expected=f"between 300 and {int(MAX_VALIDITY.total_seconds())} seconds (0: one day)",
+    )
 
 
 def build_verification_certificate(
@@ -174,4 +188,12 @@ def _aki(ca_certificate: x509.Certificate) -> x509.AuthorityKeyIdentifier:
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_certificate.public_key())  # type: ignore[arg-type]
 
 
-__all__ = ["AUDIT_ACTION", "VerificationCertificate", "VerificationCertificates", "build_verification_certificate", "check_code"]
+__all__ = [
+    "AUDIT_ACTION",
+    "VerificationCertificate",
+    "VerificationCertificates",
+    "build_verification_certificate",
+    "check_code",
+    "check_validity",
+    "validity_of_seconds",
+]

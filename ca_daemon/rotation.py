@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("activate", "retire", "destroy", "emergency")
 REQUIRED_APPROVALS = 2
+DEFAULT_ROOT_VALIDITY_DAYS = 3650
+MAX_ROOT_VALIDITY_DAYS = 36500
+_LAST_NOT_AFTER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)  # the last time an X.509 GeneralizedTime can say
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,30 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def root_validity(days: int) -> timedelta:
+    """SelfSignKey's validity_days (a uint32, 0: DEFAULT_ROOT_VALIDITY_DAYS) as a timedelta.
+
+    Range-checked as an integer first: timedelta(days=2**32 - 1) overflows before self_sign could refuse it.
+    """
+    if days > MAX_ROOT_VALIDITY_DAYS:
+        raise _root_validity_out_of_range(f"{days} days")
+    return timedelta(days=days or DEFAULT_ROOT_VALIDITY_DAYS)
+
+
+def _check_root_validity(validity: timedelta, now: datetime) -> None:
+    if not timedelta(days=1) <= validity <= timedelta(days=MAX_ROOT_VALIDITY_DAYS) or validity > _LAST_NOT_AFTER - now:
+        raise _root_validity_out_of_range(f"{validity.days} days")
+
+
+def _root_validity_out_of_range(shown: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"root validity {shown} is out of range",
+        rule="root-validity",
+        field="validity_days",
+        expected=f"between 1 and {MAX_ROOT_VALIDITY_DAYS} days (0: {DEFAULT_ROOT_VALIDITY_DAYS}), ending by 9999-12-31",
+    )
+
+
 class KeyCeremony:
     """The officers' use cases. Blocking (token and store): call from a thread, not the event loop."""
 
@@ -101,6 +128,7 @@ class KeyCeremony:
     def self_sign(self, officer: str, key_id: str, subject: x509.Name, validity: timedelta) -> SelfSigned:
         """Make a pending key a self-signed root; link it with the active root both ways; publish it."""
         _check_officer(officer)
+        _check_root_validity(validity, _now())
         key = self._pending_without_certificate(key_id)
         private = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri))
         now = _now()
@@ -399,4 +427,4 @@ def _check_officer(officer: str) -> None:
         raise PermissionDenied("key ceremony steps need an authenticated officer identity", rule="role", expected="officer")
 
 
-__all__ = ["ACTIONS", "ApprovalResult", "KeyCeremony", "KeyInfo", "SelfSigned"]
+__all__ = ["ACTIONS", "ApprovalResult", "KeyCeremony", "KeyInfo", "SelfSigned", "root_validity"]

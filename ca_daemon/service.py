@@ -14,7 +14,7 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -32,9 +32,9 @@ from ca_daemon.authority import Authority, chain_pem
 from ca_daemon.issuer import parse_subject
 from ca_daemon.metrics import RequestMetrics
 from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, Revocation
-from ca_daemon.registration import VerificationCertificates
+from ca_daemon.registration import VerificationCertificates, validity_of_seconds
 from ca_daemon.revocation import Revocations
-from ca_daemon.rotation import KeyCeremony
+from ca_daemon.rotation import KeyCeremony, root_validity
 from ca_daemon.store import serial_hex
 
 log = logging.getLogger("ca_daemon.rpc")
@@ -379,7 +379,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
         if self._verification is None:
             raise errors.FailedPrecondition("verification certificates are not enabled in this server")
         verification = self._verification
-        validity = timedelta(seconds=request.validity_seconds) if request.validity_seconds else None
+        validity = validity_of_seconds(request.validity_seconds)
         caller = self._caller(context)
         result = await asyncio.to_thread(verification.issue, request.code, validity, caller)
         return ca_pb2.IssueVerificationCertificateResponse(
@@ -465,7 +465,7 @@ class KeyCeremonyServicer(ca_pb2_grpc.KeyCeremonyServicer):
         self, request: ca_pb2.SelfSignKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.SelfSignKeyResponse:
         subject = _subject(request.subject)
-        validity = timedelta(days=request.validity_days or 3650)
+        validity = root_validity(request.validity_days)
         result = await asyncio.to_thread(self._ceremony.self_sign, self._caller(context), request.key_id, subject, validity)
         return ca_pb2.SelfSignKeyResponse(
             certificate_pem=_pem(result.key.certificate_der or b""), link_certificates_pem=[_pem(link.der) for link in result.links]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ca_daemon._proto.ca_daemon.v1 import ca_pb2
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import CaEnv, Daemon
 from tests.integration.crl_helpers import crl_env, sign, start, stub
 
@@ -50,6 +51,22 @@ def _error(call: Callable[[], object]) -> grpc.RpcError:
 
 def _details(error: grpc.RpcError) -> str:
     return error.details() or ""
+
+
+def _ceremony(channel: grpc.Channel) -> ca_pb2_grpc.KeyCeremonyStub:
+    return ca_pb2_grpc.KeyCeremonyStub(channel)
+
+
+def _new_key(channel: grpc.Channel) -> str:
+    """A pending key in the token, without a certificate."""
+    label = f"hostile-{uuid.uuid4().hex[:8]}"
+    _ceremony(channel).GenerateKey(ca_pb2.GenerateKeyRequest(label=label), timeout=60)
+    return label
+
+
+def _has_certificate(channel: grpc.Channel, key_id: str) -> bool:
+    keys = {k.key_id: k for k in _ceremony(channel).ListKeys(ca_pb2.ListKeysRequest(), timeout=30).keys}
+    return keys[key_id].has_certificate
 
 
 # -- timestamps outside google.protobuf.Timestamp's range ---------------------------------------
@@ -118,3 +135,30 @@ def test_a_forged_page_token_is_refused_as_not_issued_by_this_server(channel: gr
     error = _error(lambda: stub(channel).StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(page_token=token), timeout=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
     assert "page_token is not a token this server issued" in _details(error)
+
+
+# -- validity numbers that overflow timedelta / datetime ----------------------------------------
+
+
+@pytest.mark.parametrize("validity_seconds", [30 * 86400 + 1, 10**14, 2**63, 2**64 - 1])
+def test_verification_certificate_refuses_a_validity_beyond_30_days_by_the_validity_rule(
+    channel: grpc.Channel, validity_seconds: int
+) -> None:
+    request = ca_pb2.IssueVerificationCertificateRequest(code="0F3A9C", validity_seconds=validity_seconds)
+    error = _error(lambda: stub(channel).IssueVerificationCertificate(request, timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert f"validity {validity_seconds} seconds is out of range" in _details(error)
+    assert "[rule verification-validity]" in _details(error)
+
+
+@pytest.mark.parametrize("validity_days", [36_501, 3_000_000, 2**32 - 1])
+def test_self_sign_refuses_a_validity_beyond_36500_days_naming_validity_days_and_installs_nothing(
+    channel: grpc.Channel, validity_days: int
+) -> None:
+    label = _new_key(channel)
+    request = ca_pb2.SelfSignKeyRequest(key_id=label, subject="CN=Hostile Root 2", validity_days=validity_days)
+    error = _error(lambda: _ceremony(channel).SelfSignKey(request, timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert f"root validity {validity_days} days is out of range" in _details(error)
+    assert "[rule root-validity]" in _details(error)
+    assert not _has_certificate(channel, label)

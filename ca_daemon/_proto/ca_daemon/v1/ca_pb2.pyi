@@ -127,7 +127,7 @@ class SelfSignKeyRequest(_message.Message):
     subject: _builtins.str
     """RFC 4514 subject, e.g. "CN=Factory Root CA 2,O=Example"."""
     validity_days: _builtins.int
-    """Validity in days; 0 selects 3650."""
+    """Validity in days: 1 to 36500, ending by 9999-12-31; 0 selects 3650."""
     def __init__(
         self,
         *,
