@@ -296,6 +296,16 @@ def _san_uris(certificate: x509.Certificate) -> list[str]:
 # -- the verifier ----------------------------------------------------------------------------
 
 
+# The Web PKI defaults, except that a leaf need not carry a subjectAltName (cryptography's client
+# verifier requires one by default): a profile without SAN templates identifies the device by its
+# CN alone (IdentityRule(source="cn")). When the identity rule reads a SAN, step 4 refuses a leaf
+# without one.
+_CA_EXTENSIONS = verification.ExtensionPolicy.webpki_defaults_ca()
+_LEAF_EXTENSIONS = verification.ExtensionPolicy.webpki_defaults_ee().may_be_present(
+    x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None
+)
+
+
 @dataclass
 class DeviceVerifier:
     """A cloud service's trust decision about a device certificate.
@@ -349,7 +359,13 @@ class DeviceVerifier:
         return Decision(True, "decision", "all checks passed", device_id, certificate.serial_number, numbers)
 
     def _chain(self, certificate: x509.Certificate, intermediates: Sequence[x509.Certificate], now: datetime) -> list[x509.Certificate]:
-        verifier = verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
+        verifier = (
+            verification.PolicyBuilder()
+            .store(self._store)
+            .time(now)
+            .extension_policies(ca_policy=_CA_EXTENSIONS, ee_policy=_LEAF_EXTENSIONS)
+            .build_client_verifier()
+        )
         try:
             verified = verifier.verify(certificate, list(intermediates))
         except verification.VerificationError as exc:

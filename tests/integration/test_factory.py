@@ -27,7 +27,7 @@ from ca_daemon.client import CaClient
 from ca_daemon.registration import AUDIT_ACTION
 from ca_daemon.simulate import Device, Progress, simulate
 from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, http_fetch, sign_challenge
-from tests.conftest import CaEnv, Daemon, make_env, openssl_verify
+from tests.conftest import CaEnv, Daemon, device_csr, make_env, openssl_verify
 from tests.factory_helpers import ForeignCa, private_key_needles
 from tests.integration.crl_helpers import crl_env, start
 
@@ -271,6 +271,26 @@ def test_verifier_five_steps(client: CaClient, setup: tuple[CaEnv, int]) -> None
         time.sleep(0.1)
     assert answer.startswith("REFUSED at step revocation") and "key_compromise" in answer, answer
     assert cache.stats.downloads >= 2 and cache.stats.not_modified >= 1
+
+
+def test_verifier_grants_a_leaf_without_san_by_its_cn(client: CaClient, setup: tuple[CaEnv, int]) -> None:
+    """The default profile (san_templates = []) issues no SAN: identity from the CN passes, a SAN rule names step identity."""
+    root = _root(client)
+    key = ec.generate_private_key(ec.SECP256R1())
+    device_id = f"nosan-{uuid.uuid4().hex[:8]}"
+    issued = client.sign(device_csr(device_id, key))
+    leaf = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+    with pytest.raises(x509.ExtensionNotFound):
+        leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    intermediates = x509.load_pem_x509_certificates(issued.chain_pem.encode())[:-1]
+
+    def decide(identity: IdentityRule) -> str:
+        verifier = DeviceVerifier([root], identity, CrlCache(max_age=0))
+        challenge = verifier.challenge()
+        return str(verifier.verify(leaf, intermediates, challenge, sign_challenge(key, challenge)))
+
+    assert decide(IdentityRule(source="cn")) == f"GRANTED device {device_id} (serial {leaf.serial_number:x})"
+    assert decide(IdentityRule()).startswith("REFUSED at step identity: expected exactly one SAN URI like urn:dev:ops:{device_id}, found 0")
 
 
 def test_crl_cache_keeps_the_highest_crl_number(client: CaClient, setup: tuple[CaEnv, int]) -> None:
