@@ -162,3 +162,25 @@ def test_self_sign_refuses_a_validity_beyond_36500_days_naming_validity_days_and
     assert f"root validity {validity_days} days is out of range" in _details(error)
     assert "[rule root-validity]" in _details(error)
     assert not _has_certificate(channel, label)
+
+
+# -- limits the contract states ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "label",
+    ["\u0441\u0430-root-1", "\uff4b\uff45\uff59\uff12", "\u043a\u043b\u044e\u0447", "a" * 65, "ca root", "ca/root"],
+    ids=["cyrillic-homoglyph-of-ca-root-1", "fullwidth", "cyrillic", "65-characters", "space", "slash"],
+)
+def test_generate_key_refuses_a_label_outside_the_documented_ascii_alphabet(channel: grpc.Channel, label: str) -> None:
+    """ca.proto: 'CKA_LABEL of the new key, also its key_id: 1-64 of [A-Za-z0-9-_.]'."""
+    error = _error(lambda: _ceremony(channel).GenerateKey(ca_pb2.GenerateKeyRequest(label=label), timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert "is not usable [rule label]" in _details(error)
+    assert label not in [k.key_id for k in _ceremony(channel).ListKeys(ca_pb2.ListKeysRequest(), timeout=30).keys]
+
+
+def test_generate_key_takes_a_label_of_64_characters_of_the_documented_alphabet(channel: grpc.Channel) -> None:
+    label = f"Az09._-{uuid.uuid4().hex}".ljust(64, "x")
+    reply = _ceremony(channel).GenerateKey(ca_pb2.GenerateKeyRequest(label=label), timeout=60)
+    assert reply.key_id == label
