@@ -95,13 +95,21 @@ def sqlite_file(store_url: str) -> Path:
     return Path(store_url.removeprefix("sqlite:///"))
 
 
+def check_destination(out: Path) -> None:
+    """FailedPrecondition unless out can be a new backup file: it must not exist, its directory must."""
+    if out.exists():
+        raise FailedPrecondition(f"{out} exists; a backup never overwrites a file: name a new one")
+    if not out.parent.is_dir():
+        state = "is not a directory" if out.parent.exists() else "does not exist"
+        raise FailedPrecondition(f"{out.parent} {state}; create the directory the backup goes to first")
+
+
 def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSummary:
     """Copy the live database to out (mode 0600) as of one transaction, check the copy, then keep it."""
     source = sqlite_file(store_url)
     if not source.exists():
         raise FailedPrecondition(f"no database at {source}; nothing to back up")
-    if out.exists():
-        raise FailedPrecondition(f"{out} exists; a backup never overwrites a file: name a new one")
+    check_destination(out)
     partial = out.with_name(out.name + ".partial")
     _remove_with_companions(partial)
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

@@ -191,3 +191,13 @@ def test_postgresql_stores_are_pointed_at_their_own_tools(tmp_path_factory: pyte
     result = env.cli("db", "backup", "--out", str(env.state_dir / "b.db"), check=False)
     assert result.returncode != 0 and "pg_dump" in result.stderr, result.stderr
     assert not (env.state_dir / "b.db").exists()
+
+
+def test_a_backup_into_a_missing_directory_is_refused_naming_it(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    env = make_env(tmp_path_factory.mktemp("nodir"), softhsm_conf)
+    before = audit_actions(database(env))
+    missing = env.state_dir / "backups"
+    result = env.cli("db", "backup", "--out", str(missing / "ca.db"), check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"ca-daemon: {missing} does not exist; create the directory the backup goes to first\n"
+    assert not missing.exists() and audit_actions(database(env)) == before  # refused before the token: no checkpoint signed
