@@ -816,7 +816,7 @@ publish_on_revoke = true
 directory = "crl"
 
 # A profile is the issuance policy for one kind of certificate; `ca-daemon reload` (or SIGHUP)
-# re-reads this section without a restart. See README.md ("Profiles") for every setting.
+# re-reads this section without a restart. See README.md ("Issuance policy"; every setting in "Configuration").
 [profiles.device]
 description = "Device identity certificate for TLS client authentication"
 device_id_pattern = '{DEFAULT_DEVICE_ID_PATTERN}'
@@ -853,7 +853,7 @@ mode = "template"
 key = "pkcs11:token={token};object=audit-1"
 checkpoint_interval_seconds = 300
 
-# Prometheus metrics endpoint (empty: off), e.g. "127.0.0.1:9464". See README.md ("Metrics").
+# Prometheus metrics endpoint (empty: off), e.g. "127.0.0.1:9464". See README.md ("Logs and metrics").
 [metrics]
 listen = ""
 
