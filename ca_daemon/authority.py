@@ -32,6 +32,7 @@ from ca_daemon.errors import (
     PolicyViolation,
     QuotaExceeded,
     StoreUnavailable,
+    echo,
 )
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.lint import Linter
@@ -102,7 +103,7 @@ class PolicySet:
         policy.authorize(caller, chosen, self.callers)
         profile = self.profiles.get(chosen)
         if profile is None:  # config.parse guarantees callers name existing profiles
-            raise PermissionDenied(f"profile {chosen!r} does not exist", rule="caller-profiles", field="profile")
+            raise PermissionDenied(f"profile {echo(chosen)} does not exist", rule="caller-profiles", field="profile")
         return profile
 
 
@@ -516,7 +517,7 @@ def parse_serial(text: str) -> int:
     cleaned = text.strip().replace(":", "").lower().removeprefix("0x")
     if not cleaned or len(cleaned) > 40 or any(c not in "0123456789abcdef" for c in cleaned):
         raise InvalidRequest(
-            f"serial {text[:64]!r} is not a hexadecimal serial number of at most 20 bytes",
+            f"serial {echo(text, 64)} is not a hexadecimal serial number of at most 20 bytes",
             rule="serial",
             field="serial",
             expected="hexadecimal, 1 to 40 digits",

@@ -6,6 +6,29 @@ below the gRPC layer knows about status codes.
 
 from __future__ import annotations
 
+# A message goes to the caller twice (grpc-message, percent-encoded, and grpc-status-details-bin, base64)
+# in trailers gRPC limits to 16 KiB in all: past that the caller sees RESOURCE_EXHAUSTED, not the refusal.
+# So a message is cut at MESSAGE_BYTES of UTF-8, and a caller's value it quotes at ECHO_CHARS characters.
+MESSAGE_BYTES = 1024
+ECHO_CHARS = 80
+TRUNCATED = "…(truncated)"
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """repr of a value from the caller, for a message: cut after limit characters, saying so."""
+    if isinstance(value, int) and value.bit_length() > 4 * limit:  # repr of a huge int is slow, or refused past 4300 digits
+        return f"<a {value.bit_length()}-bit number>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + TRUNCATED
+
+
+def capped(text: str, limit: int = MESSAGE_BYTES) -> str:
+    """text cut to at most limit bytes of UTF-8, ending in TRUNCATED when it was cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - len(TRUNCATED.encode())].decode(errors="ignore") + TRUNCATED
+
 
 class CaError(Exception):
     """Base of every error the daemon reports to a caller."""

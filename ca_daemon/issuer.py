@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from ca_daemon import crl_der
-from ca_daemon.errors import LintFailure
+from ca_daemon.errors import LintFailure, capped, echo
 from ca_daemon.lint import Linter
 from ca_daemon.policy import Decision
 
@@ -232,9 +232,9 @@ def parse_subject(text: str) -> x509.Name:
     try:
         name = x509.Name.from_rfc4514_string(text)
     except ValueError as exc:
-        raise ValueError(f"not an RFC 4514 distinguished name: {text!r} ({exc})") from None
+        raise ValueError(f"not an RFC 4514 distinguished name: {echo(text)} ({capped(str(exc), 160)})") from None
     if not name.get_attributes_for_oid(NameOID.COMMON_NAME):
-        raise ValueError(f"the CA subject {text!r} needs a CN")
+        raise ValueError(f"the CA subject {echo(text)} needs a CN")
     return name
 
 

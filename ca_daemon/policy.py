@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from ca_daemon.config import DEVICE_ID_PLACEHOLDER, WEAK_CSR_SIGNATURE_ALGORITHMS, ProfileConfig
-from ca_daemon.errors import AlreadyExists, InvalidRequest, PermissionDenied, PolicyViolation
+from ca_daemon.errors import AlreadyExists, InvalidRequest, PermissionDenied, PolicyViolation, echo
 from ca_daemon.model import CertificateRequest
 
 _PEM_CSR = re.compile(rb"-----BEGIN (NEW )?CERTIFICATE REQUEST-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END (NEW )?CERTIFICATE REQUEST-----")
@@ -492,7 +492,7 @@ class DeviceIdPattern:
         value = device_id_of(request)
         if re.fullmatch(self.pattern, value) is None:
             raise PolicyViolation(
-                f"subject CN {value!r} is not a valid device ID",
+                f"subject CN {echo(value)} is not a valid device ID",
                 rule=self.name,
                 field="subject.CN",
                 expected=f"a value matching {self.pattern}",
@@ -510,7 +510,9 @@ class SubjectValueLength:
         for a in request.subject:
             limit = min(self.max_length, SUBJECT_UPPER_BOUNDS.get(a.name, self.max_length))
             if a.name == "C" and re.fullmatch("[A-Z]{2}", a.value) is None:
-                raise _violation(self.name, "subject.C", f"subject C {a.value!r} is not a country code", "two capital letters (ISO 3166)")
+                raise _violation(
+                    self.name, "subject.C", f"subject C {echo(a.value)} is not a country code", "two capital letters (ISO 3166)"
+                )
             if not a.value.strip():
                 raise _violation(self.name, f"subject.{a.name}", f"subject {a.name} is empty", "a non-empty value")
             if len(a.value) > limit:
@@ -545,7 +547,7 @@ class SubjectAttributes:
             seen.add(a.name)
             if re.fullmatch(pattern, a.value) is None:
                 raise _violation(
-                    self.name, f"subject.{a.name}", f"subject {a.name} {a.value!r} is not allowed", f"a value matching {pattern}"
+                    self.name, f"subject.{a.name}", f"subject {a.name} {echo(a.value)} is not allowed", f"a value matching {pattern}"
                 )
 
 
@@ -598,7 +600,7 @@ class SanNoWildcards:
         for san in request.sans:
             text = san_text(san)
             if "*" in text:
-                raise _violation(self.name, f"csr.san.{san_kind(san)}", f"SAN {text!r} is a wildcard", "names without '*'")
+                raise _violation(self.name, f"csr.san.{san_kind(san)}", f"SAN {echo(text)} is a wildcard", "names without '*'")
 
 
 @dataclass(frozen=True)
@@ -622,7 +624,7 @@ class SanValues:
                 raise _violation(
                     self.name,
                     f"csr.san.{kind}",
-                    f"{kind} SAN {text!r} is not allowed for device {device_id!r}",
+                    f"{kind} SAN {echo(text)} is not allowed for device {echo(device_id)}",
                     f"a value matching {pattern}",
                 )
 
@@ -865,7 +867,7 @@ def authorize(caller: str, profile: str, callers: dict[str, tuple[str, ...]]) ->
     allowed = callers.get(caller, ())
     if profile not in allowed:
         raise PermissionDenied(
-            f"caller {caller!r} may not use profile {profile!r}; allowed: {', '.join(allowed) or 'none'}",
+            f"caller {echo(caller)} may not use profile {echo(profile)}; allowed: {', '.join(allowed) or 'none'}",
             rule="caller-profiles",
             field="profile",
             expected=" or ".join(allowed) or "no profile (ask an administrator to add this caller to [callers])",

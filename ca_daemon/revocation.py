@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from ca_daemon import crl_der
 from ca_daemon.authority import parse_serial
 from ca_daemon.config import Config
-from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFailure, NotFound
+from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFailure, NotFound, echo
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import SqlStore
@@ -146,7 +146,7 @@ class Revocations:
         if meta is None:
             known = await asyncio.to_thread(self._store.get_ca_key, issuer)
             if known is None:
-                raise NotFound(f"no CA key {issuer!r}", rule="issuer", field="issuer_key_id")
+                raise NotFound(f"no CA key {echo(issuer)}", rule="issuer", field="issuer_key_id")
             kind = "delta" if delta else "full"
             raise NotFound(f"no {kind} CRL of CA key {issuer} has been published yet", rule="crl", field="kind")
         if if_newer_than and meta.crl_number <= if_newer_than:

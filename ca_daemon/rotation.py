@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ca_daemon import authority, issuer
 from ca_daemon.config import Config
-from ca_daemon.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
+from ca_daemon.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied, echo
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, RevocationReason
 from ca_daemon.revocation import CrlPublisher, encode_entry
@@ -118,7 +118,7 @@ class KeyCeremony:
     def generate(self, officer: str, spec: KeySpec, label: str) -> CaKey:
         _check_officer(officer)
         if not _LABEL.fullmatch(label):
-            raise InvalidRequest(f"key label {label[:80]!r} is not usable", rule="label", field="label", expected="1-64 of [A-Za-z0-9-_.]")
+            raise InvalidRequest(f"key label {echo(label)} is not usable", rule="label", field="label", expected="1-64 of [A-Za-z0-9-_.]")
         if self._store.get_ca_key(label) is not None:
             raise FailedPrecondition(f"a CA key named {label!r} exists already", rule="label", field="label")
         try:  # another key (audit, mTLS CA) with that label would make both ambiguous
@@ -185,7 +185,7 @@ class KeyCeremony:
         """Record one officer's approval; when it is the second distinct officer's, execute the action."""
         _check_officer(officer)
         if action not in ACTIONS:
-            raise InvalidRequest(f"unknown key action {action!r}", rule="action", field="action", expected=", ".join(ACTIONS))
+            raise InvalidRequest(f"unknown key action {echo(action)}", rule="action", field="action", expected=", ".join(ACTIONS))
         if action == "emergency" and not successor_key_id:
             raise InvalidRequest("an emergency switch names the successor key", rule="successor", field="successor_key_id")
         if action != "emergency" and successor_key_id:
@@ -370,7 +370,7 @@ class KeyCeremony:
     def _key(self, key_id: str) -> CaKey:
         key = self._store.get_ca_key(key_id)
         if key is None:
-            raise NotFound(f"no CA key {key_id!r}; `ca-daemon key list` shows the known keys", rule="key", field="key_id")
+            raise NotFound(f"no CA key {echo(key_id)}; `ca-daemon key list` shows the known keys", rule="key", field="key_id")
         return key
 
     def _pending_without_certificate(self, key_id: str) -> CaKey:

@@ -63,17 +63,21 @@ def status_code_for(error: errors.CaError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def status_message(error: errors.CaError) -> str:
+    """The message a caller (and the request log) gets: the rule kept, the rest cut to errors.MESSAGE_BYTES."""
+    if not error.rule:
+        return errors.capped(error.message)
+    rule = f" [rule {errors.capped(error.rule, 128)}]"
+    return errors.capped(error.message, errors.MESSAGE_BYTES - len(rule.encode())) + rule
+
+
 def to_status(error: errors.CaError) -> grpc.Status:
     code = status_code_for(error)
-    info = error_details_pb2.ErrorInfo(
-        reason=error.rule or type(error).__name__,
-        domain="ca-daemon",
-        metadata={k: v for k, v in (("field", error.field), ("expected", error.expected)) if v},
-    )
+    metadata = {k: errors.capped(v, errors.MESSAGE_BYTES // 2) for k, v in (("field", error.field), ("expected", error.expected)) if v}
+    info = error_details_pb2.ErrorInfo(reason=errors.capped(error.rule or type(error).__name__, 128), domain="ca-daemon", metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    message = f"{error.message} [rule {error.rule}]" if error.rule else error.message
-    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=status_message(error), details=[detail]))
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
@@ -235,7 +239,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self, method: str, caller: str, exc: errors.CaError, context: grpc.aio.ServicerContext[Any, Any], started: float
     ) -> None:
         status = to_status(exc)
-        self._done(method, caller, status.code.name, started, exc.message)
+        self._done(method, caller, status.code.name, started, errors.capped(exc.message))
         await context.abort_with_status(status)  # type: ignore[attr-defined]
 
     def _done(self, method: str, caller: str, code: str, started: float, message: str = "") -> None:
@@ -521,7 +525,7 @@ def _key_spec(value: str) -> KeySpec:
         return KeySpec(value)
     except ValueError:
         raise errors.InvalidRequest(
-            f"key type {value!r} is unknown", rule="key-type", field="key_type", expected=", ".join(s.value for s in KeySpec)
+            f"key type {errors.echo(value)} is unknown", rule="key-type", field="key_type", expected=", ".join(s.value for s in KeySpec)
         ) from None
 
 

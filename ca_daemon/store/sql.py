@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from ca_daemon.audit_hash import CHAIN_LOCK_KEY, GENESIS, details_text, event_hash
-from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable
+from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable, echo
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import schema
 from ca_daemon.store.locks import Leadership, LockSpace, xact_lock, xact_locks
@@ -498,7 +498,7 @@ class SqlStore:
                     )
                 ).all()
                 if not rows and not serials:
-                    raise NotFound(f"no certificate was issued for device {device_id!r}", rule="device_id", field="device_id")
+                    raise NotFound(f"no certificate was issued for device {echo(device_id)}", rule="device_id", field="device_id")
                 for row in rows:
                     targets.setdefault(row.serial, row)
             # change_seq is max + 1 per issuer: replicas take it one at a time, so the sequence

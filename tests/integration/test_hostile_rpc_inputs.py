@@ -19,7 +19,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CaEnv, Daemon
+from tests.conftest import CaEnv, Daemon, device_csr
 from tests.integration.crl_helpers import crl_env, sign, start, stub
 
 
@@ -184,3 +184,70 @@ def test_generate_key_takes_a_label_of_64_characters_of_the_documented_alphabet(
     label = f"Az09._-{uuid.uuid4().hex}".ljust(64, "x")
     reply = _ceremony(channel).GenerateKey(ca_pb2.GenerateKeyRequest(label=label), timeout=60)
     assert reply.key_id == label
+
+
+# -- messages that quote unbounded input --------------------------------------------------------
+# gRPC sends a status message twice in trailers limited to 16 KiB: a message quoting a 10k-character
+# value whole reached the caller as RESOURCE_EXHAUSTED. The value is quoted cut, saying so.
+
+LONG = 10_000
+
+
+def _assert_quoted_cut(error: grpc.RpcError, code: grpc.StatusCode, start: str) -> None:
+    assert error.code() == code, (error.code(), _details(error)[:300])
+    assert _details(error).startswith(start), _details(error)[:300]
+    assert "…(truncated)" in _details(error)
+    assert len(_details(error).encode()) <= 1024
+
+
+def test_get_crl_of_an_unknown_issuer_of_10k_characters_is_not_found_quoting_it_cut(channel: grpc.Channel) -> None:
+    error = _error(lambda: stub(channel).GetCRL(ca_pb2.GetCRLRequest(issuer_key_id="z" * LONG), timeout=10))
+    _assert_quoted_cut(error, grpc.StatusCode.NOT_FOUND, "no CA key 'zzz")
+
+
+def test_sign_with_an_unknown_profile_of_10k_characters_is_permission_denied_quoting_it_cut(channel: grpc.Channel) -> None:
+    request = ca_pb2.SignRequest(csr=device_csr(), profile="p" * LONG, request_id=str(uuid.uuid4()))
+    error = _error(lambda: stub(channel).Sign(request, timeout=10))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED, (error.code(), _details(error)[:300])
+    assert "profile 'ppp" in _details(error)
+    assert "…(truncated)" in _details(error)
+    assert len(_details(error).encode()) <= 1024
+
+
+def test_revoke_bulk_of_an_unknown_device_of_10k_characters_is_not_found_quoting_it_cut(channel: grpc.Channel) -> None:
+    request = ca_pb2.RevokeBulkRequest(device_id="d" * LONG, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
+    error = _error(lambda: stub(channel).RevokeBulk(request, timeout=10))
+    _assert_quoted_cut(error, grpc.StatusCode.NOT_FOUND, "no certificate was issued for device 'ddd")
+
+
+def test_approve_an_unknown_action_of_10k_characters_is_invalid_argument_quoting_it_cut(channel: grpc.Channel) -> None:
+    request = ca_pb2.ApproveKeyActionRequest(action="a" * LONG, key_id="ca-root-1")
+    error = _error(lambda: _ceremony(channel).ApproveKeyAction(request, timeout=10))
+    _assert_quoted_cut(error, grpc.StatusCode.INVALID_ARGUMENT, "unknown key action 'aaa")
+
+
+def test_self_sign_an_unknown_key_id_of_10k_characters_is_not_found_quoting_it_cut(channel: grpc.Channel) -> None:
+    request = ca_pb2.SelfSignKeyRequest(key_id="k" * LONG, subject="CN=Hostile Root")
+    error = _error(lambda: _ceremony(channel).SelfSignKey(request, timeout=10))
+    _assert_quoted_cut(error, grpc.StatusCode.NOT_FOUND, "no CA key 'kkk")
+
+
+def test_generate_key_of_an_unknown_key_type_of_10k_characters_is_invalid_argument_quoting_it_cut(channel: grpc.Channel) -> None:
+    request = ca_pb2.GenerateKeyRequest(label=f"hostile-{uuid.uuid4().hex[:8]}", key_type="t" * LONG)
+    error = _error(lambda: _ceremony(channel).GenerateKey(request, timeout=10))
+    _assert_quoted_cut(error, grpc.StatusCode.INVALID_ARGUMENT, "key type 'ttt")
+
+
+def test_generate_key_with_a_label_of_10k_characters_is_invalid_argument_quoting_it_cut(channel: grpc.Channel) -> None:
+    error = _error(lambda: _ceremony(channel).GenerateKey(ca_pb2.GenerateKeyRequest(label="l" * LONG), timeout=10))
+    _assert_quoted_cut(error, grpc.StatusCode.INVALID_ARGUMENT, "key label 'lll")
+
+
+@pytest.mark.parametrize("subject", ["CN=" + "s" * LONG, "s" * LONG, "O=" + "s" * LONG], ids=["long-cn", "not-a-name", "no-cn"])
+def test_get_key_csr_with_a_subject_of_10k_characters_is_invalid_argument_quoting_it_cut(channel: grpc.Channel, subject: str) -> None:
+    request = ca_pb2.GetKeyCSRRequest(key_id="ca-root-1", subject=subject)
+    error = _error(lambda: _ceremony(channel).GetKeyCSR(request, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error)[:300])
+    assert _details(error).endswith("[rule subject]")
+    assert "…(truncated)" in _details(error)
+    assert len(_details(error).encode()) <= 1024
