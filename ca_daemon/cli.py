@@ -258,9 +258,10 @@ def _ca_export(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
     store = app.connect_store(config)
     try:
-        active = [k for k in store.list_ca_keys() if k.status == KeyStatus.ACTIVE and k.certificate_der]
+        keys = store.list_ca_keys()
+        active = [k for k in keys if k.status == KeyStatus.ACTIVE and k.certificate_der]
         if not active:
-            raise CaError("no active CA key with a certificate; run `ca-daemon init` first")
+            raise CaError(_no_active_key(keys, authority.key_id_for(Pkcs11Uri.parse(config.ca.key_uri))))
         key = active[0]
         assert key.certificate_der is not None
         if args.format == "der":
@@ -271,6 +272,20 @@ def _ca_export(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+def _no_active_key(keys: list[CaKey], configured: str) -> str:
+    """Why there is nothing to export: the configured key may be installed but still pending.
+
+    The daemon activates the first key (ca.key) when it first starts (authority.load_active_ca), so between
+    `ca import-cert` and the first `serve` the key has its certificate and `init` has nothing left to do.
+    """
+    if any(k.key_id == configured and k.status == KeyStatus.PENDING and k.certificate_der for k in keys):
+        return (
+            f"CA key {configured} has its certificate installed but becomes active only when the daemon first starts "
+            "(`ca-daemon serve`); export it after that"
+        )
+    return "no active CA key with a certificate; run `ca-daemon init` first"
 
 
 def _known_key(store: SqlStore, label: str) -> CaKey:

@@ -196,8 +196,18 @@ def test_intermediate_signed_by_an_outside_parent(tmp_path: Path, softhsm_conf: 
 
     cert_path.write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
     env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(root_path))
+    # Installed, but the key becomes active when the daemon first starts: export says so (init has nothing left to do).
+    exported = tmp_path / "export.pem"
+    early = env.cli("ca", "export", "--out", str(exported), check=False)
+    assert early.returncode == 1 and "CA key ca-root-1 has its certificate installed but becomes active only when" in early.stderr
+    assert not exported.exists()
     daemon = Daemon(env, tmp_path / "daemon.log").start()
     try:
+        env.cli("ca", "export", "--out", str(exported))
+        assert [c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(exported.read_bytes())] == [
+            "CN=Factory Issuing CA 1,O=Example Devices",
+            "CN=Outside Root CA",
+        ]
         csr_file, out = tmp_path / "device.csr", tmp_path / "device.pem"
         csr_file.write_bytes(device_csr("line-7-device-42"))
         result = subprocess.run(
