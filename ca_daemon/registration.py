@@ -92,7 +92,7 @@ def check_validity(validity: timedelta | None) -> timedelta:
 
 def _validity_out_of_range(shown: str) -> InvalidRequest:
     return InvalidRequest(
-        f"validity {shown} is out of range",
+        f"validity {shown} is out of range: from 5 minutes to {MAX_VALIDITY.days} days",
         rule="verification-validity",
         field="validity_seconds",
         expected=f"between 300 and {int(MAX_VALIDITY.total_seconds())} seconds (0: one day)",
