@@ -14,12 +14,14 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from cryptography import x509
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -164,6 +166,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return handler
         method = handler_call_details.method
+        deserializer = _decoding(handler.request_deserializer)
         if handler.unary_unary is not None:
             inner: Handler = handler.unary_unary  # type: ignore[assignment]
 
@@ -172,7 +175,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 caller = "-"
                 try:
                     caller = await self._admit(method, context)
-                    response = await inner(request, context)
+                    response = await inner(_decoded(request), context)
                 except errors.CaError as exc:
                     await self._refuse(method, caller, exc, context, started)
                 except grpc.aio.AbortError:
@@ -186,7 +189,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
-                guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                guarded, request_deserializer=deserializer, response_serializer=handler.response_serializer
             )
         if handler.unary_stream is not None:
             stream: StreamHandler = handler.unary_stream  # type: ignore[assignment]
@@ -196,7 +199,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 caller = "-"
                 try:
                     caller = await self._admit(method, context)
-                    async for item in stream(request, context):
+                    async for item in stream(_decoded(request), context):
                         yield item
                 except errors.CaError as exc:
                     await self._refuse(method, caller, exc, context, started)
@@ -209,7 +212,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 self._done(method, caller, "OK", started)
 
             return grpc.unary_stream_rpc_method_handler(
-                guarded_stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+                guarded_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
             )
         return handler
 
@@ -248,6 +251,45 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             principal = _PRINCIPAL.get(None)
             caller = principal.identity if principal is not None else caller
         self.request_log.add(method, caller, code, seconds, message)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request whose bytes are not its message: refused by the handler, like any other invalid request."""
+
+    message_type: str
+    error: str
+
+
+def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's request deserializer, returning _Undecodable instead of raising.
+
+    An exception in a deserializer ends the call in gRPC's own code: UNKNOWN and an ERROR traceback in the
+    log, with no request line or metric. Returned instead, the error reaches the handler after
+    authentication and is refused there as INVALID_ARGUMENT, logged and counted like other refusals.
+    """
+    if deserializer is None:
+        return None
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    message_type = descriptor.full_name if descriptor is not None else "request message"
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(message_type, str(exc))
+
+    return decode
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidRequest(
+            f"request is not a valid {request.message_type}: {request.error}",
+            rule="request-encoding",
+            expected=f"a {request.message_type} in the protobuf wire format, its strings UTF-8",
+        )
+    return request
 
 
 def _ms(started: float) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -251,3 +252,45 @@ def test_get_key_csr_with_a_subject_of_10k_characters_is_invalid_argument_quotin
     assert _details(error).endswith("[rule subject]")
     assert "…(truncated)" in _details(error)
     assert len(_details(error).encode()) <= 1024
+
+
+# -- bytes that are not the request message ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "message_type", "payload"),
+    [
+        (
+            "/ca_daemon.v1.CertificateAuthority/Sign",
+            "ca_daemon.v1.SignRequest",
+            ca_pb2.SignRequest(csr=b"x", request_id="AAAA").SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc"),
+        ),
+        (
+            "/ca_daemon.v1.CertificateAuthority/GetCertificate",
+            "ca_daemon.v1.GetCertificateRequest",
+            ca_pb2.GetCertificateRequest(serial="AAAA").SerializeToString().replace(b"AAAA", b"\xff\xfe\xfd\xfc"),
+        ),
+        ("/ca_daemon.v1.CertificateAuthority/GetCertificate", "ca_daemon.v1.GetCertificateRequest", b"\x0a\xff\xff\xff\xff\x0f"),
+        ("/ca_daemon.v1.CertificateAuthority/StreamAuditEvents", "ca_daemon.v1.StreamAuditEventsRequest", b"\x0a\xff\xff\xff\xff\x0f"),
+    ],
+    ids=["sign-request-id-not-utf8", "serial-not-utf8", "corrupt-wire-format", "stream-corrupt-wire-format"],
+)
+def test_a_request_that_does_not_decode_is_invalid_argument_logged_as_a_refusal_without_a_traceback(
+    channel: grpc.Channel, daemon: Daemon, method: str, message_type: str, payload: bytes
+) -> None:
+    if "Stream" in method:
+        streaming = channel.unary_stream(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        error = _error(lambda: list(streaming(payload, timeout=10)))
+    else:
+        unary = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        error = _error(lambda: unary(payload, timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert _details(error).startswith(f"request is not a valid {message_type}: "), _details(error)
+    assert _details(error).endswith("[rule request-encoding]")
+    deadline = time.monotonic() + 5
+    while f"request is not a valid {message_type}" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the request log is written in batches
+    refusals = [line for line in daemon.log().splitlines() if f"request is not a valid {message_type}" in line]
+    assert refusals and all('"status": "INVALID_ARGUMENT"' in line and method in line for line in refusals), refusals
+    assert "Traceback" not in daemon.log()
+    assert '"level": "ERROR"' not in daemon.log()
