@@ -33,7 +33,6 @@ _OID_REASON_CODE = bytes.fromhex("0603551d15")  # 2.5.29.21
 _OID_INVALIDITY_DATE = bytes.fromhex("0603551d18")  # 2.5.29.24
 _OID_CRL_NUMBER = bytes.fromhex("0603551d14")  # 2.5.29.20
 _OID_DELTA_CRL_INDICATOR = bytes.fromhex("0603551d1b")  # 2.5.29.27
-_OID_ISSUING_DISTRIBUTION_POINT = bytes.fromhex("0603551d1c")  # 2.5.29.28
 _OID_AUTHORITY_KEY_IDENTIFIER = bytes.fromhex("0603551d23")  # 2.5.29.35
 _OID_FRESHEST_CRL = bytes.fromhex("0603551d2e")  # 2.5.29.46
 _CRITICAL = bytes.fromhex("0101ff")
@@ -72,12 +71,16 @@ def time(value: datetime) -> bytes:
     value = value.astimezone(UTC)
     if 1950 <= value.year < 2050:
         return tlv(0x17, value.strftime("%y%m%d%H%M%SZ").encode())
-    return tlv(0x18, value.strftime("%Y%m%d%H%M%SZ").encode())
+    return generalized_time(value)
 
 
 def generalized_time(value: datetime) -> bytes:
-    """InvalidityDate is always GeneralizedTime (RFC 5280 5.3.2)."""
-    return tlv(0x18, value.astimezone(UTC).strftime("%Y%m%d%H%M%SZ").encode())
+    """YYYYMMDDHHMMSSZ (RFC 5280 4.1.2.5.2); InvalidityDate is always one (5.3.2).
+
+    The year is padded by hand: strftime's %Y writes year 999 as "999", not "0999".
+    """
+    value = value.astimezone(UTC)
+    return tlv(0x18, f"{value.year:04d}{value:%m%d%H%M%S}Z".encode())
 
 
 def extension(oid: bytes, value: bytes, *, critical: bool = False) -> bytes:
@@ -101,6 +104,20 @@ def revoked_entry(serial: int, revoked_at: datetime, reason: int, invalidity_dat
     return tlv(0x30, body)
 
 
+def read_entry(entry: bytes) -> x509.RevokedCertificate:
+    """One encoded revokedCertificate read back by cryptography's parser (ValueError if it is malformed).
+
+    cryptography parses entries only inside a CRL, so the entry is wrapped in an unsigned
+    v2 CertificateList with an empty issuer; only the entry is of interest.
+    """
+    epoch = time(datetime(2000, 1, 1, tzinfo=UTC))
+    tbs = tlv(0x30, _VERSION_V2 + _ALG_ED25519 + tlv(0x30, b"") + epoch + epoch + tlv(0x30, entry))
+    crl = x509.load_der_x509_crl(tlv(0x30, tbs + _ALG_ED25519 + tlv(0x03, b"\x00")))
+    (parsed,) = list(crl)
+    _ = parsed.extensions  # parsed lazily: read them here so a bad extension raises now
+    return parsed
+
+
 def signature_algorithm(key: CertificateIssuerPrivateKeyTypes) -> tuple[bytes, hashes.HashAlgorithm | None]:
     """The AlgorithmIdentifier for a CA key and the hash it signs with."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
@@ -117,17 +134,21 @@ def signature_algorithm(key: CertificateIssuerPrivateKeyTypes) -> tuple[bytes, h
 
 @dataclass(frozen=True)
 class CrlScope:
-    """What stays the same across an issuer's CRLs: who signs, and the URLs they name."""
+    """What stays the same across an issuer's CRLs: who signs, and the URLs they name.
+
+    A CRL carries no Issuing Distribution Point: each key publishes one CRL of everything it
+    issued (leaves, and link certificates of a rotation), which is what a CRL without one
+    means (RFC 5280 5.2.5). An IDP naming the leaves' distribution point put the self-signed
+    root itself out of its CRL's scope, so OpenSSL with CRL_CHECK_ALL (nginx `ssl_crl`,
+    Apache, curl `--crlfile`) refused every chain ("unable to get certificate CRL").
+    """
 
     issuer_name_der: bytes
     authority_key_identifier: x509.AuthorityKeyIdentifier
-    # The CRL Distribution Point URLs the leaves carry; named in the Issuing Distribution Point.
+    # The CRL Distribution Point URLs the leaves carry: where the full CRL is served.
     distribution_points: tuple[str, ...]
     # Where the delta CRL is published; named in the base CRL's Freshest CRL extension.
     delta_urls: tuple[str, ...]
-    # False once the CA has issued a CA certificate (a link certificate of a key rotation):
-    # its CRLs then cover CA certificates too, so onlyContainsUserCerts must not be set.
-    only_user_certs: bool = True
 
     @classmethod
     def for_ca(cls, ca_certificate: x509.Certificate, distribution_points: Iterable[str], delta_urls: Iterable[str]) -> CrlScope:
@@ -138,29 +159,12 @@ class CrlScope:
             aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_certificate.public_key())  # type: ignore[arg-type]
         return cls(ca_certificate.subject.public_bytes(), aki, tuple(distribution_points), tuple(delta_urls))
 
-    def issuing_distribution_point(self) -> x509.IssuingDistributionPoint:
-        """The same for base and delta (OpenSSL pairs them only when the IDPs are identical).
-
-        The CA issues only end-entity certificates, so onlyContainsUserCerts applies; the
-        name, when set, is the CDP URL the leaves carry, which verifiers match against.
-        """
-        return x509.IssuingDistributionPoint(
-            full_name=[x509.UniformResourceIdentifier(u) for u in self.distribution_points] or None,
-            relative_name=None,
-            only_contains_user_certs=self.only_user_certs,
-            only_contains_ca_certs=False,
-            only_some_reasons=None,
-            indirect_crl=False,
-            only_contains_attribute_certs=False,
-        )
-
 
 def crl_extensions(scope: CrlScope, crl_number: int, base_crl_number: int | None) -> bytes:
     """The crlExtensions of a base (base_crl_number None) or delta CRL, as one [0] EXPLICIT field."""
     parts = [
         extension(_OID_AUTHORITY_KEY_IDENTIFIER, scope.authority_key_identifier.public_bytes()),
         extension(_OID_CRL_NUMBER, integer(crl_number)),
-        extension(_OID_ISSUING_DISTRIBUTION_POINT, scope.issuing_distribution_point().public_bytes(), critical=True),
     ]
     if base_crl_number is not None:
         parts.append(extension(_OID_DELTA_CRL_INDICATOR, integer(base_crl_number), critical=True))
@@ -227,6 +231,7 @@ __all__ = [
     "CrlScope",
     "crl_extensions",
     "integer",
+    "read_entry",
     "revoked_entry",
     "sign_crl",
     "sign_tbs",

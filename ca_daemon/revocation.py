@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,13 +33,23 @@ from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import Leadership
-from ca_daemon.store.rotation_store import RotationStore
 
 log = logging.getLogger(__name__)
 
 # An invalidity date a little ahead of our clock is the caller's clock skew, not a prediction.
 _CLOCK_SKEW = timedelta(minutes=5)
 MAX_BULK_SERIALS = 100_000
+# The longest serial text a RevokeBulk caller may send for one serial: 20 bytes as colon-separated hex
+# pairs ("0A:1B:...") are 59 characters; 64 leaves room for a "0x" prefix or spaces around it.
+MAX_SERIAL_TEXT = 64
+# A RevokeBulkRequest of MAX_BULK_SERIALS such serials: each is a repeated-string element of a 1-byte
+# tag, a 1-byte length and the text. The server must accept a request this large (app.py).
+MAX_BULK_REQUEST_BYTES = MAX_BULK_SERIALS * (2 + MAX_SERIAL_TEXT)
+_ONE_SECOND = timedelta(seconds=1)
+# A CRL of a replica whose clock runs ahead is not waited for longer than this.
+_MAX_CLOCK_WAIT = timedelta(seconds=2)
+# X.509 time starts in 1950 (RFC 5280 4.1.2.5); an earlier invalidity date can only be a mistake.
+_EARLIEST_INVALIDITY_DATE = datetime(1950, 1, 1, tzinfo=UTC)
 
 
 def parse_reason(value: int) -> RevocationReason:
@@ -57,18 +68,58 @@ def parse_reason(value: int) -> RevocationReason:
 def check_invalidity_date(value: datetime | None, now: datetime) -> datetime | None:
     if value is None:
         return None
+    if value < _EARLIEST_INVALIDITY_DATE:
+        raise InvalidRequest(
+            f"invalidity_date {value.isoformat()} is before {_EARLIEST_INVALIDITY_DATE.year}; "
+            "it says when the key was (suspected) compromised",
+            rule="invalidity-date",
+            field="invalidity_date",
+            expected=f"a time from {_EARLIEST_INVALIDITY_DATE.date().isoformat()} on, not after now",
+        )
     if value > now + _CLOCK_SKEW:
         raise InvalidRequest(
             f"invalidity_date {value.isoformat()} is in the future; it says when the key was (suspected) compromised",
             rule="invalidity-date",
             field="invalidity_date",
-            expected="a time not after now",
+            expected=f"a time from {_EARLIEST_INVALIDITY_DATE.date().isoformat()} on, not after now",
         )
     return value.replace(microsecond=0)
 
 
 def encode_entry(serial: int, revoked_at: datetime, reason: int, invalidity_date: datetime | None) -> bytes:
-    return crl_der.revoked_entry(serial, revoked_at, reason, invalidity_date)
+    """The entry's DER, stored once and copied into every CRL until it leaves them.
+
+    It is read back and compared before it is stored: a malformed entry would make every
+    later CRL of its issuer unreadable, and the CRL self-check does not read the entries.
+    """
+    der = crl_der.revoked_entry(serial, revoked_at, reason, invalidity_date)
+    try:
+        read = _read_entry(der)
+    except (ValueError, KeyError) as exc:
+        raise LintFailure(f"the CRL entry of serial {serial:x} does not read back: {exc}", rule="crl-entry") from None
+    whole_seconds = (serial, revoked_at.replace(microsecond=0), reason, invalidity_date and invalidity_date.replace(microsecond=0))
+    if read != whole_seconds:
+        raise LintFailure(f"the CRL entry of serial {serial:x} reads back as {read}, not as it was built", rule="crl-entry")
+    return der
+
+
+_REASON_CODES = {x509.ReasonFlags[reason.name.lower()]: reason.value for reason in RevocationReason} | {
+    x509.ReasonFlags.remove_from_crl: crl_der.REMOVE_FROM_CRL
+}
+
+
+def _read_entry(der: bytes) -> tuple[int, datetime, int, datetime | None]:
+    """Serial, revocation date, reason code and invalidity date, as cryptography reads them."""
+    entry = crl_der.read_entry(der)
+    extensions = {extension.oid: extension.value for extension in entry.extensions}
+    reason = extensions.get(x509.CRLReason.oid)
+    invalidity = extensions.get(x509.InvalidityDate.oid)
+    return (
+        entry.serial_number,
+        entry.revocation_date_utc,
+        _REASON_CODES[reason.reason] if isinstance(reason, x509.CRLReason) else RevocationReason.UNSPECIFIED,
+        invalidity.invalidity_date_utc if isinstance(invalidity, x509.InvalidityDate) else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -185,7 +236,8 @@ class CrlPublisher:
         self._issuers: dict[str, CrlIssuer] = {}
         # Set by the scheduler of a replicated daemon: the commit is refused unless this process still leads.
         self.fence: Leadership | None = None
-        # Issuers whose CRL scope changed (see issuers()); the scheduler publishes a new full CRL for them.
+        # Issuers whose last full CRL has another scope than the ones now built (see issuers());
+        # the scheduler publishes a new full CRL for them before a delta, as a delta must match its base.
         self.rescoped: set[str] = set()
 
     def issuers(self, now: datetime) -> list[CrlIssuer]:
@@ -195,22 +247,30 @@ class CrlPublisher:
         retired key published its final CRL (rotation.py) and signs no more.
         """
         found: list[CrlIssuer] = []
-        keys = self._store.list_ca_keys()
-        link_issuers = {link.issuer_key_id for link in RotationStore(self._store).links(keys)}
-        for key in keys:
+        for key in self._store.list_ca_keys():
             if key.status not in (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED) or key.certificate_der is None:
                 continue
             certificate = x509.load_der_x509_certificate(key.certificate_der)
             if certificate.not_valid_after_utc < now:
                 continue
             issuer = self._issuers.get(key.key_id)
-            if issuer is not None and issuer.scope.only_user_certs and key.key_id in link_issuers:
-                issuer = None  # it has just issued a link certificate: from now on its CRLs cover CA certificates
-                self.rescoped.add(key.key_id)
             if issuer is None:
-                issuer = self._issuers[key.key_id] = self._load(key, certificate, only_user_certs=key.key_id not in link_issuers)
+                issuer = self._issuers[key.key_id] = self._load(key, certificate)
+                if self._has_issuing_distribution_point(key.key_id):
+                    self.rescoped.add(key.key_id)
             found.append(issuer)
         return found
+
+    def _has_issuing_distribution_point(self, key_id: str) -> bool:
+        """Whether the key's last full CRL still has the IDP that CRLs of earlier versions carried."""
+        full = self._store.latest_crl(key_id, delta=False)
+        if full is None:
+            return False
+        try:
+            x509.load_der_x509_crl(full.der).extensions.get_extension_for_class(x509.IssuingDistributionPoint)
+        except x509.ExtensionNotFound:
+            return False
+        return True
 
     def retired(self, now: datetime) -> list[CrlIssuer]:
         """Retired (and destroyed) keys whose certificate is still valid: their final CRL is still handed out."""
@@ -226,9 +286,7 @@ class CrlPublisher:
     def issuer_of(self, key: CaKey) -> CrlIssuer:
         """The CRL issuer of one key, whatever its status (for its final CRL)."""
         assert key.certificate_der is not None
-        links = RotationStore(self._store).links(self._store.list_ca_keys())
-        only_user_certs = key.key_id not in {link.issuer_key_id for link in links}
-        return self._load(key, x509.load_der_x509_certificate(key.certificate_der), only_user_certs=only_user_certs)
+        return self._load(key, x509.load_der_x509_certificate(key.certificate_der))
 
     def publish_final(self, issuer: CrlIssuer, now: datetime | None = None) -> PublishedCrl:
         """The key's last full CRL: every entry, valid until the CA certificate expires (RFC 5280 5.1.2.5).
@@ -236,7 +294,7 @@ class CrlPublisher:
         No entry is dropped for expiry, so a relying party holding only this CRL still sees
         every revocation the key ever made.
         """
-        now = (now or datetime.now(UTC)).replace(microsecond=0)
+        now = self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=False)
         issuer = dataclasses.replace(issuer, scope=dataclasses.replace(issuer.scope, delta_urls=()))  # no delta will follow
         entries = self._store.crl_entries(issuer.key_id, after_seq=None, drop_expired=None)
         next_update = max(issuer.certificate.not_valid_after_utc, now + self._config.crl.full_validity)
@@ -257,7 +315,25 @@ class CrlPublisher:
         log.info("published the final CRL %d of %s with %d entries", crl.crl_number, issuer.key_id, crl.entries)
         return crl
 
-    def _load(self, key: CaKey, certificate: x509.Certificate, *, only_user_certs: bool = True, with_key: bool = True) -> CrlIssuer:
+    def _next_second(self, key_id: str, now: datetime, *, delta: bool) -> datetime:
+        """now, or a little later: two CRLs of one kind never share a thisUpdate (whole seconds).
+
+        thisUpdate is the CRL's Last-Modified over HTTP, and a client holding the first of two
+        deltas of one second would be told 304 for the second (If-Modified-Since); a relying
+        party comparing thisUpdate could not tell them apart either. The wait is under a second,
+        and only for a CRL following one of the same second (publish_on_revoke).
+        """
+        last = self._store.latest_crl(key_id, delta=delta, with_der=False)
+        if last is None or last.this_update < now:
+            return now
+        wait = (last.this_update + _ONE_SECOND - datetime.now(UTC)).total_seconds()
+        time.sleep(min(max(wait, 0.0), _MAX_CLOCK_WAIT.total_seconds()))
+        later = datetime.now(UTC).replace(microsecond=0)
+        if later <= last.this_update:
+            log.warning("the clock is behind CRL %d of %s (thisUpdate %s); publishing anyway", last.crl_number, key_id, last.this_update)
+        return later
+
+    def _load(self, key: CaKey, certificate: x509.Certificate, *, with_key: bool = True) -> CrlIssuer:
         active_label = Pkcs11Uri.parse(self._config.ca.key_uri).label
 
         # The configured URLs name the active key; a retired key's CRLs live beside them under its own name.
@@ -267,13 +343,12 @@ class CrlPublisher:
         scope = crl_der.CrlScope.for_ca(
             certificate, rename(self._config.ca.crl_distribution_points), rename(self._config.crl.delta_distribution_points)
         )
-        scope = dataclasses.replace(scope, only_user_certs=only_user_certs)
         private_key = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri)) if with_key else None
         return CrlIssuer(key.key_id, certificate, private_key, scope)  # type: ignore[arg-type]
 
     def publish(self, issuer: CrlIssuer, *, delta: bool, now: datetime | None = None) -> PublishedCrl:
         """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why."""
-        now = (now or datetime.now(UTC)).replace(microsecond=0)
+        now = self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=delta)
         try:
             crl = self.build(issuer, delta=delta, now=now)
             self.check(issuer, crl)

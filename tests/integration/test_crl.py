@@ -122,9 +122,7 @@ def test_crl_structure_and_pkilint(channel: grpc.Channel, tmp_path: Path) -> Non
     _revoke(channel, cert.serial)
     delta = wait_for_crl(channel, lambda crl: int(cert.serial, 16) in serials_in(crl))
     base = get_crl(channel)
-    leaf = x509.load_pem_x509_certificate(cert.certificate_pem.encode())
     ca = x509.load_pem_x509_certificates(cert.chain_pem.encode())[0]
-    cdp = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     for response in (base, delta):
         crl = x509.load_der_x509_crl(response.crl_der)
         assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
@@ -132,9 +130,8 @@ def test_crl_structure_and_pkilint(channel: grpc.Channel, tmp_path: Path) -> Non
         aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
         assert aki.key_identifier == ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
         assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == response.crl_number
-        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
-        assert idp.critical and idp.value.only_contains_user_certs
-        assert idp.value.full_name == cdp[0].full_name  # the URL the leaves carry
+        with pytest.raises(x509.ExtensionNotFound):  # one CRL of everything the key issued: no IDP narrows it
+            crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
         assert crl.next_update_utc == response.next_update.ToDatetime(tzinfo=UTC)
         path = tmp_path / f"{response.crl_number}.crl"
         path.write_bytes(response.crl_der)
@@ -144,6 +141,43 @@ def test_crl_structure_and_pkilint(channel: grpc.Channel, tmp_path: Path) -> Non
     assert delta_url.endswith("-delta.crl")
     with pytest.raises(x509.ExtensionNotFound):
         x509.load_der_x509_crl(delta.crl_der).extensions.get_extension_for_class(x509.FreshestCRL)
+
+
+def test_openssl_crl_check_all_accepts_a_valid_leaf_and_refuses_a_revoked_one(channel: grpc.Channel, tmp_path: Path) -> None:
+    """CRL_CHECK_ALL (nginx ssl_crl, Apache, curl --crlfile) checks the self-signed root against its own CRL too.
+
+    The CRLs used to carry an Issuing Distribution Point naming the leaves' CDP with
+    onlyContainsUserCerts, which put the root out of every CRL's scope: each chain was
+    refused with "unable to get certificate CRL".
+    """
+    valid, revoked = sign(channel), sign(channel)
+    _revoke(channel, revoked.serial)
+    wait_for_crl(channel, lambda crl: int(revoked.serial, 16) in serials_in(crl))
+    crls = _crl_file(tmp_path, get_crl(channel).crl_der, get_crl(channel, delta=True).crl_der)
+    for flags in (("-crl_check_all",), ("-crl_check_all", "-use_deltas")):
+        ok = openssl_verify(tmp_path, valid.certificate_pem, valid.chain_pem, *flags, "-CRLfile", crls)
+        assert ok.returncode == 0, (flags, ok.stdout + ok.stderr)
+    refused = openssl_verify(tmp_path, revoked.certificate_pem, revoked.chain_pem, "-crl_check_all", "-use_deltas", "-CRLfile", crls)
+    assert refused.returncode != 0 and "certificate revoked" in refused.stdout + refused.stderr
+
+
+def test_two_quick_deltas_have_distinct_this_update_so_if_modified_since_sees_the_second(
+    channel: grpc.Channel, setup: tuple[CaEnv, int]
+) -> None:
+    """thisUpdate is the CRL's Last-Modified; two deltas of one second made If-Modified-Since answer 304 for the newer one."""
+    _, port = setup
+    full = x509.load_der_x509_crl(get_crl(channel).crl_der)
+    path = url_path_of(str(full.extensions.get_extension_for_class(x509.FreshestCRL).value[0].full_name[0].value))
+    a, b = sign(channel), sign(channel)
+    _revoke(channel, a.serial)
+    first = wait_for_crl(channel, lambda crl: int(a.serial, 16) in serials_in(crl))
+    status, headers, body = _http_get(port, path)
+    _revoke(channel, b.serial)  # publish_on_revoke: the next delta follows within the same second, unless it waits
+    second = wait_for_crl(channel, lambda crl: int(b.serial, 16) in serials_in(crl))
+    assert second.this_update.ToDatetime() > first.this_update.ToDatetime()
+    if body == first.crl_der:  # the first delta was still served when fetched: revalidate by its date
+        status, _, body = _http_get(port, path, {"If-Modified-Since": headers["last-modified"]})
+        assert (status, body) == (200, second.crl_der)
 
 
 def test_get_crl_if_newer_than(channel: grpc.Channel) -> None:

@@ -116,6 +116,17 @@ def test_invalidity_date_in_the_future_is_invalid_argument(channel: grpc.Channel
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("year", [1, 999, 1949])
+def test_invalidity_date_before_1950_is_invalid_argument_and_nothing_is_revoked(channel: grpc.Channel, year: int) -> None:
+    # Year 999 used to be accepted and encoded as a 14-character GeneralizedTime: every later CRL was unreadable.
+    cert = sign(channel)
+    code, details = _code(lambda: _revoke(channel, cert.serial, invalidity_date=_ts(datetime(year, 6, 1, tzinfo=UTC))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "invalidity_date" in details and "1950" in details
+    got = stub(channel).GetCertificate(ca_pb2.GetCertificateRequest(serial=cert.serial), timeout=10)
+    assert not got.HasField("revocation")
+
+
 def test_hold_can_be_lifted_and_the_next_delta_says_remove_from_crl(channel: grpc.Channel) -> None:
     cert = sign(channel)
     serial = int(cert.serial, 16)

@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ca_daemon import crl_der, issuer
+from ca_daemon import crl_der, issuer, revocation
+from ca_daemon.errors import LintFailure
 from ca_daemon.model import RevocationReason
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -45,6 +46,40 @@ def test_times_switch_to_generalized_time_in_2050() -> None:
     assert crl_der.time(datetime(2050, 1, 1, tzinfo=UTC)) == b"\x18\x0f20500101000000Z"
 
 
+@given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59), timezones=st.just(UTC)))
+def test_generalized_time_has_four_year_digits_as_cryptography_writes_it(value: datetime) -> None:
+    # strftime's %Y wrote year 999 as "999": a 14-character time that made every later CRL unreadable.
+    value = value.replace(microsecond=0)
+    assert crl_der.generalized_time(value) == x509.InvalidityDate(value).public_bytes()
+    if not 1950 <= value.year < 2050:
+        assert crl_der.time(value) == crl_der.generalized_time(value)
+
+
+@given(
+    serial=st.integers(min_value=1, max_value=2**159),
+    reason=st.sampled_from([*RevocationReason, crl_der.REMOVE_FROM_CRL]),
+    invalidity=st.none() | st.datetimes(min_value=datetime(1950, 1, 1), max_value=datetime(9999, 1, 1), timezones=st.just(UTC)),
+)
+def test_entries_read_back_as_they_were_encoded(serial: int, reason: int, invalidity: datetime | None) -> None:
+    entry = revocation.encode_entry(serial, NOW, reason, invalidity)
+    read = crl_der.read_entry(entry)
+    assert (read.serial_number, read.revocation_date_utc) == (serial, NOW)
+    names = {extension.oid for extension in read.extensions}
+    assert (x509.CRLReason.oid in names) == (reason != RevocationReason.UNSPECIFIED)
+    assert (x509.InvalidityDate.oid in names) == (invalidity is not None)
+
+
+def test_an_entry_that_does_not_read_back_is_refused_before_it_is_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The encoder as it was: year 999 came out as "9990601000000Z". The read-back must catch
+    # any such slip before the entry is stored and copied into every later CRL.
+    def unpadded(value: datetime) -> bytes:
+        return crl_der.tlv(0x18, value.strftime("%Y%m%d%H%M%SZ").encode())
+
+    monkeypatch.setattr(crl_der, "generalized_time", unpadded)
+    with pytest.raises(LintFailure, match="does not read back"):
+        revocation.encode_entry(5, NOW, RevocationReason.KEY_COMPROMISE, datetime(999, 6, 1, tzinfo=UTC))
+
+
 def _builder_equivalent(
     key: CertificateIssuerPrivateKeyTypes,
     ca: x509.Certificate,
@@ -60,7 +95,6 @@ def _builder_equivalent(
         .next_update(NOW + timedelta(days=7))
         .add_extension(scope.authority_key_identifier, critical=False)
         .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(scope.issuing_distribution_point(), critical=True)
     )
     if base is not None:
         builder = builder.add_extension(x509.DeltaCRLIndicator(base), critical=True)
