@@ -238,6 +238,14 @@ class KeyCeremony:
                     "one expires (or revoke them)",
                     rule="unexpired-certificates",
                 )
+            held = self._rotation.unexpired_on_hold(key_id, now)
+            if held:
+                # A hold is reversible, but no CRL of a retired key could ever say it was lifted.
+                raise FailedPrecondition(
+                    f"CA key {key_id} still has {len(held)} valid certificate(s) on hold (e.g. {held[0]:x}); lift the hold or "
+                    "revoke them for good before it retires",
+                    rule="certificates-on-hold",
+                )
         elif action == "destroy" and key.status != KeyStatus.RETIRED:
             raise FailedPrecondition(f"CA key {key_id} is {key.status.value}; only a retired key can be destroyed", rule="key-status")
 
@@ -291,13 +299,20 @@ class KeyCeremony:
             return f"CA key {key_id} is active" + (f"; {current.key_id} is superseded and keeps signing its CRLs" if current else "")
         if action == "retire":
             key = self._key(key_id)
+            as_of = None
             if key.status == KeyStatus.SUPERSEDED and key.certificate_der is not None:
+                # What is still valid now can only be a link certificate (the precheck found no leaves). A
+                # retired key can never revoke it, so it is withdrawn now, on the final CRL: otherwise whoever
+                # trusts only this root would accept the successor's chain with no way to learn of its compromise.
+                links = self._rotation.unexpired_unrevoked(key_id, now, leaves_only=False)
+                details["revoked_link_certificates"] = str(self._revoke(links, RevocationReason.CESSATION_OF_OPERATION, officer))
                 publisher = CrlPublisher(self._config, self._hsm, self._store)
                 final = publisher.publish_final(publisher.issuer_of(key), now)
                 details["final_crl_number"] = str(final.crl_number)
+                as_of = final.change_seq
             change = StatusChange(key_id, (KeyStatus.SUPERSEDED, KeyStatus.PENDING), KeyStatus.RETIRED, "retired_at")
             event = AuditEvent(time=now, actor=officer, action="key.retire", outcome="executed", key_id=key_id, details=details)
-            self._rotation.execute(action, key_id, successor_key_id, now, window, [change], event)
+            self._rotation.execute(action, key_id, successor_key_id, now, window, [change], event, revocations_as_of=as_of)
             return f"CA key {key_id} is retired" + (f" (final CRL {details['final_crl_number']})" if "final_crl_number" in details else "")
         if action == "destroy":
             if len(self._rotation.live_officers(action, key_id, successor_key_id, now, window)) < REQUIRED_APPROVALS:

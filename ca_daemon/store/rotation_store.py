@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import and_, insert, select, update
 
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
-from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeyStatus
+from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason
+from ca_daemon.store.locks import LockSpace, xact_lock
 from ca_daemon.store.schema import ca_key_lifecycle, ca_keys, certificates, key_approvals, revocations
 from ca_daemon.store.sql import SqlStore, _certificate, _certificate_values, serial_hex
 
@@ -101,14 +102,25 @@ class RotationStore:
         audit: AuditEvent,
         *,
         required: int = 2,
+        revocations_as_of: int | None = None,
     ) -> None:
         """Consume the live approvals and apply the status changes in one transaction.
 
         Refused (nothing changes) unless `required` distinct officers still have live,
         unconsumed approvals, and every key is in a status its change expects: a second
         process executing the same approvals at the same moment finds them consumed.
+        With revocations_as_of (a retirement: the change sequence its final CRL covers), it is
+        refused too if a revocation of key_id's certificates was recorded since.
         """
         with self._store._begin() as conn:
+            if revocations_as_of is not None:
+                xact_lock(conn, LockSpace.REVOCATIONS, key_id)  # the lock every revocation of key_id's certificates takes
+                if self._store._max_change_seq(conn, key_id) != revocations_as_of:
+                    raise FailedPrecondition(
+                        f"a revocation of {key_id}'s certificates was recorded while its final CRL was being signed; "
+                        "nothing changed: approve again to retire it with a final CRL that includes it",
+                        rule="final-crl",
+                    )
             officers = _live_officers(conn, action, key_id, successor_key_id, now, window)
             if len(officers) < required:
                 raise FailedPrecondition(
@@ -143,6 +155,19 @@ class RotationStore:
         )
         if leaves_only:
             stmt = stmt.where(certificates.c.profile != LINK_PROFILE)
+        with self._store._connect() as conn:
+            return [int(r.serial, 16) for r in conn.execute(stmt)]
+
+    def unexpired_on_hold(self, key_id: str, now: datetime) -> list[int]:
+        """Serials of the key's certificates still valid at now and on hold (certificateHold, not lifted)."""
+        stmt = (
+            select(certificates.c.serial)
+            .select_from(certificates.join(revocations, revocations.c.serial == certificates.c.serial))
+            .where(certificates.c.issuer_key_id == key_id)
+            .where(certificates.c.not_after > self._store._bind_time(now))
+            .where(revocations.c.reason == RevocationReason.CERTIFICATE_HOLD.value)
+            .where(revocations.c.lifted_at.is_(None))
+        )
         with self._store._connect() as conn:
             return [int(r.serial, 16) for r in conn.execute(stmt)]
 

@@ -43,6 +43,16 @@ from ca_daemon.store.schema import revocations as revocations_table
 REMOVE_FROM_CRL = 8
 
 
+def _issuer_retired(serial_text: str, issuer_key_id: str, status: str) -> FailedPrecondition:
+    """A retired key's final CRL is its last word: a change no CRL would ever carry is refused."""
+    return FailedPrecondition(
+        f"certificate {serial_text} was issued by CA key {issuer_key_id}, which is {status}: its final CRL is published "
+        "and it signs no more, so the revocation status of its certificates can no longer change",
+        rule="issuer-retired",
+        field="serial",
+    )
+
+
 def serial_hex(serial: int) -> str:
     """The canonical text form of a serial number: lowercase hex, no leading zeros."""
     return format(serial, "x")
@@ -511,7 +521,12 @@ class SqlStore:
                 else {}
             )
             next_seq: dict[str, int] = {}
+            retired = self._retired_issuers(conn, {cert.issuer_key_id for cert in targets.values()})
             for serial_text, cert in targets.items():
+                if cert.issuer_key_id in retired:
+                    if serial_text in explicit:
+                        raise _issuer_retired(serial_text, cert.issuer_key_id, retired[cert.issuer_key_id])
+                    continue  # a device's old certificate: revoked or expired before its issuer retired
                 previous = existing.get(serial_text)
                 if previous is not None and previous.lifted_at is None:
                     upgrade = previous.reason == RevocationReason.CERTIFICATE_HOLD and reason != RevocationReason.CERTIFICATE_HOLD
@@ -589,6 +604,9 @@ class SqlStore:
                     field="serial",
                     expected="a certificate revoked with reason certificateHold",
                 )
+            retired = self._retired_issuers(conn, {row.issuer_key_id})
+            if retired:
+                raise _issuer_retired(serial_text, row.issuer_key_id, retired[row.issuer_key_id])
             revoked_at = _utc(row.revoked_at)
             conn.execute(
                 update(revocations_table)
@@ -629,6 +647,22 @@ class SqlStore:
             _utc(row.revoked_at),
             _utc(row.invalidity_date) if row.invalidity_date is not None else None,
         )
+
+    @staticmethod
+    def _retired_issuers(conn: Connection, key_ids: set[str]) -> dict[str, str]:
+        """The retired or destroyed keys among key_ids, with their status.
+
+        Read under the issuers' revocation locks, which a retirement takes too (it checks that
+        nothing changed since its final CRL was built), so neither can slip past the other.
+        """
+        if not key_ids:
+            return {}
+        rows = conn.execute(
+            select(ca_keys.c.key_id, ca_keys.c.status)
+            .where(ca_keys.c.key_id.in_(sorted(key_ids)))
+            .where(ca_keys.c.status.in_((KeyStatus.RETIRED.value, KeyStatus.DESTROYED.value)))
+        )
+        return {row.key_id: row.status for row in rows}
 
     def max_change_seq(self, issuer_key_id: str) -> int:
         with self._connect() as conn:

@@ -323,11 +323,15 @@ def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) ->
         assert int(a_revoked.serial, 16) in {e.serial_number for e in final}
         assert final.next_update_utc is not None and final.next_update_utc >= roots[KEY1].not_valid_after_utc
         assert final.is_signature_valid(roots[KEY1].public_key())  # type: ignore[arg-type]
-        # Key 1 issued a link certificate, so its CRLs cover CA certificates; no delta follows the final CRL.
-        idp = final.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
-        assert not idp.only_contains_user_certs
+        # Key 1 issued a link certificate, so its CRLs cover CA certificates (no IDP narrows them); no delta follows the final CRL.
+        with pytest.raises(x509.ExtensionNotFound):
+            final.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
         with pytest.raises(x509.ExtensionNotFound):
             final.extensions.get_extension_for_class(x509.FreshestCRL)
+        # The retired key can revoke nothing more, so the link it issued for key 2 is withdrawn on its final CRL.
+        link_entry = final.get_revoked_certificate_by_serial_number(x509.load_pem_x509_certificate(old_signs_new.encode()).serial_number)
+        assert link_entry is not None
+        assert link_entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.cessation_of_operation
         deadline = time.monotonic() + 10
         while _http_get(d.http_port, f"/crl/{KEY1}.crl") != final.public_bytes(serialization.Encoding.DER):
             assert time.monotonic() < deadline, "the final CRL is not served over HTTP"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,9 +28,9 @@ from ca_daemon.config import RotationConfig
 from ca_daemon.errors import FailedPrecondition, InvalidRequest, PermissionDenied
 from ca_daemon.hsm import Hsm
 from ca_daemon.model import CertificateRequest, KeySpec, KeyStatus, RevocationReason
-from ca_daemon.revocation import CrlPublisher
+from ca_daemon.revocation import CrlPublisher, Revocations
 from ca_daemon.rotation import KeyCeremony
-from ca_daemon.store import SqlStore
+from ca_daemon.store import SqlStore, serial_hex
 from ca_daemon.store.rotation_store import RotationStore
 from tests.conftest import device_csr, make_env
 
@@ -156,8 +157,9 @@ def test_emergency_revokes_the_generation_and_switches_at_once(setup: Setup) -> 
         assert key is not None
         crl = x509.load_der_x509_crl(publisher.publish(publisher.issuer_of(key), delta=False).der)
         assert expected <= {e.serial_number for e in crl}, key_id
-        # These keys issued link (CA) certificates: their CRLs must not claim to cover only user certificates.
-        assert not crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value.only_contains_user_certs
+        # These keys issued link (CA) certificates: their CRLs must not narrow their scope to user certificates.
+        with pytest.raises(x509.ExtensionNotFound):
+            crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint)
 
     setup.follow()
     assert setup.authority.active.key.key_id == "root-3"
@@ -198,3 +200,63 @@ def test_an_intermediate_key_from_the_parents_answer(setup: Setup) -> None:
     serial = setup.sign()
     leaf = x509.load_der_x509_certificate(setup.store.get_certificate(serial).der)  # type: ignore[union-attr]
     leaf.verify_directly_issued_by(answer)
+
+
+def _both(ceremony: KeyCeremony, action: str, key_id: str, successor: str = "") -> str:
+    ceremony.approve("alice", action, key_id, successor)
+    result = ceremony.approve("bob", action, key_id, successor)
+    assert result.executed, result
+    return result.message
+
+
+def test_retirement_revokes_the_links_the_key_issued_on_its_final_crl(setup: Setup) -> None:
+    """A retired root can revoke nothing more, so the link it issued for its successor is withdrawn when it retires.
+
+    The link used to stay valid and unrevoked: when the successor was later compromised, the
+    emergency switch recorded the link's revocation, but no CRL of the retired root ever
+    carried it, and whoever trusted only that root kept accepting the compromised chain.
+    """
+    ceremony = setup.ceremony()
+    setup.new_root(ceremony, "root-2")  # links ca-root-1 <-> root-2
+    _both(ceremony, "activate", "root-2")
+    setup.follow()
+    link = next(c for c in RotationStore(setup.store).links_certifying("root-2") if c.issuer_key_id == "ca-root-1")
+    _both(ceremony, "retire", "ca-root-1")
+    revocation = setup.store.get_revocation(link.serial)
+    assert revocation is not None and revocation.reason == RevocationReason.CESSATION_OF_OPERATION
+    final = setup.store.latest_crl("ca-root-1", delta=False)
+    assert final is not None
+    assert x509.load_der_x509_crl(final.der).get_revoked_certificate_by_serial_number(link.serial) is not None
+    retire = [e for e in setup.store.audit_events() if e["action"] == "key.retire"][-1]
+    assert json.loads(retire["details"])["revoked_link_certificates"] == "1"
+
+    # A later compromise of root-2 changes nothing on ca-root-1's final CRL, and needs not to.
+    setup.new_root(ceremony, "root-3")
+    _both(ceremony, "emergency", "root-2", "root-3")
+    assert setup.store.get_revocation(link.serial) == revocation
+    assert setup.store.latest_crl("ca-root-1", delta=False) == final
+
+
+def test_a_certificate_on_hold_blocks_retirement_and_a_retired_keys_certificates_cannot_change(setup: Setup) -> None:
+    """certificateHold is reversible, but no CRL of a retired key could say the hold was lifted."""
+    ceremony = setup.ceremony()
+    held, revoked = setup.sign(), setup.sign()
+    revocations = Revocations(setup.store, "ca-root-1")
+    asyncio.run(revocations.revoke(serial_hex(held), RevocationReason.CERTIFICATE_HOLD, None, "test"))
+    asyncio.run(revocations.revoke(serial_hex(revoked), RevocationReason.SUPERSEDED, None, "test"))
+    setup.new_root(ceremony, "root-2")
+    _both(ceremony, "activate", "root-2")
+    setup.follow()
+    with pytest.raises(FailedPrecondition, match="on hold") as refused:
+        ceremony.approve("alice", "retire", "ca-root-1")
+    assert refused.value.rule == "certificates-on-hold"
+    asyncio.run(revocations.revoke(serial_hex(held), RevocationReason.KEY_COMPROMISE, None, "test"))  # the hold becomes final
+    _both(ceremony, "retire", "ca-root-1")
+    final = setup.store.latest_crl("ca-root-1", delta=False)
+    assert setup.store.get_ca_key("ca-root-1").status == KeyStatus.RETIRED  # type: ignore[union-attr]
+    # Every change to the retired key's revocations is refused, and nothing is written.
+    with pytest.raises(FailedPrecondition, match="retired") as refused:
+        asyncio.run(revocations.revoke(serial_hex(revoked), RevocationReason.KEY_COMPROMISE, None, "test"))
+    assert refused.value.rule == "issuer-retired"
+    assert setup.store.get_revocation(revoked).reason == RevocationReason.SUPERSEDED  # type: ignore[union-attr]
+    assert setup.store.latest_crl("ca-root-1", delta=False) == final
