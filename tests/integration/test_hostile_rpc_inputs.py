@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.revocation import MAX_BULK_REQUEST_BYTES, MAX_BULK_SERIALS
 from tests.conftest import CaEnv, Daemon, device_csr
 from tests.integration.crl_helpers import crl_env, sign, start, stub
 
@@ -294,3 +296,37 @@ def test_a_request_that_does_not_decode_is_invalid_argument_logged_as_a_refusal_
     assert refusals and all('"status": "INVALID_ARGUMENT"' in line and method in line for line in refusals), refusals
     assert "Traceback" not in daemon.log()
     assert '"level": "ERROR"' not in daemon.log()
+
+
+# -- RevokeBulk up to its documented limit reaches the daemon ------------------------------------
+
+
+def _colon_serial() -> str:
+    """A 20-byte serial as openssl prints it (the longest form revocation.MAX_SERIAL_TEXT allows for)."""
+    return ":".join(f"{b:02X}" for b in b"\x7f" + secrets.token_bytes(19))
+
+
+def test_revoke_bulk_of_5000_unknown_serials_is_answered_by_the_daemon_not_by_grpcs_size_limit(channel: grpc.Channel) -> None:
+    """revocation.MAX_BULK_SERIALS is 100,000, but a receive limit of max_csr_bytes + 64 KiB stopped ~3,100 serials."""
+    serials = [secrets.token_hex(19) for _ in range(5000)]  # 152-bit serials, the size the daemon issues
+    request = ca_pb2.RevokeBulkRequest(serials=serials, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
+    error = _error(lambda: stub(channel).RevokeBulk(request, timeout=60))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, (error.code(), _details(error))
+    assert "was issued by this CA" in _details(error)
+
+
+def test_revoke_bulk_of_the_documented_maximum_of_serials_in_their_longest_form_reaches_the_daemon(channel: grpc.Channel) -> None:
+    serials = [_colon_serial() for _ in range(MAX_BULK_SERIALS)]
+    request = ca_pb2.RevokeBulkRequest(serials=serials, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
+    assert request.ByteSize() <= MAX_BULK_REQUEST_BYTES
+    error = _error(lambda: stub(channel).RevokeBulk(request, timeout=120))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, (error.code(), _details(error))
+    assert "was issued by this CA" in _details(error)
+
+
+def test_revoke_bulk_of_one_serial_more_than_the_maximum_is_refused_by_the_bulk_rule(channel: grpc.Channel) -> None:
+    serials = [secrets.token_hex(19) for _ in range(MAX_BULK_SERIALS + 1)]
+    request = ca_pb2.RevokeBulkRequest(serials=serials, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
+    error = _error(lambda: stub(channel).RevokeBulk(request, timeout=120))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert f"{MAX_BULK_SERIALS + 1} serials in one request; split it [rule bulk]" == _details(error)
