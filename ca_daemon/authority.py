@@ -32,6 +32,7 @@ from ca_daemon.errors import (
     PolicyViolation,
     QuotaExceeded,
     StoreUnavailable,
+    capped,
     echo,
 )
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
@@ -669,6 +670,8 @@ def import_ca_certificate(
         raise FailedPrecondition(
             f"the certificate's public key does not match CA key {key.key_id} in the token; was it issued for another CSR?"
         )
+    for checked in (certificate, *parents):
+        _check_extensions_parse(checked)
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -694,6 +697,19 @@ def import_ca_certificate(
     details = {"subject": certificate.subject.rfc4514_string(), "issuer": certificate.issuer.rfc4514_string(), "kind": "imported"}
     store.save_ca_key(installed, key_event(installed, "key.certificate", "installed", actor, details))
     return installed
+
+
+def _check_extensions_parse(certificate: x509.Certificate) -> None:
+    """Refuse a certificate whose extensions cannot be read (one twice, a malformed value): every later use reads them."""
+    try:
+        certificate.extensions  # noqa: B018 (parsed on first access)
+    except (x509.DuplicateExtension, ValueError) as exc:
+        raise InvalidRequest(
+            f"the certificate {echo(certificate.subject.rfc4514_string())} has unreadable extensions: {capped(str(exc), 200)}",
+            rule="certificate",
+            field="certificate_pem",
+            expected="X.509 certificates whose extensions each appear once and parse (RFC 5280 4.2)",
+        ) from None
 
 
 def _spki(certificate: x509.Certificate) -> bytes:

@@ -14,10 +14,15 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
@@ -330,3 +335,37 @@ def test_revoke_bulk_of_one_serial_more_than_the_maximum_is_refused_by_the_bulk_
     error = _error(lambda: stub(channel).RevokeBulk(request, timeout=120))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
     assert f"{MAX_BULK_SERIALS + 1} serials in one request; split it [rule bulk]" == _details(error)
+
+
+# -- officer input -------------------------------------------------------------------------------
+
+
+def test_install_key_certificate_with_duplicate_extensions_is_refused_by_the_certificate_rule_and_installs_nothing(
+    channel: grpc.Channel,
+) -> None:
+    label = _new_key(channel)
+    csr_pem = _ceremony(channel).GetKeyCSR(ca_pb2.GetKeyCSRRequest(key_id=label, subject="CN=Hostile Intermediate"), timeout=60).csr_pem
+    csr = x509.load_pem_x509_csr(csr_pem.encode())
+    parent = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Outside Root")]))
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("2.5.29.20"), b"\x30\x03\x01\x01\xff"), critical=True)
+        .sign(parent, hashes.SHA256())
+    )
+    # Turn the second extension into a second basicConstraints (same length OID: 2.5.29.20 -> 2.5.29.19).
+    der = certificate.public_bytes(serialization.Encoding.DER).replace(bytes.fromhex("0603551d14"), bytes.fromhex("0603551d13"), 1)
+    pem = "-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der).decode() + "-----END CERTIFICATE-----\n"
+    request = ca_pb2.InstallKeyCertificateRequest(key_id=label, certificate_pem=pem)
+    error = _error(lambda: _ceremony(channel).InstallKeyCertificate(request, timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert _details(error).startswith("the certificate 'CN=Hostile Intermediate' has unreadable extensions: ")
+    assert _details(error).endswith("[rule certificate]")
+    assert not _has_certificate(channel, label)
