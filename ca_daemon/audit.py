@@ -229,16 +229,12 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> Report:
                 report.fail(None, f"not a {EXPORT_FORMAT} file")
             continue
         if kind == "event":
-            _verify_event(record, report, expected_seq, prev_hash)
+            linked = _verify_event(record, report, expected_seq, prev_hash)
             seq = _int(record.get("seq"))
-            try:
-                computed = event_hash(_fields(record), seq if seq is not None else expected_seq, prev_hash)
-            except (KeyError, ValueError, TypeError):
-                computed = b""
             if seq is not None:
-                hashes_by_seq.setdefault(seq, computed)
+                hashes_by_seq.setdefault(seq, linked)
                 expected_seq = seq + 1
-            prev_hash = computed
+            prev_hash = linked
             report.events += 1
             continue
         if kind == "checkpoint":
@@ -275,11 +271,18 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _verify_event(record: dict[str, Any], report: Report, expected_seq: int, prev_hash: bytes) -> None:
+def _verify_event(record: dict[str, Any], report: Report, expected_seq: int, prev_hash: bytes) -> bytes:
+    """Report what is wrong with one event; the hash the next event must link to.
+
+    That is the event's recorded hash, once the problems here are reported: a deleted event
+    then shows as one gap and one broken link, not as a broken link at every later event.
+    (A chain rewritten from some point on still fails against the signed checkpoints.)
+    """
     seq = _int(record.get("seq"))
+    recorded = _hex(record.get("hash"))
     if seq is None:
         report.fail(expected_seq, f"an event after seq {expected_seq - 1} has no valid seq")
-        return
+        return recorded
     if seq < expected_seq:
         report.fail(seq, f"event seq {seq} appears after seq {expected_seq - 1}: reordered or inserted")
     elif seq > expected_seq:
@@ -290,15 +293,23 @@ def _verify_event(record: dict[str, Any], report: Report, expected_seq: int, pre
         computed = event_hash(_fields(record), seq, prev_hash)
     except (KeyError, ValueError, TypeError) as exc:
         report.fail(seq, f"event {seq} is malformed: {exc}")
-        return
-    if record.get("hash") != computed.hex():
+        return recorded
+    if recorded != computed:
         # Recompute against its own claimed predecessor: a mismatch there means the event itself was changed.
         try:
             own = event_hash(_fields(record), seq, bytes.fromhex(record.get("prev_hash") or ""))
         except ValueError:
             own = b""
-        if record.get("hash") != own.hex():
+        if recorded != own:
             report.fail(seq, f"event {seq} was changed: its content does not match its hash")
+    return recorded
+
+
+def _hex(value: Any) -> bytes:
+    try:
+        return bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        return b""
 
 
 def _verify_checkpoint(record: dict[str, Any], public: ec.EllipticCurvePublicKey, hashes_by_seq: dict[int, bytes], report: Report) -> bool:

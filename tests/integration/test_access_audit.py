@@ -283,7 +283,7 @@ def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, cha
     target = events[len(events) // 2]
     seq = records[target]["seq"]
 
-    def check(name: str, changed: list[str], expect: str, first_bad: int | None) -> None:
+    def check(name: str, changed: list[str], expect: str, first_bad: int | None, problems: int | None = None) -> None:
         path = tmp_path / f"{name}.jsonl"
         path.write_text("\n".join(changed) + "\n")
         result = env.cli("audit", "verify", "--file", str(path), "--public-key", str(public), check=False)
@@ -291,14 +291,17 @@ def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, cha
         assert expect in result.stdout, (name, result.stdout)
         if first_bad is not None:
             assert f"first bad event: seq {first_bad};" in result.stdout, (name, result.stdout)
+        if problems is not None:  # only the damage itself, not every intact event after it
+            more = f"(+{problems - 1} more problem(s))" if problems > 1 else "more problem(s)"
+            assert (more in result.stdout) == (problems > 1), (name, result.stdout)
 
     # a changed byte inside an event (its actor)
     changed = list(lines)
     changed[target] = changed[target].replace(f'"actor": "{records[target]["actor"]}"', f'"actor": "{records[target]["actor"]}x"')
     assert changed[target] != lines[target]
-    check("changed", changed, f"event {seq} was changed", seq)
-    # a deleted event
-    check("deleted", [line for i, line in enumerate(lines) if i != target], "missing: deleted", seq)
+    check("changed", changed, f"event {seq} was changed", seq, problems=1)
+    # a deleted event: its gap and the next event's broken link (the events after it used to fail one by one)
+    check("deleted", [line for i, line in enumerate(lines) if i != target], "missing: deleted", seq, problems=2)
     # an inserted event (a copy of another, placed here)
     inserted = list(lines)
     inserted.insert(target, lines[events[1]])
