@@ -23,8 +23,9 @@ from ca_daemon import app, crl_der
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.authority import load_active_ca
-from ca_daemon.crl import CRL_HEALTH_SERVICE, await_first_crls
+from ca_daemon.crl import CRL_HEALTH_SERVICE, CrlScheduler, await_first_crls
 from ca_daemon.errors import FailedPrecondition, LintFailure
+from ca_daemon.model import PublishedCrl
 from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
 from tests.conftest import BIN, CaEnv, Daemon, openssl_verify
@@ -452,6 +453,49 @@ def test_a_worker_that_does_not_publish_waits_for_the_first_full_and_delta_crl(
             return await waiting
 
         assert asyncio.run(publish_delta_while_waiting())
+    finally:
+        store.close()
+        hsm.close()
+
+
+def test_after_an_upgrade_a_full_crl_without_idp_comes_before_any_delta(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """Earlier versions put an Issuing Distribution Point in every CRL; a delta must have its base's scope.
+
+    So the first publication after the upgrade is a full CRL (without IDP), although the
+    last one is recent, and only then a delta on it.
+    """
+    env, _ = crl_env(tmp_path_factory.mktemp("upgrade"), softhsm_conf)
+    config = config_module.load(env.config_path)
+    hsm = app.connect_hsm(config)
+    store = SqlStore(config.store.url)
+    try:
+        load_active_ca(config, hsm, store)  # as a worker does first
+        issuer = CrlPublisher(config, hsm, store).issuers(datetime.now(UTC))[0]
+        now = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+        cdp = [x509.UniformResourceIdentifier(url) for url in issuer.scope.distribution_points]
+        legacy = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer.certificate.subject)
+            .last_update(now)
+            .next_update(now + timedelta(days=7))
+            .add_extension(issuer.scope.authority_key_identifier, critical=False)
+            .add_extension(x509.CRLNumber(1), critical=False)
+            .add_extension(x509.IssuingDistributionPoint(cdp, None, True, False, None, False, False), critical=True)
+            .sign(issuer.private_key, hashes.SHA256())  # type: ignore[arg-type]
+        )
+        der = legacy.public_bytes(serialization.Encoding.DER)
+        store.store_crl(PublishedCrl(issuer.key_id, 1, None, now, now + timedelta(days=7), 0, 0, der, now))
+
+        published = asyncio.run(CrlScheduler(config, CrlPublisher(config, hsm, store), store).run_once())  # a restarted daemon
+        assert [(crl.crl_number, crl.is_delta) for crl in published] == [(2, False), (3, True)]
+        assert published[1].base_crl_number == 2
+        for crl in published:
+            with pytest.raises(x509.ExtensionNotFound):
+                x509.load_der_x509_crl(crl.der).extensions.get_extension_for_class(x509.IssuingDistributionPoint)
+        # Once the base has the new scope, the next run publishes nothing new ahead of its schedule.
+        assert asyncio.run(CrlScheduler(config, CrlPublisher(config, hsm, store), store).run_once()) == []
     finally:
         store.close()
         hsm.close()
