@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ca-daemon: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
-        print(f"ca-daemon: the daemon answered {exc.code().name}: {exc.details()}", file=sys.stderr)
+        hint = ""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and hasattr(args, "tls_ca") and not args.tls_ca:
+            # A plaintext client meets an mTLS daemon as a closed socket; only the daemon's log says why.
+            hint = "; if the daemon serves mTLS (server.dev_mode = false), pass --tls-ca, --tls-cert and --tls-key"
+        print(f"ca-daemon: the daemon answered {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
 
 
