@@ -390,7 +390,7 @@ class Authority:
         try:
             policy.check_request_fields(request)
             profile = rules.profile_for(request.caller, request.profile)
-            parsed = policy.parse_csr(request.csr, max_bytes)
+            parsed = policy.parse_csr(request.csr, max_bytes, profile.key_types)
             return _Parsed(request, rules, profile, parsed, policy.check_rules(parsed, profile))
         except CaError as refusal:
             if request.request_id and not isinstance(refusal, PermissionDenied):

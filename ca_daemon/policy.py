@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from ca_daemon.config import DEVICE_ID_PLACEHOLDER, WEAK_CSR_SIGNATURE_ALGORITHMS, ProfileConfig
-from ca_daemon.errors import AlreadyExists, InvalidRequest, PermissionDenied, PolicyViolation, echo
+from ca_daemon.errors import AlreadyExists, InvalidRequest, PermissionDenied, PolicyViolation, capped, echo
 from ca_daemon.model import CertificateRequest
 
 _PEM_CSR = re.compile(rb"-----BEGIN (NEW )?CERTIFICATE REQUEST-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END (NEW )?CERTIFICATE REQUEST-----")
@@ -185,13 +185,15 @@ def _violation(rule: str, field_: str, message: str, expected: str) -> PolicyVio
 # ---------------------------------------------------------------------------
 
 
-def parse_csr(data: bytes, max_bytes: int) -> ParsedRequest:
+def parse_csr(data: bytes, max_bytes: int, key_types: AllowedKeyTypes | None = None) -> ParsedRequest:
     """Parse a PEM or DER CSR strictly and verify its signature (proof of possession).
 
     The size is checked before any parsing. PEM must be exactly one CERTIFICATE REQUEST
     block and nothing else: cryptography's PEM loader tolerates text around the block,
     which would let trailing data through, so the block is cut out here. SHA-1 and MD5
-    signatures are refused before the signature is even looked at.
+    signatures are refused before the signature is even looked at, and so is a key the
+    profile's key_types refuse: verifying with an RSA key of an odd size or a huge exponent
+    costs a full signature check on the request's thread before it could be refused.
     """
     if not data:
         raise InvalidRequest("csr is empty; send a PKCS#10 CSR in PEM or DER", rule="csr-format", field="csr")
@@ -243,13 +245,14 @@ def parse_csr(data: bytes, max_bytes: int) -> ParsedRequest:
         )
     try:
         public_key = csr.public_key()
+    except Exception as exc:
+        raise _unusable_key_or_signature(exc) from None
+    if key_types is not None:
+        key_types.check_key(public_key)
+    try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError, x509.UnsupportedGeneralNameType) as exc:
-        raise InvalidRequest(f"csr public key or signature is unusable: {exc}", rule="csr-format", field="csr") from None
-    except Exception as exc:  # cryptography raises UnsupportedAlgorithm for unknown key types
-        raise InvalidRequest(
-            f"csr uses an unsupported key or signature algorithm ({type(exc).__name__})", rule="key-type", field="csr.public_key"
-        ) from None
+    except Exception as exc:
+        raise _unusable_key_or_signature(exc) from None
     if not valid:
         raise InvalidRequest(
             "csr signature does not verify with its own public key (no proof of possession)",
@@ -270,6 +273,15 @@ def parse_csr(data: bytes, max_bytes: int) -> ParsedRequest:
         subject=subject,
         extensions=extensions,
         sans=sans,
+    )
+
+
+def _unusable_key_or_signature(exc: Exception) -> InvalidRequest:
+    if isinstance(exc, (ValueError, TypeError, x509.UnsupportedGeneralNameType)):
+        return InvalidRequest(f"csr public key or signature is unusable: {capped(str(exc), 200)}", rule="csr-format", field="csr")
+    # cryptography raises UnsupportedAlgorithm for unknown key types
+    return InvalidRequest(
+        f"csr uses an unsupported key or signature algorithm ({type(exc).__name__})", rule="key-type", field="csr.public_key"
     )
 
 
@@ -371,7 +383,10 @@ class AllowedKeyTypes:
         return ", ".join(kinds) or "no key type (the profile allows none)"
 
     def check(self, request: ParsedRequest) -> None:
-        key = request.public_key or request.csr.public_key()
+        self.check_key(request.public_key or request.csr.public_key())
+
+    def check_key(self, key: CertificatePublicKeyTypes) -> None:
+        """The rule on the key alone: parse_csr applies it before proof of possession."""
         if isinstance(key, ec.EllipticCurvePublicKey):
             curve = _CURVES.get(key.curve.name, key.curve.name)
             if curve not in self.ec_curves:
@@ -380,7 +395,7 @@ class AllowedKeyTypes:
             exponent = key.public_numbers().e
             if not self.rsa_max_bits or not self.rsa_min_bits <= key.key_size <= self.rsa_max_bits or exponent != 65537:
                 raise _violation(
-                    self.name, "csr.public_key", f"RSA-{key.key_size} with exponent {exponent} is not allowed", self._expected()
+                    self.name, "csr.public_key", f"RSA-{key.key_size} with exponent {echo(exponent)} is not allowed", self._expected()
                 )
         elif isinstance(key, ed25519.Ed25519PublicKey):
             if not self.ed25519:
@@ -727,6 +742,11 @@ class Profile:
     extended_key_usage: tuple[x509.ObjectIdentifier, ...] = (ExtendedKeyUsageOID.CLIENT_AUTH,)
     allow_reissue: bool = False
     settings: ProfileConfig | None = field(default=None, compare=False)
+
+    @property
+    def key_types(self) -> AllowedKeyTypes | None:
+        """The profile's key-type rule, which parse_csr applies before proof of possession."""
+        return next((rule for rule in self.rules if isinstance(rule, AllowedKeyTypes)), None)
 
     def describe_rules(self) -> list[str]:
         """One line per rule, in the order applied (for ListProfiles)."""

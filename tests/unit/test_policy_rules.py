@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from ca_daemon import config, issuer, policy
 from ca_daemon.config import ProfileConfig
-from ca_daemon.errors import AlreadyExists, ConfigError, LintFailure, PermissionDenied, PolicyViolation
+from ca_daemon.errors import AlreadyExists, ConfigError, InvalidRequest, LintFailure, PermissionDenied, PolicyViolation
 from ca_daemon.lint import Linter, certificate_shape
 from tests import csr_forge as f
 
@@ -277,3 +278,44 @@ def test_lint_failure_refuses_issuance() -> None:
             issuer.sign_linted(bad, key, issuer.throwaway_key_like(key), Linter(mode))
         assert "domain" in excinfo.value.message
     issuer.sign_linted(bad, key, key, Linter("off"))
+
+
+def _der_integer(value: int) -> bytes:
+    return f.tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _rsa_csr_with_a_bad_signature(modulus: int, exponent: int) -> bytes:
+    """A CSR for the RSA public key (modulus, exponent) whose signature is garbage: no proof of possession."""
+    rsa_key = f.seq(_der_integer(modulus), _der_integer(exponent))
+    spki = f.seq(f.seq(f.oid("1.2.840.113549.1.1.1"), f.tlv(0x05, b"")), f.tlv(0x03, b"\x00" + rsa_key))
+    info = f.seq(f.tlv(0x02, b"\x00"), f.simple_name((f.CN, "dev-1", f.UTF8)), spki, f.tlv(0xA0, b""))
+    return f.seq(info, f.seq(f.oid(f.SIG_OIDS[("rsa", "sha256")]), f.tlv(0x05, b"")), f.tlv(0x03, b"\x00" + b"\x5a" * 256))
+
+
+@pytest.mark.parametrize(
+    ("bits", "exponent", "shown"),
+    [(1024, 65537, "RSA-1024 with exponent 65537"), (4096, 2**3071 + 1, "RSA-4096 with exponent <a 3072-bit number>")],
+    ids=["rsa-1024", "rsa-4096-with-a-3072-bit-exponent"],
+)
+def test_the_key_type_rule_refuses_before_proof_of_possession_is_checked(bits: int, exponent: int, shown: str) -> None:
+    """A key the profile refuses costs no signature verification; the refusal quotes a huge exponent short."""
+    modulus = (1 << (bits - 1)) | secrets.randbits(bits - 2) | 1  # an odd number of that size: the key is never used
+    der = _rsa_csr_with_a_bad_signature(modulus, exponent)
+    with pytest.raises(PolicyViolation) as excinfo:
+        policy.parse_csr(der, 65536, policy.AllowedKeyTypes())
+    assert excinfo.value.rule == "key-type"
+    assert excinfo.value.message == f"{shown} is not allowed"
+    # Without the profile's key rule the same CSR fails proof of possession: the order above is the key rule's doing.
+    with pytest.raises(InvalidRequest) as without:
+        policy.parse_csr(der, 65536)
+    assert without.value.rule == "proof-of-possession"
+
+
+def test_a_profiles_key_rule_is_the_one_parse_csr_applies_before_proof_of_possession() -> None:
+    profile = policy.build_profile(ProfileConfig(name="fleet", ec_curves=("P-384",), rsa_max_bits=0, ed25519=False))
+    assert profile.key_types == policy.AllowedKeyTypes(("P-384",), 2048, 0, False)
+    der = bytearray(cn().der)
+    der[-5] ^= 0x01  # a P-256 key, refused by the profile, and a signature that does not verify
+    with pytest.raises(PolicyViolation) as excinfo:
+        policy.parse_csr(bytes(der), 65536, profile.key_types)
+    assert excinfo.value.rule == "key-type"
