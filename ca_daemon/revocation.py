@@ -45,12 +45,6 @@ MAX_SERIAL_TEXT = 64
 # A RevokeBulkRequest of MAX_BULK_SERIALS such serials: each is a repeated-string element of a 1-byte
 # tag, a 1-byte length and the text. The server must accept a request this large (app.py).
 MAX_BULK_REQUEST_BYTES = MAX_BULK_SERIALS * (2 + MAX_SERIAL_TEXT)
-# The longest serial text a RevokeBulk caller may send for one serial: 20 bytes as colon-separated hex
-# pairs ("0A:1B:...") are 59 characters; 64 leaves room for a "0x" prefix or spaces around it.
-MAX_SERIAL_TEXT = 64
-# A RevokeBulkRequest of MAX_BULK_SERIALS such serials: each is a repeated-string element of a 1-byte
-# tag, a 1-byte length and the text. The server must accept a request this large (app.py).
-MAX_BULK_REQUEST_BYTES = MAX_BULK_SERIALS * (2 + MAX_SERIAL_TEXT)
 _ONE_SECOND = timedelta(seconds=1)
 # A CRL of a replica whose clock runs ahead is not waited for longer than this.
 _MAX_CLOCK_WAIT = timedelta(seconds=2)
