@@ -223,7 +223,7 @@ def max_request_bytes(config: Config) -> int:
     """The largest request message the server takes (grpc.max_receive_message_length).
 
     The largest request the contract allows is a RevokeBulk of revocation.MAX_BULK_SERIALS serials
-    (about 6.6 MB), far above a Sign of a max_csr_bytes CSR; 64 KiB is room for the other fields. With
+    (about 0.66 MB), above a Sign of a max_csr_bytes CSR; 64 KiB is room for the other fields. With
     only the CSR allowed for, about 3,100 serials already ended in RESOURCE_EXHAUSTED from gRPC itself.
     A larger request is refused by gRPC before it reaches a handler.
     """

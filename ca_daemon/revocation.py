@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 # An invalidity date a little ahead of our clock is the caller's clock skew, not a prediction.
 _CLOCK_SKEW = timedelta(minutes=5)
-MAX_BULK_SERIALS = 100_000
+# Serials per RevokeBulk call. The receive limit must fit such a request (about 0.7 MB, see below),
+# and gRPC decodes a request before it is authorised; a recall of more devices takes several calls.
+# The answer (one revocation per serial) stays far below a client's default 4 MiB receive limit.
+MAX_BULK_SERIALS = 10_000
 # The longest serial text a RevokeBulk caller may send for one serial: 20 bytes as colon-separated hex
 # pairs ("0A:1B:...") are 59 characters; 64 leaves room for a "0x" prefix or spaces around it.
 MAX_SERIAL_TEXT = 64

@@ -312,7 +312,7 @@ def _colon_serial() -> str:
 
 
 def test_revoke_bulk_of_5000_unknown_serials_is_answered_by_the_daemon_not_by_grpcs_size_limit(channel: grpc.Channel) -> None:
-    """revocation.MAX_BULK_SERIALS is 100,000, but a receive limit of max_csr_bytes + 64 KiB stopped ~3,100 serials."""
+    """A receive limit of max_csr_bytes + 64 KiB stopped about 3,100 serials, short of revocation.MAX_BULK_SERIALS."""
     serials = [secrets.token_hex(19) for _ in range(5000)]  # 152-bit serials, the size the daemon issues
     request = ca_pb2.RevokeBulkRequest(serials=serials, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
     error = _error(lambda: stub(channel).RevokeBulk(request, timeout=60))
