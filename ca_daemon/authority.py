@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -624,6 +625,7 @@ def load_active_ca(config: Config, hsm: Hsm, store: SqlStore) -> ActiveCa:
 
 def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str, actor: str = "ca-daemon-cli") -> CaKey:
     """Generate a CA key pair in the token and record it (pending until it has a certificate)."""
+    check_new_key_label(hsm, store, label)
     if not hsm.supports(spec):
         raise FailedPrecondition(f"the token does not offer the mechanisms for {spec.value} keys")
     generated = hsm.generate_key(spec, label)
@@ -637,6 +639,29 @@ def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str, actor: s
     )
     store.save_ca_key(key, key_event(key, "key.generate", "generated", actor, {"spec": spec.value, "uri": key.pkcs11_uri}))
     return key
+
+
+# A key label (CKA_LABEL, also the key_id and part of the URL /ca/KEY.der): ASCII only, so no key can be named
+# with a lookalike of another's name (str.isalnum() took Cyrillic and fullwidth letters).
+_LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_new_key_label(hsm: Hsm, store: SqlStore, label: str) -> None:
+    """A new CA key's label: of the ASCII alphabet, and naming no key of the store or the token.
+
+    The store records a key under its label, so a second key of one label overwrote the first
+    key's record (even the active key's), and two token keys of one label make both ambiguous.
+    """
+    if not _LABEL.fullmatch(label):
+        raise InvalidRequest(f"key label {echo(label)} is not usable", rule="label", field="label", expected="1-64 of [A-Za-z0-9-_.]")
+    if store.get_ca_key(label) is not None:
+        raise FailedPrecondition(f"a CA key named {label!r} exists already; choose another label", rule="label", field="label")
+    try:  # another key (audit, mTLS CA) with that label would make both ambiguous
+        hsm.public_key_der(Pkcs11Uri(token=hsm.token_label, label=label))
+    except (NotFound, FailedPrecondition):
+        pass
+    else:
+        raise FailedPrecondition(f"the token already holds a key labelled {label!r}; choose another label", rule="label", field="label")
 
 
 def key_event(key: CaKey, action: str, outcome: str, actor: str, details: dict[str, str] | None = None) -> AuditEvent:

@@ -150,6 +150,10 @@ class Hsm:
         # Called with the seconds each token signature took (the metrics' HSM sign latency).
         self.sign_observer: Callable[[float], None] | None = None
 
+    @property
+    def token_label(self) -> str:
+        return self._token_label
+
     # -- lifecycle ---------------------------------------------------------
 
     @classmethod

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,9 +44,6 @@ REQUIRED_APPROVALS = 2
 DEFAULT_ROOT_VALIDITY_DAYS = 3650
 MAX_ROOT_VALIDITY_DAYS = 36500
 _LAST_NOT_AFTER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)  # the last time an X.509 GeneralizedTime can say
-# A key label (CKA_LABEL, also the key_id and part of the URL /ca/KEY.der): ASCII only, so no key can be named
-# with a lookalike of another's name (str.isalnum() took Cyrillic and fullwidth letters).
-_LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -117,16 +113,6 @@ class KeyCeremony:
 
     def generate(self, officer: str, spec: KeySpec, label: str) -> CaKey:
         _check_officer(officer)
-        if not _LABEL.fullmatch(label):
-            raise InvalidRequest(f"key label {echo(label)} is not usable", rule="label", field="label", expected="1-64 of [A-Za-z0-9-_.]")
-        if self._store.get_ca_key(label) is not None:
-            raise FailedPrecondition(f"a CA key named {label!r} exists already", rule="label", field="label")
-        try:  # another key (audit, mTLS CA) with that label would make both ambiguous
-            self._hsm.public_key_der(Pkcs11Uri(token=self._config.hsm.token, label=label))
-        except (NotFound, FailedPrecondition):
-            pass
-        else:
-            raise FailedPrecondition(f"the token already holds a key labelled {label!r}; choose another label", rule="label", field="label")
         return authority.create_ca_key(self._hsm, self._store, spec, label, actor=officer)
 
     def self_sign(self, officer: str, key_id: str, subject: x509.Name, validity: timedelta) -> SelfSigned:

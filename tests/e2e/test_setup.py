@@ -79,6 +79,21 @@ def test_key_generate_types_and_help(tmp_path: Path, softhsm_conf: Path) -> None
     assert "Ed25519 needs a token that offers" in env.cli("key", "generate", "--help").stdout.replace("\n", " ").replace("  ", " ")
 
 
+def test_key_generate_refuses_a_label_already_taken(tmp_path: Path, softhsm_conf: Path) -> None:
+    """It overwrote the store's record of the key of that label, the active CA key's too, and left two token keys of one label."""
+    env = make_env(tmp_path, softhsm_conf)  # ca-root-1 has its certificate (it becomes active when the daemon first starts)
+    before = env.cli("key", "list").stdout
+    assert "ca-root-1\tec-p256\tpending\tcertificate installed" in before
+    taken = env.cli("key", "generate", "--type", "ec-p256", "--label", "ca-root-1", check=False)
+    assert taken.returncode == 1 and "a CA key named 'ca-root-1' exists already" in taken.stderr, taken.stderr
+    assert env.cli("key", "list").stdout == before
+    # A token key the store does not know (the audit key) is no label for a CA key either.
+    audit = env.cli("key", "generate", "--type", "ec-p256", "--label", "audit-1", check=False)
+    assert audit.returncode == 1 and "the token already holds a key labelled 'audit-1'" in audit.stderr, audit.stderr
+    assert env.cli("key", "list").stdout == before
+    assert env.cli("check-config").returncode == 0  # one key per label: the CA key is found
+
+
 class _ParentCa:
     """An outside parent CA (software key, test only) that certifies our HSM key."""
 
