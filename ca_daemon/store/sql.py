@@ -400,8 +400,11 @@ class SqlStore:
                 outcomes.append(IssuanceOutcome(cert, created=True))
             if new_certificates:
                 conn.execute(_INSERT_CERTIFICATES, new_certificates)
-            for caller, count in counted.items():
-                self._count_issued(conn, caller, now, count)
+            # Row locks on caller_issuance in sorted caller order, as the advisory locks above: two
+            # replicas whose batches hold the same callers in other orders (callers without a quota
+            # have no CALLER_QUOTA lock) would otherwise each hold one row and wait for the other's.
+            for caller in sorted(counted):
+                self._count_issued(conn, caller, now, counted[caller])
             self._insert_audit(conn, new_events)
         return outcomes
 

@@ -268,6 +268,45 @@ def test_replicas_issuing_at_once_keep_every_uniqueness_rule(store: SqlStore, st
         assert store.get_certificate(outcome.certificate.serial) == outcome.certificate  # type: ignore[attr-defined]
 
 
+def test_group_commits_of_replicas_holding_the_same_callers_in_other_orders_do_not_deadlock(store: SqlStore, store_url: str) -> None:
+    """Two replicas group-commit batches of the same two callers (no quota, the default), listed in opposite orders.
+
+    Each commit counts every caller in caller_issuance. Counted in batch order, each replica
+    held one caller's row and waited for the other's: PostgreSQL aborted one transaction
+    (deadlock detected) and every certificate of that batch, already signed, was thrown away.
+    """
+    replicas = [SqlStore(store_url) for _ in range(2)]
+    stop = threading.Event()
+
+    def item(caller: str) -> tuple[IssuedCertificate, AuditEvent, bool, int]:
+        cert = _cert()
+        event = AuditEvent(time=datetime.now(UTC), actor=caller, action="certificate.issue", outcome="issued", serial=cert.serial)
+        return cert, event, False, 0  # no quota: the default for every caller
+
+    def group_commits(index: int) -> None:
+        callers = ["line-1", "line-2"] if index == 0 else ["line-2", "line-1"]
+        try:
+            for _ in range(200):
+                if stop.is_set():
+                    return
+                outcomes = replicas[index].record_unique_issuances([item(caller) for caller in callers])
+                assert all(isinstance(o, IssuanceOutcome) and o.created for o in outcomes), outcomes
+        except BaseException:
+            stop.set()
+            raise
+
+    try:
+        errors = _run_threads(2, group_commits)
+    finally:
+        for r in replicas:
+            r.close()
+    assert errors == [], [str(e).splitlines()[0][:200] for e in errors]
+    assert store.count_certificates() == 800
+    with store.sign_reads() as reads:
+        for caller in ("line-1", "line-2"):  # every certificate counted (approx: the run may straddle an hour)
+            assert reads.issued_last_hour(caller, datetime.now(UTC)) == pytest.approx(400, abs=1)
+
+
 # -- revocations -----------------------------------------------------------------
 
 
