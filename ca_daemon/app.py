@@ -172,7 +172,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
             *_connection_age_options(config.server.max_connection_age_seconds),
         ],
     )
-    revocations = Revocations(store, lambda: authority.active.key.key_id)
+    revocations = Revocations(store, lambda: authority.active.key.key_id, reissue_profiles=authority.reissue_profiles)
     ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
         CertificateAuthorityServicer(
             authority, caller_of, revocations, VerificationCertificates(hsm, store, lambda: authority.active), AuditReader(store)

@@ -248,6 +248,10 @@ class Authority:
     def profiles(self) -> dict[str, policy.Profile]:
         return self.policy.profiles
 
+    def reissue_profiles(self) -> frozenset[str]:
+        """The profiles in force that allow re-issue: a certificate of one may share its device with other active ones."""
+        return frozenset(name for name, profile in self.policy.profiles.items() if profile.allow_reissue)
+
     def reload(self, config: Config) -> PolicySet:
         """Put new profiles, callers and lint mode in force; on ConfigError the old ones stay.
 

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -136,8 +136,11 @@ class CrlAnswer:
 class Revocations:
     """Revoke and unrevoke certificates; answer GetCRL from the last published CRLs."""
 
-    def __init__(self, store: SqlStore, active_key_id: str | Callable[[], str]) -> None:
+    def __init__(self, store: SqlStore, active_key_id: str | Callable[[], str], *, reissue_profiles: Callable[[], Collection[str]]) -> None:
         self._store = store
+        # The profiles in force that allow re-issue (Authority.reissue_profiles, which follows a reload): lifting
+        # a hold of any other profile's certificate is refused while its device has another active one.
+        self._reissue_profiles = reissue_profiles
         # A callable follows key rotation: the worker's current signing key (Authority.active).
         self._active_key_id = active_key_id if callable(active_key_id) else (lambda: active_key_id)
         self._cache: dict[tuple[str, bool], PublishedCrl] = {}
@@ -185,10 +188,17 @@ class Revocations:
         )
 
     async def unrevoke(self, serial_text: str, actor: str) -> Revocation:
-        """Lift a certificateHold; the next delta CRL lists the certificate as removeFromCRL."""
+        """Lift a certificateHold; the next delta CRL lists the certificate as removeFromCRL.
+
+        Refused (device-unique) while the certificate's device has another active certificate,
+        unless its profile allows re-issue: a lift must not give a device two where issuance would not.
+        """
         serial = parse_serial(serial_text)
         now = datetime.now(UTC).replace(microsecond=0)
-        return await asyncio.to_thread(lambda: self._store.lift_hold(serial, lifted_at=now, actor=actor, encode_entry=encode_entry))
+        reissue = self._reissue_profiles()
+        return await asyncio.to_thread(
+            lambda: self._store.lift_hold(serial, lifted_at=now, actor=actor, encode_entry=encode_entry, reissue_profiles=reissue)
+        )
 
     async def revocation_of(self, serial: int) -> Revocation | None:
         return await asyncio.to_thread(self._store.get_revocation, serial)

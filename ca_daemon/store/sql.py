@@ -12,7 +12,7 @@ import fcntl
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -580,14 +580,32 @@ class SqlStore:
         return revocations
 
     def lift_hold(
-        self, serial: int, *, lifted_at: datetime, actor: str, encode_entry: Callable[[int, datetime, int, datetime | None], bytes]
+        self,
+        serial: int,
+        *,
+        lifted_at: datetime,
+        actor: str,
+        encode_entry: Callable[[int, datetime, int, datetime | None], bytes],
+        reissue_profiles: Collection[str],
     ) -> Revocation:
-        """Lift a certificateHold: the row stays, as a removeFromCRL entry for the next delta."""
+        """Lift a certificateHold: the row stays, as a removeFromCRL entry for the next delta.
+
+        The certificate becomes active again, so it meets the rule a new one meets: unless its
+        profile is one of reissue_profiles (the profiles in force that allow re-issue), the lift
+        is refused while its device has another active certificate (one issued while this one
+        was on hold). The check runs under the device's DEVICE lock, which the issuing
+        transaction takes too, so a lift and an issuance for one device cannot both pass it.
+        """
         serial_text = serial_hex(serial)
         with self._begin() as conn:
-            issuer_key_id = conn.execute(select(certificates.c.issuer_key_id).where(certificates.c.serial == serial_text)).scalar()
-            if issuer_key_id is not None:
-                xact_lock(conn, LockSpace.REVOCATIONS, issuer_key_id)  # see record_revocations
+            cert = conn.execute(
+                select(certificates.c.issuer_key_id, certificates.c.device_id, certificates.c.profile, certificates.c.not_after).where(
+                    certificates.c.serial == serial_text
+                )
+            ).first()
+            if cert is not None:
+                # REVOCATIONS: see record_revocations; DEVICE: see record_unique_issuances. One call, one global order.
+                xact_locks(conn, [(LockSpace.REVOCATIONS, cert.issuer_key_id), (LockSpace.DEVICE, cert.device_id)])
             row = conn.execute(select(revocations_table).where(revocations_table.c.serial == serial_text)).first()
             if row is None or row.lifted_at is not None:
                 exists = conn.execute(select(certificates.c.serial).where(certificates.c.serial == serial_text)).first()
@@ -610,6 +628,19 @@ class SqlStore:
             retired = self._retired_issuers(conn, {row.issuer_key_id})
             if retired:
                 raise _issuer_retired(serial_text, row.issuer_key_id, retired[row.issuer_key_id])
+            assert cert is not None  # a revocation row references its certificate
+            if cert.profile not in reissue_profiles and _utc(cert.not_after) > lifted_at:
+                others = conn.execute(_ACTIVE_OF_DEVICES, {"devices": [cert.device_id], "now": lifted_at}).all()
+                other = min((s for s, _ in others if s != serial_text), default=None)
+                if other is not None:
+                    raise FailedPrecondition(
+                        f"device {echo(cert.device_id)} has another active certificate ({other}), and the profile "
+                        f"{echo(cert.profile)} of certificate {serial_text} does not allow re-issue; revoke {other} first, "
+                        "then lift the hold",
+                        rule="device-unique",
+                        field="serial",
+                        expected="a held certificate whose device has no other active certificate",
+                    )
             revoked_at = _utc(row.revoked_at)
             conn.execute(
                 update(revocations_table)

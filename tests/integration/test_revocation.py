@@ -17,13 +17,18 @@ from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.model import AuditEvent, IssuedCertificate
 from ca_daemon.store import SqlStore
-from tests.conftest import CaEnv, Daemon
+from tests.conftest import CaEnv, Daemon, device_csr
 from tests.integration.crl_helpers import crl_env, serials_in, sign, start, stub, wait_for_crl
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> CaEnv:
-    return crl_env(tmp_path_factory.mktemp("revocation"), softhsm_conf)[0]
+    env = crl_env(tmp_path_factory.mktemp("revocation"), softhsm_conf)[0]  # profile device allows re-issue
+    env.edit_config(
+        '[callers."local-developer"]\nprofiles = ["device"]',
+        '[profiles.meter]\nallow_reissue = false\n\n[callers."local-developer"]\nprofiles = ["device", "meter"]',
+    )
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +170,27 @@ def test_hold_can_become_final_but_final_reasons_cannot_be_lifted(channel: grpc.
     assert "key_compromise" in details
     unknown, _ = _code(lambda: stub(channel).Unrevoke(ca_pb2.UnrevokeRequest(serial="5" * 30), timeout=10))
     assert unknown == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_hold_is_not_lifted_while_the_device_has_another_active_certificate(channel: grpc.Channel) -> None:
+    """Profile meter, allow_reissue = false: a held certificate is not active, so its device got a new one;
+    lifting the hold would leave the device two. FAILED_PRECONDITION, until the new one is revoked."""
+    device = f"meter-{uuid.uuid4().hex[:8]}"
+
+    def sign_meter() -> str:
+        request = ca_pb2.SignRequest(csr=device_csr(device), request_id=str(uuid.uuid4()), profile="meter")
+        return str(stub(channel).Sign(request, timeout=10).serial)
+
+    held = sign_meter()
+    _revoke(channel, held, reason=ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD)
+    replacement = sign_meter()
+    code, details = _code(lambda: stub(channel).Unrevoke(ca_pb2.UnrevokeRequest(serial=held), timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"another active certificate ({replacement})" in details and "[rule device-unique]" in details
+    assert stub(channel).GetCertificate(ca_pb2.GetCertificateRequest(serial=held), timeout=10).HasField("revocation")
+    _revoke(channel, replacement, reason=ca_pb2.REVOCATION_REASON_SUPERSEDED)
+    stub(channel).Unrevoke(ca_pb2.UnrevokeRequest(serial=held), timeout=10)
+    assert not stub(channel).GetCertificate(ca_pb2.GetCertificateRequest(serial=held), timeout=10).HasField("revocation")
 
 
 def test_bulk_revocation_by_device_and_serials_is_one_transaction(channel: grpc.Channel) -> None:

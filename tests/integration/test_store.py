@@ -107,6 +107,14 @@ def _revoke(store: SqlStore, serial: int, reason: int = RevocationReason.KEY_COM
     )
 
 
+def _lift(store: SqlStore, serial: int, *, reissue_profiles: frozenset[str] = frozenset()) -> None:
+    store.lift_hold(serial, lifted_at=datetime.now(UTC), actor="officer", encode_entry=_entry, reissue_profiles=reissue_profiles)
+
+
+def _active(store: SqlStore, device_id: str) -> set[int]:
+    return set(store.issuance_facts(device_id, b"\x00" * 32, datetime.now(UTC))[0])
+
+
 def _serials(der: bytes | bytearray) -> set[int]:
     return {int.from_bytes(der[i : i + 20], "big") for i in range(0, len(der), 20)}
 
@@ -320,7 +328,7 @@ def test_revocation_rules(store: SqlStore) -> None:
         _revoke(store, held.serial, RevocationReason.CERTIFICATE_HOLD)
     with pytest.raises(NotFound):
         _revoke(store, 12345)
-    store.lift_hold(held.serial, lifted_at=datetime.now(UTC), actor="t", encode_entry=_entry)
+    _lift(store, held.serial)
     assert store.get_revocation(held.serial) is None
     assert store.max_change_seq(ISSUER) == first_seq + 1
     _revoke(store, other.serial)
@@ -331,6 +339,67 @@ def test_revocation_rules(store: SqlStore) -> None:
     assert _serials(full.der) == {other.serial} and full.change_seq == first_seq + 2
     delta = store.crl_entries(ISSUER, after_seq=first_seq, drop_expired=None)
     assert _serials(delta.der) == {held.serial, other.serial}  # the lifted hold as removeFromCRL
+
+
+def test_lifting_a_hold_is_refused_while_the_device_has_another_active_certificate(store: SqlStore) -> None:
+    """allow_reissue = false: one active certificate per device ID (README, "Issuance policy"), a lifted hold included.
+
+    A certificate on hold is not active, so its device may get a new one; lifting the hold made
+    both active. The lift is refused, naming the other certificate, until that one is revoked;
+    a profile that allows re-issue lifts at once.
+    """
+    held = _cert("meter-7", key=b"meter-7-key-1")
+    assert _issue(store, held)[0].created  # type: ignore[attr-defined]
+    _revoke(store, held.serial, RevocationReason.CERTIFICATE_HOLD)
+    replacement = _cert("meter-7", key=b"meter-7-key-2")
+    assert _issue(store, replacement)[0].created  # type: ignore[attr-defined]
+    changes, events = store.max_change_seq(ISSUER), len(store.audit_events())
+    with pytest.raises(FailedPrecondition) as refused:
+        _lift(store, held.serial, reissue_profiles=frozenset({"other"}))
+    assert refused.value.rule == "device-unique"
+    assert f"another active certificate ({serial_hex(replacement.serial)})" in refused.value.message
+    assert f"revoke {serial_hex(replacement.serial)} first" in refused.value.message
+    assert store.get_revocation(held.serial).reason == RevocationReason.CERTIFICATE_HOLD  # type: ignore[union-attr]
+    assert (store.max_change_seq(ISSUER), len(store.audit_events())) == (changes, events)  # nothing written
+    assert _active(store, "meter-7") == {replacement.serial}
+    _revoke(store, replacement.serial, RevocationReason.SUPERSEDED)
+    _lift(store, held.serial)
+    assert _active(store, "meter-7") == {held.serial}
+    # A profile that allows re-issue allows a device several active certificates, a lifted hold too.
+    first, second = _cert("meter-8"), _cert("meter-8")
+    _issue(store, first)
+    _revoke(store, first.serial, RevocationReason.CERTIFICATE_HOLD)
+    _issue(store, second)
+    _lift(store, first.serial, reissue_profiles=frozenset({"device"}))
+    assert _active(store, "meter-8") == {first.serial, second.serial}
+
+
+def test_a_hold_lift_waits_for_an_issuance_for_its_device_in_flight(store: SqlStore) -> None:
+    """The lift checks the device under the DEVICE lock the issuing transaction holds until it commits."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite serialises every write transaction with BEGIN IMMEDIATE")
+    held = _cert("meter-9")
+    _issue(store, held)
+    _revoke(store, held.serial, RevocationReason.CERTIFICATE_HOLD)
+    replacement = _cert("meter-9")
+    refusals: list[FailedPrecondition] = []
+
+    def lift() -> None:
+        try:
+            _lift(store, held.serial)
+        except FailedPrecondition as exc:
+            refusals.append(exc)
+
+    with store.engine.begin() as issuing:  # a replica's group commit for the device, not yet committed
+        xact_lock(issuing, LockSpace.DEVICE, "meter-9")
+        issuing.execute(schema.certificates.insert().values(**{**replacement.__dict__, "serial": serial_hex(replacement.serial)}))
+        lifting = threading.Thread(target=lift)
+        lifting.start()
+        lifting.join(timeout=1.0)
+        assert lifting.is_alive(), "the lift did not wait for the device's issuing transaction"
+    lifting.join(timeout=30)
+    assert [e.rule for e in refusals] == ["device-unique"]
+    assert _active(store, "meter-9") == {replacement.serial}
 
 
 def test_concurrent_revocations_leave_no_gap_for_a_delta(store: SqlStore, store_url: str) -> None:
