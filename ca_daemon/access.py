@@ -138,11 +138,26 @@ class RoleMap:
         return frozenset(roles)
 
 
+@dataclass(frozen=True)
+class IssuedBy:
+    """A certificate as a CRL names it: its issuer and serial (a serial is unique only within its CA)."""
+
+    issuer_der: bytes
+    issuer_text: str
+    serial: int
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate) -> IssuedBy:
+        return cls(certificate.issuer.public_bytes(), certificate.issuer.rfc4514_string(), certificate.serial_number)
+
+
 class ClientCrl:
-    """The revoked serials of the client CAs, from the configured CRL file(s) (PEM or DER).
+    """The revoked certificates of the client CAs, from the configured CRL file(s) (PEM or DER).
 
     Every CRL must be signed by one of the client CAs and not be past its nextUpdate;
-    otherwise nobody is let in (fail closed) and the reason is logged and reported.
+    otherwise nobody is let in (fail closed) and the reason is logged and reported. A client
+    CA with no CRL in the file has its certificates refused: their revocation cannot be
+    checked. Revocations are kept per issuer, as a serial is unique only within its CA.
     The file is re-read when its mtime or size changes (checked at most once a second).
     """
 
@@ -152,7 +167,8 @@ class ClientCrl:
         self._lock = threading.Lock()
         self._stamp: tuple[float, int] | None = None
         self._checked_at = 0.0
-        self._revoked: frozenset[int] = frozenset()
+        self._revoked: frozenset[tuple[bytes, int]] = frozenset()  # (issuer name DER, serial)
+        self._covered: frozenset[bytes] = frozenset()  # the names (DER) of the CAs that have a CRL
         self._next_update: datetime | None = None
         self._problem = ""
         self.generation = 0
@@ -163,8 +179,8 @@ class ClientCrl:
         """The client CAs (tls.client_ca), as read at start-up."""
         return tuple(self._cas)
 
-    def check(self, serial: int, now: datetime | None = None) -> None:
-        """Unauthenticated if the CRL is unusable or lists serial."""
+    def check(self, certificate: IssuedBy, now: datetime | None = None) -> None:
+        """Unauthenticated if the CRLs are unusable, its issuer has none, or its issuer's lists it."""
         self._refresh()
         now = now or datetime.now(UTC)
         if self._problem:
@@ -175,8 +191,17 @@ class ClientCrl:
                 "refresh it (`ca-daemon mtls crl` for the internal CA)",
                 rule="client-crl",
             )
-        if serial in self._revoked:
-            raise Unauthenticated(f"client certificate {serial:x} is revoked (on the client CA's CRL)", rule="client-revoked")
+        if certificate.issuer_der not in self._covered:
+            raise Unauthenticated(
+                f"certificate {certificate.serial:x} is issued by client CA {certificate.issuer_text!r}, which has no CRL in "
+                f"{self._crl_file}; add its CRL there: a certificate whose revocation cannot be checked is refused",
+                rule="client-crl",
+            )
+        if (certificate.issuer_der, certificate.serial) in self._revoked:
+            raise Unauthenticated(
+                f"certificate {certificate.serial:x} is revoked (on the CRL of client CA {certificate.issuer_text!r})",
+                rule="client-revoked",
+            )
 
     def _refresh(self) -> None:
         now = _monotonic()
@@ -197,13 +222,16 @@ class ClientCrl:
             if stamp == self._stamp:
                 return
             try:
-                revoked, next_update = _read_crls(self._crl_file.read_bytes(), self._cas)
+                revoked, covered, next_update = _read_crls(self._crl_file.read_bytes(), self._cas)
             except ValueError as exc:
                 self._problem = f"client CA CRL {self._crl_file}: {exc}"
                 log.error("%s; refusing every client until it is fixed", self._problem)
                 self._stamp = stamp
                 return
-            self._revoked, self._next_update, self._problem, self._stamp = revoked, next_update, "", stamp
+            self._revoked, self._covered, self._next_update, self._problem, self._stamp = revoked, covered, next_update, "", stamp
+            uncovered = [ca.subject.rfc4514_string() for ca in self._cas if ca.subject.public_bytes() not in covered]
+            if uncovered:
+                log.warning("client CA CRL %s has no CRL of %s; their certificates are refused", self._crl_file, "; ".join(uncovered))
             self.generation += 1
             log.info("client CA CRL %s loaded: %d revoked certificate(s)", self._crl_file, len(revoked))
 
@@ -214,13 +242,15 @@ def _monotonic() -> float:
     return time.monotonic()
 
 
-def _read_crls(data: bytes, cas: Sequence[x509.Certificate]) -> tuple[frozenset[int], datetime | None]:
+def _read_crls(data: bytes, cas: Sequence[x509.Certificate]) -> tuple[frozenset[tuple[bytes, int]], frozenset[bytes], datetime | None]:
+    """The revoked (issuer, serial) pairs, the issuers that have a CRL, and the earliest nextUpdate."""
     if b"-----BEGIN X509 CRL-----" in data:
         blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", data, re.S)
         crls = [x509.load_pem_x509_crl(b) for b in blocks]
     else:
         crls = [x509.load_der_x509_crl(data)]
-    revoked: set[int] = set()
+    revoked: set[tuple[bytes, int]] = set()
+    covered: set[bytes] = set()
     next_update: datetime | None = None
     for crl in crls:
         issuer = next((ca for ca in cas if ca.subject == crl.issuer), None)
@@ -229,10 +259,12 @@ def _read_crls(data: bytes, cas: Sequence[x509.Certificate]) -> tuple[frozenset[
         public = issuer.public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not crl.is_signature_valid(public):
             raise ValueError(f"the CRL of {crl.issuer.rfc4514_string()} does not verify with that CA's key")
-        revoked |= {entry.serial_number for entry in crl}
+        name = crl.issuer.public_bytes()
+        covered.add(name)
+        revoked |= {(name, entry.serial_number) for entry in crl}
         if crl.next_update_utc is not None and (next_update is None or crl.next_update_utc < next_update):
             next_update = crl.next_update_utc
-    return frozenset(revoked), next_update
+    return frozenset(revoked), frozenset(covered), next_update
 
 
 class Authenticator:
@@ -256,7 +288,8 @@ class Authenticator:
         self._client_cas = tuple(client_cas)
         self._local = Principal(local_identity, ANY_ROLE) if local_identity else None
         self._require_tls13 = require_tls13
-        self._cache: OrderedDict[bytes, tuple[int, Principal, datetime]] = OrderedDict()
+        # Per certificate PEM: CRL generation, principal, valid until, and what the CRLs must not list.
+        self._cache: OrderedDict[bytes, tuple[int, Principal, datetime, tuple[IssuedBy, ...]]] = OrderedDict()
 
     @classmethod
     def from_config(cls, config: Config) -> Authenticator:
@@ -300,17 +333,23 @@ class Authenticator:
         generation = self._crl.generation if self._crl is not None else 0
         cached = self._cache.get(pem)
         if cached is not None and cached[0] == generation and now <= cached[2]:
-            principal = cached[1]
+            principal, checked = cached[1], cached[3]
             if self._crl is not None:
-                self._crl.check(int(principal.serial, 16), now)
+                for item in checked:
+                    self._crl.check(item, now)
             return principal
         certificate = x509.load_pem_x509_certificate(pem)
         _check_dates(certificate, "client certificate", now)
-        valid_until = min([certificate.not_valid_after_utc, *(ca.not_valid_after_utc for ca in self._issuers_of(certificate, now))])
+        issuers = self._issuers_of(certificate, now)
+        valid_until = min([certificate.not_valid_after_utc, *(ca.not_valid_after_utc for ca in issuers)])
+        # The client certificate and every intermediate CA above it, each on its issuer's CRL: a revoked
+        # intermediate revokes whatever it signed. The self-signed root is the trust anchor.
+        checked = tuple(IssuedBy.of(c) for c in [certificate, *issuers] if c.issuer != c.subject)
         if self._crl is not None:
-            self._crl.check(certificate.serial_number, now)
+            for item in checked:
+                self._crl.check(item, now)
         principal = principal_of(certificate, self._roles)
-        self._cache[pem] = (self._crl.generation if self._crl is not None else 0, principal, valid_until)
+        self._cache[pem] = (self._crl.generation if self._crl is not None else 0, principal, valid_until, checked)
         while len(self._cache) > 1024:
             self._cache.popitem(last=False)
         return principal

@@ -89,6 +89,7 @@ def _clients(specs: list[str]) -> list[tuple[str, str]]:
         name, sep, role = spec.rpartition(":")
         if not sep or not name or role not in config_module.ROLES:
             raise ConfigError(f"--client {spec!r}: use NAME:ROLE with ROLE one of {', '.join(config_module.ROLES)}")
+        tls.check_client_name(name)  # before anything is issued or written
         pairs.append((name, role))
     return pairs
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -167,54 +168,73 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         method = handler_call_details.method
         deserializer = _decoding(handler.request_deserializer)
+        serializer = handler.response_serializer
+        # Every kind of handler is guarded: reflection's ServerReflectionInfo is a bidirectional stream,
+        # and it was served to callers with no certificate, or a revoked one, when only unary handlers were.
         if handler.unary_unary is not None:
-            inner: Handler = handler.unary_unary  # type: ignore[assignment]
-
-            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
-                caller = "-"
-                try:
-                    caller = await self._admit(method, context)
-                    response = await inner(_decoded(request), context)
-                except errors.CaError as exc:
-                    await self._refuse(method, caller, exc, context, started)
-                except grpc.aio.AbortError:
-                    self._done(method, caller, "ABORTED_BY_HANDLER", started)
-                    raise
-                except Exception:
-                    log.exception("rpc %s failed unexpectedly", method)
-                    self._done(method, caller, "INTERNAL", started)
-                    await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
-                self._done(method, caller, "OK", started)
-                return response
-
-            return grpc.unary_unary_rpc_method_handler(
-                guarded, request_deserializer=deserializer, response_serializer=handler.response_serializer
-            )
+            unary: Handler = handler.unary_unary  # type: ignore[assignment]
+            guarded = self._guard(method, lambda request, context: unary(_decoded(request), context))
+            return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=deserializer, response_serializer=serializer)
+        if handler.stream_unary is not None:
+            gathering: Handler = handler.stream_unary  # type: ignore[assignment]
+            guarded = self._guard(method, lambda requests, context: gathering(_decoded_each(requests), context))
+            return grpc.stream_unary_rpc_method_handler(guarded, request_deserializer=deserializer, response_serializer=serializer)
         if handler.unary_stream is not None:
             stream: StreamHandler = handler.unary_stream  # type: ignore[assignment]
+            streamed = self._guard_stream(method, lambda request, context: stream(_decoded(request), context))
+            return grpc.unary_stream_rpc_method_handler(streamed, request_deserializer=deserializer, response_serializer=serializer)
+        bidirectional: StreamHandler = handler.stream_stream  # type: ignore[assignment]
+        streamed = self._guard_stream(method, lambda requests, context: bidirectional(_decoded_each(requests), context))
+        return grpc.stream_stream_rpc_method_handler(streamed, request_deserializer=deserializer, response_serializer=serializer)
 
-            async def guarded_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                caller = "-"
-                try:
-                    caller = await self._admit(method, context)
-                    async for item in stream(_decoded(request), context):
+    def _guard(self, method: str, call: Handler) -> Handler:
+        """A handler with one answer: admitted first, then every outcome logged, counted and mapped to a status."""
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            caller = "-"
+            try:
+                caller = await self._admit(method, context)
+                response = await call(request, context)
+            except errors.CaError as exc:
+                await self._refuse(method, caller, exc, context, started)
+            except grpc.aio.AbortError:
+                self._done(method, caller, "ABORTED_BY_HANDLER", started)
+                raise
+            except Exception:
+                log.exception("rpc %s failed unexpectedly", method)
+                self._done(method, caller, "INTERNAL", started)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
+            self._done(method, caller, "OK", started)
+            return response
+
+        return guarded
+
+    def _guard_stream(self, method: str, call: StreamHandler) -> StreamHandler:
+        """A handler with a stream of answers, guarded as _guard guards one answer."""
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            caller = "-"
+            try:
+                caller = await self._admit(method, context)
+                answers = call(request, context)
+                if inspect.isawaitable(answers):  # a handler that answers with context.write (health's Watch)
+                    await answers
+                else:
+                    async for item in answers:
                         yield item
-                except errors.CaError as exc:
-                    await self._refuse(method, caller, exc, context, started)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    log.exception("rpc %s failed unexpectedly", method)
-                    self._done(method, caller, "INTERNAL", started)
-                    await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
-                self._done(method, caller, "OK", started)
+            except errors.CaError as exc:
+                await self._refuse(method, caller, exc, context, started)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("rpc %s failed unexpectedly", method)
+                self._done(method, caller, "INTERNAL", started)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
+            self._done(method, caller, "OK", started)
 
-            return grpc.unary_stream_rpc_method_handler(
-                guarded_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
-            )
-        return handler
+        return guarded
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Steps 3-5 of client authentication (the handshake did 1-2); the caller's identity."""
@@ -280,6 +300,11 @@ def _decoding(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
             return _Undecodable(message_type, str(exc))
 
     return decode
+
+
+async def _decoded_each(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
 
 
 def _decoded(request: Any) -> Any:

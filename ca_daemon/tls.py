@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,6 +111,21 @@ def make_csr(key: ec.EllipticCurvePrivateKey, name: str) -> x509.CertificateSign
     )
 
 
+def check_client_name(name: str) -> None:
+    """A client's name is its identity in [roles], where "uri:" and "ou:" begin patterns instead.
+
+    A client named "uri:.*" made `mtls init` write that pattern into [roles]: its role went to
+    every client (all have a SAN URI), and the name itself could never be granted.
+    """
+    kind, sep, _ = name.partition(":")
+    if sep and kind in ("uri", "ou"):
+        raise InvalidRequest(
+            f"client name {name!r} begins with {kind + ':'!r}, which in [roles] begins a pattern, not a name",
+            field="name",
+            expected="a name not beginning with uri: or ou:",
+        )
+
+
 def issue(
     ca: MtlsCa,
     store: SqlStore,
@@ -135,6 +151,8 @@ def issue(
         raise InvalidRequest(f"role {role!r} is not one of {', '.join(ROLES)}", field="role")
     if not name or len(name) > 64:
         raise InvalidRequest("a certificate name must be 1 to 64 characters", field="name")
+    if kind == "client":
+        check_client_name(name)
     start = not_before or datetime.now(UTC) - timedelta(minutes=5)
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
     if kind == "client":
@@ -227,36 +245,59 @@ def build_crl(ca: MtlsCa, store: SqlStore, validity: timedelta = CRL_VALIDITY) -
 
 
 def write_crl(ca: MtlsCa, store: SqlStore, target: Path) -> x509.CertificateRevocationList:
-    """Sign the mTLS CA's CRL and replace target with it atomically (the daemon reads the old or the new one)."""
+    """Sign the mTLS CA's CRL and put it in target atomically (the daemon reads the old or the new file).
+
+    The CRLs of other client CAs in target (PEM) are kept: tls.client_crl holds one CRL per CA
+    of tls.client_ca, and a client CA without its CRL has every client refused.
+    """
     crl = build_crl(ca, store)
+    others = [pem for pem, parsed in _pem_crls(target) if parsed is None or parsed.issuer != ca.certificate.subject]
     temporary = target.with_name(target.name + ".tmp")
-    temporary.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    temporary.write_bytes(b"".join([crl.public_bytes(serialization.Encoding.PEM), *others]))
     temporary.replace(target)
     return crl
+
+
+def _pem_crls(path: Path) -> list[tuple[bytes, x509.CertificateRevocationList | None]]:
+    """The PEM CRL blocks of a file (none if it is missing), each parsed, or None where it does not parse."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    found: list[tuple[bytes, x509.CertificateRevocationList | None]] = []
+    for block in re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----\n?", data, re.S):
+        try:
+            found.append((block, x509.load_pem_x509_crl(block)))
+        except ValueError:
+            found.append((block, None))
+    return found
 
 
 def refresh_client_crl(
     hsm: Hsm, store: SqlStore, key_uri: str, target: Path, refresh_before: timedelta, now: datetime
 ) -> x509.CertificateRevocationList | None:
-    """Re-sign the client CRL file if it is the internal CA's own and its nextUpdate is within refresh_before.
+    """Re-sign the internal CA's CRL in the client CRL file if its nextUpdate is within refresh_before.
 
     Run by the daemon's primary worker, so that the CRL every mTLS call is checked against
-    (access.ClientCrl, which fails closed once it expires) never runs out. A file that
-    holds anything else (another CA's CRL, several CRLs, nothing readable) is left alone:
-    replacing it would drop what an operator put there. Returns the new CRL, or None.
+    (access.ClientCrl, which fails closed once it expires) never runs out. The other CAs'
+    CRLs in the file are kept (write_crl); a file without exactly one valid CRL of the
+    internal CA (none, or not PEM) is left alone. Returns the new CRL, or None.
     """
     ca = load_mtls_ca(hsm, store, key_uri)
     if ca is None:
         return None
     try:
-        data = target.read_bytes()
-        if data.count(b"-----BEGIN X509 CRL-----") != 1:  # the loader would read the first CRL and ignore the rest
-            return None
-        current = x509.load_pem_x509_crl(data)
-    except (OSError, ValueError):
+        public = ca.certificate.public_key()
+        ours = [
+            parsed
+            for _, parsed in _pem_crls(target)
+            if parsed is not None and parsed.issuer == ca.certificate.subject and parsed.is_signature_valid(public)  # type: ignore[arg-type]
+        ]
+    except OSError:
         return None
-    if current.issuer != ca.certificate.subject or not current.is_signature_valid(ca.certificate.public_key()):  # type: ignore[arg-type]
+    if len(ours) != 1:
         return None
+    current = ours[0]
     next_update = current.next_update_utc
     if next_update is not None and next_update - now > refresh_before:
         return None

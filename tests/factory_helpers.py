@@ -43,6 +43,13 @@ class ForeignCa:
         )
         return cls(key, cert)
 
+    def crl(self, revoked: tuple[int, ...] = ()) -> x509.CertificateRevocationList:
+        now = datetime.now(UTC).replace(microsecond=0)
+        entries = [x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build() for s in revoked]
+        return x509.CertificateRevocationListBuilder(
+            issuer_name=self.certificate.subject, last_update=now, next_update=now + timedelta(days=7), revoked_certificates=entries
+        ).sign(self.key, hashes.SHA256())
+
     def issue(self, public_key: ec.EllipticCurvePublicKey, device_id: str, *, server: bool = False, ip: str = "") -> x509.Certificate:
         now = datetime.now(UTC)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"urn:dev:ops:{device_id}")]

@@ -651,12 +651,16 @@ def test_the_refresh_re_signs_only_an_expiring_crl_of_the_internal_ca(tmp_path_f
         crl_file.write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
         assert refresh() is None
         assert crl_file.read_bytes() == foreign.public_bytes(serialization.Encoding.PEM)
-        # So is a bundle that starts with an expiring internal CRL but holds another CA's CRL too.
+        # In a bundle of CRLs only the internal CA's is re-signed; the other CA's stays as it was,
+        # since a client CA without its CRL has every client refused.
         _write_client_crl(env, timedelta(days=2))
-        bundle = crl_file.read_bytes() + foreign.public_bytes(serialization.Encoding.PEM)
-        crl_file.write_bytes(bundle)
-        assert refresh() is None
-        assert crl_file.read_bytes() == bundle
+        foreign_pem = foreign.public_bytes(serialization.Encoding.PEM)
+        crl_file.write_bytes(crl_file.read_bytes() + foreign_pem)
+        fresh = refresh()
+        assert fresh is not None and fresh.next_update_utc is not None
+        assert fresh.next_update_utc > datetime.now(UTC) + timedelta(days=80)
+        assert crl_file.read_bytes() == fresh.public_bytes(serialization.Encoding.PEM) + foreign_pem
+        assert refresh() is None  # fresh now
     finally:
         hsm.close()
         store.close()

@@ -180,6 +180,13 @@ def test_a_client_ca_added_to_the_bundle_is_trusted_after_reload(tls_daemon: Tls
     env.edit_config('[callers."prog"]', '[callers."line9"]\nprofiles = ["device"]\n\n[callers."prog"]')
     env.cli("reload")
     deadline = time.monotonic() + 15
+    # Trusted, but without its CRL in tls.client_crl the revocation of its clients cannot be checked.
+    while (codes := {sign_as_line9() for _ in range(6)}) != {grpc.StatusCode.UNAUTHENTICATED}:
+        assert time.monotonic() < deadline, codes
+        time.sleep(0.3)
+    crl_file = tls_dir / "client-ca.crl"
+    crl_file.write_bytes(crl_file.read_bytes() + outside.crl().public_bytes(serialization.Encoding.PEM))
+    deadline = time.monotonic() + 15
     while (codes := {sign_as_line9() for _ in range(6)}) != {grpc.StatusCode.OK}:  # fresh connections reach either worker
         assert time.monotonic() < deadline, codes
         time.sleep(0.3)
