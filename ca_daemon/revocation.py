@@ -32,7 +32,7 @@ from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFa
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import SqlStore
-from ca_daemon.store.locks import Leadership
+from ca_daemon.store.locks import LEADER_FENCE, Leadership
 
 log = logging.getLogger(__name__)
 
@@ -367,16 +367,28 @@ class CrlPublisher:
             self.check(issuer, crl)
             self._store.store_crl(crl, _audit(crl), fence=self.fence)
         except CaError as exc:
+            if exc.rule == LEADER_FENCE:  # not a failure: the new leader publishes, and its status stands
+                log.warning("CRL of %s not published: %s", issuer.key_id, exc.message)
+                raise
             log.error("CRL of %s not published: %s", issuer.key_id, exc.message)
-            self._store.set_crl_status(issuer.key_id, ok=False, message=exc.message)
+            self._failed(issuer.key_id, exc.message)
             raise
         except Exception as exc:
             log.exception("CRL of %s not published", issuer.key_id)
-            self._store.set_crl_status(issuer.key_id, ok=False, message=f"{type(exc).__name__}: {exc}")
+            self._failed(issuer.key_id, f"{type(exc).__name__}: {exc}")
             raise FailedPrecondition(f"CRL of {issuer.key_id} not published: {type(exc).__name__}") from exc
         kind = "delta" if crl.is_delta else "full"
         log.info("published %s CRL %d of %s with %d entries (%d bytes)", kind, crl.crl_number, issuer.key_id, crl.entries, len(crl.der))
         return crl
+
+    def _failed(self, key_id: str, message: str) -> None:
+        """Mark the issuer's publication failed (CRL health), unless this process no longer leads."""
+        try:
+            self._store.set_crl_status(key_id, ok=False, message=message, fence=self.fence)
+        except FailedPrecondition as exc:
+            if exc.rule != LEADER_FENCE:
+                raise
+            log.warning("CRL failure of %s not recorded: %s", key_id, exc.message)
 
     def build(self, issuer: CrlIssuer, *, delta: bool, now: datetime) -> PublishedCrl:
         """The next full or delta CRL of an issuer, signed; not yet checked or recorded."""

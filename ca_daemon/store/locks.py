@@ -43,6 +43,9 @@ from ca_daemon.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
+# The rule of the refusal a fenced-out former leader gets: not a failure of the work, which another replica does now.
+LEADER_FENCE = "leader-fence"
+
 
 class LockSpace(IntEnum):
     """The first key of pg_advisory_(xact_)lock(int4, int4): what kind of thing is locked ("CA" + a number)."""
@@ -183,7 +186,7 @@ class Leadership:
             return  # one daemon per SQLite file; the flock dies with the process
         still = self.held and conn.execute(_HELD_BY, {"c": self.classid, "o": self.objid, "p": self.backend_pid}).scalar_one()
         if not still:
-            raise FailedPrecondition(f"this process is no longer the {self.name} leader; another replica publishes", rule="leader-fence")
+            raise FailedPrecondition(f"this process is no longer the {self.name} leader; another replica publishes", rule=LEADER_FENCE)
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -215,4 +218,4 @@ _HELD_BY = text(
 )
 
 
-__all__ = ["Leadership", "LockSpace", "lock_id", "xact_lock", "xact_locks"]
+__all__ = ["LEADER_FENCE", "Leadership", "LockSpace", "lock_id", "xact_lock", "xact_locks"]

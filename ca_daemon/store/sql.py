@@ -829,8 +829,15 @@ class SqlStore:
             if audit is not None:
                 self._insert_audit(conn, [audit])
 
-    def set_crl_status(self, issuer_key_id: str, *, ok: bool, message: str) -> None:
+    def set_crl_status(self, issuer_key_id: str, *, ok: bool, message: str, fence: Leadership | None = None) -> None:
+        """Record the outcome of a publication attempt; with a fence, only while the caller still leads.
+
+        The row is shared by every replica (crl_failures -> CRL health), so a process that lost
+        the leadership must not overwrite what the new leader's publications say.
+        """
         with self._begin() as conn:
+            if fence is not None:
+                fence.fence(conn)
             self._set_crl_status(conn, issuer_key_id, ok=ok, message=message, at=_now())
 
     def _set_crl_status(self, conn: Connection, issuer_key_id: str, *, ok: bool, message: str, at: datetime) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import text
 
 from ca_daemon import app, crl_der
 from ca_daemon import config as config_module
@@ -28,7 +30,8 @@ from ca_daemon.errors import FailedPrecondition, LintFailure
 from ca_daemon.model import PublishedCrl
 from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
-from tests.conftest import BIN, CaEnv, Daemon, openssl_verify
+from ca_daemon.store.locks import Leadership
+from tests.conftest import BIN, CaEnv, Daemon, make_env, openssl_verify
 from tests.integration.crl_helpers import crl_env, get_crl, serials_in, sign, start, stub, wait_for_crl
 
 
@@ -343,6 +346,60 @@ def test_a_crl_that_fails_its_self_check_is_not_published_and_health_shows_it(ch
         _revoke(channel, sign(channel).serial)
         _wait_health(health, health_pb2.HealthCheckResponse.SERVING)
     finally:
+        store.close()
+        hsm.close()
+
+
+def test_a_replica_that_lost_the_crl_leadership_leaves_crl_health_to_the_new_leader(
+    tmp_path: Path, softhsm_conf: Path, pg_database: Callable[[], str]
+) -> None:
+    """Two replicas' publishers on one PostgreSQL database; the leader's session dies while it works.
+
+    Its next commit is fenced (nothing published), and it must not write the publication status
+    either: that row is every replica's CRL health, and the new leader, which publishes fine,
+    would find nothing due to clear it for up to delta_interval (full_interval without deltas).
+    """
+    pg_url = pg_database()
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    env.edit_config('url = "sqlite:///ca.db"', f'url = "{pg_url}"')
+    env.cli("init")
+    config = config_module.load(env.config_path)
+    hsm = app.connect_hsm(config)
+    store = SqlStore(config.store.url)
+    old, new = Leadership(pg_url), Leadership(pg_url)
+    try:
+        load_active_ca(config, hsm, store)
+        old_publisher, new_publisher = CrlPublisher(config, hsm, store), CrlPublisher(config, hsm, store)
+        old_publisher.fence, new_publisher.fence = old, new
+        assert old.poll() is True and new.poll() is False
+        issuer = old_publisher.issuers(datetime.now(UTC))[0]
+        old_publisher.publish(issuer, delta=False)
+        with store.engine.connect() as conn:  # a partition, a long pause: the old leader has not noticed yet
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": old.backend_pid})
+            conn.commit()
+        assert new.poll() is True
+        new_issuer = new_publisher.issuers(datetime.now(UTC))[0]
+        new_publisher.publish(new_issuer, delta=False)
+        new_publisher.publish(new_issuer, delta=True)
+        last = store.max_crl_number(issuer.key_id)
+        with pytest.raises(FailedPrecondition) as fenced:
+            old_publisher.publish(issuer, delta=True)
+        assert fenced.value.rule == "leader-fence"
+        assert store.crl_failures() == [], "a replica that merely lost the leadership turned CRL health NOT_SERVING everywhere"
+        # A failure of another kind in the old leader (here: no key to sign with) is not recorded either.
+        with pytest.raises(FailedPrecondition, match="retired"):
+            old_publisher.publish(dataclasses.replace(issuer, private_key=None), delta=True)
+        assert store.max_crl_number(issuer.key_id) == last
+        assert store.crl_failures() == []
+        assert asyncio.run(CrlScheduler(config, new_publisher, store, new).run_once()) == []  # nothing due to clear a failure
+        assert store.crl_failures() == []
+        # The leader's own failures still are.
+        with pytest.raises(FailedPrecondition, match="retired"):
+            new_publisher.publish(dataclasses.replace(new_issuer, private_key=None), delta=True)
+        assert [key for key, _ in store.crl_failures()] == [issuer.key_id]
+    finally:
+        old.release()
+        new.release()
         store.close()
         hsm.close()
 
