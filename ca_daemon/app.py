@@ -25,7 +25,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -202,7 +202,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         host, _, public_port = address.rpartition(":")
         port = await front.start(host.strip("[]"), int(public_port), backend_port=port)
     await _set_health(health_servicer, authority.healthy)
-    asyncio.get_running_loop().create_task(_watch_health(health_servicer, lambda: authority.healthy))
+    asyncio.get_running_loop().create_task(_watch_health(health_servicer, authority.probe_health))
     asyncio.get_running_loop().create_task(_follow_active_key(authority, config.rotation.poll_interval.total_seconds()), name="key-follow")
     asyncio.get_running_loop().create_task(watch_health(health_servicer, store, crl.healthy_check if crl else lambda: True))
     if primary:
@@ -311,10 +311,10 @@ async def _set_health(servicer: health_aio.HealthServicer, healthy: bool) -> Non
         await servicer.set(name, status)
 
 
-async def _watch_health(servicer: health_aio.HealthServicer, healthy: Callable[[], bool]) -> None:
+async def _watch_health(servicer: health_aio.HealthServicer, healthy: Callable[[], Awaitable[bool]]) -> None:
     last: bool | None = None
     while True:
-        now = healthy()
+        now = await healthy()
         if now != last:
             await _set_health(servicer, now)
             last = now

@@ -271,6 +271,10 @@ class Authority:
     def healthy(self) -> bool:
         return self._hsm.healthy
 
+    async def probe_health(self) -> bool:
+        """healthy, reconnecting to the token first if it went away (app.py asks every second)."""
+        return await self._hsm.probe()
+
     async def follow_active_key(self) -> bool:
         """Switch to the key the store marks active, if another one was activated (rotation.py).
 

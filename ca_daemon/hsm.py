@@ -202,6 +202,18 @@ class Hsm:
     def healthy(self) -> bool:
         return not self._broken and not self._closed
 
+    async def probe(self) -> bool:
+        """healthy, after trying to reconnect (on the PKCS#11 thread) if the token went away.
+
+        Without it only a call needing the token reconnected, and health follows the token
+        rather than the traffic: a load balancer that stops sending Sign calls to a worker
+        reporting NOT_SERVING would never have brought it back.
+        """
+        if self._broken and not self._closed:
+            with contextlib.suppress(HsmUnavailable):
+                await self.run_async(lambda: self._guarded("a health probe", lambda: None))
+        return self.healthy
+
     def run(self, fn: Callable[[], T]) -> T:
         """Run fn on the PKCS#11 thread and wait for it (directly, if already there)."""
         if threading.get_ident() == self._thread_id:

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
@@ -75,31 +76,40 @@ def test_token_gone_while_serving_is_unavailable_then_recovers(tmp_path: Path, s
     env = make_env(tmp_path, softhsm_conf, workers=workers)
     daemon = Daemon(env, tmp_path / "daemon.log").start()
     token_dir = _token_dir(softhsm_conf, env.token)
+    # Outside directories.tokendir: SoftHSM finds a token renamed inside it again when it reinitialises.
+    away = tmp_path / "token-away"
     try:
         with grpc.insecure_channel(env.target) as channel:
             stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
             stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
-            token_dir.rename(token_dir.with_suffix(".away"))
+            token_dir.rename(away)
             try:
                 with pytest.raises(grpc.RpcError) as excinfo:
                     stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
                 assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert "HSM" in (excinfo.value.details() or "")
+                _wait_health(env.target, health_pb2.HealthCheckResponse.NOT_SERVING, "health never showed the outage")
             finally:
-                token_dir.with_suffix(".away").rename(token_dir)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    response = stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
-                    break
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.UNAVAILABLE
-                    assert time.monotonic() < deadline, "service did not resume after the token came back"
-                    time.sleep(0.2)
+                away.rename(token_dir)
+            # Back to SERVING with no Sign arriving: a load balancer that honours health sends none until then.
+            # (It used to reconnect only inside a call that needed the token, so it stayed NOT_SERVING.)
+            _wait_health(env.target, health_pb2.HealthCheckResponse.SERVING, "health did not return after the token came back")
+            response = stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
             assert openssl_verify(tmp_path, response.certificate_pem, response.chain_pem).returncode == 0
             assert daemon.process is not None and daemon.process.poll() is None
     finally:
         daemon.stop()
+
+
+def _wait_health(target: str, status: int, message: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        if reply.status == status:
+            return
+        assert time.monotonic() < deadline, f"{message}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        time.sleep(0.2)
 
 
 def _token_dir(softhsm_conf: Path, label: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import glob
 import shutil
@@ -133,30 +134,29 @@ def test_uri_round_trip() -> None:
     assert str(uri) == "pkcs11:token=factory%20ca;object=key%3B1;id=%01%ff"
 
 
-def test_service_resumes_after_the_token_comes_back(hsm: Hsm, token_env: CaEnv, softhsm_conf: Path) -> None:
+def test_service_resumes_after_the_token_comes_back(hsm: Hsm, token_env: CaEnv, softhsm_conf: Path, tmp_path: Path) -> None:
     generated = hsm.generate_key(KeySpec.EC_P256, "comes-and-goes")
     digest = b"\x11" * 32
     assert len(hsm.sign_raw(generated.uri, digest, "ecdsa")) == 64
     token_dirs = [d for d in glob.glob(str(softhsm_conf.parent / "tokens" / "*")) if _token_label(Path(d)) == token_env.token]
     assert len(token_dirs) == 1
-    away = token_dirs[0] + ".away"
+    away = str(tmp_path / "token-away")  # outside directories.tokendir: a token renamed inside it is found again
     shutil.move(token_dirs[0], away)
     try:
         with pytest.raises(HsmUnavailable):
             hsm.sign_raw(generated.uri, digest, "ecdsa")
         assert not hsm.healthy
+        time.sleep(0.6)  # past the reconnect interval: the probe really tries, and fails
+        assert not asyncio.run(hsm.probe())
     finally:
         shutil.move(away, token_dirs[0])
+    # The probe reconnects by itself, without a signature asking for the token.
     deadline = time.monotonic() + 5
-    while True:
-        try:
-            assert len(hsm.sign_raw(generated.uri, digest, "ecdsa")) == 64
-            break
-        except HsmUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    while not asyncio.run(hsm.probe()):
+        assert time.monotonic() < deadline, "the probe did not reconnect once the token was back"
+        time.sleep(0.2)
     assert hsm.healthy
+    assert len(hsm.sign_raw(generated.uri, digest, "ecdsa")) == 64
 
 
 def _token_label(directory: Path) -> str:
