@@ -249,8 +249,8 @@ class IdentityRule:
     """Where the device ID is, as the issuing profile puts it.
 
     source "san-uri": the SAN URI matching uri_template (e.g. urn:dev:ops:{device_id}); if the
-    subject has a CN it must be the same ID. source "cn": the subject CN. Either way the ID
-    must match device_id_pattern.
+    subject has a CN it must be the same ID. source "cn": the subject CN. Either way a subject
+    with more than one CN is refused, and the ID must match device_id_pattern.
     """
 
     source: str = "san-uri"
@@ -265,11 +265,14 @@ class IdentityRule:
         re.compile(self.device_id_pattern)
 
     def device_id(self, certificate: x509.Certificate) -> str:
-        cns = [a.value for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-        cn = str(cns[0]) if len(cns) == 1 else None
+        cns = [str(a.value) for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+        if len(cns) > 1:
+            # A consumer that reads "the" CN (a broker's use_identity_as_username) may take either one.
+            raise Refused("identity", f"the subject has {len(cns)} CNs ({', '.join(map(repr, cns))}); at most one is allowed")
+        cn = cns[0] if cns else None
         if self.source == "cn":
             if cn is None:
-                raise Refused("identity", f"the subject has {len(cns)} CNs; exactly one is the device ID")
+                raise Refused("identity", "the subject has no CN, where this identity rule reads the device ID")
             device_id = cn
         else:
             prefix, _, suffix = self.uri_template.partition("{device_id}")

@@ -6,10 +6,13 @@ ports; openssl judges what the daemon signs.
 
 from __future__ import annotations
 
+import http.server
 import json
 import stat
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,8 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca_daemon import app
 from ca_daemon import config as config_module
@@ -27,7 +31,7 @@ from ca_daemon.client import CaClient
 from ca_daemon.registration import AUDIT_ACTION
 from ca_daemon.simulate import Device, Progress, simulate
 from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, http_fetch, sign_challenge
-from tests.conftest import CaEnv, Daemon, device_csr, make_env, openssl_verify
+from tests.conftest import CaEnv, Daemon, device_csr, free_port, make_env, openssl_verify
 from tests.factory_helpers import ForeignCa, private_key_needles
 from tests.integration.crl_helpers import crl_env, start
 
@@ -60,6 +64,50 @@ def _provision(client: CaClient, out: Path | None = None) -> tuple[Device, str, 
     summary = simulate(client, devices=1, out_dir=out, on_issued=lambda d, i: got.append((d, i.certificate_pem, i.chain_pem)))
     assert summary.issued == 1, summary.lines()
     return got[0]
+
+
+class _Http(http.server.ThreadingHTTPServer):
+    """A plain HTTP server on loopback whose answers the test sets per path, passing the others to upstream (a CRL mirror / CDN)."""
+
+    def __init__(self, port: int, upstream: int | None = None) -> None:
+        self.fixed: dict[str, bytes] = {}
+        self.upstream = upstream
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Http
+
+    def do_GET(self) -> None:
+        body = self.server.fixed.get(self.path)
+        status, etag = 200, ""
+        if body is None and self.server.upstream is not None:
+            request = urllib.request.Request(f"http://127.0.0.1:{self.server.upstream}{self.path}")
+            if self.headers.get("If-None-Match"):
+                request.add_header("If-None-Match", self.headers["If-None-Match"])
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    status, body, etag = response.status, response.read(), response.headers.get("ETag", "")
+            except urllib.error.HTTPError as exc:
+                status, body, etag = exc.code, b"", exc.headers.get("ETag", "")
+        if body is None:
+            status, body = 404, b""
+        self.send_response(status)
+        if etag:
+            self.send_header("ETag", etag)
+        self.send_header("Content-Type", "application/pkix-crl")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 # -- programming-service client ------------------------------------------------------------
@@ -295,6 +343,62 @@ def test_verifier_grants_a_leaf_without_san_by_its_cn(client: CaClient, setup: t
 
     assert decide(IdentityRule(source="cn")) == f"GRANTED device {device_id} (serial {leaf.serial_number:x})"
     assert decide(IdentityRule()).startswith("REFUSED at step identity: expected exactly one SAN URI like urn:dev:ops:{device_id}, found 0")
+
+
+def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
+    """Step 4: a subject with two CNs (one of them another device's) is refused whatever the identity source, as a
+    broker taking "the" CN as the user name might read either; with one CN the SAN/CN agreement decides."""
+    ca = ForeignCa.create("Relying-party test CA")
+    port = free_port()
+    server = _Http(port)
+    server.fixed["/ca.crl"] = ca.crl().public_bytes(serialization.Encoding.DER)
+    device_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+
+    def leaf(*cns: str) -> x509.Certificate:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in cns]))
+            .issuer_name(ca.certificate.subject)
+            .public_key(device_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(device_key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:dev:ops:attacker-000002")]), critical=False)
+            .add_extension(
+                x509.CRLDistributionPoints(
+                    [x509.DistributionPoint([x509.UniformResourceIdentifier(f"http://127.0.0.1:{port}/ca.crl")], None, None, None)]
+                ),
+                critical=False,
+            )
+            .sign(ca.key, hashes.SHA256())
+        )
+
+    def decide(certificate: x509.Certificate, identity: IdentityRule) -> str:
+        verifier = DeviceVerifier([ca.certificate], identity, CrlCache(max_age=0))
+        challenge = verifier.challenge()
+        return str(verifier.verify(certificate, [], challenge, sign_challenge(device_key, challenge)))
+
+    try:
+        two = leaf("victim-000001", "attacker-000002")
+        for identity in (IdentityRule(), IdentityRule(source="cn")):
+            assert decide(two, identity) == (
+                "REFUSED at step identity: the subject has 2 CNs ('victim-000001', 'attacker-000002'); at most one is allowed"
+            )
+        assert decide(leaf("attacker-000002"), IdentityRule()).startswith("GRANTED device attacker-000002")
+        assert decide(leaf("victim-000001"), IdentityRule()) == (
+            "REFUSED at step identity: the subject CN 'victim-000001' and the SAN device ID 'attacker-000002' disagree"
+        )
+    finally:
+        server.close()
 
 
 def test_crl_cache_keeps_the_highest_crl_number(client: CaClient, setup: tuple[CaEnv, int]) -> None:
