@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -188,53 +189,47 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return grpc.stream_stream_rpc_method_handler(streamed, request_deserializer=deserializer, response_serializer=serializer)
 
     def _guard(self, method: str, call: Handler) -> Handler:
-        """A handler with one answer: admitted first, then every outcome logged, counted and mapped to a status."""
+        """A handler with one answer, run inside _outcome."""
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            caller = "-"
-            try:
-                caller = await self._admit(method, context)
-                response = await call(request, context)
-            except errors.CaError as exc:
-                await self._refuse(method, caller, exc, context, started)
-            except grpc.aio.AbortError:
-                self._done(method, caller, "ABORTED_BY_HANDLER", started)
-                raise
-            except Exception:
-                log.exception("rpc %s failed unexpectedly", method)
-                self._done(method, caller, "INTERNAL", started)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
-            self._done(method, caller, "OK", started)
-            return response
+            async with self._outcome(method, context):
+                return await call(request, context)
 
         return guarded
 
     def _guard_stream(self, method: str, call: StreamHandler) -> StreamHandler:
-        """A handler with a stream of answers, guarded as _guard guards one answer."""
+        """A handler with a stream of answers, run inside _outcome."""
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            started = time.perf_counter()
-            caller = "-"
-            try:
-                caller = await self._admit(method, context)
+            async with self._outcome(method, context):
                 answers = call(request, context)
                 if inspect.isawaitable(answers):  # a handler that answers with context.write (health's Watch)
                     await answers
                 else:
                     async for item in answers:
                         yield item
-            except errors.CaError as exc:
-                await self._refuse(method, caller, exc, context, started)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                log.exception("rpc %s failed unexpectedly", method)
-                self._done(method, caller, "INTERNAL", started)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
-            self._done(method, caller, "OK", started)
 
         return guarded
+
+    @contextlib.asynccontextmanager
+    async def _outcome(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        """Admit the caller, then log and count the call's outcome and map a domain error to its status."""
+        started = time.perf_counter()
+        caller = "-"
+        try:
+            caller = await self._admit(method, context)
+            yield
+        except errors.CaError as exc:
+            await self._refuse(method, caller, exc, context, started)
+        except grpc.aio.AbortError:
+            self._done(method, caller, "ABORTED_BY_HANDLER", started)
+            raise
+        except Exception:
+            log.exception("rpc %s failed unexpectedly", method)
+            self._done(method, caller, "INTERNAL", started)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in ca-daemon; the request was not completed")
+        else:
+            self._done(method, caller, "OK", started)
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Steps 3-5 of client authentication (the handshake did 1-2); the caller's identity."""
