@@ -14,8 +14,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-
 from ca_daemon import app, audit, tls
 from ca_daemon import config as config_module
 from ca_daemon.errors import CaError, ConfigError
@@ -139,7 +137,7 @@ def _mtls_init(args: argparse.Namespace) -> int:
         tls.write_private(out / "server.key", tls.key_pem(key))
         (out / "server.pem").write_bytes(tls.pem(server))
         _issue_clients(ca, store, out, clients, args.days)
-        (out / "client-ca.crl").write_bytes(tls.build_crl(ca, store).public_bytes(serialization.Encoding.PEM))
+        tls.write_crl(ca, store, out / "client-ca.crl", actor=operator_actor(), reason="mtls init")
         snippet = _snippet(out, clients)
         (out / "mtls.toml").write_text(snippet)
         if args.apply:
@@ -197,12 +195,12 @@ def _mtls_issue(args: argparse.Namespace) -> int:
         return 0
 
 
-def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str) -> Path:
+def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str, reason: str) -> Path:
     target = Path(out) if out else config.tls.client_crl_file
     if target is None:
         raise ConfigError("no tls.client_crl in the configuration; name the file with --out")
     ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, operator_actor())
-    crl = tls.write_crl(ca, store, target)
+    crl = tls.write_crl(ca, store, target, actor=operator_actor(), reason=reason)
     print(f"wrote {target}: {len(list(crl))} revoked, next update {crl.next_update_utc}")
     return target
 
@@ -211,13 +209,13 @@ def _mtls_revoke(args: argparse.Namespace) -> int:
     with _open(args) as (config, hsm, store):
         ca_key_id = Pkcs11Uri.parse(config.tls.ca_key_uri).label
         tls.revoke(store, args.serial, args.reason, operator_actor(), ca_key_id)
-        _write_crl(config, hsm, store, args.crl_out)
+        _write_crl(config, hsm, store, args.crl_out, f"revoked {args.serial}")
         return 0
 
 
 def _mtls_crl(args: argparse.Namespace) -> int:
     with _open(args) as (config, hsm, store):
-        _write_crl(config, hsm, store, args.out)
+        _write_crl(config, hsm, store, args.out, "re-signed by the operator")
         return 0
 
 

@@ -244,17 +244,32 @@ def build_crl(ca: MtlsCa, store: SqlStore, validity: timedelta = CRL_VALIDITY) -
     return builder.sign(ca.private_key, hashes.SHA256())  # type: ignore[arg-type]
 
 
-def write_crl(ca: MtlsCa, store: SqlStore, target: Path) -> x509.CertificateRevocationList:
-    """Sign the mTLS CA's CRL and put it in target atomically (the daemon reads the old or the new file).
+def write_crl(ca: MtlsCa, store: SqlStore, target: Path, *, actor: str, reason: str) -> x509.CertificateRevocationList:
+    """Sign the mTLS CA's CRL, put it in target atomically (the daemon reads the old or the new file) and audit it.
 
     The CRLs of other client CAs in target (PEM) are kept: tls.client_crl holds one CRL per CA
-    of tls.client_ca, and a client CA without its CRL has every client refused.
+    of tls.client_ca, and a client CA without its CRL has every client refused. Every
+    publication of this CRL (`mtls init`, `mtls crl`, `mtls revoke`, the daemon's refresh)
+    comes through here, so each is an `mtls.crl` event by its actor.
     """
     crl = build_crl(ca, store)
     others = [pem for pem, parsed in _pem_crls(target) if parsed is None or parsed.issuer != ca.certificate.subject]
     temporary = target.with_name(target.name + ".tmp")
     temporary.write_bytes(b"".join([crl.public_bytes(serialization.Encoding.PEM), *others]))
     temporary.replace(target)
+    store.append_audit(
+        [
+            AuditEvent(
+                time=datetime.now(UTC),
+                actor=actor,
+                action="mtls.crl",
+                outcome="published",
+                key_id=ca.key_id,
+                reason=reason,
+                details={"next_update": str(crl.next_update_utc), "revoked": str(len(crl)), "path": str(target)},
+            )
+        ]
+    )
     return crl
 
 
@@ -301,21 +316,7 @@ def refresh_client_crl(
     next_update = current.next_update_utc
     if next_update is not None and next_update - now > refresh_before:
         return None
-    crl = write_crl(ca, store, target)
-    store.append_audit(
-        [
-            AuditEvent(
-                time=now,
-                actor="client-crl-refresh",
-                action="mtls.crl",
-                outcome="published",
-                key_id=ca.key_id,
-                reason="next update within the refresh window",
-                details={"next_update": str(crl.next_update_utc), "revoked": str(len(crl)), "path": str(target)},
-            )
-        ]
-    )
-    return crl
+    return write_crl(ca, store, target, actor="client-crl-refresh", reason="next update within the refresh window")
 
 
 def server_hosts(certificate: x509.Certificate) -> list[str]:

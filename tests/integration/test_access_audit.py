@@ -691,7 +691,41 @@ def test_the_daemon_re_signs_a_client_crl_about_to_expire(tmp_path_factory: pyte
         events = database.execute("SELECT actor, outcome FROM audit_events WHERE action = 'mtls.crl'").fetchall()
     finally:
         database.close()
-    assert events == [("client-crl-refresh", "published")]
+    import getpass
+
+    assert events == [(f"cli:{getpass.getuser()}", "published"), ("client-crl-refresh", "published")]  # mtls init's, the refresh's
+
+
+def test_every_publication_of_the_mtls_crl_is_an_audit_event_by_its_operator(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """`mtls init`, `mtls crl` and `mtls revoke` sign the client CA's CRL: each is an `mtls.crl` event, like the daemon's refresh."""
+    import getpass
+
+    env = make_env(tmp_path_factory.mktemp("mtls-crl-audit"), softhsm_conf)
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "alice:admin")
+    alice = x509_serial(tls_dir / "clients" / "alice.pem")
+    env.cli("mtls", "crl", "--out", str(tls_dir / "re-signed.crl"))
+    env.cli("mtls", "revoke", "--serial", alice, "--crl-out", str(tls_dir / "client-ca.crl"))
+    database = sqlite3.connect(env.state_dir / "ca.db")
+    try:
+        events = database.execute(
+            "SELECT actor, outcome, key_id, reason, details FROM audit_events WHERE action = 'mtls.crl' ORDER BY seq"
+        ).fetchall()
+    finally:
+        database.close()
+    operator = f"cli:{getpass.getuser()}"
+    assert [(actor, outcome, key_id, reason) for actor, outcome, key_id, reason, _ in events] == [
+        (operator, "published", "mtls-ca-1", "mtls init"),
+        (operator, "published", "mtls-ca-1", "re-signed by the operator"),
+        (operator, "published", "mtls-ca-1", f"revoked {alice}"),
+    ]
+    paths = [json.loads(details)["path"] for *_, details in events]
+    assert paths == [str(tls_dir / "client-ca.crl"), str(tls_dir / "re-signed.crl"), str(tls_dir / "client-ca.crl")]
+    assert [json.loads(details)["revoked"] for *_, details in events] == ["0", "0", "1"]
+    crl = x509.load_pem_x509_crl((tls_dir / "client-ca.crl").read_bytes())
+    assert [entry.serial_number for entry in crl] == [int(alice, 16)]  # the file the last event names is the published one
 
 
 def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
