@@ -164,10 +164,12 @@ class CrlCache:
         self._lock = threading.Lock()
         self.stats = CrlStats()
 
-    def get(self, url: str, issuer: x509.Certificate, now: datetime) -> x509.CertificateRevocationList:
+    def get(self, url: str, issuer: x509.Certificate, now: datetime, *, refresh: bool = False) -> x509.CertificateRevocationList:
+        """The CRL at url; refresh revalidates it now, whatever its age (a delta names a newer base than the one held)."""
         with self._lock:
             cached = self._entries.get(url)
-            if cached is not None and time.monotonic() - cached.checked_at < self._max_age and _current(cached.crl, now):
+            fresh = cached is not None and time.monotonic() - cached.checked_at < self._max_age
+            if cached is not None and fresh and not refresh and _current(cached.crl, now):
                 self.stats.cache_hits += 1
                 return cached.crl
             try:
@@ -386,6 +388,16 @@ class DeviceVerifier:
                     certificate, issuer, now, f"the intermediate CA certificate {name!r} (serial {certificate.serial_number:x})"
                 )
 
+    def _full_crl(
+        self, url: str, issuer: x509.Certificate, now: datetime, *, refresh: bool = False
+    ) -> tuple[x509.CertificateRevocationList, int]:
+        base = self.crls.get(url, issuer, now, refresh=refresh)
+        if _delta_base(base) is not None:
+            raise Refused("revocation", f"the CRL at {url} is a delta CRL, expected a full one")
+        if not _current(base, now):
+            raise Refused("revocation", f"the CRL at {url} is not current (nextUpdate {base.next_update_utc})")
+        return base, _crl_number(base)
+
     def _check_revocation(
         self, certificate: x509.Certificate, issuer: x509.Certificate, now: datetime, what: str = ""
     ) -> tuple[int | None, int | None]:
@@ -396,14 +408,8 @@ class DeviceVerifier:
         urls = _http_only(named)
         if not urls:
             raise Refused("revocation", f"{what or 'the certificate'} names no http(s) CRL distribution point ({', '.join(named)})")
-        base = self.crls.get(urls[0], issuer, now)
-        if _delta_base(base) is not None:
-            raise Refused("revocation", f"the CRL at {urls[0]} is a delta CRL, expected a full one")
-        if not _current(base, now):
-            raise Refused("revocation", f"the CRL at {urls[0]} is not current (nextUpdate {base.next_update_utc})")
-        base_number = _crl_number(base)
-        status = _entry_status(base, certificate.serial_number)
-        delta_number: int | None = None
+        base, base_number = self._full_crl(urls[0], issuer, now)
+        applicable: x509.CertificateRevocationList | None = None
         delta_urls = _http_only(_extension_uris(base, x509.FreshestCRL) or _extension_uris(certificate, x509.FreshestCRL))
         if delta_urls:
             delta = self.crls.get(delta_urls[0], issuer, now)
@@ -412,14 +418,28 @@ class DeviceVerifier:
                 raise Refused("revocation", f"the CRL at {delta_urls[0]} is not a delta CRL")
             if not _current(delta, now):
                 raise Refused("revocation", f"the delta CRL at {delta_urls[0]} is not current (nextUpdate {delta.next_update_utc})")
+            if delta_of > base_number:
+                # The delta is on a newer full CRL than ours (our cache, or a caching mirror, held the old one):
+                # without the entries of that newer base, a revocation it carries would be missed.
+                base, base_number = self._full_crl(urls[0], issuer, now, refresh=True)
+                if delta_of > base_number:
+                    raise Refused(
+                        "revocation",
+                        f"the delta CRL at {delta_urls[0]} (number {_crl_number(delta)}) is on full CRL {delta_of}, but the full "
+                        f"CRL at {urls[0]} is still number {base_number} (a stale mirror or cache?); the status cannot be known",
+                    )
             # RFC 5280 5.2.4: a delta applies to a complete CRL numbered at least its base and older than itself.
             if delta_of <= base_number < _crl_number(delta):
-                delta_number = _crl_number(delta)
-                delta_status = _entry_status(delta, certificate.serial_number)
-                if delta_status == REMOVE_FROM_CRL:
-                    status = None
-                elif delta_status is not None:
-                    status = delta_status
+                applicable = delta
+        status = _entry_status(base, certificate.serial_number)
+        delta_number: int | None = None
+        if applicable is not None:
+            delta_number = _crl_number(applicable)
+            delta_status = _entry_status(applicable, certificate.serial_number)
+            if delta_status == REMOVE_FROM_CRL:
+                status = None
+            elif delta_status is not None:
+                status = delta_status
         if status is not None:
             raise Refused("revocation", f"{what or f'certificate {certificate.serial_number:x}'} is revoked ({status.name})")
         return base_number, delta_number

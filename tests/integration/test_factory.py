@@ -48,6 +48,21 @@ def daemon(setup: tuple[CaEnv, int], tmp_path_factory: pytest.TempPathFactory) -
     d.stop()
 
 
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[tuple[CaEnv, _Http]]:
+    """A daemon whose certificates name a CRL URL served by a mirror (CDN) in front of the daemon's HTTP server."""
+    env, cdp_port = crl_env(tmp_path_factory.mktemp("mirrored"), softhsm_conf)
+    daemon_http = free_port()
+    env.edit_config(f'http_listen = "127.0.0.1:{cdp_port}"', f'http_listen = "127.0.0.1:{daemon_http}"')
+    mirror = _Http(cdp_port, upstream=daemon_http)
+    daemon = start(env, tmp_path_factory.mktemp("mirrored-log"))
+    try:
+        yield env, mirror
+    finally:
+        daemon.stop()
+        mirror.close()
+
+
 @pytest.fixture
 def client(daemon: Daemon) -> Iterator[CaClient]:
     with CaClient(daemon.env.target) as ca:
@@ -399,6 +414,54 @@ def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
         )
     finally:
         server.close()
+
+
+def test_verifier_refuses_a_delta_on_a_newer_full_crl_than_a_stale_mirror_serves(mirrored: tuple[CaEnv, _Http]) -> None:
+    """Step 3: "a stale mirror cannot un-revoke". A mirror still serves the previous full CRL while the delta, listing
+    the device as key-compromised, is on the newer one: the verifier revalidates the full CRL at once, whatever its
+    cache's max_age; while it is still the old one it refuses naming both numbers, and once the mirror serves the new
+    one it sees the revocation."""
+    env, mirror = mirrored
+    key = ec.generate_private_key(ec.SECP256R1())
+    with CaClient(env.target) as ca:
+        issued = ca.sign(device_csr(f"stale-{uuid.uuid4().hex[:8]}", key))
+        leaf = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+        chain = x509.load_pem_x509_certificates(issued.chain_pem.encode())
+        revalidating = DeviceVerifier([chain[-1]], IdentityRule(source="cn"), CrlCache(max_age=0))
+        # A cache holding the full CRL for 10 minutes (and no delta yet, as when its delta copy passed its nextUpdate).
+        cdp = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value
+        cache = CrlCache(max_age=600)
+        cache.get(cdp, next(c for c in chain if c.subject == leaf.issuer), datetime.now(UTC))
+        caching = DeviceVerifier([chain[-1]], IdentityRule(source="cn"), cache)
+
+        def decide(verifier: DeviceVerifier) -> str:
+            challenge = verifier.challenge()
+            return str(verifier.verify(leaf, chain[:-1], challenge, sign_challenge(key, challenge)))
+
+        assert decide(revalidating).startswith("GRANTED")
+        old = ca.crl()
+        mirror.fixed["/" + cdp.split("/", 3)[3]] = old.der  # the mirror does not pick up the next full CRL
+        try:
+            env.cli("crl", "publish")  # the CA publishes a newer full CRL, then a delta on it
+            deadline = time.monotonic() + 15
+            while (new := ca.crl()).number == old.number:
+                assert time.monotonic() < deadline, "`crl publish` made no new full CRL"
+                time.sleep(0.1)
+            ca.revoke(f"{leaf.serial_number:x}", reason="key-compromise")
+            while not (
+                (delta := x509.load_der_x509_crl(ca.crl(delta=True).der)).get_revoked_certificate_by_serial_number(leaf.serial_number)
+                and delta.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number == new.number
+            ):
+                assert time.monotonic() < deadline, f"no delta CRL on full CRL {new.number} lists the revocation"
+                time.sleep(0.1)
+            stale = f"is on full CRL {new.number}, but the full CRL at {cdp} is still number {old.number} (a stale mirror or cache?)"
+            for verifier in (revalidating, caching):
+                answer = decide(verifier)
+                assert answer.startswith("REFUSED at step revocation: the delta CRL at ") and stale in answer, answer
+        finally:
+            mirror.fixed.clear()
+        # The mirror catches up: the caching verifier does not wait for its max_age to take the newer full CRL.
+        assert decide(caching) == f"REFUSED at step revocation: certificate {leaf.serial_number:x} is revoked (key_compromise)"
 
 
 def test_crl_cache_keeps_the_highest_crl_number(client: CaClient, setup: tuple[CaEnv, int]) -> None:
