@@ -211,7 +211,8 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> Report:
     Detects: a changed field (hash mismatch), a deleted event (seq gap / broken link), an
     inserted event (duplicate seq / broken link), reordering (seq going backwards), and
     truncation (a checkpoint naming an event the log no longer has, or a checkpoint's
-    count/head disagreeing with the log, which also catches a rewritten chain).
+    count/head disagreeing with the log, which also catches a rewritten chain). Every signed
+    checkpoint is compared with the chain once all events are read, wherever the file puts it.
     Events after the last checkpoint are reported as uncovered: nothing signed vouches for them.
     """
     public = serialization.load_pem_public_key(public_key_pem)
@@ -221,6 +222,7 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> Report:
     prev_hash = GENESIS
     expected_seq = 1
     hashes_by_seq: dict[int, bytes] = {}
+    signed: list[dict[str, Any]] = []  # compared with the chain once every event is read
     max_checkpoint = 0
     for record in records:
         kind = record.get("type")
@@ -239,12 +241,15 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> Report:
             continue
         if kind == "checkpoint":
             seq = _int(record.get("seq")) or 0
-            if _verify_checkpoint(record, public, hashes_by_seq, report):
+            if _checkpoint_signed(record, public, report):
+                signed.append(record)
                 report.checkpoints += 1
                 report.last_checkpoint_seq = max(report.last_checkpoint_seq, seq)
             max_checkpoint = max(max_checkpoint, seq)
             continue
         report.fail(None, f"line {record.get('line', '?')} is not a valid export record")
+    for record in signed:
+        _compare_checkpoint(record, hashes_by_seq, report)
     last_seq = expected_seq - 1
     if max_checkpoint > last_seq:
         report.fail(last_seq + 1, f"truncated: a checkpoint covers up to seq {max_checkpoint} but the log ends at seq {last_seq}")
@@ -312,7 +317,8 @@ def _hex(value: Any) -> bytes:
         return b""
 
 
-def _verify_checkpoint(record: dict[str, Any], public: ec.EllipticCurvePublicKey, hashes_by_seq: dict[int, bytes], report: Report) -> bool:
+def _checkpoint_signed(record: dict[str, Any], public: ec.EllipticCurvePublicKey, report: Report) -> bool:
+    """Whether the audit key signed this checkpoint (reported if not)."""
     seq = _int(record.get("seq")) or 0
     try:
         message = checkpoint_message(
@@ -326,8 +332,20 @@ def _verify_checkpoint(record: dict[str, Any], public: ec.EllipticCurvePublicKey
     except (KeyError, ValueError, TypeError, InvalidSignature):
         report.fail(None, f"the checkpoint at seq {seq} has no valid signature by the audit key")
         return False
+    return True
+
+
+def _compare_checkpoint(record: dict[str, Any], hashes_by_seq: dict[int, bytes], report: Report) -> None:
+    """Report a signed checkpoint that disagrees with the chain, wherever the file placed it.
+
+    Called once every event is read: a checkpoint moved ahead of its event (where the chain
+    was not known yet) is compared all the same. A checkpoint beyond the last event is
+    reported as truncation by verify(); one naming an event missing from the middle of the
+    log, as that event's gap.
+    """
+    seq = _int(record.get("seq")) or 0
     if seq not in hashes_by_seq:
-        return True  # reported as truncation at the end
+        return
     if int(record["count"]) != seq:
         report.fail(seq, f"the checkpoint at seq {seq} counts {record['count']} events, but seq numbers start at 1")
     if hashes_by_seq[seq].hex() != record["head"]:
@@ -336,7 +354,6 @@ def _verify_checkpoint(record: dict[str, Any], public: ec.EllipticCurvePublicKey
             f"the signed checkpoint at seq {seq} names head {record['head'][:16]}..., the log's chain gives "
             f"{hashes_by_seq[seq].hex()[:16]}...: the events up to seq {seq} were altered",
         )
-    return True
 
 
 def _first_divergence(hashes_by_seq: dict[int, bytes], seq: int) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -341,6 +342,69 @@ def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, cha
     cp["count"] += 1
     forged[checkpoints[0]] = json.dumps(cp)
     check("forged-checkpoint", forged, "no valid signature", None)
+
+
+def _rechain(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Recompute prev_hash/hash of every event record (export form), as an insider can: no key needed."""
+    from ca_daemon.audit_hash import GENESIS, event_hash
+
+    prev, out = GENESIS, []
+    for original in records:
+        r = dict(original)
+        if r["type"] == "event":
+            fields = {
+                **r,
+                "time": datetime.strptime(r["time"], "%Y-%m-%dT%H:%M:%S.%fZ"),
+                "request_digest": bytes.fromhex(r["request_digest"]),
+            }
+            r["prev_hash"] = prev.hex()
+            r["hash"] = event_hash(fields, r["seq"], prev).hex()
+            prev = bytes.fromhex(r["hash"])
+        out.append(r)
+    return out
+
+
+def _verify_file(env: CaEnv, path: Path) -> tuple[int, str]:
+    public = env.state_dir / "audit.pem"
+    if not public.exists():
+        env.cli("audit", "public-key", "--out", str(public))
+    result = env.cli("audit", "verify", "--file", str(path), "--public-key", str(public), check=False)
+    return result.returncode, result.stdout + result.stderr
+
+
+def _write_records(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return path
+
+
+def test_verify_compares_every_signed_checkpoint_with_the_chain_wherever_the_file_puts_it(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """Checkpoints moved ahead of their events still catch a chain rewritten with recomputed hashes."""
+    env = make_env(tmp_path_factory.mktemp("moved-checkpoints"), softhsm_conf)
+    env.cli("mtls", "init", "--out", str(env.state_dir / "tls"), "--client", "alice:admin", "--client", "bob:programmer")
+    export = env.state_dir / "audit.jsonl"
+    env.cli("audit", "export", "--out", str(export), "--checkpoint")
+    code, output = _verify_file(env, export)
+    assert code == 0 and output.startswith("OK:") and "not covered" not in output, output
+    records = [json.loads(line) for line in export.read_text().splitlines()]
+    issue = next(r for r in records if r.get("action") == "mtls.issue" and '"admin"' in r["details"])
+    covering = min(r["seq"] for r in records if r["type"] == "checkpoint" and r["seq"] >= issue["seq"])
+
+    def checkpoints_first(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        inner = rs[1:-1] if rs[-1]["type"] == "end" else rs[1:]
+        moved = [r for r in inner if r["type"] == "checkpoint"] + [r for r in inner if r["type"] != "checkpoint"]
+        return [rs[0], *moved, *rs[len(inner) + 1 :]]
+
+    # Moving the checkpoints alone changes nothing that is signed: it verifies.
+    code, output = _verify_file(env, _write_records(env.state_dir / "moved.jsonl", checkpoints_first(records)))
+    assert code == 0 and output.startswith("OK:") and "not covered" not in output, output
+
+    # Re-attributed issuance, chain recomputed (no key needed), checkpoints put first: caught by the checkpoint covering it.
+    forged = _rechain([dict(r, actor="cli:someone-else") if r is issue else r for r in records])
+    code, output = _verify_file(env, _write_records(env.state_dir / "forged.jsonl", checkpoints_first(forged)))
+    assert code == 1 and output.startswith("FAILED:"), output
+    assert f"the signed checkpoint at seq {covering} names head" in output and "were altered" in output, output
 
 
 def test_secrets_never_in_logs_events_or_export(tls_daemon: TlsDaemon, tmp_path: Path) -> None:
