@@ -119,7 +119,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
     p.add_argument("--chain", default="", help="intermediate CA certificates (PEM)")
     p.add_argument("--trust", required=True, help="trusted CA certificates (PEM), e.g. from `ca-daemon ca export`")
     p.add_argument("--key", default="", help="act as the device: sign a fresh challenge with this key (PEM)")
-    p.add_argument("--challenge", default="", help="the challenge sent to the device (hex), with --signature")
+    p.add_argument(
+        "--challenge", default="", help="the 32-byte challenge your service sent to the device (hex; use each once), with --signature"
+    )
     p.add_argument("--signature", default="", help="file with the device's signature over the challenge")
     p.add_argument("--identity", choices=["san-uri", "cn"], default="san-uri", help="where the device ID is (default san-uri)")
     p.add_argument("--uri-template", default="urn:dev:ops:{device_id}")
@@ -258,10 +260,12 @@ def _verify_device(args: argparse.Namespace) -> int:
         if args.challenge or args.signature:
             raise ValueError("give either --key (sign a fresh challenge as the device) or --challenge with --signature")
         key = serialization.load_pem_private_key(Path(args.key).read_bytes(), password=None)
-        challenge = verifier.challenge()
+        challenge = verifier.challenge()  # issued by the verifier, as a service would, then answered by the device
         signature = sign_challenge(key, challenge)  # type: ignore[arg-type]
     elif args.challenge and args.signature:
+        # This process did not issue the challenge: the service that did keeps it fresh and to one use.
         challenge = bytes.fromhex(args.challenge)
+        verifier.adopt_challenge(challenge)
         signature = Path(args.signature).read_bytes()
     else:
         raise ValueError("proof of possession needs --key, or --challenge and --signature")

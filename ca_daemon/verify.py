@@ -6,7 +6,8 @@
     decision = verifier.verify(leaf, intermediates, challenge, signature)
     if not decision.granted: print(decision.step, decision.reason)
 
-1. possession: the certificate is valid now and the device signed our fresh challenge with its key;
+1. possession: the certificate is valid now and the device signed, with its key, a challenge this
+   verifier issued, unused and not expired (each challenge is good for one verify, used or refused);
 2. chain: the certificate chains to a trusted CA certificate (cryptography's X.509 path
    validation, `PolicyBuilder(...).build_client_verifier()`: RFC 5280 and CA/B-style profile
    checks, EKU clientAuth, path building through the given intermediates);
@@ -35,9 +36,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -48,6 +50,7 @@ from cryptography.x509 import verification
 # The device signs this prefix plus the challenge, never a bare server-chosen value, so a
 # challenge cannot be used to make a device sign something that means anything elsewhere.
 CHALLENGE_CONTEXT = b"ca-daemon device possession challenge v1\x00"
+CHALLENGE_BYTES = 32
 REMOVE_FROM_CRL = x509.ReasonFlags.remove_from_crl
 DEFAULT_URI_TEMPLATE = "urn:dev:ops:{device_id}"
 DEFAULT_DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -317,6 +320,9 @@ class DeviceVerifier:
 
     trusted: the CA certificates (roots, or an intermediate registered as a trust anchor).
     check_revocation False skips step 3 (only for a CA that publishes no CRLs).
+    challenge_ttl: how long a challenge from challenge() may be answered. max_challenges: how many
+    issued challenges are remembered; beyond that the oldest is forgotten (its answer is refused),
+    so memory stays bounded whatever the callers do.
     """
 
     trusted: Sequence[x509.Certificate]
@@ -324,16 +330,66 @@ class DeviceVerifier:
     crls: CrlCache = field(default_factory=CrlCache)
     check_revocation: bool = True
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    challenge_ttl: timedelta = timedelta(minutes=5)
+    max_challenges: int = 100_000
 
     def __post_init__(self) -> None:
         if not self.trusted:
             raise ValueError("a verifier needs at least one trusted CA certificate")
+        if self.challenge_ttl <= timedelta(0):
+            raise ValueError(f"challenge_ttl {self.challenge_ttl} must be positive")
+        if self.max_challenges < 1:
+            raise ValueError(f"max_challenges {self.max_challenges} must be at least 1")
         self._store = verification.Store(list(self.trusted))
+        # Issued challenges, oldest first: when issued, and whether verify() has taken them.
+        self._challenges: OrderedDict[bytes, _Issued] = OrderedDict()
+        self._challenges_lock = threading.Lock()
 
-    @staticmethod
-    def challenge() -> bytes:
-        """A fresh random challenge for the device to sign (use each once)."""
-        return os.urandom(32)
+    def challenge(self) -> bytes:
+        """A fresh random challenge for the device to sign; verify() accepts it once, within challenge_ttl."""
+        challenge = os.urandom(CHALLENGE_BYTES)
+        self._remember(challenge)
+        return challenge
+
+    def adopt_challenge(self, challenge: bytes) -> None:
+        """Count a challenge issued elsewhere as issued by this verifier now, for one verify().
+
+        For a one-shot check (`ca-daemon verify-device --challenge`): the service that sent the
+        challenge to the device is then the one that keeps it fresh and to one use.
+        """
+        if len(challenge) != CHALLENGE_BYTES:
+            raise ValueError(f"a challenge is {CHALLENGE_BYTES} bytes ({2 * CHALLENGE_BYTES} hex digits), got {len(challenge)}")
+        self._remember(challenge)
+
+    def _remember(self, challenge: bytes) -> None:
+        now = self.clock()
+        with self._challenges_lock:
+            # Forget the expired, then the oldest beyond the cap; both are refused as not issued if answered.
+            while self._challenges:
+                oldest = next(iter(self._challenges.values()))
+                if now - oldest.issued_at <= self.challenge_ttl and len(self._challenges) < self.max_challenges:
+                    break
+                self._challenges.popitem(last=False)
+            if challenge in self._challenges:
+                raise ValueError("this challenge was already issued to (or adopted by) this verifier")
+            self._challenges[challenge] = _Issued(now)
+
+    def _redeem(self, challenge: bytes, now: datetime) -> None:
+        """Step 1's freshness: the challenge was issued here, is taken now (whatever the outcome) and is not expired."""
+        with self._challenges_lock:
+            issued = self._challenges.get(challenge)
+            if issued is None:
+                raise Refused(
+                    "possession",
+                    f"the challenge is not one this verifier issued, or it was forgotten (challenges expire after "
+                    f"{_seconds(self.challenge_ttl)}; at most {self.max_challenges} are kept): answer a fresh one from challenge()",
+                )
+            if issued.used:
+                raise Refused("possession", "the challenge was already used: each challenge proves possession once (a replayed answer?)")
+            issued.used = True
+        age = now - issued.issued_at
+        if age > self.challenge_ttl:
+            raise Refused("possession", f"the challenge expired: issued {_seconds(age)} ago, valid for {_seconds(self.challenge_ttl)}")
 
     def verify(
         self, certificate: x509.Certificate, intermediates: Sequence[x509.Certificate], challenge: bytes, signature: bytes
@@ -342,7 +398,8 @@ class DeviceVerifier:
         now = self.clock()
         numbers: tuple[int | None, int | None] = (None, None)
         try:
-            # 1. valid now, and possession of the key
+            # 1. a challenge we issued, valid now, and possession of the key
+            self._redeem(challenge, now)
             if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
                 raise Refused(
                     "possession",
@@ -445,6 +502,16 @@ class DeviceVerifier:
         return base_number, delta_number
 
 
+@dataclass
+class _Issued:
+    issued_at: datetime
+    used: bool = False
+
+
+def _seconds(duration: timedelta) -> str:
+    return f"{duration.total_seconds():g} s"
+
+
 def _entry_status(crl: x509.CertificateRevocationList, serial: int) -> x509.ReasonFlags | None:
     entry = crl.get_revoked_certificate_by_serial_number(serial)
     if entry is None:
@@ -456,6 +523,7 @@ def _entry_status(crl: x509.CertificateRevocationList, serial: int) -> x509.Reas
 
 
 __all__ = [
+    "CHALLENGE_BYTES",
     "CHALLENGE_CONTEXT",
     "CrlCache",
     "Decision",

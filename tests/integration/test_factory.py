@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import stat
 import threading
 import time
@@ -360,6 +361,60 @@ def test_verifier_grants_a_leaf_without_san_by_its_cn(client: CaClient, setup: t
     assert decide(IdentityRule()).startswith("REFUSED at step identity: expected exactly one SAN URI like urn:dev:ops:{device_id}, found 0")
 
 
+def test_verifier_refuses_a_replayed_challenge_answer_at_possession(client: CaClient, setup: tuple[CaEnv, int]) -> None:
+    """Step 1: each challenge proves possession once, granted or refused: a captured (challenge, signature) pair
+    replayed by someone without the key is refused, and so is the right answer after a wrong one."""
+    root = _root(client)
+    device, cert_pem, chain_pem = _provision(client)
+    assert isinstance(device.key, ec.EllipticCurvePrivateKey)
+    leaf = x509.load_pem_x509_certificate(cert_pem.encode())
+    intermediates = x509.load_pem_x509_certificates(chain_pem.encode())[:-1]
+    verifier = DeviceVerifier([root], IdentityRule(), CrlCache(max_age=60))
+    used = "REFUSED at step possession: the challenge was already used: each challenge proves possession once (a replayed answer?)"
+
+    challenge = verifier.challenge()
+    signature = sign_challenge(device.key, challenge)
+    assert verifier.verify(leaf, intermediates, challenge, signature).granted
+    assert str(verifier.verify(leaf, intermediates, challenge, signature)) == used
+    challenge = verifier.challenge()
+    wrong = sign_challenge(ec.generate_private_key(ec.SECP256R1()), challenge)
+    assert str(verifier.verify(leaf, intermediates, challenge, wrong)).startswith("REFUSED at step possession: the challenge signature")
+    assert str(verifier.verify(leaf, intermediates, challenge, sign_challenge(device.key, challenge))) == used
+
+
+def test_verifier_refuses_a_challenge_it_did_not_issue_or_that_expired(client: CaClient, setup: tuple[CaEnv, int]) -> None:
+    """Step 1: only a challenge from this verifier's challenge(), within challenge_ttl, is accepted: an empty or
+    constant challenge the device once signed, another verifier's, an expired one and one forgotten beyond
+    max_challenges are refused, each saying why."""
+    root = _root(client)
+    device, cert_pem, chain_pem = _provision(client)
+    key = device.key
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    leaf = x509.load_pem_x509_certificate(cert_pem.encode())
+    intermediates = x509.load_pem_x509_certificates(chain_pem.encode())[:-1]
+    now = [datetime.now(UTC)]
+    verifier = DeviceVerifier(
+        [root], IdentityRule(), CrlCache(max_age=60), clock=lambda: now[0], challenge_ttl=timedelta(minutes=5), max_challenges=3
+    )
+
+    def answer(challenge: bytes) -> str:
+        return str(verifier.verify(leaf, intermediates, challenge, sign_challenge(key, challenge)))
+
+    not_issued = (
+        "REFUSED at step possession: the challenge is not one this verifier issued, or it was forgotten "
+        "(challenges expire after 300 s; at most 3 are kept): answer a fresh one from challenge()"
+    )
+    other = DeviceVerifier([root], IdentityRule(), CrlCache(max_age=60))
+    for challenge in (b"", bytes(32), os.urandom(32), other.challenge()):
+        assert answer(challenge) == not_issued
+    late = verifier.challenge()
+    now[0] += timedelta(minutes=5, seconds=1)
+    assert answer(late) == "REFUSED at step possession: the challenge expired: issued 301 s ago, valid for 300 s"
+    first, *rest = [verifier.challenge() for _ in range(4)]  # one more than max_challenges: the first is forgotten
+    assert answer(first) == not_issued
+    assert all(answer(challenge).startswith(f"GRANTED device {device.device_id}") for challenge in rest)
+
+
 def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
     """Step 4: a subject with two CNs (one of them another device's) is refused whatever the identity source, as a
     broker taking "the" CN as the user name might read either; with one CN the SAN/CN agreement decides."""
@@ -508,6 +563,16 @@ def test_verify_device_command(client: CaClient, setup: tuple[CaEnv, int], tmp_p
         "verify-device", "--cert", str(home / "device.crt"), "--trust", str(tmp_path / "trust.pem"), "--key", str(other), check=False
     )
     assert bad.returncode == 1 and bad.stdout.startswith("REFUSED at step possession")
+    # A service's own 32-byte challenge and the device's answer to it; other lengths are refused before any check.
+    challenge = os.urandom(32)
+    key = serialization.load_pem_private_key((home / "device.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    (tmp_path / "signature").write_bytes(sign_challenge(key, challenge))
+    args = ["verify-device", "--cert", str(home / "fullchain.pem"), "--trust", str(tmp_path / "trust.pem")]
+    answered = env.cli(*args, "--challenge", challenge.hex(), "--signature", str(tmp_path / "signature"))
+    assert answered.stdout.startswith(f"GRANTED device {device.device_id}")
+    short = env.cli(*args, "--challenge", "00", "--signature", str(tmp_path / "signature"), check=False)
+    assert short.returncode == 1 and short.stderr == "ca-daemon: a challenge is 32 bytes (64 hex digits), got 1\n", short.stderr
 
 
 def test_crl_publish_makes_a_full_crl_for_full_crl_only_consumers(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
