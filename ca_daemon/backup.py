@@ -10,8 +10,9 @@ check, a known schema version, and the audit hash chain with its checkpoint sign
 A restore (daemon stopped) checks the backup the same way and moves the current database
 aside rather than deleting it. When that database can still be read and knows what the
 backup does not (certificates it could no longer revoke, revocations that would come off
-the next CRL, CRL numbers that would go back), the restore is refused unless the operator
-accepts the loss.
+the next CRL or go back to an earlier state, CRL numbers that would go back, mTLS client
+certificates and their revocations, audit events and signed checkpoints), the restore is
+refused unless the operator accepts the loss.
 
 PostgreSQL deployments back up with PostgreSQL's own tools (pg_dump, or base backups with
 WAL archiving); nothing here would do better.
@@ -54,16 +55,45 @@ class BackupSummary:
 
 
 @dataclass(frozen=True)
+class AuditLoss:
+    """The audit log's part of a Loss: events and signed checkpoints the backup's log does not have."""
+
+    events: int = 0
+    first_seq: int = 0  # the first and last seq of those events: the restored log reuses these numbers
+    last_seq: int = 0
+    head_hash: str = ""  # hex hash of the last of them, as an auditor's export or checkpoint shows it
+    checkpoints: int = 0
+    last_checkpoint_seq: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.checkpoints)
+
+
+@dataclass(frozen=True)
 class Loss:
     """What the database in place knows and a backup does not: what restoring the backup forgets."""
 
     certificate_serials: tuple[str, ...] = ()
+    # Active in the database in place, absent or lifted in the backup.
     revocation_serials: tuple[str, ...] = ()
+    # Any other revocation row in place that the backup lacks in the same state (reason, dates, lift, change_seq).
+    revocation_changes: tuple[str, ...] = ()
     # Per issuer: (the backup's highest CRL number, the database in place's), where the latter is higher.
     crl_numbers: tuple[tuple[str, int, int], ...] = ()
+    mtls_certificate_serials: tuple[str, ...] = ()
+    mtls_revocation_serials: tuple[str, ...] = ()
+    audit: AuditLoss = AuditLoss()
 
     def __bool__(self) -> bool:
-        return bool(self.certificate_serials or self.revocation_serials or self.crl_numbers)
+        return bool(
+            self.certificate_serials
+            or self.revocation_serials
+            or self.revocation_changes
+            or self.crl_numbers
+            or self.mtls_certificate_serials
+            or self.mtls_revocation_serials
+            or self.audit
+        )
 
     def describe(self) -> str:
         parts = []
@@ -71,8 +101,29 @@ class Loss:
             parts.append(f"{len(self.certificate_serials)} certificate(s) (the daemon could not revoke them by serial)")
         if self.revocation_serials:
             parts.append(f"{len(self.revocation_serials)} revocation(s) (those certificates would come off the next CRL)")
+        if self.revocation_changes:
+            parts.append(
+                f"{len(self.revocation_changes)} later change(s) to revocation(s) (reason, dates or a lifted hold would go back: "
+                "a hold made final would be a hold again, which can be lifted)"
+            )
         for issuer, restored, current in self.crl_numbers:
             parts.append(f"CRLs of {issuer} numbered up to {current} (the backup's end at {restored}; numbers must never go back)")
+        if self.mtls_certificate_serials:
+            n = len(self.mtls_certificate_serials)
+            parts.append(f"{n} mTLS client certificate(s) (`mtls revoke` could not revoke them: they would stay valid)")
+        if self.mtls_revocation_serials:
+            n = len(self.mtls_revocation_serials)
+            parts.append(f"{n} mTLS revocation(s) (those clients would be let in again once the client CRL is re-signed)")
+        if self.audit.events:
+            parts.append(
+                f"{self.audit.events} audit event(s), seq {self.audit.first_seq} to {self.audit.last_seq} "
+                "(new events would reuse those numbers)"
+            )
+        if self.audit.checkpoints:
+            parts.append(
+                f"{self.audit.checkpoints} signed audit checkpoint(s), the last at seq {self.audit.last_checkpoint_seq} "
+                "(an auditor holding one would find the restored log contradicting it)"
+            )
         return "; ".join(parts)
 
 
@@ -164,8 +215,8 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
     """Put a checked backup in place of the store's database; the caller holds the state directory's lock (daemon stopped).
 
     The database in place (if any) is moved aside with its WAL, never deleted. If it can
-    still be read and holds certificates, revocations or CRL numbers the backup lacks, the
-    restore is refused unless accept_loss: restoring would forget them.
+    still be read and holds what the backup lacks (see Loss), the restore is refused unless
+    accept_loss: restoring would forget it.
     """
     target = sqlite_file(store_url)
     if not backup_path.is_file():
@@ -174,7 +225,9 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
     _remove_with_companions(working)
     os.close(os.open(working, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
-        working.write_bytes(backup_path.read_bytes())  # the backup file itself is never opened for writing
+        data = backup_path.read_bytes()  # the backup file itself is never opened for writing
+        digest = hashlib.sha256(data).hexdigest()  # of the bytes restored
+        working.write_bytes(data)
         summary = _check_copy(working, audit_public_key_pem)
         with contextlib.closing(sqlite3.connect(working)) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -185,7 +238,7 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
     moved: Path | None = None
     lost = Loss()
     if target.exists():
-        lost = _lost_by_restoring(target, working)
+        lost = _lost_by_restoring(target, working, digest)
         if lost and not accept_loss:
             _remove_with_companions(working)
             raise FailedPrecondition(
@@ -202,11 +255,19 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
             Path(f"{working}{suffix}").replace(f"{target}{suffix}")
     working.replace(target)
     _fsync(target.parent)
-    return RestoreSummary(dataclasses.replace(summary, path=backup_path, sha256=_sha256(backup_path)), moved, lost)
+    return RestoreSummary(dataclasses.replace(summary, path=backup_path, sha256=digest), moved, lost)
 
 
-def _lost_by_restoring(current: Path, restored: Path) -> Loss:
-    """What current holds that restored lacks; nothing when current cannot be read (the usual reason to restore)."""
+def _lost_by_restoring(current: Path, restored: Path, backup_sha256: str) -> Loss:
+    """What current holds that restored lacks; nothing when current cannot be read (the usual reason to restore).
+
+    Revocations are compared row by row (reason, dates, lift, change_seq), not by each
+    issuer's highest change_seq: the database in place may itself descend from an older
+    restore, so its counter can be at or below the backup's while its rows differ, and
+    the rows name the certificates. Audit events by (seq, hash): the chain links each
+    event to all before it, so what differs is one run from the first lost seq to the
+    head. A checkpoint is lost when the restored log has no event of its seq and head hash.
+    """
     try:
         with contextlib.closing(sqlite3.connect(current, timeout=30)) as db:
             db.execute("ATTACH DATABASE ? AS restored", (str(restored),))
@@ -218,15 +279,72 @@ def _lost_by_restoring(current: Path, restored: Path) -> Loss:
                 "SELECT serial FROM main.revocations WHERE lifted_at IS NULL AND serial NOT IN "
                 "(SELECT serial FROM restored.revocations WHERE lifted_at IS NULL)",
             )
+            changed = _column(
+                db,
+                "SELECT m.serial FROM main.revocations AS m WHERE NOT EXISTS (SELECT 1 FROM restored.revocations AS r "
+                "WHERE r.serial = m.serial AND r.reason IS m.reason AND r.revoked_at IS m.revoked_at "
+                "AND r.invalidity_date IS m.invalidity_date AND r.lifted_at IS m.lifted_at AND r.change_seq IS m.change_seq)",
+            )
             crl_numbers = db.execute(
                 "SELECT c.issuer_key_id, coalesce(r.top, 0), c.top FROM "
                 "(SELECT issuer_key_id, max(crl_number) AS top FROM main.crls GROUP BY issuer_key_id) AS c "
                 "LEFT JOIN (SELECT issuer_key_id, max(crl_number) AS top FROM restored.crls GROUP BY issuer_key_id) AS r "
                 "ON r.issuer_key_id = c.issuer_key_id WHERE c.top > coalesce(r.top, 0) ORDER BY c.issuer_key_id"
             ).fetchall()
+            mtls_certificate_serials = _column(
+                db, "SELECT serial FROM main.mtls_certificates WHERE serial NOT IN (SELECT serial FROM restored.mtls_certificates)"
+            )
+            mtls_revocation_serials = _column(
+                db,
+                "SELECT m.serial FROM main.mtls_certificates AS m WHERE m.revoked_at IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM restored.mtls_certificates AS r WHERE r.serial = m.serial "
+                "AND r.revoked_at IS m.revoked_at AND r.revocation_reason IS m.revocation_reason)",
+            )
+            audit_loss = _audit_lost(db, backup_sha256)
     except sqlite3.DatabaseError:
         return Loss()
-    return Loss(certificate_serials, revocation_serials, tuple((str(i), int(r), int(c)) for i, r, c in crl_numbers))
+    return Loss(
+        certificate_serials,
+        revocation_serials,
+        tuple(sorted(set(changed) - set(revocation_serials))),
+        tuple((str(i), int(r), int(c)) for i, r, c in crl_numbers),
+        mtls_certificate_serials,
+        mtls_revocation_serials,
+        audit_loss,
+    )
+
+
+def _audit_lost(db: sqlite3.Connection, backup_sha256: str) -> AuditLoss:
+    """Audit events and checkpoints of main that restored lacks (restored attached to db).
+
+    `db backup` records its own `db.backup` event after the copy, so the log in place always
+    has it beyond the backup. If that event (naming this backup's SHA-256) is all there is,
+    nothing is lost: the restore's own event records the file. Anything more counts whole.
+    """
+    # Time and action too, for events written with audit.chain = false (no hash).
+    events = db.execute(
+        "SELECT m.seq, m.hash, m.action = 'db.backup' AND instr(m.details, ?) > 0 FROM main.audit_events AS m "
+        "WHERE NOT EXISTS (SELECT 1 FROM restored.audit_events AS r WHERE r.seq = m.seq AND r.hash IS m.hash "
+        "AND r.time IS m.time AND r.action IS m.action) ORDER BY m.seq",
+        (backup_sha256,),
+    ).fetchall()
+    checkpoints = [
+        int(row[0])
+        for row in db.execute(
+            "SELECT c.seq FROM main.audit_checkpoints AS c WHERE NOT EXISTS "
+            "(SELECT 1 FROM restored.audit_events AS r WHERE r.seq = c.seq AND r.hash = c.head_hash) ORDER BY c.seq"
+        )
+    ]
+    if not checkpoints and all(exempt for _, _, exempt in events):
+        return AuditLoss()
+    return AuditLoss(
+        events=len(events),
+        first_seq=int(events[0][0]) if events else 0,
+        last_seq=int(events[-1][0]) if events else 0,
+        head_hash=bytes(events[-1][1]).hex() if events and events[-1][1] is not None else "",
+        checkpoints=len(checkpoints),
+        last_checkpoint_seq=checkpoints[-1] if checkpoints else 0,
+    )
 
 
 def _column(db: sqlite3.Connection, query: str) -> tuple[str, ...]:
@@ -264,4 +382,4 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["BackupSummary", "Loss", "RestoreSummary", "backup", "restore", "sqlite_file"]
+__all__ = ["AuditLoss", "BackupSummary", "Loss", "RestoreSummary", "backup", "restore", "sqlite_file"]

@@ -27,7 +27,10 @@ def add_commands(db: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--accept-loss",
         action="store_true",
-        help="restore even though the database in place holds certificates, revocations or CRL numbers the backup lacks",
+        help=(
+            "restore even though the database in place holds certificates, revocations, CRL numbers, mTLS client "
+            "certificates or revocations, or audit events the backup lacks"
+        ),
     )
     p.set_defaults(handler=_restore)
 
@@ -103,6 +106,12 @@ def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> 
         print(f"WARNING: forgotten by this restore (--accept-loss): {outcome.lost.describe()}")
         if outcome.lost.certificate_serials:
             print(f"  certificates no longer known: {', '.join(outcome.lost.certificate_serials)}")
+        if outcome.lost.mtls_certificate_serials:
+            print(f"  mTLS client certificates no longer known: {', '.join(outcome.lost.mtls_certificate_serials)}")
+        if outcome.lost.mtls_revocation_serials:
+            print(f"  mTLS clients no longer revoked: {', '.join(outcome.lost.mtls_revocation_serials)}")
+        if outcome.lost.revocation_changes:
+            print(f"  revocations back to the backup's state: {', '.join(outcome.lost.revocation_changes)}")
     print(
         "before relying parties see a new CRL, check that its number will be above every one they have seen "
         "(deploy/README.md, Backup and restore)"
@@ -118,11 +127,26 @@ def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> 
             "sha256": outcome.restored.sha256,
             "previous": str(outcome.moved_aside or ""),
             "lost": outcome.lost.describe(),
+            **_audit_loss_details(outcome.lost.audit),
         }
         store.append_audit([_operator_event("db.restore", "restored", details=details)])
     finally:
         store.close()
     return 0
+
+
+def _audit_loss_details(lost: backup.AuditLoss) -> dict[str, str]:
+    """For the db.restore event: which seqs this log reuses, and what an auditor's copies may hold beyond the backup."""
+    if not lost:
+        return {}
+    return {
+        "lost_audit_events": str(lost.events),
+        "lost_audit_first_seq": str(lost.first_seq),
+        "lost_audit_last_seq": str(lost.last_seq),
+        "lost_audit_head_hash": lost.head_hash,
+        "lost_checkpoints": str(lost.checkpoints),
+        "lost_last_checkpoint_seq": str(lost.last_checkpoint_seq),
+    }
 
 
 __all__ = ["add_commands"]

@@ -7,17 +7,20 @@ daemon's own CLI (`audit verify --live`) after the restore.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from tests.conftest import CaEnv, Daemon, make_env
+from tests.conftest import CaEnv, Daemon, free_port, make_env
 from tests.integration.crl_helpers import sign, stub, wait_for_crl
 
 pytestmark = pytest.mark.slow
@@ -44,6 +47,15 @@ def max_crl_number(path: Path) -> int:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cert_serial(path: Path) -> str:
+    return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
+
+
+def query(path: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as db:
+        return [tuple(row) for row in db.execute(sql, args)]
 
 
 def test_a_backup_taken_while_signing_holds_every_answered_certificate_and_restores(
@@ -201,3 +213,111 @@ def test_a_backup_into_a_missing_directory_is_refused_naming_it(tmp_path_factory
     assert result.returncode == 1, result.stderr
     assert result.stderr == f"ca-daemon: {missing} does not exist; create the directory the backup goes to first\n"
     assert not missing.exists() and audit_actions(database(env)) == before  # refused before the token: no checkpoint signed
+
+
+def test_a_restore_that_would_forget_mtls_certificates_or_revocations_is_refused_naming_them(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    env = make_env(tmp_path_factory.mktemp("mtlsrestore"), softhsm_conf)
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "alice:admin", "--client", "bob:programmer")
+    backup = tmp_path_factory.mktemp("mtlsbackups") / "ca.db"
+    env.cli("db", "backup", "--out", str(backup))
+    # After the backup: bob's (compromised) client certificate is revoked, a new admin client is issued.
+    bob = cert_serial(tls_dir / "clients" / "bob.pem")
+    env.cli("mtls", "revoke", "--serial", bob, "--crl-out", str(tls_dir / "client-ca.crl"))
+    env.cli("mtls", "issue", "--out", str(tls_dir), "--client", "carol:admin")
+    carol = cert_serial(tls_dir / "clients" / "carol.pem")
+    live = database(env)
+    mtls_rows = "SELECT serial, revoked_at FROM mtls_certificates ORDER BY serial"
+    before = query(live, mtls_rows)
+
+    refused = env.cli("db", "restore", "--from", str(backup), check=False)
+    assert refused.returncode == 1, refused.stdout
+    assert "1 mTLS client certificate(s) (`mtls revoke` could not revoke them" in refused.stderr, refused.stderr
+    assert "1 mTLS revocation(s) (those clients would be let in again" in refused.stderr, refused.stderr
+    assert "Nothing was changed" in refused.stderr and "--accept-loss" in refused.stderr, refused.stderr
+    assert query(live, mtls_rows) == before and not list(live.parent.glob("*.before-restore-*"))
+
+    restored = env.cli("db", "restore", "--from", str(backup), "--accept-loss")
+    assert f"mTLS client certificates no longer known: {carol}" in restored.stdout, restored.stdout
+    assert f"mTLS clients no longer revoked: {bob}" in restored.stdout, restored.stdout
+    assert {serial for serial, _ in query(live, mtls_rows)} == {serial for serial, _ in before} - {carol}
+
+
+def test_a_restore_that_would_drop_audit_events_and_checkpoints_is_refused_and_an_accepted_one_records_them(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    env = make_env(tmp_path_factory.mktemp("auditrestore"), softhsm_conf)
+    backup = tmp_path_factory.mktemp("auditbackups") / "ca.db"
+    env.cli("db", "backup", "--out", str(backup))
+    live = database(env)
+    backup_head = int(query(backup, "SELECT max(seq) FROM audit_events")[0][0])
+    # Only the backup's own db.backup event is beyond it: nothing is lost, the restore goes ahead.
+    assert audit_actions(live)[backup_head:] == ["db.backup"]
+    at_once = env.cli("db", "restore", "--from", str(backup))
+    assert "forgotten" not in at_once.stdout, at_once.stdout
+    assert audit_actions(live)[backup_head:] == ["db.restore"]
+
+    env.cli("key", "generate", "--label", "ca-spare-1")  # an HSM key event after the backup
+    env.cli("audit", "export", "--out", str(env.state_dir / "auditor.jsonl"), "--checkpoint")  # the auditor's signed copy
+    head_seq, head_hash = query(live, "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")[0]
+    checkpoint_seq = query(live, "SELECT max(seq) FROM audit_checkpoints")[0][0]
+    assert checkpoint_seq == head_seq and len(audit_actions(live)) == head_seq
+    before = audit_actions(live)
+
+    refused = env.cli("db", "restore", "--from", str(backup), check=False)
+    assert refused.returncode == 1, refused.stdout
+    lost = f"{head_seq - backup_head} audit event(s), seq {backup_head + 1} to {head_seq} (new events would reuse those numbers)"
+    assert lost in refused.stderr, refused.stderr
+    assert f"1 signed audit checkpoint(s), the last at seq {checkpoint_seq}" in refused.stderr, refused.stderr
+    assert "--accept-loss" in refused.stderr and audit_actions(live) == before
+
+    restored = env.cli("db", "restore", "--from", str(backup), "--accept-loss")
+    assert lost in restored.stdout, restored.stdout
+    # The restore's own event, at the first reused seq, says which seqs were reused and what an auditor may hold.
+    seq, details = query(live, "SELECT seq, details FROM audit_events WHERE action = 'db.restore'")[-1]
+    recorded = json.loads(str(details))
+    assert seq == backup_head + 1
+    assert (recorded["lost_audit_first_seq"], recorded["lost_audit_last_seq"]) == (str(backup_head + 1), str(head_seq))
+    assert recorded["lost_audit_head_hash"] == bytes(head_hash).hex()
+    assert (recorded["lost_checkpoints"], recorded["lost_last_checkpoint_seq"]) == ("1", str(checkpoint_seq))
+    public_key = env.state_dir / "audit.pem"
+    env.cli("audit", "public-key", "--out", str(public_key))
+    assert env.cli("audit", "verify", "--public-key", str(public_key), "--live").stdout.startswith("OK")
+
+
+def test_a_restore_that_would_turn_a_final_revocation_back_into_a_hold_is_refused(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    env = make_env(tmp_path_factory.mktemp("holdrestore"), softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    env.edit_config("publish_on_revoke = true", "publish_on_revoke = false")
+    daemon = Daemon(env, env.state_dir / "daemon-1.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            serial = sign(channel).serial
+            hold = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD)
+            stub(channel).Revoke(hold, timeout=10)
+    finally:
+        daemon.stop()
+    backup = tmp_path_factory.mktemp("holdbackups") / "ca.db"
+    env.cli("db", "backup", "--out", str(backup))
+    daemon = Daemon(env, env.state_dir / "daemon-2.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            final = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
+            stub(channel).Revoke(final, timeout=10)  # acknowledged: durable
+    finally:
+        daemon.stop()
+    live = database(env)
+    reason = "SELECT reason FROM revocations WHERE serial = ?"
+    assert query(live, reason, serial) == [(1,)] and query(backup, reason, serial) == [(6,)]  # keyCompromise; certificateHold
+
+    refused = env.cli("db", "restore", "--from", str(backup), check=False)
+    assert refused.returncode == 1, refused.stdout
+    assert "1 later change(s) to revocation(s)" in refused.stderr and "a hold made final would be a hold again" in refused.stderr
+    assert "--accept-loss" in refused.stderr, refused.stderr
+    assert query(live, reason, serial) == [(1,)]  # still final: Unrevoke cannot lift it
+    restored = env.cli("db", "restore", "--from", str(backup), "--accept-loss")
+    assert f"revocations back to the backup's state: {serial}" in restored.stdout, restored.stdout
