@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_daemon.audit_format import EXPORT_FORMAT, checkpoint_record, event_record, interleave, write_export
+from ca_daemon.audit_format import EXPORT_FORMAT, EXPORT_VERSION, checkpoint_record, event_record, interleave, write_export
 from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
@@ -205,8 +205,12 @@ def read_export(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         yield record if isinstance(record, dict) else {"type": "unparseable", "line": number}
 
 
-def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> Report:
+def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes, *, export_file: bool = False) -> Report:
     """Check an export (or the live database as records) against the audit public key.
+
+    export_file: the records are an export file's (read_export), which must begin with a
+    header of this version and end with its end record, agreeing with what the file holds:
+    a copy that lost its last lines fails. The live database's records have neither.
 
     Detects: a changed field (hash mismatch), a deleted event (seq gap / broken link), an
     inserted event (duplicate seq / broken link), reordering (seq going backwards), and
@@ -224,12 +228,11 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> Report:
     hashes_by_seq: dict[int, bytes] = {}
     signed: list[dict[str, Any]] = []  # compared with the chain once every event is read
     max_checkpoint = 0
+    envelope = _Envelope(required=export_file)
     for record in records:
-        kind = record.get("type")
-        if kind == "header":
-            if record.get("format") != EXPORT_FORMAT:
-                report.fail(None, f"not a {EXPORT_FORMAT} file")
+        if envelope.take(record, report):
             continue
+        kind = record.get("type")
         if kind == "event":
             linked = _verify_event(record, report, expected_seq, prev_hash)
             seq = _int(record.get("seq"))
@@ -253,8 +256,93 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> Report:
     last_seq = expected_seq - 1
     if max_checkpoint > last_seq:
         report.fail(last_seq + 1, f"truncated: a checkpoint covers up to seq {max_checkpoint} but the log ends at seq {last_seq}")
+    envelope.finish(report)
     report.uncovered_events = max(0, last_seq - report.last_checkpoint_seq)
     return report
+
+
+@dataclass
+class _Envelope:
+    """An export's header and end record, and what the file holds between them, for verify()."""
+
+    required: bool
+    records: int = 0
+    end: dict[str, Any] | None = None
+    after_end: int = 0
+    events: int = 0
+    checkpoints: int = 0
+    last_seq: Any = 0
+    last_hash: Any = None
+
+    def take(self, record: dict[str, Any], report: Report) -> bool:
+        """Count one record; True if it is the envelope's (header, end, or past the end), not the log's."""
+        kind = record.get("type")
+        first = self.records == 0
+        self.records += 1
+        if self.end is not None:
+            self.after_end += 1
+            return True
+        if kind == "header":
+            if first:
+                _check_header(record, report)
+            else:
+                report.fail(None, "a second header in the middle of the file: records of two exports joined, or lines inserted")
+            return True
+        if first and self.required:
+            report.fail(None, f"the file does not begin with a {EXPORT_FORMAT} header: not an export, or its first lines were lost")
+        if kind == "end":
+            self.end = record
+            return True
+        if kind == "event":
+            self.events += 1
+            self.last_seq, self.last_hash = record.get("seq"), record.get("hash")
+        elif kind == "checkpoint":
+            self.checkpoints += 1
+        return False
+
+    def finish(self, report: Report) -> None:
+        if self.required and self.records == 0:
+            report.fail(None, "the file is empty: no header, no events, no end record")
+            return
+        if self.after_end:
+            report.fail(None, f"{self.after_end} record(s) follow the end record: lines were added after the export")
+        end = self.end
+        if end is None:
+            if self.required:
+                report.fail(
+                    None,
+                    f"the file has no end record (its last event is seq {self.last_seq}): it was cut short, "
+                    "losing its last lines, or the export did not finish; export the log again",
+                )
+            return
+        claimed = (end.get("events"), end.get("checkpoints"), end.get("last_seq"), end.get("last_hash"))
+        if claimed == (self.events, self.checkpoints, self.last_seq, self.last_hash):
+            return
+        claimed_seq, held_seq = _int(end.get("last_seq")), _int(self.last_seq)
+        missing = claimed_seq is not None and held_seq is not None and claimed_seq > held_seq
+        same_head = end.get("last_seq") == self.last_seq and end.get("last_hash") != self.last_hash
+        report.fail(
+            held_seq + 1 if missing and held_seq is not None else None,
+            f"the end record says {end.get('events')} event(s) and {end.get('checkpoints')} checkpoint(s) up to seq "
+            f"{end.get('last_seq')}, the file holds {self.events} and {self.checkpoints} up to seq {self.last_seq}"
+            + ("; its last event's hash differs" if same_head else "")
+            + ": lines were dropped, added or changed since the export",
+        )
+
+
+def _check_header(record: dict[str, Any], report: Report) -> None:
+    if record.get("format") != EXPORT_FORMAT:
+        report.fail(None, f"not a {EXPORT_FORMAT} file (its header says format {record.get('format')!r})")
+        return
+    version = record.get("version")
+    if version == 1:
+        report.fail(
+            None,
+            f"a version 1 export, which has no end record, so a copy that lost its last lines cannot be told from a whole one; "
+            f"export the log again (`ca-daemon audit export`, or `ca-daemon client audit-export`) to get version {EXPORT_VERSION}",
+        )
+    elif version != EXPORT_VERSION:
+        report.fail(None, f"export version {version!r} is not one this ca-daemon reads (it writes and reads version {EXPORT_VERSION})")
 
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:

@@ -1,9 +1,13 @@
-"""The audit log's JSON Lines export: one header, the events in order, each checkpoint after the event it covers.
+"""The audit log's JSON Lines export: a header, the events in order, each checkpoint after the event it covers, an end record.
 
 Two writers share it, so that `ca-daemon audit verify` checks either file the same way:
 `ca-daemon audit export` reads the database (audit.py), `ca-daemon client audit-export`
 rebuilds the same records from StreamAuditEvents and ListAuditCheckpoints (client.py),
 for an auditor who has no access to the database. Pure data: no store, no token.
+
+The end record (version 2) counts what the writer wrote and names its last event, so a
+copy that lost its last lines (a cut at a line boundary, a partial transfer, an empty
+file) fails verification instead of passing as a shorter log.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any, TextIO
 from ca_daemon.audit_hash import canonical_time
 
 EXPORT_FORMAT = "ca-daemon-audit-export"
+# 2: the file ends with {"type": "end", ...}. Version 1 files have no end record, so a cut copy
+# of one cannot be told from a whole one; verify refuses them and says to export again.
+EXPORT_VERSION = 2
 
 
 def event_record(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -66,15 +73,29 @@ def interleave(events: Iterable[dict[str, Any]], checkpoints: Sequence[dict[str,
     yield from pending
 
 
+def end_record(*, events: int, checkpoints: int, last_seq: int, last_hash: str | None) -> dict[str, Any]:
+    """The export's last line: what the writer wrote, for verify to compare with what the file holds."""
+    return {"type": "end", "events": events, "checkpoints": checkpoints, "last_seq": last_seq, "last_hash": last_hash}
+
+
 def write_export(out: TextIO, records: Iterable[dict[str, Any]]) -> tuple[int, int]:
-    """Write the header and the records (as `interleave` orders them); (events, checkpoints) written."""
-    header = {"type": "header", "format": EXPORT_FORMAT, "version": 1, "exported_at": canonical_time(datetime.now(UTC))}
+    """Write the header, the records (as `interleave` orders them) and the end record; (events, checkpoints) written.
+
+    The end record is written only once every record is: an export that fails half-way
+    leaves a file without it, which verify refuses.
+    """
+    header = {"type": "header", "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": canonical_time(datetime.now(UTC))}
     out.write(json.dumps(header) + "\n")
     written = {"event": 0, "checkpoint": 0}
+    last_seq, last_hash = 0, None
     for record in records:
         out.write(json.dumps(record, sort_keys=True) + "\n")
         written[record["type"]] += 1
+        if record["type"] == "event":
+            last_seq, last_hash = record["seq"], record["hash"]
+    end = end_record(events=written["event"], checkpoints=written["checkpoint"], last_seq=last_seq, last_hash=last_hash)
+    out.write(json.dumps(end, sort_keys=True) + "\n")
     return written["event"], written["checkpoint"]
 
 
-__all__ = ["EXPORT_FORMAT", "checkpoint_record", "event_record", "interleave", "write_export"]
+__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "checkpoint_record", "end_record", "event_record", "interleave", "write_export"]

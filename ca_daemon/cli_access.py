@@ -304,7 +304,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     public = Path(args.public_key).read_bytes()
     if args.file:
         with open(args.file, encoding="utf-8", errors="replace") as lines:
-            report = audit.verify(audit.read_export(lines), public)
+            report = audit.verify(audit.read_export(lines), public, export_file=True)
     else:
         config = config_module.load(args.config)
         store = app.connect_store(config)

@@ -301,8 +301,8 @@ def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, cha
     changed[target] = changed[target].replace(f'"actor": "{records[target]["actor"]}"', f'"actor": "{records[target]["actor"]}x"')
     assert changed[target] != lines[target]
     check("changed", changed, f"event {seq} was changed", seq, problems=1)
-    # a deleted event: its gap and the next event's broken link (the events after it used to fail one by one)
-    check("deleted", [line for i, line in enumerate(lines) if i != target], "missing: deleted", seq, problems=2)
+    # a deleted event: its gap, the next event's broken link and the end record's count (the events after it used to fail one by one)
+    check("deleted", [line for i, line in enumerate(lines) if i != target], "missing: deleted", seq, problems=3)
     # an inserted event (a copy of another, placed here)
     inserted = list(lines)
     inserted.insert(target, lines[events[1]])
@@ -405,6 +405,60 @@ def test_verify_compares_every_signed_checkpoint_with_the_chain_wherever_the_fil
     code, output = _verify_file(env, _write_records(env.state_dir / "forged.jsonl", checkpoints_first(forged)))
     assert code == 1 and output.startswith("FAILED:"), output
     assert f"the signed checkpoint at seq {covering} names head" in output and "were altered" in output, output
+
+
+def test_verify_refuses_an_export_without_its_header_or_end_record_or_with_lines_after_it(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """A copy that lost its last lines (here the mtls.revoke an insider wants gone) fails, even cut at a checkpoint."""
+    env = make_env(tmp_path_factory.mktemp("export-end"), softhsm_conf)
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "alice:admin")
+    env.cli("audit", "checkpoint")
+    env.cli("mtls", "revoke", "--serial", x509_serial(tls_dir / "clients" / "alice.pem"), "--crl-out", str(tls_dir / "client-ca.crl"))
+    export = env.state_dir / "audit.jsonl"
+    env.cli("audit", "export", "--out", str(export), "--checkpoint")
+    code, output = _verify_file(env, export)
+    assert code == 0 and output.startswith("OK:") and "not covered" not in output, output
+    lines = export.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    header, end = records[0], records[-1]
+    assert (header["type"], header["format"], header["version"]) == ("header", "ca-daemon-audit-export", 2)
+    events = [r for r in records if r["type"] == "event"]
+    assert end == {
+        "type": "end",
+        "events": len(events),
+        "checkpoints": sum(r["type"] == "checkpoint" for r in records),
+        "last_seq": events[-1]["seq"],
+        "last_hash": events[-1]["hash"],
+    }
+    checkpoints = [i for i, r in enumerate(records) if r["type"] == "checkpoint"]
+    assert len(checkpoints) >= 2 and checkpoints[-1] == len(lines) - 2
+
+    def verify_lines(name: str, kept: list[str]) -> str:
+        path = env.state_dir / f"{name}.jsonl"
+        path.write_text("".join(line + "\n" for line in kept))
+        code, output = _verify_file(env, path)
+        assert code == 1 and output.startswith("FAILED:"), (name, output)
+        return output
+
+    # Cut at a line boundary right after the earlier checkpoint: every remaining signature is valid.
+    cut = verify_lines("cut", lines[: checkpoints[-2] + 1])
+    assert f"the file has no end record (its last event is seq {records[checkpoints[-2]]['seq']}): it was cut short" in cut, cut
+    # Only the end record lost.
+    assert "has no end record" in verify_lines("no-end", lines[:-1])
+    # Events dropped with the end record kept: it names what was exported.
+    dropped = verify_lines("dropped", [*lines[: checkpoints[-2] + 1], lines[-1]])
+    assert f"the end record says {end['events']} event(s) and {end['checkpoints']} checkpoint(s) up to seq {end['last_seq']}" in dropped
+    assert "lines were dropped, added or changed since the export" in dropped, dropped
+    # Empty, no header, something appended after the end.
+    assert "the file is empty" in verify_lines("empty", [])
+    assert "does not begin with a ca-daemon-audit-export header" in verify_lines("no-header", lines[1:])
+    appended = verify_lines("appended", [*lines, lines[1]])
+    assert "1 record(s) follow the end record: lines were added after the export" in appended, appended
+    # An export of the previous version (no end record) is refused with what to do.
+    old = verify_lines("version-1", [json.dumps({**header, "version": 1}), *lines[1:-1]])
+    assert "a version 1 export, which has no end record" in old and "export the log again" in old, old
 
 
 def test_secrets_never_in_logs_events_or_export(tls_daemon: TlsDaemon, tmp_path: Path) -> None:
@@ -610,8 +664,8 @@ def test_an_auditor_exports_the_log_over_the_api_and_verifies_it(
     # Record for record what the database export holds (up to the shorter of the two: the log may have grown).
     local = tmp_path / "local.jsonl"
     env.cli("audit", "export", "--out", str(local))
-    remote_records = [json.loads(line) for line in remote.read_text().splitlines()[1:]]
-    local_records = [json.loads(line) for line in local.read_text().splitlines()[1:]]
+    remote_records = [json.loads(line) for line in remote.read_text().splitlines()[1:-1]]  # without header and end record
+    local_records = [json.loads(line) for line in local.read_text().splitlines()[1:-1]]
     shorter = min(len(remote_records), len(local_records))
     assert shorter > 10
     assert remote_records[:shorter] == local_records[:shorter]
