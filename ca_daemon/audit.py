@@ -23,7 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,7 +35,7 @@ from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.model import AuditEvent, KeySpec
 from ca_daemon.store import SqlStore
-from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, Checkpoint
+from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpoint, EventFilter
 from ca_daemon.store.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,28 @@ def audit_public_key_pem(hsm: Hsm, uri: str) -> bytes:
     return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+@dataclass(frozen=True)
+class _Vouched:
+    """A head a Checkpointer vouches for: the chain must still hold it before anything later is signed."""
+
+    seq: int
+    head: bytes
+    how: str  # "signed by this process", "checked by this process", "signed in the store when this process started"
+
+
 class Checkpointer:
     """Signs the chain head with the audit key; skips when the last checkpoint in the store already covers it.
 
     The store is asked each time, not this process's memory: the daemon's workers (and
     replicas) share one log, and a head another one signed needs no second signature.
+
+    It refuses to sign a chain rewritten behind its back: it remembers the last head it
+    signed or checked (at start, the last checkpoint in the store), and signs a newer head
+    only if the chain still holds that head at its seq and every event since links to it,
+    hashes recomputed. Otherwise checkpoint() raises FailedPrecondition naming the seq, and
+    keeps doing so until the chain holds again. A restart forgets what this process signed:
+    a chain rewritten while the daemon was stopped, with the checkpoints covering it deleted,
+    is caught only by an auditor's earlier export or checkpoint (README, "Audit log").
     """
 
     def __init__(self, hsm: Hsm, store: SqlStore, key_uri: str) -> None:
@@ -121,15 +138,23 @@ class Checkpointer:
             self._key: HsmPrivateKey = hsm.private_key(Pkcs11Uri.parse(key_uri))
         except CaError as exc:
             raise FailedPrecondition(f"audit key {key_uri} is not usable ({exc.message}); run `ca-daemon init` to create it") from None
+        stored = self._audit.last_checkpoint()
+        self._vouched = _Vouched(stored.seq, stored.head_hash, "signed in the store when this process started") if stored else None
 
     def checkpoint(self) -> Checkpoint | None:
-        """Blocking (store and token): sign and store a checkpoint of the current head; None if one already covers it."""
+        """Blocking (store and token): sign and store a checkpoint of the current head; None if one already covers it.
+
+        FailedPrecondition, and nothing signed, if the chain no longer holds the head this
+        process vouches for or the events since do not link to it.
+        """
         head = self._audit.head()
         if head is None:
             return None
         last = self._audit.last_checkpoint()
         if last is not None and head.seq <= last.seq:
             return None
+        self._check_chain(head)
+        self._vouched = _Vouched(head.seq, head.hash, "checked by this process")
         now = datetime.now(UTC)
         message = checkpoint_message(seq=head.seq, count=head.count, head=head.hash, time=now, key_id=self._key_id)
         assert isinstance(self._key, ec.EllipticCurvePrivateKey)
@@ -137,8 +162,46 @@ class Checkpointer:
         checkpoint = Checkpoint(head.seq, head.count, head.hash, now, self._key_id, signature)
         if not self._audit.add_checkpoint(checkpoint):
             return None  # another worker signed this head a moment ago
+        self._vouched = _Vouched(head.seq, head.hash, "signed by this process")
         log.info("audit checkpoint: %d events, head %s at seq %d", head.count, head.hash.hex()[:16], head.seq)
         return checkpoint
+
+    def _check_chain(self, head: ChainHead) -> None:
+        """Raise unless the chain holds the vouched-for head at its seq and the events up to head link to it."""
+        vouched = self._vouched
+        if vouched is None:
+            return
+        rows = self._audit.events(EventFilter(after_seq=vouched.seq - 1), 1)
+        found = rows[0] if rows and int(rows[0]["seq"]) == vouched.seq else None
+        if found is None or found["hash"] is None or bytes(found["hash"]) != vouched.head:
+            now = "no event" if found is None else f"head {bytes(found['hash'] or b'').hex()[:16]}..."
+            self._refuse(vouched, f"the log has {now} at seq {vouched.seq}")
+        prev, after = vouched.head, vouched.seq
+        while after < head.seq:
+            rows = self._audit.events(EventFilter(after_seq=after), MAX_PAGE)
+            if not rows:
+                self._refuse(vouched, f"event(s) {after + 1}..{head.seq} are missing")
+            for row in rows:
+                seq = int(row["seq"])
+                if seq > head.seq:
+                    break  # appended since the head was read
+                if seq != after + 1:
+                    self._refuse(vouched, f"event(s) {after + 1}..{seq - 1} are missing")
+                linked = row["prev_hash"] is not None and bytes(row["prev_hash"]) == prev
+                if not linked or row["hash"] is None or bytes(row["hash"]) != event_hash(row, seq, prev):
+                    self._refuse(vouched, f"event {seq} does not link to the chain from seq {vouched.seq} (hashes recomputed)")
+                prev, after = bytes(row["hash"]), seq
+        if prev != head.hash:
+            self._refuse(vouched, f"the head at seq {head.seq} changed while it was checked")
+
+    @staticmethod
+    def _refuse(vouched: _Vouched, what: str) -> NoReturn:
+        raise FailedPrecondition(
+            f"refusing to sign an audit checkpoint: {what}, but the chain must hold the head {vouched.head.hex()[:16]}... "
+            f"at seq {vouched.seq} ({vouched.how}) and link every later event to it. The log was changed behind the "
+            "daemon's back; nothing is signed until the chain holds again: compare it with an earlier export "
+            "(`ca-daemon audit verify --file`) and restore it"
+        )
 
     async def run(self, interval_seconds: float) -> None:
         while True:

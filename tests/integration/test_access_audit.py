@@ -461,6 +461,80 @@ def test_verify_refuses_an_export_without_its_header_or_end_record_or_with_lines
     assert "a version 1 export, which has no end record" in old and "export the log again" in old, old
 
 
+def test_the_daemon_refuses_to_sign_a_checkpoint_over_a_chain_rewritten_behind_its_back_until_it_is_restored(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """An insider re-attributes a signed issuance, recomputes the chain and deletes the checkpoints: the daemon signs nothing more."""
+    from tests.conftest import Daemon
+
+    env = make_env(tmp_path_factory.mktemp("rewritten-behind"), softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    env.edit_config("checkpoint_interval_seconds = 300", "checkpoint_interval_seconds = 1")
+    db = env.state_dir / "ca.db"
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            serial = stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial
+            time.sleep(2.5)  # the daemon signs a checkpoint covering the issuance
+            export = env.state_dir / "before.jsonl"
+            env.cli("audit", "export", "--out", str(export))
+            records = [json.loads(line) for line in export.read_text().splitlines()]
+            target = next(r["seq"] for r in records if r.get("action") == "certificate.issue" and str(r.get("serial")) == serial.lower())
+            forged = _rechain([dict(r, actor="someone-else") if r.get("seq") == target and r["type"] == "event" else r for r in records])
+            conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                vouched = conn.execute("SELECT max(seq) FROM audit_checkpoints").fetchone()[0]  # the daemon's last signature
+                assert vouched is not None and vouched >= target
+                original = conn.execute("SELECT seq, actor, prev_hash, hash FROM audit_events WHERE seq >= ?", (target,)).fetchall()
+                for r in forged:
+                    if r["type"] == "event" and r["seq"] >= target:
+                        conn.execute(
+                            "UPDATE audit_events SET actor = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                            (r["actor"], bytes.fromhex(r["prev_hash"]), bytes.fromhex(r["hash"]), r["seq"]),
+                        )
+                conn.execute("DELETE FROM audit_checkpoints WHERE seq >= ?", (target,))
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)  # business as usual
+            time.sleep(3)
+            with sqlite3.connect(db) as check:
+                assert check.execute("SELECT count(*) FROM audit_checkpoints WHERE seq >= ?", (target,)).fetchone()[0] == 0
+            lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+            refusals = [line for line in lines if "refusing to sign an audit checkpoint" in line["msg"]]
+            assert len(refusals) >= 2, daemon.log()[-3000:]  # at every interval, not once
+            assert refusals[0]["level"] == "ERROR" and f"at seq {vouched} (signed by this process)" in refusals[0]["msg"], refusals[0]
+            public = env.state_dir / "audit.pem"
+            env.cli("audit", "public-key", "--out", str(public))
+            live = env.cli("audit", "verify", "--live", "--public-key", str(public))
+            assert live.stdout.startswith("OK:") and "not covered by a signature yet" in live.stdout, live.stdout
+
+            # Restored: the rows as they were, and the events appended since linked to them again.
+            # The next interval's checkpoint covers the head again.
+            with sqlite3.connect(db, timeout=30) as conn:
+                conn.executemany(
+                    "UPDATE audit_events SET actor = ?, prev_hash = ?, hash = ? WHERE seq = ?", [(*row[1:], row[0]) for row in original]
+                )
+            env.cli("audit", "export", "--out", str(export))
+            relinked = _rechain([json.loads(line) for line in export.read_text().splitlines()])
+            with sqlite3.connect(db, timeout=30) as conn:
+                for r in relinked:
+                    if r["type"] == "event" and r["seq"] > original[-1][0]:
+                        conn.execute(
+                            "UPDATE audit_events SET prev_hash = ?, hash = ? WHERE seq = ?",
+                            (bytes.fromhex(r["prev_hash"]), bytes.fromhex(r["hash"]), r["seq"]),
+                        )
+            time.sleep(2.5)
+    finally:
+        daemon.stop()
+    with sqlite3.connect(db) as check:
+        assert check.execute("SELECT actor FROM audit_events WHERE seq = ?", (target,)).fetchone()[0] != "someone-else"
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public))
+    assert live.stdout.startswith("OK:") and "not covered" not in live.stdout, live.stdout
+
+
 def test_secrets_never_in_logs_events_or_export(tls_daemon: TlsDaemon, tmp_path: Path) -> None:
     env = tls_daemon.env
     pins = [(env.state_dir / "pins" / name).read_text().strip() for name in ("user.pin", "so.pin")]
