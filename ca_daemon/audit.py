@@ -138,6 +138,8 @@ class Checkpointer:
             self._key: HsmPrivateKey = hsm.private_key(Pkcs11Uri.parse(key_uri))
         except CaError as exc:
             raise FailedPrecondition(f"audit key {key_uri} is not usable ({exc.message}); run `ca-daemon init` to create it") from None
+        assert isinstance(self._key, ec.EllipticCurvePrivateKey)
+        self._public = self._key.public_key()
         stored = self._audit.last_checkpoint()
         self._vouched = _Vouched(stored.seq, stored.head_hash, "signed in the store when this process started") if stored else None
 
@@ -153,6 +155,7 @@ class Checkpointer:
         last = self._audit.last_checkpoint()
         if last is not None and head.seq <= last.seq:
             return None
+        self._adopt(last)
         self._check_chain(head)
         self._vouched = _Vouched(head.seq, head.hash, "checked by this process")
         now = datetime.now(UTC)
@@ -165,6 +168,26 @@ class Checkpointer:
         self._vouched = _Vouched(head.seq, head.hash, "signed by this process")
         log.info("audit checkpoint: %d events, head %s at seq %d", head.count, head.hash.hex()[:16], head.seq)
         return checkpoint
+
+    def _adopt(self, stored: Checkpoint | None) -> None:
+        """Vouch for a newer checkpoint another worker signed, if its signature verifies and the chain holds its head.
+
+        The audit key signs only after the signer's own check, and the hash chain ties every
+        earlier event to that head, so the events between it and what this process vouched for
+        need no recomputing: a worker that never signs (only the primary does, until shutdown)
+        would otherwise re-hash everything since it started when it stops.
+        """
+        vouched = self._vouched
+        if stored is None or (vouched is not None and stored.seq <= vouched.seq):
+            return
+        message = checkpoint_message(seq=stored.seq, count=stored.count, head=stored.head_hash, time=stored.time, key_id=stored.key_id)
+        try:
+            self._public.verify(stored.signature, message, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            return
+        rows = self._audit.events(EventFilter(after_seq=stored.seq - 1), 1)
+        if rows and int(rows[0]["seq"]) == stored.seq and rows[0]["hash"] is not None and bytes(rows[0]["hash"]) == stored.head_hash:
+            self._vouched = _Vouched(stored.seq, stored.head_hash, "signed by the audit key, found in the store")
 
     def _check_chain(self, head: ChainHead) -> None:
         """Raise unless the chain holds the vouched-for head at its seq and the events up to head link to it."""
