@@ -396,6 +396,7 @@ class Authority:
     def _parse(self, request: CertificateRequest, rules: PolicySet) -> SignResult | _Parsed:
         """Caller, profile, CSR and the profile's rules (pure, no store); a refused retry is answered by its replay."""
         max_bytes = self._config.server.max_csr_bytes
+        parsed: policy.ParsedRequest | None = None
         try:
             policy.check_request_fields(request)
             profile = rules.profile_for(request.caller, request.profile)
@@ -406,6 +407,8 @@ class Authority:
                 existing = self._store.find_by_request_id(request.request_id)
                 if existing is not None:  # a retry of a request answered before this policy was in force
                     return self._result(replay_or_conflict(existing, _csr_digest_or_raw(request.csr, max_bytes)))
+            if parsed is not None:  # refused by a profile rule: audited with the device ID and digest issuance would use
+                raise _Refusal(refusal, policy.device_id_of(parsed), parsed.sha256) from None
             raise _Refusal(refusal, "", hashlib.sha256(request.csr).digest()) from None
 
     def _judge(self, parsed: _Parsed, reads: SignReads) -> SignResult | tuple[_Parsed, policy.Decision, int]:
