@@ -329,6 +329,12 @@ class Authority:
         except _Refusal as refused:
             await self._record_refusal(request, refused.error, refused.device_id, refused.digest)
             raise refused.error from None
+        except AlreadyExists as conflict:  # its request_id answered another CSR before
+            await self._record_conflict(request, conflict)
+            raise
+        if isinstance(outcome, AlreadyExists):
+            await self._record_conflict(request, outcome)
+            raise outcome
         if isinstance(outcome, SignResult):
             return outcome
         if isinstance(outcome, IssuanceOutcome) and outcome.certificate.issuer_key_id != self.active.key.key_id:
@@ -427,6 +433,11 @@ class Authority:
             return parsed, policy.settle(parsed.csr, parsed.profile, parsed.device_id, facts), quota
         except (PolicyViolation, AlreadyExists, QuotaExceeded) as refusal:
             raise parsed.refusal(refusal) from None
+
+    async def _record_conflict(self, request: CertificateRequest, conflict: AlreadyExists) -> None:
+        """A reused request_id is a refusal too, recorded like the others (it was not audited)."""
+        digest = await asyncio.to_thread(_csr_digest_or_raw, request.csr, self._config.server.max_csr_bytes)
+        await self._record_refusal(request, conflict, "", digest)
 
     async def _record_refusal(self, request: CertificateRequest, refusal: CaError, device_id: str, digest: bytes) -> None:
         """Append the refusal to the audit log (group-committed); a store failure is logged, not raised."""

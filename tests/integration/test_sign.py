@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -109,6 +110,16 @@ def test_same_request_id_with_another_csr_is_already_exists(channel: grpc.Channe
     assert "already used for another CSR" in (excinfo.value.details() or "")
     assert first.serial in (excinfo.value.details() or "")
     assert _store(daemon).count_certificates() == count
+
+    # Refused, so audited like every refusal (it was not).
+    def refused() -> list[dict[str, object]]:
+        events = _store(daemon).audit_events()
+        return [e for e in events if (e["outcome"], e["reason"]) == ("refused", "idempotency") and request_id in e["details"]]
+
+    deadline = time.monotonic() + 10
+    while not refused():
+        assert time.monotonic() < deadline, "the reused request_id's refusal is not in the audit log"
+        time.sleep(0.1)
 
 
 def _valid_pem() -> bytes:
