@@ -725,6 +725,9 @@ def import_ca_certificate(
         constraints = None
     if constraints is None or not constraints.ca:
         raise FailedPrecondition("the certificate is not a CA certificate (BasicConstraints CA:true is missing)")
+    _check_ca_key_usage(certificate)
+    _check_not_expired(certificate, datetime.now(UTC))
+    _check_parents(certificate, parents)
     issuer_cert = certificate
     for parent in parents:
         try:
@@ -744,6 +747,56 @@ def import_ca_certificate(
     details = {"subject": certificate.subject.rfc4514_string(), "issuer": certificate.issuer.rfc4514_string(), "kind": "imported"}
     store.save_ca_key(installed, key_event(installed, "key.certificate", "installed", actor, details))
     return installed
+
+
+def _check_ca_key_usage(certificate: x509.Certificate) -> None:
+    """A KeyUsage, when present, lets the key sign certificates and its CRLs (RFC 5280 4.2.1.3): it does both."""
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    missing = [name for name, allowed in (("keyCertSign", usage.key_cert_sign), ("cRLSign", usage.crl_sign)) if not allowed]
+    if missing:
+        raise InvalidRequest(
+            f"the CA certificate's KeyUsage lacks {' and '.join(missing)}: relying parties would reject what this key signs",
+            rule="ca-key-usage",
+            field="certificate_pem",
+            expected="a KeyUsage with keyCertSign and cRLSign (or none)",
+        )
+
+
+def _check_not_expired(certificate: x509.Certificate, now: datetime) -> None:
+    """An expired CA certificate is refused at install; one not yet valid may be pre-published (activation checks it)."""
+    if certificate.not_valid_after_utc < now:
+        raise InvalidRequest(
+            f"the CA certificate expired at {certificate.not_valid_after_utc.isoformat()} (now {now.isoformat()})",
+            rule="ca-certificate-validity",
+            field="certificate_pem",
+            expected="a CA certificate whose notAfter is in the future",
+        )
+
+
+def _check_parents(certificate: x509.Certificate, parents: list[x509.Certificate]) -> None:
+    """A parent-signed certificate comes with its chain (issued certificates are served with it), of CA certificates."""
+    if certificate.issuer != certificate.subject and not parents:
+        raise InvalidRequest(
+            f"the certificate is issued by {echo(certificate.issuer.rfc4514_string())} but no parent certificate was given",
+            rule="ca-chain",
+            field="chain_pem",
+            expected="the parent certificates, issuer first, up to the root",
+        )
+    for parent in parents:
+        try:
+            is_ca = parent.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise InvalidRequest(
+                f"the parent certificate {echo(parent.subject.rfc4514_string())} is not a CA certificate (BasicConstraints CA:true)",
+                rule="ca-chain",
+                field="chain_pem",
+                expected="parent certificates with BasicConstraints CA:true",
+            )
 
 
 def _check_extensions_parse(certificate: x509.Certificate) -> None:

@@ -243,6 +243,14 @@ class KeyCeremony:
                 + "; only a pending key with an installed certificate can be activated",
                 rule="key-status",
             )
+        certificate = x509.load_der_x509_certificate(key.certificate_der)
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            # Every certificate it signed would chain to a CA certificate relying parties reject: no issuance would validate.
+            raise FailedPrecondition(
+                f"the CA certificate of key {key.key_id} is valid from {certificate.not_valid_before_utc.isoformat()} to "
+                f"{certificate.not_valid_after_utc.isoformat()}, not now ({now.isoformat()}); it cannot become the signing key",
+                rule="ca-certificate-validity",
+            )
         published = self._rotation.lifecycle(key.key_id).get("published_at")
         if published is None:
             raise FailedPrecondition(
@@ -257,15 +265,21 @@ class KeyCeremony:
         current = self._active()
         if emergency or current is None or current.certificate_der is None:
             return
-        new_cert = x509.load_der_x509_certificate(key.certificate_der)
+        new_cert = certificate
         old_cert = x509.load_der_x509_certificate(current.certificate_der)
         both_roots = new_cert.issuer == new_cert.subject and old_cert.issuer == old_cert.subject
         if both_roots:
-            devices = {c.device_id for c in self._rotation.links()}
-            if link_device_id(key.key_id) not in devices or link_device_id(current.key_id) not in devices:
+            # The links between these two roots, each way: a link with some third root does not let a relying party that
+            # trusts only the current root validate the new one's certificates (or the other way round).
+            live = {
+                (c.issuer_key_id, c.device_id)
+                for c in self._rotation.links([current, key])
+                if c.not_after > now and self._store.get_revocation(c.serial) is None
+            }
+            if (current.key_id, link_device_id(key.key_id)) not in live or (key.key_id, link_device_id(current.key_id)) not in live:
                 raise FailedPrecondition(
-                    f"the link certificates between {current.key_id} and {key.key_id} are missing; self-sign {key.key_id} "
-                    "while the old root is active so both are issued",
+                    f"the link certificates between {current.key_id} and {key.key_id} (each certifying the other, unrevoked) are "
+                    f"missing; only a root self-signed while {current.key_id} is active gets both: generate and self-sign a new key",
                     rule="link-certificates",
                 )
 

@@ -22,7 +22,7 @@ from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason
 from ca_daemon.store.locks import LockSpace, xact_lock
 from ca_daemon.store.schema import ca_key_lifecycle, ca_keys, certificates, key_approvals, revocations
-from ca_daemon.store.sql import SqlStore, _certificate, _certificate_values, serial_hex
+from ca_daemon.store.sql import SqlStore, _certificate, _certificate_values, serial_hex, void_open_approvals
 
 LINK_PROFILE = "ca-link"
 LIFECYCLE_FIELDS = ("published_at", "activated_at", "superseded_at", "retired_at", "destroyed_at", "compromised_at")
@@ -140,6 +140,9 @@ class RotationStore:
                 _set_time(conn, change.key_id, change.lifecycle_field, now, overwrite=True)
             # Lapsed approvals of the same action are consumed too: a later, longer window must not revive them.
             conn.execute(update(key_approvals).where(_live(action, key_id, successor_key_id, now, None)).values(executed_at=now))
+            # So is every open approval of a key whose state changed: it was given for the key as it was.
+            for change in changes:
+                void_open_approvals(conn, change.key_id, now)
             self._store._insert_audit(conn, [audit])
 
     # -- certificates of a key -----------------------------------------------
@@ -200,14 +203,21 @@ class RotationStore:
 
 
 def _live(action: str, key_id: str, successor_key_id: str, now: datetime, window: timedelta | None) -> Any:
-    """Unconsumed approvals of one action; with a window, only those inside it."""
-    return and_(
+    """Unconsumed approvals of one action; with a window, only those inside it: [now - window, now].
+
+    The upper bound matters: an approval stamped ahead of the clock (a host clock stepped back
+    since) would otherwise stay live for its offset plus the window. Without a window (consuming),
+    every unconsumed one, future-stamped too, so none can come alive later.
+    """
+    unconsumed = and_(
         key_approvals.c.action == action,
         key_approvals.c.key_id == key_id,
         key_approvals.c.successor_key_id == successor_key_id,
         key_approvals.c.executed_at.is_(None),
-        key_approvals.c.approved_at >= (now - window if window is not None else datetime.min.replace(tzinfo=UTC)),
     )
+    if window is None:
+        return unconsumed
+    return and_(unconsumed, key_approvals.c.approved_at >= now - window, key_approvals.c.approved_at <= now)
 
 
 def _live_officers(conn: Any, action: str, key_id: str, successor_key_id: str, now: datetime, window: timedelta) -> list[str]:

@@ -43,6 +43,20 @@ from ca_daemon.store.schema import revocations as revocations_table
 REMOVE_FROM_CRL = 8
 
 
+def void_open_approvals(conn: Connection, key_id: str, at: datetime) -> None:
+    """Consume (executed_at = at) every open approval of or naming the key, in the caller's transaction.
+
+    Called wherever a key's status changes: an approval is given for the key as it was, and must
+    not count toward an action on it (or a switch to it) in another state.
+    """
+    conn.execute(
+        update(schema.key_approvals)
+        .where(schema.key_approvals.c.executed_at.is_(None))
+        .where((schema.key_approvals.c.key_id == key_id) | (schema.key_approvals.c.successor_key_id == key_id))
+        .values(executed_at=at)
+    )
+
+
 def _issuer_retired(serial_text: str, issuer_key_id: str, status: str) -> FailedPrecondition:
     """A retired key's final CRL is its last word: a change no CRL would ever carry is refused."""
     return FailedPrecondition(
@@ -184,9 +198,11 @@ class SqlStore:
             "chain_der": _join_chain(key.chain_der),
         }
         with self._begin() as conn:
-            exists = conn.execute(select(ca_keys.c.key_id).where(ca_keys.c.key_id == key.key_id)).first()
+            exists = conn.execute(select(ca_keys.c.status).where(ca_keys.c.key_id == key.key_id)).first()
             if exists:
                 conn.execute(update(ca_keys).where(ca_keys.c.key_id == key.key_id).values(**values))
+                if exists.status != key.status.value:  # e.g. the first start activating the configured key
+                    void_open_approvals(conn, key.key_id, audit.time if audit is not None else datetime.now(UTC))
             else:
                 conn.execute(insert(ca_keys).values(key_id=key.key_id, **values))
             if audit is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon import app, config, issuer
@@ -27,7 +28,7 @@ from ca_daemon.authority import Authority
 from ca_daemon.config import RotationConfig
 from ca_daemon.errors import FailedPrecondition, InvalidRequest, PermissionDenied
 from ca_daemon.hsm import Hsm
-from ca_daemon.model import CertificateRequest, KeySpec, KeyStatus, RevocationReason
+from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, KeyStatus, RevocationReason
 from ca_daemon.revocation import CrlPublisher, Revocations
 from ca_daemon.rotation import KeyCeremony
 from ca_daemon.store import SqlStore, serial_hex
@@ -260,3 +261,202 @@ def test_a_certificate_on_hold_blocks_retirement_and_a_retired_keys_certificates
     assert refused.value.rule == "issuer-retired"
     assert setup.store.get_revocation(revoked).reason == RevocationReason.SUPERSEDED  # type: ignore[union-attr]
     assert setup.store.latest_crl("ca-root-1", delta=False) == final
+
+
+# --- the certificate of a key that becomes the signing key (found by a review) ---------------------------------------
+
+
+def _outside_parent() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    parent_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    parent = issuer.build_root(issuer.parse_subject("CN=Outside Root"), parent_key.public_key(), now, timedelta(days=3650))
+    return parent_key, parent.sign(parent_key, hashes.SHA256())
+
+
+def _intermediate(
+    ceremony: KeyCeremony, label: str, *, not_before: datetime, not_after: datetime, key_usage: x509.KeyUsage | None = None
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """A pending key with a parent-signed certificate of the given validity/key usage (the parent's answer to its CSR)."""
+    ceremony.generate("alice", KeySpec.EC_P256, label)
+    csr = x509.load_pem_x509_csr(ceremony.csr("alice", label, issuer.parse_subject(f"CN={label}")))
+    parent_key, parent_cert = _outside_parent()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(parent_cert.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+    )
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, critical=True)
+    return builder.sign(parent_key, hashes.SHA256()), parent_cert
+
+
+def _key_usage(*, key_cert_sign: bool, crl_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def test_an_expired_ca_certificate_is_refused_at_install_and_its_key_cannot_be_activated(setup: Setup) -> None:
+    """Every leaf the key signed would chain to an expired CA certificate: all issuance would fail validation."""
+    ceremony = setup.ceremony()
+    now = datetime.now(UTC)
+    cert, parent = _intermediate(ceremony, "sub-expired", not_before=now - timedelta(days=20), not_after=now - timedelta(days=1))
+    with pytest.raises(InvalidRequest, match="expired at") as refused:
+        ceremony.install("alice", "sub-expired", cert, [parent])
+    assert refused.value.rule == "ca-certificate-validity"
+    assert setup.store.get_ca_key("sub-expired").certificate_der is None  # type: ignore[union-attr]
+
+
+def test_a_key_whose_ca_certificate_expired_since_install_is_neither_activated_nor_switched_to(setup: Setup) -> None:
+    ceremony = setup.ceremony()
+    now = datetime.now(UTC).replace(microsecond=0)
+    cert, parent = _intermediate(ceremony, "sub-short", not_before=now - timedelta(days=1), not_after=now + timedelta(seconds=2))
+    ceremony.install("alice", "sub-short", cert, [parent])
+    time.sleep(max(0.0, (cert.not_valid_after_utc - datetime.now(UTC)).total_seconds()) + 1.2)
+
+    with pytest.raises(FailedPrecondition, match=r"valid from .* to .*, not now") as refused:
+        ceremony.approve("alice", "activate", "sub-short")
+    assert refused.value.rule == "ca-certificate-validity"
+    # The emergency switch must not move issuance onto a successor that can sign nothing valid either.
+    with pytest.raises(FailedPrecondition, match="cannot become the signing key") as refused:
+        ceremony.approve("alice", "emergency", "ca-root-1", "sub-short")
+    assert refused.value.rule == "ca-certificate-validity"
+    assert RotationStore(setup.store).live_officers("activate", "sub-short", "", datetime.now(UTC), timedelta(hours=1)) == []
+    assert setup.store.active_key_id() == "ca-root-1"
+
+
+def test_a_ca_certificate_not_yet_valid_can_be_prepublished_but_not_activated(setup: Setup) -> None:
+    ceremony = setup.ceremony()
+    now = datetime.now(UTC)
+    cert, parent = _intermediate(ceremony, "sub-future", not_before=now + timedelta(days=30), not_after=now + timedelta(days=400))
+    ceremony.install("alice", "sub-future", cert, [parent])  # published ahead of its validity: relying parties can add it
+    with pytest.raises(FailedPrecondition, match=re.escape(f"valid from {cert.not_valid_before_utc.isoformat()}")) as refused:
+        ceremony.approve("alice", "activate", "sub-future")
+    assert refused.value.rule == "ca-certificate-validity"
+    assert setup.store.active_key_id() == "ca-root-1"
+
+
+@pytest.mark.parametrize(("key_cert_sign", "crl_sign", "missing"), [(False, True, "keyCertSign"), (True, False, "cRLSign")])
+def test_install_refuses_a_ca_certificate_whose_key_usage_lacks_keycertsign_or_crlsign(
+    setup: Setup, key_cert_sign: bool, crl_sign: bool, missing: str
+) -> None:
+    """CA:true with a KeyUsage without keyCertSign cannot verify certificate signatures (RFC 5280 4.2.1.3); the key signs its CRLs too."""
+    ceremony = setup.ceremony()
+    now = datetime.now(UTC)
+    usage = _key_usage(key_cert_sign=key_cert_sign, crl_sign=crl_sign)
+    cert, parent = _intermediate(
+        ceremony, "sub-usage", not_before=now - timedelta(minutes=1), not_after=now + timedelta(days=30), key_usage=usage
+    )
+    with pytest.raises(InvalidRequest, match=f"KeyUsage lacks {missing}") as refused:
+        ceremony.install("alice", "sub-usage", cert, [parent])
+    assert refused.value.rule == "ca-key-usage"
+    assert setup.store.get_ca_key("sub-usage").certificate_der is None  # type: ignore[union-attr]
+    # With both, it installs.
+    good, parent = _intermediate(
+        ceremony,
+        "sub-usage-ok",
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(days=30),
+        key_usage=_key_usage(key_cert_sign=True, crl_sign=True),
+    )
+    assert ceremony.install("alice", "sub-usage-ok", good, [parent]).certificate_der is not None
+
+
+def test_install_requires_an_intermediates_parent_chain_of_ca_certificates(setup: Setup) -> None:
+    """README: issued certificates come back with the whole chain (intermediate, then parents)."""
+    ceremony = setup.ceremony()
+    now = datetime.now(UTC)
+    cert, parent = _intermediate(ceremony, "sub-chain", not_before=now - timedelta(minutes=1), not_after=now + timedelta(days=30))
+    assert cert.issuer != cert.subject
+    with pytest.raises(InvalidRequest, match="no parent certificate was given") as refused:
+        ceremony.install("alice", "sub-chain", cert, [])
+    assert refused.value.rule == "ca-chain"
+    assert setup.store.get_ca_key("sub-chain").certificate_der is None  # type: ignore[union-attr]
+
+    # A parent that is no CA certificate (a leaf with the parent's name) is refused before its signature is checked.
+    parent_key = ec.generate_private_key(ec.SECP256R1())
+    not_ca = (
+        x509.CertificateBuilder()
+        .subject_name(parent.subject)
+        .issuer_name(parent.subject)
+        .public_key(parent.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(parent_key, hashes.SHA256())
+    )
+    with pytest.raises(InvalidRequest, match="is not a CA certificate") as refused:
+        ceremony.install("alice", "sub-chain", cert, [not_ca])
+    assert refused.value.rule == "ca-chain"
+    assert ceremony.install("alice", "sub-chain", cert, [parent]).chain_der == (parent.public_bytes(serialization.Encoding.DER),)
+
+
+# --- dual control (found by a review) ---------------------------------------------------------------------------------
+
+
+def test_an_approval_is_void_once_the_keys_status_changes(setup: Setup) -> None:
+    """Alice approves retiring an unused pending key; after it became the active root and was superseded,
+    her approval must not count toward retiring it with bob's: it was given for a different state."""
+    ceremony = setup.ceremony(window_s=3600)
+    setup.new_root(ceremony, "root-2")  # pending, links ca-root-1 <-> root-2
+    assert not ceremony.approve("alice", "retire", "root-2").executed
+    _both(ceremony, "activate", "root-2")
+    setup.follow()
+    setup.new_root(ceremony, "root-3")
+    _both(ceremony, "activate", "root-3")
+    setup.follow()
+    assert setup.store.get_ca_key("root-2").status == KeyStatus.SUPERSEDED  # type: ignore[union-attr]
+
+    result = ceremony.approve("bob", "retire", "root-2")
+    assert not result.executed and result.officers == ("bob",), result
+    assert setup.store.get_ca_key("root-2").status == KeyStatus.SUPERSEDED  # type: ignore[union-attr]
+    assert ceremony.approve("alice", "retire", "root-2").executed  # approved again, for the key as it is now
+
+
+def test_an_approval_stamped_ahead_of_the_clock_is_not_live(setup: Setup) -> None:
+    """The window is [now - window, now]: an approval stamped in the future (the clock stepped back since, e.g. by
+    NTP) must not stay live for its offset plus the window; and executing consumes it, so it never comes alive."""
+    ceremony = setup.ceremony(window_s=2)
+    setup.new_root(ceremony, "root-2")
+    ahead = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)  # alice's host clock was a day fast
+    event = AuditEvent(time=ahead, actor="alice", action="key.approve", outcome="approved", key_id="root-2", details={})
+    RotationStore(setup.store).approve("activate", "root-2", "", "alice", ahead, timedelta(seconds=2), event)
+    time.sleep(3.2)  # well beyond the 2 s window in real time
+    result = ceremony.approve("bob", "activate", "root-2")
+    assert not result.executed and result.officers == ("bob",), result
+    assert setup.store.active_key_id() == "ca-root-1"
+
+
+def test_one_root_is_activated_over_another_only_with_links_between_those_two(setup: Setup) -> None:
+    """README: "Activation of one root over another is refused while the links are missing."
+
+    root-2 and root-3, both self-signed while ca-root-1 was active, each have links with ca-root-1 but none with
+    each other: a device that trusts only root-3 could not validate root-2's leaves.
+    """
+    ceremony = setup.ceremony()
+    setup.new_root(ceremony, "root-2")  # links ca-root-1 <-> root-2
+    setup.new_root(ceremony, "root-3")  # links ca-root-1 <-> root-3
+    _both(ceremony, "activate", "root-3")
+    setup.follow()
+    between = [
+        c.request_id for c in RotationStore(setup.store).links() if {c.issuer_key_id, c.device_id.split(":", 1)[1]} == {"root-2", "root-3"}
+    ]
+    assert between == []
+    with pytest.raises(FailedPrecondition, match="link certificates between root-3 and root-2") as refused:
+        ceremony.approve("alice", "activate", "root-2")
+    assert refused.value.rule == "link-certificates"
+    assert setup.store.active_key_id() == "root-3"
