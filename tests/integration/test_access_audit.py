@@ -642,13 +642,6 @@ def _gauge(body: str, sample: str) -> float:
     return values[0]
 
 
-def test_a_plaintext_cli_client_is_told_to_pass_its_tls_files(tls_daemon: TlsDaemon) -> None:
-    # It got only "UNAVAILABLE: failed to connect to all addresses; ... Socket closed".
-    result = tls_daemon.env.cli("client", "ca-certs", "--target", tls_daemon.env.target, "--retries", "0", check=False)
-    assert result.returncode == 1
-    assert "UNAVAILABLE" in result.stderr and "pass --tls-ca, --tls-cert and --tls-key" in result.stderr, result.stderr
-
-
 def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> None:
     """Refused in the handshake, logged, and counted in ca_daemon_tls_handshakes_refused_total (to alert on)."""
     import socket

@@ -13,6 +13,7 @@ import itertools
 import json
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -559,6 +560,12 @@ def test_one_leader_at_a_time_and_a_fence_for_the_one_that_lost(store: SqlStore,
             with store.engine.connect() as conn:
                 conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": first.backend_pid})
                 conn.commit()
+                # pg_terminate_backend only signals the backend: wait until it is gone, and its lock with it.
+                deadline = time.monotonic() + 10
+                while conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": first.backend_pid}).scalar():
+                    assert time.monotonic() < deadline, "the leader's backend did not end"
+                    time.sleep(0.05)
+                    conn.commit()  # a new snapshot of pg_stat_activity
             with pytest.raises(FailedPrecondition):
                 store.store_crl(_crl(2), fence=first)  # fenced before it even notices
             assert first.poll() is False
