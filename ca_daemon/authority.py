@@ -412,7 +412,7 @@ class Authority:
             if request.request_id and not isinstance(refusal, PermissionDenied):
                 existing = self._store.find_by_request_id(request.request_id)
                 if existing is not None:  # a retry of a request answered before this policy was in force
-                    return self._result(replay_or_conflict(existing, _csr_digest_or_raw(request.csr, max_bytes)))
+                    return self._result(replay_or_conflict(existing, _csr_digest_or_raw(request.csr, max_bytes), request.caller))
             if parsed is not None:  # refused by a profile rule: audited with the device ID and digest issuance would use
                 raise _Refusal(refusal, policy.device_id_of(parsed), parsed.sha256) from None
             raise _Refusal(refusal, "", hashlib.sha256(request.csr).digest()) from None
@@ -422,7 +422,7 @@ class Authority:
         request = parsed.request
         existing, active, others = reads.precheck(request.request_id, parsed.device_id, parsed.csr.public_key_sha256, datetime.now(UTC))
         if existing is not None:
-            return self._result(replay_or_conflict(existing, parsed.csr.sha256))
+            return self._result(replay_or_conflict(existing, parsed.csr.sha256, request.caller))
         facts = policy.IssuanceFacts(active_serials_for_device=active, devices_with_public_key=others)
         quota = parsed.rules.caller_quotas.get(request.caller, 0)
         try:
@@ -501,6 +501,7 @@ class Authority:
             public_key_sha256=decision.public_key_sha256,
             request_id=draft.request.request_id,
             created_at=draft.created_at,
+            caller=draft.request.caller,
         )
 
     def _result(self, outcome: IssuanceOutcome | AlreadyExists | QuotaExceeded) -> SignResult:

@@ -95,6 +95,8 @@ class IssuedCertificate:
     public_key_sha256: bytes
     request_id: str
     created_at: datetime
+    # Who asked for it (the caller's identity); "" for link certificates and for rows of schema 5 and before.
+    caller: str = ""
 
 
 @dataclass(frozen=True)

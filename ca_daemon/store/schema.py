@@ -24,6 +24,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Connection
 
@@ -67,6 +69,8 @@ certificates = Table(
     Column("public_key_sha256", LargeBinary, nullable=False),
     Column("request_id", String(256), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Version 6 (see _add_v6); a database created before it gets the column from that step.
+    Column("caller", String(256), nullable=False, server_default=""),
     UniqueConstraint("request_id", name="uq_certificates_request_id"),
     Index("ix_certificates_device_id", "device_id"),
     Index("ix_certificates_public_key", "public_key_sha256"),
@@ -274,6 +278,18 @@ def _create_v5(conn: Connection) -> None:
     caller_issuance.create(conn)
 
 
+# -- version 6: the caller of each certificate ------------------------------------
+
+# A request_id is one namespace for all callers; knowing who used it lets a replay be refused
+# to another caller without telling it anything about the first caller's certificate.
+
+
+def _add_v6(conn: Connection) -> None:
+    # A database created at version 6 or later has the column from `certificates` above.
+    if "caller" not in {column["name"] for column in inspect(conn).get_columns("certificates")}:
+        conn.execute(text("ALTER TABLE certificates ADD COLUMN caller VARCHAR(256) NOT NULL DEFAULT ''"))
+
+
 # (version, description, step). Append only: a released step is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
@@ -281,5 +297,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (3, "key rotation: officer approvals and CA key life-cycle times", _create_v3),
     (4, "CRL number floors, so CRL numbers never go back after a restore", _create_v4),
     (5, "per-caller issuance counts for quotas", _create_v5),
+    (6, "the caller of each certificate, for replays by request_id", _add_v6),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]

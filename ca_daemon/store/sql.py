@@ -261,7 +261,7 @@ class SqlStore:
                     continue
                 row = conn.execute(select(certificates).where(certificates.c.request_id == cert.request_id)).one()
                 existing = _certificate(row)
-                outcomes.append(_replay(existing, cert.csr_sha256))
+                outcomes.append(_replay(existing, cert.csr_sha256, cert.caller))
         return outcomes
 
     # -- uniqueness (issue 4) ------------------------------------------------
@@ -392,7 +392,7 @@ class SqlStore:
             for cert, audit, allow_reissue, quota in batch:
                 earlier = answered.get(cert.request_id)
                 if earlier is not None:
-                    outcomes.append(_replay(earlier, cert.csr_sha256))
+                    outcomes.append(_replay(earlier, cert.csr_sha256, cert.caller))
                     continue
                 others = tuple(sorted(d for d in key_devices.get(cert.public_key_sha256, ()) if d != cert.device_id))
                 conflict: AlreadyExists | QuotaExceeded | None = _uniqueness_conflict(
@@ -1005,12 +1005,21 @@ def _uniqueness_conflict(cert: IssuedCertificate, active: tuple[int, ...], other
     return None
 
 
-def replay_or_conflict(existing: IssuedCertificate, csr_sha256: bytes) -> IssuanceOutcome | AlreadyExists:
+def replay_or_conflict(existing: IssuedCertificate, csr_sha256: bytes, caller: str) -> IssuanceOutcome | AlreadyExists:
     """The answer to a request_id used before: the same certificate, or a conflict."""
-    return _replay(existing, csr_sha256)
+    return _replay(existing, csr_sha256, caller)
 
 
-def _replay(existing: IssuedCertificate, csr_sha256: bytes) -> IssuanceOutcome | AlreadyExists:
+def _replay(existing: IssuedCertificate, csr_sha256: bytes, caller: str) -> IssuanceOutcome | AlreadyExists:
+    if existing.caller and existing.caller != caller:
+        # Another caller's request: it learns only that the id is taken, never the certificate or its serial.
+        return AlreadyExists(
+            f"request_id {echo(existing.request_id)} was used by another caller; request ids are one namespace for all "
+            "callers: give yours a prefix of your own",
+            rule="idempotency",
+            field="request_id",
+            expected="a request_id no other caller has used",
+        )
     if existing.csr_sha256 == csr_sha256:
         return IssuanceOutcome(existing, created=False)
     return AlreadyExists(
@@ -1086,6 +1095,7 @@ def _certificate_values(cert: IssuedCertificate) -> dict[str, Any]:
         "public_key_sha256": cert.public_key_sha256,
         "request_id": cert.request_id,
         "created_at": cert.created_at,
+        "caller": cert.caller,
     }
 
 
@@ -1104,6 +1114,7 @@ def _certificate(row: Row[Any]) -> IssuedCertificate:
         public_key_sha256=bytes(m["public_key_sha256"]),
         request_id=m["request_id"],
         created_at=_utc(m["created_at"]),
+        caller=m["caller"],
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import make_env, spawn_daemon, wait_channel_serving
+from tests.conftest import device_csr, make_env, spawn_daemon, wait_channel_serving
 from tests.integration.test_access_audit import TlsDaemon
 
 pytestmark = pytest.mark.slow
@@ -189,6 +190,24 @@ def test_a_client_ca_without_a_crl_has_its_certificates_refused(pki_daemon: TlsD
     assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "issued by client CA 'CN=Lone Root', which has no CRL in" in (refused.details() or "")
     assert "has no CRL of CN=Lone Root" in pki_daemon.log()
+
+
+def test_a_request_id_of_one_programming_service_tells_another_nothing(pki_daemon: TlsDaemon) -> None:
+    """Another caller reusing a request_id learned it was used and its serial, and with the same CSR got the certificate."""
+    request_id = f"batch-7/{uuid.uuid4()}"
+    csr = device_csr()
+    with pki_daemon.channel("prog") as channel:
+        first = ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(ca_pb2.SignRequest(csr=csr, request_id=request_id), timeout=10)
+    with pki_daemon.channel("spare") as channel:
+        for attempt in (device_csr(), csr):
+            with pytest.raises(grpc.RpcError) as refused:
+                ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(ca_pb2.SignRequest(csr=attempt, request_id=request_id), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            details = refused.value.details() or ""
+            assert "used by another caller" in details and first.serial not in details, details
+    with pki_daemon.channel("prog") as channel:  # its own retry is still answered with its certificate
+        again = ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(ca_pb2.SignRequest(csr=csr, request_id=request_id), timeout=10)
+    assert again.serial == first.serial
 
 
 def test_a_plaintext_cli_client_is_told_to_pass_its_tls_files(pki_daemon: TlsDaemon) -> None:

@@ -8,6 +8,7 @@ database (constraints, transactions, locks), since they share no memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -143,6 +144,33 @@ def _run_threads(count: int, target: Callable[[int], None]) -> list[BaseExceptio
 
 
 # -- schema ----------------------------------------------------------------------
+
+
+def test_version_6_gives_an_older_database_the_caller_column(store: SqlStore) -> None:
+    """A database of schema 5 has no certificates.caller: version 6 adds it, and its old rows keep replaying."""
+    old = _cert()
+    store.record_issuances([(old, _audit(old))])
+    with store.engine.begin() as conn:  # back to schema 5, as a database of the previous release is
+        conn.execute(text("ALTER TABLE certificates DROP COLUMN caller"))
+        conn.execute(text("DELETE FROM schema_migrations WHERE version = 6"))
+    assert store.migrate() == [6]
+    kept = store.get_certificate(old.serial)
+    assert kept == old and kept.caller == ""
+    again = store.record_issuances([(dataclasses.replace(old, serial=old.serial + 1, caller="line-2"), _audit(old))])
+    assert again == [IssuanceOutcome(old, created=False)]  # no caller recorded: replayed to the same CSR as before
+
+
+def test_a_request_id_of_one_caller_is_refused_to_another_without_its_certificate(store: SqlStore) -> None:
+    """A request_id is one namespace: another caller learned the serial, or got the certificate with the same CSR."""
+    first = dataclasses.replace(_cert(), caller="line-1")
+    store.record_issuances([(first, _audit(first))])
+    for csr in (first.csr_sha256, hashlib.sha256(b"another CSR").digest()):
+        retry = dataclasses.replace(first, serial=first.serial + 1, csr_sha256=csr, caller="line-2")
+        (outcome,) = store.record_issuances([(retry, _audit(retry))])
+        assert isinstance(outcome, AlreadyExists) and outcome.rule == "idempotency"
+        assert "used by another caller" in outcome.message and serial_hex(first.serial) not in outcome.message
+    assert store.record_issuances([(first, _audit(first))]) == [IssuanceOutcome(first, created=False)]  # its own caller
+    assert store.count_certificates() == 1
 
 
 def test_migrations_run_once_even_when_replicas_start_together(store_url: str) -> None:
