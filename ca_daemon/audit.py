@@ -185,19 +185,24 @@ class Checkpointer:
             self._public.verify(stored.signature, message, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             return
-        rows = self._audit.events(EventFilter(after_seq=stored.seq - 1), 1)
-        if rows and int(rows[0]["seq"]) == stored.seq and rows[0]["hash"] is not None and bytes(rows[0]["hash"]) == stored.head_hash:
+        if self._hash_at(stored.seq) == stored.head_hash:
             self._vouched = _Vouched(stored.seq, stored.head_hash, "signed by the audit key, found in the store")
+
+    def _hash_at(self, seq: int) -> bytes | None:
+        """The stored hash of the event at seq; None if there is no such event (or it has no hash)."""
+        rows = self._audit.events(EventFilter(after_seq=seq - 1), 1)
+        if not rows or int(rows[0]["seq"]) != seq or rows[0]["hash"] is None:
+            return None
+        return bytes(rows[0]["hash"])
 
     def _check_chain(self, head: ChainHead) -> None:
         """Raise unless the chain holds the vouched-for head at its seq and the events up to head link to it."""
         vouched = self._vouched
         if vouched is None:
             return
-        rows = self._audit.events(EventFilter(after_seq=vouched.seq - 1), 1)
-        found = rows[0] if rows and int(rows[0]["seq"]) == vouched.seq else None
-        if found is None or found["hash"] is None or bytes(found["hash"]) != vouched.head:
-            now = "no event" if found is None else f"head {bytes(found['hash'] or b'').hex()[:16]}..."
+        found = self._hash_at(vouched.seq)
+        if found != vouched.head:
+            now = "no hashed event" if found is None else f"head {found.hex()[:16]}..."
             self._refuse(vouched, f"the log has {now} at seq {vouched.seq}")
         prev, after = vouched.head, vouched.seq
         while after < head.seq:
