@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import ColumnElement, and_, insert, select, update
 
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason
@@ -149,27 +149,23 @@ class RotationStore:
 
     def unexpired_unrevoked(self, key_id: str, now: datetime, *, leaves_only: bool = True) -> list[int]:
         """Serials of the key's certificates still valid at now and not (finally) revoked."""
+        unrevoked = (revocations.c.serial.is_(None)) | (revocations.c.lifted_at.is_not(None))
+        return self._unexpired(key_id, now, unrevoked, *([certificates.c.profile != LINK_PROFILE] if leaves_only else []))
+
+    def unexpired_on_hold(self, key_id: str, now: datetime) -> list[int]:
+        """Serials of the key's certificates still valid at now and on hold (certificateHold, not lifted)."""
+        return self._unexpired(
+            key_id, now, revocations.c.reason == RevocationReason.CERTIFICATE_HOLD.value, revocations.c.lifted_at.is_(None)
+        )
+
+    def _unexpired(self, key_id: str, now: datetime, *conditions: ColumnElement[bool]) -> list[int]:
+        """Serials of the key's certificates still valid at now that meet conditions (on them and their revocation)."""
         stmt = (
             select(certificates.c.serial)
             .select_from(certificates.outerjoin(revocations, revocations.c.serial == certificates.c.serial))
             .where(certificates.c.issuer_key_id == key_id)
             .where(certificates.c.not_after > self._store._bind_time(now))
-            .where((revocations.c.serial.is_(None)) | (revocations.c.lifted_at.is_not(None)))
-        )
-        if leaves_only:
-            stmt = stmt.where(certificates.c.profile != LINK_PROFILE)
-        with self._store._connect() as conn:
-            return [int(r.serial, 16) for r in conn.execute(stmt)]
-
-    def unexpired_on_hold(self, key_id: str, now: datetime) -> list[int]:
-        """Serials of the key's certificates still valid at now and on hold (certificateHold, not lifted)."""
-        stmt = (
-            select(certificates.c.serial)
-            .select_from(certificates.join(revocations, revocations.c.serial == certificates.c.serial))
-            .where(certificates.c.issuer_key_id == key_id)
-            .where(certificates.c.not_after > self._store._bind_time(now))
-            .where(revocations.c.reason == RevocationReason.CERTIFICATE_HOLD.value)
-            .where(revocations.c.lifted_at.is_(None))
+            .where(*conditions)
         )
         with self._store._connect() as conn:
             return [int(r.serial, 16) for r in conn.execute(stmt)]
