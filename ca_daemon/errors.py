@@ -73,9 +73,9 @@ class QuotaExceeded(CaError):
     """The caller has had as many certificates this hour as its quota allows; later ones are refused (RESOURCE_EXHAUSTED)."""
 
     @classmethod
-    def for_caller(cls, caller: str, limit: int, issued: float) -> QuotaExceeded:
+    def for_caller(cls, caller: str, limit: int, issued: int) -> QuotaExceeded:
         return cls(
-            f"caller {caller!r} has had {issued:.0f} certificate(s) in the last hour, its quota is {limit} per hour; "
+            f"caller {caller!r} has had {issued} certificate(s) in the last hour, its quota is {limit} per hour; "
             f'retry later, or raise [callers."{caller}"] max_certificates_per_hour if the line really runs faster',
             rule="caller-quota",
             field="caller",

@@ -8,6 +8,7 @@ that must run identically on both dialects; this stays in one file instead.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from sqlalchemy import (
@@ -24,7 +25,9 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    insert,
     inspect,
+    select,
     text,
 )
 from sqlalchemy.engine import Connection
@@ -265,6 +268,7 @@ def _create_v4(conn: Connection) -> None:
 # Certificates issued per caller per clock hour (hour = Unix time // 3600). A quota is
 # checked against the current hour's count plus the previous hour's, weighted by how much
 # of the previous hour still lies within the last 60 minutes (a sliding-window estimate).
+# Version 7 replaces it with counts per minute and drops it.
 caller_issuance = Table(
     "caller_issuance",
     metadata,
@@ -290,6 +294,40 @@ def _add_v6(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE certificates ADD COLUMN caller VARCHAR(256) NOT NULL DEFAULT ''"))
 
 
+# -- version 7: quota counts per minute --------------------------------------------
+
+# Certificates issued per caller per minute (minute = Unix time // 60). A quota counts in full
+# every minute that overlaps the last 60 minutes, so no 60 minutes ever hold more certificates
+# of a caller than its quota, and a certificate counts for 60 to 61 minutes. Version 5's
+# hourly counts weighted the previous hour by its part in the window, as if its issuance
+# had been spread evenly: a caller who bunched it at the end of an hour could have up to
+# twice its quota within 60 minutes.
+caller_issuance_by_minute = Table(
+    "caller_issuance_by_minute",
+    metadata,
+    Column("caller", String(256), primary_key=True),
+    Column("minute", BigInteger, primary_key=True),
+    Column("issued", BigInteger, nullable=False),
+)
+
+
+def _create_v7(conn: Connection) -> None:
+    caller_issuance_by_minute.create(conn)
+    now_minute = int(time.time() // 60)
+    # The hourly counts still in a window (this hour and the previous one) move to the last
+    # minute of their hour, or this minute: no later than any of their certificates, so each
+    # counts as long as it could lie within the last 60 minutes.
+    counts: dict[tuple[str, int], int] = {}
+    for caller, hour, issued in conn.execute(select(caller_issuance.c.caller, caller_issuance.c.hour, caller_issuance.c.issued)):
+        if hour >= now_minute // 60 - 1:
+            minute = min(hour * 60 + 59, now_minute)
+            counts[caller, minute] = counts.get((caller, minute), 0) + issued
+    if counts:
+        rows = [{"caller": caller, "minute": minute, "issued": issued} for (caller, minute), issued in counts.items()]
+        conn.execute(insert(caller_issuance_by_minute), rows)
+    caller_issuance.drop(conn)
+
+
 # (version, description, step). Append only: a released step is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
@@ -298,5 +336,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (4, "CRL number floors, so CRL numbers never go back after a restore", _create_v4),
     (5, "per-caller issuance counts for quotas", _create_v5),
     (6, "the caller of each certificate, for replays by request_id", _add_v6),
+    (7, "per-caller issuance counts per minute, so a quota holds for any 60 minutes", _create_v7),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -30,7 +30,7 @@ from ca_daemon.store.locks import Leadership, LockSpace, xact_lock, xact_locks
 from ca_daemon.store.schema import (
     audit_events,
     ca_keys,
-    caller_issuance,
+    caller_issuance_by_minute,
     certificates,
     crl_number_floors,
     crl_publish_status,
@@ -87,7 +87,7 @@ class SignReads:
 
     precheck: Precheck
     # (caller, now) -> the caller's certificates in the last 60 minutes, as the quota counts them.
-    issued_last_hour: Callable[[str, datetime], float]
+    issued_last_hour: Callable[[str, datetime], int]
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,14 @@ class SqlStore:
         if self.dialect == "sqlite" and database and ":memory:" not in database:
             self._lock_fd = os.open(database + ".writelock", os.O_RDWR | os.O_CREAT, 0o600)
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
-        counted = self._insert(caller_issuance).values(caller=bindparam("caller"), hour=bindparam("hour"), issued=bindparam("issued"))
+        counts = caller_issuance_by_minute
+        counted = self._insert(counts).values(caller=bindparam("caller"), minute=bindparam("minute"), issued=bindparam("issued"))
         self._count_statement = counted.on_conflict_do_update(
-            index_elements=[caller_issuance.c.caller, caller_issuance.c.hour],
-            set_={"issued": caller_issuance.c.issued + counted.excluded.issued},
+            index_elements=[counts.c.caller, counts.c.minute],
+            set_={"issued": counts.c.issued + counted.excluded.issued},
         )
-        # caller -> the hour whose older counts this process last removed (see _count_issued).
-        self._cleaned_hour: dict[str, int] = {}
+        # caller -> the minute whose older counts this process last removed (see _count_issued).
+        self._cleaned_minute: dict[str, int] = {}
         # Hash-chain audit events (issue 6); false only for benchmarks (config audit.chain).
         self.audit_chain = True
 
@@ -331,7 +332,7 @@ class SqlStore:
                     cursor.execute(devices_of_key, (public_key_sha256, device_id))
                     return None, active, tuple(row[0] for row in cursor.fetchall())
 
-            def issued_last_hour(caller: str, now: datetime) -> float:
+            def issued_last_hour(caller: str, now: datetime) -> int:
                 with _driver_errors():
                     return self._issued_last_hour(conn, caller, now)
 
@@ -416,7 +417,7 @@ class SqlStore:
                 outcomes.append(IssuanceOutcome(cert, created=True))
             if new_certificates:
                 conn.execute(_INSERT_CERTIFICATES, new_certificates)
-            # Row locks on caller_issuance in sorted caller order, as the advisory locks above: two
+            # Row locks on caller_issuance_by_minute in sorted caller order, as the advisory locks above: two
             # replicas whose batches hold the same callers in other orders (callers without a quota
             # have no CALLER_QUOTA lock) would otherwise each hold one row and wait for the other's.
             for caller in sorted(counted):
@@ -425,23 +426,22 @@ class SqlStore:
         return outcomes
 
     @staticmethod
-    def _issued_last_hour(conn: Connection, caller: str, now: datetime) -> float:
-        hour, into = divmod(now.timestamp(), 3600.0)
-        this, last = int(hour), int(hour) - 1
-        counts = {int(h): int(n) for h, n in conn.execute(_ISSUED_IN_HOURS, {"caller": caller, "hours": [this, last]})}
-        return counts.get(this, 0) + counts.get(last, 0) * (1.0 - into / 3600.0)
+    def _issued_last_hour(conn: Connection, caller: str, now: datetime) -> int:
+        """The caller's certificates in every minute that overlaps the 60 minutes up to now (see schema version 7)."""
+        return int(conn.execute(_ISSUED_SINCE, {"caller": caller, "minute": _minute(now) - 60}).scalar_one())
 
     def _count_issued(self, conn: Connection, caller: str, now: datetime, count: int) -> None:
-        """Add count to the caller's current hour; drop its hours older than the previous one, once an hour.
+        """Add count to the caller's current minute; drop its minutes outside every window, once a minute.
 
         Runs in every group commit for every caller in it: the upsert is built once
-        (_count_statement), and the clean-up runs once per caller and hour, not per commit.
+        (_count_statement), and the clean-up runs once per caller and minute, not per commit.
         """
-        hour = int(now.timestamp() // 3600)
-        conn.execute(self._count_statement, {"caller": caller, "hour": hour, "issued": count})
-        if self._cleaned_hour.get(caller) != hour:
-            conn.execute(delete(caller_issuance).where(caller_issuance.c.caller == caller, caller_issuance.c.hour < hour - 1))
-            self._cleaned_hour[caller] = hour
+        minute = _minute(now)
+        conn.execute(self._count_statement, {"caller": caller, "minute": minute, "issued": count})
+        if self._cleaned_minute.get(caller) != minute:
+            counts = caller_issuance_by_minute
+            conn.execute(delete(counts).where(counts.c.caller == caller, counts.c.minute < minute - 60))
+            self._cleaned_minute[caller] = minute
 
     def _insert_audit(self, conn: Connection, events: Sequence[AuditEvent]) -> None:
         """Append audit events inside the caller's transaction, in order: the only writer of audit_events.
@@ -915,8 +915,8 @@ class SqlStore:
 # The statements of every group commit, built once: constructing a Core statement and its
 # cache key costs more than running it, and a commit runs several (measured: about a third
 # of a small commit's CPU). Lists bind through expanding parameters.
-_ISSUED_IN_HOURS = select(caller_issuance.c.hour, caller_issuance.c.issued).where(
-    caller_issuance.c.caller == bindparam("caller"), caller_issuance.c.hour.in_(bindparam("hours", expanding=True))
+_ISSUED_SINCE = select(func.coalesce(func.sum(caller_issuance_by_minute.c.issued), 0)).where(
+    caller_issuance_by_minute.c.caller == bindparam("caller"), caller_issuance_by_minute.c.minute >= bindparam("minute")
 )
 _ANSWERED = select(certificates).where(certificates.c.request_id.in_(bindparam("request_ids", expanding=True)))
 _ACTIVE_OF_DEVICES = select(certificates.c.serial, certificates.c.device_id).where(
@@ -1033,6 +1033,11 @@ def _replay(existing: IssuedCertificate, csr_sha256: bytes, caller: str) -> Issu
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _minute(moment: datetime) -> int:
+    """The quota counts' bucket of a moment: Unix time // 60."""
+    return int(moment.timestamp() // 60)
 
 
 def _brief(exc: Exception) -> str:

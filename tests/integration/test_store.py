@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, inspect, select, text
 
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, RevocationReason
@@ -158,6 +158,29 @@ def test_version_6_gives_an_older_database_the_caller_column(store: SqlStore) ->
     assert kept == old and kept.caller == ""
     again = store.record_issuances([(dataclasses.replace(old, serial=old.serial + 1, caller="line-2"), _audit(old))])
     assert again == [IssuanceOutcome(old, created=False)]  # no caller recorded: replayed to the same CSR as before
+
+
+def test_version_7_moves_hourly_quota_counts_to_minutes_without_forgetting_any(store: SqlStore) -> None:
+    """A database of schema 6 counts per clock hour: version 7 keeps each count for as long as it could be in a window."""
+    now = datetime.now(UTC)
+    this_hour = int(now.timestamp() // 3600)
+    with store.engine.begin() as conn:  # back to schema 6, as a database of the previous release is
+        conn.execute(text("DROP TABLE caller_issuance_by_minute"))
+        schema.caller_issuance.create(conn)
+        rows = [("line-1", this_hour, 5), ("line-1", this_hour - 1, 7), ("line-1", this_hour - 2, 11), ("line-2", this_hour - 1, 2)]
+        conn.execute(schema.caller_issuance.insert(), [{"caller": c, "hour": h, "issued": n} for c, h, n in rows])
+        conn.execute(text("DELETE FROM schema_migrations WHERE version = 7"))
+    assert store.migrate() == [7]
+    assert "caller_issuance" not in inspect(store.engine).get_table_names()
+    with store.sign_reads() as reads:
+        # This hour's 5 and the previous hour's 7 (which may lie within the last 60 minutes); not the 11 of two hours ago.
+        assert reads.issued_last_hour("line-1", datetime.now(UTC)) == 12
+        assert reads.issued_last_hour("line-2", datetime.now(UTC)) == 2
+        # The previous hour's counts stay until 60 minutes after that hour ended, this hour's until 60 minutes after now.
+        end_of_last_hour = datetime.fromtimestamp(this_hour * 3600, UTC)
+        assert reads.issued_last_hour("line-2", end_of_last_hour + timedelta(minutes=59)) == 2
+        assert reads.issued_last_hour("line-2", end_of_last_hour + timedelta(minutes=61)) == 0
+        assert reads.issued_last_hour("line-1", now + timedelta(minutes=59)) >= 5
 
 
 def test_a_request_id_of_one_caller_is_refused_to_another_without_its_certificate(store: SqlStore) -> None:
@@ -308,7 +331,7 @@ def test_replicas_issuing_at_once_keep_every_uniqueness_rule(store: SqlStore, st
 def test_group_commits_of_replicas_holding_the_same_callers_in_other_orders_do_not_deadlock(store: SqlStore, store_url: str) -> None:
     """Two replicas group-commit batches of the same two callers (no quota, the default), listed in opposite orders.
 
-    Each commit counts every caller in caller_issuance. Counted in batch order, each replica
+    Each commit counts every caller in caller_issuance_by_minute. Counted in batch order, each replica
     held one caller's row and waited for the other's: PostgreSQL aborted one transaction
     (deadlock detected) and every certificate of that batch, already signed, was thrown away.
     """
@@ -521,9 +544,12 @@ def test_a_caller_quota_counts_the_last_hour_and_is_enforced_in_the_commit(store
     unlimited = _cert("q-free")
     assert isinstance(store.record_unique_issuances([item(unlimited, "line3", 0)])[0], IssuanceOutcome)
     assert issued_last_hour("line3", datetime.now(UTC)) == 1
-    # The previous hour weighs by how much of it lies within the last 60 minutes.
-    assert issued_last_hour("line1", now + timedelta(hours=1)) == pytest.approx(3 * (1 - (now.timestamp() % 3600) / 3600), abs=0.01)
-    assert issued_last_hour("line1", now + timedelta(hours=2)) == 0
+    # Each certificate counts in full for 60 to 61 minutes (its minute and the 60 after it), so no
+    # 60 minutes hold more than the quota: weighting the previous clock hour by its part in the
+    # window counted these three as less than one 59 minutes later, and let two more through.
+    committed = datetime.now(UTC)
+    assert issued_last_hour("line1", committed + timedelta(minutes=59, seconds=59)) == 3
+    assert issued_last_hour("line1", committed + timedelta(minutes=61, seconds=1)) == 0
     discarded = [e for e in store.audit_events() if e["outcome"] == "refused" and e["reason"] == "caller-quota"]
     assert [e["serial"] for e in discarded] == [serial_hex(first[3].serial)]
 
