@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # access.Authenticator checks the dates of the certificate and of the client CAs it chains to.
 _NO_CHECK_TIME = 0x200000
 _HANDSHAKE_TIMEOUT_S = 10.0
+# The backend's peer string for our relays' connections: they connect from 127.0.0.1 to 127.0.0.1.
+_RELAY_PEER_HOST = "ipv4:127.0.0.1"
 _CHUNK = 256 * 1024
 # Connections refused for the limit are logged at most this often, with how many there were;
 # so are refused handshakes, per reason (see handshake_refusal_reason).
@@ -149,10 +151,12 @@ class TlsFrontEnd:
     def auth_context_of(self, peer: str) -> AuthContext:
         """What the TLS handshake of the client behind a backend peer address established.
 
-        Empty (no TLS, no certificate) for an address that is not one of our relays.
+        Empty (no TLS, no certificate) for an address that is not one of our relays. Our relays connect
+        from 127.0.0.1 exactly: a local process can connect from another 127.0.0.0/8 address with the
+        port number of one of them (visible in /proc/net/tcp), and a prefix match gave it that client's identity.
         """
         host, _, port = peer.rpartition(":")
-        if not host.startswith(("ipv4:127.0.0.1", "ipv6:[::1]")) or not port.isdigit():
+        if host != _RELAY_PEER_HOST or not port.isdigit():
             return _NO_CONTEXT
         return self._peers.get(int(port), _NO_CONTEXT)
 

@@ -370,3 +370,66 @@ def test_connections_beyond_the_limit_are_closed_and_logged(pki: Pki, caplog: py
         server.close()
     warnings = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
     assert any("connection limit reached (server.max_connections = 2" in m for m in warnings), warnings
+
+
+def _backend_source_ports(backend_port: int) -> set[int]:
+    """Local ports of the front end's open connections to the backend, read from /proc/net/tcp as any local user can."""
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if state == "01" and remote == f"0100007F:{backend_port:04X}" and local.startswith("0100007F:"):
+            ports.add(int(local.split(":")[1], 16))
+    return ports
+
+
+def _relay_from(source: tuple[str, int], backend_port: int) -> tuple[socket.socket, threading.Thread]:
+    """A listener whose one connection is relayed to the backend from the given source address."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            client, _ = listener.accept()
+            with client, socket.socket() as upstream:
+                upstream.bind(source)
+                upstream.connect(("127.0.0.1", backend_port))
+                downstream = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+                downstream.start()
+                pump(client, upstream)
+                downstream.join(timeout=10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_local_process_cannot_borrow_a_relayed_connections_identity_from_another_loopback_address(
+    pki: Pki, front: FrontEndServer
+) -> None:
+    """127.0.0.10:PORT is not the front end's 127.0.0.1:PORT, though the backend's peer string starts the same.
+
+    The front end's backend connections come from 127.0.0.1; their port numbers are visible to every local
+    user (/proc/net/tcp), and any 127.0.0.0/8 address can connect from the same port number. Such a
+    connection was taken for the TLS client behind the front end's connection of that port: a local
+    user without a certificate called Sign as alice while alice's connection was open.
+    """
+    with _channel(pki, front, "alice") as alice:
+        assert _sign(alice) == b"signed:x"  # alice's connection is open and relayed
+        ports = _backend_source_ports(front.backend_port)
+        assert ports
+        for port in ports:
+            listener, thread = _relay_from(("127.0.0.10", port), front.backend_port)
+            try:
+                with grpc.insecure_channel(f"127.0.0.1:{listener.getsockname()[1]}") as borrowed:
+                    code, details = _refusal(borrowed)
+            finally:
+                listener.close()
+                thread.join(timeout=10)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, details
+            assert "this connection uses no TLS" in details
