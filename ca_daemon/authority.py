@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -66,6 +66,27 @@ class ActiveCa:
     certificate: x509.Certificate
     private_key: HsmPrivateKey
     chain_pem: str
+    # The CA certificate's validity, read once (each property read builds a datetime).
+    valid_from: datetime = field(init=False)
+    valid_until: datetime = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "valid_from", self.certificate.not_valid_before_utc)
+        object.__setattr__(self, "valid_until", self.certificate.not_valid_after_utc)
+
+    def check_valid(self, now: datetime) -> None:
+        """Refuse to sign outside the CA certificate's validity: relying parties would reject every certificate signed."""
+        if not self.valid_from <= now < self.valid_until:
+            raise _ca_validity_refusal(self.key.key_id, self.valid_from, self.valid_until, now)
+
+
+def _ca_validity_refusal(key_id: str, valid_from: datetime, valid_until: datetime, now: datetime) -> FailedPrecondition:
+    action = "rotate to a new CA key (README: Key rotation)" if now >= valid_until else f"start it after {valid_from.isoformat()}"
+    return FailedPrecondition(
+        f"the CA certificate of key {key_id} is valid from {valid_from.isoformat()} to {valid_until.isoformat()}, "
+        f"not now ({now.isoformat()}): no certificate it signed would validate; {action}",
+        rule="ca-certificate-validity",
+    )
 
 
 def key_id_for(uri: Pkcs11Uri) -> str:
@@ -474,6 +495,10 @@ class Authority:
         """Build and lint with the throwaway key: CPU work, run on the token's thread."""
         now = datetime.now(UTC).replace(microsecond=0)
         active = self.active  # read once: a key switch (follow_active_key) runs on this same thread
+        try:
+            active.check_valid(now)
+        except FailedPrecondition as refusal:
+            raise parsed.refusal(refusal) from None
         builder = issuer.build_leaf(decision, active.certificate, issuer.new_serial(), now, self._config.ca.backdate, self._urls)
         try:
             draft = issuer.draft_linted(builder, self._throwaway, parsed.rules.linter)
@@ -641,6 +666,10 @@ def load_active_ca(config: Config, hsm: Hsm, store: SqlStore) -> ActiveCa:
             f"CA key {key_id} is {key.status.value} and no other key is active; activate a key with `ca-daemon key approve`"
         )
     if key.status != KeyStatus.ACTIVE:
+        now = datetime.now(UTC)
+        if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc:
+            # As the key ceremony's activation (rotation.py): a key becomes the signing key only within its certificate's validity.
+            raise _ca_validity_refusal(key_id, certificate.not_valid_before_utc, certificate.not_valid_after_utc, now)
         key = CaKey(**{**key.__dict__, "status": KeyStatus.ACTIVE})
         store.save_ca_key(key, key_event(key, "key.activate", "active", "ca-daemon"))
     return ActiveCa(key, certificate, hsm.private_key(uri), chain_pem(key.certificate_der or b"", key.chain_der))

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from ca_daemon.revocation import CrlPublisher, Revocations
 from ca_daemon.rotation import KeyCeremony
 from ca_daemon.store import SqlStore, serial_hex
 from ca_daemon.store.rotation_store import RotationStore
-from tests.conftest import device_csr, make_env
+from tests.conftest import CA_DAEMON, daemon_environment, device_csr, make_env
 
 
 @dataclasses.dataclass
@@ -460,3 +461,87 @@ def test_one_root_is_activated_over_another_only_with_links_between_those_two(se
         ceremony.approve("alice", "activate", "root-2")
     assert refused.value.rule == "link-certificates"
     assert setup.store.active_key_id() == "root-3"
+
+
+def _first_key_certified_by_outside_parent(tmp_path: Path, softhsm_conf: Path, *, not_before: datetime, not_after: datetime) -> Path:
+    """A new set-up whose first key (`[ca] key`) has an outside parent's certificate of this validity, installed before any start."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    csr_path, cert_path, parent_path = tmp_path / "ca.csr", tmp_path / "ca.pem", tmp_path / "parent.pem"
+    env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA")
+    csr = x509.load_pem_x509_csr(csr_path.read_bytes())
+    parent_key, parent = _outside_parent()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(parent.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .sign(parent_key, hashes.SHA256())
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    parent_path.write_bytes(parent.public_bytes(serialization.Encoding.PEM))
+    env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(parent_path))
+    return env.config_path
+
+
+def test_the_first_start_does_not_activate_a_ca_certificate_that_is_not_yet_valid(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The daemon activated its first key at start whatever its certificate's dates, and signed leaves that chain to nothing valid."""
+    now = datetime.now(UTC)
+    config_path = _first_key_certified_by_outside_parent(
+        tmp_path, softhsm_conf, not_before=now + timedelta(days=2), not_after=now + timedelta(days=400)
+    )
+    cfg = config.load(config_path)
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    try:
+        with pytest.raises(FailedPrecondition, match=r"valid from .* to .*, not now .*start it after") as refused:
+            Authority.load(cfg, hsm, store)
+        assert refused.value.rule == "ca-certificate-validity"
+        assert store.get_ca_key("ca-root-1").status == KeyStatus.PENDING  # type: ignore[union-attr]
+        assert store.active_key_id() is None
+    finally:
+        store.close()
+        hsm.close()
+    # As a user meets it: `serve` exits non-zero with that one line, and serves nothing.
+    served = subprocess.run(
+        [CA_DAEMON, "--config", str(config_path), "serve"],
+        capture_output=True,
+        text=True,
+        env=daemon_environment(),
+        timeout=60,
+        check=False,
+    )
+    assert served.returncode != 0 and "start it after" in served.stderr, served.stderr
+
+
+def test_an_active_key_whose_ca_certificate_expired_signs_nothing(tmp_path: Path, softhsm_conf: Path) -> None:
+    """Sign built leaves clamped to the CA's notAfter: valid for no time at all, or refused by the builder as INTERNAL."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    config_path = _first_key_certified_by_outside_parent(
+        tmp_path, softhsm_conf, not_before=now - timedelta(days=1), not_after=now + timedelta(seconds=4)
+    )
+    cfg = config.load(config_path)
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    authority = Authority.load(cfg, hsm, store)  # valid at the first start: activated
+
+    def sign() -> int:
+        request = CertificateRequest(csr=device_csr(), profile="", request_id=str(uuid.uuid4()), caller="local-developer")
+        return asyncio.run(authority.sign(request)).certificate.serial
+
+    try:
+        sign()
+        time.sleep(max(0.0, (authority.active.certificate.not_valid_after_utc - datetime.now(UTC)).total_seconds()) + 1.2)
+        with pytest.raises(FailedPrecondition, match=r"not now .*rotate to a new CA key") as refused:
+            sign()
+        assert refused.value.rule == "ca-certificate-validity"
+        assert store.count_certificates() == 1
+        authority.close()  # flushes the audit log's pending refusal
+        refusals = [e for e in store.audit_events() if e["outcome"] == "refused"]
+        assert [e["reason"] for e in refusals] == ["ca-certificate-validity"]
+    finally:
+        authority.close()
+        store.close()
+        hsm.close()
