@@ -140,7 +140,11 @@ class DistributionServer:
         if method not in ("GET", "HEAD"):
             status, out, body = _plain("405 Method Not Allowed")
             return status, [*out, ("Allow", "GET, HEAD")], body
-        resource = self._resources.get(urlsplit(target).path)
+        try:
+            path = urlsplit(target).path
+        except ValueError:  # e.g. an unclosed IPv6 bracket: an answer, not a traceback in the log
+            return _plain("400 Bad Request")
+        resource = self._resources.get(path)
         if resource is None:
             return _plain("404 Not Found")
         out = [

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import http.client
 import json
+import socket
 import subprocess
 import time
 import uuid
@@ -242,6 +243,33 @@ def test_http_serves_exactly_what_get_crl_returns(channel: grpc.Channel, setup: 
     key_id = cdp_url.rsplit("/", 1)[1].removesuffix(".crl")
     assert (directory / f"{key_id}.crl").read_bytes() == full.crl_der
     assert (directory / f"{key_id}-delta.crl").read_bytes() == delta.crl_der
+
+
+def _http_raw(port: int, request: bytes) -> bytes:
+    """One raw request on its own connection; everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_malformed_request_target_is_400_without_a_traceback(daemon: Daemon, setup: tuple[CaEnv, int]) -> None:
+    """The CRL port is public: a target urlsplit refuses (an unclosed IPv6 bracket) is 400 Bad Request.
+
+    It raised ValueError in the handler: the connection was dropped with no answer and every such
+    request wrote an ERROR line with a traceback to the daemon's log, which anyone could repeat.
+    """
+    _, port = setup
+    before = len(daemon.log())
+    for target in (b"//[x", b"http://[::1/crl/x.crl", b"//[::1/crl/x.crl"):
+        answer = _http_raw(port, b"GET " + target + b" HTTP/1.1\r\nHost: ca\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (target, answer)
+    assert _http_raw(port, b"GET /crl/nothing-here.crl HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 ")  # still serving
+    time.sleep(0.2)
+    written = daemon.log()[before:]
+    assert "Traceback" not in written and "Unhandled exception" not in written, written
 
 
 def test_crl_health_is_serving(channel: grpc.Channel) -> None:
