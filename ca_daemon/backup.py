@@ -82,11 +82,14 @@ class Loss:
     crl_numbers: tuple[tuple[str, int, int], ...] = ()
     mtls_certificate_serials: tuple[str, ...] = ()
     mtls_revocation_serials: tuple[str, ...] = ()
+    # CA keys whose record differs: (key_id, its status in the backup or "absent", its status in place).
+    ca_keys: tuple[tuple[str, str, str], ...] = ()
     audit: AuditLoss = AuditLoss()
 
     def __bool__(self) -> bool:
         return bool(
-            self.certificate_serials
+            self.ca_keys
+            or self.certificate_serials
             or self.revocation_serials
             or self.revocation_changes
             or self.crl_numbers
@@ -97,6 +100,12 @@ class Loss:
 
     def describe(self) -> str:
         parts = []
+        if self.ca_keys:
+            keys = ", ".join(f"{key_id} {current} (in the backup: {then})" for key_id, then, current in self.ca_keys)
+            parts.append(
+                f"{len(self.ca_keys)} CA key change(s): {keys} (the backup's signing key would sign again, "
+                "even one retired or switched away from in an emergency, and later keys would be forgotten)"
+            )
         if self.certificate_serials:
             parts.append(f"{len(self.certificate_serials)} certificate(s) (the daemon could not revoke them by serial)")
         if self.revocation_serials:
@@ -261,7 +270,8 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
 def _lost_by_restoring(current: Path, restored: Path, backup_sha256: str) -> Loss:
     """What current holds that restored lacks; nothing when current cannot be read (the usual reason to restore).
 
-    Revocations are compared row by row (reason, dates, lift, change_seq), not by each
+    CA keys by their whole record (status, public key, certificate, chain): restoring an
+    older one makes its signing key sign again. Revocations are compared row by row (reason, dates, lift, change_seq), not by each
     issuer's highest change_seq: the database in place may itself descend from an older
     restore, so its counter can be at or below the backup's while its rows differ, and
     the rows name the certificates. Audit events by (seq, hash): the chain links each
@@ -300,6 +310,12 @@ def _lost_by_restoring(current: Path, restored: Path, backup_sha256: str) -> Los
                 "(SELECT 1 FROM restored.mtls_certificates AS r WHERE r.serial = m.serial "
                 "AND r.revoked_at IS m.revoked_at AND r.revocation_reason IS m.revocation_reason)",
             )
+            ca_keys = db.execute(
+                "SELECT m.key_id, coalesce(r.status, 'absent'), m.status FROM main.ca_keys AS m "
+                "LEFT JOIN restored.ca_keys AS r ON r.key_id = m.key_id WHERE r.key_id IS NULL OR r.status IS NOT m.status "
+                "OR r.public_key_der IS NOT m.public_key_der OR r.certificate_der IS NOT m.certificate_der "
+                "OR r.chain_der IS NOT m.chain_der ORDER BY m.key_id"
+            ).fetchall()
             audit_loss = _audit_lost(db, backup_sha256)
     except sqlite3.DatabaseError:
         return Loss()
@@ -310,6 +326,7 @@ def _lost_by_restoring(current: Path, restored: Path, backup_sha256: str) -> Los
         tuple((str(i), int(r), int(c)) for i, r, c in crl_numbers),
         mtls_certificate_serials,
         mtls_revocation_serials,
+        tuple((str(k), str(then), str(current)) for k, then, current in ca_keys),
         audit_loss,
     )
 

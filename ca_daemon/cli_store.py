@@ -104,6 +104,8 @@ def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> 
         print(f"the previous database is kept at {outcome.moved_aside}")
     if outcome.lost:
         print(f"WARNING: forgotten by this restore (--accept-loss): {outcome.lost.describe()}")
+        for key_id, in_backup, in_place in outcome.lost.ca_keys:
+            print(f"  CA key {key_id} back to the backup's record: {in_backup} (was {in_place})")
         if outcome.lost.certificate_serials:
             print(f"  certificates no longer known: {', '.join(outcome.lost.certificate_serials)}")
         if outcome.lost.mtls_certificate_serials:

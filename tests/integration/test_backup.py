@@ -271,10 +271,13 @@ def test_a_restore_that_would_drop_audit_events_and_checkpoints_is_refused_and_a
     lost = f"{head_seq - backup_head} audit event(s), seq {backup_head + 1} to {head_seq} (new events would reuse those numbers)"
     assert lost in refused.stderr, refused.stderr
     assert f"1 signed audit checkpoint(s), the last at seq {checkpoint_seq}" in refused.stderr, refused.stderr
+    # The key's record is named too, not only the audit events that mention it.
+    assert "1 CA key change(s): ca-spare-1 pending (in the backup: absent)" in refused.stderr, refused.stderr
     assert "--accept-loss" in refused.stderr and audit_actions(live) == before
 
     restored = env.cli("db", "restore", "--from", str(backup), "--accept-loss")
     assert lost in restored.stdout, restored.stdout
+    assert "CA key ca-spare-1 back to the backup's record: absent (was pending)" in restored.stdout, restored.stdout
     # The restore's own event, at the first reused seq, says which seqs were reused and what an auditor may hold.
     seq, details = query(live, "SELECT seq, details FROM audit_events WHERE action = 'db.restore'")[-1]
     recorded = json.loads(str(details))
