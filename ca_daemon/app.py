@@ -459,8 +459,12 @@ def worker_cpus(mode: str, workers: int, allowed: set[int]) -> list[int | None]:
     return [cpus[index % len(cpus)] for index in range(workers)]
 
 
-def worker_main(config_path: str, primary: bool = False, cpu: int | None = None) -> None:
-    """Entry point of a spawned worker process; dies with its parent. Worker 0 is the primary."""
+def worker_main(config_path: str, primary: bool = False, cpu: int | None = None, secrets: dict[str, str] | None = None) -> None:
+    """Entry point of a spawned worker process; dies with its parent. Worker 0 is the primary.
+
+    secrets: the environment PINs the parent withdrew (config.withdrawn_secrets), passed in multiprocessing's pipe.
+    """
+    config_module.adopt_secrets(secrets or {})
     if cpu is not None:  # first, so that every thread the worker starts inherits it
         os.sched_setaffinity(0, {cpu})
     # A reload signal that arrives while the worker starts must not kill it (SIGHUP's default);
@@ -539,6 +543,7 @@ def _claim(config: Config) -> int:
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
     configure_logging()
+    config.hsm.pin.withdraw()  # before any process starts: workers, the resource tracker, a PKCS#11 module's helpers
     _claim(config)
     check_ready(config)
     pid_file = write_pid_file(config)
@@ -650,8 +655,9 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
     signal.signal(signal.SIGHUP, _reload)
     # Worker 0 is the primary: the one process that publishes CRLs and serves HTTP.
     cpus = worker_cpus(config.server.cpu_affinity, config.server.workers, os.sched_getaffinity(0))
+    secrets = config_module.withdrawn_secrets()
     workers = [
-        context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index]), daemon=False)
+        context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets), daemon=False)
         for index in range(config.server.workers)
     ]
     for process in workers:
@@ -677,7 +683,7 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
             log.warning("worker %d exited with %s; restarting it", process.pid, process.exitcode)
             if process.pid is not None:
                 metrics.mark_dead(process.pid)
-            workers[index] = context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index]), daemon=False)
+            workers[index] = context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets), daemon=False)
             workers[index].start()
     for process in workers:
         if process.is_alive():

@@ -25,6 +25,11 @@ DEFAULT_DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
+# Environment PINs this process took out of its environment (SecretSource.withdraw): read() still finds
+# them here, and no process started from now on inherits them.
+_WITHDRAWN: dict[str, str] = {}
+
+
 @dataclass(frozen=True)
 class SecretSource:
     """Where a PIN comes from: a file (mode 0600 or stricter) or an environment variable."""
@@ -45,10 +50,19 @@ class SecretSource:
             if not text:
                 raise ConfigError(f"PIN file {file} is empty")
             return text
-        value = os.environ.get(self.env, "")
+        value = os.environ.get(self.env, "") or _WITHDRAWN.get(self.env, "")
         if not value:
             raise ConfigError(f"environment variable {self.env} (the PIN source) is not set")
         return value
+
+    def withdraw(self) -> None:
+        """Move an environment PIN out of this process's environment, so that no child process inherits it.
+
+        read() still returns it. The daemon's workers get it from their parent over multiprocessing's
+        pipe (withdrawn_secrets, adopt_secrets), never through their environment or argv.
+        """
+        if self.env and self.env in os.environ:
+            _WITHDRAWN[self.env] = os.environ.pop(self.env)
 
     def path(self) -> Path:
         """The PIN file, with $VARIABLES expanded when read: "$CREDENTIALS_DIRECTORY/user.pin" is a systemd credential."""
@@ -63,6 +77,16 @@ class SecretSource:
 
     def describe(self) -> str:
         return f"file {self.file}" if self.file is not None else f"environment variable {self.env}"
+
+
+def withdrawn_secrets() -> dict[str, str]:
+    """The environment PINs this process withdrew, for the worker processes it starts (see SecretSource.withdraw)."""
+    return dict(_WITHDRAWN)
+
+
+def adopt_secrets(values: dict[str, str]) -> None:
+    """In a worker: the PINs its parent withdrew from the environment, for SecretSource.read."""
+    _WITHDRAWN.update(values)
 
 
 CPU_AFFINITY_MODES = ("auto", "off")

@@ -1,0 +1,112 @@
+"""Where a PIN could leak from a running daemon: the environment its child processes inherit, argv, logs.
+
+Real `ca-daemon serve` processes with two workers, a real SoftHSM token; the processes are read
+from /proc as another process of the same user would read them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, make_env, wait_serving
+
+PIN_VARIABLE = "CA_DAEMON_EXPOSURE_TEST_PIN"
+
+
+def _children(parent: int) -> list[int]:
+    """Every process whose parent is parent (the workers and multiprocessing's resource tracker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[1]) == parent:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _environment_names(pid: int) -> set[str]:
+    return {item.split(b"=", 1)[0].decode() for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if item}
+
+
+def _sign(env: CaEnv) -> None:
+    with grpc.insecure_channel(env.target) as channel:
+        ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(
+            ca_pb2.SignRequest(csr=device_csr(f"exposure-{uuid.uuid4().hex[:12]}"), request_id=str(uuid.uuid4())), timeout=10
+        )
+
+
+@pytest.fixture
+def pin_env_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[tuple[CaEnv, subprocess.Popen[bytes], str]]:
+    """A two-worker daemon whose configuration takes the user PIN from an environment variable."""
+    env = make_env(tmp_path_factory.mktemp("pin-env"), softhsm_conf, workers=2)
+    env.edit_config('pin_file = "pins/user.pin"', f'pin_env = "{PIN_VARIABLE}"')
+    log_path = env.state_dir / "daemon.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [CA_DAEMON, "--config", str(env.config_path), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**daemon_environment(), PIN_VARIABLE: env.user_pin},
+            start_new_session=True,
+        )
+    try:
+        wait_serving(env.target, 30, process, log_path)
+        yield env, process, log_path.read_text()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_a_pin_from_the_environment_is_not_inherited_by_the_daemons_child_processes(
+    pin_env_daemon: tuple[CaEnv, subprocess.Popen[bytes], str],
+) -> None:
+    """The workers get the PIN from the parent over multiprocessing's pipe, not from an inherited environment.
+
+    The variable stayed in the parent's environment, so every process it started inherited it: the
+    workers, multiprocessing's resource tracker, and whatever a PKCS#11 module or a worker starts. A
+    worker restarted after a crash still logs in.
+    """
+    env, process, _ = pin_env_daemon
+    _sign(env)
+    children = _children(process.pid)
+    assert len(children) >= 2, children
+    pin = env.user_pin
+    for pid in children:
+        assert PIN_VARIABLE not in _environment_names(pid), f"child {pid} inherited {PIN_VARIABLE}"
+        assert pin.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+        assert pin.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        restarted = [
+            pid for pid in _children(process.pid) if pid not in children and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        if restarted:
+            break
+        assert time.monotonic() < deadline, "no worker was restarted"
+        time.sleep(0.1)
+    assert PIN_VARIABLE not in _environment_names(restarted[0])
+    log_path = env.state_dir / "daemon.log"
+    deadline = time.monotonic() + 30
+    while f"worker {restarted[0]} serving gRPC" not in log_path.read_text():
+        assert "cannot serve" not in log_path.read_text(), log_path.read_text()[-2000:]
+        assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+        time.sleep(0.1)
+    for _ in range(4):
+        _sign(env)
+    assert pin not in log_path.read_text()
