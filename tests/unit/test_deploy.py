@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import promql_parser
@@ -66,3 +67,70 @@ def test_the_alert_rules_parse_as_promql_and_say_what_to_do() -> None:
         assert rule["annotations"]["summary"], rule
     with pytest.raises(ValueError, match="parenthesis"):
         promql_parser.parse("sum(rate(ca_daemon_requests_total[5m])")  # the check above can fail
+
+
+def test_the_example_names_the_tls_files_mtls_init_writes() -> None:
+    """deploy/README.md: `mtls init --out /etc/ca-daemon/tls`, then the example's [tls] as it is passes check-config."""
+    from ca_daemon import cli_access
+
+    written = tomllib.loads(cli_access._snippet(Path("/etc/ca-daemon/tls"), []))["tls"]
+    example = tomllib.loads((DEPLOY / "ca-daemon.example.toml").read_text())["tls"]
+    assert set(written) == {"cert", "key", "client_ca", "client_crl"}
+    assert {name: example[name] for name in written} == written
+
+
+def _unit_settings(name: str) -> list[str]:
+    """The values of every `NAME=` line of the unit, in order."""
+    unit = (DEPLOY / "ca-daemon.service").read_text()
+    return [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith(f"{name}=")]
+
+
+def test_the_unit_can_write_what_the_daemon_writes() -> None:
+    """ProtectSystem=strict makes everything read-only but StateDirectory= and ReadWritePaths=.
+
+    The daemon writes its state directory (lock, pid, metrics, CRL files) and, with the
+    default tls.client_crl_refresh_days, re-signs tls.client_crl in place (tls.write_crl:
+    a temporary file in the same directory, then a rename). Read-only, the refresh fails
+    and after 90 days every mTLS client is refused.
+    """
+    loaded = config.load(DEPLOY / "ca-daemon.example.toml")
+    (state_directory,) = _unit_settings("StateDirectory")
+    writable = [Path("/var/lib") / state_directory] + [Path(p) for value in _unit_settings("ReadWritePaths") for p in value.split()]
+
+    def is_writable(path: Path) -> bool:
+        return any(path == w or w in path.parents for w in writable)
+
+    assert loaded.state_dir == Path("/var/lib") / state_directory
+    assert loaded.crl.directory is not None and is_writable(loaded.crl.directory)
+    assert loaded.tls.client_crl_refresh.total_seconds() > 0 and loaded.tls.client_crl_file is not None
+    assert is_writable(loaded.tls.client_crl_file.parent), f"{loaded.tls.client_crl_file.parent} is read-only under ProtectSystem=strict"
+
+
+# What every worker calls at start with the default [server] settings (app.py): cpu_scheduling =
+# "batch" is sched_setscheduler, cpu_affinity = "auto" is sched_setaffinity. A system call the
+# unit's SystemCallFilter= denies kills the process (SIGSYS), and the parent restarts it for ever.
+_WORKER_SYSTEM_CALLS = ("sched_setscheduler", "sched_setaffinity")
+
+
+def test_the_unit_lets_the_workers_make_their_system_calls() -> None:
+    filters = _unit_settings("SystemCallFilter")
+    denied = [group for value in filters if value.startswith("~") for group in value[1:].split()]
+    allowed = [group for value in filters if not value.startswith("~") for group in value.split()]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:  # systemd's @resources set holds both (and @system-service includes it)
+        assert "@resources" not in denied and "@system-service" in allowed
+        return
+    cache: dict[str, set[str]] = {}
+
+    def expand(item: str) -> set[str]:
+        if not item.startswith("@"):
+            return {item}
+        if item not in cache:
+            listing = subprocess.run([analyze, "syscall-filter", item], capture_output=True, text=True, check=True).stdout
+            names = [line.strip() for line in listing.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
+            cache[item] = set().union(*(expand(name) for name in names))
+        return cache[item]
+
+    permitted = set().union(*(expand(item) for item in allowed)) - set().union(*(expand(item) for item in denied))
+    for call in _WORKER_SYSTEM_CALLS:
+        assert call in permitted, f"SystemCallFilter= kills a worker at {call}"
