@@ -22,7 +22,7 @@ from ca_daemon import config as config_module
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Pkcs11Uri
 from ca_daemon.model import CaKey, KeySpec, KeyStatus
-from ca_daemon.store import SqlStore
+from ca_daemon.store import SqlStore, open_store
 from ca_daemon.store.rotation_store import RotationStore
 
 DEFAULT_CONFIG = "state/ca-daemon.toml"
@@ -308,7 +308,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _db_migrate(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
-    store = SqlStore(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous)
+    store = open_store(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous, migrate=False)
     try:
         applied = store.migrate()
         print(f"schema at version {store.schema_version()}" + (f" (applied {applied})" if applied else " (up to date)"))

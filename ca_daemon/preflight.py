@@ -21,7 +21,7 @@ from ca_daemon.authority import load_active_ca
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Hsm, Pkcs11Uri
-from ca_daemon.store import SqlStore, schema
+from ca_daemon.store import SqlStore, open_store, schema
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def _check_tls_credentials(config: Config, record: Callable[[str, bool, str], bo
 
 def _check_store(config: Config, record: Callable[[str, bool, str], bool]) -> SqlStore | None:
     shown = make_url(config.store.url).render_as_string(hide_password=True)
-    store = SqlStore(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous)
+    store = open_store(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous, migrate=False)
     try:
         version = store.schema_version()
     except CaError as exc:

@@ -110,3 +110,53 @@ def test_a_pin_from_the_environment_is_not_inherited_by_the_daemons_child_proces
     for _ in range(4):
         _sign(env)
     assert pin not in log_path.read_text()
+
+
+def test_the_sqlite_database_is_private_whatever_the_umask(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """ca.db and its -wal and -shm files are created 0600 under the usual umask 022, like the backups and lock files.
+
+    The database holds every certificate and the audit log (who asked for what, every refusal). It was
+    created with the umask's mode (0644): in a state directory an operator made with mkdir (0755), or
+    with the store URL pointing elsewhere, every local user could read it; `db backup` already wrote
+    its copies 0600.
+    """
+    env = make_env(tmp_path_factory.mktemp("db-mode"), softhsm_conf, init=False)
+    database_dir = env.state_dir.parent / "db"
+    database_dir.mkdir(mode=0o755)
+    database = database_dir / "ca.db"
+    env.edit_config('url = "sqlite:///ca.db"', f'url = "sqlite:///{database}"')
+
+    def as_operator(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CA_DAEMON, "--config", str(env.config_path), *args],
+            capture_output=True,
+            text=True,
+            env=daemon_environment(),
+            timeout=120,
+            check=True,
+            umask=0o022,
+        )
+
+    as_operator("db", "migrate")
+    assert database.stat().st_mode & 0o777 == 0o600
+    as_operator("init")
+    log_path = env.state_dir / "daemon.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [CA_DAEMON, "--config", str(env.config_path), "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=daemon_environment(),
+            start_new_session=True,
+            umask=0o022,
+        )
+    try:
+        wait_serving(env.target, 30, process, log_path)
+        _sign(env)
+        files = sorted(database_dir.iterdir())
+        assert {f.name for f in files} >= {"ca.db", "ca.db-wal", "ca.db-shm"}, files
+        modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files}
+        assert {name: mode for name, mode in modes.items() if mode != "0o600"} == {}, modes
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
