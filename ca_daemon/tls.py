@@ -255,8 +255,15 @@ def write_crl(ca: MtlsCa, store: SqlStore, target: Path, *, actor: str, reason: 
     crl = build_crl(ca, store)
     others = [pem for pem, parsed in _pem_crls(target) if parsed is None or parsed.issuer != ca.certificate.subject]
     temporary = target.with_name(target.name + ".tmp")
-    temporary.write_bytes(b"".join([crl.public_bytes(serialization.Encoding.PEM), *others]))
-    temporary.replace(target)
+    try:
+        temporary.write_bytes(b"".join([crl.public_bytes(serialization.Encoding.PEM), *others]))
+        _replace(temporary, target)
+    except OSError as exc:
+        # Not OSError: the daemon's refresh retries a CaError hourly, and the operator reads what to do.
+        raise FailedPrecondition(
+            f"cannot write the client CA CRL {target}: {exc.strerror}; the daemon's user needs write access to "
+            f"{target.parent} (deploy/ca-daemon.service: ReadWritePaths=)"
+        ) from None
     store.append_audit(
         [
             AuditEvent(
@@ -359,9 +366,26 @@ def renew_server(
     write_private(key_tmp, key_pem(key))
     cert_tmp = cert_file.with_name(cert_file.name + ".tmp")
     cert_tmp.write_bytes(pem(certificate))
-    key_tmp.replace(key_file)
-    cert_tmp.replace(cert_file)
+    _replace(key_tmp, key_file)
+    _replace(cert_tmp, cert_file)
     return certificate
+
+
+def _replace(temporary: Path, target: Path) -> None:
+    """Rename temporary over target atomically, keeping target's owner and group.
+
+    An operator runs `mtls renew-server`, `mtls crl` and `mtls revoke` as root, while the
+    daemon runs as its own user (deploy/ca-daemon.service: User=ca-daemon); a plain rename
+    left a root-owned server key of mode 0600 that the daemon could not read, so the reload
+    kept the old certificate and the next start failed.
+    """
+    try:
+        owner = target.stat()
+    except FileNotFoundError:
+        owner = None
+    if owner is not None and os.geteuid() == 0:
+        os.chown(temporary, owner.st_uid, owner.st_gid)
+    temporary.replace(target)
 
 
 def server_certificate_expiry(cert_file: Path) -> datetime | None:

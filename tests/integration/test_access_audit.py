@@ -851,6 +851,55 @@ def test_the_refresh_re_signs_only_an_expiring_crl_of_the_internal_ca(tmp_path_f
         store.close()
 
 
+def test_a_client_crl_that_cannot_be_written_is_a_ca_error_naming_the_file(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """The daemon's refresh retries a CaError hourly; an OSError (a read-only tls directory under the unit's
+    ProtectSystem=strict) ended its task silently, and once the CRL expired every mTLS client was refused."""
+    from ca_daemon.errors import CaError
+
+    env = make_env(tmp_path_factory.mktemp("crl-refresh-unwritable"), softhsm_conf)
+    env.cli("mtls", "init", "--out", str(env.state_dir / "tls"), "--client", "prog:programmer", "--apply")
+    _write_client_crl(env, timedelta(days=2))
+    cfg = config.load(env.config_path)
+    crl_file = cfg.tls.client_crl_file
+    assert crl_file is not None
+    before = crl_file.read_bytes()
+    (crl_file.parent / (crl_file.name + ".tmp")).mkdir()  # the temporary file cannot be written (root ignores modes)
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    try:
+        with pytest.raises(CaError, match=f"cannot write the client CA CRL {crl_file}: .*write access to {crl_file.parent}"):
+            tls.refresh_client_crl(hsm, store, cfg.tls.ca_key_uri, crl_file, timedelta(days=30), datetime.now(UTC))
+    finally:
+        hsm.close()
+        store.close()
+    assert crl_file.read_bytes() == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_files_the_operator_replaces_as_root_keep_the_daemons_ownership(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """deploy/: the daemon runs as ca-daemon and owns its TLS files; `mtls renew-server` and `mtls crl`, run as
+    root, left root-owned files (the server key mode 0600), which the daemon could not read after the reload."""
+    env = make_env(tmp_path_factory.mktemp("tls-owner"), softhsm_conf)
+    env.cli("mtls", "init", "--out", str(env.state_dir / "tls"), "--client", "prog:programmer", "--apply")
+    cfg = config.load(env.config_path)
+    files = [cfg.tls.key_file, cfg.tls.cert_file, cfg.tls.client_crl_file]
+    daemon_user = (65534, 65534)
+    for file in files:
+        assert file is not None
+        os.chown(file, *daemon_user)
+    env.cli("mtls", "renew-server", "--days", "30")
+    env.cli("mtls", "crl")
+    for file in files:
+        assert file is not None
+        info = file.stat()
+        assert (info.st_uid, info.st_gid) == daemon_user, file
+    key_file = cfg.tls.key_file
+    assert key_file is not None and key_file.stat().st_mode & 0o777 == 0o600
+
+
 def test_the_daemon_re_signs_a_client_crl_about_to_expire(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
     """A client CRL two days from its nextUpdate is re-signed at start-up: mTLS callers never meet an expired CRL."""
     env = make_env(tmp_path_factory.mktemp("crl-refresh"), softhsm_conf)
