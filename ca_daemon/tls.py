@@ -298,10 +298,13 @@ def _pem_crls(path: Path) -> list[tuple[bytes, x509.CertificateRevocationList | 
 def refresh_client_crl(
     hsm: Hsm, store: SqlStore, key_uri: str, target: Path, refresh_before: timedelta, now: datetime
 ) -> x509.CertificateRevocationList | None:
-    """Re-sign the internal CA's CRL in the client CRL file if its nextUpdate is within refresh_before.
+    """Re-sign the internal CA's CRL in the client CRL file if its nextUpdate is within refresh_before,
+    or if the store holds an mTLS revocation the file does not list.
 
     Run by the daemon's primary worker, so that the CRL every mTLS call is checked against
-    (access.ClientCrl, which fails closed once it expires) never runs out. The other CAs'
+    (access.ClientCrl, which fails closed once it expires) never runs out, and so that a
+    client revoked with `mtls revoke` on one replica (which rewrites that host's file only)
+    is refused by every replica sharing the database by the next check. The other CAs'
     CRLs in the file are kept (write_crl); a file without exactly one valid CRL of the
     internal CA (none, or not PEM) is left alone. Returns the new CRL, or None.
     """
@@ -321,9 +324,13 @@ def refresh_client_crl(
         return None
     current = ours[0]
     next_update = current.next_update_utc
-    if next_update is not None and next_update - now > refresh_before:
-        return None
-    return write_crl(ca, store, target, actor="client-crl-refresh", reason="next update within the refresh window")
+    if next_update is not None and next_update - now <= refresh_before:
+        return write_crl(ca, store, target, actor="client-crl-refresh", reason="next update within the refresh window")
+    listed = {entry.serial_number for entry in current}
+    revoked = {int(c.serial, 16) for c in AuditStore(store).mtls_certificates() if c.revoked_at is not None and c.kind != "ca"}
+    if revoked - listed:
+        return write_crl(ca, store, target, actor="client-crl-refresh", reason="a revocation in the store the file does not list")
+    return None
 
 
 def server_hosts(certificate: x509.Certificate) -> list[str]:

@@ -851,6 +851,33 @@ def test_the_refresh_re_signs_only_an_expiring_crl_of_the_internal_ca(tmp_path_f
         store.close()
 
 
+def test_the_refresh_lists_a_client_revoked_on_another_replica(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """`mtls revoke` rewrites its own host's client CRL only; a replica sharing the database re-signs its file
+    at its next check, where it admitted the revoked client until its CRL's nextUpdate came near (90 days)."""
+    env = make_env(tmp_path_factory.mktemp("crl-refresh-replica"), softhsm_conf)
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "prog:programmer", "--client", "gone:programmer", "--apply")
+    cfg = config.load(env.config_path)
+    crl_file = cfg.tls.client_crl_file
+    assert crl_file is not None
+    serial = x509.load_pem_x509_certificate((tls_dir / "clients" / "gone.pem").read_bytes()).serial_number
+    env.cli("mtls", "revoke", "--serial", f"{serial:x}", "--crl-out", str(env.state_dir / "other-replica.crl"))
+    assert serial not in {entry.serial_number for entry in x509.load_pem_x509_crl(crl_file.read_bytes())}
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    try:
+
+        def refresh() -> x509.CertificateRevocationList | None:
+            return tls.refresh_client_crl(hsm, store, cfg.tls.ca_key_uri, crl_file, timedelta(days=30), datetime.now(UTC))
+
+        fresh = refresh()
+        assert fresh is not None and serial in {entry.serial_number for entry in fresh}
+        assert crl_file.read_bytes() == fresh.public_bytes(serialization.Encoding.PEM)
+        assert refresh() is None  # the file lists every revocation now
+    finally:
+        hsm.close()
+        store.close()
+
+
 def test_a_client_crl_that_cannot_be_written_is_a_ca_error_naming_the_file(
     tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 ) -> None:
