@@ -187,8 +187,18 @@ def serve(
             connection, address = self.socket.accept()
             if self.tls is None:
                 return connection, address
-            connection.settimeout(_HANDSHAKE_TIMEOUT_S)  # a silent client must not hold the accept loop
-            return self.tls.wrap_socket(connection, server_side=True), address
+            connection.settimeout(_HANDSHAKE_TIMEOUT_S)
+            # The handshake waits for the client: made here, in the accept loop, each connection that never
+            # spoke held every scrape back for the timeout. finish_request makes it in the connection's thread.
+            return self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False), address
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            if isinstance(request, ssl.SSLSocket):
+                try:
+                    request.do_handshake()
+                except OSError:  # ssl.SSLError and a timeout are OSErrors: a refused handshake, as before
+                    return
+            super().finish_request(request, client_address)
 
     server = make_server(host, int(port), guarded_app, Server, handler_class=QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,17 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, make_env, wait_serving
+from tests.conftest import (
+    CA_DAEMON,
+    CaEnv,
+    daemon_environment,
+    device_csr,
+    free_port,
+    make_env,
+    spawn_daemon,
+    wait_channel_serving,
+    wait_serving,
+)
 
 PIN_VARIABLE = "CA_DAEMON_EXPOSURE_TEST_PIN"
 
@@ -157,6 +170,49 @@ def test_the_sqlite_database_is_private_whatever_the_umask(tmp_path_factory: pyt
         assert {f.name for f in files} >= {"ca.db", "ca.db-wal", "ca.db-shm"}, files
         modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files}
         assert {name: mode for name, mode in modes.items() if mode != "0o600"} == {}, modes
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_silent_connections_to_the_metrics_port_do_not_hold_up_a_scrape(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """With mTLS, three TCP connections that never start a TLS handshake leave an auditor's scrape answered at once.
+
+    The endpoint made the TLS handshake in its accept loop, with a 10 s timeout: each silent connection,
+    which needs no certificate, only the port, held every scrape back for 10 s, and a few per minute
+    kept Prometheus from ever scraping. The handshake is now made in the connection's own thread.
+    """
+    env = make_env(tmp_path_factory.mktemp("metrics-silent"), softhsm_conf)
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "aud:auditor", "--apply")
+    metrics_port = free_port()
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
+    log_path = env.state_dir / "daemon.log"
+    process = spawn_daemon(env, log_path)
+    clients = tls_dir / "clients"
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            (tls_dir / "ca.pem").read_bytes(), (clients / "aud.key").read_bytes(), (clients / "aud.pem").read_bytes()
+        )
+        with grpc.secure_channel(f"localhost:{env.port}", credentials) as channel:
+            wait_channel_serving(channel, 40, process, log_path.read_text)
+        scraper = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+        scraper.load_cert_chain(clients / "aud.pem", clients / "aud.key")
+        url = f"https://localhost:{metrics_port}/metrics"
+        assert b"ca_daemon_audit_chain_length" in urllib.request.urlopen(url, context=scraper, timeout=10).read()
+        silent = [socket.create_connection(("127.0.0.1", metrics_port), timeout=10) for _ in range(3)]
+        try:
+            time.sleep(0.3)  # all three accepted before the scrape connects
+            started = time.monotonic()
+            body = urllib.request.urlopen(url, context=scraper, timeout=25).read()
+            took = time.monotonic() - started
+        finally:
+            for connection in silent:
+                connection.close()
+        assert b"ca_daemon_audit_chain_length" in body
+        assert took < 3, f"the scrape waited {took:.1f} s behind connections that never spoke"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
