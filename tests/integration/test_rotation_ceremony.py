@@ -280,6 +280,13 @@ def _intermediate(
     """A pending key with a parent-signed certificate of the given validity/key usage (the parent's answer to its CSR)."""
     ceremony.generate("alice", KeySpec.EC_P256, label)
     csr = x509.load_pem_x509_csr(ceremony.csr("alice", label, issuer.parse_subject(f"CN={label}")))
+    return _parent_answer(csr, not_before=not_before, not_after=not_after, key_usage=key_usage)
+
+
+def _parent_answer(
+    csr: x509.CertificateSigningRequest, *, not_before: datetime, not_after: datetime, key_usage: x509.KeyUsage | None
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """A new outside parent's CA certificate for the CSR's key, and the parent's own certificate."""
     parent_key, parent_cert = _outside_parent()
     builder = (
         x509.CertificateBuilder()
@@ -463,25 +470,16 @@ def test_one_root_is_activated_over_another_only_with_links_between_those_two(se
     assert setup.store.active_key_id() == "root-3"
 
 
-def _first_key_certified_by_outside_parent(tmp_path: Path, softhsm_conf: Path, *, not_before: datetime, not_after: datetime) -> Path:
-    """A new set-up whose first key (`[ca] key`) has an outside parent's certificate of this validity, installed before any start."""
+def _first_key_certified_by_outside_parent(tmp_path: Path, softhsm_conf: Path, *, starts_in: timedelta, ends_in: timedelta) -> Path:
+    """A new set-up whose first key (`[ca] key`) has an outside parent's certificate, valid from/to these offsets from its
+    signing (after the slow set-up steps), installed before any start."""
     env = make_env(tmp_path, softhsm_conf, init=False)
     csr_path, cert_path, parent_path = tmp_path / "ca.csr", tmp_path / "ca.pem", tmp_path / "parent.pem"
     env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA")
     csr = x509.load_pem_x509_csr(csr_path.read_bytes())
-    parent_key, parent = _outside_parent()
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(csr.subject)
-        .issuer_name(parent.subject)
-        .public_key(csr.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-        .sign(parent_key, hashes.SHA256())
-    )
+    key_usage = _key_usage(key_cert_sign=True, crl_sign=True)
+    now = datetime.now(UTC).replace(microsecond=0)
+    certificate, parent = _parent_answer(csr, not_before=now + starts_in, not_after=now + ends_in, key_usage=key_usage)
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     parent_path.write_bytes(parent.public_bytes(serialization.Encoding.PEM))
     env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(parent_path))
@@ -490,10 +488,7 @@ def _first_key_certified_by_outside_parent(tmp_path: Path, softhsm_conf: Path, *
 
 def test_the_first_start_does_not_activate_a_ca_certificate_that_is_not_yet_valid(tmp_path: Path, softhsm_conf: Path) -> None:
     """The daemon activated its first key at start whatever its certificate's dates, and signed leaves that chain to nothing valid."""
-    now = datetime.now(UTC)
-    config_path = _first_key_certified_by_outside_parent(
-        tmp_path, softhsm_conf, not_before=now + timedelta(days=2), not_after=now + timedelta(days=400)
-    )
+    config_path = _first_key_certified_by_outside_parent(tmp_path, softhsm_conf, starts_in=timedelta(days=2), ends_in=timedelta(days=400))
     cfg = config.load(config_path)
     hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
     try:
@@ -518,11 +513,9 @@ def test_the_first_start_does_not_activate_a_ca_certificate_that_is_not_yet_vali
 
 
 def test_an_active_key_whose_ca_certificate_expired_signs_nothing(tmp_path: Path, softhsm_conf: Path) -> None:
-    """Sign built leaves clamped to the CA's notAfter: valid for no time at all, or refused by the builder as INTERNAL."""
-    now = datetime.now(UTC).replace(microsecond=0)
-    config_path = _first_key_certified_by_outside_parent(
-        tmp_path, softhsm_conf, not_before=now - timedelta(days=1), not_after=now + timedelta(seconds=4)
-    )
+    """Sign went on issuing leaves clamped to the expired CA's notAfter: already expired when they were returned."""
+    # Long enough for the import, the first start and one Sign on a loaded machine, then it expires.
+    config_path = _first_key_certified_by_outside_parent(tmp_path, softhsm_conf, starts_in=timedelta(days=-1), ends_in=timedelta(seconds=6))
     cfg = config.load(config_path)
     hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
     authority = Authority.load(cfg, hsm, store)  # valid at the first start: activated
