@@ -26,6 +26,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ca_daemon.errors import ConfigError
 from ca_daemon.model import KeyStatus
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -200,7 +201,10 @@ def serve(
                     return
             super().finish_request(request, client_address)
 
-    server = make_server(host, int(port), guarded_app, Server, handler_class=QuietHandler)
+    try:
+        server = make_server(host, int(port), guarded_app, Server, handler_class=QuietHandler)
+    except OSError as exc:  # e.g. the port is taken: say which setting, not only "[Errno 98] Address already in use"
+        raise ConfigError(f"metrics.listen = {listen!r}: cannot listen there: {exc.strerror}") from None
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 

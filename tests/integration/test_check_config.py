@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,3 +44,16 @@ def test_check_config_reports_each_check_and_fails_on_any(tmp_path: Path, sofths
     pin_file.write_text("0000\n")
     wrong = env.cli("check-config", check=False)
     assert wrong.returncode == 1 and _lines(wrong.stdout)["token"] == "FAIL", wrong.stdout
+
+
+def test_serve_names_the_metrics_address_it_cannot_listen_on(tmp_path: Path, softhsm_conf: Path) -> None:
+    """A taken metrics port stopped the daemon with only "[Errno 98] Address already in use": which of the addresses?"""
+    env = make_env(tmp_path, softhsm_conf)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{port}"')
+        result = env.cli("serve", check=False)
+    assert result.returncode != 0
+    assert f"metrics.listen = '127.0.0.1:{port}': cannot listen there: Address already in use" in result.stderr, result.stderr
