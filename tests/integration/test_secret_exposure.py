@@ -67,6 +67,7 @@ def pin_env_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path)
     """A two-worker daemon whose configuration takes the user PIN from an environment variable."""
     env = make_env(tmp_path_factory.mktemp("pin-env"), softhsm_conf, workers=2)
     env.edit_config('pin_file = "pins/user.pin"', f'pin_env = "{PIN_VARIABLE}"')
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
     log_path = env.state_dir / "daemon.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
@@ -117,7 +118,7 @@ def test_a_pin_from_the_environment_is_not_inherited_by_the_daemons_child_proces
     log_path = env.state_dir / "daemon.log"
     deadline = time.monotonic() + 30
     while f"worker {restarted[0]} serving gRPC" not in log_path.read_text():
-        assert "cannot serve" not in log_path.read_text(), log_path.read_text()[-2000:]
+        assert f"worker {restarted[0]} cannot serve" not in log_path.read_text(), log_path.read_text()[-2000:]
         assert time.monotonic() < deadline, log_path.read_text()[-2000:]
         time.sleep(0.1)
     for _ in range(4):
