@@ -179,6 +179,17 @@ class ClientCrl:
         """The client CAs (tls.client_ca), as read at start-up."""
         return tuple(self._cas)
 
+    def problem(self, now: datetime) -> str:
+        """Why no client could be let in with these CRLs now (unreadable, not verifying, expired); empty if none.
+
+        A reload is refused for it: a CRL file that fails at reload would refuse every caller.
+        """
+        if self._problem:
+            return self._problem
+        if self._next_update is not None and now > self._next_update:
+            return f"the client CA CRL {self._crl_file} expired at {self._next_update.isoformat()}"
+        return ""
+
     def check(self, certificate: IssuedBy, now: datetime | None = None) -> None:
         """Unauthenticated if the CRLs are unusable, its issuer has none, or its issuer's lists it."""
         self._refresh()
@@ -305,6 +316,10 @@ class Authenticator:
         except ValueError as exc:
             raise ConfigError(f"tls.client_ca {tls.client_ca_file} is not a PEM certificate bundle: {exc}") from None
         return cls(RoleMap(config.roles), crl, client_cas=crl.cas)
+
+    def unusable(self, now: datetime | None = None) -> str:
+        """Why this authenticator would refuse every client now (its client CRL file); empty if it would not."""
+        return self._crl.problem(now or datetime.now(UTC)) if self._crl is not None else ""
 
     def adopt(self, reloaded: Authenticator) -> None:
         """Put a reloaded configuration's roles, client CAs and client CRL file in force for the next call.

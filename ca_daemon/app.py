@@ -25,6 +25,7 @@ import socket
 import ssl
 import sys
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,10 +41,10 @@ from ca_daemon import logs, metrics, tls, tls_front
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.access import METRICS, Authenticator, authorize, denial_event
 from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
-from ca_daemon.authority import Authority, load_active_ca
+from ca_daemon.authority import Authority, check_policy, load_active_ca
 from ca_daemon.config import Config
 from ca_daemon.crl import CrlServices, await_first_crls, watch_health
-from ca_daemon.errors import CaError, FailedPrecondition, PermissionDenied, Unauthenticated
+from ca_daemon.errors import CaError, ConfigError, FailedPrecondition, PermissionDenied, Unauthenticated
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent
 from ca_daemon.registration import VerificationCertificates
@@ -56,6 +57,21 @@ log = logging.getLogger("ca_daemon")
 KEY_CEREMONY_SERVICE = ca_pb2.DESCRIPTOR.services_by_name["KeyCeremony"].full_name
 
 _PR_SET_PDEATHSIG = 1
+# A reload (SIGHUP) asked for before this process can act on it: while it starts, or between two
+# looks of the parent's loop. SIGHUP's default action would end the process; a worker that ignored
+# it while starting missed a reload forwarded meanwhile and served the previous configuration.
+_pending = {"reload": False}
+
+
+def _note_reload(_signum: int, _frame: object) -> None:
+    _pending["reload"] = True
+
+
+def _take_pending_reload() -> bool:
+    pending, _pending["reload"] = _pending["reload"], False
+    return pending
+
+
 _HEALTH_INTERVAL_S = 1.0
 # How long a non-primary worker waits for the primary's first CRLs before it serves anyway.
 _FIRST_CRL_WAIT_S = 30.0
@@ -335,6 +351,8 @@ async def _serve_forever(config: Config, primary: bool = False, after_reload: Ca
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
+    if _take_pending_reload():  # asked for while this process started: the file may have changed since it was read
+        reload()
     await stop.wait()
     await worker.stop()
 
@@ -403,7 +421,16 @@ def _reloaded_tls(new: Config, running: Config, front: tls_front.TlsFrontEnd | N
         log.warning("reload: tls.ca_key and tls.client_crl_refresh_days take effect only after a restart")
     if not new.tls.enabled:
         return None, None
-    return (tls.server_context(new) if front is not None else None), Authenticator.from_config(new)
+    return (tls.server_context(new) if front is not None else None), _reloaded_authenticator(new)
+
+
+def _reloaded_authenticator(new: Config) -> Authenticator:
+    """The reloaded [roles], client CAs and client CRL; ConfigError if that CRL would refuse every client."""
+    access = Authenticator.from_config(new)
+    problem = access.unusable()
+    if problem:
+        raise ConfigError(f"[tls]: {problem}")
+    return access
 
 
 def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reason: str) -> None:
@@ -459,21 +486,28 @@ def worker_cpus(mode: str, workers: int, allowed: set[int]) -> list[int | None]:
     return [cpus[index % len(cpus)] for index in range(workers)]
 
 
-def worker_main(config_path: str, primary: bool = False, cpu: int | None = None, secrets: dict[str, str] | None = None) -> None:
+def worker_main(
+    config_path: str, primary: bool = False, cpu: int | None = None, secrets: dict[str, str] | None = None, config_text: str | None = None
+) -> None:
     """Entry point of a spawned worker process; dies with its parent. Worker 0 is the primary.
 
     secrets: the environment PINs the parent withdrew (config.withdrawn_secrets), passed in multiprocessing's pipe.
+    config_text: the configuration in force (the file's text the parent last accepted), so that a worker
+    restarted after a crash serves what the others serve, not a file on disk a reload refused or has not read.
     """
     config_module.adopt_secrets(secrets or {})
     if cpu is not None:  # first, so that every thread the worker starts inherits it
         os.sched_setaffinity(0, {cpu})
-    # A reload signal that arrives while the worker starts must not kill it (SIGHUP's default);
-    # the configuration it is about to read is the new one anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A reload signal that arrives while the worker starts must not kill it (SIGHUP's default), nor be
+    # lost: it is noted, and the worker reloads once it serves (_serve_forever).
+    signal.signal(signal.SIGHUP, _note_reload)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     configure_logging()
-    config = config_module.load(config_path)
+    if config_text is None:
+        config = config_module.load(config_path)
+    else:
+        config = config_module.parse(tomllib.loads(config_text), Path(config_path).resolve())
     if config.server.cpu_scheduling == "batch":
         _schedule_as_batch()
     try:
@@ -543,6 +577,7 @@ def _claim(config: Config) -> int:
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the process exit code."""
     configure_logging()
+    signal.signal(signal.SIGHUP, _note_reload)  # before the pid file `ca-daemon reload` signals exists
     config.hsm.pin.withdraw()  # before any process starts: workers, the resource tracker, a PKCS#11 module's helpers
     _claim(config)
     check_ready(config)
@@ -601,7 +636,7 @@ def _reload_metrics_tls(config: Config, metrics_server: object | None, scrapers:
         if not reloaded.tls.enabled:
             return  # switching to development mode needs a restart (the workers say so)
         context = tls.metrics_context(reloaded)
-        access = Authenticator.from_config(reloaded)
+        access = _reloaded_authenticator(reloaded)
     except CaError as exc:
         log.error("reload: the metrics endpoint keeps its TLS credentials and roles: %s", exc.message)
         return
@@ -644,20 +679,15 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
         nonlocal stopping
         stopping = True
 
-    reload_requested = False
-
-    def _reload(_signum: int, _frame: object) -> None:
-        nonlocal reload_requested
-        reload_requested = True
-
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, _reload)
+    signal.signal(signal.SIGHUP, _note_reload)
+    in_force = _accepted_text(config)
     # Worker 0 is the primary: the one process that publishes CRLs and serves HTTP.
     cpus = worker_cpus(config.server.cpu_affinity, config.server.workers, os.sched_getaffinity(0))
     secrets = config_module.withdrawn_secrets()
     workers = [
-        context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets), daemon=False)
+        context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets, in_force), daemon=False)
         for index in range(config.server.workers)
     ]
     for process in workers:
@@ -668,9 +698,10 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
     failures = 0
     while not stopping:
         time.sleep(0.2)
-        if reload_requested:
-            reload_requested = False
-            if forward_reload(config.path, [p.pid for p in workers if p.is_alive() and p.pid is not None]):
+        if _take_pending_reload():
+            accepted = forward_reload(config, [p.pid for p in workers if p.is_alive() and p.pid is not None])
+            if accepted is not None:
+                in_force = accepted
                 after_reload()
         for index, process in enumerate(workers):
             if process.is_alive() or stopping:
@@ -683,7 +714,9 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
             log.warning("worker %d exited with %s; restarting it", process.pid, process.exitcode)
             if process.pid is not None:
                 metrics.mark_dead(process.pid)
-            workers[index] = context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets), daemon=False)
+            workers[index] = context.Process(
+                target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets, in_force), daemon=False
+            )
             workers[index].start()
     for process in workers:
         if process.is_alive():
@@ -693,18 +726,58 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
     return 1 if failures > 10 * len(workers) else 0
 
 
-def forward_reload(config_path: Path, pids: list[int]) -> bool:
-    """Check the new configuration, then have every worker reload it (each re-checks it too)."""
+def forward_reload(running: Config, pids: list[int]) -> str | None:
+    """Check the new configuration, then have every worker reload it (each re-checks it too).
+
+    The text, once it passed every check a worker runs (the TLS files and each profile's template
+    lint too), for the parent's part of the reload (the metrics endpoint) and for workers restarted
+    later; None if the workers keep the previous configuration.
+    """
     try:
-        config_module.load(config_path)
+        text = running.path.read_text()
+        new = config_module.parse(tomllib.loads(text), running.path)
+    except OSError as exc:
+        log.error("reload refused, the previous configuration stays in force: cannot read %s: %s", running.path, exc.strerror)
+        return None
+    except tomllib.TOMLDecodeError as exc:
+        log.error("reload refused, the previous configuration stays in force: %s: not valid TOML: %s", running.path, exc)
+        return None
     except CaError as exc:
         log.error("reload refused, the previous configuration stays in force: %s", exc.message)
-        return False
+        return None
     log.info("reloading the configuration in %d worker(s)", len(pids))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGHUP)
-    return True
+    try:
+        _check_like_a_worker(new, running)
+    except CaError as exc:  # each worker refuses it too and logs the whole reason
+        log.error(
+            "reload: %s is refused by the workers; the metrics endpoint keeps its TLS credentials and roles, "
+            "and a worker restarted later the configuration in force",
+            exc.message.split(": ", 1)[0],
+        )
+        return None
+    return text
+
+
+def _accepted_text(config: Config) -> str:
+    """The configuration file's text as the daemon starts (what a restarted worker reads), checked like config."""
+    text = config.path.read_text()
+    config_module.parse(tomllib.loads(text), config.path)
+    return text
+
+
+def _check_like_a_worker(new: Config, running: Config) -> None:
+    """ConfigError where a worker's reload_worker would refuse new: TLS files, client CRL, each profile's template lint."""
+    if new.tls.enabled and running.tls.enabled:
+        tls.server_context(new)
+        _reloaded_authenticator(new)
+    store = connect_store(running)
+    try:
+        check_policy(new, store)
+    finally:
+        store.close()
 
 
 def configure_logging() -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from ca_daemon import issuer, policy
@@ -104,6 +105,10 @@ def profiles_from_config(config: Config) -> dict[str, policy.Profile]:
     return {name: policy.build_profile(p) for name, p in config.profiles.items()}
 
 
+# The sections a reload does not apply (each worker reads them at start only): a change is logged as needing a restart.
+RESTART_ONLY_SECTIONS = ("server", "hsm", "ca", "store", "crl", "audit", "metrics", "rotation")
+
+
 @dataclass(frozen=True)
 class PolicySet:
     """The reloadable part of the configuration, as the authority applies it.
@@ -150,6 +155,28 @@ def build_policy_set(config: Config, ca_certificate: x509.Certificate, throwaway
             except LintFailure as exc:
                 raise ConfigError(f"profiles.{profile.name}: its certificates would fail the pre-issuance lint: {exc.message}") from None
     return PolicySet(profiles, config.default_profile, dict(config.callers), linter, config, dict(config.caller_quotas))
+
+
+def check_policy(config: Config, store: SqlStore) -> None:
+    """ConfigError where Authority.reload would refuse config's policy (each profile's template lint), without the token.
+
+    For a process that holds no CA key (the daemon's parent): the lint runs with a software key of the
+    active CA certificate's key type, as the workers' throwaway keys are.
+    """
+    active_id = store.active_key_id()
+    key = store.get_ca_key(active_id) if active_id is not None else None
+    if key is None or key.certificate_der is None:
+        return
+    certificate = x509.load_der_x509_certificate(key.certificate_der)
+    public = certificate.public_key()
+    throwaway: CertificateIssuerPrivateKeyTypes
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        throwaway = ec.generate_private_key(public.curve)
+    elif isinstance(public, ed25519.Ed25519PublicKey):
+        throwaway = ed25519.Ed25519PrivateKey.generate()
+    else:
+        throwaway = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 (signs throwaway drafts only)
+    build_policy_set(config, certificate, throwaway)
 
 
 def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> policy.Decision:
@@ -281,9 +308,11 @@ class Authority:
         not applied.
         """
         new = build_policy_set(config, self.active.certificate, self._throwaway)
-        for section in ("server", "hsm", "ca", "store"):
+        for section in RESTART_ONLY_SECTIONS:
             if getattr(config, section) != getattr(self._config, section):
                 log.warning("reload: [%s] changed; that takes effect only after a restart", section)
+        if config.state_dir != self._config.state_dir:
+            log.warning("reload: state_dir changed; that takes effect only after a restart")
         self.policy = new
         log.info("reload: %d profile(s) in force: %s; lint %s", len(new.profiles), ", ".join(sorted(new.profiles)), new.linter.mode)
         return new

@@ -1,0 +1,221 @@
+"""Reload under hostile timing and bad files: a reload signal during start-up, a worker restarted
+while the file on disk was refused, a refusal only the workers find, a client CRL that cannot be
+read, and settings that need a restart. Real daemons (SoftHSM, SQLite, gRPC and TLS on loopback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import urllib.error
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from tests.conftest import Daemon, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving, wait_serving
+from tests.integration.test_access_audit import TlsDaemon, _scrape
+from tests.integration.test_reload import _children, _profile_views
+
+SENSOR = '\n[profiles.sensor]\ndescription = "Added by reload"\nvalidity_days = 30\n'
+CALLER = 'profiles = ["device"]'
+CALLER_WITH_SENSOR = 'profiles = ["device", "sensor"]'
+
+
+def _add_sensor(config_path: Path) -> None:
+    text = config_path.read_text()
+    assert CALLER in text
+    config_path.write_text(text.replace(CALLER, CALLER_WITH_SENSOR) + SENSOR)
+
+
+def _wait_log(daemon: Daemon | TlsDaemon, text: str, count: int = 1, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while daemon.log().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} not logged {count} time(s): {daemon.log()[-3000:]}"
+        time.sleep(0.1)
+
+
+def _wait_views(target: str, expected: set[str], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        views = _profile_views(target)
+        if all(view == expected for view in views):
+            return
+        assert time.monotonic() < deadline, f"workers serve {views}, expected {expected} everywhere"
+        time.sleep(0.2)
+
+
+def _sign(target: str, profile: str = "") -> ca_pb2.SignResponse:
+    with grpc.insecure_channel(target) as channel:
+        response: ca_pb2.SignResponse = ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(
+            ca_pb2.SignRequest(csr=device_csr(), profile=profile, request_id=str(uuid.uuid4())), timeout=10
+        )
+        return response
+
+
+def _token_loaded(pid: int) -> bool:
+    """Whether process pid has the PKCS#11 module mapped: it has read its configuration and is logging in."""
+    try:
+        return "libsofthsm2" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_a_reload_signal_during_start_up_neither_kills_the_daemon_nor_is_lost(tmp_path: Path, softhsm_conf: Path) -> None:
+    """One worker: `ca-daemon reload` finds the pid file while the daemon still starts; SIGHUP's default action killed it."""
+    env = make_env(tmp_path, softhsm_conf, workers=1)
+    log_path = tmp_path / "daemon.log"
+    process = spawn_daemon(env, log_path)
+    daemon = Daemon(env, log_path)
+    daemon.process = process
+    try:
+        pid_file = env.state_dir / "ca-daemon.pid"
+        deadline = time.monotonic() + 30
+        while not pid_file.exists():
+            assert process.poll() is None and time.monotonic() < deadline, daemon.log()
+            time.sleep(0.01)
+        _add_sensor(env.config_path)
+        os.kill(process.pid, signal.SIGHUP)  # what `ca-daemon reload` does
+        wait_serving(env.target, 30, process, log_path)
+        _wait_views(env.target, {"device", "sensor"})  # the reload asked for during start-up happened
+        assert _sign(env.target, "sensor").profile == "sensor"
+        assert process.poll() is None
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path, softhsm_conf: Path) -> Iterator[Daemon]:
+    env = make_env(tmp_path, softhsm_conf, workers=2)
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    time.sleep(1.0)  # both workers serving
+    yield daemon
+    daemon.stop()
+
+
+def _workers(daemon: Daemon) -> set[int]:
+    """The daemon's worker processes (its other child is multiprocessing's resource tracker)."""
+    assert daemon.process is not None
+    workers = set()
+    for pid in _children(daemon.process.pid):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.add(pid)
+    return workers
+
+
+def _restart_worker(daemon: Daemon, old: int) -> int:
+    """SIGKILL worker old (a crash); the pid of the worker the parent starts in its place."""
+    assert daemon.process is not None
+    before = _workers(daemon)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while not (new := _workers(daemon) - before - {old}):
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.01)
+    return new.pop()
+
+
+def test_a_worker_starting_when_a_reload_is_forwarded_takes_it_too(two_workers: Daemon) -> None:
+    """A worker restarted after a crash ignored SIGHUP until it served: a reload forwarded meanwhile never reached it."""
+    daemon, env = two_workers, two_workers.env
+    assert daemon.process is not None
+    new = _restart_worker(daemon, max(_workers(daemon)))
+    deadline = time.monotonic() + 15
+    while not _token_loaded(new):  # it has read its configuration and is opening the token
+        assert time.monotonic() < deadline, daemon.log()[-3000:]
+        time.sleep(0.005)
+    os.kill(new, signal.SIGSTOP)  # hold it there, still starting, while the reload is forwarded
+    try:
+        _add_sensor(env.config_path)
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        _wait_log(daemon, "reloading the configuration in 2 worker(s)")
+    finally:
+        os.kill(new, signal.SIGCONT)
+    _wait_log(daemon, f"worker {new} serving gRPC")
+    _wait_views(env.target, {"device", "sensor"})
+
+
+def test_a_worker_restarted_while_the_file_on_disk_is_refused_serves_the_configuration_in_force(two_workers: Daemon) -> None:
+    """A crash of one worker after a refused reload: its replacement read the refused file and exited, again and again."""
+    daemon, env = two_workers, two_workers.env
+    assert daemon.process is not None
+    env.config_path.write_text(env.config_path.read_text() + "\n[profiles.broken\n")
+    os.kill(daemon.process.pid, signal.SIGHUP)
+    _wait_log(daemon, "reload refused, the previous configuration stays in force")
+    for old in sorted(_workers(daemon), reverse=True):  # the non-primary, then the primary
+        serving = daemon.log().count("serving gRPC on")
+        _restart_worker(daemon, old)
+        _wait_log(daemon, "serving gRPC on", serving + 1)
+    assert "restarting it" in daemon.log() and "exited with 1" not in daemon.log()
+    assert daemon.process.poll() is None and len(_workers(daemon)) == 2
+    _wait_views(env.target, {"device"})
+    assert _sign(env.target).profile == "device"
+
+
+def test_a_changed_setting_that_needs_a_restart_is_reported_at_reload(two_workers: Daemon) -> None:
+    """[crl], [audit], [rotation], [metrics] and state_dir are read at start only; a reload changing them ignored it silently."""
+    daemon, env = two_workers, two_workers.env
+    env.edit_config("delta_interval_seconds = 300", "delta_interval_seconds = 60")
+    env.edit_config("checkpoint_interval_seconds = 300", "checkpoint_interval_seconds = 60")
+    env.edit_config("approval_window_seconds = 86400", "approval_window_seconds = 3600")
+    env.cli("reload")
+    for section in ("crl", "audit", "rotation"):
+        _wait_log(daemon, f"reload: [{section}] changed; that takes effect only after a restart", 2)  # each worker
+    _wait_log(daemon, "profile(s) in force", 2)
+
+
+@pytest.fixture
+def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[TlsDaemon]:
+    env = make_env(tmp_path_factory.mktemp("reload-tls"), softhsm_conf, workers=2)
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "prog:programmer", "--client", "aud:auditor", "--apply")
+    metrics_port = free_port()
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
+    log_path = env.state_dir / "daemon.log"
+    daemon = TlsDaemon(env, tls_dir, spawn_daemon(env, log_path), log_path, metrics_port)
+    with daemon.channel("prog") as channel:
+        wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)
+    yield daemon
+    daemon.stop()
+
+
+def _tls_sign(daemon: TlsDaemon) -> ca_pb2.SignResponse:
+    with daemon.channel("prog") as channel:
+        response: ca_pb2.SignResponse = ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(
+            ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10
+        )
+        return response
+
+
+def test_a_reload_the_workers_refuse_changes_nothing_at_the_metrics_endpoint_either(tls_daemon: TlsDaemon) -> None:
+    """Half-applied: the workers refused a profile failing the lint, but the metrics endpoint took the file's new [roles]."""
+    env = tls_daemon.env
+    env.edit_config('auditor = ["aud"]', 'auditor = ["aud", "prog"]')
+    env.config_path.write_text(env.config_path.read_text() + '\n[profiles.bad-san]\nsan_templates = ["thing:{device_id}"]\n')
+    os.kill(tls_daemon.process.pid, signal.SIGHUP)
+    _wait_log(tls_daemon, "would fail the pre-issuance lint")
+    time.sleep(1.0)  # the parent applied the metrics endpoint's part right after forwarding
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _scrape(tls_daemon, "prog")
+    assert refused.value.code == 403
+    assert "reload: the metrics endpoint uses the reloaded" not in tls_daemon.log()
+
+
+def test_a_reload_naming_a_client_crl_that_does_not_parse_is_refused(tls_daemon: TlsDaemon) -> None:
+    """The reload was applied and every caller refused from then on (fail closed, but the service down) with no refusal logged."""
+    env = tls_daemon.env
+    corrupt = env.state_dir / "tls" / "other-ca.crl"
+    corrupt.write_bytes(b"-----BEGIN X509 CRL-----\nnot a CRL\n-----END X509 CRL-----\n")
+    env.edit_config('client_crl = "', f'client_crl = "{corrupt}"\n# was: client_crl = "')
+    os.kill(tls_daemon.process.pid, signal.SIGHUP)
+    _wait_log(tls_daemon, "reload refused, the previous configuration stays in force")
+    assert f"client CA CRL {corrupt}" in tls_daemon.log()
+    time.sleep(1.0)
+    for _ in range(4):  # fresh connections, both workers
+        assert _tls_sign(tls_daemon).profile == "device"
