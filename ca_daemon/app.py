@@ -583,17 +583,17 @@ def serve(config: Config) -> int:
     check_ready(config)
     pid_file = write_pid_file(config)
     metrics_server, metrics_store, scrapers = None, None, None
-    if config.metrics.listen:
-        # Before any worker starts (they inherit the directory) and before prometheus_client is imported.
-        metrics.prepare_directory(config.state_dir)
-        metrics_store = connect_store(config)
-        tls_context = tls.metrics_context(config) if config.tls.enabled else None
-        scrapers = Authenticator.from_config(config) if config.tls.enabled else None
-        admit = _metrics_admission(scrapers, metrics_store) if scrapers is not None else None
-        metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context, config.tls.cert_file, admit)
-        scheme = "https" if tls_context else "http"
-        log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
-    try:
+    try:  # from here on the pid file goes with the process, however it ends
+        if config.metrics.listen:
+            # Before any worker starts (they inherit the directory) and before prometheus_client is imported.
+            metrics.prepare_directory(config.state_dir)
+            metrics_store = connect_store(config)
+            tls_context = tls.metrics_context(config) if config.tls.enabled else None
+            scrapers = Authenticator.from_config(config) if config.tls.enabled else None
+            admit = _metrics_admission(scrapers, metrics_store) if scrapers is not None else None
+            metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context, config.tls.cert_file, admit)
+            scheme = "https" if tls_context else "http"
+            log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
         return _serve(config, lambda: _reload_metrics_tls(config, metrics_server, scrapers))
     finally:
         if metrics_server is not None:
@@ -654,6 +654,12 @@ def pid_file_path(config: Config) -> Path:
 def signal_reload(config: Config) -> int:
     """Ask the running daemon (SIGHUP to the pid in its pid file) to reload; its pid."""
     pid_file = pid_file_path(config)
+    unclaimed = try_lock_state_directory(config.state_dir)
+    if unclaimed is not None:
+        # No daemon holds the state directory: the pid file is stale (left by a killed daemon), and its pid may
+        # now be another process, which SIGHUP would end.
+        os.close(unclaimed)
+        raise CaError(f"no running ca-daemon found (state directory {config.state_dir} is not in use; pid file {pid_file} is stale)")
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, signal.SIGHUP)

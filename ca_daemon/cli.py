@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from ca_daemon import app, authority, cli_access, cli_factory, cli_rotation, cli_store, issuer
 from ca_daemon import config as config_module
@@ -330,31 +329,15 @@ def _reload(args: argparse.Namespace) -> int:
     app.check_tls_files(config)
     store = app.connect_store(config)
     try:
-        active = [k for k in store.list_ca_keys() if k.status == KeyStatus.ACTIVE and k.certificate_der]
+        authority.check_policy(config, store)
     finally:
         store.close()
-    if active and active[0].certificate_der is not None:
-        certificate = x509.load_der_x509_certificate(active[0].certificate_der)
-        throwaway = issuer.throwaway_key_like(_software_key_like(certificate))
-        authority.build_policy_set(config, certificate, throwaway)
     try:
         pid = app.signal_reload(config)
     except CaError as exc:
         raise CaError(f"{exc.message}; the configuration is valid") from None
     print(f"configuration valid; asked ca-daemon (pid {pid}) to reload it: {', '.join(sorted(config.profiles))} in force")
     return 0
-
-
-def _software_key_like(certificate: x509.Certificate) -> CertificateIssuerPrivateKeyTypes:
-    """A software private key of the CA certificate's key type (for the throwaway lint key)."""
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-    public = certificate.public_key()
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        return ec.generate_private_key(public.curve)
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        return ed25519.Ed25519PrivateKey.generate()
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def _profiles_list(args: argparse.Namespace) -> int:

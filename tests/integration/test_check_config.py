@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,3 +59,20 @@ def test_serve_names_the_metrics_address_it_cannot_listen_on(tmp_path: Path, sof
         result = env.cli("serve", check=False)
     assert result.returncode != 0
     assert f"metrics.listen = '127.0.0.1:{port}': cannot listen there: Address already in use" in result.stderr, result.stderr
+    # It stopped after writing its pid file, and left it: `ca-daemon reload` would signal whatever process gets that pid.
+    assert not (env.state_dir / "ca-daemon.pid").exists()
+
+
+def test_reload_signals_no_process_through_a_stale_pid_file(tmp_path: Path, softhsm_conf: Path) -> None:
+    """A daemon killed with SIGKILL leaves its pid file; the pid may since belong to another process, which SIGHUP ends."""
+    env = make_env(tmp_path, softhsm_conf)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (env.state_dir / "ca-daemon.pid").write_text(f"{bystander.pid}\n")
+        result = env.cli("reload", check=False)
+        assert result.returncode != 0 and "no running ca-daemon found" in result.stderr and "stale" in result.stderr, result.stderr
+        time.sleep(0.2)
+        assert bystander.poll() is None, "the process named by the stale pid file was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()
