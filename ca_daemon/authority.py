@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -270,6 +271,10 @@ class Authority:
         # Lint-before-sign builds each certificate first with this software key (see issuer.sign_linted).
         self._throwaway = issuer.throwaway_key_like(active.private_key)  # type: ignore[arg-type]
         self.policy = build_policy_set(config, active.certificate, self._throwaway)
+        # Held while a policy set is built and put in force: a reload (the loop's thread) and a key switch
+        # (the token's thread, which rebuilds the policy in force for the new certificate) each build from
+        # what the other put in force, so neither undoes the other.
+        self._policy_lock = threading.Lock()
         self._committer: GroupCommitter[IssuanceItem, IssuanceOutcome] = GroupCommitter(
             store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
@@ -307,13 +312,14 @@ class Authority:
         address, token, CA key and store need a restart, and a change to them is logged,
         not applied.
         """
-        new = build_policy_set(config, self.active.certificate, self._throwaway)
+        with self._policy_lock:
+            new = build_policy_set(config, self.active.certificate, self._throwaway)
+            self.policy = new
         for section in RESTART_ONLY_SECTIONS:
             if getattr(config, section) != getattr(self._config, section):
                 log.warning("reload: [%s] changed; that takes effect only after a restart", section)
         if config.state_dir != self._config.state_dir:
             log.warning("reload: state_dir changed; that takes effect only after a restart")
-        self.policy = new
         log.info("reload: %d profile(s) in force: %s; lint %s", len(new.profiles), ", ".join(sorted(new.profiles)), new.linter.mode)
         return new
 
@@ -349,12 +355,13 @@ class Authority:
             log.error("CA key %s is active in the store but its certificate does not match the token key; not switching", key_id)
             return
         throwaway = issuer.throwaway_key_like(private)  # type: ignore[arg-type]
-        policy_set = build_policy_set(self.policy.source, certificate, throwaway)
         previous = self.active.key.key_id
-        self.active = ActiveCa(key, certificate, private, chain_pem(key.certificate_der, key.chain_der))
-        self._throwaway = throwaway
-        self._urls = _urls(self._config, key.key_id)
-        self.policy = policy_set
+        with self._policy_lock:
+            policy_set = build_policy_set(self.policy.source, certificate, throwaway)
+            self.active = ActiveCa(key, certificate, private, chain_pem(key.certificate_der, key.chain_der))
+            self._throwaway = throwaway
+            self._urls = _urls(self._config, key.key_id)
+            self.policy = policy_set
         log.info("switched the signing CA key from %s to %s", previous, key_id)
 
     async def sign(self, request: CertificateRequest) -> SignResult:

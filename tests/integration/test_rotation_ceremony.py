@@ -13,11 +13,13 @@ import dataclasses
 import json
 import re
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon import app, config, issuer
+from ca_daemon import authority as authority_module
 from ca_daemon.authority import Authority
 from ca_daemon.config import RotationConfig
 from ca_daemon.errors import FailedPrecondition, InvalidRequest, PermissionDenied
@@ -538,3 +541,34 @@ def test_an_active_key_whose_ca_certificate_expired_signs_nothing(tmp_path: Path
         authority.close()
         store.close()
         hsm.close()
+
+
+def test_a_reload_during_a_key_switch_is_not_undone_by_it(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch (token's thread) rebuilt the policy from the configuration in force when it began, and put that in
+    force after a reload (loop's thread) that landed meanwhile: the reload was silently undone in that worker."""
+    ceremony = setup.ceremony()
+    setup.new_root(ceremony, "root-2")
+    _both(ceremony, "activate", "root-2")
+    switch_building, switch_may_finish = threading.Event(), threading.Event()
+    build = authority_module.build_policy_set
+
+    def held_in_the_switch(*args: Any) -> Any:  # the switch builds on the token's thread: hold it there
+        built = build(*args)
+        if threading.current_thread() is not threading.main_thread() and not switch_may_finish.is_set():
+            switch_building.set()
+            switch_may_finish.wait(10)
+        return built
+
+    monkeypatch.setattr(authority_module, "build_policy_set", held_in_the_switch)
+    switching = threading.Thread(target=setup.follow)
+    switching.start()
+    assert switch_building.wait(10)
+    reloaded = dataclasses.replace(setup.config, caller_quotas={"local-developer": 7})
+    reloading = threading.Thread(target=setup.authority.reload, args=(reloaded,))
+    reloading.start()
+    reloading.join(0.5)  # the old code finished the reload here, before the switch put its policy in force
+    switch_may_finish.set()
+    switching.join(10)
+    reloading.join(10)
+    assert setup.authority.active.key.key_id == "root-2"
+    assert setup.authority.policy.caller_quotas == {"local-developer": 7}
