@@ -337,7 +337,7 @@ async def _watch_health(servicer: health_aio.HealthServicer, healthy: Callable[[
         await asyncio.sleep(_HEALTH_INTERVAL_S)
 
 
-async def _serve_forever(config: Config, primary: bool = False, after_reload: Callable[[], None] = lambda: None) -> None:
+async def _serve_forever(config: Config, primary: bool = False, after_reload: Callable[[bool], None] = lambda _: None) -> None:
     worker = await start_worker(config, primary=primary)
     _settle_garbage_collector()
     stop = asyncio.Event()
@@ -346,8 +346,7 @@ async def _serve_forever(config: Config, primary: bool = False, after_reload: Ca
         loop.add_signal_handler(sig, stop.set)
 
     def reload() -> None:
-        if reload_worker(worker.authority, config.path, worker.store, worker.authenticator, worker.front, primary=primary):
-            after_reload()
+        after_reload(reload_worker(worker.authority, config.path, worker.store, worker.authenticator, worker.front, primary=primary))
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
@@ -583,6 +582,7 @@ def serve(config: Config) -> int:
     check_ready(config)
     pid_file = write_pid_file(config)
     metrics_server, metrics_store, scrapers = None, None, None
+    reload_status = metrics.ReloadStatus()
     try:  # from here on the pid file goes with the process, however it ends
         if config.metrics.listen:
             # Before any worker starts (they inherit the directory) and before prometheus_client is imported.
@@ -591,10 +591,16 @@ def serve(config: Config) -> int:
             tls_context = tls.metrics_context(config) if config.tls.enabled else None
             scrapers = Authenticator.from_config(config) if config.tls.enabled else None
             admit = _metrics_admission(scrapers, metrics_store) if scrapers is not None else None
-            metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context, config.tls.cert_file, admit)
+            metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context, config.tls.cert_file, admit, reload_status)
             scheme = "https" if tls_context else "http"
             log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
-        return _serve(config, lambda: _reload_metrics_tls(config, metrics_server, scrapers))
+
+        def after_reload(accepted: bool) -> None:
+            reload_status.record(accepted)
+            if accepted:
+                _reload_metrics_tls(config, metrics_server, scrapers)
+
+        return _serve(config, after_reload)
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -674,7 +680,8 @@ def write_pid_file(config: Config) -> Path:
     return path
 
 
-def _serve(config: Config, after_reload: Callable[[], None]) -> int:
+def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
+    """Serve until stopped; after_reload(accepted) follows each reload the daemon is asked for."""
     if config.server.workers == 1:
         asyncio.run(_serve_forever(config, primary=True, after_reload=after_reload))
         return 0
@@ -708,7 +715,7 @@ def _serve(config: Config, after_reload: Callable[[], None]) -> int:
             accepted = forward_reload(config, [p.pid for p in workers if p.is_alive() and p.pid is not None])
             if accepted is not None:
                 in_force = accepted
-                after_reload()
+            after_reload(accepted is not None)
         for index, process in enumerate(workers):
             if process.is_alive() or stopping:
                 continue

@@ -132,12 +132,45 @@ class StoreCollector:
         yield from (number, age, chain, checkpoint, ca_expiry, tls_expiry)
 
 
+class ReloadStatus:
+    """Whether the last configuration reload was put in force, as Prometheus reports its own.
+
+    A refused reload leaves the daemon serving the previous configuration, and a later
+    restart would fail on the file: an ERROR line alone is easily missed, so it is alerted on.
+    The parent records its verdict (it runs every check a worker runs) and serves the gauges.
+    """
+
+    def __init__(self) -> None:
+        self.successful = True
+        self.success_time = time.time()
+
+    def record(self, accepted: bool) -> None:
+        self.successful = accepted
+        if accepted:
+            self.success_time = time.time()
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "ca_daemon_config_last_reload_successful",
+            "1 if the last configuration reload was put in force (or none was asked for since start), 0 if it was refused",
+            value=1 if self.successful else 0,
+        )
+        yield GaugeMetricFamily(
+            "ca_daemon_config_last_reload_success_timestamp_seconds",
+            "Unix time the configuration in force was loaded (start, or the last reload put in force)",
+            value=self.success_time,
+        )
+
+
 def serve(
     listen: str,
     store: Any,
     tls_context: ssl.SSLContext | None = None,
     tls_cert_file: Path | None = None,
     admit: Callable[[ssl.SSLSocket], str | None] | None = None,
+    reload_status: ReloadStatus | None = None,
 ) -> Any:
     """Start the endpoint in this (parent) process: multiprocess sums plus the store gauges.
 
@@ -166,6 +199,8 @@ def serve(
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(StoreCollector(store, tls_cert_file))
+    if reload_status is not None:
+        registry.register(reload_status)
     metrics_app = make_wsgi_app(registry)
 
     def guarded_app(environ: dict[str, Any], start_response: Any) -> Any:
@@ -225,4 +260,4 @@ def monotonic() -> float:
     return time.perf_counter()
 
 
-__all__ = ["RequestMetrics", "StoreCollector", "mark_dead", "prepare_directory", "serve"]
+__all__ = ["ReloadStatus", "RequestMetrics", "StoreCollector", "mark_dead", "prepare_directory", "serve"]

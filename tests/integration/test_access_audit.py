@@ -1018,6 +1018,24 @@ def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factor
         assert chain and float(chain[0].split()[1]) >= 5
         assert _gauge(body, 'ca_daemon_ca_certificate_expiry_seconds{issuer="ca-root-1",status="active"}') > 0
         assert not [line for line in body.splitlines() if line.startswith("ca_daemon_tls_certificate_expiry_seconds")]  # no TLS
+        assert _gauge(body, "ca_daemon_config_last_reload_successful") == 1
+        loaded_at = _gauge(body, "ca_daemon_config_last_reload_success_timestamp_seconds")
+
+        # A refused reload (here signalled by hand: `ca-daemon reload` checks the file first) is there to alert on.
+        good = env.config_path.read_text()
+        env.config_path.write_text(good + "\n[crl]\nnext_update_hourz = 3\n")
+        assert daemon.process is not None
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert _gauge(body, "ca_daemon_config_last_reload_successful") == 0
+        assert _gauge(body, "ca_daemon_config_last_reload_success_timestamp_seconds") == loaded_at
+        env.config_path.write_text(good)
+        env.cli("reload")
+        time.sleep(1.5)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert _gauge(body, "ca_daemon_config_last_reload_successful") == 1
+        assert _gauge(body, "ca_daemon_config_last_reload_success_timestamp_seconds") > loaded_at
     finally:
         daemon.stop()
     public = env.state_dir / "audit.pem"
@@ -1032,5 +1050,5 @@ def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factor
         heads = database.execute("SELECT count(*) FROM audit_checkpoints").fetchone()
     finally:
         database.close()
-    assert reloads == [("applied",), ("applied",)]  # one per worker
+    assert reloads == [("applied",)] * 4  # one per worker and accepted reload; the refused one reached no worker
     assert per_head == [] and heads[0] >= 1  # both workers stopped at once: the head they left was signed once
