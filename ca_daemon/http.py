@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 
 _MAX_HEAD_BYTES = 8192
 _READ_TIMEOUT_S = 10.0
+# The port is public and shares the primary worker's event loop with Sign. Connections beyond
+# this many at once are answered 503 at once; a response goes out in chunks, each of which must
+# leave within the stall timeout, so a client that stops reading holds one chunk, not a copy of a
+# CRL of a million entries (asyncio's transport buffers whatever the socket does not take).
+MAX_CONNECTIONS = 512
+WRITE_STALL_S = 30.0
+_CHUNK_BYTES = 64 * 1024
 _RETRY_BIND_S = 5.0
 CRL_CONTENT_TYPE = "application/pkix-crl"
 CERT_CONTENT_TYPE = "application/pkix-cert"
@@ -50,10 +57,13 @@ def url_path(url: str) -> str:
 class DistributionServer:
     """Serves the resources set with `set`; binds on start and keeps retrying if the port is taken."""
 
-    def __init__(self, listen: str) -> None:
+    def __init__(self, listen: str, *, max_connections: int = MAX_CONNECTIONS, write_stall_s: float = WRITE_STALL_S) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
         self._port = int(port)
+        self._max_connections = max_connections
+        self._write_stall_s = write_stall_s
+        self._connections: set[asyncio.StreamWriter] = set()  # being answered (MAX_CONNECTIONS)
         self._resources: dict[str, Resource] = {}
         self._server: asyncio.Server | None = None
         self._binder: asyncio.Task[None] | None = None
@@ -101,25 +111,40 @@ class DistributionServer:
                 await self._binder
         if self._server is not None:
             self._server.close()
+            for writer in list(self._connections):  # wait_closed waits for every connection: a stalled client held it
+                writer.transport.abort()
             await self._server.wait_closed()
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self._max_connections:
+            writer.write(_head("503 Service Unavailable", [("Retry-After", "1"), ("Content-Length", "0")]))
+            # Closing with the request unread would reset the connection and discard the answer: wait a moment for it.
+            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=1.0)
+            writer.close()
+            return
+        self._connections.add(writer)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=_READ_TIMEOUT_S)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            self._connections.discard(writer)
             writer.close()
             return
         try:
             status, headers, body = self._respond(head)
-            lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers), "Connection: close", "", ""]
-            writer.write("\r\n".join(lines).encode("latin-1"))
-            if body:
-                writer.write(body)
-            await writer.drain()
+            writer.write(_head(status, headers))
+            view = memoryview(body)
+            for start in range(0, len(view), _CHUNK_BYTES):
+                await asyncio.wait_for(writer.drain(), timeout=self._write_stall_s)
+                writer.write(view[start : start + _CHUNK_BYTES])
+            await asyncio.wait_for(writer.drain(), timeout=self._write_stall_s)
+        except TimeoutError:  # the client stopped reading: drop what is buffered rather than flush it on close
+            writer.transport.abort()
         except ConnectionError:
             pass
         finally:
+            self._connections.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -170,6 +195,10 @@ def _not_modified(resource: Resource, headers: dict[str, str]) -> bool:
         except (TypeError, ValueError):
             return False
     return False
+
+
+def _head(status: str, headers: list[tuple[str, str]]) -> bytes:
+    return "\r\n".join([f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers), "Connection: close", "", ""]).encode("latin-1")
 
 
 def _plain(status: str) -> tuple[str, list[tuple[str, str]], bytes]:

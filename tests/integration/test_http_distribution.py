@@ -1,0 +1,125 @@
+"""The public CRL port under hostile clients: real sockets on loopback against DistributionServer.
+
+The server runs on its own event loop in a thread, as in the primary worker, where it shares
+the loop with Sign; the clients are plain blocking sockets that stop reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from ca_daemon.http import CRL_CONTENT_TYPE, MAX_CONNECTIONS, WRITE_STALL_S, DistributionServer, Resource
+
+BIG = 16 * 1024 * 1024  # about the size of a full CRL of 500,000 entries
+
+
+class Running:
+    """A DistributionServer serving /big.crl (16 MiB) and /small.crl on a free loopback port."""
+
+    def __init__(self, max_connections: int = MAX_CONNECTIONS, write_stall_s: float = WRITE_STALL_S) -> None:
+        self.server = DistributionServer("127.0.0.1:0", max_connections=max_connections, write_stall_s=write_stall_s)
+        now = datetime.now(UTC)
+        self.server.set("/big.crl", Resource(bytes(BIG), CRL_CONTENT_TYPE, '"big"', now))
+        self.server.set("/small.crl", Resource(b"x" * 100, CRL_CONTENT_TYPE, '"small"', now))
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.server.start())
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(10) and self.server.bound
+
+    def stop(self) -> None:
+        async def stop_all() -> None:
+            await self.server.stop()
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in handlers:  # connections still being answered
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop_all(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def stalled() -> Iterator[list[socket.socket]]:
+    """Client sockets that asked for something and then never read; closed at the end."""
+    sockets: list[socket.socket] = []
+    yield sockets
+    for s in sockets:
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+def _stall(port: int, path: str) -> socket.socket:
+    """Ask for path and read nothing: the client socket, with a small receive window."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    client.settimeout(10)
+    client.connect(("127.0.0.1", port))
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return client
+
+
+def _get(port: int, path: str) -> bytes:
+    """The whole answer to a GET of path."""
+    with _stall(port, path) as client:
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_clients_that_stop_reading_a_big_crl_do_not_each_hold_a_copy_of_it(stalled: list[socket.socket]) -> None:
+    """asyncio buffers what the socket does not take: each stalled download held about the whole CRL."""
+    running = Running()
+    try:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(4):
+                stalled.append(_stall(running.server.port, "/big.crl"))
+            time.sleep(1.0)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert held < 4 * 1024 * 1024, f"{held / 2**20:.1f} MiB held for 4 stalled downloads of a {BIG / 2**20:.0f} MiB CRL"
+        assert _get(running.server.port, "/small.crl").startswith(b"HTTP/1.1 200 OK")
+    finally:
+        running.stop()
+
+
+def test_connections_beyond_the_limit_get_503_and_stalled_ones_are_dropped(stalled: list[socket.socket]) -> None:
+    running = Running(max_connections=2, write_stall_s=1.0)
+    try:
+        for _ in range(2):
+            stalled.append(_stall(running.server.port, "/big.crl"))
+        time.sleep(0.3)
+        refused = _get(running.server.port, "/small.crl")
+        assert refused.startswith(b"HTTP/1.1 503 Service Unavailable") and b"Retry-After: 1" in refused, refused
+        time.sleep(1.5)  # the stalled downloads exceed write_stall_s: dropped, their places free again
+        assert _get(running.server.port, "/small.crl").startswith(b"HTTP/1.1 200 OK")
+        for client in stalled:  # the server aborted them: what the client reads ends early
+            received = 0
+            with contextlib.suppress(ConnectionError):
+                while chunk := client.recv(1 << 20):
+                    received += len(chunk)
+            assert received < BIG
+    finally:
+        running.stop()
