@@ -43,6 +43,11 @@ from ca_daemon.audit_format import checkpoint_record, event_record, interleave, 
 
 T = TypeVar("T")
 
+# GetCRL answers with the whole CRL in one message: about 50 bytes an entry, so gRPC's default
+# receive limit of 4 MiB refused a full CRL of some 80,000 entries (RESOURCE_EXHAUSTED). A CA key
+# whose generation was revoked wholesale lists every one of its certificates.
+MAX_RECEIVE_BYTES = 1 << 30
+
 # Events per StreamAuditEvents call of audit_export: each call is bounded, so one deadline fits any log.
 _AUDIT_EVENTS_PER_CALL = 20_000
 
@@ -142,7 +147,7 @@ class CaClient:
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
-        options: list[tuple[str, str | int]] = []
+        options: list[tuple[str, str | int]] = [("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)]
         if connections > 1:
             options.append(("grpc.use_local_subchannel_pool", 1))  # else channels to one target share a connection
         if tls is not None and tls.server_name:

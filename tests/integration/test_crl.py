@@ -584,3 +584,21 @@ def test_after_an_upgrade_a_full_crl_without_idp_comes_before_any_delta(
     finally:
         store.close()
         hsm.close()
+
+
+def test_the_client_fetches_a_full_crl_larger_than_grpcs_default_message_limit(tmp_path: Path, softhsm_conf: Path) -> None:
+    """A full CRL of 120,000 entries (a generation revoked wholesale) is about 6 MB in one GetCRL message:
+    CaClient kept gRPC's default 4 MiB receive limit and got RESOURCE_EXHAUSTED instead of the CRL."""
+    from bench.crl import child_populate
+    from ca_daemon.client import CaClient
+
+    env, _ = crl_env(tmp_path, softhsm_conf)
+    child_populate(str(env.config_path), 120_000, seq=1)  # revoked certificates written straight into the store
+    daemon = start(env, tmp_path)
+    try:
+        with CaClient(env.target, timeout=60) as ca:
+            fetched = ca.crl()
+    finally:
+        daemon.stop()
+    crl = x509.load_der_x509_crl(fetched.der)
+    assert len(fetched.der) > 4 * 1024 * 1024 and len(crl) == 120_000
