@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from ca_daemon.audit_hash import CHAIN_LOCK_KEY, GENESIS, details_text, event_hash
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable, echo
@@ -744,7 +744,7 @@ class SqlStore:
         count = 0
         # One snapshot for the high-water mark and the rows (SQLite's read transaction is one already).
         options = {"isolation_level": "REPEATABLE READ"} if self.dialect == "postgresql" else {}
-        with _driver_errors(), self._connect().execution_options(**options) as conn:
+        with _driver_errors(), self._connect(**options) as conn:
             upto = self._max_change_seq(conn, issuer_key_id)
             sql, params = self._CRL_ENTRIES, [issuer_key_id, upto]
             if after_seq is not None:
@@ -872,11 +872,15 @@ class SqlStore:
 
     # -- plumbing ----------------------------------------------------------
 
-    def _connect(self) -> Any:
+    @contextlib.contextmanager
+    def _connect(self, **options: Any) -> Iterator[Any]:
+        """A read connection. A session that fails while it is used (not only at check-out) is StoreUnavailable."""
         try:
-            return self.engine.connect().execution_options(ca_read_only=True)
+            conn = self.engine.connect().execution_options(ca_read_only=True, **options)
         except (OperationalError, DBAPIError) as exc:
             raise StoreUnavailable(f"the database is unavailable: {_brief(exc)}") from None
+        with _outage_is_unavailable(), conn:
+            yield conn
 
     @contextlib.contextmanager
     def _begin(self) -> Iterator[Connection]:
@@ -892,12 +896,15 @@ class SqlStore:
                 conn = transaction.__enter__()
             except (OperationalError, DBAPIError) as exc:
                 raise StoreUnavailable(f"the database is unavailable: {_brief(exc)}") from None
-            try:
-                yield conn
-            except BaseException:
-                transaction.__exit__(*sys.exc_info())
-                raise
-            transaction.__exit__(None, None, None)
+            # A session that dies mid-transaction or at COMMIT (a server restart, a full disk) rolls the
+            # transaction back: the caller is told to retry, and a retry finds whatever did commit.
+            with _outage_is_unavailable():
+                try:
+                    yield conn
+                except BaseException:
+                    transaction.__exit__(*sys.exc_info())
+                    raise
+                transaction.__exit__(None, None, None)
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
@@ -932,6 +939,20 @@ _DEVICES_OF_KEYS = (
 _INSERT_CERTIFICATES = insert(certificates)
 _INSERT_AUDIT_EVENTS = insert(audit_events)
 _AUDIT_HEAD = select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc()).limit(1)
+
+
+@contextlib.contextmanager
+def _outage_is_unavailable() -> Iterator[None]:
+    """StoreUnavailable, with the database's reason, for what an outage raises mid-use.
+
+    OperationalError: a session cut or terminated, a server shutting down, a full disk, a
+    lock or statement timeout; InterfaceError: a connection already closed. Other
+    database errors (a constraint, a bad statement) are bugs and stay internal errors.
+    """
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        raise StoreUnavailable(f"the database is unavailable: {_brief(exc)}") from None
 
 
 @contextlib.contextmanager
