@@ -140,3 +140,36 @@ def test_a_sign_whose_commit_dies_says_why_stores_nothing_and_its_retry_issues(p
 
 def _log_records(daemon: Daemon) -> list[dict[str, Any]]:
     return [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+
+
+def test_a_sqlite_file_moved_away_under_the_daemon_is_unavailable_until_it_is_back_and_a_deleted_one_issues_nothing(
+    tmp_path: Path, softhsm_conf: Path
+) -> None:
+    env = make_env(tmp_path, softhsm_conf)
+    env.edit_config('http_listen = "127.0.0.1:8080"', f'http_listen = "127.0.0.1:{free_port()}"')
+    database = env.state_dir / "ca.db"
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    returned: list[str] = []
+    try:
+        stub = _stub(env)
+        returned.append(stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial)
+        away = tmp_path / "ca.db.away"
+        database.rename(away)  # the pooled connections keep the file open: they would write into it unseen
+        try:
+            with pytest.raises(grpc.RpcError) as refused:
+                returned.append(stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert str(database) in (refused.value.details() or ""), refused.value.details()
+            assert not database.exists(), "the daemon made a new, empty database where its own had been"
+        finally:
+            away.rename(database)
+        returned.append(stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial)
+        database.unlink()
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as refused:
+                returned.append(stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert not database.exists(), "the daemon made a new, empty database where its own had been"
+    finally:
+        daemon.stop()
+    assert len(returned) == 2  # both issued while the file was in place, and recorded in it until it was deleted
