@@ -311,12 +311,14 @@ def _warn_if_server_certificate_expires_soon(cert_file: Path) -> datetime | None
 
 async def _follow_active_key(authority: Authority, interval: float) -> None:
     """Key rotation without a restart: switch to the key the store marks active (see rotation.py)."""
+    failures = logs.RetryLog(log, "following the CA key the store marks active")
     while True:
         await asyncio.sleep(interval)
         try:
             await authority.follow_active_key()
-        except CaError as exc:
-            log.error("could not switch to the newly activated CA key (retrying): %s", exc.message)
+            failures.succeeded()
+        except CaError as exc:  # most often the store is unavailable, which every round would repeat
+            failures.failed(exc.message)
         except Exception:
             log.exception("could not switch to the newly activated CA key (retrying)")
 

@@ -34,6 +34,7 @@ from ca_daemon.config import Config
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Hsm
 from ca_daemon.http import CRL_CONTENT_TYPE, DistributionServer, Resource, url_path
+from ca_daemon.logs import RetryLog
 from ca_daemon.model import KeyStatus, PublishedCrl
 from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
@@ -68,6 +69,7 @@ class CrlScheduler:
         self._wake = asyncio.Event()
         self.last: dict[tuple[str, bool], PublishedCrl] = {}
         self._final: set[tuple[str, bool]] = set()
+        self._failures = RetryLog(log, "CRL schedule check")
 
     def subscribe(self, listener: Listener) -> None:
         """Call listener (on the event loop) with every CRL published from now on, and the latest ones at start."""
@@ -102,6 +104,9 @@ class CrlScheduler:
             self._wake.clear()
             try:
                 await self.run_once()
+                self._failures.succeeded()
+            except CaError as exc:  # the store (or token) is unavailable: said once, not every round
+                self._failures.failed(exc.message)
             except Exception:
                 log.exception("CRL schedule check failed; retrying")
 
@@ -285,10 +290,14 @@ class CrlServices:
 
     async def _keep_ca_certificates(self) -> None:
         interval = self._config.crl.check_interval.total_seconds()
+        failures = RetryLog(log, "publishing the CA certificates over HTTP")
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._publish_ca_certificates()
+                failures.succeeded()
+            except CaError as exc:
+                failures.failed(exc.message)
             except Exception:
                 log.exception("publishing the CA certificates over HTTP failed; retrying")
 

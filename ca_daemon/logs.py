@@ -48,4 +48,28 @@ def configure(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-__all__ = ["JsonFormatter", "configure"]
+class RetryLog:
+    """The log of a loop that retries every round: a failure once, again only when its reason changes, and its recovery.
+
+    A store or token outage fails every round of every background loop in every worker; one
+    line a round each, with a traceback, buried everything else in the log. The reason is the
+    error's own message (an expected outage); an unexpected exception is still logged in full.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self._logger = logger
+        self._what = what
+        self._reason: str | None = None
+
+    def failed(self, reason: str) -> None:
+        if reason != self._reason:
+            self._logger.error("%s failed (retrying; logged again when the reason changes): %s", self._what, reason)
+            self._reason = reason
+
+    def succeeded(self) -> None:
+        if self._reason is not None:
+            self._logger.info("%s works again", self._what)
+            self._reason = None
+
+
+__all__ = ["JsonFormatter", "RetryLog", "configure"]

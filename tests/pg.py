@@ -76,6 +76,13 @@ class ThrowawayCluster:
 
     def start(self) -> str:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
+        return self.resume()
+
+    def pause(self, mode: str = "fast") -> None:
+        """Stop the server and keep its data (an outage); resume() starts it again on the same port."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def resume(self) -> str:
         options = " ".join(
             [
                 "-c listen_addresses=127.0.0.1",

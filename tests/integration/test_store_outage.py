@@ -142,6 +142,41 @@ def _log_records(daemon: Daemon) -> list[dict[str, Any]]:
     return [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
 
 
+def test_a_stopped_database_is_unavailable_at_once_logged_once_per_loop_and_served_again_when_it_is_back(
+    pg: tuple[CaEnv, Daemon, Engine], cluster: ThrowawayCluster
+) -> None:
+    env, daemon, _ = pg
+    stub = _stub(env)
+    stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
+    seen = len(_log_records(daemon))
+    cluster.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert "the database is unavailable" in (refused.value.details() or ""), refused.value.details()
+        assert time.monotonic() - started < 2
+        time.sleep(6)  # six rounds of every once-a-second background loop (CRL schedule, CA certificates, key follow)
+    finally:
+        cluster.resume()
+    outage = [r for r in _log_records(daemon)[seen:] if r["logger"] != "ca_daemon.rpc" and r["level"] in ("WARNING", "ERROR")]
+    # A store outage is expected: each loop says so once (again only if the reason changes), without a traceback.
+    assert not [r for r in outage if "exc" in r and not r["logger"].startswith("sqlalchemy")], [r["msg"] for r in outage if "exc" in r]
+    by_message: dict[str, int] = {}
+    for record in outage:
+        by_message[record["msg"].split(":")[0]] = by_message.get(record["msg"].split(":")[0], 0) + 1
+    assert all(count <= 3 for count in by_message.values()), by_message
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=5)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+            time.sleep(0.2)
+
+
 def test_a_sqlite_file_moved_away_under_the_daemon_is_unavailable_until_it_is_back_and_a_deleted_one_issues_nothing(
     tmp_path: Path, softhsm_conf: Path
 ) -> None:
