@@ -99,10 +99,15 @@ class IssuanceOutcome:
     created: bool
 
 
+# How long a statement waits for a lock another transaction holds before the call is UNAVAILABLE
+# (SQLite's busy_timeout, PostgreSQL's lock_timeout): far above any transaction the daemon runs.
+LOCK_WAIT_MS = 30_000
+
+
 class SqlStore:
     """The daemon's database. Thread-safe: each thread gets its own pooled connection."""
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL") -> None:
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", lock_wait_ms: int = LOCK_WAIT_MS) -> None:
         self.url = url
         self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
         database = url.removeprefix("sqlite:///")
@@ -123,7 +128,7 @@ class SqlStore:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
                 cursor.execute("PRAGMA foreign_keys=ON")
-                cursor.execute("PRAGMA busy_timeout=30000")
+                cursor.execute(f"PRAGMA busy_timeout={int(lock_wait_ms)}")
                 cursor.close()
                 if self._sqlite_identity is None and self._sqlite_file is not None:
                     self._sqlite_identity = _file_identity(self._sqlite_file)
@@ -144,7 +149,10 @@ class SqlStore:
                 conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
         else:
             url = url.replace("postgresql://", "postgresql+psycopg://", 1)
-            engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+            # lock_timeout: a statement waiting longer for a lock (a row, a table, a replica's advisory lock) fails,
+            # and the call is UNAVAILABLE, instead of waiting as long as its caller does (for ever without a deadline).
+            options = {"options": f"-c lock_timeout={int(lock_wait_ms)}"}
+            engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True, connect_args=options)
         self.engine: Engine = engine
         self._time_processor = certificates.c.not_after.type.bind_processor(engine.dialect)
         self._thread_lock = threading.Lock()
@@ -269,8 +277,15 @@ class SqlStore:
         outcomes: list[IssuanceOutcome | AlreadyExists] = []
         with self._begin() as conn:
             for cert, audit in batch:
-                stmt = self._insert(certificates).values(**_certificate_values(cert)).on_conflict_do_nothing(index_elements=["request_id"])
-                if conn.execute(stmt).rowcount == 1:
+                stmt = (
+                    self._insert(certificates)
+                    .values(**_certificate_values(cert))
+                    .on_conflict_do_nothing(index_elements=["request_id"])
+                    .returning(certificates.c.serial)
+                )
+                # RETURNING, not rowcount: SQLAlchemy with psycopg reports -1 for this statement, so every
+                # certificate stored on PostgreSQL was answered as a replay (created=False).
+                if conn.execute(stmt).first() is not None:
                     self._insert_audit(conn, [audit])
                     outcomes.append(IssuanceOutcome(cert, created=True))
                     continue
@@ -326,7 +341,9 @@ class SqlStore:
         by_request, active_of_device, devices_of_key = (
             statement.replace("?", placeholder) for statement in (self._PRECHECK_REQUEST, self._PRECHECK_ACTIVE, self._PRECHECK_KEY)
         )
-        with _driver_errors(), self.engine.connect() as conn:
+        # Read-only: the quota count's statement begins a transaction, which on SQLite would otherwise be
+        # BEGIN IMMEDIATE, holding the write lock over the whole batch's look-ups (see _begin's listener).
+        with _driver_errors(), self.engine.connect().execution_options(ca_read_only=True) as conn:
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
 
             def precheck(request_id: str, device_id: str, public_key_sha256: bytes, now: datetime) -> PrecheckResult:

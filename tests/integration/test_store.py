@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, inspect, select, text
@@ -692,3 +693,53 @@ def test_checkpoint_pages_never_split_one_head(store: SqlStore) -> None:
         after = page[-1].seq
     assert pages == [[1, 2, 2, 2], [3, 5], []]
     assert [c.signature for c in audit.checkpoints()] == [b"sig-%d" % i for i in range(len(seqs))]
+
+
+def test_a_write_waiting_for_a_lock_held_elsewhere_gives_up_unavailable(store: SqlStore, store_url: str) -> None:
+    """A table lock held by another session (or a paused replica's transaction) made PostgreSQL writes wait for as
+    long as the caller did, for ever without a deadline; SQLite's busy_timeout already bounded it."""
+    import sqlite3
+
+    import psycopg
+
+    from ca_daemon.errors import StoreUnavailable
+
+    bounded = SqlStore(store_url, lock_wait_ms=500)  # a replica of `store`, with a short lock wait
+    if bounded.dialect == "sqlite":
+        holder: Any = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+    else:
+        holder = psycopg.connect(store_url)
+        holder.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+    try:
+        cert = _cert()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"lock timeout|database is locked"):
+            bounded.record_issuances([(cert, _audit(cert))])
+        assert time.monotonic() - started < 10
+    finally:
+        holder.rollback()
+        holder.close()
+    assert bounded.record_issuances([(cert, _audit(cert))]) == [IssuanceOutcome(cert, created=True)]  # nothing was half-written
+    bounded.close()
+    assert store.count_certificates() == 1
+
+
+def test_what_sign_reads_before_signing_takes_no_write_lock(tmp_path: Path) -> None:
+    """On SQLite the quota count ran as a write transaction (BEGIN IMMEDIATE) for the whole batch's look-ups, outside
+    the store's write flock: every other worker's commit waited for a batch it did not need to wait for. (PostgreSQL
+    reads take no lock that blocks writers.)"""
+    import sqlite3
+
+    store_url = f"sqlite:///{tmp_path / 'ca.db'}"
+    store = open_store(store_url)
+    with store.sign_reads() as reads:
+        reads.precheck("no-such-request", "dev-x", b"\0" * 32, datetime.now(UTC))
+        assert reads.issued_last_hour("line1", datetime.now(UTC)) == 0
+        writer = sqlite3.connect(store_url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")  # "database is locked" while the look-ups hold the write lock
+            writer.execute("ROLLBACK")
+        finally:
+            writer.close()
+    store.close()

@@ -98,7 +98,11 @@ def test_group_commit_checks_use_indexes(store: SqlStore) -> None:
         "issued since": (store_sql._ISSUED_SINCE, {"caller": "line1", "minute": 1}),
     }
     for name, (statement, params) in statements.items():
-        plan = _plan(store, lambda conn, s=statement, p=params: conn.execute(s, p))
+
+        def run(conn: Any, statement: Any = statement, params: Any = params) -> object:
+            return conn.execute(statement, params)
+
+        plan = _plan(store, run)
         assert _full_scans(store, plan) == [], f"{name}\n{plan}"
     head = _plan(store, lambda conn: conn.execute(store_sql._AUDIT_HEAD))
     # SQLite reads the rowid table backwards for ORDER BY seq DESC LIMIT 1 (one row, no sort); PostgreSQL its key.
