@@ -70,8 +70,14 @@ class AuditStore:
     def __init__(self, store: SqlStore) -> None:
         self._store = store
 
-    def head(self) -> ChainHead | None:
-        """The last chained event, and how many chained events there are."""
+    def head(self, *, counted: bool = True) -> ChainHead | None:
+        """The last chained event, and how many events there are up to it.
+
+        counted=False skips the count, which reads every event (about 0.3 s at two million) and
+        gives the head's seq instead: the same on a log nothing was deleted from. A checkpoint
+        signs the real count, which verification compares with the seq; a metrics scrape
+        needs only the length.
+        """
         with self._store._connect() as conn:
             row = conn.execute(
                 select(audit_events.c.seq, audit_events.c.hash)
@@ -81,6 +87,8 @@ class AuditStore:
             ).first()
             if row is None:
                 return None
+            if not counted:
+                return ChainHead(int(row.seq), bytes(row.hash), int(row.seq))
             count = conn.execute(select(func.count()).select_from(audit_events).where(audit_events.c.seq <= row.seq)).scalar()
         return ChainHead(int(row.seq), bytes(row.hash), int(count or 0))
 
