@@ -82,6 +82,10 @@ class ActiveCa:
             raise _ca_validity_refusal(self.key.key_id, self.valid_from, self.valid_until, now)
 
 
+# How long a health probe waits for the store's answer before it reports this worker down.
+_STORE_PROBE_S = 2.0
+
+
 def _ca_validity_refusal(key_id: str, valid_from: datetime, valid_until: datetime, now: datetime) -> FailedPrecondition:
     action = "rotate to a new CA key (README: Key rotation)" if now >= valid_until else f"start it after {valid_from.isoformat()}"
     return FailedPrecondition(
@@ -275,6 +279,7 @@ class Authority:
         # (the token's thread, which rebuilds the policy in force for the new certificate) each build from
         # what the other put in force, so neither undoes the other.
         self._policy_lock = threading.Lock()
+        self._store_probe: asyncio.Future[bool] | None = None  # see probe_health
         self._committer: GroupCommitter[IssuanceItem, IssuanceOutcome] = GroupCommitter(
             store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
@@ -328,8 +333,22 @@ class Authority:
         return self._hsm.healthy
 
     async def probe_health(self) -> bool:
-        """healthy, reconnecting to the token first if it went away (app.py asks every second)."""
-        return await self._hsm.probe()
+        """Whether this worker can issue now: the token (reconnected first if it went away) and the store answer.
+
+        app.py asks every second and reports the answer as gRPC health, so a load balancer sends
+        Sign calls elsewhere while this replica has lost its token or its database (a network
+        path to PostgreSQL cut for one replica only). A store probe still running from an
+        earlier round (a database that accepts connections but does not answer) counts as down,
+        and no second one is started beside it.
+        """
+        token = await self._hsm.probe()
+        if self._store_probe is None or self._store_probe.done():
+            self._store_probe = asyncio.ensure_future(asyncio.to_thread(self._store.reachable))
+        try:
+            reachable = await asyncio.wait_for(asyncio.shield(self._store_probe), timeout=_STORE_PROBE_S)
+        except TimeoutError:
+            reachable = False
+        return token and reachable
 
     async def follow_active_key(self) -> bool:
         """Switch to the key the store marks active, if another one was activated (rotation.py).

@@ -171,6 +171,16 @@ class SqlStore:
         # Hash-chain audit events (issue 6); false only for benchmarks (config audit.chain).
         self.audit_chain = True
 
+    def reachable(self) -> bool:
+        """Whether the database answers a statement now, and (SQLite) is still the file this store opened: for health."""
+        try:
+            with self._connect() as conn:
+                conn.execute(select(1)).scalar_one()
+            self._check_same_file()
+        except StoreUnavailable:
+            return False
+        return True
+
     def close(self) -> None:
         self.engine.dispose()
         if self._lock_fd is not None:

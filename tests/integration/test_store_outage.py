@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
@@ -158,6 +159,8 @@ def test_a_stopped_database_is_unavailable_at_once_logged_once_per_loop_and_serv
         assert "the database is unavailable" in (refused.value.details() or ""), refused.value.details()
         assert time.monotonic() - started < 2
         time.sleep(6)  # six rounds of every once-a-second background loop (CRL schedule, CA certificates, key follow)
+        # Health says so too, as for a lost token: a load balancer sends Sign calls to replicas that still reach it.
+        assert _health(env) == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         cluster.resume()
     outage = [r for r in _log_records(daemon)[seen:] if r["logger"] != "ca_daemon.rpc" and r["level"] in ("WARNING", "ERROR")]
@@ -175,6 +178,15 @@ def test_a_stopped_database_is_unavailable_at_once_logged_once_per_loop_and_serv
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
             time.sleep(0.2)
+    while _health(env) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "health did not come back to SERVING"
+        time.sleep(0.2)
+
+
+def _health(env: CaEnv) -> int:
+    with grpc.insecure_channel(env.target) as channel:
+        status: int = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        return status
 
 
 def test_a_sqlite_file_moved_away_under_the_daemon_is_unavailable_until_it_is_back_and_a_deleted_one_issues_nothing(
