@@ -118,16 +118,35 @@ def ca_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> CaEn
     return make_env(tmp_path_factory.mktemp("ca"), softhsm_conf)
 
 
-def spawn_daemon(env: CaEnv, log_path: Path) -> subprocess.Popen[bytes]:
+def spawn_daemon(
+    env: CaEnv, log_path: Path, extra_environment: dict[str, str] | None = None, *, umask: int = -1
+) -> subprocess.Popen[bytes]:
     """Start `ca-daemon serve` in its own process group, its output appended to log_path."""
     with log_path.open("ab") as log:
         return subprocess.Popen(
             [CA_DAEMON, "--config", str(env.config_path), "serve"],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=daemon_environment(),
+            env={**daemon_environment(), **(extra_environment or {})},
             start_new_session=True,
+            umask=umask,
         )
+
+
+def child_processes(parent: int) -> dict[int, bytes]:
+    """The processes whose parent is parent, with their command lines (from /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == parent:
+            found[int(entry)] = cmdline
+    return found
 
 
 class Daemon:

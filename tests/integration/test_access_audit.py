@@ -66,6 +66,19 @@ class TlsDaemon:
             self.process.wait(timeout=30)
 
 
+def start_tls_daemon(env: CaEnv, *mtls_init_args: str, client: str = "prog") -> TlsDaemon:
+    """`mtls init --apply` with these arguments, metrics on a free port, serve; once client's calls are answered."""
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), *mtls_init_args, "--apply")
+    metrics_port = free_port()
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
+    log_path = env.state_dir / "daemon.log"
+    daemon = TlsDaemon(env, tls_dir, spawn_daemon(env, log_path), log_path, metrics_port)
+    with daemon.channel(client) as channel:
+        wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)
+    return daemon
+
+
 def _issue_expired(env: CaEnv, tls_dir: Path) -> None:
     """A client certificate that expired yesterday, from the real mTLS CA key in the HSM."""
     cfg = config.load(env.config_path)

@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import Daemon, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving, wait_serving
-from tests.integration.test_access_audit import TlsDaemon, _scrape
+from tests.conftest import Daemon, device_csr, make_env, spawn_daemon, wait_serving
+from tests.integration.test_access_audit import TlsDaemon, _scrape, start_tls_daemon
 from tests.integration.test_reload import _children, _profile_views
 
 SENSOR = '\n[profiles.sensor]\ndescription = "Added by reload"\nvalidity_days = 30\n'
@@ -173,14 +173,7 @@ def test_a_changed_setting_that_needs_a_restart_is_reported_at_reload(two_worker
 @pytest.fixture
 def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[TlsDaemon]:
     env = make_env(tmp_path_factory.mktemp("reload-tls"), softhsm_conf, workers=2)
-    tls_dir = env.state_dir / "tls"
-    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "prog:programmer", "--client", "aud:auditor", "--apply")
-    metrics_port = free_port()
-    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
-    log_path = env.state_dir / "daemon.log"
-    daemon = TlsDaemon(env, tls_dir, spawn_daemon(env, log_path), log_path, metrics_port)
-    with daemon.channel("prog") as channel:
-        wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)
+    daemon = start_tls_daemon(env, "--client", "prog:programmer", "--client", "aud:auditor")
     yield daemon
     daemon.stop()
 

@@ -24,6 +24,7 @@ from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import (
     CA_DAEMON,
     CaEnv,
+    child_processes,
     daemon_environment,
     device_csr,
     free_port,
@@ -38,17 +39,7 @@ PIN_VARIABLE = "CA_DAEMON_EXPOSURE_TEST_PIN"
 
 def _children(parent: int) -> list[int]:
     """Every process whose parent is parent (the workers and multiprocessing's resource tracker)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat[1]) == parent:
-            found.append(int(entry))
-    return sorted(found)
+    return sorted(child_processes(parent))
 
 
 def _environment_names(pid: int) -> set[str]:
@@ -69,14 +60,7 @@ def pin_env_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path)
     env.edit_config('pin_file = "pins/user.pin"', f'pin_env = "{PIN_VARIABLE}"')
     env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
     log_path = env.state_dir / "daemon.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [CA_DAEMON, "--config", str(env.config_path), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**daemon_environment(), PIN_VARIABLE: env.user_pin},
-            start_new_session=True,
-        )
+    process = spawn_daemon(env, log_path, {PIN_VARIABLE: env.user_pin})
     try:
         wait_serving(env.target, 30, process, log_path)
         yield env, process, log_path.read_text()
@@ -155,15 +139,7 @@ def test_the_sqlite_database_is_private_whatever_the_umask(tmp_path_factory: pyt
     assert database.stat().st_mode & 0o777 == 0o600
     as_operator("init")
     log_path = env.state_dir / "daemon.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [CA_DAEMON, "--config", str(env.config_path), "serve"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=daemon_environment(),
-            start_new_session=True,
-            umask=0o022,
-        )
+    process = spawn_daemon(env, log_path, umask=0o022)
     try:
         wait_serving(env.target, 30, process, log_path)
         _sign(env)

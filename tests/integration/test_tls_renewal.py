@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CaEnv, device_csr, free_port, make_env, openssl_verify, spawn_daemon, wait_channel_serving
+from tests.conftest import CaEnv, device_csr, make_env, openssl_verify, spawn_daemon, wait_channel_serving
 from tests.factory_helpers import ForeignCa
-from tests.integration.test_access_audit import TlsDaemon, _scrape, x509_serial
+from tests.integration.test_access_audit import TlsDaemon, _scrape, start_tls_daemon, x509_serial
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +34,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[TlsDaemon]:
     env = make_env(tmp_path_factory.mktemp("renew"), softhsm_conf, workers=2)
-    tls_dir = env.state_dir / "tls"
-    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "prog:programmer", "--host", "localhost", "--apply")
-    metrics_port = free_port()
-    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
-    log_path = env.state_dir / "daemon.log"
-    daemon = TlsDaemon(env, tls_dir, spawn_daemon(env, log_path), log_path, metrics_port)
-    with daemon.channel("prog") as channel:
-        wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)
+    daemon = start_tls_daemon(env, "--client", "prog:programmer", "--host", "localhost")
     yield daemon
     daemon.stop()
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, device_csr, make_env, wait_serving
+from tests.conftest import CA_DAEMON, CaEnv, child_processes, daemon_environment, device_csr, make_env, wait_serving
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two CPUs to pin two workers to")
@@ -20,18 +20,7 @@ pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two CPUs to pin 
 
 def _workers(parent: int) -> list[int]:
     """The daemon's worker processes (multiprocessing's resource tracker is a child too, but not a worker)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == parent and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-            found.append(int(entry))
-    return found
+    return [pid for pid, cmdline in child_processes(parent).items() if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline]
 
 
 def _serve_on_two_cpus(env: CaEnv, log_path: Path) -> subprocess.Popen[bytes]:
