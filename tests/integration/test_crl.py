@@ -166,6 +166,47 @@ def test_openssl_crl_check_all_accepts_a_valid_leaf_and_refuses_a_revoked_one(ch
     assert refused.returncode != 0 and "certificate revoked" in refused.stdout + refused.stderr
 
 
+def test_openssl_takes_a_newer_delta_for_the_whole_crl_unless_extended_crl_support_is_on(
+    channel: grpc.Channel, setup: tuple[CaEnv, int], tmp_path: Path
+) -> None:
+    """What README ("Revocation and CRLs") tells OpenSSL-based relying parties: the full CRL alone, or -extended_crl.
+
+    Found by the combined-scenario review: once a full CRL lists a revocation, the next delta
+    no longer does, and OpenSSL without X509_V_FLAG_EXTENDED_CRL_SUPPORT scores a delta as a
+    complete CRL and keeps the newer one, so with both loaded (as nginx's ssl_crl or
+    Mosquitto's crlfile would) the revoked certificate verifies. If this ever fails on the
+    'accepted' side, OpenSSL changed and the README's warning can go.
+    """
+    env, _ = setup
+    on_full = sign(channel)
+    _revoke(channel, on_full.serial)
+    wait_for_crl(channel, lambda crl: int(on_full.serial, 16) in serials_in(crl))
+    env.cli("crl", "publish")  # a full CRL that lists it
+    full = get_crl(channel)
+    assert int(on_full.serial, 16) in serials_in(x509.load_der_x509_crl(full.crl_der))
+    time.sleep(1.1)  # a later thisUpdate second: OpenSSL keeps the first of two CRLs of the same time
+    on_delta = sign(channel)
+    _revoke(channel, on_delta.serial)
+
+    def on_this_base(crl: x509.CertificateRevocationList) -> bool:
+        base = crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number
+        return base == full.crl_number and int(on_delta.serial, 16) in serials_in(crl)
+
+    delta = wait_for_crl(channel, on_this_base)
+    assert int(on_full.serial, 16) not in serials_in(x509.load_der_x509_crl(delta.crl_der))
+    both, full_only = _crl_file(tmp_path, full.crl_der, delta.crl_der), _crl_file(tmp_path, full.crl_der)
+
+    def verifies(cert: ca_pb2.SignResponse, crls: str, *flags: str) -> bool:
+        result = openssl_verify(tmp_path, cert.certificate_pem, cert.chain_pem, "-crl_check_all", *flags, "-CRLfile", crls)
+        assert result.returncode == 0 or "certificate revoked" in result.stdout + result.stderr, result.stdout + result.stderr
+        return result.returncode == 0
+
+    assert verifies(on_full, both) and verifies(on_full, both, "-use_deltas")  # the hazard the README warns of
+    assert not verifies(on_full, full_only)
+    assert not verifies(on_full, both, "-use_deltas", "-extended_crl")
+    assert not verifies(on_delta, both, "-use_deltas", "-extended_crl")
+
+
 def test_two_quick_deltas_have_distinct_this_update_so_if_modified_since_sees_the_second(
     channel: grpc.Channel, setup: tuple[CaEnv, int]
 ) -> None:
