@@ -446,6 +446,11 @@ def test_a_replica_that_lost_the_crl_leadership_leaves_crl_health_to_the_new_lea
         with store.engine.connect() as conn:  # a partition, a long pause: the old leader has not noticed yet
             conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": old.backend_pid})
             conn.commit()
+            # pg_terminate_backend only signals the backend: wait until it is gone, and its lock with it.
+            deadline = time.monotonic() + 10
+            while conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": old.backend_pid}).scalar():
+                assert time.monotonic() < deadline, "the old leader's backend did not end"
+                time.sleep(0.02)
         assert new.poll() is True
         new_issuer = new_publisher.issuers(datetime.now(UTC))[0]
         new_publisher.publish(new_issuer, delta=False)
