@@ -276,9 +276,10 @@ def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) ->
         assert int(a_revoked.serial, 16) not in {e.serial_number for e in x509.load_der_x509_crl(delta2)}
 
         root1_pem, root2_pem = listed[KEY1].certificate_pem, listed[KEY2].certificate_pem
-        gen1_crls = ["-crl_check", "-use_deltas", "-CRLfile", write(tmp_path / "b1.pem", crl_pem(base1))]
+        # -extended_crl: without it OpenSSL takes the newer delta for the whole CRL (README, Revocation and CRLs).
+        gen1_crls = ["-crl_check", "-use_deltas", "-extended_crl", "-CRLfile", write(tmp_path / "b1.pem", crl_pem(base1))]
         gen1_crls += ["-CRLfile", write(tmp_path / "d1.pem", crl_pem(delta1))]
-        gen2_crls = ["-crl_check", "-use_deltas", "-CRLfile", write(tmp_path / "b2.pem", crl_pem(base2))]
+        gen2_crls = ["-crl_check", "-use_deltas", "-extended_crl", "-CRLfile", write(tmp_path / "b2.pem", crl_pem(base2))]
         gen2_crls += ["-CRLfile", write(tmp_path / "d2.pem", crl_pem(delta2))]
         for checked, root, crls, ok in (
             (a_good, root1_pem, gen1_crls, True),
