@@ -33,6 +33,7 @@ from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import LEADER_FENCE, Leadership
+from ca_daemon.store.sql import CRL_NUMBER_TAKEN, ISSUER_FINAL_CRL
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,10 @@ def _read_entry(der: bytes) -> tuple[int, datetime, int, datetime | None]:
         _REASON_CODES[reason.reason] if isinstance(reason, x509.CRLReason) else RevocationReason.UNSPECIFIED,
         invalidity.invalidity_date_utc if isinstance(invalidity, x509.InvalidityDate) else None,
     )
+
+
+# How often a CRL is built again when another process stored its number first.
+_NUMBER_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -307,24 +312,30 @@ class CrlPublisher:
         No entry is dropped for expiry, so a relying party holding only this CRL still sees
         every revocation the key ever made.
         """
-        now = self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=False)
         issuer = dataclasses.replace(issuer, scope=dataclasses.replace(issuer.scope, delta_urls=()))  # no delta will follow
-        entries = self._store.crl_entries(issuer.key_id, after_seq=None, drop_expired=None)
-        next_update = max(issuer.certificate.not_valid_after_utc, now + self._config.crl.full_validity)
-        crl = sign_crl(
-            issuer,
-            number=self._store.max_crl_number(issuer.key_id) + 1,
-            base_number=None,
-            this_update=now,
-            next_update=next_update,
-            entries=entries.der,
-            count=entries.count,
-            change_seq=entries.change_seq,
-        )
-        self.check(issuer, crl)
-        event = _audit(crl)
-        event = AuditEvent(**{**event.__dict__, "actor": "key-ceremony", "details": {**event.details, "final": "true"}})
-        self._store.store_crl(crl, event, fence=self.fence)
+        for attempt in range(1, _NUMBER_ATTEMPTS + 1):  # the CRL leader may store the number first (see publish)
+            at = self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=False)
+            entries = self._store.crl_entries(issuer.key_id, after_seq=None, drop_expired=None)
+            next_update = max(issuer.certificate.not_valid_after_utc, at + self._config.crl.full_validity)
+            crl = sign_crl(
+                issuer,
+                number=self._store.max_crl_number(issuer.key_id) + 1,
+                base_number=None,
+                this_update=at,
+                next_update=next_update,
+                entries=entries.der,
+                count=entries.count,
+                change_seq=entries.change_seq,
+            )
+            self.check(issuer, crl)
+            event = _audit(crl)
+            event = AuditEvent(**{**event.__dict__, "actor": "key-ceremony", "details": {**event.details, "final": "true"}})
+            try:
+                self._store.store_crl(crl, event, fence=self.fence, final=True)
+                break
+            except FailedPrecondition as taken:
+                if taken.rule != CRL_NUMBER_TAKEN or attempt == _NUMBER_ATTEMPTS:
+                    raise
         log.info("published the final CRL %d of %s with %d entries", crl.crl_number, issuer.key_id, crl.entries)
         return crl
 
@@ -360,14 +371,25 @@ class CrlPublisher:
         return CrlIssuer(key.key_id, certificate, private_key, scope)  # type: ignore[arg-type]
 
     def publish(self, issuer: CrlIssuer, *, delta: bool, now: datetime | None = None) -> PublishedCrl:
-        """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why."""
-        now = self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=delta)
+        """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why.
+
+        Another process may store the number this one built first (the key ceremony's final
+        CRL, `ca-daemon crl publish`): the CRL is then built again on the new number.
+        """
         try:
-            crl = self.build(issuer, delta=delta, now=now)
-            self.check(issuer, crl)
-            self._store.store_crl(crl, _audit(crl), fence=self.fence)
+            for attempt in range(1, _NUMBER_ATTEMPTS + 1):
+                at = self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=delta)
+                crl = self.build(issuer, delta=delta, now=at)
+                self.check(issuer, crl)
+                try:
+                    self._store.store_crl(crl, _audit(crl), fence=self.fence)
+                    break
+                except FailedPrecondition as taken:
+                    if taken.rule != CRL_NUMBER_TAKEN or attempt == _NUMBER_ATTEMPTS:
+                        raise
+                    log.info("CRL %d of %s was published meanwhile by another process; building the next", crl.crl_number, issuer.key_id)
         except CaError as exc:
-            if exc.rule == LEADER_FENCE:  # not a failure: the new leader publishes, and its status stands
+            if exc.rule in (LEADER_FENCE, ISSUER_FINAL_CRL):  # not a failure: another publisher's CRL stands, and its status
                 log.warning("CRL of %s not published: %s", issuer.key_id, exc.message)
                 raise
             log.error("CRL of %s not published: %s", issuer.key_id, exc.message)

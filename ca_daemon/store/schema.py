@@ -116,6 +116,8 @@ crls = Table(
     Column("entries", Integer, nullable=False, default=0),
     Column("der", LargeBinary, nullable=False),
     Column("published_at", DateTime(timezone=True), nullable=False),
+    # The final CRL of a retired key (version 8; a database created at version 8 or later has it from here).
+    Column("is_final", Boolean, nullable=False, default=False),
     Index("ix_crls_issuer_kind_number", "issuer_key_id", "is_delta", "crl_number"),
 )
 
@@ -328,6 +330,19 @@ def _create_v7(conn: Connection) -> None:
     caller_issuance.drop(conn)
 
 
+# -- version 8: final CRLs --------------------------------------------------------
+
+# A retiring key's final CRL (valid until its CA certificate expires, no delta after it) must
+# stay its last: a scheduled CRL stored after it, in the moment before the key is marked
+# retired, would replace it with one that expires within days.
+
+
+def _add_v8(conn: Connection) -> None:
+    if "is_final" not in {column["name"] for column in inspect(conn).get_columns("crls")}:
+        false = "0" if conn.dialect.name == "sqlite" else "FALSE"
+        conn.execute(text(f"ALTER TABLE crls ADD COLUMN is_final BOOLEAN NOT NULL DEFAULT {false}"))
+
+
 # (version, description, step). Append only: a released step is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
@@ -337,5 +352,6 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (5, "per-caller issuance counts for quotas", _create_v5),
     (6, "the caller of each certificate, for replays by request_id", _add_v6),
     (7, "per-caller issuance counts per minute, so a quota holds for any 60 minutes", _create_v7),
+    (8, "final CRLs of retired keys, which no later CRL may follow", _add_v8),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -40,6 +40,11 @@ from ca_daemon.store.schema import (
 )
 from ca_daemon.store.schema import revocations as revocations_table
 
+# store_crl's refusals: another publisher stored that CRL number first (build the next one again);
+# the issuer's final CRL is stored (nothing may follow it: not a failure of the publisher's).
+CRL_NUMBER_TAKEN = "crl-number-monotonic"
+ISSUER_FINAL_CRL = "issuer-final-crl"
+
 # removeFromCRL (RFC 5280 5.3.1): how a delta CRL says a lifted hold is no longer revoked.
 REMOVE_FROM_CRL = 8
 
@@ -834,13 +839,17 @@ class SqlStore:
                 self._insert_audit(conn, [audit])
             return max(current, above)
 
-    def store_crl(self, crl: PublishedCrl, audit: AuditEvent | None = None, *, keep: int = 3, fence: Leadership | None = None) -> None:
+    def store_crl(
+        self, crl: PublishedCrl, audit: AuditEvent | None = None, *, keep: int = 3, fence: Leadership | None = None, final: bool = False
+    ) -> None:
         """Record a CRL as published (with its audit event), refusing a number that is not above every earlier one.
 
         The check runs inside the write transaction (like Boulder's CRL storer), under the
         issuer's CRL_NUMBER lock, so a restarted or second publisher can never publish a
         number twice or go backwards. With a fence, the commit is also refused unless the
-        caller still holds the CRL leadership. Only the newest `keep` CRLs of each kind are kept.
+        caller still holds the CRL leadership. A final CRL (a retiring key's) is never followed
+        by another one but a final one (rule issuer-final-crl). Only the newest `keep` CRLs of
+        each kind are kept.
         """
         with self._begin() as conn:
             xact_lock(conn, LockSpace.CRL_NUMBER, crl.issuer_key_id)
@@ -850,7 +859,15 @@ class SqlStore:
             if crl.crl_number <= last:
                 raise FailedPrecondition(
                     f"CRL number {crl.crl_number} of issuer {crl.issuer_key_id} is not above the last published {last}; not published",
-                    rule="crl-number-monotonic",
+                    rule=CRL_NUMBER_TAKEN,
+                )
+            newest = conn.execute(
+                select(crls.c.is_final).where(crls.c.issuer_key_id == crl.issuer_key_id).order_by(crls.c.crl_number.desc()).limit(1)
+            ).scalar()
+            if newest and not final:
+                raise FailedPrecondition(
+                    f"issuer {crl.issuer_key_id} published its final CRL (it is being retired); CRL {crl.crl_number} not published",
+                    rule=ISSUER_FINAL_CRL,
                 )
             conn.execute(
                 insert(crls).values(
@@ -864,6 +881,7 @@ class SqlStore:
                     entries=crl.entries,
                     der=crl.der,
                     published_at=crl.published_at,
+                    is_final=final,
                 )
             )
             kept = (

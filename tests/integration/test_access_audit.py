@@ -614,14 +614,28 @@ def test_metrics_are_served_over_mtls_only(tls_daemon: TlsDaemon, channels: dict
 
 
 def _scrape(tls_daemon: TlsDaemon, client: str = "aud") -> str:
-    """The metrics page, fetched over mTLS as client (the auditor by default)."""
+    """The metrics page, fetched over mTLS as client (the auditor by default).
+
+    A refusal is raised as an HTTPError whose body is read and whose connection is closed: one
+    left open was finalised later, inside whichever test was running, as an "unclosed SSLSocket"
+    ResourceWarning, which the suite turns into an error (seen once in a fresh-clone CI run).
+    """
+    import io
     import ssl
+    import urllib.error
     import urllib.request
 
     clients = tls_daemon.tls_dir / "clients"
     scraper = ssl.create_default_context(cafile=str(tls_daemon.tls_dir / "ca.pem"))
     scraper.load_cert_chain(clients / f"{client}.pem", clients / f"{client}.key")
-    return str(urllib.request.urlopen(f"https://localhost:{tls_daemon.metrics_port}/metrics", context=scraper, timeout=10).read().decode())
+    url = f"https://localhost:{tls_daemon.metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, context=scraper, timeout=10) as response:
+            return str(response.read().decode())
+    except urllib.error.HTTPError as refused:
+        with refused:
+            body = refused.read()
+        raise urllib.error.HTTPError(url, refused.code, str(refused.reason), refused.headers, io.BytesIO(body)) from None
 
 
 def test_metrics_scrapers_need_the_auditor_or_admin_role_and_an_unrevoked_certificate(tls_daemon: TlsDaemon) -> None:

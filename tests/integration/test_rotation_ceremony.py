@@ -572,3 +572,38 @@ def test_a_reload_during_a_key_switch_is_not_undone_by_it(setup: Setup, monkeypa
     reloading.join(10)
     assert setup.authority.active.key.key_id == "root-2"
     assert setup.authority.policy.caller_quotas == {"local-developer": 7}
+
+
+def test_a_crl_whose_number_another_process_took_is_built_again_and_nothing_follows_a_final_crl(setup: Setup) -> None:
+    """The CRL leader and the key ceremony publish the same key's CRLs from different processes (seen in a fresh-clone
+    CI run: a retirement failed with 'CRL number 4 ... is not above the last published 4', and a failure of that kind
+    turned CRL health NOT_SERVING everywhere)."""
+    publisher = CrlPublisher(setup.config, setup.hsm, setup.store)
+    key = setup.store.get_ca_key("ca-root-1")
+    assert key is not None
+    issuer = publisher.issuer_of(key)
+    publisher.publish(issuer, delta=False)
+
+    class Overtaken(CrlPublisher):
+        """Between building its CRL and storing it, another process publishes that number (here: the ceremony's CLI)."""
+
+        overtaken = False
+
+        def check(self, issuer: Any, crl: Any) -> None:
+            super().check(issuer, crl)
+            if not self.overtaken:
+                self.overtaken = True
+                CrlPublisher(setup.config, setup.hsm, setup.store).publish(issuer, delta=True)
+
+    before = setup.store.max_crl_number("ca-root-1")
+    leader = Overtaken(setup.config, setup.hsm, setup.store)
+    published = leader.publish(issuer, delta=True)
+    assert leader.overtaken and published.crl_number == before + 2 == setup.store.max_crl_number("ca-root-1")
+    assert setup.store.crl_failures() == []
+
+    # The final CRL stays the last one: the leader's next scheduled CRL is refused, and that is no failure either.
+    final = publisher.publish_final(issuer)
+    with pytest.raises(FailedPrecondition) as refused:
+        leader.publish(issuer, delta=True)
+    assert refused.value.rule == "issuer-final-crl"
+    assert setup.store.max_crl_number("ca-root-1") == final.crl_number and setup.store.crl_failures() == []

@@ -503,6 +503,30 @@ def test_concurrent_revocations_leave_no_gap_for_a_delta(store: SqlStore, store_
 # -- CRL numbers -----------------------------------------------------------------
 
 
+def test_nothing_but_a_final_crl_follows_a_final_crl(store: SqlStore) -> None:
+    """A retiring key's final CRL stays its last: a scheduled one stored in the moment before the key is marked retired
+    would replace it with one that expires in days (and a delta on it would point where no delta is published)."""
+    store.store_crl(_crl(1))
+    store.store_crl(_crl(2), final=True)
+    for late in (_crl(3), _crl(3, base=2)):
+        with pytest.raises(FailedPrecondition) as refused:
+            store.store_crl(late)
+        assert refused.value.rule == "issuer-final-crl"
+    assert store.max_crl_number(ISSUER) == 2
+    store.store_crl(_crl(3), final=True)  # the ceremony may publish it again, e.g. after a retry
+    assert store.max_crl_number(ISSUER) == 3
+
+
+def test_version_8_gives_an_older_database_the_final_crl_column(store: SqlStore) -> None:
+    store.store_crl(_crl(1))
+    with store.engine.begin() as conn:  # back to schema 7, as a database of the previous release is
+        conn.execute(text("ALTER TABLE crls DROP COLUMN is_final"))
+        conn.execute(text("DELETE FROM schema_migrations WHERE version = 8"))
+    assert store.migrate() == [8]
+    store.store_crl(_crl(2))  # the old CRL counts as not final
+    assert store.latest_crl(ISSUER, delta=False).crl_number == 2  # type: ignore[union-attr]
+
+
 def test_crl_numbers_only_go_up(store: SqlStore) -> None:
     store.store_crl(_crl(1))
     store.store_crl(_crl(2, base=1))
