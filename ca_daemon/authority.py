@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from ca_daemon import issuer, policy
@@ -173,15 +172,7 @@ def check_policy(config: Config, store: SqlStore) -> None:
     if key is None or key.certificate_der is None:
         return
     certificate = x509.load_der_x509_certificate(key.certificate_der)
-    public = certificate.public_key()
-    throwaway: CertificateIssuerPrivateKeyTypes
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        throwaway = ec.generate_private_key(public.curve)
-    elif isinstance(public, ed25519.Ed25519PublicKey):
-        throwaway = ed25519.Ed25519PrivateKey.generate()
-    else:
-        throwaway = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 (signs throwaway drafts only)
-    build_policy_set(config, certificate, throwaway)
+    build_policy_set(config, certificate, issuer.throwaway_key_like(certificate.public_key()))  # type: ignore[arg-type]
 
 
 def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> policy.Decision:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificateIssuerPublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from ca_daemon import crl_der
@@ -42,20 +42,24 @@ def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | has
     return hashes.SHA256()
 
 
-def throwaway_key_like(key: CertificateIssuerPrivateKeyTypes) -> CertificateIssuerPrivateKeyTypes:
-    """A software key whose signatures carry the same AlgorithmIdentifier as key's.
+def throwaway_key_like(
+    key: CertificateIssuerPrivateKeyTypes | CertificateIssuerPublicKeyTypes,
+) -> CertificateIssuerPrivateKeyTypes:
+    """A software key whose signatures carry the same AlgorithmIdentifier as key's (a CA key, or its public half).
 
     The certificate is built and linted with it first (like Boulder's lint certificate);
     because the algorithm matches, the to-be-signed bytes are the same as the real ones.
+    A process without the CA key (the daemon's parent, checking a reload) takes the CA
+    certificate's public key.
     """
-    if isinstance(key, ec.EllipticCurvePrivateKey):
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         return ec.generate_private_key(key.curve)
-    if isinstance(key, rsa.RSAPrivateKey):
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
         # The issuer's modulus size appears nowhere in a leaf's TBS, so a small modulus
         # gives the same bytes while signing about eight times faster than RSA-2048.
         # It signs only drafts that are linted and thrown away, never anything issued.
         return rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 (signs throwaway drafts only)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
         return ed25519.Ed25519PrivateKey.generate()
     raise TypeError(f"no throwaway key for a {type(key).__name__} CA key")
 
@@ -177,7 +181,7 @@ def build_root(subject: x509.Name, public_key: x509.Certificate | object, now: d
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
     )
@@ -207,7 +211,7 @@ def build_link(
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_public), critical=False)
     )
@@ -223,7 +227,7 @@ def build_ca_csr(subject: x509.Name) -> x509.CertificateSigningRequestBuilder:
         x509.CertificateSigningRequestBuilder()
         .subject_name(subject)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
     )
 
 
@@ -253,7 +257,8 @@ def _leaf_key_usage(names: frozenset[str]) -> x509.KeyUsage:
     )
 
 
-def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+def ca_key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False) -> x509.KeyUsage:
+    """A KeyUsage with only these bits (CA certificates: keyCertSign and cRLSign, with digitalSignature)."""
     return x509.KeyUsage(
         digital_signature=digital_signature,
         content_commitment=False,

@@ -307,17 +307,7 @@ def _parent_answer(
 
 
 def _key_usage(*, key_cert_sign: bool, crl_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=key_cert_sign,
-        crl_sign=crl_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    return issuer.ca_key_usage(digital_signature=True, key_cert_sign=key_cert_sign, crl_sign=crl_sign)
 
 
 def test_an_expired_ca_certificate_is_refused_at_install_and_its_key_cannot_be_activated(setup: Setup) -> None:
