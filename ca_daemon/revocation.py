@@ -313,29 +313,26 @@ class CrlPublisher:
         every revocation the key ever made.
         """
         issuer = dataclasses.replace(issuer, scope=dataclasses.replace(issuer.scope, delta_urls=()))  # no delta will follow
-        for attempt in range(1, _NUMBER_ATTEMPTS + 1):  # the CRL leader may store the number first (see publish)
-            at = self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=False)
+
+        def build(at: datetime) -> PublishedCrl:
             entries = self._store.crl_entries(issuer.key_id, after_seq=None, drop_expired=None)
-            next_update = max(issuer.certificate.not_valid_after_utc, at + self._config.crl.full_validity)
-            crl = sign_crl(
+            return sign_crl(
                 issuer,
                 number=self._store.max_crl_number(issuer.key_id) + 1,
                 base_number=None,
                 this_update=at,
-                next_update=next_update,
+                next_update=max(issuer.certificate.not_valid_after_utc, at + self._config.crl.full_validity),
                 entries=entries.der,
                 count=entries.count,
                 change_seq=entries.change_seq,
             )
-            self.check(issuer, crl)
+
+        def store(crl: PublishedCrl) -> None:
             event = _audit(crl)
             event = AuditEvent(**{**event.__dict__, "actor": "key-ceremony", "details": {**event.details, "final": "true"}})
-            try:
-                self._store.store_crl(crl, event, fence=self.fence, final=True)
-                break
-            except FailedPrecondition as taken:
-                if taken.rule != CRL_NUMBER_TAKEN or attempt == _NUMBER_ATTEMPTS:
-                    raise
+            self._store.store_crl(crl, event, fence=self.fence, final=True)
+
+        crl = self._numbered(issuer, build, store, now, delta=False)
         log.info("published the final CRL %d of %s with %d entries", crl.crl_number, issuer.key_id, crl.entries)
         return crl
 
@@ -371,23 +368,15 @@ class CrlPublisher:
         return CrlIssuer(key.key_id, certificate, private_key, scope)  # type: ignore[arg-type]
 
     def publish(self, issuer: CrlIssuer, *, delta: bool, now: datetime | None = None) -> PublishedCrl:
-        """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why.
-
-        Another process may store the number this one built first (the key ceremony's final
-        CRL, `ca-daemon crl publish`): the CRL is then built again on the new number.
-        """
+        """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why."""
         try:
-            for attempt in range(1, _NUMBER_ATTEMPTS + 1):
-                at = self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=delta)
-                crl = self.build(issuer, delta=delta, now=at)
-                self.check(issuer, crl)
-                try:
-                    self._store.store_crl(crl, _audit(crl), fence=self.fence)
-                    break
-                except FailedPrecondition as taken:
-                    if taken.rule != CRL_NUMBER_TAKEN or attempt == _NUMBER_ATTEMPTS:
-                        raise
-                    log.info("CRL %d of %s was published meanwhile by another process; building the next", crl.crl_number, issuer.key_id)
+            crl = self._numbered(
+                issuer,
+                lambda at: self.build(issuer, delta=delta, now=at),
+                lambda crl: self._store.store_crl(crl, _audit(crl), fence=self.fence),
+                now,
+                delta=delta,
+            )
         except CaError as exc:
             if exc.rule in (LEADER_FENCE, ISSUER_FINAL_CRL):  # not a failure: another publisher's CRL stands, and its status
                 log.warning("CRL of %s not published: %s", issuer.key_id, exc.message)
@@ -402,6 +391,32 @@ class CrlPublisher:
         kind = "delta" if crl.is_delta else "full"
         log.info("published %s CRL %d of %s with %d entries (%d bytes)", kind, crl.crl_number, issuer.key_id, crl.entries, len(crl.der))
         return crl
+
+    def _numbered(
+        self,
+        issuer: CrlIssuer,
+        build: Callable[[datetime], PublishedCrl],
+        store: Callable[[PublishedCrl], None],
+        now: datetime | None,
+        *,
+        delta: bool,
+    ) -> PublishedCrl:
+        """Build a CRL on the next number (thisUpdate a second after the last of its kind), check and store it.
+
+        Another process may store that number first (the key ceremony's final CRL, the CRL leader,
+        `ca-daemon crl publish`): the CRL is then built again on the new number.
+        """
+        for attempt in range(1, _NUMBER_ATTEMPTS + 1):
+            crl = build(self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=delta))
+            self.check(issuer, crl)
+            try:
+                store(crl)
+                return crl
+            except FailedPrecondition as taken:
+                if taken.rule != CRL_NUMBER_TAKEN or attempt == _NUMBER_ATTEMPTS:
+                    raise
+                log.info("CRL %d of %s was published meanwhile by another process; building the next", crl.crl_number, issuer.key_id)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _failed(self, key_id: str, message: str) -> None:
         """Mark the issuer's publication failed (CRL health), unless this process no longer leads."""
