@@ -356,10 +356,10 @@ class SqlStore:
         by_request, active_of_device, devices_of_key = (
             statement.replace("?", placeholder) for statement in (self._PRECHECK_REQUEST, self._PRECHECK_ACTIVE, self._PRECHECK_KEY)
         )
-        # Read-only: the quota count's statement begins a transaction, which on SQLite would otherwise be
-        # BEGIN IMMEDIATE, holding the write lock over the whole batch's look-ups (see _begin's listener).
-        with _driver_errors(), self.engine.connect().execution_options(ca_read_only=True) as conn:
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        # A read connection (_connect): the quota count's statement begins a transaction, which on SQLite would
+        # otherwise be BEGIN IMMEDIATE, holding the write lock over the whole batch's look-ups.
+        with _driver_errors(), self._connect() as conn:
+            cursor = conn.connection.dbapi_connection.cursor()
 
             def precheck(request_id: str, device_id: str, public_key_sha256: bytes, now: datetime) -> PrecheckResult:
                 with _driver_errors():
