@@ -78,7 +78,7 @@ class CaEnv:
         assert old in text, old
         self.config_path.write_text(text.replace(old, new))
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, check: bool = True, umask: int = -1) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [CA_DAEMON, "--config", str(self.config_path), *args],
             capture_output=True,
@@ -86,6 +86,7 @@ class CaEnv:
             env=daemon_environment(),
             timeout=120,
             check=False,
+            umask=umask,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"ca-daemon {' '.join(args)} failed: {result.stdout}{result.stderr}")

@@ -22,10 +22,8 @@ import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import (
-    CA_DAEMON,
     CaEnv,
     child_processes,
-    daemon_environment,
     device_csr,
     free_port,
     make_env,
@@ -124,20 +122,9 @@ def test_the_sqlite_database_is_private_whatever_the_umask(tmp_path_factory: pyt
     database = database_dir / "ca.db"
     env.edit_config('url = "sqlite:///ca.db"', f'url = "sqlite:///{database}"')
 
-    def as_operator(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [CA_DAEMON, "--config", str(env.config_path), *args],
-            capture_output=True,
-            text=True,
-            env=daemon_environment(),
-            timeout=120,
-            check=True,
-            umask=0o022,
-        )
-
-    as_operator("db", "migrate")
+    env.cli("db", "migrate", umask=0o022)  # as an operator whose umask lets every user read new files
     assert database.stat().st_mode & 0o777 == 0o600
-    as_operator("init")
+    env.cli("init", umask=0o022)
     log_path = env.state_dir / "daemon.log"
     process = spawn_daemon(env, log_path, umask=0o022)
     try:
