@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -366,10 +367,10 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         )
     if server.dev_mode and tls.enabled:
         raise ConfigError("server.dev_mode = true serves plaintext gRPC; remove [tls] cert/key or set server.dev_mode = false")
-    if not tls.enabled and not _is_loopback(host):
+    if not tls.enabled and (why := _not_loopback(host)):
         raise ConfigError(
-            f"server.listen = {server.listen!r} is not a loopback address; without TLS (development mode) gRPC is "
-            "plaintext, so it may only bind 127.0.0.0/8, ::1 or localhost; configure [tls] to serve other addresses"
+            f"server.listen = {server.listen!r} {why}; without TLS (development mode) gRPC is plaintext, so it may "
+            "only bind 127.0.0.0/8, ::1 or a name that resolves to them alone (localhost); configure [tls] to serve other addresses"
         )
 
     hsm_raw = reader.table("hsm")
@@ -434,10 +435,11 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     metrics = MetricsConfig(listen=reader.table("metrics").string("listen", ""))
     if metrics.listen:
         metrics_host = _host_of(metrics.listen, "metrics.listen")
-        if not tls.enabled and not _is_loopback(metrics_host):
+        if not tls.enabled and (why := _not_loopback(metrics_host)):
             raise ConfigError(
-                f"metrics.listen = {metrics.listen!r} is not a loopback address; without TLS (development mode) the "
-                "metrics endpoint is plaintext, so it may only bind loopback; with [tls] it is served over mTLS"
+                f"metrics.listen = {metrics.listen!r} {why}; without TLS (development mode) the metrics endpoint is "
+                "plaintext, so it may only bind loopback (127.0.0.0/8, ::1, or a name that resolves to them alone); "
+                "with [tls] it is served over mTLS"
             )
     if not tls.ca_key_uri:
         tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": f"pkcs11:token={token};object=mtls-ca-1"})
@@ -704,11 +706,33 @@ def _host_of(address: str, setting: str) -> str:
     return host.strip("[]")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _not_loopback(host: str) -> str | None:
+    """None if every address host stands for is a loopback one (an IP address, or a name resolved now); else why not.
+
+    gRPC binds every address a name resolves to; "localhost" was taken for loopback on its
+    name alone, so an /etc/hosts (or DNS) that also maps it to a network address had the
+    plaintext development server listening there. A name that does not resolve is refused.
+    """
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return None if ipaddress.ip_address(host).is_loopback else "is not a loopback address"
+    except ValueError:
+        pass
+    if not host:
+        return "binds every interface"
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        return f"names a host that does not resolve ({getattr(exc, 'strerror', None) or exc})"
+    addresses = sorted({str(info[4][0]) for info in found})
+    outside = [a for a in addresses if not _loopback_address(a)]
+    if addresses and not outside:
+        return None
+    return f"is not a loopback address: {host} resolves to {', '.join(addresses) or 'nothing'}"
+
+
+def _loopback_address(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
 

@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import make_env
+import pytest
+
+from tests.conftest import CA_DAEMON, daemon_environment, free_port, make_env
 
 
 def _lines(stdout: str) -> dict[str, str]:
@@ -76,3 +78,42 @@ def test_reload_signals_no_process_through_a_stale_pid_file(tmp_path: Path, soft
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def _in_namespace_with_hosts(hosts: Path) -> list[str]:
+    """A command prefix running a process in a private mount namespace whose /etc/hosts is hosts (a real resolver, real file)."""
+    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot give a process its own /etc/hosts here (unshare --user --mount): {probe.stderr.strip()}")
+    return prefix
+
+
+def test_development_mode_accepts_a_listen_name_only_if_it_resolves_to_loopback_alone(tmp_path: Path, softhsm_conf: Path) -> None:
+    """server.listen = "localhost:PORT" was taken for loopback on its name, unresolved: where /etc/hosts (or DNS) also maps
+    localhost to a network address, gRPC binds that address too, and the plaintext development server was reachable from
+    the network. Now the name is resolved and every address must be loopback; metrics.listen likewise."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n192.0.2.7 localhost\n127.0.0.2 ca-dev.test\n::1 ca-dev.test\n")
+    prefix = _in_namespace_with_hosts(hosts)
+
+    def check_config() -> subprocess.CompletedProcess[str]:
+        command = [*prefix, CA_DAEMON, "--config", str(env.config_path), "check-config"]
+        return subprocess.run(command, capture_output=True, text=True, env=daemon_environment(), timeout=120, check=False)
+
+    env.edit_config(f'listen = "{env.target}"', f'listen = "localhost:{env.port}"')
+    refused = check_config()
+    assert refused.returncode == 1 and _lines(refused.stdout) == {"configuration": "FAIL"}, refused.stdout + refused.stderr
+    assert f"server.listen = 'localhost:{env.port}' is not a loopback address: localhost resolves to 127.0.0.1, 192.0.2.7" in (
+        refused.stdout
+    ), refused.stdout
+
+    env.edit_config(f'listen = "localhost:{env.port}"', f'listen = "ca-dev.test:{env.port}"')  # 127.0.0.2 and ::1 alone
+    accepted = check_config()
+    assert _lines(accepted.stdout)["configuration"] == "ok  ", accepted.stdout + accepted.stderr
+
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "localhost:{free_port()}"')
+    metrics_refused = check_config()
+    assert _lines(metrics_refused.stdout) == {"configuration": "FAIL"}, metrics_refused.stdout + metrics_refused.stderr
+    assert "metrics.listen = 'localhost:" in metrics_refused.stdout and "resolves to 127.0.0.1, 192.0.2.7" in metrics_refused.stdout

@@ -58,6 +58,27 @@ def test_invalid_settings_are_refused_by_name(tmp_path: Path, old: str, new: str
     assert message in excinfo.value.message
 
 
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("[::1]:50051", ""),
+        ("127.0.0.2:50051", ""),
+        ("localhost:50051", ""),  # resolved: 127.0.0.1 here (see test_check_config for a localhost that is not only loopback)
+        (":50051", "server.listen = ':50051' binds every interface"),
+        ("192.0.2.7:50051", "server.listen = '192.0.2.7:50051' is not a loopback address"),
+        ("no-such-host.invalid:50051", "server.listen = 'no-such-host.invalid:50051' names a host that does not resolve"),
+    ],
+)
+def test_development_mode_binds_only_what_resolves_to_loopback(tmp_path: Path, listen: str, message: str) -> None:
+    text = _dev(tmp_path, **{'listen = "127.0.0.1:50051"': f'listen = "{listen}"'})
+    if not message:
+        assert config.load(_write(tmp_path, text)).server.listen == listen
+        return
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, text))
+    assert message in excinfo.value.message
+
+
 def test_not_toml_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(_write(tmp_path, "[server\n"))
