@@ -51,7 +51,7 @@ from ca_daemon.registration import VerificationCertificates
 from ca_daemon.revocation import MAX_BULK_REQUEST_BYTES, Revocations
 from ca_daemon.rotation import KeyCeremony
 from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor, KeyCeremonyServicer, RequestLog, caller_of
-from ca_daemon.store import SqlStore, open_store
+from ca_daemon.store import SqlStore, open_store, sqlite_mode_warning
 
 log = logging.getLogger("ca_daemon")
 KEY_CEREMONY_SERVICE = ca_pb2.DESCRIPTOR.services_by_name["KeyCeremony"].full_name
@@ -582,6 +582,8 @@ def serve(config: Config) -> int:
     config.hsm.pin.withdraw()  # before any process starts: workers, the resource tracker, a PKCS#11 module's helpers
     _claim(config)
     check_ready(config)
+    if warning := sqlite_mode_warning(config.store.url):
+        log.warning("%s", warning)
     pid_file = write_pid_file(config)
     metrics_server, metrics_store, scrapers = None, None, None
     reload_status = metrics.ReloadStatus()

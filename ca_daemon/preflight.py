@@ -1,8 +1,9 @@
 """`ca-daemon check-config`: validate a configuration and reach its token and database, serving nothing.
 
 Each check prints one line, "ok" or "FAIL", with what was checked and, on failure, what
-to do. A check that depends on an earlier one (the CA key needs the token) is skipped
-when that one failed. The exit code is 0 only when every check passed.
+to do; "WARN" marks a finding that fails nothing (a database file other users can read).
+A check that depends on an earlier one (the CA key needs the token) is skipped when that
+one failed. The exit code is 0 only when every check passed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ca_daemon.authority import load_active_ca
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Hsm, Pkcs11Uri
-from ca_daemon.store import SqlStore, open_store, schema
+from ca_daemon.store import SqlStore, open_store, schema, sqlite_mode_warning
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,11 @@ class Check:
     name: str
     ok: bool
     detail: str
+    # A finding that does not fail the check (exit code 0): printed WARN.
+    warning: bool = False
 
     def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+        return f"{'FAIL' if not self.ok else 'WARN' if self.warning else 'ok  '}  {self.name}: {self.detail}"
 
 
 def run(config_path: str | Path, emit: Callable[[Check], None] = lambda _c: None) -> list[Check]:
@@ -51,6 +54,9 @@ def run(config_path: str | Path, emit: Callable[[Check], None] = lambda _c: None
     record("configuration", True, f"{config.path}: {len(config.profiles)} profile(s), {config.server.workers} worker(s)")
     _check_files(config, record)
     store = _check_store(config, record)
+    if warning := sqlite_mode_warning(config.store.url):
+        results.append(Check("database file", True, warning, warning=True))
+        emit(results[-1])
     hsm = _check_token(config, record)
     try:
         if hsm is not None and store is not None:

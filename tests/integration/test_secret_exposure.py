@@ -139,6 +139,53 @@ def test_the_sqlite_database_is_private_whatever_the_umask(tmp_path_factory: pyt
         process.wait(timeout=30)
 
 
+def test_a_database_other_users_can_read_is_reported_at_start_and_by_check_config_and_left_alone(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """A database made by an older version (0644 under umask 022) kept its mode without a word: every local user could
+    read every certificate and the audit log. serve and check-config now name each such file, its mode and the chmod to
+    run (one line), and change nothing themselves."""
+    import json
+    import sqlite3
+
+    env = make_env(tmp_path_factory.mktemp("db-loose"), softhsm_conf)
+    database = env.state_dir / "ca.db"
+    database.chmod(0o644)  # as an older version left it
+    reader = sqlite3.connect(database)  # an open connection keeps the -wal and -shm, which SQLite gives the database's mode
+    try:
+        reader.execute("SELECT count(*) FROM certificates").fetchone()
+        wal, shm = Path(f"{database}-wal"), Path(f"{database}-shm")
+        assert wal.stat().st_mode & 0o777 == 0o644 and shm.stat().st_mode & 0o777 == 0o644
+        files = f"{database} {wal} {shm}"
+
+        checked = env.cli("check-config")  # a warning, not a failure: exit code 0
+        warned = [line for line in checked.stdout.splitlines() if line.startswith("WARN")]
+        assert warned == [
+            f"WARN  database file: the SQLite database is open to other local users ({database} is mode 0644, {wal} is mode "
+            f"0644, {shm} is mode 0644): it holds every certificate and the audit log; ca-daemon leaves existing modes alone, "
+            f"so run: chmod 600 {files}"
+        ], checked.stdout
+
+        log_path = env.state_dir / "daemon.log"
+        process = spawn_daemon(env, log_path)
+        try:
+            wait_serving(env.target, 30, process, log_path)
+            _sign(env)
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+        warnings = [r["msg"] for r in records if r["level"] == "WARNING" and "open to other local users" in r["msg"]]
+        assert len(warnings) == 1 and f"{database} is mode 0644" in warnings[0] and f"chmod 600 {files}" in warnings[0], warnings
+        assert {oct(path.stat().st_mode & 0o777) for path in (database, wal, shm)} == {"0o644"}  # not changed behind the operator's back
+    finally:
+        reader.close()
+
+    for path in database.parent.glob("ca.db*"):
+        path.chmod(0o600)
+    assert "WARN" not in env.cli("check-config").stdout
+
+
 def test_silent_connections_to_the_metrics_port_do_not_hold_up_a_scrape(
     tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 ) -> None:
