@@ -177,7 +177,11 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         hsm.sign_observer = request_metrics.hsm_sign
     audit_log = AuditLog(store, config.store.commit_batch_max)
     interceptor = ErrorInterceptor(
-        authenticator, audit_log.record, request_metrics, (lambda context: front.auth_context_of(context.peer())) if front else None
+        authenticator,
+        audit_log.record,
+        request_metrics,
+        (lambda context: front.auth_context_of(context.peer())) if front else None,
+        config.server.max_calls_in_flight,
     )
     server = grpc.aio.server(
         interceptors=[interceptor],
@@ -185,6 +189,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
             # Workers share the public port; behind the TLS front end each has a private port of its own.
             ("grpc.so_reuseport", 0 if front else 1),
             ("grpc.max_receive_message_length", max_request_bytes(config)),
+            *_pending_call_options(config.server.max_calls_in_flight),
             *_connection_age_options(config.server.max_connection_age_seconds),
         ],
     )
@@ -244,6 +249,20 @@ def max_request_bytes(config: Config) -> int:
     A larger request is refused by gRPC before it reaches a handler.
     """
     return max(config.server.max_csr_bytes, MAX_BULK_REQUEST_BYTES) + 64 * 1024
+
+
+def _pending_call_options(max_calls_in_flight: int) -> list[tuple[str, int]]:
+    """Room in gRPC's queue of calls received but not yet taken up by the event loop.
+
+    Past grpc.server.max_pending_requests (1,000 by default) gRPC refuses some queued calls,
+    and every one past its hard limit (3,000): the caller sees CANCELLED or RESOURCE_EXHAUSTED
+    with no reason and the daemon never hears of them. In a burst the loop
+    takes calls up more slowly than they arrive (measured: 151 of 2,000 Sign calls sent at once
+    to a worker cancelled), so the queue must hold at least as many as the worker handles;
+    then the ErrorInterceptor refuses what is beyond its cap, saying why.
+    """
+    pending = max(1000, 16 * max_calls_in_flight)
+    return [("grpc.server.max_pending_requests", pending), ("grpc.server.max_pending_requests_hard_limit", 2 * pending)]
 
 
 def _connection_age_options(age_seconds: int) -> list[tuple[str, int]]:

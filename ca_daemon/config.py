@@ -106,6 +106,8 @@ class ServerConfig:
     max_csr_bytes: int = 64 * 1024
     # Open client connections one worker's TLS front end accepts (handshaking ones included).
     max_connections: int = 1024
+    # Calls one worker handles at once (health and reflection not counted); one more is UNAVAILABLE (see service.ErrorInterceptor).
+    max_calls_in_flight: int = 2048
     # A client connection is asked to reconnect (HTTP/2 GOAWAY) after this long, 0 for never (see app.start_worker).
     max_connection_age_seconds: int = 1800
     local_identity: str = "local-developer"
@@ -348,6 +350,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         cpu_scheduling=server_raw.string("cpu_scheduling", "batch"),
         max_csr_bytes=server_raw.integer("max_csr_bytes", 64 * 1024, minimum=256, maximum=1024 * 1024),
         max_connections=server_raw.integer("max_connections", 1024, minimum=1, maximum=1_000_000),
+        max_calls_in_flight=server_raw.integer("max_calls_in_flight", 2048, minimum=1, maximum=1_000_000),
         max_connection_age_seconds=server_raw.integer("max_connection_age_seconds", 1800, minimum=0, maximum=7 * 86400),
         local_identity=server_raw.string("local_identity", "local-developer"),
         http_listen=server_raw.string("http_listen", ""),

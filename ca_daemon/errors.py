@@ -91,6 +91,10 @@ class StoreUnavailable(CaError):
     """The database cannot be reached or is busy; retrying later may succeed (UNAVAILABLE)."""
 
 
+class Overloaded(CaError):
+    """A worker already has as many calls in flight as it takes; retrying after a back-off may succeed (UNAVAILABLE)."""
+
+
 class ConfigError(CaError):
     """The configuration is invalid; raised at start-up or reload, never mid-request."""
 
