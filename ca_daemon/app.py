@@ -122,8 +122,14 @@ class Worker:
     front: tls_front.TlsFrontEnd | None = None
     authenticator: Authenticator | None = None
     request_log: RequestLog | None = None
+    health: health_aio.HealthServicer | None = None
+    interceptor: ErrorInterceptor | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
+        in_flight = self.interceptor.calls_in_flight if self.interceptor is not None else 0
+        log.info("worker %d stopping: %d calls in flight get up to %g s to finish", os.getpid(), in_flight, grace)
+        if self.health is not None:  # health watchers (load balancers) hear NOT_SERVING before the port closes
+            await self.health.enter_graceful_shutdown()
         if self.front is not None:
             self.front.stop_accepting()  # calls in flight still get their answers during the grace period
         await self.server.stop(grace)
@@ -143,6 +149,7 @@ class Worker:
                 log.error("audit checkpoint at shutdown failed: %s", exc.message)
         self.hsm.close()
         self.store.close()
+        log.info("worker %d stopped", os.getpid())
 
 
 async def start_worker(config: Config, listen: str | None = None, *, primary: bool = False) -> Worker:
@@ -233,7 +240,21 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
             asyncio.get_running_loop().create_task(_keep_client_crl_fresh(config, hsm, store), name="client-crl-refresh")
         if front is not None:
             asyncio.get_running_loop().create_task(_warn_before_server_certificate_expires(front), name="server-cert-expiry")
-    return Worker(hsm, store, authority, server, port, crl, audit_log, checkpointer, front, authenticator, interceptor.request_log)
+    return Worker(
+        hsm,
+        store,
+        authority,
+        server,
+        port,
+        crl,
+        audit_log,
+        checkpointer,
+        front,
+        authenticator,
+        interceptor.request_log,
+        health_servicer,
+        interceptor,
+    )
 
 
 # Calls in flight on a connection past its age get this long to finish before it closes.
@@ -707,6 +728,7 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
     """Serve until stopped; after_reload(accepted) follows each reload the daemon is asked for."""
     if config.server.workers == 1:
         asyncio.run(_serve_forever(config, primary=True, after_reload=after_reload))
+        log.info("ca-daemon stopped")
         return 0
     context = multiprocessing.get_context("spawn")
     stopping = False
@@ -754,11 +776,17 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
                 target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets, in_force), daemon=False
             )
             workers[index].start()
+    log.info("ca-daemon stopping: its workers finish the calls they have")
     for process in workers:
         if process.is_alive():
             process.terminate()
     for process in workers:
         process.join(timeout=15)
+        if process.exitcode is None:
+            log.error("worker %d did not stop within 15 s; killing it", process.pid)
+            process.kill()
+            process.join()
+    log.info("ca-daemon stopped")
     return 1 if failures > 10 * len(workers) else 0
 
 

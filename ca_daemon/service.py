@@ -170,6 +170,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._record_denial = record_denial
         self.request_log = RequestLog(metrics)
 
+    @property
+    def calls_in_flight(self) -> int:
+        """The calls this worker is handling now (0 unless max_calls_in_flight is set: only then are they counted)."""
+        return self._calls_in_flight
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
