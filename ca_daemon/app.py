@@ -231,6 +231,8 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         port = await front.start(host.strip("[]"), int(public_port), backend_port=port)
     await _set_health(health_servicer, authority.healthy)
     asyncio.get_running_loop().create_task(_watch_health(health_servicer, authority.probe_health))
+    if request_metrics.enabled:
+        asyncio.get_running_loop().create_task(_sample_calls_in_flight(interceptor, request_metrics), name="calls-in-flight")
     asyncio.get_running_loop().create_task(_follow_active_key(authority, config.rotation.poll_interval.total_seconds()), name="key-follow")
     asyncio.get_running_loop().create_task(watch_health(health_servicer, store, crl.healthy_check if crl else lambda: True))
     if primary:
@@ -376,6 +378,12 @@ async def _watch_health(servicer: health_aio.HealthServicer, healthy: Callable[[
         if now != last:
             await _set_health(servicer, now)
             last = now
+        await asyncio.sleep(_HEALTH_INTERVAL_S)
+
+
+async def _sample_calls_in_flight(interceptor: ErrorInterceptor, request_metrics: metrics.RequestMetrics) -> None:
+    while True:
+        request_metrics.calls_in_flight(interceptor.calls_in_flight)
         await asyncio.sleep(_HEALTH_INTERVAL_S)
 
 

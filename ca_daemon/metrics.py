@@ -54,7 +54,7 @@ class RequestMetrics:
         self.enabled = bool(os.environ.get(_ENV))
         if not self.enabled:
             return
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         self._requests = Counter("ca_daemon_requests", "gRPC requests by method and status code", ["method", "code"])
         self._latency = Histogram(
@@ -62,6 +62,13 @@ class RequestMetrics:
         )
         self._hsm_sign = Histogram("ca_daemon_hsm_sign_duration_seconds", "Latency of one signature in the HSM", buckets=_BUCKETS)
         self._tls_refused = Counter("ca_daemon_tls_handshakes_refused", "TLS handshakes the mTLS front end refused, by reason", ["reason"])
+        # Sampled each second rather than moved on every call: a multiprocess gauge update takes a lock and writes a file.
+        self._in_flight = Gauge(
+            "ca_daemon_calls_in_flight",
+            "gRPC calls the workers are handling, sampled each second (health and reflection not counted); "
+            "each worker refuses calls beyond server.max_calls_in_flight",
+            multiprocess_mode="livesum",
+        )
 
     def request(self, method: str, code: str, seconds: float) -> None:
         if self.enabled:
@@ -71,6 +78,10 @@ class RequestMetrics:
     def hsm_sign(self, seconds: float) -> None:
         if self.enabled:
             self._hsm_sign.observe(seconds)
+
+    def calls_in_flight(self, calls: int) -> None:
+        if self.enabled:
+            self._in_flight.set(calls)
 
     def tls_handshake_refused(self, reason: str) -> None:
         if self.enabled:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import re
 import sqlite3
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CaEnv, Daemon, device_csr, make_env
+from tests.conftest import CaEnv, Daemon, device_csr, free_port, make_env
 
 CAP = 3
 
@@ -27,6 +29,7 @@ def capped(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iter
     """One worker that takes CAP calls at once."""
     env = make_env(tmp_path_factory.mktemp("overload"), softhsm_conf, workers=1)
     env.edit_config("workers = 1", f"workers = 1\nmax_calls_in_flight = {CAP}")
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{free_port()}"')
     daemon = Daemon(env, env.state_dir / "daemon.log").start()
     yield daemon
     daemon.stop()
@@ -39,6 +42,13 @@ def _database(env: CaEnv) -> Path:
 def _certificates_of(env: CaEnv, device_id: str) -> int:
     with sqlite3.connect(f"file:{_database(env)}?mode=ro", uri=True) as db:
         return int(db.execute("SELECT count(*) FROM certificates WHERE device_id = ?", (device_id,)).fetchone()[0])
+
+
+def _calls_in_flight(env: CaEnv) -> float:
+    listen = re.search(r'\[metrics\]\nlisten = "([^"]+)"', env.config_path.read_text())
+    assert listen is not None
+    body = urllib.request.urlopen(f"http://{listen.group(1)}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[1]) for line in body.splitlines() if line.startswith("ca_daemon_calls_in_flight "))
 
 
 def test_a_call_over_the_cap_is_unavailable_saying_why_and_does_nothing_while_health_still_answers(capped: Daemon) -> None:
@@ -76,6 +86,11 @@ def test_a_call_over_the_cap_is_unavailable_saying_why_and_does_nothing_while_he
             message = refused.value.details() or ""
             assert f"already has {CAP} calls in flight" in message and "server.max_calls_in_flight" in message, message
             assert "retry after a back-off" in message, message
+            # The metrics show how close the worker is to its cap (sampled each second).
+            deadline = time.monotonic() + 5
+            while _calls_in_flight(env) != CAP:
+                assert time.monotonic() < deadline, _calls_in_flight(env)
+                time.sleep(0.2)
             # A load balancer still learns the worker is serving.
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
