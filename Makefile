@@ -9,8 +9,9 @@ CONFIG ?= $(STATE)/ca-daemon.toml
 # Mosquitto too for the tests, which start private instances of them: the tests start their own
 # throwaway PostgreSQL cluster from /usr/lib/postgresql/*/bin (as the `postgres` user when run as
 # root); set CA_DAEMON_TEST_PG_URL=postgresql://... to use a running server instead.
+# faketime: tests/integration/test_clock_steps.py steps a running daemon's wall clock with libfaketime.
 RUN_PACKAGES := softhsm2 opensc openssl
-TEST_PACKAGES := $(RUN_PACKAGES) postgresql mosquitto
+TEST_PACKAGES := $(RUN_PACKAGES) postgresql mosquitto faketime
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint proto proto-check bench deps test-deps system-deps clean

@@ -50,8 +50,10 @@ MAX_SERIAL_TEXT = 64
 # tag, a 1-byte length and the text. The server must accept a request this large (app.py).
 MAX_BULK_REQUEST_BYTES = MAX_BULK_SERIALS * (2 + MAX_SERIAL_TEXT)
 _ONE_SECOND = timedelta(seconds=1)
-# A CRL of a replica whose clock runs ahead is not waited for longer than this.
+# A CRL of a replica whose clock runs ahead is not waited for longer than this; further behind, nothing is published.
 _MAX_CLOCK_WAIT = timedelta(seconds=2)
+# The rule of a CRL not published because the clock is behind the thisUpdate of the issuer's last CRL.
+CRL_CLOCK_BEHIND = "crl-clock-behind"
 # X.509 time starts in 1950 (RFC 5280 4.1.2.5); an earlier invalidity date can only be a mistake.
 _EARLIEST_INVALIDITY_DATE = datetime(1950, 1, 1, tzinfo=UTC)
 
@@ -337,21 +339,37 @@ class CrlPublisher:
         return crl
 
     def _next_second(self, key_id: str, now: datetime, *, delta: bool) -> datetime:
-        """now, or a little later: two CRLs of one kind never share a thisUpdate (whole seconds).
+        """now, or a little later: thisUpdate never goes back, and two CRLs of one kind never share one (whole seconds).
 
-        thisUpdate is the CRL's Last-Modified over HTTP, and a client holding the first of two
-        deltas of one second would be told 304 for the second (If-Modified-Since); a relying
-        party comparing thisUpdate could not tell them apart either. The wait is under a second,
-        and only for a CRL following one of the same second (publish_on_revoke).
+        thisUpdate is the CRL's Last-Modified over HTTP: a client holding a CRL with a later (or the
+        same) thisUpdate is told 304 for this one (If-Modified-Since), and OpenSSL, given several full
+        CRLs of an issuer, takes the one with the latest thisUpdate, not the highest number. So no CRL gets a thisUpdate
+        before that of the issuer's last CRL of either kind (a delta never before its base), and
+        one following a CRL of its own kind in the same second waits for the next (publish_on_revoke).
+        The wait is at most _MAX_CLOCK_WAIT (a replica whose clock ran a little ahead published the
+        last one); a clock further behind (stepped back, a VM restored from a snapshot, a replica
+        minutes off) publishes nothing: CRL_CLOCK_BEHIND, a failed publication, until the clock
+        passes that thisUpdate.
         """
         last = self._store.latest_crl(key_id, delta=delta, with_der=False)
-        if last is None or last.this_update < now:
+        other = self._store.latest_crl(key_id, delta=not delta, with_der=False)
+        bounds = [(crl, crl.this_update + (_ONE_SECOND if crl.is_delta == delta else timedelta(0))) for crl in (last, other) if crl]
+        if all(now >= earliest for _, earliest in bounds):
             return now
-        wait = (last.this_update + _ONE_SECOND - datetime.now(UTC)).total_seconds()
+        newest, earliest = max(bounds, key=lambda bound: bound[1])
+        wait = (earliest - datetime.now(UTC)).total_seconds()
         time.sleep(min(max(wait, 0.0), _MAX_CLOCK_WAIT.total_seconds()))
         later = datetime.now(UTC).replace(microsecond=0)
-        if later <= last.this_update:
-            log.warning("the clock is behind CRL %d of %s (thisUpdate %s); publishing anyway", last.crl_number, key_id, last.this_update)
+        if later < earliest:
+            kind = "delta" if newest.is_delta else "full"
+            raise FailedPrecondition(
+                f"the clock ({later.isoformat()}) is behind thisUpdate {newest.this_update.isoformat()} of {kind} CRL "
+                f"{newest.crl_number} of {key_id}, published before: a CRL made now would go back in time, so relying parties "
+                "and HTTP caches that keep the CRL with the latest thisUpdate would never take it, and its nextUpdate would come "
+                f"early by their clocks. Check the system clock (NTP); CRLs of {key_id} are published again once the clock passes "
+                f"{earliest.isoformat()}",
+                rule=CRL_CLOCK_BEHIND,
+            )
         return later
 
     def _load(self, key: CaKey, certificate: x509.Certificate, *, with_key: bool = True) -> CrlIssuer:
@@ -558,6 +576,7 @@ def _audit(crl: PublishedCrl) -> AuditEvent:
 
 
 __all__ = [
+    "CRL_CLOCK_BEHIND",
     "CrlAnswer",
     "CrlIssuer",
     "CrlPublisher",

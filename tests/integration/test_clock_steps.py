@@ -1,0 +1,207 @@
+"""The wall clock stepped under a running daemon (an NTP step, a VM restored from a snapshot).
+
+A real `ca-daemon serve` runs under libfaketime with its offset in a file the test rewrites
+(FAKETIME_NO_CACHE re-reads it on every call), and only CLOCK_REALTIME moves, as in an NTP
+step (FAKETIME_DONT_FAKE_MONOTONIC). The spawned worker processes inherit the library and
+the offset; SoftHSM signs under it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2
+from ca_daemon.crl import CRL_HEALTH_SERVICE
+from tests.conftest import CA_DAEMON, CaEnv, daemon_environment, spawn_daemon, wait_serving
+from tests.integration.crl_helpers import crl_env, get_crl, sign, stub, wait_for_crl
+
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FAKETIME.exists(), reason=f"{FAKETIME} is missing: install the Debian package faketime (make test-deps)"),
+]
+
+# libfaketime 0.9.10 with FAKETIME_DONT_FAKE_MONOTONIC hands the kernel a negative time for
+# clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME), which Python 3.11's time.sleep uses: every
+# time.sleep in the daemon failed with OSError EINVAL (wolfcw/libfaketime#426). A real clock step
+# leaves CLOCK_MONOTONIC alone, so the faked daemon sleeps with a relative select() instead.
+_SLEEP_SHIM = "import select, time\ntime.sleep = lambda seconds: select.select([], [], [], seconds) and None\n"
+
+
+class SteppedClock:
+    """The offset of a daemon's wall clock from the real one, changed while it runs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.file = directory / "faketime-offset"
+        self.shim = directory / "faketime-shim"
+        self.shim.mkdir()
+        (self.shim / "sitecustomize.py").write_text(_SLEEP_SHIM)
+        self.step("+0")
+
+    def step(self, offset: str) -> None:
+        """Set the offset, e.g. "-1h", "+1d" or "+0" (libfaketime's relative format)."""
+        temp = self.file.with_suffix(".tmp")
+        temp.write_text(offset + "\n")
+        os.replace(temp, self.file)
+
+    def environment(self, offset_file: bool = True) -> dict[str, str]:
+        path = [str(self.shim), *filter(None, [os.environ.get("PYTHONPATH", "")])]
+        env = {"LD_PRELOAD": str(FAKETIME), "FAKETIME_DONT_FAKE_MONOTONIC": "1", "PYTHONPATH": os.pathsep.join(path)}
+        return env | ({"FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_NO_CACHE": "1"} if offset_file else {})
+
+
+def _init_a_day_ago(env: CaEnv, clock: SteppedClock) -> None:
+    """`ca-daemon init` with the clock a day back, so the CA certificate is valid an hour before now too."""
+    result = subprocess.run(
+        [CA_DAEMON, "--config", str(env.config_path), "init"],
+        env={**daemon_environment(), **clock.environment(offset_file=False), "FAKETIME": "-1d"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@dataclass
+class Stepped:
+    env: CaEnv
+    clock: SteppedClock
+    log: Path
+    http_port: int
+
+
+@pytest.fixture
+def stepped(tmp_path: Path, softhsm_conf: Path) -> Iterator[Stepped]:
+    """A one-worker daemon with HTTP and a 100 ms CRL check, its wall clock under the test's control."""
+    env, http_port = crl_env(tmp_path, softhsm_conf, init=False)
+    clock = SteppedClock(tmp_path)
+    _init_a_day_ago(env, clock)
+    log = tmp_path / "daemon.log"
+    process = spawn_daemon(env, log, clock.environment())
+    try:
+        wait_serving(env.target, 30, process, log)
+        yield Stepped(env, clock, log, http_port)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _crl_health(channel: grpc.Channel) -> int:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=CRL_HEALTH_SERVICE), timeout=5)
+    return int(reply.status)
+
+
+def _listed(serial: str) -> Callable[[x509.CertificateRevocationList], bool]:
+    return lambda crl: crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+
+
+def _revoke(channel: grpc.Channel, serial: str) -> None:
+    stub(channel).Revoke(ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+
+
+def _http_delta(port: int, if_modified_since: datetime) -> int:
+    """The status of a conditional GET of the delta CRL, as a cache or a CRL fetcher holding an earlier one sends it."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/crl/ca-root-1-delta.crl", headers={"If-Modified-Since": format_datetime(if_modified_since, usegmt=True)}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_clock_stepped_back_publishes_no_crl_that_goes_back_in_time(stepped: Stepped, tmp_path: Path) -> None:
+    env, clock = stepped.env, stepped.clock
+    with grpc.insecure_channel(env.target) as channel:
+        first = sign(channel)
+        _revoke(channel, first.serial)
+        before = wait_for_crl(channel, _listed(first.serial))
+        before_crl = x509.load_der_x509_crl(before.crl_der)
+        full = get_crl(channel)
+
+        clock.step("-1h")
+        second = sign(channel)  # issuance goes on: the CA certificate was valid an hour ago too
+        assert x509.load_pem_x509_certificate(second.certificate_pem.encode()).not_valid_before_utc < before_crl.last_update_utc
+        _revoke(channel, second.serial)
+
+        # The delta that would list it is refused, not published an hour back: the last one stays in force.
+        deadline = time.monotonic() + 15
+        while _crl_health(channel) == health_pb2.HealthCheckResponse.SERVING:
+            published = get_crl(channel, delta=True)
+            assert published.crl_number == before.crl_number, (
+                f"delta CRL {published.crl_number} published with thisUpdate "
+                f"{x509.load_der_x509_crl(published.crl_der).last_update_utc}, after one of {before_crl.last_update_utc}"
+            )
+            assert time.monotonic() < deadline, f"{CRL_HEALTH_SERVICE} still SERVING"
+            time.sleep(0.1)
+        assert get_crl(channel, delta=True).crl_number == before.crl_number
+        refusals = [line for line in stepped.log.read_text().splitlines() if "not published: the clock" in line]
+        assert refusals and "is behind thisUpdate" in refusals[0] and "Check the system clock (NTP)" in refusals[0]
+        # `ca-daemon crl publish` (a full CRL for a broker) on the same host is refused alike.
+        manual = subprocess.run(
+            [CA_DAEMON, "--config", str(env.config_path), "crl", "publish"],
+            env={**daemon_environment(), **clock.environment()},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert manual.returncode != 0 and "is behind thisUpdate" in manual.stderr, manual.stdout + manual.stderr
+        assert get_crl(channel).crl_number == full.crl_number
+
+        # Back on time, the revocation is published at once, after the CRL it follows.
+        clock.step("+0")
+        after = wait_for_crl(channel, _listed(second.serial))
+        deadline = time.monotonic() + 15
+        while _crl_health(channel) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, f"{CRL_HEALTH_SERVICE} still NOT_SERVING"
+            time.sleep(0.1)
+    after_crl = x509.load_der_x509_crl(after.crl_der)
+    assert after.crl_number > before.crl_number and after_crl.last_update_utc > before_crl.last_update_utc
+    assert after_crl.next_update_utc is not None and before_crl.next_update_utc is not None
+    assert after_crl.next_update_utc > before_crl.next_update_utc
+
+    # An HTTP client holding the earlier delta gets the new one (not 304, which a thisUpdate an hour back would earn) ...
+    assert _http_delta(stepped.http_port, before_crl.last_update_utc) == 200
+    # ... and a relying party whose clock the earlier delta was current by finds the new one current too.
+    files = []
+    for name, der in (("full", full.crl_der), ("delta", after.crl_der)):
+        files += ["-CRLfile", str(tmp_path / f"{name}.crl")]
+        (tmp_path / f"{name}.crl").write_bytes(der)
+    (tmp_path / "root.pem").write_bytes(
+        x509.load_pem_x509_certificates(second.chain_pem.encode())[-1].public_bytes(serialization.Encoding.PEM)
+    )
+    (tmp_path / "second.pem").write_text(second.certificate_pem)
+    at = str(int(before_crl.next_update_utc.timestamp()) - 1)
+    checks = ["-crl_check", "-use_deltas", "-extended_crl", "-attime", at]
+    result = subprocess.run(
+        ["openssl", "verify", *checks, "-CAfile", str(tmp_path / "root.pem"), *files, str(tmp_path / "second.pem")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "certificate revoked" in result.stdout + result.stderr, result.stdout + result.stderr
