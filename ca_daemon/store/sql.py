@@ -8,10 +8,8 @@ certificates, each with its audit event.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sys
-import threading
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from ca_daemon.store.schema import (
     schema_migrations,
 )
 from ca_daemon.store.schema import revocations as revocations_table
+from ca_daemon.store.write_lock import FileWriteLock
 
 # store_crl's refusals: another publisher stored that CRL number first (build the next one again);
 # the issuer's final CRL is stored (nothing may follow it: not a failure of the publisher's).
@@ -160,10 +159,10 @@ class SqlStore:
             engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True, connect_args=options)
         self.engine: Engine = engine
         self._time_processor = certificates.c.not_after.type.bind_processor(engine.dialect)
-        self._thread_lock = threading.Lock()
-        self._lock_fd: int | None = None
+        # SQLite: every process's writers queue on this file lock, and give up after lock_wait_ms as UNAVAILABLE.
+        self._write_lock: FileWriteLock | None = None
         if self._sqlite_file is not None:
-            self._lock_fd = os.open(database + ".writelock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._write_lock = FileWriteLock(database + ".writelock", lock_wait_ms)
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         counts = caller_issuance_by_minute
         counted = self._insert(counts).values(caller=bindparam("caller"), minute=bindparam("minute"), issued=bindparam("issued"))
@@ -188,9 +187,9 @@ class SqlStore:
 
     def close(self) -> None:
         self.engine.dispose()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._write_lock is not None:
+            self._write_lock.close()
+            self._write_lock = None
 
     # -- schema ------------------------------------------------------------
 
@@ -942,9 +941,11 @@ class SqlStore:
 
         SQLite's own busy handler polls with sleeps of up to 100 ms, which under several
         worker processes turned commits of a few milliseconds into p99 latencies of seconds;
-        a blocking flock hands the lock to the next waiter as soon as it is released.
+        a blocking flock hands the lock to the next waiter as soon as it is released. The
+        wait for it is bounded by lock_wait_ms, like SQLite's busy_timeout and PostgreSQL's
+        lock_timeout (see write_lock.py): a holder that stops does not hang every writer.
         """
-        with self._write_lock():
+        with self._write_lock.held() if self._write_lock is not None else contextlib.nullcontext():
             try:
                 transaction = self.engine.begin()
                 conn = transaction.__enter__()
@@ -977,18 +978,6 @@ class SqlStore:
                 "or replaced while the daemon ran, so nothing is written; put back the file the daemon opened, or stop the "
                 "daemon and restore the database (ca-daemon db restore)"
             )
-
-    @contextlib.contextmanager
-    def _write_lock(self) -> Iterator[None]:
-        if self._lock_fd is None:
-            yield
-            return
-        with self._thread_lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
 
 # The statements of every group commit, built once: constructing a Core statement and its
