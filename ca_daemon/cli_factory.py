@@ -138,6 +138,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
     crl = sub.add_parser("crl", help="CRLs").add_subparsers(metavar="ACTION")
     p = crl.add_parser("publish", help="publish a full (or delta) CRL now, e.g. for a broker that reads only full CRLs")
     p.add_argument("--delta", action="store_true")
+    p.add_argument(
+        "--clock-was-ahead",
+        action="store_true",
+        help="the clock was ahead when the last CRLs were made (relying parties refuse them as not yet valid) and is right now: "
+        "publish a full and a delta CRL of each CA key dated now, earlier than those (audited)",
+    )
     p.set_defaults(handler=_crl_publish)
     p = crl.add_parser(
         "raise-number", help="number every later CRL of a CA key above N (after a restore, N = the newest CRL number relying parties saw)"
@@ -304,10 +310,16 @@ def _crl_publish(args: argparse.Namespace) -> int:
         issuers = publisher.issuers(datetime.now(UTC))
         if not issuers:
             raise CaError("no CA key with a valid certificate; nothing to publish")
+        # After the clock was ahead both kinds are replaced: a delta must not be dated before its base, nor after the next delta.
+        kinds = (False, True) if args.clock_was_ahead else (args.delta,)
         for issuer in issuers:
-            crl = hsm.run(lambda issuer=issuer: publisher.publish(issuer, delta=args.delta))  # type: ignore[misc]
-            kind = "delta" if crl.is_delta else "full"
-            print(f"published {kind} CRL {crl.crl_number} of {issuer.key_id} ({crl.entries} entries)")
+            for delta in kinds:
+                crl = hsm.run(
+                    lambda issuer=issuer, delta=delta: publisher.publish(issuer, delta=delta, clock_was_ahead=args.clock_was_ahead)  # type: ignore[misc]
+                )
+                kind = "delta" if crl.is_delta else "full"
+                dated = crl.this_update.isoformat()
+                print(f"published {kind} CRL {crl.crl_number} of {issuer.key_id} ({crl.entries} entries), thisUpdate {dated}")
     print("GetCRL returns it now; a running daemon also serves it over HTTP within its crl.check_interval")
     return 0
 

@@ -191,7 +191,10 @@ def _not_modified(resource: Resource, headers: dict[str, str]) -> bool:
     since = headers.get("if-modified-since")
     if since:
         try:
-            return resource.last_modified.replace(microsecond=0) <= parsedate_to_datetime(since)
+            since_at = parsedate_to_datetime(since)
+            # A date later than the server's clock is invalid (RFC 2616 14.25; Apache ignores it too): it is the
+            # Last-Modified of a CRL dated ahead by a clock that was wrong, and its replacement must not get 304.
+            return since_at <= datetime.now(UTC) and resource.last_modified.replace(microsecond=0) <= since_at
         except (TypeError, ValueError):
             return False
     return False

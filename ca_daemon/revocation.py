@@ -338,7 +338,7 @@ class CrlPublisher:
         log.info("published the final CRL %d of %s with %d entries", crl.crl_number, issuer.key_id, crl.entries)
         return crl
 
-    def _next_second(self, key_id: str, now: datetime, *, delta: bool) -> datetime:
+    def _next_second(self, key_id: str, now: datetime, *, delta: bool, clock_was_ahead: bool = False) -> datetime:
         """now, or a little later: thisUpdate never goes back, and two CRLs of one kind never share one (whole seconds).
 
         thisUpdate is the CRL's Last-Modified over HTTP: a client holding a CRL with a later (or the
@@ -349,8 +349,12 @@ class CrlPublisher:
         The wait is at most _MAX_CLOCK_WAIT (a replica whose clock ran a little ahead published the
         last one); a clock further behind (stepped back, a VM restored from a snapshot, a replica
         minutes off) publishes nothing: CRL_CLOCK_BEHIND, a failed publication, until the clock
-        passes that thisUpdate.
+        passes that thisUpdate. Unless an operator says the clock was ahead when the last CRLs were
+        made (clock_was_ahead): those are dated in the future, which relying parties refuse as not
+        yet valid, so CRLs dated now must replace them (`ca-daemon crl publish --clock-was-ahead`).
         """
+        if clock_was_ahead:
+            return now
         last = self._store.latest_crl(key_id, delta=delta, with_der=False)
         other = self._store.latest_crl(key_id, delta=not delta, with_der=False)
         bounds = [(crl, crl.this_update + (_ONE_SECOND if crl.is_delta == delta else timedelta(0))) for crl in (last, other) if crl]
@@ -367,7 +371,8 @@ class CrlPublisher:
                 f"{newest.crl_number} of {key_id}, published before: a CRL made now would go back in time, so relying parties "
                 "and HTTP caches that keep the CRL with the latest thisUpdate would never take it, and its nextUpdate would come "
                 f"early by their clocks. Check the system clock (NTP); CRLs of {key_id} are published again once the clock passes "
-                f"{earliest.isoformat()}",
+                f"{earliest.isoformat()}. If instead the clock was ahead when that CRL was made and is right now, relying parties "
+                "refuse it as not yet valid: replace it at once with `ca-daemon crl publish --clock-was-ahead`",
                 rule=CRL_CLOCK_BEHIND,
             )
         return later
@@ -385,15 +390,21 @@ class CrlPublisher:
         private_key = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri)) if with_key else None
         return CrlIssuer(key.key_id, certificate, private_key, scope)  # type: ignore[arg-type]
 
-    def publish(self, issuer: CrlIssuer, *, delta: bool, now: datetime | None = None) -> PublishedCrl:
-        """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why."""
+    def publish(self, issuer: CrlIssuer, *, delta: bool, now: datetime | None = None, clock_was_ahead: bool = False) -> PublishedCrl:
+        """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why.
+
+        clock_was_ahead: date it now even if the issuer's last CRLs are dated later (see _next_second); audited as such.
+        """
+
+        def store(crl: PublishedCrl) -> None:
+            event = _audit(crl)
+            if clock_was_ahead:
+                event = AuditEvent(**{**event.__dict__, "actor": "ca-daemon-cli", "details": {**event.details, "clock_was_ahead": "true"}})
+            self._store.store_crl(crl, event, fence=self.fence)
+
         try:
             crl = self._numbered(
-                issuer,
-                lambda at: self.build(issuer, delta=delta, now=at),
-                lambda crl: self._store.store_crl(crl, _audit(crl), fence=self.fence),
-                now,
-                delta=delta,
+                issuer, lambda at: self.build(issuer, delta=delta, now=at), store, now, delta=delta, clock_was_ahead=clock_was_ahead
             )
         except CaError as exc:
             if exc.rule in (LEADER_FENCE, ISSUER_FINAL_CRL):  # not a failure: another publisher's CRL stands, and its status
@@ -418,6 +429,7 @@ class CrlPublisher:
         now: datetime | None,
         *,
         delta: bool,
+        clock_was_ahead: bool = False,
     ) -> PublishedCrl:
         """Build a CRL on the next number (thisUpdate a second after the last of its kind), check and store it.
 
@@ -425,7 +437,10 @@ class CrlPublisher:
         `ca-daemon crl publish`): the CRL is then built again on the new number.
         """
         for attempt in range(1, _NUMBER_ATTEMPTS + 1):
-            crl = build(self._next_second(issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=delta))
+            at = self._next_second(
+                issuer.key_id, (now or datetime.now(UTC)).replace(microsecond=0), delta=delta, clock_was_ahead=clock_was_ahead
+            )
+            crl = build(at)
             self.check(issuer, crl)
             try:
                 store(crl)

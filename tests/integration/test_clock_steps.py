@@ -8,6 +8,7 @@ the offset; SoftHSM signs under it unchanged.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -122,10 +123,10 @@ def _revoke(channel: grpc.Channel, serial: str) -> None:
     stub(channel).Revoke(ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
 
 
-def _http_delta(port: int, if_modified_since: datetime) -> int:
-    """The status of a conditional GET of the delta CRL, as a cache or a CRL fetcher holding an earlier one sends it."""
+def _http_delta(port: int, if_modified_since: datetime, name: str = "ca-root-1-delta.crl") -> int:
+    """The status of a conditional GET of the delta CRL (or another), as a cache or a CRL fetcher holding an earlier one sends it."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/crl/ca-root-1-delta.crl", headers={"If-Modified-Since": format_datetime(if_modified_since, usegmt=True)}
+        f"http://127.0.0.1:{port}/crl/{name}", headers={"If-Modified-Since": format_datetime(if_modified_since, usegmt=True)}
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -205,3 +206,93 @@ def test_a_clock_stepped_back_publishes_no_crl_that_goes_back_in_time(stepped: S
         check=False,
     )
     assert "certificate revoked" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def _crl_publish(env: CaEnv, *args: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CA_DAEMON, "--config", str(env.config_path), "crl", "publish", *args],
+        env={**daemon_environment(), **(environment or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _wait_crl_health(channel: grpc.Channel, status: int) -> None:
+    deadline = time.monotonic() + 15
+    while _crl_health(channel) != status:
+        assert time.monotonic() < deadline, f"{CRL_HEALTH_SERVICE} is not {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+        time.sleep(0.1)
+
+
+def test_crls_made_while_the_clock_was_ahead_are_replaced_by_an_operator_once_it_is_right(stepped: Stepped, tmp_path: Path) -> None:
+    """Dated a day ahead, relying parties refuse them as not yet valid, and nothing dated earlier follows by itself."""
+    env, clock = stepped.env, stepped.clock
+    with grpc.insecure_channel(env.target) as channel:
+        clock.step("+1d")
+        ahead = sign(channel)
+        _revoke(channel, ahead.serial)
+        # A day after the last full CRL, the schedule publishes the next, and a delta on it: both dated a day ahead.
+        tomorrow = datetime.now(UTC) + timedelta(hours=12)
+        future_full = x509.load_der_x509_crl(wait_for_crl(channel, lambda crl: crl.last_update_utc > tomorrow, delta=False).crl_der)
+        wait_for_crl(channel, lambda crl: crl.last_update_utc >= future_full.last_update_utc)
+        # The revocation is on the full CRL or on a delta after it, whichever came after it.
+        deadline = time.monotonic() + 15
+        while not any(_listed(ahead.serial)(x509.load_der_x509_crl(get_crl(channel, delta=d).crl_der)) for d in (False, True)):
+            assert time.monotonic() < deadline, "the revocation made while the clock was ahead was never published"
+            time.sleep(0.1)
+
+        clock.step("+0")
+        now = sign(channel)
+        _revoke(channel, now.serial)
+        _wait_crl_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
+        hint = [line for line in stepped.log.read_text().splitlines() if "not published: the clock" in line]
+        assert hint and "ca-daemon crl publish --clock-was-ahead" in hint[-1], hint
+
+        replaced = _crl_publish(env, "--clock-was-ahead")  # the operator, with the clock right
+        assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+        assert "published full CRL" in replaced.stdout and "published delta CRL" in replaced.stdout, replaced.stdout
+        full = get_crl(channel)
+        delta = get_crl(channel, delta=True)
+        _wait_crl_health(channel, health_pb2.HealthCheckResponse.SERVING)  # the schedule goes on from the replacements
+        # A fetcher holding the CRL dated ahead asks If-Modified-Since its (future) date: the replacement is no 304.
+        deadline = time.monotonic() + 15
+        while _http_delta(stepped.http_port, future_full.last_update_utc, "ca-root-1.crl") != 200:
+            assert time.monotonic() < deadline, "a conditional GET dated ahead of the clock still gets 304"
+            time.sleep(0.1)
+        again = sign(channel)
+        _revoke(channel, again.serial)
+        assert wait_for_crl(channel, _listed(again.serial)).crl_number > delta.crl_number
+    full_crl = x509.load_der_x509_crl(full.crl_der)
+    assert full_crl.last_update_utc < future_full.last_update_utc and _listed(now.serial)(full_crl) and _listed(ahead.serial)(full_crl)
+    assert x509.load_der_x509_crl(delta.crl_der).last_update_utc < future_full.last_update_utc
+
+    # A relying party with a right clock takes the replacement: the certificate revoked after the clock came back is refused as revoked.
+    (tmp_path / "full.crl").write_bytes(full.crl_der)
+    (tmp_path / "root.pem").write_bytes(
+        x509.load_pem_x509_certificates(now.chain_pem.encode())[-1].public_bytes(serialization.Encoding.PEM)
+    )
+    (tmp_path / "now.pem").write_text(now.certificate_pem)
+    result = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            str(tmp_path / "root.pem"),
+            "-CRLfile",
+            str(tmp_path / "full.crl"),
+            str(tmp_path / "now.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "certificate revoked" in result.stdout + result.stderr, result.stdout + result.stderr
+    events = env.cli("audit", "export", "--out", str(tmp_path / "audit.jsonl"))
+    assert events.returncode == 0
+    details = [
+        json.loads(row["details"]) for row in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines()) if "details" in row
+    ]
+    assert [d["kind"] for d in details if d.get("clock_was_ahead") == "true"] == ["full", "delta"], "the replacements are audited as such"
