@@ -31,14 +31,21 @@ def capped(text: str, limit: int = MESSAGE_BYTES) -> str:
 
 
 class CaError(Exception):
-    """Base of every error the daemon reports to a caller."""
+    """Base of every error the daemon reports to a caller.
 
-    def __init__(self, message: str, *, rule: str = "", field: str = "", expected: str = "") -> None:
+    message is the whole story, for the operator: the daemon's log, the CLI. caller_message is
+    what a gRPC caller is told, and differs only where message names what is the operator's
+    alone, such as a file's path (the host's layout): then it says what happened and what the
+    caller can do (retry), and the log line of the refused call keeps message.
+    """
+
+    def __init__(self, message: str, *, rule: str = "", field: str = "", expected: str = "", caller_message: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.rule = rule
         self.field = field
         self.expected = expected
+        self.caller_message = caller_message or message
 
 
 class InvalidRequest(CaError):

@@ -244,7 +244,11 @@ class Hsm:
                 self._lib.reinitialize()
             token = self._lib.get_token(token_label=self._token_label)
         except pkcs11.exceptions.NoSuchToken:
-            raise HsmUnavailable(f"PKCS#11 token {self._token_label!r} not found in module {self._module_path}") from None
+            raise HsmUnavailable(
+                f"PKCS#11 token {self._token_label!r} not found in module {self._module_path}",
+                # A caller learns that the HSM is unavailable, not where the host keeps its PKCS#11 module.
+                caller_message=f"the HSM is unavailable: its token {self._token_label!r} is not reachable; retry later",
+            ) from None
         except pkcs11.exceptions.PKCS11Error as exc:
             raise _TransientHsmError(f"cannot reach PKCS#11 token {self._token_label!r}: {type(exc).__name__}") from None
         try:

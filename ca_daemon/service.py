@@ -69,11 +69,15 @@ def status_code_for(error: errors.CaError) -> grpc.StatusCode:
 
 
 def status_message(error: errors.CaError) -> str:
-    """The message a caller (and the request log) gets: the rule kept, the rest cut to errors.MESSAGE_BYTES."""
+    """The message a caller gets: the rule kept, the rest cut to errors.MESSAGE_BYTES.
+
+    It is the error's caller_message: what names the host's layout (a file's path) stays in the
+    request's log line, which carries the whole message (see errors.CaError).
+    """
     if not error.rule:
-        return errors.capped(error.message)
+        return errors.capped(error.caller_message)
     rule = f" [rule {errors.capped(error.rule, 128)}]"
-    return errors.capped(error.message, errors.MESSAGE_BYTES - len(rule.encode())) + rule
+    return errors.capped(error.caller_message, errors.MESSAGE_BYTES - len(rule.encode())) + rule
 
 
 def to_status(error: errors.CaError) -> grpc.Status:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -931,7 +932,7 @@ class SqlStore:
         try:
             conn = self.engine.connect().execution_options(ca_read_only=True, **options)
         except (OperationalError, DBAPIError) as exc:
-            raise StoreUnavailable(f"the database is unavailable: {_brief(exc)}") from None
+            raise _unavailable(_brief(exc)) from None
         with _outage_is_unavailable(), conn:
             yield conn
 
@@ -950,7 +951,7 @@ class SqlStore:
                 transaction = self.engine.begin()
                 conn = transaction.__enter__()
             except (OperationalError, DBAPIError) as exc:
-                raise StoreUnavailable(f"the database is unavailable: {_brief(exc)}") from None
+                raise _unavailable(_brief(exc)) from None
             # A session that dies mid-transaction or at COMMIT (a server restart, a full disk) rolls the
             # transaction back: the caller is told to retry, and a retry finds whatever did commit.
             with _outage_is_unavailable():
@@ -976,7 +977,9 @@ class SqlStore:
             raise StoreUnavailable(
                 f"the database file {self._sqlite_file} is {'gone' if found is None else 'another file'}: it was deleted, moved "
                 "or replaced while the daemon ran, so nothing is written; put back the file the daemon opened, or stop the "
-                "daemon and restore the database (ca-daemon db restore)"
+                "daemon and restore the database (ca-daemon db restore)",
+                caller_message="the database file was deleted, moved or replaced while the daemon ran, so nothing was written; "
+                "retry later (the daemon's log says what its operator must do)",
             )
 
 
@@ -1019,7 +1022,7 @@ def _outage_is_unavailable() -> Iterator[None]:
     try:
         yield
     except (OperationalError, InterfaceError) as exc:
-        raise StoreUnavailable(f"the database is unavailable: {_brief(exc)}") from None
+        raise _unavailable(_brief(exc)) from None
 
 
 @contextlib.contextmanager
@@ -1028,10 +1031,10 @@ def _driver_errors() -> Iterator[None]:
     try:
         yield
     except (OperationalError, DBAPIError) as exc:
-        raise StoreUnavailable(f"the database is unavailable: {_brief(exc)}") from None
+        raise _unavailable(_brief(exc)) from None
     except Exception as exc:  # a driver error outside SQLAlchemy's wrapping (a DB-API cursor of our own)
         if "database" in type(exc).__module__ or "sqlite" in type(exc).__module__ or "psycopg" in type(exc).__module__:
-            raise StoreUnavailable(f"the database is unavailable: {str(exc)[:200]}") from None
+            raise _unavailable(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
         raise
 
 
@@ -1139,6 +1142,17 @@ def _file_identity(path: str) -> tuple[int, int] | None:
 
 def _brief(exc: Exception) -> str:
     return str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+
+
+# A path in a driver's reason: quoted, with a slash in it (psycopg's 'on socket "/run/postgresql/.s.PGSQL.5432"', a
+# server's 'could not open file "base/16384/2619"'), or bare and absolute.
+_PATH_IN_REASON = re.compile(r"\"[^\"]*/[^\"]*\"|'[^']*/[^']*'|(?<![\w:/])/[^\s,;:'\"]+")
+
+
+def _unavailable(reason: str) -> StoreUnavailable:
+    """StoreUnavailable with the database's reason; the caller's copy without the paths it may name (the host's layout)."""
+    message = f"the database is unavailable: {reason}"
+    return StoreUnavailable(message, caller_message=_PATH_IN_REASON.sub("(path in the daemon's log)", message))
 
 
 def _utc(value: datetime) -> datetime:

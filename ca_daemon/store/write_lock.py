@@ -137,7 +137,9 @@ class FileWriteLock:
         return StoreUnavailable(
             f"the database's write lock {self.path} has been held for over {self._wait_s:g} s by {who}, so nothing was "
             f"written; a process stopped in the middle of a write (Ctrl-Z, SIGSTOP, a debugger) holds it until it "
-            f"continues or ends: resume {advice} (fg in its shell, or kill -CONT) or end it, then retry"
+            f"continues or ends: resume {advice} (fg in its shell, or kill -CONT) or end it, then retry",
+            caller_message=f"the database's write lock has been held by another process for over {self._wait_s:g} s, so "
+            "nothing was written; retry later (the daemon's log names the holder)",
         )
 
 

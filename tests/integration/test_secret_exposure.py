@@ -7,6 +7,7 @@ from /proc as another process of the same user would read them.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -184,6 +185,88 @@ def test_a_database_other_users_can_read_is_reported_at_start_and_by_check_confi
     for path in database.parent.glob("ca.db*"):
         path.chmod(0o600)
     assert "WARN" not in env.cli("check-config").stdout
+
+
+def test_callers_learn_the_hsm_or_database_is_unavailable_and_to_retry_not_the_hosts_paths_which_the_log_keeps(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """A Sign caller was told 'PKCS#11 token ... not found in module /usr/lib/softhsm/libsofthsm2.so' or 'the database file
+    /var/lib/.../ca.db is gone': the host's file layout, which an authenticated programming service has no use for. It
+    now learns what is unavailable and to retry; the daemon's log line of the refused call keeps the whole message."""
+    from ca_daemon import config as config_module
+    from tests.integration.test_hsm import _token_label
+
+    base = tmp_path_factory.mktemp("paths")
+    env = make_env(base, softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    module = config_module.load(env.config_path).hsm.module
+    database = env.state_dir / "ca.db"
+    log_path = base / "daemon.log"
+    process = spawn_daemon(env, log_path)
+    refusals: list[str] = []
+
+    def refused_sign() -> str:
+        with pytest.raises(grpc.RpcError) as refused:
+            _sign(env)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        refusals.append(refused.value.details() or "")
+        return refusals[-1]
+
+    try:
+        wait_serving(env.target, 30, process, log_path)
+        _sign(env)
+
+        away = base / "ca.db.away"
+        database.rename(away)
+        try:
+            message = refused_sign()
+            assert "the database file was deleted, moved or replaced while the daemon ran" in message and "retry" in message, message
+        finally:
+            away.rename(database)
+        _sign(env)
+
+        tokens = [d for d in (softhsm_conf.parent / "tokens").iterdir() if _token_label(d) == env.token]
+        assert len(tokens) == 1
+        token_away = base / "token-away"
+        shutil.move(tokens[0], token_away)
+        try:
+            # The first call finds the session broken; a later one (past the reconnect interval) looks for the token anew.
+            deadline = time.monotonic() + 10
+            while not any("its token" in message for message in refusals):
+                assert time.monotonic() < deadline, refusals
+                refused_sign()
+                time.sleep(0.3)
+        finally:
+            shutil.move(token_away, tokens[0])
+        message = next(message for message in refusals if "its token" in message)
+        assert message == f"the HSM is unavailable: its token {env.token!r} is not reachable; retry later", message
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    for message in refusals:
+        assert "/" not in message, message  # no path of any kind
+    log = log_path.read_text()
+    assert f"the database file {database} is gone" in log
+    assert f"PKCS#11 token {env.token!r} not found in module {module}" in log
+
+
+def test_a_database_driver_reason_reaches_the_caller_without_the_socket_path(tmp_path: Path) -> None:
+    """psycopg's reason for a refused connection names the server's Unix socket; the caller's message keeps the reason."""
+    from ca_daemon.errors import StoreUnavailable
+    from ca_daemon.store import SqlStore
+
+    sockets = tmp_path / "no-server-here"
+    sockets.mkdir()
+    store = SqlStore(f"postgresql://ca@/ca?host={sockets}")
+    try:
+        with pytest.raises(StoreUnavailable) as unavailable:
+            store.count_certificates()
+    finally:
+        store.close()
+    assert f"{sockets}/.s.PGSQL.5432" in unavailable.value.message, unavailable.value.message
+    caller = unavailable.value.caller_message
+    assert caller.startswith("the database is unavailable: ") and "No such file or directory" in caller, caller
+    assert str(tmp_path) not in caller and ".s.PGSQL" not in caller, caller
 
 
 def test_silent_connections_to_the_metrics_port_do_not_hold_up_a_scrape(

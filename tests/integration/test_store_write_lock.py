@@ -147,6 +147,11 @@ def test_a_write_behind_a_holder_that_does_not_let_go_is_unavailable_in_time_wri
         assert f"write lock {database}.writelock has been held for over 0.5 s by pid {holder.process.pid}" in message, message
         if how == "stop":
             assert "stopped)" in message and f"resume pid {holder.process.pid} (fg in its shell, or kill -CONT)" in message, message
+        # What a gRPC caller is told: no path, no pid (the host's business), and to retry.
+        assert refused.caller_message == (
+            "the database's write lock has been held by another process for over 0.5 s, so nothing was written; retry later "
+            "(the daemon's log names the holder)"
+        ), refused.caller_message
         assert store.count_certificates() == 0  # nothing half-written
 
         holder.release()
