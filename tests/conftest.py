@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,6 +115,36 @@ def make_env(base: Path, softhsm_conf: Path, *, key_type: str = "ec-p256", worke
     return env
 
 
+class Snapshot:
+    """A CA environment's files (configuration, database, PIN and TLS files) as set up once; restore() puts them back.
+
+    For a module whose tests each need a fresh daemon on the same set-up and change its files: one
+    `ca-daemon init` (and `mtls init`) per module instead of one per test. The token is shared, not restored,
+    so the tests may sign with its keys but must not add or remove any: restore() fails if one did.
+    """
+
+    def __init__(self, env: CaEnv, copy: Path) -> None:
+        self.env = env
+        self._copy = copy
+        shutil.copytree(env.state_dir, copy, symlinks=True)
+        self._token_objects = self._objects_in_token()
+
+    def _objects_in_token(self) -> list[str]:
+        """SoftHSM's file store: a directory per token (its label padded to 32 bytes in token.object), a file per object."""
+        conf = self.env.softhsm_conf.read_text()
+        token_dir = Path(re.findall(r"^directories\.tokendir = (.+)$", conf, re.MULTILINE)[0])
+        label = self.env.token.encode().ljust(32)
+        (directory,) = [d for d in token_dir.iterdir() if label in (d / "token.object").read_bytes()]
+        return sorted(f.name for f in directory.glob("*.object") if f.name != "token.object")
+
+    def restore(self) -> CaEnv:
+        """The files as they were when the snapshot was taken; no process may be using them."""
+        assert self._objects_in_token() == self._token_objects, f"a test added or removed keys in token {self.env.token}"
+        shutil.rmtree(self.env.state_dir)
+        shutil.copytree(self._copy, self.env.state_dir, symlinks=True)
+        return self.env
+
+
 @pytest.fixture(scope="session")
 def ca_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> CaEnv:
     """A shared EC P-256 CA for tests that only read or add independent certificates."""
@@ -212,6 +244,25 @@ def wait_channel_serving(
             pass
         time.sleep(0.1)
     raise AssertionError(f"daemon did not become SERVING within {timeout}s: {log()}")
+
+
+_WORKER_SERVING = re.compile(r"worker \d+ serving gRPC on ")
+
+
+def wait_workers_serving(
+    log: Callable[[], str], workers: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until workers worker processes have logged that they serve gRPC (their servers and signal handlers are up).
+
+    Health answers SERVING as soon as one worker does; tests that need every worker (reloads, fresh connections
+    to either) wait for this too. log is read from its start: give each daemon a log of its own.
+    """
+    deadline = time.monotonic() + timeout
+    while len(_WORKER_SERVING.findall(log())) < workers:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"daemon exited with {process.returncode}: {log()}")
+        assert time.monotonic() < deadline, f"{workers} worker(s) not serving within {timeout}s: {log()[-3000:]}"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon import access, app, config, tls
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CaEnv, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving
+from tests.conftest import CaEnv, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving, wait_workers_serving
 
 pytestmark = pytest.mark.slow
 
@@ -66,17 +66,25 @@ class TlsDaemon:
             self.process.wait(timeout=30)
 
 
-def start_tls_daemon(env: CaEnv, *mtls_init_args: str, client: str = "prog") -> TlsDaemon:
-    """`mtls init --apply` with these arguments, metrics on a free port, serve; once client's calls are answered."""
-    tls_dir = env.state_dir / "tls"
-    env.cli("mtls", "init", "--out", str(tls_dir), *mtls_init_args, "--apply")
+def prepare_tls(env: CaEnv, *mtls_init_args: str) -> int:
+    """`mtls init --apply` with these arguments and the metrics endpoint on a free port, which it returns."""
+    env.cli("mtls", "init", "--out", str(env.state_dir / "tls"), *mtls_init_args, "--apply")
     metrics_port = free_port()
     env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
+    return metrics_port
+
+
+def serve_tls(env: CaEnv, metrics_port: int, client: str = "prog") -> TlsDaemon:
+    """Serve env as prepare_tls left it; once client's calls are answered and every worker serves."""
     log_path = env.state_dir / "daemon.log"
-    daemon = TlsDaemon(env, tls_dir, spawn_daemon(env, log_path), log_path, metrics_port)
-    with daemon.channel(client) as channel:
-        wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)
+    daemon = TlsDaemon(env, env.state_dir / "tls", spawn_daemon(env, log_path), log_path, metrics_port)
+    _wait_tls_serving(daemon, client)
     return daemon
+
+
+def start_tls_daemon(env: CaEnv, *mtls_init_args: str, client: str = "prog") -> TlsDaemon:
+    """`mtls init --apply` with these arguments, metrics on a free port, serve; once client's calls are answered and every worker serves."""
+    return serve_tls(env, prepare_tls(env, *mtls_init_args), client)
 
 
 def _issue_expired(env: CaEnv, tls_dir: Path) -> None:
@@ -133,9 +141,11 @@ def x509_serial(path: Path) -> str:
     return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
 
 
-def _wait_tls_serving(daemon: TlsDaemon) -> None:
-    with daemon.channel("adm") as channel:
-        wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)  # settle: both workers
+def _wait_tls_serving(daemon: TlsDaemon, client: str = "adm") -> None:
+    """Until client's calls are answered and every worker serves."""
+    with daemon.channel(client) as channel:
+        wait_channel_serving(channel, 40, daemon.process, daemon.log)
+    wait_workers_serving(daemon.log, config.load(daemon.env.config_path).server.workers, 40, daemon.process)
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,31 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CaEnv, device_csr, make_env, openssl_verify, spawn_daemon, wait_channel_serving
+from tests.conftest import CaEnv, Snapshot, device_csr, make_env, openssl_verify, spawn_daemon, wait_channel_serving
 from tests.factory_helpers import ForeignCa
-from tests.integration.test_access_audit import TlsDaemon, _scrape, start_tls_daemon, x509_serial
+from tests.integration.test_access_audit import TlsDaemon, _scrape, prepare_tls, serve_tls, x509_serial
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[TlsDaemon]:
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> tuple[Snapshot, int]:
+    """One CA and internal mTLS PKI for the module (the tests add no keys to the token); its files and metrics port."""
     env = make_env(tmp_path_factory.mktemp("renew"), softhsm_conf, workers=2)
-    daemon = start_tls_daemon(env, "--client", "prog:programmer", "--host", "localhost")
+    metrics_port = prepare_tls(env, "--client", "prog:programmer", "--host", "localhost")
+    return Snapshot(env, tmp_path_factory.mktemp("renew-snapshot") / "state"), metrics_port
+
+
+@pytest.fixture
+def tls_env(prepared: tuple[Snapshot, int]) -> CaEnv:
+    """The module's set-up with its files as they were before any test changed them."""
+    return prepared[0].restore()
+
+
+@pytest.fixture
+def tls_daemon(tls_env: CaEnv, prepared: tuple[Snapshot, int]) -> Iterator[TlsDaemon]:
+    """A daemon of the test's own (two workers) on those files."""
+    daemon = serve_tls(tls_env, prepared[1])
     yield daemon
     daemon.stop()
 
@@ -215,8 +229,9 @@ def test_after_a_reload_to_another_server_certificate_file_the_expiry_warning_is
     assert f"the TLS server certificate {tls_dir / 'server.pem'} expires at" not in tls_daemon.log()
 
 
-def test_renew_server_refuses_a_certificate_from_another_pki(tls_daemon: TlsDaemon) -> None:
-    env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
+def test_renew_server_refuses_a_certificate_from_another_pki(tls_env: CaEnv) -> None:
+    """A command-line refusal: no daemon needed."""
+    env, tls_dir = tls_env, tls_env.state_dir / "tls"
     foreign = ForeignCa.create("ca.factory.example").certificate
     original = (tls_dir / "server.pem").read_bytes(), (tls_dir / "server.key").read_bytes()
     (tls_dir / "server.pem").write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
