@@ -128,6 +128,7 @@ class Snapshot:
         self._copy = copy
         shutil.copytree(env.state_dir, copy, symlinks=True)
         self._token_objects = self._objects_in_token()
+        self._restored = 0
 
     def _objects_in_token(self) -> list[str]:
         """SoftHSM's file store: a directory per token (its label padded to 32 bytes in token.object), a file per object."""
@@ -138,9 +139,13 @@ class Snapshot:
         return sorted(f.name for f in directory.glob("*.object") if f.name != "token.object")
 
     def restore(self) -> CaEnv:
-        """The files as they were when the snapshot was taken; no process may be using them."""
+        """The files as they were when the snapshot was taken; no process may be using them.
+
+        The files the previous test left (its daemon's log too) are kept beside them, numbered.
+        """
         assert self._objects_in_token() == self._token_objects, f"a test added or removed keys in token {self.env.token}"
-        shutil.rmtree(self.env.state_dir)
+        self._restored += 1
+        self.env.state_dir.rename(self.env.state_dir.with_name(f"{self.env.state_dir.name}.{self._restored}"))
         shutil.copytree(self._copy, self.env.state_dir, symlinks=True)
         return self.env
 

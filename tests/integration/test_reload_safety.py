@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import Daemon, device_csr, make_env, spawn_daemon, wait_serving
-from tests.integration.test_access_audit import TlsDaemon, _scrape, start_tls_daemon
+from tests.conftest import Daemon, Snapshot, device_csr, make_env, spawn_daemon, wait_serving, wait_workers_serving
+from tests.integration.test_access_audit import TlsDaemon, _scrape, prepare_tls, serve_tls
 from tests.integration.test_reload import _children, _profile_views
 
 SENSOR = '\n[profiles.sensor]\ndescription = "Added by reload"\nvalidity_days = 30\n'
@@ -89,11 +89,17 @@ def test_a_reload_signal_during_start_up_neither_kills_the_daemon_nor_is_lost(tm
         daemon.stop()
 
 
+@pytest.fixture(scope="module")
+def two_worker_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Snapshot:
+    """One CA for the module's two-worker tests (they add no keys to the token); its files put back before each."""
+    env = make_env(tmp_path_factory.mktemp("two-workers"), softhsm_conf, workers=2)
+    return Snapshot(env, tmp_path_factory.mktemp("two-workers-snapshot") / "state")
+
+
 @pytest.fixture
-def two_workers(tmp_path: Path, softhsm_conf: Path) -> Iterator[Daemon]:
-    env = make_env(tmp_path, softhsm_conf, workers=2)
-    daemon = Daemon(env, tmp_path / "daemon.log").start()
-    time.sleep(1.0)  # both workers serving
+def two_workers(two_worker_env: Snapshot, tmp_path: Path) -> Iterator[Daemon]:
+    daemon = Daemon(two_worker_env.restore(), tmp_path / "daemon.log").start()
+    wait_workers_serving(daemon.log, 2, 30, daemon.process)
     yield daemon
     daemon.stop()
 
@@ -170,10 +176,17 @@ def test_a_changed_setting_that_needs_a_restart_is_reported_at_reload(two_worker
     _wait_log(daemon, "profile(s) in force", 2)
 
 
-@pytest.fixture
-def tls_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[TlsDaemon]:
+@pytest.fixture(scope="module")
+def tls_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> tuple[Snapshot, int]:
+    """One CA and internal mTLS PKI for the module's mTLS tests; its files (put back before each) and metrics port."""
     env = make_env(tmp_path_factory.mktemp("reload-tls"), softhsm_conf, workers=2)
-    daemon = start_tls_daemon(env, "--client", "prog:programmer", "--client", "aud:auditor")
+    metrics_port = prepare_tls(env, "--client", "prog:programmer", "--client", "aud:auditor")
+    return Snapshot(env, tmp_path_factory.mktemp("reload-tls-snapshot") / "state"), metrics_port
+
+
+@pytest.fixture
+def tls_daemon(tls_env: tuple[Snapshot, int]) -> Iterator[TlsDaemon]:
+    daemon = serve_tls(tls_env[0].restore(), tls_env[1])
     yield daemon
     daemon.stop()
 
@@ -193,7 +206,11 @@ def test_a_reload_the_workers_refuse_changes_nothing_at_the_metrics_endpoint_eit
     env.config_path.write_text(env.config_path.read_text() + '\n[profiles.bad-san]\nsan_templates = ["thing:{device_id}"]\n')
     os.kill(tls_daemon.process.pid, signal.SIGHUP)
     _wait_log(tls_daemon, "would fail the pre-issuance lint")
-    time.sleep(1.0)  # the parent applied the metrics endpoint's part right after forwarding
+    decided = ("is refused by the workers", "reload: the metrics endpoint uses the reloaded")
+    deadline = time.monotonic() + 20  # until the parent has decided the metrics endpoint's part, either way
+    while not any(line in tls_daemon.log() for line in decided):
+        assert time.monotonic() < deadline, tls_daemon.log()[-3000:]
+        time.sleep(0.1)
     with pytest.raises(urllib.error.HTTPError) as refused:
         _scrape(tls_daemon, "prog")
     assert refused.value.code == 403
@@ -209,6 +226,6 @@ def test_a_reload_naming_a_client_crl_that_does_not_parse_is_refused(tls_daemon:
     os.kill(tls_daemon.process.pid, signal.SIGHUP)
     _wait_log(tls_daemon, "reload refused, the previous configuration stays in force")
     assert f"client CA CRL {corrupt}" in tls_daemon.log()
-    time.sleep(1.0)
+    _wait_log(tls_daemon, "reload refused, the previous configuration stays in force", 2)  # both workers
     for _ in range(4):  # fresh connections, both workers
         assert _tls_sign(tls_daemon).profile == "device"
