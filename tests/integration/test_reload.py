@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import Daemon, device_csr
+from tests.conftest import Daemon, Snapshot, device_csr
 from tests.integration.policy_env import make_policy_env
 
 NEW_PROFILE = """
@@ -24,10 +24,16 @@ validity_days = 30
 """
 
 
+@pytest.fixture(scope="module")
+def policy_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Snapshot:
+    """One CA for the module (the tests add no keys to the token); its files put back before each test."""
+    env = make_policy_env(tmp_path_factory.mktemp("reload"), softhsm_conf, workers=2)
+    return Snapshot(env, tmp_path_factory.mktemp("reload-snapshot") / "state")
+
+
 @pytest.fixture
-def reload_daemon(tmp_path: Path, softhsm_conf: Path) -> Iterator[Daemon]:
-    env = make_policy_env(tmp_path, softhsm_conf, workers=2)
-    daemon = Daemon(env, tmp_path / "daemon.log").start()
+def reload_daemon(policy_env: Snapshot, tmp_path: Path) -> Iterator[Daemon]:
+    daemon = Daemon(policy_env.restore(), tmp_path / "daemon.log").start()
     yield daemon
     daemon.stop()
 
