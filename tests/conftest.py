@@ -9,6 +9,7 @@ Daemons run as real `ca-daemon serve` processes on free loopback ports.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import re
@@ -102,7 +103,12 @@ def daemon_environment() -> dict[str, str]:
 
 
 def make_env(base: Path, softhsm_conf: Path, *, key_type: str = "ec-p256", workers: int = 1, init: bool = True) -> CaEnv:
-    """Create a token, PIN files and configuration; with init, also the CA key and root."""
+    """Create a token, PIN files and configuration; with init, also the CA key and root.
+
+    init runs `ca-daemon init` in this process (cli.main, the command's own code): a new interpreter
+    for it cost about 0.5 s (more under load) for each of the many environments a session makes.
+    Tests of the command itself run it with CaEnv.cli.
+    """
     token = f"test-{os.getpid()}-{next(_token_numbers)}"
     state = base / token
     config_path = state / "ca-daemon.toml"
@@ -111,7 +117,10 @@ def make_env(base: Path, softhsm_conf: Path, *, key_type: str = "ec-p256", worke
         cli.write_dev_setup(state, config_path, token=token, listen=f"127.0.0.1:{port}", workers=workers, softhsm2_conf=softhsm_conf)
     env = CaEnv(state, config_path, token, port, softhsm_conf)
     if init:
-        env.cli("init", "--key-type", key_type)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["--config", str(config_path), "init", "--key-type", key_type])
+        assert code == 0, f"ca-daemon init failed: {out.getvalue()}{err.getvalue()}"
     return env
 
 
