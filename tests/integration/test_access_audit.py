@@ -7,6 +7,7 @@ revoked, one expired, and one without a certificate. The matrix walks every RPC 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ import sqlite3
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -287,8 +288,10 @@ def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, cha
         ca_pb2_grpc.CertificateAuthorityStub(channels["aud"]).Sign(ca_pb2.SignRequest(csr=device_csr(), request_id="x"), timeout=10)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     stub.Revoke(ca_pb2.RevokeRequest(serial=serials[0], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
-    time.sleep(2.5)  # a checkpoint interval (1 s) and the delta CRL published on revocation
     env = tls_daemon.env
+    revoked_at = "(SELECT max(seq) FROM audit_events WHERE action = 'certificate.revoke')"
+    _wait_audit(env, f"SELECT count(*) FROM audit_events WHERE action = 'crl.publish' AND seq > {revoked_at}")  # the delta CRL
+    _wait_checkpoint_covers_head(env)  # checkpoint_interval_seconds = 1 in this daemon
     public = tmp_path / "audit.pem"
     env.cli("audit", "public-key", "--out", str(public))
     live = env.cli("audit", "verify", "--live", "--public-key", str(public))
@@ -385,6 +388,24 @@ def _rechain(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             prev = bytes.fromhex(r["hash"])
         out.append(r)
     return out
+
+
+def _wait_audit(env: CaEnv, query: str, timeout: float = 15.0) -> None:
+    """Until query (one value) on env's SQLite database is true: what the daemon does every interval, without a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(sqlite3.connect(env.state_dir / "ca.db", timeout=30)) as conn:
+            if conn.execute(query).fetchone()[0]:
+                return
+        assert time.monotonic() < deadline, f"not within {timeout}s: {query}"
+        time.sleep(0.1)
+
+
+def _wait_checkpoint_covers_head(env: CaEnv) -> None:
+    """Until the daemon has signed a checkpoint covering every audit event there is now."""
+    with contextlib.closing(sqlite3.connect(env.state_dir / "ca.db", timeout=30)) as conn:
+        head = int(conn.execute("SELECT max(seq) FROM audit_events").fetchone()[0])
+    _wait_audit(env, f"SELECT coalesce(max(seq), 0) >= {head} FROM audit_checkpoints")
 
 
 def _verify_file(env: CaEnv, path: Path) -> tuple[int, str]:
@@ -499,7 +520,7 @@ def test_the_daemon_refuses_to_sign_a_checkpoint_over_a_chain_rewritten_behind_i
         with grpc.insecure_channel(env.target) as channel:
             stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
             serial = stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial
-            time.sleep(2.5)  # the daemon signs a checkpoint covering the issuance
+            _wait_checkpoint_covers_head(env)  # the daemon signs a checkpoint covering the issuance
             export = env.state_dir / "before.jsonl"
             env.cli("audit", "export", "--out", str(export))
             records = [json.loads(line) for line in export.read_text().splitlines()]
@@ -521,13 +542,17 @@ def test_the_daemon_refuses_to_sign_a_checkpoint_over_a_chain_rewritten_behind_i
                 conn.execute("COMMIT")
             finally:
                 conn.close()
+            refused_before = daemon.log().count("refusing to sign an audit checkpoint")
             stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)  # business as usual
-            time.sleep(3)
+            deadline = time.monotonic() + 15
+            while daemon.log().count("refusing to sign an audit checkpoint") < refused_before + 2:  # two intervals since
+                assert time.monotonic() < deadline, daemon.log()[-3000:]
+                time.sleep(0.1)
             with sqlite3.connect(db) as check:
                 assert check.execute("SELECT count(*) FROM audit_checkpoints WHERE seq >= ?", (target,)).fetchone()[0] == 0
             lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
             refusals = [line for line in lines if "refusing to sign an audit checkpoint" in line["msg"]]
-            assert len(refusals) >= 2, daemon.log()[-3000:]  # at every interval, not once
+            assert len(refusals) >= 2, daemon.log()[-3000:]
             assert refusals[0]["level"] == "ERROR" and f"at seq {vouched} (signed by this process)" in refusals[0]["msg"], refusals[0]
             public = env.state_dir / "audit.pem"
             env.cli("audit", "public-key", "--out", str(public))
@@ -549,7 +574,7 @@ def test_the_daemon_refuses_to_sign_a_checkpoint_over_a_chain_rewritten_behind_i
                             "UPDATE audit_events SET prev_hash = ?, hash = ? WHERE seq = ?",
                             (bytes.fromhex(r["prev_hash"]), bytes.fromhex(r["hash"]), r["seq"]),
                         )
-            time.sleep(2.5)
+            _wait_checkpoint_covers_head(env)
     finally:
         daemon.stop()
     with sqlite3.connect(db) as check:
@@ -752,8 +777,8 @@ def test_an_auditor_exports_the_log_over_the_api_and_verifies_it(
     stub = ca_pb2_grpc.CertificateAuthorityStub(channels["prog"])
     for _ in range(3):
         stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
-    time.sleep(2.5)  # checkpoint_interval_seconds = 1 in this daemon: a checkpoint covers these events
     env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
+    _wait_checkpoint_covers_head(env)  # checkpoint_interval_seconds = 1 in this daemon: a checkpoint covers these events
     remote = tmp_path / "remote.jsonl"
     tls_args = ["--tls-ca", str(tls_dir / "ca.pem"), "--tls-cert", str(tls_dir / "clients" / "aud.pem")]
     tls_args += ["--tls-key", str(tls_dir / "clients" / "aud.key"), "--target", f"localhost:{env.port}"]
@@ -1041,11 +1066,23 @@ def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factor
             stub.Revoke(ca_pb2.RevokeRequest(serial=issued.serial), timeout=10)
             events = [e for page in stub.StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(), timeout=10) for e in page.events]
             assert any(e.action == "certificate.issue" and e.actor == "local-developer" for e in events)
-        env.cli("reload")
-        time.sleep(1.5)
         import urllib.request
 
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        def scrape() -> str:
+            return str(urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode())
+
+        def wait_reloads(applied: int, gauge: str, until: Callable[[float], bool]) -> str:
+            """Until both workers applied the reloads so far (their audit events) and the parent's gauge says it decided."""
+            _wait_audit(env, f"SELECT count(*) >= {applied} FROM audit_events WHERE action = 'config.reload' AND outcome = 'applied'")
+            deadline = time.monotonic() + 15
+            while not until(_gauge(body := scrape(), gauge)):
+                assert time.monotonic() < deadline, body
+                time.sleep(0.1)
+            return body
+
+        started_at = _gauge(scrape(), "ca_daemon_config_last_reload_success_timestamp_seconds")
+        env.cli("reload")
+        body = wait_reloads(2, "ca_daemon_config_last_reload_success_timestamp_seconds", lambda value: value > started_at)
         assert 'ca_daemon_requests_total{code="OK",method="/ca_daemon.v1.CertificateAuthority/Sign"} 1.0' in body
         assert "ca_daemon_request_duration_seconds_bucket" in body
         assert "ca_daemon_hsm_sign_duration_seconds_count" in body
@@ -1063,14 +1100,12 @@ def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factor
         env.config_path.write_text(good + "\n[crl]\nnext_update_hourz = 3\n")
         assert daemon.process is not None
         os.kill(daemon.process.pid, signal.SIGHUP)
-        time.sleep(1.0)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        body = wait_reloads(2, "ca_daemon_config_last_reload_successful", lambda value: value != 1)
         assert _gauge(body, "ca_daemon_config_last_reload_successful") == 0
         assert _gauge(body, "ca_daemon_config_last_reload_success_timestamp_seconds") == loaded_at
         env.config_path.write_text(good)
         env.cli("reload")
-        time.sleep(1.5)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        body = wait_reloads(4, "ca_daemon_config_last_reload_successful", lambda value: value != 0)
         assert _gauge(body, "ca_daemon_config_last_reload_successful") == 1
         assert _gauge(body, "ca_daemon_config_last_reload_success_timestamp_seconds") > loaded_at
     finally:
