@@ -30,7 +30,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon import access, app, config, tls
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CaEnv, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving, wait_workers_serving
+from tests.conftest import (
+    FAST_RECONNECT,
+    CaEnv,
+    device_csr,
+    free_port,
+    make_env,
+    spawn_daemon,
+    wait_channel_serving,
+    wait_workers_serving,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +57,7 @@ class TlsDaemon:
     log_path: Path
     metrics_port: int
 
-    def channel(self, name: str | None) -> grpc.Channel:
+    def channel(self, name: str | None, options: list[tuple[str, int]] | None = None) -> grpc.Channel:
         root = (self.tls_dir / "ca.pem").read_bytes()
         if name is None:
             credentials = grpc.ssl_channel_credentials(root)
@@ -56,7 +65,7 @@ class TlsDaemon:
             key = (self.tls_dir / "clients" / f"{name}.key").read_bytes()
             cert = (self.tls_dir / "clients" / f"{name}.pem").read_bytes()
             credentials = grpc.ssl_channel_credentials(root, key, cert)
-        return grpc.secure_channel(f"localhost:{self.env.port}", credentials)
+        return grpc.secure_channel(f"localhost:{self.env.port}", credentials, options=options)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -144,7 +153,7 @@ def x509_serial(path: Path) -> str:
 
 def _wait_tls_serving(daemon: TlsDaemon, client: str = "adm") -> None:
     """Until client's calls are answered and every worker serves."""
-    with daemon.channel(client) as channel:
+    with daemon.channel(client, FAST_RECONNECT) as channel:
         wait_channel_serving(channel, 40, daemon.process, daemon.log)
     wait_workers_serving(daemon.log, config.load(daemon.env.config_path).server.workers, 40, daemon.process)
 
