@@ -7,7 +7,7 @@ import os
 import shlex
 import stat
 
-from ca_daemon.store.sql import IssuanceItem, IssuanceOutcome, SignReads, SqlStore, serial_hex
+from ca_daemon.store.sql import IssuanceItem, IssuanceOutcome, SignReads, SqlStore, serial_hex, sqlite_file
 
 Store = SqlStore
 
@@ -18,8 +18,8 @@ def private_sqlite_file(url: str) -> None:
     It holds every certificate and the audit log; SQLite gives its -wal and -shm files the
     database file's mode. An existing file keeps its mode (see sqlite_mode_warning). PostgreSQL URLs are left alone.
     """
-    database = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
-    if database and ":memory:" not in database:
+    database = sqlite_file(url)
+    if database is not None:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
@@ -31,10 +31,9 @@ def sqlite_mode_warning(url: str) -> str | None:
     user can read every certificate and the audit log. Its mode is the operator's to change,
     not changed behind their back; this says which files, their modes and the command.
     """
-    database = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
-    if not database or ":memory:" in database:
+    path = sqlite_file(url)
+    if path is None:
         return None
-    path = os.path.abspath(database)
     modes: dict[str, int] = {}
     for name in (path, path + "-wal", path + "-shm"):
         with contextlib.suppress(FileNotFoundError):

@@ -109,15 +109,20 @@ class IssuanceOutcome:
 LOCK_WAIT_MS = 30_000
 
 
+def sqlite_file(url: str) -> str | None:
+    """The absolute path of a SQLite URL's database file; None for PostgreSQL and in-memory databases."""
+    database = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+    return os.path.abspath(database) if database and ":memory:" not in database else None
+
+
 class SqlStore:
     """The daemon's database. Thread-safe: each thread gets its own pooled connection."""
 
     def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", lock_wait_ms: int = LOCK_WAIT_MS) -> None:
         self.url = url
         self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
-        database = url.removeprefix("sqlite:///")
         # The SQLite file this store's connections opened, and its (device, inode) once one has (see _check_same_file).
-        self._sqlite_file = os.path.abspath(database) if self.dialect == "sqlite" and database and ":memory:" not in database else None
+        self._sqlite_file = sqlite_file(url)
         self._sqlite_identity: tuple[int, int] | None = None
         if self.dialect == "sqlite":
             engine = create_engine(
@@ -163,7 +168,7 @@ class SqlStore:
         # SQLite: every process's writers queue on this file lock, and give up after lock_wait_ms as UNAVAILABLE.
         self._write_lock: FileWriteLock | None = None
         if self._sqlite_file is not None:
-            self._write_lock = FileWriteLock(database + ".writelock", lock_wait_ms)
+            self._write_lock = FileWriteLock(self._sqlite_file + ".writelock", lock_wait_ms)
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         counts = caller_issuance_by_minute
         counted = self._insert(counts).values(caller=bindparam("caller"), minute=bindparam("minute"), issued=bindparam("issued"))
