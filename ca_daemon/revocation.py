@@ -330,9 +330,7 @@ class CrlPublisher:
             )
 
         def store(crl: PublishedCrl) -> None:
-            event = _audit(crl)
-            event = AuditEvent(**{**event.__dict__, "actor": "key-ceremony", "details": {**event.details, "final": "true"}})
-            self._store.store_crl(crl, event, fence=self.fence, final=True)
+            self._store.store_crl(crl, _audit(crl, actor="key-ceremony", final="true"), fence=self.fence, final=True)
 
         crl = self._numbered(issuer, build, store, now, delta=False)
         log.info("published the final CRL %d of %s with %d entries", crl.crl_number, issuer.key_id, crl.entries)
@@ -397,9 +395,7 @@ class CrlPublisher:
         """
 
         def store(crl: PublishedCrl) -> None:
-            event = _audit(crl)
-            if clock_was_ahead:
-                event = AuditEvent(**{**event.__dict__, "actor": "ca-daemon-cli", "details": {**event.details, "clock_was_ahead": "true"}})
+            event = _audit(crl, actor="ca-daemon-cli", clock_was_ahead="true") if clock_was_ahead else _audit(crl)
             self._store.store_crl(crl, event, fence=self.fence)
 
         try:
@@ -571,10 +567,11 @@ def check_crl(ca_certificate: x509.Certificate, crl: PublishedCrl) -> None:
         )
 
 
-def _audit(crl: PublishedCrl) -> AuditEvent:
+def _audit(crl: PublishedCrl, *, actor: str = "crl-scheduler", **more_details: str) -> AuditEvent:
+    """The crl.publish event; a final CRL, or one dated before the last, says so in more_details."""
     return AuditEvent(
         time=crl.published_at,
-        actor="crl-scheduler",
+        actor=actor,
         action="crl.publish",
         outcome="published",
         key_id=crl.issuer_key_id,
@@ -586,6 +583,7 @@ def _audit(crl: PublishedCrl) -> AuditEvent:
             "this_update": crl.this_update.isoformat(),
             "next_update": crl.next_update.isoformat(),
             "sha256": hashlib.sha256(crl.der).hexdigest(),
+            **more_details,
         },
     )
 
