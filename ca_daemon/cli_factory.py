@@ -149,8 +149,29 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
         "raise-number", help="number every later CRL of a CA key above N (after a restore, N = the newest CRL number relying parties saw)"
     )
     p.add_argument("--issuer", required=True, help="the CA key id (`ca-daemon key list`), e.g. ca-root-1")
-    p.add_argument("--above", type=int, required=True, help="e.g. from `openssl crl -in CRL -noout -crlnumber` of the newest published CRL")
+    p.add_argument(
+        "--above",
+        type=crl_number,
+        required=True,
+        help="decimal, or hex as `openssl crl -in CRL -noout -crlnumber` prints it for the newest published CRL (crlNumber=0x1A or 0x1A)",
+    )
     p.set_defaults(handler=_crl_raise_number)
+
+
+def crl_number(text: str) -> int:
+    """A CRL number as an operator has it: decimal, or `openssl crl -noout -crlnumber`'s hex (`crlNumber=0x1A`).
+
+    OpenSSL prints the number in hex: read as a decimal, `0x10` without its prefix would be 10, below the
+    16 relying parties saw, and the next CRL would not be newer than theirs. So hex needs its `0x`.
+    """
+    value = text.strip().removeprefix("crlNumber=")
+    try:
+        return int(value, 16) if value.lower().startswith("0x") else int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a CRL number: give it in decimal (26) or in hex with its 0x (0x1A), "
+            "as `openssl crl -noout -crlnumber` prints it (crlNumber=0x1A)"
+        ) from None
 
 
 # -- client handlers ---------------------------------------------------------------------
