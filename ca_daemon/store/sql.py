@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, create_engine, delete, event, exists, func, insert, select, update
+from sqlalchemy import bindparam, create_engine, delete, event, exists, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
@@ -498,6 +498,14 @@ class SqlStore:
         writer appends its events at its end), so it cannot take part in a deadlock. The
         head is the last row itself (a primary-key lookup), so there is no second copy of
         it to drift.
+
+        The events are then read back in the same transaction, which fails (FailedPrecondition,
+        nothing committed) unless the store holds exactly the rows just hashed from the first
+        new seq on: a trigger, rule or policy someone left on audit_events that drops or changes
+        an event would otherwise let the change it records commit without it, and the chain would
+        link on from the event before, for every later check to find whole. On PostgreSQL the
+        deferred triggers are run first (SET CONSTRAINTS ALL IMMEDIATE), since they would
+        otherwise run at COMMIT, after the read.
         """
         if not events:
             return
@@ -517,6 +525,12 @@ class SqlStore:
             row.update(seq=seq, prev_hash=prev, hash=digest)
             prev = digest
         conn.execute(_INSERT_AUDIT_EVENTS, rows)
+        if self.dialect == "postgresql":
+            conn.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
+        written = [(row["seq"], row["prev_hash"], row["hash"]) for row in rows]
+        stored = [(int(r.seq), _bytes(r.prev_hash), _bytes(r.hash)) for r in conn.execute(_AUDIT_FROM, {"first": written[0][0]})]
+        if stored != written:
+            raise _audit_not_kept(written, stored)
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
         batch = list(events)
@@ -1014,6 +1028,40 @@ _DEVICES_OF_KEYS = (
 _INSERT_CERTIFICATES = insert(certificates)
 _INSERT_AUDIT_EVENTS = insert(audit_events)
 _AUDIT_HEAD = select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc()).limit(1)
+_AUDIT_FROM = (
+    select(audit_events.c.seq, audit_events.c.prev_hash, audit_events.c.hash)
+    .where(audit_events.c.seq >= bindparam("first", type_=audit_events.c.seq.type))
+    .order_by(audit_events.c.seq)
+)
+
+
+def _bytes(value: Any) -> bytes | None:
+    return bytes(value) if value is not None else None
+
+
+def _audit_not_kept(
+    written: Sequence[tuple[int, bytes, bytes]], stored: Sequence[tuple[int, bytes | None, bytes | None]]
+) -> FailedPrecondition:
+    """The audit events just inserted do not read back as written: say which, and that nothing was committed."""
+    kept = {seq: digest for seq, _, digest in stored}
+    missing = [seq for seq, _, digest in written if seq not in kept]
+    changed = [seq for seq, _, digest in written if seq in kept and kept[seq] != digest]
+    extra = [seq for seq, _, _ in stored if seq > written[-1][0]]
+    what = "; ".join(
+        f"{label} {', '.join(map(str, seqs[:5]))}{' ...' if len(seqs) > 5 else ''}"
+        for label, seqs in (("missing:", missing), ("changed:", changed), ("added after them:", extra))
+        if seqs
+    )
+    return FailedPrecondition(
+        f"the audit event(s) seq {written[0][0]}..{written[-1][0]} just written do not read back as written "
+        f"({what or 'their prev_hash differs'}): "
+        "something in the database (a trigger, rule or row-level security policy on audit_events) drops or changes "
+        "the daemon's events, so nothing was committed. Remove what the daemon did not create, and compare the log "
+        "with an earlier export (`ca-daemon audit verify --file`)",
+        rule="audit-not-kept",
+        caller_message="the audit log did not keep the event of this change, so nothing was committed; retry later "
+        "(the daemon's log says what its operator must do)",
+    )
 
 
 @contextlib.contextmanager

@@ -767,3 +767,78 @@ def test_what_sign_reads_before_signing_takes_no_write_lock(tmp_path: Path) -> N
         finally:
             writer.close()
     store.close()
+
+
+# -- the audit chain's rows are the ones the store keeps -------------------------------
+
+# Statements an insider with write access to the database could leave behind, so that the daemon's own
+# writes drop its audit event while the chain still links: each hides the events of devices named hidden-*.
+_HIDING = {
+    "sqlite": {
+        "after-insert-delete": [
+            "CREATE TRIGGER hide AFTER INSERT ON audit_events WHEN NEW.device_id LIKE 'hidden-%' "
+            "BEGIN DELETE FROM audit_events WHERE seq = NEW.seq; END"
+        ],
+        "before-insert-ignore": [
+            "CREATE TRIGGER hide BEFORE INSERT ON audit_events WHEN NEW.device_id LIKE 'hidden-%' BEGIN SELECT RAISE(IGNORE); END"
+        ],
+    },
+    "postgresql": {
+        "after-insert-delete": [
+            "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN DELETE FROM audit_events WHERE seq = NEW.seq; RETURN NULL; END $$",
+            "CREATE TRIGGER hide AFTER INSERT ON audit_events FOR EACH ROW WHEN (NEW.device_id LIKE 'hidden-%') EXECUTE FUNCTION hide()",
+        ],
+        "before-insert-skip": [
+            "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
+            "CREATE TRIGGER hide BEFORE INSERT ON audit_events FOR EACH ROW WHEN (NEW.device_id LIKE 'hidden-%') EXECUTE FUNCTION hide()",
+        ],
+        # Runs at COMMIT, after anything the writer reads back in its transaction, unless the writer makes it run first.
+        "deferred-delete-at-commit": [
+            "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN DELETE FROM audit_events WHERE seq = NEW.seq; RETURN NULL; END $$",
+            "CREATE CONSTRAINT TRIGGER hide AFTER INSERT ON audit_events DEFERRABLE INITIALLY DEFERRED "
+            "FOR EACH ROW WHEN (NEW.device_id LIKE 'hidden-%') EXECUTE FUNCTION hide()",
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize(("dialect", "how"), [(dialect, how) for dialect, kinds in _HIDING.items() for how in kinds])
+def test_an_issuance_whose_audit_event_the_database_drops_is_not_committed(
+    request: pytest.FixtureRequest, tmp_path: Path, dialect: str, how: str
+) -> None:
+    """A trigger left in the database dropped the daemon's audit event and the issuance committed without it.
+
+    Seen in a hostile review: with an AFTER INSERT trigger deleting the events of devices named evil-*, a Sign
+    for evil-1 returned a certificate the CA key had signed, and `audit verify` said OK over a log (and signed
+    checkpoints) without it; a second trigger on certificates left the CA unable to revoke it. The writer now
+    reads its events back in the same transaction and refuses to commit when they are not there as written.
+    """
+    store_url = f"sqlite:///{tmp_path / 'ca.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_database")()
+    store = open_store(store_url)
+    request.addfinalizer(store.close)
+    store.save_ca_key(_ca_key())
+    _issue(store, _cert())
+    head_before = store.audit_events()[-1]
+    from sqlalchemy import create_engine
+
+    insider = create_engine(store_url)
+    with insider.begin() as conn:
+        for statement in _HIDING[dialect][how]:
+            conn.execute(text(statement))
+    insider.dispose()
+
+    hidden = _cert("hidden-1")
+    event = dataclasses.replace(_audit(hidden), device_id=hidden.device_id)
+    with pytest.raises(FailedPrecondition, match="do not read back as written"):
+        store.record_unique_issuances([(hidden, event, False, 0)])
+    assert store.get_certificate(hidden.serial) is None
+    assert store.audit_events()[-1]["seq"] == head_before["seq"]
+
+    # Other writes go on, linked to the head as it was.
+    shown = _cert("shown-1")
+    _issue(store, shown)
+    events = store.audit_events()
+    assert [e["serial"] for e in events[-1:]] == [format(shown.serial, "x")]
+    assert bytes(events[-1]["prev_hash"]) == bytes(head_before["hash"])
