@@ -335,8 +335,11 @@ def _audit_lost(db: sqlite3.Connection, backup_sha256: str) -> AuditLoss:
     """Audit events and checkpoints of main that restored lacks (restored attached to db).
 
     `db backup` records its own `db.backup` event after the copy, so the log in place always
-    has it beyond the backup. If that event (naming this backup's SHA-256) is all there is,
-    nothing is lost: the restore's own event records the file. Anything more counts whole.
+    has it beyond the backup, and a daemon that served during the backup signs a checkpoint
+    of it when it stops (or at its next interval). If that event (naming this backup's
+    SHA-256), with checkpoints whose head is that very event, is all there is, nothing is
+    lost: the restore's own event records the file, and the event and its checkpoint vouch
+    for nothing but the copy. Anything more counts whole.
     """
     # Time and action too, for events written with audit.chain = false (no hash).
     events = db.execute(
@@ -345,14 +348,13 @@ def _audit_lost(db: sqlite3.Connection, backup_sha256: str) -> AuditLoss:
         "AND r.time IS m.time AND r.action IS m.action) ORDER BY m.seq",
         (backup_sha256,),
     ).fetchall()
-    checkpoints = [
-        int(row[0])
-        for row in db.execute(
-            "SELECT c.seq FROM main.audit_checkpoints AS c WHERE NOT EXISTS "
-            "(SELECT 1 FROM restored.audit_events AS r WHERE r.seq = c.seq AND r.hash = c.head_hash) ORDER BY c.seq"
-        )
-    ]
-    if not checkpoints and all(exempt for _, _, exempt in events):
+    lost_checkpoints = db.execute(
+        "SELECT c.seq, c.head_hash FROM main.audit_checkpoints AS c WHERE NOT EXISTS "
+        "(SELECT 1 FROM restored.audit_events AS r WHERE r.seq = c.seq AND r.hash = c.head_hash) ORDER BY c.seq"
+    ).fetchall()
+    checkpoints = [int(seq) for seq, _ in lost_checkpoints]
+    backup_events = {(int(seq), bytes(digest)) for seq, digest, exempt in events if exempt and digest is not None}
+    if all(exempt for _, _, exempt in events) and all((int(s), bytes(h)) in backup_events for s, h in lost_checkpoints):
         return AuditLoss()
     return AuditLoss(
         events=len(events),

@@ -290,6 +290,43 @@ def test_a_restore_that_would_drop_audit_events_and_checkpoints_is_refused_and_a
     assert env.cli("audit", "verify", "--public-key", str(public_key), "--live").stdout.startswith("OK")
 
 
+def test_a_backup_taken_while_serving_restores_after_the_daemon_stopped_without_accepting_a_loss(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """README, Backup and restore: `db backup` while the daemon serves, `db restore` once it is stopped.
+
+    Stopping the daemon signs a checkpoint of the log's head, which is then the backup's own
+    db.backup event; that checkpoint vouches for nothing the backup lacks either.
+    """
+    env = make_env(tmp_path_factory.mktemp("servingbackup"), softhsm_conf)
+    backup = tmp_path_factory.mktemp("servingbackups") / "ca.db"
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            serial = sign(channel).serial
+        env.cli("db", "backup", "--out", str(backup))
+    finally:
+        daemon.stop()
+    live = database(env)
+    backup_seq = query(live, "SELECT seq FROM audit_events WHERE action = 'db.backup'")[-1][0]
+    assert query(live, "SELECT max(seq) FROM audit_events")[0][0] == backup_seq
+    assert query(live, "SELECT max(seq) FROM audit_checkpoints")[0][0] == backup_seq  # signed as the daemon stopped
+
+    restored = env.cli("db", "restore", "--from", str(backup), check=False)
+    assert restored.returncode == 0, restored.stderr
+    assert "forgotten" not in restored.stdout, restored.stdout
+    assert serial in serials_in(live) and audit_actions(live)[backup_seq - 1 :] == ["db.restore"]
+    public_key = env.state_dir / "audit.pem"
+    env.cli("audit", "public-key", "--out", str(public_key))
+    assert env.cli("audit", "verify", "--public-key", str(public_key), "--live").stdout.startswith("OK")
+
+    # A checkpoint over anything more than the db.backup event still counts.
+    env.cli("key", "generate", "--label", "ca-spare-1")
+    env.cli("audit", "checkpoint")
+    refused = env.cli("db", "restore", "--from", str(backup), check=False)
+    assert refused.returncode == 1 and "signed audit checkpoint(s)" in refused.stderr, refused.stderr
+
+
 def test_a_restore_that_would_turn_a_final_revocation_back_into_a_hold_is_refused(
     tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 ) -> None:
