@@ -108,7 +108,10 @@ class StoreCollector:
         number = GaugeMetricFamily("ca_daemon_crl_number", "Number of the last published CRL", labels=["issuer", "kind"])
         age = GaugeMetricFamily("ca_daemon_crl_age_seconds", "Seconds since the last published CRL's thisUpdate", labels=["issuer", "kind"])
         chain = GaugeMetricFamily("ca_daemon_audit_chain_length", "Events in the hash-chained audit log")
-        checkpoint = GaugeMetricFamily("ca_daemon_audit_checkpoint_age_seconds", "Seconds since the last signed audit checkpoint")
+        checkpoint = GaugeMetricFamily(
+            "ca_daemon_audit_checkpoint_age_seconds",
+            "Seconds since the last signed audit checkpoint (before the first one: since the first event)",
+        )
         ca_expiry = GaugeMetricFamily(
             "ca_daemon_ca_certificate_expiry_seconds",
             "Seconds until the certificate of a CA key that is pending, active or superseded expires",
@@ -138,6 +141,13 @@ class StoreCollector:
             last = audit.last_checkpoint()
             if last is not None:
                 checkpoint.add_metric([], (now - last.time).total_seconds())
+            elif head is not None:
+                # No checkpoint was ever signed (say, the audit key is unusable from the first start): the
+                # log has gone unsigned since its first event. Left out, the series would be absent and
+                # an alert on it (CaDaemonAuditCheckpointStale) could never fire.
+                first = audit.first_event_time()
+                if first is not None:
+                    checkpoint.add_metric([], (now - first).total_seconds())
         except Exception:  # noqa: S110 - a scrape must not fail because the store is briefly busy
             pass
         yield from (number, age, chain, checkpoint, ca_expiry, tls_expiry)

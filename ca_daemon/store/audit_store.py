@@ -158,6 +158,12 @@ class AuditStore:
                 ).all()
         return [_checkpoint(r._mapping) for r in rows]
 
+    def first_event_time(self) -> datetime | None:
+        """When the log's first event was written (None for an empty log)."""
+        with self._store._connect() as conn:
+            value = conn.execute(select(audit_events.c.time).order_by(audit_events.c.seq).limit(1)).scalar()
+        return _utc(value) if value is not None else None
+
     def last_checkpoint(self) -> Checkpoint | None:
         with self._store._connect() as conn:
             row = conn.execute(
