@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     profiles = sub.add_parser("profiles", help="certificate profiles").add_subparsers(metavar="ACTION")
     p = profiles.add_parser("list", help="the profiles in force in the running daemon (ListProfiles)")
     p.add_argument("--target", default="", help="daemon address (default: server.listen of the configuration)")
+    p.add_argument("--tls-ca", default="", help="CA bundle (PEM) of the daemon's server certificate; enables mTLS")
+    p.add_argument("--tls-cert", default="", help="a client certificate (PEM) with role programmer, officer or admin")
+    p.add_argument("--tls-key", default="", help="its private key (PEM)")
+    p.add_argument("--tls-server-name", default="", help="name to check in the server certificate (default: the target host)")
     p.set_defaults(handler=_profiles_list)
 
     db = sub.add_parser("db", help="database").add_subparsers(metavar="ACTION")
@@ -341,12 +345,18 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _profiles_list(args: argparse.Namespace) -> int:
-    from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+    """ListProfiles, over mTLS when the daemon serves it (as every daemon outside development mode does)."""
+    from ca_daemon.client import CaClient, TlsOptions
 
     target = args.target or config_module.load(args.config).server.listen
-    with grpc.insecure_channel(target) as channel:
-        reply = ca_pb2_grpc.CertificateAuthorityStub(channel).ListProfiles(ca_pb2.ListProfilesRequest(), timeout=10)
-    for profile in reply.profiles:
+    tls = None
+    if args.tls_ca:
+        tls = TlsOptions(args.tls_ca, args.tls_cert or None, args.tls_key or None, args.tls_server_name)
+    elif args.tls_cert or args.tls_key:
+        raise ValueError("--tls-cert/--tls-key need --tls-ca (the CA that signed the daemon's server certificate)")
+    with CaClient(target, tls=tls, retries=0) as client:
+        profiles = client.profiles()
+    for profile in profiles:
         days = profile.default_validity_seconds // 86400
         max_days = profile.max_validity_seconds // 86400
         print(f"{profile.name}\t{profile.description}\tvalidity {days} days (max {max_days})")

@@ -254,6 +254,19 @@ def _stream(channel: grpc.Channel, request: ca_pb2.StreamAuditEventsRequest) -> 
     return [event for page in stub.StreamAuditEvents(request, timeout=10) for event in page.events]
 
 
+def test_profiles_list_speaks_mtls(tls_daemon: TlsDaemon) -> None:
+    """`ca-daemon profiles list` (README, Issuance policy) against a daemon outside development mode.
+
+    It had no TLS options, so it could only ever meet an mTLS daemon as a closed socket.
+    """
+    clients = tls_daemon.tls_dir / "clients"
+    tls = ["--tls-ca", str(tls_daemon.tls_dir / "ca.pem"), "--tls-cert", str(clients / "prog.pem"), "--tls-key", str(clients / "prog.key")]
+    listed = tls_daemon.env.cli("profiles", "list", *tls)
+    assert listed.stdout.startswith("device\t") and "validity 365 days" in listed.stdout, listed.stdout
+    plaintext = tls_daemon.env.cli("profiles", "list", check=False)
+    assert plaintext.returncode == 1 and "pass --tls-ca, --tls-cert and --tls-key" in plaintext.stderr, plaintext.stderr
+
+
 def test_stream_is_paged_filtered_and_resumable(channels: dict[str, grpc.Channel]) -> None:
     stub = ca_pb2_grpc.CertificateAuthorityStub(channels["aud"])
     everything = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(page_size=1000))
