@@ -154,6 +154,12 @@ def _init(args: argparse.Namespace) -> int:
             else:
                 raise CaError(f"the token holds key {uri} but the store does not know it; import it with `ca-daemon key` tools")
         if key.certificate_der is not None:
+            if args.csr_out:  # asked for a file it cannot have: a zero exit would let a script send on a stale or missing one
+                raise CaError(
+                    f"CA key {key.key_id} already has a certificate, so init wrote no CSR to {args.csr_out}; "
+                    "`ca-daemon ca csr --label LABEL --subject SUBJECT --out FILE` writes one for a key in the token "
+                    "(for a new key, `ca-daemon key generate` first)"
+                )
             print(f"CA key {key.key_id} already has a certificate; nothing to do")
             return 0
         subject = issuer.parse_subject(args.subject)

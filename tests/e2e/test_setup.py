@@ -41,6 +41,17 @@ def test_init_dev_creates_everything_once_and_reuses_it(tmp_path: Path) -> None:
     assert "already has a certificate; nothing to do" in second.stdout
 
 
+def test_init_csr_out_for_a_key_that_has_its_certificate_fails_and_says_what_writes_a_csr(tmp_path: Path, softhsm_conf: Path) -> None:
+    """README (Keys in the HSM): `init --csr-out` once the CA key has a certificate (e.g. after `make run`)."""
+    env = make_env(tmp_path, softhsm_conf)
+    csr_path = tmp_path / "ca.csr"
+    result = env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA 1,O=Example", check=False)
+    assert result.returncode == 1, result.stdout
+    assert f"already has a certificate, so init wrote no CSR to {csr_path}" in result.stderr, result.stderr
+    assert "ca-daemon ca csr --label" in result.stderr and not csr_path.exists()
+    assert "nothing to do" in env.cli("init").stdout  # without --csr-out, a rerun is still fine
+
+
 def test_wrong_pin_stops_the_daemon_with_one_line(tmp_path: Path, softhsm_conf: Path) -> None:
     env = make_env(tmp_path, softhsm_conf)
     pin = env.state_dir / "pins" / "user.pin"
