@@ -267,6 +267,13 @@ def _simulate(args: argparse.Namespace) -> int:
         )
     for line in summary.lines():
         print(line)
+    if not args.tls_ca and not summary.issued and any(reason.startswith("UNAVAILABLE") for reason in summary.reasons):
+        # A plaintext client meets an mTLS daemon as a closed socket; only the daemon's log says why.
+        print(
+            "ca-daemon: no device was issued and the daemon was unreachable; "
+            "if it serves mTLS (server.dev_mode = false), pass --tls-ca, --tls-cert and --tls-key",
+            file=sys.stderr,
+        )
     if out is not None and summary.issued:
         print(f"installed {summary.issued} device(s) under {out}/DEVICE_ID/ (device.key 0600, device.crt, chain.pem, fullchain.pem)")
     return 0 if summary.failed == 0 and summary.refused == 0 else 1

@@ -82,3 +82,8 @@ def test_cli_commands_take_tls_options(tls_setup: TlsSetup, tmp_path: Path) -> N
     assert (tmp_path / "chain.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
     plaintext = env.cli("client", "ca-certs", "--target", tls_setup.target, "--retries", "0", check=False)
     assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr
+    # The simulator counts failures rather than raising them, and says the same about TLS.
+    args = ["--target", tls_setup.target, "--retries", "0", "--devices", "2", "--out", str(tmp_path / "p"), "--quiet"]
+    simulated = env.cli("simulate-factory", *args, check=False)
+    assert simulated.returncode == 1 and "0 issued, 0 refused, 2 failed" in simulated.stdout, simulated.stdout
+    assert "pass --tls-ca, --tls-cert and --tls-key" in simulated.stderr, simulated.stderr
