@@ -176,6 +176,8 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
             if config.tls.enabled
             else None
         )
+        if front is not None:
+            request_metrics.expect_tls_refusals(tls_front.REFUSAL_REASONS)
         authenticator = Authenticator.from_config(config)
     except BaseException:
         hsm.close()

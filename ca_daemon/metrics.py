@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,16 @@ class RequestMetrics:
     def tls_handshake_refused(self, reason: str) -> None:
         if self.enabled:
             self._tls_refused.labels(reason).inc()
+
+    def expect_tls_refusals(self, reasons: Iterable[str]) -> None:
+        """Expose each reason's counter at 0 before its first refusal, so `increase()` counts that one too.
+
+        Prometheus sees no increase in a series whose first sample is already 1: a lone client rejecting
+        our certificate left CaDaemonServerCertificateRejected (increase over 10 m > 0) at 0.
+        """
+        if self.enabled:
+            for reason in reasons:
+                self._tls_refused.labels(reason)
 
 
 class StoreCollector:

@@ -76,6 +76,9 @@ _SERVER_CERTIFICATE_ALERTS = frozenset(
 # Refusals that say nothing about a client's credentials or software (a port probe, a client
 # that gave up): logged at INFO; every other reason is a misconfigured client or server, WARNING.
 _QUIET_REASONS = frozenset({"closed", "timeout"})
+# Every name handshake_refusal_reason returns. The metric exposes each at 0 from the start: a series that
+# first appears at 1 has no increase for Prometheus, so the first refusal of a kind would alert no one.
+REFUSAL_REASONS = ("unknown-ca", "bad-client-certificate", "server-certificate-rejected", "protocol", "timeout", "closed", "other")
 
 AuthContext = Mapping[str, Iterable[bytes]]
 _NO_CONTEXT: AuthContext = {}
@@ -317,4 +320,12 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["AuthContext", "TlsFrontEnd", "auth_context", "handshake_refusal_reason", "server_context", "tls13_server_context"]
+__all__ = [
+    "REFUSAL_REASONS",
+    "AuthContext",
+    "TlsFrontEnd",
+    "auth_context",
+    "handshake_refusal_reason",
+    "server_context",
+    "tls13_server_context",
+]

@@ -756,6 +756,26 @@ def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> Non
     assert refused_for_protocol() == before + 1  # the good TLS 1.3 connection is not counted
 
 
+def test_every_handshake_refusal_reason_is_exposed_at_zero_from_the_start(tls_daemon: TlsDaemon) -> None:
+    """A counter series whose first sample is already 1 has no increase for Prometheus: one client rejecting the
+    daemon's certificate (openssl s_client with another CA) made ca_daemon_tls_handshakes_refused_total
+    {reason="server-certificate-rejected"} 1 at its first scrape, and CaDaemonServerCertificateRejected
+    (increase over 10 m > 0) stayed at 0. Each reason is there at 0 before its first refusal."""
+    import inspect
+    import re
+
+    from ca_daemon import tls_front
+
+    source = inspect.getsource(tls_front.handshake_refusal_reason).splitlines()
+    returned = {name for line in source if line.strip().startswith("return ") for name in re.findall(r'"([a-z-]+)"', line)}
+    assert returned == set(tls_front.REFUSAL_REASONS)
+    body = _scrape(tls_daemon)
+    for reason in tls_front.REFUSAL_REASONS:
+        sample = f'ca_daemon_tls_handshakes_refused_total{{reason="{reason}"}}'
+        assert sample in body, f"{sample} not exposed in:\n{body}"
+    assert _gauge(body, 'ca_daemon_tls_handshakes_refused_total{reason="server-certificate-rejected"}') == 0.0
+
+
 def test_every_metric_the_alert_rules_use_is_exposed(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel]) -> None:
     """deploy/prometheus-alerts.yml names only samples this daemon serves (labelled ones once their event happened)."""
     import re
