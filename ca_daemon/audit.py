@@ -296,7 +296,45 @@ def read_export(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         yield record if isinstance(record, dict) else {"type": "unparseable", "line": number}
 
 
-def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes, *, export_file: bool = False) -> Report:
+@dataclass(frozen=True)
+class Earlier:
+    """What an auditor's earlier export of the same log holds: every event's chain hash and its last signed checkpoint.
+
+    A later log must hold the same events up to the earlier file's last one: the chain ties each
+    event to all before it, so the same hash at one seq means the same log up to there. Without
+    this the daemon's checkpoints cannot tell a log rolled back or rewritten while no process
+    remembered it (README, "Audit log") from a whole one: its own checkpoints then cover the
+    new chain, and a later export verifies alone.
+    """
+
+    hashes: _ChainHashes
+    last_seq: int
+    checkpoint_seq: int
+    checkpoint_head: str
+    checkpoint_time: str
+    exported_at: str
+
+
+def read_earlier(records: Iterable[dict[str, Any]], public_key_pem: bytes) -> tuple[Report, Earlier]:
+    """Verify an earlier export and keep what a later log must still hold; use it only if the report is ok.
+
+    An export that verifies holds events 1..N in order, N its event count.
+    """
+    report, hashes, signed, exported_at = _verify(records, public_key_pem, export_file=True)
+    last = max(signed, key=lambda record: _int(record.get("seq")) or 0, default=None)
+    return report, Earlier(
+        hashes=hashes,
+        last_seq=report.events,
+        checkpoint_seq=(_int(last.get("seq")) or 0) if last else 0,
+        checkpoint_head=str(last.get("head", "")) if last else "",
+        checkpoint_time=str(last.get("time", "")) if last else "",
+        exported_at=exported_at,
+    )
+
+
+def verify(
+    records: Iterable[dict[str, Any]], public_key_pem: bytes, *, export_file: bool = False, earlier: Earlier | None = None
+) -> Report:
     """Check an export (or the live database as records) against the audit public key.
 
     export_file: the records are an export file's (read_export), which must begin with a
@@ -309,7 +347,17 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes, *, export_f
     count/head disagreeing with the log, which also catches a rewritten chain). Every signed
     checkpoint is compared with the chain once all events are read, wherever the file puts it.
     Events after the last checkpoint are reported as uncovered: nothing signed vouches for them.
+
+    earlier (read_earlier): an auditor's earlier export, whose events this log must still hold
+    unchanged, up to its last one (_compare_earlier).
     """
+    return _verify(records, public_key_pem, export_file=export_file, earlier=earlier)[0]
+
+
+def _verify(
+    records: Iterable[dict[str, Any]], public_key_pem: bytes, *, export_file: bool, earlier: Earlier | None = None
+) -> tuple[Report, _ChainHashes, list[dict[str, Any]], str]:
+    """verify(), also returning the chain hashes by seq, the validly signed checkpoints and the header's exported_at."""
     public = serialization.load_pem_public_key(public_key_pem)
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise FailedPrecondition("the audit public key must be an EC key")
@@ -320,11 +368,14 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes, *, export_f
     signed: list[dict[str, Any]] = []  # compared with the chain once every event is read
     max_checkpoint = 0
     envelope = _Envelope(required=export_file)
+    restores: list[str] = []  # db.restore events, named when the log disagrees with an earlier export
     for record in records:
         if envelope.take(record, report):
             continue
         kind = record.get("type")
         if kind == "event":
+            if record.get("action") == "db.restore":
+                restores.append(f"seq {record.get('seq')} at {record.get('time')}: {record.get('details')}")
             linked = _verify_event(record, report, expected_seq, prev_hash)
             seq = _int(record.get("seq"))
             if seq is not None:
@@ -349,7 +400,35 @@ def verify(records: Iterable[dict[str, Any]], public_key_pem: bytes, *, export_f
         report.fail(last_seq + 1, f"truncated: a checkpoint covers up to seq {max_checkpoint} but the log ends at seq {last_seq}")
     envelope.finish(report)
     report.uncovered_events = max(0, last_seq - report.last_checkpoint_seq)
-    return report
+    if earlier is not None:
+        _compare_earlier(earlier, hashes_by_seq, last_seq, restores, report)
+    return report, hashes_by_seq, signed, str(envelope.exported_at)
+
+
+def _compare_earlier(earlier: Earlier, hashes_by_seq: _ChainHashes, last_seq: int, restores: list[str], report: Report) -> None:
+    """Report the first event of the earlier export this log no longer holds as it was (one problem, the first)."""
+    first = next(
+        (seq for seq in range(1, earlier.last_seq + 1) if seq not in hashes_by_seq or hashes_by_seq[seq] != earlier.hashes[seq]),
+        None,
+    )
+    if first is None:
+        return
+    gone = "is not in this log" if first not in hashes_by_seq else "differs in this log"
+    when = f"the earlier export (exported {earlier.exported_at}) held events 1..{earlier.last_seq}"
+    if first <= earlier.checkpoint_seq:
+        what = (
+            f"event {first} {gone}, but {when} and the audit key signed its head at seq {earlier.checkpoint_seq} "
+            f"({earlier.checkpoint_head[:16]}..., signed {earlier.checkpoint_time}): this log, which ends at seq {last_seq}, "
+            "was rolled back or rewritten since, and checkpoints signed later cover the new chain"
+        )
+    else:
+        what = (
+            f"event {first} {gone}, but {when}; no checkpoint covered it then (the earlier export's last was at seq "
+            f"{earlier.checkpoint_seq}), so it was removed or changed before one did, and the chain went on without it"
+        )
+    if restores:
+        what += f"; this log records {len(restores)} db.restore event(s), the last {restores[-1]}"
+    report.fail(first, what)
 
 
 @dataclass
@@ -364,6 +443,7 @@ class _Envelope:
     checkpoints: int = 0
     last_seq: Any = 0
     last_hash: Any = None
+    exported_at: Any = None
 
     def take(self, record: dict[str, Any], report: Report) -> bool:
         """Count one record; True if it is the envelope's (header, end, or past the end), not the log's."""
@@ -376,6 +456,7 @@ class _Envelope:
         if kind == "header":
             if first:
                 _check_header(record, report)
+                self.exported_at = record.get("exported_at")
             else:
                 report.fail(None, "a second header in the middle of the file: records of two exports joined, or lines inserted")
             return True
@@ -583,12 +664,14 @@ def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:
 __all__ = [
     "AuditLog",
     "Checkpointer",
+    "Earlier",
     "Report",
     "audit_public_key_pem",
     "ensure_audit_key",
     "event_record",
     "export",
     "live_records",
+    "read_earlier",
     "read_export",
     "verify",
 ]

@@ -71,6 +71,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--file", help="a JSON Lines export")
     src.add_argument("--live", action="store_true", help="the database named by the configuration")
+    p.add_argument(
+        "--previous",
+        metavar="FILE",
+        help="an earlier export of the same log (yours): the log must still hold its events unchanged, which catches a "
+        "log rolled back or rewritten and then signed again",
+    )
     p.set_defaults(handler=_audit_verify)
 
 
@@ -302,14 +308,21 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 def _audit_verify(args: argparse.Namespace) -> int:
     public = Path(args.public_key).read_bytes()
+    earlier = None
+    if args.previous:
+        with open(args.previous, encoding="utf-8", errors="replace") as lines:
+            earlier_report, earlier = audit.read_earlier(audit.read_export(lines), public)
+        if not earlier_report.ok:
+            print(f"the earlier export {args.previous} does not verify itself, so nothing is compared with it: {earlier_report.summary()}")
+            return 1
     if args.file:
         with open(args.file, encoding="utf-8", errors="replace") as lines:
-            report = audit.verify(audit.read_export(lines), public, export_file=True)
+            report = audit.verify(audit.read_export(lines), public, export_file=True, earlier=earlier)
     else:
         config = config_module.load(args.config)
         store = app.connect_store(config)
         try:
-            report = audit.verify(audit.live_records(store), public)
+            report = audit.verify(audit.live_records(store), public, earlier=earlier)
         finally:
             store.close()
     print(report.summary())

@@ -1,0 +1,138 @@
+"""An auditor's earlier export against a later log: `ca-daemon audit verify --previous`.
+
+The daemon's checkpoints vouch for a chain only while some process remembers the head it
+signed: a log rewritten, rolled back to an older copy or cut after its last checkpoint, and
+then signed again by a new process (`audit export --checkpoint` here), verifies on its own.
+What the auditor held before is what tells. Real token, real SQLite, the daemon's own CLI.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from ca_daemon.audit_hash import GENESIS, event_hash
+from tests.conftest import CaEnv, make_env
+
+
+def _setup(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path, name: str) -> tuple[CaEnv, Path, Path]:
+    env = make_env(tmp_path_factory.mktemp(name), softhsm_conf)
+    public = env.state_dir / "audit.pem"
+    env.cli("audit", "public-key", "--out", str(public))
+    return env, env.state_dir / "ca.db", public
+
+
+def _export(env: CaEnv, name: str, *, checkpoint: bool = True) -> Path:
+    out = env.state_dir / name
+    env.cli("audit", "export", "--out", str(out), *(["--checkpoint"] if checkpoint else []))
+    return out
+
+
+def _verify(env: CaEnv, public: Path, export: Path, previous: Path | None = None) -> tuple[int, str]:
+    extra = ["--previous", str(previous)] if previous else []
+    result = env.cli("audit", "verify", "--file", str(export), "--public-key", str(public), *extra, check=False)
+    return result.returncode, result.stdout + result.stderr
+
+
+def _append_event(env: CaEnv) -> None:
+    """One more event: `db backup` signs a checkpoint of the head, then records a db.backup event no checkpoint covers yet."""
+    copies = env.state_dir / "copies"
+    copies.mkdir(exist_ok=True)
+    env.cli("db", "backup", "--out", str(copies / f"{len(list(copies.iterdir()))}.db"))
+
+
+def _rewrite(db: Path, seq: int) -> None:
+    """An insider's edit: re-attribute event seq, recompute every later hash, delete the checkpoints that covered it."""
+    with sqlite3.connect(db, timeout=30) as conn:
+        conn.row_factory = sqlite3.Row
+        conn.execute("UPDATE audit_events SET actor = 'someone-else' WHERE seq = ?", (seq,))
+        prev = GENESIS
+        for row in conn.execute("SELECT * FROM audit_events ORDER BY seq").fetchall():
+            fields = dict(row, time=datetime.fromisoformat(row["time"]))
+            digest = event_hash(fields, row["seq"], prev)
+            conn.execute("UPDATE audit_events SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, digest, row["seq"]))
+            prev = digest
+        conn.execute("DELETE FROM audit_checkpoints WHERE seq >= ?", (seq,))
+
+
+def test_a_log_rewritten_and_signed_again_verifies_alone_and_fails_against_the_earlier_export(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-rewritten")
+    _append_event(env)
+    early = _export(env, "early.jsonl")
+    _append_event(env)
+    grown = _export(env, "grown.jsonl")
+    code, out = _verify(env, public, grown, previous=early)
+    assert code == 0 and out.startswith("OK:"), out  # a log that only grew agrees with the earlier export
+
+    _rewrite(db, 2)
+    later = _export(env, "later.jsonl")  # a new process: it signs the rewritten head
+    code, out = _verify(env, public, later)
+    assert code == 0 and out.startswith("OK:"), out  # the gap: alone, nothing tells
+    code, out = _verify(env, public, later, previous=early)
+    assert code == 1, out
+    assert "FAILED: first bad event: seq 2; event 2 differs in this log" in out, out
+    assert "was rolled back or rewritten since, and checkpoints signed later cover the new chain" in out, out
+
+
+def test_a_log_rolled_back_to_an_older_copy_fails_against_the_earlier_export(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-rolled-back")
+    copy = env.state_dir / "copy.db"
+    env.cli("db", "backup", "--out", str(copy))
+    _append_event(env)
+    _append_event(env)
+    early = _export(env, "early.jsonl")
+    held = sum(1 for line in early.read_text().splitlines() if '"type": "event"' in line)
+
+    for suffix in ("-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    shutil.copyfile(copy, db)  # the older copy put in place by hand, not by `db restore`
+    _append_event(env)  # the log goes on, reusing the seq numbers of what was lost
+    later = _export(env, "later.jsonl")
+    code, out = _verify(env, public, later)
+    assert code == 0 and out.startswith("OK:"), out
+    code, out = _verify(env, public, later, previous=early)
+    assert code == 1, out
+    assert f"held events 1..{held} and the audit key signed its head at seq {held}" in out, out
+    assert "was rolled back or rewritten since" in out, out
+
+
+def test_events_removed_before_a_checkpoint_covered_them_fail_against_an_export_that_held_them(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-cut")
+    covered = _export(env, "covered.jsonl")
+    last_checkpoint = max(row[0] for row in sqlite3.connect(db).execute("SELECT seq FROM audit_checkpoints"))
+    _append_event(env)  # an event no checkpoint covers yet (no daemon signs one)
+    early = _export(env, "early.jsonl", checkpoint=False)
+    code, out = _verify(env, public, early)
+    assert code == 0 and "not covered by a signature yet" in out, out
+
+    with sqlite3.connect(db, timeout=30) as conn:
+        assert conn.execute("DELETE FROM audit_events WHERE seq > ?", (last_checkpoint,)).rowcount > 0
+    _append_event(env)
+    later = _export(env, "later.jsonl")
+    code, out = _verify(env, public, later)
+    assert code == 0 and out.startswith("OK:"), out
+    assert _verify(env, public, later, previous=covered)[0] == 0  # that export held none of them
+    code, out = _verify(env, public, later, previous=early)
+    assert code == 1, out
+    assert f"first bad event: seq {last_checkpoint + 1}; event {last_checkpoint + 1} differs in this log" in out, out
+    assert f"no checkpoint covered it then (the earlier export's last was at seq {last_checkpoint})" in out, out
+
+
+def test_an_earlier_export_that_does_not_verify_is_not_used(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    env, _, public = _setup(tmp_path_factory, softhsm_conf, "history-bad-earlier")
+    early = _export(env, "early.jsonl")
+    lines = early.read_text().splitlines()
+    early.write_text("\n".join(lines[:-1]) + "\n")  # its end record lost
+    code, out = _verify(env, public, _export(env, "later.jsonl"), previous=early)
+    assert code == 1, out
+    assert f"the earlier export {early} does not verify itself, so nothing is compared with it: FAILED" in out, out
