@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         if exc.code() == grpc.StatusCode.UNAVAILABLE and hasattr(args, "tls_ca") and not args.tls_ca:
             # A plaintext client meets an mTLS daemon as a closed socket; only the daemon's log says why.
             hint = "; if the daemon serves mTLS (server.dev_mode = false), pass --tls-ca, --tls-cert and --tls-key"
+        elif exc.code() == grpc.StatusCode.UNAVAILABLE and "Hostname Verification Check failed" in (exc.details() or ""):
+            # The client's own check: the daemon's certificate does not name the host dialled (e.g. the
+            # default target, server.listen, is 0.0.0.0:50051; or a replica reached by an address).
+            target = getattr(args, "target", "") or "server.listen of the configuration"
+            hint = (
+                f"; the daemon's TLS certificate does not name the host of the target ({target}): give --target a name it has "
+                "(a --host of `ca-daemon mtls init`), or --tls-server-name with one"
+            )
         print(f"ca-daemon: the daemon answered {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
 

@@ -756,6 +756,22 @@ def test_the_daemon_refuses_tls12_in_the_handshake(tls_daemon: TlsDaemon) -> Non
     assert refused_for_protocol() == before + 1  # the good TLS 1.3 connection is not counted
 
 
+def test_a_target_the_server_certificate_does_not_name_is_refused_with_what_to_pass(tls_daemon: TlsDaemon) -> None:
+    """The key commands dial server.listen by default, 0.0.0.0:50051 in deploy/ca-daemon.example.toml: the client's
+    own name check fails, and all an operator saw was "the daemon answered UNAVAILABLE: failed to connect to all
+    addresses; ... Hostname Verification Check failed"."""
+    env, tls_dir = tls_daemon.env, tls_daemon.tls_dir
+    tls_args = ["--tls-ca", str(tls_dir / "ca.pem"), "--tls-cert", str(tls_dir / "clients" / "aud.pem")]
+    tls_args += ["--tls-key", str(tls_dir / "clients" / "aud.key")]
+    refused = env.cli("client", "ca-certs", *tls_args, "--target", f"0.0.0.0:{env.port}", check=False)
+    assert refused.returncode == 1, refused
+    assert "Hostname Verification Check failed" in refused.stderr, refused.stderr
+    assert f"does not name the host of the target (0.0.0.0:{env.port})" in refused.stderr, refused.stderr
+    assert "--tls-server-name" in refused.stderr, refused.stderr
+    named = env.cli("client", "ca-certs", *tls_args, "--target", f"0.0.0.0:{env.port}", "--tls-server-name", "localhost")
+    assert "BEGIN CERTIFICATE" in named.stdout
+
+
 def test_every_handshake_refusal_reason_is_exposed_at_zero_from_the_start(tls_daemon: TlsDaemon) -> None:
     """A counter series whose first sample is already 1 has no increase for Prometheus: one client rejecting the
     daemon's certificate (openssl s_client with another CA) made ca_daemon_tls_handshakes_refused_total
