@@ -139,7 +139,7 @@ class PolicySet:
         return profile
 
 
-def build_policy_set(config: Config, ca_certificate: x509.Certificate, throwaway: CertificateIssuerPrivateKeyTypes) -> PolicySet:
+def build_policy_set(config: Config, ca_certificate: x509.Certificate, draft_key: CertificateIssuerPrivateKeyTypes) -> PolicySet:
     """Profiles, callers and linter from config; each profile's template is linted in full first.
 
     A profile whose certificate would fail the lint is a configuration error: it is
@@ -150,12 +150,12 @@ def build_policy_set(config: Config, ca_certificate: x509.Certificate, throwaway
     if linter.mode != "off":
         template_linter = Linter("full")
         for profile in profiles.values():
-            decision = _template_decision(profile, throwaway)
+            decision = _template_decision(profile, draft_key)
             builder = issuer.build_leaf(
                 decision, ca_certificate, issuer.new_serial(), datetime.now(UTC), config.ca.backdate, _urls(config, "")
             )
             try:
-                issuer.sign_linted(builder, throwaway, throwaway, template_linter)
+                issuer.sign_linted(builder, draft_key, draft_key, template_linter)
             except LintFailure as exc:
                 raise ConfigError(f"profiles.{profile.name}: its certificates would fail the pre-issuance lint: {exc.message}") from None
     return PolicySet(profiles, config.default_profile, dict(config.callers), linter, config, dict(config.caller_quotas))
@@ -164,15 +164,15 @@ def build_policy_set(config: Config, ca_certificate: x509.Certificate, throwaway
 def check_policy(config: Config, store: SqlStore) -> None:
     """ConfigError where Authority.reload would refuse config's policy (each profile's template lint), without the token.
 
-    For a process that holds no CA key (the daemon's parent): the lint runs with a software key of the
-    active CA certificate's key type, as the workers' throwaway keys are.
+    For a process that holds no CA key (the daemon's parent): the lint runs with a draft key made from the
+    active CA certificate's public key, as the workers' draft keys are made from the token key's.
     """
     active_id = store.active_key_id()
     key = store.get_ca_key(active_id) if active_id is not None else None
     if key is None or key.certificate_der is None:
         return
     certificate = x509.load_der_x509_certificate(key.certificate_der)
-    build_policy_set(config, certificate, issuer.throwaway_key_like(certificate.public_key()))  # type: ignore[arg-type]
+    build_policy_set(config, certificate, issuer.draft_key_like(certificate.public_key()))  # type: ignore[arg-type]
 
 
 def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> policy.Decision:
@@ -236,7 +236,7 @@ class _Parsed:
 
 @dataclass(frozen=True)
 class _Draft:
-    """A request that passed every check: its certificate linted and signed by the throwaway key, not yet by the CA."""
+    """A request that passed every check: its certificate drafted and linted, not yet signed by the CA."""
 
     request: CertificateRequest
     decision: policy.Decision
@@ -263,9 +263,9 @@ class Authority:
         self._store = store
         self.active = active
         self._urls = _urls(config, active.key.key_id)
-        # Lint-before-sign builds each certificate first with this software key (see issuer.sign_linted).
-        self._throwaway = issuer.throwaway_key_like(active.private_key)  # type: ignore[arg-type]
-        self.policy = build_policy_set(config, active.certificate, self._throwaway)
+        # Lint-before-sign builds each certificate first with this stand-in for the CA key (see issuer.draft_key_like).
+        self._draft_key = issuer.draft_key_like(active.private_key)  # type: ignore[arg-type]
+        self.policy = build_policy_set(config, active.certificate, self._draft_key)
         # Held while a policy set is built and put in force: a reload (the loop's thread) and a key switch
         # (the token's thread, which rebuilds the policy in force for the new certificate) each build from
         # what the other put in force, so neither undoes the other.
@@ -309,7 +309,7 @@ class Authority:
         not applied.
         """
         with self._policy_lock:
-            new = build_policy_set(config, self.active.certificate, self._throwaway)
+            new = build_policy_set(config, self.active.certificate, self._draft_key)
             self.policy = new
         for section in RESTART_ONLY_SECTIONS:
             if getattr(config, section) != getattr(self._config, section):
@@ -364,12 +364,12 @@ class Authority:
         if _spki(certificate) != self._hsm.public_key_der(Pkcs11Uri.parse(key.pkcs11_uri)):
             log.error("CA key %s is active in the store but its certificate does not match the token key; not switching", key_id)
             return
-        throwaway = issuer.throwaway_key_like(private)  # type: ignore[arg-type]
+        draft_key = issuer.draft_key_like(private)  # type: ignore[arg-type]
         previous = self.active.key.key_id
         with self._policy_lock:
-            policy_set = build_policy_set(self.policy.source, certificate, throwaway)
+            policy_set = build_policy_set(self.policy.source, certificate, draft_key)
             self.active = ActiveCa(key, certificate, private, chain_pem(key.certificate_der, key.chain_der))
-            self._throwaway = throwaway
+            self._draft_key = draft_key
             self._urls = _urls(self._config, key.key_id)
             self.policy = policy_set
         log.info("switched the signing CA key from %s to %s", previous, key_id)
@@ -538,7 +538,7 @@ class Authority:
             log.error("could not record the refusal of request %r in the audit log: %s", request.request_id, exc.message)
 
     def _draft(self, parsed: _Parsed, decision: policy.Decision, quota: int) -> _Draft:
-        """Build and lint with the throwaway key: CPU work, run on the token's thread."""
+        """Build with the draft key and lint: CPU work, run on the token's thread."""
         now = datetime.now(UTC).replace(microsecond=0)
         active = self.active  # read once: a key switch (follow_active_key) runs on this same thread
         try:
@@ -547,7 +547,7 @@ class Authority:
             raise parsed.refusal(refusal) from None
         builder = issuer.build_leaf(decision, active.certificate, issuer.new_serial(), now, self._config.ca.backdate, self._urls)
         try:
-            draft = issuer.draft_linted(builder, self._throwaway, parsed.rules.linter)
+            draft = issuer.draft_linted(builder, self._draft_key, parsed.rules.linter)
         except LintFailure as refusal:
             raise parsed.refusal(refusal) from None
         return _Draft(parsed.request, decision, draft, active, now, quota)

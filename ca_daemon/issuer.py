@@ -10,11 +10,14 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.padding import AsymmetricPadding
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificateIssuerPublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.utils import NoDigestInfo, Prehashed
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from ca_daemon import crl_der
@@ -23,6 +26,7 @@ from ca_daemon.lint import Linter
 from ca_daemon.policy import Decision
 
 SERIAL_BYTES = 20
+Buffer = bytes | bytearray | memoryview  # what cryptography's key interfaces sign
 
 
 def new_serial() -> int:
@@ -42,48 +46,152 @@ def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | has
     return hashes.SHA256()
 
 
-def throwaway_key_like(
+def draft_key_like(
     key: CertificateIssuerPrivateKeyTypes | CertificateIssuerPublicKeyTypes,
 ) -> CertificateIssuerPrivateKeyTypes:
-    """A software key whose signatures carry the same AlgorithmIdentifier as key's (a CA key, or its public half).
+    """A stand-in for the CA key (or its public half) that drafts are built with: see _DraftKey.
 
-    The certificate is built and linted with it first (like Boulder's lint certificate);
-    because the algorithm matches, the to-be-signed bytes are the same as the real ones.
-    A process without the CA key (the daemon's parent, checking a reload) takes the CA
+    A process without the CA key (the daemon's parent, checking a reload) passes the CA
     certificate's public key.
     """
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-        return ec.generate_private_key(key.curve)
-    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        # The issuer's modulus size appears nowhere in a leaf's TBS, so a small modulus
-        # gives the same bytes while signing about eight times faster than RSA-2048.
-        # It signs only drafts that are linted and thrown away, never anything issued.
-        return rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 (signs throwaway drafts only)
-    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
-        return ed25519.Ed25519PrivateKey.generate()
-    raise TypeError(f"no throwaway key for a {type(key).__name__} CA key")
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) else key
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return _DraftEcKey(public)
+    if isinstance(public, rsa.RSAPublicKey):
+        return _DraftRsaKey(public)
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return _DraftEd25519Key(public)
+    raise TypeError(f"no draft key for a {type(key).__name__} CA key")
+
+
+class _DraftKey:
+    """Signs drafts with a placeholder instead of a signature.
+
+    Lint-before-sign needs the to-be-signed bytes before the CA key signs them, and
+    cryptography builds a certificate only by signing it. Its builder takes any key object
+    of the right kind and calls its sign(), so this one answers with a placeholder of no
+    cryptographic worth: the draft's TBS, which carries the CA key's AlgorithmIdentifier
+    because this key has the CA key's type, is what sign_draft has the CA key sign. A
+    software key signing each draft (RSA-1024 for RSA CAs) cost about 0.2 ms a certificate
+    here against 0.02 ms for this. A draft that escaped would not verify under any key.
+    """
+
+    def _no_private_half(self) -> NoReturn:
+        raise TypeError("a draft key has no private half: it only stands in for the CA key while a draft is built")
+
+
+# An ECDSA-Sig-Value (r = s = 1): well-formed DER, so a draft parses and lints like a real certificate.
+_EC_PLACEHOLDER = bytes.fromhex("3006020101020101")
+
+
+class _DraftEcKey(_DraftKey, ec.EllipticCurvePrivateKey):
+    def __init__(self, public: ec.EllipticCurvePublicKey) -> None:
+        self._public = public
+
+    def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
+        return _EC_PLACEHOLDER
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    @property
+    def curve(self) -> ec.EllipticCurve:
+        return self._public.curve
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
+        self._no_private_half()
+
+    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
+        self._no_private_half()
+
+    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
+        self._no_private_half()
+
+    def __copy__(self) -> _DraftEcKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _DraftEcKey:
+        return self
+
+
+class _DraftRsaKey(_DraftKey, rsa.RSAPrivateKey):
+    def __init__(self, public: rsa.RSAPublicKey) -> None:
+        self._public = public
+        self._placeholder = bytes((public.key_size + 7) // 8)
+
+    def sign(self, data: Buffer, padding: AsymmetricPadding, algorithm: Prehashed | hashes.HashAlgorithm | NoDigestInfo) -> bytes:
+        return self._placeholder
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        return self._public
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def decrypt(self, ciphertext: bytes, padding: AsymmetricPadding) -> bytes:
+        self._no_private_half()
+
+    def private_numbers(self) -> rsa.RSAPrivateNumbers:
+        self._no_private_half()
+
+    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
+        self._no_private_half()
+
+    def __copy__(self) -> _DraftRsaKey:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _DraftRsaKey:
+        return self
+
+
+class _DraftEd25519Key(_DraftKey, ed25519.Ed25519PrivateKey):
+    def __init__(self, public: ed25519.Ed25519PublicKey) -> None:
+        self._public = public
+
+    def sign(self, data: Buffer) -> bytes:
+        return bytes(64)
+
+    def public_key(self) -> ed25519.Ed25519PublicKey:
+        return self._public
+
+    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
+        self._no_private_half()
+
+    def private_bytes_raw(self) -> bytes:
+        self._no_private_half()
+
+    def __copy__(self) -> _DraftEd25519Key:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _DraftEd25519Key:
+        return self
 
 
 def sign_linted(
     builder: x509.CertificateBuilder,
     key: CertificateIssuerPrivateKeyTypes,
-    throwaway: CertificateIssuerPrivateKeyTypes,
+    draft_key: CertificateIssuerPrivateKeyTypes,
     linter: Linter,
 ) -> x509.Certificate:
     """Lint-before-sign in one call: draft_linted, then sign_draft."""
     if linter.mode == "off":
         return builder.sign(key, signature_hash(key))
-    return sign_draft(draft_linted(builder, throwaway, linter), key)
+    return sign_draft(draft_linted(builder, draft_key, linter), key)
 
 
-def draft_linted(builder: x509.CertificateBuilder, throwaway: CertificateIssuerPrivateKeyTypes, linter: Linter) -> x509.Certificate:
-    """The certificate built and signed with the throwaway key, after the lint passed (LintFailure otherwise).
+def draft_linted(builder: x509.CertificateBuilder, draft_key: CertificateIssuerPrivateKeyTypes, linter: Linter) -> x509.Certificate:
+    """The certificate built with the draft key (draft_key_like), after the lint passed (LintFailure otherwise).
 
     As in Boulder, the real key signs only after the lint passed (sign_draft), and what it
     signs is byte for byte what was linted. With lint off the draft is made all the same,
     so issuance has one path: build and check first, then sign with the CA key.
     """
-    draft = builder.sign(throwaway, signature_hash(throwaway))
+    draft = builder.sign(draft_key, signature_hash(draft_key))
     linter.check(draft)
     return draft
 
@@ -91,15 +199,14 @@ def draft_linted(builder: x509.CertificateBuilder, throwaway: CertificateIssuerP
 def sign_draft(draft: x509.Certificate, key: CertificateIssuerPrivateKeyTypes) -> x509.Certificate:
     """The real certificate: the CA key's signature around the draft's unchanged to-be-signed bytes.
 
-    The throwaway key has the CA key's algorithm, so the signature algorithm inside the TBS
-    is already right; a mismatch is refused as a LintFailure and nothing is issued.
+    The draft key has the CA key's type, so the signature algorithm inside the TBS is
+    already right; a mismatch is refused as a LintFailure and nothing is issued.
     """
     algorithm_identifier, _ = crl_der.signature_algorithm(key)
     certificate = x509.load_der_x509_certificate(crl_der.sign_tbs(draft.tbs_certificate_bytes, algorithm_identifier, key))
     if certificate.signature_algorithm_oid != draft.signature_algorithm_oid:
         raise LintFailure(
-            "the CA key's signature algorithm differs from the linted certificate's (throwaway key of another algorithm?); "
-            "nothing was issued",
+            "the CA key's signature algorithm differs from the linted certificate's (draft key of another type?); nothing was issued",
             rule="lint",
         )
     return certificate

@@ -78,7 +78,7 @@ class Linter:
         self.full_lints = 0
 
     def check(self, certificate: x509.Certificate) -> None:
-        """Raise LintFailure if the certificate (signed with a throwaway key) must not be issued."""
+        """Raise LintFailure if the certificate (a draft, see issuer.draft_key_like) must not be issued."""
         if self.mode == "off":
             return
         if self.mode == "full":

@@ -5,7 +5,7 @@ holds the private key: the service hands out a code, and the CA signs a certific
 subject CN is that code. Nothing else in it matters to the services, so the certificate's
 own key pair is a throwaway made here and discarded; what counts is that the CA key in the
 HSM signed it. It is a CA signature like any other, so it goes through the same steps as a
-device certificate: build, lint with a throwaway CA key, sign in the token, audit.
+device certificate: build and lint a draft, sign it in the token, audit.
 
 Same layer as authority.py and revocation.py (issuer-level building, the HSM, the store).
 """
@@ -151,9 +151,9 @@ class VerificationCertificates:
         builder = build_verification_certificate(
             code, ca.certificate, throwaway_subject_key.public_key(), datetime.now(UTC).replace(microsecond=0), validity
         )
-        throwaway_ca = issuer.throwaway_key_like(ca.private_key)  # type: ignore[arg-type]
+        draft_key = issuer.draft_key_like(ca.private_key)  # type: ignore[arg-type]
         log.info("signing a verification certificate for code %r with CA key %s (caller %s)", code, ca.key.key_id, actor)
-        certificate = self._hsm.run(lambda: issuer.sign_linted(builder, ca.private_key, throwaway_ca, self._linter))  # type: ignore[arg-type]
+        certificate = self._hsm.run(lambda: issuer.sign_linted(builder, ca.private_key, draft_key, self._linter))  # type: ignore[arg-type]
         result = VerificationCertificate(certificate, ca.key.key_id)
         self._store.append_audit([_audit(result, code, actor)])
         log.info("issued verification certificate %s for code %r with CA key %s", result.serial, code, ca.key.key_id)

@@ -208,8 +208,8 @@ def test_lint_before_sign_signs_exactly_what_was_linted_and_caches_the_shape() -
     key, root = _ca()
     linter = Linter("template")
     profile = policy.build_profile(ProfileConfig(name="device", san_templates=("urn:dev:ops:{device_id}",)))
-    first = issuer.sign_linted(_leaf(policy.decide(cn("dev-1"), profile), root), key, issuer.throwaway_key_like(key), linter)
-    second = issuer.sign_linted(_leaf(policy.decide(cn("dev-2"), profile), root), key, issuer.throwaway_key_like(key), linter)
+    first = issuer.sign_linted(_leaf(policy.decide(cn("dev-1"), profile), root), key, issuer.draft_key_like(key), linter)
+    second = issuer.sign_linted(_leaf(policy.decide(cn("dev-2"), profile), root), key, issuer.draft_key_like(key), linter)
     assert linter.full_lints == 1  # same shape: pkilint once, the varying fields checked directly
     assert certificate_shape(first) == certificate_shape(second)
     first.verify_directly_issued_by(root)
@@ -251,7 +251,7 @@ def test_the_template_lint_refuses_a_subject_key_identifier_not_made_by_method_1
     key, root = _ca()
     decision = policy.decide(cn(), policy.build_profile(ProfileConfig(name="device")))
     linter = Linter("template")
-    issuer.sign_linted(_leaf(decision, root), key, issuer.throwaway_key_like(key), linter)  # the shape, linted in full
+    issuer.sign_linted(_leaf(decision, root), key, issuer.draft_key_like(key), linter)  # the shape, linted in full
     builder = x509.CertificateBuilder(
         issuer_name=root.subject,
         subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")]),
@@ -264,7 +264,7 @@ def test_the_template_lint_refuses_a_subject_key_identifier_not_made_by_method_1
         value = x509.SubjectKeyIdentifier(b"\x01" * 20) if isinstance(extension.value, x509.SubjectKeyIdentifier) else extension.value
         builder = builder.add_extension(value, critical=extension.critical)
     with pytest.raises(LintFailure) as excinfo:
-        issuer.sign_linted(builder, key, issuer.throwaway_key_like(key), linter)
+        issuer.sign_linted(builder, key, issuer.draft_key_like(key), linter)
     assert "subjectKeyIdentifier" in excinfo.value.message
     assert linter.full_lints == 1  # same shape as the good certificate: refused by the per-certificate check
 
@@ -275,7 +275,7 @@ def test_lint_failure_refuses_issuance() -> None:
     bad = _leaf(decision, root).add_extension(x509.SubjectAlternativeName([x509.DNSName("not a domain")]), critical=False)
     for mode in ("template", "full"):
         with pytest.raises(LintFailure) as excinfo:
-            issuer.sign_linted(bad, key, issuer.throwaway_key_like(key), Linter(mode))
+            issuer.sign_linted(bad, key, issuer.draft_key_like(key), Linter(mode))
         assert "domain" in excinfo.value.message
     issuer.sign_linted(bad, key, key, Linter("off"))
 
