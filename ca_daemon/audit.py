@@ -407,6 +407,9 @@ def _verify(
 
 def _compare_earlier(earlier: Earlier, hashes_by_seq: _ChainHashes, last_seq: int, restores: list[str], report: Report) -> None:
     """Report the first event of the earlier export this log no longer holds as it was (one problem, the first)."""
+    last = earlier.last_seq
+    if report.ok and (last == 0 or (last in hashes_by_seq and hashes_by_seq[last] == earlier.hashes[last])):
+        return  # a whole chain with the same hash at the earlier file's last seq holds all its events unchanged
     first = next(
         (seq for seq in range(1, earlier.last_seq + 1) if seq not in hashes_by_seq or hashes_by_seq[seq] != earlier.hashes[seq]),
         None,
