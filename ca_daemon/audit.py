@@ -33,7 +33,7 @@ from ca_daemon.audit_format import EXPORT_FORMAT, EXPORT_VERSION, checkpoint_rec
 from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
-from ca_daemon.model import AuditEvent, KeySpec
+from ca_daemon.model import AuditEvent, KeySpec, RevocationReason
 from ca_daemon.store import SqlStore
 from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpoint, EventFilter
 from ca_daemon.store.group_commit import GroupCommitter
@@ -657,6 +657,73 @@ def _first_divergence(hashes_by_seq: _ChainHashes, seq: int) -> int:
     return min(hashes_by_seq.lowest(seq), seq)
 
 
+def reconcile(store: SqlStore, report: Report) -> None:
+    """Report rows of the certificates and revocations tables that disagree with the events that recorded them.
+
+    The chain vouches for events only; the CA acts on the tables (Revoke looks a serial up in
+    certificates, each full CRL lists the revocations rows), and a row deleted or changed there
+    misleads it and every relying party while the log still verifies. The daemon never deletes
+    such a row (a lifted hold keeps its row), so each of these is a change behind its back:
+
+    - a certificate.issue event whose certificate row is gone: the CA cannot revoke it;
+    - a serial whose last certificate.revoke event has no revocations row, one lifted, or another
+      reason: the next full CRL leaves it out, or lists it for another reason;
+    - a serial whose last event lifted its hold but whose row is revoked again, and a revocations
+      row no event records: the CRLs list a certificate the log shows valid.
+
+    Needs the database (`audit verify --live`): an export has no tables.
+    """
+    found = AuditStore(store).records_and_their_events()
+    for seq, serial in found.unrecorded_issuances:
+        report.fail(
+            seq,
+            f"event {seq} records the issuance of serial {serial}, which the certificates table no longer holds: "
+            "the CA cannot revoke it (Revoke answers NOT_FOUND)",
+        )
+    logged: dict[str, tuple[int, str, str]] = {}
+    for seq, serial, action, reason in found.revocation_events:
+        logged[serial] = (seq, action, reason)
+    rows = {serial: (_reason_name(reason), lifted) for serial, reason, lifted in found.revocation_rows}
+    for serial, (seq, action, reason) in logged.items():
+        row = rows.get(serial)
+        if action == "certificate.unrevoke":
+            if row is not None and not row[1]:
+                report.fail(
+                    seq,
+                    f"event {seq} records that the hold on {serial} was lifted, but the revocations table has it revoked "
+                    f"({row[0]}) with no event recording that: the next full CRL lists it",
+                )
+        elif row is None:
+            report.fail(
+                seq,
+                f"event {seq} records the revocation of {serial} ({reason}), which the revocations table no longer holds: "
+                "the next full CRL leaves it out",
+            )
+        elif row[1]:
+            report.fail(
+                seq,
+                f"event {seq} records the revocation of {serial} ({reason}), but the revocations table has it lifted "
+                "with no certificate.unrevoke event: the next full CRL leaves it out",
+            )
+        elif row[0] != reason:
+            report.fail(
+                seq,
+                f"event {seq} records the revocation of {serial} as {reason}, the revocations table says {row[0]}: "
+                "the next full CRL says so too",
+            )
+    for serial, (reason, lifted) in rows.items():
+        if serial not in logged and not lifted:
+            report.fail(None, f"the revocations table revokes {serial} ({reason}), but no event records its revocation: the CRLs list it")
+
+
+def _reason_name(code: int) -> str:
+    """A revocation reason as revocation events name it (key_compromise), or the number if it is none."""
+    try:
+        return RevocationReason(code).name.lower()
+    except ValueError:
+        return f"reason code {code}"
+
+
 def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:
     """The live database as export records (events in order, each checkpoint after its event)."""
     audit = AuditStore(store)
@@ -676,6 +743,7 @@ __all__ = [
     "live_records",
     "read_earlier",
     "read_export",
+    "reconcile",
     "verify",
 ]
 

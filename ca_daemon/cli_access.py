@@ -70,7 +70,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--public-key", required=True, help="PEM from `ca-daemon audit public-key`")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--file", help="a JSON Lines export")
-    src.add_argument("--live", action="store_true", help="the database named by the configuration")
+    src.add_argument(
+        "--live",
+        action="store_true",
+        help="the database named by the configuration; its certificates and revocations are compared with the log too",
+    )
     p.add_argument(
         "--previous",
         metavar="FILE",
@@ -323,6 +327,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
         store = app.connect_store(config)
         try:
             report = audit.verify(audit.live_records(store), public, earlier=earlier)
+            audit.reconcile(store, report)
         finally:
             store.close()
     print(report.summary())

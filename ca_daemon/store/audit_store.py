@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import exists, func, insert, select, update
 
 from ca_daemon.errors import FailedPrecondition, NotFound
 from ca_daemon.model import AuditEvent
 from ca_daemon.store.locks import LockSpace, xact_lock
-from ca_daemon.store.schema import audit_checkpoints, audit_events, mtls_certificates
+from ca_daemon.store.schema import audit_checkpoints, audit_events, certificates, mtls_certificates, revocations
 from ca_daemon.store.sql import SqlStore
 
 MAX_PAGE = 5000
@@ -49,6 +49,15 @@ class EventFilter:
     actions: tuple[str, ...] = ()
     device_id: str = ""
     serial: str = ""
+
+
+@dataclass(frozen=True)
+class RecordsAndEvents:
+    """For audit.reconcile: issuance events whose certificate row is gone, revocation events, revocation rows."""
+
+    unrecorded_issuances: list[tuple[int, str]]  # (seq, serial) of certificate.issue events with no certificates row
+    revocation_events: list[tuple[int, str, str, str]]  # (seq, serial, action, reason) in seq order
+    revocation_rows: list[tuple[str, int, bool]]  # (serial, reason, lifted)
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,36 @@ class AuditStore:
                 return
             yield from rows
             after = int(rows[-1]["seq"])
+
+    def records_and_their_events(self) -> RecordsAndEvents:
+        """What the certificates and revocations tables hold beside the events that recorded them, in one snapshot.
+
+        Both are read in one read transaction (SQLite's is one snapshot; PostgreSQL's at REPEATABLE
+        READ), so a revocation committing meanwhile is in both or in neither.
+        """
+        options = {"isolation_level": "REPEATABLE READ"} if self._store.dialect == "postgresql" else {}
+        e, c, r = audit_events.c, certificates.c, revocations.c
+        with self._store._connect(**options) as conn:
+            unrecorded = [
+                (int(row.seq), str(row.serial))
+                for row in conn.execute(
+                    select(e.seq, e.serial)
+                    .where(e.action == "certificate.issue", e.outcome == "issued", e.serial.is_not(None))
+                    .where(~exists().where(c.serial == e.serial))
+                    .order_by(e.seq)
+                )
+            ]
+            changes = [
+                (int(row.seq), str(row.serial), str(row.action), str(row.reason))
+                for row in conn.execute(
+                    select(e.seq, e.serial, e.action, e.reason)
+                    .where(e.outcome.in_(("revoked", "hold-lifted")), e.action.in_(("certificate.revoke", "certificate.unrevoke")))
+                    .order_by(e.seq)
+                )
+            ]
+            held = conn.execute(select(r.serial, r.reason, r.lifted_at))
+            rows = [(str(row.serial), int(row.reason), row.lifted_at is not None) for row in held]
+        return RecordsAndEvents(unrecorded, changes, rows)
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Store a checkpoint unless one of this head (or a later one) is already stored; whether it was stored.
@@ -235,4 +274,4 @@ def _mtls(m: Any) -> MtlsCertificate:
     )
 
 
-__all__ = ["AuditStore", "ChainHead", "Checkpoint", "EventFilter", "MtlsCertificate"]
+__all__ = ["AuditStore", "ChainHead", "Checkpoint", "EventFilter", "MtlsCertificate", "RecordsAndEvents"]

@@ -13,10 +13,13 @@ import sqlite3
 from datetime import datetime
 from pathlib import Path
 
+import grpc
 import pytest
 
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.audit_hash import GENESIS, event_hash
-from tests.conftest import CaEnv, make_env
+from tests.conftest import CaEnv, Daemon, free_port, make_env
+from tests.integration.crl_helpers import sign, stub
 
 
 def _setup(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path, name: str) -> tuple[CaEnv, Path, Path]:
@@ -136,3 +139,48 @@ def test_an_earlier_export_that_does_not_verify_is_not_used(tmp_path_factory: py
     code, out = _verify(env, public, _export(env, "later.jsonl"), previous=early)
     assert code == 1, out
     assert f"the earlier export {early} does not verify itself, so nothing is compared with it: FAILED" in out, out
+
+
+def test_verify_live_compares_the_certificates_and_revocations_tables_with_the_events_that_recorded_them(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """Rows deleted or changed behind the daemon's back, which the chain does not vouch for, are named by `audit verify --live`.
+
+    Seen in a hostile review: a keyCompromise revocation deleted from revocations was left off the next full CRL
+    (openssl verify -crl_check accepted the certificate), and a deleted certificate row made Revoke answer NOT_FOUND,
+    while `audit verify` said OK over the untouched log.
+    """
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-tables")
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            a, b, c, d, e = (sign(channel).serial.lower() for _ in range(5))
+            revoke = stub(channel).Revoke
+            revoke(ca_pb2.RevokeRequest(serial=a, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+            revoke(ca_pb2.RevokeRequest(serial=b, reason=ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD), timeout=10)
+            revoke(ca_pb2.RevokeRequest(serial=d, reason=ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD), timeout=10)
+            stub(channel).Unrevoke(ca_pb2.UnrevokeRequest(serial=d), timeout=10)
+    finally:
+        daemon.stop()
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+    assert live.returncode == 0 and live.stdout.startswith("OK:"), live.stdout  # a revocation, a hold and a lifted hold agree
+
+    with sqlite3.connect(db, timeout=30) as conn:
+        conn.execute("DELETE FROM revocations WHERE serial = ?", (a,))
+        conn.execute("UPDATE revocations SET reason = 0 WHERE serial = ?", (b,))
+        conn.execute("DELETE FROM certificates WHERE serial = ?", (c,))
+        conn.execute("UPDATE revocations SET lifted_at = NULL WHERE serial = ?", (d,))
+        columns = "issuer_key_id, reason, revoked_at, invalidity_date, revoked_by, lifted_at, change_seq, not_after, entry_der"
+        conn.execute(f"INSERT INTO revocations (serial, {columns}) SELECT ?, {columns} FROM revocations WHERE serial = ?", (e, b))
+    export = _export(env, "after.jsonl", checkpoint=False)
+    code, out = _verify(env, public, export)
+    assert code == 0 and out.startswith("OK:"), out  # the log itself is untouched
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+    out = live.stdout
+    assert live.returncode == 1, out
+    assert f"records the revocation of {a} (key_compromise), which the revocations table no longer holds" in out, out
+    assert f"records the revocation of {b} as certificate_hold, the revocations table says unspecified" in out, out
+    assert f"records the issuance of serial {c}, which the certificates table no longer holds" in out, out
+    assert f"records that the hold on {d} was lifted, but the revocations table has it revoked (certificate_hold)" in out, out
+    assert f"the revocations table revokes {e} (unspecified), but no event records its revocation" in out, out

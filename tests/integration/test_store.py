@@ -842,3 +842,21 @@ def test_an_issuance_whose_audit_event_the_database_drops_is_not_committed(
     events = store.audit_events()
     assert [e["serial"] for e in events[-1:]] == [format(shown.serial, "x")]
     assert bytes(events[-1]["prev_hash"]) == bytes(head_before["hash"])
+
+
+def test_records_and_their_events_are_read_in_one_snapshot_on_both_backends(store: SqlStore) -> None:
+    """What `audit verify --live` compares (audit.reconcile): issuance events without a certificate row, revocation events, rows."""
+    from ca_daemon.store.audit_store import AuditStore
+
+    kept, gone, revoked = _cert(), _cert(), _cert()
+    for cert in (kept, gone, revoked):
+        store.record_unique_issuances([(cert, dataclasses.replace(_audit(cert), key_id=ISSUER), False, 0)])
+    _revoke(store, revoked.serial)
+    with store._begin() as conn:
+        conn.execute(text("DELETE FROM certificates WHERE serial = :s"), {"s": serial_hex(gone.serial)})
+    found = AuditStore(store).records_and_their_events()
+    assert [serial for _, serial in found.unrecorded_issuances] == [serial_hex(gone.serial)]
+    assert [(serial, action, reason) for _, serial, action, reason in found.revocation_events] == [
+        (serial_hex(revoked.serial), "certificate.revoke", "key_compromise")
+    ]
+    assert found.revocation_rows == [(serial_hex(revoked.serial), int(RevocationReason.KEY_COMPROMISE), False)]
