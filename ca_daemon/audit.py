@@ -132,6 +132,7 @@ class Checkpointer:
     """
 
     def __init__(self, hsm: Hsm, store: SqlStore, key_uri: str) -> None:
+        self._store = store
         self._audit = AuditStore(store)
         self._key_id = audit_key_id(key_uri)
         try:
@@ -147,8 +148,11 @@ class Checkpointer:
         """Blocking (store and token): sign and store a checkpoint of the current head; None if one already covers it.
 
         FailedPrecondition, and nothing signed, if the chain no longer holds the head this
-        process vouches for or the events since do not link to it.
+        process vouches for or the events since do not link to it. First, if this process's
+        store finds the last event it wrote gone, an audit.gap event records that
+        (SqlStore.record_audit_gap), and is signed with the rest.
         """
+        self._store.record_audit_gap()
         head = self._audit.head()
         if head is None:
             return None
@@ -265,6 +269,8 @@ class Report:
     uncovered_events: int = 0
     problems: list[str] = field(default_factory=list)
     first_bad_seq: int | None = None
+    # audit.gap events: the daemon found events it had written removed behind its back (a finding, not damage to this log).
+    gap_events: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -279,6 +285,11 @@ class Report:
         if self.ok:
             tail = f"; {self.uncovered_events} event(s) after the last checkpoint are not covered by a signature yet"
             tail = tail if self.uncovered_events else ""
+            if self.gap_events:
+                tail += (
+                    f"; {len(self.gap_events)} audit.gap event(s), the first at seq {self.gap_events[0]}: the daemon found "
+                    "events it had written removed from the log behind its back"
+                )
             return f"OK: {self.events} events, {self.checkpoints} valid checkpoint(s), last at seq {self.last_checkpoint_seq}{tail}"
         where = f"first bad event: seq {self.first_bad_seq}; " if self.first_bad_seq is not None else ""
         return f"FAILED: {where}{self.problems[0]}" + (f" (+{len(self.problems) - 1} more problem(s))" if len(self.problems) > 1 else "")
@@ -376,6 +387,8 @@ def _verify(
         if kind == "event":
             if record.get("action") == "db.restore":
                 restores.append(f"seq {record.get('seq')} at {record.get('time')}: {record.get('details')}")
+            elif record.get("action") == "audit.gap" and _int(record.get("seq")) is not None:
+                report.gap_events.append(int(record["seq"]))
             linked = _verify_event(record, report, expected_seq, prev_hash)
             seq = _int(record.get("seq"))
             if seq is not None:

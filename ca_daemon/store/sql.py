@@ -8,6 +8,7 @@ certificates, each with its audit event.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -115,6 +116,9 @@ def sqlite_file(url: str) -> str | None:
     return os.path.abspath(database) if database and ":memory:" not in database else None
 
 
+log = logging.getLogger(__name__)
+
+
 class SqlStore:
     """The daemon's database. Thread-safe: each thread gets its own pooled connection."""
 
@@ -180,6 +184,8 @@ class SqlStore:
         self._cleaned_minute: dict[str, int] = {}
         # Hash-chain audit events (issue 6); false only for benchmarks (config audit.chain).
         self.audit_chain = True
+        # (seq, hash) of the last audit event this store committed: the next append checks the log still holds it.
+        self._last_appended: tuple[int, bytes] | None = None
 
     def reachable(self) -> bool:
         """Whether the database answers a statement now, and (SQLite) is still the file this store opened: for health."""
@@ -506,16 +512,27 @@ class SqlStore:
         link on from the event before, for every later check to find whole. On PostgreSQL the
         deferred triggers are run first (SET CONSTRAINTS ALL IMMEDIATE), since they would
         otherwise run at COMMIT, after the read.
+
+        The store remembers the last event it committed. If the log no longer holds it as written
+        (events removed or replaced at the end of the log, before a checkpoint covered them), an
+        `audit.gap` event saying so goes first, and an ERROR is logged: the chain would otherwise
+        go on from the event before them and no later check could tell.
         """
-        if not events:
+        if not events and self._last_appended is None:
             return
         rows = [_audit_values(e) for e in events]
         if not self.audit_chain:
-            conn.execute(_INSERT_AUDIT_EVENTS, rows)
+            if rows:
+                conn.execute(_INSERT_AUDIT_EVENTS, rows)
             return
         if self.dialect == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK_KEY)))
         head = conn.execute(_AUDIT_HEAD).first()
+        gap = self._gap_since_last_append(conn, head)
+        if gap is not None:
+            rows.insert(0, _audit_values(gap))
+        if not rows:
+            return
         seq, prev = (int(head.seq), bytes(head.hash)) if head is not None and head.hash is not None else (0, GENESIS)
         if head is not None and head.hash is None:
             seq = int(head.seq)  # an unchained row (written with audit.chain = false): chain on from it
@@ -531,6 +548,46 @@ class SqlStore:
         stored = [(int(r.seq), _bytes(r.prev_hash), _bytes(r.hash)) for r in conn.execute(_AUDIT_FROM, {"first": written[0][0]})]
         if stored != written:
             raise _audit_not_kept(written, stored)
+        conn.info[_APPENDED] = (written[-1][0], written[-1][2])  # remembered once the transaction commits (_begin)
+
+    def _gap_since_last_append(self, conn: Connection, head: Any) -> AuditEvent | None:
+        """An audit.gap event if the log no longer holds, as written, the last event this store committed."""
+        mine = self._last_appended
+        if mine is None or (head is not None and head.hash is None):
+            return None
+        seq, digest = mine
+        if head is not None and int(head.seq) >= seq:
+            found = bytes(head.hash) if int(head.seq) == seq else _bytes(conn.execute(_AUDIT_HASH_AT, {"seq": seq}).scalar())
+            if found == digest:
+                return None
+        head_seq = int(head.seq) if head is not None else 0
+        what = "is gone" if head_seq < seq else "was replaced"
+        log.error(
+            "audit log: event %d, which this process wrote (hash %s...), %s: events were removed from the end of the log "
+            "behind the daemon's back (the head is now seq %d); recording an audit.gap event",
+            seq,
+            digest.hex()[:16],
+            what,
+            head_seq,
+        )
+        return AuditEvent(
+            time=datetime.now(UTC),
+            actor="ca-daemon",
+            action="audit.gap",
+            outcome="detected",
+            reason=f"event {seq}, which this process wrote, {what}: events were removed from the log behind its back",
+            details={"written_seq": str(seq), "written_hash": digest.hex(), "head_seq": str(head_seq)},
+        )
+
+    def record_audit_gap(self) -> None:
+        """Append an audit.gap event, nothing else, if the log no longer holds the last event this store committed.
+
+        The checkpointer asks before it signs (at every interval and when the worker stops), so a
+        gap is recorded even by a process that writes nothing more.
+        """
+        if self._last_appended is not None and self.audit_chain:
+            with self._begin() as conn:
+                self._insert_audit(conn, [])
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
         batch = list(events)
@@ -978,9 +1035,13 @@ class SqlStore:
                     self._check_same_file()
                     yield conn
                 except BaseException:
+                    conn.info.pop(_APPENDED, None)
                     transaction.__exit__(*sys.exc_info())
                     raise
+                appended = conn.info.pop(_APPENDED, None)
                 transaction.__exit__(None, None, None)
+                if appended is not None:
+                    self._last_appended = appended
 
     def _check_same_file(self) -> None:
         """Refuse to write unless the file at the SQLite path is still the one this store's connections opened.
@@ -1028,6 +1089,9 @@ _DEVICES_OF_KEYS = (
 _INSERT_CERTIFICATES = insert(certificates)
 _INSERT_AUDIT_EVENTS = insert(audit_events)
 _AUDIT_HEAD = select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc()).limit(1)
+_AUDIT_HASH_AT = select(audit_events.c.hash).where(audit_events.c.seq == bindparam("seq", type_=audit_events.c.seq.type))
+# conn.info key: the (seq, hash) of the last audit event a write transaction appended, kept by _begin once it commits.
+_APPENDED = "ca_daemon_audit_appended"
 _AUDIT_FROM = (
     select(audit_events.c.seq, audit_events.c.prev_hash, audit_events.c.hash)
     .where(audit_events.c.seq >= bindparam("first", type_=audit_events.c.seq.type))

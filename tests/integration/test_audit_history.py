@@ -8,6 +8,7 @@ What the auditor held before is what tells. Real token, real SQLite, the daemon'
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from datetime import datetime
@@ -184,3 +185,31 @@ def test_verify_live_compares_the_certificates_and_revocations_tables_with_the_e
     assert f"records the issuance of serial {c}, which the certificates table no longer holds" in out, out
     assert f"records that the hold on {d} was lifted, but the revocations table has it revoked (certificate_hold)" in out, out
     assert f"the revocations table revokes {e} (unspecified), but no event records its revocation" in out, out
+
+
+def test_an_issuance_event_removed_before_a_checkpoint_is_recorded_as_an_audit_gap_when_the_daemon_stops(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """Seen in a hostile review: a certificate was issued, its event and row deleted before the next checkpoint, and the
+    daemon went on (or stopped, signing its last checkpoint) over a log that verified without it. The store remembers
+    its last event; the checkpointer a stopping worker runs records an audit.gap event, and verify names it."""
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-gap")
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            serial = sign(channel, "evil-1").serial.lower()
+        with sqlite3.connect(db, timeout=30) as conn:
+            (seq, digest) = conn.execute("SELECT seq, hash FROM audit_events WHERE serial = ?", (serial,)).fetchone()
+            assert (conn.execute("SELECT max(seq) FROM audit_checkpoints").fetchone()[0] or 0) < seq  # no checkpoint covers it
+            conn.execute("DELETE FROM audit_events WHERE seq = ?", (seq,))
+            conn.execute("DELETE FROM certificates WHERE serial = ?", (serial,))
+    finally:
+        daemon.stop()
+    code, out = _verify(env, public, _export(env, "after.jsonl", checkpoint=False))
+    assert code == 0 and f"1 audit.gap event(s), the first at seq {seq}: the daemon found events it had written removed" in out, out
+    assert "not covered" not in out, out  # the stopping worker signed the head, gap event included
+    with sqlite3.connect(db) as conn:
+        (details,) = conn.execute("SELECT details FROM audit_events WHERE action = 'audit.gap'").fetchone()
+    assert json.loads(details) == {"written_seq": str(seq), "written_hash": bytes(digest).hex(), "head_seq": str(seq - 1)}
+    assert f"audit log: event {seq}, which this process wrote" in daemon.log(), daemon.log()[-2000:]

@@ -860,3 +860,39 @@ def test_records_and_their_events_are_read_in_one_snapshot_on_both_backends(stor
         (serial_hex(revoked.serial), "certificate.revoke", "key_compromise")
     ]
     assert found.revocation_rows == [(serial_hex(revoked.serial), int(RevocationReason.KEY_COMPROMISE), False)]
+
+
+def test_events_removed_from_the_end_of_the_log_behind_a_writer_are_recorded_by_its_next_append(store: SqlStore, store_url: str) -> None:
+    """An insider deleted the newest events (an issuance, before a checkpoint covered it) and the chain went on from the
+    event before: seen in a hostile review, `audit verify` then said OK and the deleted seq was reused. The store now
+    remembers its last event and records an audit.gap event when the log no longer holds it."""
+    replica = open_store(store_url)  # another process appending to the same log: no gap is reported for its events
+    try:
+        _issue(store, _cert())
+        _issue(replica, _cert())
+        _issue(store, _cert())
+        assert [e["action"] for e in store.audit_events()].count("audit.gap") == 0
+        hidden = _cert("hidden-2")
+        _issue(store, hidden)
+        removed = store.audit_events()[-1]
+        assert removed["serial"] == format(hidden.serial, "x")
+        with store._begin() as conn:
+            conn.execute(text("DELETE FROM audit_events WHERE seq = :s"), {"s": removed["seq"]})
+            conn.execute(text("DELETE FROM certificates WHERE serial = :s"), {"s": serial_hex(hidden.serial)})
+        _issue(replica, _cert())  # the other writer knows nothing of it
+        assert [e["action"] for e in store.audit_events()].count("audit.gap") == 0
+        after = _cert()
+        _issue(store, after)
+        events = store.audit_events()
+        gap, issued = events[-2], events[-1]
+        assert (gap["action"], gap["outcome"], gap["actor"]) == ("audit.gap", "detected", "ca-daemon"), gap
+        assert json.loads(gap["details"]) == {
+            "written_seq": str(removed["seq"]),
+            "written_hash": bytes(removed["hash"]).hex(),
+            "head_seq": str(removed["seq"]),  # the replica's event took the seq number again
+        }
+        assert issued["serial"] == format(after.serial, "x") and bytes(issued["prev_hash"]) == bytes(gap["hash"])
+        _issue(store, _cert())  # reported once
+        assert [e["action"] for e in store.audit_events()].count("audit.gap") == 1
+    finally:
+        replica.close()
