@@ -33,7 +33,7 @@ from ca_daemon.audit_format import EXPORT_FORMAT, EXPORT_VERSION, checkpoint_rec
 from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
-from ca_daemon.model import AuditEvent, KeySpec, RevocationReason
+from ca_daemon.model import AuditEvent, KeySpec
 from ca_daemon.store import SqlStore
 from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpoint, EventFilter
 from ca_daemon.store.group_commit import GroupCommitter
@@ -693,48 +693,34 @@ def reconcile(store: SqlStore, report: Report) -> None:
             f"event {seq} records the issuance of serial {serial}, which the certificates table no longer holds: "
             "the CA cannot revoke it (Revoke answers NOT_FOUND)",
         )
-    logged: dict[str, tuple[int, str, str]] = {}
-    for seq, serial, action, reason in found.revocation_events:
-        logged[serial] = (seq, action, reason)
-    rows = {serial: (_reason_name(reason), lifted) for serial, reason, lifted in found.revocation_rows}
-    for serial, (seq, action, reason) in logged.items():
-        row = rows.get(serial)
-        if action == "certificate.unrevoke":
-            if row is not None and not row[1]:
-                report.fail(
-                    seq,
-                    f"event {seq} records that the hold on {serial} was lifted, but the revocations table has it revoked "
-                    f"({row[0]}) with no event recording that: the next full CRL lists it",
-                )
-        elif row is None:
+    for d in found.revocations:
+        if d.action == "certificate.unrevoke":
+            held = d.row[0] if d.row else "?"
             report.fail(
-                seq,
-                f"event {seq} records the revocation of {serial} ({reason}), which the revocations table no longer holds: "
-                "the next full CRL leaves it out",
+                d.seq,
+                f"event {d.seq} records that the hold on {d.serial} was lifted, but the revocations table has it revoked "
+                f"({held}) with no event recording that: the next full CRL lists it",
             )
-        elif row[1]:
+        elif d.row is None:
             report.fail(
-                seq,
-                f"event {seq} records the revocation of {serial} ({reason}), but the revocations table has it lifted "
+                d.seq,
+                f"event {d.seq} records the revocation of {d.serial} ({d.reason}), which the revocations table no longer "
+                "holds: the next full CRL leaves it out",
+            )
+        elif d.row[1]:
+            report.fail(
+                d.seq,
+                f"event {d.seq} records the revocation of {d.serial} ({d.reason}), but the revocations table has it lifted "
                 "with no certificate.unrevoke event: the next full CRL leaves it out",
             )
-        elif row[0] != reason:
+        else:
             report.fail(
-                seq,
-                f"event {seq} records the revocation of {serial} as {reason}, the revocations table says {row[0]}: "
+                d.seq,
+                f"event {d.seq} records the revocation of {d.serial} as {d.reason}, the revocations table says {d.row[0]}: "
                 "the next full CRL says so too",
             )
-    for serial, (reason, lifted) in rows.items():
-        if serial not in logged and not lifted:
-            report.fail(None, f"the revocations table revokes {serial} ({reason}), but no event records its revocation: the CRLs list it")
-
-
-def _reason_name(code: int) -> str:
-    """A revocation reason as revocation events name it (key_compromise), or the number if it is none."""
-    try:
-        return RevocationReason(code).name.lower()
-    except ValueError:
-        return f"reason code {code}"
+    for serial, reason in found.unlogged_revocations:
+        report.fail(None, f"the revocations table revokes {serial} ({reason}), but no event records its revocation: the CRLs list it")
 
 
 def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:

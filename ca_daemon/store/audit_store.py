@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import exists, func, insert, select, update
 
 from ca_daemon.errors import FailedPrecondition, NotFound
-from ca_daemon.model import AuditEvent
+from ca_daemon.model import AuditEvent, RevocationReason
 from ca_daemon.store.locks import LockSpace, xact_lock
 from ca_daemon.store.schema import audit_checkpoints, audit_events, certificates, mtls_certificates, revocations
 from ca_daemon.store.sql import SqlStore
@@ -52,12 +52,31 @@ class EventFilter:
 
 
 @dataclass(frozen=True)
+class RevocationDisagreement:
+    """A serial whose last revocation event and revocations row disagree."""
+
+    seq: int  # the event's
+    serial: str
+    action: str  # certificate.revoke or certificate.unrevoke
+    reason: str  # as the event names it (key_compromise)
+    row: tuple[str, bool] | None  # the row's reason, named alike, and whether it is lifted; None: no row
+
+
+@dataclass(frozen=True)
 class RecordsAndEvents:
-    """For audit.reconcile: issuance events whose certificate row is gone, revocation events, revocation rows."""
+    """For audit.reconcile: where the certificates and revocations tables and the events disagree."""
 
     unrecorded_issuances: list[tuple[int, str]]  # (seq, serial) of certificate.issue events with no certificates row
-    revocation_events: list[tuple[int, str, str, str]]  # (seq, serial, action, reason) in seq order
-    revocation_rows: list[tuple[str, int, bool]]  # (serial, reason, lifted)
+    revocations: list[RevocationDisagreement]  # in seq order
+    unlogged_revocations: list[tuple[str, str]]  # (serial, reason) of unlifted rows no revocation event names
+
+
+def _reason_name(code: int) -> str:
+    """A revocation reason as revocation events name it (key_compromise), or the number if it is none."""
+    try:
+        return RevocationReason(code).name.lower()
+    except ValueError:
+        return f"reason code {code}"
 
 
 @dataclass(frozen=True)
@@ -127,13 +146,23 @@ class AuditStore:
             after = int(rows[-1]["seq"])
 
     def records_and_their_events(self) -> RecordsAndEvents:
-        """What the certificates and revocations tables hold beside the events that recorded them, in one snapshot.
+        """Where the certificates and revocations tables disagree with the events that recorded them, in one snapshot.
 
         Both are read in one read transaction (SQLite's is one snapshot; PostgreSQL's at REPEATABLE
-        READ), so a revocation committing meanwhile is in both or in neither.
+        READ), so a revocation committing meanwhile is in both or in neither. The database joins
+        each serial's last revocation event with its row, and only the disagreements are kept: a
+        CA with a million revocations is compared without holding them (the rows stream).
         """
-        options = {"isolation_level": "REPEATABLE READ"} if self._store.dialect == "postgresql" else {}
+        options: dict[str, Any] = {"stream_results": True, "yield_per": 10000}
+        if self._store.dialect == "postgresql":
+            options["isolation_level"] = "REPEATABLE READ"
         e, c, r = audit_events.c, certificates.c, revocations.c
+        last = (
+            select(e.serial, func.max(e.seq).label("seq"))
+            .where(e.outcome.in_(("revoked", "hold-lifted")), e.action.in_(("certificate.revoke", "certificate.unrevoke")))
+            .group_by(e.serial)
+            .subquery()
+        )
         with self._store._connect(**options) as conn:
             unrecorded = [
                 (int(row.seq), str(row.serial))
@@ -144,17 +173,27 @@ class AuditStore:
                     .order_by(e.seq)
                 )
             ]
-            changes = [
-                (int(row.seq), str(row.serial), str(row.action), str(row.reason))
+            disagreeing = []
+            logged = select(e.seq, e.serial, e.action, e.reason, r.reason.label("row_reason"), r.lifted_at).select_from(
+                last.join(audit_events, e.seq == last.c.seq).outerjoin(revocations, r.serial == e.serial)
+            )
+            for row in conn.execute(logged):
+                held = None if row.row_reason is None else (_reason_name(int(row.row_reason)), row.lifted_at is not None)
+                revoked = row.action == "certificate.revoke"
+                agrees = held is not None and not held[1] and held[0] == row.reason if revoked else held is None or held[1]
+                if not agrees:
+                    disagreeing.append(RevocationDisagreement(int(row.seq), str(row.serial), str(row.action), str(row.reason), held))
+            unlogged = [
+                (str(row.serial), _reason_name(int(row.reason)))
                 for row in conn.execute(
-                    select(e.seq, e.serial, e.action, e.reason)
-                    .where(e.outcome.in_(("revoked", "hold-lifted")), e.action.in_(("certificate.revoke", "certificate.unrevoke")))
-                    .order_by(e.seq)
+                    select(r.serial, r.reason)
+                    .select_from(revocations.outerjoin(last, last.c.serial == r.serial))
+                    .where(last.c.serial.is_(None), r.lifted_at.is_(None))
+                    .order_by(r.serial)
                 )
             ]
-            held = conn.execute(select(r.serial, r.reason, r.lifted_at))
-            rows = [(str(row.serial), int(row.reason), row.lifted_at is not None) for row in held]
-        return RecordsAndEvents(unrecorded, changes, rows)
+        disagreeing.sort(key=lambda d: d.seq)
+        return RecordsAndEvents(unrecorded, disagreeing, unlogged)
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Store a checkpoint unless one of this head (or a later one) is already stored; whether it was stored.
@@ -274,4 +313,4 @@ def _mtls(m: Any) -> MtlsCertificate:
     )
 
 
-__all__ = ["AuditStore", "ChainHead", "Checkpoint", "EventFilter", "MtlsCertificate", "RecordsAndEvents"]
+__all__ = ["AuditStore", "ChainHead", "Checkpoint", "EventFilter", "MtlsCertificate", "RecordsAndEvents", "RevocationDisagreement"]

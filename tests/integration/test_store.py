@@ -845,21 +845,32 @@ def test_an_issuance_whose_audit_event_the_database_drops_is_not_committed(
 
 
 def test_records_and_their_events_are_read_in_one_snapshot_on_both_backends(store: SqlStore) -> None:
-    """What `audit verify --live` compares (audit.reconcile): issuance events without a certificate row, revocation events, rows."""
-    from ca_daemon.store.audit_store import AuditStore
+    """What `audit verify --live` compares (audit.reconcile): only where the tables and the events disagree comes back."""
+    from ca_daemon.store.audit_store import AuditStore, RevocationDisagreement
 
-    kept, gone, revoked = _cert(), _cert(), _cert()
-    for cert in (kept, gone, revoked):
+    kept, gone, revoked, unrevoked = _cert(), _cert(), _cert(), _cert()
+    for cert in (kept, gone, revoked, unrevoked):
         store.record_unique_issuances([(cert, dataclasses.replace(_audit(cert), key_id=ISSUER), False, 0)])
     _revoke(store, revoked.serial)
+    _revoke(store, kept.serial, RevocationReason.CERTIFICATE_HOLD)
+    _revoke(store, unrevoked.serial, RevocationReason.CERTIFICATE_HOLD)
+    _lift(store, unrevoked.serial)
+    audit = AuditStore(store)
+    agreeing = audit.records_and_their_events()  # a revocation, a hold and a lifted hold agree
+    assert (agreeing.unrecorded_issuances, agreeing.revocations, agreeing.unlogged_revocations) == ([], [], [])
+    revoke_seq = next(e["seq"] for e in store.audit_events() if e["serial"] == serial_hex(revoked.serial) and e["outcome"] == "revoked")
     with store._begin() as conn:
         conn.execute(text("DELETE FROM certificates WHERE serial = :s"), {"s": serial_hex(gone.serial)})
-    found = AuditStore(store).records_and_their_events()
+        conn.execute(text("DELETE FROM revocations WHERE serial = :s"), {"s": serial_hex(revoked.serial)})
+        conn.execute(text("UPDATE revocations SET lifted_at = NULL WHERE serial = :s"), {"s": serial_hex(unrevoked.serial)})
+    found = audit.records_and_their_events()
     assert [serial for _, serial in found.unrecorded_issuances] == [serial_hex(gone.serial)]
-    assert [(serial, action, reason) for _, serial, action, reason in found.revocation_events] == [
-        (serial_hex(revoked.serial), "certificate.revoke", "key_compromise")
+    gone_row = RevocationDisagreement(revoke_seq, serial_hex(revoked.serial), "certificate.revoke", "key_compromise", None)
+    assert found.revocations[0] == gone_row
+    assert [(d.serial, d.action, d.row) for d in found.revocations[1:]] == [
+        (serial_hex(unrevoked.serial), "certificate.unrevoke", ("certificate_hold", False))
     ]
-    assert found.revocation_rows == [(serial_hex(revoked.serial), int(RevocationReason.KEY_COMPROMISE), False)]
+    assert found.unlogged_revocations == []
 
 
 def test_events_removed_from_the_end_of_the_log_behind_a_writer_are_recorded_by_its_next_append(store: SqlStore, store_url: str) -> None:
