@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -186,6 +187,8 @@ class SqlStore:
         self.audit_chain = True
         # (seq, hash) of the last audit event this store committed: the next append checks the log still holds it.
         self._last_appended: tuple[int, bytes] | None = None
+        # .last: the (seq, hash) the current thread's write transaction appended, kept by _begin once it commits.
+        self._appended = threading.local()
 
     def reachable(self) -> bool:
         """Whether the database answers a statement now, and (SQLite) is still the file this store opened: for health."""
@@ -548,7 +551,7 @@ class SqlStore:
         stored = [(int(r.seq), _bytes(r.prev_hash), _bytes(r.hash)) for r in conn.execute(_AUDIT_FROM, {"first": written[0][0]})]
         if stored != written:
             raise _audit_not_kept(written, stored)
-        conn.info[_APPENDED] = (written[-1][0], written[-1][2])  # remembered once the transaction commits (_begin)
+        self._appended.last = (written[-1][0], written[-1][2])  # remembered once the transaction commits (_begin)
 
     def _gap_since_last_append(self, conn: Connection, head: Any) -> AuditEvent | None:
         """An audit.gap event if the log no longer holds, as written, the last event this store committed."""
@@ -1031,14 +1034,16 @@ class SqlStore:
             # A session that dies mid-transaction or at COMMIT (a server restart, a full disk) rolls the
             # transaction back: the caller is told to retry, and a retry finds whatever did commit.
             with _outage_is_unavailable():
+                self._appended.last = None
                 try:
                     self._check_same_file()
                     yield conn
                 except BaseException:
-                    conn.info.pop(_APPENDED, None)
+                    # Not conn.info: a connection whose session died refuses every use until rolled back.
+                    self._appended.last = None
                     transaction.__exit__(*sys.exc_info())
                     raise
-                appended = conn.info.pop(_APPENDED, None)
+                appended, self._appended.last = self._appended.last, None
                 transaction.__exit__(None, None, None)
                 if appended is not None:
                     self._last_appended = appended
@@ -1090,8 +1095,6 @@ _INSERT_CERTIFICATES = insert(certificates)
 _INSERT_AUDIT_EVENTS = insert(audit_events)
 _AUDIT_HEAD = select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc()).limit(1)
 _AUDIT_HASH_AT = select(audit_events.c.hash).where(audit_events.c.seq == bindparam("seq", type_=audit_events.c.seq.type))
-# conn.info key: the (seq, hash) of the last audit event a write transaction appended, kept by _begin once it commits.
-_APPENDED = "ca_daemon_audit_appended"
 _AUDIT_FROM = (
     select(audit_events.c.seq, audit_events.c.prev_hash, audit_events.c.hash)
     .where(audit_events.c.seq >= bindparam("first", type_=audit_events.c.seq.type))
