@@ -309,8 +309,10 @@ def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, cha
     with pytest.raises(grpc.RpcError) as denied:  # an access.deny of this test's own, not one left by an earlier test
         ca_pb2_grpc.CertificateAuthorityStub(channels["aud"]).Sign(ca_pb2.SignRequest(csr=device_csr(), request_id="x"), timeout=10)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    stub.Revoke(ca_pb2.RevokeRequest(serial=serials[0], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
     env = tls_daemon.env
+    # One checkpoint before the revocation and one after it, whatever earlier tests of the module left in the log.
+    _wait_checkpoint_covers_head(env)
+    stub.Revoke(ca_pb2.RevokeRequest(serial=serials[0], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
     revoked_at = "(SELECT max(seq) FROM audit_events WHERE action = 'certificate.revoke')"
     _wait_audit(env, f"SELECT count(*) FROM audit_events WHERE action = 'crl.publish' AND seq > {revoked_at}")  # the delta CRL
     _wait_checkpoint_covers_head(env)  # checkpoint_interval_seconds = 1 in this daemon
