@@ -33,7 +33,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon import cli
-from tests.pg import pg_database, pg_server  # noqa: F401 - fixtures: a real PostgreSQL (see tests/pg.py)
+from tests.pg import pg_database, pg_server, store_url  # noqa: F401 - fixtures: a real PostgreSQL (see tests/pg.py)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -152,3 +152,12 @@ def pg_database(pg_server: str) -> Iterator[Callable[[], str]]:
     yield make
     for url in made:
         drop_database(pg_server, url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database's URL, once per backend: a SQLite file, then a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ca.db'}"
+    make: Callable[[], str] = request.getfixturevalue("pg_database")
+    return make()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -14,14 +13,9 @@ from ca_daemon.store import SqlStore, open_store
 from ca_daemon.store.audit_store import AuditStore, Checkpoint
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ca.db'}"
-    else:
-        make: Callable[[], str] = request.getfixturevalue("pg_database")
-        url = make()
-    s = open_store(url)
+@pytest.fixture
+def store(store_url: str) -> Iterator[SqlStore]:
+    s = open_store(store_url)
     yield s
     s.close()
 

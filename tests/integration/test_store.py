@@ -32,14 +32,6 @@ ISSUER = "ca-test-1"
 _numbers = itertools.count(1)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ca.db'}"
-    make: Callable[[], str] = request.getfixturevalue("pg_database")
-    return make()
-
-
 @pytest.fixture
 def store(store_url: str) -> Iterator[SqlStore]:
     s = open_store(store_url)

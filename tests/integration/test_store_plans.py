@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,14 +23,9 @@ from ca_daemon.store import sql as store_sql
 NOW = datetime.now(UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ca.db'}"
-    else:
-        make: Callable[[], str] = request.getfixturevalue("pg_database")
-        url = make()
-    s = open_store(url)
+@pytest.fixture
+def store(store_url: str) -> Iterator[SqlStore]:
+    s = open_store(store_url)
     yield s
     s.close()
 
