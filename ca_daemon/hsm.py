@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 import pkcs11
@@ -37,9 +37,9 @@ from pkcs11.util.rsa import encode_rsa_public_key
 
 from ca_daemon.errors import ConfigError, FailedPrecondition, HsmUnavailable, NotFound
 from ca_daemon.model import KeySpec
+from ca_daemon.remote_keys import Buffer, EcKeyWithoutPrivateHalf, Ed25519KeyWithoutPrivateHalf, RsaKeyWithoutPrivateHalf
 
 T = TypeVar("T")
-Buffer = bytes | bytearray | memoryview
 
 _CURVE_OIDS = {KeySpec.EC_P256: "secp256r1", KeySpec.EC_P384: "secp384r1"}
 _ED25519_OID = "1.3.101.112"
@@ -492,22 +492,20 @@ def _public_key_der(spec: KeySpec, public: Any) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-def _no_export(*_: object, **__: object) -> NoReturn:
-    raise TypeError("the private key lives in the HSM and cannot be exported or used for this operation")
-
-
 class HsmPrivateKey:
-    """Common part of the adapters: which token key, and its public half."""
+    """Common part of the adapters: which token key (the public half comes with remote_keys)."""
 
+    NO_PRIVATE_HALF = "the private key lives in the HSM and cannot be exported or used for this operation"
     hsm: Hsm
     uri: Pkcs11Uri
 
 
-class HsmEcPrivateKey(ec.EllipticCurvePrivateKey, HsmPrivateKey):
+class HsmEcPrivateKey(HsmPrivateKey, EcKeyWithoutPrivateHalf):
     """An EC key in the token. SoftHSM 2.6 lacks CKM_ECDSA_SHA256: hash here, sign the digest there."""
 
     def __init__(self, hsm: Hsm, uri: Pkcs11Uri, public: ec.EllipticCurvePublicKey) -> None:
-        self.hsm, self.uri, self._public = hsm, uri, public
+        super().__init__(public)
+        self.hsm, self.uri = hsm, uri
 
     def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         data = bytes(data)
@@ -525,38 +523,13 @@ class HsmEcPrivateKey(ec.EllipticCurvePrivateKey, HsmPrivateKey):
         half = len(raw) // 2
         return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._public
 
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return self._public.curve
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
-    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        _no_export()
-
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        _no_export()
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
-        _no_export()
-
-    def __copy__(self) -> HsmEcPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> HsmEcPrivateKey:
-        return self
-
-
-class HsmRsaPrivateKey(rsa.RSAPrivateKey, HsmPrivateKey):
+class HsmRsaPrivateKey(HsmPrivateKey, RsaKeyWithoutPrivateHalf):
     """An RSA key in the token, signing PKCS#1 v1.5 with the hash done in the token."""
 
     def __init__(self, hsm: Hsm, uri: Pkcs11Uri, public: rsa.RSAPublicKey) -> None:
-        self.hsm, self.uri, self._public = hsm, uri, public
+        super().__init__(public)
+        self.hsm, self.uri = hsm, uri
 
     def sign(
         self,
@@ -571,52 +544,16 @@ class HsmRsaPrivateKey(rsa.RSAPrivateKey, HsmPrivateKey):
             raise TypeError("RSA signatures need SHA-256, SHA-384 or SHA-512 over the message")
         return self.hsm.sign_raw(self.uri, data, f"{algorithm.name}-rsa")
 
-    def public_key(self) -> rsa.RSAPublicKey:
-        return self._public
 
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
-    def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
-        _no_export()
-
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        _no_export()
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
-        _no_export()
-
-    def __copy__(self) -> HsmRsaPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> HsmRsaPrivateKey:
-        return self
-
-
-class HsmEd25519PrivateKey(ed25519.Ed25519PrivateKey, HsmPrivateKey):
+class HsmEd25519PrivateKey(HsmPrivateKey, Ed25519KeyWithoutPrivateHalf):
     """An Ed25519 key in the token (CKM_EDDSA over the whole message)."""
 
     def __init__(self, hsm: Hsm, uri: Pkcs11Uri, public: ed25519.Ed25519PublicKey) -> None:
-        self.hsm, self.uri, self._public = hsm, uri, public
+        super().__init__(public)
+        self.hsm, self.uri = hsm, uri
 
     def sign(self, data: Buffer) -> bytes:
         return self.hsm.sign_raw(self.uri, bytes(data), "eddsa")
-
-    def public_key(self) -> ed25519.Ed25519PublicKey:
-        return self._public
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
-        _no_export()
-
-    def private_bytes_raw(self) -> bytes:
-        _no_export()
-
-    def __copy__(self) -> HsmEd25519PrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> HsmEd25519PrivateKey:
-        return self
 
 
 def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:

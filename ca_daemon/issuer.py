@@ -10,7 +10,6 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,9 +23,9 @@ from ca_daemon import crl_der
 from ca_daemon.errors import LintFailure, capped, echo
 from ca_daemon.lint import Linter
 from ca_daemon.policy import Decision
+from ca_daemon.remote_keys import Buffer, EcKeyWithoutPrivateHalf, Ed25519KeyWithoutPrivateHalf, RsaKeyWithoutPrivateHalf
 
 SERIAL_BYTES = 20
-Buffer = bytes | bytearray | memoryview  # what cryptography's key interfaces sign
 
 
 def new_serial() -> int:
@@ -76,100 +75,30 @@ class _DraftKey:
     here against 0.02 ms for this. A draft that escaped would not verify under any key.
     """
 
-    def _no_private_half(self) -> NoReturn:
-        raise TypeError("a draft key has no private half: it only stands in for the CA key while a draft is built")
+    NO_PRIVATE_HALF = "a draft key has no private half: it only stands in for the CA key while a draft is built"
 
 
 # An ECDSA-Sig-Value (r = s = 1): well-formed DER, so a draft parses and lints like a real certificate.
 _EC_PLACEHOLDER = bytes.fromhex("3006020101020101")
 
 
-class _DraftEcKey(_DraftKey, ec.EllipticCurvePrivateKey):
-    def __init__(self, public: ec.EllipticCurvePublicKey) -> None:
-        self._public = public
-
+class _DraftEcKey(_DraftKey, EcKeyWithoutPrivateHalf):
     def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         return _EC_PLACEHOLDER
 
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._public
 
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return self._public.curve
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
-    def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
-        self._no_private_half()
-
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        self._no_private_half()
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
-        self._no_private_half()
-
-    def __copy__(self) -> _DraftEcKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> _DraftEcKey:
-        return self
-
-
-class _DraftRsaKey(_DraftKey, rsa.RSAPrivateKey):
+class _DraftRsaKey(_DraftKey, RsaKeyWithoutPrivateHalf):
     def __init__(self, public: rsa.RSAPublicKey) -> None:
-        self._public = public
+        super().__init__(public)
         self._placeholder = bytes((public.key_size + 7) // 8)
 
     def sign(self, data: Buffer, padding: AsymmetricPadding, algorithm: Prehashed | hashes.HashAlgorithm | NoDigestInfo) -> bytes:
         return self._placeholder
 
-    def public_key(self) -> rsa.RSAPublicKey:
-        return self._public
 
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
-    def decrypt(self, ciphertext: bytes, padding: AsymmetricPadding) -> bytes:
-        self._no_private_half()
-
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        self._no_private_half()
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
-        self._no_private_half()
-
-    def __copy__(self) -> _DraftRsaKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> _DraftRsaKey:
-        return self
-
-
-class _DraftEd25519Key(_DraftKey, ed25519.Ed25519PrivateKey):
-    def __init__(self, public: ed25519.Ed25519PublicKey) -> None:
-        self._public = public
-
+class _DraftEd25519Key(_DraftKey, Ed25519KeyWithoutPrivateHalf):
     def sign(self, data: Buffer) -> bytes:
         return bytes(64)
-
-    def public_key(self) -> ed25519.Ed25519PublicKey:
-        return self._public
-
-    def private_bytes(self, *args: Any, **kwargs: Any) -> bytes:
-        self._no_private_half()
-
-    def private_bytes_raw(self) -> bytes:
-        self._no_private_half()
-
-    def __copy__(self) -> _DraftEd25519Key:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> _DraftEd25519Key:
-        return self
 
 
 def sign_linted(
