@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.client import REASONS, CaClient, TlsOptions
 from ca_daemon.errors import CaError
 
@@ -201,9 +202,26 @@ def _client_chain(args: argparse.Namespace) -> int:
 
 
 def _client_get(args: argparse.Namespace) -> int:
+    """The certificate's PEM on stdout, for pipes; on stderr, what it is and whether it is revoked."""
     with client_from_args(args) as ca:
-        sys.stdout.write(ca.certificate(args.serial).certificate_pem)
+        found = ca.certificate(args.serial)
+    sys.stdout.write(found.certificate_pem)
+    print(certificate_status(found), file=sys.stderr)
     return 0
+
+
+def certificate_status(found: ca_pb2.GetCertificateResponse) -> str:
+    """One line: serial, device, profile, CA key, validity, and the revocation if there is one (reasons as --reason names them)."""
+    validity = f"valid {found.not_before.ToDatetime(tzinfo=UTC).isoformat()} to {found.not_after.ToDatetime(tzinfo=UTC).isoformat()}"
+    line = f"serial {found.serial}: device {found.device_id}, profile {found.profile}, CA key {found.issuer_key_id}, {validity}; "
+    if not found.HasField("revocation"):
+        return line + "not revoked"
+    revocation = found.revocation
+    reason = next((name for name, code in REASONS.items() if code == revocation.reason), f"reason code {revocation.reason}")
+    line += f"revoked ({reason}) at {revocation.revoked_at.ToDatetime(tzinfo=UTC).isoformat()}"
+    if revocation.HasField("invalidity_date"):
+        line += f", invalidity date {revocation.invalidity_date.ToDatetime(tzinfo=UTC).isoformat()}"
+    return line
 
 
 def _client_revoke(args: argparse.Namespace) -> int:

@@ -158,9 +158,17 @@ def test_revoke_and_crls_through_client_and_cli(client: CaClient, setup: tuple[C
     env, _ = setup
     _, cert_pem, _ = _provision(client)
     serial = f"{x509.load_pem_x509_certificate(cert_pem.encode()).serial_number:x}"
+    before = env.cli("client", "get", "--target", env.target, "--serial", serial)
+    assert before.stdout == cert_pem  # the PEM alone on stdout, for pipes
+    assert before.stderr.startswith(f"serial {client.certificate(serial).serial}: device "), before.stderr
+    assert before.stderr.strip().endswith("; not revoked"), before.stderr
     env.cli("client", "revoke", "--target", env.target, "--serial", serial, "--reason", "key-compromise")
     info = client.certificate(serial)
     assert info.revocation.reason == 1
+    after = env.cli("client", "get", "--target", env.target, "--serial", serial)
+    assert after.stdout == cert_pem
+    revoked_at = info.revocation.revoked_at.ToDatetime(tzinfo=UTC).isoformat()
+    assert after.stderr.strip().endswith(f"; revoked (key-compromise) at {revoked_at}"), after.stderr
     deadline = time.monotonic() + 15
     while True:
         delta = client.crl(delta=True)
