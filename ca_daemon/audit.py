@@ -25,17 +25,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TextIO
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ca_daemon import crl_der
 from ca_daemon.audit_format import EXPORT_FORMAT, EXPORT_VERSION, checkpoint_record, event_record, interleave, write_export
 from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
-from ca_daemon.model import AuditEvent, KeySpec
+from ca_daemon.model import AuditEvent, KeySpec, RevocationReason
 from ca_daemon.store import SqlStore
-from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpoint, EventFilter
+from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpoint, EventFilter, RevocationInForce
 from ca_daemon.store.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
@@ -682,7 +684,11 @@ def reconcile(store: SqlStore, report: Report) -> None:
     - a serial whose last certificate.revoke event has no revocations row, one lifted, or another
       reason: the next full CRL leaves it out, or lists it for another reason;
     - a serial whose last event lifted its hold but whose row is revoked again, and a revocations
-      row no event records: the CRLs list a certificate the log shows valid.
+      row no event records: the CRLs list a certificate the log shows valid;
+    - a revocation in force whose row, under the same reason, differs from its event in what the
+      CRLs are built from: the stored CRL entry (entry_der, which every full CRL copies as it is),
+      the CA key it is filed under, its dates, or the certificate's notAfter (after which full
+      CRLs drop the entry).
 
     Needs the database (`audit verify --live`): an export has no tables.
     """
@@ -721,6 +727,66 @@ def reconcile(store: SqlStore, report: Report) -> None:
             )
     for serial, reason in found.unlogged_revocations:
         report.fail(None, f"the revocations table revokes {serial} ({reason}), but no event records its revocation: the CRLs list it")
+    reported = {d.serial for d in found.revocations}  # a missing, lifted or differently reasoned row: said above
+    for revocation in AuditStore(store).revocations_in_force():
+        if revocation.serial in reported:
+            continue
+        for problem in _row_problems(revocation):
+            report.fail(
+                revocation.seq, f"event {revocation.seq} records the revocation of {revocation.serial} ({revocation.reason}), but {problem}"
+            )
+
+
+def _row_problems(revocation: RevocationInForce) -> list[str]:
+    """How a revocation row differs from its event in what the CRLs are built from (see reconcile)."""
+    try:
+        reason = RevocationReason[revocation.reason.upper()]
+        invalidity_text = json.loads(revocation.details).get("invalidity_date", "")
+        invalidity = datetime.fromisoformat(invalidity_text) if invalidity_text else None
+        serial = int(revocation.serial, 16)
+    except (ValueError, KeyError, TypeError, AttributeError):  # an event the daemon never writes
+        return ["the event's serial, reason or invalidity date cannot be read, so its row cannot be compared"]
+    problems = []
+    if revocation.row_issuer_key_id != revocation.key_id:
+        problems.append(
+            f"the revocations table files it under CA key {revocation.row_issuer_key_id}, not {revocation.key_id}: "
+            f"the CRLs of {revocation.key_id} leave it out"
+        )
+    if (revocation.row_revoked_at, revocation.row_invalidity_date) != (revocation.revoked_at, invalidity):
+        problems.append(
+            f"the revocations table dates it {_dates(revocation.row_revoked_at, revocation.row_invalidity_date)}, "
+            f"the event {_dates(revocation.revoked_at, invalidity)}"
+        )
+    if revocation.entry_der != crl_der.revoked_entry(serial, revocation.revoked_at, reason.value, invalidity):
+        problems.append(f"the CRL entry stored for it (entry_der) reads {_entry_text(revocation.entry_der)}: every full CRL copies that")
+    if revocation.certificate_der is not None:
+        try:
+            not_after = x509.load_der_x509_certificate(revocation.certificate_der).not_valid_after_utc
+        except ValueError:
+            return [*problems, "its certificate's row holds no readable certificate, so its notAfter cannot be compared"]
+        if revocation.row_not_after != not_after:
+            problems.append(
+                f"the revocations table says the certificate expires {revocation.row_not_after.isoformat()}, its certificate "
+                f"{not_after.isoformat()}: full CRLs drop an entry once it has expired"
+            )
+    return problems
+
+
+def _dates(revoked_at: datetime, invalidity: datetime | None) -> str:
+    return revoked_at.isoformat() + (f" (invalid since {invalidity.isoformat()})" if invalidity else "")
+
+
+def _entry_text(entry_der: bytes) -> str:
+    """A stored CRL entry as a person reads it: serial, date and reason, or that no CRL parser would read it."""
+    try:
+        entry = crl_der.read_entry(entry_der)
+        try:
+            reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.name
+        except x509.ExtensionNotFound:
+            reason = "unspecified"
+        return f"serial {entry.serial_number:x}, revoked {entry.revocation_date_utc.isoformat()}, {reason}"
+    except ValueError:
+        return "as no valid CRL entry"
 
 
 def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:

@@ -71,6 +71,24 @@ class RecordsAndEvents:
     unlogged_revocations: list[tuple[str, str]]  # (serial, reason) of unlifted rows no revocation event names
 
 
+@dataclass(frozen=True)
+class RevocationInForce:
+    """A revocation as its serial's last event records it, beside the row the CRLs are built from (audit.reconcile)."""
+
+    seq: int  # the event's
+    serial: str
+    reason: str  # as the event names it (key_compromise)
+    revoked_at: datetime  # the event's time, which is the revocation's
+    key_id: str  # the CA key the event names
+    details: str  # the event's details (JSON text): the invalidity date, if any
+    row_revoked_at: datetime
+    row_invalidity_date: datetime | None
+    row_issuer_key_id: str
+    row_not_after: datetime
+    entry_der: bytes  # what every CRL of row_issuer_key_id copies
+    certificate_der: bytes | None  # the certificate's, None when its row is gone
+
+
 def _reason_name(code: int) -> str:
     """A revocation reason as revocation events name it (key_compromise), or the number if it is none."""
     try:
@@ -194,6 +212,62 @@ class AuditStore:
             ]
         disagreeing.sort(key=lambda d: d.seq)
         return RecordsAndEvents(unrecorded, disagreeing, unlogged)
+
+    def revocations_in_force(self) -> Iterator[RevocationInForce]:
+        """Each serial whose last revocation event revokes it and whose row is not lifted, with both sides' facts.
+
+        One statement (one snapshot on either database), streamed: a million revocations are
+        compared without being held. records_and_their_events reports a missing, lifted or
+        differently reasoned row; this gives audit.reconcile what it needs to check the rest
+        of the row, which the full CRL is built from (entry_der, issuer, not_after).
+        """
+        options: dict[str, Any] = {"stream_results": True, "yield_per": 10000}
+        e, r, c = audit_events.c, revocations.c, certificates.c
+        last = (
+            select(e.serial, func.max(e.seq).label("seq"))
+            .where(e.outcome.in_(("revoked", "hold-lifted")), e.action.in_(("certificate.revoke", "certificate.unrevoke")))
+            .group_by(e.serial)
+            .subquery()
+        )
+        statement = (
+            select(
+                e.seq,
+                e.serial,
+                e.reason,
+                e.time,
+                e.key_id,
+                e.details,
+                r.revoked_at,
+                r.invalidity_date,
+                r.issuer_key_id,
+                r.not_after,
+                r.entry_der,
+                c.der,
+            )
+            .select_from(
+                last.join(audit_events, e.seq == last.c.seq)
+                .join(revocations, r.serial == e.serial)
+                .outerjoin(certificates, c.serial == e.serial)
+            )
+            .where(e.action == "certificate.revoke", r.lifted_at.is_(None))
+            .order_by(e.seq)
+        )
+        with self._store._connect(**options) as conn:
+            for row in conn.execute(statement):
+                yield RevocationInForce(
+                    seq=int(row.seq),
+                    serial=str(row.serial),
+                    reason=str(row.reason),
+                    revoked_at=_utc(row.time),
+                    key_id=str(row.key_id),
+                    details=str(row.details),
+                    row_revoked_at=_utc(row.revoked_at),
+                    row_invalidity_date=None if row.invalidity_date is None else _utc(row.invalidity_date),
+                    row_issuer_key_id=str(row.issuer_key_id),
+                    row_not_after=_utc(row.not_after),
+                    entry_der=bytes(row.entry_der),
+                    certificate_der=None if row.der is None else bytes(row.der),
+                )
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Store a checkpoint unless one of this head (or a later one) is already stored; whether it was stored.

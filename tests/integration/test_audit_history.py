@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
-from datetime import datetime
+import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.audit_hash import GENESIS, event_hash
@@ -185,6 +189,73 @@ def test_verify_live_compares_the_certificates_and_revocations_tables_with_the_e
     assert f"records the issuance of serial {c}, which the certificates table no longer holds" in out, out
     assert f"records that the hold on {d} was lifted, but the revocations table has it revoked (certificate_hold)" in out, out
     assert f"the revocations table revokes {e} (unspecified), but no event records its revocation" in out, out
+
+
+def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crls_are_built_from(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """A revocation row keeping its reason but changed where the CRLs are built from is named by `audit verify --live`.
+
+    Every full CRL copies the row's stored entry (entry_der) as it is, lists it under the row's CA key, and drops
+    it after the row's not_after. Before, --live compared only the reason: with a's entry swapped for another
+    serial's, the next full CRL left a out (openssl verify -crl_check accepted it), and --live said OK.
+    """
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-entries")
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            signed = [sign(channel) for _ in range(5)]
+            a, b, c, d, z = (response.serial.lower() for response in signed)
+            invalid_since = Timestamp()
+            invalid_since.FromDatetime(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+            for serial in (a, b, c, z):
+                request = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
+                if serial == a:
+                    request.invalidity_date.CopyFrom(invalid_since)
+                stub(channel).Revoke(request, timeout=10)
+            stub(channel).Revoke(ca_pb2.RevokeRequest(serial=d, reason=ca_pb2.REVOCATION_REASON_SUPERSEDED), timeout=10)
+    finally:
+        daemon.stop()
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+    assert live.returncode == 0 and live.stdout.startswith("OK:"), live.stdout  # the invalidity date and reasons agree
+
+    with sqlite3.connect(db, timeout=30) as conn:
+        conn.execute("UPDATE revocations SET entry_der = (SELECT entry_der FROM revocations WHERE serial = ?) WHERE serial = ?", (z, a))
+        conn.execute("UPDATE revocations SET not_after = '2001-01-01 00:00:00.000000' WHERE serial = ?", (b,))
+        conn.execute("UPDATE revocations SET issuer_key_id = 'ca-elsewhere' WHERE serial = ?", (c,))
+        conn.execute("UPDATE revocations SET revoked_at = '2020-01-01 00:00:00.000000' WHERE serial = ?", (d,))
+    # What a relying party meets: full CRLs leave a, b (from the second on: expired on the one before) and c out,
+    # and a passes a CRL check.
+    for _ in range(2):
+        assert "published full CRL" in env.cli("crl", "publish").stdout
+    with sqlite3.connect(db) as conn:
+        (crl_der,) = conn.execute("SELECT der FROM crls WHERE is_delta = 0 ORDER BY crl_number DESC LIMIT 1").fetchone()
+    listed = {entry.serial_number for entry in x509.load_der_x509_crl(crl_der)}
+    assert int(z, 16) in listed and int(d, 16) in listed and not {int(a, 16), int(b, 16), int(c, 16)} & listed, listed
+    (env.state_dir / "crl.pem").write_bytes(x509.load_der_x509_crl(crl_der).public_bytes(serialization.Encoding.PEM))
+    (env.state_dir / "a.pem").write_text(signed[0].certificate_pem)
+    (env.state_dir / "chain.pem").write_text(signed[0].chain_pem)
+    files = [str(env.state_dir / name) for name in ("crl.pem", "chain.pem", "a.pem")]
+    accepted = subprocess.run(
+        ["openssl", "verify", "-crl_check", "-CRLfile", files[0], "-CAfile", files[1], files[2]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+    export = _export(env, "after.jsonl", checkpoint=False)
+    code, out = _verify(env, public, export)
+    assert code == 0 and out.startswith("OK:"), out  # the log itself is untouched
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+    out = live.stdout
+    assert live.returncode == 1, out
+    assert f"records the revocation of {a} (key_compromise), but the CRL entry stored for it (entry_der) reads serial {z}," in out, out
+    assert f"records the revocation of {b} (key_compromise), but the revocations table says the certificate expires 2001-01-01" in out
+    assert f"records the revocation of {c} (key_compromise), but the revocations table files it under CA key ca-elsewhere" in out
+    assert f"records the revocation of {d} (superseded), but the revocations table dates it 2020-01-01T00:00:00+00:00" in out, out
+    assert f"records the revocation of {z}" not in out, out  # the untouched row is not named
 
 
 def test_an_issuance_event_removed_before_a_checkpoint_is_recorded_as_an_audit_gap_when_the_daemon_stops(

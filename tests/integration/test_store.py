@@ -865,6 +865,29 @@ def test_records_and_their_events_are_read_in_one_snapshot_on_both_backends(stor
     assert found.unlogged_revocations == []
 
 
+def test_revocations_in_force_pair_each_row_with_its_last_event_on_both_backends(store: SqlStore) -> None:
+    """What `audit verify --live` compares row by row (audit._row_problems): both sides' facts, as UTC times, lifted holds left out."""
+    from ca_daemon.store.audit_store import AuditStore
+
+    revoked, held, lifted = _cert(), _cert(), _cert()
+    for cert in (revoked, held, lifted):
+        store.record_unique_issuances([(cert, dataclasses.replace(_audit(cert), key_id=ISSUER), False, 0)])
+    _revoke(store, revoked.serial)
+    _revoke(store, held.serial, RevocationReason.CERTIFICATE_HOLD)
+    _revoke(store, lifted.serial, RevocationReason.CERTIFICATE_HOLD)
+    _lift(store, lifted.serial)
+    found = list(AuditStore(store).revocations_in_force())
+    assert [(f.serial, f.reason) for f in found] == [
+        (serial_hex(revoked.serial), "key_compromise"),
+        (serial_hex(held.serial), "certificate_hold"),
+    ]
+    for fact, cert in zip(found, (revoked, held), strict=True):
+        assert fact.revoked_at.tzinfo is not None and fact.row_revoked_at == fact.revoked_at, fact
+        assert (fact.key_id, fact.row_issuer_key_id, fact.row_invalidity_date) == (ISSUER, ISSUER, None), fact
+        assert fact.row_not_after == cert.not_after and fact.certificate_der == cert.der, fact
+        assert fact.entry_der == _entry(cert.serial, fact.revoked_at, 0, None), fact
+
+
 def test_events_removed_from_the_end_of_the_log_behind_a_writer_are_recorded_by_its_next_append(store: SqlStore, store_url: str) -> None:
     """An insider deleted the newest events (an issuance, before a checkpoint covered it) and the chain went on from the
     event before: seen in a hostile review, `audit verify` then said OK and the deleted seq was reused. The store now
