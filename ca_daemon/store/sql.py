@@ -553,8 +553,8 @@ class SqlStore:
             raise _audit_not_kept(written, stored)
         self._appended.last = (written[-1][0], written[-1][2])  # remembered once the transaction commits (_begin)
 
-    def _gap_since_last_append(self, conn: Connection, head: Any) -> AuditEvent | None:
-        """An audit.gap event if the log no longer holds, as written, the last event this store committed."""
+    def _missing_last_append(self, conn: Connection, head: Any) -> tuple[int, bytes, int] | None:
+        """(seq, hash, the head's seq) of the last event this store committed, if the log no longer holds it as written."""
         mine = self._last_appended
         if mine is None or (head is not None and head.hash is None):
             return None
@@ -563,7 +563,14 @@ class SqlStore:
             found = bytes(head.hash) if int(head.seq) == seq else _bytes(conn.execute(_AUDIT_HASH_AT, {"seq": seq}).scalar())
             if found == digest:
                 return None
-        head_seq = int(head.seq) if head is not None else 0
+        return seq, digest, int(head.seq) if head is not None else 0
+
+    def _gap_since_last_append(self, conn: Connection, head: Any) -> AuditEvent | None:
+        """An audit.gap event (and an ERROR logged) if the log no longer holds, as written, the last event this store committed."""
+        missing = self._missing_last_append(conn, head)
+        if missing is None:
+            return None
+        seq, digest, head_seq = missing
         what = "is gone" if head_seq < seq else "was replaced"
         log.error(
             "audit log: event %d, which this process wrote (hash %s...), %s: events were removed from the end of the log "
@@ -586,11 +593,17 @@ class SqlStore:
         """Append an audit.gap event, nothing else, if the log no longer holds the last event this store committed.
 
         The checkpointer asks before it signs (at every interval and when the worker stops), so a
-        gap is recorded even by a process that writes nothing more.
+        gap is recorded even by a process that writes nothing more. A read comes first: the write
+        transaction (SQLite's write lock, the chain lock on PostgreSQL), which checks again under
+        the lock, is taken only when that finds a gap, not at every interval of an idle daemon.
         """
-        if self._last_appended is not None and self.audit_chain:
-            with self._begin() as conn:
-                self._insert_audit(conn, [])
+        if self._last_appended is None or not self.audit_chain:
+            return
+        with self._connect() as conn:
+            if self._missing_last_append(conn, conn.execute(_AUDIT_HEAD).first()) is None:
+                return
+        with self._begin() as conn:
+            self._insert_audit(conn, [])
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
         batch = list(events)

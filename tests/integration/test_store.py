@@ -761,6 +761,32 @@ def test_what_sign_reads_before_signing_takes_no_write_lock(tmp_path: Path) -> N
     store.close()
 
 
+def test_the_checkpointers_gap_check_takes_the_write_lock_only_when_there_is_a_gap(tmp_path: Path) -> None:
+    """record_audit_gap (before every checkpoint, every interval) opened a write transaction to read the head: on an idle
+    daemon a write every interval, and while another writer held the lock (a backup, a bulk revocation) the check
+    waited for it and failed as UNAVAILABLE. Now it reads first and writes only to record a gap it found."""
+    import sqlite3
+
+    store_url = f"sqlite:///{tmp_path / 'ca.db'}"
+    store = SqlStore(store_url, lock_wait_ms=300)
+    store.migrate()
+    store.save_ca_key(_ca_key())
+    _issue(store, _cert())
+    writer = sqlite3.connect(store_url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # another writer holds SQLite's write lock
+        started = time.monotonic()
+        store.record_audit_gap()  # no gap: nothing to write, so no wait for the lock
+        assert time.monotonic() - started < 0.3
+        writer.execute("DELETE FROM audit_events WHERE seq = (SELECT max(seq) FROM audit_events)")
+        writer.execute("COMMIT")
+    finally:
+        writer.close()
+    store.record_audit_gap()  # the event it wrote is gone: recorded, under the write lock
+    assert [e["action"] for e in store.audit_events()][-1] == "audit.gap"
+    store.close()
+
+
 # -- the audit chain's rows are the ones the store keeps -------------------------------
 
 # Statements an insider with write access to the database could leave behind, so that the daemon's own
