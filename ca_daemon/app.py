@@ -17,7 +17,9 @@ import ctypes
 import fcntl
 import gc
 import hashlib
+import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -26,10 +28,11 @@ import ssl
 import sys
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -41,7 +44,7 @@ from ca_daemon import logs, metrics, tls, tls_front
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.access import METRICS, Authenticator, authorize, denial_event
 from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
-from ca_daemon.authority import Authority, check_policy, load_active_ca
+from ca_daemon.authority import Authority, check_policy, load_active_ca, restart_only_changes
 from ca_daemon.config import Config
 from ca_daemon.crl import CrlServices, await_first_crls, watch_health
 from ca_daemon.errors import CaError, ConfigError, FailedPrecondition, PermissionDenied, Unauthenticated
@@ -52,6 +55,7 @@ from ca_daemon.revocation import MAX_BULK_REQUEST_BYTES, Revocations
 from ca_daemon.rotation import KeyCeremony
 from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor, KeyCeremonyServicer, RequestLog, caller_of
 from ca_daemon.store import SqlStore, open_store, sqlite_mode_warning
+from ca_daemon.store.audit_store import AuditStore, EventFilter
 
 log = logging.getLogger("ca_daemon")
 KEY_CEREMONY_SERVICE = ca_pb2.DESCRIPTOR.services_by_name["KeyCeremony"].full_name
@@ -449,6 +453,7 @@ def reload_worker(
         log.error("reload refused, the previous configuration stays in force: %s", exc.message)
         _audit_reload(store, config_path, "refused", exc.message)
         return False
+    restart_needed = restart_only_changes(new_config, authority.config)
     if authenticator is not None and access is not None:
         authenticator.adopt(access)
     if front is not None and context is not None:
@@ -461,18 +466,13 @@ def reload_worker(
         else:
             expiry = tls.server_certificate_expiry(cert_file)
         log.info("reload: TLS server certificate %s in force (expires %s)", cert_file, expiry)
-    _audit_reload(store, config_path, "applied", "")
+    _audit_reload(store, config_path, "applied", "", restart_needed)
     return True
 
 
 def _reloaded_tls(new: Config, running: Config, front: tls_front.TlsFrontEnd | None) -> tuple[ssl.SSLContext | None, Authenticator | None]:
     """The TLS context and the authenticator of a reloaded [tls] and [roles], built and checked; (None, None) in development mode."""
-    if new.tls.enabled != running.tls.enabled:
-        log.warning("reload: switching between mTLS and development mode takes effect only after a restart")
-        return None, None
-    if (new.tls.ca_key_uri, new.tls.client_crl_refresh) != (running.tls.ca_key_uri, running.tls.client_crl_refresh):
-        log.warning("reload: tls.ca_key and tls.client_crl_refresh_days take effect only after a restart")
-    if not new.tls.enabled:
+    if new.tls.enabled != running.tls.enabled or not new.tls.enabled:  # a switch waits for a restart (Authority.reload logs it)
         return None, None
     return (tls.server_context(new) if front is not None else None), _reloaded_authenticator(new)
 
@@ -486,7 +486,8 @@ def _reloaded_authenticator(new: Config) -> Authenticator:
     return access
 
 
-def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reason: str) -> None:
+def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reason: str, restart_needed: Sequence[str] = ()) -> None:
+    """The config.reload event; `ca-daemon reload` waits for it and reports it (await_reload)."""
     if store is None:
         return
     try:
@@ -500,12 +501,48 @@ def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reaso
         outcome=outcome,
         request_digest=digest,
         reason=reason[:512],
-        details={"path": str(config_path)},
+        details={"path": str(config_path)} | ({"restart_needed": ", ".join(restart_needed)} if restart_needed else {}),
     )
     try:
         store.append_audit([event])
     except CaError as exc:
         log.error("could not record the configuration reload in the audit log: %s", exc.message)
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What the workers recorded of one reload (their config.reload audit events)."""
+
+    applied: int
+    refusals: list[str]  # each refusing worker's reason
+    restart_needed: list[str]  # settings changed that the workers read at start only (restart_only_changes)
+
+
+def await_reload(store: SqlStore, after_seq: int, workers: int, timeout_s: float = 10.0) -> ReloadOutcome | None:
+    """Wait for the config.reload events written after after_seq: one per worker, or those that came; None if none came.
+
+    A daemon running fewer workers than the file names (a [server] change waiting for a
+    restart) writes fewer: once one has come, the others get two seconds more.
+    """
+    deadline, settle = time.monotonic() + timeout_s, math.inf
+    events: list[dict[str, Any]] = []
+    while True:
+        events = AuditStore(store).events(EventFilter(after_seq=after_seq, actions=("config.reload",)), 100)
+        now = time.monotonic()
+        if events and settle == math.inf:
+            settle = now + 2.0
+        if len(events) >= workers or now >= min(deadline, settle):
+            break
+        time.sleep(0.1)
+    if not events:
+        return None
+    restart: list[str] = []
+    for event in events:
+        for setting in json.loads(event["details"]).get("restart_needed", "").split(", "):
+            if setting and setting not in restart:
+                restart.append(setting)
+    refusals = [f"{e['actor']}: {e['reason']}" for e in events if e["outcome"] != "applied"]
+    return ReloadOutcome(sum(1 for e in events if e["outcome"] == "applied"), refusals, restart)
 
 
 def _schedule_as_batch() -> None:

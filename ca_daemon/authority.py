@@ -113,6 +113,23 @@ def profiles_from_config(config: Config) -> dict[str, policy.Profile]:
 RESTART_ONLY_SECTIONS = ("server", "hsm", "ca", "store", "crl", "audit", "metrics", "rotation")
 
 
+def restart_only_changes(new: Config, running: Config) -> list[str]:
+    """What a reload to new changes that is read at start only, named as in the file ("[crl]", "tls.ca_key").
+
+    Logged by each worker at a reload and recorded in its config.reload audit event, from
+    which `ca-daemon reload` tells the operator.
+    """
+    changed = ["state_dir"] if new.state_dir != running.state_dir else []
+    changed += [f"[{section}]" for section in RESTART_ONLY_SECTIONS if getattr(new, section) != getattr(running, section)]
+    if new.tls.enabled != running.tls.enabled:
+        changed.append("[tls] mTLS or development mode")
+    if new.tls.ca_key_uri != running.tls.ca_key_uri:
+        changed.append("tls.ca_key")
+    if new.tls.client_crl_refresh != running.tls.client_crl_refresh:
+        changed.append("tls.client_crl_refresh_days")
+    return changed
+
+
 @dataclass(frozen=True)
 class PolicySet:
     """The reloadable part of the configuration, as the authority applies it.
@@ -311,11 +328,8 @@ class Authority:
         with self._policy_lock:
             new = build_policy_set(config, self.active.certificate, self._draft_key)
             self.policy = new
-        for section in RESTART_ONLY_SECTIONS:
-            if getattr(config, section) != getattr(self._config, section):
-                log.warning("reload: [%s] changed; that takes effect only after a restart", section)
-        if config.state_dir != self._config.state_dir:
-            log.warning("reload: state_dir changed; that takes effect only after a restart")
+        for setting in restart_only_changes(config, self._config):
+            log.warning("reload: %s changed; that takes effect only after a restart", setting)
         log.info("reload: %d profile(s) in force: %s; lint %s", len(new.profiles), ", ".join(sorted(new.profiles)), new.linter.mode)
         return new
 

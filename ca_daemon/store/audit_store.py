@@ -138,6 +138,11 @@ class AuditStore:
             count = conn.execute(select(func.count()).select_from(audit_events).where(audit_events.c.seq <= row.seq)).scalar()
         return ChainHead(int(row.seq), bytes(row.hash), int(count or 0))
 
+    def last_seq(self) -> int:
+        """The seq of the newest event, chained or not (0 for an empty log): later events have higher ones."""
+        with self._store._connect() as conn:
+            return int(conn.execute(select(func.max(audit_events.c.seq))).scalar() or 0)
+
     def events(self, query: EventFilter, limit: int) -> list[dict[str, Any]]:
         """Up to limit events after query.after_seq that match, in chain order."""
         stmt = select(audit_events).where(audit_events.c.seq > query.after_seq)

@@ -8,12 +8,17 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
 
+from ca_daemon import app
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.model import AuditEvent
+from ca_daemon.store import open_store
+from ca_daemon.store.audit_store import AuditStore
 from tests.conftest import Daemon, Snapshot, device_csr
 from tests.integration.policy_env import make_policy_env
 
@@ -87,6 +92,8 @@ def _add_sensor_and_reload(daemon: Daemon) -> None:
     )
     result = env.cli("reload")
     assert "asked ca-daemon" in result.stdout
+    assert "applied by 2 worker(s)" in result.stdout and "sensor" in result.stdout, result.stdout
+    assert "restart" not in result.stderr, result.stderr  # only profiles changed: all of it in force
 
 
 def process_ids_unchanged_after(daemon: Daemon, action: object) -> bool:
@@ -136,3 +143,26 @@ def test_a_profile_that_fails_the_template_lint_is_refused_by_the_workers(reload
         time.sleep(0.1)
     assert reload_daemon.log().count("would fail the pre-issuance lint") == 2  # both workers refused
     assert all("bad-san" not in v for v in _profile_views(env.target))
+
+
+def test_the_reload_outcome_is_read_from_the_workers_config_reload_events(tmp_path: Path) -> None:
+    """What `ca-daemon reload` reports after its SIGHUP (app.await_reload): refusals with the worker's reason, settings
+    that need a restart once each, and no answer when no worker recorded one (a real store, real events)."""
+    store = open_store(f"sqlite:///{tmp_path / 'ca.db'}")
+    try:
+        started = time.monotonic()
+        assert app.await_reload(store, 0, 2, timeout_s=0.3) is None
+        assert time.monotonic() - started < 2
+        mark = AuditStore(store).last_seq()
+
+        def reload_event(actor: str, outcome: str, reason: str = "", restart: str = "") -> AuditEvent:
+            details = {"path": "ca-daemon.toml"} | ({"restart_needed": restart} if restart else {})
+            return AuditEvent(datetime.now(UTC), actor, "config.reload", outcome, reason=reason, details=details)
+
+        store.append_audit([reload_event("worker-1", "applied", restart="[crl], tls.ca_key")])
+        store.append_audit([reload_event("worker-2", "refused", reason="[tls]: the client CRL has expired", restart="")])
+        outcome = app.await_reload(store, mark, 2)
+        assert outcome == app.ReloadOutcome(1, ["worker-2: [tls]: the client CRL has expired"], ["[crl]", "tls.ca_key"])
+        assert app.await_reload(store, AuditStore(store).last_seq(), 2, timeout_s=0.3) is None  # only events after the mark
+    finally:
+        store.close()

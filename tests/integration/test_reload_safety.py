@@ -165,15 +165,22 @@ def test_a_worker_restarted_while_the_file_on_disk_is_refused_serves_the_configu
 
 
 def test_a_changed_setting_that_needs_a_restart_is_reported_at_reload(two_workers: Daemon) -> None:
-    """[crl], [audit], [rotation], [metrics] and state_dir are read at start only; a reload changing them ignored it silently."""
+    """[crl], [audit], [rotation], [metrics] and state_dir are read at start only; a reload changing them ignored it silently.
+
+    The daemon's log said so, but `ca-daemon reload` printed only that it had asked: it now waits for the workers'
+    config.reload events and names what needs a restart."""
     daemon, env = two_workers, two_workers.env
     env.edit_config("delta_interval_seconds = 300", "delta_interval_seconds = 60")
     env.edit_config("checkpoint_interval_seconds = 300", "checkpoint_interval_seconds = 60")
     env.edit_config("approval_window_seconds = 86400", "approval_window_seconds = 3600")
-    env.cli("reload")
+    reloaded = env.cli("reload")
+    assert "applied by 2 worker(s): device in force" in reloaded.stdout, reloaded.stdout
+    assert "not in force until a restart: [crl], [audit], [rotation]" in reloaded.stderr, reloaded.stderr
     for section in ("crl", "audit", "rotation"):
         _wait_log(daemon, f"reload: [{section}] changed; that takes effect only after a restart", 2)  # each worker
     _wait_log(daemon, "profile(s) in force", 2)
+    again = env.cli("reload")  # the workers still run what they started with: still named
+    assert "not in force until a restart: [crl], [audit], [rotation]" in again.stderr, again.stderr
 
 
 @pytest.fixture(scope="module")
