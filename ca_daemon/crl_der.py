@@ -26,6 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 
 from ca_daemon.model import RevocationReason
 
+# The hashes a CA key signs with (signature_algorithm), as cryptography's builders type them.
+SignatureHash = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
+
 REMOVE_FROM_CRL = 8  # CRLReason removeFromCRL: only in delta CRLs
 
 # Object identifiers, pre-encoded (tag 06, length, body).
@@ -118,18 +121,21 @@ def read_entry(entry: bytes) -> x509.RevokedCertificate:
     return parsed
 
 
-def signature_algorithm(key: CertificateIssuerPrivateKeyTypes) -> tuple[bytes, hashes.HashAlgorithm | None]:
-    """The AlgorithmIdentifier for a CA key and the hash it signs with."""
+def signature_algorithm(key: CertificateIssuerPrivateKeyTypes) -> tuple[bytes, SignatureHash | None]:
+    """The AlgorithmIdentifier for a CA key and the hash it signs with: SHA-384 for P-384, none for Ed25519, else SHA-256.
+
+    The one pairing for everything a CA key signs: certificates and CSRs (issuer.signature_hash), CRLs.
+    """
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return _ALG_ED25519, None
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        algorithm: hashes.HashAlgorithm = hashes.SHA384() if key.curve.name == "secp384r1" else hashes.SHA256()
+        algorithm: SignatureHash = hashes.SHA384() if key.curve.name == "secp384r1" else hashes.SHA256()
         if key.curve.name == "secp521r1":
             algorithm = hashes.SHA512()
         return {"sha256": _ALG_ECDSA_SHA256, "sha384": _ALG_ECDSA_SHA384, "sha512": _ALG_ECDSA_SHA512}[algorithm.name], algorithm
     if isinstance(key, rsa.RSAPrivateKey):
         return _ALG_RSA_SHA256, hashes.SHA256()
-    raise TypeError(f"cannot sign a CRL with a {type(key).__name__}")
+    raise TypeError(f"cannot sign with a {type(key).__name__}")
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,9 @@ def new_serial() -> int:
             return serial
 
 
-def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | hashes.SHA384 | None:
-    """The hash paired with a CA key: SHA-384 for P-384, none for Ed25519, else SHA-256."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
-        return hashes.SHA384()
-    return hashes.SHA256()
+def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> crl_der.SignatureHash | None:
+    """The hash paired with a CA key, for cryptography's builders: the one its CRLs name (crl_der.signature_algorithm)."""
+    return crl_der.signature_algorithm(key)[1]
 
 
 def draft_key_like(
