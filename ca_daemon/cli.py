@@ -282,9 +282,7 @@ def _ca_export(args: argparse.Namespace) -> int:
     try:
         keys = store.list_ca_keys()
         active = [k for k in keys if k.status == KeyStatus.ACTIVE and k.certificate_der]
-        if not active:
-            raise CaError(_no_active_key(keys, authority.key_id_for(Pkcs11Uri.parse(config.ca.key_uri))))
-        key = active[0]
+        key = active[0] if active else _first_key(keys, authority.key_id_for(Pkcs11Uri.parse(config.ca.key_uri)))
         assert key.certificate_der is not None
         if args.format == "der":
             Path(args.out).write_bytes(key.certificate_der)
@@ -296,18 +294,22 @@ def _ca_export(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _no_active_key(keys: list[CaKey], configured: str) -> str:
-    """Why there is nothing to export: the configured key may be installed but still pending.
+def _first_key(keys: list[CaKey], configured: str) -> CaKey:
+    """With no active key: the configured key (ca.key), installed, which the daemon activates when it first starts.
 
-    The daemon activates the first key (ca.key) when it first starts (authority.load_active_ca), so between
-    `ca import-cert` and the first `serve` the key has its certificate and `init` has nothing left to do.
+    authority.load_active_ca makes it the signing key then, so its chain is the one devices will get:
+    it can be registered with a cloud service or given to relying parties before the first `serve`.
+    Before, export refused it until then, although `init` had nothing left to do.
     """
-    if any(k.key_id == configured and k.status == KeyStatus.PENDING and k.certificate_der for k in keys):
-        return (
-            f"CA key {configured} has its certificate installed but becomes active only when the daemon first starts "
-            "(`ca-daemon serve`); export it after that"
-        )
-    return "no active CA key with a certificate; run `ca-daemon init` first"
+    for key in keys:
+        if key.key_id == configured and key.status == KeyStatus.PENDING and key.certificate_der:
+            print(
+                f"CA key {configured} becomes the signing key when the daemon first starts (`ca-daemon serve`); "
+                "this is the chain it will issue under",
+                file=sys.stderr,
+            )
+            return key
+    raise CaError("no active CA key with a certificate; run `ca-daemon init` first")
 
 
 def _known_key(store: SqlStore, label: str) -> CaKey:

@@ -222,14 +222,15 @@ def test_intermediate_signed_by_an_outside_parent(tmp_path: Path, softhsm_conf: 
 
     cert_path.write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
     env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(root_path))
-    # Installed, but the key becomes active when the daemon first starts: export says so (init has nothing left to do).
-    exported = tmp_path / "export.pem"
-    early = env.cli("ca", "export", "--out", str(exported), check=False)
-    assert early.returncode == 1 and "CA key ca-root-1 has its certificate installed but becomes active only when" in early.stderr
-    assert not exported.exists()
+    # Installed; the key becomes active when the daemon first starts, and its chain can be exported before that
+    # (to register it with a cloud service first): export says so, and writes the chain the daemon then issues under.
+    exported, early = tmp_path / "export.pem", tmp_path / "early.pem"
+    before = env.cli("ca", "export", "--out", str(early))
+    assert "CA key ca-root-1 becomes the signing key when the daemon first starts" in before.stderr, before.stderr
     daemon = Daemon(env, tmp_path / "daemon.log").start()
     try:
         env.cli("ca", "export", "--out", str(exported))
+        assert early.read_bytes() == exported.read_bytes()
         assert [c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(exported.read_bytes())] == [
             "CN=Factory Issuing CA 1,O=Example Devices",
             "CN=Outside Root CA",
