@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import Subquery, exists, func, insert, select, update
 
 from ca_daemon.errors import FailedPrecondition, NotFound
 from ca_daemon.model import AuditEvent, RevocationReason
@@ -87,6 +87,17 @@ class RevocationInForce:
     row_not_after: datetime
     entry_der: bytes  # what every CRL of row_issuer_key_id copies
     certificate_der: bytes | None  # the certificate's, None when its row is gone
+
+
+def _last_revocation_events() -> Subquery:
+    """(serial, seq) of each serial's last revocation or lifted hold: what its revocations row should agree with."""
+    e = audit_events.c
+    return (
+        select(e.serial, func.max(e.seq).label("seq"))
+        .where(e.outcome.in_(("revoked", "hold-lifted")), e.action.in_(("certificate.revoke", "certificate.unrevoke")))
+        .group_by(e.serial)
+        .subquery()
+    )
 
 
 def _reason_name(code: int) -> str:
@@ -180,12 +191,7 @@ class AuditStore:
         if self._store.dialect == "postgresql":
             options["isolation_level"] = "REPEATABLE READ"
         e, c, r = audit_events.c, certificates.c, revocations.c
-        last = (
-            select(e.serial, func.max(e.seq).label("seq"))
-            .where(e.outcome.in_(("revoked", "hold-lifted")), e.action.in_(("certificate.revoke", "certificate.unrevoke")))
-            .group_by(e.serial)
-            .subquery()
-        )
+        last = _last_revocation_events()
         with self._store._connect(**options) as conn:
             unrecorded = [
                 (int(row.seq), str(row.serial))
@@ -228,12 +234,7 @@ class AuditStore:
         """
         options: dict[str, Any] = {"stream_results": True, "yield_per": 10000}
         e, r, c = audit_events.c, revocations.c, certificates.c
-        last = (
-            select(e.serial, func.max(e.seq).label("seq"))
-            .where(e.outcome.in_(("revoked", "hold-lifted")), e.action.in_(("certificate.revoke", "certificate.unrevoke")))
-            .group_by(e.serial)
-            .subquery()
-        )
+        last = _last_revocation_events()
         statement = (
             select(
                 e.seq,
