@@ -22,7 +22,6 @@ from ca_daemon.errors import CaError
 from ca_daemon.hsm import Pkcs11Uri
 from ca_daemon.model import CaKey, KeySpec, KeyStatus
 from ca_daemon.store import SqlStore, open_store
-from ca_daemon.store.audit_store import AuditStore
 from ca_daemon.store.rotation_store import RotationStore
 
 DEFAULT_CONFIG = "state/ca-daemon.toml"
@@ -351,37 +350,9 @@ def _reload(args: argparse.Namespace) -> int:
     store = app.connect_store(config)
     try:
         authority.check_policy(config, store)
-        return _signal_and_report(config, store)
+        return cli_access.signal_reload_and_report(config, store)
     finally:
         store.close()
-
-
-def _signal_and_report(config: config_module.Config, store: SqlStore) -> int:
-    """SIGHUP the daemon, then report what its workers recorded of the reload: applied, refused, or restart-only settings changed.
-
-    Before, the command said only that it had asked: a changed listen address or [crl]
-    setting, which the workers read at start only, went unnoticed but for a warning in the
-    daemon's log.
-    """
-    after = AuditStore(store).last_seq()
-    try:
-        pid = app.signal_reload(config)
-    except CaError as exc:
-        raise CaError(f"{exc.message}; the configuration is valid") from None
-    print(f"configuration valid; asked ca-daemon (pid {pid}) to reload it")
-    outcome = app.await_reload(store, after, config.server.workers)
-    if outcome is None:
-        print("no worker recorded the reload within 10 s (no config.reload audit event); see the daemon's log", file=sys.stderr)
-        return 1
-    if outcome.refusals:
-        for refusal in outcome.refusals:
-            print(f"reload refused by {refusal}", file=sys.stderr)
-        print("the previous configuration stays in force", file=sys.stderr)
-        return 1
-    print(f"applied by {outcome.applied} worker(s): {', '.join(sorted(config.profiles))} in force")
-    if outcome.restart_needed:
-        print(f"changed but read at start only, so not in force until a restart: {', '.join(outcome.restart_needed)}", file=sys.stderr)
-    return 0
 
 
 def _profiles_list(args: argparse.Namespace) -> int:

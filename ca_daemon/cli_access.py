@@ -251,8 +251,38 @@ def _mtls_renew_server(args: argparse.Namespace) -> int:
     if not args.reload:
         print("the running daemon uses it after `ca-daemon reload` (or a restart)")
         return 0
-    pid = app.signal_reload(config)
-    print(f"asked ca-daemon (pid {pid}) to reload: new connections get the new certificate")
+    store = app.connect_store(config)
+    try:
+        return signal_reload_and_report(config, store)
+    finally:
+        store.close()
+
+
+def signal_reload_and_report(config: config_module.Config, store: SqlStore) -> int:
+    """SIGHUP the daemon, then report what its workers recorded of the reload: applied, refused, or restart-only settings changed.
+
+    Before, the command said only that it had asked: a changed listen address or [crl]
+    setting, which the workers read at start only, went unnoticed but for a warning in the
+    daemon's log.
+    """
+    after = AuditStore(store).last_seq()
+    try:
+        pid = app.signal_reload(config)
+    except CaError as exc:
+        raise CaError(f"{exc.message}; the configuration is valid") from None
+    print(f"configuration valid; asked ca-daemon (pid {pid}) to reload it")
+    outcome = app.await_reload(store, after, config.server.workers)
+    if outcome is None:
+        print("no worker recorded the reload within 10 s (no config.reload audit event); see the daemon's log", file=sys.stderr)
+        return 1
+    if outcome.refusals:
+        for refusal in outcome.refusals:
+            print(f"reload refused by {refusal}", file=sys.stderr)
+        print("the previous configuration stays in force", file=sys.stderr)
+        return 1
+    print(f"applied by {outcome.applied} worker(s): {', '.join(sorted(config.profiles))} in force")
+    if outcome.restart_needed:
+        print(f"changed but read at start only, so not in force until a restart: {', '.join(outcome.restart_needed)}", file=sys.stderr)
     return 0
 
 

@@ -103,6 +103,7 @@ def test_a_renewed_server_certificate_is_served_after_reload_without_restart(tls
         sign_over(open_before)
         result = env.cli("mtls", "renew-server", "--days", "30", "--reload")
         assert "asked ca-daemon" in result.stdout, result.stdout
+        assert "applied by 2 worker(s)" in result.stdout, result.stdout  # both workers recorded the reload
         new = x509.load_pem_x509_certificate((tls_dir / "server.pem").read_bytes())
         assert new.serial_number != old_serial
         wait_served(tls_daemon, {new.serial_number})  # both workers hand out the new one
