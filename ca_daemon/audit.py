@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ca_daemon import crl_der
 from ca_daemon.audit_format import EXPORT_FORMAT, EXPORT_VERSION, checkpoint_record, event_record, interleave, write_export
 from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
-from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest
+from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, capped
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.model import AuditEvent, KeySpec, RevocationReason
 from ca_daemon.store import SqlStore
@@ -261,6 +261,10 @@ def export(store: SqlStore, out: TextIO) -> tuple[int, int]:
     return write_export(out, live_records(store))
 
 
+# A damaged log or table can hold a problem per row: the messages of the first ones are kept, the others counted.
+_KEPT_PROBLEMS = 1000
+
+
 @dataclass
 class Report:
     """What verify() found. ok is True only with no problem at all."""
@@ -269,7 +273,8 @@ class Report:
     checkpoints: int = 0
     last_checkpoint_seq: int = 0
     uncovered_events: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # the first _KEPT_PROBLEMS; the rest are only counted
+    more_problems: int = 0
     first_bad_seq: int | None = None
     # audit.gap events: the daemon found events it had written removed behind its back (a finding, not damage to this log).
     gap_events: list[int] = field(default_factory=list)
@@ -279,9 +284,13 @@ class Report:
         return not self.problems
 
     def fail(self, seq: int | None, message: str) -> None:
+        """A problem; seq names the first bad event of the log itself (None for a finding in the tables, see reconcile)."""
         if self.first_bad_seq is None and seq is not None:
             self.first_bad_seq = seq
-        self.problems.append(message)
+        if len(self.problems) < _KEPT_PROBLEMS:
+            self.problems.append(message)
+        else:
+            self.more_problems += 1
 
     def summary(self) -> str:
         if self.ok:
@@ -294,7 +303,8 @@ class Report:
                 )
             return f"OK: {self.events} events, {self.checkpoints} valid checkpoint(s), last at seq {self.last_checkpoint_seq}{tail}"
         where = f"first bad event: seq {self.first_bad_seq}; " if self.first_bad_seq is not None else ""
-        return f"FAILED: {where}{self.problems[0]}" + (f" (+{len(self.problems) - 1} more problem(s))" if len(self.problems) > 1 else "")
+        more = len(self.problems) - 1 + self.more_problems
+        return f"FAILED: {where}{self.problems[0]}" + (f" (+{more} more problem(s))" if more else "")
 
 
 def read_export(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
@@ -695,7 +705,7 @@ def reconcile(store: SqlStore, report: Report) -> None:
     found = AuditStore(store).records_and_their_events()
     for seq, serial in found.unrecorded_issuances:
         report.fail(
-            seq,
+            None,
             f"event {seq} records the issuance of serial {serial}, which the certificates table no longer holds: "
             "the CA cannot revoke it (Revoke answers NOT_FOUND)",
         )
@@ -703,42 +713,52 @@ def reconcile(store: SqlStore, report: Report) -> None:
         if d.action == "certificate.unrevoke":
             held = d.row[0] if d.row else "?"
             report.fail(
-                d.seq,
+                None,
                 f"event {d.seq} records that the hold on {d.serial} was lifted, but the revocations table has it revoked "
                 f"({held}) with no event recording that: the next full CRL lists it",
             )
         elif d.row is None:
             report.fail(
-                d.seq,
+                None,
                 f"event {d.seq} records the revocation of {d.serial} ({d.reason}), which the revocations table no longer "
                 "holds: the next full CRL leaves it out",
             )
         elif d.row[1]:
             report.fail(
-                d.seq,
+                None,
                 f"event {d.seq} records the revocation of {d.serial} ({d.reason}), but the revocations table has it lifted "
                 "with no certificate.unrevoke event: the next full CRL leaves it out",
             )
         else:
             report.fail(
-                d.seq,
+                None,
                 f"event {d.seq} records the revocation of {d.serial} as {d.reason}, the revocations table says {d.row[0]}: "
-                "the next full CRL says so too",
+                "the daemon acts on that (only a certificate_hold can be lifted)",
             )
     for serial, reason in found.unlogged_revocations:
         report.fail(None, f"the revocations table revokes {serial} ({reason}), but no event records its revocation: the CRLs list it")
-    reported = {d.serial for d in found.revocations}  # a missing, lifted or differently reasoned row: said above
-    for revocation in AuditStore(store).revocations_in_force():
-        if revocation.serial in reported:
-            continue
-        for problem in _row_problems(revocation):
-            report.fail(
-                revocation.seq, f"event {revocation.seq} records the revocation of {revocation.serial} ({revocation.reason}), but {problem}"
-            )
+    issuers = {key.key_id: x509.load_der_x509_certificate(key.certificate_der) for key in store.list_ca_keys() if key.certificate_der}
+    last = ""
+    try:
+        for revocation in AuditStore(store).revocations_in_force():
+            last = revocation.serial
+            for problem in _row_problems(revocation, issuers):
+                report.fail(
+                    None, f"event {revocation.seq} records the revocation of {revocation.serial} ({revocation.reason}), but {problem}"
+                )
+    except ValueError as exc:  # a value the driver cannot read (a SQLite time column holding text that is no time)
+        after = f" after serial {last}" if last else ""
+        report.fail(None, f"the revocations table could not be read to the end{after} ({capped(str(exc), 200)}): the rest was not compared")
 
 
-def _row_problems(revocation: RevocationInForce) -> list[str]:
-    """How a revocation row differs from its event in what the CRLs are built from (see reconcile)."""
+def _row_problems(revocation: RevocationInForce, issuers: dict[str, x509.Certificate]) -> list[str]:
+    """How a revocation row differs from its event in what the CRLs are built from (see reconcile).
+
+    issuers: each CA key's certificate. The certificate's notAfter is read only from a
+    certificate of that serial signed by the event's CA key: the certificates row is no more
+    vouched for than the revocations row, and an expired or unsigned stand-in there would
+    otherwise make a moved-back not_after look right.
+    """
     try:
         reason = RevocationReason[revocation.reason.upper()]
         invalidity_text = json.loads(revocation.details).get("invalidity_date", "")
@@ -760,16 +780,34 @@ def _row_problems(revocation: RevocationInForce) -> list[str]:
     if revocation.entry_der != crl_der.revoked_entry(serial, revocation.revoked_at, reason.value, invalidity):
         problems.append(f"the CRL entry stored for it (entry_der) reads {_entry_text(revocation.entry_der)}: every full CRL copies that")
     if revocation.certificate_der is not None:
-        try:
-            not_after = x509.load_der_x509_certificate(revocation.certificate_der).not_valid_after_utc
-        except ValueError:
-            return [*problems, "its certificate's row holds no readable certificate, so its notAfter cannot be compared"]
+        certificate = _issued_certificate(revocation.certificate_der, serial, issuers.get(revocation.key_id))
+        if certificate is None:
+            return [
+                *problems,
+                f"the certificates table holds for it no certificate of serial {revocation.serial} signed by CA key "
+                f"{revocation.key_id}, so its notAfter cannot be compared",
+            ]
+        not_after = certificate.not_valid_after_utc
         if revocation.row_not_after != not_after:
             problems.append(
                 f"the revocations table says the certificate expires {revocation.row_not_after.isoformat()}, its certificate "
                 f"{not_after.isoformat()}: full CRLs drop an entry once it has expired"
             )
     return problems
+
+
+def _issued_certificate(der: bytes, serial: int, issuer: x509.Certificate | None) -> x509.Certificate | None:
+    """The certificate in der if it has this serial and the issuer's signature, else None."""
+    if issuer is None:
+        return None
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        if certificate.serial_number != serial:
+            return None
+        certificate.verify_directly_issued_by(issuer)
+    except Exception:  # unreadable DER, another issuer, a bad signature (InvalidSignature, ValueError, TypeError)
+        return None
+    return certificate
 
 
 def _dates(revoked_at: datetime, invalidity: datetime | None) -> str:
@@ -785,7 +823,7 @@ def _entry_text(entry_der: bytes) -> str:
         except x509.ExtensionNotFound:
             reason = "unspecified"
         return f"serial {entry.serial_number:x}, revoked {entry.revocation_date_utc.isoformat()}, {reason}"
-    except ValueError:
+    except Exception:  # ValueError, DuplicateExtension, ...: whatever makes it unreadable, it is reported, not raised
         return "as no valid CRL entry"
 
 

@@ -18,9 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from ca_daemon import crl_der
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.audit_hash import GENESIS, event_hash
 from tests.conftest import CaEnv, Daemon, free_port, make_env
@@ -209,11 +212,11 @@ def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crl
     daemon = Daemon(env, env.state_dir / "daemon.log").start()
     try:
         with grpc.insecure_channel(env.target) as channel:
-            signed = [sign(channel) for _ in range(5)]
-            a, b, c, d, z = (response.serial.lower() for response in signed)
+            signed = [sign(channel) for _ in range(7)]
+            a, b, c, d, z, e, f = (response.serial.lower() for response in signed)
             invalid_since = Timestamp()
             invalid_since.FromDatetime(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
-            for serial in (a, b, c, z):
+            for serial in (a, b, c, z, e, f):
                 request = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
                 if serial == a:
                     request.invalidity_date.CopyFrom(invalid_since)
@@ -229,15 +232,22 @@ def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crl
         conn.execute("UPDATE revocations SET not_after = '2001-01-01 00:00:00.000000' WHERE serial = ?", (b,))
         conn.execute("UPDATE revocations SET issuer_key_id = 'ca-elsewhere' WHERE serial = ?", (c,))
         conn.execute("UPDATE revocations SET revoked_at = '2020-01-01 00:00:00.000000' WHERE serial = ?", (d,))
+        # e: its certificate row swapped for a stand-in of the same serial, expired and signed by another key, to make a
+        # moved-back not_after look right; f: an entry no CRL parser reads (two reasonCode extensions).
+        conn.execute("UPDATE certificates SET der = ? WHERE serial = ?", (_expired_stand_in(int(e, 16)), e))
+        conn.execute("UPDATE revocations SET not_after = '2001-01-02 00:00:00.000000' WHERE serial = ?", (e,))
+        reason_twice = 2 * crl_der.extension(bytes.fromhex("0603551d15"), crl_der.tlv(0x0A, b"\x01"))
+        entry = crl_der.tlv(0x30, crl_der.integer(int(f, 16)) + crl_der.time(datetime.now(UTC)) + crl_der.tlv(0x30, reason_twice))
+        conn.execute("UPDATE revocations SET entry_der = ? WHERE serial = ?", (entry, f))
     # What a relying party meets: full CRLs leave a, b (from the second on: expired on the one before) and c out,
     # and a passes a CRL check.
     for _ in range(2):
         assert "published full CRL" in env.cli("crl", "publish").stdout
     with sqlite3.connect(db) as conn:
-        (crl_der,) = conn.execute("SELECT der FROM crls WHERE is_delta = 0 ORDER BY crl_number DESC LIMIT 1").fetchone()
-    listed = {entry.serial_number for entry in x509.load_der_x509_crl(crl_der)}
+        (full_crl,) = conn.execute("SELECT der FROM crls WHERE is_delta = 0 ORDER BY crl_number DESC LIMIT 1").fetchone()
+    listed = {entry.serial_number for entry in x509.load_der_x509_crl(full_crl)}
     assert int(z, 16) in listed and int(d, 16) in listed and not {int(a, 16), int(b, 16), int(c, 16)} & listed, listed
-    (env.state_dir / "crl.pem").write_bytes(x509.load_der_x509_crl(crl_der).public_bytes(serialization.Encoding.PEM))
+    (env.state_dir / "crl.pem").write_bytes(x509.load_der_x509_crl(full_crl).public_bytes(serialization.Encoding.PEM))
     (env.state_dir / "a.pem").write_text(signed[0].certificate_pem)
     (env.state_dir / "chain.pem").write_text(signed[0].chain_pem)
     files = [str(env.state_dir / name) for name in ("crl.pem", "chain.pem", "a.pem")]
@@ -254,7 +264,26 @@ def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crl
     assert f"records the revocation of {b} (key_compromise), but the revocations table says the certificate expires 2001-01-01" in out
     assert f"records the revocation of {c} (key_compromise), but the revocations table files it under CA key ca-elsewhere" in out
     assert f"records the revocation of {d} (superseded), but the revocations table dates it 2020-01-01T00:00:00+00:00" in out, out
+    assert f"records the revocation of {e} (key_compromise), but the certificates table holds for it no certificate of serial {e} " in out
+    assert f"records the revocation of {f} (key_compromise), but the CRL entry stored for it (entry_der) reads as no valid CRL entry" in out
     assert f"records the revocation of {z}" not in out, out  # the untouched row is not named
+
+
+def _expired_stand_in(serial: int) -> bytes:
+    """A certificate of this serial that expired in 2001, signed by a key of its own (not the CA's)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stand-in")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(datetime(2000, 1, 1, tzinfo=UTC))
+        .not_valid_after(datetime(2001, 1, 2, tzinfo=UTC))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
 
 
 def test_an_issuance_event_removed_before_a_checkpoint_is_recorded_as_an_audit_gap_when_the_daemon_stops(
