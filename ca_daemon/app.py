@@ -19,7 +19,6 @@ import gc
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -451,7 +450,7 @@ def reload_worker(
         authority.reload(new_config)
     except CaError as exc:
         log.error("reload refused, the previous configuration stays in force: %s", exc.message)
-        _audit_reload(store, config_path, "refused", exc.message)
+        _audit_reload(store, config_path, authority.config, "refused", exc.message)
         return False
     restart_needed = restart_only_changes(new_config, authority.config)
     if authenticator is not None and access is not None:
@@ -466,7 +465,7 @@ def reload_worker(
         else:
             expiry = tls.server_certificate_expiry(cert_file)
         log.info("reload: TLS server certificate %s in force (expires %s)", cert_file, expiry)
-    _audit_reload(store, config_path, "applied", "", restart_needed)
+    _audit_reload(store, config_path, authority.config, "applied", "", restart_needed)
     return True
 
 
@@ -486,22 +485,39 @@ def _reloaded_authenticator(new: Config) -> Authenticator:
     return access
 
 
-def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reason: str, restart_needed: Sequence[str] = ()) -> None:
-    """The config.reload event; `ca-daemon reload` waits for it and reports it (await_reload)."""
+def _audit_reload(
+    store: SqlStore | None,
+    config_path: Path,
+    running: Config,
+    outcome: str,
+    reason: str,
+    restart_needed: Sequence[str] = (),
+    *,
+    by_daemon: bool = False,
+) -> None:
+    """The config.reload event of one worker (or of the daemon, by_daemon, when it refused the file before any worker).
+
+    `ca-daemon reload` waits for these (await_reload): each names the daemon (its pid, the one in
+    the pid file, and the host: replicas share a PostgreSQL log) and how many workers it runs,
+    so the command counts the answers of the daemon it signalled, and knows how many to expect.
+    """
     if store is None:
         return
     try:
         digest = hashlib.sha256(config_path.read_bytes()).digest()
     except OSError:
         digest = b""
+    parent = multiprocessing.parent_process()  # a spawned worker's parent is the daemon; a single worker is the daemon
+    daemon = os.getpid() if by_daemon or parent is None or parent.pid is None else parent.pid
+    details = {"path": str(config_path), "daemon": str(daemon), "host": socket.gethostname(), "workers": str(running.server.workers)}
     event = AuditEvent(
         time=datetime.now(UTC),
-        actor=f"worker-{os.getpid()}",
+        actor=f"daemon-{daemon}" if by_daemon else f"worker-{os.getpid()}",
         action="config.reload",
         outcome=outcome,
         request_digest=digest,
         reason=reason[:512],
-        details={"path": str(config_path)} | ({"restart_needed": ", ".join(restart_needed)} if restart_needed else {}),
+        details=details | ({"restart_needed": ", ".join(restart_needed)} if restart_needed else {}),
     )
     try:
         store.append_audit([event])
@@ -511,38 +527,60 @@ def _audit_reload(store: SqlStore | None, config_path: Path, outcome: str, reaso
 
 @dataclass(frozen=True)
 class ReloadOutcome:
-    """What the workers recorded of one reload (their config.reload audit events)."""
+    """What the signalled daemon's workers recorded of one reload (their config.reload audit events)."""
 
+    workers: int  # how many the daemon runs
     applied: int
-    refusals: list[str]  # each refusing worker's reason
+    refusals: list[str]  # "actor: reason" of each refusal (a worker's, or the daemon's before any worker)
     restart_needed: list[str]  # settings changed that the workers read at start only (restart_only_changes)
+    other_file: bool  # some worker read a file other than the one the command checked (changed in between)
+
+    @property
+    def silent(self) -> int:
+        """Workers that recorded nothing (in time)."""
+        return max(0, self.workers - self.applied - len(self.refusals))
 
 
-def await_reload(store: SqlStore, after_seq: int, workers: int, timeout_s: float = 10.0) -> ReloadOutcome | None:
-    """Wait for the config.reload events written after after_seq: one per worker, or those that came; None if none came.
+def await_reload(store: SqlStore, after_seq: int, daemon_pid: int, config_digest: bytes, timeout_s: float = 15.0) -> ReloadOutcome | None:
+    """Wait for the config.reload events the daemon daemon_pid (on this host) writes after after_seq; None if none came.
 
-    A daemon running fewer workers than the file names (a [server] change waiting for a
-    restart) writes fewer: once one has come, the others get two seconds more.
+    Until every worker it runs has answered, the daemon itself has refused the file, or the
+    time is up. Events of other daemons (replicas sharing the log) and of other reloads
+    before the mark are not counted.
     """
-    deadline, settle = time.monotonic() + timeout_s, math.inf
-    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    host = socket.gethostname()
+    mine: list[dict[str, Any]] = []
     while True:
-        events = AuditStore(store).events(EventFilter(after_seq=after_seq, actions=("config.reload",)), 100)
-        now = time.monotonic()
-        if events and settle == math.inf:
-            settle = now + 2.0
-        if len(events) >= workers or now >= min(deadline, settle):
+        events = AuditStore(store).events(EventFilter(after_seq=after_seq, actions=("config.reload",)), 1000)
+        mine = [e for e in events if _reload_details(e).get("daemon") == str(daemon_pid) and _reload_details(e).get("host") == host]
+        expected = max((int(_reload_details(e).get("workers", "0") or 0) for e in mine), default=0)
+        by_daemon = any(str(e["actor"]).startswith("daemon-") for e in mine)
+        if (mine and len(mine) >= expected) or by_daemon or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
-    if not events:
+    if not mine:
         return None
     restart: list[str] = []
-    for event in events:
-        for setting in json.loads(event["details"]).get("restart_needed", "").split(", "):
+    for event in mine:
+        for setting in _reload_details(event).get("restart_needed", "").split(", "):
             if setting and setting not in restart:
                 restart.append(setting)
-    refusals = [f"{e['actor']}: {e['reason']}" for e in events if e["outcome"] != "applied"]
-    return ReloadOutcome(sum(1 for e in events if e["outcome"] == "applied"), refusals, restart)
+    return ReloadOutcome(
+        workers=expected,
+        applied=sum(1 for e in mine if e["outcome"] == "applied"),
+        refusals=[f"{e['actor']}: {e['reason']}" for e in mine if e["outcome"] != "applied"],
+        restart_needed=restart,
+        other_file=any(bytes(e["request_digest"] or b"") not in (b"", config_digest) for e in mine),
+    )
+
+
+def _reload_details(event: dict[str, Any]) -> dict[str, str]:
+    try:
+        details = json.loads(event["details"])
+    except ValueError:
+        return {}
+    return details if isinstance(details, dict) else {}
 
 
 def _schedule_as_batch() -> None:
@@ -850,13 +888,13 @@ def forward_reload(running: Config, pids: list[int]) -> str | None:
         text = running.path.read_text()
         new = config_module.parse(tomllib.loads(text), running.path)
     except OSError as exc:
-        log.error("reload refused, the previous configuration stays in force: cannot read %s: %s", running.path, exc.strerror)
+        _refused_by_daemon(running, f"cannot read {running.path}: {exc.strerror}")
         return None
     except tomllib.TOMLDecodeError as exc:
-        log.error("reload refused, the previous configuration stays in force: %s: not valid TOML: %s", running.path, exc)
+        _refused_by_daemon(running, f"{running.path}: not valid TOML: {exc}")
         return None
     except CaError as exc:
-        log.error("reload refused, the previous configuration stays in force: %s", exc.message)
+        _refused_by_daemon(running, exc.message)
         return None
     log.info("reloading the configuration in %d worker(s)", len(pids))
     for pid in pids:
@@ -879,6 +917,20 @@ def _accepted_text(config: Config) -> str:
     text = config.path.read_text()
     config_module.parse(tomllib.loads(text), config.path)
     return text
+
+
+def _refused_by_daemon(running: Config, reason: str) -> None:
+    """A file the daemon refuses before any worker sees it: logged, and audited so `ca-daemon reload` can say why."""
+    log.error("reload refused, the previous configuration stays in force: %s", reason)
+    try:
+        store = connect_store(running)
+    except CaError as exc:
+        log.error("could not record the refused reload in the audit log: %s", exc.message)
+        return
+    try:
+        _audit_reload(store, running.path, running, "refused", reason, by_daemon=True)
+    finally:
+        store.close()
 
 
 def _check_like_a_worker(new: Config, running: Config) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import hashlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,31 +254,45 @@ def _mtls_renew_server(args: argparse.Namespace) -> int:
         return 0
     store = app.connect_store(config)
     try:
-        return signal_reload_and_report(config, store)
+        return signal_reload_and_report(config, store, checked=False)
     finally:
         store.close()
 
 
-def signal_reload_and_report(config: config_module.Config, store: SqlStore) -> int:
-    """SIGHUP the daemon, then report what its workers recorded of the reload: applied, refused, or restart-only settings changed.
+def signal_reload_and_report(config: config_module.Config, store: SqlStore, *, checked: bool = True) -> int:
+    """SIGHUP the daemon, then report what its workers recorded of the reload (app.await_reload).
 
-    Before, the command said only that it had asked: a changed listen address or [crl]
-    setting, which the workers read at start only, went unnoticed but for a warning in the
-    daemon's log.
+    Applied by all, refused (each worker's reason), applied by some and refused or unanswered
+    by others (the workers now differ), and the changed settings read at start only. Before,
+    the command said only that it had asked: a changed listen address or [crl] setting went
+    unnoticed but for a warning in the daemon's log. checked: this command validated the file.
     """
     after = AuditStore(store).last_seq()
     try:
+        digest = hashlib.sha256(config.path.read_bytes()).digest()
+    except OSError:
+        digest = b""
+    try:
         pid = app.signal_reload(config)
     except CaError as exc:
-        raise CaError(f"{exc.message}; the configuration is valid") from None
-    print(f"configuration valid; asked ca-daemon (pid {pid}) to reload it")
-    outcome = app.await_reload(store, after, config.server.workers)
+        raise CaError(f"{exc.message}; the configuration is valid" if checked else exc.message) from None
+    print(f"configuration valid; asked ca-daemon (pid {pid}) to reload it" if checked else f"asked ca-daemon (pid {pid}) to reload")
+    outcome = app.await_reload(store, after, pid, digest)
     if outcome is None:
-        print("no worker recorded the reload within 10 s (no config.reload audit event); see the daemon's log", file=sys.stderr)
+        print("no worker recorded the reload within 15 s (no config.reload audit event); see the daemon's log", file=sys.stderr)
         return 1
-    if outcome.refusals:
-        for refusal in outcome.refusals:
-            print(f"reload refused by {refusal}", file=sys.stderr)
+    for refusal in outcome.refusals:
+        print(f"reload refused by {refusal}", file=sys.stderr)
+    if outcome.other_file:
+        print(f"warning: {config.path} changed after this command checked it; the workers read the newer file", file=sys.stderr)
+    if outcome.applied and (outcome.refusals or outcome.silent):
+        print(
+            f"applied by {outcome.applied} of {outcome.workers} worker(s), refused by {len(outcome.refusals)}, no answer from "
+            f"{outcome.silent} within 15 s: the workers may now differ; fix the file and reload again, or restart",
+            file=sys.stderr,
+        )
+        return 1
+    if not outcome.applied:
         print("the previous configuration stays in force", file=sys.stderr)
         return 1
     print(f"applied by {outcome.applied} worker(s): {', '.join(sorted(config.profiles))} in force")

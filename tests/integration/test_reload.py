@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -145,24 +146,37 @@ def test_a_profile_that_fails_the_template_lint_is_refused_by_the_workers(reload
     assert all("bad-san" not in v for v in _profile_views(env.target))
 
 
-def test_the_reload_outcome_is_read_from_the_workers_config_reload_events(tmp_path: Path) -> None:
-    """What `ca-daemon reload` reports after its SIGHUP (app.await_reload): refusals with the worker's reason, settings
-    that need a restart once each, and no answer when no worker recorded one (a real store, real events)."""
+def test_the_reload_outcome_is_read_from_the_signalled_daemons_config_reload_events(tmp_path: Path) -> None:
+    """What `ca-daemon reload` reports after its SIGHUP (app.await_reload), from real events in a real store: only the
+    signalled daemon's (its pid and host: replicas share a PostgreSQL log), as many as it has workers, refusals with
+    their reason, restart-only settings once each, a file that changed after the command checked it."""
     store = open_store(f"sqlite:///{tmp_path / 'ca.db'}")
+    host, daemon, digest = socket.gethostname(), 4242, b"\x01" * 32
     try:
         started = time.monotonic()
-        assert app.await_reload(store, 0, 2, timeout_s=0.3) is None
+        assert app.await_reload(store, 0, daemon, digest, timeout_s=0.3) is None
         assert time.monotonic() - started < 2
+
+        def reload_event(actor: str, outcome: str, *, reason: str = "", restart: str = "", **who: str) -> AuditEvent:
+            details = {"path": "ca-daemon.toml", "daemon": str(daemon), "host": host, "workers": "2"} | who
+            details |= {"restart_needed": restart} if restart else {}
+            return AuditEvent(datetime.now(UTC), actor, "config.reload", outcome, request_digest=digest, reason=reason, details=details)
+
         mark = AuditStore(store).last_seq()
-
-        def reload_event(actor: str, outcome: str, reason: str = "", restart: str = "") -> AuditEvent:
-            details = {"path": "ca-daemon.toml"} | ({"restart_needed": restart} if restart else {})
-            return AuditEvent(datetime.now(UTC), actor, "config.reload", outcome, reason=reason, details=details)
-
+        store.append_audit([reload_event("worker-9", "refused", reason="another replica's", host="replica-b")])
+        store.append_audit([reload_event("worker-8", "refused", reason="another daemon's", daemon="1")])
         store.append_audit([reload_event("worker-1", "applied", restart="[crl], tls.ca_key")])
-        store.append_audit([reload_event("worker-2", "refused", reason="[tls]: the client CRL has expired", restart="")])
-        outcome = app.await_reload(store, mark, 2)
-        assert outcome == app.ReloadOutcome(1, ["worker-2: [tls]: the client CRL has expired"], ["[crl]", "tls.ca_key"])
-        assert app.await_reload(store, AuditStore(store).last_seq(), 2, timeout_s=0.3) is None  # only events after the mark
+        partial = app.await_reload(store, mark, daemon, digest, timeout_s=0.5)  # one of two workers answered in time
+        assert partial == app.ReloadOutcome(2, 1, [], ["[crl]", "tls.ca_key"], other_file=False) and partial.silent == 1
+        store.append_audit([reload_event("worker-2", "refused", reason="[tls]: the client CRL has expired", restart="[crl]")])
+        both = app.await_reload(store, mark, daemon, b"\x02" * 32)
+        assert both == app.ReloadOutcome(2, 1, ["worker-2: [tls]: the client CRL has expired"], ["[crl]", "tls.ca_key"], other_file=True)
+
+        mark = AuditStore(store).last_seq()
+        store.append_audit([reload_event(f"daemon-{daemon}", "refused", reason="ca-daemon.toml: not valid TOML")])
+        started = time.monotonic()
+        refused = app.await_reload(store, mark, daemon, digest)  # the daemon refused before any worker: no waiting for them
+        assert refused is not None and refused.refusals == [f"daemon-{daemon}: ca-daemon.toml: not valid TOML"] and refused.applied == 0
+        assert time.monotonic() - started < 2
     finally:
         store.close()

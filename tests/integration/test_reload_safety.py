@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import time
 import urllib.error
 import uuid
@@ -154,6 +155,13 @@ def test_a_worker_restarted_while_the_file_on_disk_is_refused_serves_the_configu
     env.config_path.write_text(env.config_path.read_text() + "\n[profiles.broken\n")
     os.kill(daemon.process.pid, signal.SIGHUP)
     _wait_log(daemon, "reload refused, the previous configuration stays in force")
+    # The daemon refused it before any worker saw it, and records that for `ca-daemon reload` to report.
+    with sqlite3.connect(env.state_dir / "ca.db") as database:
+        refused = database.execute(
+            "SELECT reason FROM audit_events WHERE action = 'config.reload' AND outcome = 'refused' AND actor = ?",
+            (f"daemon-{daemon.process.pid}",),
+        ).fetchall()
+    assert len(refused) == 1 and "not valid TOML" in refused[0][0], refused
     for old in sorted(_workers(daemon), reverse=True):  # the non-primary, then the primary
         serving = daemon.log().count("serving gRPC on")
         _restart_worker(daemon, old)
