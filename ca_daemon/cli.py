@@ -302,9 +302,17 @@ def _first_key(keys: list[CaKey], configured: str) -> CaKey:
     """
     for key in keys:
         if key.key_id == configured and key.status == KeyStatus.PENDING and key.certificate_der:
+            certificate = x509.load_der_x509_certificate(key.certificate_der)
+            now = datetime.now(UTC)
+            if certificate.not_valid_after_utc <= now:  # the first start would refuse it (authority.load_active_ca)
+                raise CaError(
+                    f"the certificate of CA key {configured} expired at {certificate.not_valid_after_utc.isoformat()}: the daemon "
+                    "will not start with it; install a new one with `ca-daemon ca import-cert`"
+                )
+            when = "first starts" if certificate.not_valid_before_utc <= now else f"first starts after {certificate.not_valid_before_utc}"
             print(
-                f"CA key {configured} becomes the signing key when the daemon first starts (`ca-daemon serve`); "
-                "this is the chain it will issue under",
+                f"CA key {configured} becomes the signing key when the daemon {when} (`ca-daemon serve`; it checks the "
+                "token's key then): this is the chain it will issue under",
                 file=sys.stderr,
             )
             return key

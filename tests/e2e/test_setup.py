@@ -6,6 +6,7 @@ import http.server
 import os
 import subprocess
 import threading
+import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -127,7 +128,7 @@ class _ParentCa:
             .sign(self.key, hashes.SHA384())
         )
 
-    def certify(self, csr_pem: bytes, crl_urls: tuple[str, ...] = ()) -> x509.Certificate:
+    def certify(self, csr_pem: bytes, crl_urls: tuple[str, ...] = (), valid_for: timedelta = timedelta(days=1825)) -> x509.Certificate:
         csr = x509.load_pem_x509_csr(csr_pem)
         assert csr.is_signature_valid
         now = datetime.now(UTC)
@@ -138,7 +139,7 @@ class _ParentCa:
             .public_key(csr.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=1825))
+            .not_valid_after(now + valid_for)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
@@ -198,6 +199,22 @@ class _CrlServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_export_before_the_first_start_refuses_a_certificate_that_expired_since_its_import(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The first start would refuse it (no key becomes the signing key outside its certificate's validity), so export
+    does not hand out a chain the daemon will never issue under (found in a review of the export before the first start)."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    csr_path, cert_path, root_path = tmp_path / "ca.csr", tmp_path / "intermediate.pem", tmp_path / "root.pem"
+    env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Short-lived Issuing CA")
+    parent = _ParentCa()
+    cert_path.write_bytes(parent.certify(csr_path.read_bytes(), valid_for=timedelta(seconds=3)).public_bytes(serialization.Encoding.PEM))
+    root_path.write_bytes(parent.cert.public_bytes(serialization.Encoding.PEM))
+    env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(root_path))
+    time.sleep(4)
+    refused = env.cli("ca", "export", "--out", str(tmp_path / "export.pem"), check=False)
+    assert refused.returncode == 1 and "the certificate of CA key ca-root-1 expired at" in refused.stderr, refused.stderr
+    assert not (tmp_path / "export.pem").exists()
 
 
 def test_intermediate_signed_by_an_outside_parent(tmp_path: Path, softhsm_conf: Path) -> None:
