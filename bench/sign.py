@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,8 @@ class Served:
     # CPU per completed call in the measured window: the serving processes (all workers), the load generator.
     server_cpu_ms: float = 0.0
     loader_cpu_ms: float = 0.0
+    # The serving processes' CPU per completed call by OS thread name (thread_names.py; "main" is each process's main thread).
+    threads_ms: dict[str, float] = field(default_factory=dict)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -96,6 +98,25 @@ def cpu_seconds(pids: list[int]) -> float:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(stat[11]) + int(stat[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pids: list[int]) -> dict[str, float]:
+    """User + system CPU used so far by each thread of these processes, summed by OS thread name ("main": a main thread)."""
+    found: dict[str, float] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
+                    found[name] = found.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def per_thread_line(served: Served) -> str:
+    """The serving processes' CPU per call by thread, largest first (for where the time goes)."""
+    ranked = sorted(served.threads_ms.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {ms:.2f}" for name, ms in ranked if ms >= 0.005)
 
 
 def make_csrs(count: int, prefix: str) -> list[bytes]:
@@ -361,14 +382,18 @@ async def _load(
                 latencies.append(time.perf_counter() - started)
 
     cpu: dict[str, float] = {}
+    threads: dict[str, float] = {}
 
     async def sample_cpu() -> None:
-        """The window's CPU: the servers' from /proc, this process's own."""
+        """The window's CPU: the servers' from /proc (in all and by thread), this process's own."""
         await asyncio.sleep(max(0.0, warmup_end - time.perf_counter()))
         cpu["server"], cpu["loader"] = -cpu_seconds(server_pids or []), -time.process_time()
+        before = thread_cpu_seconds(server_pids or [])
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
         cpu["server"] += cpu_seconds(server_pids or [])
         cpu["loader"] += time.process_time()
+        after = thread_cpu_seconds(server_pids or [])
+        threads.update({name: seconds - before.get(name, 0.0) for name, seconds in after.items()})
 
     await asyncio.gather(sample_cpu(), *(worker(n) for n in range(concurrency)))
     for ch in channels:
@@ -385,6 +410,7 @@ async def _load(
         completed=len(latencies),
         server_cpu_ms=1000 * cpu["server"] / len(latencies) if server_pids else 0.0,
         loader_cpu_ms=1000 * cpu["loader"] / len(latencies),
+        threads_ms={name: 1000 * seconds / len(latencies) for name, seconds in threads.items()},
     )
 
 
@@ -541,6 +567,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         per_call = served.server_cpu_ms + served.loader_cpu_ms
         print("\n## CPU per completed call (ms), EC P-256, from /proc over the measured window")
         print(f"daemon workers {served.server_cpu_ms:6.2f}   load generator {served.loader_cpu_ms:5.2f}")
+        print(f"  by thread (all workers): {per_thread_line(served)}")
         print(
             f"gRPC floor: echo workers {floor.server_cpu_ms:6.2f}   load generator {floor.loader_cpu_ms:5.2f}   ({floor.rate:.0f} calls/s)"
         )
@@ -591,6 +618,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
             f"CPU per call: daemon workers {served_rsa.server_cpu_ms:.2f} ms (of which one RSA signature {1000 / raw_rsa:.2f} ms), "
             f"load generator {served_rsa.loader_cpu_ms:.2f} ms"
         )
+        print(f"  by thread (all workers, ms): {per_thread_line(served_rsa)}")
         print(
             f"bound from CPU alone: {cores} cores / {rsa_per_call:.2f} ms = {cores * 1000 / rsa_per_call:.0f} /s; "
             f"target 0.8 x raw = {0.8 * raw_rsa:.0f} /s"

@@ -291,7 +291,9 @@ class Authority:
         self._committer: GroupCommitter[IssuanceItem, IssuanceOutcome] = GroupCommitter(
             store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
-        self._refusals: GroupCommitter[AuditEvent, None] = GroupCommitter(_append_audit_batch(store), config.store.commit_batch_max)
+        self._refusals: GroupCommitter[AuditEvent, None] = GroupCommitter(
+            _append_audit_batch(store), config.store.commit_batch_max, name="audit-refusals"
+        )
         # Requests waiting for the token's thread, and whether a batch of them is on it now (see sign()).
         self._waiting: list[_Waiting] = []
         self._preparing = False

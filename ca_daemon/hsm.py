@@ -38,6 +38,7 @@ from pkcs11.util.rsa import encode_rsa_public_key
 from ca_daemon.errors import ConfigError, FailedPrecondition, HsmUnavailable, NotFound
 from ca_daemon.model import KeySpec
 from ca_daemon.remote_keys import Buffer, EcKeyWithoutPrivateHalf, Ed25519KeyWithoutPrivateHalf, RsaKeyWithoutPrivateHalf
+from ca_daemon.thread_names import name_os_thread
 
 T = TypeVar("T")
 
@@ -139,7 +140,7 @@ class Hsm:
         self._module_path = module_path
         self._token_label = token_label
         self._pin = pin
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11", initializer=name_os_thread)
         self._thread_id: int | None = None
         self._lib: Any = None
         self._session: Any = None

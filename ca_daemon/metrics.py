@@ -28,6 +28,7 @@ from cryptography import x509
 
 from ca_daemon.errors import ConfigError
 from ca_daemon.model import KeyStatus
+from ca_daemon.thread_names import name_os_thread
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _HANDSHAKE_TIMEOUT_S = 10.0
@@ -271,7 +272,12 @@ def serve(
         server = make_server(host, int(port), guarded_app, Server, handler_class=QuietHandler)
     except OSError as exc:  # e.g. the port is taken: say which setting, not only "[Errno 98] Address already in use"
         raise ConfigError(f"metrics.listen = {listen!r}: cannot listen there: {exc.strerror}") from None
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
+    def serve_named() -> None:
+        name_os_thread()
+        server.serve_forever()
+
+    threading.Thread(target=serve_named, name="metrics-http", daemon=True).start()
     return server
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from ca_daemon.errors import CaError, StoreUnavailable
+from ca_daemon.thread_names import name_os_thread
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -35,12 +36,18 @@ BUSY_LINGER_FACTOR = 5
 class GroupCommitter(Generic[Item, Result]):
     """Batches items for `commit_batch` on one thread and hands each caller its result."""
 
-    def __init__(self, commit_batch: Callable[[Sequence[Item]], Sequence[Result | CaError]], batch_max: int, linger_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        commit_batch: Callable[[Sequence[Item]], Sequence[Result | CaError]],
+        batch_max: int,
+        linger_s: float = 0.0,
+        name: str = "group-commit",
+    ) -> None:
         self._commit_batch = commit_batch
         self._batch_max = batch_max
         self._linger = linger_s
         self._queue: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()  # None: stop
-        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     async def submit(self, item: Item) -> Result:
@@ -66,6 +73,7 @@ class GroupCommitter(Generic[Item, Result]):
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             first = self._queue.get()
             if first is None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ca_daemon.errors import StoreUnavailable
+from ca_daemon.thread_names import name_os_thread
 
 
 class FileWriteLock:
@@ -89,7 +90,7 @@ class FileWriteLock:
             if not self._waiting:
                 self._waiting = True
                 if self._waiter is None:
-                    self._waiter = threading.Thread(target=self._wait_for_lock, name="sqlite-write-lock", daemon=True)
+                    self._waiter = threading.Thread(target=self._wait_for_lock, name="sqlite-lock", daemon=True)
                     self._waiter.start()
                 self._state.notify_all()
             while not self._granted:
@@ -103,6 +104,7 @@ class FileWriteLock:
 
     def _wait_for_lock(self) -> None:
         """The waiter thread: a blocking flock whenever a writer asks for one, handed over the moment it is had."""
+        name_os_thread()
         while True:
             with self._state:
                 while not self._waiting and not self._closed:
