@@ -49,7 +49,7 @@ class AuditLog:
     """Appends events that are not part of another transaction, group-committed on one thread."""
 
     def __init__(self, store: SqlStore, batch_max: int = 256) -> None:
-        self._committer: GroupCommitter[AuditEvent, None] = GroupCommitter(_append(store), batch_max)
+        self._committer: GroupCommitter[AuditEvent, None] = GroupCommitter(_append(store), batch_max, name="audit-events")
 
     async def record(self, event: AuditEvent) -> None:
         """Append durably; a store failure is logged (the caller's answer does not depend on it)."""

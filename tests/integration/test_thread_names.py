@@ -36,6 +36,6 @@ def test_a_workers_threads_are_named_in_the_os(tmp_path_factory: pytest.TempPath
         assert len(workers) == 2, children
         for worker in workers:
             names = _thread_names(worker)
-            assert {"pkcs11_0", "group-commit", "audit-refusals"} <= names, names
+            assert {"pkcs11_0", "group-commit", "audit-refusals", "audit-events"} <= names, names
     finally:
         daemon.stop()
