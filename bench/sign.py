@@ -567,7 +567,7 @@ def main(seconds: float = 8.0, concurrency: int = 32) -> None:
         per_call = served.server_cpu_ms + served.loader_cpu_ms
         print("\n## CPU per completed call (ms), EC P-256, from /proc over the measured window")
         print(f"daemon workers {served.server_cpu_ms:6.2f}   load generator {served.loader_cpu_ms:5.2f}")
-        print(f"  by thread (all workers): {per_thread_line(served)}")
+        print(f"  by thread (all workers, ms): {per_thread_line(served)}")
         print(
             f"gRPC floor: echo workers {floor.server_cpu_ms:6.2f}   load generator {floor.loader_cpu_ms:5.2f}   ({floor.rate:.0f} calls/s)"
         )

@@ -18,5 +18,6 @@ _NAME_MAX = 15  # the kernel keeps 15 bytes and a NUL
 def name_os_thread(name: str | None = None) -> None:
     """Give the calling thread name (default: its Python name) in the OS, cut to 15 bytes; a no-op where prctl is missing."""
     text = (name or threading.current_thread().name).encode("ascii", "replace")[:_NAME_MAX]
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(text), 0, 0, 0)
+    # Any failure is swallowed: this runs first in the token's thread and the group commit, and a name is not worth them.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(text), 0, 0, 0)
