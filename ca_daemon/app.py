@@ -25,6 +25,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -494,6 +495,7 @@ def _audit_reload(
     restart_needed: Sequence[str] = (),
     *,
     by_daemon: bool = False,
+    daemon_pid: int | None = None,
 ) -> None:
     """The config.reload event of one worker (or of the daemon, by_daemon, when it refused the file before any worker).
 
@@ -508,7 +510,7 @@ def _audit_reload(
     except OSError:
         digest = b""
     parent = multiprocessing.parent_process()  # a spawned worker's parent is the daemon; a single worker is the daemon
-    daemon = os.getpid() if by_daemon or parent is None or parent.pid is None else parent.pid
+    daemon = daemon_pid or (os.getpid() if by_daemon or parent is None or parent.pid is None else parent.pid)
     details = {"path": str(config_path), "daemon": str(daemon), "host": socket.gethostname(), "workers": str(running.server.workers)}
     event = AuditEvent(
         time=datetime.now(UTC),
@@ -553,7 +555,11 @@ def await_reload(store: SqlStore, after_seq: int, daemon_pid: int, config_digest
     mine: list[dict[str, Any]] = []
     while True:
         events = AuditStore(store).events(EventFilter(after_seq=after_seq, actions=("config.reload",)), 1000)
-        mine = [e for e in events if _reload_details(e).get("daemon") == str(daemon_pid) and _reload_details(e).get("host") == host]
+        # Each worker's last answer: one that answered two reloads sent close together is one worker, not two.
+        latest = {
+            e["actor"]: e for e in events if _reload_details(e).get("daemon") == str(daemon_pid) and _reload_details(e).get("host") == host
+        }
+        mine = list(latest.values())
         expected = max((int(_reload_details(e).get("workers", "0") or 0) for e in mine), default=0)
         by_daemon = any(str(e["actor"]).startswith("daemon-") for e in mine)
         if (mine and len(mine) >= expected) or by_daemon or time.monotonic() >= deadline:
@@ -844,7 +850,11 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
     while not stopping:
         time.sleep(0.2)
         if _take_pending_reload():
-            accepted = forward_reload(config, [p.pid for p in workers if p.is_alive() and p.pid is not None])
+            try:
+                accepted = forward_reload(config, [p.pid for p in workers if p.is_alive() and p.pid is not None])
+            except Exception:  # the supervisor outlives any reload: its workers would be left unsupervised
+                log.exception("reload failed; the previous configuration stays in force")
+                accepted = None
             if accepted is not None:
                 in_force = accepted
             after_reload(accepted is not None)
@@ -885,10 +895,13 @@ def forward_reload(running: Config, pids: list[int]) -> str | None:
     later; None if the workers keep the previous configuration.
     """
     try:
-        text = running.path.read_text()
+        text = running.path.read_bytes().decode("utf-8")
         new = config_module.parse(tomllib.loads(text), running.path)
     except OSError as exc:
         _refused_by_daemon(running, f"cannot read {running.path}: {exc.strerror}")
+        return None
+    except UnicodeDecodeError as exc:  # a ValueError: it ended the supervisor, leaving its workers unsupervised
+        _refused_by_daemon(running, f"{running.path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8")
         return None
     except tomllib.TOMLDecodeError as exc:
         _refused_by_daemon(running, f"{running.path}: not valid TOML: {exc}")
@@ -920,17 +933,25 @@ def _accepted_text(config: Config) -> str:
 
 
 def _refused_by_daemon(running: Config, reason: str) -> None:
-    """A file the daemon refuses before any worker sees it: logged, and audited so `ca-daemon reload` can say why."""
+    """A file the daemon refuses before any worker sees it: logged, and audited so `ca-daemon reload` can say why.
+
+    The event is written on a thread of its own: the store may be slow or away, and the
+    supervising loop must go on restarting workers and answering SIGTERM meanwhile.
+    """
     log.error("reload refused, the previous configuration stays in force: %s", reason)
-    try:
-        store = connect_store(running)
-    except CaError as exc:
-        log.error("could not record the refused reload in the audit log: %s", exc.message)
-        return
-    try:
-        _audit_reload(store, running.path, running, "refused", reason, by_daemon=True)
-    finally:
-        store.close()
+    pid = os.getpid()
+
+    def record() -> None:
+        try:
+            store = open_store(running.store.url, sqlite_synchronous=running.store.sqlite_synchronous, migrate=False)
+            try:
+                _audit_reload(store, running.path, running, "refused", reason, by_daemon=True, daemon_pid=pid)
+            finally:
+                store.close()
+        except Exception as exc:  # CaError, a driver's error: the refusal is logged above either way
+            log.error("could not record the refused reload in the audit log: %s", getattr(exc, "message", exc))
+
+    threading.Thread(target=record, name="reload-refusal", daemon=True).start()
 
 
 def _check_like_a_worker(new: Config, running: Config) -> None:

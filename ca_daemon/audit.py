@@ -26,9 +26,10 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn, TextIO
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from ca_daemon import crl_der
 from ca_daemon.audit_format import EXPORT_FORMAT, EXPORT_VERSION, checkpoint_record, event_record, interleave, write_export
@@ -737,24 +738,33 @@ def reconcile(store: SqlStore, report: Report) -> None:
             )
     for serial, reason in found.unlogged_revocations:
         report.fail(None, f"the revocations table revokes {serial} ({reason}), but no event records its revocation: the CRLs list it")
-    issuers = {key.key_id: x509.load_der_x509_certificate(key.certificate_der) for key in store.list_ca_keys() if key.certificate_der}
+    issuers = {}
+    for key in store.list_ca_keys():
+        try:
+            issuers[key.key_id] = serialization.load_der_public_key(key.public_key_der)
+        except (ValueError, UnsupportedAlgorithm):
+            report.fail(None, f"CA key {key.key_id}'s public key in the store does not read, so what it signed cannot be checked")
+    rows = AuditStore(store).revocations_in_force()
     last = ""
-    try:
-        for revocation in AuditStore(store).revocations_in_force():
-            last = revocation.serial
-            for problem in _row_problems(revocation, issuers):
-                report.fail(
-                    None, f"event {revocation.seq} records the revocation of {revocation.serial} ({revocation.reason}), but {problem}"
-                )
-    except ValueError as exc:  # a value the driver cannot read (a SQLite time column holding text that is no time)
-        after = f" after serial {last}" if last else ""
-        report.fail(None, f"the revocations table could not be read to the end{after} ({capped(str(exc), 200)}): the rest was not compared")
+    while True:
+        try:
+            revocation = next(rows, None)
+        except (ValueError, TypeError) as exc:  # a value the driver cannot read (text in a time or BLOB column of SQLite)
+            after = f" after serial {last}" if last else ""
+            reason = capped(str(exc), 200)
+            report.fail(None, f"the revocations table could not be read to the end{after} ({reason}): the rest was not compared")
+            return
+        if revocation is None:
+            return
+        last = revocation.serial
+        for problem in _row_problems(revocation, issuers):
+            report.fail(None, f"event {revocation.seq} records the revocation of {revocation.serial} ({revocation.reason}), but {problem}")
 
 
-def _row_problems(revocation: RevocationInForce, issuers: dict[str, x509.Certificate]) -> list[str]:
+def _row_problems(revocation: RevocationInForce, issuers: dict[str, PublicKeyTypes]) -> list[str]:
     """How a revocation row differs from its event in what the CRLs are built from (see reconcile).
 
-    issuers: each CA key's certificate. The certificate's notAfter is read only from a
+    issuers: each CA key's public key. The certificate's notAfter is read only from a
     certificate of that serial signed by the event's CA key: the certificates row is no more
     vouched for than the revocations row, and an expired or unsigned stand-in there would
     otherwise make a moved-back not_after look right.
@@ -779,33 +789,46 @@ def _row_problems(revocation: RevocationInForce, issuers: dict[str, x509.Certifi
         )
     if revocation.entry_der != crl_der.revoked_entry(serial, revocation.revoked_at, reason.value, invalidity):
         problems.append(f"the CRL entry stored for it (entry_der) reads {_entry_text(revocation.entry_der)}: every full CRL copies that")
-    if revocation.certificate_der is not None:
-        certificate = _issued_certificate(revocation.certificate_der, serial, issuers.get(revocation.key_id))
-        if certificate is None:
-            return [
-                *problems,
-                f"the certificates table holds for it no certificate of serial {revocation.serial} signed by CA key "
-                f"{revocation.key_id}, so its notAfter cannot be compared",
-            ]
-        not_after = certificate.not_valid_after_utc
-        if revocation.row_not_after != not_after:
-            problems.append(
-                f"the revocations table says the certificate expires {revocation.row_not_after.isoformat()}, its certificate "
-                f"{not_after.isoformat()}: full CRLs drop an entry once it has expired"
-            )
+    if revocation.certificate_der is None:  # the revocations row's foreign key forbids it: a row deleted behind the daemon's back
+        return [*problems, "the certificates table no longer holds its certificate, so its notAfter cannot be compared"]
+    certificate = _issued_certificate(revocation.certificate_der, serial, issuers.get(revocation.key_id))
+    if certificate is None:
+        return [
+            *problems,
+            f"the certificates table holds for it no certificate of serial {revocation.serial} signed by CA key "
+            f"{revocation.key_id}, so its notAfter cannot be compared",
+        ]
+    not_after = certificate.not_valid_after_utc
+    if revocation.row_not_after != not_after:
+        problems.append(
+            f"the revocations table says the certificate expires {revocation.row_not_after.isoformat()}, its certificate "
+            f"{not_after.isoformat()}: full CRLs drop an entry once it has expired"
+        )
     return problems
 
 
-def _issued_certificate(der: bytes, serial: int, issuer: x509.Certificate | None) -> x509.Certificate | None:
-    """The certificate in der if it has this serial and the issuer's signature, else None."""
-    if issuer is None:
-        return None
+def _issued_certificate(der: bytes, serial: int, issuer_key: PublicKeyTypes | None) -> x509.Certificate | None:
+    """The certificate in der if it has this serial and a signature by issuer_key, else None.
+
+    The key's signature, not cryptography's verify_directly_issued_by: that also compares the
+    issuer name byte for byte with the CA certificate the store holds now, and a CA certificate
+    installed again for the same key (renewed by its parent, its subject spelt another way) would
+    make every certificate the key signed before look forged.
+    """
     try:
         certificate = x509.load_der_x509_certificate(der)
         if certificate.serial_number != serial:
             return None
-        certificate.verify_directly_issued_by(issuer)
-    except Exception:  # unreadable DER, another issuer, a bad signature (InvalidSignature, ValueError, TypeError)
+        signature, tbs, digest = certificate.signature, certificate.tbs_certificate_bytes, certificate.signature_hash_algorithm
+        if isinstance(issuer_key, ec.EllipticCurvePublicKey) and digest is not None:
+            issuer_key.verify(signature, tbs, ec.ECDSA(digest))
+        elif isinstance(issuer_key, rsa.RSAPublicKey) and digest is not None:
+            issuer_key.verify(signature, tbs, padding.PKCS1v15(), digest)
+        elif isinstance(issuer_key, ed25519.Ed25519PublicKey):
+            issuer_key.verify(signature, tbs)
+        else:
+            return None
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):  # unreadable DER, a bad signature
         return None
     return certificate
 

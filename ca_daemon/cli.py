@@ -283,6 +283,13 @@ def _ca_export(args: argparse.Namespace) -> int:
         active = [k for k in keys if k.status == KeyStatus.ACTIVE and k.certificate_der]
         key = active[0] if active else _first_key(keys, authority.key_id_for(Pkcs11Uri.parse(config.ca.key_uri)))
         assert key.certificate_der is not None
+        expires = x509.load_der_x509_certificate(key.certificate_der).not_valid_after_utc
+        if active and expires <= datetime.now(UTC):
+            print(
+                f"warning: the certificate of the active CA key {key.key_id} expired at {expires.isoformat()}: every Sign is "
+                "refused until a successor is active (see Key rotation)",
+                file=sys.stderr,
+            )
         if args.format == "der":
             Path(args.out).write_bytes(key.certificate_der)
         else:
@@ -353,12 +360,13 @@ def _reload(args: argparse.Namespace) -> int:
     A configuration the daemon would refuse is reported here and never signalled; the
     daemon re-checks it anyway (a SIGHUP sent by hand gets the same checks).
     """
+    digest = cli_access.config_file_digest(Path(args.config).resolve())  # before the checks: what they check
     config = config_module.load(args.config)
     app.check_tls_files(config)
     store = app.connect_store(config)
     try:
         authority.check_policy(config, store)
-        return cli_access.signal_reload_and_report(config, store)
+        return cli_access.signal_reload_and_report(config, store, digest=digest)
     finally:
         store.close()
 

@@ -259,19 +259,26 @@ def _mtls_renew_server(args: argparse.Namespace) -> int:
         store.close()
 
 
-def signal_reload_and_report(config: config_module.Config, store: SqlStore, *, checked: bool = True) -> int:
+def config_file_digest(path: Path) -> bytes:
+    """SHA-256 of the configuration file's bytes (empty if it cannot be read), as each worker records it at a reload."""
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return b""
+
+
+def signal_reload_and_report(config: config_module.Config, store: SqlStore, *, checked: bool = True, digest: bytes | None = None) -> int:
     """SIGHUP the daemon, then report what its workers recorded of the reload (app.await_reload).
 
     Applied by all, refused (each worker's reason), applied by some and refused or unanswered
     by others (the workers now differ), and the changed settings read at start only. Before,
     the command said only that it had asked: a changed listen address or [crl] setting went
-    unnoticed but for a warning in the daemon's log. checked: this command validated the file.
+    unnoticed but for a warning in the daemon's log. checked: this command validated the file;
+    digest: the SHA-256 of the bytes it validated (read before the checks), else of the file now.
     """
     after = AuditStore(store).last_seq()
-    try:
-        digest = hashlib.sha256(config.path.read_bytes()).digest()
-    except OSError:
-        digest = b""
+    if digest is None:
+        digest = config_file_digest(config.path)
     try:
         pid = app.signal_reload(config)
     except CaError as exc:
@@ -284,7 +291,7 @@ def signal_reload_and_report(config: config_module.Config, store: SqlStore, *, c
     for refusal in outcome.refusals:
         print(f"reload refused by {refusal}", file=sys.stderr)
     if outcome.other_file:
-        print(f"warning: {config.path} changed after this command checked it; the workers read the newer file", file=sys.stderr)
+        print(f"warning: the workers read a version of {config.path} other than the one this command checked", file=sys.stderr)
     if outcome.applied and (outcome.refusals or outcome.silent):
         print(
             f"applied by {outcome.applied} of {outcome.workers} worker(s), refused by {len(outcome.refusals)}, no answer from "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import http.server
 import os
+import sqlite3
 import subprocess
 import threading
-import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -208,10 +208,14 @@ def test_export_before_the_first_start_refuses_a_certificate_that_expired_since_
     csr_path, cert_path, root_path = tmp_path / "ca.csr", tmp_path / "intermediate.pem", tmp_path / "root.pem"
     env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Short-lived Issuing CA")
     parent = _ParentCa()
-    cert_path.write_bytes(parent.certify(csr_path.read_bytes(), valid_for=timedelta(seconds=3)).public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(parent.certify(csr_path.read_bytes()).public_bytes(serialization.Encoding.PEM))
     root_path.write_bytes(parent.cert.public_bytes(serialization.Encoding.PEM))
     env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(root_path))
-    time.sleep(4)
+    # The same key certified again, valid until a minute ago: as if the imported certificate had since expired
+    # (import-cert refuses an expired one, and waiting for a short-lived one to expire made the test depend on timing).
+    expired = parent.certify(csr_path.read_bytes(), valid_for=timedelta(minutes=-1)).public_bytes(serialization.Encoding.DER)
+    with sqlite3.connect(env.state_dir / "ca.db") as database:
+        database.execute("UPDATE ca_keys SET certificate_der = ? WHERE key_id = 'ca-root-1'", (expired,))
     refused = env.cli("ca", "export", "--out", str(tmp_path / "export.pem"), check=False)
     assert refused.returncode == 1 and "the certificate of CA key ca-root-1 expired at" in refused.stderr, refused.stderr
     assert not (tmp_path / "export.pem").exists()

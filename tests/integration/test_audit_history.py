@@ -212,11 +212,11 @@ def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crl
     daemon = Daemon(env, env.state_dir / "daemon.log").start()
     try:
         with grpc.insecure_channel(env.target) as channel:
-            signed = [sign(channel) for _ in range(7)]
-            a, b, c, d, z, e, f = (response.serial.lower() for response in signed)
+            signed = [sign(channel) for _ in range(8)]
+            a, b, c, d, z, e, f, g = (response.serial.lower() for response in signed)
             invalid_since = Timestamp()
             invalid_since.FromDatetime(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
-            for serial in (a, b, c, z, e, f):
+            for serial in (a, b, c, z, e, f, g):
                 request = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
                 if serial == a:
                     request.invalidity_date.CopyFrom(invalid_since)
@@ -239,6 +239,9 @@ def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crl
         reason_twice = 2 * crl_der.extension(bytes.fromhex("0603551d15"), crl_der.tlv(0x0A, b"\x01"))
         entry = crl_der.tlv(0x30, crl_der.integer(int(f, 16)) + crl_der.time(datetime.now(UTC)) + crl_der.tlv(0x30, reason_twice))
         conn.execute("UPDATE revocations SET entry_der = ? WHERE serial = ?", (entry, f))
+        # g: its certificate row deleted (the foreign key is not enforced on this connection) and not_after moved back.
+        conn.execute("DELETE FROM certificates WHERE serial = ?", (g,))
+        conn.execute("UPDATE revocations SET not_after = '2001-01-03 00:00:00.000000' WHERE serial = ?", (g,))
     # What a relying party meets: full CRLs leave a, b (from the second on: expired on the one before) and c out,
     # and a passes a CRL check.
     for _ in range(2):
@@ -266,6 +269,7 @@ def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crl
     assert f"records the revocation of {d} (superseded), but the revocations table dates it 2020-01-01T00:00:00+00:00" in out, out
     assert f"records the revocation of {e} (key_compromise), but the certificates table holds for it no certificate of serial {e} " in out
     assert f"records the revocation of {f} (key_compromise), but the CRL entry stored for it (entry_der) reads as no valid CRL entry" in out
+    assert f"records the revocation of {g} (key_compromise), but the certificates table no longer holds its certificate" in out, out
     assert f"records the revocation of {z}" not in out, out  # the untouched row is not named
 
 

@@ -172,6 +172,36 @@ def test_a_worker_restarted_while_the_file_on_disk_is_refused_serves_the_configu
     assert _sign(env.target).profile == "device"
 
 
+def test_a_reload_of_a_file_that_is_not_utf8_is_refused_and_the_daemon_keeps_serving(two_workers: Daemon) -> None:
+    """A SIGHUP (systemctl reload) after a Latin-1 edit ('# Zürich'): UnicodeDecodeError escaped the supervisor's loop,
+    which ended, removed the pid file and left its workers serving unsupervised; SIGTERM was then ignored (found in a
+    review). Now the daemon refuses the file like any other, records why, and the command says so too."""
+    daemon, env = two_workers, two_workers.env
+    assert daemon.process is not None
+    good = env.config_path.read_bytes()
+    env.config_path.write_bytes(good + "\n# Zürich\n".encode("latin-1"))
+    os.kill(daemon.process.pid, signal.SIGHUP)
+    _wait_log(daemon, "not UTF-8")
+    time.sleep(0.5)
+    assert daemon.process.poll() is None and (env.state_dir / "ca-daemon.pid").exists()
+    assert _sign(env.target).profile == "device"  # still serving, supervised
+    deadline = time.monotonic() + 10
+    while True:
+        with sqlite3.connect(env.state_dir / "ca.db") as database:
+            refused = database.execute(
+                "SELECT reason FROM audit_events WHERE action = 'config.reload' AND actor = ?", (f"daemon-{daemon.process.pid}",)
+            ).fetchall()
+        if refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(refused) == 1 and "not UTF-8" in refused[0][0], refused
+    command = env.cli("reload", check=False)  # the command reads the file as the daemon does
+    assert command.returncode != 0 and "not UTF-8 (byte" in command.stderr, command.stderr
+    env.config_path.write_bytes(good)
+    daemon.stop()  # SIGTERM is still heard: the supervisor stops its workers and itself
+    assert daemon.process.returncode == 0 and not (env.state_dir / "ca-daemon.pid").exists()
+
+
 def test_a_changed_setting_that_needs_a_restart_is_reported_at_reload(two_workers: Daemon) -> None:
     """[crl], [audit], [rotation], [metrics] and state_dir are read at start only; a reload changing them ignored it silently.
 
