@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -699,7 +700,9 @@ def reconcile(store: SqlStore, report: Report) -> None:
     - a revocation in force whose row, under the same reason, differs from its event in what the
       CRLs are built from: the stored CRL entry (entry_der, which every full CRL copies as it is),
       the CA key it is filed under, its dates, or the certificate's notAfter (after which full
-      CRLs drop the entry).
+      CRLs drop the entry);
+    - a certificates row whose certificate is not the one its certificate.issue event names (by
+      SHA-256; recorded since 2026-11-26): a retried Sign and GetCertificate hand the row out.
 
     Needs the database (`audit verify --live`): an export has no tables.
     """
@@ -744,6 +747,7 @@ def reconcile(store: SqlStore, report: Report) -> None:
             issuers[key.key_id] = serialization.load_der_public_key(key.public_key_der)
         except (ValueError, UnsupportedAlgorithm):
             report.fail(None, f"CA key {key.key_id}'s public key in the store does not read, so what it signed cannot be checked")
+    _compare_issued_certificates(store, report)
     rows = AuditStore(store).revocations_in_force()
     last = ""
     while True:
@@ -759,6 +763,25 @@ def reconcile(store: SqlStore, report: Report) -> None:
         last = revocation.serial
         for problem in _row_problems(revocation, issuers):
             report.fail(None, f"event {revocation.seq} records the revocation of {revocation.serial} ({revocation.reason}), but {problem}")
+
+
+def _compare_issued_certificates(store: SqlStore, report: Report) -> None:
+    """Report each certificates row whose DER is not the certificate its certificate.issue event names (see reconcile)."""
+    try:
+        for seq, serial, details, der in AuditStore(store).issued_certificates():
+            try:
+                recorded = json.loads(details).get("certificate_sha256", "")
+            except (ValueError, AttributeError):
+                recorded = ""
+            if recorded and hashlib.sha256(der).hexdigest() != recorded:
+                report.fail(
+                    None,
+                    f"event {seq} records the issuance of serial {serial} as the certificate with SHA-256 {recorded[:16]}..., but "
+                    f"the certificates table holds another one for it ({hashlib.sha256(der).hexdigest()[:16]}...): "
+                    "a retried Sign and GetCertificate hand that out",
+                )
+    except (ValueError, TypeError) as exc:  # a value the driver cannot read
+        report.fail(None, f"the certificates table could not be read to the end ({capped(str(exc), 200)}): the rest was not compared")
 
 
 def _row_problems(revocation: RevocationInForce, issuers: dict[str, PublicKeyTypes]) -> list[str]:

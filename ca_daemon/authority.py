@@ -641,6 +641,8 @@ def parse_serial(text: str) -> int:
 
 
 def _issue_event(request: CertificateRequest, certificate: IssuedCertificate) -> AuditEvent:
+    """The certificate.issue event, naming the very certificate (its SHA-256): the chain then vouches for the
+    certificates row a retried Sign and GetCertificate hand out (`audit verify --live` compares them)."""
     return AuditEvent(
         time=certificate.created_at,
         actor=request.caller,
@@ -650,7 +652,11 @@ def _issue_event(request: CertificateRequest, certificate: IssuedCertificate) ->
         device_id=certificate.device_id,
         key_id=certificate.issuer_key_id,
         request_digest=certificate.csr_sha256,
-        details={"profile": certificate.profile, "request_id": request.request_id},
+        details={
+            "profile": certificate.profile,
+            "request_id": request.request_id,
+            "certificate_sha256": hashlib.sha256(certificate.der).hexdigest(),
+        },
     )
 
 

@@ -275,6 +275,23 @@ class AuditStore:
                     certificate_der=None if row.der is None else bytes(row.der),
                 )
 
+    def issued_certificates(self) -> Iterator[tuple[int, str, str, bytes]]:
+        """(seq, serial, details, the certificates row's DER) of each certificate.issue event whose certificate row is there.
+
+        One statement, streamed, in seq order: audit.reconcile compares the row's DER with the
+        SHA-256 the event recorded (events written before it was recorded carry none).
+        """
+        e, c = audit_events.c, certificates.c
+        statement = (
+            select(e.seq, e.serial, e.details, c.der)
+            .select_from(audit_events.join(certificates, c.serial == e.serial))
+            .where(e.action == "certificate.issue", e.outcome == "issued")
+            .order_by(e.seq)
+        )
+        with self._store._connect(stream_results=True, yield_per=10000) as conn:
+            for row in conn.execute(statement):
+                yield int(row.seq), str(row.serial), str(row.details), bytes(row.der)
+
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Store a checkpoint unless one of this head (or a later one) is already stored; whether it was stored.
 

@@ -8,6 +8,7 @@ What the auditor held before is what tells. Real token, real SQLite, the daemon'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -288,6 +289,39 @@ def _expired_stand_in(serial: int) -> bytes:
         .sign(key, hashes.SHA256())
         .public_bytes(serialization.Encoding.DER)
     )
+
+
+def test_each_issuance_event_names_the_certificate_and_verify_live_finds_another_in_its_row(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """The certificates row is what a retried Sign and GetCertificate hand out, and no event vouched for it: a row whose DER
+    was replaced went unnoticed by `audit verify --live`. Each certificate.issue event now records the certificate's
+    SHA-256, the very certificate the client received, and --live compares the rows with it."""
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-certificates")
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            issued = [sign(channel) for _ in range(2)]
+    finally:
+        daemon.stop()
+    with sqlite3.connect(db) as conn:
+        for response in issued:
+            (details,) = conn.execute(
+                "SELECT details FROM audit_events WHERE action = 'certificate.issue' AND serial = ?", (response.serial.lower(),)
+            ).fetchone()
+            received = x509.load_pem_x509_certificate(response.certificate_pem.encode()).public_bytes(serialization.Encoding.DER)
+            assert json.loads(details)["certificate_sha256"] == hashlib.sha256(received).hexdigest()
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+    assert live.returncode == 0 and live.stdout.startswith("OK:"), live.stdout
+
+    first, second = (response.serial.lower() for response in issued)
+    with sqlite3.connect(db, timeout=30) as conn:
+        conn.execute("UPDATE certificates SET der = (SELECT der FROM certificates WHERE serial = ?) WHERE serial = ?", (second, first))
+    out = _live_fails(env, public)
+    assert f"records the issuance of serial {first} as the certificate with SHA-256" in out, out
+    assert "but the certificates table holds another one for it" in out, out
+    assert f"records the issuance of serial {second}" not in out, out
 
 
 def test_an_issuance_event_removed_before_a_checkpoint_is_recorded_as_an_audit_gap_when_the_daemon_stops(
