@@ -38,6 +38,12 @@ def _setup(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path, name: s
     return env, env.state_dir / "ca.db", public
 
 
+def _start_daemon(env: CaEnv) -> Daemon:
+    """The daemon, its HTTP server on a free port (8080 may be another's)."""
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    return Daemon(env, env.state_dir / "daemon.log").start()
+
+
 def _export(env: CaEnv, name: str, *, checkpoint: bool = True) -> Path:
     out = env.state_dir / name
     env.cli("audit", "export", "--out", str(out), *(["--checkpoint"] if checkpoint else []))
@@ -169,8 +175,7 @@ def test_verify_live_compares_the_certificates_and_revocations_tables_with_the_e
     while `audit verify` said OK over the untouched log.
     """
     env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-tables")
-    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
-    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    daemon = _start_daemon(env)
     try:
         with grpc.insecure_channel(env.target) as channel:
             a, b, c, d, e = (sign(channel).serial.lower() for _ in range(5))
@@ -209,8 +214,7 @@ def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crl
     serial's, the next full CRL left a out (openssl verify -crl_check accepted it), and --live said OK.
     """
     env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-entries")
-    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
-    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    daemon = _start_daemon(env)
     try:
         with grpc.insecure_channel(env.target) as channel:
             signed = [sign(channel) for _ in range(8)]
@@ -298,8 +302,7 @@ def test_each_issuance_event_names_the_certificate_and_verify_live_finds_another
     was replaced went unnoticed by `audit verify --live`. Each certificate.issue event now records the certificate's
     SHA-256, the very certificate the client received, and --live compares the rows with it."""
     env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-certificates")
-    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
-    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    daemon = _start_daemon(env)
     try:
         with grpc.insecure_channel(env.target) as channel:
             issued = [sign(channel) for _ in range(2)]
@@ -331,8 +334,7 @@ def test_an_issuance_event_removed_before_a_checkpoint_is_recorded_as_an_audit_g
     daemon went on (or stopped, signing its last checkpoint) over a log that verified without it. The store remembers
     its last event; the checkpointer a stopping worker runs records an audit.gap event, and verify names it."""
     env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-gap")
-    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
-    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    daemon = _start_daemon(env)
     try:
         with grpc.insecure_channel(env.target) as channel:
             serial = sign(channel, "evil-1").serial.lower()
