@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import fcntl
 import gc
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -505,10 +504,6 @@ def _audit_reload(
     """
     if store is None:
         return
-    try:
-        digest = hashlib.sha256(config_path.read_bytes()).digest()
-    except OSError:
-        digest = b""
     parent = multiprocessing.parent_process()  # a spawned worker's parent is the daemon; a single worker is the daemon
     daemon = daemon_pid or (os.getpid() if by_daemon or parent is None or parent.pid is None else parent.pid)
     details = {"path": str(config_path), "daemon": str(daemon), "host": socket.gethostname(), "workers": str(running.server.workers)}
@@ -517,7 +512,7 @@ def _audit_reload(
         actor=f"daemon-{daemon}" if by_daemon else f"worker-{os.getpid()}",
         action="config.reload",
         outcome=outcome,
-        request_digest=digest,
+        request_digest=config_module.file_digest(config_path),
         reason=reason[:512],
         details=details | ({"restart_needed": ", ".join(restart_needed)} if restart_needed else {}),
     )
@@ -543,7 +538,13 @@ class ReloadOutcome:
         return max(0, self.workers - self.applied - len(self.refusals))
 
 
-def await_reload(store: SqlStore, after_seq: int, daemon_pid: int, config_digest: bytes, timeout_s: float = 15.0) -> ReloadOutcome | None:
+# How long `ca-daemon reload` waits for the workers' config.reload events.
+RELOAD_WAIT_S = 15.0
+
+
+def await_reload(
+    store: SqlStore, after_seq: int, daemon_pid: int, config_digest: bytes, timeout_s: float = RELOAD_WAIT_S
+) -> ReloadOutcome | None:
     """Wait for the config.reload events the daemon daemon_pid (on this host) writes after after_seq; None if none came.
 
     Until every worker it runs has answered, the daemon itself has refused the file, or the
@@ -552,32 +553,34 @@ def await_reload(store: SqlStore, after_seq: int, daemon_pid: int, config_digest
     """
     deadline = time.monotonic() + timeout_s
     host = socket.gethostname()
-    mine: list[dict[str, Any]] = []
+    mine: list[tuple[dict[str, Any], dict[str, str]]] = []  # (event, its details)
     while True:
         events = AuditStore(store).events(EventFilter(after_seq=after_seq, actions=("config.reload",)), 1000)
         # Each worker's last answer: one that answered two reloads sent close together is one worker, not two.
-        latest = {
-            e["actor"]: e for e in events if _reload_details(e).get("daemon") == str(daemon_pid) and _reload_details(e).get("host") == host
-        }
+        latest = {}
+        for event in events:
+            details = _reload_details(event)
+            if (details.get("daemon"), details.get("host")) == (str(daemon_pid), host):
+                latest[event["actor"]] = (event, details)
         mine = list(latest.values())
-        expected = max((int(_reload_details(e).get("workers", "0") or 0) for e in mine), default=0)
-        by_daemon = any(str(e["actor"]).startswith("daemon-") for e in mine)
+        expected = max((int(details.get("workers", "0") or 0) for _, details in mine), default=0)
+        by_daemon = any(str(event["actor"]).startswith("daemon-") for event, _ in mine)
         if (mine and len(mine) >= expected) or by_daemon or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
     if not mine:
         return None
     restart: list[str] = []
-    for event in mine:
-        for setting in _reload_details(event).get("restart_needed", "").split(", "):
+    for _, details in mine:
+        for setting in details.get("restart_needed", "").split(", "):
             if setting and setting not in restart:
                 restart.append(setting)
     return ReloadOutcome(
         workers=expected,
-        applied=sum(1 for e in mine if e["outcome"] == "applied"),
-        refusals=[f"{e['actor']}: {e['reason']}" for e in mine if e["outcome"] != "applied"],
+        applied=sum(1 for event, _ in mine if event["outcome"] == "applied"),
+        refusals=[f"{event['actor']}: {event['reason']}" for event, _ in mine if event["outcome"] != "applied"],
         restart_needed=restart,
-        other_file=any(bytes(e["request_digest"] or b"") not in (b"", config_digest) for e in mine),
+        other_file=any(bytes(event["request_digest"] or b"") not in (b"", config_digest) for event, _ in mine),
     )
 
 

@@ -360,7 +360,7 @@ def _reload(args: argparse.Namespace) -> int:
     A configuration the daemon would refuse is reported here and never signalled; the
     daemon re-checks it anyway (a SIGHUP sent by hand gets the same checks).
     """
-    digest = cli_access.config_file_digest(Path(args.config).resolve())  # before the checks: what they check
+    digest = config_module.file_digest(Path(args.config).resolve())  # before the checks: what they check
     config = config_module.load(args.config)
     app.check_tls_files(config)
     store = app.connect_store(config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
-import hashlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,14 +258,6 @@ def _mtls_renew_server(args: argparse.Namespace) -> int:
         store.close()
 
 
-def config_file_digest(path: Path) -> bytes:
-    """SHA-256 of the configuration file's bytes (empty if it cannot be read), as each worker records it at a reload."""
-    try:
-        return hashlib.sha256(path.read_bytes()).digest()
-    except OSError:
-        return b""
-
-
 def signal_reload_and_report(config: config_module.Config, store: SqlStore, *, checked: bool = True, digest: bytes | None = None) -> int:
     """SIGHUP the daemon, then report what its workers recorded of the reload (app.await_reload).
 
@@ -278,7 +269,7 @@ def signal_reload_and_report(config: config_module.Config, store: SqlStore, *, c
     """
     after = AuditStore(store).last_seq()
     if digest is None:
-        digest = config_file_digest(config.path)
+        digest = config_module.file_digest(config.path)
     try:
         pid = app.signal_reload(config)
     except CaError as exc:
@@ -286,7 +277,10 @@ def signal_reload_and_report(config: config_module.Config, store: SqlStore, *, c
     print(f"configuration valid; asked ca-daemon (pid {pid}) to reload it" if checked else f"asked ca-daemon (pid {pid}) to reload")
     outcome = app.await_reload(store, after, pid, digest)
     if outcome is None:
-        print("no worker recorded the reload within 15 s (no config.reload audit event); see the daemon's log", file=sys.stderr)
+        print(
+            f"no worker recorded the reload within {app.RELOAD_WAIT_S:g} s (no config.reload audit event); see the daemon's log",
+            file=sys.stderr,
+        )
         return 1
     for refusal in outcome.refusals:
         print(f"reload refused by {refusal}", file=sys.stderr)
@@ -295,7 +289,7 @@ def signal_reload_and_report(config: config_module.Config, store: SqlStore, *, c
     if outcome.applied and (outcome.refusals or outcome.silent):
         print(
             f"applied by {outcome.applied} of {outcome.workers} worker(s), refused by {len(outcome.refusals)}, no answer from "
-            f"{outcome.silent} within 15 s: the workers may now differ; fix the file and reload again, or restart",
+            f"{outcome.silent} within {app.RELOAD_WAIT_S:g} s: the workers may now differ; fix the file and reload again, or restart",
             file=sys.stderr,
         )
         return 1

@@ -8,6 +8,7 @@ PINs are never in the file: it names a file or an environment variable holding t
 from __future__ import annotations
 
 import difflib
+import hashlib
 import ipaddress
 import os
 import re
@@ -322,6 +323,15 @@ class Config:
 
     def profile(self, name: str) -> ProfileConfig:
         return self.profiles[name or self.default_profile]
+
+
+def file_digest(path: Path) -> bytes:
+    """SHA-256 of a configuration file's bytes (empty if it cannot be read): what each worker records at a reload,
+    and what `ca-daemon reload` compares with what it checked."""
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return b""
 
 
 def load(path: str | Path) -> Config:
