@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -43,6 +43,7 @@ from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpo
 from ca_daemon.store.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
+_Row = TypeVar("_Row")
 
 EVENT_FIELDS = ("seq", "time", "actor", "action", "outcome", "serial", "device_id", "key_id", "request_digest", "reason", "details")
 
@@ -747,41 +748,34 @@ def reconcile(store: SqlStore, report: Report) -> None:
             issuers[key.key_id] = serialization.load_der_public_key(key.public_key_der)
         except (ValueError, UnsupportedAlgorithm):
             report.fail(None, f"CA key {key.key_id}'s public key in the store does not read, so what it signed cannot be checked")
-    _compare_issued_certificates(store, report)
-    rows = AuditStore(store).revocations_in_force()
-    last = ""
-    while True:
+    for seq, serial, details, der in _read_through(AuditStore(store).issued_certificates(), "certificates", lambda row: row[1], report):
         try:
-            revocation = next(rows, None)
-        except (ValueError, TypeError) as exc:  # a value the driver cannot read (text in a time or BLOB column of SQLite)
-            after = f" after serial {last}" if last else ""
-            reason = capped(str(exc), 200)
-            report.fail(None, f"the revocations table could not be read to the end{after} ({reason}): the rest was not compared")
-            return
-        if revocation is None:
-            return
-        last = revocation.serial
+            recorded = json.loads(details).get("certificate_sha256", "")
+        except (ValueError, AttributeError):
+            recorded = ""
+        held = hashlib.sha256(der).hexdigest()
+        if recorded and held != recorded:
+            report.fail(
+                None,
+                f"event {seq} records the issuance of serial {serial} as the certificate with SHA-256 {recorded[:16]}..., but "
+                f"the certificates table holds another one for it ({held[:16]}...): a retried Sign and GetCertificate hand that out",
+            )
+    for revocation in _read_through(AuditStore(store).revocations_in_force(), "revocations", lambda row: row.serial, report):
         for problem in _row_problems(revocation, issuers):
             report.fail(None, f"event {revocation.seq} records the revocation of {revocation.serial} ({revocation.reason}), but {problem}")
 
 
-def _compare_issued_certificates(store: SqlStore, report: Report) -> None:
-    """Report each certificates row whose DER is not the certificate its certificate.issue event names (see reconcile)."""
+def _read_through(rows: Iterator[_Row], table: str, serial_of: Callable[[_Row], str], report: Report) -> Iterator[_Row]:
+    """The rows, until one the driver cannot read (text in a time or BLOB column of SQLite): that is reported, not raised."""
+    last = ""
     try:
-        for seq, serial, details, der in AuditStore(store).issued_certificates():
-            try:
-                recorded = json.loads(details).get("certificate_sha256", "")
-            except (ValueError, AttributeError):
-                recorded = ""
-            if recorded and hashlib.sha256(der).hexdigest() != recorded:
-                report.fail(
-                    None,
-                    f"event {seq} records the issuance of serial {serial} as the certificate with SHA-256 {recorded[:16]}..., but "
-                    f"the certificates table holds another one for it ({hashlib.sha256(der).hexdigest()[:16]}...): "
-                    "a retried Sign and GetCertificate hand that out",
-                )
-    except (ValueError, TypeError) as exc:  # a value the driver cannot read
-        report.fail(None, f"the certificates table could not be read to the end ({capped(str(exc), 200)}): the rest was not compared")
+        for row in rows:
+            last = serial_of(row)
+            yield row
+    except (ValueError, TypeError) as exc:
+        after = f" after serial {last}" if last else ""
+        reason = capped(str(exc), 200)
+        report.fail(None, f"the {table} table could not be read to the end{after} ({reason}): the rest was not compared")
 
 
 def _row_problems(revocation: RevocationInForce, issuers: dict[str, PublicKeyTypes]) -> list[str]:
