@@ -10,7 +10,9 @@ Every `check_interval` the scheduler looks at each issuer and publishes:
 A failed publication is logged, recorded in the store (so every worker's health shows
 it under CRL_HEALTH_SERVICE) and retried after a back-off; the last good CRL stays
 published. After each publication the bytes are handed to the HTTP server and written
-atomically to `crl.directory`.
+atomically to `crl.directory`. When a key retires, its final full CRL is handed out and its
+last delta withdrawn (HTTP and file): no delta follows a final CRL, and the last one would
+only go stale.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -50,7 +52,15 @@ CRL_HEALTH_SERVICE = "ca_daemon.v1.CRLPublisher"
 _RETRY_AFTER = timedelta(seconds=10)
 _HEALTH_INTERVAL_S = 1.0
 
-Listener = Callable[[CrlIssuer, PublishedCrl], None]
+
+class CrlListener(Protocol):
+    """Where published CRLs go besides the store (the HTTP server, files)."""
+
+    def published(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
+        """Hand out crl from now on."""
+
+    def delta_withdrawn(self, issuer: CrlIssuer, last: PublishedCrl | None) -> None:
+        """The issuer retired: stop handing out its delta CRL (last, when this process handed one out)."""
 
 
 class CrlScheduler:
@@ -63,7 +73,7 @@ class CrlScheduler:
         # With several replicas only the holder of the database's leadership lock publishes;
         # the others follow: they hand out what the leader stored (see run_once).
         self._leadership = leadership
-        self._listeners: list[Listener] = []
+        self._listeners: list[CrlListener] = []
         self._retry_at: dict[str, datetime] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -71,8 +81,8 @@ class CrlScheduler:
         self._final: set[tuple[str, bool]] = set()
         self._failures = RetryLog(log, "CRL schedule check")
 
-    def subscribe(self, listener: Listener) -> None:
-        """Call listener (on the event loop) with every CRL published from now on, and the latest ones at start."""
+    def subscribe(self, listener: CrlListener) -> None:
+        """Tell listener (on the event loop) of every CRL published from now on, and of the latest ones at start."""
         self._listeners.append(listener)
 
     async def start(self) -> None:
@@ -162,6 +172,7 @@ class CrlScheduler:
             if stored is not None:
                 await self._adopt(issuer, stored)
                 self._final.add((issuer.key_id, False))
+                self._withdraw_delta(issuer)
 
     async def _follow(self, now: datetime) -> None:
         """Not the leader: serve the newest CRLs the leader stored, checked every check_interval."""
@@ -194,9 +205,17 @@ class CrlScheduler:
         self.last[(issuer.key_id, crl.is_delta)] = crl
         for listener in self._listeners:
             try:
-                listener(issuer, crl)
+                listener.published(issuer, crl)
             except Exception:
                 log.exception("a CRL listener failed for CRL %d of %s", crl.crl_number, issuer.key_id)
+
+    def _withdraw_delta(self, issuer: CrlIssuer) -> None:
+        last = self.last.pop((issuer.key_id, True), None)
+        for listener in self._listeners:
+            try:
+                listener.delta_withdrawn(issuer, last)
+            except Exception:
+                log.exception("a CRL listener failed to withdraw the delta CRL of %s", issuer.key_id)
 
 
 def crl_file_name(key_id: str, *, delta: bool) -> str:
@@ -210,8 +229,15 @@ class CrlFileWriter:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
+    def published(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
         write_atomically(self.directory / crl_file_name(issuer.key_id, delta=crl.is_delta), crl.der)
+
+    def delta_withdrawn(self, issuer: CrlIssuer, last: PublishedCrl | None) -> None:
+        path = self.directory / crl_file_name(issuer.key_id, delta=True)
+        if path.exists():
+            path.unlink()
+            fsync_directory(path.parent)
+            log.info("removed %s: CA key %s retired and publishes no more delta CRLs", path, issuer.key_id)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -228,7 +254,12 @@ def write_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in directory survive a power loss."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -255,6 +286,25 @@ def ca_routes(config: Config, issuer: CrlIssuer) -> list[tuple[str, Resource]]:
     return [(path, resource) for path in sorted(paths)]
 
 
+class HttpCrlRoutes:
+    """Serves each published CRL (and its issuer's certificate) at its URL paths."""
+
+    def __init__(self, config: Config, server: DistributionServer) -> None:
+        self._config = config
+        self._server = server
+
+    def published(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
+        for path, resource in [*http_routes(self._config, issuer, crl), *ca_routes(self._config, issuer)]:
+            self._server.set(path, resource)
+
+    def delta_withdrawn(self, issuer: CrlIssuer, last: PublishedCrl | None) -> None:
+        if last is None:  # this process served none
+            return
+        for path, _ in http_routes(self._config, issuer, last):
+            # Another key's delta may be served at a shared URL path: only this one is taken down.
+            self._server.remove(path, if_body=last.der)
+
+
 class CrlServices:
     """What the one publishing process runs: scheduler, file writer, HTTP server and CRL health."""
 
@@ -272,13 +322,7 @@ class CrlServices:
         if config.crl.directory is not None:
             self.scheduler.subscribe(CrlFileWriter(config.crl.directory))
         if self.http is not None:
-            server = self.http
-
-            def serve(issuer: CrlIssuer, crl: PublishedCrl) -> None:
-                for path, resource in [*http_routes(config, issuer, crl), *ca_routes(config, issuer)]:
-                    server.set(path, resource)
-
-            self.scheduler.subscribe(serve)
+            self.scheduler.subscribe(HttpCrlRoutes(config, self.http))
 
     async def start(self) -> None:
         if self.http is not None:

@@ -82,6 +82,12 @@ class DistributionServer:
     def set(self, path: str, resource: Resource) -> None:
         self._resources[path] = resource
 
+    def remove(self, path: str, *, if_body: bytes) -> None:
+        """Stop serving path (404 from now on) if it still serves if_body, not whatever replaced it."""
+        resource = self._resources.get(path)
+        if resource is not None and resource.body == if_body:
+            del self._resources[path]
+
     async def start(self) -> None:
         """Bind now if possible; otherwise log, report unhealthy and keep trying in the background."""
         if not await self._try_bind():

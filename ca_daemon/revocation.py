@@ -213,6 +213,8 @@ class Revocations:
     async def get_crl(self, *, delta: bool, issuer_key_id: str, if_newer_than: int) -> CrlAnswer:
         """The last published CRL of a kind; only its metadata when if_newer_than is not older."""
         issuer = issuer_key_id or self._active_key_id()
+        if delta:
+            await asyncio.to_thread(self._refuse_delta_of_retired_key, issuer)
         meta = await asyncio.to_thread(lambda: self._store.latest_crl(issuer, delta=delta, with_der=False))
         if meta is None:
             known = await asyncio.to_thread(self._store.get_ca_key, issuer)
@@ -228,6 +230,17 @@ class Revocations:
             assert fresh is not None  # CRLs are only pruned below the newest
             cached = self._cache[(issuer, delta)] = fresh
         return CrlAnswer(cached, not_modified=False)
+
+    def _refuse_delta_of_retired_key(self, key_id: str) -> None:
+        """A retired key's last delta is stale from its final CRL on: no delta follows that CRL, so none is handed out."""
+        key = self._store.get_ca_key(key_id)
+        if key is not None and key.status in (KeyStatus.RETIRED, KeyStatus.DESTROYED):
+            raise NotFound(
+                f"CA key {key_id} is {key.status.value}: its final full CRL replaced its delta CRLs and no delta follows it; "
+                "ask for the full CRL",
+                rule="crl",
+                field="kind",
+            )
 
 
 # ---------------------------------------------------------------------------

@@ -313,6 +313,8 @@ def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) ->
         )
         time.sleep(max(0.0, last_not_after.timestamp() - time.time()) + 1.5)
         crl_before = x509.load_der_x509_crl(get_crl(aud, KEY1, delta=False))
+        delta_path, delta_file = f"/crl/{KEY1}-delta.crl", d.env.state_dir / "crl" / f"{KEY1}-delta.crl"
+        assert _http_status(d.http_port, delta_path) == 200 and delta_file.exists()  # key 1 still publishes deltas
         assert not approve(off2, "retire", KEY1).executed
         assert key_status(aud)[KEY1] == "superseded"
         retired = approve(off1, "retire", KEY1)
@@ -337,6 +339,13 @@ def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) ->
         while _http_get(d.http_port, f"/crl/{KEY1}.crl") != final.public_bytes(serialization.Encoding.DER):
             assert time.monotonic() < deadline, "the final CRL is not served over HTTP"
             time.sleep(0.2)
+        # Its last delta is withdrawn with it: the final CRL has no delta to follow it, and a stale one would only expire.
+        with pytest.raises(grpc.RpcError) as no_delta:
+            get_crl(aud, KEY1, delta=True)
+        assert no_delta.value.code() == grpc.StatusCode.NOT_FOUND, no_delta.value.details()
+        assert f"CA key {KEY1} is retired" in (no_delta.value.details() or "")
+        assert _http_status(d.http_port, delta_path) == 404
+        assert not delta_file.exists()
         link_path = f"/ca/links/{KEY1}-signs-{KEY2}.der"
         assert x509.load_der_x509_certificate(_http_get(d.http_port, link_path)) == x509.load_pem_x509_certificate(old_signs_new.encode())
 
@@ -412,3 +421,14 @@ def _http_get(port: int, path: str) -> bytes:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def _http_status(port: int, path: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)

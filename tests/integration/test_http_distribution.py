@@ -123,3 +123,17 @@ def test_connections_beyond_the_limit_get_503_and_stalled_ones_are_dropped(stall
             assert received < BIG
     finally:
         running.stop()
+
+
+def test_a_withdrawn_crl_is_taken_down_only_where_it_is_still_served() -> None:
+    """A retired key's delta is withdrawn; another key's CRL served at a shared path since then stays."""
+    running = Running()
+    try:
+        now = datetime.now(UTC)
+        running.server.set("/shared-delta.crl", Resource(b"newer key's delta", CRL_CONTENT_TYPE, '"new-1"', now))
+        running.server.remove("/shared-delta.crl", if_body=b"x" * 100)
+        running.server.remove("/small.crl", if_body=b"x" * 100)
+        assert _get(running.server.port, "/shared-delta.crl").startswith(b"HTTP/1.1 200 OK")
+        assert _get(running.server.port, "/small.crl").startswith(b"HTTP/1.1 404 Not Found")
+    finally:
+        running.stop()

@@ -146,7 +146,9 @@ class CertificateAuthorityServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCRL(self, request, context):
-        """GetCRL returns the last published full or delta CRL (DER).
+        """GetCRL returns the last published full or delta CRL (DER). NOT_FOUND: no
+        such key, none of that kind published yet, or a delta of a retired key
+        (its final full CRL has no delta after it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,7 +62,10 @@ class CertificateAuthorityStub:
     in one transaction.
     """
     GetCRL: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetCRLRequest, _ca_pb2.GetCRLResponse]
-    """GetCRL returns the last published full or delta CRL (DER)."""
+    """GetCRL returns the last published full or delta CRL (DER). NOT_FOUND: no
+    such key, none of that kind published yet, or a delta of a retired key
+    (its final full CRL has no delta after it).
+    """
     ListProfiles: _grpc.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]
     """ListProfiles lists the certificate profiles in force."""
     IssueVerificationCertificate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.IssueVerificationCertificateRequest, _ca_pb2.IssueVerificationCertificateResponse]
@@ -114,7 +117,10 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     in one transaction.
     """
     GetCRL: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetCRLRequest, _ca_pb2.GetCRLResponse]  # type: ignore[assignment]
-    """GetCRL returns the last published full or delta CRL (DER)."""
+    """GetCRL returns the last published full or delta CRL (DER). NOT_FOUND: no
+    such key, none of that kind published yet, or a delta of a retired key
+    (its final full CRL has no delta after it).
+    """
     ListProfiles: _aio.UnaryUnaryMultiCallable[_ca_pb2.ListProfilesRequest, _ca_pb2.ListProfilesResponse]  # type: ignore[assignment]
     """ListProfiles lists the certificate profiles in force."""
     IssueVerificationCertificate: _aio.UnaryUnaryMultiCallable[_ca_pb2.IssueVerificationCertificateRequest, _ca_pb2.IssueVerificationCertificateResponse]  # type: ignore[assignment]
@@ -205,7 +211,10 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.GetCRLRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.GetCRLResponse, _abc.Awaitable[_ca_pb2.GetCRLResponse]]:
-        """GetCRL returns the last published full or delta CRL (DER)."""
+        """GetCRL returns the last published full or delta CRL (DER). NOT_FOUND: no
+        such key, none of that kind published yet, or a delta of a retired key
+        (its final full CRL has no delta after it).
+        """
 
     @_abc_1.abstractmethod
     def ListProfiles(
