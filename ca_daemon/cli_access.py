@@ -17,6 +17,7 @@ from pathlib import Path
 from ca_daemon import app, audit, tls
 from ca_daemon import config as config_module
 from ca_daemon.errors import CaError, ConfigError
+from ca_daemon.files import replaced_on_success
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.store import SqlStore
 from ca_daemon.store.audit_store import AuditStore
@@ -348,7 +349,7 @@ def _audit_export(args: argparse.Namespace) -> int:
         if args.out == "-":
             events, checkpoints = audit.export(store, sys.stdout)
         else:
-            with open(args.out, "w", encoding="utf-8") as out:
+            with replaced_on_success(Path(args.out)) as out:  # a failed export leaves an earlier file as it was
                 events, checkpoints = audit.export(store, out)
         print(f"exported {events} events and {checkpoints} checkpoints", file=sys.stderr)
         return 0

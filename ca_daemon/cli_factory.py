@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.client import REASONS, CaClient, TlsOptions
 from ca_daemon.errors import CaError
+from ca_daemon.files import replaced_on_success
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -247,7 +248,7 @@ def _client_crl(args: argparse.Namespace) -> int:
 
 
 def _client_audit_export(args: argparse.Namespace) -> int:
-    with client_from_args(args) as ca, Path(args.out).open("w") as out:
+    with client_from_args(args) as ca, replaced_on_success(Path(args.out)) as out:  # a failure leaves an earlier file as it was
         events, checkpoints = ca.audit_export(out)
     print(f"wrote {events} audit events and {checkpoints} signed checkpoints to {args.out}")
     print(f"check it with: ca-daemon audit verify --file {args.out} --public-key AUDIT-PUBLIC-KEY.pem")

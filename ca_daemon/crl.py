@@ -21,8 +21,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +32,7 @@ from grpc_health.v1 import health_pb2
 
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError
+from ca_daemon.files import fsync_directory, write_atomically
 from ca_daemon.hsm import Hsm
 from ca_daemon.http import CRL_CONTENT_TYPE, DistributionServer, Resource, url_path
 from ca_daemon.logs import RetryLog
@@ -238,32 +237,6 @@ class CrlFileWriter:
             path.unlink()
             fsync_directory(path.parent)
             log.info("removed %s: CA key %s retired and publishes no more delta CRLs", path, issuer.key_id)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a part; after return it survives a power loss."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in directory survive a power loss."""
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def http_routes(config: Config, issuer: CrlIssuer, crl: PublishedCrl) -> list[tuple[str, Resource]]:

@@ -850,6 +850,14 @@ def test_an_auditor_exports_the_log_over_the_api_and_verifies_it(
     assert verified.stdout.startswith("OK:") and "valid checkpoint(s)" in verified.stdout, verified.stdout
     assert " 0 valid checkpoint(s)" not in verified.stdout, verified.stdout
 
+    # A failed export leaves an earlier one as it was: here the caller is not an auditor.
+    kept = remote.read_bytes()
+    prog_args = [arg.replace("aud.", "prog.") for arg in tls_args]
+    refused = env.cli("client", "audit-export", *prog_args, "--out", str(remote), check=False)
+    assert refused.returncode != 0 and "auditor" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    assert remote.read_bytes() == kept
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".remote.jsonl")] == []  # no temporary file left
+
     # Record for record what the database export holds (up to the shorter of the two: the log may have grown).
     local = tmp_path / "local.jsonl"
     env.cli("audit", "export", "--out", str(local))

@@ -1,0 +1,58 @@
+"""Files that readers see whole or not at all: written beside their target, then renamed over it.
+
+A crash, a full disk or a failed download leaves the old file as it was (an auditor's earlier
+export, the last CRL), never an empty or half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, TextIO, cast
+
+NEW_FILE_MODE = 0o644
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a part; after return it survives a power loss."""
+    with _replaced_on_success(path, "wb") as f:
+        f.write(data)
+
+
+def replaced_on_success(path: Path) -> contextlib.AbstractContextManager[TextIO]:
+    """A text file (UTF-8) to write path's new content to; it replaces path only if the block ends without an exception."""
+    return cast(contextlib.AbstractContextManager[TextIO], _replaced_on_success(path, "w"))
+
+
+@contextlib.contextmanager
+def _replaced_on_success(path: Path, open_mode: str) -> Iterator[IO[Any]]:
+    """An existing path keeps its mode; a new one gets NEW_FILE_MODE."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, open_mode, encoding=None if "b" in open_mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except FileNotFoundError:
+            mode = NEW_FILE_MODE
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in directory survive a power loss."""
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
