@@ -33,7 +33,8 @@ from ca_daemon.config import DEVICE_ID_PLACEHOLDER, WEAK_CSR_SIGNATURE_ALGORITHM
 from ca_daemon.errors import AlreadyExists, InvalidRequest, PermissionDenied, PolicyViolation, capped, echo
 from ca_daemon.model import CertificateRequest
 
-_PEM_CSR = re.compile(rb"-----BEGIN (NEW )?CERTIFICATE REQUEST-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END (NEW )?CERTIFICATE REQUEST-----")
+# The END label must repeat the BEGIN label (RFC 7468 section 2): "NEW " in both or in neither.
+_PEM_CSR = re.compile(rb"-----BEGIN ((?:NEW )?)CERTIFICATE REQUEST-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END \1CERTIFICATE REQUEST-----")
 
 # CSR signature algorithms by the names profiles use.
 SIGNATURE_ALGORITHM_NAMES: dict[x509.ObjectIdentifier, str] = {
@@ -317,6 +318,7 @@ def _read_contents_unchecked(
             field="subject",
             expected="attribute values that are valid UTF8String or PrintableString",
         ) from None
+    _refuse_repeated_attributes(csr)
     try:
         extensions = tuple(csr.extensions)
         sans: tuple[x509.GeneralName, ...] = ()
@@ -331,6 +333,30 @@ def _read_contents_unchecked(
             expected="well-formed, non-repeated extensions",
         ) from None
     return subject, extensions, sans
+
+
+def _refuse_repeated_attributes(csr: x509.CertificateSigningRequest) -> None:
+    """Each attribute type at most once (X.501): `cryptography` reads only the first extensionRequest.
+
+    A CSR with two would be read as asking for the first one's extensions here and perhaps for
+    the second one's (CA:true, say) by another reader: two requests in one, refused as malformed.
+    """
+    try:
+        types = [attribute.oid for attribute in csr.attributes]
+    except Exception as exc:
+        raise InvalidRequest(f"csr attributes are malformed ({_brief(exc)})", rule="csr-format", field="csr.attributes") from None
+    repeated = sorted({oid.dotted_string for oid in types if types.count(oid) > 1})
+    if repeated:
+        names = ", ".join(_ATTRIBUTE_NAMES.get(dotted, dotted) for dotted in repeated)
+        raise InvalidRequest(
+            f"csr carries the attribute {names} more than once; a request carries each attribute once",
+            rule="csr-format",
+            field="csr.attributes",
+            expected="each CSR attribute (e.g. extensionRequest) at most once",
+        )
+
+
+_ATTRIBUTE_NAMES = {"1.2.840.113549.1.9.14": "extensionRequest", "1.2.840.113549.1.9.7": "challengePassword"}
 
 
 def _brief(exc: Exception) -> str:

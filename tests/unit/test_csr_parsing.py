@@ -77,3 +77,45 @@ def test_pem_with_crlf_line_endings_is_accepted() -> None:
     body = base64.encodebytes(csr.public_bytes(serialization.Encoding.DER)).replace(b"\n", b"\r\n")
     pem = b"-----BEGIN CERTIFICATE REQUEST-----\r\n" + body + b"-----END CERTIFICATE REQUEST-----\r\n"
     assert policy.parse_csr(pem, LIMIT).csr.subject == csr.subject
+
+
+def test_pem_end_label_must_repeat_the_begin_label() -> None:
+    """RFC 7468: "NEW CERTIFICATE REQUEST" in both labels or in neither; a mixed pair is not one block."""
+    pem = _csr().public_bytes(serialization.Encoding.PEM)
+    both_new = pem.replace(b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST")
+    assert policy.parse_csr(both_new, LIMIT).der == policy.parse_csr(pem, LIMIT).der
+    for mixed in (both_new.replace(b"END NEW", b"END", 1), pem.replace(b"END", b"END NEW", 1)):
+        with pytest.raises(InvalidRequest, match="exactly one CERTIFICATE REQUEST block"):
+            policy.parse_csr(mixed, LIMIT)
+
+
+def test_a_repeated_extension_request_attribute_is_refused() -> None:
+    """cryptography reads only the first extensionRequest (in DER order): a CA:true in the other went unseen and was signed."""
+    from asn1crypto import csr as asn1_csr  # type: ignore[import-untyped]  # python-pkcs11's dependency
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    harmless = x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:dev:device-1")])
+    ca_true = x509.BasicConstraints(ca=True, path_length=None)
+
+    def requesting(*extensions: x509.ExtensionType) -> bytes:
+        builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-1")]))
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=isinstance(extension, x509.BasicConstraints))
+        return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+    info = asn1_csr.CertificationRequest.load(requesting(harmless))["certification_request_info"]
+    second = asn1_csr.CertificationRequest.load(requesting(ca_true))["certification_request_info"]["attributes"][0]
+    info["attributes"] = [info["attributes"][0].copy(), second.copy()]
+    tbs = info.dump(force=True)
+    signed = asn1_csr.CertificationRequest(
+        {
+            "certification_request_info": asn1_csr.CertificationRequestInfo.load(tbs),
+            "signature_algorithm": {"algorithm": "sha256_ecdsa"},
+            "signature": key.sign(tbs, ec.ECDSA(hashes.SHA256())),
+        }
+    ).dump()
+    assert len(x509.load_der_x509_csr(signed).extensions) == 1  # cryptography reads one of the two requests
+    with pytest.raises(InvalidRequest) as refused:
+        policy.parse_csr(signed, LIMIT)
+    assert "extensionRequest more than once" in refused.value.message
+    assert (refused.value.rule, refused.value.field) == ("csr-format", "csr.attributes")
