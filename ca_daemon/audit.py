@@ -38,7 +38,8 @@ from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, capped
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.model import AuditEvent, KeySpec, RevocationReason
-from ca_daemon.store import SqlStore
+from ca_daemon.policy import parse_serial
+from ca_daemon.store import SqlStore, serial_hex
 from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpoint, EventFilter, RevocationInForce
 from ca_daemon.store.group_commit import GroupCommitter
 
@@ -938,7 +939,7 @@ class AuditReader:
         if query.page_size > MAX_PAGE:
             raise InvalidRequest(f"page_size {query.page_size} is too large", field="page_size", expected=f"at most {MAX_PAGE}")
         size = query.page_size or DEFAULT_PAGE
-        serial = query.serial.lower().lstrip("0") if query.serial else ""
+        serial = serial_hex(parse_serial(query.serial)) if query.serial else ""  # spelled as GetCertificate and Revoke take it
         digest = _filter_digest(query.actions, query.device_id, serial)
         after, from_time = _after(query.after_seq), query.from_time
         if query.page_token:

@@ -603,7 +603,7 @@ class Authority:
         return SignResult(cert, chain_pem(key.certificate_der, key.chain_der), replayed=not outcome.created)
 
     async def get_certificate(self, serial_text: str) -> IssuedCertificate:
-        serial = parse_serial(serial_text)
+        serial = policy.parse_serial(serial_text)
         cert = await asyncio.to_thread(self._store.get_certificate, serial)
         if cert is None:
             raise NotFound(f"no certificate with serial {serial_hex(serial)} was issued by this CA")
@@ -622,22 +622,6 @@ class Authority:
             if link.not_after > datetime.now(UTC):
                 found.setdefault(link.device_id.removeprefix("ca-link:"), []).append(link.der)
         return found
-
-
-def parse_serial(text: str) -> int:
-    """A serial number as hex text ('0A:1b' or '0a1b'); refuse anything else with the reason."""
-    cleaned = text.strip().replace(":", "").lower().removeprefix("0x")
-    if not cleaned or len(cleaned) > 40 or any(c not in "0123456789abcdef" for c in cleaned):
-        raise InvalidRequest(
-            f"serial {echo(text, 64)} is not a hexadecimal serial number of at most 20 bytes",
-            rule="serial",
-            field="serial",
-            expected="hexadecimal, 1 to 40 digits",
-        )
-    serial = int(cleaned, 16)
-    if serial == 0:
-        raise InvalidRequest("serial 0 is never issued (serials are positive)", rule="serial", field="serial", expected="a positive serial")
-    return serial
 
 
 def _issue_event(request: CertificateRequest, certificate: IssuedCertificate) -> AuditEvent:

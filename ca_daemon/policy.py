@@ -363,6 +363,22 @@ def _brief(exc: Exception) -> str:
     return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
 
 
+def parse_serial(text: str) -> int:
+    """A serial number as hex text ('0A:1b' or '0a1b'); refuse anything else with the reason."""
+    cleaned = text.strip().replace(":", "").lower().removeprefix("0x")
+    if not cleaned or len(cleaned) > 40 or any(c not in "0123456789abcdef" for c in cleaned):
+        raise InvalidRequest(
+            f"serial {echo(text, 64)} is not a hexadecimal serial number of at most 20 bytes",
+            rule="serial",
+            field="serial",
+            expected="hexadecimal, 1 to 40 digits",
+        )
+    serial = int(cleaned, 16)
+    if serial == 0:
+        raise InvalidRequest("serial 0 is never issued (serials are positive)", rule="serial", field="serial", expected="a positive serial")
+    return serial
+
+
 def device_id_of(request: ParsedRequest) -> str:
     """The (first) CN: the device ID. SingleCommonName makes sure there is exactly one."""
     return next((a.value for a in request.subject if a.oid == NameOID.COMMON_NAME), "")

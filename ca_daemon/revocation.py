@@ -26,11 +26,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from ca_daemon import crl_der
-from ca_daemon.authority import parse_serial
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFailure, NotFound, echo
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocation, RevocationReason
+from ca_daemon.policy import parse_serial
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import LEADER_FENCE, Leadership
 from ca_daemon.store.sql import CRL_NUMBER_TAKEN, ISSUER_FINAL_CRL

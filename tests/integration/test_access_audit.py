@@ -234,6 +234,15 @@ def test_programmer_signs_and_denials_are_audited(tls_daemon: TlsDaemon, channel
     assert any(e.actor == "aud" and e.outcome == "permission-denied" and "Sign" in e.details_json for e in events)
     issues = _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(serial=issued.serial))
     assert [(e.action, e.outcome, e.actor) for e in issues] == [("certificate.issue", "issued", "prog")]
+    # The serial filter takes a serial as GetCertificate and Revoke do; it never widens to the whole log.
+    even = issued.serial.zfill(len(issued.serial) + len(issued.serial) % 2)
+    spelled = "0x" + ":".join(even[i : i + 2] for i in range(0, len(even), 2)).upper()
+    assert [e.seq for e in _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(serial=spelled))] == [e.seq for e in issues]
+    for bad in ("0", "000", "zz", "-1"):
+        with pytest.raises(grpc.RpcError) as refused:
+            _stream(channels["aud"], ca_pb2.StreamAuditEventsRequest(serial=bad))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, refused.value.details())
+        assert "serial" in (refused.value.details() or ""), refused.value.details()
     # One JSON line per request with method, caller, status and latency (written in batches, within 20 ms).
     deadline = time.monotonic() + 10
     while True:

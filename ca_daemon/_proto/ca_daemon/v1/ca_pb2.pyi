@@ -1002,7 +1002,10 @@ class StreamAuditEventsRequest(_message.Message):
     after_seq: _builtins.int
     """Start after this sequence number (0: from the first event)."""
     device_id: _builtins.str
-    """Only events about this device ID / this serial (lowercase hex)."""
+    """Only events about this device ID / this serial (hex, spelled as
+    GetCertificate takes it: case, colons, 0x and leading zeros do not
+    matter; anything else is INVALID_ARGUMENT).
+    """
     serial: _builtins.str
     page_size: _builtins.int
     """Events per page: 1 to 5000; 0 selects 500."""
