@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _MAX_HEAD_BYTES = 8192
 _READ_TIMEOUT_S = 10.0
+_MAX_DROPPED_BYTES = 1 << 20  # of an oversized request, read and dropped before the connection is closed
 # The port is public and shares the primary worker's event loop with Sign. Connections beyond
 # this many at once are answered 503 at once; a response goes out in chunks, each of which must
 # leave within the stall timeout, so a client that stops reading holds one chunk, not a copy of a
@@ -133,7 +134,10 @@ class DistributionServer:
         self._connections.add(writer)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=_READ_TIMEOUT_S)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+        except asyncio.LimitOverrunError:  # a head beyond the reader's buffer (64 KiB): answered like one over _MAX_HEAD_BYTES
+            await self._refuse_unread(reader, writer, "431 Request Header Fields Too Large")
+            return
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             self._connections.discard(writer)
             writer.close()
             return
@@ -154,6 +158,20 @@ class DistributionServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _refuse_unread(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: str) -> None:
+        """Answer status and close; the rest of the request is read and dropped for a moment first, since
+        closing with it unread resets the connection and the client would lose the answer."""
+        status_line, headers, body = _plain(status)
+        writer.write(_head(status_line, headers) + body)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(1.0):
+                await writer.drain()
+                dropped = 0
+                while dropped < _MAX_DROPPED_BYTES and (chunk := await reader.read(65536)):
+                    dropped += len(chunk)
+        self._connections.discard(writer)
+        writer.close()
 
     def _respond(self, head: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
         if len(head) > _MAX_HEAD_BYTES:

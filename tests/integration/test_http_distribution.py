@@ -137,3 +137,19 @@ def test_a_withdrawn_crl_is_taken_down_only_where_it_is_still_served() -> None:
         assert _get(running.server.port, "/small.crl").startswith(b"HTTP/1.1 404 Not Found")
     finally:
         running.stop()
+
+
+def test_a_request_head_beyond_the_read_buffer_gets_431_not_a_bare_close() -> None:
+    """A 100 KB path overran the reader's 64 KiB buffer and the connection was closed with no answer."""
+    running = Running()
+    try:
+        for size in (10_000, 100_000, 300_000):
+            with socket.create_connection(("127.0.0.1", running.server.port), timeout=10) as client:
+                client.sendall(b"GET /" + b"a" * size + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while chunk := client.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), (size, answer[:80])
+        assert _get(running.server.port, "/small.crl").startswith(b"HTTP/1.1 200 OK")  # still serving
+    finally:
+        running.stop()
