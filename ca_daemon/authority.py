@@ -606,7 +606,7 @@ class Authority:
         serial = policy.parse_serial(serial_text)
         cert = await asyncio.to_thread(self._store.get_certificate, serial)
         if cert is None:
-            raise NotFound(f"no certificate with serial {serial_hex(serial)} was issued by this CA")
+            raise NotFound.no_certificate(serial_hex(serial))
         return cert
 
     async def ca_certificates(self) -> list[CaKey]:

@@ -71,6 +71,16 @@ class AlreadyExists(CaError):
 class NotFound(CaError):
     """The named object does not exist (NOT_FOUND)."""
 
+    @classmethod
+    def no_certificate(cls, serial_text: str) -> NotFound:
+        """A serial with no certificates row; verification certificates, which the CA signs too, are not kept there."""
+        return cls(
+            f"no device certificate with serial {serial_text} was issued by this CA "
+            "(verification certificates from IssueVerificationCertificate are recorded in the audit log only)",
+            rule="serial",
+            field="serial",
+        )
+
 
 class FailedPrecondition(CaError):
     """The system is not in a state that allows this (FAILED_PRECONDITION)."""

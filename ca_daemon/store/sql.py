@@ -650,7 +650,7 @@ class SqlStore:
                     )
                 ).first()
                 if row is None:
-                    raise NotFound(f"no certificate with serial {serial_hex(serial)} was issued by this CA", rule="serial", field="serial")
+                    raise NotFound.no_certificate(serial_hex(serial))
                 targets[row.serial] = row
             explicit = set(targets)
             if device_id:
@@ -759,7 +759,7 @@ class SqlStore:
             if row is None or row.lifted_at is not None:
                 exists = conn.execute(select(certificates.c.serial).where(certificates.c.serial == serial_text)).first()
                 if exists is None:
-                    raise NotFound(f"no certificate with serial {serial_text} was issued by this CA", rule="serial", field="serial")
+                    raise NotFound.no_certificate(serial_text)
                 raise FailedPrecondition(
                     f"certificate {serial_text} is not on hold, so there is nothing to lift",
                     rule="not-on-hold",
