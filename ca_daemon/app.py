@@ -205,12 +205,13 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
             *_connection_age_options(config.server.max_connection_age_seconds),
         ],
     )
-    revocations = Revocations(store, lambda: authority.active.key.key_id, reissue_profiles=authority.reissue_profiles)
+    # Their refusals are recorded as Sign's are: in the authority's refusal log.
+    revocations = Revocations(
+        store, lambda: authority.active.key.key_id, reissue_profiles=authority.reissue_profiles, record_refusal=authority.refusals.record
+    )
+    verification = VerificationCertificates(hsm, store, lambda: authority.active, record_refusal=authority.refusals.record)
     ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
-        CertificateAuthorityServicer(
-            authority, caller_of, revocations, VerificationCertificates(hsm, store, lambda: authority.active), AuditReader(store)
-        ),
-        server,
+        CertificateAuthorityServicer(authority, caller_of, revocations, verification, AuditReader(store)), server
     )
     ca_pb2_grpc.add_KeyCeremonyServicer_to_server(
         KeyCeremonyServicer(KeyCeremony(config, hsm, store), caller_of, authority.follow_active_key), server

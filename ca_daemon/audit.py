@@ -5,7 +5,7 @@ Events are chained by the store inside each writer's transaction (see
 what sits above the store:
 
 - `AuditLog`: group-committed appends for events that have no other transaction to ride
-  in (role denials, configuration reloads);
+  in (role denials, configuration reloads, refused requests: `refusal_event`);
 - `Checkpointer`: signs (seq, count, head hash) with the audit key in the HSM, at an
   interval and at shutdown, and stores the checkpoint;
 - `export` / `verify`: a JSON Lines file an auditor can check offline with only the audit
@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TextIO, TypeVar
@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from ca_daemon import crl_der
 from ca_daemon.audit_format import EXPORT_FORMAT, EXPORT_VERSION, checkpoint_record, event_record, interleave, write_export
 from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
-from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, capped
+from ca_daemon.errors import CaError, FailedPrecondition, HsmUnavailable, InvalidRequest, LintFailure, StoreUnavailable, capped
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.model import AuditEvent, KeySpec, RevocationReason
 from ca_daemon.policy import parse_serial
@@ -50,20 +50,72 @@ EVENT_FIELDS = ("seq", "time", "actor", "action", "outcome", "serial", "device_i
 
 
 class AuditLog:
-    """Appends events that are not part of another transaction, group-committed on one thread."""
+    """Appends events that are not part of another transaction, group-committed on one thread.
 
-    def __init__(self, store: SqlStore, batch_max: int = 256) -> None:
-        self._committer: GroupCommitter[AuditEvent, None] = GroupCommitter(_append(store), batch_max, name="audit-events")
+    name is the thread's: each worker has one for access denials ("audit-events") and one for
+    refused requests ("audit-refusals", Authority.refusals), so a flood of bad requests is
+    committed in batches without holding up the other.
+    """
+
+    def __init__(self, store: SqlStore, batch_max: int = 256, *, name: str = "audit-events") -> None:
+        self._committer: GroupCommitter[AuditEvent, None] = GroupCommitter(_append(store), batch_max, name=name)
 
     async def record(self, event: AuditEvent) -> None:
         """Append durably; a store failure is logged (the caller's answer does not depend on it)."""
         try:
             await self._committer.submit(event)
         except CaError as exc:
-            log.error("could not append %s to the audit log: %s", event.action, exc.message)
+            log.error("could not append %s (%s, actor %r) to the audit log: %s", event.action, event.outcome, event.actor, exc.message)
 
     def close(self) -> None:
         self._committer.close()
+
+
+# What a use case is given to record its refusals with: AuditLog.record of the worker's refusal log.
+EventRecorder = Callable[[AuditEvent], Awaitable[None]]
+
+# How much of a refused request's untrusted text an event keeps (actor, device ID; the message is cut at 512).
+_REFUSED_ID_CHARS = 256
+_REFUSED_MESSAGE_CHARS = 512
+
+
+def refusal_event(
+    action: str,
+    actor: str,
+    refusal: CaError,
+    *,
+    serial: int | None = None,
+    device_id: str = "",
+    request_digest: bytes = b"",
+    details: dict[str, str] | None = None,
+) -> AuditEvent:
+    """The event of a request a use case refused: the action it asked for, outcome "refused", the rule as reason.
+
+    One shape for every use case (Sign, Revoke, Unrevoke, RevokeBulk, IssueVerificationCertificate),
+    so an auditor finds a refusal by the action and object it would have changed. The object is
+    what the request named, where it parsed (a serial only as a number); the caller's text is
+    bounded, so a flood of huge requests cannot bloat the log. A certificate that failed the
+    pre-issuance lint is a CA defect, not the caller's: outcome "lint-failed".
+    """
+    return AuditEvent(
+        time=datetime.now(UTC),
+        actor=actor[:_REFUSED_ID_CHARS],
+        action=action,
+        outcome="lint-failed" if isinstance(refusal, LintFailure) else "refused",
+        serial=serial,
+        device_id=device_id[:_REFUSED_ID_CHARS],
+        request_digest=request_digest,
+        reason=refusal.rule or type(refusal).__name__,
+        details={**(details or {}), "field": refusal.field, "message": refusal.message[:_REFUSED_MESSAGE_CHARS]},
+    )
+
+
+def is_refusal(error: CaError) -> bool:
+    """Whether the request was judged and refused; not when the token or the database could not be reached.
+
+    Those are failures a retry may get past, and the database that would record them is often the one missing.
+    """
+    return not isinstance(error, HsmUnavailable | StoreUnavailable)
 
 
 def _append(store: SqlStore) -> Callable[[Sequence[AuditEvent]], list[None]]:

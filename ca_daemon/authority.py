@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from ca_daemon import issuer, policy
+from ca_daemon.audit import AuditLog, refusal_event
 from ca_daemon.config import Config
 from ca_daemon.errors import (
     AlreadyExists,
@@ -291,9 +292,9 @@ class Authority:
         self._committer: GroupCommitter[IssuanceItem, IssuanceOutcome] = GroupCommitter(
             store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
-        self._refusals: GroupCommitter[AuditEvent, None] = GroupCommitter(
-            _append_audit_batch(store), config.store.commit_batch_max, name="audit-refusals"
-        )
+        # Every refused request of this worker, Sign's and those of revocation.py and registration.py (app.py gives them
+        # its record), is appended here: group-committed on a thread of its own, so a flood of bad requests stays cheap.
+        self.refusals = AuditLog(store, config.store.commit_batch_max, name="audit-refusals")
         # Requests waiting for the token's thread, and whether a batch of them is on it now (see sign()).
         self._waiting: list[_Waiting] = []
         self._preparing = False
@@ -305,7 +306,7 @@ class Authority:
 
     def close(self) -> None:
         self._committer.close()
-        self._refusals.close()
+        self.refusals.close()
 
     @property
     def config(self) -> Config:
@@ -524,7 +525,6 @@ class Authority:
 
     async def _record_refusal(self, request: CertificateRequest, refusal: CaError, device_id: str, digest: bytes) -> None:
         """Append the refusal to the audit log (group-committed); a store failure is logged, not raised."""
-        outcome = "lint-failed" if isinstance(refusal, LintFailure) else "refused"
         if isinstance(refusal, LintFailure):
             log.error(
                 "pre-issuance lint refused a certificate for device %r (profile %r, request %r): %s",
@@ -533,25 +533,9 @@ class Authority:
                 request.request_id,
                 refusal.message,
             )
-        event = AuditEvent(
-            time=datetime.now(UTC),
-            actor=request.caller,
-            action="certificate.issue",
-            outcome=outcome,
-            device_id=device_id[:256],
-            request_digest=digest,
-            reason=refusal.rule or type(refusal).__name__,
-            details={
-                "profile": request.profile[:128],
-                "request_id": request.request_id[:256],
-                "field": refusal.field,
-                "message": refusal.message[:512],
-            },
-        )
-        try:
-            await self._refusals.submit(event)
-        except CaError as exc:
-            log.error("could not record the refusal of request %r in the audit log: %s", request.request_id, exc.message)
+        details = {"profile": request.profile[:128], "request_id": request.request_id[:256]}
+        event = refusal_event("certificate.issue", request.caller, refusal, device_id=device_id, request_digest=digest, details=details)
+        await self.refusals.record(event)
 
     def _draft(self, parsed: _Parsed, decision: policy.Decision, quota: int) -> _Draft:
         """Build with the draft key and lint: CPU work, run on the token's thread."""
@@ -665,14 +649,6 @@ def _each(
         else:
             passed.append((future, result))
     return passed
-
-
-def _append_audit_batch(store: SqlStore) -> Callable[[Sequence[AuditEvent]], list[None]]:
-    def commit(events: Sequence[AuditEvent]) -> list[None]:
-        store.append_audit(events)
-        return [None] * len(events)
-
-    return commit
 
 
 def _csr_digest_or_raw(csr: bytes, max_bytes: int) -> bytes:

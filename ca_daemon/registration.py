@@ -12,6 +12,7 @@ Same layer as authority.py and revocation.py (issuer-level building, the HSM, th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import logging
@@ -26,8 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ca_daemon import issuer
+from ca_daemon.audit import EventRecorder, is_refusal, refusal_event
 from ca_daemon.authority import ActiveCa
-from ca_daemon.errors import InvalidRequest
+from ca_daemon.errors import CaError, InvalidRequest
 from ca_daemon.hsm import Hsm
 from ca_daemon.lint import Linter
 from ca_daemon.model import AuditEvent
@@ -135,12 +137,37 @@ def build_verification_certificate(
 class VerificationCertificates:
     """Issues verification certificates with the active CA key; every one is an audit event."""
 
-    def __init__(self, hsm: Hsm, store: SqlStore, active: Callable[[], ActiveCa], linter: Linter | None = None) -> None:
+    def __init__(
+        self,
+        hsm: Hsm,
+        store: SqlStore,
+        active: Callable[[], ActiveCa],
+        linter: Linter | None = None,
+        *,
+        record_refusal: EventRecorder | None = None,
+    ) -> None:
         self._hsm = hsm
         self._store = store
         self._active = active
         # pkilint on every one: they are rare, so the full lint costs nothing that matters.
         self._linter = linter or Linter("full")
+        # Appends a refused request's event, as Sign's are (app.py: Authority.refusals.record); None records nothing.
+        self._record_refusal = record_refusal
+
+    async def request(self, code: str, validity_seconds: int, actor: str) -> VerificationCertificate:
+        """A caller's request (IssueVerificationCertificate): issue() off the event loop; a refusal is audited.
+
+        The event is ca.verification-certificate, outcome refused (lint-failed for a certificate the
+        lint stopped), with the code only once it is known to be a short printable one.
+        """
+        try:
+            validity = validity_of_seconds(validity_seconds)
+            return await asyncio.to_thread(self.issue, code, validity, actor)
+        except CaError as refusal:
+            if self._record_refusal is not None and is_refusal(refusal):
+                details = {"code": code if _CODE.fullmatch(code) else "", "validity_seconds": str(validity_seconds)}
+                await self._record_refusal(refusal_event(AUDIT_ACTION, actor, refusal, details=details))
+            raise
 
     def issue(self, code: str, validity: timedelta | None, actor: str) -> VerificationCertificate:
         """Check, build, lint, sign in the token, then record the certificate in the audit log. Blocking."""

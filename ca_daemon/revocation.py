@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from ca_daemon import crl_der
+from ca_daemon.audit import EventRecorder, is_refusal, refusal_event
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFailure, NotFound, echo
 from ca_daemon.hsm import Hsm, Pkcs11Uri
@@ -69,6 +70,14 @@ def parse_reason(value: int) -> RevocationReason:
             field="reason",
             expected=", ".join(f"{r.value} ({r.name.lower()})" for r in RevocationReason),
         ) from None
+
+
+def _reason_label(value: int) -> str:
+    """A requested reason as revocation events name it (key_compromise), or its number when it is none."""
+    try:
+        return RevocationReason(value).name.lower()
+    except ValueError:
+        return str(value)
 
 
 def check_invalidity_date(value: datetime | None, now: datetime) -> datetime | None:
@@ -143,8 +152,18 @@ class CrlAnswer:
 class Revocations:
     """Revoke and unrevoke certificates; answer GetCRL from the last published CRLs."""
 
-    def __init__(self, store: SqlStore, active_key_id: str | Callable[[], str], *, reissue_profiles: Callable[[], Collection[str]]) -> None:
+    def __init__(
+        self,
+        store: SqlStore,
+        active_key_id: str | Callable[[], str],
+        *,
+        reissue_profiles: Callable[[], Collection[str]],
+        record_refusal: EventRecorder | None = None,
+    ) -> None:
         self._store = store
+        # Appends a refused call's event, as Sign's are (app.py: Authority.refusals.record); None records nothing
+        # (tests of the use case alone). A refused call changes nothing else, so the event is all that is left of it.
+        self._record_refusal = record_refusal
         # The profiles in force that allow re-issue (Authority.reissue_profiles, which follows a reload): lifting
         # a hold of any other profile's certificate is refused while its device has another active one.
         self._reissue_profiles = reissue_profiles
@@ -153,15 +172,33 @@ class Revocations:
         self._cache: dict[tuple[str, bool], PublishedCrl] = {}
 
     async def revoke(self, serial_text: str, reason: int, invalidity_date: datetime | None, actor: str) -> Revocation:
-        """Revoke one certificate; durable when this returns."""
-        serial = parse_serial(serial_text)
-        revoked = await self._record([serial], "", reason, invalidity_date, actor)
+        """Revoke one certificate; durable when this returns. A refusal is audited (certificate.revoke, refused)."""
+        serial: int | None = None
+        try:
+            serial = parse_serial(serial_text)
+            revoked = await self._record([serial], "", reason, invalidity_date, actor)
+        except CaError as refusal:
+            await self._refused("certificate.revoke", actor, refusal, serial=serial, details={"requested_reason": _reason_label(reason)})
+            raise
         return revoked[0]
 
     async def revoke_bulk(
         self, serial_texts: list[str], device_id: str, reason: int, invalidity_date: datetime | None, actor: str
     ) -> list[Revocation]:
-        """Revoke every listed serial and every unrevoked certificate of device_id in one transaction."""
+        """Revoke every listed serial and every unrevoked certificate of device_id in one transaction.
+
+        A refusal is one certificate.revoke event (refused, details bulk): the call revoked nothing.
+        """
+        try:
+            return await self._revoke_bulk(serial_texts, device_id, reason, invalidity_date, actor)
+        except CaError as refusal:
+            details = {"bulk": "true", "serials": str(len(serial_texts)), "requested_reason": _reason_label(reason)}
+            await self._refused("certificate.revoke", actor, refusal, device_id=device_id, details=details)
+            raise
+
+    async def _revoke_bulk(
+        self, serial_texts: list[str], device_id: str, reason: int, invalidity_date: datetime | None, actor: str
+    ) -> list[Revocation]:
         if not serial_texts and not device_id:
             raise InvalidRequest(
                 "name the certificates to revoke: serials, device_id or both", rule="bulk", field="serials", expected="at least one"
@@ -200,12 +237,31 @@ class Revocations:
         Refused (device-unique) while the certificate's device has another active certificate,
         unless its profile allows re-issue: a lift must not give a device two where issuance would not.
         """
-        serial = parse_serial(serial_text)
-        now = datetime.now(UTC).replace(microsecond=0)
-        reissue = self._reissue_profiles()
-        return await asyncio.to_thread(
-            lambda: self._store.lift_hold(serial, lifted_at=now, actor=actor, encode_entry=encode_entry, reissue_profiles=reissue)
-        )
+        serial: int | None = None
+        try:
+            serial = parsed = parse_serial(serial_text)
+            now = datetime.now(UTC).replace(microsecond=0)
+            reissue = self._reissue_profiles()
+            return await asyncio.to_thread(
+                lambda: self._store.lift_hold(parsed, lifted_at=now, actor=actor, encode_entry=encode_entry, reissue_profiles=reissue)
+            )
+        except CaError as refusal:
+            await self._refused("certificate.unrevoke", actor, refusal, serial=serial)
+            raise
+
+    async def _refused(
+        self,
+        action: str,
+        actor: str,
+        refusal: CaError,
+        *,
+        serial: int | None = None,
+        device_id: str = "",
+        details: dict[str, str] | None = None,
+    ) -> None:
+        """Record a refused call in the audit log, shaped as Sign's refusals (audit.refusal_event)."""
+        if self._record_refusal is not None and is_refusal(refusal):
+            await self._record_refusal(refusal_event(action, actor, refusal, serial=serial, device_id=device_id, details=details))
 
     async def revocation_of(self, serial: int) -> Revocation | None:
         return await asyncio.to_thread(self._store.get_revocation, serial)

@@ -36,7 +36,7 @@ from ca_daemon.authority import Authority, chain_pem
 from ca_daemon.issuer import parse_subject
 from ca_daemon.metrics import RequestMetrics
 from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, Revocation
-from ca_daemon.registration import VerificationCertificates, validity_of_seconds
+from ca_daemon.registration import VerificationCertificates
 from ca_daemon.revocation import Revocations
 from ca_daemon.rotation import KeyCeremony, root_validity
 from ca_daemon.store import serial_hex
@@ -482,10 +482,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
     ) -> ca_pb2.IssueVerificationCertificateResponse:
         if self._verification is None:
             raise errors.FailedPrecondition("verification certificates are not enabled in this server")
-        verification = self._verification
-        validity = validity_of_seconds(request.validity_seconds)
-        caller = self._caller(context)
-        result = await asyncio.to_thread(verification.issue, request.code, validity, caller)
+        result = await self._verification.request(request.code, request.validity_seconds, self._caller(context))
         return ca_pb2.IssueVerificationCertificateResponse(
             certificate_pem=result.pem,
             certificate_der=result.der,

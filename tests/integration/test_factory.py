@@ -292,6 +292,10 @@ def test_verification_certificate_over_grpc_and_cli(client: CaClient, setup: tup
         events = [e for e in store.audit_events() if e["action"] == AUDIT_ACTION]
     finally:
         store.close()
+    # The refused code is audited too (README "The gRPC API"), with the rule and not the code it quotes.
+    refused = [e for e in events if e["outcome"] == "refused"]
+    assert [(e["reason"], e["actor"]) for e in refused] == [("verification-code", "local-developer")], refused
+    events = [e for e in events if e["outcome"] == "issued"]
     assert len(events) == 2
     for event in events:
         details = event["details"] if isinstance(event["details"], dict) else json.loads(event["details"])
