@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "target", None) == "":  # a command that talks to the daemon, without --target
+            args.target = daemon_target(args.config)
         result: int = args.handler(args)
         return result
     except CaError as exc:
@@ -57,13 +59,27 @@ def main(argv: list[str] | None = None) -> int:
         elif exc.code() == grpc.StatusCode.UNAVAILABLE and "Hostname Verification Check failed" in (exc.details() or ""):
             # The client's own check: the daemon's certificate does not name the host dialled (e.g. the
             # default target, server.listen, is 0.0.0.0:50051; or a replica reached by an address).
-            target = getattr(args, "target", "") or "server.listen of the configuration"
             hint = (
-                f"; the daemon's TLS certificate does not name the host of the target ({target}): give --target a name it has "
+                f"; the daemon's TLS certificate does not name the host of the target ({args.target}): give --target a name it has "
                 "(a --host of `ca-daemon mtls init`), or --tls-server-name with one"
             )
         print(f"ca-daemon: the daemon answered {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
+
+
+def daemon_target(config: str) -> str:
+    """Where a command that talks to the daemon (client, simulate-factory, key create/status/..., profiles list)
+    dials when --target is not given: server.listen of the configuration, the address the daemon binds.
+
+    A wildcard (0.0.0.0:50051) is dialled as it is: on Linux that reaches this host, and with mTLS the
+    hostname check then fails with a hint to pass --tls-server-name (see main). Without a configuration
+    file (a programming service on another host has none) it is DEFAULT_TARGET, but only when the
+    default file is missing: a file named by --config or CA_DAEMON_CONFIG must be there, or a revocation
+    meant for one daemon could reach another.
+    """
+    if config == DEFAULT_CONFIG and not Path(config).exists():
+        return cli_factory.DEFAULT_TARGET
+    return config_module.load(config).server.listen
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_reload)
     profiles = sub.add_parser("profiles", help="certificate profiles").add_subparsers(metavar="ACTION")
     p = profiles.add_parser("list", help="the profiles in force in the running daemon (ListProfiles)")
-    p.add_argument("--target", default="", help="daemon address (default: server.listen of the configuration)")
+    p.add_argument("--target", default="", help=cli_factory.TARGET_HELP)
     p.add_argument("--tls-ca", default="", help="CA bundle (PEM) of the daemon's server certificate; enables mTLS")
     p.add_argument("--tls-cert", default="", help="a client certificate (PEM) with role programmer, officer or admin")
     p.add_argument("--tls-key", default="", help="its private key (PEM)")
@@ -375,7 +391,7 @@ def _profiles_list(args: argparse.Namespace) -> int:
     """ListProfiles, over mTLS when the daemon serves it (as every daemon outside development mode does)."""
     from ca_daemon.client import CaClient, TlsOptions
 
-    target = args.target or config_module.load(args.config).server.listen
+    target = args.target  # main filled in the default
     tls = None
     if args.tls_ca:
         tls = TlsOptions(args.tls_ca, args.tls_cert or None, args.tls_key or None, args.tls_server_name)

@@ -19,13 +19,17 @@ from ca_daemon.errors import CaError
 from ca_daemon.files import replaced_on_success
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+TARGET_HELP = (
+    "daemon address HOST:PORT (default: server.listen of the configuration file, that of --config or CA_DAEMON_CONFIG, "
+    f"else state/ca-daemon.toml if it exists; without one, {DEFAULT_TARGET})"
+)
 
 
 # -- shared client options -------------------------------------------------------------
 
 
 def add_client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=DEFAULT_TARGET, help=f"daemon address (default {DEFAULT_TARGET})")
+    p.add_argument("--target", default="", help=TARGET_HELP)
     p.add_argument("--tls-ca", default="", help="CA bundle (PEM) for the daemon's server certificate; enables TLS")
     p.add_argument("--tls-cert", default="", help="this client's certificate (PEM) for mTLS")
     p.add_argument("--tls-key", default="", help="this client's private key (PEM) for mTLS")
@@ -388,4 +392,4 @@ def _write_certificates(path: Path, certs: list[x509.Certificate], fmt: str) -> 
         path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
 
 
-__all__ = ["add_client_commands", "add_commands", "add_client_options", "client_from_args"]
+__all__ = ["DEFAULT_TARGET", "TARGET_HELP", "add_client_commands", "add_client_options", "add_commands", "client_from_args"]

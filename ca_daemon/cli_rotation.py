@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 
-from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.cli_factory import TARGET_HELP
 from ca_daemon.client import TlsOptions
 from ca_daemon.model import KeySpec
 
@@ -63,7 +63,7 @@ def add_commands(key: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="", help="daemon address (default: server.listen of the configuration)")
+    p.add_argument("--target", default="", help=TARGET_HELP)
     p.add_argument("--tls-ca", default="", help="CA bundle (PEM) of the daemon's server certificate; enables mTLS")
     p.add_argument("--tls-cert", default="", help="the officer's client certificate (PEM)")
     p.add_argument("--tls-key", default="", help="the officer's private key (PEM)")
@@ -72,7 +72,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, ca_pb2_grpc.KeyCeremonyStub]:
-    target = args.target or config_module.load(args.config).server.listen
+    target = args.target  # cli.main filled in the default
     if args.tls_ca:
         tls = TlsOptions(args.tls_ca, args.tls_cert or None, args.tls_key or None, args.tls_server_name)
         options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []

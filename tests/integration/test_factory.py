@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import stat
+import subprocess
 import threading
 import time
 import urllib.error
@@ -32,7 +33,7 @@ from ca_daemon.client import CaClient
 from ca_daemon.registration import AUDIT_ACTION
 from ca_daemon.simulate import Device, Progress, simulate
 from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, http_fetch, sign_challenge
-from tests.conftest import CaEnv, Daemon, device_csr, free_port, make_env, openssl_verify
+from tests.conftest import CA_DAEMON, CaEnv, Daemon, daemon_environment, device_csr, free_port, make_env, openssl_verify
 from tests.factory_helpers import ForeignCa, private_key_needles
 from tests.integration.crl_helpers import crl_env, start
 
@@ -197,6 +198,32 @@ def test_chain_export_pem_and_der(client: CaClient, setup: tuple[CaEnv, int], tm
     pem = x509.load_pem_x509_certificates((tmp_path / "chain.pem").read_bytes())
     assert x509.load_der_x509_certificate((tmp_path / "ca.der").read_bytes()) == pem[0]
     assert (tmp_path / "export.der").read_bytes() == (tmp_path / "ca.der").read_bytes()
+
+
+def test_client_commands_dial_server_listen_of_the_configuration(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    """`ca-daemon --config FILE client ca-certs` dialled 127.0.0.1:50051 whatever FILE's server.listen said
+    (here another port); the key commands already took server.listen. Without a configuration file it stays
+    127.0.0.1:50051 (a programming service on another host has none); a named file that is missing is an error."""
+    env, _ = setup
+    assert env.port != 50051
+    expected = "".join(c.certificate_pem for c in client.ca_certificates())
+    assert env.cli("client", "ca-certs").stdout == expected
+    help_text = env.cli("client", "ca-certs", "--help").stdout
+    assert "server.listen of the configuration file" in " ".join(help_text.split()), help_text
+    # No configuration: neither --config nor CA_DAEMON_CONFIG, and no state/ca-daemon.toml where it runs.
+    environment = {k: v for k, v in daemon_environment().items() if k != "CA_DAEMON_CONFIG"}
+    bare = subprocess.run(
+        [CA_DAEMON, "client", "ca-certs", "--retries", "0", "--timeout", "2"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "configuration" not in bare.stderr, bare.stderr
+    assert bare.returncode == 0 or "127.0.0.1:50051" in bare.stderr, bare.stderr  # 0: a daemon of someone else's there
+    missing = env.cli("--config", str(tmp_path / "nowhere.toml"), "client", "ca-certs", check=False)
+    assert missing.returncode == 1 and "configuration file not found" in missing.stderr, missing.stderr
 
 
 # -- device simulator ----------------------------------------------------------------------
