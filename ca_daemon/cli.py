@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ca-daemon: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
+        target = getattr(args, "target", "") or "the daemon"
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and (why := cli_factory.unreachable(target, exc.details() or "")):
+            print(f"ca-daemon: {why}", file=sys.stderr)
+            return 1
         hint = ""
         if exc.code() == grpc.StatusCode.UNAVAILABLE and hasattr(args, "tls_ca") and not args.tls_ca:
             # A plaintext client meets an mTLS daemon as a closed socket; only the daemon's log says why.
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             # The client's own check: the daemon's certificate does not name the host dialled (e.g. the
             # default target, server.listen, is 0.0.0.0:50051; or a replica reached by an address).
             hint = (
-                f"; the daemon's TLS certificate does not name the host of the target ({args.target}): give --target a name it has "
+                f"; the daemon's TLS certificate does not name the host of the target ({target}): give --target a name it has "
                 "(a --host of `ca-daemon mtls init`), or --tls-server-name with one"
             )
         print(f"ca-daemon: the daemon answered {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)

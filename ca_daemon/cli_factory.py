@@ -38,6 +38,34 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=5, help="retries of a call answered UNAVAILABLE (default 5)")
 
 
+# How gRPC reports a connection that was never made (refused, unresolvable, no route, a missing Unix socket).
+_REFUSED = "Connection refused"
+_UNREACHABLE = (
+    "errors resolving",
+    "DNS resolution failed",
+    "Domain name not found",
+    "No route to host",
+    "Network is unreachable",
+    "Host is unreachable",
+    "Connection timed out",
+    "No such file or directory",
+)
+
+
+def unreachable(target: str, details: str) -> str | None:
+    """What to tell a person whose call ended UNAVAILABLE without any daemon answering; None if one may have.
+
+    A refused or unroutable connection said "the daemon answered UNAVAILABLE" and suggested the mTLS
+    options, as for a plaintext client that an mTLS daemon hangs up on: neither applies when nothing is
+    listening, or the address does not lead anywhere.
+    """
+    if _REFUSED in details:
+        return f"nothing is listening at {target} (connection refused): is the daemon running, and is that its server.listen?"
+    if any(marker in details for marker in _UNREACHABLE):
+        return f"cannot reach {target}: {details}"
+    return None
+
+
 def client_from_args(args: argparse.Namespace) -> CaClient:
     tls = None
     if args.tls_ca:
@@ -290,13 +318,17 @@ def _simulate(args: argparse.Namespace) -> int:
         )
     for line in summary.lines():
         print(line)
-    if not args.tls_ca and not summary.issued and any(reason.startswith("UNAVAILABLE") for reason in summary.reasons):
-        # A plaintext client meets an mTLS daemon as a closed socket; only the daemon's log says why.
-        print(
-            "ca-daemon: no device was issued and the daemon was unreachable; "
-            "if it serves mTLS (server.dev_mode = false), pass --tls-ca, --tls-cert and --tls-key",
-            file=sys.stderr,
-        )
+    unavailable = [reason.removeprefix("UNAVAILABLE: ") for reason in summary.reasons if reason.startswith("UNAVAILABLE")]
+    if not summary.issued and unavailable:
+        if why := unreachable(args.target, unavailable[0]):
+            print(f"ca-daemon: no device was issued: {why}", file=sys.stderr)
+        elif not args.tls_ca:
+            # A plaintext client meets an mTLS daemon as a closed socket; only the daemon's log says why.
+            print(
+                "ca-daemon: no device was issued and the daemon was unreachable; "
+                "if it serves mTLS (server.dev_mode = false), pass --tls-ca, --tls-cert and --tls-key",
+                file=sys.stderr,
+            )
     if out is not None and summary.issued:
         print(f"installed {summary.issued} device(s) under {out}/DEVICE_ID/ (device.key 0600, device.crt, chain.pem, fullchain.pem)")
     return 0 if summary.failed == 0 and summary.refused == 0 else 1
@@ -392,4 +424,4 @@ def _write_certificates(path: Path, certs: list[x509.Certificate], fmt: str) -> 
         path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
 
 
-__all__ = ["DEFAULT_TARGET", "TARGET_HELP", "add_client_commands", "add_client_options", "add_commands", "client_from_args"]
+__all__ = ["DEFAULT_TARGET", "TARGET_HELP", "add_client_commands", "add_client_options", "add_commands", "client_from_args", "unreachable"]

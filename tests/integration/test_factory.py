@@ -226,6 +226,25 @@ def test_client_commands_dial_server_listen_of_the_configuration(client: CaClien
     assert missing.returncode == 1 and "configuration file not found" in missing.stderr, missing.stderr
 
 
+def test_a_client_that_reaches_no_daemon_is_told_so_without_the_mtls_hint(setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    """Nothing listening was reported as "the daemon answered UNAVAILABLE: ... Connection refused; if the daemon
+    serves mTLS ... pass --tls-ca, --tls-cert and --tls-key": no daemon answered, and TLS options would not help."""
+    env, _ = setup
+    nobody = f"127.0.0.1:{free_port()}"
+    refused = env.cli("client", "ca-certs", "--target", nobody, "--retries", "0", check=False)
+    assert refused.returncode == 1, refused
+    assert f"nothing is listening at {nobody} (connection refused)" in refused.stderr, refused.stderr
+    assert "answered" not in refused.stderr and "--tls-ca" not in refused.stderr, refused.stderr
+    unknown = env.cli("client", "ca-certs", "--target", "no-such-host.invalid:50051", "--retries", "0", check=False)
+    assert unknown.returncode == 1 and "cannot reach no-such-host.invalid:50051: " in unknown.stderr, unknown.stderr
+    assert "answered" not in unknown.stderr and "--tls-ca" not in unknown.stderr, unknown.stderr
+    args = ["--target", nobody, "--retries", "0", "--devices", "1", "--out", str(tmp_path / "d"), "--quiet"]
+    simulated = env.cli("simulate-factory", *args, check=False)
+    assert simulated.returncode == 1 and "0 issued, 0 refused, 1 failed" in simulated.stdout, simulated.stdout
+    assert f"no device was issued: nothing is listening at {nobody}" in simulated.stderr, simulated.stderr
+    assert "--tls-ca" not in simulated.stderr, simulated.stderr
+
+
 # -- device simulator ----------------------------------------------------------------------
 
 
