@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -102,13 +102,26 @@ def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--serial", required=True)
     p.set_defaults(handler=_client_get)
 
-    p = client.add_parser("revoke", help="revoke a certificate by serial, or every certificate of a device")
+    p = client.add_parser(
+        "revoke", help="revoke a certificate by serial (Revoke: programmer or officer role), or every certificate of a device (officer)"
+    )
     add_client_options(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", help="hexadecimal serial number")
-    which.add_argument("--device-id", help="revoke every unrevoked certificate of this device")
+    which.add_argument("--device-id", help="revoke every unrevoked certificate of this device (RevokeBulk: officer role)")
     p.add_argument("--reason", default="unspecified", choices=sorted(REASONS))
+    p.add_argument(
+        "--invalidity-date",
+        type=invalidity_date,
+        help="when the key was, or is suspected to have been, compromised: ISO 8601 date-time, UTC unless it has an offset "
+        "(e.g. 2026-11-20T08:00:00Z); not in the future",
+    )
     p.set_defaults(handler=_client_revoke)
+
+    p = client.add_parser("unrevoke", help="lift a certificate hold (revoke --reason certificate-hold) (Unrevoke: officer role)")
+    add_client_options(p)
+    p.add_argument("--serial", required=True, help="hexadecimal serial number of the certificate on hold")
+    p.set_defaults(handler=_client_unrevoke)
 
     p = client.add_parser("crl", help="fetch the last published full or delta CRL (GetCRL)")
     add_client_options(p)
@@ -208,6 +221,17 @@ def crl_number(text: str) -> int:
         ) from None
 
 
+def invalidity_date(text: str) -> datetime:
+    """An ISO 8601 date-time for --invalidity-date; without an offset it is UTC, as every time the daemon shows is."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 date-time: give e.g. 2026-11-20T08:00:00Z or 2026-11-20T09:00:00+01:00"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 # -- client handlers ---------------------------------------------------------------------
 
 
@@ -258,13 +282,21 @@ def certificate_status(found: ca_pb2.GetCertificateResponse) -> str:
 
 
 def _client_revoke(args: argparse.Namespace) -> int:
+    invalid_since = f", invalidity date {args.invalidity_date.isoformat()}" if args.invalidity_date else ""
     with client_from_args(args) as ca:
         if args.serial:
-            at = ca.revoke(args.serial, reason=args.reason)
-            print(f"revoked {args.serial} ({args.reason}) at {at.isoformat()}")
+            at = ca.revoke(args.serial, reason=args.reason, invalidity_date=args.invalidity_date)
+            print(f"revoked {args.serial} ({args.reason}) at {at.isoformat()}{invalid_since}")
         else:
-            serials = ca.revoke_device(args.device_id, reason=args.reason)
+            serials = ca.revoke_device(args.device_id, reason=args.reason, invalidity_date=args.invalidity_date)
             print(f"revoked {len(serials)} certificate(s) of device {args.device_id}: {' '.join(serials)}")
+    return 0
+
+
+def _client_unrevoke(args: argparse.Namespace) -> int:
+    with client_from_args(args) as ca:
+        ca.unrevoke(args.serial)
+    print(f"lifted the hold of {args.serial}: it is valid again, and the next delta CRL lists it as removeFromCRL")
     return 0
 
 
@@ -381,8 +413,6 @@ def _ca_verification_cert(args: argparse.Namespace) -> int:
 
 
 def _crl_publish(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
     from ca_daemon import app
     from ca_daemon import config as config_module
     from ca_daemon.revocation import CrlPublisher

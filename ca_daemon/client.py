@@ -219,14 +219,21 @@ class CaClient:
             return existing.revocation.revoked_at.ToDatetime(tzinfo=UTC)
         return response.revoked_at.ToDatetime(tzinfo=UTC)
 
-    def revoke_device(self, device_id: str, *, reason: str | int = "unspecified", serials: Sequence[str] = ()) -> list[str]:
-        """Revoke every unrevoked certificate of a device (and any listed serials) in one transaction."""
-        request = ca_pb2.RevokeBulkRequest(serials=list(serials), device_id=device_id, reason=reason_value(reason))  # type: ignore[arg-type]
+    def revoke_device(
+        self, device_id: str, *, reason: str | int = "unspecified", serials: Sequence[str] = (), invalidity_date: datetime | None = None
+    ) -> list[str]:
+        """Revoke every unrevoked certificate of a device (and any listed serials) in one transaction. Officer role."""
+        request = ca_pb2.RevokeBulkRequest(
+            serials=list(serials),
+            device_id=device_id,
+            reason=reason_value(reason),  # type: ignore[arg-type]
+            invalidity_date=_ts(invalidity_date),
+        )
         response: ca_pb2.RevokeBulkResponse = self._call(lambda: self._stub.RevokeBulk(request, timeout=self._timeout))
         return list(response.revoked_serials)
 
     def unrevoke(self, serial: str) -> None:
-        """Lift a certificate-hold."""
+        """Lift a certificate-hold. Officer role."""
         self._call(lambda: self._stub.Unrevoke(ca_pb2.UnrevokeRequest(serial=serial), timeout=self._timeout))
 
     # -- relying parties and operators ----------------------------------------

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca_daemon import app
 from ca_daemon import config as config_module
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.client import CaClient
 from ca_daemon.registration import AUDIT_ACTION
 from ca_daemon.simulate import Device, Progress, simulate
@@ -188,6 +189,32 @@ def test_revoke_and_crls_through_client_and_cli(client: CaClient, setup: tuple[C
     with pytest.raises(grpc.RpcError) as failed:
         client.revoke(serial, reason="key-compromise")
     assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_hold_with_an_invalidity_date_is_put_and_lifted_from_the_command_line(client: CaClient, setup: tuple[CaEnv, int]) -> None:
+    """There was no `client unrevoke` (the Unrevoke RPC lifts a certificateHold) and `client revoke` had no
+    --invalidity-date, which the Revoke RPC takes."""
+    env, _ = setup
+    _, cert_pem, _ = _provision(client)
+    serial = f"{x509.load_pem_x509_certificate(cert_pem.encode()).serial_number:x}"
+    bad = env.cli("client", "revoke", "--serial", serial, "--reason", "certificate-hold", "--invalidity-date", "last tuesday", check=False)
+    assert bad.returncode == 2, bad
+    assert "--invalidity-date: 'last tuesday' is not an ISO 8601 date-time" in bad.stderr, bad.stderr
+    assert not client.certificate(serial).HasField("revocation")
+    since = (datetime.now(UTC) - timedelta(hours=3)).replace(microsecond=0)
+    local = since.astimezone(timezone(timedelta(hours=2))).isoformat()  # an offset other than UTC's
+    held = env.cli("client", "revoke", "--serial", serial, "--reason", "certificate-hold", "--invalidity-date", local)
+    assert held.stdout.startswith(f"revoked {serial} (certificate-hold) at "), held.stdout
+    revocation = client.certificate(serial).revocation
+    assert revocation.reason == ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD
+    assert revocation.invalidity_date.ToDatetime(tzinfo=UTC) == since
+    shown = env.cli("client", "get", "--serial", serial).stderr
+    assert f"revoked (certificate-hold) at {revocation.revoked_at.ToDatetime(tzinfo=UTC).isoformat()}" in shown, shown
+    assert f"invalidity date {since.isoformat()}" in shown, shown
+    lifted = env.cli("client", "unrevoke", "--serial", serial)
+    assert lifted.stdout.startswith(f"lifted the hold of {serial}"), lifted.stdout
+    assert not client.certificate(serial).HasField("revocation")
+    assert env.cli("client", "get", "--serial", serial).stderr.strip().endswith("; not revoked")
 
 
 def test_chain_export_pem_and_der(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
