@@ -84,7 +84,7 @@ def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--csr", required=True, help="CSR file, PEM or DER")
     p.add_argument("--out", required=True, help="where to write the certificate followed by its chain (PEM)")
     p.add_argument("--request-id", default="", help="idempotency key (default: a fresh UUID); reuse it to retry safely")
-    p.add_argument("--profile", default="")
+    p.add_argument("--profile", default="", help="certificate profile (default: the daemon's default; `ca-daemon profiles list`)")
     p.set_defaults(handler=_client_sign)
 
     p = client.add_parser("ca-certs", help="print the CA certificates (PEM)")
@@ -93,13 +93,15 @@ def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentPars
 
     p = client.add_parser("chain", help="write the active CA chain, PEM (whole chain) or DER (the issuing CA certificate)")
     add_client_options(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["pem", "der"], default="pem")
+    p.add_argument("--out", required=True, help="where to write it")
+    p.add_argument(
+        "--format", choices=["pem", "der"], default="pem", help="pem: the whole chain (default); der: the issuing CA certificate"
+    )
     p.set_defaults(handler=_client_chain)
 
     p = client.add_parser("get", help="print an issued certificate by serial")
     add_client_options(p)
-    p.add_argument("--serial", required=True)
+    p.add_argument("--serial", required=True, help="hexadecimal serial number, as `client sign` prints it")
     p.set_defaults(handler=_client_get)
 
     p = client.add_parser(
@@ -109,7 +111,12 @@ def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentPars
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", help="hexadecimal serial number")
     which.add_argument("--device-id", help="revoke every unrevoked certificate of this device (RevokeBulk: officer role)")
-    p.add_argument("--reason", default="unspecified", choices=sorted(REASONS))
+    p.add_argument(
+        "--reason",
+        default="unspecified",
+        choices=sorted(REASONS),
+        help="RFC 5280 reason (default unspecified); only certificate-hold can be lifted",
+    )
     p.add_argument(
         "--invalidity-date",
         type=invalidity_date,
@@ -127,7 +134,7 @@ def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentPars
     add_client_options(p)
     p.add_argument("--delta", action="store_true", help="the delta CRL instead of the full one")
     p.add_argument("--out", required=True, help="where to write it")
-    p.add_argument("--format", choices=["der", "pem"], default="der")
+    p.add_argument("--format", choices=["der", "pem"], default="der", help="default der")
     p.add_argument("--issuer-key-id", default="", help="CA key (default: the active one)")
     p.set_defaults(handler=_client_crl)
 
@@ -153,7 +160,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
     p.add_argument("--out", default="devices", help="directory for the per-device directories (default ./devices)")
     p.add_argument("--no-install", action="store_true", help="do not write the devices' files (benchmarking)")
     p.add_argument("--concurrency", type=int, default=8, help="devices in flight at once (default 8)")
-    p.add_argument("--key-type", default="ec-p256", choices=KEY_TYPES)
+    p.add_argument("--key-type", default="ec-p256", choices=KEY_TYPES, help="the devices' key type (default ec-p256)")
     p.add_argument("--profile", default="", help="certificate profile (default: the daemon's default profile)")
     p.add_argument("--prefix", default="", help="device ID prefix (default: sim-RANDOM); IDs are PREFIX-000000...")
     p.add_argument("--san-uri", default=DEFAULT_SAN_URI, help=f"SAN URI template, '' for none (default {DEFAULT_SAN_URI})")
@@ -171,20 +178,26 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
     )
     p.add_argument("--signature", default="", help="file with the device's signature over the challenge")
     p.add_argument("--identity", choices=["san-uri", "cn"], default="san-uri", help="where the device ID is (default san-uri)")
-    p.add_argument("--uri-template", default="urn:dev:ops:{device_id}")
-    p.add_argument("--device-id-pattern", default=r"^[A-Za-z0-9._-]{1,64}$")
+    p.add_argument(
+        "--uri-template", default="urn:dev:ops:{device_id}", help="the SAN URI that holds the device ID (default urn:dev:ops:{device_id})"
+    )
+    p.add_argument(
+        "--device-id-pattern",
+        default=r"^[A-Za-z0-9._-]{1,64}$",
+        help=r"regular expression a device ID must match (default ^[A-Za-z0-9._-]{1,64}$)",
+    )
     p.add_argument("--no-crl", action="store_true", help="skip the revocation step (a CA without CRLs)")
     p.set_defaults(handler=_verify_device)
 
     p = ca.add_parser("verification-cert", help="sign a cloud CA-registration (proof of possession) certificate with the CA key")
     p.add_argument("--code", required=True, help="the verification code from Azure DPS / IoT Hub or AWS IoT")
     p.add_argument("--out", required=True, help="where to write the certificate (PEM; .der/.cer: DER)")
-    p.add_argument("--validity-days", type=int, default=1)
+    p.add_argument("--validity-days", type=int, default=1, help="validity of the verification certificate (default 1 day)")
     p.set_defaults(handler=_ca_verification_cert)
 
     crl = sub.add_parser("crl", help="CRLs").add_subparsers(metavar="ACTION")
     p = crl.add_parser("publish", help="publish a full (or delta) CRL now, e.g. for a broker that reads only full CRLs")
-    p.add_argument("--delta", action="store_true")
+    p.add_argument("--delta", action="store_true", help="a delta CRL instead of a full one")
     p.add_argument(
         "--clock-was-ahead",
         action="store_true",

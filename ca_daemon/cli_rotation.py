@@ -23,27 +23,29 @@ from ca_daemon.model import KeySpec
 def add_commands(key: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = key.add_parser("create", help="generate a CA key in the token via the daemon (GenerateKey, officer)")
     p.add_argument("--label", required=True, help="CKA_LABEL of the new key; also its key ID")
-    p.add_argument("--type", default="ec-p256", choices=[s.value for s in KeySpec])
+    p.add_argument(
+        "--type", default="ec-p256", choices=[s.value for s in KeySpec], help="key type (default ec-p256); the token must offer it"
+    )
     _options(p)
     p.set_defaults(handler=_create)
 
     p = key.add_parser("self-sign", help="make a pending key a self-signed root, with link certificates to the active root")
-    p.add_argument("--key-id", required=True)
+    p.add_argument("--key-id", required=True, help="the pending key to certify (`ca-daemon key status`)")
     p.add_argument("--subject", required=True, help="RFC 4514 subject, e.g. 'CN=Factory Root CA 2,O=Example'")
-    p.add_argument("--validity-days", type=int, default=3650)
+    p.add_argument("--validity-days", type=int, default=3650, help="validity of the root certificate (default 3650 days)")
     p.add_argument("--out", default="", help="also write the certificate and link certificates (PEM) here")
     _options(p)
     p.set_defaults(handler=_self_sign)
 
     p = key.add_parser("csr", help="write a CSR of a pending key for the parent CA (GetKeyCSR)")
-    p.add_argument("--key-id", required=True)
-    p.add_argument("--subject", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--key-id", required=True, help="the pending key to certify (`ca-daemon key status`)")
+    p.add_argument("--subject", required=True, help="RFC 4514 subject, e.g. 'CN=Factory CA 2,O=Example'")
+    p.add_argument("--out", required=True, help="where to write the CSR (PEM)")
     _options(p)
     p.set_defaults(handler=_csr)
 
     p = key.add_parser("install-cert", help="install the parent's certificate of a pending key and publish it")
-    p.add_argument("--key-id", required=True)
+    p.add_argument("--key-id", required=True, help="the pending key the certificate is for")
     p.add_argument("--cert", required=True, help="PEM: the certificate, optionally followed by its parents")
     _options(p)
     p.set_defaults(handler=_install)
@@ -51,7 +53,7 @@ def add_commands(key: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = key.add_parser(
         "approve", help="approve activate/retire/destroy/emergency of a key; the second distinct officer's approval executes it"
     )
-    p.add_argument("action", choices=["activate", "retire", "destroy", "emergency"])
+    p.add_argument("action", choices=["activate", "retire", "destroy", "emergency"], help="the life-cycle step to approve")
     p.add_argument("--key-id", required=True, help="the key acted on (for emergency: the compromised key)")
     p.add_argument("--successor", default="", help="emergency only: the pending key to switch to")
     _options(p)
@@ -68,7 +70,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default="", help="the officer's client certificate (PEM)")
     p.add_argument("--tls-key", default="", help="the officer's private key (PEM)")
     p.add_argument("--tls-server-name", default="", help="name to check in the server certificate")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, ca_pb2_grpc.KeyCeremonyStub]:
