@@ -299,18 +299,28 @@ def _client_revoke(args: argparse.Namespace) -> int:
     with client_from_args(args) as ca:
         if args.serial:
             at = ca.revoke(args.serial, reason=args.reason, invalidity_date=args.invalidity_date)
-            print(f"revoked {args.serial} ({args.reason}) at {at.isoformat()}{invalid_since}")
+            print(f"revoked {_canonical(args.serial)} ({args.reason}) at {at.isoformat()}{invalid_since}")
         else:
             serials = ca.revoke_device(args.device_id, reason=args.reason, invalidity_date=args.invalidity_date)
-            print(f"revoked {len(serials)} certificate(s) of device {args.device_id}: {' '.join(serials)}")
+            if serials:
+                print(f"revoked {len(serials)} certificate(s) of device {args.device_id}: {' '.join(serials)}")
+            else:
+                print(f"device {args.device_id} has no unrevoked certificate: nothing was revoked")
     return 0
 
 
 def _client_unrevoke(args: argparse.Namespace) -> int:
     with client_from_args(args) as ca:
         ca.unrevoke(args.serial)
-    print(f"lifted the hold of {args.serial}: it is valid again, and the next delta CRL lists it as removeFromCRL")
+    print(f"lifted the hold of {_canonical(args.serial)}: it is valid again, and the next delta CRL lists it as removeFromCRL")
     return 0
+
+
+def _canonical(serial: str) -> str:
+    """A serial the daemon accepted, as it and every other output write serials: lowercase hex, no colons or leading zeros."""
+    from ca_daemon.policy import parse_serial
+
+    return f"{parse_serial(serial):x}"
 
 
 def _client_crl(args: argparse.Namespace) -> int:

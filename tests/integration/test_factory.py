@@ -217,6 +217,25 @@ def test_a_hold_with_an_invalidity_date_is_put_and_lifted_from_the_command_line(
     assert env.cli("client", "get", "--serial", serial).stderr.strip().endswith("; not revoked")
 
 
+def test_revoke_prints_serials_as_other_outputs_do_and_no_dangling_colon(client: CaClient, setup: tuple[CaEnv, int]) -> None:
+    """`client revoke --serial` echoed the serial as typed (4F1C... where everything else prints 4f1c...), and a
+    device with nothing to revoke got "revoked 0 certificate(s) of device X: " with a trailing colon."""
+    env, _ = setup
+    _, cert_pem, _ = _provision(client)
+    serial = f"{x509.load_pem_x509_certificate(cert_pem.encode()).serial_number:x}"
+    padded = serial.upper().zfill(len(serial) + len(serial) % 2)
+    typed = ":".join(padded[i : i + 2] for i in range(0, len(padded), 2))  # as `openssl x509 -text` prints it
+    revoked = env.cli("client", "revoke", "--serial", typed)
+    assert revoked.stdout.startswith(f"revoked {serial} (unspecified) at "), revoked.stdout
+    device, _, _ = _provision(client)
+    since = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0)
+    bulk = env.cli("client", "revoke", "--device-id", device.device_id, "--invalidity-date", since.isoformat())
+    (device_serial,) = bulk.stdout.strip().removeprefix(f"revoked 1 certificate(s) of device {device.device_id}: ").split()
+    assert client.certificate(device_serial).revocation.invalidity_date.ToDatetime(tzinfo=UTC) == since
+    again = env.cli("client", "revoke", "--device-id", device.device_id)
+    assert again.stdout == f"device {device.device_id} has no unrevoked certificate: nothing was revoked\n"
+
+
 def test_chain_export_pem_and_der(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
     env, _ = setup
     env.cli("client", "chain", "--target", env.target, "--out", str(tmp_path / "chain.pem"))
