@@ -51,6 +51,16 @@ def test_init_csr_out_for_a_key_that_has_its_certificate_fails_and_says_what_wri
     assert f"already has a certificate, so init wrote no CSR to {csr_path}" in result.stderr, result.stderr
     assert "ca-daemon ca csr --label" in result.stderr and not csr_path.exists()
     assert "nothing to do" in env.cli("init").stdout  # without --csr-out, a rerun is still fine
+    # What the message and README say to do instead: `ca csr` for the key, then import the parent's answer.
+    env.cli("ca", "csr", "--label", "ca-root-1", "--subject", "CN=Factory Issuing CA 1,O=Example", "--out", str(csr_path))
+    parent = _ParentCa()
+    cert_path, root_path = tmp_path / "intermediate.pem", tmp_path / "root.pem"
+    cert_path.write_bytes(parent.certify(csr_path.read_bytes()).public_bytes(serialization.Encoding.PEM))
+    root_path.write_bytes(parent.cert.public_bytes(serialization.Encoding.PEM))
+    env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(root_path))
+    env.cli("ca", "export", "--out", str(tmp_path / "chain.pem"))
+    chain = x509.load_pem_x509_certificates((tmp_path / "chain.pem").read_bytes())
+    assert [c.subject.rfc4514_string() for c in chain] == ["CN=Factory Issuing CA 1,O=Example", parent.cert.subject.rfc4514_string()]
 
 
 def test_wrong_pin_stops_the_daemon_with_one_line(tmp_path: Path, softhsm_conf: Path) -> None:

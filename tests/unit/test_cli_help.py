@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from ca_daemon import cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _commands(parser: argparse.ArgumentParser, path: str = "ca-daemon") -> Iterator[tuple[str, argparse.ArgumentParser]]:
@@ -30,3 +34,17 @@ def test_every_option_of_every_command_has_help() -> None:
     assert silent == []
     for path, parser in commands.items():
         assert parser.format_help(), path  # a stray % in a help string fails here, not when a user asks
+
+
+def test_every_command_a_message_points_at_is_documented() -> None:
+    """`init --csr-out` for a key that has its certificate says to run `ca-daemon ca csr --label LABEL`, a command
+    README.md never mentioned (found by a walk through the README as a new user)."""
+    docs = " ".join((ROOT / name).read_text() for name in ("README.md", "deploy/README.md", "deploy/ca-daemon.service"))
+    docs = re.sub(r"ca-daemon --config \S+ ", "ca-daemon ", docs)
+    named = {
+        (match.group(1), path.name)
+        for path in sorted((ROOT / "ca_daemon").glob("*.py"))
+        for match in re.finditer(r"`ca-daemon ([a-z][a-z-]*(?: [a-z][a-z-]*)?)", path.read_text())
+    }
+    assert named, "the pattern no longer finds the commands messages name"
+    assert sorted((command, where) for command, where in named if f"ca-daemon {command}" not in docs) == []
