@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# What init creates when the configured CA key is new; ignored, and said so, when it exists.
+_INIT_DEFAULTS: dict[str, str | int] = {"key_type": "ec-p256", "subject": "CN=ca-daemon development root CA", "validity_days": 3650}
+
+
 def daemon_target(config: str) -> str:
     """Where a command that talks to the daemon (client, simulate-factory, key create/status/..., profiles list)
     dials when --target is not given: server.listen of the configuration, the address the daemon binds.
@@ -93,9 +97,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create token, CA key, root certificate and database (reuses what exists)")
     p.add_argument("--dev", action="store_true", help="create a SoftHSM token, PIN files and a development configuration if missing")
-    p.add_argument("--key-type", default="ec-p256", choices=[s.value for s in KeySpec], help=KEY_TYPES_HELP)
-    p.add_argument("--subject", default="CN=ca-daemon development root CA", help="subject of the CA certificate (RFC 4514)")
-    p.add_argument("--validity-days", type=int, default=3650, help="validity of the self-signed root certificate (default 3650 days)")
+    p.add_argument("--key-type", default=_INIT_DEFAULTS["key_type"], choices=[s.value for s in KeySpec], help=KEY_TYPES_HELP)
+    p.add_argument("--subject", default=_INIT_DEFAULTS["subject"], help="subject of the CA certificate (RFC 4514)")
+    p.add_argument(
+        "--validity-days",
+        type=int,
+        default=_INIT_DEFAULTS["validity_days"],
+        help="validity of the self-signed root certificate (default 3650 days)",
+    )
     p.add_argument("--csr-out", help="instead of a self-signed root, write a CSR for a parent CA to this file")
     p.set_defaults(handler=_init)
 
@@ -188,7 +197,14 @@ def _init(args: argparse.Namespace) -> int:
                     "`ca-daemon ca csr --label LABEL --subject SUBJECT --out FILE` writes one for a key in the token "
                     "(for a new key, `ca-daemon key generate` first)"
                 )
-            print(f"CA key {key.key_id} already has a certificate; nothing to do")
+            settled = key.status in (KeyStatus.ACTIVE, KeyStatus.PENDING)  # pending: made by init, active from the first start
+            print(f"CA key {key.key_id} already has a certificate{'' if settled else f' (it is {key.status.value})'}; nothing to do")
+            active = store.active_key_id()
+            if active is not None and active != key.key_id:
+                print(f"the active CA key is {active} (`ca-daemon key status` lists them all)")
+            ignored = [f"--{name.replace('_', '-')}" for name, default in _INIT_DEFAULTS.items() if getattr(args, name) != default]
+            if ignored:
+                print(f"ignored {', '.join(ignored)}: they apply only when init creates the CA key and its certificate", file=sys.stderr)
             return 0
         subject = issuer.parse_subject(args.subject)
         if args.csr_out:

@@ -358,6 +358,10 @@ def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) ->
         assert key_status(aud)[KEY1] == "destroyed"
         labels = pkcs11_labels(d.env)
         assert f"label:      {KEY1}" not in labels and f"label:      {KEY2}" in labels
+        # `init` with the configuration still naming key 1 says what became of it and which key is active.
+        rerun = d.env.cli("init")
+        assert f"CA key {KEY1} already has a certificate (it is destroyed); nothing to do" in rerun.stdout, rerun.stdout
+        assert f"the active CA key is {KEY2}" in rerun.stdout, rerun.stdout
 
         # Issuance goes on under key 2, and the audit log holds every approval.
         assert sign(prog).issuer_key_id == KEY2

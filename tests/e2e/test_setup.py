@@ -40,6 +40,17 @@ def test_init_dev_creates_everything_once_and_reuses_it(tmp_path: Path) -> None:
     second = subprocess.run([CA_DAEMON, "--config", str(config), "init", "--dev"], capture_output=True, text=True, env=env, check=False)
     assert second.returncode == 0, second.stderr
     assert "already has a certificate; nothing to do" in second.stdout
+    assert "ignored" not in second.stderr
+    # Options that only shape a new CA key are said to be ignored, not dropped without a word.
+    third = subprocess.run(
+        [CA_DAEMON, "--config", str(config), "init", "--key-type", "rsa-2048", "--subject", "CN=X", "--validity-days", "10"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert third.returncode == 0 and "nothing to do" in third.stdout, third.stdout + third.stderr
+    assert "ignored --key-type, --subject, --validity-days: they apply only when init creates the CA key" in third.stderr, third.stderr
 
 
 def test_init_csr_out_for_a_key_that_has_its_certificate_fails_and_says_what_writes_a_csr(tmp_path: Path, softhsm_conf: Path) -> None:
