@@ -376,16 +376,21 @@ class SqlStore:
             cursor = conn.connection.dbapi_connection.cursor()
 
             def precheck(request_id: str, device_id: str, public_key_sha256: bytes, now: datetime) -> PrecheckResult:
+                # The request_id is read last. Each statement sees what is committed when it runs (PostgreSQL's
+                # READ COMMITTED, SQLite outside a transaction): read first, it could miss a retry's certificate
+                # committed a moment later that the device's look-up then found, and the retry was refused
+                # device-unique instead of answered (seen with one request_id sent to three replicas at once).
                 with _driver_errors():
+                    cursor.execute(active_of_device, (device_id, self._bind_time(now)))
+                    active = tuple(int(row[0], 16) for row in cursor.fetchall())
+                    cursor.execute(devices_of_key, (public_key_sha256, device_id))
+                    others = tuple(row[0] for row in cursor.fetchall())
                     cursor.execute(by_request, (request_id,))
                     if cursor.fetchone() is not None:
                         existing = self.find_by_request_id(request_id)
                         if existing is not None:
                             return existing, (), ()
-                    cursor.execute(active_of_device, (device_id, self._bind_time(now)))
-                    active = tuple(int(row[0], 16) for row in cursor.fetchall())
-                    cursor.execute(devices_of_key, (public_key_sha256, device_id))
-                    return None, active, tuple(row[0] for row in cursor.fetchall())
+                    return None, active, others
 
             def issued_last_hour(caller: str, now: datetime) -> int:
                 with _driver_errors():

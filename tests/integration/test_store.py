@@ -948,3 +948,40 @@ def test_events_removed_from_the_end_of_the_log_behind_a_writer_are_recorded_by_
         assert [e["action"] for e in store.audit_events()].count("audit.gap") == 1
     finally:
         replica.close()
+
+
+def test_a_retry_committed_between_the_sign_look_ups_is_replayed_not_refused_device_unique(tmp_path: Path) -> None:
+    """Each look-up sees what is committed when it runs. With the request_id read first, a certificate of the same
+    request committed right after that read was then found as the device's active certificate, and the retry was
+    refused device-unique (a hostile review: 12 of 1,560 answers, one request_id sent to three replicas at once).
+    Here the other commit lands between two of the look-ups, at the start of the second (SQLite's statement trace)."""
+    from sqlalchemy import event
+
+    store = open_store(f"sqlite:///{tmp_path / 'ca.db'}")
+    store.save_ca_key(_ca_key())
+    first = _cert("dev-race", request_id="race-1", csr=b"csr-race")
+    look_ups: list[str] = []
+    committing = False
+
+    def commit_the_first_on_the_second_look_up(statement: str) -> None:
+        nonlocal committing
+        if committing or "FROM certificates" not in statement:
+            return
+        look_ups.append(statement)
+        if len(look_ups) == 2:
+            committing = True
+            assert _issue(store, first) == [IssuanceOutcome(first, created=True)]
+            committing = False
+
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_trace_callback(commit_the_first_on_the_second_look_up)
+
+    try:
+        event.listen(store.engine, "connect", trace)
+        store.engine.dispose()  # from now on every new connection traces its statements
+        with store.sign_reads() as reads:
+            existing, active, _others = reads.precheck("race-1", "dev-race", first.public_key_sha256, datetime.now(UTC))
+        assert len(look_ups) >= 3 and store.get_certificate(first.serial) == first
+        assert (existing, active) == (first, ()), "the retry of race-1 was not answered with its certificate"
+    finally:
+        store.close()
