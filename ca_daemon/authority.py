@@ -516,6 +516,12 @@ class Authority:
                     raise QuotaExceeded.for_caller(request.caller, quota, issued)
             return parsed, policy.settle(parsed.csr, parsed.profile, parsed.device_id, facts), quota
         except (PolicyViolation, AlreadyExists, QuotaExceeded) as refusal:
+            # The look-ups each see what is committed when they run: this very request's certificate, committed after
+            # its request_id was read, counts against the quota or as the device's active certificate. A retry is
+            # answered, not refused, so the request_id is read again (on refusals only).
+            existing = self._store.find_by_request_id(request.request_id) if request.request_id else None
+            if existing is not None:
+                return self._result(replay_or_conflict(existing, parsed.csr.sha256, request.caller))
             raise parsed.refusal(refusal) from None
 
     async def _record_conflict(self, request: CertificateRequest, conflict: AlreadyExists) -> None:

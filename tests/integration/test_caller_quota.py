@@ -108,3 +108,50 @@ def test_a_quota_must_be_a_whole_number(tmp_path_factory: pytest.TempPathFactory
     )
     result = env.cli("check-config", check=False)
     assert result.returncode != 0 and "callers.local-developer.max_certificates_per_hour" in result.stdout + result.stderr, result.stdout
+
+
+def test_a_retry_whose_certificate_took_the_last_of_the_quota_is_answered(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The quota is counted after the request_id is looked up, each seeing what is committed when it runs: a retry whose
+    first attempt committed in between was refused RESOURCE_EXHAUSTED although its certificate exists. Here the first
+    attempt commits at the start of the quota count (SQLite's statement trace), in this process, with the real token."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import event
+
+    from ca_daemon import app, config
+    from ca_daemon.authority import Authority, SignResult
+    from ca_daemon.model import AuditEvent, CertificateRequest, IssuedCertificate
+
+    env = make_env(tmp_path, softhsm_conf)
+    env.edit_config(
+        '[callers."local-developer"]\nprofiles = ["device"]',
+        '[callers."local-developer"]\nprofiles = ["device"]\nmax_certificates_per_hour = 1',
+    )
+    cfg = config.load(env.config_path)
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    authority = Authority.load(cfg, hsm, store)
+    try:
+        request = CertificateRequest(device_csr(), "", "retry-1", cfg.server.local_identity)
+        first = hsm.run(lambda: authority.prepare_one(request, authority.policy))
+        assert isinstance(first, IssuedCertificate)
+        committing = False
+
+        def commit_the_first_at_the_quota_count(statement: str) -> None:
+            nonlocal committing
+            if committing or "caller_issuance_by_minute" not in statement or not statement.lstrip().upper().startswith("SELECT"):
+                return
+            committing = True
+            issued = AuditEvent(time=datetime.now(UTC), actor=request.caller, action="certificate.issue", outcome="issued")
+            store.record_unique_issuances([(first, issued, False, 1)])
+
+        event.listen(
+            store.engine, "connect", lambda dbapi_connection, _: dbapi_connection.set_trace_callback(commit_the_first_at_the_quota_count)
+        )
+        store.engine.dispose()  # every new connection traces its statements
+        retried = hsm.run(lambda: authority.prepare_one(request, authority.policy))
+        assert committing, "the quota was not counted"
+        assert isinstance(retried, SignResult) and retried.replayed and retried.certificate.serial == first.serial, retried
+    finally:
+        authority.close()
+        store.close()
+        hsm.close()
