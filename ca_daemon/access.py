@@ -101,6 +101,11 @@ def authorize(principal: Principal, method: str) -> None:
     )
 
 
+# The rule of a call with no client certificate at all: anyone who reaches the port can make one, so it is
+# counted and logged in summary (service.ErrorInterceptor), not an audit event: the unauthenticated cannot grow the log.
+NO_CLIENT_CERTIFICATE = "no-client-certificate"
+
+
 def denial_event(actor: str, method: str, refusal: Unauthenticated | PermissionDenied) -> AuditEvent:
     """The access.deny audit event of a refused caller; its outcome ("unauthenticated" or "permission-denied") is the refusal's kind."""
     return AuditEvent(
@@ -342,7 +347,7 @@ class Authenticator:
                 raise Unauthenticated(f"TLS 1.3 is required; this connection uses {version or 'no TLS'}", rule="tls-version")
         pems = list(auth_context.get("x509_pem_cert", ()))
         if not pems:
-            raise Unauthenticated("a client certificate is required (mTLS); none was presented", rule="client-certificate")
+            raise Unauthenticated("a client certificate is required (mTLS); none was presented", rule=NO_CLIENT_CERTIFICATE)
         pem = pems[0]
         now = now or datetime.now(UTC)
         generation = self._crl.generation if self._crl is not None else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,4 +73,23 @@ class RetryLog:
             self._reason = None
 
 
-__all__ = ["JsonFormatter", "RetryLog", "configure"]
+class LogThrottle:
+    """At most one log line per kind per interval, counting the ones it holds back in between."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        # kind -> (lines held back since its last line, when that line was written)
+        self._kinds: dict[str, tuple[int, float]] = {}
+
+    def admit(self, kind: str) -> int | None:
+        """None: hold this line back (it is counted); else write it now, with how many were held back before it."""
+        held_back, last = self._kinds.get(kind, (0, -self._interval))
+        now = time.monotonic()
+        if now - last < self._interval:
+            self._kinds[kind] = (held_back + 1, last)
+            return None
+        self._kinds[kind] = (0, now)
+        return held_back
+
+
+__all__ = ["JsonFormatter", "LogThrottle", "RetryLog", "configure"]

@@ -16,7 +16,11 @@ connection to the backend port that did not come through here has no entry and i
 
 A worker holds at most `max_connections` client connections (handshaking ones included);
 one more is closed at once, so a flood of idle or half-open connections costs a bounded
-amount of memory and file descriptors.
+amount of memory and file descriptors. A connection without a client certificate is let
+through only to be told why it is refused: at most one in 16 of those slots, each for 10 s.
+Without these bounds anyone who reached the port held a slot for as long as it liked (the
+certificate is optional in the handshake), and 2,048 such idle connections locked every
+authenticated caller out.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+
+from ca_daemon.logs import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,11 @@ log = logging.getLogger(__name__)
 # access.Authenticator checks the dates of the certificate and of the client CAs it chains to.
 _NO_CHECK_TIME = 0x200000
 _HANDSHAKE_TIMEOUT_S = 10.0
+# A connection that presented no client certificate is closed this long after its handshake: long enough for
+# its calls to be answered UNAUTHENTICATED with the reason, too short to hold a slot.
+UNCERTIFIED_LIFETIME_S = 10.0
+# The share of max_connections that connections without a client certificate may hold at once.
+_UNCERTIFIED_SHARE = 16
 # The backend's peer string for our relays' connections: they connect from 127.0.0.1 to 127.0.0.1.
 _RELAY_PEER_HOST = "ipv4:127.0.0.1"
 _CHUNK = 256 * 1024
@@ -113,13 +123,17 @@ class TlsFrontEnd:
         *,
         count_refused_handshake: Callable[[str], None] = lambda reason: None,
         log_interval: float = _REFUSAL_LOG_INTERVAL_S,
+        uncertified_lifetime: float = UNCERTIFIED_LIFETIME_S,
     ) -> None:
         self._context = context
         # The server certificate file that context was made from (the expiry warning reads it).
         self.cert_file = cert_file
         self._max_connections = max_connections
+        self._max_uncertified = max(1, max_connections // _UNCERTIFIED_SHARE)
+        self._uncertified = 0  # open connections without a client certificate
+        self._uncertified_lifetime = uncertified_lifetime
         self._count_refused_handshake = count_refused_handshake
-        self._refusal_lines = _LogThrottle(log_interval)
+        self._refusal_lines = LogThrottle(log_interval)
         self._backend_port = 0
         self._peers: dict[int, AuthContext] = {}
         self._server: asyncio.Server | None = None
@@ -197,6 +211,35 @@ class TlsFrontEnd:
             self._handshake_refused(client, exc)
             return
         auth = auth_context(writer.get_extra_info("ssl_object"))
+        if "x509_pem_cert" in auth:
+            await self._relay_to_backend(auth, reader, writer, lifetime=None)
+            return
+        if self._uncertified >= self._max_uncertified:
+            self._refuse_uncertified(client)
+            return
+        self._uncertified += 1
+        try:
+            await self._relay_to_backend(auth, reader, writer, lifetime=self._uncertified_lifetime)
+        finally:
+            self._uncertified -= 1
+
+    def _refuse_uncertified(self, client: object) -> None:
+        """Close a connection without a client certificate beyond its share of the slots; logged at most once per interval."""
+        held_back = self._refusal_lines.admit("uncertified-limit")
+        if held_back is not None:
+            log.warning(
+                "%d connection(s) without a client certificate are open in this worker (at most 1/%d of "
+                "server.max_connections): closed %d more after their handshake, the last from %s",
+                self._max_uncertified,
+                _UNCERTIFIED_SHARE,
+                held_back + 1,
+                _address(client),
+            )
+
+    async def _relay_to_backend(
+        self, auth: AuthContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, lifetime: float | None
+    ) -> None:
+        """Relay until either side closes, or lifetime seconds have passed (None: no limit)."""
         try:
             backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", self._backend_port)
         except OSError as exc:
@@ -208,7 +251,7 @@ class TlsFrontEnd:
             upstream = asyncio.create_task(_relay(reader, backend_writer))
             downstream = asyncio.create_task(_relay(backend_reader, writer))
             try:
-                await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({upstream, downstream}, timeout=lifetime, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 upstream.cancel()
                 downstream.cancel()
@@ -238,25 +281,6 @@ class TlsFrontEnd:
             _reason(exc),
             f" ({held_back} more refused for this reason since the last such line)" if held_back else "",
         )
-
-
-class _LogThrottle:
-    """At most one log line per kind per interval, counting the ones it holds back in between."""
-
-    def __init__(self, interval: float) -> None:
-        self._interval = interval
-        # kind -> (lines held back since its last line, when that line was written)
-        self._kinds: dict[str, tuple[int, float]] = {}
-
-    def admit(self, kind: str) -> int | None:
-        """None: hold this line back (it is counted); else write it now, with how many were held back before it."""
-        held_back, last = self._kinds.get(kind, (0, -self._interval))
-        now = time.monotonic()
-        if now - last < self._interval:
-            self._kinds[kind] = (held_back + 1, last)
-            return None
-        self._kinds[kind] = (0, now)
-        return held_back
 
 
 def handshake_refusal_reason(exc: BaseException) -> str:

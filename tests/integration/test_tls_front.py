@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon import access, tls_front
 from ca_daemon.config import RoleGrant
+from ca_daemon.model import AuditEvent
 from ca_daemon.service import ErrorInterceptor
 
 SIGN = "/ca_daemon.v1.CertificateAuthority/Sign"
@@ -128,6 +129,7 @@ class FrontEndServer:
         self.thread.start()
         context = tls_front.server_context(directory / "server.pem", directory / "server.key", pki.client_ca_file)
         self.front = tls_front.TlsFrontEnd(context, max_connections, **front_options)
+        self.denials: list[AuditEvent] = []  # the access.deny events the interceptor records
         authenticator = access.Authenticator(
             access.RoleMap([RoleGrant("programmer", "identity", "alice")]), None, client_cas=[pki.ca.certificate, pki.old_ca.certificate]
         )
@@ -139,7 +141,11 @@ class FrontEndServer:
     async def _start(self, authenticator: access.Authenticator) -> tuple[int, int]:
         front = self.front
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(authenticator, auth_context_of=lambda context: front.auth_context_of(context.peer()))]
+            interceptors=[
+                ErrorInterceptor(
+                    authenticator, record_denial=self._record_denial, auth_context_of=lambda context: front.auth_context_of(context.peer())
+                )
+            ]
         )
 
         async def sign(request: bytes, _context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
@@ -154,6 +160,9 @@ class FrontEndServer:
         await self.server.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         return await front.start("127.0.0.1", 0, backend_port=backend_port), backend_port
+
+    async def _record_denial(self, event: AuditEvent) -> None:
+        self.denials.append(event)
 
     async def _stop(self) -> None:
         self.front.stop_accepting()
@@ -433,3 +442,57 @@ def test_a_local_process_cannot_borrow_a_relayed_connections_identity_from_anoth
                 thread.join(timeout=10)
             assert code == grpc.StatusCode.UNAUTHENTICATED, details
             assert "this connection uses no TLS" in details
+
+
+def _uncertified_tls(port: int, pki: Pki) -> ssl.SSLSocket:
+    """A TLS 1.3 connection that completed its handshake without a client certificate and then sends nothing."""
+    context = ssl.create_default_context(cadata=pki.ca.pem().decode())
+    context.set_alpn_protocols(["h2"])
+    tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+    tls.settimeout(10)
+    return tls
+
+
+def test_connections_without_a_certificate_get_a_share_of_the_slots_for_a_short_time(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """The certificate is optional in the handshake, so anyone could hold every slot: 2,048 idle connections with no
+    certificate locked authenticated callers out for as long as they stayed. Now at most max_connections / 16 of them
+    are open at once, each for a limited time (1 s here, 10 s by default)."""
+    caplog.set_level(logging.WARNING, logger="ca_daemon.tls_front")
+    server = FrontEndServer(pki, max_connections=32, uncertified_lifetime=1.0)
+    try:
+        held = [_uncertified_tls(server.port, pki) for _ in range(2)]  # 32 / 16 = 2 may be open
+        time.sleep(0.3)
+        with _uncertified_tls(server.port, pki) as third:
+            assert third.recv(1) == b""  # closed right after the handshake
+        with _channel(pki, server, "alice") as channel:
+            assert _sign(channel, b"csr") == b"signed:csr"  # a caller with a certificate has room
+        started = time.monotonic()
+        for tls in held:
+            while tls.recv(65536):  # the backend's HTTP/2 settings, then the end: closed after their lifetime
+                pass
+            tls.close()
+        assert time.monotonic() - started < 5
+    finally:
+        server.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
+    assert any("connection(s) without a client certificate are open in this worker" in m for m in warnings), warnings
+
+
+def test_calls_without_a_certificate_are_logged_in_summary_not_audited(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """Each was an access.deny audit event and a request-log line: a peer with no certificate grew the tamper-evident
+    log at 1.4 MB/s. A caller whose certificate is refused (expired here) is still audited."""
+    caplog.set_level(logging.INFO, logger="ca_daemon.rpc")
+    front = FrontEndServer(pki)  # its own interceptor: the summary line is not held back by another test's calls
+    try:
+        with _channel(pki, front, None) as channel:
+            for _ in range(20):
+                assert _refusal(channel)[0] == grpc.StatusCode.UNAUTHENTICATED
+        with _channel(pki, front, "expired") as channel:
+            assert _refusal(channel)[0] == grpc.StatusCode.UNAUTHENTICATED
+        time.sleep(0.1)  # the request log is written in batches
+    finally:
+        front.close()
+    assert [(e.action, e.reason) for e in front.denials] == [("access.deny", "client-certificate-expired")]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.rpc"]
+    assert sum("without a client certificate" in line for line in lines) == 1, lines  # one line for the 20 calls
+    assert sum(line.startswith("rpc ") and "UNAUTHENTICATED" in line for line in lines) == 1, lines  # the expired caller's
