@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ca_daemon import audit
 from ca_daemon.errors import ConfigError, FailedPrecondition
+from ca_daemon.files import fsync_path
 from ca_daemon.store import open_store
 
 _COMPANIONS = ("-wal", "-shm", ".writelock")
@@ -179,9 +180,9 @@ def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSumm
             live.backup(copy)  # all pages in one step: one read transaction, one consistent snapshot
         summary = _check_copy(partial, audit_public_key_pem)
         _make_self_contained(partial)
-        _fsync(partial)
+        fsync_path(partial)
         partial.replace(out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         _remove_with_companions(partial)
         raise
@@ -240,7 +241,7 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
         summary = _check_copy(working, audit_public_key_pem)
         with contextlib.closing(sqlite3.connect(working)) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        _fsync(working)
+        fsync_path(working)
     except BaseException:
         _remove_with_companions(working)
         raise
@@ -263,7 +264,7 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
         if Path(f"{working}{suffix}").exists():
             Path(f"{working}{suffix}").replace(f"{target}{suffix}")
     working.replace(target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     return RestoreSummary(dataclasses.replace(summary, path=backup_path, sha256=digest), moved, lost)
 
 
@@ -391,14 +392,6 @@ def _sha256(path: Path) -> str:
         while chunk := data.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["AuditLoss", "BackupSummary", "Loss", "RestoreSummary", "backup", "restore", "sqlite_file"]

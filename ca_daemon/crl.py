@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2
 
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError
-from ca_daemon.files import fsync_directory, write_atomically
+from ca_daemon.files import fsync_path, write_atomically
 from ca_daemon.hsm import Hsm
 from ca_daemon.http import CRL_CONTENT_TYPE, DistributionServer, Resource, url_path
 from ca_daemon.logs import RetryLog
@@ -235,7 +235,7 @@ class CrlFileWriter:
         path = self.directory / crl_file_name(issuer.key_id, delta=True)
         if path.exists():
             path.unlink()
-            fsync_directory(path.parent)
+            fsync_path(path.parent)
             log.info("removed %s: CA key %s retired and publishes no more delta CRLs", path, issuer.key_id)
 
 

@@ -46,12 +46,12 @@ def _replaced_on_success(path: Path, open_mode: str) -> Iterator[IO[Any]]:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in directory survive a power loss."""
-    dir_fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename or unlink in it), so that they survive a power loss."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

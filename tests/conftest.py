@@ -95,6 +95,20 @@ class CaEnv:
             raise AssertionError(f"ca-daemon {' '.join(args)} failed: {result.stdout}{result.stderr}")
         return result
 
+    def audit_verifies(self, directory: Path) -> tuple[Path, Path]:
+        """`audit verify --live`, then an export with a fresh checkpoint verified offline, each OK with every event covered.
+
+        (the audit public key's file, the export's): for a test that goes on to tamper with the export.
+        """
+        public, export = directory / "audit.pem", directory / "audit.jsonl"
+        self.cli("audit", "public-key", "--out", str(public))
+        live = self.cli("audit", "verify", "--live", "--public-key", str(public))
+        assert live.stdout.startswith("OK:"), live.stdout
+        self.cli("audit", "export", "--out", str(export), "--checkpoint")
+        verified = self.cli("audit", "verify", "--file", str(export), "--public-key", str(public))
+        assert verified.stdout.startswith("OK:") and "not covered" not in verified.stdout, verified.stdout
+        return public, export
+
 
 def daemon_environment() -> dict[str, str]:
     env = dict(os.environ)

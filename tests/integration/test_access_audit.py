@@ -325,14 +325,7 @@ def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, cha
     revoked_at = "(SELECT max(seq) FROM audit_events WHERE action = 'certificate.revoke')"
     _wait_audit(env, f"SELECT count(*) FROM audit_events WHERE action = 'crl.publish' AND seq > {revoked_at}")  # the delta CRL
     _wait_checkpoint_covers_head(env)  # checkpoint_interval_seconds = 1 in this daemon
-    public = tmp_path / "audit.pem"
-    env.cli("audit", "public-key", "--out", str(public))
-    live = env.cli("audit", "verify", "--live", "--public-key", str(public))
-    assert live.stdout.startswith("OK:"), live.stdout
-    export = tmp_path / "audit.jsonl"
-    env.cli("audit", "export", "--out", str(export), "--checkpoint")
-    ok = env.cli("audit", "verify", "--file", str(export), "--public-key", str(public))
-    assert ok.stdout.startswith("OK:") and "not covered" not in ok.stdout, ok.stdout
+    public, export = env.audit_verifies(tmp_path)
     lines = export.read_text().splitlines()
     records = [json.loads(line) for line in lines]
     actions = {r.get("action") for r in records}

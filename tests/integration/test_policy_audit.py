@@ -296,11 +296,4 @@ def test_thirty_concurrent_revokes_of_one_serial_leave_one_revocation_and_29_ref
         [("certificate.revoke", "revoked", "key_compromise", ACTOR)] + [("certificate.revoke", "refused", "already-revoked", ACTOR)] * 29
     )
     assert len(_query(policy_daemon, "SELECT * FROM revocations WHERE serial = ?", cert.serial)) == 1
-    public = tmp_path / "audit.pem"
-    env.cli("audit", "public-key", "--out", str(public))
-    live = env.cli("audit", "verify", "--live", "--public-key", str(public))
-    assert live.stdout.startswith("OK:"), live.stdout
-    export = tmp_path / "audit.jsonl"
-    env.cli("audit", "export", "--out", str(export), "--checkpoint")
-    verified = env.cli("audit", "verify", "--file", str(export), "--public-key", str(public))
-    assert verified.stdout.startswith("OK:") and "not covered" not in verified.stdout, verified.stdout
+    env.audit_verifies(tmp_path)
