@@ -193,15 +193,14 @@ class TlsFrontEnd:
     def _refuse_over_limit(self, writer: asyncio.StreamWriter) -> None:
         """Close a connection beyond the limit; say so in the log, at most once per interval."""
         writer.close()
-        held_back = self._refusal_lines.admit("connection-limit")
+        limit = f"connection limit reached (server.max_connections = {self._max_connections} open connections in this worker)"
+        self._log_closed("connection-limit", f"{limit}: closed %d new connection(s), the last from %s", writer.get_extra_info("peername"))
+
+    def _log_closed(self, kind: str, message: str, client: object) -> None:
+        """message (with %d for how many were closed, %s for the last one's address), at most once per interval for kind."""
+        held_back = self._refusal_lines.admit(kind)
         if held_back is not None:
-            log.warning(
-                "connection limit reached (server.max_connections = %d open connections in this worker): "
-                "closed %d new connection(s), the last from %s",
-                self._max_connections,
-                held_back + 1,
-                _address(writer.get_extra_info("peername")),
-            )
+            log.warning(message, held_back + 1, _address(client))
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = writer.get_extra_info("peername")
@@ -225,16 +224,11 @@ class TlsFrontEnd:
 
     def _refuse_uncertified(self, client: object) -> None:
         """Close a connection without a client certificate beyond its share of the slots; logged at most once per interval."""
-        held_back = self._refusal_lines.admit("uncertified-limit")
-        if held_back is not None:
-            log.warning(
-                "%d connection(s) without a client certificate are open in this worker (at most 1/%d of "
-                "server.max_connections): closed %d more after their handshake, the last from %s",
-                self._max_uncertified,
-                _UNCERTIFIED_SHARE,
-                held_back + 1,
-                _address(client),
-            )
+        share = (
+            f"{self._max_uncertified} connection(s) without a client certificate are open in this worker "
+            f"(at most 1/{_UNCERTIFIED_SHARE} of server.max_connections)"
+        )
+        self._log_closed("uncertified-limit", f"{share}: closed %d more after their handshake, the last from %s", client)
 
     async def _relay_to_backend(
         self, auth: AuthContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, lifetime: float | None
