@@ -144,8 +144,8 @@ def _check_token(config: Config, record: Callable[[str, bool, str], bool]) -> Hs
         record("token", False, exc.message)
         return None
     try:
-        label = Pkcs11Uri.parse(config.ca.key_uri).label
-        record("token", True, f"{config.hsm.token!r} via {config.hsm.module}: logged in; CA key label {label!r}")
+        Pkcs11Uri.parse(config.ca.key_uri)  # the active CA key, whichever it is since a rotation, has its own line
+        record("token", True, f"{config.hsm.token!r} via {config.hsm.module}: logged in")
     except CaError as exc:
         with contextlib.suppress(CaError):
             hsm.close()
