@@ -17,12 +17,13 @@ import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import bindparam, create_engine, delete, event, exists, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.pool import QueuePool
 
 from ca_daemon.audit_hash import CHAIN_LOCK_KEY, GENESIS, details_text, event_hash
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable, echo
@@ -129,6 +130,9 @@ class SqlStore:
         # The SQLite file this store's connections opened, and its (device, inode) once one has (see _check_same_file).
         self._sqlite_file = sqlite_file(url)
         self._sqlite_identity: tuple[int, int] | None = None
+        self._wal_mode = False
+        # Set once the write-ahead log was found deleted under this process: writes stay refused until a restart.
+        self._wal_lost = False
         if self.dialect == "sqlite":
             engine = create_engine(
                 url,
@@ -141,6 +145,7 @@ class SqlStore:
             def _on_connect(dbapi_conn: Any, _record: Any) -> None:
                 cursor = dbapi_conn.cursor()
                 cursor.execute("PRAGMA journal_mode=WAL")
+                self._wal_mode = str(cursor.fetchone()[0]).lower() == "wal"  # not on a file system without shared memory
                 cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
                 cursor.execute("PRAGMA foreign_keys=ON")
                 cursor.execute(f"PRAGMA busy_timeout={int(lock_wait_ms)}")
@@ -196,6 +201,7 @@ class SqlStore:
             with self._connect() as conn:
                 conn.execute(select(1)).scalar_one()
             self._check_same_file()
+            self._check_wal()
         except StoreUnavailable:
             return False
         return True
@@ -1044,6 +1050,7 @@ class SqlStore:
         lock_timeout (see write_lock.py): a holder that stops does not hang every writer.
         """
         with self._write_lock.held() if self._write_lock is not None else contextlib.nullcontext():
+            self._check_wal()
             try:
                 transaction = self.engine.begin()
                 conn = transaction.__enter__()
@@ -1084,6 +1091,55 @@ class SqlStore:
                 caller_message="the database file was deleted, moved or replaced while the daemon ran, so nothing was written; "
                 "retry later (the daemon's log says what its operator must do)",
             )
+
+    def _check_wal(self) -> None:
+        """Refuse to write once the write-ahead log is gone from its path (SQLite keeps it while a connection is open).
+
+        Checked before a write transaction begins, so that an open connection of the pool, which
+        still reaches the deleted log, is free to copy it into the database file.
+        """
+        if self._wal_lost:
+            self._refuse_without_wal()
+        if not self._wal_mode or self._sqlite_file is None or os.path.exists(self._sqlite_file + "-wal"):
+            return
+        pool = self.engine.pool
+        if isinstance(pool, QueuePool) and pool.checkedin() + pool.checkedout() > 0:  # else the last close removed it
+            self._refuse_without_wal()
+
+    def _refuse_without_wal(self) -> NoReturn:
+        """The write-ahead log was deleted while this process had it open: write nothing more into it.
+
+        SQLite goes on committing into the deleted file, which only this daemon's processes still
+        reach: a crash would lose all of it (certificates that were handed out, revocations that
+        were acknowledged), and a CRL number could be used twice. A clean stop writes it back into
+        the database file as the last connection closes; a checkpoint now does so at once.
+        """
+        if not self._wal_lost:
+            self._wal_lost = True
+            try:
+                raw = self.engine.raw_connection()  # an open connection of the pool: it still reaches the deleted log
+                try:
+                    cursor = raw.cursor()
+                    cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    _busy, frames, copied = cursor.fetchone() or (0, 0, 0)
+                finally:
+                    raw.close()
+                saved = f"a checkpoint copied {copied} of its {frames} page(s) into {self._sqlite_file}"
+            except Exception as exc:
+                saved = f"a checkpoint failed ({_brief(exc)})"
+            log.error(
+                "the database's write-ahead log %s-wal was deleted while the daemon ran; %s. Nothing more is written: "
+                "stop the daemon cleanly (SIGTERM, not kill -9: its connections write the log back into the database "
+                "file as they close), then start it again",
+                self._sqlite_file,
+                saved,
+            )
+        raise StoreUnavailable(
+            f"the database's write-ahead log {self._sqlite_file}-wal was deleted while the daemon ran, so nothing is written; "
+            "stop the daemon cleanly (SIGTERM) and start it again",
+            caller_message="the database's write-ahead log was deleted while the daemon ran, so nothing was written; "
+            "retry later (the daemon's log says what its operator must do)",
+        )
 
 
 # The statements of every group commit, built once: constructing a Core statement and its

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, inspect, select, text
 
-from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded
+from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, RevocationReason
 from ca_daemon.store import IssuanceOutcome, SqlStore, open_store, schema, serial_hex
 from ca_daemon.store.locks import Leadership, LockSpace, lock_id, xact_lock
@@ -983,5 +983,55 @@ def test_a_retry_committed_between_the_sign_look_ups_is_replayed_not_refused_dev
             existing, active, _others = reads.precheck("race-1", "dev-race", first.public_key_sha256, datetime.now(UTC))
         assert len(look_ups) >= 3 and store.get_certificate(first.serial) == first
         assert (existing, active) == (first, ()), "the retry of race-1 was not answered with its certificate"
+    finally:
+        store.close()
+
+
+def test_a_deleted_write_ahead_log_stops_writes_and_what_it_held_survives_a_clean_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite went on committing into a deleted ca.db-wal that only the daemon still reached: Sign and Revoke answered OK,
+    and a kill -9 then lost the certificates and revocations they acknowledged (a hostile review: 44 certificates, 21
+    revocations, and a CRL number published twice). Now the first write after the deletion is refused and the log
+    says what to do; what was committed before it is in the database file after a clean stop."""
+    import os
+
+    db = tmp_path / "ca.db"
+    store = open_store(f"sqlite:///{db}")
+    store.save_ca_key(_ca_key())
+    before = _cert("dev-before")
+    assert _issue(store, before) == [IssuanceOutcome(before, created=True)]
+    os.unlink(f"{db}-wal")
+    after = _cert("dev-after")
+    with pytest.raises(StoreUnavailable, match=r"write-ahead log .* was deleted while the daemon ran"):
+        _issue(store, after)
+    with pytest.raises(StoreUnavailable, match="write-ahead log"):  # and every write after it
+        _issue(store, after)
+    assert store.reachable() is False  # health: NOT_SERVING
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("a checkpoint copied" in m and "stop the daemon cleanly (SIGTERM" in m for m in errors), errors
+    store.close()
+    reopened = open_store(f"sqlite:///{db}")
+    try:
+        assert reopened.get_certificate(before.serial) == before
+        assert reopened.get_certificate(after.serial) is None
+        _issue(reopened, after)  # a new process writes again
+    finally:
+        reopened.close()
+
+
+def test_a_write_ahead_log_removed_by_the_last_close_is_not_taken_for_a_deleted_one(tmp_path: Path) -> None:
+    """SQLite removes the log when the last connection closes; a store whose pool closed them all writes again."""
+    import os
+
+    db = tmp_path / "ca.db"
+    store = open_store(f"sqlite:///{db}")
+    try:
+        store.save_ca_key(_ca_key())
+        store.engine.dispose()  # every connection closed: SQLite removes ca.db-wal
+        assert not os.path.exists(f"{db}-wal")
+        first = _cert("dev-1")
+        assert _issue(store, first) == [IssuanceOutcome(first, created=True)]
+        assert store.reachable()
     finally:
         store.close()
