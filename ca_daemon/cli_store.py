@@ -97,6 +97,10 @@ def _restore(args: argparse.Namespace) -> int:
         os.close(lock)
 
 
+# Serials a db.restore event lists at most (the output lists them all).
+_LISTED_IN_EVENT = 1000
+
+
 def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> int:
     outcome = backup.restore(Path(args.source).resolve(), config.store.url, _audit_public_key(config), accept_loss=args.accept_loss)
     print(f"restored {outcome.restored.describe()}")
@@ -108,6 +112,8 @@ def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> 
             print(f"  CA key {key_id} back to the backup's record: {in_backup} (was {in_place})")
         if outcome.lost.certificate_serials:
             print(f"  certificates no longer known: {', '.join(outcome.lost.certificate_serials)}")
+        if outcome.lost.revocation_serials:
+            print(f"  certificates no longer revoked (revoke them again): {', '.join(outcome.lost.revocation_serials)}")
         if outcome.lost.mtls_certificate_serials:
             print(f"  mTLS client certificates no longer known: {', '.join(outcome.lost.mtls_certificate_serials)}")
         if outcome.lost.mtls_revocation_serials:
@@ -129,6 +135,8 @@ def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> 
             "sha256": outcome.restored.sha256,
             "previous": str(outcome.moved_aside or ""),
             "lost": outcome.lost.describe(),
+            # The certificates valid again by this restore, for whoever must revoke them again (bounded: the count is in "lost").
+            "no_longer_revoked": ",".join(outcome.lost.revocation_serials[:_LISTED_IN_EVENT]),
             **_audit_loss_details(outcome.lost.audit),
         }
         store.append_audit([_operator_event("db.restore", "restored", details=details)])

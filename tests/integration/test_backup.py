@@ -122,6 +122,9 @@ def test_a_backup_taken_while_signing_holds_every_answered_certificate_and_resto
     assert (serials_in(live), audit_actions(live)) == live_before and not list(live.parent.glob("*.restoring*"))
     restored = env.cli("db", "restore", "--from", str(out), "--accept-loss")
     assert "forgotten by this restore" in restored.stdout and sorted(issued_after)[0] in restored.stdout, restored.stdout
+    # The certificate revoked after the copy is valid again: named, so that the operator can revoke it again.
+    revoked_after = answered_before_backup[1]
+    assert f"certificates no longer revoked (revoke them again): {revoked_after}" in restored.stdout, restored.stdout
     assert sha256(out) == backup_digest  # the backup file itself is never written to
     assert f"the next CRL of ca-root-1 will be numbered above {highest_crl}" in restored.stdout, restored.stdout
     assert max_crl_number(live) < highest_crl  # the backup's own CRLs are older
@@ -129,6 +132,9 @@ def test_a_backup_taken_while_signing_holds_every_answered_certificate_and_resto
     assert [p for p in moved if not p.name.endswith(("-wal", "-shm"))], "the previous database was not kept"
     assert serials_in(live) == in_backup
     assert audit_actions(live)[-1] == "db.restore"
+    with sqlite3.connect(live) as db:
+        (details,) = db.execute("SELECT details FROM audit_events WHERE action = 'db.restore'").fetchone()
+    assert json.loads(details)["no_longer_revoked"] == revoked_after
 
     daemon = Daemon(env, env.state_dir / "daemon-restored.log").start()
     try:
