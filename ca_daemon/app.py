@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -722,12 +723,12 @@ def serve(config: Config) -> int:
     if warning := sqlite_mode_warning(config.store.url):
         log.warning("%s", warning)
     pid_file = write_pid_file(config)
-    metrics_server, metrics_store, scrapers = None, None, None
+    metrics_server, metrics_store, scrapers, metrics_dir = None, None, None, None
     reload_status = metrics.ReloadStatus()
     try:  # from here on the pid file goes with the process, however it ends
         if config.metrics.listen:
             # Before any worker starts (they inherit the directory) and before prometheus_client is imported.
-            metrics.prepare_directory(config.state_dir)
+            metrics_dir = metrics.prepare_directory(config.state_dir)
             metrics_store = connect_store(config)
             tls_context = tls.metrics_context(config) if config.tls.enabled else None
             scrapers = Authenticator.from_config(config) if config.tls.enabled else None
@@ -747,6 +748,8 @@ def serve(config: Config) -> int:
             metrics_server.shutdown()
         if metrics_store is not None:
             metrics_store.close()
+        if metrics_dir is not None and not metrics_dir.is_relative_to(config.state_dir):
+            shutil.rmtree(metrics_dir, ignore_errors=True)  # memory, not disk: nothing of it is needed after a stop
         with contextlib.suppress(OSError):
             pid_file.unlink()
 

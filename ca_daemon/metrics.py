@@ -1,7 +1,7 @@
 """Prometheus metrics, in prometheus-client's multiprocess mode.
 
 The daemon serves from several worker processes on one port, so each worker writes its
-counters and histograms to files in `state_dir/metrics` (PROMETHEUS_MULTIPROC_DIR, set by
+counters and histograms to files in a directory of /dev/shm (PROMETHEUS_MULTIPROC_DIR, set by
 the parent before any worker starts and before prometheus_client is imported), and the
 parent serves one endpoint (`metrics.listen`) that sums them. Values that live in the
 store (CRL number and age, audit chain length, last checkpoint age) are read at scrape
@@ -13,6 +13,7 @@ module is first imported, which must come after the directory is set.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -31,6 +32,7 @@ from ca_daemon.model import KeyStatus
 from ca_daemon.thread_names import name_os_thread
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
+_SHARED_MEMORY = Path("/dev/shm")  # noqa: S108 - a directory of our own is made there with mkdir, see prepare_directory
 _HANDSHAKE_TIMEOUT_S = 10.0
 # CA keys whose certificate expiry matters: they sign, or are about to, or still sign CRLs.
 _SIGNING_OR_ABOUT_TO = (KeyStatus.PENDING, KeyStatus.ACTIVE, KeyStatus.SUPERSEDED)
@@ -39,12 +41,37 @@ _REFUSAL = "ca_daemon.metrics_refusal"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def prepare_directory(state_dir: Path) -> Path:
-    """Empty the metrics directory and point this process (and the workers it spawns) at it."""
-    directory = state_dir / "metrics"
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True, exist_ok=True)
+def prepare_directory(state_dir: Path, shared_memory: Path = _SHARED_MEMORY) -> Path:
+    """Empty the metrics directory and point this process (and the workers it spawns) at it.
+
+    In shared memory (/dev/shm), one directory per state directory, where the host has it; else
+    state_dir/metrics. prometheus_client grows its files through mmap: on a full disk a worker
+    touching a new page died of SIGBUS, again after each restart, until the supervisor gave up, where
+    the full disk should only have made writes UNAVAILABLE. Shared memory is not the database's disk.
+    """
+    directory = _own_directory_in(shared_memory, state_dir)
+    if directory is None:
+        directory = state_dir / "metrics"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ[_ENV] = str(directory)
+    return directory
+
+
+def _own_directory_in(shared_memory: Path, state_dir: Path) -> Path | None:
+    """A new directory of this daemon's in shared_memory, named after its state directory; None if it cannot be made.
+
+    A previous run's is removed first (rmtree leaves a symbolic link alone). shared_memory is everyone's:
+    whatever another user put at that name makes mkdir fail, and the caller uses the state directory.
+    """
+    if not (shared_memory.is_dir() and os.access(shared_memory, os.W_OK)):
+        return None
+    directory = shared_memory / f"ca-daemon-metrics-{hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]}"
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        os.mkdir(directory, 0o700)
+    except OSError:
+        return None
     return directory
 
 
