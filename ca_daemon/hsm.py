@@ -210,9 +210,10 @@ class Hsm:
         rather than the traffic: a load balancer that stops sending Sign calls to a worker
         reporting NOT_SERVING would never have brought it back.
         """
-        if self._broken and not self._closed:
+        if not self._closed:
+            # Also while healthy: an idle worker reported SERVING through a whole outage, as nothing touched the token.
             with contextlib.suppress(HsmUnavailable):
-                await self.run_async(lambda: self._guarded("a health probe", lambda: None))
+                await self.run_async(lambda: self._guarded("a health probe", self._check_token_present))
         return self.healthy
 
     def run(self, fn: Callable[[], T]) -> T:
@@ -421,11 +422,20 @@ class Hsm:
 
         return self.run(lambda: self._guarded("signing", _sign))
 
+    def _check_token_present(self) -> None:
+        """C_GetTokenInfo: a connection error (handled by _guarded) if the token went away, else nothing.
+
+        SoftHSM's session of a token that went away finds no objects and reports no error, also once
+        the token is back: a key looked up then was NOT_FOUND, for good, until a restart.
+        """
+        self._session.token.slot.get_token()
+
     def _private_key(self, uri: Pkcs11Uri) -> Any:
         key = self._keys.get(uri)
         if key is None:
             matches = list(self._session.get_objects(_search_template(uri, ObjectClass.PRIVATE_KEY)))
             if not matches:
+                self._check_token_present()
                 raise NotFound(f"no private key matching {uri} in the token")
             if len(matches) > 1:
                 raise FailedPrecondition(f"{len(matches)} private keys match {uri}; name the key by id")
@@ -435,6 +445,7 @@ class Hsm:
     def _public_key(self, uri: Pkcs11Uri) -> Any:
         matches = list(self._session.get_objects(_search_template(uri, ObjectClass.PUBLIC_KEY)))
         if not matches:
+            self._check_token_present()
             raise NotFound(f"no public key matching {uri} in the token")
         if len(matches) > 1:
             raise FailedPrecondition(f"{len(matches)} public keys match {uri}; name the key by id")

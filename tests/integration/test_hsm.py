@@ -166,3 +166,31 @@ def _token_label(directory: Path) -> str:
         if text.startswith("test-"):
             return text[: text.find(" ") if " " in text else len(text)]
     return ""
+
+
+def test_a_key_first_looked_up_while_the_token_is_away_is_unavailable_not_missing(
+    token_env: CaEnv, softhsm_conf: Path, tmp_path: Path
+) -> None:
+    """SoftHSM's session of a token that went away finds no objects and says nothing: a key not yet looked up was
+    NOT_FOUND, and stayed so after the token came back (a hostile review: every Sign of a fresh worker, for good).
+    And health noticed the outage only once a call had failed: an idle worker stayed SERVING throughout."""
+    with Hsm.open(MODULE, token_env.token, token_env.user_pin) as maker:
+        generated = maker.generate_key(KeySpec.EC_P256, "looked-up-late")
+    token_dirs = [d for d in glob.glob(str(softhsm_conf.parent / "tokens" / "*")) if _token_label(Path(d)) == token_env.token]
+    assert len(token_dirs) == 1
+    with Hsm.open(MODULE, token_env.token, token_env.user_pin) as fresh:  # has looked up no key yet
+        assert asyncio.run(fresh.probe())
+        away = str(tmp_path / "token-away")
+        shutil.move(token_dirs[0], away)
+        try:
+            assert not asyncio.run(fresh.probe())  # idle, and still it notices
+            time.sleep(0.6)  # past the reconnect interval
+            with pytest.raises(HsmUnavailable):
+                fresh.sign_raw(generated.uri, b"\x11" * 32, "ecdsa")
+        finally:
+            shutil.move(away, token_dirs[0])
+        deadline = time.monotonic() + 5
+        while not asyncio.run(fresh.probe()):
+            assert time.monotonic() < deadline, "the probe did not reconnect once the token was back"
+            time.sleep(0.2)
+        assert len(fresh.sign_raw(generated.uri, b"\x11" * 32, "ecdsa")) == 64
