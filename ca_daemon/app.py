@@ -48,7 +48,7 @@ from ca_daemon.authority import Authority, check_policy, load_active_ca, restart
 from ca_daemon.config import Config
 from ca_daemon.crl import CrlServices, await_first_crls, watch_health
 from ca_daemon.errors import CaError, ConfigError, FailedPrecondition, PermissionDenied, Unauthenticated
-from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.hsm import PIN_REFUSED, Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent
 from ca_daemon.registration import VerificationCertificates
 from ca_daemon.revocation import MAX_BULK_REQUEST_BYTES, Revocations
@@ -653,7 +653,7 @@ def worker_main(
         asyncio.run(_serve_forever(config, primary))
     except CaError as exc:
         log.error("worker %d cannot serve: %s", os.getpid(), exc.message)
-        sys.exit(1)
+        sys.exit(WORKER_CANNOT_START if isinstance(exc, ConfigError) or exc.rule == PIN_REFUSED else 1)
 
 
 def check_ready(config: Config) -> None:
@@ -853,7 +853,8 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
     mode = "mTLS" if config.tls.enabled else "development mode, plaintext"
     pinned = f", pinned to CPUs {', '.join(str(cpu) for cpu in cpus)}" if cpus[0] is not None else ""
     log.info("ca-daemon serving gRPC on %s with %d worker processes (%s%s)", config.server.listen, len(workers), mode, pinned)
-    failures = 0
+    restarts = [_Restarts() for _ in workers]
+    gave_up = False
     while not stopping:
         time.sleep(0.2)
         if _take_pending_reload():
@@ -868,18 +869,23 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
         for index, process in enumerate(workers):
             if process.is_alive() or stopping:
                 continue
-            failures += 1
-            if failures > 10 * len(workers):
-                log.error("workers keep exiting; stopping (see the log lines above)")
-                stopping = True
+            if process.exitcode == WORKER_CANNOT_START:
+                log.error(
+                    "worker %d cannot start (a wrong or locked PIN, or the configuration: see the line above); stopping, "
+                    "as restarting it would only try again (a real HSM locks its PIN after a few wrong logins)",
+                    process.pid,
+                )
+                stopping = gave_up = True
                 break
-            log.warning("worker %d exited with %s; restarting it", process.pid, process.exitcode)
+            if not restarts[index].due(process):
+                continue
             if process.pid is not None:
                 metrics.mark_dead(process.pid)
             workers[index] = context.Process(
                 target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets, in_force), daemon=False
             )
             workers[index].start()
+            restarts[index].started()
     log.info("ca-daemon stopping: its workers finish the calls they have")
     for process in workers:
         if process.is_alive():
@@ -891,7 +897,42 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
             process.kill()
             process.join()
     log.info("ca-daemon stopped")
-    return 1 if failures > 10 * len(workers) else 0
+    return 1 if gave_up else 0
+
+
+# A worker's exit status when retrying cannot help: a PIN the token refused, a configuration error.
+WORKER_CANNOT_START = 78  # EX_CONFIG
+_RESTART_FIRST_S = 0.5
+_RESTART_MAX_S = 30.0
+# A worker that ran this long before it exited is restarted at once again: its exit was not a start that keeps failing.
+_RESTART_SETTLED_S = 60.0
+
+
+class _Restarts:
+    """When a worker slot's exited process is started again: at once, then after 0.5, 1, 2, ... s, up to 30 s.
+
+    The supervisor used to give up after ten exits per worker in the daemon's lifetime: a token away for
+    half a minute, with one worker crashing meanwhile, stopped the whole daemon, where it should resume
+    once the token is back. Now it keeps trying, at most twice a minute, for as long as the cause lasts.
+    """
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+        self._failures = 0
+        self._due: float | None = None
+
+    def due(self, process: multiprocessing.process.BaseProcess) -> bool:
+        """Whether to start the slot's worker now; the first call after an exit logs it and sets the delay."""
+        now = time.monotonic()
+        if self._due is None:
+            self._failures = 0 if now - self._started >= _RESTART_SETTLED_S else self._failures + 1
+            delay = 0.0 if self._failures == 0 else min(_RESTART_MAX_S, _RESTART_FIRST_S * 2 ** (self._failures - 1))
+            self._due = now + delay
+            log.warning("worker %d exited with %s; restarting it%s", process.pid, process.exitcode, f" in {delay:g} s" if delay else "")
+        return now >= self._due
+
+    def started(self) -> None:
+        self._started, self._due = time.monotonic(), None
 
 
 def forward_reload(running: Config, pids: list[int]) -> str | None:

@@ -66,6 +66,9 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     pkcs11.exceptions.NoSuchKey,
 )
 _RECONNECT_INTERVAL_S = 0.5
+# The rule of a PIN the token refused (wrong or locked): never tried again by this process, since a real HSM
+# locks the PIN after a few wrong logins; app.worker_main exits so that the supervisor stops rather than retries.
+PIN_REFUSED = "pin-refused"
 _OPEN_ATTEMPTS = 4
 
 
@@ -146,6 +149,7 @@ class Hsm:
         self._session: Any = None
         self._keys: dict[Pkcs11Uri, Any] = {}
         self._broken = False
+        self._pin_refused: HsmUnavailable | None = None
         self._last_attempt = 0.0
         self._closed = False
         # Called with the seconds each token signature took (the metrics' HSM sign latency).
@@ -259,9 +263,11 @@ class Hsm:
             # Login state is per application: another connection of this process logged in.
             self._session = token.open(rw=True)
         except pkcs11.exceptions.PinIncorrect:
-            raise HsmUnavailable(f"wrong PIN for PKCS#11 token {self._token_label!r}") from None
+            self._pin_refused = HsmUnavailable(f"wrong PIN for PKCS#11 token {self._token_label!r}", rule=PIN_REFUSED)
+            raise self._pin_refused from None
         except pkcs11.exceptions.PinLocked:
-            raise HsmUnavailable(f"the user PIN of PKCS#11 token {self._token_label!r} is locked") from None
+            self._pin_refused = HsmUnavailable(f"the user PIN of PKCS#11 token {self._token_label!r} is locked", rule=PIN_REFUSED)
+            raise self._pin_refused from None
         except pkcs11.exceptions.PKCS11Error as exc:
             raise _TransientHsmError(f"cannot log in to PKCS#11 token {self._token_label!r}: {type(exc).__name__}") from None
         self._keys.clear()
@@ -281,6 +287,8 @@ class Hsm:
         next call tries to reconnect (at most every half second), so service resumes
         without a restart once the token is back.
         """
+        if self._pin_refused is not None:  # the token's PIN changed under a running worker: no login is tried again
+            raise self._pin_refused
         if self._broken or self._session is None:
             now = time.monotonic()
             if now - self._last_attempt < _RECONNECT_INTERVAL_S:
