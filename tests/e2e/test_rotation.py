@@ -362,8 +362,8 @@ def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) ->
         rerun = d.env.cli("init")
         assert f"CA key {KEY1} already has a certificate (it is destroyed); nothing to do" in rerun.stdout, rerun.stdout
         assert f"the active CA key is {KEY2}" in rerun.stdout, rerun.stdout
-        checked = d.env.cli("check-config").stdout
-        assert f"CA key: {KEY2} in the token matches its certificate" in checked and KEY1 not in checked, checked
+        preflight = d.env.cli("check-config").stdout
+        assert f"CA key: {KEY2} in the token matches its certificate" in preflight and KEY1 not in preflight, preflight
 
         # Issuance goes on under key 2, and the audit log holds every approval.
         assert sign(prog).issuer_key_id == KEY2
