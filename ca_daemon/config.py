@@ -47,6 +47,8 @@ class SecretSource:
                 text = file.read_text().strip()
             except OSError as exc:
                 raise ConfigError(f"cannot read PIN file {file}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:  # the message would quote the byte, never the file
+                raise ConfigError(f"PIN file {file} is not UTF-8 text (byte {exc.start})") from None
             if mode & (stat.S_IRWXG | stat.S_IRWXO):
                 raise ConfigError(f"PIN file {file} is readable by group or others; chmod 600 it")
             if not text:

@@ -66,6 +66,11 @@ _CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     pkcs11.exceptions.NoSuchKey,
 )
 _RECONNECT_INTERVAL_S = 0.5
+# SoftHSM answers CKR_GENERAL_ERROR when its configuration file or token directory is missing or unreadable.
+_SOFTHSM_HINT = (
+    " (SoftHSM says this when its configuration file, hsm.softhsm2_conf or SOFTHSM2_CONF, or the directories.tokendir"
+    " it names is missing or unreadable)"
+)
 # The rule of a PIN the token refused (wrong or locked): never tried again by this process, since a real HSM
 # locks the PIN after a few wrong logins; app.worker_main exits so that the supervisor stops rather than retries.
 PIN_REFUSED = "pin-refused"
@@ -243,11 +248,12 @@ class Hsm:
         return fn()
 
     def _connect(self) -> None:
+        loaded = self._lib is not None
         try:
-            if self._lib is None:
-                self._lib = pkcs11.lib(self._module_path)
-            else:
+            if loaded:
                 self._lib.reinitialize()
+            else:
+                self._lib = pkcs11.lib(self._module_path)
             token = self._lib.get_token(token_label=self._token_label)
         except pkcs11.exceptions.NoSuchToken:
             raise HsmUnavailable(
@@ -256,7 +262,12 @@ class Hsm:
                 caller_message=f"the HSM is unavailable: its token {self._token_label!r} is not reachable; retry later",
             ) from None
         except pkcs11.exceptions.PKCS11Error as exc:
-            raise _TransientHsmError(f"cannot reach PKCS#11 token {self._token_label!r}: {type(exc).__name__}") from None
+            if type(exc) is pkcs11.exceptions.PKCS11Error and not loaded:  # the base class: dlopen failed, not C_Initialize
+                raise ConfigError(f"cannot load PKCS#11 module {self._module_path}: {str(exc)[:300]}") from None
+            raise _TransientHsmError(
+                f"cannot reach PKCS#11 token {self._token_label!r}: {type(exc).__name__} from module {self._module_path}"
+                f"{_SOFTHSM_HINT if 'softhsm' in self._module_path.lower() else ''}"
+            ) from None
         try:
             self._session = token.open(user_pin=self._pin, rw=True)
         except pkcs11.exceptions.UserAlreadyLoggedIn:

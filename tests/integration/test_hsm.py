@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import glob
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from ca_daemon import config as config_module
-from ca_daemon.errors import HsmUnavailable
+from ca_daemon.errors import ConfigError, HsmUnavailable
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import KeySpec
 from tests.conftest import CaEnv, make_env
@@ -194,3 +195,26 @@ def test_a_key_first_looked_up_while_the_token_is_away_is_unavailable_not_missin
             assert time.monotonic() < deadline, "the probe did not reconnect once the token was back"
             time.sleep(0.2)
         assert len(fresh.sign_raw(generated.uri, b"\x11" * 32, "ecdsa")) == 64
+
+
+def test_start_up_reasons_name_what_is_wrong(token_env: CaEnv, tmp_path: Path) -> None:
+    """Three reasons that did not say what was wrong (a hostile review): 'GeneralError' for a missing SoftHSM
+    configuration, 'PKCS11Error' for a module that is no library, and a UnicodeDecodeError for a binary PIN file."""
+    not_a_library = tmp_path / "libnot-pkcs11.so"
+    not_a_library.write_text("x\n")
+    with pytest.raises(ConfigError, match=f"cannot load PKCS#11 module {not_a_library}: .*file too short"):
+        Hsm.open(str(not_a_library), token_env.token, token_env.user_pin)
+    # In a process of its own: SoftHSM reads its configuration once per process, and this one has read it.
+    opened = subprocess.run(
+        [sys.executable, "-c", "import sys; from ca_daemon.hsm import Hsm; Hsm.open(*sys.argv[1:])", MODULE, token_env.token, "1234"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOFTHSM2_CONF": str(tmp_path / "missing-softhsm2.conf")},
+        check=False,
+    )
+    assert "SoftHSM says this when its configuration file" in opened.stderr, opened.stderr
+    pin_file = tmp_path / "user.pin"
+    pin_file.write_bytes(b"\xff\xfe1234\n")
+    pin_file.chmod(0o600)
+    with pytest.raises(ConfigError, match=f"PIN file {pin_file} is not UTF-8 text"):
+        config_module.SecretSource(file=pin_file).read()
