@@ -268,7 +268,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             principal = self._authenticator.authenticate(self._auth_context_of(context))
         except errors.Unauthenticated as exc:
             if exc.rule == NO_CLIENT_CERTIFICATE:
-                self._refused_uncertified(method, context)
+                self._refused_uncertified(method)
             else:
                 await self._deny("-", method, exc)
             raise
@@ -280,7 +280,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             raise
         return principal.identity
 
-    def _refused_uncertified(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def _refused_uncertified(self, method: str) -> None:
         """A call with no client certificate: one log line per interval with how many, no audit event (access.NO_CLIENT_CERTIFICATE).
 
         Each was an access.deny event and a request-log line: 34,500 calls in 10 s from a peer with no
