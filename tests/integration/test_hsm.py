@@ -139,8 +139,7 @@ def test_service_resumes_after_the_token_comes_back(hsm: Hsm, token_env: CaEnv, 
     generated = hsm.generate_key(KeySpec.EC_P256, "comes-and-goes")
     digest = b"\x11" * 32
     assert len(hsm.sign_raw(generated.uri, digest, "ecdsa")) == 64
-    token_dirs = [d for d in glob.glob(str(softhsm_conf.parent / "tokens" / "*")) if _token_label(Path(d)) == token_env.token]
-    assert len(token_dirs) == 1
+    token_dirs = _token_dirs(softhsm_conf, token_env.token)
     away = str(tmp_path / "token-away")  # outside directories.tokendir: a token renamed inside it is found again
     shutil.move(token_dirs[0], away)
     try:
@@ -151,13 +150,23 @@ def test_service_resumes_after_the_token_comes_back(hsm: Hsm, token_env: CaEnv, 
         assert not asyncio.run(hsm.probe())
     finally:
         shutil.move(away, token_dirs[0])
-    # The probe reconnects by itself, without a signature asking for the token.
+    _wait_probe_reconnects(hsm)  # by itself, without a signature asking for the token
+    assert hsm.healthy
+    assert len(hsm.sign_raw(generated.uri, digest, "ecdsa")) == 64
+
+
+def _token_dirs(softhsm_conf: Path, label: str) -> list[str]:
+    """The one token directory of label, as a list (moved away and back by the tests)."""
+    found = [d for d in glob.glob(str(softhsm_conf.parent / "tokens" / "*")) if _token_label(Path(d)) == label]
+    assert len(found) == 1
+    return found
+
+
+def _wait_probe_reconnects(hsm: Hsm) -> None:
     deadline = time.monotonic() + 5
     while not asyncio.run(hsm.probe()):
         assert time.monotonic() < deadline, "the probe did not reconnect once the token was back"
         time.sleep(0.2)
-    assert hsm.healthy
-    assert len(hsm.sign_raw(generated.uri, digest, "ecdsa")) == 64
 
 
 def _token_label(directory: Path) -> str:
@@ -177,8 +186,7 @@ def test_a_key_first_looked_up_while_the_token_is_away_is_unavailable_not_missin
     And health noticed the outage only once a call had failed: an idle worker stayed SERVING throughout."""
     with Hsm.open(MODULE, token_env.token, token_env.user_pin) as maker:
         generated = maker.generate_key(KeySpec.EC_P256, "looked-up-late")
-    token_dirs = [d for d in glob.glob(str(softhsm_conf.parent / "tokens" / "*")) if _token_label(Path(d)) == token_env.token]
-    assert len(token_dirs) == 1
+    token_dirs = _token_dirs(softhsm_conf, token_env.token)
     with Hsm.open(MODULE, token_env.token, token_env.user_pin) as fresh:  # has looked up no key yet
         assert asyncio.run(fresh.probe())
         away = str(tmp_path / "token-away")
@@ -190,10 +198,7 @@ def test_a_key_first_looked_up_while_the_token_is_away_is_unavailable_not_missin
                 fresh.sign_raw(generated.uri, b"\x11" * 32, "ecdsa")
         finally:
             shutil.move(away, token_dirs[0])
-        deadline = time.monotonic() + 5
-        while not asyncio.run(fresh.probe()):
-            assert time.monotonic() < deadline, "the probe did not reconnect once the token was back"
-            time.sleep(0.2)
+        _wait_probe_reconnects(fresh)
         assert len(fresh.sign_raw(generated.uri, b"\x11" * 32, "ecdsa")) == 64
 
 
