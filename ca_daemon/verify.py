@@ -29,6 +29,7 @@ A leaf module for users: no server-side imports.
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import os
 import re
@@ -140,14 +141,33 @@ class CrlStats:
 Fetcher = Callable[[str, str], tuple[int, bytes, str]]
 
 
-def http_fetch(url: str, etag: str, timeout: float = 5.0) -> tuple[int, bytes, str]:
-    """GET url (with If-None-Match when we hold a copy); returns (status, body, ETag)."""
+# A whole CRL download, not each read, is bounded in time and size: a server sending a byte every few
+# seconds held a fetch for a quarter of an hour, and a 300 MiB answer was read whole before it was refused.
+FETCH_DEADLINE_S = 30.0
+MAX_CRL_BYTES = 128 * 1024 * 1024  # a full CRL of 1,000,000 entries is about 54 MB
+
+
+def http_fetch(
+    url: str, etag: str, timeout: float = 5.0, *, deadline: float = FETCH_DEADLINE_S, max_bytes: int = MAX_CRL_BYTES
+) -> tuple[int, bytes, str]:
+    """GET url (with If-None-Match when we hold a copy); returns (status, body, ETag).
+
+    ValueError when the body takes longer than deadline seconds or exceeds max_bytes.
+    """
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"CRL URL {url!r} is not http(s)")
     request = urllib.request.Request(url, headers={"If-None-Match": etag} if etag else {})  # noqa: S310 - scheme checked above
+    started = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
-            return int(response.status), response.read(), response.headers.get("ETag", "")
+            body = bytearray()
+            while chunk := response.read1(1 << 20):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ValueError(f"the answer is larger than {max_bytes} bytes")
+                if time.monotonic() - started > deadline:
+                    raise ValueError(f"the download took longer than {deadline:g} s")
+            return int(response.status), bytes(body), response.headers.get("ETag", "")
     except urllib.error.HTTPError as exc:
         if exc.code == 304:
             return 304, b"", etag
@@ -163,21 +183,28 @@ class CrlCache:
     def __init__(self, *, max_age: float = 60.0, fetch: Fetcher | None = None) -> None:
         self._max_age = max_age
         self._fetch = fetch or http_fetch
-        self._entries: dict[str, _Cached] = {}
-        self._lock = threading.Lock()
+        # By URL and issuing CA: a CRL is authenticated against the issuer it was fetched for, and another CA's
+        # certificate naming the same URL was checked against that CA's cached CRL, unauthenticated for it.
+        self._entries: dict[tuple[str, bytes], _Cached] = {}
+        # One lock per entry: a slow CRL server holds up the verifications that need its CRL, not all of them.
+        self._locks: dict[tuple[str, bytes], threading.Lock] = {}
+        self._locks_lock = threading.Lock()
         self.stats = CrlStats()
 
     def get(self, url: str, issuer: x509.Certificate, now: datetime, *, refresh: bool = False) -> x509.CertificateRevocationList:
         """The CRL at url; refresh revalidates it now, whatever its age (a delta names a newer base than the one held)."""
-        with self._lock:
-            cached = self._entries.get(url)
+        key = (url, issuer.fingerprint(hashes.SHA256()))
+        with self._locks_lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            cached = self._entries.get(key)
             fresh = cached is not None and time.monotonic() - cached.checked_at < self._max_age
             if cached is not None and fresh and not refresh and _current(cached.crl, now):
                 self.stats.cache_hits += 1
                 return cached.crl
             try:
                 status, body, etag = self._fetch(url, cached.etag if cached else "")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 if cached is not None and _current(cached.crl, now):
                     return cached.crl  # the server is down but our copy is still within its validity
                 raise Refused("revocation", f"cannot fetch the CRL at {url}: {exc}") from None
@@ -194,7 +221,7 @@ class CrlCache:
                 self.stats.rollbacks_refused += 1
                 cached.checked_at = time.monotonic()
                 return cached.crl
-            self._entries[url] = _Cached(crl, number, etag, time.monotonic())
+            self._entries[key] = _Cached(crl, number, etag, time.monotonic())
             return crl
 
 
@@ -288,7 +315,7 @@ class IdentityRule:
             device_id = found[0]
             if cn is not None and cn != device_id:
                 raise Refused("identity", f"the subject CN {cn!r} and the SAN device ID {device_id!r} disagree")
-        if not re.search(self.device_id_pattern, device_id):
+        if not re.fullmatch(self.device_id_pattern, device_id):  # as the daemon's profile rule reads it (policy.py)
             raise Refused("identity", f"device ID {device_id!r} does not match {self.device_id_pattern}")
         return device_id
 
@@ -309,8 +336,12 @@ def _san_uris(certificate: x509.Certificate) -> list[str]:
 # CN alone (IdentityRule(source="cn")). When the identity rule reads a SAN, step 4 refuses a leaf
 # without one.
 _CA_EXTENSIONS = verification.ExtensionPolicy.webpki_defaults_ca()
-_LEAF_EXTENSIONS = verification.ExtensionPolicy.webpki_defaults_ee().may_be_present(
-    x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None
+# EKU required: the client verifier checks clientAuth only when the extension is there, and a leaf without it
+# (usable for any purpose) was granted.
+_LEAF_EXTENSIONS = (
+    verification.ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None)
+    .require_present(x509.ExtendedKeyUsage, verification.Criticality.AGNOSTIC, None)
 )
 
 

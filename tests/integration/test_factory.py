@@ -6,6 +6,7 @@ ports; openssl judges what the daemon signs.
 
 from __future__ import annotations
 
+import http.client
 import http.server
 import json
 import os
@@ -519,6 +520,131 @@ def test_verifier_refuses_a_challenge_it_did_not_issue_or_that_expired(client: C
     assert all(answer(challenge).startswith(f"GRANTED device {device.device_id}") for challenge in rest)
 
 
+def _foreign_leaf(
+    ca: ForeignCa,
+    device_key: ec.EllipticCurvePrivateKey,
+    crl_url: str,
+    *cns: str,
+    san: str | None = "urn:dev:ops:attacker-000002",
+    client_auth: bool = True,
+) -> x509.Certificate:
+    """A device certificate of ca shaped like ours: CNs, a SAN URI, EKU clientAuth (unless not), CRL distribution point."""
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in cns]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(device_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(device_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+        .add_extension(
+            x509.CRLDistributionPoints([x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)]),
+            critical=False,
+        )
+    )
+    if client_auth:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san)]), critical=False)
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def _decide(verifier: DeviceVerifier, certificate: x509.Certificate, device_key: ec.EllipticCurvePrivateKey) -> str:
+    challenge = verifier.challenge()
+    return str(verifier.verify(certificate, [], challenge, sign_challenge(device_key, challenge)))
+
+
+def test_verifier_refuses_what_the_profile_would_never_issue_and_a_leaf_without_eku() -> None:
+    """A hostile review of the verifier: the device ID pattern was searched, not matched whole ('$' matches before a
+    final newline, an unanchored pattern matched inside a longer ID), and a leaf with no EKU at all was granted."""
+    ca = ForeignCa.create("Relying-party test CA")
+    port = free_port()
+    server = _Http(port)
+    server.fixed["/ca.crl"] = ca.crl().public_bytes(serialization.Encoding.DER)
+    key = ec.generate_private_key(ec.SECP256R1())
+    url = f"http://127.0.0.1:{port}/ca.crl"
+    try:
+        by_cn = DeviceVerifier([ca.certificate], IdentityRule(source="cn"), CrlCache(max_age=0))
+        assert _decide(by_cn, _foreign_leaf(ca, key, url, "sensor-000001", san=None), key).startswith("GRANTED device sensor-000001")
+        assert _decide(by_cn, _foreign_leaf(ca, key, url, "sensor-000001\n", san=None), key).startswith("REFUSED at step identity")
+        unanchored = DeviceVerifier([ca.certificate], IdentityRule(device_id_pattern="sensor-[0-9]{6}"), CrlCache(max_age=0))
+        inside = _foreign_leaf(ca, key, url, san="urn:dev:ops:evil-sensor-000001-admin")
+        assert _decide(unanchored, inside, key).startswith("REFUSED at step identity: device ID 'evil-sensor-000001-admin'")
+        no_eku = _foreign_leaf(ca, key, url, "sensor-000001", san=None, client_auth=False)
+        assert _decide(by_cn, no_eku, key).startswith("REFUSED at step chain"), _decide(by_cn, no_eku, key)
+    finally:
+        server.close()
+
+
+def test_a_crl_cached_for_one_ca_is_never_used_for_another_naming_the_same_url() -> None:
+    """The cache was keyed by URL alone, so a certificate of CA B naming CA A's CRL URL was checked against A's cached
+    CRL, which was never authenticated for B: refused with an empty cache, granted once an A device had been checked."""
+    a, b = ForeignCa.create("Issuing CA A"), ForeignCa.create("Issuing CA B")
+    port = free_port()
+    server = _Http(port)
+    server.fixed["/a.crl"] = a.crl().public_bytes(serialization.Encoding.DER)
+    key = ec.generate_private_key(ec.SECP256R1())
+    url = f"http://127.0.0.1:{port}/a.crl"
+    try:
+        verifier = DeviceVerifier([a.certificate, b.certificate], IdentityRule(), CrlCache(max_age=60))
+        assert _decide(verifier, _foreign_leaf(a, key, url, "attacker-000002"), key).startswith("GRANTED")
+        refused = _decide(verifier, _foreign_leaf(b, key, url, "attacker-000002"), key)
+        assert refused.startswith("REFUSED at step revocation") and "not by the certificate's issuer" in refused, refused
+    finally:
+        server.close()
+
+
+def test_a_crl_fetch_that_fails_in_any_way_is_a_refusal_and_a_slow_one_holds_up_only_its_own_crl() -> None:
+    """http.client's own errors (a body shorter than its Content-Length, a bad status line) escaped verify(); the cache
+    held one lock over every fetch, so a CRL server sending a byte every few seconds stalled every verification; and a
+    fetch had no bound in time or size."""
+    ca = ForeignCa.create("Relying-party test CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    def incomplete(_url: str, _etag: str) -> tuple[int, bytes, str]:
+        raise http.client.IncompleteRead(b"0\x82", 100)
+
+    verifier = DeviceVerifier([ca.certificate], IdentityRule(), CrlCache(max_age=0, fetch=incomplete))
+    refused = _decide(verifier, _foreign_leaf(ca, key, "http://127.0.0.1:9/ca.crl", "attacker-000002"), key)
+    assert refused.startswith("REFUSED at step revocation: cannot fetch the CRL"), refused
+
+    slow_started, release = threading.Event(), threading.Event()
+    fast_body = ca.crl().public_bytes(serialization.Encoding.DER)
+
+    def fetch(url: str, _etag: str) -> tuple[int, bytes, str]:
+        if url.endswith("/slow.crl"):
+            slow_started.set()
+            release.wait(30)
+        return 200, fast_body, ""
+
+    cache = CrlCache(max_age=0, fetch=fetch)
+    now = datetime.now(UTC)
+    slow = threading.Thread(target=lambda: cache.get("http://127.0.0.1:9/slow.crl", ca.certificate, now), daemon=True)
+    slow.start()
+    try:
+        assert slow_started.wait(10)
+        started = time.monotonic()
+        assert cache.get("http://127.0.0.1:9/fast.crl", ca.certificate, now).issuer == ca.certificate.subject
+        assert time.monotonic() - started < 2  # not behind the slow fetch
+    finally:
+        release.set()
+        slow.join(10)
+
+    port = free_port()
+    server = _Http(port)
+    server.fixed["/big.crl"] = b"0" * 5000
+    try:
+        with pytest.raises(ValueError, match="larger than 1000 bytes"):
+            http_fetch(f"http://127.0.0.1:{port}/big.crl", "", max_bytes=1000)
+    finally:
+        server.close()
+
+
 def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
     """Step 4: a subject with two CNs (one of them another device's) is refused whatever the identity source, as a
     broker taking "the" CN as the user name might read either; with one CN the SAN/CN agreement decides."""
@@ -527,34 +653,9 @@ def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
     server = _Http(port)
     server.fixed["/ca.crl"] = ca.crl().public_bytes(serialization.Encoding.DER)
     device_key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
 
     def leaf(*cns: str) -> x509.Certificate:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in cns]))
-            .issuer_name(ca.certificate.subject)
-            .public_key(device_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(device_key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:dev:ops:attacker-000002")]), critical=False)
-            .add_extension(
-                x509.CRLDistributionPoints(
-                    [x509.DistributionPoint([x509.UniformResourceIdentifier(f"http://127.0.0.1:{port}/ca.crl")], None, None, None)]
-                ),
-                critical=False,
-            )
-            .sign(ca.key, hashes.SHA256())
-        )
+        return _foreign_leaf(ca, device_key, f"http://127.0.0.1:{port}/ca.crl", *cns)
 
     def decide(certificate: x509.Certificate, identity: IdentityRule) -> str:
         verifier = DeviceVerifier([ca.certificate], identity, CrlCache(max_age=0))
