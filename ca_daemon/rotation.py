@@ -300,12 +300,16 @@ class KeyCeremony:
         if action == "retire":
             key = self._key(key_id)
             as_of = None
-            if key.status == KeyStatus.SUPERSEDED and key.certificate_der is not None:
+            if key.certificate_der is not None:  # superseded, or pending with a certificate (and links) already
                 # What is still valid now can only be a link certificate (the precheck found no leaves). A
                 # retired key can never revoke it, so it is withdrawn now, on the final CRL: otherwise whoever
                 # trusts only this root would accept the successor's chain with no way to learn of its compromise.
                 links = self._rotation.unexpired_unrevoked(key_id, now, leaves_only=False)
                 details["revoked_link_certificates"] = str(self._revoke(links, RevocationReason.CESSATION_OF_OPERATION, officer))
+                # And the links other keys issued for it: a key that signs nothing more needs no certificate, and one
+                # left valid would let a compromise of it, before it is destroyed, pass as a chain to their roots.
+                certifying = self._links_to_withdraw(key_id, now)
+                details["revoked_links_certifying_it"] = str(self._revoke(certifying, RevocationReason.CESSATION_OF_OPERATION, officer))
                 publisher = CrlPublisher(self._config, self._hsm, self._store)
                 final = publisher.publish_final(publisher.issuer_of(key), now)
                 details["final_crl_number"] = str(final.crl_number)
@@ -365,6 +369,15 @@ class KeyCeremony:
 
     def _rotation_unrevoked(self, serials: list[int]) -> list[int]:
         return [s for s in serials if self._store.get_revocation(s) is None]
+
+    def _links_to_withdraw(self, key_id: str, now: datetime) -> list[int]:
+        """Serials of the unexpired, unrevoked links certifying key_id whose issuer still signs CRLs."""
+        signing = {k.key_id for k in self._store.list_ca_keys() if k.status in (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED, KeyStatus.PENDING)}
+        return [
+            link.serial
+            for link in self._rotation.links_certifying(key_id)
+            if link.issuer_key_id in signing and link.not_after > now and self._store.get_revocation(link.serial) is None  # none in force
+        ]
 
     def _revoke(self, serials: list[int], reason: RevocationReason, actor: str) -> int:
         if not serials:

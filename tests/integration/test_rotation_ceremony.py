@@ -242,6 +242,28 @@ def test_retirement_revokes_the_links_the_key_issued_on_its_final_crl(setup: Set
     assert setup.store.latest_crl("ca-root-1", delta=False) == final
 
 
+def test_retiring_a_pending_root_revokes_its_links_both_ways(setup: Setup) -> None:
+    """A pending self-signed root was retired with no final CRL and both its links left valid (a hostile review): the
+    active root still certified a key that signs nothing more, and it still certified the active root."""
+    ceremony = setup.ceremony()
+    setup.new_root(ceremony, "root-2")  # pending, with links ca-root-1 -> root-2 and root-2 -> ca-root-1
+    rotation = RotationStore(setup.store)
+    to_it = next(c for c in rotation.links_certifying("root-2") if c.issuer_key_id == "ca-root-1")
+    from_it = next(c for c in rotation.links_certifying("ca-root-1") if c.issuer_key_id == "root-2")
+    _both(ceremony, "retire", "root-2")
+    for link in (to_it, from_it):
+        revocation = setup.store.get_revocation(link.serial)
+        assert revocation is not None and revocation.reason == RevocationReason.CESSATION_OF_OPERATION, link.request_id
+    final = setup.store.latest_crl("root-2", delta=False)
+    assert final is not None and x509.load_der_x509_crl(final.der).get_revoked_certificate_by_serial_number(from_it.serial)
+    details = json.loads([e for e in setup.store.audit_events() if e["action"] == "key.retire"][-1]["details"])
+    assert (details["revoked_link_certificates"], details["revoked_links_certifying_it"]) == ("1", "1")
+    # The active root's own CRLs carry the link it issued for root-2.
+    publisher = CrlPublisher(setup.config, setup.hsm, setup.store)
+    crl = publisher.publish(publisher.issuers(datetime.now(UTC))[0], delta=False)
+    assert x509.load_der_x509_crl(crl.der).get_revoked_certificate_by_serial_number(to_it.serial) is not None
+
+
 def test_a_certificate_on_hold_blocks_retirement_and_a_retired_keys_certificates_cannot_change(setup: Setup) -> None:
     """certificateHold is reversible, but no CRL of a retired key could say the hold was lifted."""
     ceremony = setup.ceremony()
