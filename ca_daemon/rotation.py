@@ -251,6 +251,7 @@ class KeyCeremony:
                 f"{certificate.not_valid_after_utc.isoformat()}, not now ({now.isoformat()}); it cannot become the signing key",
                 rule="ca-certificate-validity",
             )
+        self._check_in_token(key, certificate)
         published = self._rotation.lifecycle(key.key_id).get("published_at")
         if published is None:
             raise FailedPrecondition(
@@ -369,6 +370,29 @@ class KeyCeremony:
 
     def _rotation_unrevoked(self, serials: list[int]) -> list[int]:
         return [s for s in serials if self._store.get_revocation(s) is None]
+
+    def _check_in_token(self, key: CaKey, certificate: x509.Certificate) -> None:
+        """The token still holds the key pair its certificate names (both halves).
+
+        Activated without it, a key whose private half was deleted stopped all issuance, and one whose pair was
+        replaced under its label left every worker signing with the superseded key (each refused to switch).
+        """
+        uri = Pkcs11Uri.parse(key.pkcs11_uri)
+        try:
+            in_token = self._hsm.public_key_der(uri)
+            self._hsm.private_key_attributes(uri)
+        except NotFound:
+            raise FailedPrecondition(
+                f"the token no longer holds CA key {key.key_id} ({key.pkcs11_uri}); it cannot become the signing key",
+                rule="key-in-token",
+            ) from None
+        spki = certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if in_token != spki:
+            raise FailedPrecondition(
+                f"the certificate of CA key {key.key_id} does not match the key pair the token holds under {key.pkcs11_uri}; "
+                "it cannot become the signing key",
+                rule="key-in-token",
+            )
 
     def _links_to_withdraw(self, key_id: str, now: datetime) -> list[int]:
         """Serials of the unexpired, unrevoked links certifying key_id whose issuer still signs CRLs."""

@@ -31,7 +31,7 @@ from ca_daemon import authority as authority_module
 from ca_daemon.authority import Authority
 from ca_daemon.config import RotationConfig
 from ca_daemon.errors import FailedPrecondition, InvalidRequest, PermissionDenied
-from ca_daemon.hsm import Hsm
+from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, KeyStatus, RevocationReason
 from ca_daemon.revocation import CrlPublisher, Revocations
 from ca_daemon.rotation import KeyCeremony
@@ -240,6 +240,22 @@ def test_retirement_revokes_the_links_the_key_issued_on_its_final_crl(setup: Set
     _both(ceremony, "emergency", "root-2", "root-3")
     assert setup.store.get_revocation(link.serial) == revocation
     assert setup.store.latest_crl("ca-root-1", delta=False) == final
+
+
+def test_a_key_the_token_no_longer_holds_is_not_activated(setup: Setup) -> None:
+    """Activated after its private key was deleted from the token, a key stopped all issuance, and the recovery (a new
+    root, whose links the broken key had to sign) failed half-way (a hostile review of the key ceremony)."""
+    ceremony = setup.ceremony()
+    setup.new_root(ceremony, "root-2")
+    key = setup.store.get_ca_key("root-2")
+    assert key is not None
+    setup.hsm.destroy_key(Pkcs11Uri.parse(key.pkcs11_uri))  # behind the daemon's back
+    with pytest.raises(FailedPrecondition, match="the token no longer holds CA key root-2") as refused:
+        ceremony.approve("alice", "activate", "root-2")  # refused at the first approval, as an expired certificate is
+    assert refused.value.rule == "key-in-token"
+    assert setup.store.active_key_id() == "ca-root-1"
+    setup.follow()
+    assert setup.sign()  # issuance goes on with the active key
 
 
 def test_retiring_a_pending_root_revokes_its_links_both_ways(setup: Setup) -> None:
