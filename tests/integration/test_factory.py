@@ -6,6 +6,7 @@ ports; openssl judges what the daemon signs.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
@@ -554,6 +555,18 @@ def _foreign_leaf(
     return builder.sign(ca.key, hashes.SHA256())
 
 
+@contextlib.contextmanager
+def _serving_crl(ca: ForeignCa) -> Iterator[str]:
+    """ca's CRL served over HTTP on loopback: its URL."""
+    port = free_port()
+    server = _Http(port)
+    server.fixed["/ca.crl"] = ca.crl().public_bytes(serialization.Encoding.DER)
+    try:
+        yield f"http://127.0.0.1:{port}/ca.crl"
+    finally:
+        server.close()
+
+
 def _decide(verifier: DeviceVerifier, certificate: x509.Certificate, device_key: ec.EllipticCurvePrivateKey) -> str:
     challenge = verifier.challenge()
     return str(verifier.verify(certificate, [], challenge, sign_challenge(device_key, challenge)))
@@ -563,12 +576,8 @@ def test_verifier_refuses_what_the_profile_would_never_issue_and_a_leaf_without_
     """A hostile review of the verifier: the device ID pattern was searched, not matched whole ('$' matches before a
     final newline, an unanchored pattern matched inside a longer ID), and a leaf with no EKU at all was granted."""
     ca = ForeignCa.create("Relying-party test CA")
-    port = free_port()
-    server = _Http(port)
-    server.fixed["/ca.crl"] = ca.crl().public_bytes(serialization.Encoding.DER)
     key = ec.generate_private_key(ec.SECP256R1())
-    url = f"http://127.0.0.1:{port}/ca.crl"
-    try:
+    with _serving_crl(ca) as url:
         by_cn = DeviceVerifier([ca.certificate], IdentityRule(source="cn"), CrlCache(max_age=0))
         assert _decide(by_cn, _foreign_leaf(ca, key, url, "sensor-000001", san=None), key).startswith("GRANTED device sensor-000001")
         assert _decide(by_cn, _foreign_leaf(ca, key, url, "sensor-000001\n", san=None), key).startswith("REFUSED at step identity")
@@ -577,26 +586,18 @@ def test_verifier_refuses_what_the_profile_would_never_issue_and_a_leaf_without_
         assert _decide(unanchored, inside, key).startswith("REFUSED at step identity: device ID 'evil-sensor-000001-admin'")
         no_eku = _foreign_leaf(ca, key, url, "sensor-000001", san=None, client_auth=False)
         assert _decide(by_cn, no_eku, key).startswith("REFUSED at step chain"), _decide(by_cn, no_eku, key)
-    finally:
-        server.close()
 
 
 def test_a_crl_cached_for_one_ca_is_never_used_for_another_naming_the_same_url() -> None:
     """The cache was keyed by URL alone, so a certificate of CA B naming CA A's CRL URL was checked against A's cached
     CRL, which was never authenticated for B: refused with an empty cache, granted once an A device had been checked."""
     a, b = ForeignCa.create("Issuing CA A"), ForeignCa.create("Issuing CA B")
-    port = free_port()
-    server = _Http(port)
-    server.fixed["/a.crl"] = a.crl().public_bytes(serialization.Encoding.DER)
     key = ec.generate_private_key(ec.SECP256R1())
-    url = f"http://127.0.0.1:{port}/a.crl"
-    try:
+    with _serving_crl(a) as url:
         verifier = DeviceVerifier([a.certificate, b.certificate], IdentityRule(), CrlCache(max_age=60))
         assert _decide(verifier, _foreign_leaf(a, key, url, "attacker-000002"), key).startswith("GRANTED")
         refused = _decide(verifier, _foreign_leaf(b, key, url, "attacker-000002"), key)
         assert refused.startswith("REFUSED at step revocation") and "not by the certificate's issuer" in refused, refused
-    finally:
-        server.close()
 
 
 def test_a_crl_fetch_that_fails_in_any_way_is_a_refusal_and_a_slow_one_holds_up_only_its_own_crl() -> None:
