@@ -1150,6 +1150,9 @@ def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factor
                 time.sleep(0.1)
             return body
 
+        # Both workers serving first: one that failed at start and was started again a moment later (SoftHSM once
+        # did not find the token) began with the accepted configuration and recorded no reload (seen once in CI).
+        wait_workers_serving(daemon.log, 2, process=daemon.process)
         started_at = _gauge(scrape(), "ca_daemon_config_last_reload_success_timestamp_seconds")
         env.cli("reload")
         body = wait_reloads(2, "ca_daemon_config_last_reload_success_timestamp_seconds", lambda value: value > started_at)
