@@ -493,10 +493,10 @@ class Authority:
             parsed = policy.parse_csr(request.csr, max_bytes, profile.key_types)
             return _Parsed(request, rules, profile, parsed, policy.check_rules(parsed, profile))
         except CaError as refusal:
-            if request.request_id and not isinstance(refusal, PermissionDenied):
-                existing = self._store.find_by_request_id(request.request_id)
-                if existing is not None:  # a retry of a request answered before this policy was in force
-                    return self._result(replay_or_conflict(existing, _csr_digest_or_raw(request.csr, max_bytes), request.caller))
+            if not isinstance(refusal, PermissionDenied):  # a retry of a request answered before this policy was in force
+                answered = self._answer_if_answered(request, lambda: _csr_digest_or_raw(request.csr, max_bytes))
+                if answered is not None:
+                    return answered
             if parsed is not None:  # refused by a profile rule: audited with the device ID and digest issuance would use
                 raise _Refusal(refusal, policy.device_id_of(parsed), parsed.sha256) from None
             raise _Refusal(refusal, "", hashlib.sha256(request.csr).digest()) from None
@@ -519,10 +519,18 @@ class Authority:
             # The look-ups each see what is committed when they run: this very request's certificate, committed after
             # its request_id was read, counts against the quota or as the device's active certificate. A retry is
             # answered, not refused, so the request_id is read again (on refusals only).
-            existing = self._store.find_by_request_id(request.request_id) if request.request_id else None
-            if existing is not None:
-                return self._result(replay_or_conflict(existing, parsed.csr.sha256, request.caller))
+            answered = self._answer_if_answered(request, lambda: parsed.csr.sha256)
+            if answered is not None:
+                return answered
             raise parsed.refusal(refusal) from None
+
+    def _answer_if_answered(self, request: CertificateRequest, digest: Callable[[], bytes]) -> SignResult | None:
+        """A refused request whose request_id has a certificate is answered as its retry (or conflict); else None.
+
+        digest: the CSR's SHA-256, computed only when there is a certificate to compare it with.
+        """
+        existing = self._store.find_by_request_id(request.request_id) if request.request_id else None
+        return None if existing is None else self._result(replay_or_conflict(existing, digest(), request.caller))
 
     async def _record_conflict(self, request: CertificateRequest, conflict: AlreadyExists) -> None:
         """A reused request_id is a refusal too, recorded like the others (it was not audited)."""
