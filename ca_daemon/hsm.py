@@ -609,8 +609,7 @@ def initialize_token(module_path: str, label: str, so_pin: str, user_pin: str) -
 
     python-pkcs11 has no C_InitToken, and softhsm2-util and pkcs11-tool take PINs on the
     command line or a terminal; we never put a PIN in argv. So C_InitToken is called
-    through ctypes here, in a process that has not loaded the module through
-    python-pkcs11 yet, and the user PIN is set with python-pkcs11 afterwards.
+    through ctypes here, and the user PIN is set with python-pkcs11 afterwards.
     """
     module = ctypes.CDLL(module_path)
     ulong = ctypes.c_ulong
@@ -619,6 +618,12 @@ def initialize_token(module_path: str, label: str, so_pin: str, user_pin: str) -
     owns_initialisation = rv != _CKR_CRYPTOKI_ALREADY_INITIALIZED
     if owns_initialisation:
         _check(rv, "C_Initialize")
+    else:
+        # python-pkcs11 keeps the module initialised in this process, with the token directory as
+        # it was read then; SoftHSM marks a token it once found missing (moved away, then back)
+        # as broken until the next C_Initialize, and its C_GetTokenInfo would then fail the scan
+        # below. Read the directory afresh.
+        pkcs11.lib(module_path).reinitialize()
     try:
         count = ulong(0)
         _check(module.C_GetSlotList(ctypes.c_ubyte(1), None, ctypes.byref(count)), "C_GetSlotList")

@@ -202,6 +202,46 @@ def test_a_key_first_looked_up_while_the_token_is_away_is_unavailable_not_missin
         assert len(fresh.sign_raw(generated.uri, b"\x11" * 32, "ecdsa")) == 64
 
 
+def test_a_new_token_is_made_after_this_process_saw_another_token_away_and_back(tmp_path: Path) -> None:
+    """python-pkcs11 keeps the module initialised, and SoftHSM marks a token it once found missing as broken until
+    the next C_Initialize. A token moved away and back while this process looked (the CI run of 2026-11-27: the test
+    process, during a test that moves a token away) made every later initialize_token fail on that slot with
+    'C_GetTokenInfo failed with CKR 0x5', and with it the set-up of each CA after it. In a process and token
+    directory of its own, so that a regression cannot break the rest of the session's tokens."""
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    script = _AWAY_AND_BACK.format(module=MODULE, tokens=str(tokens), away=str(tmp_path / "away"))
+    environment = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    ran = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60, env=environment)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.split() == ["away-seen", "made", "first-again", "second"], ran.stdout
+
+
+_AWAY_AND_BACK = """
+import shutil
+import pkcs11
+from ca_daemon.hsm import initialize_token
+
+initialize_token({module!r}, "first", "so-pin-1", "user-pin-1")
+(token_dir,) = __import__("pathlib").Path({tokens!r}).iterdir()
+shutil.move(token_dir, {away!r})
+lib = pkcs11.lib({module!r})
+try:
+    lib.get_token(token_label="first")
+except pkcs11.exceptions.PKCS11Error:
+    print("away-seen")
+shutil.move({away!r}, token_dir)
+initialize_token({module!r}, "second", "so-pin-2", "user-pin-2")
+print("made")
+with lib.get_token(token_label="first").open(user_pin="user-pin-1"):
+    print("first-again")
+with lib.get_token(token_label="second").open(user_pin="user-pin-2"):
+    print("second")
+"""
+
+
 def test_start_up_reasons_name_what_is_wrong(token_env: CaEnv, tmp_path: Path) -> None:
     """Three reasons that did not say what was wrong (a hostile review): 'GeneralError' for a missing SoftHSM
     configuration, 'PKCS11Error' for a module that is no library, and a UnicodeDecodeError for a binary PIN file."""
