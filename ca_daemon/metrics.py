@@ -14,10 +14,13 @@ module is first imported, which must come after the directory is set.
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import os
 import shutil
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,12 +31,21 @@ from typing import Any
 from cryptography import x509
 
 from ca_daemon.errors import ConfigError
+from ca_daemon.logs import LogThrottle
 from ca_daemon.model import KeyStatus
 from ca_daemon.thread_names import name_os_thread
+
+log = logging.getLogger(__name__)
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _SHARED_MEMORY = Path("/dev/shm")  # noqa: S108 - a directory of our own is made there with mkdir, see prepare_directory
 _HANDSHAKE_TIMEOUT_S = 10.0
+# Each connection is served in a thread of the supervisor. A client gets this long (after its TLS handshake)
+# to send its request head, in all, however it spaces its bytes; and at most MAX_CONNECTIONS are served at
+# once, more are closed at once. Prometheus sends its whole request at once, from one or two servers.
+_REQUEST_HEAD_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 256
+_REFUSAL_LOG_INTERVAL_S = 60.0
 # CA keys whose certificate expiry matters: they sign, or are about to, or still sign CRLs.
 _SIGNING_OR_ABOUT_TO = (KeyStatus.PENDING, KeyStatus.ACTIVE, KeyStatus.SUPERSEDED)
 # The WSGI environ key under which a refused scraper's reason travels to the app.
@@ -245,12 +257,23 @@ def serve(
     from prometheus_client.multiprocess import MultiProcessCollector
 
     class QuietHandler(WSGIRequestHandler):
+        timeout = _REQUEST_HEAD_TIMEOUT_S  # on the socket (setup): no read or write waits longer, in plaintext too
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the socket's own file: closed, or the socket stays open after its close()
+            self.input = _DeadlineReader(self.connection, _REQUEST_HEAD_TIMEOUT_S)
+            self.rfile = io.BufferedReader(self.input)
+
         def log_message(self, format: str, *args: Any) -> None:
             """Scrapes are not worth a log line each."""
 
         def get_environ(self) -> dict[str, Any]:
             """The request, with the verdict on the client behind its TLS connection (wsgiref exposes no certificate)."""
             environ: dict[str, Any] = super().get_environ()
+            # The head is in: the answer's writes (and reads of a body, which no GET has) get the whole timeout again.
+            self.input.deadline = time.monotonic() + _REQUEST_HEAD_TIMEOUT_S
+            self.connection.settimeout(_REQUEST_HEAD_TIMEOUT_S)
             if admit is not None and isinstance(self.connection, ssl.SSLSocket):
                 environ[_REFUSAL] = admit(self.connection)
             return environ
@@ -272,6 +295,8 @@ def serve(
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    refusals = LogThrottle(_REFUSAL_LOG_INTERVAL_S)
 
     class Server(ThreadingWSGIServer):
         address_family = family
@@ -286,6 +311,39 @@ def serve(
             # The handshake waits for the client: made here, in the accept loop, each connection that never
             # spoke held every scrape back for the timeout. finish_request makes it in the connection's thread.
             return self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False), address
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            """A thread for the connection if fewer than MAX_CONNECTIONS are being served; else close it now."""
+            if not slots.acquire(blocking=False):
+                held_back = refusals.admit("busy")
+                if held_back is not None:
+                    log.warning(
+                        "metrics endpoint: closed %d connection(s) at once: %d are being served, as many as it takes%s",
+                        held_back + 1,
+                        MAX_CONNECTIONS,
+                        f" (in the last {_REFUSAL_LOG_INTERVAL_S:.0f} s)" if held_back else "",
+                    )
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """A client that goes away, resets, or is too slow is no error of ours; anything else is logged as JSON.
+
+            socketserver's own printed a bare traceback on stderr for each (the log is one JSON object per line).
+            """
+            if not isinstance(sys.exc_info()[1], OSError):
+                log.exception("metrics endpoint: unexpected error serving %s", client_address)
 
         def finish_request(self, request: Any, client_address: Any) -> None:
             if isinstance(request, ssl.SSLSocket):
@@ -308,6 +366,29 @@ def serve(
     return server
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's input whose reads end at a deadline, in all (each read gets what is left).
+
+    The socket's own timeout bounds each read: a client sending a byte every few seconds (slowloris)
+    would have held its thread for as long as it liked.
+    """
+
+    def __init__(self, connection: socket.socket, seconds: float) -> None:
+        super().__init__()
+        self._connection = connection
+        self.deadline = time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request head took too long")
+        self._connection.settimeout(left)
+        return self._connection.recv_into(buffer)
+
+
 def use_tls(server: Any, tls_context: ssl.SSLContext) -> None:
     """Hand later scrapes a reloaded server certificate and client CA bundle (server from serve())."""
     server.tls = tls_context
@@ -324,4 +405,4 @@ def monotonic() -> float:
     return time.perf_counter()
 
 
-__all__ = ["ReloadStatus", "RequestMetrics", "StoreCollector", "mark_dead", "prepare_directory", "serve"]
+__all__ = ["MAX_CONNECTIONS", "ReloadStatus", "RequestMetrics", "StoreCollector", "mark_dead", "prepare_directory", "serve"]

@@ -310,3 +310,81 @@ def test_silent_connections_to_the_metrics_port_do_not_hold_up_a_scrape(
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _closed_by_the_server(connections: list[socket.socket], within: float) -> list[socket.socket]:
+    """The connections the server closed (EOF or reset) within `within` seconds; the others are still open."""
+    deadline = time.monotonic() + within
+    open_ = set(connections)
+    closed = []
+    while open_ and time.monotonic() < deadline:
+        for connection in list(open_):
+            try:
+                if connection.recv(65536, socket.MSG_DONTWAIT) == b"":
+                    closed.append(connection)
+                    open_.discard(connection)
+            except BlockingIOError:
+                pass
+            except ConnectionError:
+                closed.append(connection)
+                open_.discard(connection)
+        time.sleep(0.2)
+    return closed
+
+
+def test_idle_and_slow_connections_to_the_metrics_port_are_bounded_and_dropped(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """300 connections that start a request and never finish it, one of them a byte a second (slowloris).
+
+    The endpoint ran each connection in a thread of the supervisor (the parent process) with no timeout
+    in development mode: 300 idle connections were 300 threads, still there minutes later, and a local
+    process could go on until the supervisor (whose tasks count against the unit's TasksMax together with
+    the workers') could neither start a thread nor restart a worker. With mTLS the same held for 10 s
+    per connection that never finished its handshake, from anyone who reaches the port. Now at most
+    metrics.MAX_CONNECTIONS are served at once (more are closed at once), and a request head not
+    received within 10 s is dropped; the log stays JSON (a dropped client wrote a bare traceback).
+    """
+    from ca_daemon import metrics
+
+    env = make_env(tmp_path_factory.mktemp("metrics-slowloris"), softhsm_conf)
+    metrics_port = free_port()
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
+    log_path = env.state_dir / "daemon.log"
+    process = spawn_daemon(env, log_path)
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    connections: list[socket.socket] = []
+    try:
+        wait_serving(env.target, 90, process, log_path)
+        assert b"ca_daemon_audit_chain_length" in urllib.request.urlopen(url, timeout=10).read()
+        before = _threads(process.pid)
+        for _ in range(300):
+            connection = socket.create_connection(("127.0.0.1", metrics_port), timeout=10)
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the empty line that ends the head
+            connections.append(connection)
+        time.sleep(1)
+        assert _threads(process.pid) - before <= metrics.MAX_CONNECTIONS, "a thread for every connection, whatever their number"
+        dribbler, started = connections[0], time.monotonic()
+        while time.monotonic() - started < 20:  # a byte a second: no read waits long, the head never ends
+            try:
+                dribbler.sendall(b"X")
+            except OSError:  # closed by the server
+                break
+            time.sleep(1)
+        assert time.monotonic() - started < 15, "a client sending a byte a second held its connection for 20 s"
+        closed = _closed_by_the_server(connections, within=15)
+        assert len(closed) == len(connections), f"{len(connections) - len(closed)} of 300 unfinished requests still held open"
+        assert b"ca_daemon_audit_chain_length" in urllib.request.urlopen(url, timeout=10).read()
+        assert _threads(process.pid) <= before + 2
+    finally:
+        for connection in connections:
+            connection.close()
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    not_json = [line for line in log_path.read_text().splitlines() if line and not line.startswith("{")]
+    assert not_json == [], not_json[:20]
