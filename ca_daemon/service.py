@@ -251,6 +251,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         except grpc.aio.AbortError:
             self._done(method, caller, "ABORTED_BY_HANDLER", started)
             raise
+        except asyncio.CancelledError:
+            # gRPC cancels the handler when the caller's deadline passes or it goes away (or the worker stops).
+            # Not an Exception: uncaught here, a Sign whose caller timed out was neither logged nor counted.
+            self._done(method, caller, _cancelled_code(context), started)
+            raise
         except Exception:
             log.exception("rpc %s failed unexpectedly", method)
             self._done(method, caller, "INTERNAL", started)
@@ -318,8 +323,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 # grpc.health.v1 and grpc.reflection: cheap, and a load balancer must still get a busy worker's health.
 _UNCAPPED_METHODS = "/grpc."
+# A cancelled call with less than this left of its deadline is counted as DEADLINE_EXCEEDED (see _cancelled_code).
+_DEADLINE_MARGIN_S = 0.25
 # Calls without a client certificate are logged in one line per this many seconds, with their number.
 _UNCERTIFIED_LOG_INTERVAL_S = 10.0
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """DEADLINE_EXCEEDED for a call cancelled at (or just before) its deadline, else CANCELLED (the caller went away).
+
+    The caller's own timer fires first and its cancellation arrives a moment before the deadline here
+    (which counts from the call's arrival): hence the margin.
+    """
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left < _DEADLINE_MARGIN_S else "CANCELLED"
 
 
 def _overloaded(calls: int) -> errors.Overloaded:

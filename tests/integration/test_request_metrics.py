@@ -1,0 +1,86 @@
+"""The request log line and request metrics of calls the caller gave up on, with a real daemon over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from tests.conftest import device_csr, free_port, make_env, spawn_daemon, wait_serving
+
+SIGN = "/ca_daemon.v1.CertificateAuthority/Sign"
+_GAVE_UP = {"DEADLINE_EXCEEDED", "CANCELLED"}
+
+
+def _sign_counts(body: str) -> dict[str, float]:
+    """ca_daemon_requests_total for Sign, by code."""
+    counts = {}
+    for line in body.splitlines():
+        if line.startswith("ca_daemon_requests_total{") and f'method="{SIGN}"' in line:
+            code = line.split('code="', 1)[1].split('"', 1)[0]
+            counts[code] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_sign_calls_past_their_deadline_are_logged_and_counted(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """Sign calls whose deadline passes while the daemon works on them: one log line and one count each.
+
+    With the database's write lock held for 3 s, five Sign calls with a 0.5 s deadline were in the daemon's
+    hands when their callers gave up: gRPC cancels the handler, and the interceptor logged and counted
+    only what it caught as an Exception (CancelledError is not one). Measured before the fix: 200 Sign calls
+    with a 4 ms deadline issued 147 certificates, and the log and ca_daemon_requests_total had no Sign at
+    all: a CA whose every caller timed out looked idle, and no alert on Sign's status codes could fire.
+    """
+    env = make_env(tmp_path_factory.mktemp("deadline-metrics"), softhsm_conf)
+    metrics_port = free_port()
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
+    log_path = env.state_dir / "daemon.log"
+    process = spawn_daemon(env, log_path)
+    try:
+        wait_serving(env.target, 90, process, log_path)
+        csrs = [device_csr() for _ in range(5)]
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=30)  # connected, warm
+            blocker = sqlite3.connect(env.state_dir / "ca.db", isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # the store's write lock: issuance waits for it
+            try:
+
+                def sign(csr: bytes) -> str:
+                    try:
+                        stub.Sign(ca_pb2.SignRequest(csr=csr, request_id=str(uuid.uuid4())), timeout=0.5)
+                    except grpc.RpcError as exc:
+                        return str(exc.code().name)
+                    return "OK"
+
+                with ThreadPoolExecutor(5) as pool:
+                    seen = list(pool.map(sign, csrs))
+                time.sleep(1)
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+        assert seen == ["DEADLINE_EXCEEDED"] * 5, seen
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        deadline = time.monotonic() + 10
+        while sum((counts := _sign_counts(urllib.request.urlopen(url, timeout=10).read().decode())).values()) < 6:
+            assert time.monotonic() < deadline, f"Sign calls counted by code: {counts}; the callers saw DEADLINE_EXCEEDED 5 times"
+            time.sleep(0.2)
+        # Mostly DEADLINE_EXCEEDED; CANCELLED if the caller's cancellation came more than 250 ms before the deadline here.
+        assert counts.pop("OK") == 1 and set(counts) <= _GAVE_UP and sum(counts.values()) == 5, counts
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    statuses = [line["status"] for line in lines if line.get("method") == SIGN]
+    assert statuses.count("OK") == 1 and len(statuses) == 6 and set(statuses) - {"OK"} <= _GAVE_UP, statuses
