@@ -5,7 +5,9 @@ its revocations and CRL numbers, and the audit log. SQLite's online backup API
 (`sqlite3.Connection.backup`) copies the database as of one read transaction, so an
 issuance committed meanwhile is in the copy whole or not at all, and the daemon is not
 paused. The copy is kept only after the checks a restore relies on: SQLite's integrity
-check, a known schema version, and the audit hash chain with its checkpoint signatures.
+check, a known schema version, the audit hash chain with its checkpoint signatures, and
+the certificates and revocations tables against the events that recorded them (what
+`audit verify --live` compares: the chain does not vouch for the tables).
 
 A restore (daemon stopped) checks the backup the same way and moves the current database
 aside rather than deleting it. When that database can still be read and knows what the
@@ -190,7 +192,7 @@ def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSumm
 
 
 def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
-    """Integrity, schema and audit chain of a database file; FailedPrecondition naming the first problem.
+    """Integrity, schema, audit chain and the tables against it of a database file; FailedPrecondition naming the first problem.
 
     Only ever run on a working copy: opening it as a store switches it to WAL mode. Its
     checksum is left empty: the caller takes that of the file it keeps or was given.
@@ -209,6 +211,10 @@ def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
     try:
         version = store.schema_version()
         report = audit.verify(audit.live_records(store), audit_public_key_pem)
+        # The chain vouches for the events only: a revocation row deleted from a copy would come off the next CRL.
+        rows = audit.Report()
+        if report.ok:
+            audit.reconcile(store, rows)
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             issued = int(db.execute("SELECT count(*) FROM certificates").fetchone()[0])
             revoked = int(db.execute("SELECT count(*) FROM revocations").fetchone()[0])
@@ -218,6 +224,11 @@ def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
             Path(f"{path}.writelock").unlink()
     if not report.ok:
         raise FailedPrecondition(f"{path}: the audit log does not verify: {report.summary()}")
+    if not rows.ok:
+        raise FailedPrecondition(
+            f"{path}: its certificates or revocations tables disagree with its audit log (as `audit verify --live` "
+            f"reports them): {rows.summary()}"
+        )
     return BackupSummary(path, "", version, issued, revoked, report)
 
 
