@@ -14,7 +14,9 @@ aside rather than deleting it. When that database can still be read and knows wh
 backup does not (certificates it could no longer revoke, revocations that would come off
 the next CRL or go back to an earlier state, CRL numbers that would go back, mTLS client
 certificates and their revocations, audit events and signed checkpoints), the restore is
-refused unless the operator accepts the loss.
+refused unless the operator accepts the loss. So it is when the CRL files the daemon
+wrote list revocations the backup lacks or numbers above its own: they outlive a
+database in place that no longer reads.
 
 PostgreSQL deployments back up with PostgreSQL's own tools (pg_dump, or base backups with
 WAL archiving); nothing here would do better.
@@ -31,10 +33,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
 from ca_daemon import audit
 from ca_daemon.errors import ConfigError, FailedPrecondition
 from ca_daemon.files import fsync_path
-from ca_daemon.store import open_store
+from ca_daemon.store import open_store, serial_hex
 
 _COMPANIONS = ("-wal", "-shm", ".writelock")
 
@@ -88,10 +95,13 @@ class Loss:
     # CA keys whose record differs: (key_id, its status in the backup or "absent", its status in place).
     ca_keys: tuple[tuple[str, str, str], ...] = ()
     audit: AuditLoss = AuditLoss()
+    # CRL files in the CRL directory that no CA key of the backup signed (a key made after it?), or that are no CRL.
+    unverified_crl_files: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
-            self.ca_keys
+            self.unverified_crl_files
+            or self.ca_keys
             or self.certificate_serials
             or self.revocation_serials
             or self.revocation_changes
@@ -136,7 +146,31 @@ class Loss:
                 f"{self.audit.checkpoints} signed audit checkpoint(s), the last at seq {self.audit.last_checkpoint_seq} "
                 "(an auditor holding one would find the restored log contradicting it)"
             )
+        if self.unverified_crl_files:
+            parts.append(
+                f"{len(self.unverified_crl_files)} CRL file(s) no CA key of the backup signed: "
+                f"{', '.join(self.unverified_crl_files)} (a CA key made after the backup?)"
+            )
         return "; ".join(parts)
+
+    def merged(self, other: Loss) -> Loss:
+        """Both losses: what the database in place and the published CRL files each show the backup lacks."""
+        numbers: dict[str, tuple[int, int]] = {}
+        for issuer, restored, current in (*self.crl_numbers, *other.crl_numbers):
+            before = numbers.get(issuer, (restored, current))
+            numbers[issuer] = (max(before[0], restored), max(before[1], current))
+        revocations = tuple(sorted({*self.revocation_serials, *other.revocation_serials}))
+        return Loss(
+            certificate_serials=tuple(sorted({*self.certificate_serials, *other.certificate_serials})),
+            revocation_serials=revocations,
+            revocation_changes=tuple(sorted({*self.revocation_changes, *other.revocation_changes} - set(revocations))),
+            crl_numbers=tuple((issuer, restored, current) for issuer, (restored, current) in sorted(numbers.items())),
+            mtls_certificate_serials=tuple(sorted({*self.mtls_certificate_serials, *other.mtls_certificate_serials})),
+            mtls_revocation_serials=tuple(sorted({*self.mtls_revocation_serials, *other.mtls_revocation_serials})),
+            ca_keys=tuple(sorted({*self.ca_keys, *other.ca_keys})),
+            audit=self.audit or other.audit,
+            unverified_crl_files=tuple(sorted({*self.unverified_crl_files, *other.unverified_crl_files})),
+        )
 
 
 @dataclass(frozen=True)
@@ -144,8 +178,10 @@ class RestoreSummary:
     restored: BackupSummary
     # Where the database that was in place went (None: there was none).
     moved_aside: Path | None
-    # What the database in place held beyond the backup (empty when it could not be read).
+    # What the database in place and the CRL files this CA published hold beyond the backup.
     lost: Loss
+    # Why the database in place could not be read ("": it could, or there was none); then only the CRL files were compared.
+    unread: str = ""
 
 
 def sqlite_file(store_url: str) -> Path:
@@ -232,12 +268,16 @@ def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
     return BackupSummary(path, "", version, issued, revoked, report)
 
 
-def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, accept_loss: bool = False) -> RestoreSummary:
+def restore(
+    backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, accept_loss: bool = False, crl_directory: Path | None = None
+) -> RestoreSummary:
     """Put a checked backup in place of the store's database; the caller holds the state directory's lock (daemon stopped).
 
     The database in place (if any) is moved aside with its WAL, never deleted. If it can
     still be read and holds what the backup lacks (see Loss), the restore is refused unless
-    accept_loss: restoring would forget it.
+    accept_loss: restoring would forget it. So it is when the CRL files the daemon wrote to
+    crl_directory (`[crl] directory`) list revocations the backup lacks or are numbered above
+    its CRLs: they outlive a database in place that no longer reads, the usual reason to restore.
     """
     target = sqlite_file(store_url)
     if not backup_path.is_file():
@@ -257,15 +297,25 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
         _remove_with_companions(working)
         raise
     moved: Path | None = None
-    lost = Loss()
-    if target.exists():
-        lost = _lost_by_restoring(target, working, digest)
-        if lost and not accept_loss:
-            _remove_with_companions(working)
-            raise FailedPrecondition(
-                f"the database in place ({target}) can be read and holds what the backup lacks: {lost.describe()}. "
-                "Nothing was changed. If it is nonetheless unusable, rerun with --accept-loss"
+    try:
+        lost, unread = _lost_by_restoring(target, working, digest) if target.exists() else (Loss(), "")
+        lost = lost.merged(_lost_by_published_crls(working, crl_directory))
+    except BaseException:
+        _remove_with_companions(working)
+        raise
+    if lost and not accept_loss:
+        _remove_with_companions(working)
+        if unread:
+            where = (
+                f"the database in place ({target}) could not be read ({unread}), and the CRL files this CA published "
+                f"({crl_directory}) show what the backup lacks"
             )
+        else:
+            where = f"the database in place ({target}) and the CRL files this CA published hold what the backup lacks"
+        raise FailedPrecondition(
+            f"{where}: {lost.describe()}. Nothing was changed. If the backup is nonetheless the one to restore, rerun with --accept-loss"
+        )
+    if target.exists():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         moved = target.with_name(f"{target.name}.before-restore-{stamp}")
         for suffix in ("", "-wal", "-shm"):
@@ -276,11 +326,11 @@ def restore(backup_path: Path, store_url: str, audit_public_key_pem: bytes, *, a
             Path(f"{working}{suffix}").replace(f"{target}{suffix}")
     working.replace(target)
     fsync_path(target.parent)
-    return RestoreSummary(dataclasses.replace(summary, path=backup_path, sha256=digest), moved, lost)
+    return RestoreSummary(dataclasses.replace(summary, path=backup_path, sha256=digest), moved, lost, unread)
 
 
-def _lost_by_restoring(current: Path, restored: Path, backup_sha256: str) -> Loss:
-    """What current holds that restored lacks; nothing when current cannot be read (the usual reason to restore).
+def _lost_by_restoring(current: Path, restored: Path, backup_sha256: str) -> tuple[Loss, str]:
+    """What current holds that restored lacks; nothing, and why, when current cannot be read (the usual reason to restore).
 
     CA keys by their whole record (status, public key, certificate, chain): restoring an
     older one makes its signing key sign again. Revocations are compared row by row (reason, dates, lift, change_seq), not by each
@@ -329,9 +379,9 @@ def _lost_by_restoring(current: Path, restored: Path, backup_sha256: str) -> Los
                 "OR r.chain_der IS NOT m.chain_der ORDER BY m.key_id"
             ).fetchall()
             audit_loss = _audit_lost(db, backup_sha256)
-    except sqlite3.DatabaseError:
-        return Loss()
-    return Loss(
+    except sqlite3.DatabaseError as exc:
+        return Loss(), str(exc) or type(exc).__name__
+    loss = Loss(
         certificate_serials,
         revocation_serials,
         tuple(sorted(set(changed) - set(revocation_serials))),
@@ -341,6 +391,96 @@ def _lost_by_restoring(current: Path, restored: Path, backup_sha256: str) -> Los
         tuple((str(k), str(then), str(current)) for k, then, current in ca_keys),
         audit_loss,
     )
+    return loss, ""
+
+
+def _lost_by_published_crls(restored: Path, crl_directory: Path | None) -> Loss:
+    """What the CRL files in crl_directory show that restored lacks: revocations in force and higher CRL numbers.
+
+    Each file counts only if a CA key of restored signed it; per key, the CRLs are read in
+    number order, a full CRL standing for all that came before and a delta adding entries
+    (removeFromCRL taking one off). Any other file is named: a key made after the backup
+    signed it, or it is no CRL at all.
+    """
+    files = sorted(crl_directory.glob("*.crl")) if crl_directory is not None and crl_directory.is_dir() else []
+    if not files:
+        return Loss()
+    with contextlib.closing(sqlite3.connect(restored)) as db:
+        keys = [(str(key_id), bytes(der)) for key_id, der in db.execute("SELECT key_id, public_key_der FROM ca_keys ORDER BY key_id")]
+        tops = {str(i): int(n) for i, n in db.execute("SELECT issuer_key_id, max(crl_number) FROM crls GROUP BY issuer_key_id")}
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'crl_number_floors'").fetchone():
+            for issuer, floor in db.execute("SELECT issuer_key_id, floor FROM crl_number_floors"):
+                tops[str(issuer)] = max(tops.get(str(issuer), 0), int(floor))
+        in_force = {str(serial) for (serial,) in db.execute("SELECT serial FROM revocations WHERE lifted_at IS NULL")}
+        issued = {str(serial) for (serial,) in db.execute("SELECT serial FROM certificates")}
+    public_keys: dict[str, PublicKeyTypes] = {}
+    for key_id, der in keys:
+        with contextlib.suppress(ValueError, UnsupportedAlgorithm):
+            public_keys[key_id] = serialization.load_der_public_key(der)
+    unverified: list[str] = []
+    by_issuer: dict[str, list[tuple[int, x509.CertificateRevocationList]]] = {}
+    for path in files:
+        try:
+            crl = x509.load_der_x509_crl(path.read_bytes())
+        except (OSError, ValueError):
+            unverified.append(path.name)
+            continue
+        issuer = next((key_id for key_id, key in public_keys.items() if _signed_by(crl, key)), None)
+        if issuer is None:
+            unverified.append(path.name)
+            continue
+        by_issuer.setdefault(issuer, []).append((_crl_number(crl), crl))
+    crl_numbers: list[tuple[str, int, int]] = []
+    listed: set[str] = set()
+    for issuer, published in sorted(by_issuer.items()):
+        published.sort(key=lambda numbered: numbered[0])
+        if published[-1][0] > tops.get(issuer, 0):
+            crl_numbers.append((issuer, tops.get(issuer, 0), published[-1][0]))
+        revoked: set[int] = set()
+        for _, crl in published:
+            if not _is_delta(crl):
+                revoked = set()
+            for entry in crl:
+                if _entry_reason(entry) == x509.ReasonFlags.remove_from_crl:
+                    revoked.discard(entry.serial_number)
+                else:
+                    revoked.add(entry.serial_number)
+        listed |= {serial_hex(serial) for serial in revoked}
+    return Loss(
+        certificate_serials=tuple(sorted(listed - issued)),
+        revocation_serials=tuple(sorted(listed - in_force)),
+        crl_numbers=tuple(crl_numbers),
+        unverified_crl_files=tuple(unverified),
+    )
+
+
+def _signed_by(crl: x509.CertificateRevocationList, key: PublicKeyTypes) -> bool:
+    try:
+        return crl.is_signature_valid(key)  # type: ignore[arg-type]
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def _is_delta(crl: x509.CertificateRevocationList) -> bool:
+    try:
+        crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
+def _entry_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return None
 
 
 def _audit_lost(db: sqlite3.Connection, backup_sha256: str) -> AuditLoss:

@@ -29,7 +29,8 @@ def add_commands(db: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_true",
         help=(
             "restore even though the database in place holds certificates, revocations, CRL numbers, mTLS client "
-            "certificates or revocations, or audit events the backup lacks"
+            "certificates or revocations, or audit events the backup lacks, or the published CRL files list revocations "
+            "or CRL numbers it lacks"
         ),
     )
     p.set_defaults(handler=_restore)
@@ -102,10 +103,21 @@ _LISTED_IN_EVENT = 1000
 
 
 def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> int:
-    outcome = backup.restore(Path(args.source).resolve(), config.store.url, _audit_public_key(config), accept_loss=args.accept_loss)
+    outcome = backup.restore(
+        Path(args.source).resolve(),
+        config.store.url,
+        _audit_public_key(config),
+        accept_loss=args.accept_loss,
+        crl_directory=config.crl.directory,
+    )
     print(f"restored {outcome.restored.describe()}")
     if outcome.moved_aside is not None:
         print(f"the previous database is kept at {outcome.moved_aside}")
+    if outcome.unread:
+        print(
+            f"the previous database could not be read ({outcome.unread}): only the CRL files in {config.crl.directory} "
+            "were compared with the backup"
+        )
     if outcome.lost:
         print(f"WARNING: forgotten by this restore (--accept-loss): {outcome.lost.describe()}")
         for key_id, in_backup, in_place in outcome.lost.ca_keys:
@@ -120,6 +132,8 @@ def _restore_stopped(args: argparse.Namespace, config: config_module.Config) -> 
             print(f"  mTLS clients no longer revoked: {', '.join(outcome.lost.mtls_revocation_serials)}")
         if outcome.lost.revocation_changes:
             print(f"  revocations back to the backup's state: {', '.join(outcome.lost.revocation_changes)}")
+        if outcome.lost.unverified_crl_files:
+            print(f"  CRL files no CA key of the backup signed: {', '.join(outcome.lost.unverified_crl_files)}")
     print(
         "before relying parties see a new CRL, check that its number will be above every one they have seen "
         "(deploy/README.md, Backup and restore)"

@@ -395,3 +395,53 @@ def test_a_backup_whose_tables_disagree_with_its_audit_log_is_refused(tmp_path_f
     assert f"records the revocation of {serial}" in refused.stderr and "no longer holds" in refused.stderr, refused.stderr
     assert live.read_bytes() == b"\0" * 4096
     assert "restored" in env.cli("db", "restore", "--from", str(good), "--accept-loss").stdout
+
+
+def test_a_restore_over_an_unreadable_database_refuses_to_forget_what_the_published_crls_show(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """The usual reason to restore: the database in place no longer reads. The CRL files the daemon wrote still do."""
+    env = make_env(tmp_path_factory.mktemp("unreadable"), softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    daemon = Daemon(env, env.state_dir / "daemon-1.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            serial = sign(channel).serial
+    finally:
+        daemon.stop()
+    backup = tmp_path_factory.mktemp("unreadablebackups") / "ca.db"
+    env.cli("db", "backup", "--out", str(backup))
+    daemon = Daemon(env, env.state_dir / "daemon-2.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            later = sign(channel).serial  # issued and revoked after the backup: only the CRLs still name it
+            for revoked in (serial, later):
+                revoke = ca_pb2.RevokeRequest(serial=revoked, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
+                stub(channel).Revoke(revoke, timeout=10)
+            wait_for_crl(channel, lambda crl: {int(serial, 16), int(later, 16)} <= {e.serial_number for e in crl})
+    finally:
+        daemon.stop()
+    live = database(env)
+    published = max(
+        x509.load_der_x509_crl(path.read_bytes()).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        for path in (env.state_dir / "crl").glob("ca-root-1*.crl")
+    )
+    assert published > max_crl_number(backup)
+    live.write_bytes(b"\0" * 4096)  # damaged beyond reading
+    for suffix in ("-wal", "-shm"):
+        Path(f"{live}{suffix}").unlink(missing_ok=True)
+
+    refused = env.cli("db", "restore", "--from", str(backup), check=False)
+    assert refused.returncode == 1, refused.stdout
+    assert "could not be read" in refused.stderr, refused.stderr
+    assert "1 certificate(s)" in refused.stderr and "2 revocation(s)" in refused.stderr, refused.stderr
+    assert f"CRLs of ca-root-1 numbered up to {published}" in refused.stderr, refused.stderr
+    assert live.read_bytes() == b"\0" * 4096 and not list(live.parent.glob("*.before-restore-*"))
+
+    restored = env.cli("db", "restore", "--from", str(backup), "--accept-loss")
+    assert "the previous database could not be read" in restored.stdout, restored.stdout
+    assert f"certificates no longer known: {later}" in restored.stdout, restored.stdout
+    no_longer_revoked = ", ".join(sorted((serial, later)))
+    assert f"certificates no longer revoked (revoke them again): {no_longer_revoked}" in restored.stdout, restored.stdout
+    assert f"the next CRL of ca-root-1 will be numbered above {published}" in restored.stdout, restored.stdout
+    assert f"published full CRL {published + 1} of ca-root-1" in env.cli("crl", "publish").stdout
