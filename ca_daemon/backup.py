@@ -44,6 +44,8 @@ from ca_daemon.files import fsync_path
 from ca_daemon.store import open_store, serial_hex
 
 _COMPANIONS = ("-wal", "-shm", ".writelock")
+# Room a copy needs beyond its own pages while it is checked: SQLite's shared-memory index (32 KiB) and its log.
+_CHECK_ROOM = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -194,13 +196,35 @@ def sqlite_file(store_url: str) -> Path:
     return Path(store_url.removeprefix("sqlite:///"))
 
 
-def check_destination(out: Path) -> None:
-    """FailedPrecondition unless out can be a new backup file: it must not exist, its directory must."""
+def check_destination(out: Path, source: Path | None = None) -> None:
+    """FailedPrecondition unless out can be a new backup file: it must not exist, its directory must (and have room for source)."""
     if out.exists():
         raise FailedPrecondition(f"{out} exists; a backup never overwrites a file: name a new one")
     if not out.parent.is_dir():
         state = "is not a directory" if out.parent.exists() else "does not exist"
         raise FailedPrecondition(f"{out.parent} {state}; create the directory the backup goes to first")
+    if source is not None:
+        _check_room(out.parent, _size_with_wal(source), f"a backup of {source}", "nothing was written")
+
+
+def _size_with_wal(database: Path) -> int:
+    """At most what a copy of database takes: its file and its write-ahead log."""
+    return sum(Path(f"{database}{suffix}").stat().st_size for suffix in ("", "-wal") if Path(f"{database}{suffix}").exists())
+
+
+def _check_room(directory: Path, size: int, what: str, consequence: str) -> None:
+    """FailedPrecondition unless directory's file system has room for a database of size bytes while it is checked.
+
+    A full disk otherwise shows up as SQLite's 'database or disk is full', or as a 'disk I/O
+    error' while the copy is checked, which reads as a damaged database.
+    """
+    usage = os.statvfs(directory)
+    free = (usage.f_bfree if os.geteuid() == 0 else usage.f_bavail) * usage.f_frsize  # root may use the reserved blocks
+    needed = size + _CHECK_ROOM
+    if free < needed:
+        raise FailedPrecondition(
+            f"{directory} has {free} bytes free, and {what} needs about {needed}: make room there or choose another place; {consequence}"
+        )
 
 
 def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSummary:
@@ -208,7 +232,7 @@ def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSumm
     source = sqlite_file(store_url)
     if not source.exists():
         raise FailedPrecondition(f"no database at {source}; nothing to back up")
-    check_destination(out)
+    check_destination(out, source)
     partial = out.with_name(out.name + ".partial")
     _remove_with_companions(partial)
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -221,6 +245,9 @@ def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSumm
         fsync_path(partial)
         partial.replace(out)
         fsync_path(out.parent)
+    except (sqlite3.Error, OSError) as exc:  # the disk filled up meanwhile, say
+        _remove_with_companions(partial)
+        raise FailedPrecondition(f"could not write the backup {out}: {exc}; nothing was kept") from None
     except BaseException:
         _remove_with_companions(partial)
         raise
@@ -284,6 +311,7 @@ def restore(
         raise FailedPrecondition(f"{backup_path} is not a file")
     working = target.with_name(target.name + ".restoring")
     _remove_with_companions(working)
+    _check_room(target.parent, backup_path.stat().st_size, f"restoring {backup_path}", "Nothing was changed")
     os.close(os.open(working, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         data = backup_path.read_bytes()  # the backup file itself is never opened for writing
@@ -293,6 +321,9 @@ def restore(
         with contextlib.closing(sqlite3.connect(working)) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         fsync_path(working)
+    except (sqlite3.Error, OSError) as exc:  # the disk filled up meanwhile, say
+        _remove_with_companions(working)
+        raise FailedPrecondition(f"could not write the working copy {working}: {exc}. Nothing was changed") from None
     except BaseException:
         _remove_with_companions(working)
         raise

@@ -76,7 +76,7 @@ def _backup(args: argparse.Namespace) -> int:
     """Sign a checkpoint of the log's head first, so that the copy's log is covered by a signature up to there."""
     config = config_module.load(args.config)
     backup.sqlite_file(config.store.url)  # PostgreSQL: refused before the token is opened
-    backup.check_destination(Path(args.out).resolve())  # so is a backup with nowhere to go
+    backup.check_destination(Path(args.out).resolve(), backup.sqlite_file(config.store.url))  # so is a backup with nowhere to go
     with app.connected(config) as (hsm, store):
         audit.Checkpointer(hsm, store, config.audit.key_uri).checkpoint()
         summary = backup.backup(config.store.url, Path(args.out).resolve(), audit.audit_public_key_pem(hsm, config.audit.key_uri))

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 import stat
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -445,3 +448,58 @@ def test_a_restore_over_an_unreadable_database_refuses_to_forget_what_the_publis
     assert f"certificates no longer revoked (revoke them again): {no_longer_revoked}" in restored.stdout, restored.stdout
     assert f"the next CRL of ca-root-1 will be numbered above {published}" in restored.stdout, restored.stdout
     assert f"published full CRL {published + 1} of ca-root-1" in env.cli("crl", "publish").stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path, leave: int) -> None:
+    """Fill directory's file system up to `leave` bytes free."""
+    free = shutil.disk_usage(directory).free
+    (directory / "filler").write_bytes(b"\0" * max(0, free - leave))
+
+
+def test_a_backup_or_restore_without_room_says_so_and_leaves_nothing_half_written(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path, small_disk: Path
+) -> None:
+    """A full disk is no damaged database: the operator is told there is no room, and where."""
+    env = make_env(tmp_path_factory.mktemp("fulldisk"), softhsm_conf)
+    live = database(env)
+    backups = small_disk / "backups"
+    backups.mkdir()
+    size = live.stat().st_size
+    for leave in (size // 2, size + 4096):  # the copy itself does not fit; the copy fits, its check does not
+        fill(backups, leave)
+        before = audit_actions(live)
+        result = env.cli("db", "backup", "--out", str(backups / "ca.db"), check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"{backups} has " in result.stderr and "bytes free" in result.stderr, result.stderr
+        assert "not a usable SQLite database" not in result.stderr, result.stderr
+        assert sorted(p.name for p in backups.iterdir()) == ["filler"]
+        assert audit_actions(live) == before  # refused before the token: no checkpoint signed
+        (backups / "filler").unlink()
+    good = tmp_path_factory.mktemp("fulldiskbackups") / "ca.db"
+    env.cli("db", "backup", "--out", str(good))
+
+    # The state directory on the small disk: the restore's working copy has no room.
+    moved = small_disk / "state"
+    env.edit_config('url = "sqlite:///ca.db"', f'url = "sqlite:///{moved / live.name}"')
+    moved.mkdir()
+    shutil.copy2(live, moved / live.name)
+    fill(moved, good.stat().st_size // 2)
+    in_place = sha256(moved / live.name)
+    refused = env.cli("db", "restore", "--from", str(good), check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"{moved} has " in refused.stderr and "bytes free" in refused.stderr and "Nothing was changed" in refused.stderr
+    assert sha256(moved / live.name) == in_place and sorted(p.name for p in moved.iterdir()) == ["ca.db", "filler"]
