@@ -346,6 +346,8 @@ def restore(
         raise FailedPrecondition(
             f"{where}: {lost.describe()}. Nothing was changed. If the backup is nonetheless the one to restore, rerun with --accept-loss"
         )
+    # Whose the database is: the daemon runs as its own user, the operator restores as root (deploy/README.md).
+    _own_like(working, (target if target.exists() else target.parent).stat())
     if target.exists():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         moved = target.with_name(f"{target.name}.before-restore-{stamp}")
@@ -560,6 +562,19 @@ def _make_self_contained(path: Path) -> None:
     for suffix in _COMPANIONS:
         with contextlib.suppress(OSError):
             Path(f"{path}{suffix}").unlink()
+
+
+def _own_like(database: Path, owner: os.stat_result) -> None:
+    """Run as root, give database and its WAL files owner's user and group.
+
+    A root-owned database of mode 0600 in place of the service user's: the daemon could not
+    open it and did not start after the restore.
+    """
+    if os.geteuid() != 0:
+        return
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{database}{suffix}").exists():
+            os.chown(f"{database}{suffix}", owner.st_uid, owner.st_gid)
 
 
 def _remove_with_companions(path: Path) -> None:

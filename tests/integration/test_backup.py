@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import stat
@@ -503,3 +504,21 @@ def test_a_backup_or_restore_without_room_says_so_and_leaves_nothing_half_writte
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert f"{moved} has " in refused.stderr and "bytes free" in refused.stderr and "Nothing was changed" in refused.stderr
     assert sha256(moved / live.name) == in_place and sorted(p.name for p in moved.iterdir()) == ["ca.db", "filler"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_a_restore_run_as_root_keeps_the_database_owned_by_the_service_user(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """deploy/README.md runs the commands as root, the daemon as its own user: a root-owned 0600 database it cannot open."""
+    env = make_env(tmp_path_factory.mktemp("owner"), softhsm_conf)
+    backup = tmp_path_factory.mktemp("ownerbackups") / "ca.db"
+    env.cli("db", "backup", "--out", str(backup))
+    live = database(env)
+    service = (65534, 65534)  # the service user's (nobody's here)
+    for path in live.parent.glob(live.name + "*"):
+        os.chown(path, *service)
+    env.cli("db", "restore", "--from", str(backup))
+    owners = {path.name: (path.stat().st_uid, path.stat().st_gid) for path in live.parent.glob(live.name + "*")}
+    assert owners == dict.fromkeys(owners, service), owners
+    assert stat.S_IMODE(live.stat().st_mode) == 0o600
