@@ -287,6 +287,11 @@ def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
             Path(f"{path}.writelock").unlink()
     if not report.ok:
         raise FailedPrecondition(f"{path}: the audit log does not verify: {report.summary()}")
+    if not report.checkpoints:
+        raise FailedPrecondition(
+            f"{path}: its audit log holds no checkpoint signed by this CA's audit key ([audit] key), which `db backup` "
+            "signs before every copy: a copy of another CA's database, or a file `db backup` did not write"
+        )
     if not rows.ok:
         raise FailedPrecondition(
             f"{path}: its certificates or revocations tables disagree with its audit log (as `audit verify --live` "

@@ -522,3 +522,17 @@ def test_a_restore_run_as_root_keeps_the_database_owned_by_the_service_user(
     owners = {path.name: (path.stat().st_uid, path.stat().st_gid) for path in live.parent.glob(live.name + "*")}
     assert owners == dict.fromkeys(owners, service), owners
     assert stat.S_IMODE(live.stat().st_mode) == 0o600
+
+
+def test_a_copy_of_another_cas_database_is_refused(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """Its log verifies as a chain, but no checkpoint of this CA's audit key covers it (every `db backup` signs one)."""
+    base = tmp_path_factory.mktemp("foreign")
+    ours, theirs = make_env(base, softhsm_conf), make_env(base, softhsm_conf)
+    foreign = tmp_path_factory.mktemp("foreignbackups") / "ca.db"
+    foreign.write_bytes(database(theirs).read_bytes())  # a plain copy of a fresh CA's database: no checkpoint yet
+    live = database(ours)
+    live.write_bytes(b"\0" * 4096)  # nothing in place to compare with
+    refused = ours.cli("db", "restore", "--from", str(foreign), "--accept-loss", check=False)
+    assert refused.returncode == 1, refused.stdout
+    assert "no checkpoint signed by this CA's audit key" in refused.stderr, refused.stderr
+    assert live.read_bytes() == b"\0" * 4096 and not list(live.parent.glob("*.before-restore-*"))
