@@ -44,7 +44,7 @@ from ca_daemon import logs, metrics, tls, tls_front
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.access import METRICS, Authenticator, authorize, denial_event
 from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
-from ca_daemon.authority import Authority, check_policy, load_active_ca, restart_only_changes
+from ca_daemon.authority import Authority, check_policy, load_active_ca, reloadable_part, restart_only_changes
 from ca_daemon.config import Config
 from ca_daemon.crl import CrlServices, await_first_crls, watch_health
 from ca_daemon.errors import CaError, ConfigError, FailedPrecondition, PermissionDenied, Unauthenticated
@@ -626,13 +626,20 @@ def worker_cpus(mode: str, workers: int, allowed: set[int]) -> list[int | None]:
 
 
 def worker_main(
-    config_path: str, primary: bool = False, cpu: int | None = None, secrets: dict[str, str] | None = None, config_text: str | None = None
+    config_path: str,
+    primary: bool = False,
+    cpu: int | None = None,
+    secrets: dict[str, str] | None = None,
+    config_text: str | None = None,
+    start_text: str | None = None,
 ) -> None:
     """Entry point of a spawned worker process; dies with its parent. Worker 0 is the primary.
 
     secrets: the environment PINs the parent withdrew (config.withdrawn_secrets), passed in multiprocessing's pipe.
     config_text: the configuration in force (the file's text the parent last accepted), so that a worker
     restarted after a crash serves what the others serve, not a file on disk a reload refused or has not read.
+    start_text: the file's text the daemon started with, whose settings read at start only the others still
+    serve (a reload does not apply them): of config_text, such a worker takes only what a reload applies.
     """
     config_module.adopt_secrets(secrets or {})
     if cpu is not None:  # first, so that every thread the worker starts inherits it
@@ -647,6 +654,8 @@ def worker_main(
         config = config_module.load(config_path)
     else:
         config = config_module.parse(tomllib.loads(config_text), Path(config_path).resolve())
+        if start_text is not None and start_text != config_text:
+            config = reloadable_part(config, config_module.parse(tomllib.loads(start_text), Path(config_path).resolve()))
     if config.server.cpu_scheduling == "batch":
         _schedule_as_batch()
     try:
@@ -840,12 +849,12 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, _note_reload)
-    in_force = _accepted_text(config)
+    in_force = started = _accepted_text(config)
     # Worker 0 is the primary: the one process that publishes CRLs and serves HTTP.
     cpus = worker_cpus(config.server.cpu_affinity, config.server.workers, os.sched_getaffinity(0))
     secrets = config_module.withdrawn_secrets()
     workers = [
-        context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets, in_force), daemon=False)
+        context.Process(target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets, in_force, started), daemon=False)
         for index in range(config.server.workers)
     ]
     for process in workers:
@@ -882,7 +891,7 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
             if process.pid is not None:
                 metrics.mark_dead(process.pid)
             workers[index] = context.Process(
-                target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets, in_force), daemon=False
+                target=worker_main, args=(str(config.path), index == 0, cpus[index], secrets, in_force, started), daemon=False
             )
             workers[index].start()
             restarts[index].started()

@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -129,6 +129,22 @@ def restart_only_changes(new: Config, running: Config) -> list[str]:
     if new.tls.client_crl_refresh != running.tls.client_crl_refresh:
         changed.append("tls.client_crl_refresh_days")
     return changed
+
+
+def reloadable_part(accepted: Config, start: Config) -> Config:
+    """What a worker serves once a reload put accepted in force: its reloadable settings, and start's read at start only.
+
+    The other workers apply only that much of a reload (restart_only_changes names the rest), so a worker
+    restarted after a crash must too: started on the whole accepted file, it listened on a new server.listen,
+    opened a new [store] url or CA key, or served in the other mode, while its siblings went on as they started.
+    """
+    kept = {section: getattr(start, section) for section in RESTART_ONLY_SECTIONS}
+    if accepted.tls.enabled != start.tls.enabled:  # the workers keep their TLS files and [roles] until the restart
+        tls, roles = start.tls, start.roles
+    else:
+        tls = replace(accepted.tls, ca_key_uri=start.tls.ca_key_uri, client_crl_refresh=start.tls.client_crl_refresh)
+        roles = accepted.roles
+    return replace(accepted, state_dir=start.state_dir, tls=tls, roles=roles, **kept)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sqlite3
 import time
 import urllib.error
@@ -19,7 +20,7 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import Daemon, Snapshot, device_csr, make_env, spawn_daemon, wait_serving, wait_workers_serving
+from tests.conftest import Daemon, Snapshot, device_csr, free_port, make_env, spawn_daemon, wait_serving, wait_workers_serving
 from tests.integration.test_access_audit import TlsDaemon, _scrape, prepare_tls, serve_tls
 from tests.integration.test_reload import _children, _profile_views
 
@@ -274,3 +275,28 @@ def test_a_reload_naming_a_client_crl_that_does_not_parse_is_refused(tls_daemon:
     _wait_log(tls_daemon, "reload refused, the previous configuration stays in force", 2)  # both workers
     for _ in range(4):  # fresh connections, both workers
         assert _tls_sign(tls_daemon).profile == "device"
+
+
+def test_a_worker_restarted_after_a_reload_keeps_the_settings_read_at_start_only(two_workers: Daemon) -> None:
+    """A reload that changed server.listen was reported as 'not in force until a restart', but a worker restarted after a
+    crash started on the whole accepted file: it listened on the new address while its sibling served the old one (and
+    as well on a new [store] url, [hsm] PIN source, [ca] key or development mode). It takes the reloaded profiles only."""
+    daemon, env = two_workers, two_workers.env
+    assert daemon.process is not None
+    moved = free_port()
+    env.edit_config(f'listen = "{env.target}"', f'listen = "127.0.0.1:{moved}"')
+    _add_sensor(env.config_path)
+    reloaded = env.cli("reload")
+    assert "applied by 2 worker(s)" in reloaded.stdout, reloaded.stdout + reloaded.stderr
+    assert "not in force until a restart: [server]" in reloaded.stderr, reloaded.stderr
+    for old in sorted(_workers(daemon), reverse=True):  # the non-primary, then the primary
+        serving = daemon.log().count("serving gRPC on")
+        new = _restart_worker(daemon, old)
+        _wait_log(daemon, "serving gRPC on", serving + 1)
+        assert f"worker {new} serving gRPC on {env.target}" in daemon.log(), daemon.log()[-3000:]
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", moved)) != 0, "a restarted worker listens on the address that needs a restart"
+    _wait_views(env.target, {"device", "sensor"})  # the reloaded part is in force in both
+    assert _sign(env.target, "sensor").profile == "sensor"
+    again = env.cli("reload")
+    assert "applied by 2 worker(s)" in again.stdout and "not in force until a restart: [server]" in again.stderr, again.stderr
