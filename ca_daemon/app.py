@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import fcntl
 import gc
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -40,7 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ca_daemon import config as config_module
-from ca_daemon import logs, metrics, tls, tls_front
+from ca_daemon import files, logs, metrics, tls, tls_front
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.access import METRICS, Authenticator, authorize, denial_event
 from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
@@ -396,7 +397,10 @@ async def _sample_calls_in_flight(interceptor: ErrorInterceptor, request_metrics
         await asyncio.sleep(_HEALTH_INTERVAL_S)
 
 
-async def _serve_forever(config: Config, primary: bool = False, after_reload: Callable[[bool], None] = lambda _: None) -> None:
+async def _serve_forever(
+    config: Config, primary: bool = False, after_reload: Callable[[Config | None], None] = lambda _: None, source: Path | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT, reloading at SIGHUP: source, the text the daemon checked (a worker of several), else the file."""
     worker = await start_worker(config, primary=primary)
     _settle_garbage_collector()
     stop = asyncio.Event()
@@ -405,7 +409,9 @@ async def _serve_forever(config: Config, primary: bool = False, after_reload: Ca
         loop.add_signal_handler(sig, stop.set)
 
     def reload() -> None:
-        after_reload(reload_worker(worker.authority, config.path, worker.store, worker.authenticator, worker.front, primary=primary))
+        after_reload(
+            reload_worker(worker.authority, config.path, worker.store, worker.authenticator, worker.front, primary=primary, source=source)
+        )
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
@@ -437,23 +443,31 @@ def reload_worker(
     front: tls_front.TlsFrontEnd | None = None,
     *,
     primary: bool = True,
-) -> bool:
-    """Re-read the configuration and put it in force; on any error keep all of the old one. Audited.
+    source: Path | None = None,
+) -> Config | None:
+    """Re-read the configuration and put it in force; on any error keep all of the old one. Audited. The new one, or None.
 
     In force at once: the policy, [roles], and with mTLS the server certificate and key,
     the client CA bundle and the client CRL file (renewed credentials need no restart).
     Everything new is built and checked before anything is replaced. Each worker reloads
     and audits for itself; only the primary warns of a server certificate about to expire,
     as its hourly check does, so the warning appears once, not once per worker.
+
+    source: where the daemon put the text of config_path it checked before it signalled its workers
+    (reload_text_path): each worker of several applies that text, not the file as it finds it when
+    the signal reaches it, which may by then be the operator's next, half-saved edit.
     """
+    digest = b""
     try:
-        new_config = config_module.load(config_path)
+        data = _read_config(source or config_path)
+        digest = hashlib.sha256(data).digest()
+        new_config = config_module.loads(data, config_path)
         context, access = _reloaded_tls(new_config, authority.config, front)
         authority.reload(new_config)
     except CaError as exc:
         log.error("reload refused, the previous configuration stays in force: %s", exc.message)
-        _audit_reload(store, config_path, authority.config, "refused", exc.message)
-        return False
+        _audit_reload(store, config_path, digest, authority.config, "refused", exc.message)
+        return None
     restart_needed = restart_only_changes(new_config, authority.config)
     if authenticator is not None and access is not None:
         authenticator.adopt(access)
@@ -467,8 +481,20 @@ def reload_worker(
         else:
             expiry = tls.server_certificate_expiry(cert_file)
         log.info("reload: TLS server certificate %s in force (expires %s)", cert_file, expiry)
-    _audit_reload(store, config_path, authority.config, "applied", "", restart_needed)
-    return True
+    _audit_reload(store, config_path, digest, authority.config, "applied", "", restart_needed)
+    return new_config
+
+
+def _read_config(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from None
+
+
+def reload_text_path(config: Config) -> Path:
+    """Where a daemon of several workers puts the configuration text it checked, for its workers to reload."""
+    return config.state_dir / "ca-daemon.reload.toml"
 
 
 def _reloaded_tls(new: Config, running: Config, front: tls_front.TlsFrontEnd | None) -> tuple[ssl.SSLContext | None, Authenticator | None]:
@@ -490,6 +516,7 @@ def _reloaded_authenticator(new: Config) -> Authenticator:
 def _audit_reload(
     store: SqlStore | None,
     config_path: Path,
+    digest: bytes,
     running: Config,
     outcome: str,
     reason: str,
@@ -503,6 +530,7 @@ def _audit_reload(
     `ca-daemon reload` waits for these (await_reload): each names the daemon (its pid, the one in
     the pid file, and the host: replicas share a PostgreSQL log) and how many workers it runs,
     so the command counts the answers of the daemon it signalled, and knows how many to expect.
+    digest: the SHA-256 of the text read (empty if it could not be read), which the command compares with what it checked.
     """
     if store is None:
         return
@@ -514,7 +542,7 @@ def _audit_reload(
         actor=f"daemon-{daemon}" if by_daemon else f"worker-{os.getpid()}",
         action="config.reload",
         outcome=outcome,
-        request_digest=config_module.file_digest(config_path),
+        request_digest=digest,
         reason=reason[:512],
         details=details | ({"restart_needed": ", ".join(restart_needed)} if restart_needed else {}),
     )
@@ -659,7 +687,7 @@ def worker_main(
     if config.server.cpu_scheduling == "batch":
         _schedule_as_batch()
     try:
-        asyncio.run(_serve_forever(config, primary))
+        asyncio.run(_serve_forever(config, primary, source=reload_text_path(config)))
     except CaError as exc:
         log.error("worker %d cannot serve: %s", os.getpid(), exc.message)
         sys.exit(WORKER_CANNOT_START if isinstance(exc, ConfigError) or exc.rule == PIN_REFUSED else 1)
@@ -746,10 +774,10 @@ def serve(config: Config) -> int:
             scheme = "https" if tls_context else "http"
             log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
 
-        def after_reload(accepted: bool) -> None:
-            reload_status.record(accepted)
-            if accepted:
-                _reload_metrics_tls(config, metrics_server, scrapers)
+        def after_reload(accepted: Config | None) -> None:
+            reload_status.record(accepted is not None)
+            if accepted is not None:
+                _reload_metrics_tls(config, accepted, metrics_server, scrapers)
 
         return _serve(config, after_reload)
     finally:
@@ -786,12 +814,11 @@ def _metrics_admission(scrapers: Authenticator, store: SqlStore) -> Callable[[ss
     return admit
 
 
-def _reload_metrics_tls(config: Config, metrics_server: object | None, scrapers: Authenticator | None) -> None:
+def _reload_metrics_tls(config: Config, reloaded: Config, metrics_server: object | None, scrapers: Authenticator | None) -> None:
     """After a reload the workers applied: the metrics endpoint takes the reloaded [tls] files and [roles] too."""
     if metrics_server is None or not config.tls.enabled:
         return
     try:
-        reloaded = config_module.load(config.path)
         if not reloaded.tls.enabled:
             return  # switching to development mode needs a restart (the workers say so)
         context = tls.metrics_context(reloaded)
@@ -833,7 +860,7 @@ def write_pid_file(config: Config) -> Path:
     return path
 
 
-def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
+def _serve(config: Config, after_reload: Callable[[Config | None], None]) -> int:
     """Serve until stopped; after_reload(accepted) follows each reload the daemon is asked for."""
     if config.server.workers == 1:
         asyncio.run(_serve_forever(config, primary=True, after_reload=after_reload))
@@ -850,6 +877,7 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, _note_reload)
     in_force = started = _accepted_text(config)
+    _hand_to_workers(config, in_force.encode())
     # Worker 0 is the primary: the one process that publishes CRLs and serves HTTP.
     cpus = worker_cpus(config.server.cpu_affinity, config.server.workers, os.sched_getaffinity(0))
     secrets = config_module.withdrawn_secrets()
@@ -873,8 +901,8 @@ def _serve(config: Config, after_reload: Callable[[bool], None]) -> int:
                 log.exception("reload failed; the previous configuration stays in force")
                 accepted = None
             if accepted is not None:
-                in_force = accepted
-            after_reload(accepted is not None)
+                in_force = accepted[0]
+            after_reload(accepted[1] if accepted is not None else None)
         for index, process in enumerate(workers):
             if process.is_alive() or stopping:
                 continue
@@ -944,28 +972,26 @@ class _Restarts:
         self._started, self._due = time.monotonic(), None
 
 
-def forward_reload(running: Config, pids: list[int]) -> str | None:
+def forward_reload(running: Config, pids: list[int]) -> tuple[str, Config] | None:
     """Check the new configuration, then have every worker reload it (each re-checks it too).
 
-    The text, once it passed every check a worker runs (the TLS files and each profile's template
-    lint too), for the parent's part of the reload (the metrics endpoint) and for workers restarted
-    later; None if the workers keep the previous configuration.
+    The workers are handed the text checked here (reload_text_path), not sent to read the file again:
+    each read it when the signal reached it, and one busy for a moment read the operator's next save,
+    half-written or not, so the workers could differ. The text, once it passed every check a worker
+    runs (the TLS files and each profile's template lint too), and its configuration, for the parent's
+    part of the reload (the metrics endpoint) and for workers restarted later; None if the workers keep
+    the previous configuration.
     """
+    digest = b""
     try:
-        text = running.path.read_bytes().decode("utf-8")
-        new = config_module.parse(tomllib.loads(text), running.path)
-    except OSError as exc:
-        _refused_by_daemon(running, f"cannot read {running.path}: {exc.strerror}")
-        return None
-    except UnicodeDecodeError as exc:  # a ValueError: it ended the supervisor, leaving its workers unsupervised
-        _refused_by_daemon(running, f"{running.path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8")
-        return None
-    except tomllib.TOMLDecodeError as exc:
-        _refused_by_daemon(running, f"{running.path}: not valid TOML: {exc}")
-        return None
+        data = _read_config(running.path)
+        digest = hashlib.sha256(data).digest()
+        new = config_module.loads(data, running.path)  # a file not UTF-8 is a ConfigError too (it ended the supervisor)
+        _hand_to_workers(running, data)
     except CaError as exc:
-        _refused_by_daemon(running, exc.message)
+        _refused_by_daemon(running, exc.message, digest)
         return None
+    text = data.decode("utf-8")
     log.info("reloading the configuration in %d worker(s)", len(pids))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -979,7 +1005,17 @@ def forward_reload(running: Config, pids: list[int]) -> str | None:
             exc.message.split(": ", 1)[0],
         )
         return None
-    return text
+    return text, new
+
+
+def _hand_to_workers(running: Config, data: bytes) -> None:
+    """Put the text for the workers' next reload in reload_text_path, whole (written beside it, then renamed), mode 0600."""
+    path = reload_text_path(running)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        files.write_atomically(path, data)
+    except OSError as exc:
+        raise ConfigError(f"cannot hand the configuration to the workers in {path}: {exc.strerror}") from None
 
 
 def _accepted_text(config: Config) -> str:
@@ -989,7 +1025,7 @@ def _accepted_text(config: Config) -> str:
     return text
 
 
-def _refused_by_daemon(running: Config, reason: str) -> None:
+def _refused_by_daemon(running: Config, reason: str, digest: bytes = b"") -> None:
     """A file the daemon refuses before any worker sees it: logged, and audited so `ca-daemon reload` can say why.
 
     The event is written on a thread of its own: the store may be slow or away, and the
@@ -1002,7 +1038,7 @@ def _refused_by_daemon(running: Config, reason: str) -> None:
         try:
             store = open_store(running.store.url, sqlite_synchronous=running.store.sqlite_synchronous, migrate=False)
             try:
-                _audit_reload(store, running.path, running, "refused", reason, by_daemon=True, daemon_pid=pid)
+                _audit_reload(store, running.path, digest, running, "refused", reason, by_daemon=True, daemon_pid=pid)
             finally:
                 store.close()
         except Exception as exc:  # CaError, a driver's error: the refusal is logged above either way

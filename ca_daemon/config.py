@@ -340,11 +340,18 @@ def load(path: str | Path) -> Config:
     """Read and validate a configuration file; raise ConfigError naming the bad setting."""
     path = Path(path).resolve()
     try:
-        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"configuration file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror}") from None
+    return loads(data, path)
+
+
+def loads(data: bytes, path: Path) -> Config:
+    """Validate the bytes of the configuration file path (relative paths in it resolve against path's directory)."""
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 (byte {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:

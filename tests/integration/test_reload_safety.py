@@ -6,6 +6,7 @@ read, and settings that need a restart. Real daemons (SoftHSM, SQLite, gRPC and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -300,3 +301,32 @@ def test_a_worker_restarted_after_a_reload_keeps_the_settings_read_at_start_only
     assert _sign(env.target, "sensor").profile == "sensor"
     again = env.cli("reload")
     assert "applied by 2 worker(s)" in again.stdout and "not in force until a restart: [server]" in again.stderr, again.stderr
+
+
+def test_every_worker_applies_the_file_the_daemon_checked_even_if_it_changes_meanwhile(two_workers: Daemon) -> None:
+    """Each worker read the file again when the forwarded SIGHUP reached it: a worker whose loop was busy for a moment read
+    the operator's next, half-written save, refused it and kept the old profiles while its sibling served the new ones
+    (and a worker restarted later the daemon's text), the workers differing until another reload. Now they all apply
+    the text the daemon checked, and their config.reload events name its digest, not that of whatever is on disk."""
+    daemon, env = two_workers, two_workers.env
+    assert daemon.process is not None
+    busy, other = sorted(_workers(daemon))
+    _add_sensor(env.config_path)
+    checked = env.config_path.read_bytes()
+    mark = daemon.log().count("profile(s) in force")
+    os.kill(busy, signal.SIGSTOP)  # its event loop busy for a moment (a long batch, a slow store)
+    try:
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        _wait_log(daemon, "reloading the configuration in 2 worker(s)")
+        _wait_log(daemon, "profile(s) in force", mark + 1)  # the other one applied it
+        env.config_path.write_bytes(checked[: len(checked) // 2])  # the operator's editor saving the next change
+    finally:
+        os.kill(busy, signal.SIGCONT)
+    _wait_log(daemon, f'"pid": {busy}, "msg": "reload', 1)
+    time.sleep(0.5)
+    env.config_path.write_bytes(checked + b"\n# saved\n")
+    _wait_views(env.target, {"device", "sensor"}, timeout=5)
+    with sqlite3.connect(env.state_dir / "ca.db") as database:
+        events = database.execute("SELECT actor, outcome, request_digest FROM audit_events WHERE action = 'config.reload'").fetchall()
+    assert sorted(actor for actor, _, _ in events) == sorted(f"worker-{pid}" for pid in (busy, other)), events
+    assert all(outcome == "applied" and bytes(digest) == hashlib.sha256(checked).digest() for _, outcome, digest in events), events
