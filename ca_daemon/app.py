@@ -759,6 +759,7 @@ def serve(config: Config) -> int:
     check_ready(config)
     if warning := sqlite_mode_warning(config.store.url):
         log.warning("%s", warning)
+    started = _write_started_config(config)
     pid_file = write_pid_file(config)
     metrics_server, metrics_store, scrapers, metrics_dir = None, None, None, None
     reload_status = metrics.ReloadStatus()
@@ -787,8 +788,9 @@ def serve(config: Config) -> int:
             metrics_store.close()
         if metrics_dir is not None and not metrics_dir.is_relative_to(config.state_dir):
             shutil.rmtree(metrics_dir, ignore_errors=True)  # memory, not disk: nothing of it is needed after a stop
-        with contextlib.suppress(OSError):
-            pid_file.unlink()
+        for written in (pid_file, started):
+            with contextlib.suppress(OSError):
+                written.unlink()
 
 
 def _metrics_admission(scrapers: Authenticator, store: SqlStore) -> Callable[[ssl.SSLSocket], str | None]:
@@ -835,6 +837,32 @@ def _reload_metrics_tls(config: Config, reloaded: Config, metrics_server: object
 def pid_file_path(config: Config) -> Path:
     """Where `serve` writes its pid, for `ca-daemon reload` to signal."""
     return config.state_dir / "ca-daemon.pid"
+
+
+def started_config_path(config: Config) -> Path:
+    """Where `serve` keeps the text of the configuration it started with, for `ca-daemon reload` (running_config)."""
+    return config.state_dir / "ca-daemon.started.toml"
+
+
+def _write_started_config(config: Config) -> Path:
+    path = started_config_path(config)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    files.write_atomically(path, config.path.read_bytes())
+    return path
+
+
+def running_config(config: Config) -> Config:
+    """The configuration the daemon serving config's state directory started with; config if there is none to read.
+
+    `ca-daemon reload` reads that daemon's config.reload events in that daemon's store, and checks new profiles
+    against the CA key active there: a file whose [store] already names the next database (opened only at a
+    restart) sent the command to wait for events in a database the daemon never writes (it created it, empty),
+    and report after 15 s that no worker had answered, exit 1, when the reload had been applied.
+    """
+    try:
+        return config_module.loads(started_config_path(config).read_bytes(), config.path)
+    except (OSError, CaError):
+        return config
 
 
 def signal_reload(config: Config) -> int:

@@ -399,7 +399,7 @@ def _reload(args: argparse.Namespace) -> int:
     digest = config_module.file_digest(Path(args.config).resolve())  # before the checks: what they check
     config = config_module.load(args.config)
     app.check_tls_files(config)
-    store = app.connect_store(config)
+    store = app.connect_store(app.running_config(config))  # the daemon's, until a restart opens another one
     try:
         authority.check_policy(config, store)
         return cli_access.signal_reload_and_report(config, store, digest=digest)

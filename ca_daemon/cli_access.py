@@ -252,7 +252,7 @@ def _mtls_renew_server(args: argparse.Namespace) -> int:
     if not args.reload:
         print("the running daemon uses it after `ca-daemon reload` (or a restart)")
         return 0
-    store = app.connect_store(config)
+    store = app.connect_store(app.running_config(config))  # where the daemon records its reloads
     try:
         return signal_reload_and_report(config, store, checked=False)
     finally:

@@ -330,3 +330,20 @@ def test_every_worker_applies_the_file_the_daemon_checked_even_if_it_changes_mea
         events = database.execute("SELECT actor, outcome, request_digest FROM audit_events WHERE action = 'config.reload'").fetchall()
     assert sorted(actor for actor, _, _ in events) == sorted(f"worker-{pid}" for pid in (busy, other)), events
     assert all(outcome == "applied" and bytes(digest) == hashlib.sha256(checked).digest() for _, outcome, digest in events), events
+
+
+def test_reload_reports_a_changed_store_url_as_read_at_start_only(two_workers: Daemon) -> None:
+    """The command read the daemon's events in the store the file names: with [store] url already naming the next
+    database (for the next restart), it created that database, waited 15 s for events the daemon writes elsewhere and
+    said 'no worker recorded the reload', exit 1, where both workers had applied it and [store] needed a restart."""
+    daemon, env = two_workers, two_workers.env
+    env.edit_config('url = "sqlite:///ca.db"', 'url = "sqlite:///next.db"')
+    _add_sensor(env.config_path)
+    started = time.monotonic()
+    reloaded = env.cli("reload", check=False)
+    assert reloaded.returncode == 0 and "applied by 2 worker(s): device, sensor in force" in reloaded.stdout, reloaded
+    assert "not in force until a restart: [store]" in reloaded.stderr, reloaded.stderr
+    assert time.monotonic() - started < 10 and not (env.state_dir / "next.db").exists()
+    _wait_views(env.target, {"device", "sensor"})
+    daemon.stop()
+    assert not (env.state_dir / "ca-daemon.started.toml").exists()  # it goes with the pid file
