@@ -158,12 +158,8 @@ def test_a_worker_restarted_while_the_file_on_disk_is_refused_serves_the_configu
     os.kill(daemon.process.pid, signal.SIGHUP)
     _wait_log(daemon, "reload refused, the previous configuration stays in force")
     # The daemon refused it before any worker saw it, and records that for `ca-daemon reload` to report.
-    with sqlite3.connect(env.state_dir / "ca.db") as database:
-        refused = database.execute(
-            "SELECT reason FROM audit_events WHERE action = 'config.reload' AND outcome = 'refused' AND actor = ?",
-            (f"daemon-{daemon.process.pid}",),
-        ).fetchall()
-    assert len(refused) == 1 and "not valid TOML" in refused[0][0], refused
+    refused = _daemon_refusals(daemon)
+    assert len(refused) == 1 and "not valid TOML" in refused[0], refused
     for old in sorted(_workers(daemon), reverse=True):  # the non-primary, then the primary
         serving = daemon.log().count("serving gRPC on")
         _restart_worker(daemon, old)
@@ -187,16 +183,8 @@ def test_a_reload_of_a_file_that_is_not_utf8_is_refused_and_the_daemon_keeps_ser
     time.sleep(0.5)
     assert daemon.process.poll() is None and (env.state_dir / "ca-daemon.pid").exists()
     assert _sign(env.target).profile == "device"  # still serving, supervised
-    deadline = time.monotonic() + 10
-    while True:
-        with sqlite3.connect(env.state_dir / "ca.db") as database:
-            refused = database.execute(
-                "SELECT reason FROM audit_events WHERE action = 'config.reload' AND actor = ?", (f"daemon-{daemon.process.pid}",)
-            ).fetchall()
-        if refused or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert len(refused) == 1 and "not UTF-8" in refused[0][0], refused
+    refused = _daemon_refusals(daemon)
+    assert len(refused) == 1 and "not UTF-8" in refused[0], refused
     command = env.cli("reload", check=False)  # the command reads the file as the daemon does
     assert command.returncode != 0 and "not UTF-8 (byte" in command.stderr, command.stderr
     env.config_path.write_bytes(good)
@@ -347,3 +335,19 @@ def test_reload_reports_a_changed_store_url_as_read_at_start_only(two_workers: D
     _wait_views(env.target, {"device", "sensor"})
     daemon.stop()
     assert not (env.state_dir / "ca-daemon.started.toml").exists()  # it goes with the pid file
+
+
+def _daemon_refusals(daemon: Daemon, timeout: float = 10.0) -> list[str]:
+    """The reasons of the daemon's own config.reload refusals, once there is one: written on a thread of their own,
+    they may reach the store a moment after the log line (reading at once made a test fail now and then)."""
+    assert daemon.process is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(daemon.env.state_dir / "ca.db") as database:
+            refused = database.execute(
+                "SELECT reason FROM audit_events WHERE action = 'config.reload' AND outcome = 'refused' AND actor = ?",
+                (f"daemon-{daemon.process.pid}",),
+            ).fetchall()
+        if refused or time.monotonic() > deadline:
+            return [str(reason) for (reason,) in refused]
+        time.sleep(0.1)
