@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from ca_daemon import audit
 from ca_daemon.errors import ConfigError, FailedPrecondition
 from ca_daemon.files import fsync_path
-from ca_daemon.store import open_store, serial_hex
+from ca_daemon.store import open_store, schema, serial_hex
 
 _COMPANIONS = ("-wal", "-shm", ".writelock")
 # Room a copy needs beyond its own pages while it is checked: SQLite's shared-memory index (32 KiB) and its log.
@@ -273,6 +273,8 @@ def _check_copy(path: Path, audit_public_key_pem: bytes) -> BackupSummary:
     store = open_store(f"sqlite:///{path}", migrate=False)
     try:
         version = store.schema_version()
+        if (reason := schema.unknown_version_reason(version)) is not None:
+            raise FailedPrecondition(f"{path}: {reason}")
         report = audit.verify(audit.live_records(store), audit_public_key_pem)
         # The chain vouches for the events only: a revocation row deleted from a copy would come off the next CRL.
         rows = audit.Report()

@@ -127,6 +127,10 @@ def _check_store(config: Config, record: Callable[[str, bool, str], bool]) -> Sq
             record("database", False, f"{shown}: {text}")
             return None
         version = 0
+    if (reason := schema.unknown_version_reason(version)) is not None:
+        record("database", False, f"{shown}: {reason}")
+        store.close()
+        return None
     if version < schema.LATEST_VERSION:
         needed = schema.LATEST_VERSION
         record("database", False, f"{shown}: schema version {version}, this release needs {needed}; run `ca-daemon db migrate`")

@@ -355,3 +355,19 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (8, "final CRLs of retired keys, which no later CRL may follow", _add_v8),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+def unknown_version_reason(version: int) -> str | None:
+    """Why this release must not use a database at schema version, or None if it may.
+
+    A newer release's migrations are not undone by running an older one: an older release
+    would write rows its successor's schema does not expect (columns it adds left at their
+    defaults, tables it adds left behind) and read new states as ones it knows, so a
+    downgrade is refused rather than served.
+    """
+    if version <= LATEST_VERSION:
+        return None
+    return (
+        f"the database's schema is at version {version}, newer than this release of ca-daemon knows (up to {LATEST_VERSION}): "
+        "a newer release wrote it; run that release (or a newer one), or restore a backup this release made"
+    )

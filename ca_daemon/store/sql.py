@@ -215,7 +215,7 @@ class SqlStore:
     # -- schema ------------------------------------------------------------
 
     def migrate(self) -> list[int]:
-        """Apply every migration not yet applied; return the versions applied now.
+        """Apply every migration not yet applied; return the versions applied now (FailedPrecondition: a newer release's schema).
 
         Safe to run from several replicas at once: each step runs in its own transaction
         under the MIGRATIONS lock (an advisory lock on PostgreSQL, whose DDL is
@@ -226,6 +226,9 @@ class SqlStore:
         with self._begin() as conn:
             xact_lock(conn, LockSpace.MIGRATIONS)
             schema_migrations.create(conn, checkfirst=True)
+            newest = conn.execute(select(func.max(schema_migrations.c.version))).scalar()
+        if (reason := schema.unknown_version_reason(int(newest or 0))) is not None:
+            raise FailedPrecondition(reason)
         for version, description, step in schema.MIGRATIONS:
             with self._begin() as conn:
                 xact_lock(conn, LockSpace.MIGRATIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ca_daemon.store import schema
 from tests.conftest import CA_DAEMON, daemon_environment, free_port, make_env
 
 
@@ -117,3 +119,32 @@ def test_development_mode_accepts_a_listen_name_only_if_it_resolves_to_loopback_
     metrics_refused = check_config()
     assert _lines(metrics_refused.stdout) == {"configuration": "FAIL"}, metrics_refused.stdout + metrics_refused.stderr
     assert "metrics.listen = 'localhost:" in metrics_refused.stdout and "resolves to 127.0.0.1, 192.0.2.7" in metrics_refused.stdout
+
+
+def test_a_database_a_newer_release_migrated_is_refused_not_served(tmp_path: Path, softhsm_conf: Path) -> None:
+    """After a downgrade (a newer release ran, then the older one was put back) the older release migrated nothing,
+    found its own steps done and served the newer schema: rows written without the columns and tables the newer
+    release relies on. check-config said 'ok', and a backup of it was restored as good. Now each refuses, naming both
+    versions."""
+    env = make_env(tmp_path, softhsm_conf)
+    env.cli("db", "migrate")
+    env.cli("db", "backup", "--out", str(tmp_path / "from-a-newer-release.db"))
+    newer = schema.LATEST_VERSION + 1
+    for database_file in (env.state_dir / "ca.db", tmp_path / "from-a-newer-release.db"):
+        with sqlite3.connect(database_file) as database:
+            database.execute(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, 'a later release', '2027-01-01')", (newer,)
+            )
+    reason = f"schema is at version {newer}, newer than this release of ca-daemon knows (up to {schema.LATEST_VERSION})"
+    checked = env.cli("check-config", check=False)
+    assert checked.returncode == 1 and _lines(checked.stdout)["database"] == "FAIL" and reason in checked.stdout, checked.stdout
+    migrated = env.cli("db", "migrate", check=False)
+    assert migrated.returncode != 0 and reason in migrated.stderr, migrated.stdout + migrated.stderr
+    served = env.cli("serve", check=False)  # stops at once: nothing is served
+    assert served.returncode != 0 and reason in served.stderr, served.stderr[-2000:]
+    assert not (env.state_dir / "ca-daemon.pid").exists()
+    backed_up = env.cli("db", "backup", "--out", str(tmp_path / "newer.db"), check=False)
+    assert backed_up.returncode != 0 and reason in backed_up.stderr and not (tmp_path / "newer.db").exists(), backed_up.stderr
+    restored = env.cli("db", "restore", "--from", str(tmp_path / "from-a-newer-release.db"), "--accept-loss", check=False)
+    assert restored.returncode != 0 and reason in restored.stderr, restored.stdout + restored.stderr
+    assert not list(env.state_dir.glob("ca.db.before-restore-*")), "the refused backup was put in place"
