@@ -46,6 +46,7 @@ _HANDSHAKE_TIMEOUT_S = 10.0
 _REQUEST_HEAD_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256
 _REFUSAL_LOG_INTERVAL_S = 60.0
+_STORE_FAILURE_LOG_INTERVAL_S = 60.0
 # CA keys whose certificate expiry matters: they sign, or are about to, or still sign CRLs.
 _SIGNING_OR_ABOUT_TO = (KeyStatus.PENDING, KeyStatus.ACTIVE, KeyStatus.SUPERSEDED)
 # The WSGI environ key under which a refused scraper's reason travels to the app.
@@ -148,6 +149,7 @@ class StoreCollector:
     def __init__(self, store: Any, tls_cert_file: Path | None = None) -> None:
         self._store = store
         self._tls_cert_file = tls_cert_file
+        self._failures = LogThrottle(_STORE_FAILURE_LOG_INTERVAL_S)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
@@ -169,6 +171,10 @@ class StoreCollector:
         )
         tls_expiry = GaugeMetricFamily(
             "ca_daemon_tls_certificate_expiry_seconds", "Seconds until the TLS server certificate (tls.cert) expires"
+        )
+        readable = GaugeMetricFamily(
+            "ca_daemon_store_readable",
+            "1 if this scrape read the store's gauges, 0 if it could not (the CRL, audit and CA expiry series are then missing)",
         )
         now = datetime.now(UTC)
         tls_not_after = server_certificate_expiry(self._tls_cert_file) if self._tls_cert_file is not None else None
@@ -198,9 +204,20 @@ class StoreCollector:
                 first = audit.first_event_time()
                 if first is not None:
                     checkpoint.add_metric([], (now - first).total_seconds())
-        except Exception:  # noqa: S110 - a scrape must not fail because the store is briefly busy
-            pass
-        yield from (number, age, chain, checkpoint, ca_expiry, tls_expiry)
+        except Exception as exc:
+            # A scrape must not fail because the store is briefly busy; but missing series fire no staleness
+            # alert, so the failure is a gauge of its own (CaDaemonStoreUnreadable) and a log line.
+            readable.add_metric([], 0)
+            held_back = self._failures.admit("store")
+            if held_back is not None:
+                log.warning(
+                    "metrics: cannot read the store's gauges%s: %s",
+                    f" ({held_back} more scrape(s) failed in the last {_STORE_FAILURE_LOG_INTERVAL_S:.0f} s)" if held_back else "",
+                    str(getattr(exc, "orig", exc)).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                )
+        else:
+            readable.add_metric([], 1)
+        yield from (number, age, chain, checkpoint, ca_expiry, tls_expiry, readable)
 
 
 class ReloadStatus:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 
 from ca_daemon.metrics import StoreCollector
 from ca_daemon.model import AuditEvent
@@ -44,3 +45,17 @@ def test_the_checkpoint_age_is_there_before_the_first_checkpoint(store: SqlStore
     assert audit.add_checkpoint(Checkpoint(head.seq, head.count, head.hash, signed, "audit-1", b"signature"))
     (age,) = _gauge(store, "ca_daemon_audit_checkpoint_age_seconds")
     assert 30 <= age < 300  # from then on: since the last checkpoint, as before
+
+
+def test_a_store_the_scrape_cannot_read_is_a_gauge_of_its_own(store: SqlStore) -> None:
+    """The collector swallowed every error of the store (a hostile review of the metrics): the CRL age, audit checkpoint
+    and CA expiry series then went missing, and the alerts on them (CaDaemonFullCrlStale and the rest) cannot fire on
+    a series that is absent, so a parent that could not read its database looked fine."""
+    assert _gauge(store, "ca_daemon_store_readable") == [1.0]
+    with store.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE ca_keys RENAME TO ca_keys_away"))  # a damaged database: the scrape's reads fail
+    assert _gauge(store, "ca_daemon_store_readable") == [0.0]
+    assert _gauge(store, "ca_daemon_audit_chain_length") == []  # one of the series it stands in for
+    with store.engine.begin() as connection:
+        connection.execute(text("ALTER TABLE ca_keys_away RENAME TO ca_keys"))
+    assert _gauge(store, "ca_daemon_store_readable") == [1.0]
