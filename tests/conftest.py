@@ -81,6 +81,13 @@ class CaEnv:
         assert old in text, old
         self.config_path.write_text(text.replace(old, new))
 
+    def serve_metrics(self) -> int:
+        """Turn the metrics endpoint on, on a free loopback port (returned), and the CRL server off the default port."""
+        port = free_port()
+        self.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{port}"')
+        self.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
+        return port
+
     def cli(self, *args: str, check: bool = True, umask: int = -1) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [CA_DAEMON, "--config", str(self.config_path), *args],
@@ -339,3 +346,17 @@ def openssl_verify(tmp_path: Path, leaf_pem: str, chain_pem: str, *extra: str) -
     if certs[:-1]:
         args += ["-untrusted", str(untrusted)]
     return subprocess.run([*args, *extra, str(leaf)], capture_output=True, text=True, check=False)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of size ("1m") mounted on directory, made for it (root only; the test is skipped where mounting is not allowed)."""
+    directory.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)]
+    result = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)

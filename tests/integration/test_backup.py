@@ -12,7 +12,6 @@ import os
 import shutil
 import sqlite3
 import stat
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from cryptography import x509
 
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from tests.conftest import CaEnv, Daemon, free_port, make_env
+from tests.conftest import CaEnv, Daemon, free_port, make_env, mounted_tmpfs
 from tests.integration.crl_helpers import sign, stub, wait_for_crl
 
 pytestmark = pytest.mark.slow
@@ -60,6 +59,18 @@ def cert_serial(path: Path) -> str:
 def query(path: Path, sql: str, *args: object) -> list[tuple[Any, ...]]:
     with sqlite3.connect(path) as db:
         return [tuple(row) for row in db.execute(sql, args)]
+
+
+def _revoked_while_serving(env: CaEnv, reason: int, log_name: str = "daemon.log", serial: str = "") -> str:
+    """Start the daemon, issue a certificate (unless serial names one), revoke it for reason, stop it; the serial."""
+    daemon = Daemon(env, env.state_dir / log_name).start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            serial = serial or sign(channel).serial
+            stub(channel).Revoke(ca_pb2.RevokeRequest(serial=serial, reason=reason), timeout=10)  # type: ignore[arg-type]
+    finally:
+        daemon.stop()
+    return serial
 
 
 def test_a_backup_taken_while_signing_holds_every_answered_certificate_and_restores(
@@ -343,23 +354,10 @@ def test_a_restore_that_would_turn_a_final_revocation_back_into_a_hold_is_refuse
     env = make_env(tmp_path_factory.mktemp("holdrestore"), softhsm_conf)
     env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
     env.edit_config("publish_on_revoke = true", "publish_on_revoke = false")
-    daemon = Daemon(env, env.state_dir / "daemon-1.log").start()
-    try:
-        with grpc.insecure_channel(env.target) as channel:
-            serial = sign(channel).serial
-            hold = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD)
-            stub(channel).Revoke(hold, timeout=10)
-    finally:
-        daemon.stop()
+    serial = _revoked_while_serving(env, ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD, "daemon-1.log")
     backup = tmp_path_factory.mktemp("holdbackups") / "ca.db"
     env.cli("db", "backup", "--out", str(backup))
-    daemon = Daemon(env, env.state_dir / "daemon-2.log").start()
-    try:
-        with grpc.insecure_channel(env.target) as channel:
-            final = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
-            stub(channel).Revoke(final, timeout=10)  # acknowledged: durable
-    finally:
-        daemon.stop()
+    _revoked_while_serving(env, ca_pb2.REVOCATION_REASON_KEY_COMPROMISE, "daemon-2.log", serial)  # acknowledged: durable
     live = database(env)
     reason = "SELECT reason FROM revocations WHERE serial = ?"
     assert query(live, reason, serial) == [(1,)] and query(backup, reason, serial) == [(6,)]  # keyCompromise; certificateHold
@@ -377,14 +375,7 @@ def test_a_backup_whose_tables_disagree_with_its_audit_log_is_refused(tmp_path_f
     """The log vouches for the events only: a revocation row deleted from a backup left the certificate off the next CRL."""
     env = make_env(tmp_path_factory.mktemp("disagree"), softhsm_conf)
     env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
-    daemon = Daemon(env, env.state_dir / "daemon.log").start()
-    try:
-        with grpc.insecure_channel(env.target) as channel:
-            serial = sign(channel).serial
-            revoke = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
-            stub(channel).Revoke(revoke, timeout=10)
-    finally:
-        daemon.stop()
+    serial = _revoked_while_serving(env, ca_pb2.REVOCATION_REASON_KEY_COMPROMISE)
     backups = tmp_path_factory.mktemp("disagreebackups")
     good = backups / "good.db"
     env.cli("db", "backup", "--out", str(good))
@@ -454,15 +445,8 @@ def test_a_restore_over_an_unreadable_database_refuses_to_forget_what_the_publis
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(directory: Path, leave: int) -> None:

@@ -7,7 +7,6 @@ is not allowed). Real daemon with two workers, real token, real SQLite, gRPC ove
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 
 from ca_daemon import metrics
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from tests.conftest import Daemon, device_csr, free_port, make_env
+from tests.conftest import Daemon, device_csr, free_port, make_env, mounted_tmpfs
 from tests.integration.crl_helpers import stub
 
 pytestmark = pytest.mark.slow
@@ -49,15 +48,9 @@ def test_metrics_files_live_in_shared_memory_in_a_directory_of_their_own(tmp_pat
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
+    """A 4 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    with mounted_tmpfs(tmp_path / "disk", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _sign(channel: grpc.Channel) -> tuple[grpc.StatusCode, str]:

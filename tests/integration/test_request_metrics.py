@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import device_csr, free_port, make_env, spawn_daemon, wait_serving
+from tests.conftest import device_csr, make_env, spawn_daemon, wait_serving
 
 SIGN = "/ca_daemon.v1.CertificateAuthority/Sign"
 _GAVE_UP = {"DEADLINE_EXCEEDED", "CANCELLED"}
@@ -42,9 +42,7 @@ def test_sign_calls_past_their_deadline_are_logged_and_counted(tmp_path_factory:
     all: a CA whose every caller timed out looked idle, and no alert on Sign's status codes could fire.
     """
     env = make_env(tmp_path_factory.mktemp("deadline-metrics"), softhsm_conf)
-    metrics_port = free_port()
-    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
-    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
+    metrics_port = env.serve_metrics()
     log_path = env.state_dir / "daemon.log"
     process = spawn_daemon(env, log_path)
     try:

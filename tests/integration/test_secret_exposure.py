@@ -352,9 +352,7 @@ def test_idle_and_slow_connections_to_the_metrics_port_are_bounded_and_dropped(
     from ca_daemon import metrics
 
     env = make_env(tmp_path_factory.mktemp("metrics-slowloris"), softhsm_conf)
-    metrics_port = free_port()
-    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
-    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
+    metrics_port = env.serve_metrics()
     log_path = env.state_dir / "daemon.log"
     process = spawn_daemon(env, log_path)
     url = f"http://127.0.0.1:{metrics_port}/metrics"
