@@ -107,6 +107,10 @@ class IssuanceOutcome:
     created: bool
 
 
+# How long a caller's per-minute issuance counts are kept: the quota's 60 minutes and a day more, so that a replica
+# whose clock is up to a day ahead of the others removes none they still count (see _count_issued).
+QUOTA_COUNTS_KEPT_MINUTES = 60 + 24 * 60
+
 # How long a statement waits for a lock another transaction holds before the call is UNAVAILABLE
 # (SQLite's busy_timeout, PostgreSQL's lock_timeout): far above any transaction the daemon runs.
 LOCK_WAIT_MS = 30_000
@@ -504,12 +508,15 @@ class SqlStore:
 
         Runs in every group commit for every caller in it: the upsert is built once
         (_count_statement), and the clean-up runs once per caller and minute, not per commit.
+        The clean-up keeps QUOTA_COUNTS_KEPT_MINUTES, not only this clock's last hour: replicas
+        share the counts, and a replica whose clock is ahead removed every count in the last hour
+        of the replicas on time, which then issued the caller's quota again.
         """
         minute = _minute(now)
         conn.execute(self._count_statement, {"caller": caller, "minute": minute, "issued": count})
         if self._cleaned_minute.get(caller) != minute:
             counts = caller_issuance_by_minute
-            conn.execute(delete(counts).where(counts.c.caller == caller, counts.c.minute < minute - 60))
+            conn.execute(delete(counts).where(counts.c.caller == caller, counts.c.minute < minute - QUOTA_COUNTS_KEPT_MINUTES))
             self._cleaned_minute[caller] = minute
 
     def _insert_audit(self, conn: Connection, events: Sequence[AuditEvent]) -> None:

@@ -49,8 +49,8 @@ class Observed:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _replicas(tmp_path: Path, softhsm_conf: Path, pg_url: str) -> list[CaEnv]:
-    """One token, PIN files and CA (made by `init` on the shared database); three configurations."""
+def _replicas(tmp_path: Path, softhsm_conf: Path, pg_url: str, count: int = 3) -> list[CaEnv]:
+    """One token, PIN files and CA (made by `init` on the shared database); `count` configurations."""
     first = make_env(tmp_path, softhsm_conf, workers=1, init=False)
     first.edit_config('url = "sqlite:///ca.db"', f'url = "{pg_url}"')
     first.edit_config('pin_file = "pins/user.pin"', f'pin_file = "{first.state_dir / "pins" / "user.pin"}"')
@@ -59,7 +59,7 @@ def _replicas(tmp_path: Path, softhsm_conf: Path, pg_url: str) -> list[CaEnv]:
     first.cli("init")
     template = first.config_path.read_text()
     envs = []
-    for index in range(3):
+    for index in range(count):
         state = tmp_path / f"replica-{index}"
         state.mkdir(mode=0o700)
         port, http_port = free_port(), free_port()

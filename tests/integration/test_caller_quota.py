@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from tests.conftest import CaEnv, Daemon, device_csr, make_env
+from tests.conftest import CaEnv, Daemon, device_csr, make_env, spawn_daemon, wait_serving
+from tests.e2e.test_replicas import _replicas
 from tests.integration.crl_helpers import stub
+from tests.integration.test_clock_steps import SteppedClock
 
 pytestmark = pytest.mark.slow
 
@@ -155,3 +158,38 @@ def test_a_retry_whose_certificate_took_the_last_of_the_quota_is_answered(tmp_pa
         authority.close()
         store.close()
         hsm.close()
+
+
+def test_a_replica_whose_clock_is_ahead_does_not_wipe_the_other_replicas_quota_counts(
+    tmp_path: Path, softhsm_conf: Path, pg_database: Callable[[], str]
+) -> None:
+    """Two replicas on one PostgreSQL, one with its clock two hours ahead: the caller's quota still holds at the other.
+
+    Each commit removed the caller's counts older than the committing replica's last 60 minutes: one
+    Sign at the replica ahead removed every count of the real last hour, and the replica on time
+    issued the quota again (found by a hostile review of replicas on PostgreSQL).
+    """
+    on_time, ahead = _replicas(tmp_path, softhsm_conf, pg_database(), count=2)
+    for env in (on_time, ahead):
+        env.edit_config(
+            '[callers."local-developer"]\nprofiles = ["device"]',
+            '[callers."local-developer"]\nprofiles = ["device"]\nmax_certificates_per_hour = 3',
+        )
+    clock = SteppedClock(tmp_path)
+    clock.step("+2h")
+    daemons = [Daemon(on_time, tmp_path / "on-time.log").start()]  # first: it leads, and publishes CRLs dated right
+    try:
+        process = spawn_daemon(ahead, tmp_path / "ahead.log", clock.environment())
+        daemons.append(Daemon(ahead, tmp_path / "ahead.log"))
+        daemons[-1].process = process
+        wait_serving(ahead.target, 30, process, tmp_path / "ahead.log")
+        assert [_sign(on_time.target, str(uuid.uuid4()), device_csr())[0] for _ in range(2)] == [grpc.StatusCode.OK] * 2
+        assert _sign(ahead.target, str(uuid.uuid4()), device_csr())[0] == grpc.StatusCode.OK
+        # Three in the last hour of the replica on time (it counts the minute stamped ahead too): the fourth is refused.
+        # (The replica ahead counts its own last hour, which starts after these: a clock ahead moves its window, as README says.)
+        code, _, details = _sign(on_time.target, str(uuid.uuid4()), device_csr())
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+        assert "has had 3 certificate(s) in the last hour" in details, details
+    finally:
+        for daemon in daemons:
+            daemon.stop()
