@@ -34,7 +34,7 @@ from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocati
 from ca_daemon.policy import parse_serial
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import LEADER_FENCE, Leadership
-from ca_daemon.store.sql import CRL_NUMBER_TAKEN, ISSUER_FINAL_CRL
+from ca_daemon.store.sql import CRL_NUMBER_TAKEN, CRL_THIS_UPDATE_BEHIND, ISSUER_FINAL_CRL
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +465,7 @@ class CrlPublisher:
 
         def store(crl: PublishedCrl) -> None:
             event = _audit(crl, actor="ca-daemon-cli", clock_was_ahead="true") if clock_was_ahead else _audit(crl)
-            self._store.store_crl(crl, event, fence=self.fence)
+            self._store.store_crl(crl, event, fence=self.fence, clock_was_ahead=clock_was_ahead)
 
         try:
             crl = self._numbered(
@@ -511,9 +511,9 @@ class CrlPublisher:
                 store(crl)
                 return crl
             except FailedPrecondition as taken:
-                if taken.rule != CRL_NUMBER_TAKEN or attempt == _NUMBER_ATTEMPTS:
+                if taken.rule not in (CRL_NUMBER_TAKEN, CRL_THIS_UPDATE_BEHIND) or attempt == _NUMBER_ATTEMPTS:
                     raise
-                log.info("CRL %d of %s was published meanwhile by another process; building the next", crl.crl_number, issuer.key_id)
+                log.info("a CRL of %s was published meanwhile by another process; building CRL %d again", issuer.key_id, crl.crl_number)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _failed(self, key_id: str, message: str) -> None:

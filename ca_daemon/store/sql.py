@@ -46,6 +46,8 @@ from ca_daemon.store.write_lock import FileWriteLock
 # store_crl's refusals: another publisher stored that CRL number first (build the next one again);
 # the issuer's final CRL is stored (nothing may follow it: not a failure of the publisher's).
 CRL_NUMBER_TAKEN = "crl-number-monotonic"
+# Another publisher stored a CRL dated after this one (build it again, dated after that one).
+CRL_THIS_UPDATE_BEHIND = "crl-this-update-monotonic"
 ISSUER_FINAL_CRL = "issuer-final-crl"
 
 # removeFromCRL (RFC 5280 5.3.1): how a delta CRL says a lifted hold is no longer revoked.
@@ -953,7 +955,14 @@ class SqlStore:
             return max(current, above)
 
     def store_crl(
-        self, crl: PublishedCrl, audit: AuditEvent | None = None, *, keep: int = 3, fence: Leadership | None = None, final: bool = False
+        self,
+        crl: PublishedCrl,
+        audit: AuditEvent | None = None,
+        *,
+        keep: int = 3,
+        fence: Leadership | None = None,
+        final: bool = False,
+        clock_was_ahead: bool = False,
     ) -> None:
         """Record a CRL as published (with its audit event), refusing a number that is not above every earlier one.
 
@@ -963,6 +972,12 @@ class SqlStore:
         caller still holds the CRL leadership. A final CRL (a retiring key's) is never followed
         by another one but a final one (rule issuer-final-crl). Only the newest `keep` CRLs of
         each kind are kept.
+
+        Its thisUpdate may not be before that of the issuer's newest CRL of either kind (rule
+        crl-this-update-monotonic), checked here under the same lock: the publisher dates a CRL
+        before it builds it, and another publisher (`ca-daemon crl publish`, on a replica whose
+        clock is a second ahead, while the leader waited for the next second) could store a later
+        dated one in between. Unless clock_was_ahead: an operator replaces future-dated CRLs.
         """
         with self._begin() as conn:
             xact_lock(conn, LockSpace.CRL_NUMBER, crl.issuer_key_id)
@@ -974,6 +989,21 @@ class SqlStore:
                     f"CRL number {crl.crl_number} of issuer {crl.issuer_key_id} is not above the last published {last}; not published",
                     rule=CRL_NUMBER_TAKEN,
                 )
+            if not clock_was_ahead:
+                for kind in (False, True):
+                    dated = conn.execute(
+                        select(crls.c.this_update, crls.c.crl_number)
+                        .where(crls.c.issuer_key_id == crl.issuer_key_id, crls.c.is_delta == kind)
+                        .order_by(crls.c.crl_number.desc())
+                        .limit(1)
+                    ).first()
+                    if dated is not None and crl.this_update < _utc(dated.this_update):
+                        raise FailedPrecondition(
+                            f"CRL {crl.crl_number} of issuer {crl.issuer_key_id} is dated {crl.this_update.isoformat()}, before "
+                            f"thisUpdate {_utc(dated.this_update).isoformat()} of {'delta' if kind else 'full'} CRL "
+                            f"{dated.crl_number} stored meanwhile; not published",
+                            rule=CRL_THIS_UPDATE_BEHIND,
+                        )
             newest = conn.execute(
                 select(crls.c.is_final).where(crls.c.issuer_key_id == crl.issuer_key_id).order_by(crls.c.crl_number.desc()).limit(1)
             ).scalar()

@@ -590,6 +590,31 @@ def test_a_crl_number_floor_is_never_lowered_and_the_next_crl_goes_above_it(stor
     assert [json.loads(e["details"])["above"] for e in raised] == ["40"]  # only the floor that took effect is recorded
 
 
+def test_a_crl_dated_before_one_another_publisher_stored_meanwhile_is_refused(store: SqlStore, store_url: str) -> None:
+    """thisUpdate never goes back, also when two publishers race (found by a hostile review of replicas on PostgreSQL).
+
+    The publisher dates a CRL, then reads the next number and builds it (after waiting up to 2 s for the next second);
+    `ca-daemon crl publish` on a replica whose clock is a second ahead stored a later dated CRL in between, and the
+    leader's, numbered above it but dated before it, was stored: OpenSSL and HTTP caches keep the later dated one.
+    """
+    now = datetime.now(UTC).replace(microsecond=0)
+    store.store_crl(dataclasses.replace(_crl(1), this_update=now))
+    other = SqlStore(store_url)  # the other publisher's process
+    try:
+        other.store_crl(dataclasses.replace(_crl(2, base=1), this_update=now + timedelta(seconds=2)))
+    finally:
+        other.close()
+    for late in (_crl(3, base=1), _crl(3)):  # the leader's, dated before it waited: refused whichever kind
+        with pytest.raises(FailedPrecondition) as refused:
+            store.store_crl(dataclasses.replace(late, this_update=now + timedelta(seconds=1)))
+        assert refused.value.rule == "crl-this-update-monotonic", refused.value.message
+    assert store.max_crl_number(ISSUER) == 2
+    store.store_crl(dataclasses.replace(_crl(3, base=1), this_update=now + timedelta(seconds=2)))  # not before it: stored
+    # An operator replacing CRLs dated while the clock was ahead (`crl publish --clock-was-ahead`) dates them now.
+    store.store_crl(dataclasses.replace(_crl(4), this_update=now), clock_was_ahead=True)
+    assert store.max_crl_number(ISSUER) == 4
+
+
 def test_racing_publishers_never_store_a_number_twice(store: SqlStore, store_url: str) -> None:
     replicas = [SqlStore(store_url) for _ in range(4)]
     won: list[int] = []
