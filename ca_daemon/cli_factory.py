@@ -35,7 +35,7 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default="", help="this client's private key (PEM) for mTLS")
     p.add_argument("--tls-server-name", default="", help="name to check in the server certificate (default: the target host)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
-    p.add_argument("--retries", type=int, default=5, help="retries of a call answered UNAVAILABLE (default 5)")
+    p.add_argument("--retries", type=int, default=5, help="retries of a call answered UNAVAILABLE or timed out (default 5)")
 
 
 # How gRPC reports a connection that was never made (refused, unresolvable, no route, a missing Unix socket).

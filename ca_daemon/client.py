@@ -11,7 +11,8 @@
 Without `tls` the channel is plaintext, for a daemon in development mode on a loopback address.
 
 Retries: a call that fails with UNAVAILABLE (daemon restarting, token briefly gone, store busy)
-is retried with exponential back-off. That is safe because every retried call is idempotent:
+or DEADLINE_EXCEEDED (the daemon may still complete it: a Sign waiting for the database's write
+lock commits after the client gave up) is retried with exponential back-off. That is safe because every retried call is idempotent:
 Sign by request_id (the same request_id and CSR return the same certificate, never a second
 one), Revoke by serial (a retry that finds the certificate already revoked by its first attempt
 returns that revocation), and the reads are reads.
@@ -166,7 +167,7 @@ class CaClient:
         self._timeout = timeout
         self._retries = retries
         self._max_backoff = max_backoff
-        self.retried = 0  # UNAVAILABLE answers retried so far (for summaries and tests)
+        self.retried = 0  # UNAVAILABLE and DEADLINE_EXCEEDED answers retried so far (for summaries and tests)
 
     def __enter__(self) -> CaClient:
         return self
@@ -178,14 +179,21 @@ class CaClient:
         for channel in self._channels:
             channel.close()
 
-    def _call(self, call: Callable[[], T]) -> T:
-        """Run an idempotent call, retrying UNAVAILABLE with exponential back-off."""
+    def _call(self, call: Callable[[], T], *, after_timeout: bool = True) -> T:
+        """Run an idempotent call, retrying UNAVAILABLE (and, unless after_timeout is false, DEADLINE_EXCEEDED) with back-off.
+
+        A call that ran out of its deadline may still complete in the daemon: a Sign waiting for the
+        database's write lock is committed after the client has given up. Only a retry with the same
+        request then delivers that certificate; without one the device had none while the CA had issued
+        it, and a new request for the device was refused as a duplicate (rule device-unique).
+        """
+        retried_codes = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED} if after_timeout else {grpc.StatusCode.UNAVAILABLE}
         delay = 0.1
         for attempt in range(self._retries + 1):
             try:
                 return call()
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self._retries:
+                if exc.code() not in retried_codes or attempt == self._retries:
                     raise
                 self.retried += 1
                 time.sleep(delay)
@@ -195,7 +203,7 @@ class CaClient:
     # -- programming service ------------------------------------------------
 
     def sign(self, csr: bytes | str, *, request_id: str = "", profile: str = "") -> Issued:
-        """Sign a CSR (PEM or DER); retries UNAVAILABLE with the same request_id, so at most one certificate results."""
+        """Sign a CSR (PEM or DER); retries UNAVAILABLE and timeouts with the same request_id, so at most one certificate results."""
         request_id = request_id or str(uuid.uuid4())
         data = csr.encode() if isinstance(csr, str) else csr
         request = ca_pb2.SignRequest(csr=data, profile=profile, request_id=request_id)
@@ -210,7 +218,7 @@ class CaClient:
         try:
             response: ca_pb2.RevokeResponse = self._call(lambda: self._stub.Revoke(request, timeout=self._timeout))
         except grpc.RpcError as exc:
-            # A retry after an UNAVAILABLE whose first attempt did commit finds the certificate revoked: that is our revocation.
+            # A retry (after UNAVAILABLE or a timeout) whose first attempt did commit finds the certificate revoked: ours.
             if self.retried == retried_before or exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             existing = self.certificate(serial)
@@ -229,12 +237,14 @@ class CaClient:
             reason=reason_value(reason),  # type: ignore[arg-type]
             invalidity_date=_ts(invalidity_date),
         )
-        response: ca_pb2.RevokeBulkResponse = self._call(lambda: self._stub.RevokeBulk(request, timeout=self._timeout))
+        # Not retried after a timeout: a first attempt committed late would leave the retry nothing to revoke, reported as [].
+        response: ca_pb2.RevokeBulkResponse = self._call(lambda: self._stub.RevokeBulk(request, timeout=self._timeout), after_timeout=False)
         return list(response.revoked_serials)
 
     def unrevoke(self, serial: str) -> None:
         """Lift a certificate-hold. Officer role."""
-        self._call(lambda: self._stub.Unrevoke(ca_pb2.UnrevokeRequest(serial=serial), timeout=self._timeout))
+        # Not retried after a timeout: a retry of a hold lifted late is refused as "not on hold".
+        self._call(lambda: self._stub.Unrevoke(ca_pb2.UnrevokeRequest(serial=serial), timeout=self._timeout), after_timeout=False)
 
     # -- relying parties and operators ----------------------------------------
 

@@ -144,7 +144,7 @@ class Summary:
             # Summed over worker threads, so it includes time spent waiting for a core.
             out.append(f"device key + CSR: {1000 * self.keygen_total_s / self.requested:.2f} ms of worker-thread time per device")
         if self.retries:
-            out.append(f"UNAVAILABLE answers retried: {self.retries}")
+            out.append(f"UNAVAILABLE or timed-out calls retried: {self.retries}")
         for reason, count in self.reasons.most_common(5):
             out.append(f"  {count} x {reason}")
         return out

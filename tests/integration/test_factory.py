@@ -7,6 +7,7 @@ ports; openssl judges what the daemon signs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import http.server
 import json
@@ -156,6 +157,39 @@ def test_sign_retries_unavailable_until_the_daemon_is_up_and_stays_idempotent(tm
         assert store.count_certificates() == 1
     finally:
         store.close()
+
+
+def test_sign_that_times_out_while_the_daemon_waits_for_its_database_is_retried_with_the_same_request_id(
+    daemon: Daemon, setup: tuple[CaEnv, int]
+) -> None:
+    """A Sign that outlives its deadline is committed anyway: only a retry with the same request_id delivers it.
+
+    The test holds the SQLite write lock (what `ca-daemon db backup` or an operator's command does) for
+    longer than the client's timeout; the daemon waits for it (up to 30 s) and commits after the client
+    gave up. Without a retry the device had no certificate while the CA had issued one for it.
+    """
+    env, _ = setup
+    database = config_module.load(env.config_path).store.url.removeprefix("sqlite:///")
+    device = Device.make(f"slow-{uuid.uuid4().hex[:8]}")
+    fd = os.open(database + ".writelock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        release = threading.Timer(2.5, fcntl.flock, (fd, fcntl.LOCK_UN))
+        release.start()
+        with CaClient(env.target, timeout=1.0, retries=5) as ca:
+            issued = ca.sign(device.csr_pem, request_id=f"line-slow-{device.device_id}")
+            assert ca.retried >= 1
+        release.join()
+    finally:
+        os.close(fd)
+    leaf = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+    assert leaf.public_key() == device.key.public_key()
+    store = app.connect_store(config_module.load(env.config_path))
+    try:
+        active, _ = store.issuance_facts(device.device_id, b"", datetime.now(UTC))
+    finally:
+        store.close()
+    assert active == (int(issued.serial, 16),)  # one certificate, and the client has it
 
 
 def test_revoke_and_crls_through_client_and_cli(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
