@@ -44,11 +44,12 @@ from ca_daemon.client import CaClient, TlsOptions
 from ca_daemon.simulate import Device, simulate
 from tests.conftest import CA_DAEMON, CaEnv, Daemon, daemon_environment, free_port, wait_channel_serving
 from tests.factory_helpers import ForeignCa
-from tests.integration.crl_helpers import crl_env
+from tests.integration.crl_helpers import crl_env, start
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
 MOSQUITTO = "/usr/sbin/mosquitto"
+README = Path(__file__).resolve().parents[2] / "README.md"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="the Debian mosquitto package is not installed (make system-deps)"),
@@ -286,7 +287,7 @@ class Monitor:
         self._client.loop_stop()
 
 
-def _broker_certificate(ca: Ca, directory: Path) -> None:
+def _broker_certificate(client: CaClient, directory: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = f"broker-{uuid.uuid4().hex[:8]}"
     csr = (
@@ -295,7 +296,7 @@ def _broker_certificate(ca: Ca, directory: Path) -> None:
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    issued = ca.client.sign(csr.public_bytes(serialization.Encoding.PEM), profile="broker")
+    issued = client.sign(csr.public_bytes(serialization.Encoding.PEM), profile="broker")
     (directory / "broker.crt").write_text(issued.certificate_pem + issued.chain_pem)
     fd = os.open(directory / "broker.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -326,7 +327,7 @@ def test_devices_of_both_key_generations_connect_revoked_and_foreign_are_refused
     run = uuid.uuid4().hex[:6]
     with _ca(tmp_path / "ca", softhsm_conf) as ca:
         # Generation 1: the broker's certificate, a line of devices and the monitor, all under key 1.
-        _broker_certificate(ca, broker_dir)
+        _broker_certificate(ca.client, broker_dir)
         devices = _provision(ca, out, 4, f"line{run}")
         monitor_device = _provision(ca, out, 1, f"monitor{run}")[0]
         (broker_dir / "monitor").write_text(monitor_device.device_id)
@@ -417,3 +418,65 @@ def test_devices_of_both_key_generations_connect_revoked_and_foreign_are_refused
             if monitor is not None:
                 monitor.close()
             broker.stop()
+
+
+def _readme_broker_configuration() -> str:
+    """The Mosquitto configuration README "Brokers that read only full CRLs" gives, as a reader copies it."""
+    text = README.read_text()
+    start_at = text.index("# /etc/mosquitto/conf.d/devices.conf\n")
+    return text[start_at : text.index("```", start_at)]
+
+
+def test_the_readmes_broker_configuration_works_as_written(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The README's devices.conf, pasted with only its paths and port changed, runs Mosquitto, and a device connects.
+
+    The files are made with the commands its comments name (`ca export`, `client crl --format pem`).
+    """
+    env, _ = crl_env(tmp_path / "ca", softhsm_conf)
+    env.config_path.write_text(env.config_path.read_text() + BROKER_PROFILE)
+    env.edit_config(
+        '[callers."local-developer"]\nprofiles = ["device"]\n', '[callers."local-developer"]\nprofiles = ["device", "broker"]\n'
+    )
+    daemon = start(env, tmp_path)
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir()
+    try:
+        with CaClient(env.target) as client:
+            _broker_certificate(client, broker_dir)
+            devices: list[Device] = []
+            summary = simulate(client, devices=1, out_dir=tmp_path / "devices", on_issued=lambda d, _i: devices.append(d))
+            assert summary.issued == 1, summary.lines()
+        env.cli("ca", "export", "--out", str(broker_dir / "ca-chain.pem"))
+        env.cli("client", "crl", "--format", "pem", "--out", str(broker_dir / "ca.crl"))
+    finally:
+        daemon.stop()
+    (broker_dir / "acl").write_text("pattern write factory/%u\n")
+    (broker_dir / "cafile.pem").write_bytes((broker_dir / "ca-chain.pem").read_bytes())  # what connect_and_publish trusts
+    port = free_port()
+    pasted = (
+        _readme_broker_configuration().replace("/etc/mosquitto/", f"{broker_dir}/").replace("listener 8883", f"listener {port} 127.0.0.1")
+    )
+    assert f"listener {port} 127.0.0.1" in pasted and "/etc/" not in pasted, pasted
+    # This machine's own needs (a private broker run by the test as root), before the reader's lines.
+    broker = Broker(broker_dir, port)
+    (broker_dir / "mosquitto.conf").write_text(f"persistence false\nuser root\nlog_dest file {broker.log}\nlog_type all\n{pasted}")
+    output = broker_dir / "mosquitto.out"  # what it says before its log is open
+    with output.open("wb") as out:
+        broker.process = subprocess.Popen([MOSQUITTO, "-c", str(broker_dir / "mosquitto.conf")], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if broker.process.poll() is not None:
+                log = broker.log.read_text() if broker.log.exists() else ""
+                said = output.read_text(errors="replace")
+                raise AssertionError(f"mosquitto refused the README's configuration (exit {broker.process.returncode}): {said}{log}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "mosquitto did not listen"
+            time.sleep(0.05)
+        device = devices[0]
+        outcome = connect_and_publish(broker, tmp_path / "devices" / device.device_id, device.device_id)
+        assert outcome.connected and outcome.published, (outcome, broker.log.read_text()[-2000:])
+    finally:
+        broker.stop()
