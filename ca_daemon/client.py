@@ -20,8 +20,11 @@ returns that revocation), and the reads are reads.
 Auditors: `audit_export` writes the audit log with its signed checkpoints in the file format
 that `ca-daemon audit verify` checks, from the daemon's API alone (no database access).
 
-A leaf module for users: it imports only the generated protocol code and the pure export
-format (audit_format.py), never the server side.
+Sign answers are checked before they are returned (check_answer): a certificate for another key
+than the CSR's, or one its chain did not sign, raises UnexpectedAnswer instead of reaching a device.
+
+A leaf module for users: it imports only the generated protocol code, `cryptography` and the pure
+export format (audit_format.py), never the server side.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
@@ -209,6 +215,7 @@ class CaClient:
         request = ca_pb2.SignRequest(csr=data, profile=profile, request_id=request_id)
         stub = self._stubs[next(self._turn) % len(self._stubs)]
         response: ca_pb2.SignResponse = self._call(lambda: stub.Sign(request, timeout=self._timeout))
+        check_answer(data, response)
         return Issued(response.certificate_pem, response.chain_pem, response.serial, response.device_id, request_id)
 
     def revoke(self, serial: str, *, reason: str | int = "unspecified", invalidity_date: datetime | None = None) -> datetime:
@@ -350,6 +357,43 @@ class CaClient:
         return write_export(out, interleave((event_record(_event_row(e)) for e in self.audit_events()), checkpoints))
 
 
+class UnexpectedAnswer(ValueError):
+    """The daemon's answer to Sign is not a certificate for the CSR sent: nothing of it may be installed on the device."""
+
+
+def check_answer(csr: bytes, response: ca_pb2.SignResponse) -> None:
+    """Check a Sign answer before anyone installs it: the certificate certifies the CSR's key, under the serial
+    given, and was signed by the first certificate of the chain.
+
+    A device given a certificate for another key (another device's, by a daemon's mistake or a relay's
+    malice) or one that does not chain to what it was given as its chain has no working identity, and
+    nothing on the line would notice until it fails to connect in the field.
+    """
+    try:
+        request = x509.load_pem_x509_csr(csr) if csr.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_csr(csr)
+        leaf = x509.load_pem_x509_certificate(response.certificate_pem.encode())
+        chain = x509.load_pem_x509_certificates(response.chain_pem.encode()) if response.chain_pem.strip() else []
+    except ValueError as exc:
+        raise UnexpectedAnswer(f"the daemon's answer to Sign does not parse: {exc}") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*spki) != request.public_key().public_bytes(*spki):
+        raise UnexpectedAnswer(
+            f"the daemon answered with a certificate for another key (serial {leaf.serial_number:x}, subject "
+            f"{leaf.subject.rfc4514_string()}): not the key of the CSR sent; nothing was installed"
+        )
+    if response.serial and f"{leaf.serial_number:x}" != response.serial.lower().lstrip("0"):
+        raise UnexpectedAnswer(f"the daemon named serial {response.serial} for a certificate whose serial is {leaf.serial_number:x}")
+    if not chain:
+        raise UnexpectedAnswer("the daemon answered without the chain of the certificate")
+    try:
+        leaf.verify_directly_issued_by(chain[0])
+    except (ValueError, TypeError, InvalidSignature):
+        raise UnexpectedAnswer(
+            f"the certificate (issuer {leaf.issuer.rfc4514_string()}) was not signed by the first certificate of the chain the "
+            f"daemon sent ({chain[0].subject.rfc4514_string()}); nothing was installed"
+        ) from None
+
+
 def _event_row(event: ca_pb2.AuditEvent) -> dict[str, Any]:
     """An event from the API in the shape of its stored row (empty fields are the store's NULLs)."""
     return {
@@ -377,4 +421,14 @@ def _ts(value: datetime | None) -> Timestamp | None:
     return ts
 
 
-__all__ = ["REASONS", "CaClient", "Crl", "Issued", "TlsOptions", "VerificationCertificate", "reason_value"]
+__all__ = [
+    "REASONS",
+    "CaClient",
+    "Crl",
+    "Issued",
+    "TlsOptions",
+    "UnexpectedAnswer",
+    "VerificationCertificate",
+    "check_answer",
+    "reason_value",
+]

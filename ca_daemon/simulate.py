@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from ca_daemon.client import CaClient, Issued
+from ca_daemon.client import CaClient, Issued, UnexpectedAnswer
 
 KEY_TYPES = ("ec-p256", "ec-p384", "ed25519", "rsa-2048")
 DEFAULT_SAN_URI = "urn:dev:ops:{device_id}"
@@ -231,6 +231,12 @@ def simulate(
                 else:
                     summary.failed += 1
                 summary.reasons[f"{code.name}: {(exc.details() or '')[:160]}"] += 1
+            _report(progress, summary, lock)
+            return
+        except UnexpectedAnswer as exc:  # a certificate not for this device's key: never installed
+            with lock:
+                summary.failed += 1
+                summary.reasons[f"answer refused: {str(exc)[:160]}"] += 1
             _report(progress, summary, lock)
             return
         if out_dir is not None:

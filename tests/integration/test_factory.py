@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent import futures
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from ca_daemon import app
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from ca_daemon.client import CaClient
+from ca_daemon.client import CaClient, UnexpectedAnswer
 from ca_daemon.registration import AUDIT_ACTION
 from ca_daemon.simulate import Device, Progress, simulate
 from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, http_fetch, sign_challenge
@@ -190,6 +191,47 @@ def test_sign_that_times_out_while_the_daemon_waits_for_its_database_is_retried_
     finally:
         store.close()
     assert active == (int(issued.serial, 16),)  # one certificate, and the client has it
+
+
+class _Relay:
+    """A hostile or broken front of the daemon (a proxy, a load balancer's wrong backend): real answers, to other questions."""
+
+    def __init__(self, daemon_target: str, mode: str) -> None:
+        self.daemon_target = daemon_target
+        self.mode = mode
+
+    def Sign(self, request: ca_pb2.SignRequest, context: grpc.ServicerContext) -> ca_pb2.SignResponse:
+        with CaClient(self.daemon_target) as ca:
+            if self.mode == "another-device":  # the daemon's certificate for another device and key
+                issued = ca.sign(Device.make(f"other-{uuid.uuid4().hex[:8]}").csr_pem)
+                return ca_pb2.SignResponse(certificate_pem=issued.certificate_pem, chain_pem=issued.chain_pem, serial=issued.serial)
+            issued = ca.sign(request.csr, request_id=request.request_id)  # the right certificate, with another CA's chain
+            foreign = ForeignCa.create("Not the issuing CA").certificate.public_bytes(serialization.Encoding.PEM).decode()
+            return ca_pb2.SignResponse(certificate_pem=issued.certificate_pem, chain_pem=foreign, serial=issued.serial)
+
+
+@pytest.mark.parametrize("mode", ["another-device", "foreign-chain"])
+def test_a_sign_answer_that_is_not_for_the_csrs_key_or_chain_is_never_installed(daemon: Daemon, tmp_path: Path, mode: str) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    sign = grpc.unary_unary_rpc_method_handler(
+        _Relay(daemon.env.target, mode).Sign,
+        request_deserializer=ca_pb2.SignRequest.FromString,
+        response_serializer=ca_pb2.SignResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("ca_daemon.v1.CertificateAuthority", {"Sign": sign}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with CaClient(f"127.0.0.1:{port}", retries=0) as relayed:
+            device = Device.make(f"relayed-{uuid.uuid4().hex[:8]}")
+            with pytest.raises(UnexpectedAnswer, match="another key" if mode == "another-device" else "not signed by"):
+                relayed.sign(device.csr_pem)
+            summary = simulate(relayed, devices=2, out_dir=tmp_path / "devices", concurrency=2)
+    finally:
+        server.stop(None)
+    assert (summary.issued, summary.failed) == (0, 2), summary.lines()
+    assert all(reason.startswith("answer refused: ") for reason in summary.reasons), summary.reasons
+    assert not (tmp_path / "devices").exists() or not any((tmp_path / "devices").iterdir())  # no device got a certificate
 
 
 def test_revoke_and_crls_through_client_and_cli(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
