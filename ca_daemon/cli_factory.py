@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.client import REASONS, CaClient, TlsOptions
 from ca_daemon.errors import CaError
-from ca_daemon.files import replaced_on_success
+from ca_daemon.files import replaced_on_success, write_atomically
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_HELP = (
@@ -251,7 +251,7 @@ def invalidity_date(text: str) -> datetime:
 def _client_sign(args: argparse.Namespace) -> int:
     with client_from_args(args) as ca:
         issued = ca.sign(Path(args.csr).read_bytes(), request_id=args.request_id, profile=args.profile)
-    Path(args.out).write_text(issued.certificate_pem + issued.chain_pem)
+    write_atomically(Path(args.out), (issued.certificate_pem + issued.chain_pem).encode())
     print(f"issued serial {issued.serial} for device {issued.device_id}; wrote {args.out}")
     return 0
 
@@ -327,7 +327,7 @@ def _client_crl(args: argparse.Namespace) -> int:
     with client_from_args(args) as ca:
         crl = ca.crl(delta=args.delta, issuer_key_id=args.issuer_key_id)
     data = crl.der if args.format == "der" else x509.load_der_x509_crl(crl.der).public_bytes(serialization.Encoding.PEM)
-    Path(args.out).write_bytes(data)
+    write_atomically(Path(args.out), data)  # a broker's crlfile: never half a CRL, whatever stops the write
     kind = "delta" if args.delta else "full"
     validity = f"thisUpdate {crl.this_update.isoformat()}, nextUpdate {crl.next_update.isoformat()}"
     print(f"wrote {kind} CRL {crl.number} ({validity}) to {args.out}")
@@ -472,9 +472,9 @@ def _format_for(path: str) -> str:
 
 def _write_certificates(path: Path, certs: list[x509.Certificate], fmt: str) -> None:
     if fmt == "der":
-        path.write_bytes(certs[0].public_bytes(serialization.Encoding.DER))  # DER holds one certificate
+        write_atomically(path, certs[0].public_bytes(serialization.Encoding.DER))  # DER holds one certificate
     else:
-        path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+        write_atomically(path, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
 
 
 __all__ = ["DEFAULT_TARGET", "TARGET_HELP", "add_client_commands", "add_client_options", "add_commands", "client_from_args", "unreachable"]

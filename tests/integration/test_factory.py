@@ -12,6 +12,8 @@ import http.client
 import http.server
 import json
 import os
+import resource
+import signal
 import stat
 import subprocess
 import threading
@@ -312,6 +314,35 @@ def test_revoke_prints_serials_as_other_outputs_do_and_no_dangling_colon(client:
     assert client.certificate(device_serial).revocation.invalidity_date.ToDatetime(tzinfo=UTC) == since
     again = env.cli("client", "revoke", "--device-id", device.device_id)
     assert again.stdout == f"device {device.device_id} has no unrevoked certificate: nothing was revoked\n"
+
+
+def test_a_crl_write_that_fails_midway_leaves_the_brokers_crlfile_as_it_was(
+    client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path
+) -> None:
+    """`client crl --out` writes a broker's crlfile in place (README, Mosquitto): a write stopped halfway (here a file
+    size limit, as a full disk does) must leave the last CRL whole, not a truncated one the broker cannot load."""
+    env, _ = setup
+    crlfile = tmp_path / "ca.crl"
+    env.cli("client", "crl", "--format", "pem", "--out", str(crlfile))
+    before = crlfile.read_bytes()
+    assert len(before) > 300
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    result = subprocess.run(
+        [CA_DAEMON, "--config", str(env.config_path), "client", "crl", "--format", "pem", "--out", str(crlfile)],
+        capture_output=True,
+        text=True,
+        env={**daemon_environment(), "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=limited,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1 and "File too large" in result.stderr, (result.stdout, result.stderr)
+    assert crlfile.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ca.crl"]  # no temporary file left behind
 
 
 def test_chain_export_pem_and_der(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
