@@ -1,5 +1,5 @@
 """The factory-to-cloud commands of `ca-daemon`: client, simulate-factory, verify-device,
-ca verification-cert and crl publish. Registered by cli.py; kept apart so the set-up commands
+ca verification-cert and crl publish | raise-number | fetch. Registered by cli.py; kept apart so the set-up commands
 and these user-facing ones can change independently.
 """
 
@@ -216,6 +216,29 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
         help="decimal, or hex as `openssl crl -in CRL -noout -crlnumber` prints it for the newest published CRL (crlNumber=0x1A or 0x1A)",
     )
     p.set_defaults(handler=_crl_raise_number)
+    p = crl.add_parser(
+        "fetch",
+        help="install the current full CRLs, fetched over HTTP and checked, into a broker's CRL file (Mosquitto crlfile); "
+        "deploy/mosquitto-crl-refresh.timer runs it hourly",
+    )
+    p.add_argument(
+        "--url",
+        action="append",
+        required=True,
+        help="a full CRL's URL (the CDP URL, e.g. http://ca.example.net:8080/crl/ca-root-1.crl); one per CA key that signs CRLs, "
+        "repeated during a key rotation; the file holds them in this order",
+    )
+    p.add_argument(
+        "--trust", required=True, help="the CA certificates the broker trusts (its cafile, PEM): every CRL must be signed by one"
+    )
+    p.add_argument("--out", required=True, help="the CRL file to keep current (PEM); replaced atomically, and only if its content changes")
+    p.add_argument(
+        "--on-change",
+        default="",
+        help="command to run after the file changed, e.g. 'systemctl reload mosquitto.service' (split as a shell would, "
+        "not run by one); if it fails, the previous file is put back and the command exits 1",
+    )
+    p.set_defaults(handler=_crl_fetch)
 
 
 def crl_number(text: str) -> int:
@@ -464,6 +487,34 @@ def _crl_raise_number(args: argparse.Namespace) -> int:
     from ca_daemon import cli_store
 
     return cli_store.raise_crl_number(args.config, args.issuer, args.above)
+
+
+def _crl_fetch(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    from ca_daemon.crlfile import CrlRefused, refresh
+
+    out = Path(args.out)
+    trusted = x509.load_pem_x509_certificates(Path(args.trust).read_bytes())
+    command = shlex.split(args.on_change)
+
+    def run_on_change() -> None:
+        result = subprocess.run(command, check=False, timeout=120)  # its output goes where ours does (the journal)
+        if result.returncode != 0:
+            raise CrlRefused(
+                f"{out} changed but `{args.on_change}` exited with status {result.returncode}: the file has its previous "
+                "content back, and the next run installs it and tries again"
+            )
+
+    refreshed = refresh(args.url, trusted, out, datetime.now(UTC), reload=run_on_change if command else None)
+    for item in refreshed.crls:
+        print(item.describe())
+    if not refreshed.changed:
+        print(f"{out} already holds these CRLs: left as it was")
+    else:
+        print(f"installed {len(refreshed.crls)} CRL(s) in {out}" + (f"; ran `{args.on_change}`" if command else ""))
+    return 0
 
 
 def _format_for(path: str) -> str:

@@ -29,7 +29,9 @@ def replaced_on_success(path: Path) -> contextlib.AbstractContextManager[TextIO]
 
 @contextlib.contextmanager
 def _replaced_on_success(path: Path, open_mode: str) -> Iterator[IO[Any]]:
-    """An existing path keeps its mode; a new one gets NEW_FILE_MODE."""
+    """An existing path keeps its mode, and its owner and group where this process may set them (root); a new one
+    gets NEW_FILE_MODE. A broker that reads its crlfile as another user (mode 0640, group mosquitto) could not
+    read a replacement that took root's group, and would fail at its next reload."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, open_mode, encoding=None if "b" in open_mode else "utf-8") as f:
@@ -37,10 +39,14 @@ def _replaced_on_success(path: Path, open_mode: str) -> Iterator[IO[Any]]:
             f.flush()
             os.fsync(f.fileno())
         try:
-            mode = os.stat(path).st_mode & 0o7777
+            existing: os.stat_result | None = os.stat(path)
         except FileNotFoundError:
-            mode = NEW_FILE_MODE
-        os.chmod(temp, mode)
+            existing = None
+        created = os.stat(temp)
+        if existing is not None and (existing.st_uid, existing.st_gid) != (created.st_uid, created.st_gid):
+            with contextlib.suppress(PermissionError):  # not root: the file becomes ours, as it always did
+                os.chown(temp, existing.st_uid, existing.st_gid)
+        os.chmod(temp, NEW_FILE_MODE if existing is None else existing.st_mode & 0o7777)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):

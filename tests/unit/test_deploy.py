@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import configparser
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -134,3 +136,44 @@ def test_the_unit_lets_the_workers_make_their_system_calls() -> None:
     permitted = set().union(*(expand(item) for item in allowed)) - set().union(*(expand(item) for item in denied))
     for call in _WORKER_SYSTEM_CALLS:
         assert call in permitted, f"SystemCallFilter= kills a worker at {call}"
+
+
+def _unit_file(name: str) -> configparser.ConfigParser:
+    """A systemd unit file read as INI (keys keep their case; a repeated key keeps its last value)."""
+    parser = configparser.ConfigParser(interpolation=None, strict=False, delimiters=("=",), comment_prefixes=("#", ";"))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((DEPLOY / name).read_text())
+    return parser
+
+
+def test_the_mosquitto_crl_refresh_unit_and_timer_parse_and_run_crl_fetch() -> None:
+    """deploy/mosquitto-crl-refresh.{service,timer}: hourly with a random delay, catching up after downtime; the
+    service runs `ca-daemon crl fetch` with arguments the CLI accepts, may write the CRL file's directory, and
+    its ExecStart splits as a shell would (tests/e2e/test_crl_refresh.py runs that line)."""
+    service, timer = _unit_file("mosquitto-crl-refresh.service"), _unit_file("mosquitto-crl-refresh.timer")
+    assert service["Service"]["Type"] == "oneshot"
+    line = service["Service"]["ExecStart"]
+    assert not set(line) & {"$", "%", "\\"}, "systemd expands $ and % and unescapes \\: shlex.split would not split it as systemd does"
+    argv = shlex.split(line)
+    assert argv[:3] == ["/opt/ca-daemon/.venv/bin/ca-daemon", "crl", "fetch"], argv
+    from ca_daemon import cli, cli_factory
+
+    args = cli._parser().parse_args(argv[1:])
+    assert args.handler is cli_factory._crl_fetch
+    assert args.url and args.trust == "/etc/mosquitto/ca-chain.pem" and args.out == "/etc/mosquitto/ca.crl"
+    assert shlex.split(args.on_change) == ["systemctl", "try-reload-or-restart", "mosquitto.service"]
+    assert Path(args.out).parent in {Path(p) for p in service["Service"]["ReadWritePaths"].split()}
+    assert service["Service"]["ProtectSystem"] == "strict"
+
+    assert timer["Timer"]["OnCalendar"] == "hourly" and timer["Timer"]["Persistent"] == "true"
+    assert timer["Timer"]["RandomizedDelaySec"]
+    assert timer["Install"]["WantedBy"] == "timers.target"
+    analyze = shutil.which("systemd-analyze")
+    if analyze:  # when present it is the judge; the ca-daemon program is not installed on a test machine
+        files = [str(DEPLOY / "mosquitto-crl-refresh.service"), str(DEPLOY / "mosquitto-crl-refresh.timer")]
+        result = subprocess.run([analyze, "verify", *files], capture_output=True, text=True, check=False)
+        complaints = [line for line in result.stderr.splitlines() if "/opt/ca-daemon/.venv/bin/ca-daemon is not executable" not in line]
+        assert complaints == [], result.stderr
+        for value in (timer["Timer"]["OnCalendar"],):
+            subprocess.run([analyze, "calendar", value], capture_output=True, check=True)
+        subprocess.run([analyze, "timespan", timer["Timer"]["RandomizedDelaySec"]], capture_output=True, check=True)
