@@ -439,8 +439,10 @@ def _lost_by_published_crls(restored: Path, crl_directory: Path | None) -> Loss:
 
     Each file counts only if a CA key of restored signed it; per key, the CRLs are read in
     number order, a full CRL standing for all that came before and a delta adding entries
-    (removeFromCRL taking one off). Any other file is named: a key made after the backup
-    signed it, or it is no CRL at all.
+    (removeFromCRL taking one off), and only if one is numbered above every CRL restored
+    holds of that key: files the backup already knew may lag it (a hold it records lifted
+    stays on them until the next CRL) and show nothing it lacks. Any other file is named:
+    a key made after the backup signed it, or it is no CRL at all.
     """
     files = sorted(crl_directory.glob("*.crl")) if crl_directory is not None and crl_directory.is_dir() else []
     if not files:
@@ -474,8 +476,11 @@ def _lost_by_published_crls(restored: Path, crl_directory: Path | None) -> Loss:
     listed: set[str] = set()
     for issuer, published in sorted(by_issuer.items()):
         published.sort(key=lambda numbered: numbered[0])
-        if published[-1][0] > tops.get(issuer, 0):
-            crl_numbers.append((issuer, tops.get(issuer, 0), published[-1][0]))
+        if published[-1][0] <= tops.get(issuer, 0):
+            # The backup holds a CRL at least this new: it knew all these files show, and what changed after them
+            # (a hold lifted before the next CRL, a loss an earlier --accept-loss restore accepted) is its own to keep.
+            continue
+        crl_numbers.append((issuer, tops.get(issuer, 0), published[-1][0]))
         revoked: set[int] = set()
         for _, crl in published:
             if not _is_delta(crl):

@@ -442,6 +442,42 @@ def test_a_restore_over_an_unreadable_database_refuses_to_forget_what_the_publis
     assert f"published full CRL {published + 1} of ca-root-1" in env.cli("crl", "publish").stdout
 
 
+def test_a_lifted_hold_still_on_the_published_crl_is_no_loss_of_the_backup(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """The CRL files may lag the database: a hold lifted before the backup stays on them until the next CRL.
+
+    That CRL's number is one the backup holds, so the backup knows all it shows; only a CRL numbered above
+    the backup's can show what the backup lacks.
+    """
+    env = make_env(tmp_path_factory.mktemp("liftedhold"), softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    daemon = Daemon(env, env.state_dir / "daemon-1.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            serial = sign(channel).serial
+            hold = ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_CERTIFICATE_HOLD)
+            stub(channel).Revoke(hold, timeout=10)
+            wait_for_crl(channel, lambda crl: int(serial, 16) in {e.serial_number for e in crl})
+    finally:
+        daemon.stop()
+    env.edit_config("publish_on_revoke = true", "publish_on_revoke = false")  # the lift waits for the next delta (5 min)
+    daemon = Daemon(env, env.state_dir / "daemon-2.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            stub(channel).Unrevoke(ca_pb2.UnrevokeRequest(serial=serial), timeout=10)
+    finally:
+        daemon.stop()
+    delta = x509.load_der_x509_crl((env.state_dir / "crl" / "ca-root-1-delta.crl").read_bytes())
+    assert int(serial, 16) in {e.serial_number for e in delta}  # the files still show the hold
+    backup = tmp_path_factory.mktemp("liftedholdbackups") / "ca.db"
+    env.cli("db", "backup", "--out", str(backup))
+
+    restored = env.cli("db", "restore", "--from", str(backup), check=False)
+    assert restored.returncode == 0, restored.stderr
+    assert "forgotten" not in restored.stdout and "revoke them again" not in restored.stdout, restored.stdout
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
