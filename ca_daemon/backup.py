@@ -204,12 +204,22 @@ def check_destination(out: Path, source: Path | None = None) -> None:
         state = "is not a directory" if out.parent.exists() else "does not exist"
         raise FailedPrecondition(f"{out.parent} {state}; create the directory the backup goes to first")
     if source is not None:
-        _check_room(out.parent, _size_with_wal(source), f"a backup of {source}", "nothing was written")
+        _check_room(out.parent, _copy_size(source), f"a backup of {source}", "nothing was written")
 
 
-def _size_with_wal(database: Path) -> int:
-    """At most what a copy of database takes: its file and its write-ahead log."""
-    return sum(Path(f"{database}{suffix}").stat().st_size for suffix in ("", "-wal") if Path(f"{database}{suffix}").exists())
+def _copy_size(database: Path) -> int:
+    """What a copy of database takes: its pages as a reader sees them now (the online backup copies those).
+
+    Not its file and its write-ahead log: a WAL file keeps the size it once grew to (while a long
+    read held back checkpoints, say) long after its frames were copied back, and a backup that
+    fitted was refused for want of room for it. The file sizes only if the database does not open.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+            return pages * int(db.execute("PRAGMA page_size").fetchone()[0])
+    except sqlite3.Error:
+        return sum(Path(f"{database}{suffix}").stat().st_size for suffix in ("", "-wal") if Path(f"{database}{suffix}").exists())
 
 
 def _check_room(directory: Path, size: int, what: str, consequence: str) -> None:

@@ -6,6 +6,7 @@ daemon's own CLI (`audit verify --live`) after the restore.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -524,6 +525,34 @@ def test_a_backup_or_restore_without_room_says_so_and_leaves_nothing_half_writte
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert f"{moved} has " in refused.stderr and "bytes free" in refused.stderr and "Nothing was changed" in refused.stderr
     assert sha256(moved / live.name) == in_place and sorted(p.name for p in moved.iterdir()) == ["ca.db", "filler"]
+
+
+def test_a_backup_fits_where_the_database_fits_whatever_the_size_of_its_write_ahead_log(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path, small_disk: Path
+) -> None:
+    """A WAL file keeps the size it once grew to (a reader held it open while Sign calls committed): the copy does not."""
+    env = make_env(tmp_path_factory.mktemp("bigwal"), softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    live = database(env)
+    wal = Path(f"{live}-wal")
+    daemon = Daemon(env, env.state_dir / "daemon.log").start()
+    try:
+        with contextlib.closing(sqlite3.connect(live)) as reader, grpc.insecure_channel(env.target) as channel:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM certificates").fetchone()  # a long read: no checkpoint gets past it
+            while wal.stat().st_size < 2 * 1024 * 1024:
+                sign(channel)
+            reader.execute("COMMIT")
+        with contextlib.closing(sqlite3.connect(live)) as db:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            pages = int(db.execute("PRAGMA page_count").fetchone()[0]) * int(db.execute("PRAGMA page_size").fetchone()[0])
+        assert wal.stat().st_size >= 2 * 1024 * 1024 and pages < 512 * 1024, (wal.stat().st_size, pages)
+        backup = small_disk / "ca.db"  # 1 MiB: room for the copy and its check, not for the WAL's size
+        result = env.cli("db", "backup", "--out", str(backup), check=False)
+        assert result.returncode == 0, result.stderr
+    finally:
+        daemon.stop()
+    assert "restored" in env.cli("db", "restore", "--from", str(backup)).stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
