@@ -788,7 +788,9 @@ def serve(config: Config) -> int:
             metrics_store.close()
         if metrics_dir is not None and not metrics_dir.is_relative_to(config.state_dir):
             shutil.rmtree(metrics_dir, ignore_errors=True)  # memory, not disk: nothing of it is needed after a stop
-        for written in (pid_file, started):
+        # The reload text goes too: left behind by a daemon run as root once, it was root's, mode 0600, and the
+        # service user's next start could not replace it ('cannot hand the configuration to the workers').
+        for written in (pid_file, started, reload_text_path(config)):
             with contextlib.suppress(OSError):
                 written.unlink()
 

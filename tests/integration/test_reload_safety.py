@@ -334,7 +334,8 @@ def test_reload_reports_a_changed_store_url_as_read_at_start_only(two_workers: D
     assert time.monotonic() - started < 10 and not (env.state_dir / "next.db").exists()
     _wait_views(env.target, {"device", "sensor"})
     daemon.stop()
-    assert not (env.state_dir / "ca-daemon.started.toml").exists()  # it goes with the pid file
+    assert not (env.state_dir / "ca-daemon.reload.toml").exists()  # both go with the pid file
+    assert not (env.state_dir / "ca-daemon.started.toml").exists()
 
 
 def _daemon_refusals(daemon: Daemon, timeout: float = 10.0) -> list[str]:
