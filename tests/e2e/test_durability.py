@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.store import SqlStore
-from tests.conftest import Daemon, child_processes, device_csr, make_env, openssl_verify
+from tests.conftest import Daemon, child_processes, device_csr, make_env, openssl_verify, wait_workers_serving
 
 
 def test_every_received_certificate_is_stored_after_kill_9(tmp_path: Path, softhsm_conf: Path) -> None:
@@ -135,6 +135,9 @@ def test_a_worker_that_cannot_start_while_the_token_is_away_is_retried_until_it_
     daemon = Daemon(env, tmp_path / "daemon.log").start()
     token_dir, away = _token_dir(softhsm_conf, env.token), tmp_path / "token-away"
     try:
+        # Both up first: a worker still starting when the token goes finds no key, exits and is restarted too,
+        # and its exits counted against the one killed here (a CI run: 8 exits in 12 s, two workers' worth).
+        wait_workers_serving(daemon.log, 2)
         worker = _worker_pids(daemon)[0]
         token_dir.rename(away)
         try:

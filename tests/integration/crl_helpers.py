@@ -33,9 +33,9 @@ def stub(channel: grpc.Channel) -> ca_pb2_grpc.CertificateAuthorityStub:
     return ca_pb2_grpc.CertificateAuthorityStub(channel)
 
 
-def sign(channel: grpc.Channel, device_id: str | None = None) -> ca_pb2.SignResponse:
+def sign(channel: grpc.Channel, device_id: str | None = None, timeout: float = 10.0) -> ca_pb2.SignResponse:
     response: ca_pb2.SignResponse = stub(channel).Sign(
-        ca_pb2.SignRequest(csr=device_csr(device_id), request_id=str(uuid.uuid4())), timeout=10
+        ca_pb2.SignRequest(csr=device_csr(device_id), request_id=str(uuid.uuid4())), timeout=timeout
     )
     return response
 

@@ -46,6 +46,11 @@ pytestmark = [
 _SLEEP_SHIM = "import select, time\ntime.sleep = lambda seconds: select.select([], [], [], seconds) and None\n"
 
 
+# How long these tests wait for a call or a CRL. The faked daemon is slow at times: on a slow hour (2026-11-27) a
+# first Sign took more than 10 s and a CRL more than 15 s to appear, though most runs take a fraction of that.
+_PATIENCE_S = 45.0
+
+
 class SteppedClock:
     """The offset of a daemon's wall clock from the real one, changed while it runs."""
 
@@ -120,7 +125,7 @@ def _listed(serial: str) -> Callable[[x509.CertificateRevocationList], bool]:
 
 
 def _revoke(channel: grpc.Channel, serial: str) -> None:
-    stub(channel).Revoke(ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+    stub(channel).Revoke(ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=_PATIENCE_S)
 
 
 def _http_delta(port: int, if_modified_since: datetime, name: str = "ca-root-1-delta.crl") -> int:
@@ -138,9 +143,9 @@ def _http_delta(port: int, if_modified_since: datetime, name: str = "ca-root-1-d
 def test_a_clock_stepped_back_publishes_no_crl_that_goes_back_in_time(stepped: Stepped, tmp_path: Path) -> None:
     env, clock = stepped.env, stepped.clock
     with grpc.insecure_channel(env.target) as channel:
-        first = sign(channel)
+        first = sign(channel, timeout=_PATIENCE_S)
         _revoke(channel, first.serial)
-        before = wait_for_crl(channel, _listed(first.serial))
+        before = wait_for_crl(channel, _listed(first.serial), timeout=_PATIENCE_S)
         before_crl = x509.load_der_x509_crl(before.crl_der)
         full = get_crl(channel)
 
@@ -150,7 +155,7 @@ def test_a_clock_stepped_back_publishes_no_crl_that_goes_back_in_time(stepped: S
         _revoke(channel, second.serial)
 
         # The delta that would list it is refused, not published an hour back: the last one stays in force.
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + _PATIENCE_S
         while _crl_health(channel) == health_pb2.HealthCheckResponse.SERVING:
             published = get_crl(channel, delta=True)
             assert published.crl_number == before.crl_number, (
@@ -176,8 +181,8 @@ def test_a_clock_stepped_back_publishes_no_crl_that_goes_back_in_time(stepped: S
 
         # Back on time, the revocation is published at once, after the CRL it follows.
         clock.step("+0")
-        after = wait_for_crl(channel, _listed(second.serial))
-        deadline = time.monotonic() + 15
+        after = wait_for_crl(channel, _listed(second.serial), timeout=_PATIENCE_S)
+        deadline = time.monotonic() + _PATIENCE_S
         while _crl_health(channel) != health_pb2.HealthCheckResponse.SERVING:
             assert time.monotonic() < deadline, f"{CRL_HEALTH_SERVICE} still NOT_SERVING"
             time.sleep(0.1)
@@ -220,7 +225,7 @@ def _crl_publish(env: CaEnv, *args: str, environment: dict[str, str] | None = No
 
 
 def _wait_crl_health(channel: grpc.Channel, status: int) -> None:
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + _PATIENCE_S
     while _crl_health(channel) != status:
         assert time.monotonic() < deadline, f"{CRL_HEALTH_SERVICE} is not {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
         time.sleep(0.1)
@@ -231,20 +236,22 @@ def test_crls_made_while_the_clock_was_ahead_are_replaced_by_an_operator_once_it
     env, clock = stepped.env, stepped.clock
     with grpc.insecure_channel(env.target) as channel:
         clock.step("+1d")
-        ahead = sign(channel)
+        ahead = sign(channel, timeout=_PATIENCE_S)
         _revoke(channel, ahead.serial)
         # A day after the last full CRL, the schedule publishes the next, and a delta on it: both dated a day ahead.
         tomorrow = datetime.now(UTC) + timedelta(hours=12)
-        future_full = x509.load_der_x509_crl(wait_for_crl(channel, lambda crl: crl.last_update_utc > tomorrow, delta=False).crl_der)
-        wait_for_crl(channel, lambda crl: crl.last_update_utc >= future_full.last_update_utc)
+        future_full = x509.load_der_x509_crl(
+            wait_for_crl(channel, lambda crl: crl.last_update_utc > tomorrow, delta=False, timeout=_PATIENCE_S).crl_der
+        )
+        wait_for_crl(channel, lambda crl: crl.last_update_utc >= future_full.last_update_utc, timeout=_PATIENCE_S)
         # The revocation is on the full CRL or on a delta after it, whichever came after it.
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + _PATIENCE_S
         while not any(_listed(ahead.serial)(x509.load_der_x509_crl(get_crl(channel, delta=d).crl_der)) for d in (False, True)):
             assert time.monotonic() < deadline, "the revocation made while the clock was ahead was never published"
             time.sleep(0.1)
 
         clock.step("+0")
-        now = sign(channel)
+        now = sign(channel, timeout=_PATIENCE_S)
         _revoke(channel, now.serial)
         _wait_crl_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
         hint = [line for line in stepped.log.read_text().splitlines() if "not published: the clock" in line]
@@ -257,13 +264,13 @@ def test_crls_made_while_the_clock_was_ahead_are_replaced_by_an_operator_once_it
         delta = get_crl(channel, delta=True)
         _wait_crl_health(channel, health_pb2.HealthCheckResponse.SERVING)  # the schedule goes on from the replacements
         # A fetcher holding the CRL dated ahead asks If-Modified-Since its (future) date: the replacement is no 304.
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + _PATIENCE_S
         while _http_delta(stepped.http_port, future_full.last_update_utc, "ca-root-1.crl") != 200:
             assert time.monotonic() < deadline, "a conditional GET dated ahead of the clock still gets 304"
             time.sleep(0.1)
-        again = sign(channel)
+        again = sign(channel, timeout=_PATIENCE_S)
         _revoke(channel, again.serial)
-        assert wait_for_crl(channel, _listed(again.serial)).crl_number > delta.crl_number
+        assert wait_for_crl(channel, _listed(again.serial), timeout=_PATIENCE_S).crl_number > delta.crl_number
     full_crl = x509.load_der_x509_crl(full.crl_der)
     assert full_crl.last_update_utc < future_full.last_update_utc and _listed(now.serial)(full_crl) and _listed(ahead.serial)(full_crl)
     assert x509.load_der_x509_crl(delta.crl_der).last_update_utc < future_full.last_update_utc
