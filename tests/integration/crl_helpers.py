@@ -40,9 +40,10 @@ def sign(channel: grpc.Channel, device_id: str | None = None, timeout: float = 1
     return response
 
 
-def get_crl(channel: grpc.Channel, *, delta: bool = False, if_newer_than: int = 0) -> ca_pb2.GetCRLResponse:
+def get_crl(channel: grpc.Channel, *, delta: bool = False, if_newer_than: int = 0, timeout: float = 10.0) -> ca_pb2.GetCRLResponse:
     kind = ca_pb2.CRL_KIND_DELTA if delta else ca_pb2.CRL_KIND_FULL
-    response: ca_pb2.GetCRLResponse = stub(channel).GetCRL(ca_pb2.GetCRLRequest(kind=kind, if_newer_than=if_newer_than), timeout=10)
+    request = ca_pb2.GetCRLRequest(kind=kind, if_newer_than=if_newer_than)
+    response: ca_pb2.GetCRLResponse = stub(channel).GetCRL(request, timeout=timeout)
     return response
 
 
@@ -52,7 +53,7 @@ def wait_for_crl(
     """Poll GetCRL until the published CRL of that kind satisfies predicate."""
     deadline = time.monotonic() + timeout
     while True:
-        response = get_crl(channel, delta=delta)
+        response = get_crl(channel, delta=delta, timeout=max(10.0, timeout))
         if predicate(x509.load_der_x509_crl(response.crl_der)):
             return response
         if time.monotonic() > deadline:
