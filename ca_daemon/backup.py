@@ -42,6 +42,7 @@ from ca_daemon import audit
 from ca_daemon.errors import ConfigError, FailedPrecondition
 from ca_daemon.files import fsync_path
 from ca_daemon.store import open_store, schema, serial_hex
+from ca_daemon.verify import crl_number, delta_base
 
 _COMPANIONS = ("-wal", "-shm", ".writelock")
 # Room a copy needs beyond its own pages while it is checked: SQLite's shared-memory index (32 KiB) and its log.
@@ -481,7 +482,7 @@ def _lost_by_published_crls(restored: Path, crl_directory: Path | None) -> Loss:
         if issuer is None:
             unverified.append(path.name)
             continue
-        by_issuer.setdefault(issuer, []).append((_crl_number(crl), crl))
+        by_issuer.setdefault(issuer, []).append((crl_number(crl), crl))
     crl_numbers: list[tuple[str, int, int]] = []
     listed: set[str] = set()
     for issuer, published in sorted(by_issuer.items()):
@@ -493,7 +494,7 @@ def _lost_by_published_crls(restored: Path, crl_directory: Path | None) -> Loss:
         crl_numbers.append((issuer, tops.get(issuer, 0), published[-1][0]))
         revoked: set[int] = set()
         for _, crl in published:
-            if not _is_delta(crl):
+            if delta_base(crl) is None:
                 revoked = set()
             for entry in crl:
                 if _entry_reason(entry) == x509.ReasonFlags.remove_from_crl:
@@ -514,21 +515,6 @@ def _signed_by(crl: x509.CertificateRevocationList, key: PublicKeyTypes) -> bool
         return crl.is_signature_valid(key)  # type: ignore[arg-type]
     except (TypeError, ValueError, UnsupportedAlgorithm):
         return False
-
-
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
-    try:
-        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    except x509.ExtensionNotFound:
-        return 0
-
-
-def _is_delta(crl: x509.CertificateRevocationList) -> bool:
-    try:
-        crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
-    except x509.ExtensionNotFound:
-        return False
-    return True
 
 
 def _entry_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:

@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_daemon.files import write_atomically
-from ca_daemon.verify import Fetcher, http_fetch
+from ca_daemon.verify import Fetcher, crl_number, delta_base, http_fetch
 
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
 
@@ -79,7 +79,7 @@ def fetch_checked(url: str, trusted: Sequence[x509.Certificate], now: datetime, 
     except ValueError as exc:
         raise CrlRefused(f"what {url} serves is not a CRL: {exc}") from None
     issuer = crl.issuer.rfc4514_string()
-    if _is_delta(crl):
+    if delta_base(crl) is not None:
         raise CrlRefused(f"{url} serves a delta CRL of {issuer}: give the full CRL's URL (OpenSSL would take a delta for a complete CRL)")
     if not any(_signed_by(crl, cert) for cert in trusted):
         raise CrlRefused(f"the CRL at {url} (issuer {issuer}) is not signed by any CA certificate the broker trusts (its cafile)")
@@ -90,7 +90,7 @@ def fetch_checked(url: str, trusted: Sequence[x509.Certificate], now: datetime, 
         )
     if _next_update(crl) <= now:
         raise CrlRefused(f"the CRL at {url} expired at {_next_update(crl).isoformat()} (nextUpdate): is the CA publishing?")
-    return FetchedCrl(url, crl, _crl_number(crl))
+    return FetchedCrl(url, crl, crl_number(crl))
 
 
 def installed_crls(path: Path) -> list[x509.CertificateRevocationList]:
@@ -137,10 +137,10 @@ def refresh(
         new = by_issuer.get(old.issuer.public_bytes())
         if new is None or not any(_signed_by(old, cert) and _signed_by(new.crl, cert) for cert in trusted):
             continue  # a CA no URL names any more, or a key the broker no longer trusts: nothing to compare with
-        if new.number < _crl_number(old) or new.crl.last_update_utc < old.last_update_utc:
+        if new.number < crl_number(old) or new.crl.last_update_utc < old.last_update_utc:
             raise CrlRefused(
                 f"{new.url} serves CRL {new.number} of {new.crl.issuer.rfc4514_string()} (thisUpdate "
-                f"{new.crl.last_update_utc.isoformat()}), older than the installed CRL {_crl_number(old)} (thisUpdate "
+                f"{new.crl.last_update_utc.isoformat()}), older than the installed CRL {crl_number(old)} (thisUpdate "
                 f"{old.last_update_utc.isoformat()}): a stale mirror or cache? {path} stays as it was"
             )
     content = b"".join(item.crl.public_bytes(serialization.Encoding.PEM) for item in fetched)
@@ -173,21 +173,6 @@ def _signed_by(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> b
         return crl.is_signature_valid(cert.public_key())  # type: ignore[arg-type]
     except TypeError:  # a key type that signs no CRL
         return False
-
-
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
-    try:
-        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
-    except x509.ExtensionNotFound:
-        return -1
-
-
-def _is_delta(crl: x509.CertificateRevocationList) -> bool:
-    try:
-        crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
-    except x509.ExtensionNotFound:
-        return False
-    return True
 
 
 def _next_update(crl: x509.CertificateRevocationList) -> datetime:

@@ -216,7 +216,7 @@ class CrlCache:
                 raise Refused("revocation", f"the CRL at {url} answered HTTP {status}")
             self.stats.downloads += 1
             crl = _authenticated_crl(body, issuer, url)
-            number = _crl_number(crl)
+            number = crl_number(crl)
             if cached is not None and number < cached.number:
                 self.stats.rollbacks_refused += 1
                 cached.checked_at = time.monotonic()
@@ -242,14 +242,16 @@ def _authenticated_crl(body: bytes, issuer: x509.Certificate, url: str) -> x509.
     return crl
 
 
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """Its CRL Number extension; -1 if it has none (below every numbered CRL)."""
     try:
         return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
     except x509.ExtensionNotFound:
         return -1
 
 
-def _delta_base(crl: x509.CertificateRevocationList) -> int | None:
+def delta_base(crl: x509.CertificateRevocationList) -> int | None:
+    """The number of the full CRL a delta CRL is on (its Delta CRL Indicator); None for a full CRL."""
     try:
         return int(crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number)
     except x509.ExtensionNotFound:
@@ -480,11 +482,11 @@ class DeviceVerifier:
         self, url: str, issuer: x509.Certificate, now: datetime, *, refresh: bool = False
     ) -> tuple[x509.CertificateRevocationList, int]:
         base = self.crls.get(url, issuer, now, refresh=refresh)
-        if _delta_base(base) is not None:
+        if delta_base(base) is not None:
             raise Refused("revocation", f"the CRL at {url} is a delta CRL, expected a full one")
         if not _current(base, now):
             raise Refused("revocation", f"the CRL at {url} is not current (nextUpdate {base.next_update_utc})")
-        return base, _crl_number(base)
+        return base, crl_number(base)
 
     def _check_revocation(
         self, certificate: x509.Certificate, issuer: x509.Certificate, now: datetime, what: str = ""
@@ -501,7 +503,7 @@ class DeviceVerifier:
         delta_urls = _http_only(_extension_uris(base, x509.FreshestCRL) or _extension_uris(certificate, x509.FreshestCRL))
         if delta_urls:
             delta = self.crls.get(delta_urls[0], issuer, now)
-            delta_of = _delta_base(delta)
+            delta_of = delta_base(delta)
             if delta_of is None:
                 raise Refused("revocation", f"the CRL at {delta_urls[0]} is not a delta CRL")
             if not _current(delta, now):
@@ -513,16 +515,16 @@ class DeviceVerifier:
                 if delta_of > base_number:
                     raise Refused(
                         "revocation",
-                        f"the delta CRL at {delta_urls[0]} (number {_crl_number(delta)}) is on full CRL {delta_of}, but the full "
+                        f"the delta CRL at {delta_urls[0]} (number {crl_number(delta)}) is on full CRL {delta_of}, but the full "
                         f"CRL at {urls[0]} is still number {base_number} (a stale mirror or cache?); the status cannot be known",
                     )
             # RFC 5280 5.2.4: a delta applies to a complete CRL numbered at least its base and older than itself.
-            if delta_of <= base_number < _crl_number(delta):
+            if delta_of <= base_number < crl_number(delta):
                 applicable = delta
         status = _entry_status(base, certificate.serial_number)
         delta_number: int | None = None
         if applicable is not None:
-            delta_number = _crl_number(applicable)
+            delta_number = crl_number(applicable)
             delta_status = _entry_status(applicable, certificate.serial_number)
             if delta_status == REMOVE_FROM_CRL:
                 status = None
