@@ -12,13 +12,11 @@ attacker would.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import io
 import os
 import re
 import shlex
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from ca_daemon import cli
 from ca_daemon.client import CaClient
 from ca_daemon.simulate import Device, simulate
-from tests.conftest import CA_DAEMON, CaEnv, Daemon, daemon_environment, free_port
+from tests.conftest import CA_DAEMON, CaEnv, CrlServer, Daemon, daemon_environment, free_port
 from tests.e2e.test_mqtt import BROKER_PROFILE, MOSQUITTO, Broker, _broker_certificate, connect_and_publish
 from tests.factory_helpers import ForeignCa
 from tests.integration.crl_helpers import crl_env, start
@@ -139,27 +137,12 @@ def crl_blocks(crlfile: Path) -> list[x509.CertificateRevocationList]:
 @contextlib.contextmanager
 def mirror(bodies: dict[str, bytes]) -> Iterator[str]:
     """A plain HTTP server on loopback answering GET path with bodies[path]; yields its base URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = bodies.get(self.path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Type", "application/pkix-crl")
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *_args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = CrlServer()
+    server.bodies.update(bodies)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server.url
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def publish(ca: Ca) -> int:

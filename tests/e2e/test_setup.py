@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import http.server
 import os
 import sqlite3
 import subprocess
-import threading
 import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -22,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.simulate import make_csr
 from ca_daemon.verify import CrlCache, DeviceVerifier, sign_challenge
-from tests.conftest import CA_DAEMON, Daemon, device_csr, make_env, openssl_verify
+from tests.conftest import CA_DAEMON, CrlServer, Daemon, device_csr, make_env, openssl_verify
 from tests.integration.crl_helpers import crl_env
 
 
@@ -194,34 +192,6 @@ class _ParentCa:
         return builder.sign(self.key, hashes.SHA384()).public_bytes(serialization.Encoding.DER)
 
 
-class _CrlServer:
-    """The parent CA's CRL over real HTTP on loopback: path -> body, changed by the test; other paths are 404."""
-
-    def __init__(self) -> None:
-        self.bodies: dict[str, bytes] = {}
-        bodies = self.bodies
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = bodies.get(self.path)
-                self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Type", "application/pkix-crl")
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_export_before_the_first_start_refuses_a_certificate_that_expired_since_its_import(tmp_path: Path, softhsm_conf: Path) -> None:
     """The first start would refuse it (no key becomes the signing key outside its certificate's validity), so export
     does not hand out a chain the daemon will never issue under (found in a review of the export before the first start)."""
@@ -353,7 +323,7 @@ def test_the_verifier_refuses_devices_under_an_intermediate_its_parent_revoked(t
     env, _http_port = crl_env(tmp_path, softhsm_conf, init=False)
     csr_path = tmp_path / "ca.csr"
     env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA 1,O=Example Devices")
-    parent, crls = _ParentCa(), _CrlServer()
+    parent, crls = _ParentCa(), CrlServer()
     # As enterprise CAs often do, an LDAP distribution point first: the verifier fetches the HTTP one.
     ldap = "ldap:///CN=Outside%20Root%20CA,CN=CDP?certificateRevocationList"
     intermediate = parent.certify(csr_path.read_bytes(), crl_urls=(ldap, f"{crls.url}/parent.crl"))
