@@ -467,7 +467,9 @@ class CrlPublisher:
             event = _audit(crl, actor="ca-daemon-cli", clock_was_ahead="true") if clock_was_ahead else _audit(crl)
             self._store.store_crl(crl, event, fence=self.fence, clock_was_ahead=clock_was_ahead)
 
+        basis: int | None = None
         try:
+            basis = self._store.max_crl_number(issuer.key_id)
             crl = self._numbered(
                 issuer, lambda at: self.build(issuer, delta=delta, now=at), store, now, delta=delta, clock_was_ahead=clock_was_ahead
             )
@@ -476,11 +478,11 @@ class CrlPublisher:
                 log.warning("CRL of %s not published: %s", issuer.key_id, exc.message)
                 raise
             log.error("CRL of %s not published: %s", issuer.key_id, exc.message)
-            self._failed(issuer.key_id, exc.message)
+            self._failed(issuer.key_id, exc.message, basis)
             raise
         except Exception as exc:
             log.exception("CRL of %s not published", issuer.key_id)
-            self._failed(issuer.key_id, f"{type(exc).__name__}: {exc}")
+            self._failed(issuer.key_id, f"{type(exc).__name__}: {exc}", basis)
             raise FailedPrecondition(f"CRL of {issuer.key_id} not published: {type(exc).__name__}") from exc
         kind = "delta" if crl.is_delta else "full"
         log.info("published %s CRL %d of %s with %d entries (%d bytes)", kind, crl.crl_number, issuer.key_id, crl.entries, len(crl.der))
@@ -516,10 +518,16 @@ class CrlPublisher:
                 log.info("a CRL of %s was published meanwhile by another process; building CRL %d again", issuer.key_id, crl.crl_number)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _failed(self, key_id: str, message: str) -> None:
-        """Mark the issuer's publication failed (CRL health), unless this process no longer leads."""
+    def _failed(self, key_id: str, message: str, basis: int | None) -> None:
+        """Mark the issuer's publication failed (CRL health), unless this process no longer leads.
+
+        Nor when another process (`ca-daemon crl publish`, the key ceremony) stored a CRL above
+        basis, the number this attempt started from, while it ran: that CRL stands, and a failure
+        written after its success would keep CRL health NOT_SERVING with nothing due to clear it.
+        """
         try:
-            self._store.set_crl_status(key_id, ok=False, message=message, fence=self.fence)
+            if not self._store.set_crl_status(key_id, ok=False, message=message, fence=self.fence, unless_published_above=basis):
+                log.warning("CRL failure of %s not recorded: a CRL of it was published meanwhile by another process", key_id)
         except FailedPrecondition as exc:
             if exc.rule != LEADER_FENCE:
                 raise

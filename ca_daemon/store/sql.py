@@ -1042,16 +1042,25 @@ class SqlStore:
             if audit is not None:
                 self._insert_audit(conn, [audit])
 
-    def set_crl_status(self, issuer_key_id: str, *, ok: bool, message: str, fence: Leadership | None = None) -> None:
+    def set_crl_status(
+        self, issuer_key_id: str, *, ok: bool, message: str, fence: Leadership | None = None, unless_published_above: int | None = None
+    ) -> bool:
         """Record the outcome of a publication attempt; with a fence, only while the caller still leads.
 
         The row is shared by every replica (crl_failures -> CRL health), so a process that lost
-        the leadership must not overwrite what the new leader's publications say.
+        the leadership must not overwrite what the new leader's publications say. Nor does an
+        attempt that began at CRL number unless_published_above overwrite the success of a CRL
+        stored above it meanwhile: False, nothing recorded.
         """
         with self._begin() as conn:
             if fence is not None:
                 fence.fence(conn)
+            if unless_published_above is not None:
+                published = conn.execute(select(func.max(crls.c.crl_number)).where(crls.c.issuer_key_id == issuer_key_id)).scalar()
+                if published is not None and int(published) > unless_published_above:
+                    return False
             self._set_crl_status(conn, issuer_key_id, ok=ok, message=message, at=_now())
+            return True
 
     def _set_crl_status(self, conn: Connection, issuer_key_id: str, *, ok: bool, message: str, at: datetime) -> None:
         stmt = self._insert(crl_publish_status).values(issuer_key_id=issuer_key_id, ok=ok, message=message[:2000], attempted_at=at)

@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -415,6 +416,51 @@ def test_a_crl_that_fails_its_self_check_is_not_published_and_health_shows_it(ch
         # The daemon's next good publication (a revocation triggers one) clears it.
         _revoke(channel, sign(channel).serial)
         _wait_health(health, health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        store.close()
+        hsm.close()
+
+
+def test_a_failure_that_ends_after_another_process_published_leaves_crl_health_to_that_publication(
+    tmp_path: Path, softhsm_conf: Path
+) -> None:
+    """The daemon refuses a CRL while the clock is behind the last one (dated ahead); the operator replaces those meanwhile.
+
+    The daemon's attempt ends after the replacements were stored. Recorded then, its failure would
+    keep CRL health NOT_SERVING with nothing due to clear it: a test of a stepped clock saw that.
+    """
+    env = make_env(tmp_path, softhsm_conf)
+    config = config_module.load(env.config_path)
+    hsm = app.connect_hsm(config)
+    store = SqlStore(config.store.url)
+    try:
+        load_active_ca(config, hsm, store)
+        daemon, operator = CrlPublisher(config, hsm, store), CrlPublisher(config, hsm, store)
+        issuer = daemon.issuers(datetime.now(UTC))[0]
+        ahead = datetime.now(UTC) + timedelta(days=1)
+        for delta in (False, True):
+            daemon.publish(issuer, delta=delta, now=ahead)
+        refused: list[BaseException] = []
+
+        def attempt() -> None:
+            try:
+                daemon.publish(issuer, delta=True)  # waits up to 2 s for the clock, then refuses
+            except FailedPrecondition as exc:
+                refused.append(exc)
+
+        worker = threading.Thread(target=attempt)
+        worker.start()
+        time.sleep(0.5)
+        replaced = [operator.publish(issuer, delta=delta, clock_was_ahead=True) for delta in (False, True)]
+        worker.join(timeout=30)
+        assert refused and getattr(refused[0], "rule", None) == "crl-clock-behind", refused
+        assert store.max_crl_number(issuer.key_id) == replaced[-1].crl_number
+        assert store.crl_failures() == [], "a failure that ended after the replacements were stored outlived them"
+        # Without a publication meanwhile, the same refusal is recorded.
+        operator.publish(issuer, delta=True, now=ahead)
+        with pytest.raises(FailedPrecondition, match="is behind thisUpdate"):
+            daemon.publish(issuer, delta=True)
+        assert [key for key, _ in store.crl_failures()] == [issuer.key_id]
     finally:
         store.close()
         hsm.close()
