@@ -1,8 +1,7 @@
 """The wall clock stepped under a running daemon (an NTP step, a VM restored from a snapshot).
 
-A real `ca-daemon serve` runs under libfaketime with its offset in a file the test rewrites
-(FAKETIME_NO_CACHE re-reads it on every call), and only CLOCK_REALTIME moves, as in an NTP
-step (FAKETIME_DONT_FAKE_MONOTONIC). The spawned worker processes inherit the library and
+A real `ca-daemon serve` runs under libfaketime with its offset in a file the test rewrites,
+and only CLOCK_REALTIME moves, as in an NTP step (FAKETIME_DONT_FAKE_MONOTONIC). The spawned worker processes inherit the library and
 the offset; SoftHSM signs under it unchanged.
 """
 
@@ -46,10 +45,13 @@ pytestmark = [
 _SLEEP_SHIM = "import select, time\ntime.sleep = lambda seconds: select.select([], [], [], seconds) and None\n"
 
 
-# How long these tests wait for a call or a CRL. The faked daemon is slow at times (2026-11-27: a first Sign took
-# more than 10 s, a GetCRL more than 10 s, a CRL more than 15 s to appear), though most runs take a fraction of that.
-# Stack samples then showed its threads in ordinary work, each step slow; the cause is not found (not the GIL's
-# hand-over under libfaketime: a check of that with a +1d offset gave the same wake-ups as without it).
+# libfaketime reads the offset file again once more than FAKETIME_CACHE_DURATION whole seconds of the real clock have
+# passed since its last read: a step is in force in every process of the daemon at most 2 s after it. Without the cache
+# (FAKETIME_NO_CACHE) it opens and parses the file at every read of the wall clock, of which gRPC and the daemon make
+# many: the daemon became so slow (a Sign or GetCRL took 1-10 s, 127 % CPU) that these tests failed on their deadlines.
+_CACHE_LAPSE_S = 2.2
+
+# How long these tests wait for a call or a CRL; most take milliseconds.
 _PATIENCE_S = 45.0
 
 
@@ -61,18 +63,20 @@ class SteppedClock:
         self.shim = directory / "faketime-shim"
         self.shim.mkdir()
         (self.shim / "sitecustomize.py").write_text(_SLEEP_SHIM)
-        self.step("+0")
+        self.step("+0", settle=False)
 
-    def step(self, offset: str) -> None:
-        """Set the offset, e.g. "-1h", "+1d" or "+0" (libfaketime's relative format)."""
+    def step(self, offset: str, *, settle: bool = True) -> None:
+        """Set the offset, e.g. "-1h", "+1d" or "+0" (libfaketime's relative format); with settle, wait until it is in force."""
         temp = self.file.with_suffix(".tmp")
         temp.write_text(offset + "\n")
         os.replace(temp, self.file)
+        if settle:
+            time.sleep(_CACHE_LAPSE_S)
 
     def environment(self, offset_file: bool = True) -> dict[str, str]:
         path = [str(self.shim), *filter(None, [os.environ.get("PYTHONPATH", "")])]
         env = {"LD_PRELOAD": str(FAKETIME), "FAKETIME_DONT_FAKE_MONOTONIC": "1", "PYTHONPATH": os.pathsep.join(path)}
-        return env | ({"FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_NO_CACHE": "1"} if offset_file else {})
+        return env | ({"FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_CACHE_DURATION": "1"} if offset_file else {})
 
 
 def _init_a_day_ago(env: CaEnv, clock: SteppedClock) -> None:
