@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from ca_daemon import crl_der
 from ca_daemon.audit_format import EXPORT_FORMAT, EXPORT_VERSION, checkpoint_record, event_record, interleave, write_export
 from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
-from ca_daemon.errors import CaError, FailedPrecondition, HsmUnavailable, InvalidRequest, LintFailure, StoreUnavailable, capped
+from ca_daemon.errors import CaError, FailedPrecondition, HsmUnavailable, InvalidRequest, LintFailure, NotFound, StoreUnavailable, capped
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.model import AuditEvent, KeySpec, RevocationReason
 from ca_daemon.policy import parse_serial
@@ -195,8 +195,10 @@ class Checkpointer:
         self._key_id = audit_key_id(key_uri)
         try:
             self._key: HsmPrivateKey = hsm.private_key(Pkcs11Uri.parse(key_uri))
-        except CaError as exc:
+        except NotFound as exc:
             raise FailedPrecondition(f"audit key {key_uri} is not usable ({exc.message}); run `ca-daemon init` to create it") from None
+        except CaError as exc:  # the token failed (gone, busy): init would not help, and would make a second audit key
+            raise type(exc)(f"audit key {key_uri} could not be read: {exc.message}", rule=exc.rule) from None
         assert isinstance(self._key, ec.EllipticCurvePrivateKey)
         self._public = self._key.public_key()
         stored = self._audit.last_checkpoint()

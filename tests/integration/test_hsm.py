@@ -20,9 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from ca_daemon import config as config_module
-from ca_daemon.errors import ConfigError, HsmUnavailable
+from ca_daemon.audit import Checkpointer
+from ca_daemon.errors import ConfigError, FailedPrecondition, HsmUnavailable
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import KeySpec
+from ca_daemon.store import SqlStore
 from tests.conftest import CaEnv, make_env
 
 MODULE = config_module.DEFAULT_SOFTHSM_MODULE
@@ -263,3 +265,27 @@ def test_start_up_reasons_name_what_is_wrong(token_env: CaEnv, tmp_path: Path) -
     pin_file.chmod(0o600)
     with pytest.raises(ConfigError, match=f"PIN file {pin_file} is not UTF-8 text"):
         config_module.SecretSource(file=pin_file).read()
+
+
+def test_an_audit_key_the_token_cannot_be_asked_for_is_not_called_missing(token_env: CaEnv, softhsm_conf: Path, tmp_path: Path) -> None:
+    """Missing, `ca-daemon init` makes it; the token away, init would not help (and would make a second key): a CI log
+    had a worker restarted while the token was away say 'run ca-daemon init to create it'."""
+    store = SqlStore(f"sqlite:///{tmp_path / 'ca.db'}")
+    uri = f"pkcs11:token={token_env.token};object=audit-never-made"
+    try:
+        with Hsm.open(MODULE, token_env.token, token_env.user_pin) as hsm:
+            with pytest.raises(FailedPrecondition, match="ca-daemon init"):
+                Checkpointer(hsm, store, uri)
+            token_dirs = _token_dirs(softhsm_conf, token_env.token)
+            away = str(tmp_path / "token-away")
+            shutil.move(token_dirs[0], away)
+            try:
+                time.sleep(0.6)  # past the reconnect interval
+                with pytest.raises(HsmUnavailable) as unavailable:
+                    Checkpointer(hsm, store, uri)
+            finally:
+                shutil.move(away, token_dirs[0])
+            assert "audit key" in unavailable.value.message and "init" not in unavailable.value.message, unavailable.value.message
+            _wait_probe_reconnects(hsm)
+    finally:
+        store.close()
