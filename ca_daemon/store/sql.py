@@ -23,6 +23,7 @@ from sqlalchemy import bindparam, create_engine, delete, event, exists, func, in
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
 from ca_daemon.audit_hash import CHAIN_LOCK_KEY, GENESIS, details_text, event_hash
@@ -116,6 +117,12 @@ QUOTA_COUNTS_KEPT_MINUTES = 60 + 24 * 60
 # How long a statement waits for a lock another transaction holds before the call is UNAVAILABLE
 # (SQLite's busy_timeout, PostgreSQL's lock_timeout): far above any transaction the daemon runs.
 LOCK_WAIT_MS = 30_000
+# Each process's connection pool: _POOL_SIZE kept open, up to _POOL_OVERFLOW more while busy (deploy/README counts them
+# for PostgreSQL's max_connections). A call that finds all in use waits lock_wait_ms for one, then is UNAVAILABLE.
+_POOL_SIZE = 8
+_POOL_OVERFLOW = 8
+# libpq settings: TCP keepalive probes on an idle session, and tcp_user_timeout (ms) for data sent and not acknowledged.
+_PG_SILENCE_LIMITS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3, "tcp_user_timeout": 20_000}
 
 
 def sqlite_file(url: str) -> str | None:
@@ -143,8 +150,9 @@ class SqlStore:
             engine = create_engine(
                 url,
                 connect_args={"timeout": 30, "check_same_thread": False, "isolation_level": None},
-                pool_size=8,
-                max_overflow=8,
+                pool_size=_POOL_SIZE,
+                max_overflow=_POOL_OVERFLOW,
+                pool_timeout=lock_wait_ms / 1000,
             )
 
             @event.listens_for(engine, "connect")
@@ -177,8 +185,17 @@ class SqlStore:
             url = url.replace("postgresql://", "postgresql+psycopg://", 1)
             # lock_timeout: a statement waiting longer for a lock (a row, a table, a replica's advisory lock) fails,
             # and the call is UNAVAILABLE, instead of waiting as long as its caller does (for ever without a deadline).
-            options = {"options": f"-c lock_timeout={int(lock_wait_ms)}"}
-            engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True, connect_args=options)
+            # TCP keepalives and tcp_user_timeout: a server or network that goes silent (a partition, a host gone
+            # without a reset) fails the session in seconds, not after the kernel's retransmissions (about 15 minutes).
+            options: dict[str, Any] = {"options": f"-c lock_timeout={int(lock_wait_ms)}"} | _PG_SILENCE_LIMITS
+            engine = create_engine(
+                url,
+                pool_size=_POOL_SIZE,
+                max_overflow=_POOL_OVERFLOW,
+                pool_timeout=lock_wait_ms / 1000,
+                pool_pre_ping=True,
+                connect_args=options,
+            )
         self.engine: Engine = engine
         self._time_processor = certificates.c.not_after.type.bind_processor(engine.dialect)
         # SQLite: every process's writers queue on this file lock, and give up after lock_wait_ms as UNAVAILABLE.
@@ -1085,6 +1102,8 @@ class SqlStore:
             conn = self.engine.connect().execution_options(ca_read_only=True, **options)
         except (OperationalError, DBAPIError) as exc:
             raise _unavailable(_brief(exc)) from None
+        except PoolTimeout:
+            raise self._pool_exhausted() from None
         with _outage_is_unavailable(), conn:
             yield conn
 
@@ -1105,6 +1124,8 @@ class SqlStore:
                 conn = transaction.__enter__()
             except (OperationalError, DBAPIError) as exc:
                 raise _unavailable(_brief(exc)) from None
+            except PoolTimeout:
+                raise self._pool_exhausted() from None
             # A session that dies mid-transaction or at COMMIT (a server restart, a full disk) rolls the
             # transaction back: the caller is told to retry, and a retry finds whatever did commit.
             with _outage_is_unavailable():
@@ -1121,6 +1142,13 @@ class SqlStore:
                 transaction.__exit__(None, None, None)
                 if appended is not None:
                     self._last_appended = appended
+
+    def _pool_exhausted(self) -> StoreUnavailable:
+        wait = self.engine.pool.timeout()  # type: ignore[attr-defined]
+        return _unavailable(
+            f"all {_POOL_SIZE + _POOL_OVERFLOW} database connections of this process were in use for {wait:g} s "
+            "(calls waiting on a slow database or a lock)"
+        )
 
     def _check_same_file(self) -> None:
         """Refuse to write unless the file at the SQLite path is still the one this store's connections opened.

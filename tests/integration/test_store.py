@@ -1060,3 +1060,36 @@ def test_a_write_ahead_log_removed_by_the_last_close_is_not_taken_for_a_deleted_
         assert store.reachable()
     finally:
         store.close()
+
+
+def test_a_call_that_finds_every_pooled_connection_in_use_is_unavailable_and_the_next_is_served(store_url: str) -> None:
+    """Sixteen calls stuck on a slow database fill a worker's pool; the next one waited its lock wait and was an INTERNAL error."""
+    migrated = open_store(store_url)
+    migrated.save_ca_key(_ca_key())
+    migrated.close()
+    store = SqlStore(store_url, lock_wait_ms=300)
+    held = [store.engine.connect() for _ in range(16)]
+    try:
+        for call in (store.crl_failures, lambda: store.set_crl_status(ISSUER, ok=True, message="")):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="all 16 database connections of this process were in use for 0\\.3 s"):
+                call()
+            assert time.monotonic() - started < 5
+    finally:
+        for conn in held:
+            conn.close()
+    store.set_crl_status(ISSUER, ok=False, message="m")
+    assert store.crl_failures() == [(ISSUER, "m")]
+    store.close()
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_postgresql_sessions_fail_when_the_network_goes_silent_not_after_the_kernel_gives_up(store_url: str) -> None:
+    """libpq is asked for keepalives and a TCP user timeout (a partition would otherwise hang a call about 15 minutes)."""
+    store = open_store(store_url)
+    try:
+        with store.engine.connect() as conn:
+            parameters = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert parameters.get("keepalives") == "1" and int(parameters["tcp_user_timeout"]) > 0, parameters
+    finally:
+        store.close()
