@@ -67,9 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"; the daemon's TLS certificate does not name the host of the target ({target}): give --target a name it has "
                 "(a --host of `ca-daemon mtls init`), or --tls-server-name with one"
             )
+        elif exc.code() == grpc.StatusCode.UNAVAILABLE and any(m in (exc.details() or "") for m in _CLOSED_IN_HANDSHAKE):
+            # An mTLS daemon that refuses the client certificate closes the connection; gRPC says no more.
+            hint = (
+                "; the daemon closed the connection: if it happens again, the daemon refuses this client certificate "
+                "(not issued by its client CA, or revoked: its log says which); ask an officer for one (`ca-daemon mtls issue`)"
+            )
         print(f"ca-daemon: the daemon answered {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
 
+
+# How gRPC reports a connection the daemon closed during or right after the TLS handshake.
+_CLOSED_IN_HANDSHAKE = ("Socket closed", "Connection reset by peer")
 
 # What init creates when the configured CA key is new; ignored, and said so, when it exists.
 _INIT_DEFAULTS: dict[str, str | int] = {"key_type": "ec-p256", "subject": "CN=ca-daemon development root CA", "validity_days": 3650}

@@ -85,13 +85,43 @@ class TlsOptions:
     server_name: str = ""
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """ValueError, before any connection, for a client certificate the daemon would refuse in its TLS handshake.
+
+        gRPC reports that refusal only as UNAVAILABLE ('failed to connect'), retried in vain: an
+        expired certificate is the usual cause on a factory line, and the message says which file.
+        """
         if (self.cert is None) != (self.key is None):
             raise ValueError("TLS: give both the client certificate and its key, or neither")
-        return grpc.ssl_channel_credentials(
-            root_certificates=Path(self.ca_bundle).read_bytes(),
-            private_key=Path(self.key).read_bytes() if self.key is not None else None,
-            certificate_chain=Path(self.cert).read_bytes() if self.cert is not None else None,
+        cert = Path(self.cert).read_bytes() if self.cert is not None else None
+        key = Path(self.key).read_bytes() if self.key is not None else None
+        if cert is not None and key is not None:
+            _check_client_certificate(cert, key, str(self.cert), str(self.key))
+        return grpc.ssl_channel_credentials(root_certificates=Path(self.ca_bundle).read_bytes(), private_key=key, certificate_chain=cert)
+
+
+def _check_client_certificate(cert_pem: bytes, key_pem: bytes, cert_name: str, key_name: str) -> None:
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise ValueError(f"TLS: {cert_name} holds no PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"TLS: {key_name} holds no unencrypted PEM private key") from None
+    if key.public_key().public_bytes(*_SPKI) != leaf.public_key().public_bytes(*_SPKI):
+        raise ValueError(f"TLS: the key in {key_name} is not the key of the certificate in {cert_name}")
+    now = datetime.now(UTC)
+    renew = "ask an officer for a new one (`ca-daemon mtls issue`)"
+    if now > leaf.not_valid_after_utc:
+        raise ValueError(f"TLS: the client certificate in {cert_name} expired on {leaf.not_valid_after_utc.isoformat()}; {renew}")
+    if now < leaf.not_valid_before_utc:
+        raise ValueError(
+            f"TLS: the client certificate in {cert_name} is valid only from {leaf.not_valid_before_utc.isoformat()} "
+            f"(this host's clock says {now.isoformat(timespec='seconds')}); check the clock"
         )
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca_daemon.client import CaClient, TlsOptions
 from ca_daemon.simulate import simulate
@@ -87,3 +91,61 @@ def test_cli_commands_take_tls_options(tls_setup: TlsSetup, tmp_path: Path) -> N
     simulated = env.cli("simulate-factory", *args, check=False)
     assert simulated.returncode == 1 and "0 issued, 0 refused, 2 failed" in simulated.stdout, simulated.stdout
     assert "pass --tls-ca, --tls-cert and --tls-key" in simulated.stderr, simulated.stderr
+
+
+def test_a_client_certificate_the_daemon_would_refuse_is_named_before_connecting(tls_setup: TlsSetup, tmp_path: Path) -> None:
+    """The daemon's TLS handshake refuses it, which gRPC reports as a bare UNAVAILABLE, retried in vain."""
+    env, line3 = tls_setup.env, tls_setup.options("line3")
+    key = serialization.load_pem_private_key(Path(str(line3.key)).read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    issued = x509.load_pem_x509_certificate(Path(str(line3.cert)).read_bytes())
+    now = datetime.now(UTC)
+    for name, not_before, not_after in (
+        ("expired", now - timedelta(days=2), now - timedelta(days=1)),
+        ("early", now + timedelta(days=1), now + timedelta(days=2)),
+    ):
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(issued.subject)
+            .issuer_name(issued.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .sign(key, hashes.SHA256())
+        )
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    base = ["client", "ca-certs", "--target", tls_setup.target, "--tls-ca", str(line3.ca_bundle)]
+    expired = env.cli(*base, "--tls-cert", str(tmp_path / "expired.pem"), "--tls-key", str(line3.key), check=False)
+    assert expired.returncode != 0 and f"client certificate in {tmp_path / 'expired.pem'} expired on" in expired.stderr, expired.stderr
+    assert "UNAVAILABLE" not in expired.stderr
+    early = env.cli(*base, "--tls-cert", str(tmp_path / "early.pem"), "--tls-key", str(line3.key), check=False)
+    assert early.returncode != 0 and "is valid only from" in early.stderr and "check the clock" in early.stderr, early.stderr
+    swapped = env.cli(*base, "--tls-cert", str(line3.cert), "--tls-key", str(tls_setup.options("alice").key), check=False)
+    assert swapped.returncode != 0 and "is not the key of the certificate in" in swapped.stderr, swapped.stderr
+    with pytest.raises(ValueError, match="expired on"):
+        CaClient(tls_setup.target, tls=TlsOptions(line3.ca_bundle, tmp_path / "expired.pem", line3.key))
+    # A pair the daemon refuses in its handshake (another CA issued it): gRPC says only 'Socket closed' or 'Connection reset'.
+    foreign_key = ec.generate_private_key(ec.SECP256R1())
+    foreign = (
+        x509.CertificateBuilder()
+        .subject_name(issued.subject)
+        .issuer_name(issued.subject)
+        .public_key(foreign_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(foreign_key, hashes.SHA256())
+    )
+    (tmp_path / "foreign.pem").write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "foreign.key").write_bytes(
+        foreign_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    refused = env.cli(
+        *["client", "ca-certs", "--target", f"127.0.0.1:{env.port}", "--tls-server-name", "localhost", "--retries", "0"],
+        *["--tls-ca", str(line3.ca_bundle), "--tls-cert", str(tmp_path / "foreign.pem"), "--tls-key", str(tmp_path / "foreign.key")],
+        check=False,
+    )
+    assert refused.returncode == 1 and "the daemon refuses this client certificate" in refused.stderr, refused.stderr
+    # The right pair still works.
+    assert env.cli(*base, "--tls-cert", str(line3.cert), "--tls-key", str(line3.key)).stdout.startswith("-----BEGIN CERTIFICATE-----")
