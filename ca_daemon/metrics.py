@@ -13,6 +13,7 @@ module is first imported, which must come after the directory is set.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import logging
@@ -52,6 +53,30 @@ _SIGNING_OR_ABOUT_TO = (KeyStatus.PENDING, KeyStatus.ACTIVE, KeyStatus.SUPERSEDE
 # The WSGI environ key under which a refused scraper's reason travels to the app.
 _REFUSAL = "ca_daemon.metrics_refusal"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def worker_metrics_collector() -> Any:
+    """The workers' counters and histograms, summed from their files in PROMETHEUS_MULTIPROC_DIR.
+
+    prometheus-client's MultiProcessCollector fails the whole scrape (HTTP 500) on a file of zero
+    bytes, and a worker killed between creating a file and sizing it leaves one until the daemon
+    restarts. Such a file holds no sample yet: it is left out.
+    """
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class SkipsUnsizedFiles(MultiProcessCollector):
+        def collect(self) -> Iterable[Any]:
+            files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if _sized(path)]
+            return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+    return SkipsUnsizedFiles(None)  # type: ignore[no-untyped-call]
+
+
+def _sized(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= 8  # the header: how much of the file is used
+    except FileNotFoundError:  # a dead worker's live gauge, removed since the listing
+        return False
 
 
 def prepare_directory(state_dir: Path, shared_memory: Path = _SHARED_MEMORY) -> Path:
@@ -271,7 +296,6 @@ def serve(
 
     from prometheus_client import CollectorRegistry, make_wsgi_app
     from prometheus_client.exposition import ThreadingWSGIServer
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     class QuietHandler(WSGIRequestHandler):
         timeout = _REQUEST_HEAD_TIMEOUT_S  # on the socket (setup): no read or write waits longer, in plaintext too
@@ -296,7 +320,7 @@ def serve(
             return environ
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(worker_metrics_collector())
     registry.register(StoreCollector(store, tls_cert_file))
     if reload_status is not None:
         registry.register(reload_status)

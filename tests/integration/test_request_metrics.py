@@ -6,6 +6,9 @@ import json
 import os
 import signal
 import sqlite3
+import struct
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -82,3 +85,26 @@ def test_sign_calls_past_their_deadline_are_logged_and_counted(tmp_path_factory:
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     statuses = [line["status"] for line in lines if line.get("method") == SIGN]
     assert statuses.count("OK") == 1 and len(statuses) == 6 and set(statuses) - {"OK"} <= _GAVE_UP, statuses
+
+
+_A_WORKER = """
+from prometheus_client import Counter
+Counter("ca_daemon_test_calls", "calls").inc(3)
+"""
+
+
+def test_a_worker_file_of_zero_bytes_does_not_fail_the_scrape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed between creating its metrics file and sizing it leaves one; prometheus-client failed every scrape on it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from ca_daemon.metrics import worker_metrics_collector
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    subprocess.run([sys.executable, "-c", _A_WORKER], env={**os.environ}, check=True, timeout=60)
+    (tmp_path / "counter_424242.db").touch()
+    with pytest.raises(struct.error):
+        generate_latest(MultiProcessCollector(CollectorRegistry()))  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    registry.register(worker_metrics_collector())
+    assert "ca_daemon_test_calls_total 3.0" in generate_latest(registry).decode()
