@@ -343,6 +343,9 @@ def serve(
         address_family = family
         # Replaced by a reload (see use_tls): each connection is wrapped with the context in force.
         tls: ssl.SSLContext | None = tls_context
+        # The listen backlog. socketserver's 5 filled as soon as a few clients connected at once (the accept loop
+        # starts a thread for each), and the kernel then dropped their SYNs: each waited 1 s to try again.
+        request_queue_size = MAX_CONNECTIONS
 
         def get_request(self) -> tuple[socket.socket, Any]:
             connection, address = self.socket.accept()
