@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import secrets
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -244,8 +245,10 @@ def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSumm
     if not source.exists():
         raise FailedPrecondition(f"no database at {source}; nothing to back up")
     check_destination(out, source)
-    partial = out.with_name(out.name + ".partial")
-    _remove_with_companions(partial)
+    _remove_abandoned_partials(out)
+    # This process's own: a second backup to the same file at the same time (cron and a person) neither
+    # removes this one's partial copy nor is overwritten by it (see _keep).
+    partial = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         # Opened read-write but only read: a read-only open of a WAL database fails without its -shm file.
@@ -254,8 +257,11 @@ def backup(store_url: str, out: Path, audit_public_key_pem: bytes) -> BackupSumm
         summary = _check_copy(partial, audit_public_key_pem)
         _make_self_contained(partial)
         fsync_path(partial)
-        partial.replace(out)
+        _keep(partial, out)
         fsync_path(out.parent)
+    except FailedPrecondition:
+        _remove_with_companions(partial)
+        raise
     except (sqlite3.Error, OSError) as exc:  # the disk filled up meanwhile, say
         _remove_with_companions(partial)
         raise FailedPrecondition(f"could not write the backup {out}: {exc}; nothing was kept") from None
@@ -583,6 +589,42 @@ def _own_like(database: Path, owner: os.stat_result) -> None:
     for suffix in ("", "-wal", "-shm"):
         if Path(f"{database}{suffix}").exists():
             os.chown(f"{database}{suffix}", owner.st_uid, owner.st_gid)
+
+
+def _keep(partial: Path, out: Path) -> None:
+    """Give the checked copy its name, unless a file took that name since check_destination: never overwrite one.
+
+    A hard link fails if the name exists, where a rename would replace it; a file system without
+    hard links gets the rename after one more look.
+    """
+    try:
+        os.link(partial, out)
+    except FileExistsError:
+        raise FailedPrecondition(f"{out} was created while this backup was taken (another backup to it?); nothing was kept") from None
+    except OSError:
+        if out.exists():
+            raise FailedPrecondition(f"{out} was created while this backup was taken (another backup to it?); nothing was kept") from None
+        partial.replace(out)
+        return
+    partial.unlink()
+
+
+def _remove_abandoned_partials(out: Path) -> None:
+    """Remove the partial copies of backups to out whose process is gone (killed mid-copy); a running one's stays."""
+    for partial in out.parent.glob(f".{out.name}.*.partial"):
+        pid = partial.name.removeprefix(f".{out.name}.").split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            _remove_with_companions(partial)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _remove_with_companions(path: Path) -> None:

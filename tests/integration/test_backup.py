@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,11 @@ import grpc
 import pytest
 from cryptography import x509
 
+from ca_daemon import app, audit
+from ca_daemon import backup as backup_module
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
+from ca_daemon.errors import FailedPrecondition
 from tests.conftest import CaEnv, Daemon, free_port, make_env, mounted_tmpfs
 from tests.integration.crl_helpers import sign, stub, wait_for_crl
 
@@ -585,3 +589,51 @@ def test_a_copy_of_another_cas_database_is_refused(tmp_path_factory: pytest.Temp
     assert refused.returncode == 1, refused.stdout
     assert "no checkpoint signed by this CA's audit key" in refused.stderr, refused.stderr
     assert live.read_bytes() == b"\0" * 4096 and not list(live.parent.glob("*.before-restore-*"))
+
+
+def test_two_backups_to_one_file_at_once_keep_one_whole_copy_and_the_other_is_refused(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """Cron and a person, say. Both shared one partial file, which each removed at its start (the other's copy, mid-write), and
+    the last to finish replaced the other's finished backup, both saying 'wrote'. A partial copy of a backup killed mid-copy
+    is removed by the next backup to that file; one of a backup still running stays."""
+    env = make_env(tmp_path_factory.mktemp("twice"), softhsm_conf)
+    config = config_module.load(env.config_path)
+    with app.connected(config) as (hsm, store):
+        audit.Checkpointer(hsm, store, config.audit.key_uri).checkpoint()  # as `db backup` does first
+        audit_key = audit.audit_public_key_pem(hsm, config.audit.key_uri)
+    out = env.state_dir / "backups" / "ca.db"
+    out.parent.mkdir()
+    abandoned = out.parent / f".ca.db.{_a_finished_pid()}.0a1b2c3d.partial"
+    abandoned.write_bytes(b"half a copy")
+    with subprocess.Popen(["sleep", "60"]) as running:
+        in_progress = out.parent / f".ca.db.{running.pid}.0a1b2c3d.partial"
+        in_progress.write_bytes(b"a copy being written")
+        start = threading.Barrier(2)
+        outcomes: list[object] = []
+
+        def take() -> None:
+            start.wait()
+            try:
+                outcomes.append(backup_module.backup(config.store.url, out, audit_key))
+            except Exception as exc:
+                outcomes.append(exc)
+
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        running.kill()
+    kept = [o for o in outcomes if isinstance(o, backup_module.BackupSummary)]
+    refused = [o for o in outcomes if isinstance(o, FailedPrecondition)]
+    assert len(kept) == 1 and len(refused) == 1, outcomes
+    assert "exists" in str(refused[0]) or "was created while this backup was taken" in str(refused[0]), refused[0]
+    assert sha256(out) == kept[0].sha256 and query(out, "PRAGMA integrity_check") == [("ok",)]
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["ca.db", in_progress.name]), list(out.parent.iterdir())
+
+
+def _a_finished_pid() -> int:
+    with subprocess.Popen(["true"]) as finished:
+        finished.wait()
+    return finished.pid
