@@ -248,8 +248,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             yield
         except errors.CaError as exc:
             await self._refuse(method, caller, exc, context, started)
-        except grpc.aio.AbortError:
-            self._done(method, caller, "ABORTED_BY_HANDLER", started)
+        except grpc.aio.AbortError:  # a library's handler ended the call with a status (health's Check: NOT_FOUND)
+            self._done(method, caller, _aborted_code(context), started)
             raise
         except asyncio.CancelledError:
             # gRPC cancels the handler when the caller's deadline passes or it goes away (or the worker stops).
@@ -327,6 +327,12 @@ _UNCAPPED_METHODS = "/grpc."
 _DEADLINE_MARGIN_S = 0.25
 # Calls without a client certificate are logged in one line per this many seconds, with their number.
 _UNCERTIFIED_LOG_INTERVAL_S = 10.0
+
+
+def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status a handler aborted the call with, as the caller sees it (UNKNOWN if gRPC does not say)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
 def _cancelled_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:

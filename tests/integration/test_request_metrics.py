@@ -17,11 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import device_csr, make_env, spawn_daemon, wait_serving
 
 SIGN = "/ca_daemon.v1.CertificateAuthority/Sign"
+CHECK = "/grpc.health.v1.Health/Check"
 _GAVE_UP = {"DEADLINE_EXCEEDED", "CANCELLED"}
 
 
@@ -71,6 +73,10 @@ def test_sign_calls_past_their_deadline_are_logged_and_counted(tmp_path_factory:
             finally:
                 blocker.execute("ROLLBACK")
                 blocker.close()
+            # A library's handler that ends a call itself (health's Check of a service it does not know) is counted by its status.
+            with pytest.raises(grpc.RpcError) as unknown:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="no-such-service"), timeout=10)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert seen == ["DEADLINE_EXCEEDED"] * 5, seen
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         deadline = time.monotonic() + 10
@@ -79,12 +85,19 @@ def test_sign_calls_past_their_deadline_are_logged_and_counted(tmp_path_factory:
             time.sleep(0.2)
         # Mostly DEADLINE_EXCEEDED; CANCELLED if the caller's cancellation came more than 250 ms before the deadline here.
         assert counts.pop("OK") == 1 and set(counts) <= _GAVE_UP and sum(counts.values()) == 5, counts
+        deadline = time.monotonic() + 10
+        while f'ca_daemon_requests_total{{code="NOT_FOUND",method="{CHECK}"}} 1.0' not in (
+            body := urllib.request.urlopen(url, timeout=10).read().decode()
+        ):
+            assert time.monotonic() < deadline, [line for line in body.splitlines() if line.startswith("ca_daemon_requests_total{")]
+            time.sleep(0.2)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     statuses = [line["status"] for line in lines if line.get("method") == SIGN]
     assert statuses.count("OK") == 1 and len(statuses) == 6 and set(statuses) - {"OK"} <= _GAVE_UP, statuses
+    assert "NOT_FOUND" in [line["status"] for line in lines if line.get("method") == CHECK]
 
 
 _A_WORKER = """
