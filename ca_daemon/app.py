@@ -408,18 +408,43 @@ async def _serve_forever(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    # A reload reads files, builds TLS contexts and policy, and writes its audit event: in a thread, one at a time.
+    # On the event loop it held up every call while it ran, for up to the store's lock wait (30 s) if the database
+    # was busy or away.
+    one_at_a_time = asyncio.Lock()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload_off_the_loop() -> None:
+        async with one_at_a_time:
+            accepted = await asyncio.to_thread(
+                reload_worker,
+                worker.authority,
+                config.path,
+                worker.store,
+                worker.authenticator,
+                worker.front,
+                primary=primary,
+                source=source,
+            )
+        after_reload(accepted)
+
     def reload() -> None:
-        after_reload(
-            reload_worker(worker.authority, config.path, worker.store, worker.authenticator, worker.front, primary=primary, source=source)
-        )
+        task = loop.create_task(reload_off_the_loop(), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("worker %d serving gRPC on %s", os.getpid(), config.server.listen)
     if _take_pending_reload():  # asked for while this process started: the file may have changed since it was read
         reload()
     await stop.wait()
+    if reloads:  # its audit event is written before the store closes
+        await asyncio.wait(reloads, timeout=_RELOAD_AT_STOP_S)
     await worker.stop()
 
+
+# How long a stopping worker waits for a reload in progress (one waiting for the store's lock waits up to 30 s).
+_RELOAD_AT_STOP_S = 35.0
 
 # A Sign call allocates thousands of short-lived objects; with the default first-generation
 # threshold (700) the collector ran many times per call, and its full collections rescanned

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import Daemon, Snapshot, device_csr, free_port, make_env, spawn_daemon, wait_serving, wait_workers_serving
+from tests.conftest import CaEnv, Daemon, Snapshot, device_csr, free_port, make_env, spawn_daemon, wait_serving, wait_workers_serving
 from tests.integration.test_access_audit import TlsDaemon, _scrape, prepare_tls, serve_tls
 from tests.integration.test_reload import _children, _profile_views
 
@@ -352,3 +352,43 @@ def _daemon_refusals(daemon: Daemon, timeout: float = 10.0) -> list[str]:
         if refused or time.monotonic() > deadline:
             return [str(reason) for (reason,) in refused]
         time.sleep(0.1)
+
+
+def test_a_reload_waiting_for_the_database_holds_up_no_call(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The reload's audit event waits for the store's write lock (another writer holds it); calls go on meanwhile.
+
+    The reload ran on the worker's event loop: every call, reads included, waited with it, up to the
+    store's lock wait (30 s), or for as long as a PostgreSQL outage lasted.
+    """
+    env = make_env(tmp_path, softhsm_conf)
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            stub.GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=10)
+            blocker = sqlite3.connect(env.state_dir / "ca.db", isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # another writer: the reload's audit event waits for it
+            try:
+                _add_sensor(env.config_path)
+                assert daemon.process is not None
+                os.kill(daemon.process.pid, signal.SIGHUP)
+                _wait_log(daemon, "reload: 2 profile(s) in force")  # the policy is in force; its audit event waits
+                started = time.monotonic()
+                for _ in range(3):
+                    stub.GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=5)
+                assert time.monotonic() - started < 5
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+        assert _profile_views(env.target, samples=1) == [{"device", "sensor"}]
+        deadline = time.monotonic() + 40
+        while not _reload_events(env):  # written once the other writer is gone
+            assert time.monotonic() < deadline, "the reload's audit event was never written"
+            time.sleep(0.2)
+    finally:
+        daemon.stop()
+
+
+def _reload_events(env: CaEnv) -> list[str]:
+    with contextlib.closing(sqlite3.connect(env.state_dir / "ca.db")) as db:
+        return [row[0] for row in db.execute("SELECT outcome FROM audit_events WHERE action = 'config.reload'")]
