@@ -895,17 +895,21 @@ def running_config(config: Config) -> Config:
 def signal_reload(config: Config) -> int:
     """Ask the running daemon (SIGHUP to the pid in its pid file) to reload; its pid."""
     pid_file = pid_file_path(config)
+    # state_dir is read at start only: a file that already names the next one sends the command there.
+    moved = f"; state_dir is read at start only: if you changed it in {config.path}, restart the daemon instead of reloading"
+    if not config.state_dir.is_dir():
+        raise CaError(f"no running ca-daemon found (state directory {config.state_dir} does not exist){moved}")
     unclaimed = try_lock_state_directory(config.state_dir)
     if unclaimed is not None:
         # No daemon holds the state directory: the pid file is stale (left by a killed daemon), and its pid may
         # now be another process, which SIGHUP would end.
         os.close(unclaimed)
-        raise CaError(f"no running ca-daemon found (state directory {config.state_dir} is not in use; pid file {pid_file} is stale)")
+        raise CaError(f"no running ca-daemon found (state directory {config.state_dir} is not in use; pid file {pid_file} is stale){moved}")
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, signal.SIGHUP)
     except (FileNotFoundError, ValueError, ProcessLookupError):
-        raise CaError(f"no running ca-daemon found (pid file {pid_file})") from None
+        raise CaError(f"no running ca-daemon found (pid file {pid_file}){moved}") from None
     return pid
 
 

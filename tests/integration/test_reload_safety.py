@@ -392,3 +392,18 @@ def test_a_reload_waiting_for_the_database_holds_up_no_call(tmp_path: Path, soft
 def _reload_events(env: CaEnv) -> list[str]:
     with contextlib.closing(sqlite3.connect(env.state_dir / "ca.db")) as db:
         return [row[0] for row in db.execute("SELECT outcome FROM audit_events WHERE action = 'config.reload'")]
+
+
+def test_a_reload_after_state_dir_was_changed_in_the_file_says_it_needs_a_restart_and_creates_nothing(two_workers: Daemon) -> None:
+    """The command looked for the daemon in the new directory, created it (and a lock file in it) and said only 'no running
+    ca-daemon found' beside a daemon serving the old one."""
+    env = two_workers.env
+    moved = env.state_dir.parent / "next-state"
+    env.edit_config('state_dir = "."', f'state_dir = "{moved}"')
+    reloaded = env.cli("reload", check=False)
+    assert reloaded.returncode != 0 and "state_dir is read at start only" in reloaded.stderr, reloaded.stderr
+    assert not moved.exists()
+    moved.mkdir()  # made by hand, and no daemon in it
+    reloaded = env.cli("reload", check=False)
+    assert reloaded.returncode != 0 and "restart the daemon instead of reloading" in reloaded.stderr, reloaded.stderr
+    assert two_workers.process is not None and two_workers.process.poll() is None
