@@ -100,21 +100,8 @@ def test_a_client_certificate_the_daemon_would_refuse_is_named_before_connecting
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     issued = x509.load_pem_x509_certificate(Path(str(line3.cert)).read_bytes())
     now = datetime.now(UTC)
-    for name, not_before, not_after in (
-        ("expired", now - timedelta(days=2), now - timedelta(days=1)),
-        ("early", now + timedelta(days=1), now + timedelta(days=2)),
-    ):
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(issued.subject)
-            .issuer_name(issued.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .sign(key, hashes.SHA256())
-        )
-        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _self_signed(tmp_path / "expired.pem", issued.subject, key, now - timedelta(days=2), now - timedelta(days=1))
+    _self_signed(tmp_path / "early.pem", issued.subject, key, now + timedelta(days=1), now + timedelta(days=2))
     base = ["client", "ca-certs", "--target", tls_setup.target, "--tls-ca", str(line3.ca_bundle)]
     expired = env.cli(*base, "--tls-cert", str(tmp_path / "expired.pem"), "--tls-key", str(line3.key), check=False)
     assert expired.returncode != 0 and f"client certificate in {tmp_path / 'expired.pem'} expired on" in expired.stderr, expired.stderr
@@ -127,17 +114,7 @@ def test_a_client_certificate_the_daemon_would_refuse_is_named_before_connecting
         CaClient(tls_setup.target, tls=TlsOptions(line3.ca_bundle, tmp_path / "expired.pem", line3.key))
     # A pair the daemon refuses in its handshake (another CA issued it): gRPC says only 'Socket closed' or 'Connection reset'.
     foreign_key = ec.generate_private_key(ec.SECP256R1())
-    foreign = (
-        x509.CertificateBuilder()
-        .subject_name(issued.subject)
-        .issuer_name(issued.subject)
-        .public_key(foreign_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(foreign_key, hashes.SHA256())
-    )
-    (tmp_path / "foreign.pem").write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
+    _self_signed(tmp_path / "foreign.pem", issued.subject, foreign_key, now - timedelta(days=1), now + timedelta(days=1))
     (tmp_path / "foreign.key").write_bytes(
         foreign_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
@@ -149,3 +126,10 @@ def test_a_client_certificate_the_daemon_would_refuse_is_named_before_connecting
     assert refused.returncode == 1 and "the daemon refuses this client certificate" in refused.stderr, refused.stderr
     # The right pair still works.
     assert env.cli(*base, "--tls-cert", str(line3.cert), "--tls-key", str(line3.key)).stdout.startswith("-----BEGIN CERTIFICATE-----")
+
+
+def _self_signed(path: Path, subject: x509.Name, key: ec.EllipticCurvePrivateKey, not_before: datetime, not_after: datetime) -> None:
+    """A client certificate for key that no CA of the daemon's issued, valid from not_before to not_after, to path (PEM)."""
+    builder = x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+    builder = builder.serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+    path.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
