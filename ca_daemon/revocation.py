@@ -44,6 +44,18 @@ _CLOCK_SKEW = timedelta(minutes=5)
 # and gRPC decodes a request before it is authorised; a recall of more devices takes several calls.
 # The answer (one revocation per serial) stays far below a client's default 4 MiB receive limit.
 MAX_BULK_SERIALS = 10_000
+
+# An invalidity date as the caller gave it: none, a time, or the refusal of one that did not convert (a Timestamp out
+# of range). The refusal is raised inside revoke, so it is audited as every other refused revocation is.
+InvalidityDate = datetime | InvalidRequest | None
+
+
+def _given(invalidity_date: InvalidityDate) -> datetime | None:
+    if isinstance(invalidity_date, InvalidRequest):
+        raise invalidity_date
+    return invalidity_date
+
+
 # The longest serial text a RevokeBulk caller may send for one serial: 20 bytes as colon-separated hex
 # pairs ("0A:1B:...") are 59 characters; 64 leaves room for a "0x" prefix or spaces around it.
 MAX_SERIAL_TEXT = 64
@@ -171,26 +183,26 @@ class Revocations:
         self._active_key_id = active_key_id if callable(active_key_id) else (lambda: active_key_id)
         self._cache: dict[tuple[str, bool], PublishedCrl] = {}
 
-    async def revoke(self, serial_text: str, reason: int, invalidity_date: datetime | None, actor: str) -> Revocation:
+    async def revoke(self, serial_text: str, reason: int, invalidity_date: InvalidityDate, actor: str) -> Revocation:
         """Revoke one certificate; durable when this returns. A refusal is audited (certificate.revoke, refused)."""
         serial: int | None = None
         try:
             serial = parse_serial(serial_text)
-            revoked = await self._record([serial], "", reason, invalidity_date, actor)
+            revoked = await self._record([serial], "", reason, _given(invalidity_date), actor)
         except CaError as refusal:
             await self._refused("certificate.revoke", actor, refusal, serial=serial, details={"requested_reason": _reason_label(reason)})
             raise
         return revoked[0]
 
     async def revoke_bulk(
-        self, serial_texts: list[str], device_id: str, reason: int, invalidity_date: datetime | None, actor: str
+        self, serial_texts: list[str], device_id: str, reason: int, invalidity_date: InvalidityDate, actor: str
     ) -> list[Revocation]:
         """Revoke every listed serial and every unrevoked certificate of device_id in one transaction.
 
         A refusal is one certificate.revoke event (refused, details bulk): the call revoked nothing.
         """
         try:
-            return await self._revoke_bulk(serial_texts, device_id, reason, invalidity_date, actor)
+            return await self._revoke_bulk(serial_texts, device_id, reason, _given(invalidity_date), actor)
         except CaError as refusal:
             details = {"bulk": "true", "serials": str(len(serial_texts)), "requested_reason": _reason_label(reason)}
             await self._refused("certificate.revoke", actor, refusal, device_id=device_id, details=details)

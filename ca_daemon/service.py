@@ -493,7 +493,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
 
     async def Revoke(self, request: ca_pb2.RevokeRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.RevokeResponse:
         revocation = await self._revoker().revoke(
-            request.serial, request.reason, _optional_time(request, "invalidity_date"), self._caller(context)
+            request.serial, request.reason, _time_or_refusal(request, "invalidity_date"), self._caller(context)
         )
         return ca_pb2.RevokeResponse(revoked_at=_timestamp(revocation.revoked_at))
 
@@ -503,7 +503,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
 
     async def RevokeBulk(self, request: ca_pb2.RevokeBulkRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.RevokeBulkResponse:
         revoked = await self._revoker().revoke_bulk(
-            list(request.serials), request.device_id, request.reason, _optional_time(request, "invalidity_date"), self._caller(context)
+            list(request.serials), request.device_id, request.reason, _time_or_refusal(request, "invalidity_date"), self._caller(context)
         )
         return ca_pb2.RevokeBulkResponse(revoked_serials=[serial_hex(r.serial) for r in revoked])
 
@@ -678,6 +678,14 @@ def _subject(text: str) -> x509.Name:
         return parse_subject(text)
     except ValueError as exc:
         raise errors.InvalidRequest(str(exc), rule="subject", field="subject", expected="an RFC 4514 name with a CN") from None
+
+
+def _time_or_refusal(message: Any, field: str) -> datetime | errors.InvalidRequest | None:
+    """The optional time, or the refusal of one that does not convert: the domain call refuses (and audits) it with the rest."""
+    try:
+        return _optional_time(message, field)
+    except errors.InvalidRequest as refusal:
+        return refusal
 
 
 def _optional_time(message: Any, field: str) -> datetime | None:

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import Daemon, device_csr
@@ -179,6 +180,22 @@ def test_refused_revokes_are_audited_with_the_serial_rule_and_caller(policy_daem
             int(cert.serial, 16),
         )
         assert _details(event)["requested_reason"] == "99" and _details(event)["field"] == "reason"
+        # An invalidity date outside google.protobuf.Timestamp's range was refused before the call reached the revoker: unaudited.
+        late = ca_pb2.RevokeRequest(serial=cert.serial, reason=KEY_COMPROMISE, invalidity_date=Timestamp(seconds=10**12))
+        code, event = _refused(policy_daemon, lambda: stub.Revoke(late, timeout=15))
+        assert (code, _shape(event), _serial(event)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("certificate.revoke", "refused", "timestamp", ACTOR),
+            int(cert.serial, 16),
+        )
+        assert _details(event)["field"] == "invalidity_date"
+        bulk = ca_pb2.RevokeBulkRequest(serials=[cert.serial], reason=KEY_COMPROMISE, invalidity_date=Timestamp(seconds=0, nanos=-1))
+        code, event = _refused(policy_daemon, lambda: stub.RevokeBulk(bulk, timeout=15))
+        assert (code, _shape(event), _details(event)["bulk"]) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("certificate.revoke", "refused", "timestamp", ACTOR),
+            "true",
+        )
         revoke(cert.serial)
         code, event = _refused(policy_daemon, lambda: revoke(cert.serial))
         assert (code, _shape(event), _serial(event)) == (
