@@ -21,6 +21,7 @@ from ca_daemon import config as config_module
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Pkcs11Uri
 from ca_daemon.model import CaKey, KeySpec, KeyStatus
+from ca_daemon.rotation import MAX_ROOT_VALIDITY_DAYS
 from ca_daemon.store import SqlStore, open_store
 from ca_daemon.store.rotation_store import RotationStore
 
@@ -110,9 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", default=_INIT_DEFAULTS["subject"], help="subject of the CA certificate (RFC 4514)")
     p.add_argument(
         "--validity-days",
-        type=int,
+        type=cli_factory.whole_number(1, MAX_ROOT_VALIDITY_DAYS, " days"),
         default=_INIT_DEFAULTS["validity_days"],
-        help="validity of the self-signed root certificate (default 3650 days)",
+        help=f"validity of the self-signed root certificate (default 3650 days, at most {MAX_ROOT_VALIDITY_DAYS})",
     )
     p.add_argument("--csr-out", help="instead of a self-signed root, write a CSR for a parent CA to this file")
     p.set_defaults(handler=_init)
@@ -176,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _init(args: argparse.Namespace) -> int:
     path = Path(args.config)
+    # Checked before anything is made: a bad --subject was refused only after the CA key was generated, which
+    # stayed in the token and the store without a certificate (and --dev's token and files stayed too).
+    subject = issuer.parse_subject(args.subject)
     if args.dev and not path.exists():
         write_dev_setup(path.parent, path)
     config = config_module.load(path)
@@ -215,7 +219,6 @@ def _init(args: argparse.Namespace) -> int:
             if ignored:
                 print(f"ignored {', '.join(ignored)}: they apply only when init creates the CA key and its certificate", file=sys.stderr)
             return 0
-        subject = issuer.parse_subject(args.subject)
         if args.csr_out:
             Path(args.csr_out).write_bytes(authority.ca_csr(hsm, key, subject))
             print(f"wrote CSR for CA key {key.key_id} to {args.csr_out}; install the answer with `ca-daemon ca import-cert`")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -239,6 +240,25 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
         "not run by one); if it fails, the previous file is put back and the command exits 1",
     )
     p.set_defaults(handler=_crl_fetch)
+
+
+def whole_number(minimum: int, maximum: int, unit: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number from minimum to maximum, else a usage error naming the range.
+
+    A plain type=int let 0 days make a certificate expired when written, and a count of days too large
+    for a date end in an OverflowError traceback.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {minimum} to {maximum}{unit}")
+        return value
+
+    return parse
 
 
 def crl_number(text: str) -> int:

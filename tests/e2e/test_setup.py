@@ -51,6 +51,29 @@ def test_init_dev_creates_everything_once_and_reuses_it(tmp_path: Path) -> None:
     assert "ignored --key-type, --subject, --validity-days: they apply only when init creates the CA key" in third.stderr, third.stderr
 
 
+def test_init_refuses_a_bad_subject_or_validity_before_it_makes_anything(tmp_path: Path, softhsm_conf: Path) -> None:
+    """A refused init leaves no key in the token or the store: the next good init makes both keys itself."""
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    config = tmp_path / "state" / "ca-daemon.toml"
+    for option, value, message in (
+        ("--subject", "garbage", "not an RFC 4514 distinguished name: 'garbage'"),
+        ("--validity-days", "0", "argument --validity-days: 0 is out of range: give 1 to 36500 days"),
+        ("--validity-days", "99999999999", "argument --validity-days: 99999999999 is out of range"),
+    ):
+        refused = subprocess.run(
+            [CA_DAEMON, "--config", str(config), "init", "--dev", option, value], capture_output=True, text=True, env=env, check=False
+        )
+        assert refused.returncode != 0 and message in refused.stderr, refused.stdout + refused.stderr
+        assert "Traceback" not in refused.stderr and "generated" not in refused.stdout, refused.stdout + refused.stderr
+        assert not (tmp_path / "state").exists()  # not even --dev's token and files
+    ca = make_env(tmp_path, softhsm_conf, init=False)
+    for option, value in (("--subject", "garbage"), ("--subject", "O=No CN"), ("--validity-days", "-5")):
+        assert ca.cli("init", option, value, check=False).returncode != 0
+    assert ca.cli("key", "list").stdout == ""
+    made = ca.cli("init").stdout
+    assert "generated the audit checkpoint key" in made and "generated ec-p256 CA key" in made, made
+
+
 def test_init_csr_out_for_a_key_that_has_its_certificate_fails_and_says_what_writes_a_csr(tmp_path: Path, softhsm_conf: Path) -> None:
     """README (Keys in the HSM): `init --csr-out` once the CA key has a certificate (e.g. after `make run`)."""
     env = make_env(tmp_path, softhsm_conf)
