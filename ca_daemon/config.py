@@ -687,6 +687,10 @@ def _parse_crl(raw: _Reader, base: Path, state_dir: Path, ca: CaConfig) -> CrlCo
         directory=_resolve(base, raw.string("directory", "")) if raw.string("directory", "") else state_dir / "crl",
         delta_distribution_points=tuple(raw.string_list("delta_distribution_points", [_delta_url(u) for u in ca.crl_distribution_points])),
     )
+    if crl.directory is not None:  # the daemon creates it if missing; a file in its place stopped the CRL worker with a traceback
+        existing = next(p for p in (crl.directory, *crl.directory.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"crl.directory = {str(crl.directory)!r}: {existing} is not a directory; name a directory for the CRL files")
     if crl.full_validity <= crl.full_interval:
         raise ConfigError("crl.full_validity_seconds must exceed crl.full_interval_seconds, or relying parties see gaps")
     if crl.delta:

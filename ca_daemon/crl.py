@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2
 
 from ca_daemon.config import Config
-from ca_daemon.errors import CaError
+from ca_daemon.errors import CaError, ConfigError
 from ca_daemon.files import fsync_path, write_atomically
 from ca_daemon.hsm import Hsm
 from ca_daemon.http import CRL_CONTENT_TYPE, DistributionServer, Resource, url_path
@@ -226,7 +226,10 @@ class CrlFileWriter:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a traceback, and the worker restarted for ever, before
+            raise ConfigError(f"crl.directory = {str(directory)!r}: cannot create it: {exc.strerror}") from None
 
     def published(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
         write_atomically(self.directory / crl_file_name(issuer.key_id, delta=crl.is_delta), crl.der)

@@ -145,3 +145,16 @@ def test_an_unknown_setting_without_a_close_name_is_refused(tmp_path: Path, old:
     with pytest.raises(ConfigError) as excinfo:
         config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
     assert excinfo.value.message == f'unknown {unknown}; see README.md, "Configuration"'
+
+
+@pytest.mark.parametrize("directory", ["ca.db", "ca.db/crl"])
+def test_a_crl_directory_that_is_a_file_or_under_one_is_refused(tmp_path: Path, directory: str) -> None:
+    """The CRL worker stopped with a FileExistsError traceback, restarted for ever, while check-config said ok."""
+    (tmp_path / "ca.db").write_bytes(b"")
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, _dev(tmp_path, **{'directory = "crl"': f'directory = "{directory}"'})))
+    assert excinfo.value.message == (
+        f"crl.directory = '{tmp_path / directory}': {tmp_path / 'ca.db'} is not a directory; name a directory for the CRL files"
+    )
+    missing = config.load(_write(tmp_path, _dev(tmp_path, **{'directory = "crl"': 'directory = "new/crl"'})))
+    assert missing.crl.directory == tmp_path / "new" / "crl"  # made at start
