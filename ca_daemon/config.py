@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from ca_daemon.errors import ConfigError
 from ca_daemon.model import KeySpec
@@ -469,6 +470,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
             )
     if not tls.ca_key_uri:
         tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": f"pkcs11:token={token};object=mtls-ca-1"})
+    _refuse_shared_keys((("ca.key", ca.key_uri), ("audit.key", audit.key_uri), ("tls.ca_key", tls.ca_key_uri)))
     lint_mode = reader.table("lint").string("mode", "template")
     if lint_mode not in LINT_MODES:
         raise ConfigError(f"lint.mode = {lint_mode!r}: use one of {', '.join(LINT_MODES)}")
@@ -713,9 +715,28 @@ def _uri_token(uri: str) -> str:
     match = re.search(r"(?:^pkcs11:|;)token=([^;?]+)", uri)
     if not match:
         raise ConfigError(f"ca.key {uri!r} must name its token (token=...)")
-    from urllib.parse import unquote
-
     return unquote(match.group(1))
+
+
+def _refuse_shared_keys(settings: tuple[tuple[str, str], ...]) -> None:
+    """Each HSM key has one job: the CA key, the audit checkpoint key and the internal mTLS CA key are different keys.
+
+    An audit.key naming the CA key had init generate the audit key under the CA key's label, then refuse to make the
+    CA key ('the token holds key ... but the store does not know it'); with a CA key already there, the CA key signed
+    the audit checkpoints. A tls.ca_key naming it would make every device certificate an mTLS client certificate.
+    """
+    seen: dict[tuple[str, str, str], str] = {}
+    for setting, uri in settings:
+        attributes = dict(part.partition("=")[::2] for part in uri[len("pkcs11:") :].split("?", 1)[0].split(";") if part)
+        token = unquote(attributes.get("token", ""))
+        for kind in ("object", "id"):
+            if value := unquote(attributes.get(kind, "")):
+                other = seen.setdefault((token, kind, value), setting)
+                if other != setting:
+                    raise ConfigError(
+                        f"{setting} names the same key as {other} ({kind}={value} in token {token!r}): each needs a key of its own, "
+                        "so give one of them another label (audit.key defaults to object=audit-1, tls.ca_key to object=mtls-ca-1)"
+                    )
 
 
 def _pin_path(base: Path, value: str) -> Path | None:

@@ -158,3 +158,25 @@ def test_a_crl_directory_that_is_a_file_or_under_one_is_refused(tmp_path: Path, 
     )
     missing = config.load(_write(tmp_path, _dev(tmp_path, **{'directory = "crl"': 'directory = "new/crl"'})))
     assert missing.crl.directory == tmp_path / "new" / "crl"  # made at start
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            'key = "pkcs11:token=t;object=audit-1"',
+            'key = "pkcs11:token=t;object=k"',
+            "audit.key names the same key as ca.key (object=k in token 't')",
+        ),
+        ('key = "pkcs11:token=t;object=k"', 'key = "pkcs11:token=t;object=audit-1"', "audit.key names the same key as ca.key"),
+        ("[metrics]", '[tls]\nca_key = "pkcs11:token=t;object=%6b"\n\n[metrics]', "tls.ca_key names the same key as ca.key (object=k"),
+        ("[metrics]", '[tls]\nca_key = "pkcs11:token=t;object=audit-1"\n\n[metrics]', "tls.ca_key names the same key as audit.key"),
+    ],
+)
+def test_the_ca_audit_and_mtls_ca_keys_must_be_different_keys(tmp_path: Path, old: str, new: str, message: str) -> None:
+    """An audit.key naming the CA key made init generate the audit key under the CA key's label, then refuse to make the CA key."""
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
+    assert message in excinfo.value.message and "each needs a key of its own" in excinfo.value.message
+    another_token = _dev(tmp_path, **{"[metrics]": '[tls]\nca_key = "pkcs11:token=other;object=k"\n\n[metrics]'})
+    assert config.load(_write(tmp_path, another_token)).tls.ca_key_uri == "pkcs11:token=other;object=k"
