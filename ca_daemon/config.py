@@ -468,6 +468,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
                 "plaintext, so it may only bind loopback (127.0.0.0/8, ::1, or a name that resolves to them alone); "
                 "with [tls] it is served over mTLS"
             )
+    _refuse_shared_ports((("server.listen", server.listen), ("server.http_listen", server.http_listen), ("metrics.listen", metrics.listen)))
     if not tls.ca_key_uri:
         tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": f"pkcs11:token={token};object=mtls-ca-1"})
     _refuse_shared_keys((("ca.key", ca.key_uri), ("audit.key", audit.key_uri), ("tls.ca_key", tls.ca_key_uri)))
@@ -716,6 +717,26 @@ def _uri_token(uri: str) -> str:
     if not match:
         raise ConfigError(f"ca.key {uri!r} must name its token (token=...)")
     return unquote(match.group(1))
+
+
+def _refuse_shared_ports(settings: tuple[tuple[str, str], ...]) -> None:
+    """gRPC, CRL HTTP and metrics each need an address of their own.
+
+    gRPC binds with SO_REUSEPORT: an http_listen equal to server.listen was accepted, and either the CRL server
+    retried its bind for ever or both listened on the port, each connection going to one of them at random.
+    """
+    seen: list[tuple[str, str, str, str]] = []
+    for setting, address in settings:
+        if not address:
+            continue
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]").lower()
+        for other, other_address, other_host, other_port in seen:
+            if port == other_port and (host == other_host or {host, other_host} & {"", "0.0.0.0", "::"}):  # noqa: S104
+                raise ConfigError(
+                    f"{setting} = {address!r} takes the port of {other} = {other_address!r}; give each listener a port of its own"
+                )
+        seen.append((setting, address, host, port))
 
 
 def _refuse_shared_keys(settings: tuple[tuple[str, str], ...]) -> None:

@@ -180,3 +180,32 @@ def test_the_ca_audit_and_mtls_ca_keys_must_be_different_keys(tmp_path: Path, ol
     assert message in excinfo.value.message and "each needs a key of its own" in excinfo.value.message
     another_token = _dev(tmp_path, **{"[metrics]": '[tls]\nca_key = "pkcs11:token=other;object=k"\n\n[metrics]'})
     assert config.load(_write(tmp_path, another_token)).tls.ca_key_uri == "pkcs11:token=other;object=k"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            'http_listen = "127.0.0.1:8080"',
+            'http_listen = "127.0.0.1:50051"',
+            "server.http_listen = '127.0.0.1:50051' takes the port of server.listen = '127.0.0.1:50051'",
+        ),
+        (
+            '[metrics]\nlisten = ""',
+            '[metrics]\nlisten = "127.0.0.1:8080"',
+            "metrics.listen = '127.0.0.1:8080' takes the port of server.http_listen",
+        ),
+        ('[metrics]\nlisten = ""', '[metrics]\nlisten = "[::1]:50051"', ""),  # another address, the same port: no clash
+        ('http_listen = "127.0.0.1:8080"', 'http_listen = ":50051"', "server.http_listen = ':50051' takes the port of server.listen"),
+    ],
+)
+def test_the_grpc_crl_and_metrics_listeners_each_need_their_own_port(tmp_path: Path, old: str, new: str, message: str) -> None:
+    """gRPC binds with SO_REUSEPORT: an http_listen equal to server.listen had the CRL server retry its bind for ever,
+    or both listen, each connection going to either."""
+    path = _write(tmp_path, _dev(tmp_path, **{old: new}))
+    if not message:
+        config.load(path)
+        return
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(path)
+    assert excinfo.value.message.startswith(message) and "give each listener a port of its own" in excinfo.value.message
