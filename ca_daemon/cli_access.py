@@ -206,10 +206,14 @@ def _mtls_issue(args: argparse.Namespace) -> int:
         return 0
 
 
-def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str, reason: str) -> Path:
+def _crl_target(config: config_module.Config, out: str, option: str) -> Path:
     target = Path(out) if out else config.tls.client_crl_file
     if target is None:
-        raise ConfigError("no tls.client_crl in the configuration; name the file with --out")
+        raise ConfigError(f"no tls.client_crl in the configuration; name the file with {option}")
+    return target
+
+
+def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, target: Path, reason: str) -> Path:
     ca, _ = tls.ensure_mtls_ca(hsm, store, config.tls.ca_key_uri, operator_actor())
     crl = tls.write_crl(ca, store, target, actor=operator_actor(), reason=reason)
     print(f"wrote {target}: {len(list(crl))} revoked, next update {crl.next_update_utc}")
@@ -218,15 +222,17 @@ def _write_crl(config: config_module.Config, hsm: Hsm, store: SqlStore, out: str
 
 def _mtls_revoke(args: argparse.Namespace) -> int:
     with _open(args) as (config, hsm, store):
+        # Before the revocation: it was recorded, then the command failed for want of a CRL file, and its rerun said 'already revoked'.
+        target = _crl_target(config, args.crl_out, "--crl-out")
         ca_key_id = Pkcs11Uri.parse(config.tls.ca_key_uri).label
         tls.revoke(store, args.serial, args.reason, operator_actor(), ca_key_id)
-        _write_crl(config, hsm, store, args.crl_out, f"revoked {args.serial}")
+        _write_crl(config, hsm, store, target, f"revoked {args.serial}")
         return 0
 
 
 def _mtls_crl(args: argparse.Namespace) -> int:
     with _open(args) as (config, hsm, store):
-        _write_crl(config, hsm, store, args.out, "re-signed by the operator")
+        _write_crl(config, hsm, store, _crl_target(config, args.out, "--out"), "re-signed by the operator")
         return 0
 
 

@@ -1198,3 +1198,24 @@ def test_development_mode_metrics_reload_and_shutdown_checkpoint(tmp_path_factor
     # One per worker and accepted reload; the refused one reached no worker: the daemon refused it and recorded that.
     assert reloads == [("applied",)] * 2 + [("refused",)] + [("applied",)] * 2, reloads
     assert per_head == [] and heads[0] >= 1  # both workers stopped at once: the head they left was signed once
+
+
+def test_mtls_revoke_without_a_crl_file_revokes_nothing_and_names_its_option(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """Without [tls] (mtls init without --apply) and --crl-out, the revocation was recorded and then the command failed
+    telling the operator to pass --out (an option revoke lacks); rerun with --crl-out, it said 'already revoked' and
+    wrote no CRL."""
+    env = make_env(tmp_path_factory.mktemp("mtls-revoke-no-crl"), softhsm_conf)
+    tls_dir = env.state_dir / "tls"
+    env.cli("mtls", "init", "--out", str(tls_dir), "--client", "alice:admin")
+    alice = x509_serial(tls_dir / "clients" / "alice.pem")
+    refused = env.cli("mtls", "revoke", "--serial", alice, check=False)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr == "ca-daemon: no tls.client_crl in the configuration; name the file with --crl-out\n"
+    assert [line.split("\t")[-1] for line in env.cli("mtls", "list").stdout.splitlines() if "\talice\t" in line] == ["valid"]
+    env.cli("mtls", "revoke", "--serial", alice, "--crl-out", str(tls_dir / "client-ca.crl"))
+    crl = x509.load_pem_x509_crl((tls_dir / "client-ca.crl").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(alice, 16)) is not None
+    refused = env.cli("mtls", "crl", check=False)
+    assert refused.stderr == "ca-daemon: no tls.client_crl in the configuration; name the file with --out\n"
