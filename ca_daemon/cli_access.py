@@ -16,11 +16,15 @@ from pathlib import Path
 
 from ca_daemon import app, audit, tls
 from ca_daemon import config as config_module
+from ca_daemon.cli_factory import whole_number
 from ca_daemon.errors import CaError, ConfigError
 from ca_daemon.files import replaced_on_success
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.store import SqlStore
 from ca_daemon.store.audit_store import AuditStore
+
+# mTLS server and client certificates: at least a day (0 made them expired when written), at most the mTLS CA's own validity.
+MTLS_DAYS = whole_number(1, tls.CA_VALIDITY.days, " days")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,17 +35,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--out", required=True, help="directory for ca.pem, server.pem/.key, client-ca.crl, clients/NAME.pem/.key")
     p.add_argument("--client", action="append", default=[], metavar="NAME:ROLE", help="a client and its role (repeatable)")
     p.add_argument("--host", action="append", default=[], help="server DNS name or IP (repeatable; default localhost and 127.0.0.1)")
-    p.add_argument("--days", type=int, default=365, help="validity of server and client certificates")
+    p.add_argument("--days", type=MTLS_DAYS, default=365, help="validity of server and client certificates (default 365, at most 3650)")
     p.add_argument("--apply", action="store_true", help="also switch the configuration to mTLS: [tls], [roles], [callers]")
     p.set_defaults(handler=_mtls_init)
     p = mtls.add_parser("issue", help="issue more client certificates (keys made here, never sent to the daemon)")
     p.add_argument("--out", required=True, help="directory to write clients/NAME.pem and .key to (that of `mtls init --out`)")
     p.add_argument("--client", action="append", required=True, metavar="NAME:ROLE", help="a client and its role (repeatable)")
-    p.add_argument("--days", type=int, default=365, help="validity of the client certificates (default 365)")
+    p.add_argument("--days", type=MTLS_DAYS, default=365, help="validity of the client certificates (default 365, at most 3650)")
     p.set_defaults(handler=_mtls_issue)
     p = mtls.add_parser("revoke", help="revoke a client or server certificate and rewrite the client CA CRL")
     p.add_argument("--serial", required=True, help="hexadecimal serial (`ca-daemon mtls list`)")
-    p.add_argument("--reason", type=int, default=0, help="RFC 5280 reason code (default 0, unspecified)")
+    p.add_argument(
+        "--reason", type=int, choices=(0, 1, 2, 3, 4, 5, 6, 8, 9, 10), default=0, help="RFC 5280 reason code (default 0, unspecified)"
+    )
     p.add_argument("--crl-out", default="", help="where to write the CRL (default: tls.client_crl of the configuration)")
     p.set_defaults(handler=_mtls_revoke)
     p = mtls.add_parser("crl", help="re-sign the client CA CRL (e.g. before its nextUpdate)")
@@ -51,7 +57,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "renew-server", help="a new server key and certificate in place of tls.cert and tls.key; the daemon takes them at a reload"
     )
     p.add_argument("--host", action="append", default=[], help="server DNS name or IP (repeatable; default: the current certificate's)")
-    p.add_argument("--days", type=int, default=365, help="validity of the new certificate")
+    p.add_argument("--days", type=MTLS_DAYS, default=365, help="validity of the new certificate (default 365, at most 3650)")
     p.add_argument("--reload", action="store_true", help="then have the running daemon put it in force (as `ca-daemon reload`)")
     p.set_defaults(handler=_mtls_renew_server)
     p = mtls.add_parser("list", help="certificates issued by the mTLS CA")
@@ -239,8 +245,6 @@ def _mtls_crl(args: argparse.Namespace) -> int:
 def _mtls_renew_server(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    if args.days < 1:
-        raise ConfigError("--days must be at least 1")
     with _open(args) as (config, hsm, store):
         settings = config.tls
         if settings.cert_file is None or settings.key_file is None:

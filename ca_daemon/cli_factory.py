@@ -35,8 +35,13 @@ def add_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default="", help="this client's certificate (PEM) for mTLS")
     p.add_argument("--tls-key", default="", help="this client's private key (PEM) for mTLS")
     p.add_argument("--tls-server-name", default="", help="name to check in the server certificate (default: the target host)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
-    p.add_argument("--retries", type=int, default=5, help="retries of a call answered UNAVAILABLE or timed out (default 5)")
+    p.add_argument("--timeout", type=positive_seconds, default=10.0, help="seconds per call (default 10)")
+    p.add_argument(
+        "--retries",
+        type=whole_number(0, 100),
+        default=5,
+        help="retries of a call answered UNAVAILABLE or timed out (default 5, at most 100)",
+    )
 
 
 # How gRPC reports a connection that was never made (refused, unresolvable, no route, a missing Unix socket).
@@ -193,7 +198,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
     p = ca.add_parser("verification-cert", help="sign a cloud CA-registration (proof of possession) certificate with the CA key")
     p.add_argument("--code", required=True, help="the verification code from Azure DPS / IoT Hub or AWS IoT")
     p.add_argument("--out", required=True, help="where to write the certificate (PEM; .der/.cer: DER)")
-    p.add_argument("--validity-days", type=int, default=1, help="validity of the verification certificate (default 1 day)")
+    p.add_argument(
+        "--validity-days", type=whole_number(1, 30, " days"), default=1, help="validity of the verification certificate (default 1 day)"
+    )
     p.set_defaults(handler=_ca_verification_cert)
 
     crl = sub.add_parser("crl", help="CRLs").add_subparsers(metavar="ACTION")
@@ -245,8 +252,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
 def whole_number(minimum: int, maximum: int, unit: str = "") -> Callable[[str], int]:
     """An argparse type: a whole number from minimum to maximum, else a usage error naming the range.
 
-    A plain type=int let 0 days make a certificate expired when written, and a count of days too large
-    for a date end in an OverflowError traceback.
+    A plain type=int let 0 days make a certificate expired when written, a count of days too large for a
+    date end in an OverflowError traceback, and --retries -1 end in an AssertionError traceback.
     """
 
     def parse(text: str) -> int:
@@ -259,6 +266,17 @@ def whole_number(minimum: int, maximum: int, unit: str = "") -> Callable[[str], 
         return value
 
     return parse
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for --timeout: seconds, more than 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text} is out of range: give more than 0 and at most 86400 seconds")
+    return value
 
 
 def crl_number(text: str) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from ca_daemon.cli_factory import TARGET_HELP
+from ca_daemon.cli_factory import TARGET_HELP, positive_seconds, whole_number
 from ca_daemon.client import TlsOptions
 from ca_daemon.model import KeySpec
 
@@ -32,7 +32,9 @@ def add_commands(key: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = key.add_parser("self-sign", help="make a pending key a self-signed root, with link certificates to the active root")
     p.add_argument("--key-id", required=True, help="the pending key to certify (`ca-daemon key status`)")
     p.add_argument("--subject", required=True, help="RFC 4514 subject, e.g. 'CN=Factory Root CA 2,O=Example'")
-    p.add_argument("--validity-days", type=int, default=3650, help="validity of the root certificate (default 3650 days)")
+    p.add_argument(
+        "--validity-days", type=whole_number(1, 36500, " days"), default=3650, help="validity of the root certificate (default 3650 days)"
+    )
     p.add_argument("--out", default="", help="also write the certificate and link certificates (PEM) here")
     _options(p)
     p.set_defaults(handler=_self_sign)
@@ -70,7 +72,7 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default="", help="the officer's client certificate (PEM)")
     p.add_argument("--tls-key", default="", help="the officer's private key (PEM)")
     p.add_argument("--tls-server-name", default="", help="name to check in the server certificate")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
+    p.add_argument("--timeout", type=positive_seconds, default=60.0, help="seconds per call (default 60)")
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, ca_pb2_grpc.KeyCeremonyStub]:

@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from ca_daemon import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,3 +50,30 @@ def test_every_command_a_message_points_at_is_documented() -> None:
     }
     assert named, "the pattern no longer finds the commands messages name"
     assert sorted((command, where) for command, where in named if f"ca-daemon {command}" not in docs) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # 0 days made server and client certificates expired when written (exit 0); too many days an OverflowError traceback.
+        (["mtls", "init", "--out", "x", "--days", "0"], "argument --days: 0 is out of range: give 1 to 3650 days"),
+        (["mtls", "issue", "--out", "x", "--client", "a:admin", "--days", "99999999999"], "argument --days: 99999999999 is out of range"),
+        (["mtls", "renew-server", "--days", "-1"], "argument --days: -1 is out of range: give 1 to 3650 days"),
+        (["mtls", "revoke", "--serial", "1a", "--reason", "99"], "argument --reason: invalid choice: 99"),
+        (["ca", "verification-cert", "--code", "c", "--out", "x", "--validity-days", "99999999999"], "give 1 to 30 days"),
+        (["key", "self-sign", "--key-id", "k", "--subject", "CN=x", "--validity-days", "-1"], "give 1 to 36500 days"),
+        # --retries -1 ended in an AssertionError traceback; a timeout of 0 or below made every call time out, retried.
+        (["client", "ca-certs", "--retries", "-1"], "argument --retries: -1 is out of range: give 0 to 100"),
+        (["client", "ca-certs", "--timeout", "0"], "argument --timeout: 0 is out of range: give more than 0 and at most 86400 seconds"),
+        (["client", "ca-certs", "--timeout", "nan"], "argument --timeout: nan is out of range"),
+        (["simulate-factory", "--devices", "1", "--timeout", "-1"], "argument --timeout: -1 is out of range"),
+        (["mtls", "init", "--out", "x", "--days", "a week"], "argument --days: 'a week' is not a whole number"),
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--config", str(tmp_path / "none.toml"), *args])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
