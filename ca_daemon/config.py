@@ -425,7 +425,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         backdate=timedelta(seconds=ca_raw.integer("backdate_seconds", 60, minimum=0, maximum=86400)),
     )
     for url in ca.crl_distribution_points + ca.ca_issuers_urls:
-        if not re.match(r"^https?://[^\s]+$", url):
+        if not re.fullmatch(r"https?://\S+", url):  # fullmatch: "$" let a trailing newline through
             raise ConfigError(f"ca: {url!r} is not an http:// or https:// URL")
 
     store_raw = reader.table("store")
@@ -702,7 +702,7 @@ def _parse_crl(raw: _Reader, base: Path, state_dir: Path, ca: CaConfig) -> CrlCo
         if crl.delta_interval >= crl.full_interval:
             raise ConfigError("crl.delta_interval_seconds must be shorter than crl.full_interval_seconds")
     for url in crl.delta_distribution_points:
-        if not re.match(r"^https?://[^\s]+$", url):
+        if not re.fullmatch(r"https?://\S+", url):  # fullmatch: "$" let a trailing newline through
             raise ConfigError(f"crl.delta_distribution_points: {url!r} is not an http:// or https:// URL")
     return crl
 

@@ -209,3 +209,15 @@ def test_the_grpc_crl_and_metrics_listeners_each_need_their_own_port(tmp_path: P
     with pytest.raises(ConfigError) as excinfo:
         config.load(path)
     assert excinfo.value.message.startswith(message) and "give each listener a port of its own" in excinfo.value.message
+
+
+@pytest.mark.parametrize("setting", ["ca_issuers_urls", "crl_distribution_points"])
+def test_a_url_with_a_trailing_newline_is_refused_by_its_own_name(tmp_path: Path, setting: str) -> None:
+    """'$' let "http://...der\\n" through: check-config said ok and every worker refused to start, blaming the profile's lint
+    (an AIA URL), or the message named crl.delta_distribution_points, derived from it (a CDP URL)."""
+    text = _dev(tmp_path)
+    start = text.index(f"{setting} = [") + len(f"{setting} = [")
+    url = text[start + 1 : text.index('"', start + 1)]
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, text.replace(f'"{url}"', f'"{url}\\n"', 1)))
+    assert excinfo.value.message == f"ca: {url + chr(10)!r} is not an http:// or https:// URL"
