@@ -405,6 +405,12 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     pin_env = hsm_raw.string("pin_env", "")
     if bool(pin_file) == bool(pin_env):
         raise ConfigError("hsm: set exactly one of pin_file or pin_env (the PIN itself never goes in the file)")
+    if pin_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", pin_env):
+        # Not echoed: what is in its place is most likely the PIN itself, which never goes in a log.
+        raise ConfigError(
+            "hsm.pin_env must be the name of an environment variable (letters, digits and _, not starting with a digit), "
+            "not the PIN: the PIN itself never goes in the file"
+        )
     softhsm2_conf = hsm_raw.string("softhsm2_conf", "")
     ca_raw = reader.table("ca")
     key_uri = ca_raw.string("key", "")

@@ -221,3 +221,13 @@ def test_a_url_with_a_trailing_newline_is_refused_by_its_own_name(tmp_path: Path
     with pytest.raises(ConfigError) as excinfo:
         config.load(_write(tmp_path, text.replace(f'"{url}"', f'"{url}\\n"', 1)))
     assert excinfo.value.message == f"ca: {url + chr(10)!r} is not an http:// or https:// URL"
+
+
+@pytest.mark.parametrize("value", ["123456", "12-34-56", "my pin"])
+def test_a_pin_in_place_of_pin_env_is_refused_without_echoing_it(tmp_path: Path, value: str) -> None:
+    """An operator who typed the PIN into pin_env read it back in 'environment variable 123456 (the PIN source) is not set'."""
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, _dev(tmp_path, **{'pin_file = "pins/user.pin"': f'pin_env = "{value}"'})))
+    assert "hsm.pin_env must be the name of an environment variable" in excinfo.value.message
+    assert value not in excinfo.value.message
+    assert config.load(_write(tmp_path, _dev(tmp_path, **{'pin_file = "pins/user.pin"': 'pin_env = "CA_DAEMON_PIN_2"'}))).hsm.pin.env
