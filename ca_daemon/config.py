@@ -417,8 +417,11 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     if not key_uri.startswith("pkcs11:"):
         raise ConfigError("ca.key must be an RFC 7512 pkcs11: URI naming the CA key, e.g. pkcs11:token=ca;object=ca-1")
     token = hsm_raw.string("token", "") or _uri_token(key_uri)
+    module = hsm_raw.string("module", DEFAULT_SOFTHSM_MODULE)
+    if not module.strip():
+        raise ConfigError(f"hsm.module is empty: name the PKCS#11 library (.so) of your HSM, e.g. {DEFAULT_SOFTHSM_MODULE} for SoftHSM")
     hsm = HsmConfig(
-        module=hsm_raw.string("module", DEFAULT_SOFTHSM_MODULE),
+        module=module,
         # A path starting with $VARIABLE (e.g. $CREDENTIALS_DIRECTORY/user.pin) is expanded when the PIN is read.
         pin=SecretSource(file=_pin_path(base, pin_file), env=pin_env),
         token=token,

@@ -43,6 +43,7 @@ def test_the_development_configuration_loads(tmp_path: Path) -> None:
         ("dev_mode = true", "dev_mode = false", "needs mTLS"),
         ('pin_file = "pins/user.pin"', 'pin_file = "pins/user.pin"\npin_env = "X"', "exactly one of pin_file or pin_env"),
         ('key = "pkcs11:', 'key = "file:', "pkcs11: URI"),
+        (f'module = "{config.DEFAULT_SOFTHSM_MODULE}"', 'module = ""', "hsm.module is empty: name the PKCS#11 library"),
         ("workers = 2", "workers = 0", "server.workers = 0 is out of range"),
         ("workers = 2", 'workers = "two"', "server.workers must be an integer"),
         ("workers = 2", 'workers = 2\ncpu_affinity = "always"', "server.cpu_affinity = 'always': use one of auto, off"),
