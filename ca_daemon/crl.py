@@ -247,8 +247,9 @@ def http_routes(config: Config, issuer: CrlIssuer, crl: PublishedCrl) -> list[tu
     urls = issuer.scope.delta_urls if crl.is_delta else issuer.scope.distribution_points
     paths = {url_path(u) for u in urls} | {"/crl/" + crl_file_name(issuer.key_id, delta=crl.is_delta)}
     interval = config.crl.delta_interval if crl.is_delta else config.crl.full_interval
-    max_age = int(max(0, min((crl.next_update - datetime.now(UTC)).total_seconds(), interval.total_seconds())))
-    resource = Resource(crl.der, CRL_CONTENT_TYPE, f'"{issuer.key_id}-{crl.crl_number}"', crl.this_update, max_age)
+    # Until the next publication, and never past nextUpdate (the server counts that down at each request).
+    etag = f'"{issuer.key_id}-{crl.crl_number}"'
+    resource = Resource(crl.der, CRL_CONTENT_TYPE, etag, crl.this_update, int(interval.total_seconds()), expires=crl.next_update)
     return [(path, resource) for path in sorted(paths)]
 
 

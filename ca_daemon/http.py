@@ -43,8 +43,15 @@ class Resource:
     content_type: str
     etag: str
     last_modified: datetime
-    # Seconds a cache may keep it (up to the CRL's nextUpdate); 0 means revalidate.
+    # Seconds a cache may keep it; 0 means revalidate.
     max_age: int = 0
+    # A CRL's nextUpdate: each response's max-age ends there at the latest, counted from when it is sent.
+    expires: datetime | None = None
+
+    def max_age_at(self, now: datetime) -> int:
+        if self.expires is None:
+            return self.max_age
+        return max(0, min(self.max_age, int((self.expires - now).total_seconds())))
 
     @classmethod
     def certificate(cls, der: bytes, not_before: datetime) -> Resource:
@@ -196,11 +203,12 @@ class DistributionServer:
         resource = self._resources.get(path)
         if resource is None:
             return _plain("404 Not Found")
+        max_age = resource.max_age_at(datetime.now(UTC))
         out = [
             ("Content-Type", resource.content_type),
             ("ETag", resource.etag),
             ("Last-Modified", format_datetime(resource.last_modified.astimezone(UTC), usegmt=True)),
-            ("Cache-Control", f"public, max-age={resource.max_age}" if resource.max_age else "no-cache"),
+            ("Cache-Control", f"public, max-age={max_age}" if max_age else "no-cache"),
         ]
         if _not_modified(resource, headers):
             return "304 Not Modified", out, b""

@@ -584,6 +584,28 @@ def test_expired_entries_leave_the_base_after_appearing_once(tmp_path_factory: p
         hsm.close()
 
 
+def test_http_max_age_never_reaches_past_the_crls_next_update(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """Cache-Control max-age was computed once, when the CRL was published: a delta valid 62 s and published every 60 s
+    was served with max-age=60 all along, so a cache that took it 4 s later kept it 2 s past its nextUpdate (and, while
+    publication failed, a full CRL a day past it). It is now counted down to nextUpdate at each request."""
+    env, port = crl_env(tmp_path_factory.mktemp("max-age"), softhsm_conf)
+    env.edit_config("delta_interval_seconds = 300", "delta_interval_seconds = 60")
+    env.edit_config("delta_validity_seconds = 3600", "delta_validity_seconds = 62")
+    daemon = start(env, tmp_path_factory.mktemp("log"))
+    try:
+        _, _, body = _http_get(port, "/crl/ca-root-1-delta.crl")
+        delta = x509.load_der_x509_crl(body)
+        assert delta.next_update_utc is not None
+        time.sleep(max(0.0, (delta.last_update_utc + timedelta(seconds=4) - datetime.now(UTC)).total_seconds()))
+        before = datetime.now(UTC)
+        status, headers, again = _http_get(port, "/crl/ca-root-1-delta.crl")
+        assert (status, again) == (200, body)  # the same delta: the next is due 60 s after it
+        max_age = int(headers["cache-control"].removeprefix("public, max-age="))
+        assert 0 < max_age <= (delta.next_update_utc - before).total_seconds(), (headers["cache-control"], delta.next_update_utc, before)
+    finally:
+        daemon.stop()
+
+
 def test_with_two_workers_one_publishes_and_every_worker_answers(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
     env, port = crl_env(tmp_path_factory.mktemp("workers"), softhsm_conf, workers=2)
     daemon = start(env, tmp_path_factory.mktemp("log"))

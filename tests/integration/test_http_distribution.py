@@ -13,7 +13,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -151,5 +151,20 @@ def test_a_request_head_beyond_the_read_buffer_gets_431_not_a_bare_close() -> No
                     answer += chunk
             assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large"), (size, answer[:80])
         assert _get(running.server.port, "/small.crl").startswith(b"HTTP/1.1 200 OK")  # still serving
+    finally:
+        running.stop()
+
+
+def test_a_crl_past_its_next_update_is_served_no_cache() -> None:
+    """max-age counts down to the CRL's nextUpdate at each request and ends there: no cache may keep an expired CRL."""
+    running = Running()
+    try:
+        now = datetime.now(UTC)
+        running.server.set("/expired.crl", Resource(b"x", CRL_CONTENT_TYPE, '"e"', now, max_age=3600, expires=now))
+        running.server.set("/soon.crl", Resource(b"x", CRL_CONTENT_TYPE, '"s"', now, max_age=3600, expires=now + timedelta(seconds=30)))
+        assert b"\r\nCache-Control: no-cache\r\n" in _get(running.server.port, "/expired.crl")
+        answer = _get(running.server.port, "/soon.crl")
+        max_age = int(answer.split(b"Cache-Control: public, max-age=")[1].split(b"\r\n")[0])
+        assert 28 <= max_age <= 30, answer
     finally:
         running.stop()
