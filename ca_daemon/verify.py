@@ -29,10 +29,12 @@ A leaf module for users: no server-side imports.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -41,6 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -152,26 +155,108 @@ def http_fetch(
 ) -> tuple[int, bytes, str]:
     """GET url (with If-None-Match when we hold a copy); returns (status, body, ETag).
 
-    ValueError when the body takes longer than deadline seconds or exceeds max_bytes.
+    ValueError when the answer (status line, headers and body, across redirects) takes longer than deadline
+    seconds or its body exceeds max_bytes.
     """
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"CRL URL {url!r} is not http(s)")
     request = urllib.request.Request(url, headers={"If-None-Match": etag} if etag else {})  # noqa: S310 - scheme checked above
     started = time.monotonic()
+    watch = _Deadline(deadline)
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(watch), _WatchedHTTPSHandler(watch))
+    too_slow = f"the download took longer than {deadline:g} s"
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - scheme checked above
+        with opener.open(request, timeout=timeout) as response:
             body = bytearray()
             while chunk := response.read1(1 << 20):
                 body += chunk
                 if len(body) > max_bytes:
                     raise ValueError(f"the answer is larger than {max_bytes} bytes")
                 if time.monotonic() - started > deadline:
-                    raise ValueError(f"the download took longer than {deadline:g} s")
+                    raise ValueError(too_slow)
+            if watch.passed:  # the socket was shut down mid-body: what was read is a part
+                raise ValueError(too_slow)
             return int(response.status), bytes(body), response.headers.get("ETag", "")
     except urllib.error.HTTPError as exc:
         if exc.code == 304:
             return 304, b"", etag
         raise
+    except (OSError, http.client.HTTPException):
+        if watch.passed:
+            raise ValueError(too_slow) from None
+        raise
+    finally:
+        watch.cancel()
+
+
+class _Deadline:
+    """Shuts down the sockets of one fetch once its deadline has passed.
+
+    A per-read timeout does not bound a server that sends its status line and headers a byte at a time
+    (http.client takes 100 header lines of 64 KiB each): a read blocked in there returns at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.passed = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+        if self.passed:
+            self._expire()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.passed = True
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: a TLS one's would drop its state
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.watch(self.sock)
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.watch(self.sock)
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_WatchedHTTPConnection, req, deadline=self._deadline)  # type: ignore[arg-type]
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_WatchedHTTPSConnection, req, context=self._context, deadline=self._deadline)  # type: ignore[arg-type,attr-defined]
 
 
 class CrlCache:

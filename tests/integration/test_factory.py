@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -751,6 +752,35 @@ def test_a_crl_fetch_that_fails_in_any_way_is_a_refusal_and_a_slow_one_holds_up_
             http_fetch(f"http://127.0.0.1:{port}/big.crl", "", max_bytes=1000)
     finally:
         server.close()
+
+
+def test_a_crl_server_that_drips_its_headers_is_cut_off_at_the_fetch_deadline() -> None:
+    """The deadline covered only the body: a server sending its status line and headers a byte at a time
+    (each read within the 5 s timeout) held a fetch, `crl fetch` or a verification, for as long as it liked."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Drip: " + b"a" * 1000:
+                if done.wait(0.2):
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+
+    server = threading.Thread(target=drip, daemon=True)
+    server.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match="the download took longer than 2 s"):
+            http_fetch(f"http://127.0.0.1:{listener.getsockname()[1]}/ca.crl", "", deadline=2.0)
+        assert time.monotonic() - started < 4
+    finally:
+        done.set()
+        server.join(10)
+        listener.close()
 
 
 def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
