@@ -527,6 +527,9 @@ def _crl_raise_number(args: argparse.Namespace) -> int:
     return cli_store.raise_crl_number(args.config, args.issuer, args.above)
 
 
+ON_CHANGE_TIMEOUT_S = 120.0  # `crl fetch --on-change`: a reload that hangs is killed, and counts as failed
+
+
 def _crl_fetch(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
@@ -538,7 +541,13 @@ def _crl_fetch(args: argparse.Namespace) -> int:
     command = shlex.split(args.on_change)
 
     def run_on_change() -> None:
-        result = subprocess.run(command, check=False, timeout=120)  # its output goes where ours does (the journal)
+        try:
+            result = subprocess.run(command, check=False, timeout=ON_CHANGE_TIMEOUT_S)  # its output goes where ours does (the journal)
+        except subprocess.TimeoutExpired:  # subprocess.run has killed it
+            raise CrlRefused(
+                f"{out} changed but `{args.on_change}` did not finish within {ON_CHANGE_TIMEOUT_S:g} s and was killed: the file has "
+                "its previous content back, and the next run installs it and tries again"
+            ) from None
         if result.returncode != 0:
             raise CrlRefused(
                 f"{out} changed but `{args.on_change}` exited with status {result.returncode}: the file has its previous "

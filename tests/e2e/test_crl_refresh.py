@@ -27,7 +27,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from ca_daemon import cli
+from ca_daemon import cli, cli_factory
 from ca_daemon.client import CaClient
 from ca_daemon.simulate import Device, simulate
 from tests.conftest import CA_DAEMON, CaEnv, CrlServer, Daemon, daemon_environment, free_port
@@ -306,3 +306,19 @@ def test_a_failed_reload_puts_the_previous_file_back_and_a_replacement_keeps_own
     assert stat.st_mode & 0o777 == 0o640
     if os.geteuid() == 0:
         assert (stat.st_uid, stat.st_gid) == (0, 65534)
+
+
+def test_a_reload_that_hangs_is_killed_and_fails_the_run_in_one_line(ca: Ca, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--on-change past its time limit (120 s) raised subprocess.TimeoutExpired out of the command: a traceback in the
+    journal instead of the reason. It is now a refused run like a reload that failed: one line, exit 1, previous file back."""
+    monkeypatch.setattr(cli_factory, "ON_CHANGE_TIMEOUT_S", 1.0, raising=False)
+    crlfile = tmp_path / "ca.crl"
+    assert refresh(crlfile, ca.cafile, [ca.cdp_url]).returncode == 0
+    previous = crlfile.read_bytes()
+    publish(ca)
+    started = time.monotonic()
+    hung = refresh(crlfile, ca.cafile, [ca.cdp_url], "sleep 30")
+    assert time.monotonic() - started < 10
+    assert hung.returncode == 1 and hung.stderr.count("\n") == 1, hung.stderr
+    assert "`sleep 30` did not finish within 1 s and was killed: the file has its previous content back" in hung.stderr, hung.stderr
+    assert crlfile.read_bytes() == previous
