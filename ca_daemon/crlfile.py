@@ -71,7 +71,8 @@ def fetch_checked(url: str, trusted: Sequence[x509.Certificate], now: datetime, 
     try:
         status, body, _etag = fetch(url, "")
     except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, HTTP 404, a timeout, too big or too slow
-        raise CrlRefused(f"cannot fetch the CRL at {url}: {exc}") from None
+        # One line for the journal: urllib's redirect-loop error spans three, a bad status line ends in the server's CRLF.
+        raise CrlRefused(f"cannot fetch the CRL at {url}: {' '.join(str(exc).split())}") from None
     if status != 200:
         raise CrlRefused(f"the CRL at {url} answered HTTP {status}")
     try:

@@ -16,7 +16,9 @@ import io
 import os
 import re
 import shlex
+import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -322,3 +324,32 @@ def test_a_reload_that_hangs_is_killed_and_fails_the_run_in_one_line(ca: Ca, tmp
     assert hung.returncode == 1 and hung.stderr.count("\n") == 1, hung.stderr
     assert "`sleep 30` did not finish within 1 s and was killed: the file has its previous content back" in hung.stderr, hung.stderr
     assert crlfile.read_bytes() == previous
+
+
+def test_a_fetch_that_fails_is_reported_in_one_line(ca: Ca, tmp_path: Path) -> None:
+    """A redirect loop (urllib's message spans three lines) and a garbage status line (which kept the server's CRLF)
+    wrote several lines to the journal for one refusal: the reason is now one line."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    path = conn.recv(65536).split(b" ")[1]
+                    if path == b"/loop.crl":
+                        conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /loop.crl\r\nContent-Length: 0\r\n\r\n")
+                    else:
+                        conn.sendall(b"SPAM SPAM\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        crlfile = tmp_path / "ca.crl"
+        for name in ("loop.crl", "garbage.crl"):
+            ran = refresh(crlfile, ca.cafile, [f"http://127.0.0.1:{port}/{name}"])
+            assert ran.returncode == 1 and ran.stderr.startswith("ca-daemon: cannot fetch the CRL at"), ran.stderr
+            assert ran.stderr.count("\n") == 1 and "\r" not in ran.stderr, repr(ran.stderr)
+        assert not crlfile.exists()
+    finally:
+        listener.close()
