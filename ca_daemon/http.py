@@ -224,6 +224,8 @@ def _not_modified(resource: Resource, headers: dict[str, str]) -> bool:
     if since:
         try:
             since_at = parsedate_to_datetime(since)
+            if since_at.tzinfo is None:  # asctime ("Sun Nov  6 08:49:37 1994"), which RFC 9110 5.6.7 has us accept, is GMT
+                since_at = since_at.replace(tzinfo=UTC)
             # A date later than the server's clock is invalid (RFC 2616 14.25; Apache ignores it too): it is the
             # Last-Modified of a CRL dated ahead by a clock that was wrong, and its replacement must not get 304.
             return since_at <= datetime.now(UTC) and resource.last_modified.replace(microsecond=0) <= since_at

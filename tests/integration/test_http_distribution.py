@@ -168,3 +168,26 @@ def test_a_crl_past_its_next_update_is_served_no_cache() -> None:
         assert 28 <= max_age <= 30, answer
     finally:
         running.stop()
+
+
+def test_if_modified_since_in_each_http_date_format_gets_304() -> None:
+    """RFC 9110 5.6.7: a recipient accepts IMF-fixdate, RFC 850 and asctime dates. asctime has no zone, parsed to a naive
+    datetime whose comparison raised TypeError: the condition was ignored and the whole CRL sent again."""
+    running = Running()
+    try:
+        modified = datetime.now(UTC) - timedelta(hours=1)
+        running.server.set("/c.crl", Resource(b"crl", CRL_CONTENT_TYPE, '"c"', modified))
+        since = modified + timedelta(minutes=1)
+        for date in (
+            since.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+            since.strftime("%A, %d-%b-%y %H:%M:%S GMT"),
+            since.strftime("%a %b ") + f"{since.day:2d}" + since.strftime(" %H:%M:%S %Y"),
+        ):
+            with socket.create_connection(("127.0.0.1", running.server.port), timeout=10) as client:
+                client.sendall(f"GET /c.crl HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: {date}\r\n\r\n".encode())
+                answer = b""
+                while chunk := client.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 304 Not Modified\r\n"), (date, answer)
+    finally:
+        running.stop()
