@@ -235,7 +235,10 @@ def _not_modified(resource: Resource, headers: dict[str, str]) -> bool:
 
 
 def _head(status: str, headers: list[tuple[str, str]]) -> bytes:
-    return "\r\n".join([f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers), "Connection: close", "", ""]).encode("latin-1")
+    # Date: an origin server with a clock must send it (RFC 9110 6.6.1); a cache counts a response's age from it.
+    date = format_datetime(datetime.now(UTC), usegmt=True)
+    lines = [f"HTTP/1.1 {status}", f"Date: {date}", *(f"{k}: {v}" for k, v in headers), "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1")
 
 
 def _plain(status: str) -> tuple[str, list[tuple[str, str]], bytes]:

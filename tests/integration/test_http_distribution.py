@@ -14,6 +14,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 
 import pytest
 
@@ -189,5 +190,19 @@ def test_if_modified_since_in_each_http_date_format_gets_304() -> None:
                 while chunk := client.recv(65536):
                     answer += chunk
             assert answer.startswith(b"HTTP/1.1 304 Not Modified\r\n"), (date, answer)
+    finally:
+        running.stop()
+
+
+def test_every_answer_carries_the_date_a_cache_counts_its_age_from() -> None:
+    """RFC 9110 6.6.1: an origin server with a clock sends Date; none was sent, on 200, 304, 404 or 503 alike."""
+    running = Running()
+    try:
+        running.server.set("/c.crl", Resource(b"crl", CRL_CONTENT_TYPE, '"c"', datetime.now(UTC)))
+        for path in ("/c.crl", "/missing.crl"):
+            head = _get(running.server.port, path).split(b"\r\n\r\n", 1)[0].decode("latin-1")
+            dates = [line.split(": ", 1)[1] for line in head.split("\r\n") if line.lower().startswith("date: ")]
+            assert len(dates) == 1, head
+            assert abs((parsedate_to_datetime(dates[0]) - datetime.now(UTC)).total_seconds()) < 60, head
     finally:
         running.stop()
