@@ -497,6 +497,7 @@ def test_a_replica_that_lost_the_crl_leadership_leaves_crl_health_to_the_new_lea
             deadline = time.monotonic() + 10
             while conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": old.backend_pid}).scalar():
                 assert time.monotonic() < deadline, "the old leader's backend did not end"
+                conn.commit()  # pg_stat_activity is a snapshot kept until the transaction ends: a new one each round
                 time.sleep(0.02)
         assert new.poll() is True
         new_issuer = new_publisher.issuers(datetime.now(UTC))[0]
