@@ -24,7 +24,8 @@ _MAX_HEAD_BYTES = 8192
 _READ_TIMEOUT_S = 10.0
 _MAX_DROPPED_BYTES = 1 << 20  # of an oversized request, read and dropped before the connection is closed
 # The port is public and shares the primary worker's event loop with Sign. Connections beyond
-# this many at once are answered 503 at once; a response goes out in chunks, each of which must
+# this many at once close the one waiting longest for its request head, or if every one is being
+# answered, are answered 503 at once; a response goes out in chunks, each of which must
 # leave within the stall timeout, so a client that stops reading holds one chunk, not a copy of a
 # CRL of a million entries (asyncio's transport buffers whatever the socket does not take).
 MAX_CONNECTIONS = 512
@@ -72,6 +73,8 @@ class DistributionServer:
         self._max_connections = max_connections
         self._write_stall_s = write_stall_s
         self._connections: set[asyncio.StreamWriter] = set()  # being answered (MAX_CONNECTIONS)
+        # Those of them still waiting for their request head, oldest first (see _make_room).
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
         self._resources: dict[str, Resource] = {}
         self._server: asyncio.Server | None = None
         self._binder: asyncio.Task[None] | None = None
@@ -130,8 +133,23 @@ class DistributionServer:
             await self._server.wait_closed()
             self._server = None
 
+    def _make_room(self) -> bool:
+        """At the limit, close the connection that has waited longest for its request head; False if none waits.
+
+        Idle connections each held a place for the head timeout (10 s): one host opening connections and
+        sending nothing answered every other relying party 503. A client sends its head at once; one that has
+        not is the one to go. Connections being answered (a large CRL going out) keep their place.
+        """
+        if not self._waiting:
+            return False
+        oldest = next(iter(self._waiting))
+        del self._waiting[oldest]
+        self._connections.discard(oldest)
+        oldest.transport.abort()
+        return True
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self._max_connections:
+        if len(self._connections) >= self._max_connections and not self._make_room():
             writer.write(_head("503 Service Unavailable", [("Retry-After", "1"), ("Content-Length", "0")]))
             # Closing with the request unread would reset the connection and discard the answer: wait a moment for it.
             with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
@@ -139,15 +157,19 @@ class DistributionServer:
             writer.close()
             return
         self._connections.add(writer)
+        self._waiting[writer] = None
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=_READ_TIMEOUT_S)
         except asyncio.LimitOverrunError:  # a head beyond the reader's buffer (64 KiB): answered like one over _MAX_HEAD_BYTES
+            self._waiting.pop(writer, None)
             await self._refuse_unread(reader, writer, "431 Request Header Fields Too Large")
             return
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):  # gone, silent, or closed by _make_room
+            self._waiting.pop(writer, None)
             self._connections.discard(writer)
             writer.close()
             return
+        self._waiting.pop(writer, None)
         try:
             status, headers, body = self._respond(head)
             writer.write(_head(status, headers))

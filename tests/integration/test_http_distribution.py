@@ -126,6 +126,28 @@ def test_connections_beyond_the_limit_get_503_and_stalled_ones_are_dropped(stall
         running.stop()
 
 
+def test_connections_that_send_nothing_make_room_for_one_that_asks(stalled: list[socket.socket]) -> None:
+    """Each silent connection held a place for the 10 s head timeout: one host opening connections answered everyone 503."""
+    running = Running(max_connections=2)
+    try:
+        for _ in range(2):
+            silent = socket.create_connection(("127.0.0.1", running.server.port), timeout=10)
+            stalled.append(silent)
+            time.sleep(0.1)  # the first is the oldest
+        answer = _get(running.server.port, "/small.crl")
+        assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:80]
+        oldest = stalled[0]
+        with contextlib.suppress(ConnectionError):
+            assert oldest.recv(1) == b""  # closed by the server to make room
+        # Both places taken by downloads being answered: a newcomer is still refused, and makes no room by closing one.
+        stalled.extend(_stall(running.server.port, "/big.crl") for _ in range(2))
+        time.sleep(0.3)
+        refused = _get(running.server.port, "/small.crl")
+        assert refused.startswith(b"HTTP/1.1 503 Service Unavailable"), refused[:80]
+    finally:
+        running.stop()
+
+
 def test_a_withdrawn_crl_is_taken_down_only_where_it_is_still_served() -> None:
     """A retired key's delta is withdrawn; another key's CRL served at a shared path since then stays."""
     running = Running()
