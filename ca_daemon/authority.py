@@ -747,13 +747,23 @@ def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str, actor: s
         status=KeyStatus.PENDING,
         created_at=datetime.now(UTC),
     )
-    store.save_ca_key(key, key_event(key, "key.generate", "generated", actor, {"spec": spec.value, "uri": key.pkcs11_uri}))
+    try:
+        store.save_ca_key(key, key_event(key, "key.generate", "generated", actor, {"spec": spec.value, "uri": key.pkcs11_uri}), new=True)
+    except AlreadyExists:
+        # Another generation of this label (another worker, or an officer's second click) passed the check at the same
+        # time and recorded its key first. Recorded too, this one overwrote that record and left a pair nobody tracks.
+        hsm.destroy_key(generated.uri)  # by label and CKA_ID: only the pair generated here
+        raise _label_taken(label) from None
     return key
 
 
 # A key label (CKA_LABEL, also the key_id and part of the URL /ca/KEY.der): ASCII only, so no key can be named
 # with a lookalike of another's name (str.isalnum() took Cyrillic and fullwidth letters).
 _LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _label_taken(label: str) -> FailedPrecondition:
+    return FailedPrecondition(f"a CA key named {label!r} exists already; choose another label", rule="label", field="label")
 
 
 def check_new_key_label(hsm: Hsm, store: SqlStore, label: str) -> None:
@@ -765,7 +775,7 @@ def check_new_key_label(hsm: Hsm, store: SqlStore, label: str) -> None:
     if not _LABEL.fullmatch(label):
         raise InvalidRequest(f"key label {echo(label)} is not usable", rule="label", field="label", expected="1-64 of [A-Za-z0-9-_.]")
     if store.get_ca_key(label) is not None:
-        raise FailedPrecondition(f"a CA key named {label!r} exists already; choose another label", rule="label", field="label")
+        raise _label_taken(label)
     try:  # another key (audit, mTLS CA) with that label would make both ambiguous
         hsm.public_key_der(Pkcs11Uri(token=hsm.token_label, label=label))
     except (NotFound, FailedPrecondition):

@@ -270,8 +270,11 @@ class SqlStore:
 
     # -- CA keys -----------------------------------------------------------
 
-    def save_ca_key(self, key: CaKey, audit: AuditEvent | None = None) -> None:
-        """Insert a CA key or update its status and certificate (with the key event's audit record)."""
+    def save_ca_key(self, key: CaKey, audit: AuditEvent | None = None, *, new: bool = False) -> None:
+        """Insert a CA key or update its status and certificate (with the key event's audit record).
+
+        new: only insert; AlreadyExists (nothing written) if a key of that ID is recorded already.
+        """
         values = {
             "pkcs11_uri": key.pkcs11_uri,
             "spec": key.spec.value,
@@ -283,12 +286,19 @@ class SqlStore:
         }
         with self._begin() as conn:
             exists = conn.execute(select(ca_keys.c.status).where(ca_keys.c.key_id == key.key_id)).first()
+            if exists and new:
+                raise AlreadyExists(f"a CA key named {key.key_id!r} is recorded already", rule="label", field="label")
             if exists:
                 conn.execute(update(ca_keys).where(ca_keys.c.key_id == key.key_id).values(**values))
                 if exists.status != key.status.value:  # e.g. the first start activating the configured key
                     void_open_approvals(conn, key.key_id, audit.time if audit is not None else datetime.now(UTC))
             else:
-                conn.execute(insert(ca_keys).values(key_id=key.key_id, **values))
+                try:
+                    conn.execute(insert(ca_keys).values(key_id=key.key_id, **values))
+                except IntegrityError:  # PostgreSQL: another transaction inserted it since the select
+                    if not new:
+                        raise
+                    raise AlreadyExists(f"a CA key named {key.key_id!r} is recorded already", rule="label", field="label") from None
             if audit is not None:
                 self._insert_audit(conn, [audit])
 

@@ -635,3 +635,39 @@ def test_a_crl_whose_number_another_process_took_is_built_again_and_nothing_foll
         leader.publish(issuer, delta=True)
     assert refused.value.rule == "issuer-final-crl"
     assert setup.store.max_crl_number("ca-root-1") == final.crl_number and setup.store.crl_failures() == []
+
+
+def test_two_generations_of_one_label_at_once_leave_one_key(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both passed the label check before either recorded its key: both were told OK, the token kept two pairs."""
+    ceremony = setup.ceremony()
+    both_checked = threading.Barrier(2, timeout=30)
+    check = authority_module.check_new_key_label
+
+    def check_then_wait(hsm: Hsm, store: SqlStore, label: str) -> None:
+        check(hsm, store, label)
+        both_checked.wait()  # the real check passed in both threads; now both generate
+
+    monkeypatch.setattr(authority_module, "check_new_key_label", check_then_wait)
+    outcomes: list[object] = []
+
+    def generate() -> None:
+        try:
+            outcomes.append(ceremony.generate("alice", KeySpec.EC_P256, "twice"))
+        except FailedPrecondition as refusal:
+            outcomes.append(refusal)
+
+    threads = [threading.Thread(target=generate) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    refusals = [o for o in outcomes if isinstance(o, FailedPrecondition)]
+    assert len(outcomes) == 2 and len(refusals) == 1, outcomes
+    assert refusals[0].rule == "label" and "exists already" in refusals[0].message
+    key = setup.store.get_ca_key("twice")
+    assert key is not None and outcomes[outcomes.index(refusals[0]) ^ 1] == key
+    # One pair under the label, and it is the recorded one (a lookup by label alone is not ambiguous).
+    by_label = Pkcs11Uri(token=setup.hsm.token_label, label="twice")
+    assert setup.hsm.public_key_der(by_label) == key.public_key_der
+    setup.hsm.private_key_attributes(by_label)
+    assert len([e for e in setup.store.audit_events() if e["action"] == "key.generate" and e["key_id"] == "twice"]) == 1
