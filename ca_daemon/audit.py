@@ -91,7 +91,7 @@ def refusal_event(
 ) -> AuditEvent:
     """The event of a request a use case refused: the action it asked for, outcome "refused", the rule as reason.
 
-    One shape for every use case (Sign, Revoke, Unrevoke, RevokeBulk, IssueVerificationCertificate),
+    One shape for every use case (Sign, Revoke, Unrevoke, RevokeBulk, IssueVerificationCertificate, the key ceremony),
     so an auditor finds a refusal by the action and object it would have changed. The object is
     what the request named, where it parsed (a serial only as a number); the caller's text is
     bounded, so a flood of huge requests cannot bloat the log. A certificate that failed the

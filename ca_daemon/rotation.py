@@ -22,15 +22,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_daemon import authority, issuer
+from ca_daemon.audit import is_refusal, refusal_event
 from ca_daemon.config import Config
-from ca_daemon.errors import FailedPrecondition, InvalidRequest, NotFound, PermissionDenied, echo
+from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, NotFound, PermissionDenied, echo
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, RevocationReason
 from ca_daemon.revocation import CrlPublisher, encode_entry
@@ -38,6 +41,7 @@ from ca_daemon.store import SqlStore
 from ca_daemon.store.rotation_store import LINK_PROFILE, Lifecycle, RotationStore, StatusChange, link_device_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ACTIONS = ("activate", "retire", "destroy", "emergency")
 REQUIRED_APPROVALS = 2
@@ -112,11 +116,18 @@ class KeyCeremony:
     # -- one officer ---------------------------------------------------------
 
     def generate(self, officer: str, spec: KeySpec, label: str) -> CaKey:
-        _check_officer(officer)
-        return authority.create_ca_key(self._hsm, self._store, spec, label, actor=officer)
+        def run() -> CaKey:
+            _check_officer(officer)
+            return authority.create_ca_key(self._hsm, self._store, spec, label, actor=officer)
+
+        return self._audited("key.generate", officer, label, {"spec": spec.value}, run)
 
     def self_sign(self, officer: str, key_id: str, subject: x509.Name, validity: timedelta) -> SelfSigned:
         """Make a pending key a self-signed root; link it with the active root both ways; publish it."""
+        details = {"kind": "self-signed root", "subject": subject.rfc4514_string()[:256]}
+        return self._audited("key.certificate", officer, key_id, details, lambda: self._self_sign(officer, key_id, subject, validity))
+
+    def _self_sign(self, officer: str, key_id: str, subject: x509.Name, validity: timedelta) -> SelfSigned:
         _check_officer(officer)
         _check_root_validity(validity, _now())
         key = self._pending_without_certificate(key_id)
@@ -142,17 +153,23 @@ class KeyCeremony:
         return SelfSigned(installed, tuple(links))
 
     def csr(self, officer: str, key_id: str, subject: x509.Name) -> bytes:
-        _check_officer(officer)
-        key = self._pending_without_certificate(key_id)
-        return authority.ca_csr(self._hsm, key, subject)
+        def run() -> bytes:
+            _check_officer(officer)
+            return authority.ca_csr(self._hsm, self._pending_without_certificate(key_id), subject)
+
+        return self._audited("key.csr", officer, key_id, {"subject": subject.rfc4514_string()[:256]}, run)
 
     def install(self, officer: str, key_id: str, certificate: x509.Certificate, parents: list[x509.Certificate]) -> CaKey:
         """Install the parent's answer to `csr` (checked against the token key) and publish the key."""
-        _check_officer(officer)
-        key = self._pending_without_certificate(key_id)
-        installed = authority.import_ca_certificate(self._store, key, certificate, parents, actor=officer)
-        self._rotation.mark_published(key_id, _now())
-        return installed
+
+        def run() -> CaKey:
+            _check_officer(officer)
+            key = self._pending_without_certificate(key_id)
+            installed = authority.import_ca_certificate(self._store, key, certificate, parents, actor=officer)
+            self._rotation.mark_published(key_id, _now())
+            return installed
+
+        return self._audited("key.certificate", officer, key_id, {"kind": "parent-signed"}, run)
 
     def list_keys(self) -> list[KeyInfo]:
         found = []
@@ -169,6 +186,26 @@ class KeyCeremony:
 
     def approve(self, officer: str, action: str, key_id: str, successor_key_id: str = "") -> ApprovalResult:
         """Record one officer's approval; when it is the second distinct officer's, execute the action."""
+        details = {"action": action[:64], "successor_key_id": successor_key_id[:128]}
+        return self._audited("key.approve", officer, key_id, details, lambda: self._approve(officer, action, key_id, successor_key_id))
+
+    def refused(self, action: str, officer: str, key_id: str, refusal: CaError) -> None:
+        """Audit a refusal found before a use case ran (the servicer's conversion of the request)."""
+        if is_refusal(refusal):
+            event = refusal_event(action, officer or "-", refusal)
+            self._store.append_audit([replace(event, key_id=key_id[:128])])
+
+    def _audited(self, action: str, officer: str, key_id: str, details: dict[str, str], run: Callable[[], T]) -> T:
+        """run(), and a refusal of it audited (outcome refused, the rule as reason) like Sign's and Revoke's."""
+        try:
+            return run()
+        except CaError as refusal:
+            if is_refusal(refusal):
+                event = refusal_event(action, officer or "-", refusal, details=details)
+                self._store.append_audit([replace(event, key_id=key_id[:128])])
+            raise
+
+    def _approve(self, officer: str, action: str, key_id: str, successor_key_id: str) -> ApprovalResult:
         _check_officer(officer)
         if action not in ACTIONS:
             raise InvalidRequest(f"unknown key action {echo(action)}", rule="action", field="action", expected=", ".join(ACTIONS))

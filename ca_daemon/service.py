@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
@@ -43,6 +43,7 @@ from ca_daemon.rotation import KeyCeremony, root_validity
 from ca_daemon.store import serial_hex
 
 log = logging.getLogger("ca_daemon.rpc")
+T = TypeVar("T")
 
 SERVICE_NAME = ca_pb2.DESCRIPTOR.services_by_name["CertificateAuthority"].full_name
 
@@ -605,33 +606,29 @@ class KeyCeremonyServicer(ca_pb2_grpc.KeyCeremonyServicer):
     async def GenerateKey(
         self, request: ca_pb2.GenerateKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.GenerateKeyResponse:
-        spec = _key_spec(request.key_type or KeySpec.EC_P256.value)
+        spec = await self._converted(context, "key.generate", request.label, lambda: _key_spec(request.key_type or KeySpec.EC_P256.value))
         key = await asyncio.to_thread(self._ceremony.generate, self._caller(context), spec, request.label)
         return ca_pb2.GenerateKeyResponse(key_id=key.key_id, pkcs11_uri=key.pkcs11_uri)
 
     async def SelfSignKey(
         self, request: ca_pb2.SelfSignKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.SelfSignKeyResponse:
-        subject = _subject(request.subject)
-        validity = root_validity(request.validity_days)
+        subject = await self._converted(context, "key.certificate", request.key_id, lambda: _subject(request.subject))
+        validity = await self._converted(context, "key.certificate", request.key_id, lambda: root_validity(request.validity_days))
         result = await asyncio.to_thread(self._ceremony.self_sign, self._caller(context), request.key_id, subject, validity)
         return ca_pb2.SelfSignKeyResponse(
             certificate_pem=_pem(result.key.certificate_der or b""), link_certificates_pem=[_pem(link.der) for link in result.links]
         )
 
     async def GetKeyCSR(self, request: ca_pb2.GetKeyCSRRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.GetKeyCSRResponse:
-        csr = await asyncio.to_thread(self._ceremony.csr, self._caller(context), request.key_id, _subject(request.subject))
+        subject = await self._converted(context, "key.csr", request.key_id, lambda: _subject(request.subject))
+        csr = await asyncio.to_thread(self._ceremony.csr, self._caller(context), request.key_id, subject)
         return ca_pb2.GetKeyCSRResponse(csr_pem=csr.decode())
 
     async def InstallKeyCertificate(
         self, request: ca_pb2.InstallKeyCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.InstallKeyCertificateResponse:
-        try:
-            certificates = x509.load_pem_x509_certificates(request.certificate_pem.encode())
-        except ValueError:
-            raise errors.InvalidRequest(
-                "certificate_pem is not PEM certificates", rule="certificate", field="certificate_pem", expected="PEM"
-            ) from None
+        certificates = await self._converted(context, "key.certificate", request.key_id, lambda: _certificates(request.certificate_pem))
         await asyncio.to_thread(self._ceremony.install, self._caller(context), request.key_id, certificates[0], certificates[1:])
         return ca_pb2.InstallKeyCertificateResponse()
 
@@ -653,6 +650,14 @@ class KeyCeremonyServicer(ca_pb2_grpc.KeyCeremonyServicer):
             response.keys.append(item)
         return response
 
+    async def _converted(self, context: grpc.aio.ServicerContext[Any, Any], action: str, key_id: str, convert: Callable[[], T]) -> T:
+        """convert(): a part of the request as the use case takes it; its refusal is audited like the use case's own."""
+        try:
+            return convert()
+        except errors.InvalidRequest as refusal:
+            await asyncio.to_thread(self._ceremony.refused, action, self._caller(context), key_id, refusal)
+            raise
+
     async def ApproveKeyAction(
         self, request: ca_pb2.ApproveKeyActionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ca_pb2.ApproveKeyActionResponse:
@@ -670,6 +675,15 @@ def _key_spec(value: str) -> KeySpec:
     except ValueError:
         raise errors.InvalidRequest(
             f"key type {errors.echo(value)} is unknown", rule="key-type", field="key_type", expected=", ".join(s.value for s in KeySpec)
+        ) from None
+
+
+def _certificates(pem: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem.encode())
+    except ValueError:
+        raise errors.InvalidRequest(
+            "certificate_pem is not PEM certificates", rule="certificate", field="certificate_pem", expected="PEM"
         ) from None
 
 

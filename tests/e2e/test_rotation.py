@@ -369,7 +369,9 @@ def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) ->
 
         # Issuance goes on under key 2, and the audit log holds every approval.
         assert sign(prog).issuer_key_id == KEY2
-    approvals = _audit_actions(d, "key.approve")
+    approvals = [e for e in _audit_actions(d, "key.approve") if e.outcome != "refused"]
+    refused = [(e.actor, _detail(e, "action"), e.key_id, e.reason) for e in _audit_actions(d, "key.approve") if e.outcome == "refused"]
+    assert refused == [("off1", "activate", KEY2, "prepublication"), ("off1", "retire", KEY1, "unexpired-certificates")]
     assert [(e.actor, _detail(e, "action")) for e in approvals] == [
         ("off1", "activate"),
         ("off1", "activate"),
@@ -400,6 +402,19 @@ def test_key_ceremony_role_matrix(rotation_daemon: RotationDaemon) -> None:
                     code = exc.code()
                 denied = code == grpc.StatusCode.PERMISSION_DENIED
                 assert denied == (method.name not in methods), (name, method.name, code)
+    # The officer's empty requests were refused as invalid, each audited (also those the servicer refused while converting them).
+    refused = {
+        (e.action, e.reason)
+        for e in _audit_actions(rotation_daemon, "key.generate", "key.certificate", "key.csr", "key.approve")
+        if e.outcome == "refused" and e.actor == "off1" and e.key_id == ""
+    }
+    assert refused == {
+        ("key.generate", "label"),
+        ("key.certificate", "subject"),
+        ("key.certificate", "certificate"),
+        ("key.csr", "subject"),
+        ("key.approve", "action"),
+    }
 
 
 def _audit_actions(daemon: RotationDaemon, *actions: str) -> list[ca_pb2.AuditEvent]:

@@ -114,8 +114,9 @@ def test_prepublication_period_and_links_are_required(setup: Setup) -> None:
         no_links.approve("alice", "activate", "root-3")
 
 
-def test_refusals_record_nothing(setup: Setup) -> None:
-    ceremony = setup.ceremony()
+def test_refusals_record_nothing_but_their_audit_event(setup: Setup) -> None:
+    """A refused step changes nothing, counts no approval, and is audited (before, only the request log saw it)."""
+    ceremony = setup.ceremony(prepublication_s=3600)
     with pytest.raises(PermissionDenied):
         ceremony.approve("", "activate", "ca-root-1")
     with pytest.raises(InvalidRequest):
@@ -123,8 +124,29 @@ def test_refusals_record_nothing(setup: Setup) -> None:
     with pytest.raises(FailedPrecondition, match="active key"):
         ceremony.approve("alice", "retire", "ca-root-1")
     with pytest.raises(FailedPrecondition, match="only a retired key"):
-        ceremony.approve("alice", "destroy", "ca-root-1")
-    assert [e for e in setup.store.audit_events() if e["action"] == "key.approve"] == []
+        ceremony.approve("mallory", "destroy", "ca-root-1")
+    with pytest.raises(FailedPrecondition, match="exists already"):
+        ceremony.generate("alice", KeySpec.EC_P256, "ca-root-1")
+    with pytest.raises(FailedPrecondition, match="installed once"):
+        ceremony.self_sign("alice", "ca-root-1", issuer.parse_subject("CN=again"), timedelta(days=30))
+    setup.new_root(ceremony, "root-2")
+    with pytest.raises(FailedPrecondition, match="pre-published"):
+        ceremony.approve("bob", "activate", "root-2")
+    assert RotationStore(setup.store).live_officers("activate", "root-2", "", datetime.now(UTC), timedelta(seconds=60)) == []
+    assert setup.store.active_key_id() == "ca-root-1"
+    events = [e for e in setup.store.audit_events() if e["action"].startswith("key.") and e["outcome"] == "refused"]
+    seen = [(e["action"], e["actor"], e["key_id"], e["reason"], json.loads(e["details"]).get("action", "")) for e in events]
+    assert seen == [
+        ("key.approve", "-", "ca-root-1", "role", "activate"),
+        ("key.approve", "alice", "ca-root-1", "action", "rotate"),
+        ("key.approve", "alice", "ca-root-1", "key-status", "retire"),
+        ("key.approve", "mallory", "ca-root-1", "key-status", "destroy"),
+        ("key.generate", "alice", "ca-root-1", "label", ""),
+        ("key.certificate", "alice", "ca-root-1", "key-status", ""),
+        ("key.approve", "bob", "root-2", "prepublication", "activate"),
+    ]
+    assert "only a retired key can be destroyed" in json.loads(events[3]["details"])["message"]
+    assert [e for e in setup.store.audit_events() if e["outcome"] == "approved"] == []
 
 
 def test_emergency_revokes_the_generation_and_switches_at_once(setup: Setup) -> None:
@@ -670,4 +692,5 @@ def test_two_generations_of_one_label_at_once_leave_one_key(setup: Setup, monkey
     by_label = Pkcs11Uri(token=setup.hsm.token_label, label="twice")
     assert setup.hsm.public_key_der(by_label) == key.public_key_der
     setup.hsm.private_key_attributes(by_label)
-    assert len([e for e in setup.store.audit_events() if e["action"] == "key.generate" and e["key_id"] == "twice"]) == 1
+    outcomes_audited = [e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.generate" and e["key_id"] == "twice"]
+    assert sorted(outcomes_audited) == ["generated", "refused"]
