@@ -825,7 +825,7 @@ def import_ca_certificate(
         raise FailedPrecondition("the certificate is not a CA certificate (BasicConstraints CA:true is missing)")
     _check_ca_key_usage(certificate)
     _check_not_expired(certificate, datetime.now(UTC))
-    _check_parents(certificate, parents)
+    _check_parents(certificate, parents, datetime.now(UTC))
     issuer_cert = certificate
     for parent in parents:
         try:
@@ -874,8 +874,14 @@ def _check_not_expired(certificate: x509.Certificate, now: datetime) -> None:
         )
 
 
-def _check_parents(certificate: x509.Certificate, parents: list[x509.Certificate]) -> None:
-    """A parent-signed certificate comes with its chain (issued certificates are served with it), of CA certificates."""
+def _check_parents(certificate: x509.Certificate, parents: list[x509.Certificate], now: datetime) -> None:
+    """A parent-signed certificate comes with its chain (issued certificates are served with it), of CA certificates.
+
+    Each parent must be able to certify what is below it, as a relying party checks it (RFC 5280 6.1.4): not
+    expired, keyCertSign if it has a KeyUsage, and a pathLenConstraint that allows the CA certificates under it.
+    Installed without that, the key was activated and signed leaves that `openssl verify` rejects ("certificate
+    has expired", "path length constraint exceeded", "key usage does not include certificate signing").
+    """
     if certificate.issuer != certificate.subject and not parents:
         raise InvalidRequest(
             f"the certificate is issued by {echo(certificate.issuer.rfc4514_string())} but no parent certificate was given",
@@ -894,6 +900,37 @@ def _check_parents(certificate: x509.Certificate, parents: list[x509.Certificate
                 rule="ca-chain",
                 field="chain_pem",
                 expected="parent certificates with BasicConstraints CA:true",
+            )
+    for index, parent in enumerate(parents):
+        name = echo(parent.subject.rfc4514_string())
+        if parent.not_valid_after_utc < now:
+            raise InvalidRequest(
+                f"the parent certificate {name} expired at {parent.not_valid_after_utc.isoformat()} (now {now.isoformat()}): "
+                "no certificate this key signs would validate",
+                rule="ca-chain",
+                field="chain_pem",
+                expected="parent certificates whose notAfter is in the future",
+            )
+        try:
+            usage: x509.KeyUsage | None = parent.extensions.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            usage = None
+        if usage is not None and not usage.key_cert_sign:
+            raise InvalidRequest(
+                f"the parent certificate {name} has a KeyUsage without keyCertSign: it cannot certify a CA",
+                rule="ca-chain",
+                field="chain_pem",
+                expected="parent certificates whose KeyUsage (if any) includes keyCertSign",
+            )
+        path_length = parent.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+        below = sum(1 for c in [certificate, *parents[:index]] if c.issuer != c.subject)  # self-issued ones do not count
+        if path_length is not None and path_length < below:
+            raise InvalidRequest(
+                f"the parent certificate {name} allows {path_length} CA certificate(s) below it (pathLenConstraint), "
+                f"this chain puts {below} there",
+                rule="ca-chain",
+                field="chain_pem",
+                expected="parent certificates whose pathLenConstraint allows the CA certificates under them",
             )
 
 

@@ -694,3 +694,89 @@ def test_two_generations_of_one_label_at_once_leave_one_key(setup: Setup, monkey
     setup.hsm.private_key_attributes(by_label)
     outcomes_audited = [e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.generate" and e["key_id"] == "twice"]
     assert sorted(outcomes_audited) == ["generated", "refused"]
+
+
+def test_install_refuses_a_parent_chain_no_relying_party_accepts_and_activation_a_parent_not_valid_now(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """An expired parent, one whose pathLenConstraint is 0, one without keyCertSign: before, each was installed, the key
+    activated, and every leaf it signed failed `openssl verify`. A parent not yet valid may be pre-published, not activated."""
+    ceremony = setup.ceremony()
+    now = datetime.now(UTC)
+    usage_crl_only = issuer.ca_key_usage(digital_signature=True, key_cert_sign=False, crl_sign=True)
+    cases = [
+        ("expired", now - timedelta(days=10), now - timedelta(days=1), None, None, "expired at"),
+        ("pathlen", now - timedelta(days=1), now + timedelta(days=30), 0, None, "pathLenConstraint"),
+        ("usage", now - timedelta(days=1), now + timedelta(days=30), None, usage_crl_only, "without keyCertSign"),
+    ]
+    for label, not_before, not_after, path_length, usage, message in cases:
+        cert, parent = _chain_with_parent(ceremony, label, not_before, not_after, path_length, usage)
+        with pytest.raises(InvalidRequest, match=message) as refused:
+            ceremony.install("alice", label, cert, [parent])
+        assert refused.value.rule == "ca-chain" and refused.value.field == "chain_pem"
+        assert setup.store.get_ca_key(label).certificate_der is None  # type: ignore[union-attr]
+        assert RotationStore(setup.store).lifecycle(label).get("published_at") is None
+
+    cert, parent = _chain_with_parent(ceremony, "later", now + timedelta(days=1), now + timedelta(days=30), None, None)
+    ceremony.install("alice", "later", cert, [parent])  # pre-published
+    with pytest.raises(FailedPrecondition, match=r"parent certificate 'CN=Outside later' .* not now") as early:
+        ceremony.approve("alice", "activate", "later")
+    assert early.value.rule == "ca-certificate-validity"
+
+    # A good parent: the leaves of the activated key validate with openssl.
+    cert, parent = _chain_with_parent(ceremony, "good", now - timedelta(days=1), now + timedelta(days=30), 1, None)
+    ceremony.install("alice", "good", cert, [parent])
+    _both(ceremony, "activate", "good")
+    setup.follow()
+    leaf = x509.load_der_x509_certificate(setup.store.get_certificate(setup.sign()).der)  # type: ignore[union-attr]
+    files = {}
+    for name, c in (("root", parent), ("sub", cert), ("leaf", leaf)):
+        files[name] = tmp_path / f"{name}.pem"
+        files[name].write_bytes(c.public_bytes(serialization.Encoding.PEM))
+    verify = ["openssl", "verify", "-x509_strict", "-CAfile", str(files["root"]), "-untrusted", str(files["sub"]), str(files["leaf"])]
+    result = subprocess.run(verify, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _chain_with_parent(
+    ceremony: KeyCeremony,
+    label: str,
+    not_before: datetime,
+    not_after: datetime,
+    path_length: int | None,
+    usage: x509.KeyUsage | None,
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """A pending key's CA certificate (valid now) signed by a new outside root with these validity and constraints."""
+    ceremony.generate("alice", KeySpec.EC_P256, label)
+    csr = x509.load_pem_x509_csr(ceremony.csr("alice", label, issuer.parse_subject(f"CN={label}")))
+    parent_key = ec.generate_private_key(ec.SECP256R1())
+    name = issuer.parse_subject(f"CN=Outside {label}")
+    parent = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(parent_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(usage or issuer.ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(parent_key.public_key()), critical=False)
+        .sign(parent_key, hashes.SHA256())
+    )
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(name)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=2))
+        .not_valid_after(now + timedelta(days=20))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(issuer.ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_key.public_key()), critical=False)
+        .sign(parent_key, hashes.SHA256())
+    )
+    return cert, parent
