@@ -231,9 +231,35 @@ class KeyCeremony:
             )
             log.info("%s (by %s)", message, officer)
             return ApprovalResult(action, key_id, successor_key_id, tuple(officers), False, message)
-        message = self._execute(officer, action, key_id, successor_key_id, officers, now)
+        try:
+            message = self._execute(officer, action, key_id, successor_key_id, officers, now)
+        except FailedPrecondition:
+            # Two officers' approvals completed it at the same moment (a third officer's and a second one's, in two
+            # workers): the other call executed it and consumed ours, and this one was refused with "live: 0".
+            done = self._done_meanwhile(action, key_id, successor_key_id)
+            if done is None:
+                raise
+            log.info("%s (approval by %s)", done, officer)
+            return ApprovalResult(action, key_id, successor_key_id, tuple(officers), False, done)
         log.warning("%s (approved by %s)", message, ", ".join(officers))
         return ApprovalResult(action, key_id, successor_key_id, tuple(officers), True, message)
+
+    def _done_meanwhile(self, action: str, key_id: str, successor_key_id: str) -> str | None:
+        """What another call's execution of this action did since our precheck passed, or None if it did not happen.
+
+        The precheck found the key in the state the action starts from, so the state it ends in was reached since.
+        """
+        key = self._key(key_id)
+        if action == "emergency":
+            successor = self._key(successor_key_id)
+            done = successor.status == KeyStatus.ACTIVE and self._rotation.lifecycle(key_id).get("compromised_at") is not None
+        else:
+            done = key.status == {"activate": KeyStatus.ACTIVE, "retire": KeyStatus.RETIRED, "destroy": KeyStatus.DESTROYED}[action]
+        if not done:
+            return None
+        return f"approval of {action} {key_id} recorded; a concurrent approval executed it at the same moment: " + (
+            f"{successor_key_id} is active" if action == "emergency" else f"CA key {key_id} is {key.status.value}"
+        )
 
     def _precheck(self, action: str, key_id: str, successor_key_id: str, now: datetime) -> None:
         key = self._key(key_id)

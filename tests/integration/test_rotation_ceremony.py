@@ -34,7 +34,7 @@ from ca_daemon.errors import FailedPrecondition, InvalidRequest, PermissionDenie
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, KeyStatus, RevocationReason
 from ca_daemon.revocation import CrlPublisher, Revocations
-from ca_daemon.rotation import KeyCeremony
+from ca_daemon.rotation import ApprovalResult, KeyCeremony
 from ca_daemon.store import SqlStore, serial_hex
 from ca_daemon.store.rotation_store import RotationStore
 from tests.conftest import CA_DAEMON, daemon_environment, device_csr, make_env
@@ -780,3 +780,43 @@ def _chain_with_parent(
         .sign(parent_key, hashes.SHA256())
     )
     return cert, parent
+
+
+def test_two_completing_approvals_at_once_both_answer_what_happened(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """carol approved; bob and alice approve at the same moment (two workers): both see three officers, one executes.
+
+    The other was refused with "needs approvals from 2 distinct officers within the window; live: 0" (or "CA key ... is
+    active") although its approval was recorded and the key it approved had just been activated.
+    """
+    setup.new_root(setup.ceremony(), "root-2")
+    setup.ceremony().approve("carol", "activate", "root-2")
+    both_recorded = threading.Barrier(2, timeout=30)
+    record = RotationStore.approve
+
+    def record_then_wait(self: RotationStore, *args: Any) -> list[str]:
+        officers = record(self, *args)
+        both_recorded.wait()  # each saw carol's approval and its own, and the other's too or not: both go on to execute
+        return officers
+
+    monkeypatch.setattr(RotationStore, "approve", record_then_wait)
+    answers: dict[str, object] = {}
+
+    def approve(officer: str) -> None:
+        try:
+            answers[officer] = setup.ceremony().approve(officer, "activate", "root-2")
+        except FailedPrecondition as refusal:
+            answers[officer] = refusal
+
+    threads = [threading.Thread(target=approve, args=(officer,)) for officer in ("alice", "bob")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(isinstance(a, ApprovalResult) for a in answers.values()), answers
+    results = [a for a in answers.values() if isinstance(a, ApprovalResult)]
+    assert sorted(r.executed for r in results) == [False, True]
+    other = next(r for r in results if not r.executed)
+    assert "a concurrent approval executed it" in other.message and "CA key root-2 is active" in other.message
+    assert setup.store.active_key_id() == "root-2"
+    assert [e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.activate" and e["key_id"] == "root-2"] == ["executed"]
+    assert [e for e in setup.store.audit_events() if e["outcome"] == "refused"] == []
