@@ -808,9 +808,18 @@ def ca_csr(hsm: Hsm, key: CaKey, subject: x509.Name) -> bytes:
 
 
 def import_ca_certificate(
-    store: SqlStore, key: CaKey, certificate: x509.Certificate, parents: list[x509.Certificate], actor: str = "ca-daemon-cli"
+    store: SqlStore,
+    key: CaKey,
+    certificate: x509.Certificate,
+    parents: list[x509.Certificate],
+    actor: str = "ca-daemon-cli",
+    *,
+    install_once: bool = False,
 ) -> CaKey:
-    """Install a parent-signed certificate for a CA key after checking it really certifies that key."""
+    """Install a parent-signed certificate for a CA key after checking it really certifies that key.
+
+    install_once (the key ceremony): only while the key is still pending without a certificate (SqlStore.save_ca_key).
+    """
     if _spki(certificate) != key.public_key_der:
         raise FailedPrecondition(
             f"the certificate's public key does not match CA key {key.key_id} in the token; was it issued for another CSR?"
@@ -843,7 +852,7 @@ def import_ca_certificate(
         }
     )
     details = {"subject": certificate.subject.rfc4514_string(), "issuer": certificate.issuer.rfc4514_string(), "kind": "imported"}
-    store.save_ca_key(installed, key_event(installed, "key.certificate", "installed", actor, details))
+    store.save_ca_key(installed, key_event(installed, "key.certificate", "installed", actor, details), install_once=install_once)
     return installed
 
 

@@ -137,7 +137,9 @@ class KeyCeremony:
         certificate = builder.sign(private, issuer.signature_hash(private))  # type: ignore[arg-type]
         installed = CaKey(**{**key.__dict__, "certificate_der": certificate.public_bytes(serialization.Encoding.DER), "chain_der": ()})
         details = {"subject": certificate.subject.rfc4514_string(), "kind": "self-signed root"}
-        self._store.save_ca_key(installed, authority.key_event(installed, "key.certificate", "installed", officer, details))
+        self._store.save_ca_key(
+            installed, authority.key_event(installed, "key.certificate", "installed", officer, details), install_once=True
+        )
         links: list[IssuedCertificate] = []
         current = self._active()
         if current is not None and current.certificate_der is not None and not current.chain_der:
@@ -165,7 +167,7 @@ class KeyCeremony:
         def run() -> CaKey:
             _check_officer(officer)
             key = self._pending_without_certificate(key_id)
-            installed = authority.import_ca_certificate(self._store, key, certificate, parents, actor=officer)
+            installed = authority.import_ca_certificate(self._store, key, certificate, parents, actor=officer, install_once=True)
             self._rotation.mark_published(key_id, _now())
             return installed
 

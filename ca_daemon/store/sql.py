@@ -270,10 +270,12 @@ class SqlStore:
 
     # -- CA keys -----------------------------------------------------------
 
-    def save_ca_key(self, key: CaKey, audit: AuditEvent | None = None, *, new: bool = False) -> None:
+    def save_ca_key(self, key: CaKey, audit: AuditEvent | None = None, *, new: bool = False, install_once: bool = False) -> None:
         """Insert a CA key or update its status and certificate (with the key event's audit record).
 
         new: only insert; AlreadyExists (nothing written) if a key of that ID is recorded already.
+        install_once: only give a recorded pending key without a certificate its certificate (the key ceremony);
+        FailedPrecondition (nothing written) if it is no longer one, as another call changed it since it was read.
         """
         values = {
             "pkcs11_uri": key.pkcs11_uri,
@@ -288,6 +290,16 @@ class SqlStore:
             exists = conn.execute(select(ca_keys.c.status).where(ca_keys.c.key_id == key.key_id)).first()
             if exists and new:
                 raise AlreadyExists(f"a CA key named {key.key_id!r} is recorded already", rule="label", field="label")
+            if install_once:
+                row = conn.execute(select(ca_keys.c.status, ca_keys.c.certificate_der).where(ca_keys.c.key_id == key.key_id)).first()
+                if row is None or row.status != KeyStatus.PENDING.value or row.certificate_der is not None:
+                    state = "unknown" if row is None else row.status + (" with a certificate" if row.certificate_der is not None else "")
+                    raise FailedPrecondition(
+                        f"CA key {key.key_id} became {state} meanwhile (another call); a certificate is installed once, on a "
+                        "pending key: nothing was installed",
+                        rule="key-status",
+                    )
+                values["status"] = row.status
             if exists:
                 conn.execute(update(ca_keys).where(ca_keys.c.key_id == key.key_id).values(**values))
                 if exists.status != key.status.value:  # e.g. the first start activating the configured key

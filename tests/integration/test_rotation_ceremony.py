@@ -820,3 +820,70 @@ def test_two_completing_approvals_at_once_both_answer_what_happened(setup: Setup
     assert setup.store.active_key_id() == "root-2"
     assert [e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.activate" and e["key_id"] == "root-2"] == ["executed"]
     assert [e for e in setup.store.audit_events() if e["outcome"] == "refused"] == []
+
+
+def test_a_certificate_is_installed_only_on_the_key_as_it_is_now(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Install and self-sign read the key, checked it, and saved the whole record read then.
+
+    A pending key retired by two officers while an install ran came back pending, with the certificate, published (a
+    retired key revived, activatable); two self-signs at once both wrote a certificate, the second replacing the one
+    the first officer had been given and failing on the links after that.
+    """
+    ceremony = setup.ceremony()
+    cert, parent = _chain_with_parent(
+        ceremony, "sub-r", datetime.now(UTC) - timedelta(days=1), datetime.now(UTC) + timedelta(days=30), 1, None
+    )
+    ceremony.generate("alice", KeySpec.EC_P256, "root-s")
+    checked, proceed = threading.Event(), threading.Event()
+    pending_check = KeyCeremony._pending_without_certificate
+
+    def check_then_wait(self: KeyCeremony, key_id: str) -> Any:
+        key = pending_check(self, key_id)
+        checked.set()
+        assert proceed.wait(timeout=30)
+        return key
+
+    monkeypatch.setattr(KeyCeremony, "_pending_without_certificate", check_then_wait)
+    outcome: list[object] = []
+
+    def install() -> None:
+        try:
+            outcome.append(ceremony.install("alice", "sub-r", cert, [parent]))
+        except FailedPrecondition as refusal:
+            outcome.append(refusal)
+
+    thread = threading.Thread(target=install)
+    thread.start()
+    assert checked.wait(timeout=30)
+    _both(ceremony, "retire", "sub-r")  # meanwhile
+    proceed.set()
+    thread.join(timeout=60)
+    assert isinstance(outcome[0], FailedPrecondition) and outcome[0].rule == "key-status", outcome
+    key = setup.store.get_ca_key("sub-r")
+    assert key is not None and key.status == KeyStatus.RETIRED and key.certificate_der is None
+    assert RotationStore(setup.store).lifecycle("sub-r").get("published_at") is None
+
+    # Two self-signs of one key at once: one installs (with its links), the other changes nothing.
+    checked.clear()
+    proceed.clear()
+    answers: list[object] = []
+
+    def self_sign(officer: str) -> None:
+        try:
+            answers.append(ceremony.self_sign(officer, "root-s", issuer.parse_subject("CN=root-s"), timedelta(days=30)))
+        except FailedPrecondition as refusal:
+            answers.append(refusal)
+
+    threads = [threading.Thread(target=self_sign, args=(officer,)) for officer in ("alice", "bob")]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # both passed the check and wait
+    proceed.set()
+    for t in threads:
+        t.join(timeout=60)
+    signed = [a for a in answers if not isinstance(a, FailedPrecondition)]
+    assert len(answers) == 2 and len(signed) == 1, answers
+    key = setup.store.get_ca_key("root-s")
+    assert key is not None and key.certificate_der == signed[0].key.certificate_der  # type: ignore[attr-defined]
+    installed = [e for e in setup.store.audit_events() if e["action"] == "key.certificate" and e["key_id"] == "root-s"]
+    assert [e["outcome"] for e in installed] == ["installed", "refused"]
