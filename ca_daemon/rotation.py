@@ -144,7 +144,8 @@ class KeyCeremony:
         current = self._active()
         if current is not None and current.certificate_der is not None and not current.chain_der:
             old_certificate = x509.load_der_x509_certificate(current.certificate_der)
-            if old_certificate.issuer == old_certificate.subject:
+            # Not with an expired root: a link ends when the earlier root does, so it would be born expired.
+            if old_certificate.issuer == old_certificate.subject and old_certificate.not_valid_after_utc > now:
                 links.append(
                     self._link(officer, subject_key=installed, subject_cert=certificate, signer=current, signer_cert=old_certificate)
                 )
@@ -342,7 +343,8 @@ class KeyCeremony:
         new_cert = certificate
         old_cert = x509.load_der_x509_certificate(current.certificate_der)
         both_roots = new_cert.issuer == new_cert.subject and old_cert.issuer == old_cert.subject
-        if both_roots:
+        # Links with an expired root help no relying party (and self_sign makes none): its own certificate validates nothing.
+        if both_roots and old_cert.not_valid_after_utc > now:
             # The links between these two roots, each way: a link with some third root does not let a relying party that
             # trusts only the current root validate the new one's certificates (or the other way round).
             live = {

@@ -887,3 +887,28 @@ def test_a_certificate_is_installed_only_on_the_key_as_it_is_now(setup: Setup, m
     assert key is not None and key.certificate_der == signed[0].key.certificate_der  # type: ignore[attr-defined]
     installed = [e for e in setup.store.audit_events() if e["action"] == "key.certificate" and e["key_id"] == "root-s"]
     assert [e["outcome"] for e in installed] == ["installed", "refused"]
+
+
+def test_a_root_is_activated_over_an_active_root_whose_certificate_expired(setup: Setup) -> None:
+    """Sign refuses under an expired root and says to rotate; rotating was refused for good.
+
+    self_sign made the two links with the expired root, born expired (they end with the earlier root), and activation
+    then said they were "missing" and to self-sign a new key, which got the same expired links again.
+    """
+    rotation = RotationConfig(approval_window=timedelta(seconds=60), prepublication=timedelta(0), poll_interval=timedelta(milliseconds=100))
+    ceremony = KeyCeremony(dataclasses.replace(setup.config, rotation=rotation), setup.hsm, setup.store)
+    ceremony.generate("alice", KeySpec.EC_P256, "short")
+    short = setup.store.get_ca_key("short")
+    assert short is not None
+    authority_module.self_sign_root(setup.hsm, setup.store, short, issuer.parse_subject("CN=short"), timedelta(seconds=2))
+    RotationStore(setup.store).mark_published("short", datetime.now(UTC) - timedelta(days=1))
+    _both(ceremony, "emergency", "ca-root-1", "short")  # the quickest way to an active root that expires
+    expires = x509.load_der_x509_certificate(setup.store.get_ca_key("short").certificate_der).not_valid_after_utc  # type: ignore[union-attr, arg-type]
+    time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 1.1)
+    ceremony.generate("alice", KeySpec.EC_P256, "next")
+    made = ceremony.self_sign("alice", "next", issuer.parse_subject("CN=next"), timedelta(days=30))
+    assert made.links == ()  # none born expired
+    assert "CA key next is active; short is superseded" in _both(ceremony, "activate", "next")
+    setup.follow()
+    leaf = x509.load_der_x509_certificate(setup.store.get_certificate(setup.sign()).der)  # type: ignore[union-attr]
+    leaf.verify_directly_issued_by(x509.load_der_x509_certificate(made.key.certificate_der))  # type: ignore[arg-type]
