@@ -366,15 +366,32 @@ class Report:
 
 
 def read_export(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Parse an export; a line that is not a JSON object becomes {"type": "unparseable"}."""
+    """Parse an export; a line that is not a JSON object becomes {"type": "unparseable"}.
+
+    So does one with a key twice, or NaN or Infinity, which no writer produces: JSON readers
+    disagree on which of two values counts, so an auditor's tool could show one while verify
+    hashed the other.
+    """
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        why = "not a JSON object"
         try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        yield record if isinstance(record, dict) else {"type": "unparseable", "line": number}
+            record = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        except ValueError as exc:
+            record, why = None, capped(str(exc), 200)
+        yield record if isinstance(record, dict) else {"type": "unparseable", "line": number, "why": why}
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        raise ValueError("a key appears twice")
+    return record
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
 
 
 @dataclass(frozen=True)
@@ -475,7 +492,8 @@ def _verify(
                 report.last_checkpoint_seq = max(report.last_checkpoint_seq, seq)
             max_checkpoint = max(max_checkpoint, seq)
             continue
-        report.fail(None, f"line {record.get('line', '?')} is not a valid export record")
+        why = f" ({record['why']})" if kind == "unparseable" else ""
+        report.fail(None, f"line {record.get('line', '?')} is not a valid export record{why}")
     for record in signed:
         _compare_checkpoint(record, hashes_by_seq, report)
     last_seq = expected_seq - 1
@@ -641,10 +659,14 @@ def _verify_event(record: dict[str, Any], report: Report, expected_seq: int, pre
     if record.get("prev_hash") != prev_hash.hex():
         report.fail(seq, f"event {seq} does not link to the event before it (prev_hash differs): deleted, inserted or reordered")
     try:
-        computed = event_hash(_fields(record), seq, prev_hash)
+        fields = _fields(record)
+        computed = event_hash(fields, seq, prev_hash)
     except (KeyError, ValueError, TypeError) as exc:
         report.fail(seq, f"event {seq} is malformed: {exc}")
         return recorded
+    off = _off_form(record, fields, seq)
+    if off is not None:
+        report.fail(seq, f"event {seq} has {off!r} in a form no export writes, which its hash does not tell apart: the line was edited")
     if recorded != computed:
         # Recompute against its own claimed predecessor: a mismatch there means the event itself was changed.
         try:
@@ -654,6 +676,21 @@ def _verify_event(record: dict[str, Any], report: Report, expected_seq: int, pre
         if recorded != own:
             report.fail(seq, f"event {seq} was changed: its content does not match its hash")
     return recorded
+
+
+def _off_form(record: dict[str, Any], fields: dict[str, Any], seq: int) -> str | None:
+    """The first key of an event record that is not exactly as event_record writes the fields it hashes to; None if all are.
+
+    The hash covers values, not their spelling: absent text hashes alike whether written "", null
+    or left out, and a time or digest parses from several spellings. Only the writer's own
+    form is accepted, so no two different lines verify as the same event.
+    """
+    chain = {"prev_hash": _hex(record.get("prev_hash")), "hash": _hex(record.get("hash"))}
+    written = event_record({**fields, **chain, "seq": seq})
+    for key in sorted(written.keys() | record.keys()):
+        if key not in record or key not in written or type(record[key]) is not type(written[key]) or record[key] != written[key]:
+            return key
+    return "serial" if record["serial"] == "" else None
 
 
 def _hex(value: Any) -> bytes:
@@ -667,16 +704,25 @@ def _checkpoint_signed(record: dict[str, Any], public: ec.EllipticCurvePublicKey
     """Whether the audit key signed this checkpoint (reported if not)."""
     seq = _int(record.get("seq")) or 0
     try:
+        time = datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         message = checkpoint_message(
             seq=seq,
             count=int(record["count"]),
             head=bytes.fromhex(record["head"]),
-            time=datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
+            time=time,
             key_id=record["key_id"],
         )
-        public.verify(base64.b64decode(record["signature"]), message, ec.ECDSA(hashes.SHA256()))
+        signature = base64.b64decode(record["signature"])
+        public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
     except (KeyError, ValueError, TypeError, InvalidSignature):
         report.fail(None, f"the checkpoint at seq {seq} has no valid signature by the audit key")
+        return False
+    # The signature covers values: a head, time or signature spelt another way, or a count of 4.5, verifies alike.
+    head = bytes.fromhex(record["head"])
+    key_id, count = record["key_id"], int(record["count"])
+    written = checkpoint_record(seq=seq, count=count, head_hash=head, time=time, key_id=key_id, signature=signature)
+    if record != written or any(type(record[key]) is not type(written[key]) for key in written):
+        report.fail(None, f"the checkpoint at seq {seq} is not in the form an export writes it, which its signature does not tell apart")
         return False
     return True
 

@@ -531,6 +531,46 @@ def test_verify_refuses_an_export_without_its_header_or_end_record_or_with_lines
     assert "a version 1 export, which has no end record" in old and "export the log again" in old, old
 
 
+def test_verify_takes_each_record_only_in_the_form_an_export_writes_it(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """A line edited so that it shows something else while its hash or signature still checks fails, naming the seq.
+
+    The hash covers values, not their spelling: a key given twice (readers disagree on which
+    counts), an added key, null for "", an upper-case hash or a count of 4.0 all verified OK.
+    """
+    env = make_env(tmp_path_factory.mktemp("export-form"), softhsm_conf)
+    env.cli("mtls", "init", "--out", str(env.state_dir / "tls"), "--client", "alice:admin")
+    export = env.state_dir / "audit.jsonl"
+    env.cli("audit", "export", "--out", str(export), "--checkpoint")
+    code, output = _verify_file(env, export)
+    assert code == 0 and output.startswith("OK:"), output
+    lines = export.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if json.loads(line).get("action") == "mtls.issue")
+    event = json.loads(lines[at])
+    seq, actor = event["seq"], json.dumps(event["actor"])
+    checkpoint_at = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "checkpoint")
+
+    def verify_with(name: str, index: int, line: str) -> str:
+        path = env.state_dir / f"{name}.jsonl"
+        path.write_text("".join(f"{line if i == index else kept}\n" for i, kept in enumerate(lines)))
+        code, output = _verify_file(env, path)
+        assert code == 1 and output.startswith("FAILED:"), (name, output)
+        return output
+
+    twice = verify_with("actor-twice", at, lines[at].replace(f'"actor": {actor}', f'"actor": "cli:mallory", "actor": {actor}'))
+    assert f"first bad event: seq {seq}; line {at + 1} is not a valid export record (a key appears twice)" in twice, twice
+    added = verify_with("added-key", at, json.dumps({**event, "approved_by": "cli:mallory"}, sort_keys=True))
+    assert f"first bad event: seq {seq}; event {seq} has 'approved_by' in a form no export writes" in added, added
+    null = verify_with("null-device", at, json.dumps({**event, "device_id": None}, sort_keys=True))
+    assert f"event {seq} has 'device_id' in a form no export writes" in null, null
+    upper = verify_with("upper-hash", at, json.dumps({**event, "hash": event["hash"].upper()}, sort_keys=True))
+    assert f"event {seq} has 'hash' in a form no export writes" in upper, upper
+    checkpoint = json.loads(lines[checkpoint_at])
+    count = verify_with("float-count", checkpoint_at, json.dumps({**checkpoint, "count": float(checkpoint["count"])}, sort_keys=True))
+    assert f"the checkpoint at seq {checkpoint['seq']} is not in the form an export writes it" in count, count
+
+
 def test_the_daemon_refuses_to_sign_a_checkpoint_over_a_chain_rewritten_behind_its_back_until_it_is_restored(
     tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 ) -> None:
