@@ -19,6 +19,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -315,8 +316,21 @@ def stored_checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def export(store: SqlStore, out: TextIO) -> tuple[int, int]:
-    """Write the whole log as JSON Lines (audit_format.py); returns (events, checkpoints) written."""
-    return write_export(out, live_records(store))
+    """Write the whole log as JSON Lines (audit_format.py); returns (events, checkpoints) written.
+
+    FailedPrecondition, and no end record written, at a row the database holds in a form no writer gives.
+    """
+    return write_export(out, (_readable(record) for record in live_records(store)))
+
+
+def _readable(record: dict[str, Any]) -> dict[str, Any]:
+    if record["type"] == "unreadable":
+        which = f"event {record['seq']}" if record["seq"] is not None else f"the {record['table']} table"
+        raise FailedPrecondition(
+            f"{which} could not be read from the database ({record['why']}): it was changed behind the daemon's back; "
+            "`ca-daemon audit verify --live` reports each"
+        )
+    return record
 
 
 # A damaged log or table can hold a problem per row: the messages of the first ones are kept, the others counted.
@@ -493,6 +507,12 @@ def _verify(
             max_checkpoint = max(max_checkpoint, seq)
             continue
         why = f" ({record['why']})" if kind == "unparseable" else ""
+        if kind == "unreadable" and not export_file:  # live_records: a row the database holds in a form no writer gives
+            seq = _int(record.get("seq"))
+            which = f"event {seq}" if seq is not None else f"the {record.get('table')} table"
+            report.fail(seq, f"{which} could not be read from the database ({record.get('why')}): it was changed behind the daemon's back")
+            expected_seq = expected_seq if seq is None else seq + 1  # the next event is not also "missing"
+            continue
         report.fail(None, f"line {record.get('line', '?')} is not a valid export record{why}")
     for record in signed:
         _compare_checkpoint(record, hashes_by_seq, report)
@@ -969,10 +989,50 @@ def _entry_text(entry_der: bytes) -> str:
 
 
 def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:
-    """The live database as export records (events in order, each checkpoint after its event)."""
+    """The live database as export records (events in order, each checkpoint after its event).
+
+    A row that does not convert (SQLite keeps whatever is written: text in a time or BLOB
+    column) becomes {"type": "unreadable", "seq", "why"}, which verify() reports as that
+    event's damage, and the events after it are read on; unreadable checkpoints, one such
+    record without a seq, and none of them is used.
+    """
     audit = AuditStore(store)
-    checkpoints = [stored_checkpoint_record(c) for c in audit.checkpoints()]
-    return interleave((event_record(row) for row in audit.iter_events()), checkpoints)
+    try:
+        checkpoints = [stored_checkpoint_record(c) for c in audit.checkpoints()]
+    except (ValueError, TypeError) as exc:
+        return itertools.chain([_unreadable(None, "audit_checkpoints", exc)], _live_events(audit))
+    return interleave(_live_events(audit), checkpoints)
+
+
+def _unreadable(seq: int | None, table: str, exc: Exception) -> dict[str, Any]:
+    return {"type": "unreadable", "seq": seq, "table": table, "why": capped(str(exc), 200)}
+
+
+def _live_events(audit: AuditStore, batch: int = 5000) -> Iterator[dict[str, Any]]:
+    """Every event as an export record, in seq order, an unreadable row as an "unreadable" record (live_records)."""
+    after = 0
+    while True:
+        try:
+            rows = audit.events(EventFilter(after_seq=after), batch)
+        except (ValueError, TypeError):  # a row of this page does not convert: read them one at a time
+            seq = audit.next_seq(after)
+            if seq is None:
+                return
+            try:
+                rows = audit.events(EventFilter(after_seq=after), 1)
+            except (ValueError, TypeError) as exc:
+                yield _unreadable(seq, "audit_events", exc)
+                after = seq
+                continue
+        if not rows:
+            return
+        for row in rows:
+            try:
+                record = event_record(row)
+            except (ValueError, TypeError) as exc:
+                record = _unreadable(int(row["seq"]), "audit_events", exc)
+            yield record
+        after = int(rows[-1]["seq"])
 
 
 __all__ = [

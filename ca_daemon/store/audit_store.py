@@ -179,6 +179,16 @@ class AuditStore:
             yield from rows
             after = int(rows[-1]["seq"])
 
+    def next_seq(self, after_seq: int) -> int | None:
+        """The seq of the first event after after_seq, reading no other column (None if there is none).
+
+        For a reader whose page of rows failed to convert (text in a SQLite time or BLOB column):
+        it names the rows one by one to find the one that does not read.
+        """
+        with self._store._connect() as conn:
+            value = conn.execute(select(func.min(audit_events.c.seq)).where(audit_events.c.seq > after_seq)).scalar()
+        return None if value is None else int(value)
+
     def records_and_their_events(self) -> RecordsAndEvents:
         """Where the certificates and revocations tables disagree with the events that recorded them, in one snapshot.
 

@@ -8,6 +8,7 @@ What the auditor held before is what tells. Real token, real SQLite, the daemon'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -163,6 +164,42 @@ def test_an_earlier_export_that_does_not_verify_is_not_used(tmp_path_factory: py
     code, out = _verify(env, public, _export(env, "later.jsonl"), previous=early)
     assert code == 1, out
     assert f"the earlier export {early} does not verify itself, so nothing is compared with it: FAILED" in out, out
+
+
+def _copy_database(source: Path, target: Path) -> None:
+    with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+
+
+def test_verify_live_names_an_event_or_checkpoint_row_the_database_holds_in_a_form_no_writer_gives(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """SQLite keeps text written into a time or BLOB column: verify --live said why in a traceback, naming no event."""
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-unreadable")
+    _export(env, "covered.jsonl")  # a checkpoint of the head
+    _append_event(env)
+    original = env.state_dir / "original.db"
+    _copy_database(db, original)
+
+    def live_and_export(statement: str) -> tuple[str, str]:
+        _copy_database(original, db)
+        with sqlite3.connect(db, timeout=30) as conn:
+            conn.execute(statement)
+        live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+        assert live.returncode == 1 and "Traceback" not in live.stderr, live.stdout + live.stderr
+        out = env.cli("audit", "export", "--out", str(env.state_dir / "unreadable.jsonl"), check=False)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+        return live.stdout, out.stderr
+
+    live, export = live_and_export("UPDATE audit_events SET request_digest = 'abc' WHERE seq = 2")
+    assert live.startswith("FAILED: first bad event: seq 2; event 2 could not be read from the database"), live
+    assert "event 2 could not be read from the database" in export, export
+    live, export = live_and_export("UPDATE audit_events SET time = 'yesterday' WHERE seq = 3")
+    assert live.startswith("FAILED: first bad event: seq 3; event 3 could not be read from the database (Invalid isoformat"), live
+    live, _ = live_and_export("UPDATE audit_checkpoints SET head_hash = 'abc'")
+    assert live.startswith("FAILED: the audit_checkpoints table could not be read from the database"), live
+    _copy_database(original, db)
+    assert env.cli("audit", "verify", "--live", "--public-key", str(public)).stdout.startswith("OK:")
 
 
 def test_verify_live_compares_the_certificates_and_revocations_tables_with_the_events_that_recorded_them(
