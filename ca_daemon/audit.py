@@ -335,6 +335,9 @@ def _readable(record: dict[str, Any]) -> dict[str, Any]:
 
 # A damaged log or table can hold a problem per row: the messages of the first ones are kept, the others counted.
 _KEPT_PROBLEMS = 1000
+# Each kept message is at most this long, and control characters in it are written as escapes.
+_MESSAGE_BYTES = 2048
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)}
 
 
 @dataclass
@@ -356,11 +359,16 @@ class Report:
         return not self.problems
 
     def fail(self, seq: int | None, message: str) -> None:
-        """A problem; seq names the first bad event of the log itself (None for a finding in the tables, see reconcile)."""
+        """A problem; seq names the first bad event of the log itself (None for a finding in the tables, see reconcile).
+
+        Messages quote what the file or database holds, which an attacker chose: each is kept as
+        one printable line of bounded length (a lone surrogate could not even be printed).
+        """
         if self.first_bad_seq is None and seq is not None:
             self.first_bad_seq = seq
         if len(self.problems) < _KEPT_PROBLEMS:
-            self.problems.append(message)
+            printable = message.encode("utf-8", "backslashreplace").decode("utf-8").translate(_CONTROL_ESCAPES)
+            self.problems.append(capped(printable, _MESSAGE_BYTES))
         else:
             self.more_problems += 1
 

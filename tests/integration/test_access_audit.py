@@ -526,6 +526,9 @@ def test_verify_refuses_an_export_without_its_header_or_end_record_or_with_lines
     assert "does not begin with a ca-daemon-audit-export header" in verify_lines("no-header", lines[1:])
     appended = verify_lines("appended", [*lines, lines[1]])
     assert "1 record(s) follow the end record: lines were added after the export" in appended, appended
+    # An end record rewritten with a lone surrogate and a huge value: one bounded FAILED line, not an encoding error.
+    garbled = verify_lines("garbled-end", [*lines[:-1], json.dumps({**end, "last_seq": "\ud800" + "9" * 100_000})])
+    assert garbled.startswith("FAILED: the end record says") and "up to seq \\ud800999" in garbled and len(garbled) < 3000, garbled
     # An export of the previous version (no end record) is refused with what to do.
     old = verify_lines("version-1", [json.dumps({**header, "version": 1}), *lines[1:-1]])
     assert "a version 1 export, which has no end record" in old and "export the log again" in old, old

@@ -22,3 +22,12 @@ def test_only_a_finding_in_the_log_names_a_first_bad_event() -> None:
     log.fail(7, "event 7 differs")
     log.fail(3, "event 3 differs")
     assert log.summary() == "FAILED: first bad event: seq 7; event 7 differs (+1 more problem(s))"
+
+
+def test_a_message_quoting_what_an_attacker_wrote_is_one_printable_bounded_line() -> None:
+    report = Report()
+    report.fail(None, "the end record says up to seq " + "\ud800\n" + "9" * 100_000)
+    message = report.problems[0]
+    assert message.startswith("the end record says up to seq \\ud800\\x0a999") and message.endswith("…(truncated)")
+    assert len(message.encode()) <= 2048 and "\n" not in message
+    print(report.summary())  # printable: a lone surrogate raised UnicodeEncodeError here
