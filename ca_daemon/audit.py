@@ -522,8 +522,10 @@ def _verify(
             expected_seq = expected_seq if seq is None else seq + 1  # the next event is not also "missing"
             continue
         report.fail(None, f"line {record.get('line', '?')} is not a valid export record{why}")
-    for record in signed:
-        _compare_checkpoint(record, hashes_by_seq, report)
+    # A signed head the chain still gives vouches for every event up to it: damage lies after the last such one.
+    matching = sorted({_int(r.get("seq")) or 0 for r in signed if _matches_chain(r, hashes_by_seq)})
+    for record in sorted(signed, key=lambda r: _int(r.get("seq")) or 0):
+        _compare_checkpoint(record, hashes_by_seq, report, matching)
     last_seq = expected_seq - 1
     if max_checkpoint > last_seq:
         report.fail(last_seq + 1, f"truncated: a checkpoint covers up to seq {max_checkpoint} but the log ends at seq {last_seq}")
@@ -789,13 +791,19 @@ class _ChainHashes:
         return min(self._others, default=default)
 
 
-def _compare_checkpoint(record: dict[str, Any], hashes_by_seq: _ChainHashes, report: Report) -> None:
+def _matches_chain(record: dict[str, Any], hashes_by_seq: _ChainHashes) -> bool:
+    seq = _int(record.get("seq")) or 0
+    return seq in hashes_by_seq and hashes_by_seq[seq].hex() == record["head"]
+
+
+def _compare_checkpoint(record: dict[str, Any], hashes_by_seq: _ChainHashes, report: Report, matching: list[int]) -> None:
     """Report a signed checkpoint that disagrees with the chain, wherever the file placed it.
 
     Called once every event is read: a checkpoint moved ahead of its event (where the chain
     was not known yet) is compared all the same. A checkpoint beyond the last event is
     reported as truncation by verify(); one naming an event missing from the middle of the
-    log, as that event's gap.
+    log, as that event's gap. matching: the seqs of the signed checkpoints the chain agrees
+    with, in order; the first bad event is after the last of them below this one.
     """
     seq = _int(record.get("seq")) or 0
     if seq not in hashes_by_seq:
@@ -803,15 +811,18 @@ def _compare_checkpoint(record: dict[str, Any], hashes_by_seq: _ChainHashes, rep
     if int(record["count"]) != seq:
         report.fail(seq, f"the checkpoint at seq {seq} counts {record['count']} events, but seq numbers start at 1")
     if hashes_by_seq[seq].hex() != record["head"]:
-        report.fail(
-            _first_divergence(hashes_by_seq, seq),
-            f"the signed checkpoint at seq {seq} names head {record['head'][:16]}..., the log's chain gives "
-            f"{hashes_by_seq[seq].hex()[:16]}...: the events up to seq {seq} were altered",
+        vouched = max((m for m in matching if m < seq), default=0)
+        first = vouched + 1 if vouched else min(hashes_by_seq.lowest(seq), seq)
+        where = (
+            f"the events in {first}..{seq} were altered (the signed checkpoint at seq {vouched} still matches the chain)"
+            if vouched
+            else f"the events up to seq {seq} were altered"
         )
-
-
-def _first_divergence(hashes_by_seq: _ChainHashes, seq: int) -> int:
-    return min(hashes_by_seq.lowest(seq), seq)
+        report.fail(
+            first,
+            f"the signed checkpoint at seq {seq} names head {record['head'][:16]}..., the log's chain gives "
+            f"{hashes_by_seq[seq].hex()[:16]}...: {where}",
+        )
 
 
 def reconcile(store: SqlStore, report: Report) -> None:

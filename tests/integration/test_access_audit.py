@@ -452,6 +452,7 @@ def test_verify_compares_every_signed_checkpoint_with_the_chain_wherever_the_fil
 ) -> None:
     """Checkpoints moved ahead of their events still catch a chain rewritten with recomputed hashes."""
     env = make_env(tmp_path_factory.mktemp("moved-checkpoints"), softhsm_conf)
+    env.cli("audit", "checkpoint")  # a signed head before the issuance: the events up to it are vouched for
     env.cli("mtls", "init", "--out", str(env.state_dir / "tls"), "--client", "alice:admin", "--client", "bob:programmer")
     export = env.state_dir / "audit.jsonl"
     env.cli("audit", "export", "--out", str(export), "--checkpoint")
@@ -460,6 +461,7 @@ def test_verify_compares_every_signed_checkpoint_with_the_chain_wherever_the_fil
     records = [json.loads(line) for line in export.read_text().splitlines()]
     issue = next(r for r in records if r.get("action") == "mtls.issue" and '"admin"' in r["details"])
     covering = min(r["seq"] for r in records if r["type"] == "checkpoint" and r["seq"] >= issue["seq"])
+    vouched = max(r["seq"] for r in records if r["type"] == "checkpoint" and r["seq"] < issue["seq"])
 
     def checkpoints_first(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         inner = rs[1:-1] if rs[-1]["type"] == "end" else rs[1:]
@@ -475,6 +477,9 @@ def test_verify_compares_every_signed_checkpoint_with_the_chain_wherever_the_fil
     code, output = _verify_file(env, _write_records(env.state_dir / "forged.jsonl", checkpoints_first(forged)))
     assert code == 1 and output.startswith("FAILED:"), output
     assert f"the signed checkpoint at seq {covering} names head" in output and "were altered" in output, output
+    # The damage is named after the last signed head the chain still gives (it said "first bad event: seq 1").
+    assert output.startswith(f"FAILED: first bad event: seq {vouched + 1};"), output
+    assert f"the events in {vouched + 1}..{covering} were altered (the signed checkpoint at seq {vouched} still matches" in output, output
 
 
 def test_verify_refuses_an_export_without_its_header_or_end_record_or_with_lines_after_it(
