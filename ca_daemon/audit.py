@@ -390,14 +390,19 @@ class Report:
         return f"FAILED: {where}{self.problems[0]}" + (f" (+{more} more problem(s))" if more else "")
 
 
-def read_export(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+def read_export(lines: TextIO | Iterable[str]) -> Iterator[dict[str, Any]]:
     """Parse an export; a line that is not a JSON object becomes {"type": "unparseable"}.
 
     So does one with a key twice, or NaN or Infinity, which no writer produces: JSON readers
     disagree on which of two values counts, so an auditor's tool could show one while verify
-    hashed the other.
+    hashed the other. From a file (anything with readline), a line longer than
+    MAX_EXPORT_LINE is not held, only skipped: memory stays bounded whatever the file holds.
     """
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(_bounded_lines(lines), 1):
+        if line is None:
+            why = f"longer than {MAX_EXPORT_LINE} characters, which no export writes; not read"
+            yield {"type": "unparseable", "line": number, "why": why}
+            continue
         if not line.strip():
             continue
         why = "not a JSON object"
@@ -406,6 +411,29 @@ def read_export(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         except ValueError as exc:
             record, why = None, capped(str(exc), 200)
         yield record if isinstance(record, dict) else {"type": "unparseable", "line": number, "why": why}
+
+
+# No export line comes near this (an event's text fields are bounded when written); a longer one is skipped unread.
+MAX_EXPORT_LINE = 16 * 1024 * 1024
+
+
+def _bounded_lines(source: TextIO | Iterable[str]) -> Iterator[str | None]:
+    """The lines of source, None for one longer than MAX_EXPORT_LINE (read through in pieces, never held whole)."""
+    readline = getattr(source, "readline", None)
+    if readline is None:
+        yield from source
+        return
+    while line := readline(MAX_EXPORT_LINE + 1):
+        if len(line) <= MAX_EXPORT_LINE or line.endswith("\n"):
+            yield line
+            continue
+        del line  # read through the rest holding one piece at a time
+        ended = False
+        while not ended:
+            piece = readline(MAX_EXPORT_LINE)
+            ended = not piece or piece.endswith("\n")
+            del piece
+        yield None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ last event is read. With a dict of bytes that was about 190 bytes an event (408 
 from __future__ import annotations
 
 import hashlib
+import io
 import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_daemon.audit import _ChainHashes, verify
+from ca_daemon.audit import _ChainHashes, read_export, verify
 from ca_daemon.audit_format import checkpoint_record, event_record
 from ca_daemon.audit_hash import GENESIS, checkpoint_message, event_hash
 
@@ -82,3 +83,20 @@ def test_a_signed_checkpoint_costs_48_bytes_until_the_chain_is_compared() -> Non
         tracemalloc.stop()
     assert report.ok and report.checkpoints == events, report.summary()
     assert peak < 200 * events, f"{peak / events:.0f} bytes an event and its checkpoint"
+
+
+def test_a_line_longer_than_any_export_writes_is_skipped_without_being_held() -> None:
+    """A hostile file's one long line was read whole (a 200 MB line: 466 MB for `audit verify`), whatever its size."""
+    longest = 16 * 1024 * 1024  # audit.MAX_EXPORT_LINE
+    long = "x" * (3 * longest)
+    source = io.StringIO('{"type": "header"}\n{"type": "event", "actor": "' + long + '"}\n{"type": "end"}\n')
+    del long
+    tracemalloc.start()
+    try:
+        records = list(read_export(source))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["type"] for r in records] == ["header", "unparseable", "end"]
+    assert records[1]["line"] == 2 and records[1]["why"].startswith(f"longer than {longest} characters"), records[1]
+    assert peak < 1.5 * longest, f"{peak / longest:.1f} times the longest line an export writes"
