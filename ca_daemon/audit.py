@@ -1072,10 +1072,30 @@ def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:
     """
     audit = AuditStore(store)
     try:
-        checkpoints = [stored_checkpoint_record(c) for c in audit.checkpoints()]
+        last = audit.last_checkpoint()
     except (ValueError, TypeError) as exc:
         return itertools.chain([_unreadable(None, "audit_checkpoints", exc)], _live_events(audit))
-    return interleave(_live_events(audit), checkpoints)
+    # Only the checkpoints stored now, whose events are all there before any is read: one signed
+    # while the export runs could cover an event it did not read. They are read in pages as they go.
+    return interleave(_live_events(audit), _live_checkpoints(audit, last.seq if last else 0))
+
+
+def _live_checkpoints(audit: AuditStore, up_to: int) -> Iterator[dict[str, Any]]:
+    """The stored checkpoints of seqs up to up_to as export records, a page at a time (live_records)."""
+    after = 0
+    while after < up_to:
+        try:
+            page = audit.checkpoints(after, DEFAULT_CHECKPOINT_PAGE)
+        except (ValueError, TypeError) as exc:
+            yield _unreadable(None, "audit_checkpoints", exc)
+            return
+        for checkpoint in page:
+            if checkpoint.seq > up_to:
+                return
+            yield stored_checkpoint_record(checkpoint)
+        if not page:
+            return
+        after = page[-1].seq
 
 
 def _unreadable(seq: int | None, table: str, exc: Exception) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -59,18 +59,23 @@ def checkpoint_record(*, seq: int, count: int, head_hash: bytes, time: datetime,
     }
 
 
-def interleave(events: Iterable[dict[str, Any]], checkpoints: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def interleave(events: Iterable[dict[str, Any]], checkpoints: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Event records with each checkpoint record right after the event it covers (both ordered by seq).
 
     Checkpoints beyond the last event come at the end: the verifier reports that truncation
-    instead of the writer hiding it.
+    instead of the writer hiding it. Both are consumed as they go (a checkpoint without a seq
+    at once), so neither needs to be held.
     """
-    pending = list(checkpoints)
+    pending = iter(checkpoints)
+    following = next(pending, None)
     for record in events:
         yield record
-        while pending and pending[0]["seq"] <= record["seq"]:
-            yield pending.pop(0)
-    yield from pending
+        while following is not None and (following.get("seq") or 0) <= record["seq"]:
+            yield following
+            following = next(pending, None)
+    if following is not None:
+        yield following
+        yield from pending
 
 
 def end_record(*, events: int, checkpoints: int, last_seq: int, last_hash: str | None) -> dict[str, Any]:

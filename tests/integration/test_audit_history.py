@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import shutil
 import sqlite3
 import subprocess
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,9 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ca_daemon import crl_der
+from ca_daemon import audit, crl_der
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.audit_hash import GENESIS, event_hash
+from ca_daemon.model import AuditEvent
+from ca_daemon.store import open_store
 from tests.conftest import CaEnv, Daemon, free_port, make_env
 from tests.integration.crl_helpers import sign, stub
 
@@ -200,6 +204,45 @@ def test_verify_live_names_an_event_or_checkpoint_row_the_database_holds_in_a_fo
     assert live.startswith("FAILED: the audit_checkpoints table could not be read from the database"), live
     _copy_database(original, db)
     assert env.cli("audit", "verify", "--live", "--public-key", str(public)).stdout.startswith("OK:")
+
+
+def test_an_export_reads_the_checkpoints_a_page_at_a_time(tmp_path: Path) -> None:
+    """Every stored checkpoint was loaded as a record before the first event was written: 196 MB RSS for 100,000."""
+    store = open_store(f"sqlite:///{tmp_path / 'ca.db'}")
+    try:
+        store.append_audit([AuditEvent(time=datetime.now(UTC), actor="cli:test", action="db.backup", outcome="written")])
+        checkpoints = 20_000
+        with sqlite3.connect(tmp_path / "ca.db") as conn:
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(audit_events)")]
+            event = dict(zip(columns, conn.execute("SELECT * FROM audit_events").fetchone(), strict=True))
+            conn.executemany(
+                f"INSERT INTO audit_events ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                ([*{**event, "seq": seq}.values()] for seq in range(2, checkpoints + 1)),
+            )
+            conn.executemany(
+                "INSERT INTO audit_checkpoints (seq, count, head_hash, time, key_id, signature) VALUES (?, ?, ?, ?, 'audit', ?)",
+                ((seq, seq, b"\x01" * 32, "2026-11-27 07:00:00.000000", b"\x02" * 70) for seq in range(1, checkpoints + 1)),
+            )
+        sink = io.StringIO()
+        tracemalloc.start()
+        try:
+            written = audit.export(store, _Discard())
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert written == (checkpoints, checkpoints)
+        # What is left is a page of 5,000 events (about 12 MB here), whatever the number of checkpoints.
+        assert peak < 900 * checkpoints, f"{peak / checkpoints:.0f} bytes a checkpoint"
+        audit.export(store, sink)  # the same file as before: each checkpoint right after its event
+        kinds = [json.loads(line)["type"] for line in sink.getvalue().splitlines()]
+        assert kinds == ["header", *["event", "checkpoint"] * checkpoints, "end"]
+    finally:
+        store.close()
+
+
+class _Discard(io.StringIO):
+    def write(self, text: str) -> int:
+        return len(text)
 
 
 def test_verify_live_compares_the_certificates_and_revocations_tables_with_the_events_that_recorded_them(
