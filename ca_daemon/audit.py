@@ -1073,7 +1073,8 @@ def live_records(store: SqlStore) -> Iterator[dict[str, Any]]:
     audit = AuditStore(store)
     try:
         last = audit.last_checkpoint()
-    except (ValueError, TypeError) as exc:
+    except _ROW_FAULTS as exc:
+        _raise_unless_row_fault(audit, exc)
         return itertools.chain([_unreadable(None, "audit_checkpoints", exc)], _live_events(audit))
     # Only the checkpoints stored now, whose events are all there before any is read: one signed
     # while the export runs could cover an event it did not read. They are read in pages as they go.
@@ -1086,7 +1087,8 @@ def _live_checkpoints(audit: AuditStore, up_to: int) -> Iterator[dict[str, Any]]
     while after < up_to:
         try:
             page = audit.checkpoints(after, DEFAULT_CHECKPOINT_PAGE)
-        except (ValueError, TypeError) as exc:
+        except _ROW_FAULTS as exc:
+            _raise_unless_row_fault(audit, exc)
             yield _unreadable(None, "audit_checkpoints", exc)
             return
         for checkpoint in page:
@@ -1098,8 +1100,21 @@ def _live_checkpoints(audit: AuditStore, up_to: int) -> Iterator[dict[str, Any]]
         after = page[-1].seq
 
 
+# What a row the database holds in a form no writer gives raises as it is read: SQLAlchemy's conversions (text in a
+# time or BLOB column of SQLite), and, for text that is not UTF-8, the driver's error, which the store reports as
+# StoreUnavailable like an outage (_raise_unless_row_fault tells them apart).
+_ROW_FAULTS = (ValueError, TypeError, StoreUnavailable)
+
+
+def _raise_unless_row_fault(audit: AuditStore, exc: Exception) -> None:
+    """Raise exc again if it is the database being unreachable: then it does not answer the next query either."""
+    if isinstance(exc, StoreUnavailable):
+        audit.next_seq(0)  # raises StoreUnavailable itself in an outage
+
+
 def _unreadable(seq: int | None, table: str, exc: Exception) -> dict[str, Any]:
-    return {"type": "unreadable", "seq": seq, "table": table, "why": capped(str(exc), 200)}
+    why = exc.message.removeprefix("the database is unavailable: ") if isinstance(exc, CaError) else str(exc)
+    return {"type": "unreadable", "seq": seq, "table": table, "why": capped(why, 200)}
 
 
 def _live_events(audit: AuditStore, batch: int = 5000) -> Iterator[dict[str, Any]]:
@@ -1108,13 +1123,15 @@ def _live_events(audit: AuditStore, batch: int = 5000) -> Iterator[dict[str, Any
     while True:
         try:
             rows = audit.events(EventFilter(after_seq=after), batch)
-        except (ValueError, TypeError):  # a row of this page does not convert: read them one at a time
+        except _ROW_FAULTS as exc:  # a row of this page does not convert: read them one at a time
+            _raise_unless_row_fault(audit, exc)
             seq = audit.next_seq(after)
             if seq is None:
                 return
             try:
                 rows = audit.events(EventFilter(after_seq=after), 1)
-            except (ValueError, TypeError) as exc:
+            except _ROW_FAULTS as exc:
+                _raise_unless_row_fault(audit, exc)
                 yield _unreadable(seq, "audit_events", exc)
                 after = seq
                 continue

@@ -202,6 +202,12 @@ def test_verify_live_names_an_event_or_checkpoint_row_the_database_holds_in_a_fo
     assert live.startswith("FAILED: first bad event: seq 3; event 3 could not be read from the database (Invalid isoformat"), live
     live, _ = live_and_export("UPDATE audit_checkpoints SET head_hash = 'abc'")
     assert live.startswith("FAILED: the audit_checkpoints table could not be read from the database"), live
+    # Text that is not UTF-8: the driver's error, which the store reports as an outage ("the database is unavailable").
+    live, export = live_and_export("UPDATE audit_events SET actor = CAST(X'ff41' AS TEXT) WHERE seq = 2")
+    assert live.startswith("FAILED: first bad event: seq 2; event 2 could not be read from the database (Could not decode"), live
+    assert "event 2 could not be read from the database" in export and "unavailable" not in export, export
+    live, _ = live_and_export("UPDATE audit_checkpoints SET key_id = CAST(X'ff41' AS TEXT)")
+    assert live.startswith("FAILED: the audit_checkpoints table could not be read from the database (Could not decode"), live
     _copy_database(original, db)
     assert env.cli("audit", "verify", "--live", "--public-key", str(public)).stdout.startswith("OK:")
 
