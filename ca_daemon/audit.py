@@ -410,9 +410,12 @@ def read_export(lines: TextIO | Iterable[str]) -> Iterator[dict[str, Any]]:
             record = json.loads(line, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
         except ValueError as exc:
             record, why = None, capped(str(exc), 200)
+        if isinstance(record, dict) and (kind := record.get("type")) not in _EXPORT_TYPES:
+            record, why = None, capped(f"its type is {kind!r}, not one of {', '.join(_EXPORT_TYPES)}", 200)
         yield record if isinstance(record, dict) else {"type": "unparseable", "line": number, "why": why}
 
 
+_EXPORT_TYPES = ("header", "event", "checkpoint", "end")
 # No export line comes near this (an event's text fields are bounded when written); a longer one is skipped unread.
 MAX_EXPORT_LINE = 16 * 1024 * 1024
 

@@ -574,6 +574,9 @@ def test_verify_takes_each_record_only_in_the_form_an_export_writes_it(
     assert f"event {seq} has 'device_id' in a form no export writes" in null, null
     upper = verify_with("upper-hash", at, json.dumps({**event, "hash": event["hash"].upper()}, sort_keys=True))
     assert f"event {seq} has 'hash' in a form no export writes" in upper, upper
+    # A record of no type an export has is named by its line (it said "line ?").
+    typo = verify_with("unknown-type", at, json.dumps({**event, "type": "evnt"}, sort_keys=True))
+    assert f"line {at + 1} is not a valid export record (its type is 'evnt', not one of header, event, checkpoint, end)" in typo, typo
     checkpoint = json.loads(lines[checkpoint_at])
     count = verify_with("float-count", checkpoint_at, json.dumps({**checkpoint, "count": float(checkpoint["count"])}, sort_keys=True))
     assert f"the checkpoint at seq {checkpoint['seq']} is not in the form an export writes it" in count, count
