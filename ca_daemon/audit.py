@@ -44,7 +44,7 @@ from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.model import AuditEvent, KeySpec, RevocationReason
 from ca_daemon.policy import parse_serial
 from ca_daemon.store import SqlStore, serial_hex
-from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpoint, EventFilter, RevocationInForce
+from ca_daemon.store.audit_store import MAX_PAGE, AuditStore, ChainHead, Checkpoint, EventFilter, RecordsAndEvents, RevocationInForce
 from ca_daemon.store.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
@@ -905,7 +905,16 @@ def reconcile(store: SqlStore, report: Report) -> None:
 
     Needs the database (`audit verify --live`): an export has no tables.
     """
-    found = AuditStore(store).records_and_their_events()
+    try:
+        found = AuditStore(store).records_and_their_events()
+    except _ROW_FAULTS as exc:
+        _raise_unless_row_fault(AuditStore(store), exc)
+        report.fail(
+            None,
+            f"the certificates and revocations tables could not be compared with the events ({_unreadable(None, '', exc)['why']}): "
+            "a row holds what the daemon never writes, changed behind its back",
+        )
+        found = RecordsAndEvents([], [], [])
     for seq, serial in found.unrecorded_issuances:
         report.fail(
             None,
@@ -946,7 +955,8 @@ def reconcile(store: SqlStore, report: Report) -> None:
             issuers[key.key_id] = serialization.load_der_public_key(key.public_key_der)
         except (ValueError, UnsupportedAlgorithm):
             report.fail(None, f"CA key {key.key_id}'s public key in the store does not read, so what it signed cannot be checked")
-    for seq, serial, details, der in _read_through(AuditStore(store).issued_certificates(), "certificates", lambda row: row[1], report):
+    audit = AuditStore(store)
+    for seq, serial, details, der in _read_through(audit.issued_certificates(), "certificates", lambda row: row[1], report, audit):
         try:
             recorded = json.loads(details).get("certificate_sha256", "")
         except (ValueError, AttributeError):
@@ -958,21 +968,23 @@ def reconcile(store: SqlStore, report: Report) -> None:
                 f"event {seq} records the issuance of serial {serial} as the certificate with SHA-256 {recorded[:16]}..., but "
                 f"the certificates table holds another one for it ({held[:16]}...): a retried Sign and GetCertificate hand that out",
             )
-    for revocation in _read_through(AuditStore(store).revocations_in_force(), "revocations", lambda row: row.serial, report):
+    for revocation in _read_through(audit.revocations_in_force(), "revocations", lambda row: row.serial, report, audit):
         for problem in _row_problems(revocation, issuers):
             report.fail(None, f"event {revocation.seq} records the revocation of {revocation.serial} ({revocation.reason}), but {problem}")
 
 
-def _read_through(rows: Iterator[_Row], table: str, serial_of: Callable[[_Row], str], report: Report) -> Iterator[_Row]:
-    """The rows, until one the driver cannot read (text in a time or BLOB column of SQLite): that is reported, not raised."""
+def _read_through(rows: Iterator[_Row], table: str, serial_of: Callable[[_Row], str], report: Report, audit: AuditStore) -> Iterator[_Row]:
+    """The rows, until one the driver cannot read (text in a time or BLOB column of SQLite, text that is not UTF-8):
+    that is reported, not raised. An outage still raises (_raise_unless_row_fault)."""
     last = ""
     try:
         for row in rows:
             last = serial_of(row)
             yield row
-    except (ValueError, TypeError) as exc:
+    except _ROW_FAULTS as exc:
+        _raise_unless_row_fault(audit, exc)
         after = f" after serial {last}" if last else ""
-        reason = capped(str(exc), 200)
+        reason = _unreadable(None, table, exc)["why"]
         report.fail(None, f"the {table} table could not be read to the end{after} ({reason}): the rest was not compared")
 
 

@@ -100,12 +100,15 @@ def _last_revocation_events() -> Subquery:
     )
 
 
-def _reason_name(code: int) -> str:
-    """A revocation reason as revocation events name it (key_compromise), or the number if it is none."""
+def _reason_name(code: object) -> str:
+    """A revocation reason as revocation events name it (key_compromise), or what the row holds if it is none.
+
+    SQLite keeps whatever is written into the reason column, text too: that is a disagreement to report.
+    """
     try:
-        return RevocationReason(code).name.lower()
-    except ValueError:
-        return f"reason code {code}"
+        return RevocationReason(int(code)).name.lower()  # type: ignore[call-overload]
+    except (ValueError, TypeError):
+        return f"reason code {code!r}" if not isinstance(code, int) else f"reason code {code}"
 
 
 @dataclass(frozen=True)
@@ -217,13 +220,13 @@ class AuditStore:
                 last.join(audit_events, e.seq == last.c.seq).outerjoin(revocations, r.serial == e.serial)
             )
             for row in conn.execute(logged):
-                held = None if row.row_reason is None else (_reason_name(int(row.row_reason)), row.lifted_at is not None)
+                held = None if row.row_reason is None else (_reason_name(row.row_reason), row.lifted_at is not None)
                 revoked = row.action == "certificate.revoke"
                 agrees = held is not None and not held[1] and held[0] == row.reason if revoked else held is None or held[1]
                 if not agrees:
                     disagreeing.append(RevocationDisagreement(int(row.seq), str(row.serial), str(row.action), str(row.reason), held))
             unlogged = [
-                (str(row.serial), _reason_name(int(row.reason)))
+                (str(row.serial), _reason_name(row.reason))
                 for row in conn.execute(
                     select(r.serial, r.reason)
                     .select_from(revocations.outerjoin(last, last.c.serial == r.serial))

@@ -290,6 +290,37 @@ def test_verify_live_compares_the_certificates_and_revocations_tables_with_the_e
     assert f"the revocations table revokes {e} (unspecified), but no event records its revocation" in out, out
 
 
+def test_verify_live_reports_a_table_row_no_writer_gives_as_a_failure_not_an_error(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """Text in an integer column, or text that is not UTF-8: `verify --live` ended with an error and no FAILED line."""
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-table-forms")
+    daemon = _start_daemon(env)
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            revoked = sign(channel).serial.lower()
+            stub(channel).Revoke(ca_pb2.RevokeRequest(serial=revoked, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+    finally:
+        daemon.stop()
+    original = env.state_dir / "original.db"
+    _copy_database(db, original)
+
+    def live(statement: str) -> str:
+        _copy_database(original, db)
+        with sqlite3.connect(db, timeout=30) as conn:
+            conn.execute(statement, (revoked,))
+        result = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+        assert result.returncode == 1 and result.stdout.startswith("FAILED:") and not result.stderr, result.stdout + result.stderr
+        return result.stdout
+
+    out = live("UPDATE revocations SET reason = 'abc' WHERE serial = ?")  # was: "invalid literal for int() with base 10"
+    assert f"records the revocation of {revoked} as key_compromise, the revocations table says reason code 'abc'" in out, out
+    out = live("UPDATE revocations SET issuer_key_id = CAST(X'ff41' AS TEXT) WHERE serial = ?")  # was: "the database is unavailable"
+    assert "the revocations table could not be read to the end (Could not decode to UTF-8 column 'issuer_key_id'" in out, out
+    out = live("UPDATE revocations SET reason = CAST(X'ff41' AS TEXT) WHERE serial = ?")
+    assert "the certificates and revocations tables could not be compared with the events (Could not decode" in out, out
+
+
 def test_verify_live_compares_each_revocation_row_with_its_event_in_what_the_crls_are_built_from(
     tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 ) -> None:
