@@ -335,6 +335,26 @@ def device_csr(device_id: str | None = None, key: ec.EllipticCurvePrivateKey | N
     return csr.public_bytes(serialization.Encoding.PEM if pem else serialization.Encoding.DER)
 
 
+def at_once(call: Callable[[], object], times: int = 2, timeout: float = 60.0) -> list[object]:
+    """call() in `times` threads released together: what each returned or raised (an Exception), in the order they ended."""
+    start = threading.Barrier(times)
+    outcomes: list[object] = []
+
+    def run() -> None:
+        start.wait()
+        try:
+            outcomes.append(call())
+        except Exception as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(times)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return outcomes
+
+
 def openssl_verify(tmp_path: Path, leaf_pem: str, chain_pem: str, *extra: str) -> subprocess.CompletedProcess[str]:
     """Verify a leaf against its chain with `openssl verify` (the last chain certificate is the trust anchor)."""
     certs = x509.load_pem_x509_certificates(chain_pem.encode())

@@ -28,7 +28,7 @@ from ca_daemon import backup as backup_module
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.errors import FailedPrecondition
-from tests.conftest import CaEnv, Daemon, free_port, make_env, mounted_tmpfs
+from tests.conftest import CaEnv, Daemon, at_once, free_port, make_env, mounted_tmpfs
 from tests.integration.crl_helpers import sign, stub, wait_for_crl
 
 pytestmark = pytest.mark.slow
@@ -609,21 +609,7 @@ def test_two_backups_to_one_file_at_once_keep_one_whole_copy_and_the_other_is_re
     with subprocess.Popen(["sleep", "60"]) as running:
         in_progress = out.parent / f".ca.db.{running.pid}.0a1b2c3d.partial"
         in_progress.write_bytes(b"a copy being written")
-        start = threading.Barrier(2)
-        outcomes: list[object] = []
-
-        def take() -> None:
-            start.wait()
-            try:
-                outcomes.append(backup_module.backup(config.store.url, out, audit_key))
-            except Exception as exc:
-                outcomes.append(exc)
-
-        threads = [threading.Thread(target=take) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        outcomes = at_once(lambda: backup_module.backup(config.store.url, out, audit_key))
         running.kill()
     kept = [o for o in outcomes if isinstance(o, backup_module.BackupSummary)]
     refused = [o for o in outcomes if isinstance(o, FailedPrecondition)]

@@ -37,7 +37,7 @@ from ca_daemon.revocation import CrlPublisher, Revocations
 from ca_daemon.rotation import ApprovalResult, KeyCeremony
 from ca_daemon.store import SqlStore, serial_hex
 from ca_daemon.store.rotation_store import RotationStore
-from tests.conftest import CA_DAEMON, daemon_environment, device_csr, make_env
+from tests.conftest import CA_DAEMON, at_once, daemon_environment, device_csr, make_env
 
 
 @dataclasses.dataclass
@@ -670,19 +670,7 @@ def test_two_generations_of_one_label_at_once_leave_one_key(setup: Setup, monkey
         both_checked.wait()  # the real check passed in both threads; now both generate
 
     monkeypatch.setattr(authority_module, "check_new_key_label", check_then_wait)
-    outcomes: list[object] = []
-
-    def generate() -> None:
-        try:
-            outcomes.append(ceremony.generate("alice", KeySpec.EC_P256, "twice"))
-        except FailedPrecondition as refusal:
-            outcomes.append(refusal)
-
-    threads = [threading.Thread(target=generate) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    outcomes = at_once(lambda: ceremony.generate("alice", KeySpec.EC_P256, "twice"))
     refusals = [o for o in outcomes if isinstance(o, FailedPrecondition)]
     assert len(outcomes) == 2 and len(refusals) == 1, outcomes
     assert refusals[0].rule == "label" and "exists already" in refusals[0].message
