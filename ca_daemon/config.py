@@ -441,6 +441,9 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     url = store_raw.string("url", "")
     if url.startswith("sqlite:///"):
         db_path = url[len("sqlite:///") :]
+        if not db_path or db_path.endswith("/") or _resolve(base, db_path).is_dir():
+            # Else SQLite's own "unable to open database file" at start, naming neither the setting nor the cause.
+            raise ConfigError(f"store.url {url!r} names a directory, not a database file: give the file, e.g. sqlite:///ca.db")
         url = "sqlite:///" + str(_resolve(base, db_path))
     elif not url:
         url = "sqlite:///" + str(state_dir / "ca.db")
