@@ -597,13 +597,14 @@ def _keep(partial: Path, out: Path) -> None:
     A hard link fails if the name exists, where a rename would replace it; a file system without
     hard links gets the rename after one more look.
     """
+    taken = f"{out} was created while this backup was taken (another backup to it?); nothing was kept"
     try:
         os.link(partial, out)
     except FileExistsError:
-        raise FailedPrecondition(f"{out} was created while this backup was taken (another backup to it?); nothing was kept") from None
+        raise FailedPrecondition(taken) from None
     except OSError:
         if out.exists():
-            raise FailedPrecondition(f"{out} was created while this backup was taken (another backup to it?); nothing was kept") from None
+            raise FailedPrecondition(taken) from None
         partial.replace(out)
         return
     partial.unlink()
