@@ -16,7 +16,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 from sqlalchemy import bindparam, create_engine, delete, event, exists, func, insert, select, text, update
@@ -446,9 +446,13 @@ class SqlStore:
                             return existing, (), ()
                     return None, active, others
 
+            offsets: list[timedelta] = []  # the database clock's, read once a batch (on PostgreSQL a query)
+
             def issued_last_hour(caller: str, now: datetime) -> int:
                 with _driver_errors():
-                    return self._issued_last_hour(conn, caller, now)
+                    if not offsets:
+                        offsets.append(self._database_clock_offset(conn))
+                    return self._issued_last_hour(conn, caller, _minute(now + offsets[0]))
 
             try:
                 yield SignReads(precheck, issued_last_hour)
@@ -490,7 +494,8 @@ class SqlStore:
                 + [(LockSpace.REQUEST_ID, c.request_id) for c, _, _, _ in batch]
                 + [(LockSpace.CALLER_QUOTA, caller) for caller in limited],
             )
-            issued_last_hour = {caller: self._issued_last_hour(conn, caller, now) for caller in limited}
+            minute = _minute(now + self._database_clock_offset(conn))
+            issued_last_hour = {caller: self._issued_last_hour(conn, caller, minute) for caller in limited}
             counted: dict[str, int] = {}
             request_ids = [c.request_id for c, _, _, _ in batch]
             answered = {row.request_id: _certificate(row) for row in conn.execute(_ANSWERED, {"request_ids": request_ids})}
@@ -535,16 +540,29 @@ class SqlStore:
             # replicas whose batches hold the same callers in other orders (callers without a quota
             # have no CALLER_QUOTA lock) would otherwise each hold one row and wait for the other's.
             for caller in sorted(counted):
-                self._count_issued(conn, caller, now, counted[caller])
+                self._count_issued(conn, caller, minute, counted[caller])
             self._insert_audit(conn, new_events)
         return outcomes
 
-    @staticmethod
-    def _issued_last_hour(conn: Connection, caller: str, now: datetime) -> int:
-        """The caller's certificates in every minute that overlaps the 60 minutes up to now (see schema version 7)."""
-        return int(conn.execute(_ISSUED_SINCE, {"caller": caller, "minute": _minute(now) - 60}).scalar_one())
+    def _database_clock_offset(self, conn: Connection) -> timedelta:
+        """How far the database server's clock is ahead of this host's; zero with SQLite.
 
-    def _count_issued(self, conn: Connection, caller: str, now: datetime, count: int) -> None:
+        The quota counts are stamped and windowed by the database's clock: replicas share the
+        counts, so they must share the clock too. By each replica's own clock, one whose clock
+        was two hours ahead counted only its own last hour and issued a caller's whole quota
+        again. SQLite's writers all run on one host, under one clock.
+        """
+        if self.dialect == "sqlite":
+            return timedelta(0)
+        database_now: datetime = conn.execute(_DATABASE_NOW).scalar_one()
+        return database_now - datetime.now(UTC)
+
+    @staticmethod
+    def _issued_last_hour(conn: Connection, caller: str, minute: int) -> int:
+        """The caller's certificates in every minute that overlaps the 60 minutes up to this minute (see schema version 7)."""
+        return int(conn.execute(_ISSUED_SINCE, {"caller": caller, "minute": minute - 60}).scalar_one())
+
+    def _count_issued(self, conn: Connection, caller: str, minute: int, count: int) -> None:
         """Add count to the caller's current minute; drop its minutes outside every window, once a minute.
 
         Runs in every group commit for every caller in it: the upsert is built once
@@ -553,7 +571,6 @@ class SqlStore:
         share the counts, and a replica whose clock is ahead removed every count in the last hour
         of the replicas on time, which then issued the caller's quota again.
         """
-        minute = _minute(now)
         conn.execute(self._count_statement, {"caller": caller, "minute": minute, "issued": count})
         if self._cleaned_minute.get(caller) != minute:
             counts = caller_issuance_by_minute
@@ -1247,6 +1264,7 @@ class SqlStore:
 _ISSUED_SINCE = select(func.coalesce(func.sum(caller_issuance_by_minute.c.issued), 0)).where(
     caller_issuance_by_minute.c.caller == bindparam("caller"), caller_issuance_by_minute.c.minute >= bindparam("minute")
 )
+_DATABASE_NOW = select(func.statement_timestamp())
 _ANSWERED = select(certificates).where(certificates.c.request_id.in_(bindparam("request_ids", expanding=True)))
 # A certificate without a revocation in force, looked up by its serial (the revocations' key). Not
 # `serial NOT IN (SELECT serial FROM revocations ...)`: both SQLite (LIST SUBQUERY) and PostgreSQL
