@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from ca_daemon.errors import ConfigError
 from ca_daemon.model import KeySpec
@@ -417,6 +417,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     if not key_uri.startswith("pkcs11:"):
         raise ConfigError("ca.key must be an RFC 7512 pkcs11: URI naming the CA key, e.g. pkcs11:token=ca;object=ca-1")
     token = hsm_raw.string("token", "") or _uri_token(key_uri)
+    token_origin = f"hsm.token = {token!r}" + ("" if hsm_raw.string("token", "") else " (unset: the token of ca.key)")
+    key_uri = _key_in_token("ca.key", key_uri, token, token_origin)
     module = hsm_raw.string("module", DEFAULT_SOFTHSM_MODULE)
     if not module.strip():
         raise ConfigError(f"hsm.module is empty: name the PKCS#11 library (.so) of your HSM, e.g. {DEFAULT_SOFTHSM_MODULE} for SoftHSM")
@@ -470,7 +472,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         raise ConfigError(f"default_profile {default_profile!r} is not one of the profiles: {sorted(profiles)}")
     callers, caller_quotas = _parse_callers(reader.table("callers"), profiles, server.local_identity)
     roles = _parse_roles(reader.table("roles"))
-    audit = _parse_audit(reader.table("audit"), token, server.dev_mode)
+    audit = _parse_audit(reader.table("audit"), token, token_origin, server.dev_mode)
     metrics = MetricsConfig(listen=reader.table("metrics").string("listen", ""))
     if metrics.listen:
         metrics_host = _host_of(metrics.listen, "metrics.listen")
@@ -481,8 +483,8 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
                 "with [tls] it is served over mTLS"
             )
     _refuse_shared_ports((("server.listen", server.listen), ("server.http_listen", server.http_listen), ("metrics.listen", metrics.listen)))
-    if not tls.ca_key_uri:
-        tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": f"pkcs11:token={token};object=mtls-ca-1"})
+    tls_ca_key = _key_in_token("tls.ca_key", tls.ca_key_uri, token, token_origin) if tls.ca_key_uri else ""
+    tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": tls_ca_key or f"pkcs11:token={token};object=mtls-ca-1"})
     _refuse_shared_keys((("ca.key", ca.key_uri), ("audit.key", audit.key_uri), ("tls.ca_key", tls.ca_key_uri)))
     lint_mode = reader.table("lint").string("mode", "template")
     if lint_mode not in LINT_MODES:
@@ -548,10 +550,11 @@ def _parse_roles(raw: _Reader) -> tuple[RoleGrant, ...]:
     return tuple(grants)
 
 
-def _parse_audit(raw: _Reader, token: str, dev_mode: bool) -> AuditConfig:
+def _parse_audit(raw: _Reader, token: str, token_origin: str, dev_mode: bool) -> AuditConfig:
     key = raw.string("key", "") or f"pkcs11:token={token};object=audit-1"
     if not key.startswith("pkcs11:"):
         raise ConfigError("audit.key must be a pkcs11: URI naming the audit checkpoint key in the HSM")
+    key = _key_in_token("audit.key", key, token, token_origin)
     chain = raw.boolean("chain", True)
     if not chain and not dev_mode:
         raise ConfigError("audit.chain = false is for benchmarks in development mode only")
@@ -727,8 +730,32 @@ def _delta_url(full_url: str) -> str:
 def _uri_token(uri: str) -> str:
     match = re.search(r"(?:^pkcs11:|;)token=([^;?]+)", uri)
     if not match:
-        raise ConfigError(f"ca.key {uri!r} must name its token (token=...)")
+        raise ConfigError(f"ca.key {uri!r} must name its token (token=...), or set hsm.token")
     return unquote(match.group(1))
+
+
+def _uri_attributes(uri: str) -> dict[str, str]:
+    """The path attributes of a `pkcs11:` URI, percent-decoded (hsm.Pkcs11Uri reads them at start; config may not import it)."""
+    path = uri[len("pkcs11:") :].split("?", 1)[0]
+    return {name: unquote(value) for name, _, value in (part.partition("=") for part in path.split(";") if part)}
+
+
+def _key_in_token(setting: str, uri: str, token: str, token_origin: str) -> str:
+    """uri, in the token of hsm.token: the daemon opens that one token, so a key URI naming another is refused.
+
+    A URI naming another token loaded, then start-up said the token was not found, or used the key of that label in
+    hsm.token. One without token= (RFC 7512: any token) means hsm.token's and gets it here, since every reader of key
+    URIs (hsm.Pkcs11Uri) needs it: it loaded, then `init` refused it and `serve` said the key was not in the token.
+    """
+    named = _uri_attributes(uri).get("token")
+    if named is None:
+        return f"pkcs11:token={quote(token, safe='')};{uri[len('pkcs11:') :]}"
+    if named != token:
+        raise ConfigError(
+            f"{setting} = {uri!r} names token {named!r}, but {token_origin}: the daemon opens that one token and finds "
+            "every key in it, so name the same token in both (or leave token= out of the key URI)"
+        )
+    return uri
 
 
 def _refuse_shared_ports(settings: tuple[tuple[str, str], ...]) -> None:
@@ -760,10 +787,10 @@ def _refuse_shared_keys(settings: tuple[tuple[str, str], ...]) -> None:
     """
     seen: dict[tuple[str, str, str], str] = {}
     for setting, uri in settings:
-        attributes = dict(part.partition("=")[::2] for part in uri[len("pkcs11:") :].split("?", 1)[0].split(";") if part)
-        token = unquote(attributes.get("token", ""))
+        attributes = _uri_attributes(uri)
+        token = attributes.get("token", "")
         for kind in ("object", "id"):
-            if value := unquote(attributes.get(kind, "")):
+            if value := attributes.get(kind, ""):
                 other = seen.setdefault((token, kind, value), setting)
                 if other != setting:
                     raise ConfigError(

@@ -110,6 +110,7 @@ def test_wrong_pin_stops_the_daemon_with_one_line(tmp_path: Path, softhsm_conf: 
 def test_missing_token_stops_the_daemon_with_one_line(tmp_path: Path, softhsm_conf: Path) -> None:
     env = make_env(tmp_path, softhsm_conf)
     env.edit_config(f'token = "{env.token}"', 'token = "no-such-token"')
+    env.edit_config(f"pkcs11:token={env.token};", "pkcs11:token=no-such-token;")  # ca.key, audit.key: else refused at load
     result = env.cli("serve", check=False)
     assert result.returncode != 0
     assert "token 'no-such-token' not found" in result.stderr.strip().splitlines()[-1]

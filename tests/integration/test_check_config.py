@@ -52,6 +52,23 @@ def test_check_config_reports_each_check_and_fails_on_any(tmp_path: Path, sofths
     assert wrong.returncode == 1 and _lines(wrong.stdout)["token"] == "FAIL", wrong.stdout
 
 
+def test_key_uris_without_a_token_are_keys_in_hsm_token_and_another_token_is_refused(tmp_path: Path, softhsm_conf: Path) -> None:
+    """A ca.key or audit.key without token= passed check-config, then init refused it, or serve stopped with "the audit
+    checkpoint key pkcs11:object=audit-1 is not in the token; run `ca-daemon init`". One naming another token than
+    hsm.token passed check-config too, and serve used the key of that label in hsm.token."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    env.edit_config(f"pkcs11:token={env.token};", "pkcs11:")  # ca.key and audit.key; hsm.token names the token
+    env.cli("init", "--key-type", "ec-p256")
+    assert _lines(env.cli("check-config").stdout)["CA key"] == "ok  "
+    env.cli("audit", "public-key", "--out", str(tmp_path / "audit.pem"))
+    assert (tmp_path / "audit.pem").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+
+    env.edit_config('key = "pkcs11:object=audit-1"', 'key = "pkcs11:token=other;object=audit-1"')
+    refused = env.cli("check-config", check=False)
+    assert refused.returncode == 1 and _lines(refused.stdout) == {"configuration": "FAIL"}, refused.stdout + refused.stderr
+    assert f"audit.key = 'pkcs11:token=other;object=audit-1' names token 'other', but hsm.token = '{env.token}'" in refused.stdout
+
+
 def test_serve_names_the_metrics_address_it_cannot_listen_on(tmp_path: Path, softhsm_conf: Path) -> None:
     """A taken metrics port stopped the daemon with only "[Errno 98] Address already in use": which of the addresses?"""
     env = make_env(tmp_path, softhsm_conf)

@@ -182,8 +182,59 @@ def test_the_ca_audit_and_mtls_ca_keys_must_be_different_keys(tmp_path: Path, ol
     with pytest.raises(ConfigError) as excinfo:
         config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
     assert message in excinfo.value.message and "each needs a key of its own" in excinfo.value.message
-    another_token = _dev(tmp_path, **{"[metrics]": '[tls]\nca_key = "pkcs11:token=other;object=k"\n\n[metrics]'})
-    assert config.load(_write(tmp_path, another_token)).tls.ca_key_uri == "pkcs11:token=other;object=k"
+    another_label = _dev(tmp_path, **{"[metrics]": '[tls]\nca_key = "pkcs11:token=t;object=k2"\n\n[metrics]'})
+    assert config.load(_write(tmp_path, another_label)).tls.ca_key_uri == "pkcs11:token=t;object=k2"
+
+
+_OTHER_AUDIT_TOKEN = {'key = "pkcs11:token=t;object=audit-1"': 'key = "pkcs11:token=other;object=audit-1"'}
+
+
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [
+        ({'token = "t"': 'token = "other"'}, "ca.key = 'pkcs11:token=t;object=k' names token 't', but hsm.token = 'other'"),
+        (_OTHER_AUDIT_TOKEN, "audit.key = 'pkcs11:token=other;object=audit-1' names token 'other', but hsm.token = 't'"),
+        (
+            {"[metrics]": '[tls]\nca_key = "pkcs11:token=other;object=mtls-ca-1"\n\n[metrics]'},
+            "tls.ca_key = 'pkcs11:token=other;object=mtls-ca-1' names token 'other', but hsm.token = 't'",
+        ),
+        (  # hsm.token unset: it is ca.key's token, which audit.key contradicts
+            {'token = "t"\n': "", **_OTHER_AUDIT_TOKEN},
+            "audit.key = 'pkcs11:token=other;object=audit-1' names token 'other', but hsm.token = 't' (unset: the token of ca.key)",
+        ),
+    ],
+)
+def test_a_key_in_another_token_than_hsm_token_is_refused(tmp_path: Path, edits: dict[str, str], message: str) -> None:
+    """The daemon opens hsm.token alone: start-up said "token ... not found", or used a key of that label in hsm.token."""
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, _dev(tmp_path, **edits)))
+    assert excinfo.value.message.startswith(message), excinfo.value.message
+    assert "name the same token in both" in excinfo.value.message
+
+
+def test_a_key_uri_without_a_token_is_the_key_in_hsm_token(tmp_path: Path) -> None:
+    """RFC 7512: no token= matches any token, and the daemon opens one. Such URIs loaded, then every reader of them
+    (hsm.Pkcs11Uri) refused them at start: serve said the audit key "is not in the token; run `ca-daemon init`"."""
+    text = _dev(
+        tmp_path,
+        **{
+            'key = "pkcs11:token=t;object=k"': 'key = "pkcs11:object=k"',
+            'key = "pkcs11:token=t;object=audit-1"': 'key = "pkcs11:id=%01"',
+            "[metrics]": '[tls]\nca_key = "pkcs11:object=my%20ca"\n\n[metrics]',
+        },
+    )
+    cfg = config.load(_write(tmp_path, text))
+    assert (cfg.hsm.token, cfg.ca.key_uri, cfg.audit.key_uri, cfg.tls.ca_key_uri) == (
+        "t",
+        "pkcs11:token=t;object=k",
+        "pkcs11:token=t;id=%01",
+        "pkcs11:token=t;object=my%20ca",
+    )
+    with pytest.raises(ConfigError) as excinfo:  # nothing says which token: still refused
+        config.load(_write(tmp_path, text.replace('token = "t"\n', "")))
+    assert excinfo.value.message == "ca.key 'pkcs11:object=k' must name its token (token=...), or set hsm.token"
+    spaced = _dev(tmp_path, **{'token = "t"': 'token = "my ca"', "pkcs11:token=t;": "pkcs11:token=my%20ca;"})
+    assert config.load(_write(tmp_path, spaced)).hsm.token == "my ca"  # the URI's token is percent-decoded
 
 
 @pytest.mark.parametrize(
