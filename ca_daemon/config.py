@@ -759,23 +759,54 @@ def _key_in_token(setting: str, uri: str, token: str, token_origin: str) -> str:
 
 
 def _refuse_shared_ports(settings: tuple[tuple[str, str], ...]) -> None:
-    """gRPC, CRL HTTP and metrics each need an address of their own.
+    """gRPC, CRL HTTP and metrics each need an address of their own, compared by what they bind, not by their text.
 
     gRPC binds with SO_REUSEPORT: an http_listen equal to server.listen was accepted, and either the CRL server
     retried its bind for ever or both listened on the port, each connection going to one of them at random.
+    "localhost:8080" beside "127.0.0.1:8080", or "[0::0]:8080" beside anything on port 8080, got through too.
+    The addresses are the ones _host_of validated, so the two never read HOST:PORT differently.
     """
-    seen: list[tuple[str, str, str, str]] = []
+    seen: list[tuple[str, str, str, int]] = []
     for setting, address in settings:
         if not address:
             continue
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]").lower()
+        host, port = _host_of(address, setting), int(address.rpartition(":")[2])
         for other, other_address, other_host, other_port in seen:
-            if port == other_port and (host == other_host or {host, other_host} & {"", "0.0.0.0", "::"}):  # noqa: S104
+            if port == other_port and (why := _same_binding(host, other_host, port)):
                 raise ConfigError(
-                    f"{setting} = {address!r} takes the port of {other} = {other_address!r}; give each listener a port of its own"
+                    f"{setting} = {address!r} takes the port of {other} = {other_address!r} ({why}); give each listener a port of its own"
                 )
         seen.append((setting, address, host, port))
+
+
+def _same_binding(host: str, other: str, port: int) -> str:
+    """Why listeners on host and other, on one port, cannot both bind ("" if they can).
+
+    A wildcard (empty host, 0.0.0.0, ::) takes the port on every address: :: too on IPv4 (Linux is dual-stack by
+    default). A name is resolved; one that does not resolve is left to the bind error at start, not a load failure.
+    """
+    mine, theirs = _bound_addresses(host, port), _bound_addresses(other, port)
+    if mine is None or theirs is None:
+        return f"{(host if mine is None else other) or 'an empty host'} binds every address"
+    common = mine & theirs
+    return f"both bind {', '.join(sorted(common))}" if common else ""
+
+
+def _bound_addresses(host: str, port: int) -> set[str] | None:
+    """The addresses a listener on host binds, normalized; None for a wildcard; empty if the name does not resolve."""
+    if not host:
+        return None
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)
+        except (OSError, UnicodeError):
+            return set()
+        addresses = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in found}
+    if any(a.is_unspecified for a in addresses):
+        return None
+    return {str(a) for a in addresses}
 
 
 def _refuse_shared_keys(settings: tuple[tuple[str, str], ...]) -> None:

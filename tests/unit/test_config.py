@@ -252,6 +252,30 @@ def test_a_key_uri_without_a_token_is_the_key_in_hsm_token(tmp_path: Path) -> No
         ),
         ('[metrics]\nlisten = ""', '[metrics]\nlisten = "[::1]:50051"', ""),  # another address, the same port: no clash
         ('http_listen = "127.0.0.1:8080"', 'http_listen = ":50051"', "server.http_listen = ':50051' takes the port of server.listen"),
+        # What binds is compared, not the text: a name resolves, an address in any spelling, a port with a leading zero.
+        (
+            'http_listen = "127.0.0.1:8080"',
+            'http_listen = "localhost:50051"',
+            "server.http_listen = 'localhost:50051' takes the port of server.listen = '127.0.0.1:50051' (both bind 127.0.0.1)",
+        ),
+        (
+            'http_listen = "127.0.0.1:8080"',
+            'http_listen = "[0:0:0:0:0:0:0:0]:50051"',
+            "server.http_listen = '[0:0:0:0:0:0:0:0]:50051' takes the port of server.listen = '127.0.0.1:50051' "
+            "(0:0:0:0:0:0:0:0 binds every address)",
+        ),
+        (
+            'http_listen = "127.0.0.1:8080"',
+            'http_listen = "[::]:50051"',
+            "server.http_listen = '[::]:50051' takes the port of server.listen",
+        ),
+        (
+            '[metrics]\nlisten = ""',
+            '[metrics]\nlisten = "127.0.0.1:08080"',
+            "metrics.listen = '127.0.0.1:08080' takes the port of server.http_listen = '127.0.0.1:8080' (both bind 127.0.0.1)",
+        ),
+        ('http_listen = "127.0.0.1:8080"', 'http_listen = "127.0.0.2:50051"', ""),  # another loopback address
+        ('http_listen = "127.0.0.1:8080"', 'http_listen = "no-such-host.invalid:50051"', ""),  # left to the bind at start
     ],
 )
 def test_the_grpc_crl_and_metrics_listeners_each_need_their_own_port(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -264,6 +288,45 @@ def test_the_grpc_crl_and_metrics_listeners_each_need_their_own_port(tmp_path: P
     with pytest.raises(ConfigError) as excinfo:
         config.load(path)
     assert excinfo.value.message.startswith(message) and "give each listener a port of its own" in excinfo.value.message
+
+
+@pytest.mark.parametrize(
+    ("listen", "other", "message"),
+    [
+        # On Linux an IPv6 wildcard is dual-stack: it takes the port on every IPv4 address too.
+        (
+            "[::]:50051",
+            'http_listen = "0.0.0.0:50051"',
+            "server.http_listen = '0.0.0.0:50051' takes the port of server.listen = '[::]:50051'",
+        ),
+        ("[::]:50051", 'http_listen = "192.0.2.7:50051"', "server.http_listen = '192.0.2.7:50051' takes the port of server.listen"),
+        ("0.0.0.0:50051", '[metrics]\nlisten = "localhost:50051"', "metrics.listen = 'localhost:50051' takes the port of server.listen"),
+        (
+            "[::1]:50051",
+            '[metrics]\nlisten = "[0::1]:50051"',
+            "metrics.listen = '[0::1]:50051' takes the port of server.listen = '[::1]:50051' (both bind ::1)",
+        ),
+        ("192.0.2.7:50051", 'http_listen = "192.0.2.8:50051"', ""),
+    ],
+)
+def test_with_mtls_a_wildcard_or_the_same_address_in_another_spelling_takes_the_port(
+    tmp_path: Path, listen: str, other: str, message: str
+) -> None:
+    """With [tls] gRPC may bind any address, so the wildcards and names that development mode refuses meet here."""
+    tls = '[tls]\ncert = "c.pem"\nkey = "k.pem"\nclient_ca = "ca.pem"\nclient_crl = "crl.pem"\n\n'
+    edits = {"dev_mode = true": "dev_mode = false", 'listen = "127.0.0.1:50051"': f'listen = "{listen}"', "[lint]": tls + "[lint]"}
+    if other.startswith("http_listen"):
+        edits['http_listen = "127.0.0.1:8080"'] = other
+    else:
+        edits['[metrics]\nlisten = ""'] = other
+    path = _write(tmp_path, _dev(tmp_path, **edits))
+    if not message:
+        config.load(path)
+        return
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(path)
+    assert excinfo.value.message.startswith(message), excinfo.value.message
+    assert "give each listener a port of its own" in excinfo.value.message
 
 
 @pytest.mark.parametrize("setting", ["ca_issuers_urls", "crl_distribution_points"])
