@@ -746,8 +746,12 @@ def _key_in_token(setting: str, uri: str, token: str, token_origin: str) -> str:
     A URI naming another token loaded, then start-up said the token was not found, or used the key of that label in
     hsm.token. One without token= (RFC 7512: any token) means hsm.token's and gets it here, since every reader of key
     URIs (hsm.Pkcs11Uri) needs it: it loaded, then `init` refused it and `serve` said the key was not in the token.
+    A URI naming no key (no object= or id=) loaded too, and at start the same reader refused it without the setting.
     """
-    named = _uri_attributes(uri).get("token")
+    attributes = _uri_attributes(uri)
+    if not attributes.get("object") and not attributes.get("id"):
+        raise ConfigError(f"{setting} = {uri!r} names no key: add object=LABEL or id=%01%02... (its CKA_ID, percent-encoded)")
+    named = attributes.get("token")
     if named is None:
         return f"pkcs11:token={quote(token, safe='')};{uri[len('pkcs11:') :]}"
     if named != token:

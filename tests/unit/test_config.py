@@ -212,6 +212,22 @@ def test_a_key_in_another_token_than_hsm_token_is_refused(tmp_path: Path, edits:
     assert "name the same token in both" in excinfo.value.message
 
 
+@pytest.mark.parametrize(
+    ("edits", "setting", "uri"),
+    [
+        ({'key = "pkcs11:token=t;object=k"': 'key = "pkcs11:token=t"'}, "ca.key", "pkcs11:token=t"),
+        ({'key = "pkcs11:token=t;object=audit-1"': 'key = "pkcs11:token=t;object="'}, "audit.key", "pkcs11:token=t;object="),
+        ({"[metrics]": '[tls]\nca_key = "pkcs11:token=t;objekt=x"\n\n[metrics]'}, "tls.ca_key", "pkcs11:token=t;objekt=x"),
+    ],
+)
+def test_a_key_uri_that_names_no_key_is_refused_by_its_setting(tmp_path: Path, edits: dict[str, str], setting: str, uri: str) -> None:
+    """It loaded; at start hsm.Pkcs11Uri refused it without naming the setting, and for audit.key serve said the key
+    "is not in the token; run `ca-daemon init`"."""
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, _dev(tmp_path, **edits)))
+    assert excinfo.value.message.startswith(f"{setting} = {uri!r} names no key: add object=LABEL or id=%01%02..."), excinfo.value.message
+
+
 def test_a_key_uri_without_a_token_is_the_key_in_hsm_token(tmp_path: Path) -> None:
     """RFC 7512: no token= matches any token, and the daemon opens one. Such URIs loaded, then every reader of them
     (hsm.Pkcs11Uri) refused them at start: serve said the audit key "is not in the token; run `ca-daemon init`"."""
