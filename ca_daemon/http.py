@@ -13,10 +13,14 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
+import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from urllib.parse import urlsplit
+
+from ca_daemon.logs import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,14 @@ _MAX_DROPPED_BYTES = 1 << 20  # of an oversized request, read and dropped before
 MAX_CONNECTIONS = 512
 WRITE_STALL_S = 30.0
 _CHUNK_BYTES = 64 * 1024
+# The stall timeout alone let a client read one chunk per 29 s and hold its place for hours of a large CRL.
+# The whole response must also leave within SEND_BASE_S + its size at MIN_SEND_RATE (nginx's send_timeout
+# and Apache mod_reqtimeout's minrate in one): 16 KiB/s (128 kbit/s) is below any link a relying party
+# fetches CRLs over, yet holding all 512 places costs a client 8 MiB/s of reading; the base gives a slow
+# start or a lossy link the same grace as one chunk. A 1 MB CRL: 91 s; 16 MiB: about 18 minutes.
+SEND_BASE_S = 30.0
+MIN_SEND_RATE = 16 * 1024  # bytes per second
+_DROP_LOG_INTERVAL_S = 60.0  # a client dropped for reading too slowly: at most one log line per interval
 _RETRY_BIND_S = 5.0
 CRL_CONTENT_TYPE = "application/pkix-crl"
 CERT_CONTENT_TYPE = "application/pkix-cert"
@@ -66,12 +78,23 @@ def url_path(url: str) -> str:
 class DistributionServer:
     """Serves the resources set with `set`; binds on start and keeps retrying if the port is taken."""
 
-    def __init__(self, listen: str, *, max_connections: int = MAX_CONNECTIONS, write_stall_s: float = WRITE_STALL_S) -> None:
+    def __init__(
+        self,
+        listen: str,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        write_stall_s: float = WRITE_STALL_S,
+        send_base_s: float = SEND_BASE_S,
+        min_send_rate: float = MIN_SEND_RATE,
+    ) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
         self._port = int(port)
         self._max_connections = max_connections
         self._write_stall_s = write_stall_s
+        self._send_base_s = send_base_s
+        self._min_send_rate = min_send_rate
+        self._drop_lines = LogThrottle(_DROP_LOG_INTERVAL_S)
         self._connections: set[asyncio.StreamWriter] = set()  # being answered (MAX_CONNECTIONS)
         # Those of them still waiting for their request head, oldest first (see _make_room).
         self._waiting: dict[asyncio.StreamWriter, None] = {}
@@ -173,13 +196,15 @@ class DistributionServer:
         try:
             status, headers, body = self._respond(head)
             writer.write(_head(status, headers))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._send_base_s + len(body) / self._min_send_rate
             view = memoryview(body)
             for start in range(0, len(view), _CHUNK_BYTES):
-                await asyncio.wait_for(writer.drain(), timeout=self._write_stall_s)
+                await self._drain(writer, deadline, head)
                 writer.write(view[start : start + _CHUNK_BYTES])
-            await asyncio.wait_for(writer.drain(), timeout=self._write_stall_s)
-        except TimeoutError:  # the client stopped reading: drop what is buffered rather than flush it on close
-            writer.transport.abort()
+            await self._drain(writer, deadline, head)
+        except TimeoutError:  # the client stopped reading or fell behind: drop what is buffered rather than flush it on close
+            _reset(writer)
         except ConnectionError:
             pass
         finally:
@@ -187,6 +212,32 @@ class DistributionServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _drain(self, writer: asyncio.StreamWriter, deadline: float, head: bytes) -> None:
+        """Wait for the client to take what is buffered: TimeoutError after the stall timeout, or at the response's
+        deadline (logged: a client that reads, but too slowly, is the one a person may want to know about)."""
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(writer.drain(), timeout=max(0.0, min(self._write_stall_s, left)))
+        except TimeoutError:
+            if left <= self._write_stall_s:
+                self._log_too_slow(writer, head)
+            raise
+
+    def _log_too_slow(self, writer: asyncio.StreamWriter, head: bytes) -> None:
+        held_back = self._drop_lines.admit("too-slow")
+        if held_back is None:
+            return
+        peer = writer.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        log.warning(
+            "HTTP client %s dropped: it read %r too slowly (under %.0f bytes/s after the first %.0f s)%s",
+            client,
+            head.split(b"\r\n", 1)[0].decode("latin-1")[:200],
+            self._min_send_rate,
+            self._send_base_s,
+            f" ({held_back} more dropped since the last such line)" if held_back else "",
+        )
 
     async def _refuse_unread(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: str) -> None:
         """Answer status and close; the rest of the request is read and dropped for a moment first, since
@@ -254,6 +305,16 @@ def _not_modified(resource: Resource, headers: dict[str, str]) -> bool:
         except (TypeError, ValueError):
             return False
     return False
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset: a plain close still has the kernel send what the socket buffered, up to megabytes
+    (tcp_wmem) to a client that was dropped for not taking them."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def _head(status: str, headers: list[tuple[str, str]]) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -18,7 +19,15 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
-from ca_daemon.http import CRL_CONTENT_TYPE, MAX_CONNECTIONS, WRITE_STALL_S, DistributionServer, Resource
+from ca_daemon.http import (
+    CRL_CONTENT_TYPE,
+    MAX_CONNECTIONS,
+    MIN_SEND_RATE,
+    SEND_BASE_S,
+    WRITE_STALL_S,
+    DistributionServer,
+    Resource,
+)
 
 BIG = 16 * 1024 * 1024  # about the size of a full CRL of 500,000 entries
 
@@ -26,8 +35,20 @@ BIG = 16 * 1024 * 1024  # about the size of a full CRL of 500,000 entries
 class Running:
     """A DistributionServer serving /big.crl (16 MiB) and /small.crl on a free loopback port."""
 
-    def __init__(self, max_connections: int = MAX_CONNECTIONS, write_stall_s: float = WRITE_STALL_S) -> None:
-        self.server = DistributionServer("127.0.0.1:0", max_connections=max_connections, write_stall_s=write_stall_s)
+    def __init__(
+        self,
+        max_connections: int = MAX_CONNECTIONS,
+        write_stall_s: float = WRITE_STALL_S,
+        send_base_s: float = SEND_BASE_S,
+        min_send_rate: float = MIN_SEND_RATE,
+    ) -> None:
+        self.server = DistributionServer(
+            "127.0.0.1:0",
+            max_connections=max_connections,
+            write_stall_s=write_stall_s,
+            send_base_s=send_base_s,
+            min_send_rate=min_send_rate,
+        )
         now = datetime.now(UTC)
         self.server.set("/big.crl", Resource(bytes(BIG), CRL_CONTENT_TYPE, '"big"', now))
         self.server.set("/small.crl", Resource(b"x" * 100, CRL_CONTENT_TYPE, '"small"', now))
@@ -226,5 +247,71 @@ def test_every_answer_carries_the_date_a_cache_counts_its_age_from() -> None:
             dates = [line.split(": ", 1)[1] for line in head.split("\r\n") if line.lower().startswith("date: ")]
             assert len(dates) == 1, head
             assert abs((parsedate_to_datetime(dates[0]) - datetime.now(UTC)).total_seconds()) < 60, head
+    finally:
+        running.stop()
+
+
+def _ask(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """The whole answer to request, sent as given."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+        client.sendall(request)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        return answer
+
+
+def _read_slowly(clients: list[socket.socket], *, give_up_s: float) -> list[tuple[int, float]]:
+    """Read up to 64 KiB from each client in turn every 0.05 s (under 1.3 MB/s each) until the server closes each
+    or give_up_s pass: for each, bytes received and seconds until it was closed."""
+    began = time.monotonic()
+    results = {client: (0, give_up_s) for client in clients}
+    while (reading := [c for c in clients if results[c][1] == give_up_s]) and time.monotonic() - began < give_up_s:
+        for client in reading:
+            received = results[client][0]
+            try:
+                chunk = client.recv(65536)
+            except ConnectionError:
+                chunk = b""
+            results[client] = (received + len(chunk), give_up_s if chunk else time.monotonic() - began)
+        time.sleep(0.05)
+    return [results[c] for c in clients]
+
+
+def test_a_client_reading_too_slowly_for_the_whole_crl_is_dropped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Each chunk had only to leave within the stall timeout: one read every 29 s kept a place for hours of a big CRL.
+
+    Here the deadline is 0.5 s + 16 MiB at 4 MiB/s = 4.5 s; the readers never stall for the 3 s stall timeout, but at
+    under 1.3 MB/s would need 13 s for the whole body. A dropped client is reset: the kernel does not go on sending
+    it the megabytes already in the socket's send buffer.
+    """
+    caplog.set_level(logging.WARNING, logger="ca_daemon.http")
+    running = Running(write_stall_s=3.0, send_base_s=0.5, min_send_rate=4 * 1024 * 1024)
+    try:
+        slow = []
+        for _ in range(2):
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # before connect: what the kernel holds for it
+            client.settimeout(3)
+            client.connect(("127.0.0.1", running.server.port))
+            client.sendall(b"GET /big.crl HTTP/1.1\r\nHost: x\r\n\r\n")
+            slow.append(client)
+        try:
+            results = _read_slowly(slow, give_up_s=12.0)
+        finally:
+            for client in slow:
+                client.close()
+        for received, took in results:
+            assert received < BIG // 2 and 4.0 < took < 7.0, results
+        time.sleep(0.2)
+        dropped = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.http" and "too slowly" in r.getMessage()]
+        assert len(dropped) == 1, dropped  # the second drop is held back (one line per interval)
+        assert "127.0.0.1" in dropped[0] and "/big.crl" in dropped[0], dropped
+        with socket.create_connection(("127.0.0.1", running.server.port), timeout=10) as fast:  # gets all of it in time
+            fast.sendall(b"GET /big.crl HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = bytearray()
+            while chunk := fast.recv(1 << 20):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(bytes(4096)) and len(answer) > BIG, answer[:80]
     finally:
         running.stop()
