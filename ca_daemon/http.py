@@ -13,18 +13,20 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import socket
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ca_daemon.logs import LogThrottle
 
 log = logging.getLogger(__name__)
 
 _MAX_HEAD_BYTES = 8192
+_MAX_HEADER_LINES = 100  # as Apache's LimitRequestFields and http.client; no CRL fetcher sends a tenth of it
 _READ_TIMEOUT_S = 10.0
 _MAX_DROPPED_BYTES = 1 << 20  # of an oversized request, read and dropped before the connection is closed
 # The port is public and shares the primary worker's event loop with Sign. Connections beyond
@@ -46,6 +48,14 @@ _DROP_LOG_INTERVAL_S = 60.0  # a client dropped for reading too slowly: at most 
 _RETRY_BIND_S = 5.0
 CRL_CONTENT_TYPE = "application/pkix-crl"
 CERT_CONTENT_TYPE = "application/pkix-cert"
+_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")  # RFC 9112 2.3, case-sensitive
+_SUPPORTED_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
+_TARGET = re.compile(r"[!-~]+")  # RFC 9112 3.2: visible ASCII, no spaces or controls
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+class _HeadTooLarge(Exception):
+    """The request head passed _MAX_HEAD_BYTES or _MAX_HEADER_LINES: answered 431."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +124,12 @@ class DistributionServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     def set(self, path: str, resource: Resource) -> None:
-        self._resources[path] = resource
+        """Serve resource at path, which may be percent-encoded as in a URL of the configuration."""
+        self._resources[unquote(path)] = resource  # requests are routed by their decoded path
 
     def remove(self, path: str, *, if_body: bytes) -> None:
         """Stop serving path (404 from now on) if it still serves if_body, not whatever replaced it."""
+        path = unquote(path)
         resource = self._resources.get(path)
         if resource is not None and resource.body == if_body:
             del self._resources[path]
@@ -175,17 +187,18 @@ class DistributionServer:
         if len(self._connections) >= self._max_connections and not self._make_room():
             writer.write(_head("503 Service Unavailable", [("Retry-After", "1"), ("Content-Length", "0")]))
             # Closing with the request unread would reset the connection and discard the answer: wait a moment for it.
-            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=1.0)
+            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, _HeadTooLarge, TimeoutError, ConnectionError):
+                await asyncio.wait_for(_read_head(reader), timeout=1.0)
             writer.close()
             return
         self._connections.add(writer)
         self._waiting[writer] = None
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=_READ_TIMEOUT_S)
-        except asyncio.LimitOverrunError:  # a head beyond the reader's buffer (64 KiB): answered like one over _MAX_HEAD_BYTES
+            lines = await asyncio.wait_for(_read_head(reader), timeout=_READ_TIMEOUT_S)
+        except (asyncio.LimitOverrunError, _HeadTooLarge):  # LimitOverrunError: a line beyond the reader's buffer (64 KiB)
             self._waiting.pop(writer, None)
-            await self._refuse_unread(reader, writer, "431 Request Header Fields Too Large")
+            reason = f"more than {_MAX_HEAD_BYTES} bytes or {_MAX_HEADER_LINES} header lines"
+            await self._refuse_unread(reader, writer, "431 Request Header Fields Too Large", reason)
             return
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):  # gone, silent, or closed by _make_room
             self._waiting.pop(writer, None)
@@ -194,15 +207,15 @@ class DistributionServer:
             return
         self._waiting.pop(writer, None)
         try:
-            status, headers, body = self._respond(head)
+            status, headers, body = self._respond(lines)
             writer.write(_head(status, headers))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._send_base_s + len(body) / self._min_send_rate
             view = memoryview(body)
             for start in range(0, len(view), _CHUNK_BYTES):
-                await self._drain(writer, deadline, head)
+                await self._drain(writer, deadline, lines[0])
                 writer.write(view[start : start + _CHUNK_BYTES])
-            await self._drain(writer, deadline, head)
+            await self._drain(writer, deadline, lines[0])
         except TimeoutError:  # the client stopped reading or fell behind: drop what is buffered rather than flush it on close
             _reset(writer)
         except ConnectionError:
@@ -213,7 +226,7 @@ class DistributionServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _drain(self, writer: asyncio.StreamWriter, deadline: float, head: bytes) -> None:
+    async def _drain(self, writer: asyncio.StreamWriter, deadline: float, request_line: bytes) -> None:
         """Wait for the client to take what is buffered: TimeoutError after the stall timeout, or at the response's
         deadline (logged: a client that reads, but too slowly, is the one a person may want to know about)."""
         left = deadline - asyncio.get_running_loop().time()
@@ -221,10 +234,10 @@ class DistributionServer:
             await asyncio.wait_for(writer.drain(), timeout=max(0.0, min(self._write_stall_s, left)))
         except TimeoutError:
             if left <= self._write_stall_s:
-                self._log_too_slow(writer, head)
+                self._log_too_slow(writer, request_line)
             raise
 
-    def _log_too_slow(self, writer: asyncio.StreamWriter, head: bytes) -> None:
+    def _log_too_slow(self, writer: asyncio.StreamWriter, request_line: bytes) -> None:
         held_back = self._drop_lines.admit("too-slow")
         if held_back is None:
             return
@@ -233,16 +246,16 @@ class DistributionServer:
         log.warning(
             "HTTP client %s dropped: it read %r too slowly (under %.0f bytes/s after the first %.0f s)%s",
             client,
-            head.split(b"\r\n", 1)[0].decode("latin-1")[:200],
+            request_line.decode("latin-1")[:200],
             self._min_send_rate,
             self._send_base_s,
             f" ({held_back} more dropped since the last such line)" if held_back else "",
         )
 
-    async def _refuse_unread(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: str) -> None:
+    async def _refuse_unread(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: str, reason: str) -> None:
         """Answer status and close; the rest of the request is read and dropped for a moment first, since
         closing with it unread resets the connection and the client would lose the answer."""
-        status_line, headers, body = _plain(status)
+        status_line, headers, body = _plain(status, reason)
         writer.write(_head(status_line, headers) + body)
         with contextlib.suppress(TimeoutError, ConnectionError):
             async with asyncio.timeout(1.0):
@@ -253,26 +266,35 @@ class DistributionServer:
         self._connections.discard(writer)
         writer.close()
 
-    def _respond(self, head: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
-        if len(head) > _MAX_HEAD_BYTES:
-            return _plain("431 Request Header Fields Too Large")
+    def _respond(self, lines: list[bytes]) -> tuple[str, list[tuple[str, str]], bytes]:
+        status, headers, body = self._answer(lines)
+        if lines[0].startswith(b"HEAD "):  # RFC 9110 9.3.2: the same head, no content, whatever the status
+            return status, headers, b""
+        return status, headers, body
+
+    def _answer(self, lines: list[bytes]) -> tuple[str, list[tuple[str, str]], bytes]:
+        if any(b"\r" in line for line in lines):  # RFC 9112 2.2: a bare CR is invalid
+            return _plain("400 Bad Request", "a bare CR in the request head")
         try:
-            request_line, *header_lines = head.decode("latin-1").split("\r\n")
-            method, target, _version = request_line.split(" ")
-        except ValueError:
-            return _plain("400 Bad Request")
+            method, target, version = lines[0].decode("ascii").split(" ")
+        except (UnicodeDecodeError, ValueError):
+            return _plain("400 Bad Request", "the request line is not METHOD TARGET HTTP/1.1")
+        if not _VERSION.fullmatch(version):
+            return _plain("400 Bad Request", "the request line is not METHOD TARGET HTTP/1.1")
+        if version not in _SUPPORTED_VERSIONS:
+            return _plain("505 HTTP Version Not Supported", "this server speaks HTTP/1.0 and HTTP/1.1")
         headers = {}
-        for line in header_lines:
-            name, sep, value = line.partition(":")
+        for line in lines[1:]:
+            name, sep, value = line.decode("latin-1").partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
         if method not in ("GET", "HEAD"):
             status, out, body = _plain("405 Method Not Allowed")
             return status, [*out, ("Allow", "GET, HEAD")], body
         try:
-            path = urlsplit(target).path
-        except ValueError:  # e.g. an unclosed IPv6 bracket: an answer, not a traceback in the log
-            return _plain("400 Bad Request")
+            path = _decoded_path(_target_path(target))
+        except ValueError as exc:
+            return _plain("400 Bad Request", str(exc))
         resource = self._resources.get(path)
         if resource is None:
             return _plain("404 Not Found")
@@ -286,7 +308,69 @@ class DistributionServer:
         if _not_modified(resource, headers):
             return "304 Not Modified", out, b""
         out.append(("Content-Length", str(len(resource.body))))
-        return "200 OK", out, b"" if method == "HEAD" else resource.body
+        return "200 OK", out, resource.body
+
+
+async def _read_head(reader: asyncio.StreamReader) -> list[bytes]:
+    """The request line and header lines, without their ends; a line may end in CRLF or a bare LF (RFC 9112 2.2).
+
+    Empty lines before the request line are skipped (ibid.). IncompleteReadError if the client goes first;
+    _HeadTooLarge (or LimitOverrunError, for one line beyond the reader's buffer) past the limits.
+    """
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        line = await reader.readuntil(b"\n")
+        size += len(line)
+        line = line.removesuffix(b"\n").removesuffix(b"\r")
+        if line:
+            lines.append(line)
+        elif lines:
+            return lines
+        if size > _MAX_HEAD_BYTES or len(lines) > 1 + _MAX_HEADER_LINES:
+            raise _HeadTooLarge
+
+
+def _target_path(target: str) -> str:
+    """The path of an origin-form (/path?query) or absolute-form (http://host/path) request target (RFC 9112 3.2).
+
+    An origin-form target is not given to urlsplit, which read //host/path as an authority and a shorter path.
+    """
+    if not _TARGET.fullmatch(target):
+        raise ValueError("the request target has a character other than visible ASCII")
+    if target.startswith("/"):
+        path = target.partition("?")[0]
+        if any(c in path for c in "#[]"):  # RFC 3986 3.3: gen-delims a path may not hold (//[x was read as an IPv6 host)
+            raise ValueError("the path has #, [ or ], which a URL path may not")
+        return path
+    if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+        try:
+            return urlsplit(target).path or "/"
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            raise ValueError("the request target is not a valid URL") from None
+    raise ValueError("the request target is neither a path nor an http:// URL")
+
+
+def _decoded_path(raw: str) -> str:
+    """raw with its percent-escapes decoded, segment by segment; ValueError saying why it is refused.
+
+    An escape may not smuggle in what a path is split or resolved by: an encoded slash, a NUL, or a
+    dot-segment, which a cache or file server in front of this one may resolve where we do not.
+    """
+    if _BAD_ESCAPE.search(raw):
+        raise ValueError("the path has a % not followed by two hex digits")
+    segments = []
+    for segment in raw.split("/"):
+        try:
+            decoded = unquote(segment, errors="strict")
+        except UnicodeDecodeError:
+            raise ValueError("the path does not decode to UTF-8") from None
+        if "/" in decoded or "\0" in decoded:
+            raise ValueError("the path has an encoded slash or NUL")
+        if decoded in (".", ".."):
+            raise ValueError("the path has a dot-segment (/./ or /../)")
+        segments.append(decoded)
+    return "/".join(segments)
 
 
 def _not_modified(resource: Resource, headers: dict[str, str]) -> bool:
@@ -324,8 +408,9 @@ def _head(status: str, headers: list[tuple[str, str]]) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
-def _plain(status: str) -> tuple[str, list[tuple[str, str]], bytes]:
-    body = (status + "\n").encode()
+def _plain(status: str, reason: str = "") -> tuple[str, list[tuple[str, str]], bytes]:
+    """A short plain-text answer: the status, and why where the status alone does not say."""
+    body = (f"{status}: {reason}\n" if reason else f"{status}\n").encode()
     return status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))], body
 
 
