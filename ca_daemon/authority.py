@@ -71,15 +71,28 @@ class ActiveCa:
     # The CA certificate's validity, read once (each property read builds a datetime).
     valid_from: datetime = field(init=False)
     valid_until: datetime = field(init=False)
+    # The earliest notAfter of the chain: the CA certificate's and its parents' as stored (import-cert). Nothing this
+    # key signs may outlive it, as a relying party rejects a leaf whose chain has a certificate expired; read once
+    # here (at start-up and at a key switch), not per Sign.
+    chain_valid_until: datetime = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "valid_from", self.certificate.not_valid_before_utc)
         object.__setattr__(self, "valid_until", self.certificate.not_valid_after_utc)
+        parents = [x509.load_der_x509_certificate(der).not_valid_after_utc for der in self.key.chain_der]
+        object.__setattr__(self, "chain_valid_until", min([self.valid_until, *parents]))
 
     def check_valid(self, now: datetime) -> None:
-        """Refuse to sign outside the CA certificate's validity: relying parties would reject every certificate signed."""
+        """Refuse to sign outside the CA certificate's validity or once a parent expired: relying parties would reject
+        every certificate signed."""
         if not self.valid_from <= now < self.valid_until:
             raise _ca_validity_refusal(self.key.key_id, self.valid_from, self.valid_until, now)
+        if now >= self.chain_valid_until:
+            raise FailedPrecondition(
+                f"a parent certificate in the chain of CA key {self.key.key_id} expired at {self.chain_valid_until.isoformat()} "
+                f"(now {now.isoformat()}): no certificate it signed would validate; rotate to a new CA key (README: Key rotation)",
+                rule="ca-certificate-validity",
+            )
 
 
 # How long a health probe waits for the store's answer before it reports this worker down.
@@ -575,7 +588,15 @@ class Authority:
             active.check_valid(now)
         except FailedPrecondition as refusal:
             raise parsed.refusal(refusal) from None
-        builder = issuer.build_leaf(decision, active.certificate, issuer.new_serial(), now, self._config.ca.backdate, self._urls)
+        builder = issuer.build_leaf(
+            decision,
+            active.certificate,
+            issuer.new_serial(),
+            now,
+            self._config.ca.backdate,
+            self._urls,
+            not_after_limit=active.chain_valid_until,
+        )
         try:
             draft = issuer.draft_linted(builder, self._draft_key, parsed.rules.linter)
         except LintFailure as refusal:

@@ -150,12 +150,22 @@ def build_leaf(
     now: datetime,
     backdate: timedelta,
     urls: LeafUrls,
+    *,
+    not_after_limit: datetime | None = None,
 ) -> x509.CertificateBuilder:
-    """A device certificate: CA:false, the profile's key usage (critical) and EKU, SANs, SKI/AKI, CDP and AIA."""
+    """A device certificate: CA:false, the profile's key usage (critical) and EKU, SANs, SKI/AKI, CDP and AIA.
+
+    Its notAfter is the decision's validity, capped at not_after_limit: the earliest notAfter of the issuer's chain
+    (ActiveCa.chain_valid_until), so the leaf outlives no certificate it chains through. None: the issuer
+    certificate's own notAfter (a root, or a template that is only linted).
+    """
     public_key = serialization.load_der_public_key(decision.public_key_der)
     assert isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey, ed25519.Ed25519PublicKey))
     not_before = now - backdate
-    not_after = min(now + decision.validity, issuer_certificate.not_valid_after_utc)
+    limit = (
+        issuer_certificate.not_valid_after_utc if not_after_limit is None else min(not_after_limit, issuer_certificate.not_valid_after_utc)
+    )
+    not_after = min(now + decision.validity, limit)
     builder = (
         x509.CertificateBuilder()
         .subject_name(decision.subject)

@@ -102,10 +102,19 @@ def _validity_out_of_range(shown: str) -> InvalidRequest:
 
 
 def build_verification_certificate(
-    code: str, ca_certificate: x509.Certificate, public_key: ec.EllipticCurvePublicKey, now: datetime, validity: timedelta
+    code: str,
+    ca_certificate: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    now: datetime,
+    validity: timedelta,
+    chain_valid_until: datetime,
 ) -> x509.CertificateBuilder:
-    """An end-entity certificate with subject CN = code, issued by the CA; no SAN, CDP or AIA (it is never revoked)."""
-    not_after = min(now + validity, ca_certificate.not_valid_after_utc)
+    """An end-entity certificate with subject CN = code, issued by the CA; no SAN, CDP or AIA (it is never revoked).
+
+    Valid until now + validity at most, and never past chain_valid_until (ActiveCa's: the earliest notAfter of the
+    CA certificate and its parents), as a device certificate.
+    """
+    not_after = min(now + validity, ca_certificate.not_valid_after_utc, chain_valid_until)
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, code)]))
@@ -175,8 +184,10 @@ class VerificationCertificates:
         validity = check_validity(validity)
         ca = self._active()
         throwaway_subject_key = ec.generate_private_key(ec.SECP256R1())  # never stored: only the CA's signature matters
+        now = datetime.now(UTC).replace(microsecond=0)
+        ca.check_valid(now)  # a CA certificate or parent expired: what it signs would not validate (FAILED_PRECONDITION)
         builder = build_verification_certificate(
-            code, ca.certificate, throwaway_subject_key.public_key(), datetime.now(UTC).replace(microsecond=0), validity
+            code, ca.certificate, throwaway_subject_key.public_key(), now, validity, ca.chain_valid_until
         )
         draft_key = issuer.draft_key_like(ca.private_key)  # type: ignore[arg-type]
         log.info("signing a verification certificate for code %r with CA key %s (caller %s)", code, ca.key.key_id, actor)

@@ -1,0 +1,134 @@
+"""An intermediate under an outside parent that expires before it: nothing issued outlives the parent.
+
+A leaf's notAfter was capped by the issuing CA certificate's notAfter only, so under an intermediate
+imported with `ca import-cert` whose parent expires first, every leaf (and verification certificate)
+outlived its chain: from the parent's expiry on, relying parties rejected it while it was still "valid".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ca_daemon import issuer
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from tests.conftest import CaEnv, Daemon, device_csr, make_env, openssl_verify
+
+
+def _parent(key: ec.EllipticCurvePrivateKey, not_after: datetime) -> x509.Certificate:
+    """An outside root CA certificate for key, valid until not_after."""
+    now = datetime.now(UTC)
+    builder = issuer.build_root(issuer.parse_subject("CN=Short-lived Outside Root"), key.public_key(), now, not_after - now)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _parent_and_intermediate(csr_pem: bytes, parent_days: int, intermediate_days: int) -> tuple[x509.Certificate, x509.Certificate]:
+    """An outside root valid parent_days, and its answer to the CSR valid intermediate_days (longer: the parent expires first)."""
+    parent_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    parent_cert = _parent(parent_key, now + timedelta(days=parent_days))
+    csr = x509.load_pem_x509_csr(csr_pem)
+    intermediate = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(parent_cert.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=intermediate_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(issuer.ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_key.public_key()), critical=False)
+        .sign(parent_key, hashes.SHA256())
+    )
+    return parent_cert, intermediate
+
+
+def _intermediate_env(tmp_path: Path, softhsm_conf: Path, parent_days: int) -> tuple[CaEnv, x509.Certificate, x509.Certificate]:
+    """A CA whose key (ca-root-1) was certified by an outside parent with `init --csr-out` and `ca import-cert`."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    csr_path, cert_path, parent_path = tmp_path / "ca.csr", tmp_path / "intermediate.pem", tmp_path / "parent.pem"
+    env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA 1,O=Example Devices")
+    parent, intermediate = _parent_and_intermediate(csr_path.read_bytes(), parent_days=parent_days, intermediate_days=1825)
+    cert_path.write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
+    parent_path.write_bytes(parent.public_bytes(serialization.Encoding.PEM))
+    env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(parent_path))
+    return env, parent, intermediate
+
+
+def _verify_at(tmp_path: Path, leaf: x509.Certificate, chain_pem: str, when: datetime) -> subprocess.CompletedProcess[str]:
+    """`openssl verify` of the leaf against its chain as a relying party would run it at that moment."""
+    pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+    return openssl_verify(tmp_path, pem, chain_pem, "-attime", str(int(when.timestamp())))
+
+
+def test_leaves_and_verification_certificates_never_outlive_the_parent_of_an_imported_intermediate(
+    tmp_path: Path, softhsm_conf: Path
+) -> None:
+    # The parent expires in 3 days, the intermediate in 5 years; device certificates are valid 365 days by default.
+    env, parent, intermediate = _intermediate_env(tmp_path, softhsm_conf, parent_days=3)
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            signed = stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=30)
+            verification = stub.IssueVerificationCertificate(
+                ca_pb2.IssueVerificationCertificateRequest(code="0F3A9C5D", validity_seconds=10 * 86400), timeout=30
+            )
+    finally:
+        daemon.stop()
+    leaf = x509.load_pem_x509_certificate(signed.certificate_pem.encode())
+    proof = x509.load_pem_x509_certificate(verification.certificate_pem.encode())
+    assert [c.subject for c in x509.load_pem_x509_certificates(signed.chain_pem.encode())] == [intermediate.subject, parent.subject]
+    # The earliest notAfter of the chain (the parent's), not the intermediate's and not the profile's 365 days.
+    got = (leaf.not_valid_after_utc.isoformat(), proof.not_valid_after_utc.isoformat())
+    assert got == (parent.not_valid_after_utc.isoformat(),) * 2, got
+    for certificate in (leaf, proof):
+        # Valid now and still valid to its last second: a relying party never sees it "valid" under an expired parent.
+        assert _verify_at(tmp_path, certificate, signed.chain_pem, datetime.now(UTC)).returncode == 0
+        last_second = certificate.not_valid_after_utc - timedelta(seconds=1)
+        verified = _verify_at(tmp_path, certificate, signed.chain_pem, last_second)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_nothing_is_signed_once_a_parent_in_the_chain_has_expired(tmp_path: Path, softhsm_conf: Path) -> None:
+    """Only the CA certificate's own expiry stopped Sign: under an expired parent it went on issuing leaves no relying
+    party accepts (import-cert refuses an expired parent, so the stored parent is replaced by one that expired)."""
+    env, _, _ = _intermediate_env(tmp_path, softhsm_conf, parent_days=30)
+    expired_parent = _parent(ec.generate_private_key(ec.SECP256R1()), datetime.now(UTC) - timedelta(minutes=1))
+    with sqlite3.connect(env.state_dir / "ca.db") as database:
+        database.execute(
+            "UPDATE ca_keys SET chain_der = ? WHERE key_id = 'ca-root-1'", (expired_parent.public_bytes(serialization.Encoding.DER),)
+        )
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    errors = []
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            calls = (
+                lambda: stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=30),
+                lambda: stub.IssueVerificationCertificate(ca_pb2.IssueVerificationCertificateRequest(code="0F3A9C5D"), timeout=30),
+            )
+            for call in calls:
+                try:
+                    call()
+                except grpc.RpcError as exc:
+                    errors.append((exc.code(), exc.details() or ""))
+                else:
+                    errors.append((grpc.StatusCode.OK, "issued"))
+    finally:
+        daemon.stop()
+    expected = f"a parent certificate in the chain of CA key ca-root-1 expired at {expired_parent.not_valid_after_utc.isoformat()}"
+    for code, details in errors:
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and expected in details and "rotate to a new CA key" in details, errors
+    with sqlite3.connect(env.state_dir / "ca.db") as database:
+        assert database.execute("SELECT COUNT(*) FROM certificates").fetchone() == (0,)
