@@ -22,7 +22,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from ca_daemon import crl_der
 from ca_daemon.errors import LintFailure, capped, echo
 from ca_daemon.lint import Linter
-from ca_daemon.policy import Decision
+from ca_daemon.policy import SUBJECT_UPPER_BOUNDS, Decision
 from ca_daemon.remote_keys import Buffer, EcKeyWithoutPrivateHalf, Ed25519KeyWithoutPrivateHalf, RsaKeyWithoutPrivateHalf
 
 SERIAL_BYTES = 20
@@ -273,14 +273,55 @@ def build_ca_csr(subject: x509.Name) -> x509.CertificateSigningRequestBuilder:
     )
 
 
+# RFC 5280 (Appendix A) upper bounds, in characters, of the attributes a CA subject can carry: the profiles' table
+# (policy.SUBJECT_UPPER_BOUNDS) and the other ub-* of RFC 5280. Country codes and the CN are also checked by
+# cryptography itself (C: 2, CN: 1 to 64 bytes), which refuses them while parsing.
+_CA_SUBJECT_UPPER_BOUNDS: dict[x509.ObjectIdentifier, tuple[int, str]] = {
+    NameOID.COMMON_NAME: (SUBJECT_UPPER_BOUNDS["CN"], "ub-common-name"),
+    NameOID.ORGANIZATION_NAME: (SUBJECT_UPPER_BOUNDS["O"], "ub-organization-name"),
+    NameOID.ORGANIZATIONAL_UNIT_NAME: (SUBJECT_UPPER_BOUNDS["OU"], "ub-organizational-unit-name"),
+    NameOID.COUNTRY_NAME: (SUBJECT_UPPER_BOUNDS["C"], "ub-country-name-alpha-length"),
+    NameOID.LOCALITY_NAME: (SUBJECT_UPPER_BOUNDS["L"], "ub-locality-name"),
+    NameOID.STATE_OR_PROVINCE_NAME: (SUBJECT_UPPER_BOUNDS["ST"], "ub-state-name"),
+    NameOID.SERIAL_NUMBER: (SUBJECT_UPPER_BOUNDS["serialNumber"], "ub-serial-number"),
+    NameOID.TITLE: (64, "ub-title"),
+    NameOID.PSEUDONYM: (128, "ub-pseudonym"),
+    NameOID.EMAIL_ADDRESS: (255, "ub-emailaddress-length"),
+}
+# The most a CA subject may encode to (DER). Every certificate and CRL the CA signs carries it as the issuer name,
+# and devices receive it in every chain and TLS handshake. One each of CN, O, OU, L, ST, C, serialNumber and title at
+# RFC 5280's bounds encodes to 676 bytes; attributes without a bound (DC, UID, dotted OIDs) or repeated ones could
+# otherwise make it any size.
+MAX_CA_SUBJECT_BYTES = 1024
+
+
 def parse_subject(text: str) -> x509.Name:
-    """An RFC 4514 string such as 'CN=Factory CA,O=Example' as an x509.Name."""
+    """An RFC 4514 string such as 'CN=Factory CA,O=Example' as an x509.Name, for a CA certificate or CSR.
+
+    Refused (ValueError): no CN, an attribute empty or longer than RFC 5280's upper bound, a name over
+    MAX_CA_SUBJECT_BYTES encoded. Every CA subject a command or the key ceremony takes comes through here.
+    """
     try:
         name = x509.Name.from_rfc4514_string(text)
     except ValueError as exc:
         raise ValueError(f"not an RFC 4514 distinguished name: {echo(text)} ({capped(str(exc), 160)})") from None
     if not name.get_attributes_for_oid(NameOID.COMMON_NAME):
         raise ValueError(f"the CA subject {echo(text)} needs a CN")
+    for attribute in name:
+        shown = attribute.rfc4514_attribute_name
+        if not attribute.value:
+            raise ValueError(f"the CA subject's {shown} is empty: RFC 5280 gives every attribute at least one character")
+        bound = _CA_SUBJECT_UPPER_BOUNDS.get(attribute.oid)
+        if bound is not None and len(attribute.value) > bound[0]:
+            raise ValueError(
+                f"the CA subject's {shown} is {len(attribute.value)} characters long: RFC 5280 allows at most {bound[0]} ({bound[1]})"
+            )
+    encoded = len(name.public_bytes())
+    if encoded > MAX_CA_SUBJECT_BYTES:
+        raise ValueError(
+            f"the CA subject encodes to {encoded} bytes, over the {MAX_CA_SUBJECT_BYTES} allowed: every certificate the CA "
+            "signs carries it; give fewer or shorter attributes"
+        )
     return name
 
 

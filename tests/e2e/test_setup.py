@@ -74,6 +74,37 @@ def test_init_refuses_a_bad_subject_or_validity_before_it_makes_anything(tmp_pat
     assert "generated the audit checkpoint key" in made and "generated ec-p256 CA key" in made, made
 
 
+# Over RFC 5280's upper bounds (ub-organization-name 64, ub-locality-name 128; SIZE (1..ub): never empty), and a name
+# whose every attribute is short but which encodes to over 1 KiB: every certificate the CA signs carries it.
+OVERSIZED_CA_SUBJECTS = (
+    ("CN=Factory CA,O=" + "o" * 65, "the CA subject's O is 65 characters long: RFC 5280 allows at most 64 (ub-organization-name)"),
+    ("CN=Factory CA,L=" + "l" * 129, "the CA subject's L is 129 characters long: RFC 5280 allows at most 128 (ub-locality-name)"),
+    ("CN=Factory CA,O=", "the CA subject's O is empty"),
+    ("CN=Factory CA," + ",".join(["DC=" + "d" * 60] * 16), "the CA subject encodes to 1"),
+)
+
+
+def test_init_and_ca_csr_refuse_a_ca_subject_beyond_rfc_5280_bounds_before_making_anything(tmp_path: Path, softhsm_conf: Path) -> None:
+    """They took any size: the CA key was made and self-signed or its CSR written, and every leaf then carried that name."""
+    ca = make_env(tmp_path, softhsm_conf, init=False)
+    csr_path = tmp_path / "ca.csr"
+    for subject, message in OVERSIZED_CA_SUBJECTS:
+        for command in (("init", "--subject", subject), ("init", "--csr-out", str(csr_path), "--subject", subject)):
+            refused = ca.cli(*command, check=False)
+            assert refused.returncode == 1 and f"ca-daemon: {message}" in refused.stderr, refused.stdout + refused.stderr
+            assert "Traceback" not in refused.stderr and "generated" not in refused.stdout, refused.stdout + refused.stderr
+    assert ca.cli("key", "list").stdout == "" and not csr_path.exists()
+    # At the bounds it is taken (a CN of 64, an O of 64, an L of 128 characters).
+    at_bounds = "CN=" + "c" * 64 + ",O=" + "o" * 64 + ",L=" + "l" * 128
+    made = ca.cli("init", "--subject", at_bounds).stdout
+    assert "generated the audit checkpoint key" in made and "generated ec-p256 CA key" in made, made
+    # `ca csr` for a key in the token refuses them too, and writes nothing.
+    for subject, message in OVERSIZED_CA_SUBJECTS:
+        refused = ca.cli("ca", "csr", "--label", "ca-root-1", "--subject", subject, "--out", str(csr_path), check=False)
+        assert refused.returncode == 1 and f"ca-daemon: {message}" in refused.stderr, refused.stdout + refused.stderr
+    assert not csr_path.exists()
+
+
 def test_init_csr_out_for_a_key_that_has_its_certificate_fails_and_says_what_writes_a_csr(tmp_path: Path, softhsm_conf: Path) -> None:
     """README (Keys in the HSM): `init --csr-out` once the CA key has a certificate (e.g. after `make run`)."""
     env = make_env(tmp_path, softhsm_conf)

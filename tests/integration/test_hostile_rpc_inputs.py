@@ -28,6 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.revocation import MAX_BULK_REQUEST_BYTES, MAX_BULK_SERIALS
 from tests.conftest import CaEnv, Daemon, device_csr
+from tests.e2e.test_setup import OVERSIZED_CA_SUBJECTS
 from tests.integration.crl_helpers import crl_env, sign, start, stub
 
 
@@ -259,6 +260,22 @@ def test_get_key_csr_with_a_subject_of_10k_characters_is_invalid_argument_quotin
     assert _details(error).endswith("[rule subject]")
     assert "…(truncated)" in _details(error)
     assert len(_details(error).encode()) <= 1024
+
+
+@pytest.mark.parametrize(("subject", "message"), OVERSIZED_CA_SUBJECTS, ids=["o-65", "l-129", "empty-o", "over-1-kib"])
+def test_self_sign_and_get_key_csr_refuse_a_subject_beyond_rfc_5280_bounds_and_install_nothing(
+    channel: grpc.Channel, subject: str, message: str
+) -> None:
+    """The officer's key ceremony takes a CA subject too: the same bounds as `ca-daemon init` and `ca csr`."""
+    label = _new_key(channel)
+    for call in (
+        lambda: _ceremony(channel).SelfSignKey(ca_pb2.SelfSignKeyRequest(key_id=label, subject=subject), timeout=60),
+        lambda: _ceremony(channel).GetKeyCSR(ca_pb2.GetKeyCSRRequest(key_id=label, subject=subject), timeout=60),
+    ):
+        error = _error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error)[:300])
+        assert _details(error).startswith(message) and _details(error).endswith("[rule subject]"), _details(error)[:300]
+    assert not _has_certificate(channel, label)
 
 
 # -- bytes that are not the request message ---------------------------------------------------

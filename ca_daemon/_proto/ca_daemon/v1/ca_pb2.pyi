@@ -125,7 +125,9 @@ class SelfSignKeyRequest(_message.Message):
     VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     subject: _builtins.str
-    """RFC 4514 subject, e.g. "CN=Factory Root CA 2,O=Example"."""
+    """RFC 4514 subject, e.g. "CN=Factory Root CA 2,O=Example": with a CN, each attribute
+    1 character up to RFC 5280's upper bound, at most 1024 bytes encoded (INVALID_ARGUMENT, rule subject).
+    """
     validity_days: _builtins.int
     """Validity in days: 1 to 36500, ending by 9999-12-31; 0 selects 3650."""
     def __init__(
@@ -176,6 +178,7 @@ class GetKeyCSRRequest(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     subject: _builtins.str
+    """RFC 4514 subject of the CSR, within the same bounds as SelfSignKeyRequest.subject."""
     def __init__(
         self,
         *,
