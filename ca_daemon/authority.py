@@ -847,6 +847,7 @@ def import_ca_certificate(
         )
     for checked in (certificate, *parents):
         _check_extensions_parse(checked)
+        _check_no_unknown_critical_extension(checked, "certificate_pem" if checked is certificate else "chain_pem")
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -975,6 +976,21 @@ def _check_extensions_parse(certificate: x509.Certificate) -> None:
             field="certificate_pem",
             expected="X.509 certificates whose extensions each appear once and parse (RFC 5280 4.2)",
         ) from None
+
+
+def _check_no_unknown_critical_extension(certificate: x509.Certificate, field: str) -> None:
+    """Refuse a critical extension of a type nobody here recognizes: a relying party must then reject the certificate
+    (RFC 5280 4.2; openssl: "unhandled critical extension"), and with it every leaf the key signs."""
+    for extension in certificate.extensions:
+        if extension.critical and isinstance(extension.value, x509.UnrecognizedExtension):
+            raise InvalidRequest(
+                f"the certificate {echo(certificate.subject.rfc4514_string())} has a critical extension "
+                f"{extension.oid.dotted_string} that relying parties do not recognize: they would reject every certificate "
+                "this key signs",
+                rule="ca-chain",
+                field=field,
+                expected="CA certificates whose critical extensions are standard ones (RFC 5280 4.2)",
+            )
 
 
 def _spki(certificate: x509.Certificate) -> bytes:

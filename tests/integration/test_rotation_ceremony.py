@@ -900,3 +900,46 @@ def test_a_root_is_activated_over_an_active_root_whose_certificate_expired(setup
     setup.follow()
     leaf = x509.load_der_x509_certificate(setup.store.get_certificate(setup.sign()).der)  # type: ignore[union-attr]
     leaf.verify_directly_issued_by(x509.load_der_x509_certificate(made.key.certificate_der))  # type: ignore[arg-type]
+
+
+def test_install_refuses_a_certificate_or_parent_with_a_critical_extension_no_relying_party_knows(setup: Setup, tmp_path: Path) -> None:
+    """RFC 5280 4.2: a relying party rejects a certificate with a critical extension it does not recognize. Before,
+    such an intermediate (or parent) was installed, and every leaf of the key failed (openssl: unhandled critical
+    extension)."""
+    ceremony = setup.ceremony()
+    unknown = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00")
+    for label, where in (("crit-sub", "certificate"), ("crit-parent", "parent")):
+        ceremony.generate("alice", KeySpec.EC_P256, label)
+        csr = x509.load_pem_x509_csr(ceremony.csr("alice", label, issuer.parse_subject(f"CN={label}")))
+        parent_key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        parent_builder = issuer.build_root(issuer.parse_subject(f"CN=Outside {label}"), parent_key.public_key(), now, timedelta(days=30))
+        if where == "parent":
+            parent_builder = parent_builder.add_extension(unknown, critical=True)
+        parent = parent_builder.sign(parent_key, hashes.SHA256())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(parent.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=20))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(issuer.ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        )
+        if where == "certificate":
+            builder = builder.add_extension(unknown, critical=True)
+        cert = builder.sign(parent_key, hashes.SHA256())
+        # What a relying party makes of that chain: the intermediate itself does not verify.
+        files = {name: tmp_path / f"{label}-{name}.pem" for name in ("root", "sub")}
+        files["root"].write_bytes(parent.public_bytes(serialization.Encoding.PEM))
+        files["sub"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        verify = ["openssl", "verify", "-CAfile", str(files["root"]), str(files["sub"])]
+        checked = subprocess.run(verify, capture_output=True, text=True, check=False)
+        assert checked.returncode != 0 and "unhandled critical extension" in checked.stdout + checked.stderr, checked.stdout
+        with pytest.raises(InvalidRequest, match=r"critical extension 1\.3\.6\.1\.4\.1\.55555\.1") as refused:
+            ceremony.install("alice", label, cert, [parent])
+        assert refused.value.rule == "ca-chain"
+        assert refused.value.field == ("certificate_pem" if where == "certificate" else "chain_pem")
+        assert setup.store.get_ca_key(label).certificate_der is None  # type: ignore[union-attr]
