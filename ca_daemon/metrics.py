@@ -13,6 +13,7 @@ module is first imported, which must come after the directory is set.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -43,7 +44,8 @@ _SHARED_MEMORY = Path("/dev/shm")  # noqa: S108 - a directory of our own is made
 _HANDSHAKE_TIMEOUT_S = 10.0
 # Each connection is served in a thread of the supervisor. A client gets this long (after its TLS handshake)
 # to send its request head, in all, however it spaces its bytes; and at most MAX_CONNECTIONS are served at
-# once, more are closed at once. Prometheus sends its whole request at once, from one or two servers.
+# once: beyond them the one that has waited longest for its handshake or request head is closed to make room
+# (see _Connections). Prometheus sends its whole request at once, from one or two servers.
 _REQUEST_HEAD_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256
 _REFUSAL_LOG_INTERVAL_S = 60.0
@@ -311,6 +313,7 @@ def serve(
 
         def get_environ(self) -> dict[str, Any]:
             """The request, with the verdict on the client behind its TLS connection (wsgiref exposes no certificate)."""
+            connections.answering(self.connection)  # the head is in: no longer the first to go when the endpoint is full
             environ: dict[str, Any] = super().get_environ()
             # The head is in: the answer's writes (and reads of a body, which no GET has) get the whole timeout again.
             self.input.deadline = time.monotonic() + _REQUEST_HEAD_TIMEOUT_S
@@ -336,7 +339,7 @@ def serve(
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     family = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    connections = _Connections(MAX_CONNECTIONS)
     refusals = LogThrottle(_REFUSAL_LOG_INTERVAL_S)
 
     class Server(ThreadingWSGIServer):
@@ -357,29 +360,32 @@ def serve(
             return self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False), address
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            """A thread for the connection if fewer than MAX_CONNECTIONS are being served; else close it now."""
-            if not slots.acquire(blocking=False):
+            """A thread for the connection, closing the one waiting longest for its head if MAX_CONNECTIONS are served."""
+            admitted, made_room = connections.admit(request)
+            if made_room or not admitted:
                 held_back = refusals.admit("busy")
                 if held_back is not None:
                     log.warning(
-                        "metrics endpoint: closed %d connection(s) at once: %d are being served, as many as it takes%s",
+                        "metrics endpoint: %d connection(s) beyond the %d it serves at once%s: %s",
                         held_back + 1,
                         MAX_CONNECTIONS,
-                        f" (in the last {_REFUSAL_LOG_INTERVAL_S:.0f} s)" if held_back else "",
+                        f" in the last {_REFUSAL_LOG_INTERVAL_S:.0f} s" if held_back else "",
+                        "closed the ones that had waited longest for their request" if admitted else "closed at once, all being answered",
                     )
+            if not admitted:
                 self.shutdown_request(request)
                 return
             try:
                 super().process_request(request, client_address)
             except BaseException:
-                slots.release()
+                connections.done(request)
                 raise
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
             try:
                 super().process_request_thread(request, client_address)
             finally:
-                slots.release()
+                connections.done(request)
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             """A client that goes away, resets, or is too slow is no error of ours; anything else is logged as JSON.
@@ -408,6 +414,49 @@ def serve(
 
     threading.Thread(target=serve_named, name="metrics-http", daemon=True).start()
     return server
+
+
+class _Connections:
+    """The connections being served (at most limit), and those of them still waiting for their handshake or head.
+
+    A cap alone let anyone who reaches the port hold every place with connections that never speak, each
+    for its 10 s, and every scrape was closed unanswered (as the CRL server's _make_room explains): at the
+    cap the connection that has waited longest is closed for the new one. One being answered keeps its place.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._served: set[socket.socket] = set()
+        self._waiting: dict[socket.socket, None] = {}  # oldest first
+
+    def admit(self, connection: socket.socket) -> tuple[bool, bool]:
+        """(admitted, whether a waiting connection was closed to admit it)."""
+        with self._lock:
+            made_room = False
+            if len(self._served) >= self._limit:
+                if not self._waiting:
+                    return False, False
+                oldest = next(iter(self._waiting))
+                del self._waiting[oldest]
+                self._served.discard(oldest)
+                # Its thread, blocked in the handshake or a read, wakes at once to an end of file and ends.
+                # socket.socket's own shutdown: SSLSocket's drops the TLS object that thread is using.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(oldest, socket.SHUT_RDWR)
+                made_room = True
+            self._served.add(connection)
+            self._waiting[connection] = None
+            return True, made_room
+
+    def answering(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._waiting.pop(connection, None)
+
+    def done(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._waiting.pop(connection, None)
+            self._served.discard(connection)
 
 
 class _DeadlineReader(io.RawIOBase):

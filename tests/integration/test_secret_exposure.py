@@ -272,12 +272,16 @@ def test_a_database_driver_reason_reaches_the_caller_without_the_socket_path(tmp
 def test_silent_connections_to_the_metrics_port_do_not_hold_up_a_scrape(
     tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 ) -> None:
-    """With mTLS, three TCP connections that never start a TLS handshake leave an auditor's scrape answered at once.
+    """With mTLS, TCP connections that never start a TLS handshake leave an auditor's scrape answered at once.
 
     The endpoint made the TLS handshake in its accept loop, with a 10 s timeout: each silent connection,
     which needs no certificate, only the port, held every scrape back for 10 s, and a few per minute
-    kept Prometheus from ever scraping. The handshake is now made in the connection's own thread.
+    kept Prometheus from ever scraping. The handshake is now made in the connection's own thread. And
+    more silent connections than metrics.MAX_CONNECTIONS had every scrape closed unanswered for 10 s:
+    now the one that has waited longest for its handshake is closed to make room.
     """
+    from ca_daemon import metrics
+
     env = make_env(tmp_path_factory.mktemp("metrics-silent"), softhsm_conf)
     tls_dir = env.state_dir / "tls"
     env.cli("mtls", "init", "--out", str(tls_dir), "--client", "aud:auditor", "--apply")
@@ -296,9 +300,10 @@ def test_silent_connections_to_the_metrics_port_do_not_hold_up_a_scrape(
         scraper.load_cert_chain(clients / "aud.pem", clients / "aud.key")
         url = f"https://localhost:{metrics_port}/metrics"
         assert b"ca_daemon_audit_chain_length" in urllib.request.urlopen(url, context=scraper, timeout=10).read()
-        silent = [socket.create_connection(("127.0.0.1", metrics_port), timeout=10) for _ in range(3)]
+        # More than the endpoint serves at once: the oldest silent ones are closed to make room for the scrape.
+        silent = [socket.create_connection(("127.0.0.1", metrics_port), timeout=10) for _ in range(metrics.MAX_CONNECTIONS + 20)]
         try:
-            time.sleep(0.3)  # all three accepted before the scrape connects
+            time.sleep(0.5)  # all accepted before the scrape connects
             started = time.monotonic()
             body = urllib.request.urlopen(url, context=scraper, timeout=25).read()
             took = time.monotonic() - started
@@ -319,6 +324,8 @@ def _threads(pid: int) -> int:
 def _closed_by_the_server(connections: list[socket.socket], within: float) -> list[socket.socket]:
     """The connections the server closed (EOF or reset) within `within` seconds; the others are still open."""
     deadline = time.monotonic() + within
+    for connection in connections:
+        connection.setblocking(False)  # with a timeout, recv waits for data even with MSG_DONTWAIT
     open_ = set(connections)
     closed = []
     while open_ and time.monotonic() < deadline:
@@ -346,8 +353,9 @@ def test_idle_and_slow_connections_to_the_metrics_port_are_bounded_and_dropped(
     process could go on until the supervisor (whose tasks count against the unit's TasksMax together with
     the workers') could neither start a thread nor restart a worker. With mTLS the same held for 10 s
     per connection that never finished its handshake, from anyone who reaches the port. Now at most
-    metrics.MAX_CONNECTIONS are served at once (more are closed at once), and a request head not
-    received within 10 s is dropped; the log stays JSON (a dropped client wrote a bare traceback).
+    metrics.MAX_CONNECTIONS are served at once (beyond that, the one that has waited longest for its request
+    head is closed), and a request head not received within 10 s is dropped; the log stays JSON (a dropped
+    client wrote a bare traceback).
     """
     from ca_daemon import metrics
 
@@ -372,7 +380,8 @@ def test_idle_and_slow_connections_to_the_metrics_port_are_bounded_and_dropped(
         time.sleep(1)
         # (+2: the first scrape's thread may still be ending)
         assert _threads(process.pid) - before <= metrics.MAX_CONNECTIONS + 2, "a thread for every connection, whatever their number"
-        dribbler, started = connections[0], time.monotonic()
+        # The newest: the oldest ones are closed at once to make room for those beyond the cap.
+        dribbler, started = connections[-1], time.monotonic()
         while time.monotonic() - started < 20:  # a byte a second: no read waits long, the head never ends
             try:
                 dribbler.sendall(b"X")
@@ -391,3 +400,46 @@ def test_idle_and_slow_connections_to_the_metrics_port_are_bounded_and_dropped(
         process.wait(timeout=30)
     not_json = [line for line in log_path.read_text().splitlines() if line and not line.startswith("{")]
     assert not_json == [], not_json[:20]
+
+
+def test_a_scrape_is_answered_while_more_idle_connections_than_the_cap_are_open(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """Connections that never send a request head, more than metrics.MAX_CONNECTIONS, and then a scrape.
+
+    The endpoint served at most MAX_CONNECTIONS at once and closed any connection beyond them unanswered:
+    anyone who reaches the port kept every scrape from being answered by keeping that many idle, each
+    for the 10 s head timeout, again and again. Now the connection that has waited longest for its head
+    is closed to make room, and the scrape is answered at once; the threads stay bounded by the cap.
+    """
+    from ca_daemon import metrics
+
+    env = make_env(tmp_path_factory.mktemp("metrics-idle"), softhsm_conf)
+    metrics_port = env.serve_metrics()
+    log_path = env.state_dir / "daemon.log"
+    process = spawn_daemon(env, log_path)
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    beyond = 44
+    idle: list[socket.socket] = []
+    try:
+        wait_serving(env.target, 90, process, log_path)
+        assert b"ca_daemon_audit_chain_length" in urllib.request.urlopen(url, timeout=10).read()
+        time.sleep(0.2)  # that scrape's thread ends
+        before = _threads(process.pid)
+        idle = [socket.create_connection(("127.0.0.1", metrics_port), timeout=10) for _ in range(metrics.MAX_CONNECTIONS + beyond)]
+        time.sleep(0.5)  # all accepted before the scrape connects
+        assert _threads(process.pid) - before <= metrics.MAX_CONNECTIONS + 1, "a thread for every connection, whatever their number"
+        started = time.monotonic()
+        body = urllib.request.urlopen(url, timeout=10).read()
+        took = time.monotonic() - started
+        assert b"ca_daemon_audit_chain_length" in body
+        assert took < 3, f"the scrape waited {took:.1f} s behind idle connections"
+        closed = _closed_by_the_server(idle, within=1)
+        # The oldest ones, one for each connection beyond the cap and one for the scrape; the newer ones keep their place.
+        assert set(closed) == set(idle[: beyond + 1]), f"closed {len(closed)}, not the {beyond + 1} oldest"
+        assert _threads(process.pid) - before <= metrics.MAX_CONNECTIONS + 1
+    finally:
+        for connection in idle:
+            connection.close()
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
