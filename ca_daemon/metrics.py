@@ -14,15 +14,18 @@ module is first imported, which must come after the directory is set.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import io
 import logging
 import os
+import re
 import shutil
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +44,11 @@ log = logging.getLogger(__name__)
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _SHARED_MEMORY = Path("/dev/shm")  # noqa: S108 - a directory of our own is made there with mkdir, see prepare_directory
+_DIRECTORY_PREFIX = "ca-daemon-metrics-"
+_DIRECTORY_NAME = re.compile(re.escape(_DIRECTORY_PREFIX) + "[0-9a-f]{16}")
+# In each metrics directory in shared memory: the daemon that serves its metrics holds it locked (flock) while it runs.
+_LOCK_FILE = "supervisor.lock"
+_held_locks: list[int] = []
 _HANDSHAKE_TIMEOUT_S = 10.0
 # Each connection is served in a thread of the supervisor. A client gets this long (after its TLS handshake)
 # to send its request head, in all, however it spaces its bytes; and at most MAX_CONNECTIONS are served at
@@ -101,18 +109,66 @@ def prepare_directory(state_dir: Path, shared_memory: Path = _SHARED_MEMORY) -> 
 def _own_directory_in(shared_memory: Path, state_dir: Path) -> Path | None:
     """A new directory of this daemon's in shared_memory, named after its state directory; None if it cannot be made.
 
-    A previous run's is removed first (rmtree leaves a symbolic link alone). shared_memory is everyone's:
-    whatever another user put at that name makes mkdir fail, and the caller uses the state directory.
+    A previous run's is removed first (rmtree leaves a symbolic link alone; the caller holds the state directory's
+    lock, so no daemon uses it), and so are those of daemons that no longer run (_remove_abandoned). The directory
+    is made under a temporary name with its lock file held, then renamed: under its own name it is never unlocked
+    while its daemon runs. shared_memory is everyone's: whatever another user put at that name makes the rename
+    fail, and the caller uses the state directory.
     """
     if not (shared_memory.is_dir() and os.access(shared_memory, os.W_OK)):
         return None
-    directory = shared_memory / f"ca-daemon-metrics-{hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]}"
+    _remove_abandoned(shared_memory)
+    directory = shared_memory / f"{_DIRECTORY_PREFIX}{hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]}"
     shutil.rmtree(directory, ignore_errors=True)
     try:
-        os.mkdir(directory, 0o700)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=shared_memory))  # mode 0700
     except OSError:
         return None
+    lock = os.open(staging / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        os.rename(staging, directory)
+    except OSError:
+        os.close(lock)
+        shutil.rmtree(staging, ignore_errors=True)
+        return None
+    while _held_locks:  # a directory prepared before in this process (tests): no longer in use
+        os.close(_held_locks.pop())
+    _held_locks.append(lock)  # held for the life of this process, which serves the directory's metrics
     return directory
+
+
+def _remove_abandoned(shared_memory: Path) -> None:
+    """Remove the metrics directories of daemons that no longer run: their lock file is there and nobody holds it.
+
+    `kill -9` of a daemon left its workers' files in shared memory (the host's RAM) until a daemon of the same state
+    directory started again, which may be never. Only this user's directories with a lock file are looked at: one
+    without was made by an earlier version, whose daemon may still run. What is removed is that directory's content,
+    through its descriptor, then its name if empty: a daemon of that state directory starting meanwhile puts a new
+    directory (never empty: it holds its lock file) at the name, which stays.
+    """
+    for name in os.listdir(shared_memory):
+        if not _DIRECTORY_NAME.fullmatch(name):
+            continue
+        with contextlib.ExitStack() as closing:
+            try:
+                directory = os.open(shared_memory / name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                closing.callback(os.close, directory)
+                if os.fstat(directory).st_uid != os.geteuid():
+                    continue
+                lock = os.open(_LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+                closing.callback(os.close, lock)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # gone meanwhile, not a directory, no lock file, or its daemon runs (BlockingIOError)
+                continue
+            for entry in os.listdir(directory):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry, dir_fd=directory)
+            try:
+                os.rmdir(shared_memory / name)
+            except OSError:
+                continue
+            log.info("metrics: removed %s, left by a daemon that no longer runs", shared_memory / name)
 
 
 class RequestMetrics:

@@ -7,6 +7,7 @@ is not allowed). Real daemon with two workers, real token, real SQLite, gRPC ove
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,9 +34,10 @@ def test_metrics_files_live_in_shared_memory_in_a_directory_of_their_own(tmp_pat
         directory = metrics.prepare_directory(state, shared)
         assert directory.parent == shared and directory.stat().st_mode & 0o777 == 0o700
         (directory / "stale.db").write_bytes(b"x")
-        assert list(metrics.prepare_directory(state, shared).iterdir()) == []  # a previous run's files go
+        # A previous run's files go; the lock file says the directory's daemon runs (see _remove_abandoned).
+        assert [path.name for path in metrics.prepare_directory(state, shared).iterdir()] == ["supervisor.lock"]
         # Someone else's name in the shared directory is never used: the state directory is.
-        directory.rmdir()
+        shutil.rmtree(directory)
         directory.symlink_to(tmp_path)
         assert metrics.prepare_directory(state, shared) == state / "metrics"
         assert directory.is_symlink() and (tmp_path / "shm").exists()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import struct
@@ -98,6 +101,54 @@ def test_sign_calls_past_their_deadline_are_logged_and_counted(tmp_path_factory:
     statuses = [line["status"] for line in lines if line.get("method") == SIGN]
     assert statuses.count("OK") == 1 and len(statuses) == 6 and set(statuses) - {"OK"} <= _GAVE_UP, statuses
     assert "NOT_FOUND" in [line["status"] for line in lines if line.get("method") == CHECK]
+
+
+def _metrics_directory(state_dir: Path) -> Path:
+    """Where a daemon of state_dir keeps its workers' metric files (ca_daemon.metrics.prepare_directory)."""
+    return Path("/dev/shm") / f"ca-daemon-metrics-{hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]}"
+
+
+def test_a_start_removes_the_metrics_directory_of_a_daemon_killed_with_sigkill_and_no_running_ones(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """`kill -9` of a daemon left its workers' files in /dev/shm (memory) until a daemon of the same state directory started.
+
+    A state directory that never serves again (moved, a test's, a host repurposed) left them until a reboot. A start
+    now removes the directory of every daemon that no longer runs (it holds no lock on it), and never a running one's.
+    """
+    killed_env = make_env(tmp_path_factory.mktemp("metrics-killed"), softhsm_conf)
+    running_env = make_env(tmp_path_factory.mktemp("metrics-running"), softhsm_conf)
+    next_env = make_env(tmp_path_factory.mktemp("metrics-next"), softhsm_conf)
+    ports = {env.state_dir: env.serve_metrics() for env in (killed_env, running_env, next_env)}
+    killed_dir, running_dir = _metrics_directory(killed_env.state_dir), _metrics_directory(running_env.state_dir)
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        for env in (killed_env, running_env):
+            started.append(spawn_daemon(env, env.state_dir / "daemon.log"))
+        for env, process in zip((killed_env, running_env), started, strict=True):
+            wait_serving(env.target, 90, process, env.state_dir / "daemon.log")
+            with grpc.insecure_channel(env.target) as channel:
+                ca_pb2_grpc.CertificateAuthorityStub(channel).Sign(
+                    ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=30
+                )
+        killed = started[0]
+        os.kill(killed.pid, signal.SIGKILL)  # the supervisor; its workers follow it (PR_SET_PDEATHSIG)
+        killed.wait(timeout=10)
+        assert sorted(killed_dir.glob("*.db")), "the killed daemon's workers wrote metric files"
+        running_files = sorted(path.name for path in running_dir.glob("*.db"))
+        assert running_files
+        started.append(spawn_daemon(next_env, next_env.state_dir / "daemon.log"))
+        wait_serving(next_env.target, 90, started[-1], next_env.state_dir / "daemon.log")
+        assert not killed_dir.exists(), sorted(path.name for path in killed_dir.iterdir())
+        assert sorted(path.name for path in running_dir.glob("*.db")) == running_files
+        body = urllib.request.urlopen(f"http://127.0.0.1:{ports[running_env.state_dir]}/metrics", timeout=10).read().decode()
+        assert _sign_counts(body) == {"OK": 1.0}, _sign_counts(body)
+    finally:
+        for process in started:
+            with contextlib.suppress(ProcessLookupError):  # the killed one's group is gone
+                os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        shutil.rmtree(killed_dir, ignore_errors=True)
 
 
 _A_WORKER = """
