@@ -15,7 +15,9 @@ A leaf module for users: it depends on the client and `cryptography`, never on t
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from ca_daemon.client import CaClient, Issued, UnexpectedAnswer
+from ca_daemon.files import fsync_path
 
 KEY_TYPES = ("ec-p256", "ec-p384", "ed25519", "rsa-2048")
 DEFAULT_SAN_URI = "urn:dev:ops:{device_id}"
@@ -83,22 +86,40 @@ class Device:
         return cls(device_id, key, make_csr(key, device_id, san_uri_template))
 
     def install(self, directory: Path, issued: Issued) -> Path:
-        """Write device.key (0600, PKCS#8 PEM), device.crt, chain.pem and fullchain.pem into directory/DEVICE_ID (0700)."""
+        """Write device.key (0600, PKCS#8 PEM), device.crt, chain.pem and fullchain.pem into directory/DEVICE_ID (0700).
+
+        All or nothing: the files are written and flushed in a new directory of another name, renamed to the
+        device's once all are there. Written in place, a run stopped midway left half a file, or a new key beside
+        an earlier run's certificate, in a directory that looked installed. An earlier install is replaced whole.
+        """
         home = directory / self.device_id
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        _write(home / "device.key", key_pem, 0o600)
-        _write(home / "device.crt", issued.certificate_pem.encode(), 0o644)
-        _write(home / "chain.pem", issued.chain_pem.encode(), 0o644)
-        _write(home / "fullchain.pem", (issued.certificate_pem + issued.chain_pem).encode(), 0o644)
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.device_id}.", suffix=".new", dir=directory))  # mode 0700
+        try:
+            key_pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            _write(staging / "device.key", key_pem, 0o600)
+            _write(staging / "device.crt", issued.certificate_pem.encode(), 0o644)
+            _write(staging / "chain.pem", issued.chain_pem.encode(), 0o644)
+            _write(staging / "fullchain.pem", (issued.certificate_pem + issued.chain_pem).encode(), 0o644)
+            fsync_path(staging)
+            if home.exists():  # moved aside first (a directory is renamed only onto an empty one), then removed
+                earlier = Path(tempfile.mkdtemp(prefix=f".{self.device_id}.", suffix=".old", dir=directory))
+                os.replace(home, earlier)
+                shutil.rmtree(earlier)
+            os.rename(staging, home)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_path(directory)
         return home
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Create with the final mode from the start (no window in which a key file is readable by others)."""
-    with open(path, "wb", opener=lambda p, flags: os.open(p, flags | os.O_TRUNC, mode)) as f:
+    """Create with the final mode from the start (no window in which a key file is readable by others), flushed to disk."""
+    with open(path, "xb", opener=lambda p, flags: os.open(p, flags, mode)) as f:
         f.write(data)
-    os.chmod(path, mode)  # an existing file keeps its old mode through O_TRUNC
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass

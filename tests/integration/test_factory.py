@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -932,3 +933,55 @@ def test_crl_publish_makes_a_full_crl_for_full_crl_only_consumers(client: CaClie
     crl_file.write_bytes(full.public_bytes(serialization.Encoding.PEM))
     result = openssl_verify(tmp_path, cert_pem, chain_pem, "-crl_check", "-CRLfile", str(crl_file))
     assert result.returncode != 0 and "certificate revoked" in result.stdout + result.stderr
+
+
+_INSTALL = """
+import sys
+from pathlib import Path
+from cryptography.hazmat.primitives import serialization
+from ca_daemon.client import Issued
+from ca_daemon.simulate import Device
+key_file, cert_file, chain_file, out = sys.argv[1:]
+key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
+issued = Issued(Path(cert_file).read_text(), Path(chain_file).read_text(), "", "", "")
+Device(Path(out).name, key, b"").install(Path(out).parent, issued)
+"""
+
+
+def test_an_install_cut_off_mid_write_leaves_no_device_directory_that_looks_installed(
+    daemon: Daemon, setup: tuple[CaEnv, int], tmp_path: Path
+) -> None:
+    """The simulator dies while writing a device's files (here: the file size limit stops it in fullchain.pem).
+
+    It wrote the files one by one in place: the device directory was left with a key, a certificate, a chain and
+    half a fullchain.pem, which looks installed. Now the files are written and flushed in a directory of another
+    name, renamed to the device's when all are there: a device directory is whole, or not there.
+    """
+    env, _ = setup
+    device = Device.make(f"cut-{uuid.uuid4().hex[:8]}")
+    with CaClient(env.target) as ca:
+        issued = ca.sign(device.csr_pem, request_id=str(uuid.uuid4()))
+    inputs = {"key": device.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())}
+    inputs["cert"], inputs["chain"] = issued.certificate_pem.encode(), issued.chain_pem.encode()
+    for name, data in inputs.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "devices"
+    limit = len(inputs["cert"]) + len(inputs["chain"]) - 1  # every file fits but fullchain.pem
+    assert limit > max(len(data) for data in inputs.values())
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    died = subprocess.run(
+        [sys.executable, "-c", _INSTALL, *(str(tmp_path / name) for name in inputs), str(out / device.device_id)],
+        preexec_fn=limit_file_size,
+        env=daemon_environment(),
+        capture_output=True,
+        check=False,
+    )
+    assert died.returncode == 1 and b"File too large" in died.stderr, died  # (Python ignores SIGXFSZ: EFBIG, an exception)
+    assert not (out / device.device_id).exists(), sorted(path.name for path in (out / device.device_id).iterdir())
+    device.install(out, issued)  # a later run installs it whole
+    home = out / device.device_id
+    assert (home / "fullchain.pem").read_text() == issued.certificate_pem + issued.chain_pem
+    assert stat.S_IMODE((home / "device.key").stat().st_mode) == 0o600 and stat.S_IMODE(home.stat().st_mode) == 0o700
