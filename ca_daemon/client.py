@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -203,7 +204,8 @@ class CaClient:
         self._timeout = timeout
         self._retries = retries
         self._max_backoff = max_backoff
-        self.retried = 0  # UNAVAILABLE and DEADLINE_EXCEEDED answers retried so far (for summaries and tests)
+        self.retried = 0  # UNAVAILABLE and DEADLINE_EXCEEDED answers retried so far, by every thread (for summaries and tests)
+        self._retried_lock = threading.Lock()
 
     def __enter__(self) -> CaClient:
         return self
@@ -215,8 +217,11 @@ class CaClient:
         for channel in self._channels:
             channel.close()
 
-    def _call(self, call: Callable[[], T], *, after_timeout: bool = True) -> T:
+    def _call(self, call: Callable[[], T], *, after_timeout: bool = True, retries: list[int] | None = None) -> T:
         """Run an idempotent call, retrying UNAVAILABLE (and, unless after_timeout is false, DEADLINE_EXCEEDED) with back-off.
+
+        retries: gets one item per retry of this call, for a caller that must know whether its own call was
+        retried (self.retried counts every thread's, and a client may be shared by threads).
 
         A call that ran out of its deadline may still complete in the daemon: a Sign waiting for the
         database's write lock is committed after the client has given up. Only a retry with the same
@@ -231,7 +236,10 @@ class CaClient:
             except grpc.RpcError as exc:
                 if exc.code() not in retried_codes or attempt == self._retries:
                     raise
-                self.retried += 1
+                with self._retried_lock:
+                    self.retried += 1
+                if retries is not None:
+                    retries.append(attempt)
                 time.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
         raise AssertionError("unreachable")
@@ -251,12 +259,12 @@ class CaClient:
     def revoke(self, serial: str, *, reason: str | int = "unspecified", invalidity_date: datetime | None = None) -> datetime:
         """Revoke one certificate; returns when it was revoked (durable in the daemon's store)."""
         request = ca_pb2.RevokeRequest(serial=serial, reason=reason_value(reason), invalidity_date=_ts(invalidity_date))  # type: ignore[arg-type]
-        retried_before = self.retried
+        retries: list[int] = []
         try:
-            response: ca_pb2.RevokeResponse = self._call(lambda: self._stub.Revoke(request, timeout=self._timeout))
+            response: ca_pb2.RevokeResponse = self._call(lambda: self._stub.Revoke(request, timeout=self._timeout), retries=retries)
         except grpc.RpcError as exc:
             # A retry (after UNAVAILABLE or a timeout) whose first attempt did commit finds the certificate revoked: ours.
-            if self.retried == retried_before or exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            if not retries or exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             existing = self.certificate(serial)
             if not existing.HasField("revocation") or existing.revocation.reason != request.reason:

@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import sqlite3
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -19,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.client import CaClient
 from tests.conftest import CaEnv, Daemon, device_csr, free_port, make_env
 
 CAP = 3
@@ -150,3 +152,62 @@ async def _send_at_once(target: str, csrs: list[bytes]) -> list[tuple[grpc.Statu
         return await asyncio.gather(*(sign(i) for i in range(len(csrs))))
     finally:
         await asyncio.gather(*(channel.close(None) for channel in channels))
+
+
+def test_a_shared_clients_retries_in_other_threads_do_not_turn_a_refused_revoke_into_a_success(capped: Daemon) -> None:
+    """Revoking a certificate already revoked is FAILED_PRECONDITION, also while another thread of the client retries.
+
+    CaClient.revoke took a refusal for its own retry's finding (the first attempt committed) whenever the
+    client's retry count had moved during the call: on a client shared by threads, another thread's retry
+    moved it, and the refused revoke returned as if it had revoked the certificate.
+    """
+    env = capped.env
+    client = CaClient(env.target, retries=40, max_backoff=0.2, timeout=60)
+    serial = client.sign(device_csr("revoked-before"), request_id="revoked-before").serial
+    client.revoke(serial, reason="key-compromise")
+    lock = os.open(str(_database(env)) + ".writelock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # writes wait: the held Sign calls and the second revoke stay in flight
+    released = False
+    outcome: dict[str, Any] = {}
+
+    def revoke_again() -> None:
+        try:
+            outcome["revoked_at"] = client.revoke(serial, reason="key-compromise")
+        except grpc.RpcError as exc:
+            outcome["code"] = exc.code()
+
+    def read() -> None:
+        outcome["read"] = client.certificate(serial).serial
+
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            held = [
+                stub.Sign.future(ca_pb2.SignRequest(csr=device_csr(f"shared-held-{i}"), request_id=f"shared-held-{i}"), timeout=60)
+                for i in range(CAP - 1)
+            ]
+            reviser = threading.Thread(target=revoke_again)
+            reviser.start()
+            deadline = time.monotonic() + 10
+            while _calls_in_flight(env) != CAP:  # both Sign calls and the revoke wait for the write lock
+                assert time.monotonic() < deadline and not any(f.done() for f in held), _calls_in_flight(env)
+                time.sleep(0.2)
+            assert client.retried == 0
+            reader = threading.Thread(target=read)
+            reader.start()
+            deadline = time.monotonic() + 10
+            while client.retried == 0:  # the read is refused (max_calls_in_flight) and retried by this same client
+                assert time.monotonic() < deadline, "the read was never refused and retried"
+                time.sleep(0.05)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            released = True
+            reviser.join(timeout=60)
+            reader.join(timeout=60)
+            assert [f.result(timeout=30).device_id for f in held] == [f"shared-held-{i}" for i in range(CAP - 1)]
+    finally:
+        if not released:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+        client.close()
+    assert outcome.get("read") == serial
+    assert outcome.get("code") == grpc.StatusCode.FAILED_PRECONDITION, outcome
