@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import re
 import socket
@@ -35,6 +36,13 @@ _MAX_DROPPED_BYTES = 1 << 20  # of an oversized request, read and dropped before
 # leave within the stall timeout, so a client that stops reading holds one chunk, not a copy of a
 # CRL of a million entries (asyncio's transport buffers whatever the socket does not take).
 MAX_CONNECTIONS = 512
+# One host asking for a large CRL on every connection and reading nothing held all of them (reconnecting each time the
+# stall timeout dropped one): everyone else got 503. A client address may hold this share at once; one more is answered
+# 503 at once. An IPv6 address counts by its /64, which one host or site is given whole and may pick addresses from at
+# will. Relying parties behind one NAT or proxy address share it: a download holds a connection only while it lasts,
+# and a caching proxy or CDN holds one per CRL it refreshes, so 32 downloads at once from one address is already far
+# beyond what CRL fetching needs.
+MAX_PER_CLIENT = MAX_CONNECTIONS // 16
 WRITE_STALL_S = 30.0
 _CHUNK_BYTES = 64 * 1024
 # The stall timeout alone let a client read one chunk per 29 s and hold its place for hours of a large CRL.
@@ -96,6 +104,7 @@ class DistributionServer:
         write_stall_s: float = WRITE_STALL_S,
         send_base_s: float = SEND_BASE_S,
         min_send_rate: float = MIN_SEND_RATE,
+        max_per_client: int = MAX_PER_CLIENT,
     ) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
@@ -104,8 +113,11 @@ class DistributionServer:
         self._write_stall_s = write_stall_s
         self._send_base_s = send_base_s
         self._min_send_rate = min_send_rate
+        self._max_per_client = max_per_client
         self._drop_lines = LogThrottle(_DROP_LOG_INTERVAL_S)
-        self._connections: set[asyncio.StreamWriter] = set()  # being answered (MAX_CONNECTIONS)
+        # Being answered (MAX_CONNECTIONS), each with the client address it counts against (MAX_PER_CLIENT).
+        self._connections: dict[asyncio.StreamWriter, str] = {}
+        self._per_client: dict[str, int] = {}
         # Those of them still waiting for their request head, oldest first (see _make_room).
         self._waiting: dict[asyncio.StreamWriter, None] = {}
         self._resources: dict[str, Resource] = {}
@@ -179,19 +191,30 @@ class DistributionServer:
             return False
         oldest = next(iter(self._waiting))
         del self._waiting[oldest]
-        self._connections.discard(oldest)
+        self._release(oldest)
         oldest.transport.abort()
         return True
 
+    def _release(self, writer: asyncio.StreamWriter) -> None:
+        """writer no longer holds a place, nor counts against its client address; a second call does nothing."""
+        client = self._connections.pop(writer, None)
+        if client is not None:
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self._max_connections and not self._make_room():
-            writer.write(_head("503 Service Unavailable", [("Retry-After", "1"), ("Content-Length", "0")]))
-            # Closing with the request unread would reset the connection and discard the answer: wait a moment for it.
-            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, _HeadTooLarge, TimeoutError, ConnectionError):
-                await asyncio.wait_for(_read_head(reader), timeout=1.0)
-            writer.close()
+        client = _client_address(writer.get_extra_info("peername"))
+        held = self._per_client.get(client, 0)
+        if held >= self._max_per_client:  # before _make_room: a client over its share closes no one else's connection
+            self._log_over_share(client, held)
+            await self._turn_away(reader, writer)
             return
-        self._connections.add(writer)
+        if len(self._connections) >= self._max_connections and not self._make_room():
+            await self._turn_away(reader, writer)
+            return
+        self._connections[writer] = client
+        self._per_client[client] = held + 1
         self._waiting[writer] = None
         try:
             lines = await asyncio.wait_for(_read_head(reader), timeout=_READ_TIMEOUT_S)
@@ -202,7 +225,7 @@ class DistributionServer:
             return
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):  # gone, silent, or closed by _make_room
             self._waiting.pop(writer, None)
-            self._connections.discard(writer)
+            self._release(writer)
             writer.close()
             return
         self._waiting.pop(writer, None)
@@ -221,10 +244,29 @@ class DistributionServer:
         except ConnectionError:
             pass
         finally:
-            self._connections.discard(writer)
+            self._release(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _turn_away(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer 503 with Retry-After: an answer HTTP clients and caches retry on, where a bare close looks like a fault."""
+        writer.write(_head("503 Service Unavailable", [("Retry-After", "1"), ("Content-Length", "0")]))
+        # Closing with the request unread would reset the connection and discard the answer: wait a moment for it.
+        with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, _HeadTooLarge, TimeoutError, ConnectionError):
+            await asyncio.wait_for(_read_head(reader), timeout=1.0)
+        writer.close()
+
+    def _log_over_share(self, client: str, held: int) -> None:
+        held_back = self._drop_lines.admit("over-share")
+        if held_back is None:
+            return
+        log.warning(
+            "HTTP connection from %s answered 503: that address already holds %d connections, the limit per client address%s",
+            client,
+            held,
+            f" ({held_back} more refused since the last such line)" if held_back else "",
+        )
 
     async def _drain(self, writer: asyncio.StreamWriter, deadline: float, request_line: bytes) -> None:
         """Wait for the client to take what is buffered: TimeoutError after the stall timeout, or at the response's
@@ -263,7 +305,7 @@ class DistributionServer:
                 dropped = 0
                 while dropped < _MAX_DROPPED_BYTES and (chunk := await reader.read(65536)):
                     dropped += len(chunk)
-        self._connections.discard(writer)
+        self._release(writer)
         writer.close()
 
     def _respond(self, lines: list[bytes]) -> tuple[str, list[tuple[str, str]], bytes]:
@@ -399,6 +441,21 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+def _client_address(peer: object) -> str:
+    """What a connection from peer (its peername) counts against: its IPv4 address, or its IPv6 address's /64."""
+    if not isinstance(peer, tuple) or not peer:
+        return ""
+    try:
+        address = ipaddress.ip_address(str(peer[0]).partition("%")[0])  # fe80::1%eth0: the zone is not the address
+    except ValueError:
+        return str(peer[0])
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    if address.ipv4_mapped is not None:  # a dual-stack socket sees IPv4 clients as ::ffff:a.b.c.d
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 def _head(status: str, headers: list[tuple[str, str]]) -> bytes:

@@ -22,11 +22,13 @@ import pytest
 from ca_daemon.http import (
     CRL_CONTENT_TYPE,
     MAX_CONNECTIONS,
+    MAX_PER_CLIENT,
     MIN_SEND_RATE,
     SEND_BASE_S,
     WRITE_STALL_S,
     DistributionServer,
     Resource,
+    _client_address,
 )
 
 BIG = 16 * 1024 * 1024  # about the size of a full CRL of 500,000 entries
@@ -41,10 +43,12 @@ class Running:
         write_stall_s: float = WRITE_STALL_S,
         send_base_s: float = SEND_BASE_S,
         min_send_rate: float = MIN_SEND_RATE,
+        max_per_client: int = MAX_PER_CLIENT,
     ) -> None:
         self.server = DistributionServer(
             "127.0.0.1:0",
             max_connections=max_connections,
+            max_per_client=max_per_client,
             write_stall_s=write_stall_s,
             send_base_s=send_base_s,
             min_send_rate=min_send_rate,
@@ -437,3 +441,53 @@ def test_a_request_with_very_many_header_lines_gets_431() -> None:
         assert _ask(running.server.port, b"GET /small.crl HTTP/1.1\r\nHost: x\r\n" + fewer + b"\r\n").startswith(b"HTTP/1.1 200 OK")
     finally:
         running.stop()
+
+
+def _stall_from(source: str, port: int, path: str) -> socket.socket:
+    """_stall from the loopback address source (all of 127.0.0.0/8 is loopback on Linux): another client host."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.settimeout(10)
+    client.bind((source, 0))
+    client.connect(("127.0.0.1", port))
+    client.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return client
+
+
+def test_one_host_cannot_take_every_place_from_the_others(stalled: list[socket.socket], caplog: pytest.LogCaptureFixture) -> None:
+    """One host asked for the big CRL on every connection and read nothing: every other relying party got 503.
+
+    Its connections beyond its share are answered 503 at once, though the server has room, and logged (one line, naming
+    it); another host is served.
+    """
+    caplog.set_level(logging.WARNING, logger="ca_daemon.http")
+    running = Running(max_connections=4, max_per_client=2)
+    try:
+        stalled.extend(_stall_from("127.0.0.1", running.server.port, "/big.crl") for _ in range(4))
+        time.sleep(0.3)
+        with _stall_from("127.0.0.2", running.server.port, "/small.crl") as other:
+            answer = b""
+            while chunk := other.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:80]
+        for client in stalled[2:]:  # beyond its share
+            client.settimeout(0.5)
+            refused = b""
+            while chunk := client.recv(65536):
+                refused += chunk
+            assert refused.startswith(b"HTTP/1.1 503 Service Unavailable") and b"Retry-After: 1" in refused, refused[:80]
+        for client in stalled[:2]:  # its share keeps its places
+            assert client.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        refusals = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.http" and "per client address" in r.getMessage()]
+        assert len(refusals) == 1 and "127.0.0.1" in refusals[0], refusals  # the second is held back and counted
+    finally:
+        running.stop()
+
+
+def test_an_ipv6_client_counts_by_its_64_and_a_mapped_ipv4_one_by_its_address() -> None:
+    """A host given an IPv6 /64 can pick any address in it: counted by address, it could take every place alone."""
+    same_host = {_client_address((f"2001:db8:1:2:{i:x}::{i:x}", 8080, 0, 0)) for i in range(1, 100)}
+    assert same_host == {"2001:db8:1:2::/64"}
+    assert _client_address(("2001:db8:1:3::1", 8080, 0, 0)) == "2001:db8:1:3::/64"
+    assert _client_address(("fe80::1%eth0", 8080, 0, 2)) == "fe80::/64"
+    assert _client_address(("::ffff:192.0.2.7", 8080, 0, 0)) == _client_address(("192.0.2.7", 8080)) == "192.0.2.7"
