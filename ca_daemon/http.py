@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ca_daemon.logs import LogThrottle
@@ -43,6 +44,12 @@ MAX_CONNECTIONS = 512
 # and a caching proxy or CDN holds one per CRL it refreshes, so 32 downloads at once from one address is already far
 # beyond what CRL fetching needs.
 MAX_PER_CLIENT = MAX_CONNECTIONS // 16
+# A connection turned away with 503 waits up to a second for its request (closing with it unread would reset the
+# connection and lose the answer). Uncounted, a flood of connections beyond the limit held a task and a socket each:
+# beyond this many at once, one is closed without an answer.
+MAX_TURNED_AWAY = MAX_CONNECTIONS // 8
+_TURN_AWAY_WAIT_S = 1.0
+_STOP_WAIT_S = 1.0  # for the handlers of the connections stop() closed: each ends within a loop iteration or two
 WRITE_STALL_S = 30.0
 _CHUNK_BYTES = 64 * 1024
 # The stall timeout alone let a client read one chunk per 29 s and hold its place for hours of a large CRL.
@@ -105,6 +112,7 @@ class DistributionServer:
         send_base_s: float = SEND_BASE_S,
         min_send_rate: float = MIN_SEND_RATE,
         max_per_client: int = MAX_PER_CLIENT,
+        max_turned_away: int = MAX_TURNED_AWAY,
     ) -> None:
         host, _, port = listen.rpartition(":")
         self._host = host.strip("[]")
@@ -114,10 +122,14 @@ class DistributionServer:
         self._send_base_s = send_base_s
         self._min_send_rate = min_send_rate
         self._max_per_client = max_per_client
+        self._max_turned_away = max_turned_away
         self._drop_lines = LogThrottle(_DROP_LOG_INTERVAL_S)
         # Being answered (MAX_CONNECTIONS), each with the client address it counts against (MAX_PER_CLIENT).
         self._connections: dict[asyncio.StreamWriter, str] = {}
         self._per_client: dict[str, int] = {}
+        self._turned_away: set[asyncio.StreamWriter] = set()  # being answered 503 (MAX_TURNED_AWAY)
+        self._handlers: set[asyncio.Task[Any]] = set()  # of every connection above, for stop() to wait for
+        self._stopping = False
         # Those of them still waiting for their request head, oldest first (see _make_room).
         self._waiting: dict[asyncio.StreamWriter, None] = {}
         self._resources: dict[str, Resource] = {}
@@ -148,6 +160,7 @@ class DistributionServer:
 
     async def start(self) -> None:
         """Bind now if possible; otherwise log, report unhealthy and keep trying in the background."""
+        self._stopping = False
         if not await self._try_bind():
             self._binder = asyncio.get_running_loop().create_task(self._keep_binding(), name="http-bind")
 
@@ -169,16 +182,20 @@ class DistributionServer:
             await asyncio.sleep(_RETRY_BIND_S)
 
     async def stop(self) -> None:
+        """Stop listening, close every connection (being answered, waiting or turned away) and wait for their handlers."""
+        self._stopping = True
         if self._binder is not None:
             self._binder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._binder
         if self._server is not None:
             self._server.close()
-            for writer in list(self._connections):  # wait_closed waits for every connection: a stalled client held it
+            for writer in [*self._connections, *self._turned_away]:  # a stalled client held wait_closed (3.12)
                 writer.transport.abort()
             await self._server.wait_closed()
             self._server = None
+        if self._handlers:  # Python 3.11's wait_closed does not wait for them
+            await asyncio.wait(set(self._handlers), timeout=_STOP_WAIT_S)
 
     def _make_room(self) -> bool:
         """At the limit, close the connection that has waited longest for its request head; False if none waits.
@@ -204,6 +221,18 @@ class DistributionServer:
                 del self._per_client[client]
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection, tracked so that stop() can wait for its end; one accepted as the server stops is closed."""
+        task = asyncio.current_task()
+        if self._stopping or task is None:
+            writer.transport.abort()
+            return
+        self._handlers.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = _client_address(writer.get_extra_info("peername"))
         held = self._per_client.get(client, 0)
         if held >= self._max_per_client:  # before _make_room: a client over its share closes no one else's connection
@@ -250,12 +279,20 @@ class DistributionServer:
                 await writer.wait_closed()
 
     async def _turn_away(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Answer 503 with Retry-After: an answer HTTP clients and caches retry on, where a bare close looks like a fault."""
-        writer.write(_head("503 Service Unavailable", [("Retry-After", "1"), ("Content-Length", "0")]))
-        # Closing with the request unread would reset the connection and discard the answer: wait a moment for it.
-        with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, _HeadTooLarge, TimeoutError, ConnectionError):
-            await asyncio.wait_for(_read_head(reader), timeout=1.0)
-        writer.close()
+        """Answer 503 with Retry-After: an answer HTTP clients and caches retry on, where a bare close looks like a fault.
+        Beyond MAX_TURNED_AWAY at once, close at once."""
+        if len(self._turned_away) >= self._max_turned_away:
+            writer.transport.abort()
+            return
+        self._turned_away.add(writer)
+        try:
+            writer.write(_head("503 Service Unavailable", [("Retry-After", "1"), ("Content-Length", "0")]))
+            # Closing with the request unread would reset the connection and discard the answer: wait a moment for it.
+            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, _HeadTooLarge, TimeoutError, ConnectionError):
+                await asyncio.wait_for(_read_head(reader), timeout=_TURN_AWAY_WAIT_S)
+        finally:
+            self._turned_away.discard(writer)
+            writer.close()
 
     def _log_over_share(self, client: str, held: int) -> None:
         held_back = self._drop_lines.admit("over-share")

@@ -23,6 +23,7 @@ from ca_daemon.http import (
     CRL_CONTENT_TYPE,
     MAX_CONNECTIONS,
     MAX_PER_CLIENT,
+    MAX_TURNED_AWAY,
     MIN_SEND_RATE,
     SEND_BASE_S,
     WRITE_STALL_S,
@@ -44,11 +45,13 @@ class Running:
         send_base_s: float = SEND_BASE_S,
         min_send_rate: float = MIN_SEND_RATE,
         max_per_client: int = MAX_PER_CLIENT,
+        max_turned_away: int = MAX_TURNED_AWAY,
     ) -> None:
         self.server = DistributionServer(
             "127.0.0.1:0",
             max_connections=max_connections,
             max_per_client=max_per_client,
+            max_turned_away=max_turned_away,
             write_stall_s=write_stall_s,
             send_base_s=send_base_s,
             min_send_rate=min_send_rate,
@@ -68,6 +71,14 @@ class Running:
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
         assert started.wait(10) and self.server.bound
+
+    def tasks(self) -> int:
+        """Tasks on the server's loop: one per connection it handles."""
+
+        async def count() -> int:
+            return len(asyncio.all_tasks()) - 1  # not this one
+
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(10)
 
     def stop(self) -> None:
         async def stop_all() -> None:
@@ -491,3 +502,39 @@ def test_an_ipv6_client_counts_by_its_64_and_a_mapped_ipv4_one_by_its_address() 
     assert _client_address(("2001:db8:1:3::1", 8080, 0, 0)) == "2001:db8:1:3::/64"
     assert _client_address(("fe80::1%eth0", 8080, 0, 2)) == "fe80::/64"
     assert _client_address(("::ffff:192.0.2.7", 8080, 0, 0)) == _client_address(("192.0.2.7", 8080)) == "192.0.2.7"
+
+
+def test_a_flood_beyond_the_limit_holds_a_bounded_number_of_refusals_and_stop_closes_them(stalled: list[socket.socket]) -> None:
+    """Each connection turned away with 503 lived up to 1 s waiting for its request, uncounted, and stop() left them open:
+    a flood of connections grew the loop's tasks and open sockets without bound."""
+    running = Running(max_connections=2, max_turned_away=4)
+    try:
+        stalled.extend(_stall(running.server.port, "/big.crl") for _ in range(2))
+        time.sleep(0.3)
+        flood = [socket.create_connection(("127.0.0.1", running.server.port), timeout=10) for _ in range(100)]
+        stalled.extend(flood)  # silent: each 503 handler waits for a request that never comes
+        time.sleep(0.3)
+        assert running.tasks() <= 2 * (2 + 4), running.tasks()  # each handler, and the wait_for it runs as a task
+        answered = 0
+        for client in flood:  # each closed at once, or within the cap answered 503 at once (a timeout here fails the test)
+            client.settimeout(0.5)
+            with contextlib.suppress(ConnectionError):
+                answer = client.recv(65536)
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 503 Service Unavailable"), answer[:80]
+                answered += bool(answer)
+        assert answered <= 4, answered
+        time.sleep(1.0)  # those turned away with 503 gave up waiting for their request
+        again = [socket.create_connection(("127.0.0.1", running.server.port), timeout=10) for _ in range(4)]
+        stalled.extend(again)  # within the cap: answered 503 and waiting for their request when the server stops
+        time.sleep(0.3)
+        began = time.monotonic()
+        asyncio.run_coroutine_threadsafe(running.server.stop(), running.loop).result(10)
+        assert time.monotonic() - began < 0.5
+        assert running.tasks() == 0  # no connection left open, being answered or turned away
+        for client in [*stalled[:2], *again]:
+            client.settimeout(0.5)
+            with contextlib.suppress(ConnectionError):
+                while client.recv(1 << 20):
+                    pass
+    finally:
+        running.stop()
