@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 from ca_daemon.errors import ConfigError
+from ca_daemon.http_paths import request_path
 from ca_daemon.model import KeySpec
 
 DEFAULT_DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -438,6 +439,10 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
     for url in ca.crl_distribution_points + ca.ca_issuers_urls:
         if not re.fullmatch(r"https?://\S+", url):  # fullmatch: "$" let a trailing newline through
             raise ConfigError(f"ca: {url!r} is not an http:// or https:// URL")
+    for url in ca.crl_distribution_points:
+        _check_served_url("ca.crl_distribution_points", url)
+    for url in ca.ca_issuers_urls:
+        _check_served_url("ca.ca_issuers_urls", url)
 
     store_raw = reader.table("store")
     url = store_raw.string("url", "")
@@ -719,7 +724,29 @@ def _parse_crl(raw: _Reader, base: Path, state_dir: Path, ca: CaConfig) -> CrlCo
     for url in crl.delta_distribution_points:
         if not re.fullmatch(r"https?://\S+", url):  # fullmatch: "$" let a trailing newline through
             raise ConfigError(f"crl.delta_distribution_points: {url!r} is not an http:// or https:// URL")
+        _check_served_url("crl.delta_distribution_points", url)
     return crl
+
+
+def _check_served_url(setting: str, url: str) -> None:
+    """Refuse a URL whose path the HTTP server answers 400, or that a client never sends whole: nothing could fetch it.
+
+    The server serves each configured URL at its path and routes a request by its decoded path, refusing dot-segments,
+    encoded slashes and NUL, bad escapes and the like (http_paths): a certificate must not point where it refuses.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: the URL had failed only when a CRL was served
+        raise ConfigError(f"{setting}: {url!r} is not a valid URL") from None
+    if "#" in url:  # the full and the default delta URL (x#1.crl, x#1-delta.crl) were served at one path
+        reason = f"a fragment (#{parts.fragment}) is never sent to the server; write a # in a path as %23"
+    else:
+        try:
+            request_path((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+            return
+        except ValueError as exc:
+            reason = str(exc)
+    raise ConfigError(f"{setting}: {url!r} cannot be served over HTTP: {reason}")
 
 
 def _delta_url(full_url: str) -> str:

@@ -23,6 +23,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from ca_daemon.http_paths import request_path
 from ca_daemon.logs import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ CRL_CONTENT_TYPE = "application/pkix-crl"
 CERT_CONTENT_TYPE = "application/pkix-cert"
 _VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")  # RFC 9112 2.3, case-sensitive
 _SUPPORTED_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
-_TARGET = re.compile(r"[!-~]+")  # RFC 9112 3.2: visible ASCII, no spaces or controls
-_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class _HeadTooLarge(Exception):
@@ -371,7 +370,7 @@ class DistributionServer:
             status, out, body = _plain("405 Method Not Allowed")
             return status, [*out, ("Allow", "GET, HEAD")], body
         try:
-            path = _decoded_path(_target_path(target))
+            path = request_path(target)
         except ValueError as exc:
             return _plain("400 Bad Request", str(exc))
         resource = self._resources.get(path)
@@ -408,48 +407,6 @@ async def _read_head(reader: asyncio.StreamReader) -> list[bytes]:
             return lines
         if size > _MAX_HEAD_BYTES or len(lines) > 1 + _MAX_HEADER_LINES:
             raise _HeadTooLarge
-
-
-def _target_path(target: str) -> str:
-    """The path of an origin-form (/path?query) or absolute-form (http://host/path) request target (RFC 9112 3.2).
-
-    An origin-form target is not given to urlsplit, which read //host/path as an authority and a shorter path.
-    """
-    if not _TARGET.fullmatch(target):
-        raise ValueError("the request target has a character other than visible ASCII")
-    if target.startswith("/"):
-        path = target.partition("?")[0]
-        if any(c in path for c in "#[]"):  # RFC 3986 3.3: gen-delims a path may not hold (//[x was read as an IPv6 host)
-            raise ValueError("the path has #, [ or ], which a URL path may not")
-        return path
-    if target[:7].lower() == "http://" or target[:8].lower() == "https://":
-        try:
-            return urlsplit(target).path or "/"
-        except ValueError:  # e.g. an unclosed IPv6 bracket
-            raise ValueError("the request target is not a valid URL") from None
-    raise ValueError("the request target is neither a path nor an http:// URL")
-
-
-def _decoded_path(raw: str) -> str:
-    """raw with its percent-escapes decoded, segment by segment; ValueError saying why it is refused.
-
-    An escape may not smuggle in what a path is split or resolved by: an encoded slash, a NUL, or a
-    dot-segment, which a cache or file server in front of this one may resolve where we do not.
-    """
-    if _BAD_ESCAPE.search(raw):
-        raise ValueError("the path has a % not followed by two hex digits")
-    segments = []
-    for segment in raw.split("/"):
-        try:
-            decoded = unquote(segment, errors="strict")
-        except UnicodeDecodeError:
-            raise ValueError("the path does not decode to UTF-8") from None
-        if "/" in decoded or "\0" in decoded:
-            raise ValueError("the path has an encoded slash or NUL")
-        if decoded in (".", ".."):
-            raise ValueError("the path has a dot-segment (/./ or /../)")
-        segments.append(decoded)
-    return "/".join(segments)
 
 
 def _not_modified(resource: Resource, headers: dict[str, str]) -> bool:

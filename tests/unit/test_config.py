@@ -35,6 +35,11 @@ def test_the_development_configuration_loads(tmp_path: Path) -> None:
     assert cfg.profile("").name == "device"
 
 
+_H = "http://127.0.0.1:8080"
+_CDP = f'"{_H}/crl/k.crl"'  # the CRL and CA URLs of the development configuration
+_AIA = f'"{_H}/ca/k.der"'
+
+
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
@@ -54,12 +59,74 @@ def test_the_development_configuration_loads(tmp_path: Path) -> None:
         ('url = "sqlite:///ca.db"', 'url = "sqlite:///new/"', "names a directory, not a database file"),
         ("validity_days = 365", "validity_days = 365\nmax_validity_days = 30", "exceeds max_validity_days"),
         ('default_profile = "device"', 'default_profile = "nope"', "is not one of the profiles"),
+        # CRL and CA URLs the HTTP server would answer 400 (see http_paths), or whose fragment no client sends.
+        (
+            _CDP,
+            f'"{_H}/crl/../k.crl"',
+            f"ca.crl_distribution_points: '{_H}/crl/../k.crl' cannot be served over HTTP: the path has a dot-segment",
+        ),
+        (
+            _CDP,
+            f'"{_H}/crl/%2e%2E/k.crl"',
+            f"ca.crl_distribution_points: '{_H}/crl/%2e%2E/k.crl' cannot be served over HTTP: the path has a dot-segment",
+        ),
+        (
+            _CDP,
+            f'"{_H}/crl/./k.crl"',
+            f"ca.crl_distribution_points: '{_H}/crl/./k.crl' cannot be served over HTTP: the path has a dot-segment",
+        ),
+        (
+            _CDP,
+            f'"{_H}/crl%2Fk.crl"',
+            f"ca.crl_distribution_points: '{_H}/crl%2Fk.crl' cannot be served over HTTP: the path has an encoded slash or NUL",
+        ),
+        (
+            _CDP,
+            f'"{_H}/crl/k%00.crl"',
+            f"ca.crl_distribution_points: '{_H}/crl/k%00.crl' cannot be served over HTTP: the path has an encoded slash or NUL",
+        ),
+        (_CDP, f'"{_H}/crl/[k].crl"', f"ca.crl_distribution_points: '{_H}/crl/[k].crl' cannot be served over HTTP: the path has #, [ or ]"),
+        (
+            _CDP,
+            f'"{_H}/crl/k#1.crl"',
+            f"ca.crl_distribution_points: '{_H}/crl/k#1.crl' cannot be served over HTTP: a fragment (#1.crl) is never sent",
+        ),
+        (_CDP, '"http://[127.0.0.1/crl/k.crl"', "ca.crl_distribution_points: 'http://[127.0.0.1/crl/k.crl' is not a valid URL"),
+        (
+            _AIA,
+            f'"{_H}/ca/k%zz.der"',
+            f"ca.ca_issuers_urls: '{_H}/ca/k%zz.der' cannot be served over HTTP: the path has a % not followed by two hex",
+        ),
+        (
+            _AIA,
+            f'"{_H}/ca/k%C3%28.der"',
+            f"ca.ca_issuers_urls: '{_H}/ca/k%C3%28.der' cannot be served over HTTP: the path does not decode to UTF-8",
+        ),
+        (
+            _AIA,
+            f'"{_H}/ca/kä.der"',
+            f"ca.ca_issuers_urls: '{_H}/ca/kä.der' cannot be served over HTTP: the request target has a character other than visible ASCII",
+        ),
+        (
+            'directory = "crl"',
+            f'directory = "crl"\ndelta_distribution_points = ["{_H}/crl/%2E/k-delta.crl"]',
+            f"crl.delta_distribution_points: '{_H}/crl/%2E/k-delta.crl' cannot be served over HTTP: the path has a dot-segment",
+        ),
     ],
 )
 def test_invalid_settings_are_refused_by_name(tmp_path: Path, old: str, new: str, message: str) -> None:
+    """A CRL or CA URL whose path the HTTP server answers 400 (it decodes paths since 609355d) was accepted and unreachable."""
     with pytest.raises(ConfigError) as excinfo:
         config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
     assert message in excinfo.value.message
+
+
+def test_crl_and_ca_urls_the_server_serves_are_accepted(tmp_path: Path) -> None:
+    """Percent-escapes the server decodes, a query it ignores, and a URL with no path (served at /) all load."""
+    urls = ("http://127.0.0.1:8080/crl/k%2Dx.crl?v=1", "https://crl.example.net", "http://[::1]:8080/crl/k%20x.crl")
+    cdp = 'crl_distribution_points = ["http://127.0.0.1:8080/crl/k.crl"]'
+    cfg = config.load(_write(tmp_path, _dev(tmp_path, **{cdp: "crl_distribution_points = [" + ", ".join(f'"{u}"' for u in urls) + "]"})))
+    assert cfg.ca.crl_distribution_points == urls
 
 
 @pytest.mark.parametrize(
