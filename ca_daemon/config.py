@@ -117,6 +117,8 @@ class ServerConfig:
     max_connection_age_seconds: int = 1800
     local_identity: str = "local-developer"
     http_listen: str = ""
+    # Connections one client address (an IPv6 /64) may hold at once on the CRL HTTP port (see http.DistributionServer).
+    http_connections_per_client: int = 32
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         max_connection_age_seconds=server_raw.integer("max_connection_age_seconds", 1800, minimum=0, maximum=7 * 86400),
         local_identity=server_raw.string("local_identity", "local-developer"),
         http_listen=server_raw.string("http_listen", ""),
+        http_connections_per_client=server_raw.integer("http_connections_per_client", 32, minimum=1, maximum=512),
     )
     if server.cpu_affinity not in CPU_AFFINITY_MODES:
         raise ConfigError(f"server.cpu_affinity = {server.cpu_affinity!r}: use one of {', '.join(CPU_AFFINITY_MODES)}")

@@ -295,7 +295,11 @@ class CrlServices:
         publisher = CrlPublisher(config, hsm, store)
         publisher.fence = self.leadership
         self.scheduler = CrlScheduler(config, publisher, store, self.leadership)
-        self.http = DistributionServer(config.server.http_listen) if config.server.http_listen else None
+        self.http = (
+            DistributionServer(config.server.http_listen, max_per_client=config.server.http_connections_per_client)
+            if config.server.http_listen
+            else None
+        )
         if config.crl.directory is not None:
             self.scheduler.subscribe(CrlFileWriter(config.crl.directory))
         if self.http is not None:

@@ -718,3 +718,29 @@ def test_the_client_fetches_a_full_crl_larger_than_grpcs_default_message_limit(t
         daemon.stop()
     crl = x509.load_der_x509_crl(fetched.der)
     assert len(fetched.der) > 4 * 1024 * 1024 and len(crl) == 120_000
+
+
+def test_the_connections_one_client_address_may_hold_on_the_http_port_are_a_setting(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """[server] http_connections_per_client: relying parties behind one address that does not cache need more than 32."""
+    env, port = crl_env(tmp_path_factory.mktemp("per-client"), softhsm_conf)
+    env.edit_config(f'http_listen = "127.0.0.1:{port}"', f'http_listen = "127.0.0.1:{port}"\nhttp_connections_per_client = 2')
+    daemon = start(env, tmp_path_factory.mktemp("log"))
+    idle: list[socket.socket] = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        time.sleep(0.3)  # both accepted and counted
+        started = time.monotonic()
+        answer = _http_raw(port, b"GET /crl/nothing-here.crl HTTP/1.1\r\nHost: ca\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"Retry-After: 1" in answer and time.monotonic() - started < 5, answer
+        idle.pop().close()
+        deadline = time.monotonic() + 5
+        while not _http_raw(port, b"GET /crl/nothing-here.crl HTTP/1.1\r\nHost: ca\r\n\r\n").startswith(b"HTTP/1.1 404 "):
+            assert time.monotonic() < deadline, "a place freed by a closed connection was never given back"
+            time.sleep(0.1)
+    finally:
+        for conn in idle:
+            conn.close()
+        daemon.stop()

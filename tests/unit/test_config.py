@@ -50,6 +50,8 @@ _AIA = f'"{_H}/ca/k.der"'
         ('key = "pkcs11:', 'key = "file:', "pkcs11: URI"),
         (f'module = "{config.DEFAULT_SOFTHSM_MODULE}"', 'module = ""', "hsm.module is empty: name the PKCS#11 library"),
         ("workers = 2", "workers = 0", "server.workers = 0 is out of range"),
+        ("workers = 2", "workers = 2\nhttp_connections_per_client = 0", "server.http_connections_per_client = 0 is out of range"),
+        ("workers = 2", "workers = 2\nhttp_connections_per_client = 513", "server.http_connections_per_client = 513 is out of range"),
         ("workers = 2", 'workers = "two"', "server.workers must be an integer"),
         ("workers = 2", 'workers = 2\ncpu_affinity = "always"', "server.cpu_affinity = 'always': use one of auto, off"),
         ("workers = 2", 'workers = 2\ncpu_scheduling = "fifo"', "server.cpu_scheduling = 'fifo': use one of batch, normal"),
