@@ -26,6 +26,7 @@ from ca_daemon.config import Config
 from ca_daemon.errors import (
     AlreadyExists,
     CaError,
+    CaKeyChanged,
     ConfigError,
     FailedPrecondition,
     InvalidRequest,
@@ -318,6 +319,7 @@ class Authority:
         # what the other put in force, so neither undoes the other.
         self._policy_lock = threading.Lock()
         self._store_probe: asyncio.Future[bool] | None = None  # see probe_health
+        self._following: asyncio.Future[None] | None = None  # see _follow_now
         self._committer: GroupCommitter[IssuanceItem, IssuanceOutcome] = GroupCommitter(
             store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
@@ -401,7 +403,21 @@ class Authority:
         await self._hsm.run_async(lambda: self._switch(active_id))
         return True
 
+    async def _follow_now(self) -> None:
+        """follow_active_key once for all the requests one commit refused (CaKeyChanged); a failure is logged only."""
+        if self._following is None or self._following.done():
+            self._following = asyncio.ensure_future(self._follow_logged())
+        await asyncio.shield(self._following)
+
+    async def _follow_logged(self) -> None:
+        try:
+            await self.follow_active_key()
+        except Exception:  # the poll (app.py) tries again
+            log.exception("could not switch to the newly activated CA key after a commit refused the old one's certificate")
+
     def _switch(self, key_id: str) -> None:
+        if key_id == self.active.key.key_id:
+            return  # switched meanwhile (a poll and a refused commit both asked)
         key = self._store.get_ca_key(key_id)
         if key is None or key.status != KeyStatus.ACTIVE or key.certificate_der is None:
             return  # changed again meanwhile; the next poll sees the new state
@@ -444,6 +460,11 @@ class Authority:
             raise refused.error from None
         except AlreadyExists as conflict:  # its request_id answered another CSR before
             await self._record_conflict(request, conflict)
+            raise
+        except CaKeyChanged:
+            # Signed with a key the store no longer has active (discarded and audited by the commit): follow the switch
+            # now, not at the next poll, so that the caller's retry (same request_id) is signed with the new key.
+            await self._follow_now()
             raise
         if isinstance(outcome, AlreadyExists):
             await self._record_conflict(request, outcome)

@@ -108,6 +108,11 @@ class StoreUnavailable(CaError):
     """The database cannot be reached or is busy; retrying later may succeed (UNAVAILABLE)."""
 
 
+class CaKeyChanged(CaError):
+    """The CA key that signed a certificate stopped being the active key before the certificate was stored; it was
+    discarded, and a retry with the same request_id is signed with the new key (UNAVAILABLE)."""
+
+
 class Overloaded(CaError):
     """A worker already has as many calls in flight as it takes; retrying after a back-off may succeed (UNAVAILABLE)."""
 

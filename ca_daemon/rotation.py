@@ -14,7 +14,9 @@ Same layer as authority.py. The steps and who may take them:
   approval is recorded and audited and changes nothing else.
 
 Every worker notices a new active key within `[rotation] poll_interval_ms`
-(Authority.follow_active_key) and opens it in its own Hsm: no restart.
+(Authority.follow_active_key) and opens it in its own Hsm: no restart. Until then the group
+commit refuses what it signs with the old key (CaKeyChanged, UNAVAILABLE), and the worker
+follows at once.
 """
 
 from __future__ import annotations
@@ -411,10 +413,14 @@ class KeyCeremony:
 
         Revocations first (each one transaction, idempotent on a retry: already revoked
         certificates are skipped), then the switch that consumes the approvals. A crash in
-        between leaves the approvals live, so the second officer's retry completes it.
-        Workers keep signing with the old key until they notice the switch (one poll
-        interval), so once every worker must have switched, a second pass revokes what
-        the old key signed meanwhile.
+        between leaves the approvals live, so the second officer's retry completes it; the
+        other order would not (a retry is refused once the successor is active). From the
+        switch on, no certificate of the old key is stored: the group commit reads its
+        issuer key's status (FOR SHARE on PostgreSQL; the switch's UPDATE waits for a commit
+        that read it first), and a worker that has not followed yet has its certificate
+        discarded and the caller told to retry. So the second pass, once every worker must
+        have switched, finds only what was committed while the first pass ran; it stays
+        as defence in depth.
         """
         issued = self._rotation.unexpired_unrevoked(key_id, now, leaves_only=False)
         revoked = self._revoke(issued, RevocationReason.CA_COMPROMISE, actor)

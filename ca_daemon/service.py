@@ -57,6 +57,7 @@ _STATUS: list[tuple[type[errors.CaError], grpc.StatusCode]] = [
     (errors.QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.HsmUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.CaKeyChanged, grpc.StatusCode.UNAVAILABLE),
     (errors.Overloaded, grpc.StatusCode.UNAVAILABLE),
     (errors.LintFailure, grpc.StatusCode.INTERNAL),
     (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -127,13 +127,24 @@ class RotationStore:
                     f"{action} of {key_id} needs approvals from {required} distinct officers within the window; live: {len(officers)}",
                     rule="dual-control",
                 )
+            # The keys' rows locked in key order, as a group commit locks its issuer keys FOR SHARE (SqlStore.
+            # record_unique_issuances): a commit in flight finishes first, and one that comes later sees the new status.
+            statuses = {
+                row.key_id: row.status
+                for row in conn.execute(
+                    select(ca_keys.c.key_id, ca_keys.c.status)
+                    .where(ca_keys.c.key_id.in_(sorted({c.key_id for c in changes})))
+                    .order_by(ca_keys.c.key_id)
+                    .with_for_update()
+                )
+            }
             for change in changes:
-                row = conn.execute(select(ca_keys.c.status).where(ca_keys.c.key_id == change.key_id)).first()
-                if row is None:
+                status = statuses.get(change.key_id)
+                if status is None:
                     raise NotFound(f"no CA key {change.key_id!r}", rule="key", field="key_id")
-                if KeyStatus(row.status) not in change.expected:
+                if KeyStatus(status) not in change.expected:
                     raise FailedPrecondition(
-                        f"CA key {change.key_id} is {row.status}; {action} needs it " + " or ".join(s.value for s in change.expected),
+                        f"CA key {change.key_id} is {status}; {action} needs it " + " or ".join(s.value for s in change.expected),
                         rule="key-status",
                     )
                 conn.execute(update(ca_keys).where(ca_keys.c.key_id == change.key_id).values(status=change.new_status.value))

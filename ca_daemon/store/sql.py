@@ -27,7 +27,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
 from ca_daemon.audit_hash import CHAIN_LOCK_KEY, GENESIS, details_text, event_hash
-from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable, echo
+from ca_daemon.errors import AlreadyExists, CaKeyChanged, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable, echo
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.store import schema
 from ca_daemon.store.locks import Leadership, LockSpace, xact_lock, xact_locks
@@ -468,7 +468,9 @@ class SqlStore:
         """A datetime as this dialect's DateTime column stores it (SQLite keeps text)."""
         return self._time_processor(value) if self._time_processor else value
 
-    def record_unique_issuances(self, batch: Sequence[IssuanceItem]) -> list[IssuanceOutcome | AlreadyExists | QuotaExceeded]:
+    def record_unique_issuances(
+        self, batch: Sequence[IssuanceItem]
+    ) -> list[IssuanceOutcome | AlreadyExists | QuotaExceeded | CaKeyChanged]:
         """Store a batch of issuances in one transaction, re-checking idempotency, uniqueness and quotas there.
 
         Each item is (certificate, audit event, allow_reissue, hourly quota of the caller,
@@ -477,12 +479,14 @@ class SqlStore:
         stored for the ones after them. A request_id answered before replays that answer. A
         certificate whose device ID gained an active certificate, or whose key was certified
         for another device, since the policy decided is not stored, nor one past its
-        caller's quota (requests in flight together all passed the earlier check): its
+        caller's quota (requests in flight together all passed the earlier check), nor one
+        whose issuer key is no longer the active key (signed by a worker that had not yet
+        followed a key switch: CaKeyChanged, and its retry is signed with the new key): its
         outcome is the refusal, and an audit event records that the signed certificate was
         discarded.
         """
         now = _now()
-        outcomes: list[IssuanceOutcome | AlreadyExists | QuotaExceeded] = []
+        outcomes: list[IssuanceOutcome | AlreadyExists | QuotaExceeded | CaKeyChanged] = []
         limited = sorted({audit.actor for _, audit, _, quota in batch if quota})
         with self._begin() as conn:
             # Serialise concurrent replicas per device ID, key, request_id and quota (a no-op on
@@ -494,6 +498,12 @@ class SqlStore:
                 + [(LockSpace.REQUEST_ID, c.request_id) for c, _, _, _ in batch]
                 + [(LockSpace.CALLER_QUOTA, caller) for caller in limited],
             )
+            # The issuer keys' status, read FOR SHARE (PostgreSQL; SQLite's writers are serialised already): under READ
+            # COMMITTED a key switch's UPDATE in flight makes this wait and then read the new status, and a switch that
+            # comes after waits for this commit, whose certificates the emergency's revocation pass then finds.
+            in_force = {
+                row.key_id: row.status for row in conn.execute(_ISSUER_KEYS, {"key_ids": sorted({c.issuer_key_id for c, _, _, _ in batch})})
+            }
             minute = _minute(now + self._database_clock_offset(conn))
             issued_last_hour = {caller: self._issued_last_hour(conn, caller, minute) for caller in limited}
             counted: dict[str, int] = {}
@@ -515,9 +525,9 @@ class SqlStore:
                     outcomes.append(_replay(earlier, cert.csr_sha256, cert.caller))
                     continue
                 others = tuple(sorted(d for d in key_devices.get(cert.public_key_sha256, ()) if d != cert.device_id))
-                conflict: AlreadyExists | QuotaExceeded | None = _uniqueness_conflict(
-                    cert, () if allow_reissue else tuple(active.get(cert.device_id, ())), others
-                )
+                conflict: AlreadyExists | QuotaExceeded | CaKeyChanged | None = _key_changed(cert, in_force.get(cert.issuer_key_id))
+                if conflict is None:
+                    conflict = _uniqueness_conflict(cert, () if allow_reissue else tuple(active.get(cert.device_id, ())), others)
                 if conflict is None and quota and issued_last_hour[audit.actor] + 1 > quota:
                     conflict = QuotaExceeded.for_caller(audit.actor, quota, issued_last_hour[audit.actor])
                 if conflict is not None:
@@ -1283,6 +1293,14 @@ _DEVICES_OF_KEYS = (
     .distinct()
 )
 _INSERT_CERTIFICATES = insert(certificates)
+# The issuer keys of a group commit and their status, locked FOR SHARE in key order (so two commits and a key switch,
+# which locks its keys FOR UPDATE in the same order, cannot deadlock); SQLite's compiler leaves the clause out.
+_ISSUER_KEYS = (
+    select(ca_keys.c.key_id, ca_keys.c.status)
+    .where(ca_keys.c.key_id.in_(bindparam("key_ids", expanding=True)))
+    .order_by(ca_keys.c.key_id)
+    .with_for_update(read=True)
+)
 _INSERT_AUDIT_EVENTS = insert(audit_events)
 _AUDIT_HEAD = select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc()).limit(1)
 _AUDIT_HASH_AT = select(audit_events.c.hash).where(audit_events.c.seq == bindparam("seq", type_=audit_events.c.seq.type))
@@ -1373,7 +1391,12 @@ def _published_crl(row: Row[Any], with_der: bool) -> PublishedCrl:
     )
 
 
-def _discarded(cert: IssuedCertificate, audit: AuditEvent, conflict: AlreadyExists | QuotaExceeded) -> AuditEvent:
+def _discarded(cert: IssuedCertificate, audit: AuditEvent, conflict: AlreadyExists | QuotaExceeded | CaKeyChanged) -> AuditEvent:
+    note = (
+        "signed with a CA key that was no longer active when it was committed; discarded"
+        if isinstance(conflict, CaKeyChanged)
+        else "signed concurrently with a conflicting request; discarded"
+    )
     return AuditEvent(
         time=_now(),
         actor=audit.actor,
@@ -1384,7 +1407,20 @@ def _discarded(cert: IssuedCertificate, audit: AuditEvent, conflict: AlreadyExis
         key_id=cert.issuer_key_id,
         request_digest=cert.csr_sha256,
         reason=conflict.rule,
-        details={**audit.details, "note": "signed concurrently with a conflicting request; discarded"},
+        details={**audit.details, "note": note},
+    )
+
+
+def _key_changed(cert: IssuedCertificate, status: str | None) -> CaKeyChanged | None:
+    """A certificate signed by a key that is not the active one now (a worker that has not followed a switch yet)."""
+    if status == KeyStatus.ACTIVE.value:
+        return None
+    return CaKeyChanged(
+        f"certificate {serial_hex(cert.serial)} was signed with CA key {cert.issuer_key_id}, which is {status or 'unknown'} now: "
+        "the CA key changed while the request was signed, and the certificate was discarded; retry with the same request_id "
+        "to get a certificate signed with the active key",
+        rule="ca-key-changed",
+        expected="a certificate signed with the active CA key",
     )
 
 

@@ -39,6 +39,7 @@ LEAF_VALIDITY_S = 30
 PREPUBLICATION_S = 5
 PKCS11_TOOL = ("pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so")
 CLIENTS = {"off1": "officer", "off2": "officer", "prog": "programmer", "aud": "auditor"}
+EMERGENCY_POLL_MS = 3000
 
 
 @dataclass
@@ -68,13 +69,25 @@ class RotationDaemon:
 
 @pytest.fixture(scope="module")
 def rotation_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[RotationDaemon]:
-    env = make_env(tmp_path_factory.mktemp("rotation"), softhsm_conf, workers=2)
+    yield from _rotation_daemon(tmp_path_factory.mktemp("rotation"), softhsm_conf, poll_interval_ms=200)
+
+
+@pytest.fixture
+def slow_polling_daemon(tmp_path: Path, softhsm_conf: Path) -> Iterator[RotationDaemon]:
+    """Workers that poll for the active key only every EMERGENCY_POLL_MS: a switch is followed late unless a commit says so."""
+    yield from _rotation_daemon(tmp_path / "daemon", softhsm_conf, poll_interval_ms=EMERGENCY_POLL_MS)
+
+
+def _rotation_daemon(base: Path, softhsm_conf: Path, *, poll_interval_ms: int) -> Iterator[RotationDaemon]:
+    base.mkdir(exist_ok=True)
+    env = make_env(base, softhsm_conf, workers=2)
     http_port = free_port()
     env.edit_config("127.0.0.1:8080", f"127.0.0.1:{http_port}")
     env.edit_config("publish_on_revoke = true\n", "publish_on_revoke = true\ncheck_interval_ms = 100\n")
     env.edit_config("validity_days = 365\n", f"validity_days = 365\nvalidity_seconds = {LEAF_VALIDITY_S}\n")
     env.edit_config("allow_reissue = false", "allow_reissue = true")
-    env.edit_config("prepublication_seconds = 604800", f"prepublication_seconds = {PREPUBLICATION_S}\npoll_interval_ms = 200")
+    rotation = f"prepublication_seconds = {PREPUBLICATION_S}\npoll_interval_ms = {poll_interval_ms}"
+    env.edit_config("prepublication_seconds = 604800", rotation)
     tls_dir = env.state_dir / "tls"
     clients = [arg for name, role in CLIENTS.items() for arg in ("--client", f"{name}:{role}")]
     env.cli("mtls", "init", "--out", str(tls_dir), *clients, "--apply")
@@ -171,30 +184,52 @@ def issuer_certificates(channel: grpc.Channel) -> dict[str, x509.Certificate]:
 
 
 class SignStream:
-    """A programming station signing without pause in a thread, recording every answer and error."""
+    """Programming stations signing without pause, each in a thread on its own connection, recording every answer
+    (with when its request was first sent) and error.
 
-    def __init__(self, daemon: RotationDaemon) -> None:
+    Like ca_daemon.client.CaClient, a station retries UNAVAILABLE with the same request_id (at most `retries` times,
+    0.1 s apart): a certificate signed with a key that stopped being active meanwhile is answered so.
+    """
+
+    def __init__(self, daemon: RotationDaemon, *, stations: int = 1, retries: int = 2) -> None:
         self._daemon = daemon
+        self._retries = retries
         self.issued: list[ca_pb2.SignResponse] = []
+        self.sent_at: dict[str, float] = {}  # serial -> time.monotonic() when its request was first sent
         self.errors: list[str] = []
+        self.retried: list[str] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(stations)]
 
     def __enter__(self) -> SignStream:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=60)
+        for thread in self._threads:
+            thread.join(timeout=60)
 
     def _run(self) -> None:
         with self._daemon.channel("prog") as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
             while not self._stop.is_set():
-                try:
-                    self.issued.append(sign(channel))
-                except grpc.RpcError as exc:
-                    self.errors.append(f"{exc.code().name}: {exc.details()}")
+                request = ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4()))
+                sent = time.monotonic()
+                for attempt in range(self._retries + 1):
+                    try:
+                        response: ca_pb2.SignResponse = stub.Sign(request, timeout=20)
+                    except grpc.RpcError as exc:
+                        if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self._retries:
+                            self.retried.append(exc.details() or "")
+                            time.sleep(0.1)
+                            continue
+                        self.errors.append(f"{exc.code().name}: {exc.details()}")
+                        break
+                    self.sent_at[response.serial] = sent
+                    self.issued.append(response)
+                    break
 
 
 # -- the life cycle ----------------------------------------------------------------------------
@@ -384,6 +419,53 @@ def test_rotation_life_cycle(rotation_daemon: RotationDaemon, tmp_path: Path) ->
     ceremony = _audit_actions(d, "key.activate", "key.retire", "key.destroy")
     executed = [(e.action, e.key_id, e.actor) for e in ceremony if e.outcome == "executed"]
     assert executed == [("key.activate", KEY2, "off2"), ("key.retire", KEY1, "off1"), ("key.destroy", KEY1, "off2")]
+
+
+def test_an_emergency_switch_hands_out_no_certificate_of_the_compromised_key_after_the_switch(
+    slow_polling_daemon: RotationDaemon, tmp_path: Path
+) -> None:
+    """Workers signed with the compromised key until their next poll (up to EMERGENCY_POLL_MS after the switch): those
+    certificates were stored, returned as successes, and revoked by the emergency's second pass. Now the commit refuses
+    them (UNAVAILABLE), the worker follows the new key at once, and the station's retry gets a certificate of the new key
+    well within one poll interval (two retries, 0.1 s apart)."""
+    d = slow_polling_daemon
+    with d.channel("off1") as off1, d.channel("off2") as off2, d.channel("aud") as aud:
+        d.cli_as("off1", "key", "create", "--label", KEY2)
+        d.cli_as("off1", "key", "self-sign", "--key-id", KEY2, "--subject", "CN=Emergency Root CA 2", "--out", str(tmp_path / "k2.pem"))
+        assert not approve(off1, "emergency", KEY1, KEY2).executed
+        switched_at: list[float] = []
+
+        def watch_the_switch() -> None:  # the switch is committed before ListKeys can show it
+            while key_status(aud).get(KEY2) != "active":
+                time.sleep(0.02)
+            switched_at.append(time.monotonic())
+
+        watcher = threading.Thread(target=watch_the_switch, daemon=True)
+        with SignStream(d, stations=4) as stream:
+            time.sleep(1.0)
+            watcher.start()
+            done = approve(off2, "emergency", KEY1, KEY2)  # returns after the second pass, two poll intervals on
+            assert done.executed, done
+            time.sleep(1.0)
+        watcher.join(timeout=10)
+        assert switched_at and stream.errors == [], stream.errors[:5]
+        roots = issuer_certificates(aud)
+        after = [r for r in stream.issued if stream.sent_at[r.serial] > switched_at[0]]
+        before = [r for r in stream.issued if stream.sent_at[r.serial] <= switched_at[0]]
+        assert len(after) >= 10 and any(r.issuer_key_id == KEY1 for r in before), (len(after), len(before))
+        stub = ca_pb2_grpc.CertificateAuthorityStub(aud)
+        for response in stream.issued:
+            leaf = x509.load_pem_x509_certificate(response.certificate_pem.encode())
+            leaf.verify_directly_issued_by(roots[response.issuer_key_id])  # signed by the key it names
+            stored = stub.GetCertificate(ca_pb2.GetCertificateRequest(serial=response.serial), timeout=10)
+            assert stored.issuer_key_id == response.issuer_key_id
+            if response in after:  # requested once the switch was committed: the new key's, and valid
+                assert response.issuer_key_id == KEY2 and not stored.HasField("revocation"), response.serial
+            else:  # the compromised key's certificates of before the switch are all revoked; the new key's none
+                assert stored.HasField("revocation") == (response.issuer_key_id == KEY1), response.serial
+        assert any("the CA key changed while the request was signed" in r for r in stream.retried), stream.retried[:3]
+    discarded = [e for e in _audit_actions(d, "certificate.issue") if e.outcome == "refused"]
+    assert discarded and {(e.reason, e.key_id) for e in discarded} == {("ca-key-changed", KEY1)}
 
 
 def test_key_ceremony_role_matrix(rotation_daemon: RotationDaemon) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, inspect, select, text
 
-from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable
+from ca_daemon.errors import AlreadyExists, CaKeyChanged, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, RevocationReason
 from ca_daemon.store import IssuanceOutcome, SqlStore, open_store, schema, serial_hex
 from ca_daemon.store.locks import Leadership, LockSpace, lock_id, xact_lock
@@ -569,6 +569,56 @@ def test_a_caller_quota_counts_the_last_hour_and_is_enforced_in_the_commit(store
     assert issued_last_hour("line1", committed + timedelta(minutes=61, seconds=1)) == 0
     discarded = [e for e in store.audit_events() if e["outcome"] == "refused" and e["reason"] == "caller-quota"]
     assert [e["serial"] for e in discarded] == [serial_hex(first[3].serial)]
+
+
+def test_a_certificate_whose_issuer_key_is_no_longer_active_is_discarded_in_the_commit(store: SqlStore) -> None:
+    """A worker signs with the key it last saw active until its next poll: what it signed after the switch was stored
+    and handed out, then revoked by the emergency's second pass. The commit now checks the issuer key's status."""
+    answered = _cert("k-1")
+    _issue(store, answered)
+    store.save_ca_key(_ca_key(ISSUER, KeyStatus.SUPERSEDED))  # the switch to ca-test-2
+    store.save_ca_key(_ca_key("ca-test-2", KeyStatus.ACTIVE))
+    late, retried = _cert("k-2", request_id="req-late"), _cert("k-3")
+    fresh = dataclasses.replace(_cert("k-4"), issuer_key_id="ca-test-2")
+    outcomes = _issue(store, late, fresh, answered, retried)
+    refused = outcomes[0]
+    assert isinstance(refused, CaKeyChanged) and refused.rule == "ca-key-changed", outcomes
+    assert "retry with the same request_id" in refused.message and "ca-test-1, which is superseded now" in refused.message
+    assert isinstance(outcomes[1], IssuanceOutcome) and outcomes[1].created
+    assert isinstance(outcomes[2], IssuanceOutcome) and not outcomes[2].created  # a replay of what was stored before
+    assert isinstance(outcomes[3], CaKeyChanged)
+    assert store.get_certificate(late.serial) is None and store.get_certificate(retried.serial) is None
+    # The retry, signed with the new key, is stored under the same request_id.
+    again = dataclasses.replace(_cert("k-2"), request_id="req-late", issuer_key_id="ca-test-2")
+    assert _issue(store, again)[0] == IssuanceOutcome(again, created=True)
+    discarded = [e for e in store.audit_events() if e["outcome"] == "refused"]
+    assert [(e["serial"], e["key_id"], e["reason"]) for e in discarded] == [
+        (serial_hex(late.serial), ISSUER, "ca-key-changed"),
+        (serial_hex(retried.serial), ISSUER, "ca-key-changed"),
+    ]
+    assert "no longer active" in json.loads(discarded[0]["details"])["note"]
+    for status in (KeyStatus.RETIRED, KeyStatus.DESTROYED, KeyStatus.PENDING):
+        store.save_ca_key(_ca_key(ISSUER, status))
+        assert isinstance(_issue(store, _cert())[0], CaKeyChanged), status
+    unknown = dataclasses.replace(_cert(), issuer_key_id="ca-nobody")
+    assert isinstance(_issue(store, unknown)[0], CaKeyChanged)
+
+
+def test_a_commit_waits_for_a_key_switch_in_flight_and_then_refuses_the_old_keys_certificate(store: SqlStore) -> None:
+    """Race-free on PostgreSQL too: the commit reads the issuer key's row FOR SHARE, so under READ COMMITTED it waits
+    for the switch's UPDATE and then sees the new status. A plain read took the last committed status (active), and
+    the certificate was stored after the switch. (SQLite: the switch holds the write lock the commit waits for.)"""
+    cert = _cert("k-race")
+    outcomes: list[object] = []
+    with store.engine.begin() as switching:  # the key ceremony's transaction, not yet committed
+        switching.execute(schema.ca_keys.update().where(schema.ca_keys.c.key_id == ISSUER).values(status="superseded"))
+        committing = threading.Thread(target=lambda: outcomes.extend(_issue(store, cert)))
+        committing.start()
+        committing.join(timeout=1.0)
+        assert committing.is_alive(), f"the commit did not wait for the key switch: {outcomes}"
+    committing.join(timeout=30)
+    assert len(outcomes) == 1 and isinstance(outcomes[0], CaKeyChanged), outcomes
+    assert store.get_certificate(cert.serial) is None
 
 
 def test_a_crl_number_floor_is_never_lowered_and_the_next_crl_goes_above_it(store: SqlStore) -> None:
