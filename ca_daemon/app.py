@@ -216,7 +216,8 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         CertificateAuthorityServicer(authority, caller_of, revocations, verification, AuditReader(store)), server
     )
     ca_pb2_grpc.add_KeyCeremonyServicer_to_server(
-        KeyCeremonyServicer(KeyCeremony(config, hsm, store), caller_of, authority.follow_active_key), server
+        KeyCeremonyServicer(KeyCeremony(config, hsm, store, lambda: authority.policy.source), caller_of, authority.follow_active_key),
+        server,
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca_daemon import issuer, policy
 from ca_daemon.audit import AuditLog, refusal_event
@@ -849,6 +850,15 @@ def ca_csr(hsm: Hsm, key: CaKey, subject: x509.Name) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def issued_extended_key_usages(config: Config) -> dict[x509.ObjectIdentifier, list[str]]:
+    """Every extendedKeyUsage the configured profiles put in certificates, with the profiles that do."""
+    issued: dict[x509.ObjectIdentifier, list[str]] = {}
+    for profile in profiles_from_config(config).values():
+        for usage in profile.extended_key_usage:
+            issued.setdefault(usage, []).append(profile.name)
+    return issued
+
+
 def import_ca_certificate(
     store: SqlStore,
     key: CaKey,
@@ -856,11 +866,14 @@ def import_ca_certificate(
     parents: list[x509.Certificate],
     actor: str = "ca-daemon-cli",
     *,
+    issued_usages: dict[x509.ObjectIdentifier, list[str]],
     install_once: bool = False,
 ) -> CaKey:
     """Install a parent-signed certificate for a CA key after checking it really certifies that key.
 
-    install_once (the key ceremony): only while the key is still pending without a certificate (SqlStore.save_ca_key).
+    issued_usages: the extendedKeyUsages the profiles issue (issued_extended_key_usages), which the certificate and its
+    parents must not exclude. install_once (the key ceremony): only while the key is still pending without a
+    certificate (SqlStore.save_ca_key).
     """
     if _spki(certificate) != key.public_key_der:
         raise FailedPrecondition(
@@ -869,6 +882,7 @@ def import_ca_certificate(
     for checked in (certificate, *parents):
         _check_extensions_parse(checked)
         _check_no_unknown_critical_extension(checked, "certificate_pem" if checked is certificate else "chain_pem")
+        _check_extended_key_usage(checked, "certificate_pem" if checked is certificate else "chain_pem", issued_usages)
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -1012,6 +1026,32 @@ def _check_no_unknown_critical_extension(certificate: x509.Certificate, field: s
                 field=field,
                 expected="CA certificates whose critical extensions are standard ones (RFC 5280 4.2)",
             )
+
+
+def _check_extended_key_usage(certificate: x509.Certificate, field: str, issued_usages: dict[x509.ObjectIdentifier, list[str]]) -> None:
+    """A CA certificate's extendedKeyUsage, when it has one without anyExtendedKeyUsage, includes every usage the
+    profiles issue: relying parties that check the purpose along the chain (openssl -purpose sslclient, which TLS servers
+    apply to their clients; Go's and Java's TLS stacks) otherwise reject every certificate of those profiles it signs."""
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
+        return
+    excluded = [usage for usage in issued_usages if usage not in usages]
+    if excluded:
+        has = ", ".join(policy.eku_name(usage) for usage in usages)
+        issued = " and ".join(f"{policy.eku_name(u)} (issued by profile {', '.join(issued_usages[u])})" for u in excluded)
+        raise InvalidRequest(
+            f"the certificate {echo(certificate.subject.rfc4514_string())} has extendedKeyUsage ({has}), which excludes "
+            f"{issued}: relying parties that check the purpose "
+            "along the chain would reject every such certificate this key signs; ask the parent CA for certificates "
+            "without extendedKeyUsage or with these usages",
+            rule="ca-chain",
+            field=field,
+            expected="CA certificates with no extendedKeyUsage, with anyExtendedKeyUsage, or with every usage the profiles "
+            f"issue ({', '.join(policy.eku_name(u) for u in issued_usages)})",
+        )
 
 
 def _spki(certificate: x509.Certificate) -> bytes:

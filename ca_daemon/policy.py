@@ -797,7 +797,7 @@ class Profile:
         if self.san_templates:
             lines.append("san-templates: " + ", ".join(self.san_templates))
         lines.append("key-usage: " + ", ".join(sorted(self.key_usage)))
-        lines.append("extended-key-usage: " + ", ".join(_eku_name(o) for o in self.extended_key_usage))
+        lines.append("extended-key-usage: " + ", ".join(eku_name(o) for o in self.extended_key_usage))
         return lines
 
 
@@ -807,7 +807,8 @@ def _describe(rule: Rule | FactRule) -> str:
     return f"{rule.name}: {detail}" if detail else rule.name
 
 
-def _eku_name(oid: x509.ObjectIdentifier) -> str:
+def eku_name(oid: x509.ObjectIdentifier) -> str:
+    """An extended key usage as the configuration names it (clientAuth), else its dotted OID."""
     return next((name for name, o in EKU_OIDS.items() if o == oid), oid.dotted_string)
 
 

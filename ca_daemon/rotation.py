@@ -109,8 +109,10 @@ def _root_validity_out_of_range(shown: str) -> InvalidRequest:
 class KeyCeremony:
     """The officers' use cases. Blocking (token and store): call from a thread, not the event loop."""
 
-    def __init__(self, config: Config, hsm: Hsm, store: SqlStore) -> None:
+    def __init__(self, config: Config, hsm: Hsm, store: SqlStore, policy_in_force: Callable[[], Config] | None = None) -> None:
+        """policy_in_force: the configuration whose profiles are in force (a worker's, reloads included); else config's."""
         self._config = config
+        self._policy_in_force = policy_in_force or (lambda: config)
         self._hsm = hsm
         self._store = store
         self._rotation = RotationStore(store)
@@ -170,7 +172,15 @@ class KeyCeremony:
         def run() -> CaKey:
             _check_officer(officer)
             key = self._pending_without_certificate(key_id)
-            installed = authority.import_ca_certificate(self._store, key, certificate, parents, actor=officer, install_once=True)
+            installed = authority.import_ca_certificate(
+                self._store,
+                key,
+                certificate,
+                parents,
+                actor=officer,
+                issued_usages=authority.issued_extended_key_usages(self._policy_in_force()),
+                install_once=True,
+            )
             self._rotation.mark_published(key_id, _now())
             return installed
 

@@ -17,6 +17,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca_daemon import issuer
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
@@ -30,15 +31,25 @@ def _parent(key: ec.EllipticCurvePrivateKey, not_after: datetime) -> x509.Certif
     return builder.sign(key, hashes.SHA256())
 
 
-def _parent_and_intermediate(csr_pem: bytes, parent_days: int, intermediate_days: int) -> tuple[x509.Certificate, x509.Certificate]:
-    """An outside root valid parent_days, and its answer to the CSR valid intermediate_days (longer: the parent expires first)."""
+def _parent_and_intermediate(
+    csr_pem: bytes,
+    parent_days: int,
+    intermediate_days: int,
+    *,
+    subject: x509.Name | None = None,
+    extra: tuple[x509.ExtensionType, ...] = (),
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """An outside root valid parent_days, and its answer to the CSR valid intermediate_days (longer: the parent expires first).
+
+    subject: the one the parent puts in its answer instead of the CSR's; extra: non-critical extensions it adds.
+    """
     parent_key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     parent_cert = _parent(parent_key, now + timedelta(days=parent_days))
     csr = x509.load_pem_x509_csr(csr_pem)
-    intermediate = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(csr.subject)
+        .subject_name(subject or csr.subject)
         .issuer_name(parent_cert.subject)
         .public_key(csr.public_key())
         .serial_number(x509.random_serial_number())
@@ -48,9 +59,10 @@ def _parent_and_intermediate(csr_pem: bytes, parent_days: int, intermediate_days
         .add_extension(issuer.ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_key.public_key()), critical=False)
-        .sign(parent_key, hashes.SHA256())
     )
-    return parent_cert, intermediate
+    for extension in extra:
+        builder = builder.add_extension(extension, critical=False)
+    return parent_cert, builder.sign(parent_key, hashes.SHA256())
 
 
 def _intermediate_env(tmp_path: Path, softhsm_conf: Path, parent_days: int) -> tuple[CaEnv, x509.Certificate, x509.Certificate]:
@@ -132,3 +144,29 @@ def test_nothing_is_signed_once_a_parent_in_the_chain_has_expired(tmp_path: Path
         assert code == grpc.StatusCode.FAILED_PRECONDITION and expected in details and "rotate to a new CA key" in details, errors
     with sqlite3.connect(env.state_dir / "ca.db") as database:
         assert database.execute("SELECT COUNT(*) FROM certificates").fetchone() == (0,)
+
+
+def _import_answer(
+    tmp_path: Path, softhsm_conf: Path, *, subject: x509.Name | None = None, extra: tuple[x509.ExtensionType, ...] = ()
+) -> tuple[CaEnv, subprocess.CompletedProcess[str]]:
+    """`init --csr-out`, then `ca import-cert` of the outside parent's answer (with that subject or extensions)."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    csr_path, cert_path, parent_path = tmp_path / "ca.csr", tmp_path / "intermediate.pem", tmp_path / "parent.pem"
+    env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA 1,O=Example Devices")
+    parent, intermediate = _parent_and_intermediate(csr_path.read_bytes(), 30, 1825, subject=subject, extra=extra)
+    cert_path.write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
+    parent_path.write_bytes(parent.public_bytes(serialization.Encoding.PEM))
+    imported = env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(parent_path), check=False)
+    return env, imported
+
+
+def test_import_cert_refuses_an_intermediate_whose_extended_key_usage_excludes_the_profiles_client_auth(
+    tmp_path: Path, softhsm_conf: Path
+) -> None:
+    """The parent answered with extendedKeyUsage serverAuth only: installed, and every device certificate failed
+    `openssl verify -purpose sslclient` (test_rotation_ceremony shows it). The CLI compares with the configured profiles."""
+    server_only = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    env, refused = _import_answer(tmp_path, softhsm_conf, extra=(server_only,))
+    expected = "has extendedKeyUsage (serverAuth), which excludes clientAuth (issued by profile device)"
+    assert refused.returncode == 1 and expected in refused.stderr and "Traceback" not in refused.stderr, refused.stdout + refused.stderr
+    assert "no certificate" in env.cli("key", "list").stdout

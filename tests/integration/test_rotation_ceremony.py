@@ -25,6 +25,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca_daemon import app, config, issuer
 from ca_daemon import authority as authority_module
@@ -37,7 +38,7 @@ from ca_daemon.revocation import CrlPublisher, Revocations
 from ca_daemon.rotation import ApprovalResult, KeyCeremony
 from ca_daemon.store import SqlStore, serial_hex
 from ca_daemon.store.rotation_store import RotationStore
-from tests.conftest import CA_DAEMON, at_once, daemon_environment, device_csr, make_env
+from tests.conftest import CA_DAEMON, at_once, daemon_environment, device_csr, make_env, openssl_verify
 
 
 @dataclasses.dataclass
@@ -943,3 +944,97 @@ def test_install_refuses_a_certificate_or_parent_with_a_critical_extension_no_re
         assert refused.value.rule == "ca-chain"
         assert refused.value.field == ("certificate_pem" if where == "certificate" else "chain_pem")
         assert setup.store.get_ca_key(label).certificate_der is None  # type: ignore[union-attr]
+
+
+def _chain_with_extended_key_usage(
+    ceremony: KeyCeremony, label: str, *, certificate_eku: x509.ExtendedKeyUsage | None, parent_eku: x509.ExtendedKeyUsage | None
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """A pending key's CA certificate signed by a new outside root, each with this extendedKeyUsage (None: none)."""
+    ceremony.generate("alice", KeySpec.EC_P256, label)
+    csr = x509.load_pem_x509_csr(ceremony.csr("alice", label, issuer.parse_subject(f"CN={label}")))
+    parent_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    parent_builder = issuer.build_root(issuer.parse_subject(f"CN=Outside {label}"), parent_key.public_key(), now, timedelta(days=30))
+    if parent_eku is not None:
+        parent_builder = parent_builder.add_extension(parent_eku, critical=False)
+    parent = parent_builder.sign(parent_key, hashes.SHA256())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(parent.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=20))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(issuer.ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_key.public_key()), critical=False)
+    )
+    if certificate_eku is not None:
+        builder = builder.add_extension(certificate_eku, critical=False)
+    return builder.sign(parent_key, hashes.SHA256()), parent
+
+
+def _device_certificate_signed_by(setup: Setup, label: str, ca_certificate: x509.Certificate) -> str:
+    """A device certificate (EKU clientAuth, as the default profile issues) signed by the key in the token, in PEM."""
+    device_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(issuer.parse_subject("CN=dev-eku-1"))
+        .issuer_name(ca_certificate.subject)
+        .public_key(device_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(issuer.ca_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(device_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            ),
+            critical=False,
+        )
+    )
+    private = setup.hsm.private_key(Pkcs11Uri(token=setup.hsm.token_label, label=label))
+    return leaf.sign(private, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()  # type: ignore[arg-type]
+
+
+def test_install_refuses_a_certificate_or_parent_whose_extended_key_usage_excludes_client_auth(setup: Setup, tmp_path: Path) -> None:
+    """An intermediate (or parent) with extendedKeyUsage serverAuth only was installed, and every device certificate
+    (EKU clientAuth) its key signed then failed a relying party that checks the purpose through the chain (openssl
+    -purpose sslclient, as a TLS server checks its clients; Go's and Java's TLS stacks)."""
+    ceremony = setup.ceremony()
+    server_only = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    for label, where in (("eku-sub", "certificate"), ("eku-parent", "parent")):
+        cert, parent = _chain_with_extended_key_usage(
+            ceremony,
+            label,
+            certificate_eku=server_only if where == "certificate" else None,
+            parent_eku=server_only if where == "parent" else None,
+        )
+        # What a relying party makes of a device certificate under that chain: valid, but not for a TLS client.
+        leaf_pem = _device_certificate_signed_by(setup, label, cert)
+        chain = authority_module.chain_pem(
+            cert.public_bytes(serialization.Encoding.DER), (parent.public_bytes(serialization.Encoding.DER),)
+        )
+        assert openssl_verify(tmp_path, leaf_pem, chain).returncode == 0
+        as_client = openssl_verify(tmp_path, leaf_pem, chain, "-purpose", "sslclient")
+        assert as_client.returncode != 0 and "unsuitable certificate purpose" in as_client.stdout + as_client.stderr, as_client.stdout
+        excludes = r"has extendedKeyUsage \(serverAuth\), which excludes clientAuth \(issued by profile device\)"
+        with pytest.raises(InvalidRequest, match=excludes) as refused:
+            ceremony.install("alice", label, cert, [parent])
+        assert refused.value.rule == "ca-chain"
+        assert refused.value.field == ("certificate_pem" if where == "certificate" else "chain_pem")
+        assert setup.store.get_ca_key(label).certificate_der is None  # type: ignore[union-attr]
+        assert RotationStore(setup.store).lifecycle(label).get("published_at") is None
+    # clientAuth among others, anyExtendedKeyUsage, or no EKU at all: installed.
+    both = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    any_usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
+    for label, eku in (("eku-both", both), ("eku-any", any_usage), ("eku-none", None)):
+        cert, parent = _chain_with_extended_key_usage(ceremony, label, certificate_eku=eku, parent_eku=eku)
+        ceremony.install("alice", label, cert, [parent])
+        assert setup.store.get_ca_key(label).certificate_der is not None  # type: ignore[union-attr]
