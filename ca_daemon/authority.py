@@ -890,6 +890,7 @@ def import_ca_certificate(
     if constraints is None or not constraints.ca:
         raise FailedPrecondition("the certificate is not a CA certificate (BasicConstraints CA:true is missing)")
     _check_ca_key_usage(certificate)
+    _check_subject_bounds(certificate)
     _check_not_expired(certificate, datetime.now(UTC))
     _check_parents(certificate, parents, datetime.now(UTC))
     issuer_cert = certificate
@@ -927,6 +928,20 @@ def _check_ca_key_usage(certificate: x509.Certificate) -> None:
             field="certificate_pem",
             expected="a KeyUsage with keyCertSign and cRLSign (or none)",
         )
+
+
+def _check_subject_bounds(certificate: x509.Certificate) -> None:
+    """The parent may name the key otherwise than the CSR did: its subject is held to the bounds of the CA subjects
+    officers give (issuer.check_ca_subject_bounds), as every certificate and CRL the key signs carries it."""
+    try:
+        issuer.check_ca_subject_bounds(certificate.subject)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"{exc} (in the certificate's subject); ask the parent CA for a certificate with the subject of the CSR",
+            rule="subject",
+            field="certificate_pem",
+            expected=f"a subject with {issuer.CA_SUBJECT_BOUNDS}",
+        ) from None
 
 
 def _check_not_expired(certificate: x509.Certificate, now: datetime) -> None:

@@ -295,11 +295,16 @@ _CA_SUBJECT_UPPER_BOUNDS: dict[x509.ObjectIdentifier, tuple[int, str]] = {
 MAX_CA_SUBJECT_BYTES = 1024
 
 
+# What a CA subject may be, as refusals say it: the bounds (check_ca_subject_bounds), and as typed (parse_subject).
+CA_SUBJECT_BOUNDS = f"each attribute within RFC 5280's upper bound, at most {MAX_CA_SUBJECT_BYTES} bytes encoded"
+CA_SUBJECT_EXPECTED = f"an RFC 4514 name with a CN, {CA_SUBJECT_BOUNDS}"
+
+
 def parse_subject(text: str) -> x509.Name:
     """An RFC 4514 string such as 'CN=Factory CA,O=Example' as an x509.Name, for a CA certificate or CSR.
 
-    Refused (ValueError): no CN, an attribute empty or longer than RFC 5280's upper bound, a name over
-    MAX_CA_SUBJECT_BYTES encoded. Every CA subject a command or the key ceremony takes comes through here.
+    Refused (ValueError): no CN, or what check_ca_subject_bounds refuses. Every CA subject a command or the key
+    ceremony takes comes through here.
     """
     try:
         name = x509.Name.from_rfc4514_string(text)
@@ -307,22 +312,33 @@ def parse_subject(text: str) -> x509.Name:
         raise ValueError(f"not an RFC 4514 distinguished name: {echo(text)} ({capped(str(exc), 160)})") from None
     if not name.get_attributes_for_oid(NameOID.COMMON_NAME):
         raise ValueError(f"the CA subject {echo(text)} needs a CN")
+    check_ca_subject_bounds(name)
+    return name
+
+
+def check_ca_subject_bounds(name: x509.Name) -> None:
+    """Refuse (ValueError) a CA subject with an attribute empty or longer than RFC 5280's upper bound, or over
+    MAX_CA_SUBJECT_BYTES encoded: every certificate and CRL the CA signs carries it as the issuer name.
+
+    For the subjects officers type (parse_subject) and the one an outside parent puts in the CA certificate it
+    issues (authority.import_ca_certificate).
+    """
     for attribute in name:
-        shown = attribute.rfc4514_attribute_name
-        if not attribute.value:
-            raise ValueError(f"the CA subject's {shown} is empty: RFC 5280 gives every attribute at least one character")
-        bound = _CA_SUBJECT_UPPER_BOUNDS.get(attribute.oid)
-        if bound is not None and len(attribute.value) > bound[0]:
-            raise ValueError(
-                f"the CA subject's {shown} is {len(attribute.value)} characters long: RFC 5280 allows at most {bound[0]} ({bound[1]})"
-            )
+        _check_attribute_bounds(attribute.rfc4514_attribute_name, attribute.oid, attribute.value)
     encoded = len(name.public_bytes())
     if encoded > MAX_CA_SUBJECT_BYTES:
         raise ValueError(
             f"the CA subject encodes to {encoded} bytes, over the {MAX_CA_SUBJECT_BYTES} allowed: every certificate the CA "
             "signs carries it; give fewer or shorter attributes"
         )
-    return name
+
+
+def _check_attribute_bounds(shown: str, oid: x509.ObjectIdentifier, value: str | bytes) -> None:
+    if not value:
+        raise ValueError(f"the CA subject's {shown} is empty: RFC 5280 gives every attribute at least one character")
+    bound = _CA_SUBJECT_UPPER_BOUNDS.get(oid)
+    if bound is not None and len(value) > bound[0]:
+        raise ValueError(f"the CA subject's {shown} is {len(value)} characters long: RFC 5280 allows at most {bound[0]} ({bound[1]})")
 
 
 def _leaf_key_usage(names: frozenset[str]) -> x509.KeyUsage:

@@ -33,7 +33,7 @@ from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.access import NO_CLIENT_CERTIFICATE, Authenticator, Principal, authorize, denial_event
 from ca_daemon.audit import AuditQuery, AuditReader
 from ca_daemon.authority import Authority, chain_pem
-from ca_daemon.issuer import MAX_CA_SUBJECT_BYTES, parse_subject
+from ca_daemon.issuer import CA_SUBJECT_EXPECTED, parse_subject
 from ca_daemon.logs import LogThrottle
 from ca_daemon.metrics import RequestMetrics
 from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, Revocation
@@ -688,16 +688,11 @@ def _certificates(pem: str) -> list[x509.Certificate]:
         ) from None
 
 
-_SUBJECT_EXPECTED = (
-    f"an RFC 4514 name with a CN, each attribute within RFC 5280's upper bound, at most {MAX_CA_SUBJECT_BYTES} bytes encoded"
-)
-
-
 def _subject(text: str) -> x509.Name:
     try:
         return parse_subject(text)
     except ValueError as exc:
-        raise errors.InvalidRequest(str(exc), rule="subject", field="subject", expected=_SUBJECT_EXPECTED) from None
+        raise errors.InvalidRequest(str(exc), rule="subject", field="subject", expected=CA_SUBJECT_EXPECTED) from None
 
 
 def _time_or_refusal(message: Any, field: str) -> datetime | errors.InvalidRequest | None:

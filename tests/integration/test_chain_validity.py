@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import uuid
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca_daemon import issuer
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
@@ -151,13 +152,19 @@ def _import_answer(
 ) -> tuple[CaEnv, subprocess.CompletedProcess[str]]:
     """`init --csr-out`, then `ca import-cert` of the outside parent's answer (with that subject or extensions)."""
     env = make_env(tmp_path, softhsm_conf, init=False)
-    csr_path, cert_path, parent_path = tmp_path / "ca.csr", tmp_path / "intermediate.pem", tmp_path / "parent.pem"
-    env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA 1,O=Example Devices")
-    parent, intermediate = _parent_and_intermediate(csr_path.read_bytes(), 30, 1825, subject=subject, extra=extra)
+    env.cli("init", "--csr-out", str(tmp_path / "ca.csr"), "--subject", "CN=Factory Issuing CA 1,O=Example Devices")
+    return env, _import_another_answer(env, tmp_path, subject=subject, extra=extra)
+
+
+def _import_another_answer(
+    env: CaEnv, tmp_path: Path, *, subject: x509.Name | None = None, extra: tuple[x509.ExtensionType, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`ca import-cert` of a new outside parent's answer to the CSR of _import_answer."""
+    cert_path, parent_path = tmp_path / "intermediate.pem", tmp_path / "parent.pem"
+    parent, intermediate = _parent_and_intermediate((tmp_path / "ca.csr").read_bytes(), 30, 1825, subject=subject, extra=extra)
     cert_path.write_bytes(intermediate.public_bytes(serialization.Encoding.PEM))
     parent_path.write_bytes(parent.public_bytes(serialization.Encoding.PEM))
-    imported = env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(parent_path), check=False)
-    return env, imported
+    return env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(parent_path), check=False)
 
 
 def test_import_cert_refuses_an_intermediate_whose_extended_key_usage_excludes_the_profiles_client_auth(
@@ -170,3 +177,30 @@ def test_import_cert_refuses_an_intermediate_whose_extended_key_usage_excludes_t
     expected = "has extendedKeyUsage (serverAuth), which excludes clientAuth (issued by profile device)"
     assert refused.returncode == 1 and expected in refused.stderr and "Traceback" not in refused.stderr, refused.stdout + refused.stderr
     assert "no certificate" in env.cli("key", "list").stdout
+
+
+def _name(*attributes: tuple[x509.ObjectIdentifier, str]) -> x509.Name:
+    """A name as an outside parent may put it in a certificate: cryptography's own checks (CN 1 to 64 bytes) not applied."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return x509.Name([x509.NameAttribute(oid, value, _validate=False) for oid, value in attributes])
+
+
+def test_import_cert_refuses_an_intermediate_whose_subject_exceeds_the_ca_subject_bounds(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The CSR's subject is bounded (init, ca csr, the key ceremony), but the parent's answer may name the key otherwise,
+    and its subject was installed as it came: every leaf and CRL then carried an out-of-bounds issuer name."""
+    cn = NameOID.COMMON_NAME
+    cases = [
+        (_name((cn, "Factory Issuing CA 1"), (NameOID.ORGANIZATION_NAME, "o" * 65)), "the CA subject's O is 65 characters long"),
+        (_name((cn, "c" * 65)), "the CA subject's CN is 65 characters long: RFC 5280 allows at most 64 (ub-common-name)"),
+        (_name((cn, "Factory Issuing CA 1"), *[(NameOID.DOMAIN_COMPONENT, "d" * 60)] * 16), "the CA subject encodes to 1"),
+    ]
+    env, refused = _import_answer(tmp_path, softhsm_conf, subject=cases[0][0])
+    for index, (subject, message) in enumerate(cases):
+        refused = refused if index == 0 else _import_another_answer(env, tmp_path, subject=subject)
+        shown = refused.stdout + refused.stderr
+        assert refused.returncode == 1 and message in refused.stderr and "Traceback" not in shown, shown
+        assert "no certificate" in env.cli("key", "list").stdout
+    # Within the bounds, a subject other than the CSR's is installed (the parent's choice).
+    installed = _import_another_answer(env, tmp_path, subject=_name((cn, "c" * 64), (NameOID.ORGANIZATION_NAME, "Example")))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
