@@ -299,6 +299,18 @@ MAX_CA_SUBJECT_BYTES = 1024
 CA_SUBJECT_BOUNDS = f"each attribute within RFC 5280's upper bound, at most {MAX_CA_SUBJECT_BYTES} bytes encoded"
 CA_SUBJECT_EXPECTED = f"an RFC 4514 name with a CN, {CA_SUBJECT_BOUNDS}"
 
+# cryptography refuses a CN outside 1 to 64 bytes and a C other than 2 while parsing, saying only "Attribute's length
+# must be ...". Stand-in OIDs (of the example arc, 2.999), which it does not check, let a refused text be parsed again
+# for check_ca_subject_bounds to name the attribute, its length and RFC 5280's bound.
+_UNCHECKED_STAND_INS: dict[str, x509.ObjectIdentifier] = {
+    "CN": x509.ObjectIdentifier("2.999.4514.3"),
+    "C": x509.ObjectIdentifier("2.999.4514.6"),
+}
+_STOOD_IN_FOR = {
+    _UNCHECKED_STAND_INS["CN"]: (NameOID.COMMON_NAME, "CN"),
+    _UNCHECKED_STAND_INS["C"]: (NameOID.COUNTRY_NAME, "C"),
+}
+
 
 def parse_subject(text: str) -> x509.Name:
     """An RFC 4514 string such as 'CN=Factory CA,O=Example' as an x509.Name, for a CA certificate or CSR.
@@ -309,6 +321,7 @@ def parse_subject(text: str) -> x509.Name:
     try:
         name = x509.Name.from_rfc4514_string(text)
     except ValueError as exc:
+        _check_bounds_of_unparsed(text)
         raise ValueError(f"not an RFC 4514 distinguished name: {echo(text)} ({capped(str(exc), 160)})") from None
     if not name.get_attributes_for_oid(NameOID.COMMON_NAME):
         raise ValueError(f"the CA subject {echo(text)} needs a CN")
@@ -339,6 +352,17 @@ def _check_attribute_bounds(shown: str, oid: x509.ObjectIdentifier, value: str |
     bound = _CA_SUBJECT_UPPER_BOUNDS.get(oid)
     if bound is not None and len(value) > bound[0]:
         raise ValueError(f"the CA subject's {shown} is {len(value)} characters long: RFC 5280 allows at most {bound[0]} ({bound[1]})")
+
+
+def _check_bounds_of_unparsed(text: str) -> None:
+    """The bound refusal behind cryptography's refusal of text, if any (see _UNCHECKED_STAND_INS); else nothing."""
+    try:
+        name = x509.Name.from_rfc4514_string(text, _UNCHECKED_STAND_INS)
+    except ValueError:
+        return  # not a bound: the caller reports cryptography's reason
+    for attribute in name:
+        oid, shown = _STOOD_IN_FOR.get(attribute.oid, (attribute.oid, attribute.rfc4514_attribute_name))
+        _check_attribute_bounds(shown, oid, attribute.value)
 
 
 def _leaf_key_usage(names: frozenset[str]) -> x509.KeyUsage:

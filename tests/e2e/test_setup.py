@@ -81,6 +81,9 @@ OVERSIZED_CA_SUBJECTS = (
     ("CN=Factory CA,L=" + "l" * 129, "the CA subject's L is 129 characters long: RFC 5280 allows at most 128 (ub-locality-name)"),
     ("CN=Factory CA,O=", "the CA subject's O is empty"),
     ("CN=Factory CA," + ",".join(["DC=" + "d" * 60] * 16), "the CA subject encodes to 1"),
+    # cryptography refuses these two while parsing ("Attribute's length must be ..."), naming neither attribute nor bound.
+    ("CN=" + "c" * 65, "the CA subject's CN is 65 characters long: RFC 5280 allows at most 64 (ub-common-name)"),
+    ("CN=Factory CA,C=USA", "the CA subject's C is 3 characters long: RFC 5280 allows at most 2 (ub-country-name-alpha-length)"),
 )
 
 
