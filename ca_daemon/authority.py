@@ -771,9 +771,32 @@ def load_active_ca(config: Config, hsm: Hsm, store: SqlStore) -> ActiveCa:
         if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc:
             # As the key ceremony's activation (rotation.py): a key becomes the signing key only within its certificate's validity.
             raise _ca_validity_refusal(key_id, certificate.not_valid_before_utc, certificate.not_valid_after_utc, now)
+        check_parents_valid(key, now, early_action="start it after")  # and within its parents', as there
         key = CaKey(**{**key.__dict__, "status": KeyStatus.ACTIVE})
         store.save_ca_key(key, key_event(key, "key.activate", "active", "ca-daemon"))
     return ActiveCa(key, certificate, hsm.private_key(uri), chain_pem(key.certificate_der or b"", key.chain_der))
+
+
+def check_parents_valid(key: CaKey, now: datetime, *, early_action: str) -> None:
+    """Refuse (FailedPrecondition, rule ca-certificate-validity) a key to become the signing key while a parent in its
+    chain is not valid: every certificate it signed would chain through a certificate relying parties reject.
+
+    For the first start (load_active_ca) and the key ceremony's activation (rotation.py); early_action says what to do
+    about a parent not yet valid ("start it after", "activate it after"), followed by the parent's notBefore.
+    """
+    for parent in map(x509.load_der_x509_certificate, key.chain_der):
+        if not parent.not_valid_before_utc <= now <= parent.not_valid_after_utc:
+            action = (
+                f"{early_action} {parent.not_valid_before_utc.isoformat()}"
+                if now < parent.not_valid_before_utc
+                else "have the parent CA renew it and install the new chain (`ca-daemon ca import-cert`)"
+            )
+            raise FailedPrecondition(
+                f"the parent certificate {echo(parent.subject.rfc4514_string())} in the chain of key {key.key_id} is valid from "
+                f"{parent.not_valid_before_utc.isoformat()} to {parent.not_valid_after_utc.isoformat()}, not now "
+                f"({now.isoformat()}); no certificate this key signed would validate; {action}",
+                rule="ca-certificate-validity",
+            )
 
 
 def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str, actor: str = "ca-daemon-cli") -> CaKey:

@@ -329,14 +329,7 @@ class KeyCeremony:
                 f"{certificate.not_valid_after_utc.isoformat()}, not now ({now.isoformat()}); it cannot become the signing key",
                 rule="ca-certificate-validity",
             )
-        for parent in map(x509.load_der_x509_certificate, key.chain_der):
-            if not parent.not_valid_before_utc <= now <= parent.not_valid_after_utc:  # the leaves' chains would fail there
-                raise FailedPrecondition(
-                    f"the parent certificate {echo(parent.subject.rfc4514_string())} in the chain of key {key.key_id} is valid from "
-                    f"{parent.not_valid_before_utc.isoformat()} to {parent.not_valid_after_utc.isoformat()}, not now "
-                    f"({now.isoformat()}); no certificate this key signed would validate",
-                    rule="ca-certificate-validity",
-                )
+        authority.check_parents_valid(key, now, early_action="activate it after")  # the leaves' chains would fail there
         self._check_in_token(key, certificate)
         published = self._rotation.lifecycle(key.key_id).get("published_at")
         if published is None:

@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ca_daemon import issuer
+from ca_daemon import app, config, issuer
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.authority import load_active_ca
 from tests.conftest import CaEnv, Daemon, device_csr, make_env, openssl_verify
 
 
@@ -115,8 +116,16 @@ def test_leaves_and_verification_certificates_never_outlive_the_parent_of_an_imp
 
 def test_nothing_is_signed_once_a_parent_in_the_chain_has_expired(tmp_path: Path, softhsm_conf: Path) -> None:
     """Only the CA certificate's own expiry stopped Sign: under an expired parent it went on issuing leaves no relying
-    party accepts (import-cert refuses an expired parent, so the stored parent is replaced by one that expired)."""
+    party accepts (import-cert refuses an expired parent, and the first start one not valid then, so the key is made
+    active first, as that start does, and the stored parent then replaced by one that expired)."""
     env, _, _ = _intermediate_env(tmp_path, softhsm_conf, parent_days=30)
+    cfg = config.load(env.config_path)
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    try:
+        load_active_ca(cfg, hsm, store)
+    finally:
+        store.close()
+        hsm.close()
     expired_parent = _parent(ec.generate_private_key(ec.SECP256R1()), datetime.now(UTC) - timedelta(minutes=1))
     with sqlite3.connect(env.state_dir / "ca.db") as database:
         database.execute(

@@ -331,9 +331,9 @@ def test_a_certificate_on_hold_blocks_retirement_and_a_retired_keys_certificates
 # --- the certificate of a key that becomes the signing key (found by a review) ---------------------------------------
 
 
-def _outside_parent() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _outside_parent(starts_in: timedelta = timedelta(0)) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     parent_key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
+    now = datetime.now(UTC) + starts_in
     parent = issuer.build_root(issuer.parse_subject("CN=Outside Root"), parent_key.public_key(), now, timedelta(days=3650))
     return parent_key, parent.sign(parent_key, hashes.SHA256())
 
@@ -348,10 +348,16 @@ def _intermediate(
 
 
 def _parent_answer(
-    csr: x509.CertificateSigningRequest, *, not_before: datetime, not_after: datetime, key_usage: x509.KeyUsage | None
+    csr: x509.CertificateSigningRequest,
+    *,
+    not_before: datetime,
+    not_after: datetime,
+    key_usage: x509.KeyUsage | None,
+    parent_starts_in: timedelta = timedelta(0),
 ) -> tuple[x509.Certificate, x509.Certificate]:
-    """A new outside parent's CA certificate for the CSR's key, and the parent's own certificate."""
-    parent_key, parent_cert = _outside_parent()
+    """A new outside parent's CA certificate for the CSR's key, and the parent's own certificate (valid from now +
+    parent_starts_in)."""
+    parent_key, parent_cert = _outside_parent(parent_starts_in)
     builder = (
         x509.CertificateBuilder()
         .subject_name(csr.subject)
@@ -524,16 +530,20 @@ def test_one_root_is_activated_over_another_only_with_links_between_those_two(se
     assert setup.store.active_key_id() == "root-3"
 
 
-def _first_key_certified_by_outside_parent(tmp_path: Path, softhsm_conf: Path, *, starts_in: timedelta, ends_in: timedelta) -> Path:
+def _first_key_certified_by_outside_parent(
+    tmp_path: Path, softhsm_conf: Path, *, starts_in: timedelta, ends_in: timedelta, parent_starts_in: timedelta = timedelta(0)
+) -> Path:
     """A new set-up whose first key (`[ca] key`) has an outside parent's certificate, valid from/to these offsets from its
-    signing (after the slow set-up steps), installed before any start."""
+    signing (after the slow set-up steps), installed before any start; the parent's own is valid from parent_starts_in."""
     env = make_env(tmp_path, softhsm_conf, init=False)
     csr_path, cert_path, parent_path = tmp_path / "ca.csr", tmp_path / "ca.pem", tmp_path / "parent.pem"
     env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA")
     csr = x509.load_pem_x509_csr(csr_path.read_bytes())
     key_usage = _key_usage(key_cert_sign=True, crl_sign=True)
     now = datetime.now(UTC).replace(microsecond=0)
-    certificate, parent = _parent_answer(csr, not_before=now + starts_in, not_after=now + ends_in, key_usage=key_usage)
+    certificate, parent = _parent_answer(
+        csr, not_before=now + starts_in, not_after=now + ends_in, key_usage=key_usage, parent_starts_in=parent_starts_in
+    )
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     parent_path.write_bytes(parent.public_bytes(serialization.Encoding.PEM))
     env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert_path), "--chain", str(parent_path))
@@ -564,6 +574,37 @@ def test_the_first_start_does_not_activate_a_ca_certificate_that_is_not_yet_vali
         check=False,
     )
     assert served.returncode != 0 and "start it after" in served.stderr, served.stderr
+
+
+def test_the_first_start_does_not_activate_a_key_whose_parent_certificate_is_not_valid_now(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The first start checked only the CA certificate's validity, not its parents' as the key ceremony's activation
+    does: it activated the key, and every leaf it signed chained to a parent no relying party accepted yet."""
+    config_path = _first_key_certified_by_outside_parent(
+        tmp_path, softhsm_conf, starts_in=timedelta(days=-1), ends_in=timedelta(days=400), parent_starts_in=timedelta(days=2)
+    )
+    cfg = config.load(config_path)
+    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+    expected = r"the parent certificate 'CN=Outside Root' in the chain of key ca-root-1 is valid from .* to .*, not now .*start it after"
+    try:
+        with pytest.raises(FailedPrecondition, match=expected) as refused:
+            Authority.load(cfg, hsm, store)
+        assert refused.value.rule == "ca-certificate-validity"
+        assert store.get_ca_key("ca-root-1").status == KeyStatus.PENDING  # type: ignore[union-attr]
+        assert store.active_key_id() is None
+    finally:
+        store.close()
+        hsm.close()
+    # As a user meets it: `serve` exits non-zero with that one line, and serves nothing.
+    served = subprocess.run(
+        [CA_DAEMON, "--config", str(config_path), "serve"],
+        capture_output=True,
+        text=True,
+        env=daemon_environment(),
+        timeout=60,
+        check=False,
+    )
+    lines = [line for line in served.stderr.splitlines() if "CN=Outside Root" in line]
+    assert served.returncode != 0 and len(lines) == 1 and re.search(expected, lines[0]), served.stderr
 
 
 def test_an_active_key_whose_ca_certificate_expired_signs_nothing(tmp_path: Path, softhsm_conf: Path) -> None:
