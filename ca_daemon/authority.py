@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca_daemon import issuer, policy
 from ca_daemon.audit import AuditLog, refusal_event
@@ -1067,14 +1066,14 @@ def _check_no_unknown_critical_extension(certificate: x509.Certificate, field: s
 
 
 def _check_extended_key_usage(certificate: x509.Certificate, field: str, issued_usages: dict[x509.ObjectIdentifier, list[str]]) -> None:
-    """A CA certificate's extendedKeyUsage, when it has one without anyExtendedKeyUsage, includes every usage the
-    profiles issue: relying parties that check the purpose along the chain (openssl -purpose sslclient, which TLS servers
-    apply to their clients; Go's and Java's TLS stacks) otherwise reject every certificate of those profiles it signs."""
+    """A CA certificate's extendedKeyUsage, when it has one, names every usage the profiles issue: relying parties that
+    check the purpose along the chain (openssl -purpose sslclient, which TLS servers apply to their clients; Go's and
+    Java's TLS stacks) otherwise reject every certificate of those profiles it signs. anyExtendedKeyUsage does not stand
+    in for them: OpenSSL 3 (the TLS stack of Mosquitto and most brokers) rejects a device certificate under a CA whose
+    only usage it is ("unsuitable certificate purpose")."""
     try:
         usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        return
-    if ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
         return
     excluded = [usage for usage in issued_usages if usage not in usages]
     if excluded:
@@ -1087,8 +1086,8 @@ def _check_extended_key_usage(certificate: x509.Certificate, field: str, issued_
             "without extendedKeyUsage or with these usages",
             rule="ca-chain",
             field=field,
-            expected="CA certificates with no extendedKeyUsage, with anyExtendedKeyUsage, or with every usage the profiles "
-            f"issue ({', '.join(policy.eku_name(u) for u in issued_usages)})",
+            expected="CA certificates with no extendedKeyUsage, or with every usage the profiles issue "
+            f"({', '.join(policy.eku_name(u) for u in issued_usages)}); anyExtendedKeyUsage alone is not enough for OpenSSL",
         )
 
 

@@ -808,7 +808,9 @@ def _describe(rule: Rule | FactRule) -> str:
 
 
 def eku_name(oid: x509.ObjectIdentifier) -> str:
-    """An extended key usage as the configuration names it (clientAuth), else its dotted OID."""
+    """An extended key usage as the configuration names it (clientAuth), anyExtendedKeyUsage, else its dotted OID."""
+    if oid == ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE:  # never issued to devices, but found in CA certificates
+        return "anyExtendedKeyUsage"
     return next((name for name, o in EKU_OIDS.items() if o == oid), oid.dotted_string)
 
 

@@ -1050,12 +1050,18 @@ def test_install_refuses_a_certificate_or_parent_whose_extended_key_usage_exclud
     -purpose sslclient, as a TLS server checks its clients; Go's and Java's TLS stacks)."""
     ceremony = setup.ceremony()
     server_only = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
-    for label, where in (("eku-sub", "certificate"), ("eku-parent", "parent")):
+    # anyExtendedKeyUsage alone too: OpenSSL (the TLS stack of Mosquitto and most brokers) does not take it for clientAuth.
+    any_only = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
+    for label, where, eku, named in (
+        ("eku-sub", "certificate", server_only, "serverAuth"),
+        ("eku-parent", "parent", server_only, "serverAuth"),
+        ("eku-any-only", "certificate", any_only, "anyExtendedKeyUsage"),
+    ):
         cert, parent = _chain_with_extended_key_usage(
             ceremony,
             label,
-            certificate_eku=server_only if where == "certificate" else None,
-            parent_eku=server_only if where == "parent" else None,
+            certificate_eku=eku if where == "certificate" else None,
+            parent_eku=eku if where == "parent" else None,
         )
         # What a relying party makes of a device certificate under that chain: valid, but not for a TLS client.
         leaf_pem = _device_certificate_signed_by(setup, label, cert)
@@ -1065,17 +1071,18 @@ def test_install_refuses_a_certificate_or_parent_whose_extended_key_usage_exclud
         assert openssl_verify(tmp_path, leaf_pem, chain).returncode == 0
         as_client = openssl_verify(tmp_path, leaf_pem, chain, "-purpose", "sslclient")
         assert as_client.returncode != 0 and "unsuitable certificate purpose" in as_client.stdout + as_client.stderr, as_client.stdout
-        excludes = r"has extendedKeyUsage \(serverAuth\), which excludes clientAuth \(issued by profile device\)"
+        excludes = rf"has extendedKeyUsage \({named}\), which excludes clientAuth \(issued by profile device\)"
         with pytest.raises(InvalidRequest, match=excludes) as refused:
             ceremony.install("alice", label, cert, [parent])
         assert refused.value.rule == "ca-chain"
         assert refused.value.field == ("certificate_pem" if where == "certificate" else "chain_pem")
         assert setup.store.get_ca_key(label).certificate_der is None  # type: ignore[union-attr]
         assert RotationStore(setup.store).lifecycle(label).get("published_at") is None
-    # clientAuth among others, anyExtendedKeyUsage, or no EKU at all: installed.
+    # clientAuth among others (anyExtendedKeyUsage beside it too), or no EKU at all: installed.
     both = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
-    any_usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
-    for label, eku in (("eku-both", both), ("eku-any", any_usage), ("eku-none", None)):
-        cert, parent = _chain_with_extended_key_usage(ceremony, label, certificate_eku=eku, parent_eku=eku)
+    any_and_client = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE, ExtendedKeyUsageOID.CLIENT_AUTH])
+    installed: tuple[tuple[str, x509.ExtendedKeyUsage | None], ...] = (("eku-both", both), ("eku-any", any_and_client), ("eku-none", None))
+    for label, usage in installed:
+        cert, parent = _chain_with_extended_key_usage(ceremony, label, certificate_eku=usage, parent_eku=usage)
         ceremony.install("alice", label, cert, [parent])
         assert setup.store.get_ca_key(label).certificate_der is not None  # type: ignore[union-attr]
