@@ -58,6 +58,8 @@ MAX_RECEIVE_BYTES = 1 << 30
 
 # Events per StreamAuditEvents call of audit_export: each call is bounded, so one deadline fits any log.
 _AUDIT_EVENTS_PER_CALL = 20_000
+# The largest seq the daemon's stores hold; an after_seq beyond it asks for nothing there can be.
+_MAX_SEQ = 2**63 - 1
 
 # RFC 5280 CRLReason names (as in `openssl ca -crl_reason`, with dashes) -> protocol values.
 REASONS: dict[str, int] = {
@@ -346,17 +348,55 @@ class CaClient:
     # -- auditors ---------------------------------------------------------------
 
     def audit_checkpoints(self) -> list[ca_pb2.AuditCheckpoint]:
-        """Every signed checkpoint of the audit chain, oldest first (ListAuditCheckpoints, paged). Auditor role."""
-        checkpoints: list[ca_pb2.AuditCheckpoint] = []
-        page_size = 1000
+        """Every signed checkpoint of the audit chain, oldest first (ListAuditCheckpoints, paged). Auditor role.
+
+        All of them held: iter_audit_checkpoints reads them a page at a time.
+        """
+        return list(self.iter_audit_checkpoints())
+
+    def iter_audit_checkpoints(self, *, up_to: int | None = None) -> Iterator[ca_pb2.AuditCheckpoint]:
+        """The signed checkpoints of seqs up to up_to (None: all), oldest first, fetched a page at a time as they are read."""
+        after, page_size = 0, 1000
         while True:
-            request = ca_pb2.ListAuditCheckpointsRequest(after_seq=checkpoints[-1].seq if checkpoints else 0, page_size=page_size)
-            response: ca_pb2.ListAuditCheckpointsResponse = self._call(
-                functools.partial(self._stub.ListAuditCheckpoints, request, timeout=self._timeout)
-            )
-            checkpoints.extend(response.checkpoints)
-            if len(response.checkpoints) < page_size:
-                return checkpoints
+            page = self._checkpoints_after(after, page_size)
+            for checkpoint in page:
+                if up_to is not None and checkpoint.seq > up_to:
+                    return
+                yield checkpoint
+            if len(page) < page_size:
+                return
+            after = page[-1].seq
+
+    def last_audit_checkpoint_seq(self) -> int:
+        """The highest seq a stored checkpoint covers (0: none), in about 2 log2(seq) calls of one checkpoint each.
+
+        ListAuditCheckpoints answers only "the first after a seq": the last is found by doubling
+        the step past each one found, then halving the gap, never reading the others.
+        """
+
+        def first_from(seq: int) -> int | None:  # the lowest checkpoint seq >= seq
+            page = self._checkpoints_after(min(seq, _MAX_SEQ + 1) - 1, 1)
+            return max(c.seq for c in page) if page else None
+
+        low = first_from(1)
+        if low is None:
+            return 0
+        step = 1
+        while (found := first_from(low + step)) is not None:  # none at seq >= low + step: the last is below
+            low, step = found, step * 2
+        high = low + step
+        while high - low > 1:  # low is a checkpoint seq; none is at high or above
+            middle = (low + high) // 2
+            found = first_from(middle)
+            low, high = (found, high) if found is not None else (low, middle)
+        return low
+
+    def _checkpoints_after(self, after_seq: int, page_size: int) -> Sequence[ca_pb2.AuditCheckpoint]:
+        request = ca_pb2.ListAuditCheckpointsRequest(after_seq=after_seq, page_size=page_size)
+        response: ca_pb2.ListAuditCheckpointsResponse = self._call(
+            functools.partial(self._stub.ListAuditCheckpoints, request, timeout=self._timeout)
+        )
+        return response.checkpoints
 
     def audit_events(self) -> Iterator[ca_pb2.AuditEvent]:
         """Every audit event, oldest first (StreamAuditEvents, unfiltered, in bounded calls resumed by page token)."""
@@ -378,10 +418,13 @@ class CaClient:
     def audit_export(self, out: TextIO) -> tuple[int, int]:
         """Write the audit log and its checkpoints as `ca-daemon audit export` does; (events, checkpoints).
 
-        The checkpoints are fetched first, so every one of them covers events that the
-        stream that follows returns: a checkpoint past the end of the file is real truncation.
+        Only the checkpoints stored before the events are read, up to the last one's seq found
+        first, so every one of them covers events that the stream that follows returns: a
+        checkpoint past the end of the file is real truncation. Both are read a page at a time as
+        they are written (a year of checkpoints every 300 s is about 100,000), none held.
         """
-        checkpoints = [
+        up_to = self.last_audit_checkpoint_seq()
+        checkpoints = (
             checkpoint_record(
                 seq=c.seq,
                 count=c.count,
@@ -390,8 +433,8 @@ class CaClient:
                 key_id=c.key_id,
                 signature=c.signature,
             )
-            for c in self.audit_checkpoints()
-        ]
+            for c in self.iter_audit_checkpoints(up_to=up_to)
+        )
         return write_export(out, interleave((event_record(_event_row(e)) for e in self.audit_events()), checkpoints))
 
 

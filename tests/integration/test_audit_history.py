@@ -30,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ca_daemon import audit, crl_der
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.audit_hash import GENESIS, event_hash
+from ca_daemon.client import CaClient
 from ca_daemon.model import AuditEvent
 from ca_daemon.store import open_store
 from tests.conftest import CaEnv, Daemon, free_port, make_env
@@ -218,17 +219,7 @@ def test_an_export_reads_the_checkpoints_a_page_at_a_time(tmp_path: Path) -> Non
     try:
         store.append_audit([AuditEvent(time=datetime.now(UTC), actor="cli:test", action="db.backup", outcome="written")])
         checkpoints = 20_000
-        with sqlite3.connect(tmp_path / "ca.db") as conn:
-            columns = [row[1] for row in conn.execute("PRAGMA table_info(audit_events)")]
-            event = dict(zip(columns, conn.execute("SELECT * FROM audit_events").fetchone(), strict=True))
-            conn.executemany(
-                f"INSERT INTO audit_events ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                ([*{**event, "seq": seq}.values()] for seq in range(2, checkpoints + 1)),
-            )
-            conn.executemany(
-                "INSERT INTO audit_checkpoints (seq, count, head_hash, time, key_id, signature) VALUES (?, ?, ?, ?, 'audit', ?)",
-                ((seq, seq, b"\x01" * 32, "2026-11-27 07:00:00.000000", b"\x02" * 70) for seq in range(1, checkpoints + 1)),
-            )
+        _a_checkpoint_per_event(tmp_path / "ca.db", checkpoints)
         sink = io.StringIO()
         tracemalloc.start()
         try:
@@ -244,6 +235,50 @@ def test_an_export_reads_the_checkpoints_a_page_at_a_time(tmp_path: Path) -> Non
         assert kinds == ["header", *["event", "checkpoint"] * checkpoints, "end"]
     finally:
         store.close()
+
+
+def _a_checkpoint_per_event(db: Path, events: int) -> None:
+    """Copies of the log's last event up to seq events, and a checkpoint of each seq (neither hashed nor signed: sizes only)."""
+    with sqlite3.connect(db) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(audit_events)")]
+        event = dict(zip(columns, conn.execute("SELECT * FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone(), strict=True))
+        conn.executemany(
+            f"INSERT INTO audit_events ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            ([*{**event, "seq": seq}.values()] for seq in range(event["seq"] + 1, events + 1)),
+        )
+        conn.execute("DELETE FROM audit_checkpoints")
+        conn.executemany(
+            "INSERT INTO audit_checkpoints (seq, count, head_hash, time, key_id, signature) VALUES (?, ?, ?, ?, 'audit', ?)",
+            ((seq, seq, b"\x01" * 32, "2026-11-27 07:00:00.000000", b"\x02" * 70) for seq in range(1, events + 1)),
+        )
+
+
+def test_a_client_export_reads_the_checkpoints_a_page_at_a_time(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """`client audit-export` fetched every checkpoint into a list before the first event was written: a year of
+    checkpoints every 300 s is about 100,000, each a dict of about 1 KB."""
+    env = make_env(tmp_path_factory.mktemp("client-export"), softhsm_conf)
+    checkpoints = 20_000
+    _a_checkpoint_per_event(env.state_dir / "ca.db", checkpoints)
+    daemon = _start_daemon(env)
+    try:
+        with CaClient(env.target, timeout=60) as client:
+            tracemalloc.start()
+            try:
+                written = client.audit_export(_Discard())
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            # What is left is one call's events (about 3 MB here), whatever the number of checkpoints; it was 890 bytes a checkpoint.
+            assert peak < 250 * checkpoints, f"{peak / checkpoints:.0f} bytes a checkpoint"
+            sink = io.StringIO()
+            client.audit_export(sink)
+            assert client.last_audit_checkpoint_seq() == checkpoints
+    finally:
+        daemon.stop()
+    # The daemon appends a few events as it starts, after the last checkpoint; it signs none over these unsigned ones.
+    assert written[1] == checkpoints and written[0] >= checkpoints, written
+    kinds = [json.loads(line)["type"] for line in sink.getvalue().splitlines()]
+    assert kinds == ["header", *["event", "checkpoint"] * checkpoints, *["event"] * (written[0] - checkpoints), "end"]
 
 
 class _Discard(io.StringIO):
