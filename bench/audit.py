@@ -50,11 +50,80 @@ def store_cost(events: int = 3200, batch: int = 32) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
+def verify_cost(events: int = 20_000, rounds: int = 3) -> tuple[float, float]:
+    """CPU us per event of `audit verify --live` (chain, checkpoint and tables, as the CLI runs it) and `audit verify --file`.
+
+    A SQLite log of events chained by the store and one checkpoint of its head, signed with a
+    software key (verify needs only the public key); the best of rounds runs, in CPU time
+    (process_time: other work on a shared machine moves wall time far more).
+    """
+    import io
+    from datetime import UTC, datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ca_daemon import audit
+    from ca_daemon.audit_hash import checkpoint_message
+    from ca_daemon.model import AuditEvent
+    from ca_daemon.store import open_store
+    from ca_daemon.store.audit_store import AuditStore, Checkpoint
+
+    batch = [
+        AuditEvent(
+            time=datetime.now(UTC),
+            actor="programmer:line3",
+            action="access.deny",
+            outcome="denied",
+            serial=2**150 + n,
+            device_id=f"device-{n}",
+            key_id="ca-1",
+            request_digest=bytes([n % 256]) * 32,
+            reason="role",
+            details={"method": "Sign", "request_id": f"r-{n}"},
+        )
+        for n in range(500)
+    ]
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = open_store(f"sqlite:///{tmp}/audit.db")
+        try:
+            for _ in range(events // len(batch)):
+                store.append_audit(batch)
+            log = AuditStore(store)
+            head = log.head()
+            assert head is not None
+            now = datetime.now(UTC)
+            message = checkpoint_message(seq=head.seq, count=head.count, head=head.hash, time=now, key_id="audit")
+            log.add_checkpoint(Checkpoint(head.seq, head.count, head.hash, now, "audit", key.sign(message, ec.ECDSA(hashes.SHA256()))))
+            exported = io.StringIO()
+            audit.export(store, exported)
+            live, offline = [], []
+            for _ in range(rounds):
+                started = time.process_time()
+                report = audit.verify(audit.live_records(store), public)
+                audit.reconcile(store, report)
+                live.append(time.process_time() - started)
+                assert report.ok and report.events == head.seq, report.summary()
+                started = time.process_time()
+                report = audit.verify(audit.read_export(io.StringIO(exported.getvalue())), public, export_file=True)
+                offline.append(time.process_time() - started)
+                assert report.ok and report.events == head.seq, report.summary()
+        finally:
+            store.close()
+    live_us, file_us = min(live) / head.seq * 1e6, min(offline) / head.seq * 1e6
+    print(f"audit verify --live ({head.seq} events)   {live_us:8.1f} us per event (CPU, best of {rounds})")
+    print(f"audit verify --file ({head.seq} events)   {file_us:8.1f} us per event (CPU, best of {rounds})")
+    return live_us, file_us
+
+
 def main(seconds: float = 5.0, concurrency: int = 32) -> None:
     """Alternates chain off / on twice (load from other processes on a shared machine drifts) and reports the medians."""
     workers = int(os.environ.get("BENCH_WORKERS", "2"))
     with scratch_softhsm("ca-bench-audit-") as root:
         print(f"# Audit chain cost: {seconds:.0f} s windows, {concurrency} requests in flight, {workers} worker processes")
+        verify_cost()
         plain, chained = store_cost()
         per_event_us = (1 / chained - 1 / plain) * 1e6
         print(

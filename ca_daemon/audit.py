@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import struct
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
@@ -686,9 +687,26 @@ def _check_header(record: dict[str, Any], report: Report) -> None:
         report.fail(None, f"export version {version!r} is not one this ca-daemon reads (it writes and reads version {EXPORT_VERSION})")
 
 
+# The form every writer gives a time (canonical_time), which _parse_time reads without strptime.
+_WRITTEN_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
+
+
+def _parse_time(text: Any) -> datetime:
+    """A time of an export record, exactly as strptime("%Y-%m-%dT%H:%M:%S.%fZ") reads it (as UTC), errors too.
+
+    strptime cost about 20 us an event, a quarter of `audit verify`: the writer's own form is read
+    by datetime.fromisoformat instead, which gives the same value for it; anything else, and
+    whatever fromisoformat refuses, goes to strptime as before.
+    """
+    if isinstance(text, str) and _WRITTEN_TIME.fullmatch(text):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(text[:-1]).replace(tzinfo=UTC)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
 def _fields(record: dict[str, Any]) -> dict[str, Any]:
     return {
-        "time": datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC),
+        "time": _parse_time(record["time"]),
         "actor": record["actor"],
         "action": record["action"],
         "outcome": record["outcome"],
@@ -752,6 +770,8 @@ def _off_form(record: dict[str, Any], fields: dict[str, Any], seq: int) -> str |
     """
     chain = {"prev_hash": _hex(record.get("prev_hash")), "hash": _hex(record.get("hash"))}
     written = event_record({**fields, **chain, "seq": seq})
+    if record == written and list(map(type, map(record.__getitem__, written))) == list(map(type, written.values())):
+        return "serial" if record["serial"] == "" else None  # the common case, without the search for the first key below
     for key in sorted(written.keys() | record.keys()):
         if key not in record or key not in written or type(record[key]) is not type(written[key]) or record[key] != written[key]:
             return key
@@ -769,7 +789,7 @@ def _checkpoint_signed(record: dict[str, Any], public: ec.EllipticCurvePublicKey
     """Whether the audit key signed this checkpoint (reported if not)."""
     seq = _int(record.get("seq")) or 0
     try:
-        time = datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        time = _parse_time(record["time"])
         message = checkpoint_message(
             seq=seq,
             count=int(record["count"]),
@@ -1137,7 +1157,7 @@ def _live_events(audit: AuditStore, batch: int = 5000) -> Iterator[dict[str, Any
     after = 0
     while True:
         try:
-            rows = audit.events(EventFilter(after_seq=after), batch)
+            rows = audit.event_page(after, batch)
         except _ROW_FAULTS as exc:  # a row of this page does not convert: read them one at a time
             _raise_unless_row_fault(audit, exc)
             seq = audit.next_seq(after)

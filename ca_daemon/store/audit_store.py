@@ -18,7 +18,7 @@ from ca_daemon.errors import FailedPrecondition, NotFound
 from ca_daemon.model import AuditEvent, RevocationReason
 from ca_daemon.store.locks import LockSpace, xact_lock
 from ca_daemon.store.schema import audit_checkpoints, audit_events, certificates, mtls_certificates, revocations
-from ca_daemon.store.sql import SqlStore
+from ca_daemon.store.sql import SqlStore, _driver_errors
 
 MAX_PAGE = 5000
 
@@ -171,6 +171,34 @@ class AuditStore:
         stmt = stmt.order_by(audit_events.c.seq).limit(max(1, min(limit, MAX_PAGE)))
         with self._store._connect() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    # The reads of the whole log (`audit verify --live`, `audit export`) go to the DB-API cursor: SQLAlchemy's result
+    # rows (a Row, then a dict of its mapping) cost about 25 us an event of the 40 us it took to read one into an
+    # export record (50,000 events, SQLite, measured here). Plain SQL that both dialects run.
+    _EVENT_PAGE = f"SELECT {', '.join(c.name for c in audit_events.c)} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?"  # noqa: S608 - the schema's own column names
+
+    def event_page(self, after_seq: int, limit: int) -> list[dict[str, Any]]:
+        """events(EventFilter(after_seq=after_seq), limit), the same rows with the same values, read without SQLAlchemy's rows.
+
+        A time is converted as SQLAlchemy converts it (SQLite keeps text): a row whose time does not
+        convert raises ValueError for the page, as events() does, and so does text that is not UTF-8
+        (StoreUnavailable); the caller reads that page one event at a time with events() to name it.
+        """
+        columns = [c.name for c in audit_events.c]
+        dialect = self._store.engine.dialect
+        convert = audit_events.c.time.type.dialect_impl(dialect).result_processor(dialect, None)
+        with _driver_errors(), self._store._connect() as conn:
+            cursor = conn.connection.dbapi_connection.cursor()
+            try:
+                cursor.execute(self._EVENT_PAGE.replace("?", self._store._placeholder), (after_seq, max(1, min(limit, MAX_PAGE))))
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        page = [dict(zip(columns, row, strict=True)) for row in rows]
+        if convert is not None:
+            for event in page:
+                event["time"] = convert(event["time"])
+        return page
 
     def iter_events(self, batch: int = 5000) -> Iterator[dict[str, Any]]:
         """Every event in chain order, read in batches (an export of any size in constant memory)."""

@@ -1143,3 +1143,22 @@ def test_postgresql_sessions_fail_when_the_network_goes_silent_not_after_the_ker
         assert parameters.get("keepalives") == "1" and int(parameters["tcp_user_timeout"]) > 0, parameters
     finally:
         store.close()
+
+
+def test_the_audit_log_read_through_the_cursor_is_what_events_gives(store: SqlStore) -> None:
+    """`audit verify --live` and `audit export` read pages straight from the DB-API cursor: the same rows, values and types."""
+    from ca_daemon.store.audit_store import AuditStore, EventFilter
+
+    event = AuditEvent(
+        time=datetime.now(UTC), actor="a", action="x", outcome="o", serial=5, request_digest=b"\x01" * 32, details={"k": "\u00e9"}
+    )
+    store.append_audit([event] * 7)
+    audit = AuditStore(store)
+    start = audit.last_seq() - 7
+    page = audit.event_page(start + 2, 3)
+    assert [e["seq"] for e in page] == [start + 3, start + 4, start + 5]
+    assert page == audit.events(EventFilter(after_seq=start + 2), 3)
+    assert [[type(value) for value in e.values()] for e in page] == [
+        [type(value) for value in e.values()] for e in audit.events(EventFilter(after_seq=start + 2), 3)
+    ]
+    assert audit.event_page(0, 5000) == audit.events(EventFilter(after_seq=0), 5000)

@@ -31,3 +31,38 @@ def test_a_message_quoting_what_an_attacker_wrote_is_one_printable_bounded_line(
     assert message.startswith("the end record says up to seq \\ud800\\x0a999") and message.endswith("…(truncated)")
     assert len(message.encode()) <= 2048 and "\n" not in message
     print(report.summary())  # printable: a lone surrogate raised UnicodeEncodeError here
+
+
+def test_a_record_time_reads_as_strptime_reads_it_values_and_errors_alike() -> None:
+    """verify reads the writer's own time form without strptime (a quarter of its cost): the same value, and any other
+    spelling, or a value no datetime holds, as strptime reads or refuses it."""
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from ca_daemon.audit import _parse_time
+    from ca_daemon.audit_hash import canonical_time
+
+    def strptime(text: object) -> datetime:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)  # type: ignore[arg-type]
+
+    rng = random.Random(7)
+    written = [canonical_time(datetime(1000, 1, 1, tzinfo=UTC) + timedelta(microseconds=rng.randrange(2**57))) for _ in range(2000)]
+    odd: list[object] = [
+        "2026-02-30T00:00:00.000000Z",
+        "2026-13-01T00:00:00.000000Z",
+        "2026-01-01T24:00:00.000000Z",
+        "2026-01-01T23:59:60.000000Z",
+    ]
+    odd += ["0000-01-01T00:00:00.000000Z", "0999-01-01T00:00:00.000000Z", "2026-01-01T00:00:00.5Z", "2026-1-1T0:0:0.000000Z"]
+    odd += ["2026-01-01 00:00:00.000000Z", "2026-01-01T00:00:00.000000", "2026-01-01T00:00:00.000000+00:00", "", "yesterday", 5, None]
+    odd += ["٢٠٢٦-01-01T00:00:00.000000Z"]  # Arabic-Indic digits: strptime's \d reads them
+    for text in [*written, *odd]:
+        try:
+            expected: object = strptime(text)
+        except (ValueError, TypeError) as exc:
+            expected = (type(exc), str(exc))
+        try:
+            got: object = _parse_time(text)
+        except (ValueError, TypeError) as exc:
+            got = (type(exc), str(exc))
+        assert got == expected, text
