@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ca_daemon.errors import ConfigError
 from ca_daemon.http_paths import request_path
@@ -728,6 +728,8 @@ def _parse_crl(raw: _Reader, base: Path, state_dir: Path, ca: CaConfig) -> CrlCo
         if not re.fullmatch(r"https?://\S+", url):  # fullmatch: "$" let a trailing newline through
             raise ConfigError(f"crl.delta_distribution_points: {url!r} is not an http:// or https:// URL")
         _check_served_url("crl.delta_distribution_points", url)
+    if crl.delta:
+        _refuse_delta_at_full_path(crl, ca)
     return crl
 
 
@@ -753,8 +755,33 @@ def _check_served_url(setting: str, url: str) -> None:
 
 
 def _delta_url(full_url: str) -> str:
-    """Where the delta of a CRL published at full_url goes: "x.crl" -> "x-delta.crl"."""
-    return full_url[: -len(".crl")] + "-delta.crl" if full_url.endswith(".crl") else full_url + "-delta"
+    """Where the delta of a CRL published at full_url goes: its path "x.crl" -> "x-delta.crl", the query kept.
+
+    The server routes by path and ignores the query, so the delta's URL must differ from the full CRL's in its path:
+    "x.crl?v=1" made "x.crl?v=1-delta", served at the full CRL's path, and each delta replaced the full CRL there.
+    """
+    parts = urlsplit(full_url)
+    path = parts.path or "/"
+    if path.endswith(".crl"):
+        path = path[: -len(".crl")] + "-delta.crl"
+    elif path.endswith("/"):  # "https://crl.example.net" made "https://crl.example.net-delta": another host
+        path += "delta.crl"
+    else:
+        path += "-delta"
+    return urlunsplit(parts._replace(path=path))
+
+
+def _refuse_delta_at_full_path(crl: CrlConfig, ca: CaConfig) -> None:
+    """A delta URL whose path is a full CRL URL's: the server routes by the (decoded) path alone, so the delta replaced
+    the full CRL there and relying parties reading the CDP got a delta (OpenSSL takes it for a complete CRL)."""
+    full = {request_path(urlsplit(url).path or "/"): url for url in ca.crl_distribution_points}
+    for url in crl.delta_distribution_points:
+        if (other := full.get(request_path(urlsplit(url).path or "/"))) is not None:
+            raise ConfigError(
+                f"crl.delta_distribution_points: {url!r} has the path of ca.crl_distribution_points {other!r}; the HTTP server "
+                "routes by path (a query does not tell them apart), so the delta CRL would replace the full one there: "
+                "give the delta URL another path"
+            )
 
 
 def _uri_token(uri: str) -> str:

@@ -744,3 +744,36 @@ def test_the_connections_one_client_address_may_hold_on_the_http_port_are_a_sett
         for conn in idle:
             conn.close()
         daemon.stop()
+
+
+def test_a_cdp_url_with_a_query_serves_the_full_and_the_delta_crl_each_at_its_own_url(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """The default delta URL of "ca-root-1.crl?v=1" was "ca-root-1.crl?v=1-delta": the server ignores queries, so both
+    CRLs were served at one path and each delta replaced the full CRL at the URL the leaves carry."""
+    env, port = crl_env(tmp_path_factory.mktemp("query"), softhsm_conf)
+    env.edit_config(f'"http://127.0.0.1:{port}/crl/ca-root-1.crl"', f'"http://127.0.0.1:{port}/crl/ca-root-1.crl?v=1"')
+    daemon = start(env, tmp_path_factory.mktemp("log"))
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            cert = sign(channel)
+            _revoke(channel, cert.serial)
+            wait_for_crl(channel, lambda crl: int(cert.serial, 16) in serials_in(crl))  # a delta published after the full CRL
+        leaf = x509.load_pem_x509_certificate(cert.certificate_pem.encode())
+        (point,) = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        full_url = str(point.full_name[0].value) if point.full_name else ""
+        assert full_url == f"http://127.0.0.1:{port}/crl/ca-root-1.crl?v=1"
+        status, _, body = _http_get(port, full_url.removeprefix(f"http://127.0.0.1:{port}"))
+        full = x509.load_der_x509_crl(body)
+        assert status == 200
+        with pytest.raises(x509.ExtensionNotFound):  # the full CRL, not the delta
+            full.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+        (freshest,) = full.extensions.get_extension_for_class(x509.FreshestCRL).value
+        delta_url = str(freshest.full_name[0].value) if freshest.full_name else ""
+        assert delta_url == f"http://127.0.0.1:{port}/crl/ca-root-1-delta.crl?v=1"
+        status, _, body = _http_get(port, delta_url.removeprefix(f"http://127.0.0.1:{port}"))
+        assert status == 200
+        assert int(cert.serial, 16) in serials_in(x509.load_der_x509_crl(body))
+        x509.load_der_x509_crl(body).extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    finally:
+        daemon.stop()

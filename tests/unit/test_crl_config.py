@@ -57,3 +57,31 @@ def test_bad_settings_name_themselves(tmp_path: Path, old: str, new: str, messag
 def test_deltas_can_be_turned_off(tmp_path: Path) -> None:
     cfg = _load(tmp_path, **{"delta = true": "delta = false", "delta_interval_seconds = 300": "delta_interval_seconds = 90000"})
     assert not cfg.crl.delta
+
+
+@pytest.mark.parametrize(
+    ("cdp", "delta"),
+    [
+        ("http://127.0.0.1:8080/crl/k.crl?v=1", "http://127.0.0.1:8080/crl/k-delta.crl?v=1"),
+        ("http://127.0.0.1:8080/crl/k?v=1", "http://127.0.0.1:8080/crl/k-delta?v=1"),
+        ("https://crl.example.net", "https://crl.example.net/delta.crl"),
+        ("https://crl.example.net/?v=1", "https://crl.example.net/delta.crl?v=1"),
+    ],
+)
+def test_the_default_delta_url_differs_from_the_full_one_in_its_path(tmp_path: Path, cdp: str, delta: str) -> None:
+    """The server routes by path and ignores the query: "k.crl?v=1" made "k.crl?v=1-delta", served at the full CRL's
+    path, so each delta replaced the full CRL there; a URL without a path made "crl.example.net-delta", another host."""
+    cfg = _load(tmp_path, **{'"http://127.0.0.1:8080/crl/k.crl"': f'"{cdp}"'})
+    assert cfg.crl.delta_distribution_points == (delta,)
+
+
+@pytest.mark.parametrize("delta", ["http://127.0.0.1:8080/crl/k.crl?delta", "http://127.0.0.1:8080/crl/%6B.crl"])
+def test_a_delta_url_at_the_path_of_a_full_crl_url_is_refused(tmp_path: Path, delta: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        _load(tmp_path, **{'directory = "crl"': f'directory = "crl"\ndelta_distribution_points = ["{delta}"]'})
+    assert excinfo.value.message.startswith(
+        f"crl.delta_distribution_points: {delta!r} has the path of ca.crl_distribution_points 'http://127.0.0.1:8080/crl/k.crl'"
+    )
+    assert "give the delta URL another path" in excinfo.value.message
+    # Without deltas nothing is served there.
+    _load(tmp_path, **{'directory = "crl"': f'directory = "crl"\ndelta_distribution_points = ["{delta}"]', "delta = true": "delta = false"})
