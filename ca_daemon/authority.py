@@ -40,6 +40,7 @@ from ca_daemon.errors import (
     echo,
 )
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
+from ca_daemon.http_paths import rename_in_path
 from ca_daemon.lint import Linter
 from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
 from ca_daemon.store import IssuanceItem, IssuanceOutcome, SignReads, SqlStore, serial_hex
@@ -255,7 +256,7 @@ def rename_urls(config: Config, urls: tuple[str, ...], key_id: str) -> tuple[str
     label = Pkcs11Uri.parse(config.ca.key_uri).label
     if not key_id or not label or key_id == label:
         return urls
-    return tuple(u.replace(label, key_id) for u in urls)
+    return tuple(rename_in_path(u, label, key_id) for u in urls)
 
 
 class _Refusal(Exception):
@@ -823,8 +824,12 @@ def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str, actor: s
 
 
 # A key label (CKA_LABEL, also the key_id and part of the URL /ca/KEY.der): ASCII only, so no key can be named
-# with a lookalike of another's name (str.isalnum() took Cyrillic and fullwidth letters).
-_LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# with a lookalike of another's name (str.isalnum() took Cyrillic and fullwidth letters). It starts with a letter or
+# digit: put in a CRL or CA URL in place of the configured key's label (rename_urls), "." or ".." could make a
+# dot-segment, which the HTTP server refuses and clients resolve elsewhere. It does not end in "-delta": key K's delta
+# CRL is /crl/K-delta.crl (and the file K-delta.crl), where a key named K-delta had its full CRL served and written.
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+LABEL_RULE = "1-64 of [A-Za-z0-9-_.], starting with a letter or digit, not ending in -delta"
 
 
 def _label_taken(label: str) -> FailedPrecondition:
@@ -837,8 +842,8 @@ def check_new_key_label(hsm: Hsm, store: SqlStore, label: str) -> None:
     The store records a key under its label, so a second key of one label overwrote the first
     key's record (even the active key's), and two token keys of one label make both ambiguous.
     """
-    if not _LABEL.fullmatch(label):
-        raise InvalidRequest(f"key label {echo(label)} is not usable", rule="label", field="label", expected="1-64 of [A-Za-z0-9-_.]")
+    if not _LABEL.fullmatch(label) or label.endswith("-delta"):
+        raise InvalidRequest(f"key label {echo(label)} is not usable: use {LABEL_RULE}", rule="label", field="label", expected=LABEL_RULE)
     if store.get_ca_key(label) is not None:
         raise _label_taken(label)
     try:  # another key (audit, mTLS CA) with that label would make both ambiguous

@@ -61,4 +61,19 @@ def _decoded_path(raw: str) -> str:
     return "/".join(segments)
 
 
-__all__ = ["request_path"]
+def rename_in_path(url: str, old: str, new: str) -> str:
+    """url with old replaced by new in its path alone; scheme, host, port, query and fragment stay as written.
+
+    The configured CRL and CA URLs name the configured key by its label, and every other key's are made by putting its
+    label there. Replaced in the whole URL, a label that is also part of the host ("1" in 127.0.0.1, "ca" in http://ca/)
+    sent relying parties to another host, and one in the query changed nothing the server routes by.
+    """
+    start = url.find("//")
+    start = url.find("/", start + 2) if start != -1 else 0  # the path begins at the first / after the authority
+    if start == -1:
+        return url  # no path: nothing names the key
+    end = min((i for i in (url.find("?", start), url.find("#", start)) if i != -1), default=len(url))
+    return url[:start] + url[start:end].replace(old, new) + url[end:]
+
+
+__all__ = ["rename_in_path", "request_path"]

@@ -30,6 +30,7 @@ from ca_daemon.audit import EventRecorder, is_refusal, refusal_event
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFailure, NotFound, echo
 from ca_daemon.hsm import Hsm, Pkcs11Uri
+from ca_daemon.http_paths import rename_in_path
 from ca_daemon.model import AuditEvent, CaKey, KeyStatus, PublishedCrl, Revocation, RevocationReason
 from ca_daemon.policy import parse_serial
 from ca_daemon.store import SqlStore
@@ -461,7 +462,7 @@ class CrlPublisher:
 
         # The configured URLs name the active key; a retired key's CRLs live beside them under its own name.
         def rename(urls: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(u.replace(active_label, key.key_id) for u in urls) if active_label else urls
+            return tuple(rename_in_path(u, active_label, key.key_id) for u in urls) if active_label else urls
 
         scope = crl_der.CrlScope.for_ca(
             certificate, rename(self._config.ca.crl_distribution_points), rename(self._config.crl.delta_distribution_points)

@@ -158,6 +158,20 @@ def test_key_without_certificate_stops_the_daemon_with_a_hint(tmp_path: Path, so
     assert "has no certificate installed" in result.stderr
 
 
+def test_key_generate_refuses_a_label_that_would_make_a_wrong_crl_url(tmp_path: Path, softhsm_conf: Path) -> None:
+    """Another key's CRL URLs are the configured ones with its label in place of the configured key's: ".." made the
+    dot-segment of /crl/../x.crl, and key ca-root-1-delta's full CRL went where ca-root-1's delta CRL is served."""
+    env = make_env(tmp_path, softhsm_conf)
+    for label in (".", "..", "ca-root-1-delta"):
+        result = env.cli("key", "generate", "--label", label, check=False)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            f"ca-daemon: key label {label!r} is not usable: use 1-64 of [A-Za-z0-9-_.], starting with a letter or digit, "
+            "not ending in -delta"
+        )
+    assert [line.split("\t")[0] for line in env.cli("key", "list").stdout.splitlines()] == ["ca-root-1"]
+
+
 def test_key_generate_types_and_help(tmp_path: Path, softhsm_conf: Path) -> None:
     env = make_env(tmp_path, softhsm_conf, init=False)
     for key_type in ("ec-p384", "rsa-2048", "ed25519"):

@@ -178,14 +178,23 @@ def test_self_sign_refuses_a_validity_beyond_36500_days_naming_validity_days_and
 
 @pytest.mark.parametrize(
     "label",
-    ["\u0441\u0430-root-1", "\uff4b\uff45\uff59\uff12", "\u043a\u043b\u044e\u0447", "a" * 65, "ca root", "ca/root"],
-    ids=["cyrillic-homoglyph-of-ca-root-1", "fullwidth", "cyrillic", "65-characters", "space", "slash"],
+    [
+        *("\u0441\u0430-root-1", "\uff4b\uff45\uff59\uff12", "\u043a\u043b\u044e\u0447", "a" * 65, "ca root", "ca/root"),
+        *(".", "..", "-x", "ca-root-1-delta"),
+    ],
+    ids=[
+        *("cyrillic-homoglyph-of-ca-root-1", "fullwidth", "cyrillic", "65-characters", "space", "slash"),
+        *("dot", "dot-dot", "dash-first", "delta"),
+    ],
 )
 def test_generate_key_refuses_a_label_outside_the_documented_ascii_alphabet(channel: grpc.Channel, label: str) -> None:
-    """ca.proto: 'CKA_LABEL of the new key, also its key_id: 1-64 of [A-Za-z0-9-_.]'."""
+    """ca.proto: 'CKA_LABEL of the new key, also its key_id: 1-64 of [A-Za-z0-9-_.], starting with a letter or digit,
+    not ending in -delta'. "." and ".." put in a CRL URL in place of the configured label made a dot-segment; key K-delta's
+    full CRL was served (and written) where key K's delta CRL is, /crl/K-delta.crl."""
     error = _error(lambda: _ceremony(channel).GenerateKey(ca_pb2.GenerateKeyRequest(label=label), timeout=60))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
-    assert "is not usable [rule label]" in _details(error)
+    rule = "1-64 of [A-Za-z0-9-_.], starting with a letter or digit, not ending in -delta"
+    assert f"is not usable: use {rule} [rule label]" in _details(error)
     assert label not in [k.key_id for k in _ceremony(channel).ListKeys(ca_pb2.ListKeysRequest(), timeout=30).keys]
 
 

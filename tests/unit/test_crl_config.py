@@ -85,3 +85,25 @@ def test_a_delta_url_at_the_path_of_a_full_crl_url_is_refused(tmp_path: Path, de
     assert "give the delta URL another path" in excinfo.value.message
     # Without deltas nothing is served there.
     _load(tmp_path, **{'directory = "crl"': f'directory = "crl"\ndelta_distribution_points = ["{delta}"]', "delta = true": "delta = false"})
+
+
+@pytest.mark.parametrize(
+    ("label", "url", "renamed"),
+    [
+        ("ca-root-1", "http://127.0.0.1:8080/crl/ca-root-1.crl", "http://127.0.0.1:8080/crl/ca-2.crl"),
+        # The label is also part of the host, the port or the query: only the path names the key.
+        ("1", "http://127.0.0.1:8080/crl/1.crl", "http://127.0.0.1:8080/crl/ca-2.crl"),
+        ("ca", "http://ca/ca/ca.der", "http://ca/ca-2/ca-2.der"),
+        ("crl", "http://crl.example.net/crl/crl.crl?key=crl", "http://crl.example.net/ca-2/ca-2.ca-2?key=crl"),
+        ("80", "http://h:8080/crl/80.crl", "http://h:8080/crl/ca-2.crl"),
+        ("k", "https://k.example", "https://k.example"),  # no path: nothing to rename
+    ],
+)
+def test_another_keys_urls_rename_the_configured_label_in_the_path_alone(tmp_path: Path, label: str, url: str, renamed: str) -> None:
+    """URLs for other keys replaced the configured label in the whole URL: a label that is also (part of) the host name
+    or the port sent relying parties of every other key's certificates to another host."""
+    from ca_daemon import authority
+
+    cfg = _load(tmp_path, **{"object=k": f"object={label}", '"http://127.0.0.1:8080/crl/k.crl"': f'"{url}"'})
+    assert authority.rename_urls(cfg, cfg.ca.crl_distribution_points, "ca-2") == (renamed,)
+    assert authority.rename_urls(cfg, cfg.ca.crl_distribution_points, label) == (url,)

@@ -77,7 +77,9 @@ class GenerateKeyRequest(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     KEY_TYPE_FIELD_NUMBER: _builtins.int
     label: _builtins.str
-    """CKA_LABEL of the new key, also its key_id: 1-64 of [A-Za-z0-9-_.]."""
+    """CKA_LABEL of the new key, also its key_id: 1-64 of [A-Za-z0-9-_.], starting with a letter or digit,
+    not ending in -delta.
+    """
     key_type: _builtins.str
     """"ec-p256" (default when empty), "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519"."""
     def __init__(
