@@ -492,7 +492,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
             )
     _refuse_shared_ports((("server.listen", server.listen), ("server.http_listen", server.http_listen), ("metrics.listen", metrics.listen)))
     tls_ca_key = _key_in_token("tls.ca_key", tls.ca_key_uri, token, token_origin) if tls.ca_key_uri else ""
-    tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": tls_ca_key or f"pkcs11:token={token};object=mtls-ca-1"})
+    tls = TlsConfig(**{**tls.__dict__, "ca_key_uri": tls_ca_key or _default_key_uri(token, "mtls-ca-1")})
     _refuse_shared_keys((("ca.key", ca.key_uri), ("audit.key", audit.key_uri), ("tls.ca_key", tls.ca_key_uri)))
     lint_mode = reader.table("lint").string("mode", "template")
     if lint_mode not in LINT_MODES:
@@ -559,7 +559,7 @@ def _parse_roles(raw: _Reader) -> tuple[RoleGrant, ...]:
 
 
 def _parse_audit(raw: _Reader, token: str, token_origin: str, dev_mode: bool) -> AuditConfig:
-    key = raw.string("key", "") or f"pkcs11:token={token};object=audit-1"
+    key = raw.string("key", "") or _default_key_uri(token, "audit-1")
     if not key.startswith("pkcs11:"):
         raise ConfigError("audit.key must be a pkcs11: URI naming the audit checkpoint key in the HSM")
     key = _key_in_token("audit.key", key, token, token_origin)
@@ -795,6 +795,15 @@ def _uri_attributes(uri: str) -> dict[str, str]:
     """The path attributes of a `pkcs11:` URI, percent-decoded (hsm.Pkcs11Uri reads them at start; config may not import it)."""
     path = uri[len("pkcs11:") :].split("?", 1)[0]
     return {name: unquote(value) for name, _, value in (part.partition("=") for part in path.split(";") if part)}
+
+
+def _default_key_uri(token: str, label: str) -> str:
+    """pkcs11:token=...;object=label, the token label percent-encoded as RFC 7512 and hsm.Pkcs11Uri write it.
+
+    Raw, a ';' or '?' in the token label ended the attribute early and a '%' read as an escape: the default audit and
+    mTLS CA keys named another token, and the configuration was refused for a setting it did not contain.
+    """
+    return f"pkcs11:token={quote(token, safe='')};object={quote(label, safe='')}"
 
 
 def _key_in_token(setting: str, uri: str, token: str, token_origin: str) -> str:

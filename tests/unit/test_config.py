@@ -434,3 +434,18 @@ def test_a_pin_in_place_of_pin_env_is_refused_without_echoing_it(tmp_path: Path,
     assert "hsm.pin_env must be the name of an environment variable" in excinfo.value.message
     assert value not in excinfo.value.message
     assert config.load(_write(tmp_path, _dev(tmp_path, **{'pin_file = "pins/user.pin"': 'pin_env = "CA_DAEMON_PIN_2"'}))).hsm.pin.env
+
+
+@pytest.mark.parametrize("token", ["a%b", "a;b", "a?b", "50% off; ok?", "my ca"])
+def test_the_default_audit_and_mtls_ca_key_uris_percent_encode_the_token(tmp_path: Path, token: str) -> None:
+    """The defaults were pkcs11:token={token};object=audit-1 with the raw label: a ';' or '?' in it cut the token
+    short (hsm.token was then 'another token' and the configuration refused), a '%' was decoded as an escape."""
+    from ca_daemon.hsm import Pkcs11Uri
+
+    escaped = token.replace('"', '\\"')
+    text = _dev(tmp_path, **{'token = "t"': f'token = "{escaped}"', 'key = "pkcs11:token=t;object=k"': 'key = "pkcs11:object=k"'})
+    cfg = config.load(_write(tmp_path, text.replace('key = "pkcs11:token=t;object=audit-1"\n', "")))
+    for uri, label in ((cfg.ca.key_uri, "k"), (cfg.audit.key_uri, "audit-1"), (cfg.tls.ca_key_uri, "mtls-ca-1")):
+        parsed = Pkcs11Uri.parse(uri)
+        assert (parsed.token, parsed.label) == (token, label), uri
+        assert uri == str(parsed)  # the encoding hsm.Pkcs11Uri writes (RFC 7512)
