@@ -874,6 +874,8 @@ def _bound_addresses(host: str, port: int) -> set[str] | None:
         except (OSError, UnicodeError):
             return set()
         addresses = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in found}
+    # An IPv4-mapped IPv6 address (::ffff:127.0.0.1) binds that IPv4 address: compared as text, the two never met.
+    addresses = {a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped else a for a in addresses}
     if any(a.is_unspecified for a in addresses):
         return None
     return {str(a) for a in addresses}

@@ -359,6 +359,11 @@ def test_a_key_uri_without_a_token_is_the_key_in_hsm_token(tmp_path: Path) -> No
             '[metrics]\nlisten = "127.0.0.1:08080"',
             "metrics.listen = '127.0.0.1:08080' takes the port of server.http_listen = '127.0.0.1:8080' (both bind 127.0.0.1)",
         ),
+        (
+            'http_listen = "127.0.0.1:8080"',
+            'http_listen = "[::ffff:127.0.0.1]:50051"',
+            "server.http_listen = '[::ffff:127.0.0.1]:50051' takes the port of server.listen = '127.0.0.1:50051' (both bind 127.0.0.1)",
+        ),
         ('http_listen = "127.0.0.1:8080"', 'http_listen = "127.0.0.2:50051"', ""),  # another loopback address
         ('http_listen = "127.0.0.1:8080"', 'http_listen = "no-such-host.invalid:50051"', ""),  # left to the bind at start
     ],
@@ -392,6 +397,18 @@ def test_the_grpc_crl_and_metrics_listeners_each_need_their_own_port(tmp_path: P
             "metrics.listen = '[0::1]:50051' takes the port of server.listen = '[::1]:50051' (both bind ::1)",
         ),
         ("192.0.2.7:50051", 'http_listen = "192.0.2.8:50051"', ""),
+        # An IPv4-mapped IPv6 address binds the IPv4 address it maps (the text differs).
+        (
+            "192.0.2.7:50051",
+            'http_listen = "[::ffff:192.0.2.7]:50051"',
+            "server.http_listen = '[::ffff:192.0.2.7]:50051' takes the port of server.listen = '192.0.2.7:50051' (both bind 192.0.2.7)",
+        ),
+        (
+            "[::ffff:0.0.0.0]:50051",
+            '[metrics]\nlisten = "192.0.2.8:50051"',
+            "metrics.listen = '192.0.2.8:50051' takes the port of server.listen = '[::ffff:0.0.0.0]:50051'",
+        ),
+        ("[::ffff:192.0.2.7]:50051", 'http_listen = "[::ffff:192.0.2.8]:50051"', ""),
     ],
 )
 def test_with_mtls_a_wildcard_or_the_same_address_in_another_spelling_takes_the_port(
