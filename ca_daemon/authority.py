@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -188,14 +188,23 @@ class PolicySet:
         return profile
 
 
-def build_policy_set(config: Config, ca_certificate: x509.Certificate, draft_key: CertificateIssuerPrivateKeyTypes) -> PolicySet:
+def build_policy_set(
+    config: Config,
+    ca_certificate: x509.Certificate,
+    draft_key: CertificateIssuerPrivateKeyTypes,
+    parents: Sequence[bytes] | None = None,
+) -> PolicySet:
     """Profiles, callers and linter from config; each profile's template is linted in full first.
 
     A profile whose certificate would fail the lint is a configuration error: it is
-    refused at start-up or reload, before any request could reach it.
+    refused at start-up or reload, before any request could reach it. So is, given the
+    parents (DER) of ca_certificate, an extendedKeyUsage the chain excludes (see
+    _check_usages_fit_chain); a key switch passes none: its chain was checked at import.
     """
     linter = Linter(config.lint.mode)
     profiles = profiles_from_config(config)
+    if parents is not None:
+        _check_usages_fit_chain(config, [ca_certificate, *(x509.load_der_x509_certificate(der) for der in parents)])
     if linter.mode != "off":
         template_linter = Linter("full")
         for profile in profiles.values():
@@ -221,7 +230,25 @@ def check_policy(config: Config, store: SqlStore) -> None:
     if key is None or key.certificate_der is None:
         return
     certificate = x509.load_der_x509_certificate(key.certificate_der)
-    build_policy_set(config, certificate, issuer.draft_key_like(certificate.public_key()))  # type: ignore[arg-type]
+    build_policy_set(config, certificate, issuer.draft_key_like(certificate.public_key()), key.chain_der)  # type: ignore[arg-type]
+
+
+def _check_usages_fit_chain(config: Config, chain: Sequence[x509.Certificate]) -> None:
+    """ConfigError if a profile issues an extendedKeyUsage that a certificate of the active CA's chain excludes.
+
+    import-cert refuses such a chain for the profiles of its day; a profile given the usage later (a reload, a
+    restart with another file) made every certificate of it fail relying parties that check the purpose along
+    the chain (openssl verify -purpose sslserver for serverAuth), though each was issued as usual.
+    """
+    issued = issued_extended_key_usages(config)
+    for certificate in chain:
+        try:
+            _check_extended_key_usage(certificate, "profiles", issued)
+        except InvalidRequest as refused:
+            raise ConfigError(
+                f"the profiles' extended_key_usage does not fit the active CA key's chain: {refused.message}; "
+                "or take the usage out of the profile"
+            ) from None
 
 
 def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> policy.Decision:
@@ -314,7 +341,7 @@ class Authority:
         self._urls = _urls(config, active.key.key_id)
         # Lint-before-sign builds each certificate first with this stand-in for the CA key (see issuer.draft_key_like).
         self._draft_key = issuer.draft_key_like(active.private_key)  # type: ignore[arg-type]
-        self.policy = build_policy_set(config, active.certificate, self._draft_key)
+        self.policy = build_policy_set(config, active.certificate, self._draft_key, active.key.chain_der)
         # Held while a policy set is built and put in force: a reload (the loop's thread) and a key switch
         # (the token's thread, which rebuilds the policy in force for the new certificate) each build from
         # what the other put in force, so neither undoes the other.
@@ -361,7 +388,7 @@ class Authority:
         not applied.
         """
         with self._policy_lock:
-            new = build_policy_set(config, self.active.certificate, self._draft_key)
+            new = build_policy_set(config, self.active.certificate, self._draft_key, self.active.key.chain_der)
             self.policy = new
         for setting in restart_only_changes(config, self._config):
             log.warning("reload: %s changed; that takes effect only after a restart", setting)

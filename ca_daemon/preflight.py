@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from ca_daemon import app, tls
 from ca_daemon import config as config_module
-from ca_daemon.authority import load_active_ca
+from ca_daemon.authority import check_policy, load_active_ca
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Hsm, Pkcs11Uri
@@ -66,6 +66,12 @@ def run(config_path: str | Path, emit: Callable[[Check], None] = lambda _c: None
                 record("CA key", True, f"{active.key.key_id} in the token matches its certificate {subject}")
             except CaError as exc:
                 record("CA key", False, exc.message)
+            else:  # what start-up and a reload check of the profiles against that key's certificate and chain
+                try:
+                    check_policy(config, store)
+                    record("profiles", True, "each profile's template passes the lint and fits the CA key's chain")
+                except CaError as exc:
+                    record("profiles", False, exc.message)
     finally:
         if hsm is not None:
             hsm.close()

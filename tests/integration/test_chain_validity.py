@@ -213,3 +213,31 @@ def test_import_cert_refuses_an_intermediate_whose_subject_exceeds_the_ca_subjec
     # Within the bounds, a subject other than the CSR's is installed (the parent's choice).
     installed = _import_another_answer(env, tmp_path, subject=_name((cn, "c" * 64), (NameOID.ORGANIZATION_NAME, "Example")))
     assert installed.returncode == 0, installed.stdout + installed.stderr
+
+
+def test_a_profile_given_a_usage_the_active_chain_excludes_is_refused_at_reload_and_by_check_config(
+    tmp_path: Path, softhsm_conf: Path
+) -> None:
+    """import-cert compares the chain's extendedKeyUsage with the profiles of its day; a profile given serverAuth later,
+    under an intermediate whose EKU is clientAuth only, was put in force by a reload, and each of its certificates
+    failed relying parties that check the purpose along the chain."""
+    client_only = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    env, imported = _import_answer(tmp_path, softhsm_conf, extra=(client_only,))
+    assert imported.returncode == 0, imported.stderr
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    try:
+        good = env.config_path.read_text()
+        env.config_path.write_text(good + '\n[profiles.gateway]\nextended_key_usage = ["serverAuth"]\n')
+        expected = "does not fit the active CA key's chain"
+        for command in (("check-config",), ("reload",)):
+            refused = env.cli(*command, check=False)
+            said = refused.stdout + refused.stderr  # check-config prints its FAIL line; reload says why on stderr
+            assert refused.returncode != 0 and expected in said and "serverAuth (issued by profile gateway)" in said, (command, said)
+        with grpc.insecure_channel(env.target) as channel:
+            listed = ca_pb2_grpc.CertificateAuthorityStub(channel).ListProfiles(ca_pb2.ListProfilesRequest(), timeout=10)
+        assert "gateway" not in {profile.name for profile in listed.profiles}
+        # A usage the chain allows is still taken.
+        env.config_path.write_text(good + '\n[profiles.gateway]\nextended_key_usage = ["clientAuth"]\n')
+        assert env.cli("reload", check=False).returncode == 0
+    finally:
+        daemon.stop()
