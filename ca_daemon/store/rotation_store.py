@@ -129,13 +129,16 @@ class RotationStore:
                 )
             # The keys' rows locked in key order, as a group commit locks its issuer keys FOR SHARE (SqlStore.
             # record_unique_issuances): a commit in flight finishes first, and one that comes later sees the new status.
+            # FOR NO KEY UPDATE (what the UPDATE takes anyway), not FOR UPDATE: that one also conflicts with the FOR KEY
+            # SHARE lock PostgreSQL's foreign-key check takes for every certificate, revocation or CRL row inserted, and
+            # a revocation of certificates of both keys deadlocked with the switch.
             statuses = {
                 row.key_id: row.status
                 for row in conn.execute(
                     select(ca_keys.c.key_id, ca_keys.c.status)
                     .where(ca_keys.c.key_id.in_(sorted({c.key_id for c in changes})))
                     .order_by(ca_keys.c.key_id)
-                    .with_for_update()
+                    .with_for_update(key_share=True)
                 )
             }
             for change in changes:

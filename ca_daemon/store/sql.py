@@ -1294,7 +1294,7 @@ _DEVICES_OF_KEYS = (
 )
 _INSERT_CERTIFICATES = insert(certificates)
 # The issuer keys of a group commit and their status, locked FOR SHARE in key order (so two commits and a key switch,
-# which locks its keys FOR UPDATE in the same order, cannot deadlock); SQLite's compiler leaves the clause out.
+# which locks its keys FOR NO KEY UPDATE in the same order, cannot deadlock); SQLite's compiler leaves the clause out.
 _ISSUER_KEYS = (
     select(ca_keys.c.key_id, ca_keys.c.status)
     .where(ca_keys.c.key_id.in_(bindparam("key_ids", expanding=True)))

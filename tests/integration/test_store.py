@@ -1162,3 +1162,78 @@ def test_the_audit_log_read_through_the_cursor_is_what_events_gives(store: SqlSt
         [type(value) for value in e.values()] for e in audit.events(EventFilter(after_seq=start + 2), 3)
     ]
     assert audit.event_page(0, 5000) == audit.events(EventFilter(after_seq=0), 5000)
+
+
+def test_a_key_switch_and_a_revocation_of_certificates_of_both_keys_do_not_deadlock(store: SqlStore) -> None:
+    """The key switch locked its keys FOR UPDATE, which conflicts with the FOR KEY SHARE lock PostgreSQL's foreign-key
+    check takes on ca_keys for every revocation (and certificate, CRL) row inserted. A revocation of certificates of
+    both keys holds one key's row, the switch locked the other first (key order) and waited, and the revocation's next
+    row waited for the switch: a deadlock, one of them aborted. Its plain UPDATE (FOR NO KEY UPDATE) let both pass."""
+    if store.dialect == "sqlite":
+        pytest.skip("SQLite serialises writers: no row locks")
+    import psycopg
+
+    from ca_daemon.store.rotation_store import RotationStore, StatusChange
+
+    store.save_ca_key(_ca_key("ca-test-0", KeyStatus.PENDING))  # sorts before ISSUER: the switch locks it first
+    old = _cert("both-keys")
+    new = dataclasses.replace(_cert("both-keys-2"), issuer_key_id="ca-test-0")
+    store.record_issuances([(old, _audit(old)), (new, _audit(new))])
+    rotation, now, window = RotationStore(store), datetime.now(UTC), timedelta(minutes=5)
+    for officer in ("alice", "bob"):
+        event = AuditEvent(time=now, actor=officer, action="key.approve", outcome="approved", key_id="ca-test-0")
+        rotation.approve("activate", "ca-test-0", "", officer, now, window, event)
+    changes = [
+        StatusChange(ISSUER, (KeyStatus.ACTIVE,), KeyStatus.SUPERSEDED, "superseded_at"),
+        StatusChange("ca-test-0", (KeyStatus.PENDING,), KeyStatus.ACTIVE, "activated_at"),
+    ]
+    switch_event = AuditEvent(time=now, actor="bob", action="key.activate", outcome="activated", key_id="ca-test-0")
+    errors: list[BaseException] = []
+
+    def run(call: Callable[[], object]) -> threading.Thread:
+        def target() -> None:
+            try:
+                call()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    def waiting_for_a_lock(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with store.engine.connect() as conn:
+                waiting = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")).scalar_one()
+            if waiting >= count:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"fewer than {count} sessions waiting for a lock")
+
+    holder = psycopg.connect(store.engine.url.render_as_string(hide_password=False).replace("+psycopg", ""))
+    try:
+        # Holds the new key's certificate row, so the revocation stops between its two rows (old key's first).
+        holder.execute("SELECT 1 FROM certificates WHERE serial = %s FOR UPDATE", (serial_hex(new.serial),))
+        revoking = run(
+            lambda: store.record_revocations(
+                serials=[old.serial, new.serial],
+                device_id="",
+                reason=RevocationReason.KEY_COMPROMISE,
+                revoked_at=now.replace(microsecond=0),
+                invalidity_date=None,
+                actor="test",
+                encode_entry=_entry,
+            )
+        )
+        waiting_for_a_lock(1)
+        switching = run(lambda: rotation.execute("activate", "ca-test-0", "", now, window, changes, switch_event))
+        time.sleep(0.5)  # the switch locks ca-test-0 and then waits for ISSUER (new code), or commits (old code)
+    finally:
+        holder.rollback()
+        holder.close()
+    revoking.join(timeout=30)
+    switching.join(timeout=30)
+    assert errors == []
+    assert store.get_ca_key("ca-test-0").status == KeyStatus.ACTIVE  # type: ignore[union-attr]
+    assert store.get_revocation(old.serial) is not None and store.get_revocation(new.serial) is not None
