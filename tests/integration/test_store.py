@@ -1201,11 +1201,14 @@ def test_a_key_switch_and_a_revocation_of_certificates_of_both_keys_do_not_deadl
         thread.start()
         return thread
 
+    # Sessions of this test's database only: the server may be shared (CA_DAEMON_TEST_PG_URL).
+    waiting_query = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+
     def waiting_for_a_lock(count: int) -> None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with store.engine.connect() as conn:
-                waiting = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")).scalar_one()
+                waiting = conn.execute(waiting_query).scalar_one()
             if waiting >= count:
                 return
             time.sleep(0.02)
