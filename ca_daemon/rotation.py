@@ -16,7 +16,8 @@ Same layer as authority.py. The steps and who may take them:
 Every worker notices a new active key within `[rotation] poll_interval_ms`
 (Authority.follow_active_key) and opens it in its own Hsm: no restart. Until then the group
 commit refuses what it signs with the old key (CaKeyChanged, UNAVAILABLE), and the worker
-follows at once.
+follows at once. An emergency halts the compromised key before it revokes anything: from
+then on until the successor is active, the group commit refuses what it signs too.
 """
 
 from __future__ import annotations
@@ -412,26 +413,40 @@ class KeyCeremony:
         return self._emergency(officer, key_id, successor_key_id, now, details)
 
     def _emergency(self, actor: str, key_id: str, successor_key_id: str, now: datetime, details: dict[str, str]) -> str:
-        """Revoke the compromised generation, then switch to the successor.
+        """Halt the compromised key, revoke its generation, then switch to the successor.
 
-        Revocations first (each one transaction, idempotent on a retry: already revoked
-        certificates are skipped), then the switch that consumes the approvals. A crash in
-        between leaves the approvals live, so the second officer's retry completes it; the
-        other order would not (a retry is refused once the successor is active). From the
-        switch on, no certificate of the old key is stored: the group commit reads its
-        issuer key's status (FOR SHARE on PostgreSQL; the switch's UPDATE waits for a commit
-        that read it first), and a worker that has not followed yet has its certificate
-        discarded and the caller told to retry. So the second pass, once every worker must
-        have switched, finds only what was committed while the first pass ran; it stays
-        as defence in depth.
+        1. Halt (its own transaction; the approvals stay live): from its commit on, the group
+           commit stores nothing the key signs (a worker's Sign is answered UNAVAILABLE, "the
+           key is compromised ... issuance resumes once the successor is active"). On PostgreSQL
+           it waits for the commits that read the key's status FOR SHARE, so pass 1 finds
+           their certificates. Before, certificates committed while pass 1 ran (long on a big
+           store) were handed out and revoked by the second pass moments later.
+        2. Pass 1: revoke every unrevoked certificate of the key and the links certifying it.
+        3. The switch, which consumes the approvals. A crash before it leaves them live (and the
+           key halted), so the officers' retry completes the emergency; switching first would
+           not (a retry is refused once the successor is active).
+        4. Pass 2, two poll intervals on: defence in depth; nothing should be left.
+
+        Both passes skip serials revoked meanwhile (skip_revoked), so two executions at once
+        (a third officer's approval while this one runs) do not fail on each other's
+        revocations: each halts (idempotent) and revokes what is left, one switches, and
+        the other is refused at the switch and told that a concurrent approval executed it
+        (_approve, _done_meanwhile).
         """
+        window = self._config.rotation.approval_window
+        halt = AuditEvent(
+            time=now, actor=actor, action="key.emergency", outcome="halted", key_id=key_id, details={**details, "step": "halt"}
+        )
+        self._rotation.halt(key_id, successor_key_id, now, window, halt)
         issued = self._rotation.unexpired_unrevoked(key_id, now, leaves_only=False)
         revoked = self._revoke(issued, RevocationReason.CA_COMPROMISE, actor)
         # Where we are the parent: the link certificates that certify the compromised key, on their issuers' CRLs.
         certifying = [c.serial for c in self._rotation.links_certifying(key_id)]
-        live = set(self._rotation_unrevoked(certifying))
-        revoked_links = self._revoke([s for s in certifying if s in live], RevocationReason.KEY_COMPROMISE, actor)
+        live = [s for s in certifying if s in set(self._rotation_unrevoked(certifying))]
+        revoked_links = self._revoke(live, RevocationReason.KEY_COMPROMISE, actor)
         details |= {"revoked_certificates": str(revoked), "revoked_link_certificates": str(revoked_links)}
+        # What this pass listed and another call (a concurrent execution, a Revoke) revoked first: revoked all the same.
+        details["revoked_meanwhile"] = str(len(issued) - revoked + len(live) - revoked_links)
         key = self._key(key_id)
         changes = [
             StatusChange(key_id, (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED), KeyStatus.SUPERSEDED, "compromised_at"),
@@ -442,13 +457,14 @@ class KeyCeremony:
             if current is not None and current.key_id != successor_key_id:
                 changes.insert(0, StatusChange(current.key_id, (KeyStatus.ACTIVE,), KeyStatus.SUPERSEDED, "superseded_at"))
         event = AuditEvent(time=now, actor=actor, action="key.emergency", outcome="executed", key_id=key_id, details=details)
-        self._rotation.execute("emergency", key_id, successor_key_id, now, self._config.rotation.approval_window, changes, event)
+        self._rotation.execute("emergency", key_id, successor_key_id, now, window, changes, event)
         time.sleep(2 * self._config.rotation.poll_interval.total_seconds() + 0.5)
         revoked += self._revoke(
             self._rotation.unexpired_unrevoked(key_id, _now(), leaves_only=False), RevocationReason.CA_COMPROMISE, actor
         )
+        revoked += len(issued) - int(details["revoked_certificates"])  # pass 1's list is revoked, by this call or another
         return (
-            f"CA key {key_id} is compromised: {revoked} certificate(s) it signed and {revoked_links} link certificate(s) "
+            f"CA key {key_id} is compromised: {revoked} certificate(s) it signed and {len(live)} link certificate(s) "
             f"certifying it are revoked; {successor_key_id} is active"
         )
 
@@ -498,6 +514,7 @@ class KeyCeremony:
             invalidity_date=None,
             actor=actor,
             encode_entry=encode_entry,
+            skip_revoked=True,  # revoked since it was listed (another execution, an operator's Revoke): done already
         )
         return len(revoked)
 

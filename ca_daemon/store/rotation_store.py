@@ -91,6 +91,37 @@ class RotationStore:
         with self._store._connect() as conn:
             return _live_officers(conn, action, key_id, successor_key_id, now, window)
 
+    def halt(self, key_id: str, successor_key_id: str, now: datetime, window: timedelta, audit: AuditEvent) -> bool:
+        """Stop storing what key_id signs (an emergency's first step), leaving the approvals live; True if it was not yet.
+
+        Refused (nothing changes) unless two distinct officers still have live emergency approvals
+        (another execution that switched already consumed them) and the key is active or superseded.
+        The key's row is locked FOR NO KEY UPDATE, as the switch locks it: on PostgreSQL (READ COMMITTED) this
+        waits for every group commit that read the key's status FOR SHARE, so the revocation pass that
+        follows finds their certificates; a commit after it, or waiting for it, reads halted_at. On
+        SQLite the write lock orders the two. The approvals stay live, so if the process dies before
+        the switch, the officers' retry completes the emergency.
+        """
+        with self._store._begin() as conn:
+            officers = _live_officers(conn, "emergency", key_id, successor_key_id, now, window)
+            if len(officers) < 2:
+                raise FailedPrecondition(
+                    f"emergency of {key_id} needs approvals from 2 distinct officers within the window; live: {len(officers)}",
+                    rule="dual-control",
+                )
+            # FOR NO KEY UPDATE, as execute (below) locks keys: FOR UPDATE also waits for the foreign-key checks of rows
+            # inserted under the key (revocations, CRLs), and a revocation under two keys deadlocked with it.
+            locked = select(ca_keys.c.status, ca_keys.c.halted_at).where(ca_keys.c.key_id == key_id).with_for_update(key_share=True)
+            row = conn.execute(locked).first()
+            if row is None:
+                raise NotFound(f"no CA key {key_id!r}", rule="key", field="key_id")
+            if KeyStatus(row.status) not in (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED):
+                raise FailedPrecondition(f"CA key {key_id} is {row.status}; emergency needs it active or superseded", rule="key-status")
+            if row.halted_at is None:
+                conn.execute(update(ca_keys).where(ca_keys.c.key_id == key_id).values(halted_at=now))
+            self._store._insert_audit(conn, [audit])
+            return row.halted_at is None
+
     def execute(
         self,
         action: str,

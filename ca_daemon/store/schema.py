@@ -54,6 +54,8 @@ ca_keys = Table(
     Column("certificate_der", LargeBinary),
     # Concatenated DER of the parents, nearest first (see model.CaKey.chain_der).
     Column("chain_der", LargeBinary, nullable=False, default=b""),
+    # Version 9 (see _add_v9): when an emergency switch stopped the key's issuance, before revoking what it signed.
+    Column("halted_at", DateTime(timezone=True)),
 )
 
 # Serials are stored as lowercase hex without leading zeros: they exceed 64 bits.
@@ -343,6 +345,20 @@ def _add_v8(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE crls ADD COLUMN is_final BOOLEAN NOT NULL DEFAULT {false}"))
 
 
+# -- version 9: an emergency stops the compromised key's issuance first ----------------
+
+# The emergency switch revokes what the compromised key signed, then activates the successor. A
+# certificate committed while the revocation pass ran was handed out and revoked moments later.
+# halted_at is set (in its own transaction, before that pass) and read by the group commit with the
+# key's status, so from then on nothing the key signs is stored.
+
+
+def _add_v9(conn: Connection) -> None:
+    if "halted_at" not in {column["name"] for column in inspect(conn).get_columns("ca_keys")}:
+        kind = "DATETIME" if conn.dialect.name == "sqlite" else "TIMESTAMP WITH TIME ZONE"
+        conn.execute(text(f"ALTER TABLE ca_keys ADD COLUMN halted_at {kind}"))
+
+
 # (version, description, step). Append only: a released step is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
@@ -353,6 +369,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (6, "the caller of each certificate, for replays by request_id", _add_v6),
     (7, "per-caller issuance counts per minute, so a quota holds for any 60 minutes", _create_v7),
     (8, "final CRLs of retired keys, which no later CRL may follow", _add_v8),
+    (9, "a compromised key's issuance stopped before the emergency's revocation pass", _add_v9),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

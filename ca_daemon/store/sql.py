@@ -501,8 +501,10 @@ class SqlStore:
             # The issuer keys' status, read FOR SHARE (PostgreSQL; SQLite's writers are serialised already): under READ
             # COMMITTED a key switch's UPDATE in flight makes this wait and then read the new status, and a switch that
             # comes after waits for this commit, whose certificates the emergency's revocation pass then finds.
+            # An active key an emergency halted (halted_at, set before its revocation pass) signs nothing that is stored.
             in_force = {
-                row.key_id: row.status for row in conn.execute(_ISSUER_KEYS, {"key_ids": sorted({c.issuer_key_id for c, _, _, _ in batch})})
+                row.key_id: "halted" if row.halted_at is not None and row.status == KeyStatus.ACTIVE.value else row.status
+                for row in conn.execute(_ISSUER_KEYS, {"key_ids": sorted({c.issuer_key_id for c, _, _, _ in batch})})
             }
             minute = _minute(now + self._database_clock_offset(conn))
             issued_last_hour = {caller: self._issued_last_hour(conn, caller, minute) for caller in limited}
@@ -720,11 +722,14 @@ class SqlStore:
         invalidity_date: datetime | None,
         actor: str,
         encode_entry: Callable[[int, datetime, int, datetime | None], bytes],
+        skip_revoked: bool = False,
     ) -> list[Revocation]:
         """Revoke the listed serials and every unrevoked certificate of device_id, in one transaction.
 
         A listed serial that is unknown is NotFound and one already revoked is
         FailedPrecondition naming the first revocation; either way nothing is revoked.
+        With skip_revoked, a listed serial already revoked is skipped instead (the key
+        ceremony's passes: another call may have revoked it since they listed it).
         A certificateHold may be turned into a final reason. Certificates of the device
         that are already revoked are skipped. The commit is durable when this returns.
         """
@@ -772,7 +777,7 @@ class SqlStore:
                 if previous is not None and previous.lifted_at is None:
                     upgrade = previous.reason == RevocationReason.CERTIFICATE_HOLD and reason != RevocationReason.CERTIFICATE_HOLD
                     if not upgrade:
-                        if serial_text in explicit:
+                        if serial_text in explicit and not skip_revoked:
                             raise FailedPrecondition(
                                 f"certificate {serial_text} is already revoked: {RevocationReason(previous.reason).name.lower()} "
                                 f"at {_utc(previous.revoked_at).isoformat()}",
@@ -1293,10 +1298,11 @@ _DEVICES_OF_KEYS = (
     .distinct()
 )
 _INSERT_CERTIFICATES = insert(certificates)
-# The issuer keys of a group commit and their status, locked FOR SHARE in key order (so two commits and a key switch,
-# which locks its keys FOR NO KEY UPDATE in the same order, cannot deadlock); SQLite's compiler leaves the clause out.
+# The issuer keys of a group commit, their status and whether an emergency halted them, locked FOR SHARE in key order
+# (so two commits and a key switch or halt, which lock their keys FOR NO KEY UPDATE in the same order, cannot
+# deadlock); SQLite's compiler leaves the clause out.
 _ISSUER_KEYS = (
-    select(ca_keys.c.key_id, ca_keys.c.status)
+    select(ca_keys.c.key_id, ca_keys.c.status, ca_keys.c.halted_at)
     .where(ca_keys.c.key_id.in_(bindparam("key_ids", expanding=True)))
     .order_by(ca_keys.c.key_id)
     .with_for_update(read=True)
@@ -1392,11 +1398,12 @@ def _published_crl(row: Row[Any], with_der: bool) -> PublishedCrl:
 
 
 def _discarded(cert: IssuedCertificate, audit: AuditEvent, conflict: AlreadyExists | QuotaExceeded | CaKeyChanged) -> AuditEvent:
-    note = (
-        "signed with a CA key that was no longer active when it was committed; discarded"
-        if isinstance(conflict, CaKeyChanged)
-        else "signed concurrently with a conflicting request; discarded"
-    )
+    if conflict.rule == "ca-key-compromised":
+        note = "signed with a CA key an emergency switch had halted (compromised) when it was committed; discarded"
+    elif isinstance(conflict, CaKeyChanged):
+        note = "signed with a CA key that was no longer active when it was committed; discarded"
+    else:
+        note = "signed concurrently with a conflicting request; discarded"
     return AuditEvent(
         time=_now(),
         actor=audit.actor,
@@ -1412,9 +1419,18 @@ def _discarded(cert: IssuedCertificate, audit: AuditEvent, conflict: AlreadyExis
 
 
 def _key_changed(cert: IssuedCertificate, status: str | None) -> CaKeyChanged | None:
-    """A certificate signed by a key that is not the active one now (a worker that has not followed a switch yet)."""
+    """A certificate signed by a key that is not the active one now (a worker that has not followed a switch yet), or
+    by one an emergency halted ("halted": its successor is not active yet, and the worker has nothing to follow)."""
     if status == KeyStatus.ACTIVE.value:
         return None
+    if status == "halted":
+        return CaKeyChanged(
+            f"certificate {serial_hex(cert.serial)} was signed with CA key {cert.issuer_key_id}, which is compromised: an "
+            "emergency switch to its successor is under way and nothing this key signs is stored any more, so the certificate "
+            "was discarded; issuance resumes once the successor key is active: retry with the same request_id",
+            rule="ca-key-compromised",
+            expected="a certificate signed with the active CA key, once the emergency switch has activated it",
+        )
     return CaKeyChanged(
         f"certificate {serial_hex(cert.serial)} was signed with CA key {cert.issuer_key_id}, which is {status or 'unknown'} now: "
         "the CA key changed while the request was signed, and the certificate was discarded; retry with the same request_id "

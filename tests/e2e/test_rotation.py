@@ -13,22 +13,27 @@ one officer alone, and that changes nothing.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import signal
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import create_engine, select
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.store import schema
 from tests.conftest import CaEnv, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving
 
 pytestmark = pytest.mark.slow
@@ -40,6 +45,7 @@ PREPUBLICATION_S = 5
 PKCS11_TOOL = ("pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so")
 CLIENTS = {"off1": "officer", "off2": "officer", "prog": "programmer", "aud": "auditor"}
 EMERGENCY_POLL_MS = 3000
+BIG_STORE = 2_000
 
 
 @dataclass
@@ -78,9 +84,58 @@ def slow_polling_daemon(tmp_path: Path, softhsm_conf: Path) -> Iterator[Rotation
     yield from _rotation_daemon(tmp_path / "daemon", softhsm_conf, poll_interval_ms=EMERGENCY_POLL_MS)
 
 
-def _rotation_daemon(base: Path, softhsm_conf: Path, *, poll_interval_ms: int) -> Iterator[RotationDaemon]:
+@pytest.fixture
+def big_store_daemon(tmp_path: Path, softhsm_conf: Path, pg_database: Callable[[], str]) -> Iterator[RotationDaemon]:
+    """On PostgreSQL, whose group commits go on while a revocation pass runs (SQLite's wait for its write lock), with
+    BIG_STORE certificates of key 1 issued before: an emergency's first pass takes seconds, as on a fleet's store."""
+    url = pg_database()
+    yield from _rotation_daemon(tmp_path / "daemon", softhsm_conf, poll_interval_ms=200, store_url=url, before_start=_issued_before)
+
+
+def _issued_before(url: str) -> None:
+    """BIG_STORE certificates of key 1 written straight into the store (their DER is a stand-in: only the emergency's
+    revocation pass, which reads serials and dates, ever looks at them)."""
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "serial": f"{secrets.randbits(150) | 1 << 149:x}",
+            "issuer_key_id": KEY1,
+            "device_id": f"fleet-{n}",
+            "profile": "device",
+            "subject": f"CN=fleet-{n}",
+            "not_before": now - timedelta(days=1),
+            "not_after": now + timedelta(days=300),
+            "der": b"stand-in",
+            "csr_sha256": hashlib.sha256(b"csr-%d" % n).digest(),
+            "public_key_sha256": hashlib.sha256(b"key-%d" % n).digest(),
+            "request_id": f"fleet-{n}",
+            "created_at": now - timedelta(days=1),
+        }
+        for n in range(BIG_STORE)
+    ]
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.begin() as conn:
+            conn.execute(schema.certificates.insert(), rows)
+    finally:
+        engine.dispose()
+
+
+def _rotation_daemon(
+    base: Path,
+    softhsm_conf: Path,
+    *,
+    poll_interval_ms: int,
+    store_url: str = "",
+    before_start: Callable[[str], None] | None = None,
+) -> Iterator[RotationDaemon]:
     base.mkdir(exist_ok=True)
-    env = make_env(base, softhsm_conf, workers=2)
+    env = make_env(base, softhsm_conf, workers=2, init=not store_url)
+    if store_url:
+        env.edit_config('url = "sqlite:///ca.db"', f'url = "{store_url}"')
+        env.cli("init")
+        if before_start is not None:
+            before_start(store_url)
     http_port = free_port()
     env.edit_config("127.0.0.1:8080", f"127.0.0.1:{http_port}")
     env.edit_config("publish_on_revoke = true\n", "publish_on_revoke = true\ncheck_interval_ms = 100\n")
@@ -427,7 +482,8 @@ def test_an_emergency_switch_hands_out_no_certificate_of_the_compromised_key_aft
     """Workers signed with the compromised key until their next poll (up to EMERGENCY_POLL_MS after the switch): those
     certificates were stored, returned as successes, and revoked by the emergency's second pass. Now the commit refuses
     them (UNAVAILABLE), the worker follows the new key at once, and the station's retry gets a certificate of the new key
-    well within one poll interval (two retries, 0.1 s apart)."""
+    well within one poll interval. (Before the switch, while the emergency revokes, key 1 is halted: those retries are
+    answered that it is compromised, so the stations retry up to 30 times, 0.1 s apart.)"""
     d = slow_polling_daemon
     with d.channel("off1") as off1, d.channel("off2") as off2, d.channel("aud") as aud:
         d.cli_as("off1", "key", "create", "--label", KEY2)
@@ -441,7 +497,7 @@ def test_an_emergency_switch_hands_out_no_certificate_of_the_compromised_key_aft
             switched_at.append(time.monotonic())
 
         watcher = threading.Thread(target=watch_the_switch, daemon=True)
-        with SignStream(d, stations=4) as stream:
+        with SignStream(d, stations=4, retries=30) as stream:
             time.sleep(1.0)
             watcher.start()
             done = approve(off2, "emergency", KEY1, KEY2)  # returns after the second pass, two poll intervals on
@@ -465,7 +521,54 @@ def test_an_emergency_switch_hands_out_no_certificate_of_the_compromised_key_aft
                 assert stored.HasField("revocation") == (response.issuer_key_id == KEY1), response.serial
         assert any("the CA key changed while the request was signed" in r for r in stream.retried), stream.retried[:3]
     discarded = [e for e in _audit_actions(d, "certificate.issue") if e.outcome == "refused"]
-    assert discarded and {(e.reason, e.key_id) for e in discarded} == {("ca-key-changed", KEY1)}
+    assert discarded and {(e.reason, e.key_id) for e in discarded} <= {("ca-key-changed", KEY1), ("ca-key-compromised", KEY1)}
+    assert ("ca-key-changed", KEY1) in {(e.reason, e.key_id) for e in discarded}
+
+
+def test_during_an_emergency_no_certificate_of_the_compromised_key_is_handed_out_and_then_revoked(
+    big_store_daemon: RotationDaemon, tmp_path: Path
+) -> None:
+    """The emergency revoked what key 1 signed (BIG_STORE certificates: seconds) while key 1 still signed; what workers
+    committed meanwhile was handed out to stations and revoked by the second pass, after the switch. Now key 1 is halted
+    before the pass: every key 1 certificate a station received was committed before the halt and revoked by the first
+    pass, and the stations are answered UNAVAILABLE ("compromised ... issuance resumes") until key 2 is active."""
+    d = big_store_daemon
+    with d.channel("off1") as off1, d.channel("off2") as off2:
+        d.cli_as("off1", "key", "create", "--label", KEY2)
+        d.cli_as("off1", "key", "self-sign", "--key-id", KEY2, "--subject", "CN=Emergency Root CA 2", "--out", str(tmp_path / "k2.pem"))
+        assert not approve(off1, "emergency", KEY1, KEY2).executed
+        with SignStream(d, stations=4, retries=300) as stream:  # 0.1 s apart: stations wait out the first pass
+            time.sleep(1.0)
+            started = time.monotonic()
+            done = approve(off2, "emergency", KEY1, KEY2)
+            took = time.monotonic() - started
+            assert done.executed, done
+            time.sleep(0.5)
+    assert stream.errors == [], stream.errors[:5]
+    handed_out = {int(r.serial, 16) for r in stream.issued if r.issuer_key_id == KEY1}
+    assert handed_out and any(r.issuer_key_id == KEY2 for r in stream.issued), (len(handed_out), len(stream.issued))
+    store_url = d.env.config_path.read_text().split('url = "', 1)[1].split('"', 1)[0]
+    engine = create_engine(store_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    events = schema.audit_events
+    try:
+        with engine.connect() as conn:
+            executed = conn.execute(
+                select(events.c.seq).where(events.c.action == "key.emergency", events.c.outcome == "executed")
+            ).scalar_one()
+            revoked_at = {
+                int(serial, 16): seq
+                for serial, seq in conn.execute(select(events.c.serial, events.c.seq).where(events.c.action == "certificate.revoke"))
+            }
+    finally:
+        engine.dispose()
+    # Every key 1 certificate a station received is revoked, by the first pass. (Leaves live LEAF_VALIDITY_S: one the
+    # second pass found expired is not revoked at all.)
+    late = sorted(f"{s:x}" for s in handed_out if revoked_at.get(s, executed + 1) > executed)
+    assert late == [], (
+        f"{len(late)} of {len(handed_out)} key 1 certificate(s) handed out were not revoked before the switch "
+        f"(the emergency took {took:.1f} s)"
+    )
+    assert any("which is compromised" in r and "issuance resumes" in r for r in stream.retried), stream.retried[:3]
 
 
 def test_key_ceremony_role_matrix(rotation_daemon: RotationDaemon) -> None:

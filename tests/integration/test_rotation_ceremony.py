@@ -31,7 +31,7 @@ from ca_daemon import app, config, issuer
 from ca_daemon import authority as authority_module
 from ca_daemon.authority import Authority
 from ca_daemon.config import RotationConfig
-from ca_daemon.errors import FailedPrecondition, InvalidRequest, PermissionDenied
+from ca_daemon.errors import CaKeyChanged, FailedPrecondition, InvalidRequest, PermissionDenied
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, KeyStatus, RevocationReason
 from ca_daemon.revocation import CrlPublisher, Revocations
@@ -228,6 +228,96 @@ def test_an_intermediate_key_from_the_parents_answer(setup: Setup) -> None:
     serial = setup.sign()
     leaf = x509.load_der_x509_certificate(setup.store.get_certificate(serial).der)  # type: ignore[union-attr]
     leaf.verify_directly_issued_by(answer)
+
+
+class _Crash(BaseException):
+    """The process dying where it is raised: nothing after it runs, nothing catches it."""
+
+
+def test_an_emergency_halts_the_key_first_and_one_that_dies_before_the_switch_is_completed_by_a_retry(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emergency revoked the compromised key's certificates while it still signed: what a worker committed during that
+    pass was handed out and revoked moments later. Now the key is halted first, in a transaction of its own that leaves
+    the approvals live, so a process that dies after it leaves nothing signed with the key, and the officers' retry
+    completes the emergency."""
+    ceremony = setup.ceremony()
+    before = [setup.sign() for _ in range(2)]
+    setup.new_root(ceremony, "root-2")
+    ceremony.approve("alice", "emergency", "ca-root-1", "root-2")
+    listing = RotationStore.unexpired_unrevoked
+
+    def die(self: RotationStore, *args: Any, **kwargs: Any) -> list[int]:
+        raise _Crash  # the revocation pass is the step after the halt
+
+    monkeypatch.setattr(RotationStore, "unexpired_unrevoked", die)
+    with pytest.raises(_Crash):
+        ceremony.approve("bob", "emergency", "ca-root-1", "root-2")
+    monkeypatch.setattr(RotationStore, "unexpired_unrevoked", listing)
+
+    # Halted: the worker's certificate is discarded at commit, and its caller told why and to retry.
+    with pytest.raises(CaKeyChanged) as refused:
+        setup.sign()
+    assert refused.value.rule == "ca-key-compromised" and "issuance resumes once the successor key is active" in refused.value.message
+    assert setup.authority.active.key.key_id == "ca-root-1" and setup.store.active_key_id() == "ca-root-1"
+    rotation = RotationStore(setup.store)
+    assert rotation.live_officers("emergency", "ca-root-1", "root-2", datetime.now(UTC), timedelta(seconds=60)) == ["alice", "bob"]
+    assert all(setup.store.get_revocation(s) is None for s in before)
+
+    # The retry (a restarted worker's ceremony) completes it.
+    done = setup.ceremony().approve("bob", "emergency", "ca-root-1", "root-2")
+    assert done.executed, done
+    assert setup.store.active_key_id() == "root-2"
+    for serial in before:
+        revocation = setup.store.get_revocation(serial)
+        assert revocation is not None and revocation.reason == RevocationReason.CA_COMPROMISE
+    assert rotation.unexpired_unrevoked("ca-root-1", datetime.now(UTC)) == []
+    setup.follow()
+    assert setup.store.get_certificate(setup.sign()).issuer_key_id == "root-2"  # type: ignore[union-attr]
+    steps = [e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.emergency"]
+    assert steps == ["halted", "halted", "executed"]
+
+
+def test_two_executions_of_one_emergency_at_once_revoke_everything_once_and_one_switches(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """carol approved; alice and bob approve at the same moment (two workers): both executions list the key's
+    certificates before either revokes them. The second one's revocation was refused ("already revoked"), and its
+    officer was told the emergency failed while the other execution completed it."""
+    leaves = [setup.sign() for _ in range(3)]
+    setup.new_root(setup.ceremony(), "root-2")
+    setup.ceremony().approve("carol", "emergency", "ca-root-1", "root-2")
+    both_listed = threading.Barrier(2, timeout=30)
+    listing = RotationStore.unexpired_unrevoked
+    first_passes = iter(range(2))
+
+    def list_then_wait(self: RotationStore, *args: Any, **kwargs: Any) -> list[int]:
+        serials = listing(self, *args, **kwargs)
+        if next(first_passes, None) is not None:  # each execution's first pass: both listed before either revokes
+            both_listed.wait()
+        return serials
+
+    monkeypatch.setattr(RotationStore, "unexpired_unrevoked", list_then_wait)
+    officers = iter(["alice", "bob"])
+    outcomes = at_once(lambda: setup.ceremony().approve(next(officers), "emergency", "ca-root-1", "root-2"))
+    assert len(outcomes) == 2 and all(isinstance(o, ApprovalResult) for o in outcomes), outcomes
+    results = [o for o in outcomes if isinstance(o, ApprovalResult)]
+    assert sorted(r.executed for r in results) == [False, True]
+    other = next(r for r in results if not r.executed)
+    assert "a concurrent approval executed it" in other.message and "root-2 is active" in other.message, other.message
+    assert setup.store.active_key_id() == "root-2"
+    revoked = [int(e["serial"], 16) for e in setup.store.audit_events() if e["action"] == "certificate.revoke"]
+    links = {c.serial for c in RotationStore(setup.store).links_certifying("ca-root-1")}
+    assert len(revoked) == len(set(revoked)) and {*leaves, *links} <= set(revoked)  # each once, by one execution or the other
+    assert RotationStore(setup.store).unexpired_unrevoked("ca-root-1", datetime.now(UTC), leaves_only=False) == []
+    executed = next(r for r in results if r.executed)
+    assert "compromised: 4 certificate(s) it signed and 1 link certificate(s)" in executed.message, executed.message
+    for serial in leaves:
+        revocation = setup.store.get_revocation(serial)
+        assert revocation is not None and revocation.reason == RevocationReason.CA_COMPROMISE
+    steps = sorted(e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.emergency")
+    assert steps == ["executed", "halted", "halted"]
+    assert [e for e in setup.store.audit_events() if e["outcome"] == "refused"] == []
 
 
 def _both(ceremony: KeyCeremony, action: str, key_id: str, successor: str = "") -> str:

@@ -27,8 +27,11 @@ from ca_daemon.errors import AlreadyExists, CaKeyChanged, FailedPrecondition, No
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, PublishedCrl, RevocationReason
 from ca_daemon.store import IssuanceOutcome, SqlStore, open_store, schema, serial_hex
 from ca_daemon.store.locks import Leadership, LockSpace, lock_id, xact_lock
+from ca_daemon.store.rotation_store import RotationStore, StatusChange
 
 ISSUER = "ca-test-1"
+SUCCESSOR = "ca-test-2"
+_WINDOW = timedelta(hours=1)
 _numbers = itertools.count(1)
 
 
@@ -519,6 +522,17 @@ def test_version_8_gives_an_older_database_the_final_crl_column(store: SqlStore)
     assert store.latest_crl(ISSUER, delta=False).crl_number == 2  # type: ignore[union-attr]
 
 
+def test_version_9_gives_an_older_database_the_halted_column(store: SqlStore) -> None:
+    with store.engine.begin() as conn:  # back to schema 8, as a database of the previous release is
+        conn.execute(text("ALTER TABLE ca_keys DROP COLUMN halted_at"))
+        conn.execute(text("DELETE FROM schema_migrations WHERE version = 9"))
+    assert store.migrate() == [9]
+    cert = _cert()
+    assert _issue(store, cert) == [IssuanceOutcome(cert, created=True)]  # the keys of before count as not halted
+    assert _halt(_approve_emergency(store, "alice", "bob")) is True
+    assert isinstance(_issue(store, _cert())[0], CaKeyChanged)
+
+
 def test_crl_numbers_only_go_up(store: SqlStore) -> None:
     store.store_crl(_crl(1))
     store.store_crl(_crl(2, base=1))
@@ -619,6 +633,120 @@ def test_a_commit_waits_for_a_key_switch_in_flight_and_then_refuses_the_old_keys
     committing.join(timeout=30)
     assert len(outcomes) == 1 and isinstance(outcomes[0], CaKeyChanged), outcomes
     assert store.get_certificate(cert.serial) is None
+
+
+def _approve_emergency(store: SqlStore, *officers: str) -> RotationStore:
+    rotation = RotationStore(store)
+    store.save_ca_key(_ca_key(SUCCESSOR, KeyStatus.PENDING))
+    now = datetime.now(UTC).replace(microsecond=0)
+    for officer in officers:
+        event = AuditEvent(time=now, actor=officer, action="key.approve", outcome="approved", key_id=ISSUER)
+        rotation.approve("emergency", ISSUER, SUCCESSOR, officer, now, _WINDOW, event)
+    return rotation
+
+
+def _halt(rotation: RotationStore) -> bool:
+    now = datetime.now(UTC).replace(microsecond=0)
+    event = AuditEvent(time=now, actor="bob", action="key.emergency", outcome="halted", key_id=ISSUER)
+    return rotation.halt(ISSUER, SUCCESSOR, now, _WINDOW, event)
+
+
+def test_a_certificate_of_a_key_an_emergency_halted_is_discarded_until_the_switch(store: SqlStore) -> None:
+    """The emergency revoked what the compromised key signed and only then switched: a certificate a worker committed
+    while that pass ran was handed out and revoked moments later. The halt, before the pass, stops the commits first."""
+    with pytest.raises(FailedPrecondition, match="live: 1"):  # dual control: one officer cannot halt a key
+        _halt(_approve_emergency(store, "alice"))
+    rotation = _approve_emergency(store, "bob")
+    before = _cert("h-1")
+    assert _issue(store, before) == [IssuanceOutcome(before, created=True)]
+    assert _halt(rotation) is True
+    assert _halt(rotation) is False  # a retry's halt changes nothing
+    late = _cert("h-2")
+    refused = _issue(store, late)[0]
+    assert isinstance(refused, CaKeyChanged) and refused.rule == "ca-key-compromised", refused
+    assert "which is compromised" in refused.message and "issuance resumes once the successor key is active" in refused.message
+    assert store.get_certificate(late.serial) is None
+    # Nothing else changed: the key is still the active one and the approvals are live, for the switch (or a retry).
+    assert store.active_key_id() == ISSUER
+    now = datetime.now(UTC)
+    assert rotation.live_officers("emergency", ISSUER, SUCCESSOR, now, _WINDOW) == ["alice", "bob"]
+    assert rotation.unexpired_unrevoked(ISSUER, now) == [before.serial]
+    discarded = [e for e in store.audit_events() if e["outcome"] == "refused"]
+    assert [(e["serial"], e["reason"]) for e in discarded] == [(serial_hex(late.serial), "ca-key-compromised")]
+    assert "halted (compromised)" in json.loads(discarded[0]["details"])["note"]
+    # After the switch the old key's certificate is refused as any superseded key's, and the successor's is stored.
+    changes = [
+        StatusChange(ISSUER, (KeyStatus.ACTIVE,), KeyStatus.SUPERSEDED, "compromised_at"),
+        StatusChange(SUCCESSOR, (KeyStatus.PENDING,), KeyStatus.ACTIVE, "activated_at"),
+    ]
+    switched = AuditEvent(time=now, actor="bob", action="key.emergency", outcome="executed", key_id=ISSUER)
+    rotation.execute("emergency", ISSUER, SUCCESSOR, now.replace(microsecond=0), _WINDOW, changes, switched)
+    after = _issue(store, _cert("h-3"))[0]
+    assert isinstance(after, CaKeyChanged) and after.rule == "ca-key-changed", after
+    fresh = dataclasses.replace(_cert("h-4"), issuer_key_id=SUCCESSOR)
+    assert _issue(store, fresh) == [IssuanceOutcome(fresh, created=True)]
+    with pytest.raises(FailedPrecondition, match="live: 0"):  # a second execution finds the approvals consumed
+        _halt(rotation)
+
+
+def test_a_halt_waits_for_a_commit_in_flight_and_a_commit_waits_for_a_halt_in_flight(store: SqlStore) -> None:
+    """PostgreSQL, READ COMMITTED: the halt locks the key's row FOR UPDATE, so it waits for a group commit that read the
+    key's status FOR SHARE (whose certificate the revocation pass then finds), and a commit waiting for the halt reads
+    halted_at once it commits. (SQLite: the write lock orders them.)"""
+    rotation = _approve_emergency(store, "alice", "bob")
+    cert = _cert("h-flight")
+    halted: list[object] = []
+    with store.engine.begin() as committing:  # a group commit's transaction, between its status read and its COMMIT
+        keys = schema.ca_keys
+        status = committing.execute(select(keys.c.status).where(keys.c.key_id == ISSUER).with_for_update(read=True)).scalar_one()
+        assert status == "active"
+        committing.execute(schema.certificates.insert().values(**{**cert.__dict__, "serial": serial_hex(cert.serial)}))
+        halting = threading.Thread(target=lambda: halted.append(_halt(rotation)))
+        halting.start()
+        halting.join(timeout=1.0)
+        assert halting.is_alive(), f"the halt did not wait for the commit in flight: {halted}"
+    halting.join(timeout=30)
+    assert halted == [True]
+    assert cert.serial in rotation.unexpired_unrevoked(ISSUER, datetime.now(UTC))  # the revocation pass finds it
+
+    # The other way round: a halt not yet committed (as RotationStore.halt writes it) holds the commit, which then refuses.
+    with store.engine.begin() as conn:
+        conn.execute(schema.ca_keys.update().where(schema.ca_keys.c.key_id == ISSUER).values(halted_at=None))
+    late = _cert("h-late")
+    outcomes: list[object] = []
+    with store.engine.begin() as halting_tx:
+        keys = schema.ca_keys
+        halting_tx.execute(select(keys.c.status).where(keys.c.key_id == ISSUER).with_for_update()).scalar_one()
+        halting_tx.execute(keys.update().where(keys.c.key_id == ISSUER).values(halted_at=datetime.now(UTC)))
+        committing_late = threading.Thread(target=lambda: outcomes.extend(_issue(store, late)))
+        committing_late.start()
+        committing_late.join(timeout=1.0)
+        assert committing_late.is_alive(), f"the commit did not wait for the halt in flight: {outcomes}"
+    committing_late.join(timeout=30)
+    assert len(outcomes) == 1 and isinstance(outcomes[0], CaKeyChanged) and outcomes[0].rule == "ca-key-compromised", outcomes
+    assert store.get_certificate(late.serial) is None
+
+
+def test_the_ceremony_passes_skip_a_serial_revoked_since_they_listed_it(store: SqlStore) -> None:
+    """Two executions of one emergency at once: the second one's pass listed serials the first then revoked, and its
+    revocation was refused (already revoked), so the officer whose approval started it was told it failed."""
+    first, second = _cert(), _cert()
+    _issue(store, first, second)
+    _revoke(store, first.serial, RevocationReason.CA_COMPROMISE)
+    now = datetime.now(UTC).replace(microsecond=0)
+    revoked = store.record_revocations(
+        serials=[first.serial, second.serial],
+        device_id="",
+        reason=RevocationReason.CA_COMPROMISE,
+        revoked_at=now,
+        invalidity_date=None,
+        actor="bob",
+        encode_entry=_entry,
+        skip_revoked=True,
+    )
+    assert [r.serial for r in revoked] == [second.serial]
+    with pytest.raises(FailedPrecondition, match="already revoked"):  # without it (Revoke), still refused
+        _revoke(store, second.serial)
 
 
 def test_a_crl_number_floor_is_never_lowered_and_the_next_crl_goes_above_it(store: SqlStore) -> None:
