@@ -643,38 +643,15 @@ def _first_key_certified_by_outside_parent(
 def test_the_first_start_does_not_activate_a_ca_certificate_that_is_not_yet_valid(tmp_path: Path, softhsm_conf: Path) -> None:
     """The daemon activated its first key at start whatever its certificate's dates, and signed leaves that chain to nothing valid."""
     config_path = _first_key_certified_by_outside_parent(tmp_path, softhsm_conf, starts_in=timedelta(days=2), ends_in=timedelta(days=400))
-    cfg = config.load(config_path)
-    hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
-    try:
-        with pytest.raises(FailedPrecondition, match=r"valid from .* to .*, not now .*start it after") as refused:
-            Authority.load(cfg, hsm, store)
-        assert refused.value.rule == "ca-certificate-validity"
-        assert store.get_ca_key("ca-root-1").status == KeyStatus.PENDING  # type: ignore[union-attr]
-        assert store.active_key_id() is None
-    finally:
-        store.close()
-        hsm.close()
-    # As a user meets it: `serve` exits non-zero with that one line, and serves nothing.
-    served = subprocess.run(
-        [CA_DAEMON, "--config", str(config_path), "serve"],
-        capture_output=True,
-        text=True,
-        env=daemon_environment(),
-        timeout=60,
-        check=False,
-    )
-    assert served.returncode != 0 and "start it after" in served.stderr, served.stderr
+    stderr = _first_start_refused(config_path, r"valid from .* to .*, not now .*start it after")
+    assert "start it after" in stderr, stderr
 
 
-def test_the_first_start_does_not_activate_a_key_whose_parent_certificate_is_not_valid_now(tmp_path: Path, softhsm_conf: Path) -> None:
-    """The first start checked only the CA certificate's validity, not its parents' as the key ceremony's activation
-    does: it activated the key, and every leaf it signed chained to a parent no relying party accepted yet."""
-    config_path = _first_key_certified_by_outside_parent(
-        tmp_path, softhsm_conf, starts_in=timedelta(days=-1), ends_in=timedelta(days=400), parent_starts_in=timedelta(days=2)
-    )
+def _first_start_refused(config_path: Path, expected: str) -> str:
+    """Loading the authority refuses (expected, rule ca-certificate-validity) and activates nothing; then `serve`, as a
+    user meets it, exits non-zero and serves nothing. Its stderr."""
     cfg = config.load(config_path)
     hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
-    expected = r"the parent certificate 'CN=Outside Root' in the chain of key ca-root-1 is valid from .* to .*, not now .*start it after"
     try:
         with pytest.raises(FailedPrecondition, match=expected) as refused:
             Authority.load(cfg, hsm, store)
@@ -684,7 +661,6 @@ def test_the_first_start_does_not_activate_a_key_whose_parent_certificate_is_not
     finally:
         store.close()
         hsm.close()
-    # As a user meets it: `serve` exits non-zero with that one line, and serves nothing.
     served = subprocess.run(
         [CA_DAEMON, "--config", str(config_path), "serve"],
         capture_output=True,
@@ -693,8 +669,20 @@ def test_the_first_start_does_not_activate_a_key_whose_parent_certificate_is_not
         timeout=60,
         check=False,
     )
-    lines = [line for line in served.stderr.splitlines() if "CN=Outside Root" in line]
-    assert served.returncode != 0 and len(lines) == 1 and re.search(expected, lines[0]), served.stderr
+    assert served.returncode != 0, served.stderr
+    return served.stderr
+
+
+def test_the_first_start_does_not_activate_a_key_whose_parent_certificate_is_not_valid_now(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The first start checked only the CA certificate's validity, not its parents' as the key ceremony's activation
+    does: it activated the key, and every leaf it signed chained to a parent no relying party accepted yet."""
+    config_path = _first_key_certified_by_outside_parent(
+        tmp_path, softhsm_conf, starts_in=timedelta(days=-1), ends_in=timedelta(days=400), parent_starts_in=timedelta(days=2)
+    )
+    expected = r"the parent certificate 'CN=Outside Root' in the chain of key ca-root-1 is valid from .* to .*, not now .*start it after"
+    stderr = _first_start_refused(config_path, expected)
+    lines = [line for line in stderr.splitlines() if "CN=Outside Root" in line]
+    assert len(lines) == 1 and re.search(expected, lines[0]), stderr
 
 
 def test_an_active_key_whose_ca_certificate_expired_signs_nothing(tmp_path: Path, softhsm_conf: Path) -> None:
