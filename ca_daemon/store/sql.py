@@ -502,11 +502,15 @@ class SqlStore:
             # COMMITTED a key switch's UPDATE in flight makes this wait and then read the new status, and a switch that
             # comes after waits for this commit, whose certificates the emergency's revocation pass then finds.
             # An active key an emergency halted (halted_at, set before its revocation pass) signs nothing that is stored.
+            issuer_keys = conn.execute(_ISSUER_KEYS, {"key_ids": sorted({c.issuer_key_id for c, _, _, _ in batch})}).all()
             in_force = {
                 row.key_id: "halted" if row.halted_at is not None and row.status == KeyStatus.ACTIVE.value else row.status
-                for row in conn.execute(_ISSUER_KEYS, {"key_ids": sorted({c.issuer_key_id for c, _, _, _ in batch})})
+                for row in issuer_keys
             }
-            minute = _minute(now + self._database_clock_offset(conn))
+            # The database's clock came with the keys (PostgreSQL: its transaction's start), not in a query of its own.
+            database_now = issuer_keys[0].database_now if issuer_keys and self.dialect != "sqlite" else None
+            offset = database_now - datetime.now(UTC) if database_now is not None else self._database_clock_offset(conn)
+            minute = _minute(now + offset)
             issued_last_hour = {caller: self._issued_last_hour(conn, caller, minute) for caller in limited}
             counted: dict[str, int] = {}
             request_ids = [c.request_id for c, _, _, _ in batch]
@@ -1302,7 +1306,7 @@ _INSERT_CERTIFICATES = insert(certificates)
 # (so two commits and a key switch or halt, which lock their keys FOR NO KEY UPDATE in the same order, cannot
 # deadlock); SQLite's compiler leaves the clause out.
 _ISSUER_KEYS = (
-    select(ca_keys.c.key_id, ca_keys.c.status, ca_keys.c.halted_at)
+    select(ca_keys.c.key_id, ca_keys.c.status, ca_keys.c.halted_at, func.current_timestamp().label("database_now"))
     .where(ca_keys.c.key_id.in_(bindparam("key_ids", expanding=True)))
     .order_by(ca_keys.c.key_id)
     .with_for_update(read=True)
