@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 SIZES = (10_000, 100_000, 1_000_000)
 DELTA_SIZE = 1_000
 REVOCATION_SAMPLES = 50
+BULK_REVOCATIONS = 20_000
 TARGETS = {"full_1000000_s": 3.0, "full_1000000_mb": 300.0, "delta_ms": 100.0, "revoke_ms": 10.0}
 
 
@@ -197,6 +198,32 @@ def child_revoke(config_path: str) -> dict[str, Any]:
     return {"already_revoked": count, "median_ms": times[len(times) // 2] * 1000, "max_ms": times[-1] * 1000, "samples": len(times)}
 
 
+def child_bulk_revoke(config_path: str, count: int) -> dict[str, Any]:
+    """Time one revocation of `count` certificates in one transaction, as an emergency switch's revocation pass does."""
+    from ca_daemon import config as config_module
+    from ca_daemon.model import AuditEvent, IssuedCertificate
+    from ca_daemon.revocation import encode_entry
+    from ca_daemon.store import open_store
+
+    config = config_module.load(config_path)
+    store = open_store(config.store.url, sqlite_synchronous=config.store.sqlite_synchronous)
+    issuer = store.list_ca_keys()[0].key_id
+    now = datetime.now(UTC).replace(microsecond=0)
+    serials = [serial for _ in range(count // 1000) for serial in _issue(store, issuer, 1000, now, IssuedCertificate, AuditEvent)]
+    started = time.perf_counter()
+    revoked = store.record_revocations(
+        serials=serials,
+        device_id="",
+        reason=2,
+        revoked_at=now,
+        invalidity_date=None,
+        actor="bench",
+        encode_entry=encode_entry,
+        skip_revoked=True,
+    )
+    return {"count": len(revoked), "seconds": time.perf_counter() - started}
+
+
 def _issue(store: Any, issuer: str, count: int, now: datetime, issued_cls: Any, audit_cls: Any) -> list[int]:
     """Record `count` certificates (no signing: only the revocation path is measured)."""
     batch, serials = [], []
@@ -251,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             "full": lambda: child_full(rest[0], rest[1]),
             "delta": lambda: child_delta(rest[0]),
             "revoke": lambda: child_revoke(rest[0]),
+            "bulk-revoke": lambda: child_bulk_revoke(rest[0], int(rest[1])),
         }[kind]()
         print(json.dumps(out))
         return 0
@@ -278,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"revoke one certificate with {revoke['already_revoked']:,} already revoked: median {revoke['median_ms']:.2f} ms, "
             f"max {revoke['max_ms']:.2f} ms over {revoke['samples']} durable transactions"
+        )
+        bulk = _child("bulk-revoke", config, str(BULK_REVOCATIONS))
+        print(
+            f"revoke {bulk['count']:,} certificates in one transaction (an emergency switch's pass): {bulk['seconds']:.2f} s, "
+            f"{1e6 * bulk['seconds'] / bulk['count']:.0f} us a certificate"
         )
         largest = results.get("full_1000000")
         if largest:

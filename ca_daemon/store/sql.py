@@ -740,16 +740,18 @@ class SqlStore:
         revocations: list[Revocation] = []
         events: list[AuditEvent] = []
         with self._begin() as conn:
+            # Looked up a page of serials a statement, with one prebuilt statement: one statement built and run per
+            # serial cost an emergency's revocation pass about 0.35 ms a certificate on SQLite and 0.9 ms on PostgreSQL.
+            wanted = [serial_hex(serial) for serial in serials]
+            found: dict[str, Any] = {}
+            for start in range(0, len(wanted), _SERIALS_PER_STATEMENT):
+                page = wanted[start : start + _SERIALS_PER_STATEMENT]
+                found.update((row.serial, row) for row in conn.execute(_REVOCATION_TARGETS, {"serials": page}))
             targets: dict[str, Any] = {}
-            for serial in serials:
-                row = conn.execute(
-                    select(certificates.c.serial, certificates.c.issuer_key_id, certificates.c.not_after, certificates.c.device_id).where(
-                        certificates.c.serial == serial_hex(serial)
-                    )
-                ).first()
-                if row is None:
-                    raise NotFound.no_certificate(serial_hex(serial))
-                targets[row.serial] = row
+            for serial_text in wanted:
+                if serial_text not in found:
+                    raise NotFound.no_certificate(serial_text)
+                targets[serial_text] = found[serial_text]
             explicit = set(targets)
             if device_id:
                 rows = conn.execute(
@@ -765,11 +767,12 @@ class SqlStore:
             # numbers are handed out in commit order and a CRL complete "up to N" cannot miss
             # a change numbered N that commits later. Also serialises revoking the same serial.
             xact_locks(conn, [(LockSpace.REVOCATIONS, cert.issuer_key_id) for cert in targets.values()])
-            existing = (
-                {r.serial: r for r in conn.execute(select(revocations_table).where(revocations_table.c.serial.in_(list(targets)))).all()}
-                if targets
-                else {}
-            )
+            existing: dict[str, Any] = {}
+            listed = list(targets)
+            for start in range(0, len(listed), _SERIALS_PER_STATEMENT):
+                page = listed[start : start + _SERIALS_PER_STATEMENT]
+                existing.update((r.serial, r) for r in conn.execute(_REVOCATIONS_OF, {"serials": page}))
+            new_rows: list[dict[str, Any]] = []
             next_seq: dict[str, int] = {}
             retired = self._retired_issuers(conn, {cert.issuer_key_id for cert in targets.values()})
             for serial_text, cert in targets.items():
@@ -806,7 +809,7 @@ class SqlStore:
                     "entry_der": encode_entry(serial, revoked_at, int(reason), invalidity_date),
                 }
                 if previous is None:
-                    conn.execute(insert(revocations_table).values(serial=serial_text, **values))
+                    new_rows.append({"serial": serial_text, **values})  # inserted together, below
                 else:
                     conn.execute(update(revocations_table).where(revocations_table.c.serial == serial_text).values(**values))
                 events.append(
@@ -823,6 +826,8 @@ class SqlStore:
                     )
                 )
                 revocations.append(Revocation(serial, issuer, RevocationReason(reason), revoked_at, invalidity_date))
+            if new_rows:
+                conn.execute(_INSERT_REVOCATIONS, new_rows)
             self._insert_audit(conn, events)
         return revocations
 
@@ -1311,6 +1316,13 @@ _ISSUER_KEYS = (
     .order_by(ca_keys.c.key_id)
     .with_for_update(read=True)
 )
+# record_revocations: its certificates and their revocations, a page of serials a statement.
+_SERIALS_PER_STATEMENT = 1000
+_REVOCATION_TARGETS = select(certificates.c.serial, certificates.c.issuer_key_id, certificates.c.not_after, certificates.c.device_id).where(
+    certificates.c.serial.in_(bindparam("serials", expanding=True))
+)
+_REVOCATIONS_OF = select(revocations_table).where(revocations_table.c.serial.in_(bindparam("serials", expanding=True)))
+_INSERT_REVOCATIONS = insert(revocations_table)
 _INSERT_AUDIT_EVENTS = insert(audit_events)
 _AUDIT_HEAD = select(audit_events.c.seq, audit_events.c.hash).order_by(audit_events.c.seq.desc()).limit(1)
 _AUDIT_HASH_AT = select(audit_events.c.hash).where(audit_events.c.seq == bindparam("seq", type_=audit_events.c.seq.type))
