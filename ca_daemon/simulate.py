@@ -14,6 +14,8 @@ A leaf module for users: it depends on the client and `cryptography`, never on t
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import sys
@@ -90,7 +92,12 @@ class Device:
 
         All or nothing: the files are written and flushed in a new directory of another name, renamed to the
         device's once all are there. Written in place, a run stopped midway left half a file, or a new key beside
-        an earlier run's certificate, in a directory that looked installed. An earlier install is replaced whole.
+        an earlier run's certificate, in a directory that looked installed. An earlier install is replaced whole:
+        exchanged with the new directory in one step, then removed, so that a run killed at any point leaves the
+        earlier install or the new one. (Moved aside and removed before the new one was renamed into place, a run
+        killed in between left the device no directory.) Where the system cannot exchange two directories, the
+        earlier install is moved aside, the new one renamed into place (the earlier one moved back if that fails)
+        and only then the earlier one removed: a run killed between the two moves leaves both whole, hidden.
         """
         home = directory / self.device_id
         directory.mkdir(parents=True, exist_ok=True)
@@ -102,16 +109,61 @@ class Device:
             _write(staging / "chain.pem", issued.chain_pem.encode(), 0o644)
             _write(staging / "fullchain.pem", (issued.certificate_pem + issued.chain_pem).encode(), 0o644)
             fsync_path(staging)
-            if home.exists():  # moved aside first (a directory is renamed only onto an empty one), then removed
-                earlier = Path(tempfile.mkdtemp(prefix=f".{self.device_id}.", suffix=".old", dir=directory))
-                os.replace(home, earlier)
-                shutil.rmtree(earlier)
-            os.rename(staging, home)
+            earlier = _replace_directory(staging, home)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         fsync_path(directory)
+        if earlier is not None:
+            shutil.rmtree(earlier, ignore_errors=True)  # left behind, it is a hidden .DEVICE_ID.*.old (or .new) directory
         return home
+
+
+def _replace_directory(new: Path, target: Path) -> Path | None:
+    """Put the directory new in target's place; return where the earlier target now is (to be removed), or None."""
+    if not target.exists():
+        os.rename(new, target)
+        return None
+    if _exchange(new, target):
+        return new
+    earlier = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        os.replace(target, earlier)  # a directory is renamed only onto an empty one
+    except BaseException:
+        os.rmdir(earlier)
+        raise
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(earlier, target)
+        raise
+    return earlier
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100  # fcntl.h: paths relative to the working directory
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE, which os does not offer).
+
+    False where this system or file system cannot (another OS, a C library or kernel without renameat2, or a
+    file system that does not support the flag); any other error is raised.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(a), None, str(b))
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

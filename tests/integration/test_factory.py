@@ -985,3 +985,61 @@ def test_an_install_cut_off_mid_write_leaves_no_device_directory_that_looks_inst
     home = out / device.device_id
     assert (home / "fullchain.pem").read_text() == issued.certificate_pem + issued.chain_pem
     assert stat.S_IMODE((home / "device.key").stat().st_mode) == 0o600 and stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+_KILLED_AT_EACH_STEP = """
+import os
+import signal
+import sys
+from pathlib import Path
+from ca_daemon.client import Issued
+from ca_daemon.simulate import Device, generate_key
+
+base = Path(sys.argv[1])
+device = Device("dev-1", generate_key(), b"")
+for step in range(1, 1000):
+    directory = base / str(step)
+    Device("dev-1", generate_key(), b"").install(directory, Issued("old certificate\\n", "old chain\\n", "", "", ""))
+    child = os.fork()
+    if child == 0:
+        seen = 0
+
+        def kill_at_step(event: str, args: object) -> None:
+            global seen
+            seen += 1
+            if seen == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        sys.addaudithook(kill_at_step)
+        device.install(directory, Issued("new certificate\\n", "new chain\\n", "", "", ""))
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        print(step)
+        break
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL, status
+"""
+
+
+def test_an_install_over_an_earlier_one_killed_at_any_step_leaves_the_old_or_the_new_install_whole(tmp_path: Path) -> None:
+    """The simulator installs a device again (a new key and certificate) and is killed (SIGKILL) before one of its steps.
+
+    Every step in turn: a child process installs with an audit hook that kills it at the n-th audited operation
+    (open, mkdir, rename, unlink, rmdir, ...), over an earlier install made in a directory of its own. The earlier
+    install was moved aside and removed before the new one was renamed into place: killed between the two, the
+    device had no directory at all, and its new key and certificate stayed in a hidden `.dev-1.*.new`.
+    """
+    ran = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_EACH_STEP, str(tmp_path)], env=daemon_environment(), capture_output=True, text=True, check=True
+    )
+    completed_at = int(ran.stdout)
+    assert completed_at > 10, ran.stdout  # the kills did land within the install
+    found = {}
+    for step in range(1, completed_at + 1):
+        home = tmp_path / str(step) / "dev-1"
+        assert sorted(path.name for path in home.iterdir()) == ["chain.pem", "device.crt", "device.key", "fullchain.pem"], step
+        version = (home / "device.crt").read_text().split()[0]
+        assert (home / "fullchain.pem").read_text() == f"{version} certificate\n{version} chain\n", step
+        assert (home / "chain.pem").read_text() == f"{version} chain\n", step
+        found[step] = version
+    assert found[1] == "old" and found[completed_at] == "new", found
