@@ -113,7 +113,7 @@ def _own_directory_in(shared_memory: Path, state_dir: Path) -> Path | None:
     lock, so no daemon uses it), and so are those of daemons that no longer run (_remove_abandoned). The directory
     is made under a temporary name with its lock file held, then renamed: under its own name it is never unlocked
     while its daemon runs. shared_memory is everyone's: whatever another user put at that name makes the rename
-    fail, and the caller uses the state directory.
+    fail, and the caller uses the state directory; so it does when shared memory is full.
     """
     if not (shared_memory.is_dir() and os.access(shared_memory, os.W_OK)):
         return None
@@ -124,12 +124,14 @@ def _own_directory_in(shared_memory: Path, state_dir: Path) -> Path | None:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=shared_memory))  # mode 0700
     except OSError:
         return None
-    lock = os.open(staging / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
+    lock = None
+    try:  # shared memory full (the lock file has no room), or another user's name at directory: the state directory
+        lock = os.open(staging / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         os.rename(staging, directory)
     except OSError:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
         shutil.rmtree(staging, ignore_errors=True)
         return None
     while _held_locks:  # a directory prepared before in this process (tests): no longer in use

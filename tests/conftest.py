@@ -371,10 +371,14 @@ def openssl_verify(tmp_path: Path, leaf_pem: str, chain_pem: str, *extra: str) -
 
 
 @contextlib.contextmanager
-def mounted_tmpfs(directory: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of size ("1m") mounted on directory, made for it (root only; the test is skipped where mounting is not allowed)."""
+def mounted_tmpfs(directory: Path, size: str, inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of size ("1m") mounted on directory, made for it (root only; the test is skipped where mounting is not allowed).
+
+    inodes: how many files and directories it holds, its root included (none given: the kernel's default).
+    """
     directory.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)]
+    options = f"size={size}" + ("" if inodes is None else f",nr_inodes={inodes}")
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)]
     result = subprocess.run(mount, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")

@@ -48,6 +48,29 @@ def test_metrics_files_live_in_shared_memory_in_a_directory_of_their_own(tmp_pat
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
 
 
+def test_a_shared_memory_where_the_lock_file_cannot_be_made_leaves_nothing_there_and_the_state_directory_is_used(
+    tmp_path: Path,
+) -> None:
+    """Shared memory has room for the staging directory but not for its lock file (a tmpfs of two inodes: its root and that).
+
+    The lock file's open was outside any try: its OSError ended the start-up and left the `.ca-daemon-metrics-...`
+    staging directory behind, where the other failures to make the directory fall back to the state directory.
+    """
+    state = tmp_path / "state"
+    state.mkdir()
+    saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    with mounted_tmpfs(tmp_path / "shm", "1m", inodes=2) as shared:
+        try:
+            assert metrics.prepare_directory(state, shared) == state / "metrics"
+            assert os.listdir(shared) == []
+            (shared / "room").mkdir()  # the inode the lock file could not have: the staging directory's is free again
+        finally:
+            if saved is None:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            else:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs (root only; skipped where mounting is not allowed)."""
