@@ -18,7 +18,7 @@ from cryptography import x509
 
 from ca_daemon import app, authority, cli_access, cli_factory, cli_rotation, cli_store, issuer
 from ca_daemon import config as config_module
-from ca_daemon.errors import CaError
+from ca_daemon.errors import CaError, FailedPrecondition
 from ca_daemon.hsm import Pkcs11Uri
 from ca_daemon.model import CaKey, KeySpec, KeyStatus
 from ca_daemon.rotation import MAX_ROOT_VALIDITY_DAYS
@@ -353,7 +353,8 @@ def _first_key(keys: list[CaKey], configured: str) -> CaKey:
 
     authority.load_active_ca makes it the signing key then, so its chain is the one devices will get:
     it can be registered with a cloud service or given to relying parties before the first `serve`.
-    Before, export refused it until then, although `init` had nothing left to do.
+    Before, export refused it until then, although `init` had nothing left to do. As the first start does, it
+    refuses a key whose certificate or a parent's has expired, and says from when a parent not yet valid lets it start.
     """
     for key in keys:
         if key.key_id == configured and key.status == KeyStatus.PENDING and key.certificate_der:
@@ -364,7 +365,18 @@ def _first_key(keys: list[CaKey], configured: str) -> CaKey:
                     f"the certificate of CA key {configured} expired at {certificate.not_valid_after_utc.isoformat()}: the daemon "
                     "will not start with it; install a new one with `ca-daemon ca import-cert`"
                 )
-            when = "first starts" if certificate.not_valid_before_utc <= now else f"first starts after {certificate.not_valid_before_utc}"
+            # The first start refuses it too while a parent in its chain is not valid (authority.check_parents_valid).
+            parents = [x509.load_der_x509_certificate(der) for der in key.chain_der]
+            starts = max([certificate.not_valid_before_utc, *(parent.not_valid_before_utc for parent in parents)])
+            try:  # when every certificate of the chain has begun: a parent that has expired by then never lets it start
+                authority.check_parents_valid(key, max(now, starts), early_action="start it after")
+            except FailedPrecondition as refused:
+                raise CaError(f"the daemon will not start with CA key {configured}: {refused.message}") from None
+            try:
+                authority.check_parents_valid(key, now, early_action="start it after")
+            except FailedPrecondition as early:  # a parent not yet valid: said here, as the first start would say it
+                print(f"warning: {early.message}", file=sys.stderr)
+            when = "first starts" if starts <= now else f"first starts after {starts.isoformat()}"
             print(
                 f"CA key {configured} becomes the signing key when the daemon {when} (`ca-daemon serve`; it checks the "
                 "token's key then): this is the chain it will issue under",

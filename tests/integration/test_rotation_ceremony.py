@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import sqlite3
 import subprocess
 import threading
 import time
@@ -1164,3 +1165,62 @@ def test_install_refuses_a_certificate_or_parent_whose_extended_key_usage_exclud
         cert, parent = _chain_with_extended_key_usage(ceremony, label, certificate_eku=usage, parent_eku=usage)
         ceremony.install("alice", label, cert, [parent])
         assert setup.store.get_ca_key(label).certificate_der is not None  # type: ignore[union-attr]
+
+
+def test_export_before_the_first_start_names_a_parent_certificate_not_yet_valid_and_when_the_key_can_start(
+    tmp_path: Path, softhsm_conf: Path
+) -> None:
+    """Export said the first key "becomes the signing key when the daemon first starts", which the first start refused
+    (its parent is not valid yet): it names the parent and the time from which the daemon starts with the key."""
+    config_path = _first_key_certified_by_outside_parent(
+        tmp_path, softhsm_conf, starts_in=timedelta(days=-1), ends_in=timedelta(days=400), parent_starts_in=timedelta(days=2)
+    )
+    parent = x509.load_pem_x509_certificate((tmp_path / "parent.pem").read_bytes())
+    exported = tmp_path / "export.pem"
+    done = subprocess.run(
+        [CA_DAEMON, "--config", str(config_path), "ca", "export", "--out", str(exported)],
+        capture_output=True,
+        text=True,
+        env=daemon_environment(),
+        check=True,
+    )
+    starts = parent.not_valid_before_utc
+    assert f"the parent certificate 'CN=Outside Root' in the chain of key ca-root-1 is valid from {starts.isoformat()}" in done.stderr
+    assert f"CA key ca-root-1 becomes the signing key when the daemon first starts after {starts.isoformat()}" in done.stderr, done.stderr
+    assert "when the daemon first starts (" not in done.stderr
+    assert x509.load_pem_x509_certificates(exported.read_bytes()) == [
+        x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes()),
+        parent,
+    ]
+
+
+def test_export_before_the_first_start_refuses_a_key_whose_parent_certificate_expired(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The first start refuses the key (its parent expired since the import): export does not hand out that chain as the
+    one the daemon will issue under, as it does not for a CA certificate that expired."""
+    config_path = _first_key_certified_by_outside_parent(tmp_path, softhsm_conf, starts_in=timedelta(days=-1), ends_in=timedelta(days=400))
+    # The parent's certificate replaced by one that expired a minute ago (import-cert refuses an expired one).
+    parent_key, _ = _outside_parent()
+    now = datetime.now(UTC)
+    expired = issuer.build_root(
+        issuer.parse_subject("CN=Outside Root"),
+        parent_key.public_key(),
+        now - timedelta(days=30),
+        timedelta(days=30) - timedelta(minutes=1),
+    )
+    expired_der = expired.sign(parent_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    with sqlite3.connect(config.load(config_path).state_dir / "ca.db") as database:
+        assert database.execute("UPDATE ca_keys SET chain_der = ? WHERE key_id = 'ca-root-1'", (expired_der,)).rowcount == 1
+    exported = tmp_path / "export.pem"
+    refused = subprocess.run(
+        [CA_DAEMON, "--config", str(config_path), "ca", "export", "--out", str(exported)],
+        capture_output=True,
+        text=True,
+        env=daemon_environment(),
+        check=False,
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "the parent certificate 'CN=Outside Root' in the chain of key ca-root-1 is valid from" in refused.stderr, refused.stderr
+    assert "have the parent CA renew it" in refused.stderr and "the daemon will not start with CA key ca-root-1: " in refused.stderr, (
+        refused.stderr
+    )
+    assert "becomes the signing key" not in refused.stderr and not exported.exists()
