@@ -78,6 +78,8 @@ def _take_pending_reload() -> bool:
 
 
 _HEALTH_INTERVAL_S = 1.0
+# The primary worker's warning that the active key is halted by an unfinished emergency: at most one line this often.
+_HALTED_KEY_LOG_INTERVAL_S = 60.0
 # How long a non-primary worker waits for the primary's first CRLs before it serves anyway.
 _FIRST_CRL_WAIT_S = 30.0
 
@@ -242,7 +244,8 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     asyncio.get_running_loop().create_task(_watch_health(health_servicer, authority.probe_health))
     if request_metrics.enabled:
         asyncio.get_running_loop().create_task(_sample_calls_in_flight(interceptor, request_metrics), name="calls-in-flight")
-    asyncio.get_running_loop().create_task(_follow_active_key(authority, config.rotation.poll_interval.total_seconds()), name="key-follow")
+    follow = _follow_active_key(authority, config.rotation.poll_interval.total_seconds(), warn_halted=primary)
+    asyncio.get_running_loop().create_task(follow, name="key-follow")
     asyncio.get_running_loop().create_task(watch_health(health_servicer, store, crl.healthy_check if crl else lambda: True))
     if primary:
         interval = config.audit.checkpoint_interval.total_seconds()
@@ -362,18 +365,28 @@ def _warn_if_server_certificate_expires_soon(cert_file: Path) -> datetime | None
     return not_after
 
 
-async def _follow_active_key(authority: Authority, interval: float) -> None:
-    """Key rotation without a restart: switch to the key the store marks active (see rotation.py)."""
+async def _follow_active_key(authority: Authority, interval: float, *, warn_halted: bool) -> None:
+    """Key rotation without a restart: switch to the key the store marks active (see rotation.py).
+
+    From the first round (at start) on, while an emergency has halted the active key and not switched from it (its
+    process died in between), every Sign is refused: with warn_halted (one worker per daemon), a poll that finds the
+    key halted says so in the log, at most once a minute.
+    """
     failures = logs.RetryLog(log, "following the CA key the store marks active")
+    halted_lines = logs.LogThrottle(_HALTED_KEY_LOG_INTERVAL_S)
     while True:
-        await asyncio.sleep(interval)
         try:
             await authority.follow_active_key()
             failures.succeeded()
+            if warn_halted and authority.active_halted_at is not None and halted_lines.admit("halted") is not None:
+                notice = await asyncio.to_thread(authority.halted_notice)
+                if notice is not None:
+                    log.warning("%s", notice)
         except CaError as exc:  # most often the store is unavailable, which every round would repeat
             failures.failed(exc.message)
         except Exception:
             log.exception("could not switch to the newly activated CA key (retrying)")
+        await asyncio.sleep(interval)
 
 
 async def _set_health(servicer: health_aio.HealthServicer, healthy: bool) -> None:

@@ -348,6 +348,8 @@ class Authority:
         self._policy_lock = threading.Lock()
         self._store_probe: asyncio.Future[bool] | None = None  # see probe_health
         self._following: asyncio.Future[None] | None = None  # see _follow_now
+        # When an emergency halted the active key, as the last poll read it (None: not halted); see halted_notice.
+        self.active_halted_at: datetime | None = None
         self._committer: GroupCommitter[IssuanceItem, IssuanceOutcome] = GroupCommitter(
             store.record_unique_issuances, config.store.commit_batch_max, config.store.commit_linger_ms / 1000
         )
@@ -425,11 +427,27 @@ class Authority:
         job on the token's thread, the thread every issuance runs on, so one certificate is
         built, signed and attributed with one key: the old one or the new one.
         """
-        active_id = await asyncio.to_thread(self._store.active_key_id)
-        if active_id is None or active_id == self.active.key.key_id:
+        state = await asyncio.to_thread(self._store.active_key_halted)
+        if state is None:
+            return False
+        active_id, self.active_halted_at = state
+        if active_id == self.active.key.key_id:
             return False
         await self._hsm.run_async(lambda: self._switch(active_id))
         return True
+
+    def halted_notice(self) -> str | None:
+        """The warning for the log while the active key is halted by an emergency that has not switched yet, else None.
+
+        The emergency halts the key before it revokes and switches; a process that died in between leaves the key
+        active and halted, every Sign refused, until the officers retry the approval.
+        """
+        active_id = self._store.active_key_id()
+        key = self._store.get_ca_key(active_id) if active_id is not None else None
+        successor = RotationStore(self._store).unfinished_emergency(key) if key is not None else None
+        if key is None or key.halted_at is None or successor is None:
+            return None
+        return f"CA key {key.key_id} is halted " + unfinished_emergency_notice(key.key_id, key.halted_at, successor, active=True)
 
     async def _follow_now(self) -> None:
         """follow_active_key once for all the requests one commit refused (CaKeyChanged); a failure is logged only."""
@@ -762,6 +780,22 @@ def _csr_digest_or_raw(csr: bytes, max_bytes: int) -> bytes:
 # ---------------------------------------------------------------------------
 # Set-up use cases (security officers, via the CLI)
 # ---------------------------------------------------------------------------
+
+
+def unfinished_emergency_notice(key_id: str, halted_at: datetime, successor: str, *, active: bool) -> str:
+    """What an operator reads about a key an emergency halted and did not switch from: "by an emergency since ..., what
+    it stops and what to do" (`key list`, `key status`, the daemon's log). successor: "" when no approval names one."""
+    effect = (
+        "issuance is stopped until the emergency completes (every Sign is answered UNAVAILABLE, rule ca-key-compromised)"
+        if active
+        else "its certificates may not all be revoked yet"
+    )
+    return (
+        f"by an emergency since {halted_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}, which has not completed: {effect}; "
+        f"to complete it, retry `ca-daemon key approve emergency --key-id {key_id} --successor {successor or 'NEW'}` (one "
+        "officer's approval completes it while two officers' approvals are within [rotation] approval_window_seconds; "
+        "after that, two officers approve again)"
+    )
 
 
 def load_active_ca(config: Config, hsm: Hsm, store: SqlStore) -> ActiveCa:

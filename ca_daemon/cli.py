@@ -291,9 +291,15 @@ def _key_list(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
     store = app.connect_store(config)
     try:
+        rotation = RotationStore(store)
         for key in store.list_ca_keys():
             has_cert = "certificate installed" if key.certificate_der else "no certificate"
-            print(f"{key.key_id}\t{key.spec.value}\t{key.status.value}\t{has_cert}\t{key.pkcs11_uri}")
+            line = f"{key.key_id}\t{key.spec.value}\t{key.status.value}\t{has_cert}\t{key.pkcs11_uri}"
+            successor = rotation.unfinished_emergency(key)
+            if key.halted_at is not None and successor is not None:  # an emergency that did not complete
+                notice = authority.unfinished_emergency_notice(key.key_id, key.halted_at, successor, active=key.status == KeyStatus.ACTIVE)
+                line += "\tHALTED " + notice
+            print(line)
         return 0
     finally:
         store.close()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
+from ca_daemon.authority import unfinished_emergency_notice
 from ca_daemon.cli_factory import TARGET_HELP, positive_seconds, whole_number
 from ca_daemon.client import TlsOptions
 from ca_daemon.model import KeySpec
@@ -140,8 +142,22 @@ def _status(args: argparse.Namespace) -> int:
     for key in reply.keys:
         times = [
             f"{name}={getattr(key, name).ToDatetime().isoformat()}Z"
-            for name in ("published_at", "activatable_at", "activated_at", "superseded_at", "retired_at", "destroyed_at", "compromised_at")
+            for name in (
+                "published_at",
+                "activatable_at",
+                "activated_at",
+                "superseded_at",
+                "retired_at",
+                "destroyed_at",
+                "compromised_at",
+                "halted_at",
+            )
             if key.HasField(name)
         ]
-        print("\t".join([key.key_id, key.key_type, key.status, " ".join(times)]))
+        fields = [key.key_id, key.key_type, key.status, " ".join(times)]
+        if key.HasField("halted_at") and not key.HasField("compromised_at"):  # an emergency that did not complete
+            halted_at = key.halted_at.ToDatetime(UTC)
+            notice = unfinished_emergency_notice(key.key_id, halted_at, key.emergency_successor_key_id, active=key.status == "active")
+            fields.append("HALTED " + notice)
+        print("\t".join(fields))
     return 0

@@ -67,6 +67,9 @@ class CaKey:
     certificate_der: bytes | None = None
     # Parents of certificate_der up to the root, nearest first; empty for a self-signed root.
     chain_der: tuple[bytes, ...] = ()
+    # When an emergency halted the key (ca_keys.halted_at; never undone): from then on nothing it signs is stored.
+    # An active key that is halted refuses every Sign until the emergency switches to its successor.
+    halted_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,8 @@ class KeyInfo:
     lifecycle: Lifecycle
     # When the key may be activated (published_at + pre-publication); None before publication.
     activatable_at: datetime | None
+    # An emergency halted the key and has not switched yet: the successor its approvals name ("" if none); else None.
+    emergency_successor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,8 @@ class KeyCeremony:
         for key in self._store.list_ca_keys():
             lifecycle = self._rotation.lifecycle(key.key_id)
             published = lifecycle.get("published_at")
-            found.append(KeyInfo(key, lifecycle, published + self._config.rotation.prepublication if published else None))
+            activatable = published + self._config.rotation.prepublication if published else None
+            found.append(KeyInfo(key, lifecycle, activatable, self._rotation.unfinished_emergency(key)))
         return found
 
     def links(self) -> list[IssuedCertificate]:

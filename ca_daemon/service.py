@@ -466,6 +466,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
                     not_before=_timestamp(cert.not_valid_before_utc),
                     not_after=_timestamp(cert.not_valid_after_utc),
                     link_certificates_pem=[_pem(der) for der in links.get(key.key_id, [])],
+                    halted_at=_timestamp(key.halted_at) if key.halted_at is not None else None,
                 )
             )
         return response
@@ -643,8 +644,9 @@ class KeyCeremonyServicer(ca_pb2_grpc.KeyCeremonyServicer):
                 key_type=info.key.spec.value,
                 status=info.key.status.value,
                 has_certificate=info.key.certificate_der is not None,
+                emergency_successor_key_id=info.emergency_successor or "",
             )
-            times = {**info.lifecycle.times, "activatable_at": info.activatable_at}
+            times = {**info.lifecycle.times, "activatable_at": info.activatable_at, "halted_at": info.key.halted_at}
             for name, value in times.items():
                 if value is not None:
                     getattr(item, name).CopyFrom(_timestamp(value))

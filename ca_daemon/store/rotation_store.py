@@ -65,6 +65,20 @@ class RotationStore:
         times = {f: _utc(row._mapping[f]) if row is not None else None for f in LIFECYCLE_FIELDS}
         return Lifecycle(key_id, times)
 
+    def unfinished_emergency(self, key: CaKey) -> str | None:
+        """The successor named by the emergency that halted key and has not switched yet ("" if no approval names one
+        any more); None if the key is not halted or its emergency completed (compromised_at set)."""
+        if key.halted_at is None or self.lifecycle(key.key_id).get("compromised_at") is not None:
+            return None
+        with self._store._connect() as conn:
+            row = conn.execute(
+                select(key_approvals.c.successor_key_id)
+                .where(key_approvals.c.action == "emergency", key_approvals.c.key_id == key.key_id, key_approvals.c.executed_at.is_(None))
+                .order_by(key_approvals.c.approved_at.desc())
+                .limit(1)
+            ).first()
+        return str(row.successor_key_id) if row is not None else ""
+
     def mark_published(self, key_id: str, at: datetime) -> None:
         """Start the key's pre-publication period (its certificate is now served), once."""
         with self._store._begin() as conn:

@@ -325,6 +325,16 @@ class SqlStore:
             row = conn.execute(select(ca_keys.c.key_id).where(ca_keys.c.status == KeyStatus.ACTIVE.value).limit(1)).first()
         return str(row.key_id) if row else None
 
+    def active_key_halted(self) -> tuple[str, datetime | None] | None:
+        """The active key's id and when an emergency halted it (None: not halted), in the one read each worker polls."""
+        with self._connect() as conn:
+            row = conn.execute(
+                select(ca_keys.c.key_id, ca_keys.c.halted_at).where(ca_keys.c.status == KeyStatus.ACTIVE.value).limit(1)
+            ).first()
+        if row is None:
+            return None
+        return str(row.key_id), _utc(row.halted_at) if row.halted_at is not None else None
+
     def list_ca_keys(self) -> list[CaKey]:
         with self._connect() as conn:
             rows = conn.execute(select(ca_keys).order_by(ca_keys.c.created_at.desc())).all()
@@ -1573,6 +1583,7 @@ def _ca_key(row: Row[Any]) -> CaKey:
         created_at=_utc(m["created_at"]),
         certificate_der=bytes(m["certificate_der"]) if m["certificate_der"] is not None else None,
         chain_der=_split_chain(bytes(m["chain_der"] or b"")),
+        halted_at=_utc(m["halted_at"]) if m["halted_at"] is not None else None,
     )
 
 

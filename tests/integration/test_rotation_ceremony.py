@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ca_daemon import app, config, issuer
 from ca_daemon import authority as authority_module
+from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.authority import Authority
 from ca_daemon.config import RotationConfig
 from ca_daemon.errors import CaKeyChanged, FailedPrecondition, InvalidRequest, PermissionDenied
@@ -39,7 +41,7 @@ from ca_daemon.revocation import CrlPublisher, Revocations
 from ca_daemon.rotation import ApprovalResult, KeyCeremony
 from ca_daemon.store import SqlStore, serial_hex
 from ca_daemon.store.rotation_store import RotationStore
-from tests.conftest import CA_DAEMON, at_once, daemon_environment, device_csr, make_env, openssl_verify
+from tests.conftest import CA_DAEMON, CaEnv, Daemon, at_once, daemon_environment, device_csr, make_env, openssl_verify
 
 
 @dataclasses.dataclass
@@ -48,6 +50,7 @@ class Setup:
     hsm: Hsm
     store: SqlStore
     authority: Authority
+    env: CaEnv
 
     def ceremony(self, window_s: float = 60, prepublication_s: float = 0) -> KeyCeremony:
         rotation = RotationConfig(approval_window=timedelta(seconds=window_s), prepublication=timedelta(seconds=prepublication_s))
@@ -73,7 +76,7 @@ def setup(tmp_path: Path, softhsm_conf: Path) -> Iterator[Setup]:
     store = app.connect_store(cfg)
     authority = Authority.load(cfg, hsm, store)
     try:
-        yield Setup(cfg, hsm, store, authority)
+        yield Setup(cfg, hsm, store, authority, env)
     finally:
         authority.close()
         store.close()
@@ -235,15 +238,9 @@ class _Crash(BaseException):
     """The process dying where it is raised: nothing after it runs, nothing catches it."""
 
 
-def test_an_emergency_halts_the_key_first_and_one_that_dies_before_the_switch_is_completed_by_a_retry(
-    setup: Setup, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The emergency revoked the compromised key's certificates while it still signed: what a worker committed during that
-    pass was handed out and revoked moments later. Now the key is halted first, in a transaction of its own that leaves
-    the approvals live, so a process that dies after it leaves nothing signed with the key, and the officers' retry
-    completes the emergency."""
+def _emergency_dies_after_the_halt(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two officers approve the emergency of ca-root-1 for a new root-2, and the process dies right after the halt."""
     ceremony = setup.ceremony()
-    before = [setup.sign() for _ in range(2)]
     setup.new_root(ceremony, "root-2")
     ceremony.approve("alice", "emergency", "ca-root-1", "root-2")
     listing = RotationStore.unexpired_unrevoked
@@ -255,6 +252,17 @@ def test_an_emergency_halts_the_key_first_and_one_that_dies_before_the_switch_is
     with pytest.raises(_Crash):
         ceremony.approve("bob", "emergency", "ca-root-1", "root-2")
     monkeypatch.setattr(RotationStore, "unexpired_unrevoked", listing)
+
+
+def test_an_emergency_halts_the_key_first_and_one_that_dies_before_the_switch_is_completed_by_a_retry(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The emergency revoked the compromised key's certificates while it still signed: what a worker committed during that
+    pass was handed out and revoked moments later. Now the key is halted first, in a transaction of its own that leaves
+    the approvals live, so a process that dies after it leaves nothing signed with the key, and the officers' retry
+    completes the emergency."""
+    before = [setup.sign() for _ in range(2)]
+    _emergency_dies_after_the_halt(setup, monkeypatch)
 
     # Halted: the worker's certificate is discarded at commit, and its caller told why and to retry.
     with pytest.raises(CaKeyChanged) as refused:
@@ -277,6 +285,53 @@ def test_an_emergency_halts_the_key_first_and_one_that_dies_before_the_switch_is
     assert setup.store.get_certificate(setup.sign()).issuer_key_id == "root-2"  # type: ignore[union-attr]
     steps = [e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.emergency"]
     assert steps == ["halted", "halted", "executed"]
+
+
+def test_a_key_an_emergency_halted_shows_so_in_key_list_key_status_the_rpcs_and_the_log(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An emergency that died after the halt left ca-root-1 active but halted: every Sign refused, while `key list`,
+    `key status`, ListKeys and GetCACertificates showed a plain active key and the log said nothing."""
+    _emergency_dies_after_the_halt(setup, monkeypatch)
+    retry = "ca-daemon key approve emergency --key-id ca-root-1 --successor root-2"
+
+    listed = [line for line in setup.env.cli("key", "list").stdout.splitlines() if line.startswith("ca-root-1\t")]
+    assert len(listed) == 1 and listed[0].split("\t")[2] == "active", listed
+    assert "HALTED by an emergency since" in listed[0] and "issuance is stopped" in listed[0] and retry in listed[0], listed
+    halted_at = setup.store.get_ca_key("ca-root-1").halted_at  # type: ignore[union-attr]
+    assert halted_at is not None
+    since = halted_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert f"HALTED by an emergency since {since}" in listed[0], listed
+
+    daemon = Daemon(setup.env, tmp_path / "daemon.log").start()
+    try:
+        status = [line for line in setup.env.cli("key", "status").stdout.splitlines() if line.startswith("ca-root-1\t")]
+        assert len(status) == 1 and f"HALTED by an emergency since {since}" in status[0] and retry in status[0], status
+        with grpc.insecure_channel(setup.env.target) as channel:
+            keys = {k.key_id: k for k in ca_pb2_grpc.KeyCeremonyStub(channel).ListKeys(ca_pb2.ListKeysRequest(), timeout=10).keys}
+            assert keys["ca-root-1"].status == "active" and keys["ca-root-1"].halted_at.ToDatetime(UTC) == halted_at
+            assert keys["ca-root-1"].emergency_successor_key_id == "root-2"
+            assert not keys["root-2"].HasField("halted_at") and keys["root-2"].emergency_successor_key_id == ""
+            reply = ca_pb2_grpc.CertificateAuthorityStub(channel).GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=10)
+            certificates = {c.key_id: c for c in reply.certificates}
+            assert certificates["ca-root-1"].status == "active" and certificates["ca-root-1"].halted_at.ToDatetime(UTC) == halted_at
+            assert not certificates["root-2"].HasField("halted_at")
+        # Logged at start, then at most once a minute however often the worker polls (every second here).
+        deadline = time.monotonic() + 10
+        while "issuance is stopped" not in daemon.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.5)
+        warnings = [json.loads(line) for line in daemon.log().splitlines() if "halted by an emergency" in line]
+        assert len(warnings) == 1, warnings
+        assert warnings[0]["level"] == "WARNING" and "ca-root-1" in warnings[0]["msg"] and since in warnings[0]["msg"]
+        assert "issuance is stopped until the emergency completes" in warnings[0]["msg"] and retry in warnings[0]["msg"]
+    finally:
+        daemon.stop()
+
+    # The retry completes the emergency: the key is no longer shown halted (its halt time stays on record).
+    assert setup.ceremony().approve("bob", "emergency", "ca-root-1", "root-2").executed
+    listed = [line for line in setup.env.cli("key", "list").stdout.splitlines() if line.startswith("ca-root-1\t")]
+    assert listed[0].split("\t")[2] == "superseded" and "HALTED" not in listed[0], listed
 
 
 def test_two_executions_of_one_emergency_at_once_revoke_everything_once_and_one_switches(

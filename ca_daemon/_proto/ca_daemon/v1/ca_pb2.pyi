@@ -283,12 +283,18 @@ class CAKeyInfo(_message.Message):
     RETIRED_AT_FIELD_NUMBER: _builtins.int
     DESTROYED_AT_FIELD_NUMBER: _builtins.int
     COMPROMISED_AT_FIELD_NUMBER: _builtins.int
+    HALTED_AT_FIELD_NUMBER: _builtins.int
+    EMERGENCY_SUCCESSOR_KEY_ID_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     pkcs11_uri: _builtins.str
     key_type: _builtins.str
     status: _builtins.str
     """"pending", "active", "superseded", "retired", "destroyed"."""
     has_certificate: _builtins.bool
+    emergency_successor_key_id: _builtins.str
+    """While the emergency that halted the key has not completed: the successor its
+    approvals name (empty when none does any more, or otherwise).
+    """
     @_builtins.property
     def published_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -305,6 +311,17 @@ class CAKeyInfo(_message.Message):
     def destroyed_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def compromised_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def halted_at(self) -> _timestamp_pb2.Timestamp:
+        """When an emergency halted the key (its first step; never undone): from then on
+        nothing the key signs is stored. Set without compromised_at, the emergency did
+        not complete (its process died before the switch): the key keeps its status,
+        and while it is "active" every Sign is refused (UNAVAILABLE, rule
+        ca-key-compromised) until an officer's retried emergency approval completes it.
+        A field of its own rather than a status value, so that clients reading status
+        still see the key's life-cycle state.
+        """
+
     def __init__(
         self,
         *,
@@ -320,10 +337,12 @@ class CAKeyInfo(_message.Message):
         retired_at: _timestamp_pb2.Timestamp | None = ...,
         destroyed_at: _timestamp_pb2.Timestamp | None = ...,
         compromised_at: _timestamp_pb2.Timestamp | None = ...,
+        halted_at: _timestamp_pb2.Timestamp | None = ...,
+        emergency_successor_key_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activatable_at", b"activatable_at", "activated_at", b"activated_at", "compromised_at", b"compromised_at", "destroyed_at", b"destroyed_at", "published_at", b"published_at", "retired_at", b"retired_at", "superseded_at", b"superseded_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activatable_at", b"activatable_at", "activated_at", b"activated_at", "compromised_at", b"compromised_at", "destroyed_at", b"destroyed_at", "halted_at", b"halted_at", "published_at", b"published_at", "retired_at", b"retired_at", "superseded_at", b"superseded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activatable_at", b"activatable_at", "activated_at", b"activated_at", "compromised_at", b"compromised_at", "destroyed_at", b"destroyed_at", "has_certificate", b"has_certificate", "key_id", b"key_id", "key_type", b"key_type", "pkcs11_uri", b"pkcs11_uri", "published_at", b"published_at", "retired_at", b"retired_at", "status", b"status", "superseded_at", b"superseded_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activatable_at", b"activatable_at", "activated_at", b"activated_at", "compromised_at", b"compromised_at", "destroyed_at", b"destroyed_at", "emergency_successor_key_id", b"emergency_successor_key_id", "halted_at", b"halted_at", "has_certificate", b"has_certificate", "key_id", b"key_id", "key_type", b"key_type", "pkcs11_uri", b"pkcs11_uri", "published_at", b"published_at", "retired_at", b"retired_at", "status", b"status", "superseded_at", b"superseded_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,6 +533,7 @@ class CACertificate(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     LINK_CERTIFICATES_PEM_FIELD_NUMBER: _builtins.int
+    HALTED_AT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     certificate_pem: _builtins.str
     """The CA certificate, PEM."""
@@ -535,6 +555,13 @@ class CACertificate(_message.Message):
         generation chains through one of these to reach this key.
         """
 
+    @_builtins.property
+    def halted_at(self) -> _timestamp_pb2.Timestamp:
+        """When an emergency halted the key because it is compromised (never undone; see
+        CAKeyInfo.halted_at). An "active" key that is halted signs nothing until the
+        emergency switches to its successor. Unset for a key never halted.
+        """
+
     def __init__(
         self,
         *,
@@ -545,10 +572,11 @@ class CACertificate(_message.Message):
         not_before: _timestamp_pb2.Timestamp | None = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
         link_certificates_pem: _abc.Iterable[_builtins.str] | None = ...,
+        halted_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "not_before", b"not_before"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["halted_at", b"halted_at", "not_after", b"not_after", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "chain_pem", b"chain_pem", "key_id", b"key_id", "link_certificates_pem", b"link_certificates_pem", "not_after", b"not_after", "not_before", b"not_before", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "chain_pem", b"chain_pem", "halted_at", b"halted_at", "key_id", b"key_id", "link_certificates_pem", b"link_certificates_pem", "not_after", b"not_after", "not_before", b"not_before", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
