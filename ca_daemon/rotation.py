@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ACTIONS = ("activate", "retire", "destroy", "emergency")
+# An emergency's revocation passes commit this many revocations a transaction (see KeyCeremony._revoke).
+_REVOCATIONS_PER_TRANSACTION = 10_000
 REQUIRED_APPROVALS = 2
 DEFAULT_ROOT_VALIDITY_DAYS = 3650
 MAX_ROOT_VALIDITY_DAYS = 36500
@@ -507,19 +509,24 @@ class KeyCeremony:
         ]
 
     def _revoke(self, serials: list[int], reason: RevocationReason, actor: str) -> int:
-        if not serials:
-            return 0
-        revoked = self._store.record_revocations(
-            serials=serials,
-            device_id="",
-            reason=reason,
-            revoked_at=_now(),
-            invalidity_date=None,
-            actor=actor,
-            encode_entry=encode_entry,
-            skip_revoked=True,  # revoked since it was listed (another execution, an operator's Revoke): done already
-        )
-        return len(revoked)
+        """Revoke serials, _REVOCATIONS_PER_TRANSACTION a transaction: a key of a million devices in one transaction held
+        every row and audit event of it in memory at once. Each part is durable on its own; a retry after a crash
+        skips what an earlier part revoked."""
+        revoked = 0
+        for start in range(0, len(serials), _REVOCATIONS_PER_TRANSACTION):
+            revoked += len(
+                self._store.record_revocations(
+                    serials=serials[start : start + _REVOCATIONS_PER_TRANSACTION],
+                    device_id="",
+                    reason=reason,
+                    revoked_at=_now(),
+                    invalidity_date=None,
+                    actor=actor,
+                    encode_entry=encode_entry,
+                    skip_revoked=True,  # revoked since it was listed (another execution, an operator's Revoke): done already
+                )
+            )
+        return revoked
 
     # -- helpers -------------------------------------------------------------
 

@@ -28,9 +28,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from sqlalchemy import text
 
 from ca_daemon import app, config, issuer
 from ca_daemon import authority as authority_module
+from ca_daemon import rotation as rotation_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.authority import Authority
 from ca_daemon.config import RotationConfig
@@ -374,6 +376,26 @@ def test_two_executions_of_one_emergency_at_once_revoke_everything_once_and_one_
     steps = sorted(e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.emergency")
     assert steps == ["executed", "halted", "halted"]
     assert [e for e in setup.store.audit_events() if e["outcome"] == "refused"] == []
+
+
+def test_an_emergency_revokes_a_big_generation_in_transactions_of_bounded_size(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each revocation pass ran as one transaction: a key of a million devices held every revocation row and audit
+    event of it in memory at once. Now a transaction revokes at most _REVOCATIONS_PER_TRANSACTION (2 here), each
+    durable on its own; every revocation commit takes the issuer's next change number, which counts them."""
+    monkeypatch.setattr(rotation_module, "_REVOCATIONS_PER_TRANSACTION", 2, raising=False)
+    leaves = [setup.sign() for _ in range(5)]
+    setup.new_root(setup.ceremony(), "root-2")
+    _both(setup.ceremony(), "emergency", "ca-root-1", "root-2")
+    with setup.store.engine.connect() as conn:
+        numbers = {
+            serial: seq
+            for serial, seq in conn.execute(text("SELECT serial, change_seq FROM revocations WHERE issuer_key_id = 'ca-root-1'"))
+        }
+    assert {int(serial, 16) for serial in numbers} >= set(leaves)
+    assert len(set(numbers.values())) >= 3, numbers  # the 5 leaves (and the root-2 link OLD signed) in parts of 2
+    for serial in leaves:
+        revocation = setup.store.get_revocation(serial)
+        assert revocation is not None and revocation.reason == RevocationReason.CA_COMPROMISE
 
 
 def _both(ceremony: KeyCeremony, action: str, key_id: str, successor: str = "") -> str:
