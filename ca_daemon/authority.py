@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -40,7 +41,7 @@ from ca_daemon.errors import (
     echo,
 )
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
-from ca_daemon.http_paths import rename_in_path
+from ca_daemon.http_paths import rename_in_path, request_path
 from ca_daemon.lint import Linter
 from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
 from ca_daemon.store import IssuanceItem, IssuanceOutcome, SignReads, SqlStore, serial_hex
@@ -284,6 +285,83 @@ def rename_urls(config: Config, urls: tuple[str, ...], key_id: str) -> tuple[str
     if not key_id or not label or key_id == label:
         return urls
     return tuple(rename_in_path(u, label, key_id) for u in urls)
+
+
+# The settings whose URLs name the configured key by its label (rename_urls, CrlPublisher._load), each with the path
+# where the daemon serves a key's resource whatever the URLs say (crl.http_routes, crl.ca_routes): the path to suggest.
+_KEY_URL_SETTINGS: tuple[tuple[str, Callable[[Config], tuple[str, ...]], str], ...] = (
+    ("ca.crl_distribution_points", lambda c: c.ca.crl_distribution_points, "/crl/{}.crl"),
+    ("ca.ca_issuers_urls", lambda c: c.ca.ca_issuers_urls, "/ca/{}.der"),
+    ("crl.delta_distribution_points", lambda c: c.crl.delta_distribution_points, "/crl/{}-delta.crl"),
+)
+KEY_URLS_RULE = "key-urls"
+
+
+def shared_key_urls(config: Config, key_id: str, other_id: str) -> list[tuple[str, str]]:
+    """The configured URLs, as (setting, URL), that give keys key_id and other_id one URL.
+
+    Compared by the decoded path, which the HTTP server routes by: both keys' CRLs (or certificates) would be served
+    there, each replacing the other, and the certificates of one would point relying parties at the other's.
+    """
+    shared = []
+    for setting, urls, _ in _KEY_URL_SETTINGS:
+        for url in urls(config):
+            mine, theirs = rename_urls(config, (url,), key_id)[0], rename_urls(config, (url,), other_id)[0]
+            if request_path(mine) == request_path(theirs):
+                shared.append((setting, url))
+    return shared
+
+
+def unnamed_key_urls(config: Config) -> list[tuple[str, str]]:
+    """The configured URLs that would give any other CA key the configured key's URL (empty: each key has its own)."""
+    configured = key_id_for(Pkcs11Uri.parse(config.ca.key_uri))
+    return shared_key_urls(config, configured + "-next", configured)
+
+
+def key_urls_advice(config: Config, shared: list[tuple[str, str]]) -> str:
+    """Which of the configured URLs do not name the configured key, and what to write instead."""
+    uri = Pkcs11Uri.parse(config.ca.key_uri)
+    if not uri.label:
+        return (
+            f"ca.key {config.ca.key_uri!r} names the key by its id= alone, so no URL names it by a label that another key's "
+            "could replace: add object=LABEL to ca.key and put LABEL in the path of the CRL and CA URLs "
+            "(e.g. /crl/LABEL.crl, /ca/LABEL.der)"
+        )
+    label = uri.label
+    paths = {setting: path for setting, _, path in _KEY_URL_SETTINGS}
+    lines = []
+    for setting, url in shared:
+        encoded = label in request_path(url)  # the server decodes the path; the label is replaced as written
+        why = f"has {label} only percent-encoded in its path" if encoded else f"does not have the key's label {label} in its path"
+        suggested = urlunsplit(urlsplit(url)._replace(path=paths[setting].format(label)))
+        lines.append(f"{setting} URL {url!r} {why}: write {suggested!r}")
+    advice = "; ".join(lines) + (
+        f". The URLs of every other key are the configured ones with its label in place of {label}'s, in the path as written "
+        "(not percent-encoded, not in the host or query)"
+    )
+    if any(request_path(url) != paths[setting].format(label) for setting, url in shared):  # the daemon stops serving it
+        advice += (
+            ". Certificates issued so far keep the old URL: keep it served (a copy or redirect in a web server in front) until they expire"
+        )
+    return advice
+
+
+def check_new_key_urls(config: Config, store: SqlStore, label: str) -> None:
+    """Refuse (FailedPrecondition, rule key-urls) a new CA key that the configured URLs would give another key's URLs.
+
+    A single key works with URLs that do not name it, so they are not refused when loaded; a second key would share them:
+    both keys' CRLs served at one path, each replacing the other, and the old key's devices pointed at the new key's CRL,
+    which relying parties reject (wrong issuer). The first `init` (no other key) passes.
+    """
+    configured = key_id_for(Pkcs11Uri.parse(config.ca.key_uri))
+    for other in sorted({configured, *(key.key_id for key in store.list_ca_keys())} - {label}):
+        if shared := shared_key_urls(config, label, other):
+            raise FailedPrecondition(
+                f"CA key {label} would get the CRL and CA URLs of CA key {other}, so it was not created: "
+                + key_urls_advice(config, shared)
+                + "; then restart the daemon ([ca] and [crl] are read at start) and create the key again",
+                rule=KEY_URLS_RULE,
+            )
 
 
 class _Refusal(Exception):
@@ -860,9 +938,13 @@ def check_parents_valid(key: CaKey, now: datetime, *, early_action: str) -> None
             )
 
 
-def create_ca_key(hsm: Hsm, store: SqlStore, spec: KeySpec, label: str, actor: str = "ca-daemon-cli") -> CaKey:
-    """Generate a CA key pair in the token and record it (pending until it has a certificate)."""
+def create_ca_key(config: Config, hsm: Hsm, store: SqlStore, spec: KeySpec, label: str, actor: str = "ca-daemon-cli") -> CaKey:
+    """Generate a CA key pair in the token and record it (pending until it has a certificate).
+
+    Refused before anything is made for a label taken or outside the alphabet, and for URLs that would not name it.
+    """
     check_new_key_label(hsm, store, label)
+    check_new_key_urls(config, store, label)
     if not hsm.supports(spec):
         raise FailedPrecondition(f"the token does not offer the mechanisms for {spec.value} keys")
     generated = hsm.generate_key(spec, label)

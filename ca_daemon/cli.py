@@ -199,7 +199,7 @@ def _init(args: argparse.Namespace) -> int:
             try:
                 hsm.public_key_der(uri)
             except CaError:
-                key = authority.create_ca_key(hsm, store, spec, uri.label or key_id)
+                key = authority.create_ca_key(config, hsm, store, spec, uri.label or key_id)
                 print(f"generated {spec.value} CA key in the token: {key.pkcs11_uri}")
             else:
                 raise CaError(f"the token holds key {uri} but the store does not know it; import it with `ca-daemon key` tools")
@@ -281,8 +281,9 @@ def _write_secret(path: Path) -> str:
 
 
 def _key_generate(args: argparse.Namespace) -> int:
-    with app.connected(config_module.load(args.config)) as (hsm, store):
-        key = authority.create_ca_key(hsm, store, KeySpec(args.type), args.label)
+    config = config_module.load(args.config)
+    with app.connected(config) as (hsm, store):
+        key = authority.create_ca_key(config, hsm, store, KeySpec(args.type), args.label)
         print(key.pkcs11_uri)
         return 0
 

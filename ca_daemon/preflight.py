@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from ca_daemon import app, tls
 from ca_daemon import config as config_module
-from ca_daemon.authority import check_policy, load_active_ca
+from ca_daemon.authority import check_policy, key_urls_advice, load_active_ca, unnamed_key_urls
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Hsm, Pkcs11Uri
@@ -52,6 +52,13 @@ def run(config_path: str | Path, emit: Callable[[Check], None] = lambda _c: None
         record("configuration", False, exc.message)
         return results
     record("configuration", True, f"{config.path}: {len(config.profiles)} profile(s), {config.server.workers} worker(s)")
+    if shared := unnamed_key_urls(config):  # one key works with them; a second would share them (rotation refused)
+        detail = (
+            "another CA key would get the configured key's URLs, so creating one (`ca-daemon key generate`, the key "
+            f"ceremony's GenerateKey: rotation) is refused until they name the key: {key_urls_advice(config, shared)}"
+        )
+        results.append(Check("CRL and CA URLs", True, detail, warning=True))
+        emit(results[-1])
     _check_files(config, record)
     store = _check_store(config, record)
     if warning := sqlite_mode_warning(config.store.url):

@@ -127,7 +127,7 @@ class KeyCeremony:
     def generate(self, officer: str, spec: KeySpec, label: str) -> CaKey:
         def run() -> CaKey:
             _check_officer(officer)
-            return authority.create_ca_key(self._hsm, self._store, spec, label, actor=officer)
+            return authority.create_ca_key(self._config, self._hsm, self._store, spec, label, actor=officer)
 
         return self._audited("key.generate", officer, label, {"spec": spec.value}, run)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import urllib.request
@@ -20,7 +21,8 @@ from cryptography.x509.oid import NameOID
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.simulate import make_csr
 from ca_daemon.verify import CrlCache, DeviceVerifier, sign_challenge
-from tests.conftest import CA_DAEMON, CrlServer, Daemon, device_csr, make_env, openssl_verify
+from tests.conftest import CA_DAEMON, CaEnv, CrlServer, Daemon, device_csr, make_env, openssl_verify
+from tests.e2e.test_rotation import pkcs11_labels
 from tests.integration.crl_helpers import crl_env
 
 
@@ -170,6 +172,58 @@ def test_key_generate_refuses_a_label_that_would_make_a_wrong_crl_url(tmp_path: 
             "not ending in -delta"
         )
     assert [line.split("\t")[0] for line in env.cli("key", "list").stdout.splitlines()] == ["ca-root-1"]
+
+
+_DEV_CRL, _DEV_DER = "http://127.0.0.1:8080/crl/ca-root-1.crl", "http://127.0.0.1:8080/ca/ca-root-1.der"
+
+
+def test_key_generate_refuses_urls_that_would_not_name_the_new_key(tmp_path: Path, softhsm_conf: Path) -> None:
+    """Every other key's URLs are the configured ones with its label in place of the configured key's: a URL without that
+    label (or with it only percent-encoded) gave the new key the same URL, so both keys' CRLs were served at one path,
+    each replacing the other, and the old key's devices were sent to the new key's CRL. Refused; nothing is created."""
+    env = make_env(tmp_path, softhsm_conf)
+    keys, objects = env.cli("key", "list").stdout, pkcs11_labels(env)
+    refused = _generate_with_urls(env, crl="http://127.0.0.1:8080/factory.crl")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "ca-daemon: CA key ca-root-2 would get the CRL and CA URLs of CA key ca-root-1, so it was not created: "
+        "ca.crl_distribution_points URL 'http://127.0.0.1:8080/factory.crl' does not have the key's label ca-root-1 in its path: "
+        "write 'http://127.0.0.1:8080/crl/ca-root-1.crl'; crl.delta_distribution_points URL "
+        "'http://127.0.0.1:8080/factory-delta.crl' does not have the key's label ca-root-1 in its path: "
+        "write 'http://127.0.0.1:8080/crl/ca-root-1-delta.crl'. The URLs of every other key are the configured ones with its "
+        "label in place of ca-root-1's, in the path as written (not percent-encoded, not in the host or query). Certificates "
+        "issued so far keep the old URL: keep it served (a copy or redirect in a web server in front) until they expire; then "
+        "restart the daemon ([ca] and [crl] are read at start) and create the key again"
+    )
+    encoded = _generate_with_urls(env, crl="http://127.0.0.1:8080/crl/ca%2Droot-1.crl")
+    assert encoded.returncode == 1
+    assert "URL 'http://127.0.0.1:8080/crl/ca%2Droot-1.crl' has ca-root-1 only percent-encoded in its path" in encoded.stderr
+    in_host = _generate_with_urls(env, der="http://ca-root-1.example.net/ca.der")
+    assert in_host.returncode == 1
+    assert "ca.ca_issuers_urls URL 'http://ca-root-1.example.net/ca.der' does not have the key's label" in in_host.stderr
+    assert "write 'http://ca-root-1.example.net/ca/ca-root-1.der'" in in_host.stderr
+    assert env.cli("key", "list").stdout == keys and pkcs11_labels(env) == objects
+    # init of another [ca] key beside ca-root-1, with URLs naming ca-root-1: they would give both keys one URL.
+    env.edit_config("object=ca-root-1", "object=ca-root-9")
+    init = env.cli("init", check=False)
+    assert init.returncode == 1
+    assert init.stderr.startswith("ca-daemon: CA key ca-root-9 would get the CRL and CA URLs of CA key ca-root-1, so it was not created:")
+    assert "'http://127.0.0.1:8080/crl/ca-root-1.crl' does not have the key's label ca-root-9 in its path" in init.stderr
+    assert env.cli("key", "list").stdout == keys and pkcs11_labels(env) == objects
+    env.edit_config("object=ca-root-9", "object=ca-root-1")
+    # With the label in each path, the key is made.
+    made = _generate_with_urls(env)
+    assert made.returncode == 0, made.stderr
+    assert "ca-root-2\tec-p256\tpending\tno certificate" in env.cli("key", "list").stdout
+    assert "label:      ca-root-2" in pkcs11_labels(env)
+
+
+def _generate_with_urls(env: CaEnv, *, crl: str = _DEV_CRL, der: str = _DEV_DER) -> subprocess.CompletedProcess[str]:
+    """`key generate --label ca-root-2` with [ca]'s URLs set to crl and der (by default as make_env writes them)."""
+    text = re.sub(r"crl_distribution_points = \[.*\]", f'crl_distribution_points = ["{crl}"]', env.config_path.read_text())
+    text = re.sub(r"ca_issuers_urls = \[.*\]", f'ca_issuers_urls = ["{der}"]', text)
+    env.config_path.write_text(text)
+    return env.cli("key", "generate", "--label", "ca-root-2", check=False)
 
 
 def test_key_generate_types_and_help(tmp_path: Path, softhsm_conf: Path) -> None:

@@ -166,3 +166,27 @@ def test_a_database_a_newer_release_migrated_is_refused_not_served(tmp_path: Pat
     restored = env.cli("db", "restore", "--from", str(tmp_path / "from-a-newer-release.db"), "--accept-loss", check=False)
     assert restored.returncode != 0 and reason in restored.stderr, restored.stdout + restored.stderr
     assert not list(env.state_dir.glob("ca.db.before-restore-*")), "the refused backup was put in place"
+
+
+def test_check_config_warns_of_urls_that_would_not_name_another_key(tmp_path: Path, softhsm_conf: Path) -> None:
+    """One key works with a CDP that does not name it; a second would share it, so its creation is refused (rotation).
+    check-config says so before that day, as a WARN: the exit code stays 0."""
+    env = make_env(tmp_path, softhsm_conf)
+    assert "CRL and CA URLs" not in env.cli("check-config").stdout
+    env.edit_config("/crl/ca-root-1.crl", "/factory.crl")
+    warned = env.cli("check-config")
+    assert _lines(warned.stdout)["CRL and CA URLs"] == "WARN", warned.stdout
+    (line,) = [line for line in warned.stdout.splitlines() if line.startswith("WARN  CRL and CA URLs")]
+    assert line == (
+        "WARN  CRL and CA URLs: another CA key would get the configured key's URLs, so creating one (`ca-daemon key generate`, "
+        "the key ceremony's GenerateKey: rotation) is refused until they name the key: ca.crl_distribution_points URL "
+        "'http://127.0.0.1:8080/factory.crl' does not have the key's label ca-root-1 in its path: write "
+        "'http://127.0.0.1:8080/crl/ca-root-1.crl'; crl.delta_distribution_points URL 'http://127.0.0.1:8080/factory-delta.crl' "
+        "does not have the key's label ca-root-1 in its path: write 'http://127.0.0.1:8080/crl/ca-root-1-delta.crl'. The URLs of "
+        "every other key are the configured ones with its label in place of ca-root-1's, in the path as written (not "
+        "percent-encoded, not in the host or query). Certificates issued so far keep the old URL: keep it served (a copy or "
+        "redirect in a web server in front) until they expire"
+    )
+    env.edit_config("/factory.crl", "/crl/ca%2Droot-1.crl")
+    encoded = env.cli("check-config").stdout
+    assert "'http://127.0.0.1:8080/crl/ca%2Droot-1.crl' has ca-root-1 only percent-encoded in its path" in encoded, encoded

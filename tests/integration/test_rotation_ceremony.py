@@ -36,7 +36,7 @@ from ca_daemon import rotation as rotation_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.authority import Authority
 from ca_daemon.config import RotationConfig
-from ca_daemon.errors import CaKeyChanged, FailedPrecondition, InvalidRequest, PermissionDenied
+from ca_daemon.errors import CaKeyChanged, FailedPrecondition, InvalidRequest, NotFound, PermissionDenied
 from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CertificateRequest, KeySpec, KeyStatus, RevocationReason
 from ca_daemon.revocation import CrlPublisher, Revocations
@@ -44,6 +44,7 @@ from ca_daemon.rotation import ApprovalResult, KeyCeremony
 from ca_daemon.store import SqlStore, serial_hex
 from ca_daemon.store.rotation_store import RotationStore
 from tests.conftest import CA_DAEMON, CaEnv, Daemon, at_once, daemon_environment, device_csr, make_env, openssl_verify
+from tests.integration.crl_helpers import crl_env, start
 
 
 @dataclasses.dataclass
@@ -1301,3 +1302,49 @@ def test_export_before_the_first_start_refuses_a_key_whose_parent_certificate_ex
         refused.stderr
     )
     assert "becomes the signing key" not in refused.stderr and not exported.exists()
+
+
+def test_generate_is_refused_while_the_urls_would_not_name_the_new_key(setup: Setup) -> None:
+    """Every other key's URLs are the configured ones with its label in place of [ca] key's: with a CDP that does not name
+    ca-root-1 (or names it only percent-encoded), root-2's certificates pointed where ca-root-1's CRL is served, and both
+    keys' CRLs were served at that one path, each replacing the other. Refused, audited, and nothing made."""
+    for url in ("http://127.0.0.1:8080/factory.crl", "http://127.0.0.1:8080/crl/ca%2Droot-1.crl"):
+        ca = dataclasses.replace(setup.config.ca, crl_distribution_points=(url,))
+        ceremony = KeyCeremony(dataclasses.replace(setup.config, ca=ca), setup.hsm, setup.store)
+        with pytest.raises(FailedPrecondition) as refused:
+            ceremony.generate("alice", KeySpec.EC_P256, "root-2")
+        assert refused.value.rule == "key-urls"
+        message = refused.value.message
+        assert message.startswith("CA key root-2 would get the CRL and CA URLs of CA key ca-root-1, so it was not created: ")
+        assert f"ca.crl_distribution_points URL {url!r}" in message
+        assert "write 'http://127.0.0.1:8080/crl/ca-root-1.crl'" in message
+    assert [key.key_id for key in setup.store.list_ca_keys()] == ["ca-root-1"]
+    with pytest.raises(NotFound):  # nor in the token
+        setup.hsm.public_key_der(Pkcs11Uri(token=setup.hsm.token_label, label="root-2"))
+    events = [e for e in setup.store.audit_events() if e["action"] == "key.generate" and e["outcome"] == "refused"]
+    assert [(e["actor"], e["key_id"], e["reason"]) for e in events] == [("alice", "root-2", "key-urls")] * 2
+    # The configured URLs name ca-root-1 in their path: root-2 gets URLs of its own.
+    setup.new_root(setup.ceremony(), "root-2")
+    made = setup.store.get_ca_key("root-2")
+    assert made is not None and made.status == KeyStatus.PENDING
+    assert setup.hsm.public_key_der(Pkcs11Uri(token=setup.hsm.token_label, label="root-2")) == made.public_key_der
+
+
+def test_generate_key_over_grpc_is_refused_while_the_cdp_does_not_name_the_key(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The gRPC GenerateKey (`ca-daemon key create`) of a daemon whose CDP does not name its key: FAILED_PRECONDITION
+    saying which URL and what to write instead; no key is listed."""
+    env, http_port = crl_env(tmp_path, softhsm_conf)
+    env.edit_config("/crl/ca-root-1.crl", "/factory.crl")
+    daemon = start(env, tmp_path)
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            ceremony = ca_pb2_grpc.KeyCeremonyStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                ceremony.GenerateKey(ca_pb2.GenerateKeyRequest(label="root-2"), timeout=60)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            details = refused.value.details() or ""
+            assert f"ca.crl_distribution_points URL 'http://127.0.0.1:{http_port}/factory.crl' does not have the key's label" in details
+            assert f"write 'http://127.0.0.1:{http_port}/crl/ca-root-1.crl'" in details
+            assert [k.key_id for k in ceremony.ListKeys(ca_pb2.ListKeysRequest(), timeout=30).keys] == ["ca-root-1"]
+    finally:
+        daemon.stop()
