@@ -1108,28 +1108,13 @@ def test_install_refuses_a_certificate_or_parent_with_a_critical_extension_no_re
     ceremony = setup.ceremony()
     unknown = x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00")
     for label, where in (("crit-sub", "certificate"), ("crit-parent", "parent")):
-        ceremony.generate("alice", KeySpec.EC_P256, label)
-        csr = x509.load_pem_x509_csr(ceremony.csr("alice", label, issuer.parse_subject(f"CN={label}")))
-        parent_key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        parent_builder = issuer.build_root(issuer.parse_subject(f"CN=Outside {label}"), parent_key.public_key(), now, timedelta(days=30))
-        if where == "parent":
-            parent_builder = parent_builder.add_extension(unknown, critical=True)
-        parent = parent_builder.sign(parent_key, hashes.SHA256())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(csr.subject)
-            .issuer_name(parent.subject)
-            .public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=20))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(issuer.ca_key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True), critical=True)
+        cert, parent = _outside_chain(
+            ceremony,
+            label,
+            certificate_extension=unknown if where == "certificate" else None,
+            parent_extension=unknown if where == "parent" else None,
+            critical=True,
         )
-        if where == "certificate":
-            builder = builder.add_extension(unknown, critical=True)
-        cert = builder.sign(parent_key, hashes.SHA256())
         # What a relying party makes of that chain: the intermediate itself does not verify.
         files = {name: tmp_path / f"{label}-{name}.pem" for name in ("root", "sub")}
         files["root"].write_bytes(parent.public_bytes(serialization.Encoding.PEM))
@@ -1148,13 +1133,25 @@ def _chain_with_extended_key_usage(
     ceremony: KeyCeremony, label: str, *, certificate_eku: x509.ExtendedKeyUsage | None, parent_eku: x509.ExtendedKeyUsage | None
 ) -> tuple[x509.Certificate, x509.Certificate]:
     """A pending key's CA certificate signed by a new outside root, each with this extendedKeyUsage (None: none)."""
+    return _outside_chain(ceremony, label, certificate_extension=certificate_eku, parent_extension=parent_eku)
+
+
+def _outside_chain(
+    ceremony: KeyCeremony,
+    label: str,
+    *,
+    certificate_extension: x509.ExtensionType | None = None,
+    parent_extension: x509.ExtensionType | None = None,
+    critical: bool = False,
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """A pending key's CA certificate signed by a new outside root, each with this extra extension (None: none)."""
     ceremony.generate("alice", KeySpec.EC_P256, label)
     csr = x509.load_pem_x509_csr(ceremony.csr("alice", label, issuer.parse_subject(f"CN={label}")))
     parent_key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     parent_builder = issuer.build_root(issuer.parse_subject(f"CN=Outside {label}"), parent_key.public_key(), now, timedelta(days=30))
-    if parent_eku is not None:
-        parent_builder = parent_builder.add_extension(parent_eku, critical=False)
+    if parent_extension is not None:
+        parent_builder = parent_builder.add_extension(parent_extension, critical=critical)
     parent = parent_builder.sign(parent_key, hashes.SHA256())
     builder = (
         x509.CertificateBuilder()
@@ -1169,8 +1166,8 @@ def _chain_with_extended_key_usage(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_key.public_key()), critical=False)
     )
-    if certificate_eku is not None:
-        builder = builder.add_extension(certificate_eku, critical=False)
+    if certificate_extension is not None:
+        builder = builder.add_extension(certificate_extension, critical=critical)
     return builder.sign(parent_key, hashes.SHA256()), parent
 
 
