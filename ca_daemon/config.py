@@ -785,10 +785,10 @@ def _refuse_delta_at_full_path(crl: CrlConfig, ca: CaConfig) -> None:
 
 
 def _uri_token(uri: str) -> str:
-    match = re.search(r"(?:^pkcs11:|;)token=([^;?]+)", uri)
-    if not match:
+    token = _uri_attributes(uri).get("token", "")
+    if not token:
         raise ConfigError(f"ca.key {uri!r} must name its token (token=...), or set hsm.token")
-    return unquote(match.group(1))
+    return token
 
 
 def _uri_attributes(uri: str) -> dict[str, str]:

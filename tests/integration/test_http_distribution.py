@@ -16,17 +16,12 @@ import tracemalloc
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import pytest
 
 from ca_daemon.http import (
     CRL_CONTENT_TYPE,
-    MAX_CONNECTIONS,
-    MAX_PER_CLIENT,
-    MAX_TURNED_AWAY,
-    MIN_SEND_RATE,
-    SEND_BASE_S,
-    WRITE_STALL_S,
     DistributionServer,
     Resource,
     _client_address,
@@ -38,24 +33,9 @@ BIG = 16 * 1024 * 1024  # about the size of a full CRL of 500,000 entries
 class Running:
     """A DistributionServer serving /big.crl (16 MiB) and /small.crl on a free loopback port."""
 
-    def __init__(
-        self,
-        max_connections: int = MAX_CONNECTIONS,
-        write_stall_s: float = WRITE_STALL_S,
-        send_base_s: float = SEND_BASE_S,
-        min_send_rate: float = MIN_SEND_RATE,
-        max_per_client: int = MAX_PER_CLIENT,
-        max_turned_away: int = MAX_TURNED_AWAY,
-    ) -> None:
-        self.server = DistributionServer(
-            "127.0.0.1:0",
-            max_connections=max_connections,
-            max_per_client=max_per_client,
-            max_turned_away=max_turned_away,
-            write_stall_s=write_stall_s,
-            send_base_s=send_base_s,
-            min_send_rate=min_send_rate,
-        )
+    def __init__(self, **limits: Any) -> None:
+        """limits: DistributionServer's keyword arguments (max_connections, write_stall_s, ...); its defaults otherwise."""
+        self.server = DistributionServer("127.0.0.1:0", **limits)
         now = datetime.now(UTC)
         self.server.set("/big.crl", Resource(bytes(BIG), CRL_CONTENT_TYPE, '"big"', now))
         self.server.set("/small.crl", Resource(b"x" * 100, CRL_CONTENT_TYPE, '"small"', now))
