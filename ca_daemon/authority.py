@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
-from ca_daemon import issuer, policy
+from ca_daemon import issuer, name_constraints, policy
 from ca_daemon.audit import AuditLog, refusal_event
 from ca_daemon.config import Config
 from ca_daemon.errors import (
@@ -78,12 +78,30 @@ class ActiveCa:
     # key signs may outlive it, as a relying party rejects a leaf whose chain has a certificate expired; read once
     # here (at start-up and at a key switch), not per Sign.
     chain_valid_until: datetime = field(init=False)
+    # The nameConstraints of the CA certificate and its parents, which every leaf's names must fit; None (nothing to
+    # check per Sign) when the chain has none, as a self-signed root of this daemon.
+    chain_name_constraints: name_constraints.ChainConstraints | None = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "valid_from", self.certificate.not_valid_before_utc)
         object.__setattr__(self, "valid_until", self.certificate.not_valid_after_utc)
-        parents = [x509.load_der_x509_certificate(der).not_valid_after_utc for der in self.key.chain_der]
-        object.__setattr__(self, "chain_valid_until", min([self.valid_until, *parents]))
+        parents = [x509.load_der_x509_certificate(der) for der in self.key.chain_der]
+        object.__setattr__(self, "chain_valid_until", min([self.valid_until, *(p.not_valid_after_utc for p in parents)]))
+        object.__setattr__(self, "chain_name_constraints", name_constraints.from_chain([self.certificate, *parents]))
+
+    def check_names(self, subject: x509.Name, sans: Sequence[x509.GeneralName]) -> None:
+        """Refuse a leaf whose names break the chain's nameConstraints: every relying party would reject it
+        ("permitted subtree violation"), so it is never signed."""
+        if self.chain_name_constraints is None:
+            return
+        violation = self.chain_name_constraints.violation(subject, sans)
+        if violation is not None:
+            raise PolicyViolation(
+                f"{violation.message}; relying parties would reject the certificate, so CA key {self.key.key_id} does not issue it",
+                rule="name-constraints",
+                field=violation.field,
+                expected="names within the nameConstraints of the CA certificate and its parents",
+            )
 
     def check_valid(self, now: datetime) -> None:
         """Refuse to sign outside the CA certificate's validity or once a parent expired: relying parties would reject
@@ -205,7 +223,9 @@ def build_policy_set(
     linter = Linter(config.lint.mode)
     profiles = profiles_from_config(config)
     if parents is not None:
-        _check_usages_fit_chain(config, [ca_certificate, *(x509.load_der_x509_certificate(der) for der in parents)])
+        chain = [ca_certificate, *(x509.load_der_x509_certificate(der) for der in parents)]
+        _check_usages_fit_chain(config, chain)
+        _check_templates_fit_names(profiles, chain)
     if linter.mode != "off":
         template_linter = Linter("full")
         for profile in profiles.values():
@@ -252,6 +272,25 @@ def _check_usages_fit_chain(config: Config, chain: Sequence[x509.Certificate]) -
             ) from None
 
 
+def _check_templates_fit_names(profiles: dict[str, policy.Profile], chain: Sequence[x509.Certificate]) -> None:
+    """ConfigError if a profile's san_templates make names the chain's nameConstraints forbid: Sign would refuse every
+    request of that profile (a URN, for one, under any URI constraint), so the profile is refused at start and reload."""
+    constraints = name_constraints.from_chain(chain)
+    if constraints is None:
+        return
+    for profile in profiles.values():
+        violation = constraints.violation(x509.Name([]), _template_sans(profile))
+        if violation is not None:
+            raise ConfigError(
+                f"profiles.{profile.name}.san_templates: {violation.message}; Sign would refuse every certificate of this "
+                "profile: change the templates, or ask the parent CA for a certificate whose constraints allow them"
+            )
+
+
+def _template_sans(profile: policy.Profile, device_id: str = "lint-template-device") -> tuple[x509.GeneralName, ...]:
+    return tuple(x509.UniformResourceIdentifier(t.replace("{device_id}", device_id)) for t in profile.san_templates)
+
+
 def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> policy.Decision:
     device_id = "lint-template-device"
     spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -263,7 +302,7 @@ def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKey
         validity=profile.validity,
         csr_sha256=b"",
         public_key_sha256=b"",
-        sans=tuple(x509.UniformResourceIdentifier(t.replace("{device_id}", device_id)) for t in profile.san_templates),
+        sans=_template_sans(profile, device_id),
         key_usage=profile.key_usage,
         extended_key_usage=profile.extended_key_usage,
     )
@@ -731,7 +770,8 @@ class Authority:
         active = self.active  # read once: a key switch (follow_active_key) runs on this same thread
         try:
             active.check_valid(now)
-        except FailedPrecondition as refusal:
+            active.check_names(decision.subject, decision.sans)
+        except (FailedPrecondition, PolicyViolation) as refusal:
             raise parsed.refusal(refusal) from None
         builder = issuer.build_leaf(
             decision,
@@ -1182,6 +1222,31 @@ def _check_parents(certificate: x509.Certificate, parents: list[x509.Certificate
                 rule="ca-chain",
                 field="chain_pem",
                 expected="parent certificates whose pathLenConstraint allows the CA certificates under them",
+            )
+    _check_chain_names(certificate, parents)
+
+
+def _check_chain_names(certificate: x509.Certificate, parents: list[x509.Certificate]) -> None:
+    """Each CA certificate's names fit the nameConstraints of the parents above it, as relying parties check them:
+    otherwise they reject every leaf below it ("permitted subtree violation"). Self-issued ones are not checked
+    (RFC 5280 6.1.3, OpenSSL)."""
+    chain = [certificate, *parents]
+    for index, checked in enumerate(chain[:-1]):
+        if checked.issuer == checked.subject:
+            continue
+        above = name_constraints.from_chain(chain[index + 1 :])
+        try:
+            sans: list[x509.GeneralName] = list(checked.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        except x509.ExtensionNotFound:
+            sans = []
+        violation = above.violation(checked.subject, sans, leaf=False) if above is not None else None
+        if violation is not None:
+            raise InvalidRequest(
+                f"the certificate {echo(checked.subject.rfc4514_string())}: {violation.message}; relying parties would reject "
+                "every certificate this key signs",
+                rule="ca-chain",
+                field="certificate_pem" if checked is certificate else "chain_pem",
+                expected="a CA certificate whose names fit its parents' nameConstraints",
             )
 
 
