@@ -66,6 +66,7 @@ CRL_CONTENT_TYPE = "application/pkix-crl"
 CERT_CONTENT_TYPE = "application/pkix-cert"
 _VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")  # RFC 9112 2.3, case-sensitive
 _SUPPORTED_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.1: a token
 
 
 class _HeadTooLarge(Exception):
@@ -361,11 +362,19 @@ class DistributionServer:
             return _plain("400 Bad Request", "the request line is not METHOD TARGET HTTP/1.1")
         if version not in _SUPPORTED_VERSIONS:
             return _plain("505 HTTP Version Not Supported", "this server speaks HTTP/1.0 and HTTP/1.1")
-        headers = {}
+        headers: dict[str, str] = {}
+        hosts = 0
         for line in lines[1:]:
             name, sep, value = line.decode("latin-1").partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
+            # RFC 9112 5.1 and 5.2: a field name is a token right before the colon (no whitespace: a server must
+            # refuse it, as proxies may read such a line differently); a line folded onto the one before is refused.
+            if not sep or _FIELD_NAME.fullmatch(name) is None:
+                return _plain("400 Bad Request", "a header line is not NAME: VALUE (no space before ':', no folded lines)")
+            key = name.lower()
+            hosts += key == "host"
+            headers[key] = value.strip()
+        if version == "HTTP/1.1" and hosts != 1:  # RFC 9112 3.2: a server must answer 400 to none or several
+            return _plain("400 Bad Request", "an HTTP/1.1 request needs exactly one Host header")
         if method not in ("GET", "HEAD"):
             status, out, body = _plain("405 Method Not Allowed")
             return status, [*out, ("Allow", "GET, HEAD")], body

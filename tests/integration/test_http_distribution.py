@@ -326,7 +326,7 @@ def test_a_request_head_ending_lines_in_bare_lf_is_answered_at_once() -> None:
             assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"x" * 100), (request, answer[:80])
             assert time.monotonic() - began < 2.0, request
         # RFC 9112 2.2: empty lines before the request line are ignored.
-        assert _ask(running.server.port, b"\r\n\nGET /small.crl HTTP/1.1\r\n\r\n", timeout=3.0).startswith(b"HTTP/1.1 200 OK")
+        assert _ask(running.server.port, b"\r\n\nGET /small.crl HTTP/1.1\r\nHost: x\r\n\r\n", timeout=3.0).startswith(b"HTTP/1.1 200 OK")
     finally:
         running.stop()
 
@@ -350,6 +350,29 @@ def test_an_unsupported_http_version_gets_505_and_a_malformed_request_line_400()
             answer = _ask(running.server.port, f"{line}\r\nHost: x\r\n\r\n".encode())
             assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (line, answer[:80])
         assert _ask(running.server.port, b"GET /small.crl HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+    finally:
+        running.stop()
+
+
+def test_a_request_without_one_host_or_with_a_malformed_header_line_gets_400() -> None:
+    """RFC 9112 3.2 and 5: an HTTP/1.1 request without a Host header, or with two, and a header line that is not
+    NAME: VALUE (whitespace before the colon, no colon, folded onto the line before) are refused; before, each was
+    answered 200 as if it were sound."""
+    running = Running()
+    try:
+        for head in (
+            "GET /small.crl HTTP/1.1\r\n",
+            "GET /small.crl HTTP/1.1\r\nAccept: */*\r\n",
+            "GET /small.crl HTTP/1.1\r\nHost: x\r\nHost: y\r\n",
+            "GET /small.crl HTTP/1.1\r\nHost : x\r\n",
+            "GET /small.crl HTTP/1.1\r\nHost: x\r\nAccept */*\r\n",
+            "GET /small.crl HTTP/1.1\r\nHost: x\r\nAccept: a,\r\n b\r\n",
+            "GET /small.crl HTTP/1.0\r\nX Y: z\r\n",
+        ):
+            answer = _ask(running.server.port, f"{head}\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"x" * 100 not in answer, (head, answer[:120])
+        for head in ("GET /small.crl HTTP/1.0\r\n", "GET /small.crl HTTP/1.1\r\nhost: x\r\nX-a_b.c~1: ok\r\n"):
+            assert _ask(running.server.port, f"{head}\r\n".encode()).startswith(b"HTTP/1.1 200 OK\r\n"), head
     finally:
         running.stop()
 
@@ -379,7 +402,7 @@ def test_percent_encoded_paths_are_decoded_before_routing_and_unsafe_ones_refuse
             answer = _ask(running.server.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (path, answer[:80])
             assert answer.split(b"\r\n\r\n", 1)[1].startswith(b"400 Bad Request: "), (path, answer)  # says why
-        assert _ask(running.server.port, b"GET /missing%2Ecrl HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 Not Found")
+        assert _ask(running.server.port, b"GET /missing%2Ecrl HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 404 Not Found")
     finally:
         running.stop()
 
@@ -390,8 +413,8 @@ def test_request_targets_other_than_a_path_or_an_absolute_url_get_400() -> None:
     running = Running()
     try:
         assert _ask(running.server.port, b"GET http://x/small.crl HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
-        assert _ask(running.server.port, b"GET /small.crl?x=1 HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
-        assert _ask(running.server.port, b"GET //x/small.crl HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 Not Found")
+        assert _ask(running.server.port, b"GET /small.crl?x=1 HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+        assert _ask(running.server.port, b"GET //x/small.crl HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 404 Not Found")
         for target in (
             b"small.crl",
             b"*",
