@@ -101,6 +101,10 @@ def _validity_out_of_range(shown: str) -> InvalidRequest:
     )
 
 
+def verification_subject(code: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, code)])
+
+
 def build_verification_certificate(
     code: str,
     ca_certificate: x509.Certificate,
@@ -117,7 +121,7 @@ def build_verification_certificate(
     not_after = min(now + validity, ca_certificate.not_valid_after_utc, chain_valid_until)
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, code)]))
+        .subject_name(verification_subject(code))
         .issuer_name(ca_certificate.subject)
         .public_key(public_key)
         .serial_number(issuer.new_serial())
@@ -186,6 +190,7 @@ class VerificationCertificates:
         throwaway_subject_key = ec.generate_private_key(ec.SECP256R1())  # never stored: only the CA's signature matters
         now = datetime.now(UTC).replace(microsecond=0)
         ca.check_valid(now)  # a CA certificate or parent expired: what it signs would not validate (FAILED_PRECONDITION)
+        ca.check_names(verification_subject(code), [])  # nor would a subject the chain's nameConstraints forbid
         builder = build_verification_certificate(
             code, ca.certificate, throwaway_subject_key.public_key(), now, validity, ca.chain_valid_until
         )

@@ -163,3 +163,43 @@ def test_a_profile_whose_san_templates_the_constraints_forbid_is_refused_at_star
     assert reason in checked.stdout + checked.stderr, checked.stdout + checked.stderr
     served = env.cli("serve", check=False)
     assert served.returncode != 0 and reason in served.stderr, served.stderr
+
+
+def test_under_a_directory_name_constraint_only_subjects_beneath_it_are_issued(tmp_path: Path, softhsm_conf: Path) -> None:
+    """The parent permits O=Acme: the intermediate CN=Factory Issuing CA,O=Acme is installed; a device subject
+    without O=Acme, and a verification certificate (CN = the code alone), would fail every relying party and are
+    refused; a device subject beneath O=Acme is issued and verifies."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    only_acme = x509.NameConstraints(
+        permitted_subtrees=[x509.DirectoryName(x509.Name.from_rfc4514_string("O=Acme"))], excluded_subtrees=None
+    )
+    code, output = _install_intermediate(env, tmp_path, "CN=Factory Issuing CA,O=Acme", only_acme)
+    assert code == 0, output
+    env.edit_config('subject_required = ["CN"]', 'subject_required = ["CN"]\nsubject_allowed = { O = "^Acme$" }')
+    daemon = Daemon(env, tmp_path / "daemon.log").start()
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+            key = ec.generate_private_key(ec.SECP256R1())
+            beneath = x509.Name(
+                [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme"), x509.NameAttribute(NameOID.COMMON_NAME, "dev-dn-1")]
+            )
+            csr = x509.CertificateSigningRequestBuilder().subject_name(beneath).sign(key, hashes.SHA256())
+            issued = stub.Sign(
+                ca_pb2.SignRequest(csr=csr.public_bytes(serialization.Encoding.PEM), request_id=str(uuid.uuid4())), timeout=30
+            )
+            checked = openssl_verify(tmp_path, issued.certificate_pem, issued.chain_pem)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            before = _certificates_stored(env)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Sign(ca_pb2.SignRequest(csr=_csr("dev-dn-2"), request_id=str(uuid.uuid4())), timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert _rule_and_field(error.value) == ("name-constraints", "subject")
+            assert "subject 'CN=dev-dn-2'" in (error.value.details() or ""), error.value.details()
+            with pytest.raises(grpc.RpcError) as error:
+                stub.IssueVerificationCertificate(ca_pb2.IssueVerificationCertificateRequest(code="a1b2c3d4"), timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert _rule_and_field(error.value) == ("name-constraints", "subject"), error.value.details()
+            assert _certificates_stored(env) == before
+    finally:
+        daemon.stop()
