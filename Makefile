@@ -22,7 +22,7 @@ run: deps
 
 test: test-deps
 	$(BIN)/python scripts/gen_proto.py --check
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: deps
 	$(BIN)/ruff check ca_daemon tests bench scripts

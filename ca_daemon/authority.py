@@ -331,7 +331,7 @@ def rename_urls(config: Config, urls: tuple[str, ...], key_id: str) -> tuple[str
 _KEY_URL_SETTINGS: tuple[tuple[str, Callable[[Config], tuple[str, ...]], str], ...] = (
     ("ca.crl_distribution_points", lambda c: c.ca.crl_distribution_points, "/crl/{}.crl"),
     ("ca.ca_issuers_urls", lambda c: c.ca.ca_issuers_urls, "/ca/{}.der"),
-    ("crl.delta_distribution_points", lambda c: c.crl.delta_distribution_points, "/crl/{}-delta.crl"),
+    ("crl.delta_distribution_points", lambda c: c.crl.delta_distribution_points if c.crl.delta else (), "/crl/{}-delta.crl"),
 )
 KEY_URLS_RULE = "key-urls"
 

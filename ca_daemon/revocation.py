@@ -464,9 +464,10 @@ class CrlPublisher:
         def rename(urls: tuple[str, ...]) -> tuple[str, ...]:
             return tuple(rename_in_path(u, active_label, key.key_id) for u in urls) if active_label else urls
 
-        scope = crl_der.CrlScope.for_ca(
-            certificate, rename(self._config.ca.crl_distribution_points), rename(self._config.crl.delta_distribution_points)
-        )
+        # With deltas off none is published: a full CRL naming one (Freshest CRL) sent relying parties to a 404, and a
+        # verifier that follows it refused every certificate.
+        delta_urls = rename(self._config.crl.delta_distribution_points) if self._config.crl.delta else ()
+        scope = crl_der.CrlScope.for_ca(certificate, rename(self._config.ca.crl_distribution_points), delta_urls)
         private_key = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri)) if with_key else None
         return CrlIssuer(key.key_id, certificate, private_key, scope)  # type: ignore[arg-type]
 

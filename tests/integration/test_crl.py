@@ -33,7 +33,8 @@ from ca_daemon.model import PublishedCrl
 from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import Leadership
-from tests.conftest import BIN, CaEnv, Daemon, make_env, openssl_verify
+from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, sign_challenge
+from tests.conftest import BIN, CaEnv, Daemon, device_csr, make_env, openssl_verify
 from tests.integration.crl_helpers import crl_env, get_crl, serials_in, sign, start, stub, wait_for_crl
 
 
@@ -775,5 +776,32 @@ def test_a_cdp_url_with_a_query_serves_the_full_and_the_delta_crl_each_at_its_ow
         assert status == 200
         assert int(cert.serial, 16) in serials_in(x509.load_der_x509_crl(body))
         x509.load_der_x509_crl(body).extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    finally:
+        daemon.stop()
+
+
+def test_with_deltas_off_the_full_crl_names_no_delta_and_a_verifier_grants_a_valid_device(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """`delta = false` published no delta CRL, but each full CRL still named one (Freshest CRL, at the default derived
+    URL): the relying-party verifier followed it to a 404 and refused every device at step revocation."""
+    env, port = crl_env(tmp_path_factory.mktemp("no-delta"), softhsm_conf)
+    env.edit_config("delta = true", "delta = false")
+    daemon = start(env, tmp_path_factory.mktemp("log"))
+    try:
+        status, _, body = _http_get(port, "/crl/ca-root-1.crl")
+        assert status == 200
+        with pytest.raises(x509.ExtensionNotFound):
+            x509.load_der_x509_crl(body).extensions.get_extension_for_class(x509.FreshestCRL)
+        assert _http_get(port, "/crl/ca-root-1-delta.crl")[0] == 404  # nothing published there
+        key = ec.generate_private_key(ec.SECP256R1())
+        with grpc.insecure_channel(env.target) as channel:
+            issued = stub(channel).Sign(ca_pb2.SignRequest(csr=device_csr("no-delta-1", key), request_id=str(uuid.uuid4())), timeout=10)
+        chain = x509.load_pem_x509_certificates(issued.chain_pem.encode())
+        verifier = DeviceVerifier([chain[-1]], IdentityRule(source="cn"), CrlCache(max_age=0))
+        challenge = verifier.challenge()
+        leaf = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+        decision = verifier.verify(leaf, chain[:-1], challenge, sign_challenge(key, challenge))
+        assert decision.granted and decision.crl_numbers[1] is None, decision
     finally:
         daemon.stop()
