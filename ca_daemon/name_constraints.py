@@ -18,6 +18,8 @@ offers no check of a name against it, and its verifier needs a signed certificat
 from __future__ import annotations
 
 import ipaddress
+import re
+import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +33,8 @@ _SAN_KINDS: dict[type, str] = {
     x509.IPAddress: "ip",
     x509.DirectoryName: "dirname",
 }
+_ASCII_SPACE = re.compile(r"[ \t\n\v\f\r]+")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _IpValue = ipaddress.IPv4Address | ipaddress.IPv6Address | ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -218,9 +222,10 @@ def _canonical_rdn(rdn: x509.RelativeDistinguishedName) -> frozenset[tuple[str, 
 
 
 def _canonical_value(value: str | bytes) -> object:
+    """As OpenSSL's canonical form: ASCII whitespace trimmed and each run made one space, ASCII letters lowercased."""
     if isinstance(value, bytes):
         return value
-    return " ".join(value.split()).lower()
+    return " ".join(_ASCII_SPACE.split(value.strip(" \t\n\v\f\r"))).translate(_ASCII_LOWER)
 
 
 def _text(name: x509.GeneralName) -> str:

@@ -103,6 +103,9 @@ CASES: list[tuple[list[x509.GeneralName], list[x509.GeneralName], str, list[x509
     (_dn("O=Acme"), [], "CN=dev-1", []),
     (_dn("O=Acme"), [], "CN=dev-1,O=Acme Devices", []),
     (_dn("OU=Line 1,O=Acme"), [], "CN=dev-1,OU=line  1,O=Acme", []),
+    (_dn("O=Äcme"), [], "CN=dev-1,O=äcme", []),  # only ASCII letters are folded
+    (_dn("O=Äcme"), [], "CN=dev-1,O=Äcme", []),
+    (_dn("O=Acme"), [], "CN=dev-1,O=\\ Acme\\ ", []),  # spaces around the value trimmed
     ([], _dn("O=Evil"), "CN=dev-1,O=Evil", []),
     ([], _dn("O=Evil"), "CN=dev-1,O=Acme", []),
 ]
