@@ -240,6 +240,7 @@ class DistributionServer:
             await self._turn_away(reader, writer)
             return
         if len(self._connections) >= self._max_connections and not self._make_room():
+            self._log_full(client)
             await self._turn_away(reader, writer)
             return
         self._connections[writer] = client
@@ -282,6 +283,12 @@ class DistributionServer:
         """Answer 503 with Retry-After: an answer HTTP clients and caches retry on, where a bare close looks like a fault.
         Beyond MAX_TURNED_AWAY at once, close at once."""
         if len(self._turned_away) >= self._max_turned_away:
+            self._log_throttled(
+                "flood",
+                "HTTP connection from %s closed without an answer: %d connections are already being turned away with 503",
+                _client_address(writer.get_extra_info("peername")),
+                len(self._turned_away),
+            )
             writer.transport.abort()
             return
         self._turned_away.add(writer)
@@ -294,15 +301,27 @@ class DistributionServer:
             self._turned_away.discard(writer)
             writer.close()
 
-    def _log_over_share(self, client: str, held: int) -> None:
-        held_back = self._drop_lines.admit("over-share")
+    def _log_full(self, client: str) -> None:
+        self._log_throttled(
+            "full",
+            "HTTP connection from %s answered 503: all %d connections are being answered (put a cache or CDN in front)",
+            client,
+            self._max_connections,
+        )
+
+    def _log_throttled(self, kind: str, message: str, *args: object) -> None:
+        """A WARNING at most once per interval for each kind, counting the ones held back since."""
+        held_back = self._drop_lines.admit(kind)
         if held_back is None:
             return
-        log.warning(
-            "HTTP connection from %s answered 503: that address already holds %d connections, the limit per client address%s",
+        log.warning(message + "%s", *args, f" ({held_back} more since the last such line)" if held_back else "")
+
+    def _log_over_share(self, client: str, held: int) -> None:
+        self._log_throttled(
+            "over-share",
+            "HTTP connection from %s answered 503: that address already holds %d connections, the limit per client address",
             client,
             held,
-            f" ({held_back} more refused since the last such line)" if held_back else "",
         )
 
     async def _drain(self, writer: asyncio.StreamWriter, deadline: float, request_line: bytes) -> None:

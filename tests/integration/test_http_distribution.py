@@ -507,9 +507,13 @@ def test_an_ipv6_client_counts_by_its_64_and_a_mapped_ipv4_one_by_its_address() 
     assert _client_address(("::ffff:192.0.2.7", 8080, 0, 0)) == _client_address(("192.0.2.7", 8080)) == "192.0.2.7"
 
 
-def test_a_flood_beyond_the_limit_holds_a_bounded_number_of_refusals_and_stop_closes_them(stalled: list[socket.socket]) -> None:
+def test_a_flood_beyond_the_limit_holds_a_bounded_number_of_refusals_and_stop_closes_them(
+    stalled: list[socket.socket], caplog: pytest.LogCaptureFixture
+) -> None:
     """Each connection turned away with 503 lived up to 1 s waiting for its request, uncounted, and stop() left them open:
-    a flood of connections grew the loop's tasks and open sockets without bound."""
+    a flood of connections grew the loop's tasks and open sockets without bound. Turning connections away, with a 503
+    or closing them unanswered, is logged (once a minute at most, with a count): it was silent."""
+    caplog.set_level(logging.WARNING, logger="ca_daemon.http")
     running = Running(max_connections=2, max_turned_away=4)
     try:
         stalled.extend(_stall(running.server.port, "/big.crl") for _ in range(2))
@@ -526,6 +530,10 @@ def test_a_flood_beyond_the_limit_holds_a_bounded_number_of_refusals_and_stop_cl
                 assert answer == b"" or answer.startswith(b"HTTP/1.1 503 Service Unavailable"), answer[:80]
                 answered += bool(answer)
         assert answered <= 4, answered
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        full = [w for w in warnings if "answered 503: all 2 connections are being answered" in w]
+        unanswered = [w for w in warnings if "closed without an answer: 4 connections are already being turned away" in w]
+        assert len(full) == 1 and len(unanswered) == 1, warnings  # one line a minute each, not one per connection
         time.sleep(1.0)  # those turned away with 503 gave up waiting for their request
         again = [socket.create_connection(("127.0.0.1", running.server.port), timeout=10) for _ in range(4)]
         stalled.extend(again)  # within the cap: answered 503 and waiting for their request when the server stops
