@@ -275,16 +275,24 @@ def _check_usages_fit_chain(config: Config, chain: Sequence[x509.Certificate]) -
 def _check_templates_fit_names(profiles: dict[str, policy.Profile], chain: Sequence[x509.Certificate]) -> None:
     """ConfigError if a profile's san_templates make names the chain's nameConstraints forbid: Sign would refuse every
     request of that profile (a URN, for one, under any URI constraint), so the profile is refused at start and reload."""
+    refused = _templates_breaking_names(profiles, chain)
+    if refused is not None:
+        raise ConfigError(
+            f"{refused}; Sign would refuse every certificate of this profile: change the templates, or ask the parent CA "
+            "for a certificate whose constraints allow them"
+        )
+
+
+def _templates_breaking_names(profiles: dict[str, policy.Profile], chain: Sequence[x509.Certificate]) -> str | None:
+    """The first profile whose san_templates break the chain's nameConstraints, as 'profiles.NAME.san_templates: why'."""
     constraints = name_constraints.from_chain(chain)
     if constraints is None:
-        return
+        return None
     for profile in profiles.values():
         violation = constraints.violation(x509.Name([]), _template_sans(profile))
         if violation is not None:
-            raise ConfigError(
-                f"profiles.{profile.name}.san_templates: {violation.message}; Sign would refuse every certificate of this "
-                "profile: change the templates, or ask the parent CA for a certificate whose constraints allow them"
-            )
+            return f"profiles.{profile.name}.san_templates: {violation.message}"
+    return None
 
 
 def _template_sans(profile: policy.Profile, device_id: str = "lint-template-device") -> tuple[x509.GeneralName, ...]:
@@ -1076,15 +1084,16 @@ def import_ca_certificate(
     parents: list[x509.Certificate],
     actor: str = "ca-daemon-cli",
     *,
-    issued_usages: dict[x509.ObjectIdentifier, list[str]],
+    policy_config: Config,
     install_once: bool = False,
 ) -> CaKey:
     """Install a parent-signed certificate for a CA key after checking it really certifies that key.
 
-    issued_usages: the extendedKeyUsages the profiles issue (issued_extended_key_usages), which the certificate and its
-    parents must not exclude. install_once (the key ceremony): only while the key is still pending without a
-    certificate (SqlStore.save_ca_key).
+    policy_config: the configuration whose profiles the key will issue for: the certificate and its parents must not
+    exclude their extendedKeyUsages, nor their nameConstraints the profiles' san_templates. install_once (the key
+    ceremony): only while the key is still pending without a certificate (SqlStore.save_ca_key).
     """
+    issued_usages = issued_extended_key_usages(policy_config)
     if _spki(certificate) != key.public_key_der:
         raise FailedPrecondition(
             f"the certificate's public key does not match CA key {key.key_id} in the token; was it issued for another CSR?"
@@ -1103,6 +1112,15 @@ def import_ca_certificate(
     _check_subject_bounds(certificate)
     _check_not_expired(certificate, datetime.now(UTC))
     _check_parents(certificate, parents, datetime.now(UTC))
+    refused_templates = _templates_breaking_names(profiles_from_config(policy_config), [certificate, *parents])
+    if refused_templates is not None:
+        raise InvalidRequest(
+            f"{refused_templates}: Sign would refuse every certificate of that profile under this chain; ask the parent CA "
+            "for a certificate whose nameConstraints allow the profile's names, or change the profile first",
+            rule="ca-chain",
+            field="certificate_pem",
+            expected="a chain whose nameConstraints allow the names the profiles' san_templates make",
+        )
     issuer_cert = certificate
     for parent in parents:
         try:

@@ -322,7 +322,7 @@ def _ca_import(args: argparse.Namespace) -> int:
         certs = x509.load_pem_x509_certificates(Path(args.cert).read_bytes())
         if args.chain:
             certs += x509.load_pem_x509_certificates(Path(args.chain).read_bytes())
-        authority.import_ca_certificate(store, key, certs[0], certs[1:], issued_usages=authority.issued_extended_key_usages(config))
+        authority.import_ca_certificate(store, key, certs[0], certs[1:], policy_config=config)
         RotationStore(store).mark_published(key.key_id, datetime.now(UTC))  # starts its pre-publication (key rotation)
         print(f"installed certificate {certs[0].subject.rfc4514_string()} for CA key {key.key_id}")
         return 0

@@ -183,7 +183,7 @@ class KeyCeremony:
                 certificate,
                 parents,
                 actor=officer,
-                issued_usages=authority.issued_extended_key_usages(self._policy_in_force()),
+                policy_config=self._policy_in_force(),
                 install_once=True,
             )
             self._rotation.mark_published(key_id, _now())

@@ -148,18 +148,25 @@ def test_import_refuses_an_intermediate_whose_own_name_the_parent_forbids(tmp_pa
     assert "ca-root-1" in listed and "pending" in listed, listed
 
 
-def test_a_profile_whose_san_templates_the_constraints_forbid_is_refused_at_start(tmp_path: Path, softhsm_conf: Path) -> None:
+def test_a_profile_whose_san_templates_the_constraints_forbid_is_refused_at_import_and_start(tmp_path: Path, softhsm_conf: Path) -> None:
     """Under a parent with a URI constraint, a template URN SAN (no host to check) would have every Sign of the
-    profile refused: check-config and serve refuse the configuration instead, naming the profile."""
+    profile refused: import-cert refuses such a chain for the profiles of its day, and check-config and serve refuse a
+    profile given the template later, naming the profile."""
     env = make_env(tmp_path, softhsm_conf, init=False)
+    env.edit_config("san_templates = []", 'san_templates = ["urn:dev:ops:{device_id}"]')
     uri_only = x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(".devices.example")], excluded_subtrees=None)
     code, output = _install_intermediate(env, tmp_path, "CN=Factory Issuing CA", uri_only)
-    assert code == 0, output
+    reason = "profiles.device.san_templates: uri SAN 'urn:dev:ops:lint-template-device' breaks the nameConstraints"
+    assert code != 0 and reason in output, output
+    env.edit_config('san_templates = ["urn:dev:ops:{device_id}"]', "san_templates = []")
+    imported = env.cli(
+        "ca", "import-cert", "--label", "ca-root-1", "--cert", str(tmp_path / "ca.pem"), "--chain", str(tmp_path / "parent.pem")
+    )
+    assert imported.returncode == 0
     assert env.cli("check-config", check=False).returncode == 0
     env.edit_config("san_templates = []", 'san_templates = ["urn:dev:ops:{device_id}"]')
     checked = env.cli("check-config", check=False)
     assert checked.returncode != 0, checked.stdout
-    reason = "profiles.device.san_templates: uri SAN 'urn:dev:ops:lint-template-device' breaks the nameConstraints"
     assert reason in checked.stdout + checked.stderr, checked.stdout + checked.stderr
     served = env.cli("serve", check=False)
     assert served.returncode != 0 and reason in served.stderr, served.stderr
