@@ -211,7 +211,11 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     )
     # Their refusals are recorded as Sign's are: in the authority's refusal log.
     revocations = Revocations(
-        store, lambda: authority.active.key.key_id, reissue_profiles=authority.reissue_profiles, record_refusal=authority.refusals.record
+        store,
+        lambda: authority.active.key.key_id,
+        reissue_profiles=authority.reissue_profiles,
+        record_refusal=authority.refusals.record,
+        deltas=config.crl.delta,
     )
     verification = VerificationCertificates(hsm, store, lambda: authority.active, record_refusal=authority.refusals.record)
     ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
@@ -810,7 +814,9 @@ def serve(config: Config) -> int:
             tls_context = tls.metrics_context(config) if config.tls.enabled else None
             scrapers = Authenticator.from_config(config) if config.tls.enabled else None
             admit = _metrics_admission(scrapers, metrics_store) if scrapers is not None else None
-            metrics_server = metrics.serve(config.metrics.listen, metrics_store, tls_context, config.tls.cert_file, admit, reload_status)
+            metrics_server = metrics.serve(
+                config.metrics.listen, metrics_store, tls_context, config.tls.cert_file, admit, reload_status, deltas=config.crl.delta
+            )
             scheme = "https" if tls_context else "http"
             log.info("Prometheus metrics on %s://%s/metrics", scheme, config.metrics.listen)
 

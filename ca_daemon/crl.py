@@ -85,13 +85,19 @@ class CrlScheduler:
         self._listeners.append(listener)
 
     async def start(self) -> None:
-        """Hand out what the store already holds (a crash may have come between commit and file write), then run."""
+        """Hand out what the store already holds (a crash may have come between commit and file write), then run.
+
+        With deltas off, a delta the store holds from when they were on is withdrawn instead (its file removed): it was
+        served, written again and never replaced, stale within delta_validity.
+        """
         now = datetime.now(UTC)
         for issuer in await asyncio.to_thread(self._publisher.issuers, now):
-            for delta in (False, True):
+            for delta in self._kinds():
                 crl = await asyncio.to_thread(self._store.latest_crl, issuer.key_id, delta=delta)
                 if crl is not None:
                     self._announce(issuer, crl)
+            if not self._config.crl.delta:
+                self._withdraw_delta(issuer)
         await self.run_once()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="crl-scheduler")
 
@@ -177,7 +183,7 @@ class CrlScheduler:
         """Not the leader: serve the newest CRLs the leader stored, checked every check_interval."""
         await self._adopt_final_crls(now)
         for issuer in await asyncio.to_thread(self._publisher.issuers, now):
-            for delta in (False, True):
+            for delta in self._kinds():
                 stored = await asyncio.to_thread(functools.partial(self._store.latest_crl, issuer.key_id, delta=delta, with_der=False))
                 if stored is not None:
                     await self._adopt(issuer, stored)
@@ -207,6 +213,10 @@ class CrlScheduler:
                 listener.published(issuer, crl)
             except Exception:
                 log.exception("a CRL listener failed for CRL %d of %s", crl.crl_number, issuer.key_id)
+
+    def _kinds(self) -> tuple[bool, ...]:
+        """The kinds of CRL handed out (is_delta): the full one, and the delta unless `[crl] delta = false`."""
+        return (False, True) if self._config.crl.delta else (False,)
 
     def _withdraw_delta(self, issuer: CrlIssuer) -> None:
         last = self.last.pop((issuer.key_id, True), None)
@@ -239,7 +249,7 @@ class CrlFileWriter:
         if path.exists():
             path.unlink()
             fsync_path(path.parent)
-            log.info("removed %s: CA key %s retired and publishes no more delta CRLs", path, issuer.key_id)
+            log.info("removed %s: CA key %s publishes no more delta CRLs (retired, or [crl] delta = false)", path, issuer.key_id)
 
 
 def http_routes(config: Config, issuer: CrlIssuer, crl: PublishedCrl) -> list[tuple[str, Resource]]:

@@ -231,9 +231,12 @@ class StoreCollector:
     and every chain built on it, a TLS server certificate that runs out stops every client.
     """
 
-    def __init__(self, store: Any, tls_cert_file: Path | None = None) -> None:
+    def __init__(self, store: Any, tls_cert_file: Path | None = None, *, deltas: bool = True) -> None:
         self._store = store
         self._tls_cert_file = tls_cert_file
+        # `[crl] delta`: with false no delta series, though the store may hold one from when deltas were on: its age
+        # grew for ever and CaDaemonDeltaCrlStale fired for a CRL that is meant to be gone.
+        self._kinds = (False, True) if deltas else (False,)
         self._failures = LogThrottle(_STORE_FAILURE_LOG_INTERVAL_S)
 
     def collect(self) -> Iterator[Any]:
@@ -270,7 +273,7 @@ class StoreCollector:
                 if key.certificate_der is not None and key.status in _SIGNING_OR_ABOUT_TO:
                     not_after = x509.load_der_x509_certificate(key.certificate_der).not_valid_after_utc
                     ca_expiry.add_metric([key.key_id, key.status.value], (not_after - now).total_seconds())
-                for delta in (False, True):
+                for delta in self._kinds:
                     crl = self._store.latest_crl(key.key_id, delta=delta, with_der=False)
                     if crl is not None:
                         kind = "delta" if delta else "full"
@@ -344,8 +347,10 @@ def serve(
     tls_cert_file: Path | None = None,
     admit: Callable[[ssl.SSLSocket], str | None] | None = None,
     reload_status: ReloadStatus | None = None,
+    *,
+    deltas: bool = True,
 ) -> Any:
-    """Start the endpoint in this (parent) process: multiprocess sums plus the store gauges.
+    """Start the endpoint in this (parent) process: multiprocess sums plus the store gauges (deltas: `[crl] delta`).
 
     With tls_context (see tls.metrics_context) the endpoint is HTTPS with client certificates,
     and admit judges each request's client (None: served; else the reason, answered 403).
@@ -382,7 +387,7 @@ def serve(
 
     registry = CollectorRegistry()
     registry.register(worker_metrics_collector())
-    registry.register(StoreCollector(store, tls_cert_file))
+    registry.register(StoreCollector(store, tls_cert_file, deltas=deltas))
     if reload_status is not None:
         registry.register(reload_status)
     metrics_app = make_wsgi_app(registry)

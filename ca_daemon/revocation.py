@@ -172,8 +172,11 @@ class Revocations:
         *,
         reissue_profiles: Callable[[], Collection[str]],
         record_refusal: EventRecorder | None = None,
+        deltas: bool = True,
     ) -> None:
         self._store = store
+        # `[crl] delta`: with false GetCRL hands out no delta, not even one the store holds from when they were on.
+        self._deltas = deltas
         # Appends a refused call's event, as Sign's are (app.py: Authority.refusals.record); None records nothing
         # (tests of the use case alone). A refused call changes nothing else, so the event is all that is left of it.
         self._record_refusal = record_refusal
@@ -282,6 +285,13 @@ class Revocations:
     async def get_crl(self, *, delta: bool, issuer_key_id: str, if_newer_than: int) -> CrlAnswer:
         """The last published CRL of a kind; only its metadata when if_newer_than is not older."""
         issuer = issuer_key_id or self._active_key_id()
+        if delta and not self._deltas:
+            raise NotFound(
+                "delta CRLs are off ([crl] delta = false): none is published, and the full CRL lists every revocation; "
+                "ask for the full CRL",
+                rule="crl",
+                field="kind",
+            )
         if delta:
             await asyncio.to_thread(self._refuse_delta_of_retired_key, issuer)
         meta = await asyncio.to_thread(lambda: self._store.latest_crl(issuer, delta=delta, with_der=False))

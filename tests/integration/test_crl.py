@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -34,7 +35,7 @@ from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import Leadership
 from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, sign_challenge
-from tests.conftest import BIN, CaEnv, Daemon, device_csr, make_env, openssl_verify
+from tests.conftest import BIN, CaEnv, Daemon, device_csr, free_port, make_env, openssl_verify
 from tests.integration.crl_helpers import crl_env, get_crl, serials_in, sign, start, stub, wait_for_crl
 
 
@@ -803,5 +804,44 @@ def test_with_deltas_off_the_full_crl_names_no_delta_and_a_verifier_grants_a_val
         leaf = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
         decision = verifier.verify(leaf, chain[:-1], challenge, sign_challenge(key, challenge))
         assert decision.granted and decision.crl_numbers[1] is None, decision
+    finally:
+        daemon.stop()
+
+
+def test_turning_deltas_off_withdraws_the_last_delta_everywhere(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """`delta = false` on a CA that had published deltas: after the restart its last delta was still handed out, at its
+    HTTP path, as a file in crl.directory (rewritten at start), by GetCRL, and as ca_daemon_crl_age_seconds{kind="delta"},
+    which grew for ever, so CaDaemonDeltaCrlStale fired 30 minutes later and never stopped."""
+    env, port = crl_env(tmp_path_factory.mktemp("deltas-off"), softhsm_conf)
+    log_dir = tmp_path_factory.mktemp("log")
+    daemon = start(env, log_dir)
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            assert get_crl(channel, delta=True).crl_number  # deltas on: one is published
+        assert _http_get(port, "/crl/ca-root-1-delta.crl")[0] == 200
+    finally:
+        daemon.stop()
+    delta_file = env.state_dir / "crl" / "ca-root-1-delta.crl"
+    assert delta_file.exists()
+    metrics_port = free_port()
+    env.edit_config("delta = true", "delta = false")
+    env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"')
+    daemon = start(env, log_dir)
+    try:
+        assert _http_get(port, "/crl/ca-root-1.crl")[0] == 200
+        handed_out = []
+        if _http_get(port, "/crl/ca-root-1-delta.crl")[0] != 404:
+            handed_out.append("served at /crl/ca-root-1-delta.crl")
+        if delta_file.exists():
+            handed_out.append(f"file {delta_file.name}")
+        with grpc.insecure_channel(env.target) as channel:
+            try:
+                handed_out.append(f"GetCRL: delta CRL {get_crl(channel, delta=True).crl_number}")
+            except grpc.RpcError as refused:
+                assert refused.code() == grpc.StatusCode.NOT_FOUND and "delta = false" in str(refused.details()), refused
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'ca_daemon_crl_age_seconds{issuer="ca-root-1",kind="full"}' in body
+        handed_out += [line for line in body.splitlines() if 'kind="delta"' in line]
+        assert not handed_out, f"with deltas off the last delta CRL is still handed out: {handed_out}"
     finally:
         daemon.stop()
