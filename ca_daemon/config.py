@@ -638,6 +638,8 @@ def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
         raise ConfigError(f"{where}.key_usage must name at least one usage")
     _check_names(key_usage, LEAF_KEY_USAGES, f"{where}.key_usage (keyCertSign and cRLSign are for CAs only)")
     eku = tuple(p.string_list("extended_key_usage", ["clientAuth"]))
+    if not eku:  # with the lint off, every certificate got an empty extendedKeyUsage, which no parser accepts
+        raise ConfigError(f"{where}.extended_key_usage must name at least one usage (RFC 5280: an extendedKeyUsage holds one or more)")
     for usage in eku:
         if usage not in EXTENDED_KEY_USAGES and not re.fullmatch(r"[0-2](\.[0-9]+)+", usage):
             raise ConfigError(f"{where}.extended_key_usage: {usage!r} is neither one of {', '.join(EXTENDED_KEY_USAGES)} nor a dotted OID")

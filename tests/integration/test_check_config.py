@@ -190,3 +190,16 @@ def test_check_config_warns_of_urls_that_would_not_name_another_key(tmp_path: Pa
     env.edit_config("/factory.crl", "/crl/ca%2Droot-1.crl")
     encoded = env.cli("check-config").stdout
     assert "'http://127.0.0.1:8080/crl/ca%2Droot-1.crl' has ca-root-1 only percent-encoded in its path" in encoded, encoded
+
+
+def test_an_empty_extended_key_usage_is_refused_with_the_lint_off(tmp_path: Path, softhsm_conf: Path) -> None:
+    """`extended_key_usage = []` with `[lint] mode = "off"` passed check-config and serve, and every certificate got an
+    empty extendedKeyUsage (RFC 5280 gives it at least one KeyPurposeId): cryptography could not parse the certificate's
+    extensions ('error parsing asn1 value: ... InvalidSize { min: 1 ... actual: 0 }') and openssl verify -purpose
+    sslclient refused it ('unsuitable certificate purpose'). The setting is refused, as an empty key_usage is."""
+    env = make_env(tmp_path, softhsm_conf)
+    env.edit_config('extended_key_usage = ["clientAuth"]', "extended_key_usage = []")
+    env.edit_config('mode = "template"', 'mode = "off"')
+    refused = env.cli("check-config", check=False)
+    assert refused.returncode == 1 and _lines(refused.stdout)["configuration"] == "FAIL", refused.stdout
+    assert "profiles.device.extended_key_usage must name at least one usage" in refused.stdout, refused.stdout
