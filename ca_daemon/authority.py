@@ -7,6 +7,7 @@ steps (create a CA key, self-sign a root, make a CSR for a parent, import its an
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -19,7 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificateIssuerPublicKeyTypes
 
 from ca_daemon import issuer, name_constraints, policy
 from ca_daemon.audit import AuditLog, refusal_event
@@ -301,7 +303,7 @@ def _template_sans(profile: policy.Profile, device_id: str = "lint-template-devi
 
 def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> policy.Decision:
     device_id = "lint-template-device"
-    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = _template_subject_key(profile, key).public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return policy.Decision(
         device_id=device_id,
         profile=profile.name,
@@ -314,6 +316,51 @@ def _template_decision(profile: policy.Profile, key: CertificateIssuerPrivateKey
         key_usage=profile.key_usage,
         extended_key_usage=profile.extended_key_usage,
     )
+
+
+_TEMPLATE_CURVES: dict[str, ec.EllipticCurve] = {
+    "P-256": ec.SECP256R1(),
+    "P-384": ec.SECP384R1(),
+    "P-521": ec.SECP521R1(),
+    "secp256k1": ec.SECP256K1(),
+}
+
+
+def _template_subject_key(profile: policy.Profile, key: CertificateIssuerPrivateKeyTypes) -> CertificateIssuerPublicKeyTypes:
+    """The public key a profile's template certifies: the CA key's when the profile allows its type, else one it allows.
+
+    The CA key's alone had a profile for RSA device keys with keyEncipherment, under an EC CA key, refused at start
+    (pkix.key_usage_value_prohibited_for_ec) for a key type it never issues to.
+    """
+    public = key.public_key()
+    rule = profile.key_types
+    if rule is None or _allows(rule, public):
+        return public
+    if rule.ec_curves:
+        return _throwaway_key("ec", rule.ec_curves[0])
+    if rule.ed25519:
+        return _throwaway_key("ed25519", "")
+    if rule.rsa_max_bits:
+        return _throwaway_key("rsa", str(rule.rsa_min_bits))
+    return public  # the profile allows no key type: it refuses every request anyway
+
+
+def _allows(rule: policy.AllowedKeyTypes, public: CertificateIssuerPublicKeyTypes) -> bool:
+    try:
+        rule.check_key(public)
+    except PolicyViolation:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def _throwaway_key(family: str, parameter: str) -> CertificateIssuerPublicKeyTypes:
+    """A public key of that type, made once per process (an RSA key of some thousand bits takes seconds)."""
+    if family == "ec":
+        return ec.generate_private_key(_TEMPLATE_CURVES[parameter]).public_key()
+    if family == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate().public_key()
+    return rsa.generate_private_key(65537, int(parameter)).public_key()
 
 
 def _urls(config: Config, key_id: str = "") -> issuer.LeafUrls:

@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -21,7 +22,7 @@ from grpc_status import rpc_status
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.store import SqlStore
-from tests.conftest import BIN, Daemon, device_csr, openssl_verify
+from tests.conftest import BIN, Daemon, device_csr, free_port, make_env, openssl_verify
 
 
 def _stub(channel: grpc.Channel) -> ca_pb2_grpc.CertificateAuthorityStub:
@@ -263,3 +264,37 @@ def test_requests_in_flight_together_each_get_their_own_answer(channel: grpc.Cha
         assert [kind for kind, _ in winners] == ["reused-id"], outcomes
         assert codes("retried") == [grpc.StatusCode.ALREADY_EXISTS] * 2
     assert store.count_certificates() == before + 30 + 1 + 1  # nothing else was stored
+
+
+def test_a_profile_for_rsa_device_keys_under_an_ec_ca_starts_and_issues(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """A profile that allows RSA device keys only, with keyEncipherment (an RSA TLS client), under the default EC P-256 CA
+    key: its template was linted with a subject key of the CA key's type, which the profile refuses, so start-up (and
+    check-config) refused it ('ERROR pkix.key_usage_value_prohibited_for_ec'), though no EC key could ever get that usage.
+    The template now carries a key the profile allows."""
+    env = make_env(tmp_path_factory.mktemp("rsa-devices"), softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    env.edit_config('ec_curves = ["P-256", "P-384"]', "ec_curves = []")
+    env.edit_config("ed25519 = true", "ed25519 = false")
+    env.edit_config('key_usage = ["digitalSignature"]', 'key_usage = ["digitalSignature", "keyEncipherment"]')
+    checked = env.cli("check-config", check=False)
+    assert checked.returncode == 0, checked.stdout
+    daemon = Daemon(env, tmp_path_factory.mktemp("log") / "daemon.log").start()
+    try:
+        key = rsa.generate_private_key(65537, 2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa-device-1")])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        with grpc.insecure_channel(env.target) as channel:
+            issued = _sign(channel, csr.public_bytes(serialization.Encoding.PEM))
+            with pytest.raises(grpc.RpcError) as refused:  # the profile's key types are still the rule
+                _sign(channel, device_csr("ec-device-1"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "key-type" in str(refused.value.details())
+        leaf = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        assert usage.digital_signature and usage.key_encipherment
+        result = openssl_verify(tmp_path_factory.mktemp("verify"), issued.certificate_pem, issued.chain_pem, "-purpose", "sslclient")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert _lint(tmp_path_factory.mktemp("lint"), issued.certificate_pem) == []
+    finally:
+        daemon.stop()
