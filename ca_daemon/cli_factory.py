@@ -210,7 +210,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser], ca: a
         "--clock-was-ahead",
         action="store_true",
         help="the clock was ahead when the last CRLs were made (relying parties refuse them as not yet valid) and is right now: "
-        "publish a full and a delta CRL of each CA key dated now, earlier than those (audited)",
+        "publish a full and a delta CRL (with [crl] delta = false the full one only) of each CA key dated now, earlier than those "
+        "(audited)",
     )
     p.set_defaults(handler=_crl_publish)
     p = crl.add_parser(
@@ -502,13 +503,16 @@ def _crl_publish(args: argparse.Namespace) -> int:
     from ca_daemon.revocation import CrlPublisher
 
     config = config_module.load(args.config)
+    if args.delta and not config.crl.delta:
+        raise CaError("delta CRLs are off ([crl] delta = false): none is published; publish a full CRL (without --delta)")
     with app.connected(config) as (hsm, store):
         publisher = CrlPublisher(config, hsm, store)
         issuers = publisher.issuers(datetime.now(UTC))
         if not issuers:
             raise CaError("no CA key with a valid certificate; nothing to publish")
-        # After the clock was ahead both kinds are replaced: a delta must not be dated before its base, nor after the next delta.
-        kinds = (False, True) if args.clock_was_ahead else (args.delta,)
+        # After the clock was ahead both kinds are replaced: a delta must not be dated before its base, nor after the next
+        # delta. With deltas off only the full CRL is: a delta would be stored that nothing hands out.
+        kinds = ((False, True) if config.crl.delta else (False,)) if args.clock_was_ahead else (args.delta,)
         for issuer in issuers:
             for delta in kinds:
                 crl = hsm.run(

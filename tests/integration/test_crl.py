@@ -845,3 +845,21 @@ def test_turning_deltas_off_withdraws_the_last_delta_everywhere(tmp_path_factory
         assert not handed_out, f"with deltas off the last delta CRL is still handed out: {handed_out}"
     finally:
         daemon.stop()
+
+
+def test_crl_publish_publishes_no_delta_with_deltas_off(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """`[crl] delta = false`: `ca-daemon crl publish --clock-was-ahead` still signed and stored a delta after the full CRL,
+    and `crl publish --delta` one alone, though the README says none is published then. Now the first publishes the full
+    CRL only, and the second is refused, naming the setting."""
+    env, _ = crl_env(tmp_path_factory.mktemp("publish-no-delta"), softhsm_conf)
+    env.edit_config("delta = true", "delta = false")
+    start(env, tmp_path_factory.mktemp("log")).stop()  # the first start activates the CA key
+    published = env.cli("crl", "publish", "--clock-was-ahead").stdout
+    assert "published full CRL" in published and "delta" not in published.split("GetCRL")[0], published
+    refused = env.cli("crl", "publish", "--delta", check=False)
+    assert refused.returncode != 0 and "delta = false" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    store = SqlStore(config_module.load(env.config_path).store.url)
+    try:
+        assert store.latest_crl("ca-root-1", delta=True, with_der=False) is None
+    finally:
+        store.close()
