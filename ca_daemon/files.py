@@ -32,7 +32,10 @@ def _replaced_on_success(path: Path, open_mode: str) -> Iterator[IO[Any]]:
     """An existing path keeps its mode, and its owner and group where this process may set them (root); a new one
     gets NEW_FILE_MODE. A broker that reads its crlfile as another user (mode 0640, group mosquitto) could not
     read a replacement that took root's group, and would fail at its next reload."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # name the file asked for (a missing directory, no permission), not the temporary one
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, open_mode, encoding=None if "b" in open_mode else "utf-8") as f:
             yield f

@@ -347,6 +347,18 @@ def test_a_crl_write_that_fails_midway_leaves_the_brokers_crlfile_as_it_was(
     assert [p.name for p in tmp_path.iterdir()] == ["ca.crl"]  # no temporary file left behind
 
 
+def test_an_out_file_in_a_missing_directory_is_named_as_given(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
+    """Files written atomically are made beside their target first: `--out missing/ca.crl` failed naming that
+    temporary file (`No such file or directory: 'missing/.ca.crl.k3j9x2.tmp'`), a name the user never gave."""
+    env, _ = setup
+    for args in (["client", "crl"], ["client", "chain"], ["audit", "export"]):
+        out = tmp_path / "missing" / "out.file"
+        result = env.cli(*args, "--out", str(out), check=False)
+        assert result.returncode == 1, result
+        assert result.stderr == f"ca-daemon: [Errno 2] No such file or directory: '{out}'\n", (args, result.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_chain_export_pem_and_der(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
     env, _ = setup
     env.cli("client", "chain", "--target", env.target, "--out", str(tmp_path / "chain.pem"))
