@@ -311,9 +311,23 @@ def invalidity_date(text: str) -> datetime:
 
 
 def _client_sign(args: argparse.Namespace) -> int:
-    with client_from_args(args) as ca:
-        issued = ca.sign(Path(args.csr).read_bytes(), request_id=args.request_id, profile=args.profile)
-    write_atomically(Path(args.out), (issued.certificate_pem + issued.chain_pem).encode())
+    """The output file is opened before the CSR is sent: a certificate issued and then not written is lost to the
+    device (its next request is refused, rule device-unique), so an --out that cannot be written refuses first, and a
+    write that fails after the issuance says which request_id gets that same certificate again."""
+    csr = Path(args.csr).read_bytes()
+    issued = None
+    try:
+        with replaced_on_success(Path(args.out)) as out:
+            with client_from_args(args) as ca:
+                issued = ca.sign(csr, request_id=args.request_id, profile=args.profile)
+            out.write(issued.certificate_pem + issued.chain_pem)
+    except OSError as exc:
+        if issued is None:
+            raise
+        raise OSError(
+            f"issued serial {issued.serial} for device {issued.device_id} but could not write {args.out} ({exc}); "
+            f"run the command again with --request-id {issued.request_id} to get the same certificate"
+        ) from None
     print(f"issued serial {issued.serial} for device {issued.device_id}; wrote {args.out}")
     return 0
 

@@ -359,6 +359,52 @@ def test_an_out_file_in_a_missing_directory_is_named_as_given(client: CaClient, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_client_sign_refuses_an_unwritable_out_before_signing_and_a_failed_write_says_how_to_get_the_certificate(
+    client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path
+) -> None:
+    """`client sign --out typo/device.pem` issued the certificate, then failed to write it: the device's certificate was
+    lost, and the next `client sign` of its CSR was refused (ALREADY_EXISTS, rule device-unique)."""
+    env, _ = setup
+    csr, out = tmp_path / "device.csr", tmp_path / "device.pem"
+    device_id = f"sign-out-{uuid.uuid4().hex[:8]}"
+    csr.write_bytes(device_csr(device_id))
+    missing = tmp_path / "typo" / "device.pem"
+    refused = env.cli("client", "sign", "--csr", str(csr), "--out", str(missing), check=False)
+    assert refused.returncode == 1 and str(missing) in refused.stderr, refused
+    with pytest.raises(grpc.RpcError) as none_issued:  # (this profile allows re-issue; the default refuses the next request)
+        client.revoke_device(device_id)
+    assert none_issued.value.code() == grpc.StatusCode.NOT_FOUND, none_issued.value.details()
+    signed = env.cli("client", "sign", "--csr", str(csr), "--out", str(out))
+    serial = signed.stdout.split()[2]
+    assert signed.stdout == f"issued serial {serial} for device {device_id}; wrote {out}\n"
+    assert x509.load_pem_x509_certificates(out.read_bytes())[0].serial_number == int(serial, 16)
+
+    # A write that fails once the certificate is issued (here a file size limit, as a full disk does) names the request_id.
+    again = tmp_path / "again.csr"
+    again.write_bytes(device_csr(f"{device_id}-2"))
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    failed = subprocess.run(
+        [CA_DAEMON, "--config", str(env.config_path), "client", "sign", "--csr", str(again), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**daemon_environment(), "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=limited,
+        timeout=60,
+        check=False,
+    )
+    assert failed.returncode == 1 and "File too large" in failed.stderr, (failed.stdout, failed.stderr)
+    assert x509.load_pem_x509_certificates(out.read_bytes())[0].serial_number == int(serial, 16)  # the earlier file, whole
+    request_id = failed.stderr.split("--request-id ")[1].split()[0]
+    lost = failed.stderr.split("issued serial ")[1].split()[0]
+    retried = env.cli("client", "sign", "--csr", str(again), "--out", str(out), "--request-id", request_id)
+    assert retried.stdout == f"issued serial {lost} for device {device_id}-2; wrote {out}\n"
+    assert x509.load_pem_x509_certificates(out.read_bytes())[0].serial_number == int(lost, 16)
+
+
 def test_chain_export_pem_and_der(client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path) -> None:
     env, _ = setup
     env.cli("client", "chain", "--target", env.target, "--out", str(tmp_path / "chain.pem"))
