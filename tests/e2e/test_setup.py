@@ -409,6 +409,37 @@ def test_intermediate_signed_by_an_outside_parent(tmp_path: Path, softhsm_conf: 
         daemon.stop()
 
 
+def test_import_cert_names_the_file_that_holds_no_pem_certificate_and_how_to_convert_der(tmp_path: Path, softhsm_conf: Path) -> None:
+    """A parent CA's answer in DER, the CSR given by mistake or an empty file each failed with cryptography's
+    "Unable to load PEM file. See https://cryptography.io/... MalformedFraming", naming neither --cert nor --chain nor the file."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    csr_path = tmp_path / "ca.csr"
+    env.cli("init", "--csr-out", str(csr_path), "--subject", "CN=Factory Issuing CA 1")
+    parent = _ParentCa()
+    der, root = tmp_path / "intermediate.der", tmp_path / "root.pem"
+    der.write_bytes(parent.certify(csr_path.read_bytes()).public_bytes(serialization.Encoding.DER))
+    root.write_bytes(parent.cert.public_bytes(serialization.Encoding.PEM))
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+
+    def refused(cert: Path, chain: Path) -> str:
+        result = env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(cert), "--chain", str(chain), check=False)
+        assert result.returncode == 1 and result.stdout == "", result
+        return result.stderr
+
+    pem = tmp_path / "intermediate.pem"
+    convert = f"openssl x509 -inform der -in {der} -out {pem}"
+    assert refused(der, root) == f"ca-daemon: --cert {der} is a DER certificate; give it as PEM: {convert}\n"
+    no_certificate = "holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    assert refused(csr_path, root) == (
+        f"ca-daemon: --cert {csr_path} {no_certificate}: it is a certificate signing request, not the certificate made from it\n"
+    )
+    assert refused(root, empty) == f"ca-daemon: --chain {empty} {no_certificate}: it is empty\n"
+    subprocess.run(convert.split(), check=True, capture_output=True)  # what the message says to run
+    installed = env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(pem), "--chain", str(root))
+    assert installed.stdout == "installed certificate CN=Factory Issuing CA 1 for CA key ca-root-1\n"
+
+
 @pytest.mark.parametrize("key_type", ["rsa-2048", "ec-p384", "ed25519"])
 def test_other_ca_key_types_issue_verifiable_certificates(tmp_path: Path, softhsm_conf: Path, key_type: str) -> None:
     env = make_env(tmp_path, softhsm_conf, key_type=key_type)
