@@ -472,9 +472,8 @@ def _profiles_list(args: argparse.Namespace) -> int:
     with CaClient(target, tls=tls, retries=0) as client:
         profiles = client.profiles()
     for profile in profiles:
-        days = profile.default_validity_seconds // 86400
-        max_days = profile.max_validity_seconds // 86400
-        print(f"{profile.name}\t{profile.description}\tvalidity {days} days (max {max_days})")
+        validity, longest = duration_text(profile.default_validity_seconds), duration_text(profile.max_validity_seconds)
+        print(f"{profile.name}\t{profile.description}\tvalidity {validity} (max {longest})")
         for rule in profile.rules:
             print(f"  {rule}")
     return 0
@@ -482,3 +481,13 @@ def _profiles_list(args: argparse.Namespace) -> int:
 
 def entry_point() -> None:
     sys.exit(main())
+
+
+def duration_text(seconds: int) -> str:
+    """A validity as a person reads it: whole days in days, else hours, else seconds (validity_seconds of an hour
+    was listed as "validity 0 days")."""
+    for unit, name in ((86400, "day"), (3600, "hour")):
+        if seconds >= unit and seconds % unit == 0:
+            count = seconds // unit
+            return f"{count} {name}{'s' if count != 1 else ''}"
+    return f"{seconds} s"

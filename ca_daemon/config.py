@@ -589,9 +589,12 @@ def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
     validity_seconds = p.integer("validity_seconds", 0, minimum=0, maximum=36500 * 86400)
     if validity_seconds:
         validity = timedelta(seconds=validity_seconds)
-    max_validity = timedelta(days=p.integer("max_validity_days", max(validity.days, 365 * 3), minimum=1, maximum=36500))
+    # The default maximum is whole days: at least the validity, rounded up (validity_seconds may not be whole days).
+    whole_days = -(-validity // timedelta(days=1))
+    max_validity = timedelta(days=p.integer("max_validity_days", max(whole_days, 365 * 3), minimum=1, maximum=36500))
     if validity > max_validity:
-        raise ConfigError(f"{where}: validity_days exceeds max_validity_days")
+        setting = f"validity_seconds ({validity_seconds})" if validity_seconds else f"validity_days ({validity.days})"
+        raise ConfigError(f"{where}: {setting} exceeds max_validity_days ({max_validity.days})")
     curves = tuple(p.string_list("ec_curves", ["P-256", "P-384"]))
     _check_names(curves, EC_CURVES, f"{where}.ec_curves")
     rsa_min = p.integer("rsa_min_bits", 2048, minimum=2048, maximum=16384)

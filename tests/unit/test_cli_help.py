@@ -77,3 +77,15 @@ def test_a_number_out_of_range_is_a_usage_error_before_anything_runs(
         cli.main(["--config", str(tmp_path / "none.toml"), *args])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_profile_validities_are_listed_in_the_unit_that_shows_them() -> None:
+    """`profiles list` showed a validity_seconds of an hour as "validity 0 days"."""
+    assert [cli.duration_text(s) for s in (86400, 365 * 86400, 3600, 7200, 90, 100_000)] == [
+        "1 day",
+        "365 days",
+        "1 hour",
+        "2 hours",
+        "90 s",
+        "100000 s",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,12 @@ _AIA = f'"{_H}/ca/k.der"'
         ('url = "sqlite:///ca.db"', 'url = "sqlite:///"', "names a directory, not a database file"),
         ('url = "sqlite:///ca.db"', 'url = "sqlite:///."', "names a directory, not a database file"),
         ('url = "sqlite:///ca.db"', 'url = "sqlite:///new/"', "names a directory, not a database file"),
-        ("validity_days = 365", "validity_days = 365\nmax_validity_days = 30", "exceeds max_validity_days"),
+        ("validity_days = 365", "validity_days = 365\nmax_validity_days = 30", "validity_days (365) exceeds max_validity_days (30)"),
+        (
+            "validity_days = 365",
+            "validity_seconds = 100000\nmax_validity_days = 1",
+            "validity_seconds (100000) exceeds max_validity_days (1)",
+        ),
         ('default_profile = "device"', 'default_profile = "nope"', "is not one of the profiles"),
         # CRL and CA URLs the HTTP server would answer 400 (see http_paths), or whose fragment no client sends.
         (
@@ -121,6 +127,14 @@ def test_invalid_settings_are_refused_by_name(tmp_path: Path, old: str, new: str
     with pytest.raises(ConfigError) as excinfo:
         config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
     assert message in excinfo.value.message
+
+
+def test_a_validity_in_seconds_past_three_years_sets_the_default_maximum(tmp_path: Path) -> None:
+    """validity_seconds of 3 years and a part of a day was refused ("validity_days exceeds max_validity_days", neither
+    set): the default maximum counted the validity's whole days only."""
+    cfg = config.load(_write(tmp_path, _dev(tmp_path, **{"validity_days = 365": "validity_seconds = 100000000"})))
+    profile = cfg.profiles["device"]
+    assert profile.validity == timedelta(seconds=100_000_000) and profile.max_validity == timedelta(days=1158)
 
 
 def test_crl_and_ca_urls_the_server_serves_are_accepted(tmp_path: Path) -> None:
