@@ -319,36 +319,15 @@ def _ca_import(args: argparse.Namespace) -> int:
     store = app.connect_store(config)
     try:
         key = _known_key(store, args.label)
-        certs = _pem_certificates("--cert", args.cert)
+        certs = cli_factory.pem_certificates("--cert", args.cert)
         if args.chain:
-            certs += _pem_certificates("--chain", args.chain)
+            certs += cli_factory.pem_certificates("--chain", args.chain)
         authority.import_ca_certificate(store, key, certs[0], certs[1:], policy_config=config)
         RotationStore(store).mark_published(key.key_id, datetime.now(UTC))  # starts its pre-publication (key rotation)
         print(f"installed certificate {certs[0].subject.rfc4514_string()} for CA key {key.key_id}")
         return 0
     finally:
         store.close()
-
-
-def _pem_certificates(option: str, path: str) -> list[x509.Certificate]:
-    """The certificates of a PEM file given as option. A file with none (the parent CA's answer in DER, the CSR, an
-    empty file) failed with cryptography's "Unable to load PEM file. See https://... MalformedFraming", naming neither
-    the option nor the file."""
-    data = Path(path).read_bytes()
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        if b"-----BEGIN CERTIFICATE-----" in data:  # a certificate there that does not parse: cryptography's reason
-            raise ValueError(f"{option} {path}: {exc}") from None
-    try:
-        x509.load_der_x509_certificate(data)
-    except ValueError:
-        what = ": it is empty" if not data.strip() else ""
-        if b"CERTIFICATE REQUEST" in data:
-            what = ": it is a certificate signing request, not the certificate made from it"
-        raise ValueError(f"{option} {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----){what}") from None
-    pem = Path(path).with_suffix(".pem") if not path.endswith(".pem") else Path(f"{path}.pem")
-    raise ValueError(f"{option} {path} is a DER certificate; give it as PEM: openssl x509 -inform der -in {path} -out {pem}")
 
 
 def _ca_export(args: argparse.Namespace) -> int:

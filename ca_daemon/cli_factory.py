@@ -594,3 +594,24 @@ def _write_certificates(path: Path, certs: list[x509.Certificate], fmt: str) -> 
 
 
 __all__ = ["DEFAULT_TARGET", "TARGET_HELP", "add_client_commands", "add_client_options", "add_commands", "client_from_args", "unreachable"]
+
+
+def pem_certificates(option: str, path: str) -> list[x509.Certificate]:
+    """The certificates of a PEM file given as option. A file with none (the parent CA's answer in DER, the CSR, an
+    empty file) failed with cryptography's "Unable to load PEM file. See https://... MalformedFraming", naming neither
+    the option nor the file."""
+    data = Path(path).read_bytes()
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        if b"-----BEGIN CERTIFICATE-----" in data:  # a certificate there that does not parse: cryptography's reason
+            raise ValueError(f"{option} {path}: {exc}") from None
+    try:
+        x509.load_der_x509_certificate(data)
+    except ValueError:
+        what = ": it is empty" if not data.strip() else ""
+        if b"CERTIFICATE REQUEST" in data:
+            what = ": it is a certificate signing request, not the certificate made from it"
+        raise ValueError(f"{option} {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----){what}") from None
+    pem = Path(path).with_suffix(".pem") if not path.endswith(".pem") else Path(f"{path}.pem")
+    raise ValueError(f"{option} {path} is a DER certificate; give it as PEM: openssl x509 -inform der -in {path} -out {pem}")

@@ -14,10 +14,11 @@ from datetime import UTC
 from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.authority import unfinished_emergency_notice
-from ca_daemon.cli_factory import TARGET_HELP, positive_seconds, whole_number
+from ca_daemon.cli_factory import TARGET_HELP, pem_certificates, positive_seconds, whole_number
 from ca_daemon.client import TlsOptions
 from ca_daemon.model import KeySpec
 
@@ -119,7 +120,9 @@ def _csr(args: argparse.Namespace) -> int:
 def _install(args: argparse.Namespace) -> int:
     channel, stub = _stub(args)
     with channel:
-        request = ca_pb2.InstallKeyCertificateRequest(key_id=args.key_id, certificate_pem=Path(args.cert).read_text())
+        certificates = pem_certificates("--cert", args.cert)
+        pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certificates)
+        request = ca_pb2.InstallKeyCertificateRequest(key_id=args.key_id, certificate_pem=pem)
         stub.InstallKeyCertificate(request, timeout=args.timeout)
     print(f"certificate installed and published for {args.key_id}")
     return 0

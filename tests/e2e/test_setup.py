@@ -435,6 +435,11 @@ def test_import_cert_names_the_file_that_holds_no_pem_certificate_and_how_to_con
         f"ca-daemon: --cert {csr_path} {no_certificate}: it is a certificate signing request, not the certificate made from it\n"
     )
     assert refused(root, empty) == f"ca-daemon: --chain {empty} {no_certificate}: it is empty\n"
+    # The key ceremony's `key install-cert` reads its file the same way, before it dials the daemon (which it never
+    # reaches here): a DER file failed with "'utf-8' codec can't decode byte 0x82", a CSR reached the daemon.
+    for given, expected in ((der, f"is a DER certificate; give it as PEM: {convert}"), (csr_path, "is a certificate signing request")):
+        ceremony = env.cli("key", "install-cert", "--key-id", "k2", "--cert", str(given), "--target", "127.0.0.1:9", check=False)
+        assert ceremony.returncode == 1 and f"--cert {given} " in ceremony.stderr and expected in ceremony.stderr, ceremony
     subprocess.run(convert.split(), check=True, capture_output=True)  # what the message says to run
     installed = env.cli("ca", "import-cert", "--label", "ca-root-1", "--cert", str(pem), "--chain", str(root))
     assert installed.stdout == "installed certificate CN=Factory Issuing CA 1 for CA key ca-root-1\n"
