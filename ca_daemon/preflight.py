@@ -76,7 +76,8 @@ def run(config_path: str | Path, emit: Callable[[Check], None] = lambda _c: None
             else:  # what start-up and a reload check of the profiles against that key's certificate and chain
                 try:
                     check_policy(config, store)
-                    record("profiles", True, "each profile's template passes the lint and fits the CA key's chain")
+                    linted = "is not linted ([lint] mode = off)" if config.lint.mode == "off" else "passes the lint"
+                    record("profiles", True, f"each profile's template {linted} and fits the CA key's chain")
                 except CaError as exc:
                     record("profiles", False, exc.message)
     finally:

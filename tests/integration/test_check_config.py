@@ -203,3 +203,7 @@ def test_an_empty_extended_key_usage_is_refused_with_the_lint_off(tmp_path: Path
     refused = env.cli("check-config", check=False)
     assert refused.returncode == 1 and _lines(refused.stdout)["configuration"] == "FAIL", refused.stdout
     assert "profiles.device.extended_key_usage must name at least one usage" in refused.stdout, refused.stdout
+    # With a usage again, the profiles line does not claim a lint that is off.
+    env.edit_config("extended_key_usage = []", 'extended_key_usage = ["clientAuth"]')
+    passed = env.cli("check-config")
+    assert "each profile's template is not linted ([lint] mode = off) and fits the CA key's chain" in passed.stdout, passed.stdout
