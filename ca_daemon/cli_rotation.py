@@ -129,6 +129,11 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _approve(args: argparse.Namespace) -> int:
+    # Checked before the daemon is dialled, in the command's own terms (the daemon names the RPC's field).
+    if args.action == "emergency" and not args.successor:
+        raise ValueError("key approve emergency needs --successor KEY: the pending key to switch to")
+    if args.action != "emergency" and args.successor:
+        raise ValueError(f"--successor is for key approve emergency only, not {args.action}")
     channel, stub = _stub(args)
     with channel:
         request = ca_pb2.ApproveKeyActionRequest(action=args.action, key_id=args.key_id, successor_key_id=args.successor)

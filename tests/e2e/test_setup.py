@@ -445,6 +445,18 @@ def test_import_cert_names_the_file_that_holds_no_pem_certificate_and_how_to_con
     assert installed.stdout == "installed certificate CN=Factory Issuing CA 1 for CA key ca-root-1\n"
 
 
+def test_key_approve_names_a_missing_or_misplaced_successor_in_its_own_terms(tmp_path: Path, softhsm_conf: Path) -> None:
+    """`key approve emergency` without --successor was answered with the RPC's terms ("an emergency switch names the
+    successor key", field successor_key_id); --successor on another action was ignored. Both are refused before the
+    daemon is dialled (none listens here)."""
+    env = make_env(tmp_path, softhsm_conf, init=False)
+    target = ["--key-id", "k1", "--target", "127.0.0.1:9"]
+    missing = env.cli("key", "approve", "emergency", *target, check=False)
+    assert missing.returncode == 1 and "key approve emergency needs --successor KEY" in missing.stderr, missing
+    misplaced = env.cli("key", "approve", "activate", "--successor", "k2", *target, check=False)
+    assert misplaced.returncode == 1 and "--successor is for key approve emergency only, not activate" in misplaced.stderr, misplaced
+
+
 @pytest.mark.parametrize("key_type", ["rsa-2048", "ec-p384", "ed25519"])
 def test_other_ca_key_types_issue_verifiable_certificates(tmp_path: Path, softhsm_conf: Path, key_type: str) -> None:
     env = make_env(tmp_path, softhsm_conf, key_type=key_type)
