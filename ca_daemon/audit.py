@@ -912,6 +912,8 @@ def reconcile(store: SqlStore, report: Report) -> None:
     such a row (a lifted hold keeps its row), so each of these is a change behind its back:
 
     - a certificate.issue event whose certificate row is gone: the CA cannot revoke it;
+    - a certificates row no certificate.issue (or key.link) event issued: the event was cut from the log, which a chain
+      cut after its last checkpoint does not show;
     - a serial whose last certificate.revoke event has no revocations row, one lifted, or another
       reason: the next full CRL leaves it out, or lists it for another reason;
     - a serial whose last event lifted its hold but whose row is revoked again, and a revocations
@@ -934,7 +936,7 @@ def reconcile(store: SqlStore, report: Report) -> None:
             f"the certificates and revocations tables could not be compared with the events ({_unreadable(None, '', exc)['why']}): "
             "a row holds what the daemon never writes, changed behind its back",
         )
-        found = RecordsAndEvents([], [], [])
+        found = RecordsAndEvents([], [], [], [])
     for seq, serial in found.unrecorded_issuances:
         report.fail(
             None,
@@ -969,6 +971,13 @@ def reconcile(store: SqlStore, report: Report) -> None:
             )
     for serial, reason in found.unlogged_revocations:
         report.fail(None, f"the revocations table revokes {serial} ({reason}), but no event records its revocation: the CRLs list it")
+    for serial, device_id, key_id in found.unlogged_certificates:
+        report.fail(
+            None,
+            f"the certificates table holds serial {serial} (device {device_id}, issued by CA key {key_id}), but no event records "
+            "its issuance: its certificate.issue event was removed from the log (events after the last checkpoint can be), "
+            "or the row was added behind the daemon's back",
+        )
     issuers = {}
     for key in store.list_ca_keys():
         try:

@@ -69,6 +69,8 @@ class RecordsAndEvents:
     unrecorded_issuances: list[tuple[int, str]]  # (seq, serial) of certificate.issue events with no certificates row
     revocations: list[RevocationDisagreement]  # in seq order
     unlogged_revocations: list[tuple[str, str]]  # (serial, reason) of unlifted rows no revocation event names
+    # (serial, device ID, issuer key) of certificates rows no certificate.issue or key.link event issued
+    unlogged_certificates: list[tuple[str, str, str]]
 
 
 @dataclass(frozen=True)
@@ -262,8 +264,25 @@ class AuditStore:
                     .order_by(r.serial)
                 )
             ]
+            # Every certificates row is written with the event that issued it (a certificate or a link certificate): a row
+            # without one is an event cut from the log (after the last checkpoint, which nothing signed) or a row added.
+            issuing = (
+                select(e.serial)
+                .where(e.action.in_(("certificate.issue", "key.link")), e.outcome == "issued", e.serial.is_not(None))
+                .group_by(e.serial)
+                .subquery()
+            )
+            unissued = [
+                (str(row.serial), str(row.device_id), str(row.issuer_key_id))
+                for row in conn.execute(
+                    select(c.serial, c.device_id, c.issuer_key_id)
+                    .select_from(certificates.outerjoin(issuing, issuing.c.serial == c.serial))
+                    .where(issuing.c.serial.is_(None))
+                    .order_by(c.serial)
+                )
+            ]
         disagreeing.sort(key=lambda d: d.seq)
-        return RecordsAndEvents(unrecorded, disagreeing, unlogged)
+        return RecordsAndEvents(unrecorded, disagreeing, unlogged, unissued)
 
     def revocations_in_force(self) -> Iterator[RevocationInForce]:
         """Each serial whose last revocation event revokes it and whose row is not lifted, with both sides' facts.

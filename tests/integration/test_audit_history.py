@@ -504,3 +504,40 @@ def test_an_issuance_event_removed_before_a_checkpoint_is_recorded_as_an_audit_g
         (details,) = conn.execute("SELECT details FROM audit_events WHERE action = 'audit.gap'").fetchone()
     assert json.loads(details) == {"written_seq": str(seq), "written_hash": bytes(digest).hex(), "head_seq": str(seq - 1)}
     assert f"audit log: event {seq}, which this process wrote" in daemon.log(), daemon.log()[-2000:]
+
+
+def test_issuance_events_cut_from_the_end_of_the_log_are_named_by_the_certificates_they_issued(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """An auditor's check that nothing was removed from the issuance log, after a crash.
+
+    The daemon was killed (no audit.gap: the process that remembered its last event is gone) and someone with the
+    database cut the issuance events written after the last checkpoint off the end of the log, leaving the
+    certificates: `audit verify --live` said OK ("... last at seq N"), though the certificates table held certificates
+    the CA issued and the log no longer named. Each certificates row is now matched with the event that issued it.
+    """
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-cut-end")
+    daemon = _start_daemon(env)
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            sign(channel)
+            env.cli("audit", "checkpoint")
+            cut = [sign(channel, f"cut-{n}") for n in range(2)]
+    finally:
+        daemon.kill()  # as a crash would: the daemon signs no checkpoint and records no audit.gap
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+    assert live.returncode == 0 and "2 event(s) after the last checkpoint are not covered" in live.stdout, live.stdout
+    with sqlite3.connect(db, timeout=30) as conn:
+        (covered,) = conn.execute("SELECT max(seq) FROM audit_checkpoints").fetchone()
+        assert conn.execute("DELETE FROM audit_events WHERE seq > ?", (covered,)).rowcount == 2
+
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+    assert live.returncode == 1 and live.stdout.startswith("FAILED:") and not live.stderr, live.stdout + live.stderr
+    for response in cut:
+        serial = response.serial.lower()
+        assert (
+            f"the certificates table holds serial {serial} (device {response.device_id}, issued by CA key ca-root-1), but no "
+            "event records its issuance" in live.stdout
+        ), live.stdout
+    # The issuance events the log still holds, and the rows they name, are not reported.
+    assert live.stdout.count("no event records its issuance") == 2, live.stdout

@@ -1078,13 +1078,21 @@ def test_records_and_their_events_are_read_in_one_snapshot_on_both_backends(stor
     _lift(store, unrevoked.serial)
     audit = AuditStore(store)
     agreeing = audit.records_and_their_events()  # a revocation, a hold and a lifted hold agree
-    assert (agreeing.unrecorded_issuances, agreeing.revocations, agreeing.unlogged_revocations) == ([], [], [])
+    assert (agreeing.unrecorded_issuances, agreeing.revocations, agreeing.unlogged_revocations, agreeing.unlogged_certificates) == (
+        [],
+        [],
+        [],
+        [],
+    )
     revoke_seq = next(e["seq"] for e in store.audit_events() if e["serial"] == serial_hex(revoked.serial) and e["outcome"] == "revoked")
     with store._begin() as conn:
         conn.execute(text("DELETE FROM certificates WHERE serial = :s"), {"s": serial_hex(gone.serial)})
         conn.execute(text("DELETE FROM revocations WHERE serial = :s"), {"s": serial_hex(revoked.serial)})
         conn.execute(text("UPDATE revocations SET lifted_at = NULL WHERE serial = :s"), {"s": serial_hex(unrevoked.serial)})
+        issued = {"s": serial_hex(kept.serial)}
+        conn.execute(text("DELETE FROM audit_events WHERE action = 'certificate.issue' AND serial = :s"), issued)
     found = audit.records_and_their_events()
+    assert found.unlogged_certificates == [(serial_hex(kept.serial), kept.device_id, ISSUER)]
     assert [serial for _, serial in found.unrecorded_issuances] == [serial_hex(gone.serial)]
     gone_row = RevocationDisagreement(revoke_seq, serial_hex(revoked.serial), "certificate.revoke", "key_compromise", None)
     assert found.revocations[0] == gone_row
