@@ -33,6 +33,7 @@ from ca_daemon.store import schema
 from ca_daemon.store.locks import Leadership, LockSpace, xact_lock, xact_locks
 from ca_daemon.store.schema import (
     audit_events,
+    ca_key_lifecycle,
     ca_keys,
     caller_issuance_by_minute,
     certificates,
@@ -311,6 +312,10 @@ class SqlStore:
                     if not new:
                         raise
                     raise AlreadyExists(f"a CA key named {key.key_id!r} is recorded already", rule="label", field="label") from None
+            if key.status == KeyStatus.ACTIVE and (exists is None or exists.status != KeyStatus.ACTIVE.value):
+                # The first start activating the configured key (the key ceremony sets it in its own transaction):
+                # `key status` and ListKeys showed that key active with no activation time.
+                _record_activation(conn, key.key_id, audit.time if audit is not None else datetime.now(UTC))
             if audit is not None:
                 self._insert_audit(conn, [audit])
 
@@ -1637,6 +1642,15 @@ def _audit_values(event_: AuditEvent) -> dict[str, Any]:
         "reason": event_.reason,
         "details": details_text(event_.details),
     }
+
+
+def _record_activation(conn: Connection, key_id: str, at: datetime) -> None:
+    """The key's activated_at life-cycle time, unless one is recorded."""
+    row = conn.execute(select(ca_key_lifecycle.c.activated_at).where(ca_key_lifecycle.c.key_id == key_id)).first()
+    if row is None:
+        conn.execute(insert(ca_key_lifecycle).values(key_id=key_id, activated_at=at))
+    elif row.activated_at is None:
+        conn.execute(update(ca_key_lifecycle).where(ca_key_lifecycle.c.key_id == key_id).values(activated_at=at))
 
 
 __all__ = ["CrlEntries", "SqlStore", "IssuanceOutcome", "serial_hex", "IntegrityError"]

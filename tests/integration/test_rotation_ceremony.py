@@ -1345,3 +1345,15 @@ def test_generate_key_over_grpc_is_refused_while_the_cdp_does_not_name_the_key(t
             assert [k.key_id for k in ceremony.ListKeys(ca_pb2.ListKeysRequest(), timeout=30).keys] == ["ca-root-1"]
     finally:
         daemon.stop()
+
+
+def test_the_first_start_records_when_it_activated_the_configured_key(setup: Setup) -> None:
+    """The first start activated the configured key and audited it, but left its activated_at unset: `key status` and
+    ListKeys showed the signing key active with no activation time."""
+    activated = RotationStore(setup.store).lifecycle("ca-root-1").get("activated_at")
+    events = [e for e in setup.store.audit_events() if e["action"] == "key.activate" and e["key_id"] == "ca-root-1"]
+    assert activated is not None and len(events) == 1, (activated, events)
+    audited = datetime.fromisoformat(str(events[0]["time"]))
+    assert abs((activated - (audited if audited.tzinfo else audited.replace(tzinfo=UTC))).total_seconds()) < 1
+    listed = next(info for info in setup.ceremony().list_keys() if info.key.key_id == "ca-root-1")
+    assert listed.lifecycle.get("activated_at") == activated
