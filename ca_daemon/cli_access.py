@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from ca_daemon import app, audit, tls
 from ca_daemon import config as config_module
 from ca_daemon.cli_factory import whole_number
@@ -368,7 +370,7 @@ def _audit_export(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    public = Path(args.public_key).read_bytes()
+    public = _public_key_file(args.public_key)
     earlier = None
     if args.previous:
         with open(args.previous, encoding="utf-8", errors="replace") as lines:
@@ -391,6 +393,21 @@ def _audit_verify(args: argparse.Namespace) -> int:
     for problem in report.problems[1:20]:
         print(f"  also: {problem}")
     return 0 if report.ok else 1
+
+
+def _public_key_file(path: str) -> bytes:
+    """The PEM of the --public-key file, checked first: a file of another kind failed with cryptography's "Unable to
+    load PEM file ... MalformedFraming" (or "Valid PEM but no BEGIN PUBLIC KEY"), naming neither option nor file."""
+    data = Path(path).read_bytes()
+    try:
+        serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        kind = "a certificate" if b"-----BEGIN CERTIFICATE-----" in data else "empty" if not data.strip() else "not PEM"
+        raise ValueError(
+            f"--public-key {path} is {kind}, not a PEM public key (-----BEGIN PUBLIC KEY-----): write the audit key's with "
+            "`ca-daemon audit public-key --out FILE`"
+        ) from None
+    return data
 
 
 __all__ = ["add_commands", "CaError"]

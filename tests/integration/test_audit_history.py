@@ -171,6 +171,20 @@ def test_an_earlier_export_that_does_not_verify_is_not_used(tmp_path_factory: py
     assert f"the earlier export {early} does not verify itself, so nothing is compared with it: FAILED" in out, out
 
 
+def test_a_public_key_file_of_another_kind_is_named_with_what_to_give(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
+    """A certificate, an empty file or a file that is not PEM given as --public-key failed with cryptography's "Unable to
+    load PEM file ... MalformedFraming" or "Valid PEM but no BEGIN PUBLIC KEY", naming neither the option nor the file."""
+    env, _, _public = _setup(tmp_path_factory, softhsm_conf, "history-bad-key")
+    certificate, empty, garbage = (env.state_dir / name for name in ("ca.pem", "empty.pem", "garbage.pem"))
+    env.cli("ca", "export", "--out", str(certificate))
+    empty.write_bytes(b"")
+    garbage.write_bytes(b"\x30\x82\x01\x00")
+    for given, kind in ((certificate, "a certificate"), (empty, "empty"), (garbage, "not PEM")):
+        result = env.cli("audit", "verify", "--live", "--public-key", str(given), check=False)
+        expected = f"ca-daemon: --public-key {given} is {kind}, not a PEM public key (-----BEGIN PUBLIC KEY-----)"
+        assert result.returncode == 1 and result.stderr.startswith(expected), result
+
+
 def _copy_database(source: Path, target: Path) -> None:
     with contextlib.closing(sqlite3.connect(source)) as src, contextlib.closing(sqlite3.connect(target)) as dst:
         src.backup(dst)
