@@ -1289,7 +1289,8 @@ def _parse_token(token: str, digest: str) -> int:
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         after, filters = int(data["after"]), str(data["f"])
-    except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: {"after": 1e400} is infinity
+    # OverflowError: {"after": 1e400} is infinity. RecursionError: JSON nested deeper than the decoder goes ("[[[[...").
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         raise InvalidRequest("page_token is not a token this server issued", field="page_token") from None
     if not 0 <= after <= MAX_SEQ:
         raise InvalidRequest("page_token is not a token this server issued", field="page_token")

@@ -146,6 +146,18 @@ def test_a_forged_page_token_is_refused_as_not_issued_by_this_server(channel: gr
     assert "page_token is not a token this server issued" in _details(error)
 
 
+@pytest.mark.parametrize("json_text", [b"[" * 100_000, b'{"after": ' + b"[" * 100_000], ids=["nested-arrays", "nested-after"])
+def test_a_page_token_of_deeply_nested_json_is_refused_as_not_issued_by_this_server(
+    channel: grpc.Channel, daemon: Daemon, json_text: bytes
+) -> None:
+    """The decoder gave up on it with RecursionError: INTERNAL, and a traceback in the daemon's log."""
+    token = base64.urlsafe_b64encode(json_text).decode().rstrip("=")
+    error = _error(lambda: stub(channel).StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(page_token=token), timeout=10))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert _details(error) == "page_token is not a token this server issued"
+    assert "Traceback" not in daemon.log()
+
+
 # -- validity numbers that overflow timedelta / datetime ----------------------------------------
 
 
