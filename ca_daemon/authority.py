@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, CertificateIssuerPublicKeyTypes
@@ -1141,6 +1142,8 @@ def import_ca_certificate(
     ceremony): only while the key is still pending without a certificate (SqlStore.save_ca_key).
     """
     issued_usages = issued_extended_key_usages(policy_config)
+    for position, checked in enumerate((certificate, *parents)):
+        _check_names_and_key_parse(checked, position)
     if _spki(certificate) != key.public_key_der:
         raise FailedPrecondition(
             f"the certificate's public key does not match CA key {key.key_id} in the token; was it issued for another CSR?"
@@ -1313,6 +1316,31 @@ def _check_chain_names(certificate: x509.Certificate, parents: list[x509.Certifi
                 field="certificate_pem" if checked is certificate else "chain_pem",
                 expected="a CA certificate whose names fit its parents' nameConstraints",
             )
+
+
+def _check_names_and_key_parse(certificate: x509.Certificate, position: int) -> None:
+    """Refuse a certificate whose subject, issuer or public key cannot be read (position 0: the key's, then its parents).
+
+    cryptography reads them on first use: a name whose UTF8String is not UTF-8, or a key of a type it does not know,
+    raised out of the checks below (INTERNAL), and a parent's issuer name, which nothing read, was installed and served
+    to relying parties, who cannot read it either.
+    """
+    which = "the certificate" if position == 0 else f"parent certificate {position}"
+    parts: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("subject", lambda: certificate.subject),
+        ("issuer name", lambda: certificate.issuer),
+        ("public key", certificate.public_key),
+    )
+    for part, read in parts:
+        try:
+            read()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise InvalidRequest(
+                f"{which} has an unreadable {part}: {capped(str(exc), 200)}",
+                rule="certificate",
+                field="certificate_pem" if position == 0 else "chain_pem",
+                expected="X.509 certificates whose names parse (RFC 5280 4.1.2.4, 4.1.2.6) and whose key is of a known type",
+            ) from None
 
 
 def _check_extensions_parse(certificate: x509.Certificate) -> None:

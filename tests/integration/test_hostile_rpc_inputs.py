@@ -410,3 +410,76 @@ def test_install_key_certificate_with_duplicate_extensions_is_refused_by_the_cer
     assert _details(error).startswith("the certificate 'CN=Hostile Intermediate' has unreadable extensions: ")
     assert _details(error).endswith("[rule certificate]")
     assert not _has_certificate(channel, label)
+
+
+def _parent_signed(channel: grpc.Channel, label: str) -> tuple[bytes, bytes]:
+    """DER of a certificate for the pending key label's CSR, signed by an outside root, and of that root."""
+    csr_pem = _ceremony(channel).GetKeyCSR(ca_pb2.GetKeyCSRRequest(key_id=label, subject="CN=Hostile Intermediate"), timeout=60).csr_pem
+    csr = x509.load_pem_x509_csr(csr_pem.encode())
+    parent = ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Outside Root")])
+    now = datetime.now(UTC)
+
+    def certificate(subject: x509.Name, public_key: ec.EllipticCurvePublicKey) -> bytes:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(root_name)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        )
+        return builder.sign(parent, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+    csr_key = csr.public_key()
+    assert isinstance(csr_key, ec.EllipticCurvePublicKey)
+    return certificate(csr.subject, csr_key), certificate(root_name, parent.public_key())
+
+
+def _pem_of(*ders: bytes) -> str:
+    return "".join("-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der).decode() + "-----END CERTIFICATE-----\n" for der in ders)
+
+
+_EC_PUBLIC_KEY_OID = bytes.fromhex("06072a8648ce3d0201")  # id-ecPublicKey, 1.2.840.10045.2.1
+_UNKNOWN_KEY_OID = bytes.fromhex("06072a8648ce3d0209")  # 1.2.840.10045.2.9, no key type cryptography knows
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (
+            lambda leaf, root: _pem_of(leaf.replace(b"Outside Root", b"Outside\xffRoot"), root),
+            "the certificate has an unreadable issuer name: ",
+        ),
+        (
+            lambda leaf, root: _pem_of(leaf.replace(_EC_PUBLIC_KEY_OID, _UNKNOWN_KEY_OID), root),
+            "the certificate has an unreadable public key: Unknown key type: 1.2.840.10045.2.9",
+        ),
+        (
+            lambda leaf, root: _pem_of(leaf, root.replace(b"Outside Root", b"Outside\xffRoot", 1)),
+            "parent certificate 1 has an unreadable issuer name: ",
+        ),
+        (
+            lambda leaf, root: _pem_of(leaf, root.replace(_EC_PUBLIC_KEY_OID, _UNKNOWN_KEY_OID)),
+            "parent certificate 1 has an unreadable public key: Unknown key type: 1.2.840.10045.2.9",
+        ),
+    ],
+    ids=["issuer-not-utf8", "unknown-key-type", "parent-issuer-not-utf8", "parent-unknown-key-type"],
+)
+def test_install_key_certificate_with_an_unreadable_name_or_key_is_refused_by_the_certificate_rule_and_installs_nothing(
+    channel: grpc.Channel, daemon: Daemon, mangle: Callable[[bytes, bytes], str], message: str
+) -> None:
+    """A UTF8String name that is not UTF-8, or a key of a type cryptography does not know, in the certificate ended in
+    INTERNAL (a traceback in the log); in a parent, the chain was installed and the key published with it."""
+    label = _new_key(channel)
+    leaf, root = _parent_signed(channel, label)
+    request = ca_pb2.InstallKeyCertificateRequest(key_id=label, certificate_pem=mangle(leaf, root))
+    error = _error(lambda: _ceremony(channel).InstallKeyCertificate(request, timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert _details(error).startswith(message), _details(error)
+    assert _details(error).endswith("[rule certificate]"), _details(error)
+    assert not _has_certificate(channel, label)
+    assert label not in [c.key_id for c in stub(channel).GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=10).certificates]
+    assert "Traceback" not in daemon.log()
