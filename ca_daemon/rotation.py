@@ -293,7 +293,7 @@ class KeyCeremony:
                 )
             if successor_key_id == key_id:
                 raise InvalidRequest("the successor must be another key", rule="successor", field="successor_key_id")
-            self._check_activatable(self._key(successor_key_id), now, emergency=True)
+            self._check_activatable(self._key(successor_key_id, field="successor_key_id"), now, emergency=True)
         elif action == "retire":
             if key.status == KeyStatus.ACTIVE:
                 raise FailedPrecondition(f"CA key {key_id} is the active key; activate its successor first", rule="key-status")
@@ -530,10 +530,12 @@ class KeyCeremony:
 
     # -- helpers -------------------------------------------------------------
 
-    def _key(self, key_id: str) -> CaKey:
+    def _key(self, key_id: str, field: str = "key_id") -> CaKey:
+        """The key named by the request's field key_id (or field: successor_key_id, which the refusal then names)."""
         key = self._store.get_ca_key(key_id)
         if key is None:
-            raise NotFound(f"no CA key {echo(key_id)}; `ca-daemon key list` shows the known keys", rule="key", field="key_id")
+            named = "" if field == "key_id" else f" ({field})"
+            raise NotFound(f"no CA key {echo(key_id)}{named}; `ca-daemon key list` shows the known keys", rule="key", field=field)
         return key
 
     def _pending_without_certificate(self, key_id: str) -> CaKey:

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.revocation import MAX_BULK_REQUEST_BYTES, MAX_BULK_SERIALS
@@ -483,3 +485,16 @@ def test_install_key_certificate_with_an_unreadable_name_or_key_is_refused_by_th
     assert not _has_certificate(channel, label)
     assert label not in [c.key_id for c in stub(channel).GetCACertificates(ca_pb2.GetCACertificatesRequest(), timeout=10).certificates]
     assert "Traceback" not in daemon.log()
+
+
+def test_an_emergency_naming_an_unknown_successor_is_not_found_naming_successor_key_id(channel: grpc.Channel) -> None:
+    """The refusal named the field key_id (the compromised key's, which exists), not successor_key_id."""
+    request = ca_pb2.ApproveKeyActionRequest(action="emergency", key_id="ca-root-1", successor_key_id="no-such-successor")
+    error = _error(lambda: _ceremony(channel).ApproveKeyAction(request, timeout=60))
+    assert error.code() == grpc.StatusCode.NOT_FOUND, (error.code(), _details(error))
+    assert _details(error).startswith("no CA key 'no-such-successor' (successor_key_id); "), _details(error)
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "key" and info.metadata["field"] == "successor_key_id", info
