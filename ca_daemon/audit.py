@@ -1236,6 +1236,9 @@ class AuditQuery:
     page_token: str = ""
 
 
+MAX_ACTIONS = 256  # in one StreamAuditEvents filter
+
+
 class AuditReader:
     """Pages of the audit log, resumable by an opaque token bound to the filters."""
 
@@ -1253,6 +1256,13 @@ class AuditReader:
 
         if query.page_size > MAX_PAGE:
             raise InvalidRequest(f"page_size {query.page_size} is too large", field="page_size", expected=f"at most {MAX_PAGE}")
+        if len(query.actions) > MAX_ACTIONS:  # each is a bound parameter: PostgreSQL takes at most 65,535 in a statement
+            raise InvalidRequest(
+                f"{len(query.actions)} actions: filter on at most {MAX_ACTIONS} (the log has a few dozen kinds of event)",
+                rule="audit-filter",
+                field="actions",
+                expected=f"at most {MAX_ACTIONS} actions",
+            )
         size = query.page_size or DEFAULT_PAGE
         serial = serial_hex(parse_serial(query.serial)) if query.serial else ""  # spelled as GetCertificate and Revoke take it
         digest = _filter_digest(query.actions, query.device_id, serial)

@@ -160,6 +160,19 @@ def test_a_page_token_of_deeply_nested_json_is_refused_as_not_issued_by_this_ser
     assert "Traceback" not in daemon.log()
 
 
+def test_an_audit_filter_of_more_actions_than_there_are_kinds_of_event_is_refused(channel: grpc.Channel) -> None:
+    """The actions filter had no cap: each is a bound parameter of the query (PostgreSQL takes at most 65,535 in one
+    statement). At most 256 are taken; more are refused by name, and 256 of them still stream."""
+    actions = [f"no.such.action.{n}" for n in range(257)]
+    error = _error(lambda: list(stub(channel).StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(actions=actions), timeout=10)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), _details(error))
+    assert _details(error).startswith("257 actions: filter on at most 256") and "[rule audit-filter]" in _details(error)
+    pages = list(
+        stub(channel).StreamAuditEvents(ca_pb2.StreamAuditEventsRequest(actions=[*actions[:255], "certificate.issue"]), timeout=10)
+    )
+    assert all(event.action == "certificate.issue" for page in pages for event in page.events)
+
+
 # -- validity numbers that overflow timedelta / datetime ----------------------------------------
 
 

@@ -1056,7 +1056,7 @@ class StreamAuditEventsRequest(_message.Message):
     @_builtins.property
     def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these actions (e.g. "certificate.issue", "certificate.revoke",
-        "crl.publish", "access.deny"); empty: every action.
+        "crl.publish", "access.deny"); empty: every action. At most 256.
         """
 
     def __init__(
