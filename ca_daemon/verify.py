@@ -46,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import verification
@@ -104,7 +104,11 @@ def sign_challenge(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey |
 
 def check_possession(certificate: x509.Certificate, challenge: bytes, signature: bytes) -> None:
     message = CHALLENGE_CONTEXT + challenge
-    public = certificate.public_key()
+    try:
+        # Read before the chain is checked, so the key is anyone's bytes: cryptography reads it on first use.
+        public = certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise Refused("possession", f"the certificate's public key cannot be read: {exc}") from None
     try:
         if isinstance(public, ec.EllipticCurvePublicKey):
             public.verify(signature, message, ec.ECDSA(_hash_for(public.curve)))

@@ -842,6 +842,23 @@ def test_a_crl_server_that_drips_its_headers_is_cut_off_at_the_fetch_deadline() 
         listener.close()
 
 
+def test_a_certificate_whose_public_key_cannot_be_read_is_refused_at_possession() -> None:
+    """Step 1 reads the key of a certificate anyone can send, before its chain is checked: a key of a type cryptography does
+    not know (1.2.840.10045.2.9) or an EC point off the curve raised out of verify() (UnsupportedAlgorithm, ValueError)."""
+    ca = ForeignCa.create("Relying-party test CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = _foreign_leaf(ca, key, "http://127.0.0.1:9/ca.crl", "attacker-000002").public_bytes(serialization.Encoding.DER)
+    point = key.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    id_ec_public_key = bytes.fromhex("2a8648ce3d0201")  # 1.2.840.10045.2.1
+    assert der.count(point) == der.count(id_ec_public_key) == 1
+    unknown_type = der.replace(id_ec_public_key, bytes.fromhex("2a8648ce3d0209"))
+    off_curve = der.replace(point, point[:-1] + bytes([point[-1] ^ 1]))
+    verifier = DeviceVerifier([ca.certificate], IdentityRule(), CrlCache(max_age=0))
+    for forged, why in ((unknown_type, "Unknown key type: 1.2.840.10045.2.9"), (off_curve, "Invalid key")):
+        answer = _decide(verifier, x509.load_der_x509_certificate(forged), key)
+        assert answer == f"REFUSED at step possession: the certificate's public key cannot be read: {why}", answer
+
+
 def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
     """Step 4: a subject with two CNs (one of them another device's) is refused whatever the identity source, as a
     broker taking "the" CN as the user name might read either; with one CN the SAN/CN agreement decides."""
