@@ -316,10 +316,11 @@ def _current(crl: x509.CertificateRevocationList, now: datetime) -> bool:
 def _authenticated_crl(body: bytes, issuer: x509.Certificate, url: str) -> x509.CertificateRevocationList:
     try:
         crl = x509.load_pem_x509_crl(body) if body.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(body)
+        crl_issuer = crl.issuer  # read on first use, and whoever answers the URL wrote it: not yet authenticated
     except ValueError as exc:
         raise Refused("revocation", f"the CRL at {url} does not parse: {exc}") from None
-    if crl.issuer != issuer.subject:
-        raise Refused("revocation", f"the CRL at {url} is issued by {crl.issuer.rfc4514_string()}, not by the certificate's issuer")
+    if crl_issuer != issuer.subject:
+        raise Refused("revocation", f"the CRL at {url} is issued by {crl_issuer.rfc4514_string()}, not by the certificate's issuer")
     if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
         raise Refused("revocation", f"the CRL at {url} is not signed by the issuing CA")
     return crl

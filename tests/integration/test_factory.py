@@ -859,6 +859,27 @@ def test_a_certificate_whose_public_key_cannot_be_read_is_refused_at_possession(
         assert answer == f"REFUSED at step possession: the certificate's public key cannot be read: {why}", answer
 
 
+def test_a_crl_whose_issuer_name_cannot_be_read_is_a_refusal() -> None:
+    """Whoever answers the CRL URL (plain HTTP) writes the body; cryptography reads the issuer name on first use, so a
+    CRL whose issuer CN is a UTF8String that is not UTF-8 raised ValueError out of verify() instead of a refusal."""
+    ca = ForeignCa.create("Relying-party test CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    port = free_port()
+    server = _Http(port)
+    cn = b"\x0c\x15Relying-party test CA"  # UTF8String, 21 bytes
+    der = ca.crl().public_bytes(serialization.Encoding.DER)
+    assert der.count(cn) == 1
+    server.fixed["/ca.crl"] = der.replace(cn, cn[:2] + b"\xff\xfe" + cn[4:])
+    url = f"http://127.0.0.1:{port}/ca.crl"
+    try:
+        answer = _decide(
+            DeviceVerifier([ca.certificate], IdentityRule(), CrlCache(max_age=0)), _foreign_leaf(ca, key, url, "attacker-000002"), key
+        )
+        assert answer.startswith(f"REFUSED at step revocation: the CRL at {url} does not parse: error parsing asn1 value"), answer
+    finally:
+        server.close()
+
+
 def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
     """Step 4: a subject with two CNs (one of them another device's) is refused whatever the identity source, as a
     broker taking "the" CN as the user name might read either; with one CN the SAN/CN agreement decides."""
