@@ -160,14 +160,14 @@ def http_fetch(
     """GET url (with If-None-Match when we hold a copy); returns (status, body, ETag).
 
     ValueError when the answer (status line, headers and body, across redirects) takes longer than deadline
-    seconds or its body exceeds max_bytes.
+    seconds or its body exceeds max_bytes, or when it redirects to a URL that is not http(s).
     """
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"CRL URL {url!r} is not http(s)")
     request = urllib.request.Request(url, headers={"If-None-Match": etag} if etag else {})  # noqa: S310 - scheme checked above
     started = time.monotonic()
     watch = _Deadline(deadline)
-    opener = urllib.request.build_opener(_WatchedHTTPHandler(watch), _WatchedHTTPSHandler(watch))
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(watch), _WatchedHTTPSHandler(watch), _HttpRedirectsOnly())
     too_slow = f"the download took longer than {deadline:g} s"
     try:
         with opener.open(request, timeout=timeout) as response:
@@ -191,6 +191,19 @@ def http_fetch(
         raise
     finally:
         watch.cancel()
+
+
+class _HttpRedirectsOnly(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect to http(s) only. urllib's own follows ftp:// too: a CRL server (or whoever answers its plain
+    HTTP) could send the fetch to log in to any FTP server, outside the deadline, and the answer had no HTTP status."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        if not newurl.lower().startswith(("http://", "https://")):
+            fp.close()
+            raise ValueError(f"redirected (HTTP {code}) to {newurl!r}, which is not http(s)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class _Deadline:

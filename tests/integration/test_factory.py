@@ -880,6 +880,81 @@ def test_a_crl_whose_issuer_name_cannot_be_read_is_a_refusal() -> None:
         server.close()
 
 
+class _Redirect(http.server.ThreadingHTTPServer):
+    """Answers every GET with 302 to location."""
+
+    def __init__(self, location: str) -> None:
+        location_ = location
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(302)
+                self.send_header("Location", location_)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _ftp_server(body: bytes, logins: list[str]) -> socket.socket:
+    """A loopback FTP server enough for urllib (USER, PASS, CWD, TYPE, PASV, RETR) serving body once; logins records USER lines."""
+    control, data = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:  # ends when the test closes control
+        with data, contextlib.suppress(OSError), control.accept()[0] as conn, conn.makefile("rwb", buffering=0) as f:
+            f.write(b"220 ready\r\n")
+            while line := f.readline():
+                command = line.split()[0].upper()
+                if command == b"USER":
+                    logins.append(line.decode().strip())
+                if command == b"PASV":
+                    port = data.getsockname()[1]
+                    f.write(f"227 Entering Passive Mode (127,0,0,1,{port >> 8},{port & 255})\r\n".encode())
+                elif command == b"RETR":
+                    f.write(b"150 sending\r\n")
+                    with data.accept()[0] as transfer:
+                        transfer.sendall(body)
+                    f.write(b"226 done\r\n")
+                else:
+                    f.write({b"USER": b"331 password\r\n", b"QUIT": b"221 bye\r\n"}.get(command, b"200 ok\r\n"))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return control
+
+
+def test_a_crl_url_that_redirects_to_ftp_is_a_refusal_and_no_ftp_server_is_contacted() -> None:
+    """urllib follows a redirect to ftp:// (not file://): the fetch logged in to the FTP server named by whoever answered
+    the CRL URL, outside the fetch deadline, and the answer, which has no HTTP status, made verify() raise TypeError. A
+    redirect to another http(s) host (a CDN) is still followed."""
+    ca = ForeignCa.create("Relying-party test CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    logins: list[str] = []
+    ftp = _ftp_server(ca.crl().public_bytes(serialization.Encoding.DER), logins)
+    to_ftp = _Redirect(f"ftp://127.0.0.1:{ftp.getsockname()[1]}/ca.crl")
+    with _serving_crl(ca) as crl_url:
+        to_http = _Redirect(crl_url)
+        try:
+            verifier = DeviceVerifier([ca.certificate], IdentityRule(), CrlCache(max_age=0))
+            via_cdn = _foreign_leaf(ca, key, f"http://127.0.0.1:{to_http.server_address[1]}/ca.crl", "attacker-000002")
+            assert _decide(verifier, via_cdn, key).startswith("GRANTED device attacker-000002")
+            url = f"http://127.0.0.1:{to_ftp.server_address[1]}/ca.crl"
+            answer = _decide(verifier, _foreign_leaf(ca, key, url, "attacker-000002"), key)
+            assert answer == (
+                f"REFUSED at step revocation: cannot fetch the CRL at {url}: redirected (HTTP 302) to "
+                f"'ftp://127.0.0.1:{ftp.getsockname()[1]}/ca.crl', which is not http(s)"
+            ), answer
+            assert logins == []
+        finally:
+            for server in (to_ftp, to_http):
+                server.shutdown()
+                server.server_close()
+            ftp.close()
+
+
 def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
     """Step 4: a subject with two CNs (one of them another device's) is refused whatever the identity source, as a
     broker taking "the" CN as the user name might read either; with one CN the SAN/CN agreement decides."""
