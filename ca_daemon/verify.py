@@ -50,6 +50,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import verification
+from cryptography.x509.oid import ExtensionOID
 
 # The device signs this prefix plus the challenge, never a bare server-chosen value, so a
 # challenge cannot be used to make a device sign something that means anything elsewhere.
@@ -618,6 +619,14 @@ class DeviceVerifier:
             # RFC 5280 5.2.4: a delta applies to a complete CRL numbered at least its base and older than itself.
             if delta_of <= base_number < crl_number(delta):
                 applicable = delta
+        _check_scope(base, certificate, urls[0], what)
+        if applicable is not None:
+            _check_scope(applicable, certificate, delta_urls[0], what)
+            if _issuing_distribution_point(applicable) != _issuing_distribution_point(base):
+                raise Refused(
+                    "revocation",
+                    f"the delta CRL at {delta_urls[0]} has another scope (Issuing Distribution Point) than the full CRL at {urls[0]}",
+                )
         status = _entry_status(base, certificate.serial_number)
         delta_number: int | None = None
         if applicable is not None:
@@ -640,6 +649,69 @@ class _Issued:
 
 def _seconds(duration: timedelta) -> str:
     return f"{duration.total_seconds():g} s"
+
+
+# The CRL extensions step 3 reads. RFC 5280 5.2: a CRL with a critical extension the relying party does not process
+# must not be used to decide any certificate's status.
+_PROCESSED_CRL_EXTENSIONS = frozenset(
+    {
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+        ExtensionOID.CRL_NUMBER,
+        ExtensionOID.DELTA_CRL_INDICATOR,
+        ExtensionOID.FRESHEST_CRL,
+        ExtensionOID.ISSUING_DISTRIBUTION_POINT,
+    }
+)
+
+
+def _issuing_distribution_point(crl: x509.CertificateRevocationList) -> x509.IssuingDistributionPoint | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _check_scope(crl: x509.CertificateRevocationList, certificate: x509.Certificate, url: str, what: str) -> None:
+    """Whether crl may decide certificate's status (RFC 5280 5.2 and 6.3.3 (b)(2)), else a refusal.
+
+    A CA signs CRLs of several scopes with one key (a CRL of CA certificates only, partitions by distribution point);
+    any of them, served at the certificate's URL by whoever answers it, authenticates, and one of another scope does not
+    list the certificate, revoked or not.
+    """
+    for extension in crl.extensions:
+        if extension.critical and extension.oid not in _PROCESSED_CRL_EXTENSIONS:
+            raise Refused(
+                "revocation",
+                f"the CRL at {url} has a critical extension this verifier does not process ({extension.oid.dotted_string}); "
+                "RFC 5280 5.2: it must not be used",
+            )
+    idp = _issuing_distribution_point(crl)
+    if idp is None:
+        return
+    who = what or "the certificate"
+    try:
+        is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    points = list(certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value)
+    names = {name for point in points for name in point.full_name or []}
+    if idp.indirect_crl:
+        problem = "is an indirect CRL, which this verifier does not read"
+    elif idp.only_some_reasons:
+        problem = f"covers only some reasons ({', '.join(sorted(r.name for r in idp.only_some_reasons))})"
+    elif idp.only_contains_attribute_certs:
+        problem = "covers attribute certificates only"
+    elif idp.only_contains_ca_certs and not is_ca:
+        problem = f"covers CA certificates only, and {who} is not one"
+    elif idp.only_contains_user_certs and is_ca:
+        problem = f"covers end-entity certificates only, and {who} is a CA certificate"
+    elif idp.full_name is not None and not names.intersection(idp.full_name):
+        problem = f"is for distribution point {', '.join(str(n.value) for n in idp.full_name)}, not one {who} names"
+    elif idp.relative_name is not None and all(point.relative_name != idp.relative_name for point in points):
+        problem = f"is for distribution point {idp.relative_name.rfc4514_string()} (relative to its issuer), not one {who} names"
+    else:
+        return
+    raise Refused("revocation", f"the CRL at {url} {problem} (its Issuing Distribution Point), so it cannot say {who}'s status")
 
 
 def _entry_status(crl: x509.CertificateRevocationList, serial: int) -> x509.ReasonFlags | None:

@@ -955,6 +955,58 @@ def test_a_crl_url_that_redirects_to_ftp_is_a_refusal_and_no_ftp_server_is_conta
             ftp.close()
 
 
+def test_a_crl_of_another_scope_or_with_a_critical_extension_not_processed_is_not_used() -> None:
+    """RFC 5280 5.2 and 6.3.3: a CA signs CRLs of several scopes with one key (CA certificates only, partitions by
+    distribution point); served at the certificate's URL by whoever answers it, each authenticated and, not listing the
+    device, granted it; so did a CRL with a critical extension the verifier does not process. The Issuing Distribution
+    Point of earlier ca-daemon CRLs (the leaf's own URL, onlyContainsUserCerts) still decides."""
+    ca = ForeignCa.create("Relying-party test CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    port = free_port()
+    server = _Http(port)
+    url = f"http://127.0.0.1:{port}/ca.crl"
+    here: list[x509.GeneralName] = [x509.UniformResourceIdentifier(url)]
+    elsewhere: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"http://127.0.0.1:{port}/partition-2.crl")]
+
+    def crl(extension: x509.ExtensionType, critical: bool = True) -> bytes:
+        now = datetime.now(UTC).replace(microsecond=0)
+        builder = x509.CertificateRevocationListBuilder(
+            issuer_name=ca.certificate.subject, last_update=now, next_update=now + timedelta(days=7)
+        ).add_extension(x509.CRLNumber(1), critical=False)
+        return builder.add_extension(extension, critical=critical).sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+    def idp(
+        full_name: list[x509.GeneralName] | None, *, users: bool = False, cas: bool = False, indirect: bool = False
+    ) -> x509.IssuingDistributionPoint:
+        return x509.IssuingDistributionPoint(full_name, None, users, cas, None, indirect, False)
+
+    scope = "REFUSED at step revocation: the CRL at " + url
+    cases = {
+        "earlier ca-daemon": (idp(here, users=True), "GRANTED device attacker-000002"),
+        "CA certificates only": (
+            idp(here, cas=True),
+            f"{scope} covers CA certificates only, and the certificate is not one (its Issuing Distribution Point), so it cannot",
+        ),
+        "another partition": (
+            idp(elsewhere, users=True),
+            f"{scope} is for distribution point http://127.0.0.1:{port}/partition-2.crl, not one the certificate names",
+        ),
+        "indirect": (idp(None, indirect=True), f"{scope} is an indirect CRL, which this verifier does not read"),
+        "critical, not processed": (
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\x05\x00"),
+            f"{scope} has a critical extension this verifier does not process (1.3.6.1.4.1.55555.1); RFC 5280 5.2",
+        ),
+    }
+    try:
+        leaf = _foreign_leaf(ca, key, url, "attacker-000002")
+        for case, (extension, expected) in cases.items():
+            server.fixed["/ca.crl"] = crl(extension)
+            answer = _decide(DeviceVerifier([ca.certificate], IdentityRule(), CrlCache(max_age=0)), leaf, key)
+            assert answer.startswith(expected), (case, answer)
+    finally:
+        server.close()
+
+
 def test_verifier_refuses_a_subject_with_two_cns_at_identity() -> None:
     """Step 4: a subject with two CNs (one of them another device's) is refused whatever the identity source, as a
     broker taking "the" CN as the user name might read either; with one CN the SAN/CN agreement decides."""
