@@ -77,9 +77,9 @@ def fetch_checked(url: str, trusted: Sequence[x509.Certificate], now: datetime, 
         raise CrlRefused(f"the CRL at {url} answered HTTP {status}")
     try:
         crl = x509.load_pem_x509_crl(body) if body.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(body)
+        issuer = crl.issuer.rfc4514_string()  # read on first use: a name that is not UTF-8 fails here, not at parse
     except ValueError as exc:
         raise CrlRefused(f"what {url} serves is not a CRL: {exc}") from None
-    issuer = crl.issuer.rfc4514_string()
     if delta_base(crl) is not None:
         raise CrlRefused(f"{url} serves a delta CRL of {issuer}: give the full CRL's URL (OpenSSL would take a delta for a complete CRL)")
     if not any(_signed_by(crl, cert) for cert in trusted):

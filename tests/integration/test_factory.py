@@ -39,6 +39,7 @@ from ca_daemon import app
 from ca_daemon import config as config_module
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
 from ca_daemon.client import CaClient, UnexpectedAnswer
+from ca_daemon.crlfile import CrlRefused, fetch_checked
 from ca_daemon.registration import AUDIT_ACTION
 from ca_daemon.simulate import Device, Progress, simulate
 from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, http_fetch, sign_challenge
@@ -876,6 +877,9 @@ def test_a_crl_whose_issuer_name_cannot_be_read_is_a_refusal() -> None:
             DeviceVerifier([ca.certificate], IdentityRule(), CrlCache(max_age=0)), _foreign_leaf(ca, key, url, "attacker-000002"), key
         )
         assert answer.startswith(f"REFUSED at step revocation: the CRL at {url} does not parse: error parsing asn1 value"), answer
+        # The broker's CRL refresh (crlfile) read the name outside its parse check too: ValueError, not a refusal.
+        with pytest.raises(CrlRefused, match=f"what {url} serves is not a CRL: error parsing asn1 value"):
+            fetch_checked(url, [ca.certificate], datetime.now(UTC))
     finally:
         server.close()
 
