@@ -22,7 +22,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -358,7 +358,7 @@ class Authenticator:
                 for item in checked:
                     self._crl.check(item, now)
             return principal
-        certificate = x509.load_pem_x509_certificate(pem)
+        certificate = _readable(pem)
         _check_dates(certificate, "client certificate", now)
         issuers = self._issuers_of(certificate, now)
         valid_until = min([certificate.not_valid_after_utc, *(ca.not_valid_after_utc for ca in issuers)])
@@ -398,6 +398,32 @@ class Authenticator:
                 break
             current = issuer
         return chain
+
+
+def _readable(pem: bytes) -> x509.Certificate:
+    """The client certificate, its names and extensions read; Unauthenticated (rule client-certificate) saying why not.
+
+    The handshake's OpenSSL is lenient where cryptography is strict (a PrintableString CN with '_' or '@',
+    which a client CA may well issue): its ValueError ended every call in INTERNAL, with a traceback in
+    the log and no access.deny event. cryptography reads some parts only on first use, so all are read here.
+    """
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise Unauthenticated(f"the client certificate cannot be read: {exc}", rule="client-certificate") from None
+    parts: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("an unreadable subject name", lambda: certificate.subject),
+        ("an unreadable issuer name", lambda: certificate.issuer),
+        ("unreadable extensions", lambda: certificate.extensions),
+    )
+    for part, read in parts:
+        try:
+            read()
+        except (ValueError, x509.DuplicateExtension) as exc:
+            raise Unauthenticated(
+                f"client certificate {certificate.serial_number:x} has {part}: {exc}", rule="client-certificate"
+            ) from None
+    return certificate
 
 
 def issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from tests.conftest import device_csr, make_env, spawn_daemon, wait_channel_serving
+from tests.csr_forge import oid, seq, tlv
 from tests.integration.test_access_audit import TlsDaemon
 
 pytestmark = pytest.mark.slow
@@ -96,6 +98,38 @@ def _outside_client(tls_dir: Path, name: str, issuer: x509.Certificate, issuer_k
     (tls_dir / "clients" / f"{name}.pem").write_bytes(_pem(leaf) + chain)
 
 
+def _unreadable_name_client(
+    tls_dir: Path, name: str, issuer: x509.Certificate, issuer_key: ec.EllipticCurvePrivateKey, serial: int
+) -> None:
+    """A client certificate whose subject CN is a PrintableString with '_' and '@', characters that type does not allow.
+
+    OpenSSL verifies it and Python's ssl reads it; cryptography cannot read the name. Built with a UTF8String
+    placeholder of the same length, patched in the to-be-signed bytes and signed again by its CA.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    draft = (
+        x509.CertificateBuilder()
+        .subject_name(_name("placeholder"))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    utf8_cn = bytes([0x0C, len("placeholder")]) + b"placeholder"
+    printable_cn = bytes([0x13, len("placeholder")]) + f"{name}_@x".ljust(len("placeholder"), "x").encode()
+    tbs = draft.tbs_certificate_bytes.replace(utf8_cn, printable_cn)
+    signature = issuer_key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    der = seq(tbs, seq(oid("1.2.840.10045.4.3.2")), tlv(0x03, b"\x00" + signature))
+    _write_key(tls_dir / "clients" / f"{name}.key", key)
+    (tls_dir / "clients" / f"{name}.pem").write_bytes(ssl.DER_cert_to_PEM_cert(der).encode() + _pem(issuer))
+
+
 @pytest.fixture(scope="module")
 def pki_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> Iterator[TlsDaemon]:
     env = make_env(tmp_path_factory.mktemp("pki"), softhsm_conf, workers=1)
@@ -119,13 +153,14 @@ def pki_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> 
         crls.write(_crl("Outside Intermediate 2", good_key, []).public_bytes(serialization.Encoding.PEM))
     _outside_client(tls_dir, "off2", bad, bad_key, 0x3003)
     _outside_client(tls_dir, "off4", good, good_key, 0x3004)
+    _unreadable_name_client(tls_dir, "off5", good, good_key, 0x3005)
     # A second outside PKI whose CRL was left out of tls.client_crl.
     lone_key = ec.generate_private_key(ec.SECP256R1())
     lone = _cert("Lone Root", lone_key.public_key(), "Lone Root", lone_key, ca=True, serial=0x4004)
     with (tls_dir / "ca.pem").open("ab") as bundle:
         bundle.write(_pem(lone))
     _outside_client(tls_dir, "off3", lone, lone_key, 0x5005)
-    env.edit_config('officer = ["off"]', 'officer = ["off", "off2", "off3", "off4"]')
+    env.edit_config('officer = ["off"]', 'officer = ["off", "off2", "off3", "off4", "off5"]')
 
     log_path = env.state_dir / "daemon.log"
     process = spawn_daemon(env, log_path)
@@ -261,3 +296,16 @@ def test_a_client_name_that_begins_a_role_pattern_is_refused(tmp_path: Path, sof
         assert result.returncode == 1 and "which in [roles] begins a pattern, not a name" in result.stderr, result.stderr
         assert not (out / "clients").exists()
         assert env.config_path.read_text() == configuration
+
+
+def test_a_certificate_whose_name_cannot_be_read_is_refused_with_the_reason(pki_daemon: TlsDaemon) -> None:
+    """A client CA's certificate with a PrintableString CN holding '_' passed the handshake (OpenSSL reads it), and then
+    every call ended in INTERNAL with a traceback in the log and no access.deny event: cryptography could not read the name."""
+    with pki_daemon.channel("off5") as channel:
+        refused = _refusal(channel)
+    details = refused.details() or ""
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, (refused.code(), details)
+    assert details.startswith("the client certificate cannot be read: error parsing asn1 value: "), details
+    assert "PrintableString" in details, details
+    assert details.endswith("[rule client-certificate]"), details
+    assert "Traceback" not in pki_daemon.log()
