@@ -31,6 +31,7 @@ import logging
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ca_daemon.logs import LogThrottle
 
@@ -90,6 +91,13 @@ _QUIET_REASONS = frozenset({"closed", "timeout"})
 # first appears at 1 has no increase for Prometheus, so the first refusal of a kind would alert no one.
 REFUSAL_REASONS = ("unknown-ca", "bad-client-certificate", "server-certificate-rejected", "protocol", "timeout", "closed", "other")
 
+# _NOT_UTF8: asyncio ends the handshake by reading the peer certificate as text (SSLObject.getpeercert()), and a
+# name in it that is not UTF-8 (a Latin-1 SAN from a client CA we trust; OpenSSL verifies it) raises
+# UnicodeDecodeError, not an ssl.SSLError. Uncaught, each such connection logged two ERROR tracebacks, unthrottled,
+# and was not counted; it is a refused handshake (bad-client-certificate) like any other, and asyncio's own
+# report of it is left out (_quiet_undecodable_certificates).
+_ASYNCIO_HANDSHAKE_FAILED = "SSL handshake failed"
+
 AuthContext = Mapping[str, Iterable[bytes]]
 _NO_CONTEXT: AuthContext = {}
 
@@ -142,6 +150,7 @@ class TlsFrontEnd:
     async def start(self, host: str, port: int, *, backend_port: int) -> int:
         """Listen on host:port (shared with the other workers: SO_REUSEPORT); the port bound."""
         self._backend_port = backend_port
+        _quiet_undecodable_certificates(asyncio.get_running_loop())
         self._server = await asyncio.start_server(self._accept, host, port, reuse_port=True, backlog=1024)
         return int(self._server.sockets[0].getsockname()[1])
 
@@ -206,7 +215,7 @@ class TlsFrontEnd:
         client = writer.get_extra_info("peername")
         try:
             await writer.start_tls(self._context, ssl_handshake_timeout=_HANDSHAKE_TIMEOUT_S)
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+        except (OSError, TimeoutError, UnicodeDecodeError) as exc:  # ssl.SSLError is an OSError; see _NOT_UTF8
             self._handshake_refused(client, exc)
             return
         auth = auth_context(writer.get_extra_info("ssl_object"))
@@ -277,6 +286,24 @@ class TlsFrontEnd:
         )
 
 
+def _quiet_undecodable_certificates(loop: asyncio.AbstractEventLoop) -> None:
+    """Leave out asyncio's ERROR report of a handshake that failed on a client certificate name that is not UTF-8.
+
+    TlsFrontEnd counts and logs that refusal itself (see _NOT_UTF8); every other report goes where it went.
+    """
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == _ASYNCIO_HANDSHAKE_FAILED and isinstance(context.get("exception"), UnicodeDecodeError):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 def handshake_refusal_reason(exc: BaseException) -> str:
     """Why a server-side TLS handshake failed, as one of a few stable names (the metric's label).
 
@@ -289,6 +316,8 @@ def handshake_refusal_reason(exc: BaseException) -> str:
     """
     if isinstance(exc, TimeoutError):
         return "timeout"
+    if isinstance(exc, UnicodeDecodeError):
+        return "bad-client-certificate"  # see _NOT_UTF8
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "unknown-ca" if exc.verify_code in _UNKNOWN_ISSUER_CODES else "bad-client-certificate"
     if isinstance(exc, ssl.SSLError):
@@ -331,6 +360,8 @@ def _address(peer: object) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a name in the client certificate is not UTF-8 ({exc.reason} at byte {exc.start})"
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"{exc.reason}: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:

@@ -496,3 +496,51 @@ def test_calls_without_a_certificate_are_logged_in_summary_not_audited(pki: Pki,
     lines = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.rpc"]
     assert sum("without a client certificate" in line for line in lines) == 1, lines  # one line for the 20 calls
     assert sum(line.startswith("rpc ") and "UNAUTHENTICATED" in line for line in lines) == 1, lines  # the expired caller's
+
+
+def test_a_client_certificate_with_a_name_that_is_not_utf8_is_a_counted_refusal_not_a_traceback(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate from a trusted client CA whose SAN URI holds a byte that is not UTF-8 (OpenSSL verifies it): asyncio's
+    handshake reads the peer certificate as text, and the UnicodeDecodeError escaped the front end. Each such connection
+    logged two ERROR tracebacks ('SSL handshake failed', 'Unhandled exception in client_connected_cb'), unthrottled, and
+    was not counted in the refused-handshakes metric."""
+    from tests.csr_forge import oid, seq, tlv
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    draft = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "latin")]))
+        .issuer_name(pki.ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:client:latin")]), critical=False)
+        .sign(pki.ca.key, hashes.SHA256())
+    )
+    tbs = draft.tbs_certificate_bytes.replace(b"urn:client:latin", b"urn:client:l\xe4tin")  # Latin-1 'ä'
+    der = seq(tbs, seq(oid("1.2.840.10045.4.3.2")), tlv(0x03, b"\x00" + pki.ca.key.sign(tbs, ec.ECDSA(hashes.SHA256()))))
+    (tmp_path / "latin.pem").write_text(ssl.DER_cert_to_PEM_cert(der))
+    (tmp_path / "latin.key").write_bytes(Issued(draft, key).key_pem())
+    caplog.set_level(logging.INFO)
+    refusals: list[str] = []
+    server = FrontEndServer(pki, count_refused_handshake=refusals.append)
+    try:
+        for _ in range(3):
+            _handshake(Pki(pki.ca, pki.old_ca, pki.server, pki.clients, tmp_path), server.port, client="latin")
+        deadline = time.monotonic() + 10
+        while len(refusals) < 3:
+            assert time.monotonic() < deadline, refusals
+            time.sleep(0.02)
+        with _channel(pki, server, "alice") as channel:
+            assert _sign(channel) == b"signed:x"
+    finally:
+        server.close()
+    assert refusals == ["bad-client-certificate"] * 3
+    errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors
+    lines = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
+    assert len(lines) == 1 and "refused (bad-client-certificate): a name in the client certificate is not UTF-8" in lines[0], lines
