@@ -320,6 +320,7 @@ def _connection_age_options(age_seconds: int) -> list[tuple[str, int]]:
 
 # How often the primary worker looks at the client CA CRL's nextUpdate (and once at start).
 _CLIENT_CRL_CHECK_S = 3600.0
+_CLIENT_CRL_RETRY_S = 60.0  # after a failed re-signing
 
 
 async def _keep_client_crl_fresh(config: Config, hsm: Hsm, store: SqlStore) -> None:
@@ -328,15 +329,20 @@ async def _keep_client_crl_fresh(config: Config, hsm: Hsm, store: SqlStore) -> N
     assert settings.client_crl_file is not None
     crl_file = settings.client_crl_file
     while True:
+        wait = _CLIENT_CRL_CHECK_S
         try:
             crl = await hsm.run_async(
                 lambda: tls.refresh_client_crl(hsm, store, settings.ca_key_uri, crl_file, settings.client_crl_refresh, datetime.now(UTC))
             )
             if crl is not None:
                 log.info("re-signed the client CA CRL %s: %d revoked, next update %s", crl_file, len(crl), crl.next_update_utc)
-        except CaError as exc:
-            log.error("could not re-sign the client CA CRL %s (next attempt in an hour): %s", crl_file, exc.message)
-        await asyncio.sleep(_CLIENT_CRL_CHECK_S)
+        except Exception as exc:  # any failure (a full disk: OSError) must not end the task: the CRL would expire
+            # Only CaError was caught: a write that failed with OSError ended this task for good, and once the CRL expired
+            # every mTLS call was refused. A failure is tried again in a minute, not an hour.
+            wait = _CLIENT_CRL_RETRY_S
+            reason = exc.message if isinstance(exc, CaError) else f"{type(exc).__name__}: {exc}"
+            log.error("could not re-sign the client CA CRL %s (next attempt in %.0f s): %s", crl_file, wait, reason)
+        await asyncio.sleep(wait)
 
 
 # The primary worker warns, hourly, once the TLS server certificate expires within this.

@@ -307,6 +307,8 @@ class Checkpointer:
                 await asyncio.to_thread(self.checkpoint)
             except CaError as exc:
                 log.error("audit checkpoint failed: %s", exc.message)
+            except Exception:  # one failure of another kind must not end the periodic checkpoints
+                log.exception("audit checkpoint failed")
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from files (no PKCS#11 hook); what the HSM protects is the CA that vouches for i
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -259,11 +260,14 @@ def write_crl(ca: MtlsCa, store: SqlStore, target: Path, *, actor: str, reason: 
         temporary.write_bytes(b"".join([crl.public_bytes(serialization.Encoding.PEM), *others]))
         _replace(temporary, target)
     except OSError as exc:
-        # Not OSError: the daemon's refresh retries a CaError hourly, and the operator reads what to do.
-        raise FailedPrecondition(
-            f"cannot write the client CA CRL {target}: {exc.strerror}; the daemon's user needs write access to "
-            f"{target.parent} (deploy/ca-daemon.service: ReadWritePaths=)"
-        ) from None
+        # A CaError, so that the operator reads what to do; the daemon's refresh tries again in a minute.
+        access = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        hint = (
+            f"the daemon's user needs write access to {target.parent} (deploy/ca-daemon.service: ReadWritePaths=)"
+            if access
+            else f"make room or fix the file system of {target.parent}"
+        )
+        raise FailedPrecondition(f"cannot write the client CA CRL {target}: {exc.strerror}; {hint}") from None
     store.append_audit(
         [
             AuditEvent(

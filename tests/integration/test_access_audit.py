@@ -7,9 +7,12 @@ revoked, one expired, and one without a certificate. The matrix walks every RPC 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -36,6 +39,7 @@ from tests.conftest import (
     device_csr,
     free_port,
     make_env,
+    mounted_tmpfs,
     spawn_daemon,
     wait_channel_serving,
     wait_workers_serving,
@@ -1032,6 +1036,54 @@ def test_the_refresh_re_signs_only_an_expiring_crl_of_the_internal_ca(tmp_path_f
     finally:
         hsm.close()
         store.close()
+
+
+def test_a_client_crl_refresh_that_fails_is_tried_again_soon_and_the_refresh_goes_on(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A re-signing that failed (here a full disk) was tried again an hour later only, the CRL's last hours before its
+    nextUpdate perhaps, after which every mTLS call is refused; the message blamed write access whatever the cause.
+    A failure is now tried again in a minute (here 0.2 s; the hourly check is left as it is), and the CRL is re-signed
+    once there is room."""
+    env = make_env(tmp_path_factory.mktemp("crl-refresh-full"), softhsm_conf)
+    env.cli("mtls", "init", "--out", str(env.state_dir / "tls"), "--client", "prog:programmer", "--apply")
+    _write_client_crl(env, timedelta(days=2))  # within the refresh window: the next check re-signs it
+    cfg = config.load(env.config_path)
+    assert cfg.tls.client_crl_file is not None
+    monkeypatch.setattr(app, "_CLIENT_CRL_RETRY_S", 0.2)
+    with mounted_tmpfs(env.state_dir / "small", "64k") as small:
+        crl_file = small / "client-ca.crl"
+        crl_file.write_bytes(cfg.tls.client_crl_file.read_bytes())
+        filler = small / "filler"
+        with filler.open("wb") as out, contextlib.suppress(OSError):
+            out.write(bytes(1 << 20))  # the file system is full: the re-signed CRL cannot be written
+        moved = dataclasses.replace(cfg, tls=dataclasses.replace(cfg.tls, client_crl_file=crl_file))
+        hsm, store = app.connect_hsm(cfg), app.connect_store(cfg)
+
+        async def refresh_until_written() -> None:
+            task = asyncio.create_task(app._keep_client_crl_fresh(moved, hsm, store))
+            await asyncio.sleep(1.5)  # several attempts, each refused for want of room
+            assert not task.done(), task  # before: ended by the first OSError
+            filler.unlink()
+            deadline = time.monotonic() + 30
+            while (x509.load_pem_x509_crl(crl_file.read_bytes()).next_update_utc or datetime.min.replace(tzinfo=UTC)) < datetime.now(
+                UTC
+            ) + timedelta(days=80):
+                assert time.monotonic() < deadline, "the CRL was never re-signed"
+                await asyncio.sleep(0.1)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        try:
+            with caplog.at_level(logging.ERROR, logger="ca_daemon.app"):
+                asyncio.run(refresh_until_written())
+        finally:
+            hsm.close()
+            store.close()
+    failures = [r.getMessage() for r in caplog.records if "could not re-sign the client CA CRL" in r.getMessage()]
+    assert failures and "next attempt in 0 s" in failures[0] and "No space left on device" in failures[0], failures
+    assert "write access" not in failures[0], failures
 
 
 def test_the_refresh_lists_a_client_revoked_on_another_replica(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> None:
