@@ -261,11 +261,11 @@ def write_crl(ca: MtlsCa, store: SqlStore, target: Path, *, actor: str, reason: 
         _replace(temporary, target)
     except OSError as exc:
         # A CaError, so that the operator reads what to do; the daemon's refresh tries again in a minute.
-        access = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        no_room = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         hint = (
-            f"the daemon's user needs write access to {target.parent} (deploy/ca-daemon.service: ReadWritePaths=)"
-            if access
-            else f"make room or fix the file system of {target.parent}"
+            f"make room on the file system of {target.parent}"
+            if no_room
+            else f"the daemon's user needs write access to {target.parent} (deploy/ca-daemon.service: ReadWritePaths=)"
         )
         raise FailedPrecondition(f"cannot write the client CA CRL {target}: {exc.strerror}; {hint}") from None
     store.append_audit(
