@@ -319,6 +319,24 @@ def test_revoke_prints_serials_as_other_outputs_do_and_no_dangling_colon(client:
     assert again.stdout == f"device {device.device_id} has no unrevoked certificate: nothing was revoked\n"
 
 
+def _cli_with_files_of_200_bytes(env: CaEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ca-daemon ARGS` whose writes past 200 bytes of a file fail with EFBIG, as on a full disk (no SIGXFSZ kill)."""
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    return subprocess.run(
+        [CA_DAEMON, "--config", str(env.config_path), *args],
+        capture_output=True,
+        text=True,
+        env={**daemon_environment(), "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=limited,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_a_crl_write_that_fails_midway_leaves_the_brokers_crlfile_as_it_was(
     client: CaClient, setup: tuple[CaEnv, int], tmp_path: Path
 ) -> None:
@@ -330,19 +348,7 @@ def test_a_crl_write_that_fails_midway_leaves_the_brokers_crlfile_as_it_was(
     before = crlfile.read_bytes()
     assert len(before) > 300
 
-    def limited() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
-
-    result = subprocess.run(
-        [CA_DAEMON, "--config", str(env.config_path), "client", "crl", "--format", "pem", "--out", str(crlfile)],
-        capture_output=True,
-        text=True,
-        env={**daemon_environment(), "PYTHONDONTWRITEBYTECODE": "1"},
-        preexec_fn=limited,
-        timeout=60,
-        check=False,
-    )
+    result = _cli_with_files_of_200_bytes(env, "client", "crl", "--format", "pem", "--out", str(crlfile))
     assert result.returncode == 1 and "File too large" in result.stderr, (result.stdout, result.stderr)
     assert crlfile.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ca.crl"]  # no temporary file left behind
@@ -384,19 +390,7 @@ def test_client_sign_refuses_an_unwritable_out_before_signing_and_a_failed_write
     again = tmp_path / "again.csr"
     again.write_bytes(device_csr(f"{device_id}-2"))
 
-    def limited() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
-
-    failed = subprocess.run(
-        [CA_DAEMON, "--config", str(env.config_path), "client", "sign", "--csr", str(again), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env={**daemon_environment(), "PYTHONDONTWRITEBYTECODE": "1"},
-        preexec_fn=limited,
-        timeout=60,
-        check=False,
-    )
+    failed = _cli_with_files_of_200_bytes(env, "client", "sign", "--csr", str(again), "--out", str(out))
     assert failed.returncode == 1 and "File too large" in failed.stderr, (failed.stdout, failed.stderr)
     assert x509.load_pem_x509_certificates(out.read_bytes())[0].serial_number == int(serial, 16)  # the earlier file, whole
     request_id = failed.stderr.split("--request-id ")[1].split()[0]
