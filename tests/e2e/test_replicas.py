@@ -238,7 +238,9 @@ def test_three_replicas_survive_killing_the_crl_leader(tmp_path: Path, softhsm_c
         everything = set(seen.revoked)
         deadline = time.monotonic() + 10
         while True:
-            final = x509.load_der_x509_crl(stubs[0].GetCRL(ca_pb2.GetCRLRequest(kind=ca_pb2.CRL_KIND_DELTA), timeout=10).crl_der)
+            # wait_for_ready: replica 0 may be the one killed and restarted, its channel still in reconnect back-off.
+            request = ca_pb2.GetCRLRequest(kind=ca_pb2.CRL_KIND_DELTA)
+            final = x509.load_der_x509_crl(stubs[0].GetCRL(request, timeout=10, wait_for_ready=True).crl_der)
             if everything <= {e.serial_number for e in final} or time.monotonic() > deadline:
                 break
             time.sleep(0.2)

@@ -140,7 +140,9 @@ def test_a_start_removes_the_metrics_directory_of_a_daemon_killed_with_sigkill_a
         started.append(spawn_daemon(next_env, next_env.state_dir / "daemon.log"))
         wait_serving(next_env.target, 90, started[-1], next_env.state_dir / "daemon.log")
         assert not killed_dir.exists(), sorted(path.name for path in killed_dir.iterdir())
-        assert sorted(path.name for path in running_dir.glob("*.db")) == running_files
+        # Every file the running daemon had is still there (it may have made more meanwhile: a metric's file is
+        # created at its first use, which a slower machine reached after the listing above).
+        assert set(running_files) <= {path.name for path in running_dir.glob("*.db")}
         body = urllib.request.urlopen(f"http://127.0.0.1:{ports[running_env.state_dir]}/metrics", timeout=10).read().decode()
         assert _sign_counts(body) == {"OK": 1.0}, _sign_counts(body)
     finally:

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import device_csr, make_env, spawn_daemon, wait_serving
+from tests.conftest import device_csr, make_env, spawn_daemon, wait_serving, wait_workers_serving
 
 
 def test_sigterm_answers_the_calls_in_flight_tells_health_watchers_first_and_logs_the_stop(
@@ -27,6 +27,9 @@ def test_sigterm_answers_the_calls_in_flight_tells_health_watchers_first_and_log
     log_path = env.state_dir / "daemon.log"
     process = spawn_daemon(env, log_path)
     wait_serving(env.target, 30, process, log_path)
+    # Both workers, whose stop lines the test counts: health answers SERVING once one serves (a second one still
+    # starting under load was stopped before it logged any).
+    wait_workers_serving(log_path.read_text, 2, 60, process)
     # The store's write lock, held as another process's write would hold it: Sign calls wait in their commit.
     lock = os.open(str(env.state_dir / "ca.db") + ".writelock", os.O_RDWR)
     try:
