@@ -22,7 +22,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.config import ROLES, Config, RoleGrant
 from ca_daemon.errors import ConfigError, PermissionDenied, Unauthenticated
-from ca_daemon.model import AuditEvent
+from ca_daemon.model import LINK_PROFILE, AuditEvent, IssuedCertificate
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,33 @@ def authorize(principal: Principal, method: str) -> None:
         rule="role",
         field="role",
         expected=names,
+    )
+
+
+# The rule of a Revoke refused for what it names, not for the method (RULES lets programmers call Revoke).
+REVOKE_CA_LINK = "revoke-ca-link"
+
+
+def authorize_revocation(identity: str, roles: Collection[str], certificate: IssuedCertificate) -> None:
+    """Revoke's rule for the certificate it names: programmers revoke the certificates issued to devices, and only those.
+
+    A CA link certificate (rotation.py: one root generation certifying the other's key) is a chain
+    alternative for every device of both roots, so revoking it is an officer's decision, taken as the
+    key ceremony's steps are; RULES lets a programmer call Revoke, so the method's rule cannot say this.
+    """
+    if certificate.profile != LINK_PROFILE or "officer" in roles:
+        return
+    serial = format(certificate.serial, "x")
+    subject = certificate.device_id.removeprefix("ca-link:")
+    held = ", ".join(r for r in ROLES if r in roles) or "none"
+    raise PermissionDenied(
+        f"Revoke of certificate {serial} needs role officer: it is a CA link certificate (CA key "
+        f"{certificate.issuer_key_id} certifies CA key {subject}, a chain devices of both roots may validate through), "
+        f"not a device certificate; caller {identity!r} has roles: {held}. Ask a security officer to revoke it: "
+        f"`ca-daemon client revoke --serial {serial} --reason REASON` with an officer's --tls-cert and --tls-key",
+        rule=REVOKE_CA_LINK,
+        field="serial",
+        expected="officer",
     )
 
 
@@ -470,10 +497,12 @@ __all__ = [
     "ClientCrl",
     "METRICS",
     "Principal",
+    "REVOKE_CA_LINK",
     "RULES",
     "RoleMap",
     "Unauthenticated",
     "authorize",
+    "authorize_revocation",
     "denial_event",
     "issued_by",
     "principal_of",

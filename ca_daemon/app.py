@@ -54,7 +54,15 @@ from ca_daemon.model import AuditEvent
 from ca_daemon.registration import VerificationCertificates
 from ca_daemon.revocation import MAX_BULK_REQUEST_BYTES, Revocations
 from ca_daemon.rotation import KeyCeremony
-from ca_daemon.service import SERVICE_NAME, CertificateAuthorityServicer, ErrorInterceptor, KeyCeremonyServicer, RequestLog, caller_of
+from ca_daemon.service import (
+    SERVICE_NAME,
+    CertificateAuthorityServicer,
+    ErrorInterceptor,
+    KeyCeremonyServicer,
+    RequestLog,
+    caller_of,
+    roles_of,
+)
 from ca_daemon.store import SqlStore, open_store, sqlite_mode_warning
 from ca_daemon.store.audit_store import AuditStore, EventFilter
 
@@ -219,7 +227,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
     )
     verification = VerificationCertificates(hsm, store, lambda: authority.active, record_refusal=authority.refusals.record)
     ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
-        CertificateAuthorityServicer(authority, caller_of, revocations, verification, AuditReader(store)), server
+        CertificateAuthorityServicer(authority, caller_of, roles_of, revocations, verification, AuditReader(store)), server
     )
     ca_pb2_grpc.add_KeyCeremonyServicer_to_server(
         KeyCeremonyServicer(KeyCeremony(config, hsm, store, lambda: authority.policy.source), caller_of, authority.follow_active_key),

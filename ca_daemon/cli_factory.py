@@ -111,7 +111,9 @@ def add_client_commands(client: argparse._SubParsersAction[argparse.ArgumentPars
     p.set_defaults(handler=_client_get)
 
     p = client.add_parser(
-        "revoke", help="revoke a certificate by serial (Revoke: programmer or officer role), or every certificate of a device (officer)"
+        "revoke",
+        help="revoke a certificate by serial (Revoke: programmer or officer role; a CA link certificate: officer), "
+        "or every certificate of a device (officer)",
     )
     add_client_options(p)
     which = p.add_mutually_exclusive_group(required=True)

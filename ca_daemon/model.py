@@ -82,6 +82,11 @@ class CertificateRequest:
     caller: str
 
 
+# The profile of the CA link certificates a root roll-over makes (rotation.py; stored with device ID
+# `ca-link:SUBJECT_KEY`): the CA's own certificates beside the devices', not issued under any configured profile.
+LINK_PROFILE = "ca-link"
+
+
 @dataclass(frozen=True)
 class IssuedCertificate:
     """A certificate the CA signed and recorded."""

@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from ca_daemon import crl_der
+from ca_daemon.access import authorize_revocation
 from ca_daemon.audit import EventRecorder, is_refusal, refusal_event
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError, FailedPrecondition, InvalidRequest, LintFailure, NotFound, echo
@@ -187,16 +188,28 @@ class Revocations:
         self._active_key_id = active_key_id if callable(active_key_id) else (lambda: active_key_id)
         self._cache: dict[tuple[str, bool], PublishedCrl] = {}
 
-    async def revoke(self, serial_text: str, reason: int, invalidity_date: InvalidityDate, actor: str) -> Revocation:
-        """Revoke one certificate; durable when this returns. A refusal is audited (certificate.revoke, refused)."""
+    async def revoke(
+        self, serial_text: str, reason: int, invalidity_date: InvalidityDate, actor: str, *, roles: Collection[str]
+    ) -> Revocation:
+        """Revoke one certificate; durable when this returns. A refusal is audited (certificate.revoke, refused).
+
+        roles are the caller's: what the certificate is decides who may revoke it (access.authorize_revocation).
+        """
         serial: int | None = None
         try:
             serial = parse_serial(serial_text)
+            await self._authorize(serial, actor, roles)
             revoked = await self._record([serial], "", reason, _given(invalidity_date), actor)
         except CaError as refusal:
             await self._refused("certificate.revoke", actor, refusal, serial=serial, details={"requested_reason": _reason_label(reason)})
             raise
         return revoked[0]
+
+    async def _authorize(self, serial: int, actor: str, roles: Collection[str]) -> None:
+        """PermissionDenied unless the caller may revoke this certificate; an unknown serial is left to _record (NotFound)."""
+        certificate = await asyncio.to_thread(self._store.get_certificate, serial)
+        if certificate is not None:
+            authorize_revocation(actor, roles, certificate)
 
     async def revoke_bulk(
         self, serial_texts: list[str], device_id: str, reason: int, invalidity_date: InvalidityDate, actor: str

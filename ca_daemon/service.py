@@ -105,6 +105,11 @@ def caller_of(_context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return _PRINCIPAL.get().identity
 
 
+def roles_of(_context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[str]:
+    """The roles of the caller ErrorInterceptor authenticated for the current request."""
+    return _PRINCIPAL.get().roles
+
+
 class RequestLog:
     """The per-request log line and metrics, written in batches on the event loop.
 
@@ -422,12 +427,14 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
         self,
         authority: Authority,
         caller_identity: Callable[[grpc.aio.ServicerContext[Any, Any]], str],
+        caller_roles: Callable[[grpc.aio.ServicerContext[Any, Any]], frozenset[str]],
         revocations: Revocations | None = None,
         verification: VerificationCertificates | None = None,
         audit: AuditReader | None = None,
     ) -> None:
         self._authority = authority
         self._caller = caller_identity
+        self._roles = caller_roles
         self._revocations = revocations
         self._verification = verification
         self._audit = audit
@@ -496,7 +503,7 @@ class CertificateAuthorityServicer(ca_pb2_grpc.CertificateAuthorityServicer):
 
     async def Revoke(self, request: ca_pb2.RevokeRequest, context: grpc.aio.ServicerContext[Any, Any]) -> ca_pb2.RevokeResponse:
         revocation = await self._revoker().revoke(
-            request.serial, request.reason, _time_or_refusal(request, "invalidity_date"), self._caller(context)
+            request.serial, request.reason, _time_or_refusal(request, "invalidity_date"), self._caller(context), roles=self._roles(context)
         )
         return ca_pb2.RevokeResponse(revoked_at=_timestamp(revocation.revoked_at))
 
@@ -748,4 +755,4 @@ def _revocation(revocation: Revocation) -> ca_pb2.Revocation:
     )
 
 
-__all__ = ["CertificateAuthorityServicer", "ErrorInterceptor", "RequestLog", "KeyCeremonyServicer", "SERVICE_NAME", "caller_of"]
+__all__ = ["CertificateAuthorityServicer", "ErrorInterceptor", "RequestLog", "KeyCeremonyServicer", "SERVICE_NAME", "caller_of", "roles_of"]

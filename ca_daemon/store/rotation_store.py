@@ -19,12 +19,11 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, insert, select, update
 
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
-from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason
+from ca_daemon.model import LINK_PROFILE, AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason
 from ca_daemon.store.locks import LockSpace, xact_lock
 from ca_daemon.store.schema import ca_key_lifecycle, ca_keys, certificates, key_approvals, revocations
 from ca_daemon.store.sql import SqlStore, _certificate, _certificate_values, serial_hex, void_open_approvals
 
-LINK_PROFILE = "ca-link"
 LIFECYCLE_FIELDS = ("published_at", "activated_at", "superseded_at", "retired_at", "destroyed_at", "compromised_at")
 
 

@@ -316,6 +316,54 @@ def test_revoking_a_client_takes_effect_without_restart(tls_daemon: TlsDaemon) -
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_only_an_officer_revokes_a_ca_link_certificate(tmp_path: Path, softhsm_conf: Path) -> None:
+    """Revoke is the programmer's for device certificates. A CA link certificate is a chain alternative for every device
+    of both roots: a programmer's Revoke of one is PERMISSION_DENIED, saying what it is and how an officer revokes it,
+    audited as a refused revocation, with nothing revoked; the officer's command from that message revokes it."""
+    env = make_env(tmp_path, softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
+    daemon = start_tls_daemon(env, "--client", "prog:programmer", "--client", "off:officer", "--client", "aud:auditor")
+    try:
+        with daemon.channel("prog") as prog, daemon.channel("off") as off, daemon.channel("aud") as aud:
+            ceremony = ca_pb2_grpc.KeyCeremonyStub(off)
+            ceremony.GenerateKey(ca_pb2.GenerateKeyRequest(label="ca-root-2"), timeout=30)
+            signed = ceremony.SelfSignKey(ca_pb2.SelfSignKeyRequest(key_id="ca-root-2", subject="CN=Root 2"), timeout=30)
+            links = [x509.load_pem_x509_certificate(pem.encode()) for pem in signed.link_certificates_pem]
+            assert len(links) == 2
+            serials = [format(link.serial_number, "x") for link in links]
+            ca = ca_pb2_grpc.CertificateAuthorityStub(prog)
+            for serial in serials:
+                with pytest.raises(grpc.RpcError) as refused:
+                    ca.Revoke(ca_pb2.RevokeRequest(serial=serial, reason=ca_pb2.REVOCATION_REASON_SUPERSEDED), timeout=10)
+                details = refused.value.details() or ""
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, (refused.value.code(), details)
+                assert f"Revoke of certificate {serial} needs role officer: it is a CA link certificate" in details, details
+                assert "caller 'prog' has roles: programmer" in details, details
+                assert f"`ca-daemon client revoke --serial {serial} --reason REASON`" in details, details
+                assert details.endswith(f"[rule {access.REVOKE_CA_LINK}]"), details
+                # Nothing is revoked; the refusal is audited as every refused revocation is.
+                assert not ca.GetCertificate(ca_pb2.GetCertificateRequest(serial=serial), timeout=10).HasField("revocation")
+                events = _stream(aud, ca_pb2.StreamAuditEventsRequest(serial=serial, actions=["certificate.revoke"]))
+                assert [(e.action, e.outcome, e.actor, e.reason) for e in events] == [
+                    ("certificate.revoke", "refused", "prog", access.REVOKE_CA_LINK)
+                ]
+            # A programmer still revokes the certificates issued to devices.
+            device = ca.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10)
+            ca.Revoke(ca_pb2.RevokeRequest(serial=device.serial, reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+            # An officer revokes a link certificate with the command the refusal names.
+            clients = daemon.tls_dir / "clients"
+            tls = ["--target", f"localhost:{env.port}", "--tls-ca", str(daemon.tls_dir / "ca.pem")]
+            tls += ["--tls-cert", str(clients / "off.pem"), "--tls-key", str(clients / "off.key")]
+            done = env.cli("client", "revoke", "--serial", serials[0], "--reason", "superseded", *tls)
+            assert done.stdout.startswith(f"revoked {serials[0]} (superseded) at "), done.stdout
+            revocation = ca.GetCertificate(ca_pb2.GetCertificateRequest(serial=serials[0]), timeout=10).revocation
+            assert revocation.reason == ca_pb2.REVOCATION_REASON_SUPERSEDED
+            events = _stream(aud, ca_pb2.StreamAuditEventsRequest(serial=serials[0], actions=["certificate.revoke"]))
+            assert [(e.outcome, e.actor) for e in events] == [("refused", "prog"), ("revoked", "off")]
+    finally:
+        daemon.stop()
+
+
 def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel], tmp_path: Path) -> None:
     stub = ca_pb2_grpc.CertificateAuthorityStub(channels["prog"])
     serials = [stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial for _ in range(12)]

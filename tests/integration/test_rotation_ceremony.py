@@ -477,21 +477,22 @@ def test_a_certificate_on_hold_blocks_retirement_and_a_retired_keys_certificates
     ceremony = setup.ceremony()
     held, revoked = setup.sign(), setup.sign()
     revocations = Revocations(setup.store, "ca-root-1", reissue_profiles=frozenset)
-    asyncio.run(revocations.revoke(serial_hex(held), RevocationReason.CERTIFICATE_HOLD, None, "test"))
-    asyncio.run(revocations.revoke(serial_hex(revoked), RevocationReason.SUPERSEDED, None, "test"))
+    asyncio.run(revocations.revoke(serial_hex(held), RevocationReason.CERTIFICATE_HOLD, None, "test", roles={"programmer"}))
+    asyncio.run(revocations.revoke(serial_hex(revoked), RevocationReason.SUPERSEDED, None, "test", roles={"programmer"}))
     setup.new_root(ceremony, "root-2")
     _both(ceremony, "activate", "root-2")
     setup.follow()
     with pytest.raises(FailedPrecondition, match="on hold") as refused:
         ceremony.approve("alice", "retire", "ca-root-1")
     assert refused.value.rule == "certificates-on-hold"
-    asyncio.run(revocations.revoke(serial_hex(held), RevocationReason.KEY_COMPROMISE, None, "test"))  # the hold becomes final
+    # The hold becomes final.
+    asyncio.run(revocations.revoke(serial_hex(held), RevocationReason.KEY_COMPROMISE, None, "test", roles={"programmer"}))
     _both(ceremony, "retire", "ca-root-1")
     final = setup.store.latest_crl("ca-root-1", delta=False)
     assert setup.store.get_ca_key("ca-root-1").status == KeyStatus.RETIRED  # type: ignore[union-attr]
     # Every change to the retired key's revocations is refused, and nothing is written.
     with pytest.raises(FailedPrecondition, match="retired") as refused:
-        asyncio.run(revocations.revoke(serial_hex(revoked), RevocationReason.KEY_COMPROMISE, None, "test"))
+        asyncio.run(revocations.revoke(serial_hex(revoked), RevocationReason.KEY_COMPROMISE, None, "test", roles={"programmer"}))
     assert refused.value.rule == "issuer-retired"
     assert setup.store.get_revocation(revoked).reason == RevocationReason.SUPERSEDED  # type: ignore[union-attr]
     assert setup.store.latest_crl("ca-root-1", delta=False) == final

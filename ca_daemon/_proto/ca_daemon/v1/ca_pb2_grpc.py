@@ -124,7 +124,9 @@ class CertificateAuthorityServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Revoke(self, request, context):
-        """Revoke revokes one certificate by serial number.
+        """Revoke revokes one certificate by serial number. A CA link certificate
+        (profile "ca-link") only an officer may revoke: PERMISSION_DENIED for any
+        other caller (rule revoke-ca-link).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

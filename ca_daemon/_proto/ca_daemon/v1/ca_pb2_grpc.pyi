@@ -54,7 +54,10 @@ class CertificateAuthorityStub:
     GetCertificate: _grpc.UnaryUnaryMultiCallable[_ca_pb2.GetCertificateRequest, _ca_pb2.GetCertificateResponse]
     """GetCertificate returns an issued certificate by serial number."""
     Revoke: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RevokeRequest, _ca_pb2.RevokeResponse]
-    """Revoke revokes one certificate by serial number."""
+    """Revoke revokes one certificate by serial number. A CA link certificate
+    (profile "ca-link") only an officer may revoke: PERMISSION_DENIED for any
+    other caller (rule revoke-ca-link).
+    """
     Unrevoke: _grpc.UnaryUnaryMultiCallable[_ca_pb2.UnrevokeRequest, _ca_pb2.UnrevokeResponse]
     """Unrevoke lifts a certificateHold revocation (removeFromCRL in the next delta)."""
     RevokeBulk: _grpc.UnaryUnaryMultiCallable[_ca_pb2.RevokeBulkRequest, _ca_pb2.RevokeBulkResponse]
@@ -109,7 +112,10 @@ class CertificateAuthorityAsyncStub(CertificateAuthorityStub):
     GetCertificate: _aio.UnaryUnaryMultiCallable[_ca_pb2.GetCertificateRequest, _ca_pb2.GetCertificateResponse]  # type: ignore[assignment]
     """GetCertificate returns an issued certificate by serial number."""
     Revoke: _aio.UnaryUnaryMultiCallable[_ca_pb2.RevokeRequest, _ca_pb2.RevokeResponse]  # type: ignore[assignment]
-    """Revoke revokes one certificate by serial number."""
+    """Revoke revokes one certificate by serial number. A CA link certificate
+    (profile "ca-link") only an officer may revoke: PERMISSION_DENIED for any
+    other caller (rule revoke-ca-link).
+    """
     Unrevoke: _aio.UnaryUnaryMultiCallable[_ca_pb2.UnrevokeRequest, _ca_pb2.UnrevokeResponse]  # type: ignore[assignment]
     """Unrevoke lifts a certificateHold revocation (removeFromCRL in the next delta)."""
     RevokeBulk: _aio.UnaryUnaryMultiCallable[_ca_pb2.RevokeBulkRequest, _ca_pb2.RevokeBulkResponse]  # type: ignore[assignment]
@@ -185,7 +191,10 @@ class CertificateAuthorityServicer(metaclass=_abc_1.ABCMeta):
         request: _ca_pb2.RevokeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ca_pb2.RevokeResponse, _abc.Awaitable[_ca_pb2.RevokeResponse]]:
-        """Revoke revokes one certificate by serial number."""
+        """Revoke revokes one certificate by serial number. A CA link certificate
+        (profile "ca-link") only an officer may revoke: PERMISSION_DENIED for any
+        other caller (rule revoke-ca-link).
+        """
 
     @_abc_1.abstractmethod
     def Unrevoke(
