@@ -164,6 +164,16 @@ CSR_SIGNATURE_ALGORITHMS = (
 WEAK_CSR_SIGNATURE_ALGORITHMS = ("sha1WithRSAEncryption", "ecdsa-with-SHA1", "md5WithRSAEncryption", "dsa-with-sha1")
 SAN_TYPES = ("dns", "uri", "email", "ip")
 LEAF_KEY_USAGES = ("digitalSignature", "contentCommitment", "keyEncipherment", "dataEncipherment", "keyAgreement")
+# The leaf key usages a certificate of each device key type may carry, and the RFC that says so: an RSA key encrypts
+# or signs but agrees on no key (RFC 3279 2.3.1, RFC 4055 1.2); an EC key signs or agrees on a key but encrypts
+# nothing (RFC 5480 3); an Ed25519 key only signs (RFC 8410 5). pkilint flags each other usage
+# (pkix.key_usage_value_prohibited_for_rsa, _for_ec, _for_edwards_curve). encipherOnly and decipherOnly, which
+# RFC 5480 allows only beside keyAgreement, are not leaf usages a profile can name.
+KEY_USAGES_OF_KEY_TYPE: dict[str, tuple[tuple[str, ...], str]] = {
+    "RSA": (("digitalSignature", "contentCommitment", "keyEncipherment", "dataEncipherment"), "RFC 3279 and RFC 4055"),
+    "EC": (("digitalSignature", "contentCommitment", "keyAgreement"), "RFC 5480"),
+    "Ed25519": (("digitalSignature", "contentCommitment"), "RFC 8410"),
+}
 EXTENDED_KEY_USAGES = ("clientAuth", "serverAuth", "codeSigning", "emailProtection", "timeStamping")
 LINT_MODES = ("template", "full", "off")
 DEVICE_ID_PLACEHOLDER = "{device_id}"
@@ -640,6 +650,15 @@ def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
     if not key_usage:
         raise ConfigError(f"{where}.key_usage must name at least one usage")
     _check_names(key_usage, LEAF_KEY_USAGES, f"{where}.key_usage (keyCertSign and cRLSign are for CAs only)")
+    ed25519 = p.boolean("ed25519", True)
+    listed_curves = ", ".join(f'"{curve}"' for curve in curves)  # names checked above
+    settings = {"EC": ("ec_curves", f"[{listed_curves}]"), "RSA": ("rsa_max_bits", str(rsa_max)), "Ed25519": ("ed25519", "true")}
+    allowed = {"EC": bool(curves), "RSA": bool(rsa_max), "Ed25519": ed25519}
+    written = set(p.keys())
+    key_types = {
+        kind: f"{key} = {value}" + ("" if key in written else ", the default") for kind, (key, value) in settings.items() if allowed[kind]
+    }
+    _check_key_usages_fit_key_types(where, key_usage, key_types)
     eku = tuple(p.string_list("extended_key_usage", ["clientAuth"]))
     if not eku:  # with the lint off, every certificate got an empty extendedKeyUsage, which no parser accepts
         raise ConfigError(f"{where}.extended_key_usage must name at least one usage (RFC 5280: an extendedKeyUsage holds one or more)")
@@ -655,7 +674,7 @@ def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
         ec_curves=curves,
         rsa_min_bits=rsa_min,
         rsa_max_bits=rsa_max,
-        ed25519=p.boolean("ed25519", True),
+        ed25519=ed25519,
         csr_signature_algorithms=algorithms,
         subject_required=required,
         subject_allowed=tuple(subject_allowed),
@@ -667,6 +686,41 @@ def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
         extended_key_usage=eku,
         allow_reissue=p.boolean("allow_reissue", False),
     )
+
+
+# The setting that takes each key type out of a profile.
+_KEY_TYPE_OFF = {"EC": "ec_curves = []", "RSA": "rsa_max_bits = 0", "Ed25519": "ed25519 = false"}
+
+
+def _check_key_usages_fit_key_types(where: str, key_usage: tuple[str, ...], key_types: dict[str, str]) -> None:
+    """ConfigError if a usage of key_usage is prohibited for a key type the profile allows (KEY_USAGES_OF_KEY_TYPE).
+
+    key_types: the key types the profile allows, each with the setting that allows it. Every certificate of the profile
+    carries the same key usages, so each must suit every key type it allows: with the lint on, every Sign for a key
+    of the other type was refused ('pkix.key_usage_value_prohibited_for_rsa'), and with the lint off it was issued
+    with a usage its key cannot have, which relying parties that check the key usage against the key refuse.
+    """
+    for usage in key_usage:
+        unfit = [kind for kind in key_types if usage not in KEY_USAGES_OF_KEY_TYPE[kind][0]]
+        if not unfit:
+            continue
+        fit = [kind for kind in key_types if kind not in unfit]
+        rfcs = ", ".join(f"{kind}: {KEY_USAGES_OF_KEY_TYPE[kind][1]}" for kind in unfit)
+        if fit:
+            advice = (
+                f"remove {usage} from key_usage, or split the profile by key type: one profile for {' and '.join(fit)} keys "
+                f"with {usage} ({', '.join(_KEY_TYPE_OFF[k] for k in unfit)}), another for {' and '.join(unfit)} keys "
+                f"without it ({', '.join(_KEY_TYPE_OFF[k] for k in fit)})"
+            )
+        else:
+            suited = [kind for kind, (usages, _) in KEY_USAGES_OF_KEY_TYPE.items() if usage in usages]
+            advice = f"remove {usage} from key_usage (a usage only {' and '.join(suited)} keys may have: give those a profile of their own)"
+        raise ConfigError(
+            f"{where}.key_usage: {usage} is prohibited for {' and '.join(unfit)} keys ({rfcs}), and the profile allows them "
+            f"({'; '.join(key_types[k] for k in unfit)}): a certificate for such a key would carry a key usage its key "
+            f'cannot have, refused by the pre-issuance lint at every Sign, or issued broken with [lint] mode = "off". '
+            f"Each usage of key_usage goes into the certificates of every key type the profile allows: {advice}"
+        )
 
 
 def _parse_callers(

@@ -70,6 +70,35 @@ def test_key_uris_without_a_token_are_keys_in_hsm_token_and_another_token_is_ref
     assert f"audit.key = 'pkcs11:token=other;object=audit-1' names token 'other', but hsm.token = '{env.token}'" in refused.stdout
 
 
+def test_a_key_usage_a_key_type_of_the_profile_cannot_have_is_refused_by_check_config_and_serve(tmp_path: Path, softhsm_conf: Path) -> None:
+    """keyAgreement in the development profile, which allows RSA and Ed25519 keys beside EC ones, passed check-config and
+    started: its template (an EC key, as the CA key is) passed the lint, and then every Sign for an RSA or Ed25519 key
+    was refused by the lint ('pkix.key_usage_value_prohibited_for_rsa'), or with the lint off issued against RFC 3279 and
+    RFC 8410. The configuration is refused, naming the profile, the usage, the key types and what to do."""
+    env = make_env(tmp_path, softhsm_conf)
+    env.edit_config('key_usage = ["digitalSignature"]', 'key_usage = ["digitalSignature", "keyAgreement"]')
+    expected = (
+        "profiles.device.key_usage: keyAgreement is prohibited for RSA and Ed25519 keys (RSA: RFC 3279 and RFC 4055, Ed25519: RFC 8410)"
+    )
+    advice = (
+        "remove keyAgreement from key_usage, or split the profile by key type: one profile for EC keys with keyAgreement "
+        "(rsa_max_bits = 0, ed25519 = false), another for RSA and Ed25519 keys without it (ec_curves = [])"
+    )
+    for lint in ("template", "off"):
+        env.edit_config('mode = "template"', f'mode = "{lint}"')
+        refused = env.cli("check-config", check=False)
+        assert refused.returncode == 1 and _lines(refused.stdout) == {"configuration": "FAIL"}, refused.stdout + refused.stderr
+        assert expected in refused.stdout and advice in refused.stdout, refused.stdout
+        served = env.cli("serve", check=False)  # stops at once: nothing is served
+        assert served.returncode != 0 and expected in served.stderr, served.stderr[-2000:]
+        assert not (env.state_dir / "ca-daemon.pid").exists()
+    # The EC keys' profile, split off as the message says, is accepted.
+    env.edit_config('mode = "off"', 'mode = "template"')
+    env.edit_config("rsa_max_bits = 8192", "rsa_max_bits = 0")
+    env.edit_config("ed25519 = true", "ed25519 = false")
+    assert _lines(env.cli("check-config").stdout)["configuration"] == "ok  "
+
+
 def test_serve_names_the_metrics_address_it_cannot_listen_on(tmp_path: Path, softhsm_conf: Path) -> None:
     """A taken metrics port stopped the daemon with only "[Errno 98] Address already in use": which of the addresses?"""
     env = make_env(tmp_path, softhsm_conf)

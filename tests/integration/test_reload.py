@@ -146,6 +146,18 @@ def test_a_profile_that_fails_the_template_lint_is_refused_by_the_workers(reload
     assert all("bad-san" not in v for v in _profile_views(env.target))
 
 
+def test_a_profile_whose_key_usage_a_key_type_it_allows_cannot_have_is_refused(reload_daemon: Daemon) -> None:
+    """A new profile with keyAgreement, allowing RSA and Ed25519 keys beside EC ones by default, was put in force: its
+    template (an EC key, as the CA key is) passed the lint, and every Sign of it for an RSA key was then refused."""
+    env = reload_daemon.env
+    env.config_path.write_text(env.config_path.read_text() + '\n[profiles.agreement]\nkey_usage = ["digitalSignature", "keyAgreement"]\n')
+    result = env.cli("reload", check=False)
+    assert result.returncode != 0
+    assert "profiles.agreement.key_usage: keyAgreement is prohibited for RSA and Ed25519 keys" in result.stderr, result.stderr
+    assert "rsa_max_bits = 8192, the default; ed25519 = true, the default" in result.stderr, result.stderr
+    assert all("agreement" not in v for v in _profile_views(env.target))
+
+
 def test_the_reload_outcome_is_read_from_the_signalled_daemons_config_reload_events(tmp_path: Path) -> None:
     """What `ca-daemon reload` reports after its SIGHUP (app.await_reload), from real events in a real store: only the
     signalled daemon's (its pid and host: replicas share a PostgreSQL log), as many as it has workers, refusals with

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
 
-from ca_daemon import config
+from ca_daemon import config, issuer, policy
 from ca_daemon.errors import ConfigError
+from ca_daemon.lint import pkilint_findings
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -127,6 +133,83 @@ def test_invalid_settings_are_refused_by_name(tmp_path: Path, old: str, new: str
     with pytest.raises(ConfigError) as excinfo:
         config.load(_write(tmp_path, _dev(tmp_path, **{old: new})))
     assert message in excinfo.value.message
+
+
+# Each device key type alone in the development profile: the other two taken out.
+_ONLY_KEY_TYPE = {
+    "EC": {"rsa_max_bits = 8192": "rsa_max_bits = 0", "ed25519 = true": "ed25519 = false"},
+    "RSA": {'ec_curves = ["P-256", "P-384"]': "ec_curves = []", "ed25519 = true": "ed25519 = false"},
+    "Ed25519": {'ec_curves = ["P-256", "P-384"]': "ec_curves = []", "rsa_max_bits = 8192": "rsa_max_bits = 0"},
+}
+_DEVICE_KEYS: dict[str, Callable[[], ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey]] = {
+    "EC": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "RSA": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    "Ed25519": ed25519.Ed25519PrivateKey.generate,
+}
+
+
+def _lint_errors_of_leaf(key_type: str, key_usage: tuple[str, ...]) -> list[str]:
+    """pkilint's ERROR and FATAL codes on the certificate the issuer builds for a device key of key_type with key_usage."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Key Usage Test CA")])
+    root = issuer.build_root(ca_name, ca_key.public_key(), datetime.now(UTC), timedelta(days=30)).sign(ca_key, hashes.SHA256())
+    device_key = _DEVICE_KEYS[key_type]()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sensor-0001")]))
+        .sign(device_key, issuer.signature_hash(device_key))
+    )
+    profile = policy.build_profile(config.ProfileConfig(name="device", key_usage=key_usage))
+    decision = policy.decide(policy.parse_csr(csr.public_bytes(serialization.Encoding.DER), 65536), profile)
+    builder = issuer.build_leaf(decision, root, issuer.new_serial(), datetime.now(UTC), timedelta(minutes=1), issuer.LeafUrls())
+    leaf = builder.sign(ca_key, hashes.SHA256())
+    return [f.code for f in pkilint_findings(leaf.public_bytes(serialization.Encoding.DER)) if f.severity in ("ERROR", "FATAL")]
+
+
+@pytest.mark.parametrize("usage", config.LEAF_KEY_USAGES)
+@pytest.mark.parametrize("key_type", sorted(_ONLY_KEY_TYPE))
+def test_a_profile_is_refused_for_a_key_usage_exactly_where_pkilint_flags_its_certificates(
+    tmp_path: Path, key_type: str, usage: str
+) -> None:
+    """A profile's key_usage goes into the certificate of every key type it allows. One with keyAgreement and RSA keys,
+    or keyEncipherment or dataEncipherment and EC or Ed25519 keys, loaded: with the lint on, every Sign for such a key
+    was refused (the template lint certifies one key type only), with it off the certificate was issued against
+    RFC 5480, RFC 8410 or RFC 3279. The configuration is refused where pkilint flags the certificate, and only there."""
+    key_usage = tuple(dict.fromkeys(("digitalSignature", usage)))
+    flagged = _lint_errors_of_leaf(key_type, key_usage)
+    listed = ", ".join(f'"{u}"' for u in key_usage)
+    text = _dev(tmp_path, **_ONLY_KEY_TYPE[key_type], **{'key_usage = ["digitalSignature"]': f"key_usage = [{listed}]"})
+    if not flagged:
+        assert config.load(_write(tmp_path, text)).profile("device").key_usage == key_usage
+        return
+    lint_name = {"RSA": "rsa", "EC": "ec", "Ed25519": "edwards_curve"}[key_type]
+    assert flagged == [f"pkix.key_usage_value_prohibited_for_{lint_name}"]
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, text))
+    message = excinfo.value.message
+    assert message.startswith(f"profiles.device.key_usage: {usage} is prohibited for {key_type} keys ("), message
+    assert f"every key type the profile allows: remove {usage} from key_usage" in message, message
+
+
+def test_a_key_usage_some_of_the_profiles_key_types_cannot_have_names_them_and_how_to_split_the_profile(tmp_path: Path) -> None:
+    """The development profile allows EC, RSA and Ed25519 keys; keyEncipherment suits the RSA keys only."""
+    text = _dev(tmp_path, **{'key_usage = ["digitalSignature"]': 'key_usage = ["digitalSignature", "keyEncipherment"]'})
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, text))
+    assert excinfo.value.message == (
+        "profiles.device.key_usage: keyEncipherment is prohibited for EC and Ed25519 keys (EC: RFC 5480, Ed25519: RFC 8410), "
+        'and the profile allows them (ec_curves = ["P-256", "P-384"]; ed25519 = true): a certificate for such a key would '
+        "carry a key usage its key cannot have, refused by the pre-issuance lint at every Sign, or issued broken with "
+        '[lint] mode = "off". Each usage of key_usage goes into the certificates of every key type the profile allows: '
+        "remove keyEncipherment from key_usage, or split the profile by key type: one profile for RSA keys with "
+        "keyEncipherment (ec_curves = [], ed25519 = false), another for EC and Ed25519 keys without it (rsa_max_bits = 0)"
+    )
+    # Split so, each profile loads.
+    split = text.replace("ed25519 = true", "ed25519 = false").replace('ec_curves = ["P-256", "P-384"]', "ec_curves = []")
+    split += "\n[profiles.device-ec-ed25519]\nrsa_max_bits = 0\n"
+    loaded = config.load(_write(tmp_path, split))
+    assert loaded.profile("device").key_usage == ("digitalSignature", "keyEncipherment")
+    assert loaded.profile("device-ec-ed25519").key_usage == ("digitalSignature",)
 
 
 def test_a_validity_in_seconds_past_three_years_sets_the_default_maximum(tmp_path: Path) -> None:
