@@ -146,7 +146,9 @@ class CrlScope:
     issued (leaves, and link certificates of a rotation), which is what a CRL without one
     means (RFC 5280 5.2.5). An IDP naming the leaves' distribution point put the self-signed
     root itself out of its CRL's scope, so OpenSSL with CRL_CHECK_ALL (nginx `ssl_crl`,
-    Apache, curl `--crlfile`) refused every chain ("unable to get certificate CRL").
+    Apache, curl `--crlfile`) refused every chain ("unable to get certificate CRL"), and one naming
+    only the configured URL would put the certificates issued under an earlier CDP URL out of scope
+    (RFC 5280 6.3.3 (b)(2)(i)); without an IDP a changed URL leaves them decided by the same CRL.
     """
 
     issuer_name_der: bytes

@@ -34,7 +34,7 @@ from ca_daemon.model import PublishedCrl
 from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import Leadership
-from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, sign_challenge
+from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, http_fetch, sign_challenge
 from tests.conftest import BIN, CaEnv, Daemon, device_csr, free_port, make_env, openssl_verify
 from tests.integration.crl_helpers import crl_env, get_crl, serials_in, sign, start, stub, wait_for_crl
 
@@ -863,3 +863,80 @@ def test_crl_publish_publishes_no_delta_with_deltas_off(tmp_path_factory: pytest
         assert store.latest_crl("ca-root-1", delta=True, with_der=False) is None
     finally:
         store.close()
+
+
+def test_after_the_cdp_url_changes_the_crl_still_decides_certificates_issued_under_the_old_url(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path, tmp_path: Path
+) -> None:
+    """An operator moves the CRL Distribution Point (here /crl/... to /pki/...) and restarts; the certificates issued
+    before carry the old URL. RFC 5280 6.3.3 (b)(2)(i) and OpenSSL use a CRL with an Issuing Distribution Point only for a
+    certificate whose CDP it names, so a CRL whose IDP named the new URL alone would stop deciding the old certificates
+    (their revocations no longer enforced, or every one refused). The CRLs carry no IDP: one CRL of everything the key
+    issued, whatever URL a certificate names. Judged by openssl (-crl_check, -crl_check_all, deltas) and the relying-party
+    verifier, which fetches the old certificate's CRL at the old URL (still served: /crl/KEY.crl always is)."""
+    env, port = crl_env(tmp_path_factory.mktemp("cdp-change"), softhsm_conf)
+    old_url, new_url = f"http://127.0.0.1:{port}/crl/ca-root-1.crl", f"http://127.0.0.1:{port}/pki/ca-root-1.crl"
+    log_dir = tmp_path_factory.mktemp("log")
+    old_key, new_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    daemon = start(env, log_dir)
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            old = stub(channel).Sign(ca_pb2.SignRequest(csr=device_csr("cdp-old-1", old_key), request_id=str(uuid.uuid4())), timeout=10)
+    finally:
+        daemon.stop()
+    env.edit_config(f'crl_distribution_points = ["{old_url}"]', f'crl_distribution_points = ["{new_url}"]')
+    daemon = start(env, log_dir)
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            new = stub(channel).Sign(ca_pb2.SignRequest(csr=device_csr("cdp-new-1", new_key), request_id=str(uuid.uuid4())), timeout=10)
+            _revoke(channel, old.serial)
+            wait_for_crl(channel, lambda crl: int(old.serial, 16) in serials_in(crl))  # the delta after the revocation
+            env.cli("crl", "publish")  # a full CRL that lists it
+            full = wait_for_crl(channel, lambda crl: int(old.serial, 16) in serials_in(crl), delta=False)
+            time.sleep(1.1)  # a delta on that full CRL, a second later (OpenSSL keeps the first of two CRLs of one time)
+            env.cli("crl", "publish", "--delta")
+            delta = wait_for_crl(
+                channel, lambda crl: crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator).value.crl_number == full.crl_number
+            )
+        leaves = {name: x509.load_pem_x509_certificate(r.certificate_pem.encode()) for name, r in (("old", old), ("new", new))}
+        cdps = {
+            name: [
+                str(n.value)
+                for point in leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+                for n in point.full_name or []
+            ]
+            for name, leaf in leaves.items()
+        }
+        assert cdps == {"old": [old_url], "new": [new_url]}
+        for der in (full.crl_der, delta.crl_der):
+            with pytest.raises(x509.ExtensionNotFound):  # in scope for every certificate of the key, whichever URL it names
+                x509.load_der_x509_crl(der).extensions.get_extension_for_class(x509.IssuingDistributionPoint)
+        assert _http_get(port, "/crl/ca-root-1.crl")[2] == _http_get(port, "/pki/ca-root-1.crl")[2] == full.crl_der
+
+        full_only, both = _crl_file(tmp_path, full.crl_der), _crl_file(tmp_path, full.crl_der, delta.crl_der)
+        for flags in (("-crl_check",), ("-crl_check_all",), ("-crl_check_all", "-use_deltas", "-extended_crl")):
+            crls = both if "-use_deltas" in flags else full_only
+            on_old = openssl_verify(tmp_path, old.certificate_pem, old.chain_pem, *flags, "-CRLfile", crls)
+            assert on_old.returncode != 0 and "certificate revoked" in on_old.stdout + on_old.stderr, (flags, on_old.stdout + on_old.stderr)
+            on_new = openssl_verify(tmp_path, new.certificate_pem, new.chain_pem, *flags, "-CRLfile", crls)
+            assert on_new.returncode == 0, (flags, on_new.stdout + on_new.stderr)
+
+        chain = x509.load_pem_x509_certificates(new.chain_pem.encode())
+        fetched: list[str] = []
+
+        def fetch(url: str, etag: str) -> tuple[int, bytes, str]:
+            fetched.append(url)
+            return http_fetch(url, etag)
+
+        verifier = DeviceVerifier([chain[-1]], IdentityRule(source="cn"), CrlCache(max_age=0, fetch=fetch))
+        for name, key, granted in (("old", old_key, False), ("new", new_key, True)):
+            challenge = verifier.challenge()
+            decision = verifier.verify(leaves[name], chain[:-1], challenge, sign_challenge(key, challenge))
+            assert decision.granted is granted, (name, decision)
+        assert fetched[0] == old_url and new_url in fetched, fetched  # the old certificate's CRL from the old URL
+        challenge = verifier.challenge()
+        refused = verifier.verify(leaves["old"], chain[:-1], challenge, sign_challenge(old_key, challenge))
+        assert refused.step == "revocation", refused
+        assert refused.reason == f"certificate {int(old.serial, 16):x} is revoked (key_compromise)", refused
+    finally:
+        daemon.stop()
