@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import Daemon, make_env
+from tests.conftest import Daemon, make_env, wait_workers_serving
 from tests.integration.crl_helpers import sign
 
 
@@ -28,6 +28,8 @@ def test_a_workers_threads_are_named_in_the_os(tmp_path_factory: pytest.TempPath
     env = make_env(tmp_path_factory.mktemp("thread-names"), softhsm_conf, workers=2)
     daemon = Daemon(env, env.state_dir / "daemon.log").start()
     try:
+        # Health is SERVING once one worker serves: the other may still be starting, its threads not all made yet.
+        wait_workers_serving(daemon.log, 2, 60, daemon.process)
         with grpc.insecure_channel(env.target) as channel:
             sign(channel)
         assert daemon.process is not None
