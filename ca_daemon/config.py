@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from ca_daemon.errors import ConfigError
 from ca_daemon.http_paths import request_path
-from ca_daemon.model import KeySpec
+from ca_daemon.model import LINK_PROFILE, KeySpec
 
 DEFAULT_DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -592,6 +592,13 @@ def _parse_rotation(raw: _Reader) -> RotationConfig:
 def _parse_profile(name: str, p: _Reader) -> ProfileConfig:
     """One `[profiles.NAME]` table, with every pattern compiled and every name checked."""
     where = f"profiles.{name}"
+    if name == LINK_PROFILE:
+        # The store tells a CA link certificate from a device's by this profile name: a device profile of that name
+        # would make its certificates count as links (officer-only Revoke, not counted as leaves at a key's retirement).
+        raise ConfigError(
+            f"[{where}]: the profile name {LINK_PROFILE!r} is reserved for the CA link certificates a root roll-over "
+            "makes; give the profile another name"
+        )
     pattern = p.string("device_id_pattern", DEFAULT_DEVICE_ID_PATTERN)
     _check_regex(pattern, f"{where}.device_id_pattern")
     validity = timedelta(days=p.integer("validity_days", 365, minimum=1, maximum=36500))

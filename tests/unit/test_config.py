@@ -212,6 +212,19 @@ def test_a_key_usage_some_of_the_profiles_key_types_cannot_have_names_them_and_h
     assert loaded.profile("device-ec-ed25519").key_usage == ("digitalSignature",)
 
 
+def test_the_ca_link_profile_name_is_reserved(tmp_path: Path) -> None:
+    """Link certificates are stored under the profile "ca-link": a device profile of that name made its devices'
+    certificates count as links (only officers could revoke them, and a key's retirement did not count them)."""
+    text = _dev(tmp_path) + '\n[profiles.ca-link]\ndevice_id_pattern = "^[a-z0-9-]{1,64}$"\n'
+    with pytest.raises(ConfigError) as excinfo:
+        config.load(_write(tmp_path, text))
+    assert excinfo.value.message == (
+        "[profiles.ca-link]: the profile name 'ca-link' is reserved for the CA link certificates a root roll-over makes; "
+        "give the profile another name"
+    )
+    assert "ca-link-devices" in config.load(_write(tmp_path, text.replace("[profiles.ca-link]", "[profiles.ca-link-devices]"))).profiles
+
+
 def test_a_validity_in_seconds_past_three_years_sets_the_default_maximum(tmp_path: Path) -> None:
     """validity_seconds of 3 years and a part of a day was refused ("validity_days exceeds max_validity_days", neither
     set): the default maximum counted the validity's whole days only."""
