@@ -12,8 +12,6 @@ import http.client
 import http.server
 import json
 import os
-import resource
-import signal
 import socket
 import stat
 import subprocess
@@ -319,19 +317,22 @@ def test_revoke_prints_serials_as_other_outputs_do_and_no_dangling_colon(client:
     assert again.stdout == f"device {device.device_id} has no unrevoked certificate: nothing was revoked\n"
 
 
+def _with_file_size_limit(limit: int) -> list[str]:
+    """A command prefix that runs the command with writes past `limit` bytes of a file failing with EFBIG, as on a full
+    disk (Python ignores SIGXFSZ, so the write raises). util-linux's prlimit sets the limit, not subprocess's
+    preexec_fn: a preexec_fn makes the forked child run gRPC's fork handlers, which restart gRPC's poller thread there,
+    and closing the inherited descriptors before exec then aborted the child ("Epoll1Poller ... epoll_wait error: Bad
+    file descriptor", exit -6) in about one run in ten while this process had gRPC channels open."""
+    return ["prlimit", f"--fsize={limit}:{limit}", "--"]
+
+
 def _cli_with_files_of_200_bytes(env: CaEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    """`ca-daemon ARGS` whose writes past 200 bytes of a file fail with EFBIG, as on a full disk (no SIGXFSZ kill)."""
-
-    def limited() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
-
+    """`ca-daemon ARGS` whose writes past 200 bytes of a file fail with EFBIG, as on a full disk."""
     return subprocess.run(
-        [CA_DAEMON, "--config", str(env.config_path), *args],
+        [*_with_file_size_limit(200), CA_DAEMON, "--config", str(env.config_path), *args],
         capture_output=True,
         text=True,
         env={**daemon_environment(), "PYTHONDONTWRITEBYTECODE": "1"},
-        preexec_fn=limited,
         timeout=60,
         check=False,
     )
@@ -1190,12 +1191,15 @@ def test_an_install_cut_off_mid_write_leaves_no_device_directory_that_looks_inst
     limit = len(inputs["cert"]) + len(inputs["chain"]) - 1  # every file fits but fullchain.pem
     assert limit > max(len(data) for data in inputs.values())
 
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
     died = subprocess.run(
-        [sys.executable, "-c", _INSTALL, *(str(tmp_path / name) for name in inputs), str(out / device.device_id)],
-        preexec_fn=limit_file_size,
+        [
+            *_with_file_size_limit(limit),
+            sys.executable,
+            "-c",
+            _INSTALL,
+            *(str(tmp_path / name) for name in inputs),
+            str(out / device.device_id),
+        ],
         env=daemon_environment(),
         capture_output=True,
         check=False,
