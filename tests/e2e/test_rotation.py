@@ -34,7 +34,7 @@ from sqlalchemy import create_engine, select
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.store import schema
-from tests.conftest import CaEnv, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving
+from tests.conftest import CaEnv, device_csr, free_port, make_env, spawn_daemon, wait_channel_serving, wait_workers_serving
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +161,9 @@ def _rotation_daemon(
 def _wait_serving(daemon: RotationDaemon) -> None:
     with daemon.channel("aud") as channel:
         wait_channel_serving(channel, 40, daemon.process, daemon.log, settle=1.0)  # settle: both workers
+    # Both workers, each of which the tests see switch keys: health is SERVING once one serves (a settle is no bound
+    # under load, and a worker that starts after the switch loads key 2 without logging one).
+    wait_workers_serving(daemon.log, 2, 60, daemon.process)
 
 
 # -- helpers -------------------------------------------------------------------------------

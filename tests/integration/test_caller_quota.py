@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from tests.conftest import CaEnv, Daemon, device_csr, make_env, spawn_daemon, wait_serving
+from tests.conftest import CaEnv, Daemon, device_csr, make_env, spawn_daemon, wait_serving, wait_workers_serving
 from tests.e2e.test_replicas import _replicas
 from tests.integration.crl_helpers import stub
 from tests.integration.test_clock_steps import SteppedClock
@@ -53,6 +53,9 @@ def test_a_caller_gets_no_more_certificates_per_hour_than_its_quota(tmp_path_fac
     )
     daemon = Daemon(env, env.state_dir / "daemon.log").start()
     try:
+        # Both workers, which _reload waits to see reload: health is SERVING once one serves (one still starting under
+        # load reloaded only once it served, too late for the wait).
+        wait_workers_serving(daemon.log, 2, 60, daemon.process)
         requests = [(str(uuid.uuid4()), device_csr()) for _ in range(8)]
         with ThreadPoolExecutor(max_workers=8) as pool:  # all in flight together, over both workers
             answers = list(pool.map(lambda r: _sign(env.target, *r), requests))
@@ -91,6 +94,8 @@ def test_a_quota_added_by_reload_counts_what_the_caller_was_issued_before(
     env = make_env(tmp_path_factory.mktemp("quota-later"), softhsm_conf, workers=2)
     daemon = Daemon(env, env.state_dir / "daemon.log").start()
     try:
+        # Both workers, which _reload waits to see reload: health is SERVING once one serves.
+        wait_workers_serving(daemon.log, 2, 60, daemon.process)
         assert [_sign(env.target, str(uuid.uuid4()), device_csr())[0] for _ in range(3)] == [grpc.StatusCode.OK] * 3
         env.edit_config(
             '[callers."local-developer"]\nprofiles = ["device"]',

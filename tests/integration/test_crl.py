@@ -35,7 +35,7 @@ from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import Leadership
 from ca_daemon.verify import CrlCache, DeviceVerifier, IdentityRule, http_fetch, sign_challenge
-from tests.conftest import BIN, CaEnv, Daemon, device_csr, free_port, make_env, openssl_verify
+from tests.conftest import BIN, CaEnv, Daemon, device_csr, free_port, make_env, openssl_verify, wait_workers_serving
 from tests.integration.crl_helpers import crl_env, get_crl, serials_in, sign, start, stub, wait_for_crl
 
 
@@ -613,6 +613,8 @@ def test_with_two_workers_one_publishes_and_every_worker_answers(tmp_path_factor
     env, port = crl_env(tmp_path_factory.mktemp("workers"), softhsm_conf, workers=2)
     daemon = start(env, tmp_path_factory.mktemp("log"))
     try:
+        # Both workers, which the fresh connections below are to reach: health is SERVING once one serves.
+        wait_workers_serving(daemon.log, 2, 60, daemon.process)
         with grpc.insecure_channel(env.target) as channel:
             cert = sign(channel)
             _revoke(channel, cert.serial)

@@ -18,7 +18,7 @@ import pytest
 
 from ca_daemon import metrics
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2
-from tests.conftest import Daemon, device_csr, free_port, make_env, mounted_tmpfs
+from tests.conftest import Daemon, device_csr, free_port, make_env, mounted_tmpfs, wait_workers_serving
 from tests.integration.crl_helpers import stub
 
 pytestmark = pytest.mark.slow
@@ -91,6 +91,9 @@ def test_a_full_disk_makes_signing_unavailable_and_it_resumes_without_a_restart(
     env.edit_config('[metrics]\nlisten = ""', f'[metrics]\nlisten = "127.0.0.1:{free_port()}"')
     daemon = Daemon(env, env.state_dir.parent.parent / "daemon.log").start()  # the log off the small disk
     try:
+        # Both workers up before the disk fills: health is SERVING once one serves, and one still starting on the full
+        # disk could fail its start and be restarted (the "exited with" the test rules out).
+        wait_workers_serving(daemon.log, 2, 60, daemon.process)
         filler = small_disk / "filler"
         with filler.open("wb") as f:  # fill the disk but for a few hundred KiB
             while os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize > 256 * 1024:

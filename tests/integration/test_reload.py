@@ -20,7 +20,7 @@ from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.model import AuditEvent
 from ca_daemon.store import open_store
 from ca_daemon.store.audit_store import AuditStore
-from tests.conftest import Daemon, Snapshot, device_csr
+from tests.conftest import Daemon, Snapshot, device_csr, wait_workers_serving
 from tests.integration.policy_env import make_policy_env
 
 NEW_PROFILE = """
@@ -40,6 +40,9 @@ def policy_env(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path) -> 
 @pytest.fixture
 def reload_daemon(policy_env: Snapshot, tmp_path: Path) -> Iterator[Daemon]:
     daemon = Daemon(policy_env.restore(), tmp_path / "daemon.log").start()
+    # Both workers, whose reloads the tests count ("applied by 2 worker(s)", two refusals): health is SERVING once one
+    # serves, and one still starting reloads only once it serves.
+    wait_workers_serving(daemon.log, 2, 60, daemon.process)
     yield daemon
     daemon.stop()
 

@@ -31,6 +31,7 @@ from tests.conftest import (
     spawn_daemon,
     wait_channel_serving,
     wait_serving,
+    wait_workers_serving,
 )
 
 PIN_VARIABLE = "CA_DAEMON_EXPOSURE_TEST_PIN"
@@ -62,6 +63,8 @@ def pin_env_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path)
     process = spawn_daemon(env, log_path, {PIN_VARIABLE: env.user_pin})
     try:
         wait_serving(env.target, 30, process, log_path)
+        # Both workers: the test kills one to see it restarted as after a crash; health is SERVING once one serves.
+        wait_workers_serving(log_path.read_text, 2, 60, process)
         yield env, process, log_path.read_text()
     finally:
         os.killpg(process.pid, signal.SIGTERM)

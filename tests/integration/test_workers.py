@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
-from tests.conftest import CA_DAEMON, CaEnv, child_processes, daemon_environment, device_csr, make_env, wait_serving
+from tests.conftest import CA_DAEMON, CaEnv, child_processes, daemon_environment, device_csr, make_env, wait_serving, wait_workers_serving
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two CPUs to pin two workers to")
@@ -34,6 +34,9 @@ def _serve_on_two_cpus(env: CaEnv, log_path: Path) -> subprocess.Popen[bytes]:
             start_new_session=True,
         )
     wait_serving(env.target, 30, process, log_path)
+    # Both workers: the tests read each one's CPUs and scheduling policy (set as it starts) and spread connections over
+    # both; health is SERVING once one serves.
+    wait_workers_serving(log_path.read_text, 2, 60, process)
     return process
 
 
