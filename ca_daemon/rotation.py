@@ -436,7 +436,8 @@ class KeyCeremony:
         (a third officer's approval while this one runs) do not fail on each other's
         revocations: each halts (idempotent) and revokes what is left, one switches, and
         the other is refused at the switch and told that a concurrent approval executed it
-        (_approve, _done_meanwhile).
+        (_approve, _done_meanwhile). The one that switches states (answer, log, `executed` audit event) what the
+        emergency revoked as a whole, whichever execution revoked it: it may have found everything revoked already.
         """
         window = self._config.rotation.approval_window
         halt = AuditEvent(
@@ -452,6 +453,9 @@ class KeyCeremony:
         details |= {"revoked_certificates": str(revoked), "revoked_link_certificates": str(revoked_links)}
         # What this pass listed and another call (a concurrent execution, a Revoke) revoked first: revoked all the same.
         details["revoked_meanwhile"] = str(len(issued) - revoked + len(live) - revoked_links)
+        # The emergency as a whole: what another execution revoked before this one listed it is in neither count above.
+        total_signed, total_certifying = self._rotation.compromise_revocations(key_id)
+        details |= {"total_revoked_certificates": str(total_signed), "total_revoked_link_certificates": str(total_certifying)}
         key = self._key(key_id)
         changes = [
             StatusChange(key_id, (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED), KeyStatus.SUPERSEDED, "compromised_at"),
@@ -467,10 +471,18 @@ class KeyCeremony:
         revoked += self._revoke(
             self._rotation.unexpired_unrevoked(key_id, _now(), leaves_only=False), RevocationReason.CA_COMPROMISE, actor
         )
-        revoked += len(issued) - int(details["revoked_certificates"])  # pass 1's list is revoked, by this call or another
+        # The officer is told what the emergency did, not what this execution did: when two approvals execute it at once,
+        # the one that switches may find the other's revocations done before it listed anything.
+        total_signed, total_certifying = self._rotation.compromise_revocations(key_id)
+        by_others = ""
+        if (total_signed, total_certifying) != (revoked, revoked_links):
+            by_others = (
+                f" ({total_signed - revoked} and {total_certifying - revoked_links} of them by another execution of this "
+                "emergency or a Revoke)"
+            )
         return (
-            f"CA key {key_id} is compromised: {revoked} certificate(s) it signed and {len(live)} link certificate(s) "
-            f"certifying it are revoked; {successor_key_id} is active"
+            f"CA key {key_id} is compromised: {total_signed} certificate(s) it signed and {total_certifying} link certificate(s) "
+            f"certifying it are revoked{by_others}; {successor_key_id} is active"
         )
 
     def _rotation_unrevoked(self, serials: list[int]) -> list[int]:

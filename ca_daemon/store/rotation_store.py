@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, insert, select, update
+from sqlalchemy import ColumnElement, and_, func, insert, select, update
 
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
 from ca_daemon.model import LINK_PROFILE, AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason
@@ -227,6 +227,27 @@ class RotationStore:
         )
         with self._store._connect() as conn:
             return [int(r.serial, 16) for r in conn.execute(stmt)]
+
+    def compromise_revocations(self, key_id: str) -> tuple[int, int]:
+        """How many certificates key_id signed are revoked for its compromise (cACompromise: leaves and the links it
+        signed), and how many link certificates certifying it are (keyCompromise), whoever revoked them.
+
+        An emergency's outcome as a whole: two executions at once each count only what they revoked themselves, and the one
+        that switches may have found everything revoked already by the other (or by an officer's Revoke).
+        """
+        signed = (
+            select(func.count())
+            .select_from(revocations)
+            .where(revocations.c.issuer_key_id == key_id, revocations.c.reason == RevocationReason.CA_COMPROMISE.value)
+        )
+        certifying = (
+            select(func.count())
+            .select_from(certificates.join(revocations, revocations.c.serial == certificates.c.serial))
+            .where(certificates.c.device_id == link_device_id(key_id), certificates.c.profile == LINK_PROFILE)
+            .where(revocations.c.reason == RevocationReason.KEY_COMPROMISE.value)
+        )
+        with self._store._connect() as conn:
+            return int(conn.execute(signed).scalar_one()), int(conn.execute(certifying).scalar_one())
 
     def record_link(self, link: IssuedCertificate, audit: AuditEvent) -> None:
         with self._store._begin() as conn:

@@ -337,46 +337,132 @@ def test_a_key_an_emergency_halted_shows_so_in_key_list_key_status_the_rpcs_and_
     assert listed[0].split("\t")[2] == "superseded" and "HALTED" not in listed[0], listed
 
 
+@pytest.mark.parametrize(
+    ("later_lists", "switcher"),
+    [
+        ("links", "later"),  # the interleaving a full run hit once, forced
+        ("everything", "later"),
+        ("links", "earlier"),
+    ],
+)
 def test_two_executions_of_one_emergency_at_once_revoke_everything_once_and_one_switches(
-    setup: Setup, monkeypatch: pytest.MonkeyPatch
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, later_lists: str, switcher: str
 ) -> None:
-    """carol approved; alice and bob approve at the same moment (two workers): both executions list the key's
-    certificates before either revokes them. The second one's revocation was refused ("already revoked"), and its
-    officer was told the emergency failed while the other execution completed it."""
+    """carol approved; alice and bob approve at the same moment (two workers): both halt the key, the earlier execution
+    revokes everything before the later one lists the links certifying the key (later_lists "links": both listed the
+    key's certificates before either revoked; the interleaving a full run once hit by chance) or anything at all
+    ("everything"), and the switcher switches while the other is refused at the switch.
+
+    The second one's revocation used to be refused ("already revoked"), and its officer told the emergency failed
+    while the other execution completed it. Then a later execution that switched told its officer, and audited, only
+    what it revoked itself or found revoked in its own lists: "4 certificate(s) it signed and 0 link certificate(s)"
+    (or 0 and 0), though the emergency had revoked 4 and 1. Now the officer told it executed is told what the emergency
+    revoked, and how much of that the other execution did; the executed event records both."""
     leaves = [setup.sign() for _ in range(3)]
     setup.new_root(setup.ceremony(), "root-2")
     setup.ceremony().approve("carol", "emergency", "ca-root-1", "root-2")
-    both_listed = threading.Barrier(2, timeout=30)
-    listing = RotationStore.unexpired_unrevoked
-    first_passes = iter(range(2))
+    halt, listing, certifying, execute = (
+        RotationStore.halt,
+        RotationStore.unexpired_unrevoked,
+        RotationStore.links_certifying,
+        RotationStore.execute,
+    )
+    both_halted, both_listed = threading.Barrier(2, timeout=30), threading.Barrier(2, timeout=30)
+    executions: list[int] = []  # the two executions' threads, in the order they reached the gate
+    listed: set[int] = set()
+    gate_order = threading.Lock()
+    earlier_done = threading.Event()  # the earlier execution revoked all it found (and switched, if it is the switcher)
+    later_switched = threading.Event()
 
-    def list_then_wait(self: RotationStore, *args: Any, **kwargs: Any) -> list[int]:
+    def gate() -> None:
+        """The first execution here goes on; the other waits until the first has revoked all it found."""
+        with gate_order:
+            if threading.get_ident() in executions or len(executions) == 2:
+                return
+            executions.append(threading.get_ident())
+            later = len(executions) == 2
+        if later:
+            assert earlier_done.wait(30), "the earlier execution did not reach the switch"
+
+    def halt_then_wait(self: RotationStore, *args: Any, **kwargs: Any) -> bool:
+        halted = halt(self, *args, **kwargs)
+        both_halted.wait()  # both are past the halt: neither is refused there by the other's switch
+        return halted
+
+    def list_certificates(self: RotationStore, *args: Any, **kwargs: Any) -> list[int]:
+        if later_lists == "everything":
+            gate()
+            return listing(self, *args, **kwargs)
         serials = listing(self, *args, **kwargs)
-        if next(first_passes, None) is not None:  # each execution's first pass: both listed before either revokes
-            both_listed.wait()
+        with gate_order:
+            first_pass = threading.current_thread() is not threading.main_thread() and threading.get_ident() not in listed
+            listed.add(threading.get_ident())
+        if first_pass:
+            both_listed.wait()  # each execution's first pass: both listed before either revokes
         return serials
 
-    monkeypatch.setattr(RotationStore, "unexpired_unrevoked", list_then_wait)
+    def list_links(self: RotationStore, subject_key_id: str) -> list[Any]:
+        if later_lists == "links":
+            gate()
+        return certifying(self, subject_key_id)
+
+    def switch(self: RotationStore, *args: Any, **kwargs: Any) -> None:
+        earlier = threading.get_ident() == executions[0]
+        if earlier and switcher == "later":
+            earlier_done.set()
+            assert later_switched.wait(30), "the later execution did not switch"
+            execute(self, *args, **kwargs)  # refused: the later one consumed the approvals
+            return
+        try:
+            execute(self, *args, **kwargs)
+        finally:
+            (earlier_done if earlier else later_switched).set()
+
+    monkeypatch.setattr(RotationStore, "halt", halt_then_wait)
+    monkeypatch.setattr(RotationStore, "unexpired_unrevoked", list_certificates)
+    monkeypatch.setattr(RotationStore, "links_certifying", list_links)
+    monkeypatch.setattr(RotationStore, "execute", switch)
     officers = iter(["alice", "bob"])
-    outcomes = at_once(lambda: setup.ceremony().approve(next(officers), "emergency", "ca-root-1", "root-2"))
+    officer_of: dict[int, str] = {}
+
+    def approve() -> ApprovalResult:
+        officer_of[threading.get_ident()] = officer = next(officers)
+        return setup.ceremony().approve(officer, "emergency", "ca-root-1", "root-2")
+
+    outcomes = at_once(approve)
     assert len(outcomes) == 2 and all(isinstance(o, ApprovalResult) for o in outcomes), outcomes
     results = [o for o in outcomes if isinstance(o, ApprovalResult)]
     assert sorted(r.executed for r in results) == [False, True]
     other = next(r for r in results if not r.executed)
     assert "a concurrent approval executed it" in other.message and "root-2 is active" in other.message, other.message
     assert setup.store.active_key_id() == "root-2"
-    revoked = [int(e["serial"], 16) for e in setup.store.audit_events() if e["action"] == "certificate.revoke"]
+    events = setup.store.audit_events()
+    revoked = [int(e["serial"], 16) for e in events if e["action"] == "certificate.revoke"]
     links = {c.serial for c in RotationStore(setup.store).links_certifying("ca-root-1")}
     assert len(revoked) == len(set(revoked)) and {*leaves, *links} <= set(revoked)  # each once, by one execution or the other
+    earlier, later = (officer_of[thread] for thread in executions)
+    assert {e["actor"] for e in events if e["action"] == "certificate.revoke"} == {earlier}  # the interleaving was forced
     assert RotationStore(setup.store).unexpired_unrevoked("ca-root-1", datetime.now(UTC), leaves_only=False) == []
     executed = next(r for r in results if r.executed)
-    assert "compromised: 4 certificate(s) it signed and 1 link certificate(s)" in executed.message, executed.message
+    # The emergency revoked the 3 leaves and the link ca-root-1 signed (certifying root-2), and the link certifying it.
+    by_the_other = " (4 and 1 of them by another execution of this emergency or a Revoke)" if switcher == "later" else ""
+    assert executed.message == (
+        f"CA key ca-root-1 is compromised: 4 certificate(s) it signed and 1 link certificate(s) certifying it are revoked{by_the_other}; "
+        "root-2 is active"
+    ), executed.message
+    (switched,) = [e for e in events if e["action"] == "key.emergency" and e["outcome"] == "executed"]
+    assert switched["actor"] == (later if switcher == "later" else earlier)
+    details = json.loads(switched["details"])
+    own = ("0", "0") if switcher == "later" else ("4", "1")
+    meanwhile = {"links": "4", "everything": "0"}[later_lists] if switcher == "later" else "0"
+    assert (details["revoked_certificates"], details["revoked_link_certificates"], details["revoked_meanwhile"]) == (*own, meanwhile)
+    assert (details["total_revoked_certificates"], details["total_revoked_link_certificates"]) == ("4", "1"), details
     for serial in leaves:
         revocation = setup.store.get_revocation(serial)
         assert revocation is not None and revocation.reason == RevocationReason.CA_COMPROMISE
-    steps = sorted(e["outcome"] for e in setup.store.audit_events() if e["action"] == "key.emergency")
+    steps = sorted(e["outcome"] for e in events if e["action"] == "key.emergency")
     assert steps == ["executed", "halted", "halted"]
-    assert [e for e in setup.store.audit_events() if e["outcome"] == "refused"] == []
+    assert [e for e in events if e["outcome"] == "refused"] == []
 
 
 def test_an_emergency_revokes_a_big_generation_in_transactions_of_bounded_size(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
