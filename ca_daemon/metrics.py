@@ -50,6 +50,8 @@ _DIRECTORY_NAME = re.compile(re.escape(_DIRECTORY_PREFIX) + "[0-9a-f]{16}")
 _LOCK_FILE = "supervisor.lock"
 _held_locks: list[int] = []
 _HANDSHAKE_TIMEOUT_S = 10.0
+# The OS name of the thread serving one connection (thread_names.py: `top -H` and /proc tell them from the rest).
+CONNECTION_THREAD = "metrics-conn"
 # Each connection is served in a thread of the supervisor. A client gets this long (after its TLS handshake)
 # to send its request head, in all, however it spaces its bytes; and at most MAX_CONNECTIONS are served at
 # once: beyond them the one that has waited longest for its handshake or request head is closed to make room
@@ -445,6 +447,7 @@ def serve(
                 raise
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
+            name_os_thread(CONNECTION_THREAD)
             try:
                 super().process_request_thread(request, client_address)
             finally:
