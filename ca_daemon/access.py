@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ca_daemon.config import ROLES, Config, RoleGrant
 from ca_daemon.errors import ConfigError, PermissionDenied, Unauthenticated
-from ca_daemon.model import LINK_PROFILE, AuditEvent, IssuedCertificate
+from ca_daemon.model import LINK_PROFILE, AuditEvent, IssuedCertificate, certified_key_id
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def authorize_revocation(identity: str, roles: Collection[str], certificate: Iss
     if certificate.profile != LINK_PROFILE or "officer" in roles:
         return
     serial = format(certificate.serial, "x")
-    subject = certificate.device_id.removeprefix("ca-link:")
+    subject = certified_key_id(certificate)
     held = ", ".join(r for r in ROLES if r in roles) or "none"
     raise PermissionDenied(
         f"Revoke of certificate {serial} needs role officer: it is a CA link certificate (CA key "

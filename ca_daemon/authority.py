@@ -46,7 +46,7 @@ from ca_daemon.errors import (
 from ca_daemon.hsm import Hsm, HsmPrivateKey, Pkcs11Uri
 from ca_daemon.http_paths import rename_in_path, request_path
 from ca_daemon.lint import Linter
-from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus
+from ca_daemon.model import AuditEvent, CaKey, CertificateRequest, IssuedCertificate, KeySpec, KeyStatus, certified_key_id
 from ca_daemon.store import IssuanceItem, IssuanceOutcome, SignReads, SqlStore, serial_hex
 from ca_daemon.store.group_commit import GroupCommitter, resolve_all
 from ca_daemon.store.rotation_store import RotationStore
@@ -896,7 +896,7 @@ class Authority:
         found: dict[str, list[bytes]] = {}
         for link in links:
             if link.not_after > datetime.now(UTC):
-                found.setdefault(link.device_id.removeprefix("ca-link:"), []).append(link.der)
+                found.setdefault(certified_key_id(link), []).append(link.der)
         return found
 
 

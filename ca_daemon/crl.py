@@ -36,7 +36,7 @@ from ca_daemon.files import fsync_path, write_atomically
 from ca_daemon.hsm import Hsm
 from ca_daemon.http import CRL_CONTENT_TYPE, DistributionServer, Resource, url_path
 from ca_daemon.logs import RetryLog
-from ca_daemon.model import KeyStatus, PublishedCrl
+from ca_daemon.model import KeyStatus, PublishedCrl, certified_key_id
 from ca_daemon.revocation import CrlIssuer, CrlPublisher
 from ca_daemon.store import SqlStore
 from ca_daemon.store.locks import Leadership
@@ -352,7 +352,7 @@ class CrlServices:
             not_before = x509.load_der_x509_certificate(key.certificate_der).not_valid_before_utc
             self.http.set(f"/ca/{key.key_id}.der", Resource.certificate(key.certificate_der, not_before))
         for link in links:
-            subject = link.device_id.removeprefix("ca-link:")
+            subject = certified_key_id(link)
             self.http.set(f"/ca/links/{link.issuer_key_id}-signs-{subject}.der", Resource.certificate(link.der, link.not_before))
 
     def healthy_check(self) -> bool:

@@ -87,6 +87,16 @@ class CertificateRequest:
 LINK_PROFILE = "ca-link"
 
 
+def link_device_id(subject_key_id: str) -> str:
+    """The device ID a CA link certificate is stored under: the CA key it certifies."""
+    return f"{LINK_PROFILE}:{subject_key_id}"
+
+
+def certified_key_id(link: IssuedCertificate) -> str:
+    """The CA key a link certificate certifies (its device ID, see link_device_id)."""
+    return link.device_id.removeprefix(f"{LINK_PROFILE}:")
+
+
 @dataclass(frozen=True)
 class IssuedCertificate:
     """A certificate the CA signed and recorded."""

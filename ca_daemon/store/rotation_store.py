@@ -19,16 +19,12 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, insert, select, update
 
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
-from ca_daemon.model import LINK_PROFILE, AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason
+from ca_daemon.model import LINK_PROFILE, AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason, link_device_id
 from ca_daemon.store.locks import LockSpace, xact_lock
 from ca_daemon.store.schema import ca_key_lifecycle, ca_keys, certificates, key_approvals, revocations
 from ca_daemon.store.sql import SqlStore, _certificate, _certificate_values, serial_hex, void_open_approvals
 
 LIFECYCLE_FIELDS = ("published_at", "activated_at", "superseded_at", "retired_at", "destroyed_at", "compromised_at")
-
-
-def link_device_id(subject_key_id: str) -> str:
-    return f"ca-link:{subject_key_id}"
 
 
 @dataclass(frozen=True)
