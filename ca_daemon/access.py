@@ -101,30 +101,48 @@ def authorize(principal: Principal, method: str) -> None:
     )
 
 
-# The rule of a Revoke refused for what it names, not for the method (RULES lets programmers call Revoke).
+# The rules of a Revoke refused for what it names, not for the method (RULES lets programmers call Revoke).
 REVOKE_CA_LINK = "revoke-ca-link"
+REVOKE_PROFILE = "revoke-profile"
 
 
-def authorize_revocation(identity: str, roles: Collection[str], certificate: IssuedCertificate) -> None:
-    """Revoke's rule for the certificate it names: programmers revoke the certificates issued to devices, and only those.
+def authorize_revocation(identity: str, roles: Collection[str], certificate: IssuedCertificate, profiles: Collection[str]) -> None:
+    """Revoke's rule for the certificate it names: an officer revokes any; a programmer, device certificates of its profiles.
 
-    A CA link certificate (rotation.py: one root generation certifying the other's key) is a chain
-    alternative for every device of both roots, so revoking it is an officer's decision, taken as the
-    key ceremony's steps are; RULES lets a programmer call Revoke, so the method's rule cannot say this.
+    profiles are those the caller may ask Sign for (`[callers."IDENTITY"] profiles`, as reloaded). A programming
+    service revokes what it could have had issued, as EJBCA scopes revocation by end-entity profile: a
+    credential of one line cannot take another line's fleet off the network. A CA link certificate
+    (rotation.py: one root generation certifying the other's key) is a chain alternative for every device of
+    both roots, so revoking it is an officer's decision, taken as the key ceremony's steps are; RULES lets a
+    programmer call Revoke, so the method's rule cannot say either.
     """
-    if certificate.profile != LINK_PROFILE or "officer" in roles:
+    if "officer" in roles:
         return
     serial = format(certificate.serial, "x")
-    subject = certified_key_id(certificate)
     held = ", ".join(r for r in ROLES if r in roles) or "none"
+    officer_command = f"`ca-daemon client revoke --serial {serial} --reason REASON` with an officer's --tls-cert and --tls-key"
+    if certificate.profile == LINK_PROFILE:
+        subject = certified_key_id(certificate)
+        raise PermissionDenied(
+            f"Revoke of certificate {serial} needs role officer: it is a CA link certificate (CA key "
+            f"{certificate.issuer_key_id} certifies CA key {subject}, a chain devices of both roots may validate through), "
+            f"not a device certificate; caller {identity!r} has roles: {held}. Ask a security officer to revoke it: {officer_command}",
+            rule=REVOKE_CA_LINK,
+            field="serial",
+            expected="officer",
+        )
+    if certificate.profile in profiles:
+        return
+    allowed = ", ".join(sorted(profiles)) or "none"
     raise PermissionDenied(
-        f"Revoke of certificate {serial} needs role officer: it is a CA link certificate (CA key "
-        f"{certificate.issuer_key_id} certifies CA key {subject}, a chain devices of both roots may validate through), "
-        f"not a device certificate; caller {identity!r} has roles: {held}. Ask a security officer to revoke it: "
-        f"`ca-daemon client revoke --serial {serial} --reason REASON` with an officer's --tls-cert and --tls-key",
-        rule=REVOKE_CA_LINK,
+        f"Revoke of certificate {serial} (device {certificate.device_id!r}) needs profile {certificate.profile!r}, "
+        f"which caller {identity!r} may not ask for (its [callers] profiles: {allowed}; roles: {held}): a programmer "
+        f"revokes only certificates of the profiles it may have issued. Ask a security officer to revoke it: "
+        f'{officer_command}; or have an administrator add {certificate.profile!r} to [callers."{identity}"] profiles '
+        "and run `ca-daemon reload`",
+        rule=REVOKE_PROFILE,
         field="serial",
-        expected="officer",
+        expected=f"a certificate of profile {' or '.join(sorted(profiles)) or 'none'}, or role officer",
     )
 
 
@@ -498,6 +516,7 @@ __all__ = [
     "METRICS",
     "Principal",
     "REVOKE_CA_LINK",
+    "REVOKE_PROFILE",
     "RULES",
     "RoleMap",
     "Unauthenticated",

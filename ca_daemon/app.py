@@ -222,6 +222,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         store,
         lambda: authority.active.key.key_id,
         reissue_profiles=authority.reissue_profiles,
+        caller_profiles=authority.caller_profiles,
         record_refusal=authority.refusals.record,
         deltas=config.crl.delta,
     )

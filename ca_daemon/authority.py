@@ -551,6 +551,10 @@ class Authority:
     def profiles(self) -> dict[str, policy.Profile]:
         return self.policy.profiles
 
+    def caller_profiles(self, caller: str) -> tuple[str, ...]:
+        """The profiles in force that this caller may ask for (`[callers]`, as reloaded); none for a caller not listed."""
+        return self.policy.callers.get(caller, ())
+
     def reissue_profiles(self) -> frozenset[str]:
         """The profiles in force that allow re-issue: a certificate of one may share its device with other active ones."""
         return frozenset(name for name, profile in self.policy.profiles.items() if profile.allow_reissue)

@@ -172,6 +172,7 @@ class Revocations:
         active_key_id: str | Callable[[], str],
         *,
         reissue_profiles: Callable[[], Collection[str]],
+        caller_profiles: Callable[[str], Collection[str]],
         record_refusal: EventRecorder | None = None,
         deltas: bool = True,
     ) -> None:
@@ -184,6 +185,8 @@ class Revocations:
         # The profiles in force that allow re-issue (Authority.reissue_profiles, which follows a reload): lifting
         # a hold of any other profile's certificate is refused while its device has another active one.
         self._reissue_profiles = reissue_profiles
+        # The profiles a caller may ask Sign for, as reloaded (Authority.caller_profiles): a programmer revokes those only.
+        self._caller_profiles = caller_profiles
         # A callable follows key rotation: the worker's current signing key (Authority.active).
         self._active_key_id = active_key_id if callable(active_key_id) else (lambda: active_key_id)
         self._cache: dict[tuple[str, bool], PublishedCrl] = {}
@@ -193,7 +196,7 @@ class Revocations:
     ) -> Revocation:
         """Revoke one certificate; durable when this returns. A refusal is audited (certificate.revoke, refused).
 
-        roles are the caller's: what the certificate is decides who may revoke it (access.authorize_revocation).
+        roles are the caller's: they and what the certificate is decide who may revoke it (access.authorize_revocation).
         """
         serial: int | None = None
         try:
@@ -209,7 +212,7 @@ class Revocations:
         """PermissionDenied unless the caller may revoke this certificate; an unknown serial is left to _record (NotFound)."""
         certificate = await asyncio.to_thread(self._store.get_certificate, serial)
         if certificate is not None:
-            authorize_revocation(actor, roles, certificate)
+            authorize_revocation(actor, roles, certificate, self._caller_profiles(actor))
 
     async def revoke_bulk(
         self, serial_texts: list[str], device_id: str, reason: int, invalidity_date: InvalidityDate, actor: str

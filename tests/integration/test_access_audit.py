@@ -364,6 +364,83 @@ def test_only_an_officer_revokes_a_ca_link_certificate(tmp_path: Path, softhsm_c
         daemon.stop()
 
 
+def test_a_programmer_revokes_only_certificates_of_the_profiles_it_may_ask_for(tmp_path: Path, softhsm_conf: Path) -> None:
+    """A programming service's credential revokes what it could have had issued: a caller whose [callers] profiles are
+    only gateway may not Revoke a device-profile certificate (PERMISSION_DENIED, rule revoke-profile, naming the profile,
+    what the caller may ask for and the two ways out), nothing is revoked and the refusal is audited; it revokes its own
+    profile's certificates, an officer revokes any, and once a reload grants it the profile, so may it."""
+    env = make_env(tmp_path, softhsm_conf)
+    env.edit_config("127.0.0.1:8080", f"127.0.0.1:{free_port()}")  # the CRL port: not the default other daemons may hold
+    metrics_port = prepare_tls(
+        env, "--client", "prog:programmer", "--client", "line2:programmer", "--client", "off:officer", "--client", "aud:auditor"
+    )
+    text = env.config_path.read_text()
+    line2 = '[callers."line2"]\nprofiles = ["device"]'
+    assert line2 in text, text
+    gateway = '[profiles.gateway]\ndescription = "Gateways"\nvalidity_days = 90\n'
+    env.config_path.write_text(text.replace(line2, '[callers."line2"]\nprofiles = ["gateway"]') + "\n" + gateway)
+    daemon = serve_tls(env, metrics_port)
+    try:
+        with daemon.channel("prog") as prog, daemon.channel("line2") as other, daemon.channel("off") as off, daemon.channel("aud") as aud:
+            by_prog, by_line2, by_officer = (ca_pb2_grpc.CertificateAuthorityStub(c) for c in (prog, other, off))
+
+            def sign(stub: ca_pb2_grpc.CertificateAuthorityStub, profile: str) -> str:
+                request = ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4()), profile=profile)
+                return str(stub.Sign(request, timeout=10).serial)
+
+            def revoked(serial: str) -> bool:
+                return by_prog.GetCertificate(ca_pb2.GetCertificateRequest(serial=serial), timeout=10).HasField("revocation")
+
+            devices = [sign(by_prog, "device") for _ in range(3)]
+            gateway_serial = sign(by_line2, "gateway")
+            with pytest.raises(grpc.RpcError) as refused:
+                by_line2.Revoke(ca_pb2.RevokeRequest(serial=devices[0], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+            details = refused.value.details() or ""
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, (refused.value.code(), details)
+            assert f"Revoke of certificate {devices[0]} (device " in details, details
+            assert "needs profile 'device', which caller 'line2' may not ask for (its [callers] profiles: gateway" in details, details
+            assert f"`ca-daemon client revoke --serial {devices[0]} --reason REASON`" in details, details
+            assert "add 'device' to [callers.\"line2\"] profiles and run `ca-daemon reload`" in details, details
+            assert details.endswith(f"[rule {access.REVOKE_PROFILE}]"), details
+            assert not revoked(devices[0])
+            events = _stream(aud, ca_pb2.StreamAuditEventsRequest(serial=devices[0], actions=["certificate.revoke"]))
+            assert [(e.action, e.outcome, e.actor, e.reason) for e in events] == [
+                ("certificate.revoke", "refused", "line2", access.REVOKE_PROFILE)
+            ]
+            # Its own profile's certificates it revokes; the programmer of the device profile may not revoke a gateway's.
+            by_line2.Revoke(ca_pb2.RevokeRequest(serial=gateway_serial, reason=ca_pb2.REVOCATION_REASON_SUPERSEDED), timeout=10)
+            assert revoked(gateway_serial)
+            other_gateway = sign(by_line2, "gateway")
+            with pytest.raises(grpc.RpcError) as other_way:
+                by_prog.Revoke(ca_pb2.RevokeRequest(serial=other_gateway, reason=ca_pb2.REVOCATION_REASON_SUPERSEDED), timeout=10)
+            assert other_way.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "needs profile 'gateway', which caller 'prog' may not ask for (its [callers] profiles: device" in (
+                other_way.value.details() or ""
+            )
+            assert not revoked(other_gateway)
+            # An officer revokes any device certificate.
+            by_officer.Revoke(ca_pb2.RevokeRequest(serial=devices[1], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+            assert revoked(devices[1])
+            # A reload that grants line2 the device profile lets it revoke them, without a restart.
+            env.config_path.write_text(
+                env.config_path.read_text().replace(
+                    '[callers."line2"]\nprofiles = ["gateway"]', line2.replace('["device"]', '["gateway", "device"]')
+                )
+            )
+            env.cli("reload")
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    by_line2.Revoke(ca_pb2.RevokeRequest(serial=devices[2], reason=ca_pb2.REVOCATION_REASON_KEY_COMPROMISE), timeout=10)
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and time.monotonic() < deadline, error.details()
+                    time.sleep(0.2)
+            assert revoked(devices[2])
+    finally:
+        daemon.stop()
+
+
 def test_chain_verifies_and_every_tampering_is_caught(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel], tmp_path: Path) -> None:
     stub = ca_pb2_grpc.CertificateAuthorityStub(channels["prog"])
     serials = [stub.Sign(ca_pb2.SignRequest(csr=device_csr(), request_id=str(uuid.uuid4())), timeout=10).serial for _ in range(12)]

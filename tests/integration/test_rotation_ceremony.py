@@ -562,7 +562,7 @@ def test_a_certificate_on_hold_blocks_retirement_and_a_retired_keys_certificates
     """certificateHold is reversible, but no CRL of a retired key could say the hold was lifted."""
     ceremony = setup.ceremony()
     held, revoked = setup.sign(), setup.sign()
-    revocations = Revocations(setup.store, "ca-root-1", reissue_profiles=frozenset)
+    revocations = Revocations(setup.store, "ca-root-1", reissue_profiles=frozenset, caller_profiles=lambda caller: ("device",))
     asyncio.run(revocations.revoke(serial_hex(held), RevocationReason.CERTIFICATE_HOLD, None, "test", roles={"programmer"}))
     asyncio.run(revocations.revoke(serial_hex(revoked), RevocationReason.SUPERSEDED, None, "test", roles={"programmer"}))
     setup.new_root(ceremony, "root-2")
