@@ -45,7 +45,15 @@ from ca_daemon import files, logs, metrics, tls, tls_front
 from ca_daemon._proto.ca_daemon.v1 import ca_pb2, ca_pb2_grpc
 from ca_daemon.access import METRICS, Authenticator, authorize, denial_event
 from ca_daemon.audit import AuditLog, AuditReader, Checkpointer
-from ca_daemon.authority import Authority, check_policy, load_active_ca, reloadable_part, restart_only_changes
+from ca_daemon.authority import (
+    Authority,
+    check_key_urls,
+    check_policy,
+    leaf_urls,
+    load_active_ca,
+    reloadable_part,
+    restart_only_changes,
+)
 from ca_daemon.config import Config
 from ca_daemon.crl import CrlServices, await_first_crls, watch_health
 from ca_daemon.errors import CaError, ConfigError, FailedPrecondition, PermissionDenied, Unauthenticated
@@ -757,7 +765,8 @@ def check_ready(config: Config) -> None:
     try:
         store = connect_store(config)
         try:
-            load_active_ca(config, hsm, store)
+            active = load_active_ca(config, hsm, store)
+            check_key_urls(store, active.key.key_id, leaf_urls(config, active.key.key_id))
             try:
                 hsm.public_key_der(Pkcs11Uri.parse(config.audit.key_uri))
             except CaError:

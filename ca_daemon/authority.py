@@ -234,7 +234,7 @@ def build_policy_set(
         for profile in profiles.values():
             decision = _template_decision(profile, draft_key)
             builder = issuer.build_leaf(
-                decision, ca_certificate, issuer.new_serial(), datetime.now(UTC), config.ca.backdate, _urls(config, "")
+                decision, ca_certificate, issuer.new_serial(), datetime.now(UTC), config.ca.backdate, leaf_urls(config, "")
             )
             try:
                 issuer.sign_linted(builder, draft_key, draft_key, template_linter)
@@ -364,7 +364,7 @@ def _throwaway_key(family: str, parameter: str) -> CertificateIssuerPublicKeyTyp
     return rsa.generate_private_key(65537, int(parameter)).public_key()
 
 
-def _urls(config: Config, key_id: str = "") -> issuer.LeafUrls:
+def leaf_urls(config: Config, key_id: str = "") -> issuer.LeafUrls:
     """The CRL and caIssuers URLs a leaf of key_id carries.
 
     The configured URLs name the configured (first) key by its label; every other key's CRL
@@ -441,6 +441,42 @@ def key_urls_advice(config: Config, shared: list[tuple[str, str]]) -> str:
     return advice
 
 
+# The kinds of URL recorded for each key (store key_urls), and the setting each comes from, for messages.
+_RECORDED_KINDS = (("crl", "ca.crl_distribution_points"), ("ca_issuers", "ca.ca_issuers_urls"))
+
+
+def check_key_urls(store: SqlStore, key_id: str, urls: issuer.LeafUrls) -> None:
+    """FailedPrecondition (rule key-urls) if a URL key_id's certificates would carry has the path of one recorded for another.
+
+    The publisher serves every URL recorded (store key_urls) for as long as the certificates carrying it last: serving
+    this key's CRL or certificate at one of those paths would point them at the wrong one, which relying parties reject.
+    Checked at start (app.check_ready, check-config), and again when the URLs are recorded.
+    """
+    recorded = store.key_urls()
+    for kind, setting in _RECORDED_KINDS:
+        for url in urls.crl_distribution_points if kind == "crl" else urls.ca_issuers:
+            for other_key, other_kind, other_url in recorded:
+                if (other_key, other_kind) != (key_id, kind) and request_path(other_url) == request_path(url):
+                    given = "CRL Distribution Point" if other_kind == "crl" else "caIssuers URL"
+                    raise FailedPrecondition(
+                        f"{setting} URL {url!r} for CA key {key_id} has the path of {other_url!r}, the {given} that "
+                        f"certificates of CA key {other_key} carry; the daemon serves that path to them for as long as they "
+                        "last, so give this key a URL with another path (e.g. with its label in it) and start again",
+                        rule=KEY_URLS_RULE,
+                    )
+
+
+def record_key_urls(store: SqlStore, key_id: str, urls: issuer.LeafUrls, now: datetime | None = None) -> None:
+    """Record the URLs key_id's certificates will carry, before it signs the first: the publisher serves every one recorded.
+
+    FailedPrecondition (rule key-urls) as check_key_urls. Recorded once: a URL recorded before keeps its first date.
+    """
+    check_key_urls(store, key_id, urls)
+    at = now or datetime.now(UTC)
+    store.record_key_urls(key_id, "crl", tuple(urls.crl_distribution_points), at)
+    store.record_key_urls(key_id, "ca_issuers", tuple(urls.ca_issuers), at)
+
+
 def check_new_key_urls(config: Config, store: SqlStore, label: str) -> None:
     """Refuse (FailedPrecondition, rule key-urls) a new CA key that the configured URLs would give another key's URLs.
 
@@ -511,7 +547,9 @@ class Authority:
         self._hsm = hsm
         self._store = store
         self.active = active
-        self._urls = _urls(config, active.key.key_id)
+        self._urls = leaf_urls(config, active.key.key_id)
+        record_key_urls(store, active.key.key_id, self._urls)
+        self._url_refusal: tuple[str, str] | None = None  # the last key switch refused for its URLs (logged once)
         # Lint-before-sign builds each certificate first with this stand-in for the CA key (see issuer.draft_key_like).
         self._draft_key = issuer.draft_key_like(active.private_key)  # type: ignore[arg-type]
         self.policy = build_policy_set(config, active.certificate, self._draft_key, active.key.chain_der)
@@ -650,12 +688,20 @@ class Authority:
             log.error("CA key %s is active in the store but its certificate does not match the token key; not switching", key_id)
             return
         draft_key = issuer.draft_key_like(private)  # type: ignore[arg-type]
+        urls = leaf_urls(self._config, key.key_id)
+        try:
+            record_key_urls(self._store, key_id, urls)
+        except CaError as refusal:  # each poll tries again, logged once: the configuration needs a change and a restart
+            if self._url_refusal != (key_id, refusal.message):
+                self._url_refusal = (key_id, refusal.message)
+                log.error("not switching the signing CA key to %s: %s", key_id, refusal.message)
+            return
         previous = self.active.key.key_id
         with self._policy_lock:
             policy_set = build_policy_set(self.policy.source, certificate, draft_key)
             self.active = ActiveCa(key, certificate, private, chain_pem(key.certificate_der, key.chain_der))
             self._draft_key = draft_key
-            self._urls = _urls(self._config, key.key_id)
+            self._urls = urls
             self.policy = policy_set
         log.info("switched the signing CA key from %s to %s", previous, key_id)
 

@@ -253,7 +253,7 @@ class CrlFileWriter:
 
 
 def http_routes(config: Config, issuer: CrlIssuer, crl: PublishedCrl) -> list[tuple[str, Resource]]:
-    """Where a CRL is served: the URL paths the certificates carry (active key) and /crl/KEY[-delta].crl."""
+    """Where a CRL is served: the URL paths its key's certificates carry (now and before) and /crl/KEY[-delta].crl."""
     urls = issuer.scope.delta_urls if crl.is_delta else issuer.scope.distribution_points
     paths = {url_path(u) for u in urls} | {"/crl/" + crl_file_name(issuer.key_id, delta=crl.is_delta)}
     interval = config.crl.delta_interval if crl.is_delta else config.crl.full_interval
@@ -263,13 +263,11 @@ def http_routes(config: Config, issuer: CrlIssuer, crl: PublishedCrl) -> list[tu
     return [(path, resource) for path in sorted(paths)]
 
 
-def ca_routes(config: Config, issuer: CrlIssuer) -> list[tuple[str, Resource]]:
-    """The CA certificate at the AIA caIssuers paths the certificates carry and at /ca/KEY.der."""
+def ca_routes(issuer: CrlIssuer) -> list[tuple[str, Resource]]:
+    """The CA certificate at the AIA caIssuers paths its certificates carry (now and before) and at /ca/KEY.der."""
     der = issuer.certificate.public_bytes(serialization.Encoding.DER)
     resource = Resource.certificate(der, issuer.certificate.not_valid_before_utc)
-    paths = {f"/ca/{issuer.key_id}.der"}
-    if issuer.scope.distribution_points == config.ca.crl_distribution_points:  # the active key
-        paths |= {url_path(u) for u in config.ca.ca_issuers_urls}
+    paths = {f"/ca/{issuer.key_id}.der"} | {url_path(u) for u in issuer.certificate_urls}
     return [(path, resource) for path in sorted(paths)]
 
 
@@ -281,7 +279,7 @@ class HttpCrlRoutes:
         self._server = server
 
     def published(self, issuer: CrlIssuer, crl: PublishedCrl) -> None:
-        for path, resource in [*http_routes(self._config, issuer, crl), *ca_routes(self._config, issuer)]:
+        for path, resource in [*http_routes(self._config, issuer, crl), *ca_routes(issuer)]:
             self._server.set(path, resource)
 
     def delta_withdrawn(self, issuer: CrlIssuer, last: PublishedCrl | None) -> None:

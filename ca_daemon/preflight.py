@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from ca_daemon import app, tls
 from ca_daemon import config as config_module
-from ca_daemon.authority import check_policy, key_urls_advice, load_active_ca, unnamed_key_urls
+from ca_daemon.authority import check_key_urls, check_policy, key_urls_advice, leaf_urls, load_active_ca, unnamed_key_urls
 from ca_daemon.config import Config
 from ca_daemon.errors import CaError
 from ca_daemon.hsm import Hsm, Pkcs11Uri
@@ -80,6 +80,13 @@ def run(config_path: str | Path, emit: Callable[[Check], None] = lambda _c: None
                     record("profiles", True, f"each profile's template {linted} and fits the CA key's chain")
                 except CaError as exc:
                     record("profiles", False, exc.message)
+                try:  # the URLs its certificates will carry, against those earlier certificates carry
+                    check_key_urls(store, active.key.key_id, leaf_urls(config, active.key.key_id))
+                    served = len({url for _, _, url in store.key_urls()})
+                    detail = f"the CA key's URLs take no path that certificates already carry ({served} recorded URL(s), all served)"
+                    record("served URLs", True, detail)
+                except CaError as exc:
+                    record("served URLs", False, exc.message)
     finally:
         if hsm is not None:
             hsm.close()

@@ -352,6 +352,23 @@ class CrlIssuer:
     # None for a retired key: its final CRL is only handed out, never re-signed.
     private_key: CertificateIssuerPrivateKeyTypes | None
     scope: crl_der.CrlScope
+    # The AIA caIssuers URLs its certificates carry, now and before (store key_urls): where its certificate is served.
+    certificate_urls: tuple[str, ...] = ()
+
+
+def _with_recorded_urls(issuer: CrlIssuer, recorded: list[tuple[str, str, str]]) -> CrlIssuer:
+    """issuer, also routed to every URL its certificates were given before (store key_urls, authority.record_key_urls).
+
+    Certificates keep their CRL Distribution Point and caIssuers URLs for life; the configured ones may have moved since.
+    """
+    crl = tuple(url for key_id, kind, url in recorded if key_id == issuer.key_id and kind == "crl")
+    ca_issuers = tuple(url for key_id, kind, url in recorded if key_id == issuer.key_id and kind == "ca_issuers")
+    points = tuple(dict.fromkeys(issuer.scope.distribution_points + crl))
+    certificate_urls = tuple(dict.fromkeys(issuer.certificate_urls + ca_issuers))
+    if points == issuer.scope.distribution_points and certificate_urls == issuer.certificate_urls:
+        return issuer
+    scope = dataclasses.replace(issuer.scope, distribution_points=points)
+    return dataclasses.replace(issuer, scope=scope, certificate_urls=certificate_urls)
 
 
 class CrlPublisher:
@@ -375,6 +392,7 @@ class CrlPublisher:
         retired key published its final CRL (rotation.py) and signs no more.
         """
         found: list[CrlIssuer] = []
+        recorded = self._store.key_urls()  # read each time: a worker of a replica may record a key's new URLs
         for key in self._store.list_ca_keys():
             if key.status not in (KeyStatus.ACTIVE, KeyStatus.SUPERSEDED) or key.certificate_der is None:
                 continue
@@ -386,7 +404,7 @@ class CrlPublisher:
                 issuer = self._issuers[key.key_id] = self._load(key, certificate)
                 if self._has_issuing_distribution_point(key.key_id):
                     self.rescoped.add(key.key_id)
-            found.append(issuer)
+            found.append(_with_recorded_urls(issuer, recorded))
         return found
 
     def _has_issuing_distribution_point(self, key_id: str) -> bool:
@@ -408,13 +426,13 @@ class CrlPublisher:
                 continue
             certificate = x509.load_der_x509_certificate(key.certificate_der)
             if certificate.not_valid_after_utc >= now:
-                found.append(self._load(key, certificate, with_key=False))
+                found.append(_with_recorded_urls(self._load(key, certificate, with_key=False), self._store.key_urls()))
         return found
 
     def issuer_of(self, key: CaKey) -> CrlIssuer:
         """The CRL issuer of one key, whatever its status (for its final CRL)."""
         assert key.certificate_der is not None
-        return self._load(key, x509.load_der_x509_certificate(key.certificate_der))
+        return _with_recorded_urls(self._load(key, x509.load_der_x509_certificate(key.certificate_der)), self._store.key_urls())
 
     def publish_final(self, issuer: CrlIssuer, now: datetime | None = None) -> PublishedCrl:
         """The key's last full CRL: every entry, valid until the CA certificate expires (RFC 5280 5.1.2.5).
@@ -495,7 +513,7 @@ class CrlPublisher:
         delta_urls = rename(self._config.crl.delta_distribution_points) if self._config.crl.delta else ()
         scope = crl_der.CrlScope.for_ca(certificate, rename(self._config.ca.crl_distribution_points), delta_urls)
         private_key = self._hsm.private_key(Pkcs11Uri.parse(key.pkcs11_uri)) if with_key else None
-        return CrlIssuer(key.key_id, certificate, private_key, scope)  # type: ignore[arg-type]
+        return CrlIssuer(key.key_id, certificate, private_key, scope, rename(self._config.ca.ca_issuers_urls))  # type: ignore[arg-type]
 
     def publish(self, issuer: CrlIssuer, *, delta: bool, now: datetime | None = None, clock_was_ahead: bool = False) -> PublishedCrl:
         """Build, sign, check and record the next CRL; on any failure nothing is published and the status says why.

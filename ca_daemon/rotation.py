@@ -571,6 +571,7 @@ class KeyCeremony:
         now = _now()
         private = self._hsm.private_key(Pkcs11Uri.parse(signer.pkcs11_uri))
         crl_urls = authority.rename_urls(self._config, self._config.ca.crl_distribution_points, signer.key_id)
+        authority.record_key_urls(self._store, signer.key_id, issuer.LeafUrls(crl_urls))  # served for the link's life
         builder = issuer.build_link(subject_cert, signer_cert, now, crl_urls)
         certificate = builder.sign(private, issuer.signature_hash(private))  # type: ignore[arg-type]
         certificate.verify_directly_issued_by(signer_cert)

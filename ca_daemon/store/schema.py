@@ -359,6 +359,27 @@ def _add_v9(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE ca_keys ADD COLUMN halted_at {kind}"))
 
 
+# -- version 10: the URLs each key's certificates carry --------------------------------
+
+# A certificate carries its CRL Distribution Point and AIA caIssuers URLs for life, but the daemon served only the
+# URLs of the configuration it runs: after [ca] crl_distribution_points moved, the devices issued before pointed
+# relying parties at a path that answered 404, and those that require a CRL refused them. Each URL a key's
+# certificates were given is recorded before the first of them is signed, and the CRL publisher serves every one.
+key_urls = Table(
+    "key_urls",
+    metadata,
+    Column("key_id", String(128), ForeignKey("ca_keys.key_id"), primary_key=True),
+    # "crl" (CRL Distribution Points: the key's full CRL) or "ca_issuers" (AIA caIssuers: the key's certificate).
+    Column("kind", String(16), primary_key=True),
+    Column("url", String(2048), primary_key=True),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def _create_v10(conn: Connection) -> None:
+    key_urls.create(conn, checkfirst=True)
+
+
 # (version, description, step). Append only: a released step is never edited.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "ca keys, certificates, revocations, crls, audit events", _create_v1),
@@ -370,6 +391,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (7, "per-caller issuance counts per minute, so a quota holds for any 60 minutes", _create_v7),
     (8, "final CRLs of retired keys, which no later CRL may follow", _add_v8),
     (9, "a compromised key's issuance stopped before the emergency's revocation pass", _add_v9),
+    (10, "the CRL and caIssuers URLs each key's certificates carry, all served", _create_v10),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -40,6 +40,7 @@ from ca_daemon.store.schema import (
     crl_number_floors,
     crl_publish_status,
     crls,
+    key_urls,
     schema_migrations,
 )
 from ca_daemon.store.schema import revocations as revocations_table
@@ -344,6 +345,28 @@ class SqlStore:
         with self._connect() as conn:
             rows = conn.execute(select(ca_keys).order_by(ca_keys.c.created_at.desc())).all()
         return [_ca_key(row) for row in rows]
+
+    # -- the URLs each key's certificates carry (schema version 10) ----------
+
+    def key_urls(self) -> list[tuple[str, str, str]]:
+        """Every recorded (key_id, kind, url), in the order recorded: where the publisher serves each key's CRL and certificate."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                select(key_urls.c.key_id, key_urls.c.kind, key_urls.c.url).order_by(key_urls.c.recorded_at, key_urls.c.url)
+            ).all()
+        return [(str(row.key_id), str(row.kind), str(row.url)) for row in rows]
+
+    def record_key_urls(self, key_id: str, kind: str, urls: Sequence[str], at: datetime) -> None:
+        """Record that key_id's certificates carry urls of kind from now on; one recorded already keeps its first date."""
+        if not urls:
+            return
+        with self._begin() as conn:
+            for url in urls:
+                conn.execute(
+                    self._insert(key_urls)
+                    .values(key_id=key_id, kind=kind, url=url, recorded_at=at)
+                    .on_conflict_do_nothing(index_elements=["key_id", "kind", "url"])
+                )
 
     # -- certificates ------------------------------------------------------
 

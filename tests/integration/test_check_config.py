@@ -31,6 +31,7 @@ def test_check_config_reports_each_check_and_fails_on_any(tmp_path: Path, sofths
         "token": "ok  ",
         "CA key": "ok  ",
         "profiles": "ok  ",
+        "served URLs": "ok  ",
     }, ok.stdout
     assert env.user_pin not in ok.stdout + ok.stderr
 

@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import AuthorityInformationAccessOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 
@@ -942,3 +943,92 @@ def test_after_the_cdp_url_changes_the_crl_still_decides_certificates_issued_und
         assert refused.reason == f"certificate {int(old.serial, 16):x} is revoked (key_compromise)", refused
     finally:
         daemon.stop()
+
+
+def test_every_crl_and_ca_url_a_key_s_certificates_carry_stays_served_after_the_configuration_moves_them(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """The CDP and caIssuers URLs move twice, each time to a path the daemon serves only because the configuration names
+    it (not /crl/KEY.crl or /ca/KEY.der). The devices issued before keep the old URLs for life: the daemon recorded them
+    (store key_urls) before it signed the first, and serves the key's current full CRL and its certificate at all of
+    them, so a relying party that fetches the old certificate's CDP learns of its revocation instead of a 404. A URL that
+    would serve another thing at a path earlier certificates carry is refused at start and by check-config."""
+    env, port = crl_env(tmp_path_factory.mktemp("cdp-history"), softhsm_conf)
+    log_dir = tmp_path_factory.mktemp("log")
+    base = f"http://127.0.0.1:{port}"
+    generations = [(f"{base}/pki/{n}/ca-root-1.crl", f"{base}/pki/{n}/ca-root-1.der") for n in ("v1", "v2", "v3")]
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in generations]
+    configured = (f"{base}/crl/ca-root-1.crl", f"{base}/ca/ca-root-1.der")
+
+    def move_to(crl_url: str, ca_url: str) -> None:
+        nonlocal configured
+        env.edit_config(f'crl_distribution_points = ["{configured[0]}"]', f'crl_distribution_points = ["{crl_url}"]')
+        env.edit_config(f'ca_issuers_urls = ["{configured[1]}"]', f'ca_issuers_urls = ["{ca_url}"]')
+        configured = (crl_url, ca_url)
+
+    def sign_one(channel: grpc.Channel, n: int) -> ca_pb2.SignResponse:
+        request = ca_pb2.SignRequest(csr=device_csr(f"moved-{n}", keys[n]), request_id=str(uuid.uuid4()))
+        response: ca_pb2.SignResponse = stub(channel).Sign(request, timeout=10)
+        return response
+
+    leaves: list[ca_pb2.SignResponse] = []
+    for n, urls in enumerate(generations[:-1]):
+        move_to(*urls)
+        daemon = start(env, log_dir)
+        try:
+            with grpc.insecure_channel(env.target) as channel:
+                leaves.append(sign_one(channel, n))
+        finally:
+            daemon.stop()
+    move_to(*generations[-1])
+    fetched: list[str] = []
+
+    def fetch(url: str, etag: str) -> tuple[int, bytes, str]:
+        fetched.append(url)
+        return http_fetch(url, etag)
+
+    daemon = start(env, log_dir)
+    try:
+        with grpc.insecure_channel(env.target) as channel:
+            leaves.append(sign_one(channel, len(generations) - 1))
+            _revoke(channel, leaves[0].serial)
+            env.cli("crl", "publish")
+            full = wait_for_crl(channel, lambda crl: int(leaves[0].serial, 16) in serials_in(crl), delta=False)
+        chain = x509.load_pem_x509_certificates(leaves[0].chain_pem.encode())
+        ca_der = chain[0].public_bytes(serialization.Encoding.DER)
+        for leaf, (crl_url, ca_url) in zip(leaves, generations, strict=True):
+            certificate = x509.load_pem_x509_certificate(leaf.certificate_pem.encode())
+            cdp = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+            aia = certificate.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+            assert [str(name.value) for point in cdp for name in point.full_name or []] == [crl_url]
+            assert [str(d.access_location.value) for d in aia if d.access_method == AuthorityInformationAccessOID.CA_ISSUERS] == [ca_url]
+            crl_status, _, crl_body = _http_get(port, crl_url.removeprefix(base))
+            ca_status, _, ca_body = _http_get(port, ca_url.removeprefix(base))
+            assert (crl_status, ca_status) == (200, 200), (crl_url, crl_status, ca_url, ca_status)
+            assert crl_body == full.crl_der and ca_body == ca_der, crl_url
+        # The first device's relying party fetches the CRL at the URL its certificate names, and refuses it.
+        verifier = DeviceVerifier([chain[-1]], IdentityRule(source="cn"), CrlCache(max_age=0, fetch=fetch))
+        first = x509.load_pem_x509_certificate(leaves[0].certificate_pem.encode())
+        challenge = verifier.challenge()
+        decision = verifier.verify(first, chain[:-1], challenge, sign_challenge(keys[0], challenge))
+        assert fetched and fetched[0] == generations[0][0], fetched
+        assert not decision.granted and decision.step == "revocation", decision
+        assert decision.reason == f"certificate {first.serial_number:x} is revoked (key_compromise)", decision
+    finally:
+        daemon.stop()
+    checked = env.cli("check-config")
+    assert (
+        "ok    served URLs: the CA key's URLs take no path that certificates already carry (6 recorded URL(s), all served)"
+        in checked.stdout
+    )
+    # The caIssuers URL moved onto a path where the first devices find the key's CRL: their relying parties would get
+    # the CA certificate there instead. Refused before anything is served, by check-config and at start.
+    move_to(generations[-1][0], generations[0][0])
+    expected = (
+        f"ca.ca_issuers_urls URL '{generations[0][0]}' for CA key ca-root-1 has the path of '{generations[0][0]}', "
+        "the CRL Distribution Point that certificates of CA key ca-root-1 carry"
+    )
+    refused = env.cli("check-config", check=False)
+    assert refused.returncode != 0 and f"FAIL  served URLs: {expected}" in refused.stdout, refused.stdout
+    not_served = env.cli("serve", check=False)
+    assert not_served.returncode != 0 and expected in not_served.stderr, not_served.stderr[-2000:]
