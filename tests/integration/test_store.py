@@ -1376,3 +1376,20 @@ def test_a_key_switch_and_a_revocation_of_certificates_of_both_keys_do_not_deadl
     assert errors == []
     assert store.get_ca_key("ca-test-0").status == KeyStatus.ACTIVE  # type: ignore[union-attr]
     assert store.get_revocation(old.serial) is not None and store.get_revocation(new.serial) is not None
+
+
+def test_a_key_s_urls_are_recorded_once_each_with_their_first_date(store: SqlStore) -> None:
+    """key_urls (schema 10) is what the CRL publisher serves for each key: recording again adds only what is new."""
+    store.save_ca_key(_ca_key("ca-test-2", KeyStatus.PENDING))
+    first, later = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 6, 1, tzinfo=UTC)
+    store.record_key_urls(ISSUER, "crl", ["http://ca/v1.crl"], first)
+    store.record_key_urls(ISSUER, "ca_issuers", ["http://ca/v1.der"], first)
+    store.record_key_urls(ISSUER, "crl", ["http://ca/v1.crl", "http://ca/v2.crl"], later)
+    store.record_key_urls("ca-test-2", "crl", ["http://ca/next.crl"], later)
+    store.record_key_urls("ca-test-2", "crl", [], later)
+    assert store.key_urls() == [
+        (ISSUER, "crl", "http://ca/v1.crl"),
+        (ISSUER, "ca_issuers", "http://ca/v1.der"),
+        ("ca-test-2", "crl", "http://ca/next.crl"),
+        (ISSUER, "crl", "http://ca/v2.crl"),
+    ]
