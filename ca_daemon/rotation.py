@@ -41,7 +41,7 @@ from ca_daemon.hsm import Hsm, Pkcs11Uri
 from ca_daemon.model import AuditEvent, CaKey, IssuedCertificate, KeySpec, KeyStatus, RevocationReason
 from ca_daemon.revocation import CrlPublisher, encode_entry
 from ca_daemon.store import SqlStore
-from ca_daemon.store.rotation_store import LINK_PROFILE, Lifecycle, RotationStore, StatusChange, link_device_id
+from ca_daemon.store.rotation_store import KEY_HALTED, LINK_PROFILE, Lifecycle, RotationStore, StatusChange, link_device_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,16 +151,25 @@ class KeyCeremony:
         )
         links: list[IssuedCertificate] = []
         current = self._active()
-        if current is not None and current.certificate_der is not None and not current.chain_der:
+        if current is not None and current.halted_at is not None:
+            # A key emergency is under way: no link may chain the compromised key's certificates to the new root.
+            log.warning("CA key %s is halted by a key emergency: %s is installed with no link certificates", current.key_id, key_id)
+        elif current is not None and current.certificate_der is not None and not current.chain_der:
             old_certificate = x509.load_der_x509_certificate(current.certificate_der)
             # Not with an expired root: a link ends when the earlier root does, so it would be born expired.
             if old_certificate.issuer == old_certificate.subject and old_certificate.not_valid_after_utc > now:
-                links.append(
-                    self._link(officer, subject_key=installed, subject_cert=certificate, signer=current, signer_cert=old_certificate)
-                )
-                links.append(
-                    self._link(officer, subject_key=current, subject_cert=old_certificate, signer=installed, signer_cert=certificate)
-                )
+                try:
+                    links.append(
+                        self._link(officer, subject_key=installed, subject_cert=certificate, signer=current, signer_cert=old_certificate)
+                    )
+                    links.append(
+                        self._link(officer, subject_key=current, subject_cert=old_certificate, signer=installed, signer_cert=certificate)
+                    )
+                except FailedPrecondition as refused:
+                    if refused.rule != KEY_HALTED:
+                        raise
+                    # Halted meanwhile: a link it signed before is the emergency's to revoke (certificates it signed).
+                    log.warning("%s; %s is installed with %d link certificate(s)", refused.message, key_id, len(links))
         self._rotation.mark_published(key_id, now)
         return SelfSigned(installed, tuple(links))
 

@@ -19,10 +19,22 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, insert, select, update
 
 from ca_daemon.errors import AlreadyExists, FailedPrecondition, NotFound
-from ca_daemon.model import LINK_PROFILE, AuditEvent, CaKey, IssuedCertificate, KeyStatus, RevocationReason, link_device_id
+from ca_daemon.model import (
+    LINK_PROFILE,
+    AuditEvent,
+    CaKey,
+    IssuedCertificate,
+    KeyStatus,
+    RevocationReason,
+    certified_key_id,
+    link_device_id,
+)
 from ca_daemon.store.locks import LockSpace, xact_lock
 from ca_daemon.store.schema import ca_key_lifecycle, ca_keys, certificates, key_approvals, revocations
 from ca_daemon.store.sql import SqlStore, _certificate, _certificate_values, serial_hex, void_open_approvals
+
+# record_link's refusal: the link's issuer or subject key was halted by a key emergency.
+KEY_HALTED = "key-halted"
 
 LIFECYCLE_FIELDS = ("published_at", "activated_at", "superseded_at", "retired_at", "destroyed_at", "compromised_at")
 
@@ -246,7 +258,22 @@ class RotationStore:
             return int(conn.execute(signed).scalar_one()), int(conn.execute(certifying).scalar_one())
 
     def record_link(self, link: IssuedCertificate, audit: AuditEvent) -> None:
+        """Store a link certificate; FailedPrecondition (rule key-halted) if its issuer or subject key is halted.
+
+        A key emergency halts the compromised key, then revokes the links certifying it that it lists: a link made
+        with that key after the listing was left in force, and it chains the compromised key's certificates to the
+        other root. The keys' rows are read FOR SHARE, so on PostgreSQL this waits for a halt in flight (which
+        locks the row), and a halt waits for this: either the halt finds this link or this finds the key halted.
+        """
         with self._store._begin() as conn:
+            keys = (link.issuer_key_id, certified_key_id(link))
+            locked = select(ca_keys.c.key_id, ca_keys.c.halted_at).where(ca_keys.c.key_id.in_(keys)).with_for_update(read=True)
+            halted = sorted(str(row.key_id) for row in conn.execute(locked) if row.halted_at is not None)
+            if halted:
+                raise FailedPrecondition(
+                    f"CA key {halted[0]} is halted by a key emergency (compromised): no link certificate is made with it",
+                    rule=KEY_HALTED,
+                )
             if conn.execute(select(certificates.c.serial).where(certificates.c.request_id == link.request_id)).first():
                 raise AlreadyExists(f"link certificate {link.request_id} exists", rule="link")
             conn.execute(insert(certificates).values(**_certificate_values(link)))

@@ -1444,3 +1444,32 @@ def test_the_first_start_records_when_it_activated_the_configured_key(setup: Set
     assert abs((activated - (audited if audited.tzinfo else audited.replace(tzinfo=UTC))).total_seconds()) < 1
     listed = next(info for info in setup.ceremony().list_keys() if info.key.key_id == "ca-root-1")
     assert listed.lifecycle.get("activated_at") == activated
+
+
+def test_no_link_certificate_is_made_with_a_key_an_emergency_halted(setup: Setup) -> None:
+    """While an emergency runs (here: halted by two approvals, the switch not yet made), a new root is self-signed. A link
+    certifying the compromised key would chain its certificates to the new root after the emergency listed the links to
+    revoke: the new key is installed with none, and a link with the halted key is refused by the store (rule key-halted),
+    nothing recorded."""
+    setup.new_root(setup.ceremony(), "root-2")
+    rotation = RotationStore(setup.store)
+    now = datetime.now(UTC).replace(microsecond=0)
+    window = timedelta(minutes=10)
+    for officer in ("alice", "bob"):
+        approval = AuditEvent(time=now, actor=officer, action="key.approve", outcome="approved", key_id="ca-root-1", details={})
+        rotation.approve("emergency", "ca-root-1", "root-2", officer, now, window, approval)
+    halt = AuditEvent(time=now, actor="bob", action="key.emergency", outcome="halted", key_id="ca-root-1", details={})
+    assert rotation.halt("ca-root-1", "root-2", now, window, halt)
+    links_before = rotation.links()
+    ceremony = setup.ceremony()
+    ceremony.generate("carol", KeySpec.EC_P256, "root-3")
+    made = ceremony.self_sign("carol", "root-3", issuer.parse_subject("CN=root-3"), timedelta(days=30))
+    assert made.links == () and made.key.certificate_der is not None
+    assert rotation.links() == links_before
+    link = links_before[0]  # root-1 certifying root-2, made before the emergency: the same link again, with a new serial
+    again = dataclasses.replace(link, serial=link.serial + 1, request_id=link.request_id + ":again")
+    event = AuditEvent(time=now, actor="carol", action="key.link", outcome="issued", key_id="root-2", details={})
+    with pytest.raises(FailedPrecondition, match="CA key ca-root-1 is halted by a key emergency") as refused:
+        rotation.record_link(again, event)
+    assert refused.value.rule == "key-halted"
+    assert setup.store.get_certificate(again.serial) is None and rotation.links() == links_before
