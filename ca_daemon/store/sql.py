@@ -304,7 +304,9 @@ class SqlStore:
                 values["status"] = row.status
             if exists:
                 conn.execute(update(ca_keys).where(ca_keys.c.key_id == key.key_id).values(**values))
-                if exists.status != key.status.value:  # e.g. the first start activating the configured key
+                # A status change (e.g. the first start activating the configured key), or a certificate installed: an
+                # approval given for the key before (to retire a pending key, say) was not given for it as it is now.
+                if exists.status != key.status.value or install_once:
                     void_open_approvals(conn, key.key_id, audit.time if audit is not None else datetime.now(UTC))
             else:
                 try:

@@ -751,6 +751,20 @@ def test_an_approval_is_void_once_the_keys_status_changes(setup: Setup) -> None:
     assert ceremony.approve("alice", "retire", "root-2").executed  # approved again, for the key as it is now
 
 
+def test_an_approval_given_before_the_key_had_a_certificate_is_void_once_one_is_installed(setup: Setup) -> None:
+    """Alice approves retiring a generated key that has no certificate yet (abandoning it); a certificate is then
+    installed, which makes it a root that devices may come to chain to. Her approval was given for the key as it was:
+    bob's approval alone does not retire the certified key."""
+    ceremony = setup.ceremony(window_s=3600)
+    ceremony.generate("carol", KeySpec.EC_P256, "root-2")
+    assert not ceremony.approve("alice", "retire", "root-2").executed
+    ceremony.self_sign("carol", "root-2", issuer.parse_subject("CN=root-2"), timedelta(days=30))
+    result = ceremony.approve("bob", "retire", "root-2")
+    assert not result.executed and result.officers == ("bob",), result
+    assert setup.store.get_ca_key("root-2").status == KeyStatus.PENDING  # type: ignore[union-attr]
+    assert ceremony.approve("alice", "retire", "root-2").executed  # approved again, for the key as it is now
+
+
 def test_an_approval_stamped_ahead_of_the_clock_is_not_live(setup: Setup) -> None:
     """The window is [now - window, now]: an approval stamped in the future (the clock stepped back since, e.g. by
     NTP) must not stay live for its offset plus the window; and executing consumes it, so it never comes alive."""
