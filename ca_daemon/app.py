@@ -195,6 +195,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
                 config.server.max_connections,
                 config.tls.cert_file,
                 count_refused_handshake=request_metrics.tls_handshake_refused,
+                handshakes_per_client=config.server.tls_handshakes_per_client,
             )
             if config.tls.enabled
             else None

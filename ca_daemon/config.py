@@ -111,6 +111,8 @@ class ServerConfig:
     max_csr_bytes: int = 64 * 1024
     # Open client connections one worker's TLS front end accepts (handshaking ones included).
     max_connections: int = 1024
+    # New TLS connections one client address may open a second in each worker, in bursts of twice as many; 0: no limit.
+    tls_handshakes_per_client: int = 100
     # Calls one worker handles at once (health and reflection not counted); one more is UNAVAILABLE (see service.ErrorInterceptor).
     max_calls_in_flight: int = 2048
     # A client connection is asked to reconnect (HTTP/2 GOAWAY) after this long, 0 for never (see app.start_worker).
@@ -387,6 +389,7 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         cpu_scheduling=server_raw.string("cpu_scheduling", "batch"),
         max_csr_bytes=server_raw.integer("max_csr_bytes", 64 * 1024, minimum=256, maximum=1024 * 1024),
         max_connections=server_raw.integer("max_connections", 1024, minimum=1, maximum=1_000_000),
+        tls_handshakes_per_client=server_raw.integer("tls_handshakes_per_client", 100, minimum=0, maximum=100_000),
         max_calls_in_flight=server_raw.integer("max_calls_in_flight", 2048, minimum=1, maximum=1_000_000),
         max_connection_age_seconds=server_raw.integer("max_connection_age_seconds", 1800, minimum=0, maximum=7 * 86400),
         local_identity=server_raw.string("local_identity", "local-developer"),

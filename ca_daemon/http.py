@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import re
 import socket
@@ -25,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 from ca_daemon.http_paths import request_path
 from ca_daemon.logs import LogThrottle
+from ca_daemon.peers import client_address
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class DistributionServer:
             self._handlers.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = _client_address(writer.get_extra_info("peername"))
+        client = client_address(writer.get_extra_info("peername"))
         held = self._per_client.get(client, 0)
         if held >= self._max_per_client:  # before _make_room: a client over its share closes no one else's connection
             self._log_over_share(client, held)
@@ -286,7 +286,7 @@ class DistributionServer:
             self._log_throttled(
                 "flood",
                 "HTTP connection from %s closed without an answer: %d connections are already being turned away with 503",
-                _client_address(writer.get_extra_info("peername")),
+                client_address(writer.get_extra_info("peername")),
                 len(self._turned_away),
             )
             writer.transport.abort()
@@ -463,21 +463,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
-
-
-def _client_address(peer: object) -> str:
-    """What a connection from peer (its peername) counts against: its IPv4 address, or its IPv6 address's /64."""
-    if not isinstance(peer, tuple) or not peer:
-        return ""
-    try:
-        address = ipaddress.ip_address(str(peer[0]).partition("%")[0])  # fe80::1%eth0: the zone is not the address
-    except ValueError:
-        return str(peer[0])
-    if isinstance(address, ipaddress.IPv4Address):
-        return str(address)
-    if address.ipv4_mapped is not None:  # a dual-stack socket sees IPv4 clients as ::ffff:a.b.c.d
-        return str(address.ipv4_mapped)
-    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 def _head(status: str, headers: list[tuple[str, str]]) -> bytes:

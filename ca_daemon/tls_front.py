@@ -14,6 +14,12 @@ local port is the key under which we keep the client's certificate and protocol 
 the interceptor finds them from the call's peer address (`ipv4:127.0.0.1:PORT`). A
 connection to the backend port that did not come through here has no entry and is refused.
 
+One client address (an IPv4 address, an IPv6 /64) may open `handshakes_per_client` connections a second
+in a worker, in bursts of twice as many; one more is closed before its handshake, which costs the client
+nothing and us almost nothing. A handshake costs a worker its key exchange, its signature and the client
+chain's verification, on the loop that also answers Sign: a station that reconnects in a tight loop (no
+backoff after an error) took a worker's CPU from every other line.
+
 A worker holds at most `max_connections` client connections (handshaking ones included);
 one more is closed at once, so a flood of idle or half-open connections costs a bounded
 amount of memory and file descriptors. A connection without a client certificate is let
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ca_daemon.logs import LogThrottle
+from ca_daemon.peers import ClientRate, client_address
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +139,11 @@ class TlsFrontEnd:
         count_refused_handshake: Callable[[str], None] = lambda reason: None,
         log_interval: float = _REFUSAL_LOG_INTERVAL_S,
         uncertified_lifetime: float = UNCERTIFIED_LIFETIME_S,
+        handshakes_per_client: int = 0,
     ) -> None:
         self._context = context
+        # 0: no limit (tests of other bounds); the daemon passes server.tls_handshakes_per_client.
+        self._handshake_rate = ClientRate(handshakes_per_client, 2 * handshakes_per_client) if handshakes_per_client else None
         # The server certificate file that context was made from (the expiry warning reads it).
         self.cert_file = cert_file
         self._max_connections = max_connections
@@ -187,6 +197,9 @@ class TlsFrontEnd:
         return self._peers.get(int(port), _NO_CONTEXT)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._handshake_rate is not None and not self._handshake_rate.admit(client_address(writer.get_extra_info("peername"))):
+            self._refuse_too_fast(writer)
+            return
         if len(self._relays) >= self._max_connections:
             self._refuse_over_limit(writer)
             return
@@ -204,6 +217,18 @@ class TlsFrontEnd:
         writer.close()
         limit = f"connection limit reached (server.max_connections = {self._max_connections} open connections in this worker)"
         self._log_closed("connection-limit", f"{limit}: closed %d new connection(s), the last from %s", writer.get_extra_info("peername"))
+
+    def _refuse_too_fast(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection its client opened beyond its rate, before any handshake; logged at most once per interval."""
+        writer.close()
+        assert self._handshake_rate is not None
+        rate = self._handshake_rate.rate
+        limit = f"server.tls_handshakes_per_client = {rate:g} new connections a second from one client address in this worker"
+        self._log_closed(
+            "handshake-rate",
+            f"{limit}, in bursts of {2 * rate:g}: closed %d before their handshake, the last from %s",
+            writer.get_extra_info("peername"),
+        )
 
     def _log_closed(self, kind: str, message: str, client: object) -> None:
         """message (with %d for how many were closed, %s for the last one's address), at most once per interval for kind."""

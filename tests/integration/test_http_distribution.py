@@ -24,8 +24,8 @@ from ca_daemon.http import (
     CRL_CONTENT_TYPE,
     DistributionServer,
     Resource,
-    _client_address,
 )
+from ca_daemon.peers import client_address
 
 BIG = 16 * 1024 * 1024  # about the size of a full CRL of 500,000 entries
 
@@ -500,11 +500,11 @@ def test_one_host_cannot_take_every_place_from_the_others(stalled: list[socket.s
 
 def test_an_ipv6_client_counts_by_its_64_and_a_mapped_ipv4_one_by_its_address() -> None:
     """A host given an IPv6 /64 can pick any address in it: counted by address, it could take every place alone."""
-    same_host = {_client_address((f"2001:db8:1:2:{i:x}::{i:x}", 8080, 0, 0)) for i in range(1, 100)}
+    same_host = {client_address((f"2001:db8:1:2:{i:x}::{i:x}", 8080, 0, 0)) for i in range(1, 100)}
     assert same_host == {"2001:db8:1:2::/64"}
-    assert _client_address(("2001:db8:1:3::1", 8080, 0, 0)) == "2001:db8:1:3::/64"
-    assert _client_address(("fe80::1%eth0", 8080, 0, 2)) == "fe80::/64"
-    assert _client_address(("::ffff:192.0.2.7", 8080, 0, 0)) == _client_address(("192.0.2.7", 8080)) == "192.0.2.7"
+    assert client_address(("2001:db8:1:3::1", 8080, 0, 0)) == "2001:db8:1:3::/64"
+    assert client_address(("fe80::1%eth0", 8080, 0, 2)) == "fe80::/64"
+    assert client_address(("::ffff:192.0.2.7", 8080, 0, 0)) == client_address(("192.0.2.7", 8080)) == "192.0.2.7"
 
 
 def test_a_flood_beyond_the_limit_holds_a_bounded_number_of_refusals_and_stop_closes_them(

@@ -381,6 +381,43 @@ def test_connections_beyond_the_limit_are_closed_and_logged(pki: Pki, caplog: py
     assert any("connection limit reached (server.max_connections = 2" in m for m in warnings), warnings
 
 
+def test_a_client_reconnecting_faster_than_its_rate_is_closed_before_the_handshake_and_others_are_served(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A station that reconnects in a tight loop (here 127.0.0.2, 20 connections in a row) gets its burst of handshakes
+    (2 x the rate of 2 a second), then its connections are closed before any handshake and logged once; another
+    client (127.0.0.1) is served meanwhile, and the station is served again a moment later."""
+    caplog.set_level(logging.WARNING, logger="ca_daemon.tls_front")
+    server = FrontEndServer(pki, handshakes_per_client=2)
+    context = ssl.create_default_context(cadata=pki.ca.pem().decode())
+    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(pki.directory / "alice.pem", pki.directory / "alice.key")
+
+    def handshake_from(source: str) -> bool:
+        """Whether a TLS handshake from source completes (the connection is closed at once either way)."""
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(source, 0)) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname="localhost"):
+                    return True
+            except (ssl.SSLError, ConnectionError):
+                return False
+
+    try:
+        started = time.monotonic()
+        outcomes = [handshake_from("127.0.0.2") for _ in range(20)]
+        refilled = 2 * (time.monotonic() - started)  # tokens the rate gave back meanwhile (a slow machine: more)
+        assert outcomes[:4] == [True] * 4 and outcomes.count(True) <= 4 + refilled + 1 and False in outcomes, (outcomes, refilled)
+        with _channel(pki, server, "alice") as channel:
+            assert _sign(channel, b"other") == b"signed:other"  # 127.0.0.1: a bucket of its own
+        time.sleep(1.1)  # two tokens back
+        assert handshake_from("127.0.0.2")
+    finally:
+        server.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
+    expected = "server.tls_handshakes_per_client = 2 new connections a second from one client address in this worker, in bursts of 4"
+    assert any(m.startswith(expected) and "before their handshake, the last from 127.0.0.2:" in m for m in warnings), warnings
+
+
 def _backend_source_ports(backend_port: int) -> set[int]:
     """Local ports of the front end's open connections to the backend, read from /proc/net/tcp as any local user can."""
     ports = set()
