@@ -925,7 +925,9 @@ def reconcile(store: SqlStore, report: Report) -> None:
       the CA key it is filed under, its dates, or the certificate's notAfter (after which full
       CRLs drop the entry);
     - a certificates row whose certificate is not the one its certificate.issue event names (by
-      SHA-256; recorded since 2026-11-26): a retried Sign and GetCertificate hand the row out.
+      SHA-256; recorded since 2026-11-26): a retried Sign and GetCertificate hand the row out;
+    - a ca_keys row whose public key is not the one its key.generate event names (by SHA-256;
+      recorded since 2026-11-27): the signatures checked above are checked with that key.
 
     Needs the database (`audit verify --live`): an export has no tables.
     """
@@ -980,13 +982,28 @@ def reconcile(store: SqlStore, report: Report) -> None:
             "its issuance: its certificate.issue event was removed from the log (events after the last checkpoint can be), "
             "or the row was added behind the daemon's back",
         )
+    audit = AuditStore(store)
+    # What the checks below verify signatures with is the ca_keys rows' public keys: each must be the one its key.generate
+    # event recorded (by SHA-256, since 2026-11-27), or a key put in the store could vouch for certificates it signed.
+    for seq, key_id, details, public_key_der in audit.key_generations():
+        try:
+            recorded = json.loads(details).get("public_key_sha256", "")
+        except (ValueError, AttributeError):
+            recorded = ""
+        if recorded and public_key_der is not None and hashlib.sha256(public_key_der).hexdigest() != recorded:
+            report.fail(
+                None,
+                f"event {seq} records the generation of CA key {key_id} with the public key of SHA-256 {recorded[:16]}..., but the "
+                f"ca_keys table holds another one for it ({hashlib.sha256(public_key_der).hexdigest()[:16]}...): what was checked "
+                "against that key's signature below proves nothing, and the daemon refuses to start with a certificate that "
+                "does not match the token's key",
+            )
     issuers = {}
     for key in store.list_ca_keys():
         try:
             issuers[key.key_id] = serialization.load_der_public_key(key.public_key_der)
         except (ValueError, UnsupportedAlgorithm):
             report.fail(None, f"CA key {key.key_id}'s public key in the store does not read, so what it signed cannot be checked")
-    audit = AuditStore(store)
     for seq, serial, details, der in _read_through(audit.issued_certificates(), "certificates", lambda row: row[1], report, audit):
         try:
             recorded = json.loads(details).get("certificate_sha256", "")

@@ -1103,7 +1103,7 @@ def create_ca_key(config: Config, hsm: Hsm, store: SqlStore, spec: KeySpec, labe
         created_at=datetime.now(UTC),
     )
     try:
-        store.save_ca_key(key, key_event(key, "key.generate", "generated", actor, {"spec": spec.value, "uri": key.pkcs11_uri}), new=True)
+        store.save_ca_key(key, key_event(key, "key.generate", "generated", actor, _generation_details(key)), new=True)
     except AlreadyExists:
         # Another generation of this label (another worker, or an officer's second click) passed the check at the same
         # time and recorded its key first. Recorded too, this one overwrote that record and left a pair nobody tracks.
@@ -1141,6 +1141,11 @@ def check_new_key_label(hsm: Hsm, store: SqlStore, label: str) -> None:
         pass
     else:
         raise FailedPrecondition(f"the token already holds a key labelled {label!r}; choose another label", rule="label", field="label")
+
+
+def _generation_details(key: CaKey) -> dict[str, str]:
+    """A key.generate event's details: `audit verify --live` checks the ca_keys row's public key against its SHA-256."""
+    return {"spec": key.spec.value, "uri": key.pkcs11_uri, "public_key_sha256": hashlib.sha256(key.public_key_der).hexdigest()}
 
 
 def key_event(key: CaKey, action: str, outcome: str, actor: str, details: dict[str, str] | None = None) -> AuditEvent:

@@ -17,7 +17,7 @@ from sqlalchemy import Subquery, exists, func, insert, select, update
 from ca_daemon.errors import FailedPrecondition, NotFound
 from ca_daemon.model import AuditEvent, RevocationReason
 from ca_daemon.store.locks import LockSpace, xact_lock
-from ca_daemon.store.schema import audit_checkpoints, audit_events, certificates, mtls_certificates, revocations
+from ca_daemon.store.schema import audit_checkpoints, audit_events, ca_keys, certificates, mtls_certificates, revocations
 from ca_daemon.store.sql import SqlStore, _driver_errors
 
 MAX_PAGE = 5000
@@ -351,6 +351,25 @@ class AuditStore:
         with self._store._connect(stream_results=True, yield_per=10000) as conn:
             for row in conn.execute(statement):
                 yield int(row.seq), str(row.serial), str(row.details), bytes(row.der)
+
+    def key_generations(self) -> list[tuple[int, str, str, bytes | None]]:
+        """(seq, key_id, details, the ca_keys row's public key or None if the row is gone) of each key.generate event.
+
+        audit.reconcile compares the row's public key with the SHA-256 the event recorded (events written
+        before it was recorded carry none). Few rows: one per CA key ever generated.
+        """
+        e, k = audit_events.c, ca_keys.c
+        statement = (
+            select(e.seq, e.key_id, e.details, k.public_key_der)
+            .select_from(audit_events.outerjoin(ca_keys, k.key_id == e.key_id))
+            .where(e.action == "key.generate", e.outcome == "generated")
+            .order_by(e.seq)
+        )
+        with self._store._connect() as conn:
+            return [
+                (int(row.seq), str(row.key_id), str(row.details), None if row.public_key_der is None else bytes(row.public_key_der))
+                for row in conn.execute(statement)
+            ]
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Store a checkpoint unless one of this head (or a later one) is already stored; whether it was stored.

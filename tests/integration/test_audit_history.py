@@ -493,6 +493,29 @@ def test_each_issuance_event_names_the_certificate_and_verify_live_finds_another
     assert f"records the issuance of serial {second}" not in out, out
 
 
+def test_each_key_generation_event_names_the_public_key_and_verify_live_finds_another_in_its_row(
+    tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
+) -> None:
+    """`audit verify --live` checks signatures (of revoked certificates, whose notAfter it reads) with the public keys of
+    the ca_keys rows, which no event vouched for: a row whose key was swapped for one of the tamperer's would vouch for
+    what that key signed. Each key.generate event now records the public key's SHA-256, and --live compares the rows."""
+    env, db, public = _setup(tmp_path_factory, softhsm_conf, "history-keys")
+    with sqlite3.connect(db) as conn:
+        (details,) = conn.execute("SELECT details FROM audit_events WHERE action = 'key.generate' AND key_id = 'ca-root-1'").fetchone()
+        (held,) = conn.execute("SELECT public_key_der FROM ca_keys WHERE key_id = 'ca-root-1'").fetchone()
+    assert json.loads(details)["public_key_sha256"] == hashlib.sha256(held).hexdigest()
+    live = env.cli("audit", "verify", "--live", "--public-key", str(public), check=False)
+    assert live.returncode == 0 and live.stdout.startswith("OK:"), live.stdout
+
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    swapped = other.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with sqlite3.connect(db, timeout=30) as conn:
+        conn.execute("UPDATE ca_keys SET public_key_der = ? WHERE key_id = 'ca-root-1'", (swapped,))
+    out = _live_fails(env, public)
+    assert "records the generation of CA key ca-root-1 with the public key of SHA-256 " in out, out
+    assert f"but the ca_keys table holds another one for it ({hashlib.sha256(swapped).hexdigest()[:16]}...)" in out, out
+
+
 def test_an_issuance_event_removed_before_a_checkpoint_is_recorded_as_an_audit_gap_when_the_daemon_stops(
     tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path
 ) -> None:
