@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from ca_daemon.environ_block import blank_value
 from ca_daemon.errors import ConfigError
 from ca_daemon.http_paths import request_path
 from ca_daemon.model import LINK_PROFILE, KeySpec
@@ -65,10 +66,13 @@ class SecretSource:
         """Move an environment PIN out of this process's environment, so that no child process inherits it.
 
         read() still returns it. The daemon's workers get it from their parent over multiprocessing's
-        pipe (withdrawn_secrets, adopt_secrets), never through their environment or argv.
+        pipe (withdrawn_secrets, adopt_secrets), never through their environment or argv. Its value is
+        also blanked in the block the kernel shows as /proc/PID/environ (environ_block.py).
         """
         if self.env and self.env in os.environ:
-            _WITHDRAWN[self.env] = os.environ.pop(self.env)
+            _WITHDRAWN[self.env] = os.environ[self.env]
+            blank_value(self.env)
+            del os.environ[self.env]
 
     def path(self) -> Path:
         """The PIN file, with $VARIABLES expanded when read: "$CREDENTIALS_DIRECTORY/user.pin" is a systemd credential."""

@@ -75,7 +75,8 @@ def pin_env_daemon(tmp_path_factory: pytest.TempPathFactory, softhsm_conf: Path)
 def test_a_pin_from_the_environment_is_not_inherited_by_the_daemons_child_processes(
     pin_env_daemon: tuple[CaEnv, subprocess.Popen[bytes], str],
 ) -> None:
-    """The workers get the PIN from the parent over multiprocessing's pipe, not from an inherited environment.
+    """The workers get the PIN from the parent over multiprocessing's pipe, not from an inherited environment, and the
+    parent's /proc/PID/environ no longer shows it.
 
     The variable stayed in the parent's environment, so every process it started inherited it: the
     workers, multiprocessing's resource tracker, and whatever a PKCS#11 module or a worker starts. A
@@ -86,6 +87,11 @@ def test_a_pin_from_the_environment_is_not_inherited_by_the_daemons_child_proces
     children = _children(process.pid)
     assert len(children) >= 2, children
     pin = env.user_pin
+    # The supervisor's own start-up block, which the kernel shows as /proc/PID/environ for its whole life, no longer
+    # holds the value either (environ_block.py); its name is left with NULs where the PIN was.
+    assert b"ca-daemon" in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    supervisor_environ = Path(f"/proc/{process.pid}/environ").read_bytes()
+    assert pin.encode() not in supervisor_environ and f"{PIN_VARIABLE}=".encode() in supervisor_environ
     for pid in children:
         assert PIN_VARIABLE not in _environment_names(pid), f"child {pid} inherited {PIN_VARIABLE}"
         assert pin.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
