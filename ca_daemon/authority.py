@@ -436,7 +436,9 @@ def key_urls_advice(config: Config, shared: list[tuple[str, str]]) -> str:
     )
     if any(request_path(url) != paths[setting].format(label) for setting, url in shared):  # the daemon stops serving it
         advice += (
-            ". Certificates issued so far keep the old URL: keep it served (a copy or redirect in a web server in front) until they expire"
+            ". Certificates issued so far keep the old URLs, which the daemon goes on serving to them once it has recorded them "
+            "(any start with them configured does: start it once before changing them); one that only an earlier version "
+            "served, keep served in front (a copy or redirect) until they expire"
         )
     return advice
 

@@ -192,8 +192,10 @@ def test_key_generate_refuses_urls_that_would_not_name_the_new_key(tmp_path: Pat
         "'http://127.0.0.1:8080/factory-delta.crl' does not have the key's label ca-root-1 in its path: "
         "write 'http://127.0.0.1:8080/crl/ca-root-1-delta.crl'. The URLs of every other key are the configured ones with its "
         "label in place of ca-root-1's, in the path as written (not percent-encoded, not in the host or query). Certificates "
-        "issued so far keep the old URL: keep it served (a copy or redirect in a web server in front) until they expire; then "
-        "restart the daemon ([ca] and [crl] are read at start) and create the key again"
+        "issued so far keep the old URLs, which the daemon goes on serving to them once it has recorded them (any start with "
+        "them configured does: start it once before changing them); one that only an earlier version served, keep served in "
+        "front (a copy or redirect) until they expire; then restart the daemon ([ca] and [crl] are read at start) and create "
+        "the key again"
     )
     encoded = _generate_with_urls(env, crl="http://127.0.0.1:8080/crl/ca%2Droot-1.crl")
     assert encoded.returncode == 1

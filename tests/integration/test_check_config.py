@@ -214,8 +214,9 @@ def test_check_config_warns_of_urls_that_would_not_name_another_key(tmp_path: Pa
         "'http://127.0.0.1:8080/crl/ca-root-1.crl'; crl.delta_distribution_points URL 'http://127.0.0.1:8080/factory-delta.crl' "
         "does not have the key's label ca-root-1 in its path: write 'http://127.0.0.1:8080/crl/ca-root-1-delta.crl'. The URLs of "
         "every other key are the configured ones with its label in place of ca-root-1's, in the path as written (not "
-        "percent-encoded, not in the host or query). Certificates issued so far keep the old URL: keep it served (a copy or "
-        "redirect in a web server in front) until they expire"
+        "percent-encoded, not in the host or query). Certificates issued so far keep the old URLs, which the daemon goes on "
+        "serving to them once it has recorded them (any start with them configured does: start it once before changing "
+        "them); one that only an earlier version served, keep served in front (a copy or redirect) until they expire"
     )
     env.edit_config("/factory.crl", "/crl/ca%2Droot-1.crl")
     encoded = env.cli("check-config").stdout
