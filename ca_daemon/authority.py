@@ -447,36 +447,43 @@ def key_urls_advice(config: Config, shared: list[tuple[str, str]]) -> str:
 _RECORDED_KINDS = (("crl", "ca.crl_distribution_points"), ("ca_issuers", "ca.ca_issuers_urls"))
 
 
-def check_key_urls(store: SqlStore, key_id: str, urls: issuer.LeafUrls) -> None:
+def _url_pairs(urls: issuer.LeafUrls) -> list[tuple[str, str]]:
+    """(kind, url) of each URL a key's certificates carry, the kinds as store key_urls records them."""
+    return [("crl", url) for url in urls.crl_distribution_points] + [("ca_issuers", url) for url in urls.ca_issuers]
+
+
+def check_key_urls(store: SqlStore, key_id: str, urls: issuer.LeafUrls) -> list[tuple[str, str]]:
     """FailedPrecondition (rule key-urls) if a URL key_id's certificates would carry has the path of one recorded for another.
 
     The publisher serves every URL recorded (store key_urls) for as long as the certificates carrying it last: serving
     this key's CRL or certificate at one of those paths would point them at the wrong one, which relying parties reject.
-    Checked at start (app.check_ready, check-config), and again when the URLs are recorded.
+    Checked at start (app.check_ready, check-config), and again when the URLs are recorded. Returns the (kind, url)
+    pairs not recorded yet for key_id.
     """
     recorded = store.key_urls()
-    for kind, setting in _RECORDED_KINDS:
-        for url in urls.crl_distribution_points if kind == "crl" else urls.ca_issuers:
-            for other_key, other_kind, other_url in recorded:
-                if (other_key, other_kind) != (key_id, kind) and request_path(other_url) == request_path(url):
-                    given = "CRL Distribution Point" if other_kind == "crl" else "caIssuers URL"
-                    raise FailedPrecondition(
-                        f"{setting} URL {url!r} for CA key {key_id} has the path of {other_url!r}, the {given} that "
-                        f"certificates of CA key {other_key} carry; the daemon serves that path to them for as long as they "
-                        "last, so give this key a URL with another path (e.g. with its label in it) and start again",
-                        rule=KEY_URLS_RULE,
-                    )
+    settings = dict(_RECORDED_KINDS)
+    for kind, url in _url_pairs(urls):
+        for other_key, other_kind, other_url in recorded:
+            if (other_key, other_kind) != (key_id, kind) and request_path(other_url) == request_path(url):
+                given = "CRL Distribution Point" if other_kind == "crl" else "caIssuers URL"
+                raise FailedPrecondition(
+                    f"{settings[kind]} URL {url!r} for CA key {key_id} has the path of {other_url!r}, the {given} that "
+                    f"certificates of CA key {other_key} carry; the daemon serves that path to them for as long as they "
+                    "last, so give this key a URL with another path (e.g. with its label in it) and start again",
+                    rule=KEY_URLS_RULE,
+                )
+    known = {(kind, url) for other_key, kind, url in recorded if other_key == key_id}
+    return [pair for pair in _url_pairs(urls) if pair not in known]
 
 
 def record_key_urls(store: SqlStore, key_id: str, urls: issuer.LeafUrls, now: datetime | None = None) -> None:
     """Record the URLs key_id's certificates will carry, before it signs the first: the publisher serves every one recorded.
 
-    FailedPrecondition (rule key-urls) as check_key_urls. Recorded once: a URL recorded before keeps its first date.
+    FailedPrecondition (rule key-urls) as check_key_urls. Only URLs not recorded yet are written, in one transaction (none
+    at all at a start with the URLs unchanged); one recorded before keeps its first date.
     """
-    check_key_urls(store, key_id, urls)
-    at = now or datetime.now(UTC)
-    store.record_key_urls(key_id, "crl", tuple(urls.crl_distribution_points), at)
-    store.record_key_urls(key_id, "ca_issuers", tuple(urls.ca_issuers), at)
+    if missing := check_key_urls(store, key_id, urls):
+        store.record_key_urls(key_id, missing, now or datetime.now(UTC))
 
 
 def check_new_key_urls(config: Config, store: SqlStore, label: str) -> None:

@@ -358,12 +358,15 @@ class SqlStore:
             ).all()
         return [(str(row.key_id), str(row.kind), str(row.url)) for row in rows]
 
-    def record_key_urls(self, key_id: str, kind: str, urls: Sequence[str], at: datetime) -> None:
-        """Record that key_id's certificates carry urls of kind from now on; one recorded already keeps its first date."""
+    def record_key_urls(self, key_id: str, urls: Sequence[tuple[str, str]], at: datetime) -> None:
+        """Record that key_id's certificates carry these (kind, url) from now on, in one transaction.
+
+        One recorded already (here, or by another process meanwhile) keeps its first date.
+        """
         if not urls:
             return
         with self._begin() as conn:
-            for url in urls:
+            for kind, url in urls:
                 conn.execute(
                     self._insert(key_urls)
                     .values(key_id=key_id, kind=kind, url=url, recorded_at=at)

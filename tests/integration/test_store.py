@@ -1382,11 +1382,10 @@ def test_a_key_s_urls_are_recorded_once_each_with_their_first_date(store: SqlSto
     """key_urls (schema 10) is what the CRL publisher serves for each key: recording again adds only what is new."""
     store.save_ca_key(_ca_key("ca-test-2", KeyStatus.PENDING))
     first, later = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 6, 1, tzinfo=UTC)
-    store.record_key_urls(ISSUER, "crl", ["http://ca/v1.crl"], first)
-    store.record_key_urls(ISSUER, "ca_issuers", ["http://ca/v1.der"], first)
-    store.record_key_urls(ISSUER, "crl", ["http://ca/v1.crl", "http://ca/v2.crl"], later)
-    store.record_key_urls("ca-test-2", "crl", ["http://ca/next.crl"], later)
-    store.record_key_urls("ca-test-2", "crl", [], later)
+    store.record_key_urls(ISSUER, [("crl", "http://ca/v1.crl"), ("ca_issuers", "http://ca/v1.der")], first)
+    store.record_key_urls(ISSUER, [("crl", "http://ca/v1.crl"), ("crl", "http://ca/v2.crl")], later)
+    store.record_key_urls("ca-test-2", [("crl", "http://ca/next.crl")], later)
+    store.record_key_urls("ca-test-2", [], later)
     assert store.key_urls() == [
         (ISSUER, "crl", "http://ca/v1.crl"),
         (ISSUER, "ca_issuers", "http://ca/v1.der"),
