@@ -195,6 +195,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
                 config.server.max_connections,
                 config.tls.cert_file,
                 count_refused_handshake=request_metrics.tls_handshake_refused,
+                count_closed_connection=request_metrics.connection_closed,
                 handshakes_per_client=config.server.tls_handshakes_per_client,
             )
             if config.tls.enabled
@@ -202,6 +203,7 @@ async def start_worker(config: Config, listen: str | None = None, *, primary: bo
         )
         if front is not None:
             request_metrics.expect_tls_refusals(tls_front.REFUSAL_REASONS)
+            request_metrics.expect_closed_connections(tls_front.CLOSING_LIMITS)
         authenticator = Authenticator.from_config(config)
     except BaseException:
         hsm.close()

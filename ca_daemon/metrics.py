@@ -190,6 +190,12 @@ class RequestMetrics:
         )
         self._hsm_sign = Histogram("ca_daemon_hsm_sign_duration_seconds", "Latency of one signature in the HSM", buckets=_BUCKETS)
         self._tls_refused = Counter("ca_daemon_tls_handshakes_refused", "TLS handshakes the mTLS front end refused, by reason", ["reason"])
+        self._connections_closed = Counter(
+            "ca_daemon_connections_closed",
+            "Connections the mTLS front end closed at one of its own limits (server.max_connections, "
+            "server.tls_handshakes_per_client, the share without a client certificate), by limit",
+            ["limit"],
+        )
         # Sampled each second rather than moved on every call: a multiprocess gauge update takes a lock and writes a file.
         self._in_flight = Gauge(
             "ca_daemon_calls_in_flight",
@@ -215,6 +221,10 @@ class RequestMetrics:
         if self.enabled:
             self._tls_refused.labels(reason).inc()
 
+    def connection_closed(self, limit: str) -> None:
+        if self.enabled:
+            self._connections_closed.labels(limit).inc()
+
     def expect_tls_refusals(self, reasons: Iterable[str]) -> None:
         """Expose each reason's counter at 0 before its first refusal, so `increase()` counts that one too.
 
@@ -224,6 +234,12 @@ class RequestMetrics:
         if self.enabled:
             for reason in reasons:
                 self._tls_refused.labels(reason)
+
+    def expect_closed_connections(self, limits: Iterable[str]) -> None:
+        """Expose each limit's counter at 0 before its first closure (see expect_tls_refusals)."""
+        if self.enabled:
+            for limit in limits:
+                self._connections_closed.labels(limit)
 
 
 class StoreCollector:

@@ -97,6 +97,9 @@ _QUIET_REASONS = frozenset({"closed", "timeout"})
 # Every name handshake_refusal_reason returns. The metric exposes each at 0 from the start: a series that
 # first appears at 1 has no increase for Prometheus, so the first refusal of a kind would alert no one.
 REFUSAL_REASONS = ("unknown-ca", "bad-client-certificate", "server-certificate-rejected", "protocol", "timeout", "closed", "other")
+# The front end's own limits, by the name its closures are counted (and logged) under: server.max_connections
+# reached, a client address over server.tls_handshakes_per_client, the share of connections without a certificate.
+CLOSING_LIMITS = ("connection-limit", "handshake-rate", "uncertified-limit")
 
 # _NOT_UTF8: asyncio ends the handshake by reading the peer certificate as text (SSLObject.getpeercert()), and a
 # name in it that is not UTF-8 (a Latin-1 SAN from a client CA we trust; OpenSSL verifies it) raises
@@ -137,6 +140,7 @@ class TlsFrontEnd:
         cert_file: Path | None = None,
         *,
         count_refused_handshake: Callable[[str], None] = lambda reason: None,
+        count_closed_connection: Callable[[str], None] = lambda limit: None,
         log_interval: float = _REFUSAL_LOG_INTERVAL_S,
         uncertified_lifetime: float = UNCERTIFIED_LIFETIME_S,
         handshakes_per_client: int = 0,
@@ -151,6 +155,7 @@ class TlsFrontEnd:
         self._uncertified = 0  # open connections without a client certificate
         self._uncertified_lifetime = uncertified_lifetime
         self._count_refused_handshake = count_refused_handshake
+        self._count_closed_connection = count_closed_connection
         self._refusal_lines = LogThrottle(log_interval)
         self._backend_port = 0
         self._peers: dict[int, AuthContext] = {}
@@ -231,7 +236,9 @@ class TlsFrontEnd:
         )
 
     def _log_closed(self, kind: str, message: str, client: object) -> None:
-        """message (with %d for how many were closed, %s for the last one's address), at most once per interval for kind."""
+        """Count a connection closed by the limit kind (one of CLOSING_LIMITS); log message (with %d for how many were
+        closed, %s for the last one's address) at most once per interval for kind."""
+        self._count_closed_connection(kind)
         held_back = self._refusal_lines.admit(kind)
         if held_back is not None:
             log.warning(message, held_back + 1, _address(client))
@@ -395,6 +402,7 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__ = [
+    "CLOSING_LIMITS",
     "REFUSAL_REASONS",
     "AuthContext",
     "TlsFrontEnd",

@@ -353,7 +353,8 @@ def test_the_plaintext_backend_serves_nobody_directly(front: FrontEndServer) -> 
 def test_connections_beyond_the_limit_are_closed_and_logged(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     """Two idle TCP connections (never handshaking) fill a limit of 2: a third is closed at once; room again once one goes."""
     caplog.set_level(logging.WARNING, logger="ca_daemon.tls_front")
-    server = FrontEndServer(pki, max_connections=2)
+    closed: list[str] = []  # the metric's counts
+    server = FrontEndServer(pki, max_connections=2, count_closed_connection=closed.append)
     try:
         idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
         time.sleep(0.3)  # both accepted by the front end
@@ -379,6 +380,7 @@ def test_connections_beyond_the_limit_are_closed_and_logged(pki: Pki, caplog: py
         server.close()
     warnings = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
     assert any("connection limit reached (server.max_connections = 2" in m for m in warnings), warnings
+    assert set(closed) == {"connection-limit"} and len(closed) >= 2, closed  # the third socket, then the gRPC client
 
 
 def test_a_client_reconnecting_faster_than_its_rate_is_closed_before_the_handshake_and_others_are_served(
@@ -388,7 +390,8 @@ def test_a_client_reconnecting_faster_than_its_rate_is_closed_before_the_handsha
     (2 x the rate of 2 a second), then its connections are closed before any handshake and logged once; another
     client (127.0.0.1) is served meanwhile, and the station is served again a moment later."""
     caplog.set_level(logging.WARNING, logger="ca_daemon.tls_front")
-    server = FrontEndServer(pki, handshakes_per_client=2)
+    closed: list[str] = []
+    server = FrontEndServer(pki, handshakes_per_client=2, count_closed_connection=closed.append)
     context = ssl.create_default_context(cadata=pki.ca.pem().decode())
     context.set_alpn_protocols(["h2"])
     context.load_cert_chain(pki.directory / "alice.pem", pki.directory / "alice.key")
@@ -407,6 +410,7 @@ def test_a_client_reconnecting_faster_than_its_rate_is_closed_before_the_handsha
         outcomes = [handshake_from("127.0.0.2") for _ in range(20)]
         refilled = 2 * (time.monotonic() - started)  # tokens the rate gave back meanwhile (a slow machine: more)
         assert outcomes[:4] == [True] * 4 and outcomes.count(True) <= 4 + refilled + 1 and False in outcomes, (outcomes, refilled)
+        assert closed == ["handshake-rate"] * outcomes.count(False), (closed, outcomes)  # each one counted
         with _channel(pki, server, "alice") as channel:
             assert _sign(channel, b"other") == b"signed:other"  # 127.0.0.1: a bucket of its own
         time.sleep(1.1)  # two tokens back
@@ -495,7 +499,8 @@ def test_connections_without_a_certificate_get_a_share_of_the_slots_for_a_short_
     certificate locked authenticated callers out for as long as they stayed. Now at most max_connections / 16 of them
     are open at once, each for a limited time (1 s here, 10 s by default)."""
     caplog.set_level(logging.WARNING, logger="ca_daemon.tls_front")
-    server = FrontEndServer(pki, max_connections=32, uncertified_lifetime=1.0)
+    closed: list[str] = []
+    server = FrontEndServer(pki, max_connections=32, uncertified_lifetime=1.0, count_closed_connection=closed.append)
     try:
         held = [_uncertified_tls(server.port, pki) for _ in range(2)]  # 32 / 16 = 2 may be open
         time.sleep(0.3)
@@ -513,6 +518,7 @@ def test_connections_without_a_certificate_get_a_share_of_the_slots_for_a_short_
         server.close()
     warnings = [r.getMessage() for r in caplog.records if r.name == "ca_daemon.tls_front"]
     assert any("connection(s) without a client certificate are open in this worker" in m for m in warnings), warnings
+    assert closed == ["uncertified-limit"]
 
 
 def test_calls_without_a_certificate_are_logged_in_summary_not_audited(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
