@@ -17,14 +17,17 @@ import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from sqlalchemy import bindparam, create_engine, delete, event, exists, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, bindparam, create_engine, delete, event, exists, func, insert, select, text, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql
 
 from ca_daemon.audit_hash import CHAIN_LOCK_KEY, GENESIS, details_text, event_hash
 from ca_daemon.errors import AlreadyExists, CaKeyChanged, FailedPrecondition, NotFound, QuotaExceeded, StoreUnavailable, echo
@@ -204,7 +207,13 @@ class SqlStore:
         self._write_lock: FileWriteLock | None = None
         if self._sqlite_file is not None:
             self._write_lock = FileWriteLock(self._sqlite_file + ".writelock", lock_wait_ms)
-        self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
+        self._insert: Callable[[Table], sqlite.Insert | postgresql.Insert]
+        if self.dialect == "sqlite":
+            self._insert = sqlite.insert
+        else:  # imported here: it costs every process that uses SQLite (each CLI command, each worker) about 50 ms
+            from sqlalchemy.dialects import postgresql
+
+            self._insert = postgresql.insert
         counts = caller_issuance_by_minute
         counted = self._insert(counts).values(caller=bindparam("caller"), minute=bindparam("minute"), issued=bindparam("issued"))
         self._count_statement = counted.on_conflict_do_update(
