@@ -221,7 +221,8 @@ class TlsFrontEnd:
         """Close a connection beyond the limit; say so in the log, at most once per interval."""
         writer.close()
         limit = f"connection limit reached (server.max_connections = {self._max_connections} open connections in this worker)"
-        self._log_closed("connection-limit", f"{limit}: closed %d new connection(s), the last from %s", writer.get_extra_info("peername"))
+        message = f"{limit}: closed %d new connection(s), the last from %s"
+        self._closed_at_limit("connection-limit", message, writer.get_extra_info("peername"))
 
     def _refuse_too_fast(self, writer: asyncio.StreamWriter) -> None:
         """Close a connection its client opened beyond its rate, before any handshake; logged at most once per interval."""
@@ -229,13 +230,13 @@ class TlsFrontEnd:
         assert self._handshake_rate is not None
         rate = self._handshake_rate.rate
         limit = f"server.tls_handshakes_per_client = {rate:g} new connections a second from one client address in this worker"
-        self._log_closed(
+        self._closed_at_limit(
             "handshake-rate",
             f"{limit}, in bursts of {2 * rate:g}: closed %d before their handshake, the last from %s",
             writer.get_extra_info("peername"),
         )
 
-    def _log_closed(self, kind: str, message: str, client: object) -> None:
+    def _closed_at_limit(self, kind: str, message: str, client: object) -> None:
         """Count a connection closed by the limit kind (one of CLOSING_LIMITS); log message (with %d for how many were
         closed, %s for the last one's address) at most once per interval for kind."""
         self._count_closed_connection(kind)
@@ -269,7 +270,7 @@ class TlsFrontEnd:
             f"{self._max_uncertified} connection(s) without a client certificate are open in this worker "
             f"(at most 1/{_UNCERTIFIED_SHARE} of server.max_connections)"
         )
-        self._log_closed("uncertified-limit", f"{share}: closed %d more after their handshake, the last from %s", client)
+        self._closed_at_limit("uncertified-limit", f"{share}: closed %d more after their handshake, the last from %s", client)
 
     async def _relay_to_backend(
         self, auth: AuthContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, lifetime: float | None

@@ -974,7 +974,7 @@ def test_every_handshake_refusal_reason_is_exposed_at_zero_from_the_start(tls_da
         sample = f'ca_daemon_tls_handshakes_refused_total{{reason="{reason}"}}'
         assert sample in body, f"{sample} not exposed in:\n{body}"
     assert _gauge(body, 'ca_daemon_tls_handshakes_refused_total{reason="server-certificate-rejected"}') == 0.0
-    limits = set(re.findall(r'_log_closed\(\s*"([a-z-]+)"', inspect.getsource(tls_front.TlsFrontEnd)))
+    limits = set(re.findall(r'_closed_at_limit\(\s*"([a-z-]+)"', inspect.getsource(tls_front.TlsFrontEnd)))
     assert limits == set(tls_front.CLOSING_LIMITS)  # every limit the front end closes at is counted under its name
     for limit in tls_front.CLOSING_LIMITS:  # closures at the front end's limits, likewise
         assert _gauge(body, f'ca_daemon_connections_closed_total{{limit="{limit}"}}') == 0.0
