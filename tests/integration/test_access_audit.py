@@ -980,6 +980,28 @@ def test_every_handshake_refusal_reason_is_exposed_at_zero_from_the_start(tls_da
         assert _gauge(body, f'ca_daemon_connections_closed_total{{limit="{limit}"}}') == 0.0
 
 
+
+def test_a_client_address_over_its_handshake_rate_is_closed_counted_and_logged(tls_daemon: TlsDaemon) -> None:
+    """The daemon wires each worker's front end to the metric: 2,000 connections in a row from 127.0.0.9 (opened and
+    closed at once, as a station reconnecting without backoff does) exceed the default rate of 100 a second, in bursts
+    of 200, in both workers, and the closures are counted in ca_daemon_connections_closed_total{limit="handshake-rate"}.
+    After the exposed-at-zero test: this one moves the count."""
+    import socket
+
+    sample = 'ca_daemon_connections_closed_total{limit="handshake-rate"}'
+    before = _gauge(_scrape(tls_daemon), sample)
+    for _ in range(2000):
+        with socket.create_connection(("127.0.0.1", tls_daemon.env.port), timeout=10, source_address=("127.0.0.9", 0)):
+            pass
+    deadline = time.monotonic() + 10
+    while (closed := _gauge(_scrape(tls_daemon), sample) - before) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 0 < closed < 2000, closed
+    expected = "server.tls_handshakes_per_client = 100 new connections a second from one client address in this worker"
+    assert expected in tls_daemon.log() and "the last from 127.0.0.9:" in tls_daemon.log()
+    with tls_daemon.channel("prog") as channel:  # 127.0.0.1 has a bucket of its own
+        grpc.channel_ready_future(channel).result(timeout=10)
+
 def test_every_metric_the_alert_rules_use_is_exposed(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel]) -> None:
     """deploy/prometheus-alerts.yml names only samples this daemon serves (labelled ones once their event happened)."""
     import re
