@@ -980,7 +980,6 @@ def test_every_handshake_refusal_reason_is_exposed_at_zero_from_the_start(tls_da
         assert _gauge(body, f'ca_daemon_connections_closed_total{{limit="{limit}"}}') == 0.0
 
 
-
 def test_a_client_address_over_its_handshake_rate_is_closed_counted_and_logged(tls_daemon: TlsDaemon) -> None:
     """The daemon wires each worker's front end to the metric: 2,000 connections in a row from 127.0.0.9 (opened and
     closed at once, as a station reconnecting without backoff does) exceed the default rate of 100 a second, in bursts
@@ -1001,6 +1000,7 @@ def test_a_client_address_over_its_handshake_rate_is_closed_counted_and_logged(t
     assert expected in tls_daemon.log() and "the last from 127.0.0.9:" in tls_daemon.log()
     with tls_daemon.channel("prog") as channel:  # 127.0.0.1 has a bucket of its own
         grpc.channel_ready_future(channel).result(timeout=10)
+
 
 def test_every_metric_the_alert_rules_use_is_exposed(tls_daemon: TlsDaemon, channels: dict[str, grpc.Channel]) -> None:
     """deploy/prometheus-alerts.yml names only samples this daemon serves (labelled ones once their event happened)."""
