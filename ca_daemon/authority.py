@@ -462,7 +462,8 @@ def check_key_urls(store: SqlStore, key_id: str, urls: issuer.LeafUrls) -> list[
     """
     recorded = store.key_urls()
     settings = dict(_RECORDED_KINDS)
-    for kind, url in _url_pairs(urls):
+    pairs = _url_pairs(urls)
+    for kind, url in pairs:
         for other_key, other_kind, other_url in recorded:
             if (other_key, other_kind) != (key_id, kind) and request_path(other_url) == request_path(url):
                 given = "CRL Distribution Point" if other_kind == "crl" else "caIssuers URL"
@@ -473,7 +474,7 @@ def check_key_urls(store: SqlStore, key_id: str, urls: issuer.LeafUrls) -> list[
                     rule=KEY_URLS_RULE,
                 )
     known = {(kind, url) for other_key, kind, url in recorded if other_key == key_id}
-    return [pair for pair in _url_pairs(urls) if pair not in known]
+    return [pair for pair in pairs if pair not in known]
 
 
 def record_key_urls(store: SqlStore, key_id: str, urls: issuer.LeafUrls, now: datetime | None = None) -> None:
